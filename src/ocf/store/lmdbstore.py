@@ -1,0 +1,212 @@
+"""One LMDB environment per node data directory.
+
+LMDB itself happily lets several processes open one environment, which is
+exactly what we must *not* allow for two nodes (each would believe it owns
+the node table and the job queue). So the data directory is guarded by an
+exclusive ``flock`` on ``<data_dir>/LOCK``; a second opener gets
+:class:`DataDirLocked` naming the holder's PID instead of silently sharing.
+
+Subsystems get named sub-databases (``store.db("nodetable")``) and do their
+own writes inside ``with store.write() as txn:`` so that related keys change
+atomically — LMDB's copy-on-write B-tree then guarantees a kill -9 leaves
+either the old or the new state, never a mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import lmdb
+
+from ..errors import DataDirLocked, StoreCorrupt, StoreError
+
+log = logging.getLogger("ocf.store")
+
+STORE_DIR = "store"
+LOCK_FILE = "LOCK"
+SCHEMA_VERSION = 1
+DEFAULT_MAP_SIZE = 64 << 30  # address space only; the file grows as needed
+MAX_DBS = 64
+
+
+class Store:
+    """An open, exclusively-held LMDB environment. Create with :meth:`open`."""
+
+    def __init__(self, data_dir: Path, env: lmdb.Environment, lock_fd: int) -> None:
+        self.data_dir = data_dir
+        self.env = env
+        self._lock_fd: int | None = lock_fd
+        self._dbs: dict[str, Any] = {}
+
+    @classmethod
+    def open(
+        cls,
+        data_dir: Path | str,
+        *,
+        cleanslate: bool = False,
+        map_size: int = DEFAULT_MAP_SIZE,
+        sync: bool = True,
+    ) -> "Store":
+        """Lock ``data_dir`` and open (creating if needed) its LMDB store.
+
+        ``cleanslate`` wipes the store (not the identity key) after the lock
+        is held, which is also the way out of :class:`StoreCorrupt`.
+        """
+        data_dir = Path(data_dir).expanduser()
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise StoreError(f"cannot create data dir {data_dir}: {exc.strerror}") from None
+        lock_fd = _acquire_lock(data_dir)
+        try:
+            path = data_dir / STORE_DIR
+            if cleanslate and path.exists():
+                log.warning("cleanslate: removing store at %s", path)
+                shutil.rmtree(path)
+            path.mkdir(exist_ok=True, mode=0o700)
+            try:
+                env = lmdb.open(str(path), map_size=map_size, max_dbs=MAX_DBS, subdir=True, sync=sync, metasync=sync)
+            except lmdb.Error as exc:
+                raise StoreCorrupt(
+                    f"store at {path} cannot be opened ({exc}); start with --cleanslate to discard it"
+                ) from None
+            store = cls(data_dir, env, lock_fd)
+            try:
+                store._check_schema()
+            except BaseException:
+                store.close()
+                raise
+            return store
+        except BaseException:
+            _release_lock(lock_fd)
+            raise
+
+    def _check_schema(self) -> None:
+        meta = self.db("meta")
+        try:
+            with self.write() as txn:
+                raw = txn.get(b"schema", db=meta)
+                if raw is None:
+                    txn.put(b"schema", str(SCHEMA_VERSION).encode(), db=meta)
+                elif raw != str(SCHEMA_VERSION).encode():
+                    raise StoreCorrupt(
+                        f"store schema {raw.decode(errors='replace')!r} is not {SCHEMA_VERSION}; "
+                        "start with --cleanslate to discard it"
+                    )
+        except lmdb.Error as exc:
+            raise StoreCorrupt(f"store is unreadable ({exc}); start with --cleanslate to discard it") from None
+
+    def db(self, name: str) -> Any:
+        """The named sub-database, created on first use."""
+        handle = self._dbs.get(name)
+        if handle is None:
+            handle = self.env.open_db(name.encode())
+            self._dbs[name] = handle
+        return handle
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[lmdb.Transaction]:
+        with self.env.begin(write=False) as txn:
+            yield txn
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[lmdb.Transaction]:
+        """A write transaction, committed on normal exit, aborted on exception."""
+        with self.env.begin(write=True) as txn:
+            yield txn
+
+    # typed helpers -----------------------------------------------------------------
+
+    def get_bytes(self, db: str, key: bytes, txn: lmdb.Transaction | None = None) -> bytes | None:
+        if txn is not None:
+            return txn.get(key, db=self.db(db))
+        with self.read() as t:
+            return t.get(key, db=self.db(db))
+
+    def put_bytes(self, db: str, key: bytes, value: bytes, txn: lmdb.Transaction | None = None) -> None:
+        if txn is not None:
+            txn.put(key, value, db=self.db(db))
+            return
+        with self.write() as t:
+            t.put(key, value, db=self.db(db))
+
+    def get_json(self, db: str, key: bytes, txn: lmdb.Transaction | None = None) -> Any:
+        raw = self.get_bytes(db, key, txn)
+        if raw is None:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise StoreCorrupt(f"value {key!r} in {db!r} is not JSON; start with --cleanslate") from None
+
+    def put_json(self, db: str, key: bytes, value: Any, txn: lmdb.Transaction | None = None) -> None:
+        self.put_bytes(db, key, json.dumps(value, separators=(",", ":")).encode(), txn)
+
+    def delete(self, db: str, key: bytes, txn: lmdb.Transaction | None = None) -> bool:
+        if txn is not None:
+            return txn.delete(key, db=self.db(db))
+        with self.write() as t:
+            return t.delete(key, db=self.db(db))
+
+    def close(self) -> None:
+        """Flush and close the environment, then release the data-dir lock."""
+        if self._lock_fd is None:
+            return
+        try:
+            self.env.sync(True)
+            self.env.close()
+        finally:
+            _release_lock(self._lock_fd)
+            self._lock_fd = None
+            self._dbs.clear()
+        log.debug("store closed: %s", self.data_dir)
+
+    @property
+    def closed(self) -> bool:
+        return self._lock_fd is None
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _acquire_lock(data_dir: Path) -> int:
+    path = data_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = ""
+        try:
+            holder = os.pread(fd, 32, 0).decode().strip()
+        except OSError:
+            pass
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            who = f" (pid {holder})" if holder else ""
+            raise DataDirLocked(
+                f"data dir {data_dir} is in use by another ocf node{who}; "
+                "stop it or choose another --data-dir"
+            ) from None
+        raise StoreError(f"cannot lock {path}: {exc.strerror}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _release_lock(fd: int) -> None:
+    try:
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs from outside PyPI, idempotently:
+# - the js-libp2p interop peer (npm, pinned in tests/interop/package-lock.json)
+# - Debian's chromium for the dashboard browser test
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+
+if [ -f "$here/interop/package-lock.json" ]; then
+  if [ ! -d "$here/interop/node_modules" ] || [ "$here/interop/package-lock.json" -nt "$here/interop/node_modules/.stamp" ]; then
+    echo "setup-external: installing js-libp2p interop peer (npm ci)"
+    (cd "$here/interop" && npm ci --no-audit --no-fund --loglevel=error && touch node_modules/.stamp)
+  fi
+fi
+
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup-external: installing chromium (apt-get)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup-external: chromium not found and cannot apt-get install it; browser tests will fail" >&2
+  fi
+fi
