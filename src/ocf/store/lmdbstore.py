@@ -45,6 +45,12 @@ class Store:
         self.env = env
         self._lock_fd: int | None = lock_fd
         self._dbs: dict[str, Any] = {}
+        # The write transaction in progress, if any. LMDB allows one writer, so
+        # creating a sub-database while a write txn is open must reuse that
+        # txn or it deadlocks; handles created inside a txn that then aborts
+        # are invalid and must be forgotten.
+        self._write_txn: lmdb.Transaction | None = None
+        self._created_in_txn: list[str] = []
 
     @classmethod
     def open(
@@ -105,11 +111,19 @@ class Store:
             raise StoreCorrupt(f"store is unreadable ({exc}); start with --cleanslate to discard it") from None
 
     def db(self, name: str) -> Any:
-        """The named sub-database, created on first use."""
+        """The named sub-database, created on first use.
+
+        Call this before starting a *read* transaction that uses it (e.g. once
+        at subsystem start): LMDB does not show a handle created after a read
+        transaction began to that transaction. Inside a write transaction it is
+        always safe.
+        """
         handle = self._dbs.get(name)
         if handle is None:
-            handle = self.env.open_db(name.encode())
+            handle = self.env.open_db(name.encode(), txn=self._write_txn)
             self._dbs[name] = handle
+            if self._write_txn is not None:
+                self._created_in_txn.append(name)
         return handle
 
     @contextlib.contextmanager
@@ -119,24 +133,43 @@ class Store:
 
     @contextlib.contextmanager
     def write(self) -> Iterator[lmdb.Transaction]:
-        """A write transaction, committed on normal exit, aborted on exception."""
-        with self.env.begin(write=True) as txn:
+        """A write transaction, committed on normal exit, aborted on exception.
+
+        Not re-entrant: LMDB has a single writer, and a nested write would deadlock.
+        """
+        if self._write_txn is not None:
+            raise StoreError("nested write transaction (pass the open txn instead)")
+        txn = self.env.begin(write=True)
+        self._write_txn = txn
+        try:
             yield txn
+        except BaseException:
+            txn.abort()
+            for name in self._created_in_txn:
+                self._dbs.pop(name, None)
+            raise
+        else:
+            txn.commit()
+        finally:
+            self._write_txn = None
+            self._created_in_txn.clear()
 
     # typed helpers -----------------------------------------------------------------
 
     def get_bytes(self, db: str, key: bytes, txn: lmdb.Transaction | None = None) -> bytes | None:
+        handle = self.db(db)  # resolve before a read txn begins: LMDB hides newer handles from older txns
         if txn is not None:
-            return txn.get(key, db=self.db(db))
+            return txn.get(key, db=handle)
         with self.read() as t:
-            return t.get(key, db=self.db(db))
+            return t.get(key, db=handle)
 
     def put_bytes(self, db: str, key: bytes, value: bytes, txn: lmdb.Transaction | None = None) -> None:
         if txn is not None:
             txn.put(key, value, db=self.db(db))
             return
+        handle = self.db(db)
         with self.write() as t:
-            t.put(key, value, db=self.db(db))
+            t.put(key, value, db=handle)
 
     def get_json(self, db: str, key: bytes, txn: lmdb.Transaction | None = None) -> Any:
         raw = self.get_bytes(db, key, txn)
@@ -153,8 +186,9 @@ class Store:
     def delete(self, db: str, key: bytes, txn: lmdb.Transaction | None = None) -> bool:
         if txn is not None:
             return txn.delete(key, db=self.db(db))
+        handle = self.db(db)
         with self.write() as t:
-            return t.delete(key, db=self.db(db))
+            return t.delete(key, db=handle)
 
     def close(self) -> None:
         """Flush and close the environment, then release the data-dir lock."""

@@ -1,0 +1,36 @@
+"""Shared fixtures: free ports, temporary data dirs, node configs."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from ocf.config import Config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def node_config(tmp_path: Path):
+    """Factory: a Config for an isolated node on loopback with ephemeral ports."""
+    counter = iter(range(10_000))
+
+    def make(**overrides) -> Config:
+        base = dict(
+            mode="standalone",
+            host="127.0.0.1",
+            tcpport=0,
+            port=0,
+            data_dir=tmp_path / f"node{next(counter)}",
+            log_level="debug",
+        )
+        base.update(overrides)
+        return Config(**base)
+
+    return make
