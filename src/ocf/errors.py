@@ -39,3 +39,57 @@ class DataDirLocked(StoreError):
 
 class StoreCorrupt(StoreError):
     """The store exists but cannot be read; start again with ``--cleanslate``."""
+
+
+# --- transport (issue 4) -------------------------------------------------------------
+
+
+class TransportError(OcfError):
+    """A peer connection or stream failed."""
+
+
+class ProtocolError(TransportError):
+    """The peer broke a wire protocol (malformed multistream, Noise or yamux bytes)."""
+
+
+class HandshakeError(TransportError):
+    """The security handshake failed (bad message, bad signature, timeout)."""
+
+
+class PeerIdMismatch(HandshakeError):
+    """The peer authenticated as a different peer ID than the one dialed."""
+
+
+class ProtocolNotSupported(TransportError):
+    """The peer supports none of the protocols we proposed."""
+
+
+class PeerUnreachable(TransportError):
+    """No connection to the peer could be made (no address, refused, timed out)."""
+
+
+class StreamReset(TransportError):
+    """The stream was reset (by the peer, locally, or because its connection closed)."""
+
+
+def find_in_group(exc: BaseException, types: type[BaseException] | tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first exception of ``types`` in ``exc`` or, recursively, inside exception groups.
+
+    Trio nurseries wrap errors in ``ExceptionGroup``; callers that report a
+    single clear error (the CLI, startup code) use this to find it.
+    """
+    if isinstance(exc, types):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = find_in_group(inner, types)
+            if found is not None:
+                return found
+    return None
+
+
+def single_leaf(exc: BaseException) -> BaseException:
+    """If ``exc`` is a (nested) group holding exactly one exception, that exception; else ``exc``."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

@@ -19,6 +19,7 @@ import trio
 
 from . import log as logfmt
 from .config import Config
+from .errors import OcfError, single_leaf
 from .identity import Identity, Multiaddr, PeerId, load_or_create
 from .store import Store
 from .version import __version__
@@ -84,6 +85,7 @@ async def open_node(config: Config) -> AsyncIterator[Node]:
 
     t0 = time.monotonic()
     store = Store.open(config.data_dir, cleanslate=config.cleanslate)
+    started = False
     try:
         identity = resolve_identity(config)
         node = Node(config, identity, store)
@@ -107,11 +109,19 @@ async def open_node(config: Config) -> AsyncIterator[Node]:
                         startup_ms=round((time.monotonic() - t0) * 1000),
                     ),
                 )
+                started = True
                 try:
                     yield node
                 finally:
                     log.info("node stopping %s", logfmt.kv(peer=node.peer_id.short()))
             nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # A subsystem that fails to start raises inside nurseries, which wrap
+        # it; callers of open_node deserve the plain error (e.g. port in use).
+        leaf = single_leaf(group)
+        if not started and isinstance(leaf, OcfError):
+            raise leaf from None
+        raise
     finally:
         store.close()
     log.info("node stopped %s", logfmt.kv(peer=identity.peer_id.short()))

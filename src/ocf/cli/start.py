@@ -12,7 +12,7 @@ import trio
 
 from .. import log as logfmt
 from ..config import SETTINGS, load
-from ..errors import ConfigError, OcfError
+from ..errors import ConfigError, OcfError, find_in_group
 
 log = logging.getLogger("ocf.cli")
 
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         log.warning("interrupted again; exiting without finishing shutdown")
         return 130
     except BaseException as exc:  # noqa: BLE001 - map to a one-line message
-        err = _first_ocf_error(exc)
+        err = find_in_group(exc, (OcfError, OSError))
         if err is None:
             raise
         print(f"ocf start: error: {err}", file=sys.stderr)
@@ -86,15 +86,3 @@ async def _serve(config) -> None:  # type: ignore[no-untyped-def]
                 break
             t0 = time.monotonic()
         log.info("shutdown complete %s", logfmt.kv(seconds=round(time.monotonic() - t0, 3)))
-
-
-def _first_ocf_error(exc: BaseException) -> BaseException | None:
-    """Find the OcfError (or OSError) to report inside possibly nested exception groups."""
-    if isinstance(exc, (OcfError, OSError)):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _first_ocf_error(inner)
-            if found is not None:
-                return found
-    return None

@@ -16,7 +16,7 @@ import trio
 from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve
 
-from ..errors import OcfError
+from ..errors import OcfError, find_in_group
 from .app import create_app
 
 if TYPE_CHECKING:
@@ -56,8 +56,12 @@ async def open_gateway(node: "Node") -> AsyncIterator[Gateway]:
     async with trio.open_nursery() as nursery:
         try:
             binds = await nursery.start(lambda task_status: serve(app, cfg, shutdown_trigger=stop.wait, task_status=task_status))  # type: ignore[arg-type]
-        except OSError as exc:
-            raise GatewayError(f"cannot listen on {cfg.bind[0]} for the HTTP gateway: {exc.strerror or exc}") from None
+        except BaseException as exc:  # noqa: BLE001 - hypercorn wraps bind errors in groups
+            os_error = find_in_group(exc, OSError)
+            if os_error is None:
+                raise
+            reason = getattr(os_error, "strerror", None) or os_error
+            raise GatewayError(f"cannot listen on {cfg.bind[0]} for the HTTP gateway: {reason}") from None
         url = _public_url(binds[0], node.config.host)
         gateway = Gateway(url=url, binds=binds)
         log.info("gateway listening url=%s", url)
