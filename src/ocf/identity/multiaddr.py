@@ -42,6 +42,8 @@ PROTOCOLS = [
     Protocol("http", 480, 0),
     Protocol("ws", 477, 0),
     Protocol("wss", 478, 0),
+    # --- transport: in-process addresses (/memory/<name>) for MemoryNetwork tests ---
+    Protocol("memory", 777, -1),
 ]
 BY_NAME = {p.name: p for p in PROTOCOLS} | {"ipfs": next(p for p in PROTOCOLS if p.name == "p2p")}
 BY_CODE = {p.code: p for p in PROTOCOLS}

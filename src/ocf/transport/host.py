@@ -1,0 +1,594 @@
+"""The Host: listeners, dialing, one secure muxed connection per peer, protocol handlers.
+
+``async with open_host(identity, config) as host:`` is what the node enters
+first; everything else talks to peers through it (see docs/internals.md)::
+
+    host.set_stream_handler("/ocf/dnt/sync/1.0.0", handler)   # async handler(stream)
+    stream = await host.new_stream(peer, "/ocf/dnt/sync/1.0.0")  # dials if needed
+    await host.connect(Multiaddr.parse("/ip4/1.2.3.4/tcp/43905/p2p/12D3KooW…"))
+
+A raw connection becomes a peer connection in three steps (the libp2p
+"upgrade"): multistream-select ``/noise``, the Noise XX handshake (which
+authenticates the peer ID), multistream-select ``/yamux/1.0.0``. Then every
+stream negotiates its own protocol with multistream-select again.
+
+Connection manager rules, and why:
+
+- **One connection per peer.** Dials to a peer we are connected to, or are
+  already dialing, reuse that connection or wait for that dial.
+- **Simultaneous dial tie-break.** When both peers dial each other at once,
+  each ends up with two connections. Both sides keep the one *initiated by the
+  peer with the smaller peer ID* (byte order), which both can compute without
+  talking. The other one is told GoAway (no new streams) and closed when its
+  streams are done, so nothing in flight is cut.
+- **Limits** come from :class:`~ocf.config.Config`: max connections, max
+  streams per connection, max pending handshakes, handshake timeout, dial
+  timeout. Excess inbound connections are closed before any crypto is spent.
+- **Isolation.** Every connection runs in its own task in the host's nursery,
+  with its own nursery for its streams; an error on one connection is logged
+  and closes that connection only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence
+
+import attrs
+import trio
+
+from .. import log as logfmt
+from ..config import Config
+from ..errors import (
+    HandshakeError,
+    MultiaddrError,
+    PeerUnreachable,
+    ProtocolNotSupported,
+    TransportError,
+)
+from ..identity import Identity, Multiaddr, PeerId
+from .memory import MemoryNetwork, MemoryTransport
+from .muxer import MuxedConnection, MuxedStream
+from .tcp import RawConn, TcpTransport, is_tcp_addr
+
+log = logging.getLogger("ocf.transport")
+
+StreamHandler = Callable[[MuxedStream], Awaitable[None]]
+
+SUBSCRIBER_QUEUE = 1024
+MAX_ADDRS_PER_PEER = 16
+RETIRE_GRACE = 30.0  # seconds a tie-break loser may keep serving its open streams
+SHUTDOWN_GRACE = 2.0
+
+
+@attrs.frozen
+class PeerEvent:
+    """A change of connectivity: ``kind`` is ``"connected"`` or ``"disconnected"``."""
+
+    kind: str
+    peer: PeerId
+
+
+@attrs.define(eq=False)
+class Connection:
+    """One upgraded connection to a peer."""
+
+    muxed: MuxedConnection
+    peer: PeerId
+    outbound: bool
+    initiator: PeerId
+    remote_addr: Multiaddr | None
+    local_addr: Multiaddr | None
+    transport: str
+    opened_at: float = attrs.field(factory=time.time)
+
+    @property
+    def usable(self) -> bool:
+        """Open and accepting new streams."""
+        return self.muxed.is_open and not self.muxed.going_away
+
+
+@attrs.define
+class PeerInfo:
+    """What identify told us about a peer."""
+
+    protocols: list[str] = attrs.field(factory=list)
+    agent_version: str = ""
+    protocol_version: str = ""
+    observed_addr: Multiaddr | None = None
+
+
+class Upgrader(Protocol):
+    """Security and protocol negotiation; the default is libp2p's (see :mod:`ocf.transport.upgrade`)."""
+
+    async def secure(self, stream: trio.abc.Stream, *, initiator: bool, expected: PeerId | None) -> tuple[trio.abc.Stream, PeerId]: ...
+
+    async def select(self, stream: trio.abc.Stream, protocols: Sequence[str]) -> str: ...
+
+    async def handle(self, stream: trio.abc.Stream, protocols: Sequence[str]) -> str: ...
+
+
+class Host:
+    """A libp2p-style host. Build with :func:`open_host`; methods are safe to call from any task of the run."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        config: Config,
+        *,
+        memory_network: MemoryNetwork | None = None,
+        upgrader: Upgrader | None = None,
+    ) -> None:
+        if upgrader is None:
+            from .upgrade import Libp2pUpgrader
+
+            upgrader = Libp2pUpgrader(identity)
+        self.identity = identity
+        self.peer_id: PeerId = identity.peer_id
+        self.config = config
+        self.listen_addrs: list[Multiaddr] = []
+        self.upgrader = upgrader
+        self._tcp = TcpTransport(ws=config.ws, handshake_timeout=config.handshake_timeout)
+        self._memory = MemoryTransport(memory_network) if memory_network is not None else None
+        self._handlers: dict[str, StreamHandler] = {}
+        self._conns: dict[PeerId, list[Connection]] = {}
+        self._dials: dict[PeerId, trio.Event] = {}
+        self._addrs: dict[PeerId, list[Multiaddr]] = {}
+        self._info: dict[PeerId, PeerInfo] = {}
+        self._subscribers: set[trio.MemorySendChannel[PeerEvent]] = set()
+        self._pending_handshakes = 0
+        self._nursery: trio.Nursery | None = None
+        self._listen_scope: trio.CancelScope | None = None
+        self._closing = False
+        self.stats = {"inbound_refused": 0, "handshake_failures": 0}
+
+    def __repr__(self) -> str:
+        return f"<Host {self.peer_id.short()} conns={sum(len(v) for v in self._conns.values())}>"
+
+    # --- handlers --------------------------------------------------------------------------
+
+    def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
+        """Serve ``protocol`` on inbound streams; the stream is closed when ``handler`` returns."""
+        self._handlers[protocol] = handler
+
+    def remove_stream_handler(self, protocol: str) -> None:
+        self._handlers.pop(protocol, None)
+
+    @property
+    def protocols(self) -> list[str]:
+        return list(self._handlers)
+
+    # --- peers -------------------------------------------------------------------------------
+
+    def is_connected(self, peer: PeerId) -> bool:
+        return any(c.muxed.is_open for c in self._conns.get(peer, ()))
+
+    def connected_peers(self) -> list[PeerId]:
+        return [p for p, conns in self._conns.items() if any(c.muxed.is_open for c in conns)]
+
+    def connections(self, peer: PeerId | None = None) -> list[Connection]:
+        if peer is not None:
+            return list(self._conns.get(peer, ()))
+        return [c for conns in self._conns.values() for c in conns]
+
+    def peer_addrs(self, peer: PeerId) -> list[Multiaddr]:
+        """Addresses we know for ``peer`` (dialed, or from identify, or added), without ``/p2p``."""
+        return list(self._addrs.get(peer, ()))
+
+    def peer_info(self, peer: PeerId) -> PeerInfo | None:
+        return self._info.get(peer)
+
+    def add_addrs(self, peer: PeerId, addrs: Sequence[Multiaddr | str]) -> None:
+        """Remember addresses for ``peer`` (e.g. from the node table) so ``new_stream`` can dial it."""
+        for addr in addrs:
+            try:
+                ma = Multiaddr.parse(addr) if isinstance(addr, str) else addr
+            except MultiaddrError:
+                continue
+            self._remember_addr(peer, ma)
+
+    def _remember_addr(self, peer: PeerId, addr: Multiaddr) -> None:
+        if peer == self.peer_id:
+            return
+        addr = addr.without_p2p()
+        if not self._can_dial(addr):
+            return
+        known = self._addrs.setdefault(peer, [])
+        if addr in known:
+            return
+        known.append(addr)
+        del known[:-MAX_ADDRS_PER_PEER]
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[trio.MemoryReceiveChannel[PeerEvent]]:
+        """Receive :class:`PeerEvent`\\ s while the block runs (a slow subscriber drops events, logged)."""
+        send, recv = trio.open_memory_channel[PeerEvent](SUBSCRIBER_QUEUE)
+        self._subscribers.add(send)
+        try:
+            async with recv:
+                yield recv
+        finally:
+            self._subscribers.discard(send)
+            send.close()
+
+    def _emit(self, kind: str, peer: PeerId) -> None:
+        event = PeerEvent(kind, peer)
+        for send in list(self._subscribers):
+            try:
+                send.send_nowait(event)
+            except trio.WouldBlock:
+                log.warning("peer event dropped: subscriber too slow %s", logfmt.kv(kind=kind, peer=peer.short()))
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                self._subscribers.discard(send)
+
+    # --- dialing -------------------------------------------------------------------------------
+
+    def _transport_for(self, addr: Multiaddr) -> Any:
+        if addr.has("memory"):
+            if self._memory is None:
+                raise PeerUnreachable(f"{addr}: this host has no in-memory network")
+            return self._memory
+        if is_tcp_addr(addr):
+            return self._tcp
+        raise PeerUnreachable(f"{addr}: no transport for this address (supported: /tcp, /tcp/…/ws, /memory)")
+
+    def _can_dial(self, addr: Multiaddr) -> bool:
+        try:
+            self._transport_for(addr)
+        except PeerUnreachable:
+            return False
+        return True
+
+    def _usable(self, peer: PeerId) -> Connection | None:
+        for conn in self._conns.get(peer, ()):
+            if conn.usable:
+                return conn
+        return None
+
+    async def connect(self, addr: Multiaddr | str) -> PeerId:
+        """Connect to the peer at ``addr`` (reusing an existing connection); returns its peer ID.
+
+        Without ``/p2p/<id>`` in ``addr``, whichever peer answers is accepted.
+        Raises :class:`PeerUnreachable`, :class:`HandshakeError` (including
+        :class:`~ocf.errors.PeerIdMismatch`) or :class:`TransportError`.
+        """
+        if isinstance(addr, str):
+            try:
+                addr = Multiaddr.parse(addr)
+            except MultiaddrError as exc:
+                raise PeerUnreachable(str(exc)) from None
+        if self._nursery is None or self._closing:
+            raise TransportError("host is not running")
+        expected = addr.peer_id
+        if expected == self.peer_id:
+            raise PeerUnreachable("refusing to dial our own peer ID")
+        self._transport_for(addr)
+        if expected is not None:
+            self._remember_addr(expected, addr)
+            while True:
+                if self._usable(expected) is not None:
+                    await trio.lowlevel.checkpoint()
+                    return expected
+                pending = self._dials.get(expected)
+                if pending is None:
+                    break
+                await pending.wait()
+        done = trio.Event()
+        if expected is not None:
+            self._dials[expected] = done
+        try:
+            conn: Connection = await self._nursery.start(self._run_outbound, addr)
+        finally:
+            if expected is not None and self._dials.get(expected) is done:
+                del self._dials[expected]
+            done.set()
+        return conn.peer
+
+    async def _run_outbound(self, addr: Multiaddr, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        if self._num_connections() >= self.config.max_connections:
+            raise TransportError(f"connection limit reached ({self.config.max_connections})")
+        transport = self._transport_for(addr)
+        t0 = trio.current_time()
+        async with transport.connect(addr, self.config.dial_timeout) as raw:
+            try:
+                with trio.fail_after(self.config.handshake_timeout):
+                    secure, remote = await self.upgrader.secure(raw.stream, initiator=True, expected=addr.peer_id)
+            except trio.TooSlowError:
+                raise HandshakeError(f"handshake with {addr} timed out after {self.config.handshake_timeout:g}s") from None
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise PeerUnreachable(f"{addr} closed the connection during the handshake ({exc or 'EOF'})") from None
+            if remote == self.peer_id:
+                raise PeerUnreachable(f"{addr} is ourselves")
+            if addr.peer_id is None:
+                self._remember_addr(remote, addr)
+                existing = self._usable(remote)
+                if existing is not None and existing.initiator == self.peer_id:
+                    # We reached a peer we already dialed: keep the first connection.
+                    task_status.started(existing)
+                    return
+            conn = self._new_connection(secure, remote, raw, outbound=True)
+            log.debug("dialed %s", logfmt.kv(peer=remote.short(), addr=addr, ms=round((trio.current_time() - t0) * 1000, 1)))
+            await self._serve_connection(conn, task_status=task_status)
+
+    # --- inbound -------------------------------------------------------------------------------
+
+    async def _on_raw_inbound(self, raw: RawConn) -> None:
+        cfg = self.config
+        if self._closing:
+            return
+        if self._pending_handshakes >= cfg.max_pending_handshakes:
+            self.stats["inbound_refused"] += 1
+            log.info("refusing connection: too many pending handshakes %s", logfmt.kv(remote=raw.remote_addr, limit=cfg.max_pending_handshakes))
+            return
+        if self._num_connections() + self._pending_handshakes >= cfg.max_connections:
+            self.stats["inbound_refused"] += 1
+            log.info("refusing connection: connection limit %s", logfmt.kv(remote=raw.remote_addr, limit=cfg.max_connections))
+            return
+        self._pending_handshakes += 1
+        try:
+            with trio.move_on_after(cfg.handshake_timeout) as scope:
+                secure, remote = await self.upgrader.secure(raw.stream, initiator=False, expected=None)
+            if scope.cancelled_caught:
+                self.stats["handshake_failures"] += 1
+                log.info("inbound handshake timed out %s", logfmt.kv(remote=raw.remote_addr, timeout=cfg.handshake_timeout))
+                return
+        except (TransportError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.stats["handshake_failures"] += 1
+            log.info("inbound handshake failed %s", logfmt.kv(remote=raw.remote_addr, reason=exc or type(exc).__name__))
+            return
+        finally:
+            self._pending_handshakes -= 1
+        if remote == self.peer_id:
+            log.info("refusing connection from ourselves %s", logfmt.kv(remote=raw.remote_addr))
+            return
+        conn = self._new_connection(secure, remote, raw, outbound=False)
+        await self._serve_connection(conn)
+
+    # --- connection lifecycle -------------------------------------------------------------------
+
+    def _num_connections(self) -> int:
+        return sum(len(v) for v in self._conns.values())
+
+    def _new_connection(self, secure: trio.abc.Stream, remote: PeerId, raw: RawConn, *, outbound: bool) -> Connection:
+        muxed = MuxedConnection(
+            secure,
+            is_client=outbound,
+            remote_peer=remote,
+            handler=self._on_stream,
+            max_streams=self.config.max_streams_per_connection,
+        )
+        return Connection(
+            muxed=muxed,
+            peer=remote,
+            outbound=outbound,
+            initiator=self.peer_id if outbound else remote,
+            remote_addr=raw.remote_addr,
+            local_addr=raw.local_addr,
+            transport=raw.transport,
+        )
+
+    async def _serve_connection(self, conn: Connection, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run a connection until it ends; registered with the host meanwhile."""
+        added = False
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(conn.muxed.run)
+                self._add(conn)
+                added = True
+                task_status.started(conn)
+        except Exception as exc:  # noqa: BLE001 - one connection's bug must not stop the host
+            log.error("connection failed %s", logfmt.kv(peer=conn.peer.short(), exc=repr(exc)), exc_info=True)
+        finally:
+            if added:
+                self._remove(conn)
+
+    def _add(self, conn: Connection) -> None:
+        peer = conn.peer
+        conns = self._conns.setdefault(peer, [])
+        first = not any(c.muxed.is_open for c in conns)
+        conns.append(conn)
+        if first:
+            log.info(
+                "peer connected %s",
+                logfmt.kv(peer=peer.short(), dir="out" if conn.outbound else "in", via=conn.transport, addr=conn.remote_addr or "-"),
+            )
+            self._emit("connected", peer)
+        else:
+            self._tie_break(peer)
+        if conn.usable and self._nursery is not None:
+            from .identify import identify_peer
+
+            self._nursery.start_soon(identify_peer, self, conn)
+
+    def _tie_break(self, peer: PeerId) -> None:
+        usable = [c for c in self._conns.get(peer, ()) if c.usable]
+        if len(usable) < 2:
+            return
+        preferred = min(self.peer_id, peer)
+        winner = next((c for c in usable if c.initiator == preferred), usable[0])
+        for conn in usable:
+            if conn is not winner:
+                log.debug("closing duplicate connection %s", logfmt.kv(peer=peer.short(), dir="out" if conn.outbound else "in"))
+                conn.muxed.go_away()
+                if self._nursery is not None:
+                    self._nursery.start_soon(self._retire, conn)
+
+    async def _retire(self, conn: Connection) -> None:
+        with trio.move_on_after(RETIRE_GRACE):
+            await conn.muxed.wait_idle()
+        await conn.muxed.aclose("duplicate connection")
+
+    def _remove(self, conn: Connection) -> None:
+        conns = self._conns.get(conn.peer)
+        if conns is None or conn not in conns:
+            return
+        conns.remove(conn)
+        if not conns:
+            del self._conns[conn.peer]
+        if not any(c.muxed.is_open for c in conns):
+            log.info(
+                "peer disconnected %s",
+                logfmt.kv(peer=conn.peer.short(), reason=conn.muxed.close_reason or "-", seconds=round(time.time() - conn.opened_at, 1)),
+            )
+            self._emit("disconnected", conn.peer)
+
+    async def disconnect(self, peer: PeerId) -> None:
+        """Close every connection to ``peer``."""
+        async with trio.open_nursery() as nursery:
+            for conn in list(self._conns.get(peer, ())):
+                nursery.start_soon(conn.muxed.aclose, "disconnected locally")
+
+    # --- streams ----------------------------------------------------------------------------------
+
+    async def _connection_for(self, peer: PeerId) -> Connection:
+        conn = self._usable(peer)
+        if conn is not None:
+            return conn
+        if peer == self.peer_id:
+            raise PeerUnreachable("cannot open a stream to ourselves")
+        pending = self._dials.get(peer)
+        if pending is not None:
+            await pending.wait()
+            conn = self._usable(peer)
+            if conn is not None:
+                return conn
+        addrs = self.peer_addrs(peer)
+        if not addrs:
+            raise PeerUnreachable(f"peer {peer.short()} is not connected and no address is known")
+        reasons = []
+        for addr in sorted(addrs, key=_dial_preference):
+            try:
+                await self.connect(addr.with_p2p(peer))
+            except TransportError as exc:
+                reasons.append(f"{addr}: {exc}")
+                continue
+            conn = self._usable(peer)
+            if conn is not None:
+                return conn
+        raise PeerUnreachable(f"cannot reach peer {peer.short()}: " + "; ".join(reasons))
+
+    async def new_stream(self, peer: PeerId, protocols: str | Sequence[str]) -> MuxedStream:
+        """Open a stream to ``peer`` speaking the first of ``protocols`` it supports (dials if needed)."""
+        if isinstance(protocols, str):
+            protocols = [protocols]
+        if not protocols:
+            raise ValueError("new_stream needs at least one protocol")
+        conn = await self._connection_for(peer)
+        stream = await conn.muxed.open_stream()
+        try:
+            with trio.fail_after(self.config.handshake_timeout):
+                stream.protocol = await self.upgrader.select(stream, protocols)
+        except trio.TooSlowError:
+            stream.reset()
+            raise TransportError(f"protocol negotiation with {peer.short()} timed out") from None
+        except ProtocolNotSupported:
+            await stream.aclose()
+            raise
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            stream.reset()
+            raise TransportError(f"stream to {peer.short()} failed during negotiation: {exc}") from None
+        except BaseException:
+            stream.reset()
+            raise
+        return stream
+
+    async def _on_stream(self, stream: MuxedStream) -> None:
+        """Inbound stream: negotiate its protocol, then run the registered handler."""
+        try:
+            with trio.fail_after(self.config.handshake_timeout):
+                protocol = await self.upgrader.handle(stream, list(self._handlers))
+        except (TransportError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.debug("inbound stream negotiation failed %s", logfmt.kv(peer=stream.remote_peer.short(), reason=exc or type(exc).__name__))
+            stream.reset()
+            return
+        handler = self._handlers.get(protocol)
+        if handler is None:
+            stream.reset()
+            return
+        stream.protocol = protocol
+        try:
+            await handler(stream)
+        except BaseException:
+            stream.reset()
+            raise
+        await stream.aclose()
+
+    async def ping(self, peer: PeerId) -> float:
+        """RTT in seconds of one ``/ipfs/ping/1.0.0`` round trip."""
+        from .ping import ping_peer
+
+        return await ping_peer(self, peer)
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    async def _start(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        from .identify import register as register_identify
+        from .ping import register as register_ping
+
+        register_ping(self)
+        register_identify(self)
+        self._listen_scope = trio.CancelScope()
+        addrs: list[Multiaddr] = []
+        if self._memory is not None:
+            addrs.append(self._memory.listen(self._on_raw_inbound, nursery))
+        else:
+            addrs += await nursery.start(self._listen_tcp)
+        self.listen_addrs = [a.with_p2p(self.peer_id) for a in addrs]
+        log.info("listening %s", logfmt.kv(peer=self.peer_id.short(), addrs=",".join(str(a.without_p2p()) for a in self.listen_addrs)))
+
+    async def _listen_tcp(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        assert self._nursery is not None and self._listen_scope is not None
+        with self._listen_scope:
+            await self._tcp.serve(self.config.host, self.config.tcpport, self._on_raw_inbound, self._nursery, task_status=task_status)
+
+    async def aclose(self) -> None:
+        """Stop listening, say goodbye on every connection, close them."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._listen_scope is not None:
+            self._listen_scope.cancel()
+        if self._memory is not None:
+            self._memory.close()
+        with trio.move_on_after(SHUTDOWN_GRACE):
+            async with trio.open_nursery() as nursery:
+                for conn in self.connections():
+                    nursery.start_soon(conn.muxed.aclose, "host shutting down")
+
+
+def _dial_preference(addr: Multiaddr) -> int:
+    if addr.has("memory"):
+        return 0
+    if addr.has("ws"):
+        return 3
+    host = addr.parts[0][1] or ""
+    return 1 if host.startswith("127.") or host == "::1" else 2
+
+
+@contextlib.asynccontextmanager
+async def open_host(
+    identity: Identity,
+    config: Config,
+    memory_network: MemoryNetwork | None = None,
+    *,
+    upgrader: Upgrader | None = None,
+) -> AsyncIterator[Host]:
+    """Run a :class:`Host` for the duration of the block.
+
+    With ``memory_network`` the host listens only on that in-process network
+    (``/memory/<n>``); otherwise on TCP ``config.host:config.tcpport`` (plus
+    WebSocket on the same port unless ``config.ws`` is false). It can dial
+    TCP/WS addresses either way.
+    """
+    host = Host(identity, config, memory_network=memory_network, upgrader=upgrader)
+    async with trio.open_nursery() as nursery:
+        await host._start(nursery)
+        try:
+            yield host
+        finally:
+            with trio.CancelScope(shield=True):
+                await host.aclose()
+            nursery.cancel_scope.cancel()

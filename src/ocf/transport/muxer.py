@@ -1,0 +1,607 @@
+"""Trio driver of a yamux session over a secure connection.
+
+:class:`MuxedConnection` owns one secure stream and three tasks in its own
+nursery: a *reader* that feeds received bytes to the sans-IO
+:class:`~ocf.transport.yamux.YamuxSession` and hands the events to streams,
+a *writer* that is the only task ever writing to the secure stream, and a
+*keepalive* that pings the peer (measuring RTT for window auto-tuning and
+closing the connection when the peer stops answering). Handlers of inbound
+streams run in the same nursery, so nothing outlives the connection.
+
+Why a dedicated writer: a task cancelled in the middle of a write would leave
+half a Noise frame on the wire and break every stream of the connection; with
+one writer, a stream's ``send_all`` only ever queues bytes into the session
+and waits, so cancelling it is always safe. The writer also coalesces what
+many streams queued while it was busy into one write.
+
+:class:`MuxedStream` is a Trio ``HalfCloseableStream``: ``receive_some``
+returns ``b""`` at the peer's EOF and raises :class:`~ocf.errors.StreamReset`
+when the stream (or the whole connection) is reset.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import math
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+import trio
+from trio.lowlevel import ParkingLot, checkpoint, checkpoint_if_cancelled
+
+from ..errors import ProtocolError, StreamReset, TransportError
+from . import yamux
+from .yamux import (
+    DataReceived,
+    GoAwayReceived,
+    PongReceived,
+    StreamAccepted,
+    StreamEnded,
+    StreamOpened,
+    StreamResetByPeer,
+    WindowUpdated,
+    YamuxSession,
+)
+
+if TYPE_CHECKING:
+    from ..identity import PeerId
+
+log = logging.getLogger("ocf.transport.muxer")
+
+# Queued-but-unwritten bytes above which senders wait for the writer: bounds
+# the memory a fast sender can pile up in front of a slow network.
+WRITE_HIGH_WATER = 1 << 20
+# Largest piece of one send_all handed to the session at once.
+SEND_CHUNK = 256 * 1024
+# receive_some(None) joins small buffered chunks up to this size.
+RECEIVE_JOIN = 256 * 1024
+KEEPALIVE_INTERVAL = 30.0
+KEEPALIVE_TIMEOUT = 30.0
+CLOSE_FLUSH_TIMEOUT = 1.0
+
+InboundHandler = Callable[["MuxedStream"], Awaitable[None]]
+
+
+class MuxedStream(trio.abc.HalfCloseableStream):
+    """One yamux stream. Create via :meth:`MuxedConnection.open_stream` or get one in an inbound handler."""
+
+    def __init__(self, conn: "MuxedConnection", stream_id: int) -> None:
+        self._conn = conn
+        self.stream_id = stream_id
+        self.protocol: str = ""
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._eof = False  # peer sent FIN
+        self._reset: str | None = None  # reason once reset (by us, the peer, or the connection)
+        self._closed = False  # aclose() called
+        self._send_closed = False  # send_eof() or aclose() called
+        self._recv_lot = ParkingLot()
+        self._send_lot = ParkingLot()
+        self._receiving = False
+        self._sending = False
+
+    # --- identity --------------------------------------------------------------------
+
+    @property
+    def remote_peer(self) -> "PeerId":
+        return self._conn.remote_peer
+
+    @property
+    def connection(self) -> "MuxedConnection":
+        return self._conn
+
+    def __repr__(self) -> str:
+        peer = self._conn.remote_peer
+        return f"<MuxedStream {self.stream_id} {self.protocol or '-'} peer={peer.short() if peer else '?'}>"
+
+    # --- receiving -------------------------------------------------------------------
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        self._receiving = True
+        try:
+            # Every path through here passes one checkpoint: parking when we
+            # must wait (it is one), an explicit one when data is ready.
+            parked = False
+            while True:
+                if self._closed:
+                    raise trio.ClosedResourceError("stream was closed")
+                if self._reset is not None:
+                    raise StreamReset(f"stream reset ({self._reset})")
+                if self._chunks or self._eof:
+                    if not parked:
+                        await checkpoint()
+                        parked = True
+                        continue  # state may have changed while we yielded
+                    return self._take(max_bytes) if self._chunks else b""
+                parked = True
+                await self._recv_lot.park()
+        finally:
+            self._receiving = False
+
+    def _take(self, max_bytes: int | None) -> bytes:
+        chunks = self._chunks
+        data = chunks.popleft()
+        if max_bytes is None:
+            if chunks and len(data) < RECEIVE_JOIN:
+                parts = [data]
+                total = len(data)
+                while chunks and total + len(chunks[0]) <= RECEIVE_JOIN:
+                    nxt = chunks.popleft()
+                    parts.append(nxt)
+                    total += len(nxt)
+                data = b"".join(parts)
+        elif len(data) > max_bytes:
+            chunks.appendleft(data[max_bytes:])
+            data = data[:max_bytes]
+        self._conn._consumed(self.stream_id, len(data))
+        return data
+
+    # --- sending ---------------------------------------------------------------------
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            await checkpoint_if_cancelled()
+            if not isinstance(data, bytes):
+                data = bytes(data)  # the caller may reuse its buffer once we return
+            conn = self._conn
+            session = conn._session
+            sid = self.stream_id
+            n = len(data)
+            pos = 0
+            parked = False
+            while True:
+                self._check_send()
+                if pos >= n:
+                    break
+                window = session.send_window(sid)
+                if window == 0:
+                    parked = True
+                    await self._send_lot.park()
+                    continue
+                if session.pending_output >= WRITE_HIGH_WATER:
+                    parked = True
+                    await conn._drain_lot.park()
+                    continue
+                take = min(window, n - pos, SEND_CHUNK)
+                session.send_data(sid, data if take == n else memoryview(data)[pos : pos + take])
+                pos += take
+                if conn._writing:
+                    conn._kick()  # the writer picks it up when its current write is done
+                else:
+                    parked = True
+                    await conn._write_inline()
+            if not parked:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
+
+    def _check_send(self) -> None:
+        if self._reset is not None:
+            raise StreamReset(f"stream reset ({self._reset})")
+        if self._send_closed:
+            raise trio.ClosedResourceError("stream is closed for sending")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await checkpoint()
+        while True:
+            self._check_send()
+            if self._conn._session.send_window(self.stream_id) > 0:
+                return
+            await self._send_lot.park()
+
+    async def send_eof(self) -> None:
+        await checkpoint()
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        if self._reset is not None:
+            raise StreamReset(f"stream reset ({self._reset})")
+        if self._send_closed:
+            return
+        self._send_closed = True
+        self._conn._close_stream(self)
+
+    async def aclose(self) -> None:
+        """Close both directions: FIN our side; unread or later-arriving data resets the stream (as TCP would)."""
+        if not self._closed:
+            self._closed = True
+            self._send_closed = True
+            if self._reset is None:
+                if self._chunks and not self._eof:
+                    self._chunks.clear()
+                    self._conn._reset_stream(self, "closed with unread data")
+                else:
+                    self._chunks.clear()
+                    self._conn._close_stream(self)
+            self._wake()
+        await checkpoint()
+
+    def reset(self) -> None:
+        """Abort the stream both ways now (RST); pending and later calls raise :class:`StreamReset`."""
+        if self._reset is None:
+            self._chunks.clear()
+            self._conn._reset_stream(self, "reset locally")
+            self._wake()
+
+    # --- called by the connection -------------------------------------------------------
+
+    def _wake(self) -> None:
+        if self._recv_lot:
+            self._recv_lot.unpark_all()
+        if self._send_lot:
+            self._send_lot.unpark_all()
+
+    def _on_data(self, data: bytes) -> None:
+        if self._closed:
+            # Data for a stream the application closed: tell the peer to stop.
+            self._conn._reset_stream(self, "data after close")
+            return
+        self._chunks.append(data)
+        if self._recv_lot:
+            self._recv_lot.unpark_all()
+
+    def _on_eof(self) -> None:
+        self._eof = True
+        if self._recv_lot:
+            self._recv_lot.unpark_all()
+
+    def _on_reset(self, reason: str) -> None:
+        if self._reset is None:
+            self._reset = reason
+            self._chunks.clear()
+            self._wake()
+
+
+class MuxedConnection:
+    """A yamux session over one secure stream, with its tasks in its own nursery.
+
+    Use::
+
+        conn = MuxedConnection(secure, is_client=True, remote_peer=peer, handler=on_inbound_stream)
+        await nursery.start(conn.run)   # returns once the tasks are running
+        stream = await conn.open_stream()
+
+    ``run`` returns when the connection is over (peer closed it, error,
+    keepalive timeout, or :meth:`aclose`); ``conn.closed`` is then set and
+    every stream is reset.
+    """
+
+    def __init__(
+        self,
+        secure: trio.abc.Stream,
+        *,
+        is_client: bool,
+        remote_peer: "PeerId",
+        handler: InboundHandler | None = None,
+        max_streams: int = 1024,
+        keepalive_interval: float = KEEPALIVE_INTERVAL,
+        keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+        max_window: int = yamux.MAX_WINDOW,
+        label: str = "",
+    ) -> None:
+        self._secure = secure
+        self.is_client = is_client
+        self.remote_peer = remote_peer
+        self._handler = handler
+        self._session = YamuxSession(is_client, max_streams=max_streams, max_window=max_window)
+        self._streams: dict[int, MuxedStream] = {}
+        self._write_lot = ParkingLot()
+        self._drain_lot = ParkingLot()
+        self._idle_lot = ParkingLot()
+        self._pings: dict[int, trio.Event] = {}
+        self._ping_ids = itertools.count(1)
+        self._keepalive_interval = keepalive_interval
+        self._keepalive_timeout = keepalive_timeout
+        self._nursery: trio.Nursery | None = None
+        self._writer_waiting = False
+        self._writing = False  # someone (the writer task or a stream inline) is writing
+        self.label = label or remote_peer.short()
+        self.closed = trio.Event()
+        self.close_reason: str | None = None
+        self.rtt: float | None = None
+        self.going_away = False  # the peer or we sent GoAway: no new streams here
+
+    # --- public API ---------------------------------------------------------------------
+
+    @property
+    def num_streams(self) -> int:
+        return len(self._streams)
+
+    @property
+    def is_open(self) -> bool:
+        return not self.closed.is_set() and self.close_reason is None
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the connection's tasks until it ends."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._reader)
+                nursery.start_soon(self._writer)
+                nursery.start_soon(self._keepalive)
+                task_status.started()
+        finally:
+            self._nursery = None
+            if self.close_reason is None:
+                self.close_reason = "cancelled"
+            self._reset_all(f"connection closed: {self.close_reason}")
+            await trio.aclose_forcefully(self._secure)
+            self.closed.set()
+
+    async def open_stream(self) -> MuxedStream:
+        """Open a new outbound stream (no protocol negotiated yet)."""
+        await checkpoint()
+        if not self.is_open:
+            raise TransportError(f"connection to {self.label} is closed ({self.close_reason})")
+        try:
+            sid = self._session.open_stream()
+        except ProtocolError as exc:
+            raise TransportError(f"cannot open a stream to {self.label}: {exc}") from None
+        stream = self._streams[sid] = MuxedStream(self, sid)
+        self._kick()
+        return stream
+
+    async def ping(self) -> float:
+        """Round-trip time of a yamux ping, in seconds."""
+        if not self.is_open:
+            raise TransportError(f"connection to {self.label} is closed ({self.close_reason})")
+        opaque = next(self._ping_ids) & 0xFFFFFFFF
+        done = self._pings[opaque] = trio.Event()
+        t0 = trio.current_time()
+        self._session.ping(opaque)
+        self._kick()
+        try:
+            await done.wait()
+        finally:
+            self._pings.pop(opaque, None)
+        if self.close_reason is not None:
+            raise TransportError(f"connection to {self.label} closed during ping")
+        rtt = trio.current_time() - t0
+        self._note_rtt(rtt)
+        return rtt
+
+    def go_away(self) -> None:
+        """Refuse new streams from now on (existing ones continue)."""
+        self.going_away = True
+        if self.is_open:
+            self._session.go_away()
+            self._kick()
+
+    async def aclose(self, reason: str = "closed locally") -> None:
+        """Say GoAway, flush briefly, then stop every task of the connection."""
+        if self._nursery is None or self.close_reason is not None:
+            if self._nursery is not None:
+                await self.closed.wait()
+            else:
+                await checkpoint()
+            return
+        self.close_reason = reason
+        self.going_away = True
+        self._session.go_away()
+        self._kick()
+        with trio.move_on_after(CLOSE_FLUSH_TIMEOUT):
+            while self._session.pending_output and self._nursery is not None:
+                await self._drain_lot.park()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        await self.closed.wait()
+
+    def close_soon(self, reason: str) -> None:
+        """Synchronous abort: cancel the connection's tasks (no flush)."""
+        if self.close_reason is None:
+            self.close_reason = reason
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    # --- internals: streams -------------------------------------------------------------
+
+    def _kick(self) -> None:
+        if self._writer_waiting and not self._writing:
+            self._writer_waiting = False
+            self._write_lot.unpark_all()
+
+    async def _write_inline(self) -> None:
+        """Write queued bytes from the calling stream's task (saves a task switch per message).
+
+        Only when nobody else is writing. The write is shielded from the
+        caller's cancellation, because half a Noise frame on the wire would
+        break every stream. It cannot hang forever: a peer that stops reading
+        stops answering keepalive pings too, and closing the connection then
+        aborts the blocked write.
+        """
+        session = self._session
+        self._writing = True
+        try:
+            data = session.data_to_send()
+            if data:
+                with trio.CancelScope(shield=True):
+                    await self._secure.send_all(data)
+            else:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, TransportError) as exc:
+            self._end(f"write failed: {exc or type(exc).__name__}")
+        finally:
+            self._writing = False
+            if session.pending_output:
+                self._kick()
+            if self._drain_lot:
+                self._drain_lot.unpark_all()
+
+    def _prune(self, sid: int) -> None:
+        if not self._session.has_stream(sid):
+            self._forget(sid)
+
+    def _forget(self, sid: int) -> MuxedStream | None:
+        stream = self._streams.pop(sid, None)
+        if not self._streams and self._idle_lot:
+            self._idle_lot.unpark_all()
+        return stream
+
+    async def wait_idle(self) -> None:
+        """Return once the connection has no streams (or is closed)."""
+        while self._streams and not self.closed.is_set():
+            await self._idle_lot.park()
+        await checkpoint()
+
+    def _consumed(self, sid: int, n: int) -> None:
+        session = self._session
+        before = session.pending_output
+        session.consume(sid, n, trio.current_time())
+        if session.pending_output != before:
+            self._kick()
+
+    def _close_stream(self, stream: MuxedStream) -> None:
+        if self.is_open:
+            self._session.close_stream(stream.stream_id)
+            self._prune(stream.stream_id)
+            self._kick()
+
+    def _reset_stream(self, stream: MuxedStream, reason: str) -> None:
+        stream._on_reset(reason)
+        if self.is_open:
+            self._session.reset_stream(stream.stream_id)
+            self._kick()
+        self._forget(stream.stream_id)
+
+    def _reset_all(self, reason: str) -> None:
+        for stream in list(self._streams.values()):
+            stream._on_reset(reason)
+        self._streams.clear()
+        if self._idle_lot:
+            self._idle_lot.unpark_all()
+        for ev in self._pings.values():
+            ev.set()
+        if self._drain_lot:
+            self._drain_lot.unpark_all()
+
+    def _note_rtt(self, rtt: float) -> None:
+        self.rtt = rtt if self.rtt is None else 0.8 * self.rtt + 0.2 * rtt
+        self._session.rtt = self.rtt
+
+    # --- tasks ------------------------------------------------------------------------------
+
+    async def _writer(self) -> None:
+        session = self._session
+        secure = self._secure
+        drain = self._drain_lot
+        lot = self._write_lot
+        try:
+            while True:
+                if self._writing or not session.pending_output:
+                    self._writer_waiting = True
+                    await lot.park()
+                    continue
+                self._writing = True
+                try:
+                    await secure.send_all(session.data_to_send())
+                finally:
+                    self._writing = False
+                if drain:
+                    drain.unpark_all()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, TransportError) as exc:
+            self._end(f"write failed: {exc or type(exc).__name__}")
+
+    async def _reader(self) -> None:
+        session = self._session
+        receive = self._secure.receive_some
+        streams = self._streams
+        try:
+            while True:
+                data = await receive()
+                if not data:
+                    self._end("peer closed the connection")
+                    return
+                try:
+                    events = session.receive_data(data)
+                except ProtocolError as exc:
+                    log.warning("closing connection on protocol error peer=%s reason=%s", self.label, exc)
+                    self.close_reason = f"protocol error: {exc}"
+                    self._kick()  # flush the GoAway the session queued
+                    with trio.move_on_after(CLOSE_FLUSH_TIMEOUT):
+                        while session.pending_output:
+                            await self._drain_lot.park()
+                    self._end(self.close_reason)
+                    return
+                for ev in events:
+                    cls = type(ev)
+                    if cls is DataReceived:
+                        stream = streams.get(ev.stream_id)
+                        if stream is not None:
+                            stream._on_data(ev.data)
+                    elif cls is WindowUpdated:
+                        stream = streams.get(ev.stream_id)
+                        if stream is not None and stream._send_lot:
+                            stream._send_lot.unpark_all()
+                    elif cls is StreamOpened:
+                        self._on_inbound(ev.stream_id)
+                    elif cls is StreamEnded:
+                        stream = streams.get(ev.stream_id)
+                        if stream is not None:
+                            stream._on_eof()
+                            self._prune(ev.stream_id)
+                    elif cls is StreamResetByPeer:
+                        stream = self._forget(ev.stream_id)
+                        if stream is not None:
+                            stream._on_reset("reset by peer")
+                    elif cls is PongReceived:
+                        waiter = self._pings.get(ev.opaque)
+                        if waiter is not None:
+                            waiter.set()
+                    elif cls is GoAwayReceived:
+                        self.going_away = True
+                        log.debug("peer sent go-away peer=%s code=%d", self.label, ev.code)
+                    elif cls is StreamAccepted:
+                        pass
+                if session.pending_output:
+                    self._kick()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, TransportError) as exc:
+            self._end(f"read failed: {exc or type(exc).__name__}")
+
+    def _on_inbound(self, sid: int) -> None:
+        stream = self._streams[sid] = MuxedStream(self, sid)
+        if self._handler is None or self._nursery is None:
+            self._reset_stream(stream, "no handler")
+            return
+        self._nursery.start_soon(self._run_handler, stream)
+
+    async def _run_handler(self, stream: MuxedStream) -> None:
+        assert self._handler is not None
+        try:
+            await self._handler(stream)
+        except Exception as exc:  # noqa: BLE001 - a handler failing must not take the connection down
+            log.warning("stream handler failed peer=%s stream=%d exc=%r", self.label, stream.stream_id, exc)
+            stream.reset()
+
+    async def _keepalive(self) -> None:
+        # A first ping right away measures the RTT that window auto-tuning needs.
+        interval = self._keepalive_interval
+        first = True
+        while True:
+            if not first:
+                await trio.sleep(interval)
+            first = False
+            timed_out = True
+            with trio.move_on_after(self._keepalive_timeout):
+                try:
+                    await self.ping()
+                except TransportError:
+                    return  # the connection is ending anyway
+                timed_out = False
+            if timed_out:
+                log.info("closing connection: keepalive timeout peer=%s", self.label)
+                self._end(f"keepalive timeout ({self._keepalive_timeout:g}s)")
+                return
+            if not math.isfinite(interval):
+                return
+
+    def _end(self, reason: str) -> None:
+        if self.close_reason is None:
+            self.close_reason = reason
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
