@@ -47,6 +47,7 @@ class Node:
         self.gateway: Gateway | None = None
         # Subsystems attach themselves here (transport host, node table, services, jobs).
         self.host: Any = None
+        self.bootstrap: Any = None  # ocf.transport.bootstrap.Bootstrapper
         self.table: Any = None
         self.services: Any = None
         self.jobs: Any = None
@@ -79,8 +80,13 @@ def resolve_identity(config: Config) -> Identity:
 
 
 @contextlib.asynccontextmanager
-async def open_node(config: Config) -> AsyncIterator[Node]:
-    """Start a node inside the caller's Trio run; leaving the block stops it."""
+async def open_node(config: Config, memory_network: Any = None) -> AsyncIterator[Node]:
+    """Start a node inside the caller's Trio run; leaving the block stops it.
+
+    ``memory_network`` (an :class:`ocf.transport.MemoryNetwork`) makes the
+    node listen on that in-process network instead of TCP, for tests that run
+    many nodes in one process.
+    """
     from .gateway.server import open_gateway
 
     t0 = time.monotonic()
@@ -93,7 +99,14 @@ async def open_node(config: Config) -> AsyncIterator[Node]:
             node.nursery = nursery
             async with contextlib.AsyncExitStack() as stack:
                 # --- subsystems, in start order (each stops in reverse) -------------
-                # transport: node.host
+                # transport: node.host (+ bootstrap peers kept connected) ---------
+                from .transport import open_host
+                from .transport.bootstrap import open_bootstrap
+
+                node.host = await stack.enter_async_context(open_host(identity, config, memory_network))
+                node.listen_addrs = list(node.host.listen_addrs)
+                node.bootstrap = await stack.enter_async_context(open_bootstrap(node.host, config))
+                # ------------------------------------------------------------------
                 # node table: node.table
                 # services registrar: node.services
                 # jobs tracker: node.jobs

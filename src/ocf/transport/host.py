@@ -122,9 +122,7 @@ class Host:
         upgrader: Upgrader | None = None,
     ) -> None:
         if upgrader is None:
-            from .upgrade import Libp2pUpgrader
-
-            upgrader = Libp2pUpgrader(identity)
+            upgrader = default_upgrader(identity)
         self.identity = identity
         self.peer_id: PeerId = identity.peer_id
         self.config = config
@@ -523,7 +521,7 @@ class Host:
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
-    async def _start(self, nursery: trio.Nursery) -> None:
+    async def _start(self, nursery: trio.Nursery, *, listen: bool = True, memory_name: str | None = None) -> None:
         self._nursery = nursery
         from .identify import register as register_identify
         from .ping import register as register_ping
@@ -531,9 +529,11 @@ class Host:
         register_ping(self)
         register_identify(self)
         self._listen_scope = trio.CancelScope()
+        if not listen:
+            return
         addrs: list[Multiaddr] = []
         if self._memory is not None:
-            addrs.append(self._memory.listen(self._on_raw_inbound, nursery))
+            addrs.append(self._memory.listen(self._on_raw_inbound, nursery, memory_name))
         else:
             addrs += await nursery.start(self._listen_tcp)
         self.listen_addrs = [a.with_p2p(self.peer_id) for a in addrs]
@@ -559,6 +559,52 @@ class Host:
                     nursery.start_soon(conn.muxed.aclose, "host shutting down")
 
 
+NOISE = "/noise"
+YAMUX = "/yamux/1.0.0"
+
+
+def default_upgrader(identity: Identity) -> Upgrader:
+    """libp2p's upgrade: multistream ``/noise`` -> Noise XX -> multistream ``/yamux/1.0.0``."""
+    try:
+        from . import secure  # noqa: F401
+    except ImportError:
+        from ._insecure import PlainUpgrader
+
+        log.warning("transport security layer missing: using an INSECURE plaintext stand-in (development only)")
+        return PlainUpgrader(identity)
+    return Libp2pUpgrader(identity)
+
+
+class Libp2pUpgrader:
+    """The security step and protocol negotiation, as one object (see :class:`Upgrader`)."""
+
+    def __init__(self, identity: Identity) -> None:
+        self.identity = identity
+
+    async def secure(self, stream: trio.abc.Stream, *, initiator: bool, expected: PeerId | None) -> tuple[trio.abc.Stream, PeerId]:
+        from . import secure
+
+        if initiator:
+            await secure.negotiate(stream, [NOISE], initiator=True)
+            conn = await secure.secure_outbound(stream, self.identity, expected)
+            await secure.negotiate(conn, [YAMUX], initiator=True)
+        else:
+            await secure.negotiate(stream, [NOISE], initiator=False)
+            conn = await secure.secure_inbound(stream, self.identity)
+            await secure.negotiate(conn, [YAMUX], initiator=False)
+        return conn, conn.remote_peer
+
+    async def select(self, stream: trio.abc.Stream, protocols: Sequence[str]) -> str:
+        from . import secure
+
+        return await secure.negotiate(stream, protocols, initiator=True)
+
+    async def handle(self, stream: trio.abc.Stream, protocols: Sequence[str]) -> str:
+        from . import secure
+
+        return await secure.negotiate(stream, protocols, initiator=False)
+
+
 def _dial_preference(addr: Multiaddr) -> int:
     if addr.has("memory"):
         return 0
@@ -575,17 +621,20 @@ async def open_host(
     memory_network: MemoryNetwork | None = None,
     *,
     upgrader: Upgrader | None = None,
+    listen: bool = True,
+    memory_name: str | None = None,
 ) -> AsyncIterator[Host]:
     """Run a :class:`Host` for the duration of the block.
 
     With ``memory_network`` the host listens only on that in-process network
-    (``/memory/<n>``); otherwise on TCP ``config.host:config.tcpport`` (plus
-    WebSocket on the same port unless ``config.ws`` is false). It can dial
-    TCP/WS addresses either way.
+    (at ``/memory/<memory_name>``, a fresh name by default); otherwise on TCP
+    ``config.host:config.tcpport`` (plus WebSocket on the same port unless
+    ``config.ws`` is false). It can dial TCP/WS addresses either way.
+    ``listen=False`` makes a dial-only host (the ``ocf ping`` command).
     """
     host = Host(identity, config, memory_network=memory_network, upgrader=upgrader)
     async with trio.open_nursery() as nursery:
-        await host._start(nursery)
+        await host._start(nursery, listen=listen, memory_name=memory_name)
         try:
             yield host
         finally:

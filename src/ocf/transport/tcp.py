@@ -24,7 +24,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 import attrs
 import trio
 
-from ..errors import MultiaddrError, PeerUnreachable
+from ..errors import MultiaddrError, PeerUnreachable, TransportError
 from ..identity import Multiaddr
 
 log = logging.getLogger("ocf.transport.tcp")
@@ -170,7 +170,7 @@ class TcpTransport:
             listeners = await trio.open_tcp_listeners(port, host=host if host not in ("", "*") else None)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise PeerUnreachable(f"cannot listen on {host}:{port}: address already in use") from exc
+                raise TransportError(f"cannot listen on {host}:{port} (--tcpport): address already in use") from None
             raise
         addrs: list[Multiaddr] = []
         for listener in listeners:

@@ -1,7 +1,9 @@
-"""TEMPORARY test upgrader (no encryption) until the Noise/multistream layer lands.
+"""TEMPORARY stand-in upgrader (NO ENCRYPTION, NO AUTHENTICATION) until the
+Noise/multistream layer (``ocf.transport.secure``) lands.
 
-Multistream-select 1.0 (minimal) + an insecure key exchange, only so Host logic
-can be tested. Replaced by the real libp2p upgrader in tests.
+Minimal multistream-select 1.0 plus an unauthenticated public-key exchange, so
+the Host and everything above it can be built and tested meanwhile. The host
+logs a warning whenever it falls back to this. Delete once ``secure`` exists.
 """
 
 from __future__ import annotations
