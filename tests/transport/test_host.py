@@ -211,8 +211,10 @@ async def test_handler_error_does_not_affect_connection():
             raise RuntimeError("boom")
 
         b.set_stream_handler("/broken/1", broken)
-        s = await a.new_stream(b.peer_id if a.is_connected(b.peer_id) else (await a.connect(b.listen_addrs[0])), "/broken/1")
+        await a.connect(b.listen_addrs[0])
         with pytest.raises(StreamReset):
+            # the reset may even overtake the end of protocol negotiation
+            s = await a.new_stream(b.peer_id, "/broken/1")
             await s.receive_some()
         assert await roundtrip(a, b.peer_id) == b"hello"
 
@@ -312,3 +314,19 @@ async def test_tcp_dial_refused_is_unreachable():
             port = s.getsockname()[1]
         with pytest.raises(PeerUnreachable):
             await a.connect(f"/ip4/127.0.0.1/tcp/{port}")
+
+
+async def test_protocol_violation_closes_only_that_connection():
+    net = MemoryNetwork()
+    async with hosts(3, net) as (a, b, c):
+        await b.connect(a.listen_addrs[0])
+        await c.connect(a.listen_addrs[0])
+        async with a.subscribe() as events:
+            # b's side writes garbage straight into its secure channel: a's yamux parser rejects it
+            (conn,) = b.connections(a.peer_id)
+            await conn.muxed._secure.send_all(b"\x09" * 12)
+            ev = await events.receive()
+            assert (ev.kind, ev.peer) == ("disconnected", b.peer_id)
+        assert not a.is_connected(b.peer_id)
+        assert await roundtrip(c, a.peer_id, b"still fine") == b"still fine"
+        assert await roundtrip(a, c.peer_id, b"both ways") == b"both ways"
