@@ -171,6 +171,25 @@ async def test_simultaneous_dial_keeps_one_connection():
         assert a.is_connected(b.peer_id) and b.is_connected(a.peer_id)
 
 
+async def test_redial_by_same_initiator_keeps_newest_on_both_sides():
+    net = MemoryNetwork()
+    async with hosts(2, net) as (a, b):
+        bare = b.listen_addrs[0].without_p2p()  # no peer ID: dial does not short-cut to the existing connection
+        async with b.subscribe() as events:
+            await a.connect(bare)
+            await a.connect(bare)
+            assert net.dials == 2
+            # exactly one connection survives, the same one on both sides, and no disconnect is reported
+            for host, other in ((a, b), (b, a)):
+                while len(host.connections(other.peer_id)) > 1:
+                    await trio.testing.wait_all_tasks_blocked()
+                    await trio.sleep(0)
+            assert await roundtrip(a, b.peer_id) == b"hello"
+            assert [ev.kind for ev in [await events.receive()]] == ["connected"]
+            with pytest.raises(trio.WouldBlock):
+                events.receive_nowait()
+
+
 async def test_ping_and_identify():
     net = MemoryNetwork()
     async with hosts(2, net) as (a, b):

@@ -19,8 +19,9 @@ Connection manager rules, and why:
 - **Simultaneous dial tie-break.** When both peers dial each other at once,
   each ends up with two connections. Both sides keep the one *initiated by the
   peer with the smaller peer ID* (byte order), which both can compute without
-  talking. The other one is told GoAway (no new streams) and closed when its
-  streams are done, so nothing in flight is cut.
+  talking (the newest, if the same peer initiated both). The other one is told
+  GoAway (no new streams) and closed when its streams are done, so nothing in
+  flight is cut.
 - **Limits** come from :class:`~ocf.config.Config`: max connections, max
   streams per connection, max pending handshakes, handshake timeout, dial
   timeout. Excess inbound connections are closed before any crypto is spent.
@@ -301,11 +302,6 @@ class Host:
                 raise PeerUnreachable(f"{addr} is ourselves")
             if addr.peer_id is None:
                 self._remember_addr(remote, addr)
-                existing = self._usable(remote)
-                if existing is not None and existing.initiator == self.peer_id:
-                    # We reached a peer we already dialed: keep the first connection.
-                    task_status.started(existing)
-                    return
             conn = self._new_connection(secure, remote, raw, outbound=True)
             log.debug("dialed %s", logfmt.kv(peer=remote.short(), addr=addr, ms=round((trio.current_time() - t0) * 1000, 1)))
             await self._serve_connection(conn, task_status=task_status)
@@ -404,8 +400,13 @@ class Host:
         usable = [c for c in self._conns.get(peer, ()) if c.usable]
         if len(usable) < 2:
             return
+        # Between connections of different initiators: the smaller peer ID's
+        # (both sides compute the same). Between connections of the same
+        # initiator: the newest, because a peer only redials when it no longer
+        # trusts the old one (e.g. it restarted).
         preferred = min(self.peer_id, peer)
-        winner = next((c for c in usable if c.initiator == preferred), usable[0])
+        candidates = [c for c in usable if c.initiator == preferred] or usable
+        winner = candidates[-1]
         for conn in usable:
             if conn is not winner:
                 log.debug("closing duplicate connection %s", logfmt.kv(peer=peer.short(), dir="out" if conn.outbound else "in"))
