@@ -322,7 +322,32 @@ def test_well_formed_frames_any_order_keep_invariants(frames, split):
     except ProtocolError:
         return
     assert s.num_streams <= 4
+    assert s._growth == sum(s.recv_window(sid) - INITIAL_WINDOW for sid in s.stream_ids())
     for sid in s.stream_ids():
         state = s._streams[sid]
         assert 0 <= state.recv_buffered
         assert state.recv_buffered + state.recv_credit <= state.recv_target
+
+
+def test_window_growth_is_capped_per_session():
+    c, s = YamuxSession(True), YamuxSession(False)
+    s.rtt = 0.001
+    s.growth_budget = 3 * INITIAL_WINDOW  # room for a single doubling, then another
+    sids = [c.open_stream() for _ in range(3)]
+    pump(c, s)
+    s.data_to_send()
+    now = 0.0
+    for _ in range(8):
+        for sid in sids:
+            window = c.send_window(sid)
+            c.send_data(sid, b"x" * window)
+            pump(c, s)
+            now += 0.0001
+            s.consume(sid, window, now)
+            pump(s, c)
+    grown = sum(s.recv_window(sid) - INITIAL_WINDOW for sid in sids)
+    assert 0 < grown <= 3 * INITIAL_WINDOW
+    # closing streams returns their growth to the budget
+    for sid in sids:
+        s.reset_stream(sid)
+    assert s._growth == 0

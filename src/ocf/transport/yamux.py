@@ -62,6 +62,10 @@ MAX_WINDOW = 16 * 1024 * 1024
 # implementations cap what they send at 64 KiB or less; staying there keeps us
 # clear of any receiver-side limit.
 MAX_FRAME = 64 * 1024
+# Window auto-tuning may add at most this much receive window, summed over
+# the streams of one session, beyond their initial 256 KiB each: a peer
+# cannot make every stream grow to 16 MiB and then stall it.
+MAX_GROWTH_BUDGET = 64 * 1024 * 1024
 MAX_STREAM_ID = 0xFFFFFFFF
 MAX_WINDOW_TOTAL = 0xFFFFFFFF  # a send window beyond 32 bits means a broken peer
 
@@ -188,6 +192,8 @@ class YamuxSession:
         self.go_away_sent = False
         self.go_away_received = False
         self.failed: str | None = None
+        self.growth_budget = MAX_GROWTH_BUDGET
+        self._growth = 0  # receive window added by auto-tuning, over all live streams
         self._next_id = 1 if is_client else 2
         self._streams: dict[int, _Stream] = {}
         self._out: list[bytes | memoryview] = []
@@ -306,8 +312,10 @@ class YamuxSession:
 
     def reset_stream(self, stream_id: int) -> None:
         """Abort the stream both ways (RST). No-op if it is already gone."""
-        if self._streams.pop(stream_id, None) is None:
+        st = self._streams.pop(stream_id, None)
+        if st is None:
             return
+        self._release(st)
         self._frame(TYPE_WINDOW_UPDATE, FLAG_RST, stream_id, 0)
 
     def consume(self, stream_id: int, n: int, now: float | None = None) -> None:
@@ -329,8 +337,11 @@ class YamuxSession:
             return
         if now is not None:
             if st.epoch is not None and self.rtt > 0 and target < self.max_window and now - st.epoch < 4 * self.rtt:
-                target = st.recv_target = min(target * 2, self.max_window)
-                grant = target - st.recv_buffered - st.recv_credit
+                new_target = min(target * 2, self.max_window)
+                if self._growth + new_target - target <= self.growth_budget:
+                    self._growth += new_target - target
+                    target = st.recv_target = new_target
+                    grant = target - st.recv_buffered - st.recv_credit
             st.epoch = now
         st.recv_credit += grant
         self._frame(TYPE_WINDOW_UPDATE, 0, stream_id, grant)
@@ -424,7 +435,7 @@ class YamuxSession:
                     # RST, or data after the peer's own FIN: the stream is dead.
                     if not flags & FLAG_RST:
                         self._frame(TYPE_WINDOW_UPDATE, FLAG_RST, sid, 0)
-                    del self._streams[sid]
+                    self._release(self._streams.pop(sid))
                     events.append(StreamResetByPeer(sid))
                 self._skip(length)
                 return
@@ -447,7 +458,7 @@ class YamuxSession:
             if st is None:
                 return
             if flags & FLAG_RST:
-                del self._streams[sid]
+                self._release(self._streams.pop(sid))
                 events.append(StreamResetByPeer(sid))
                 return
             if length:
@@ -503,9 +514,12 @@ class YamuxSession:
         st.remote_fin = True
         events.append(StreamEnded(sid))
         if st.local_fin:
-            del self._streams[sid]
+            self._release(self._streams.pop(sid))
 
     def _local_fin(self, sid: int, st: _Stream) -> None:
         st.local_fin = True
         if st.remote_fin:
-            del self._streams[sid]
+            self._release(self._streams.pop(sid))
+
+    def _release(self, st: _Stream) -> None:
+        self._growth -= st.recv_target - self.initial_window
