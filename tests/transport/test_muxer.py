@@ -280,3 +280,41 @@ async def test_graceful_close_sends_go_away():
         await client.aclose()
         await server.closed.wait()
         assert client.closed.is_set()
+
+
+async def test_blocked_senders_are_not_stranded_when_one_is_cancelled(monkeypatch):
+    """Many senders wait for the write queue; cancelling some never leaves the others parked forever."""
+    from ocf.transport import muxer
+
+    monkeypatch.setattr(muxer, "WRITE_HIGH_WATER", 1000)
+    monkeypatch.setattr(muxer, "SEND_CHUNK", 600)
+    got = {}
+
+    async def sink(stream):
+        data = bytearray()
+        while chunk := await stream.receive_some():
+            data += chunk
+        got[stream.stream_id] = len(data)
+
+    async with pair(server_handler=sink) as (client, _):
+        streams = [await client.open_stream() for _ in range(8)]
+
+        async def send(s, cancel_scope=None):
+            await s.send_all(b"z" * 5000)
+            await s.send_eof()
+
+        async with trio.open_nursery() as n:
+            doomed = trio.CancelScope()
+
+            async def doomed_sender(s):
+                with doomed:
+                    await s.send_all(b"z" * 50000)
+
+            n.start_soon(doomed_sender, streams[0])
+            for s in streams[1:]:
+                n.start_soon(send, s)
+            await trio.testing.wait_all_tasks_blocked()
+            doomed.cancel()
+        while len(got) < 7:
+            await trio.testing.wait_all_tasks_blocked()
+        assert sorted(got.values()) == [5000] * 7

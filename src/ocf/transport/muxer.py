@@ -181,6 +181,9 @@ class MuxedStream(trio.abc.HalfCloseableStream):
                 await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._sending = False
+            # If we were woken to fill the write queue but left without queueing
+            # (cancelled, reset), pass the turn on to the next waiting sender.
+            self._conn._wake_senders()
 
     def _check_send(self) -> None:
         if self._reset is not None:
