@@ -332,6 +332,10 @@ class Host:
             self.stats["handshake_failures"] += 1
             log.info("inbound handshake failed %s", logfmt.kv(remote=raw.remote_addr, reason=exc or type(exc).__name__))
             return
+        except Exception as exc:  # noqa: BLE001 - a bug on one connection must not stop the host
+            self.stats["handshake_failures"] += 1
+            log.error("inbound handshake crashed %s", logfmt.kv(remote=raw.remote_addr, exc=repr(exc)), exc_info=True)
+            return
         finally:
             self._pending_handshakes -= 1
         if remote == self.peer_id:
@@ -500,6 +504,10 @@ class Host:
                 protocol = await self.upgrader.handle(stream, list(self._handlers))
         except (TransportError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug("inbound stream negotiation failed %s", logfmt.kv(peer=stream.remote_peer.short(), reason=exc or type(exc).__name__))
+            stream.reset()
+            return
+        except Exception as exc:  # noqa: BLE001 - stays on this stream (the muxer logs handler crashes too)
+            log.error("inbound stream negotiation crashed %s", logfmt.kv(peer=stream.remote_peer.short(), exc=repr(exc)), exc_info=True)
             stream.reset()
             return
         handler = self._handlers.get(protocol)

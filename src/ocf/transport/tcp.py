@@ -182,7 +182,12 @@ class TcpTransport:
                         addrs.append(ma)
 
         async def on_accept(stream: trio.SocketStream) -> None:
-            await self._on_accept(stream, handler)
+            try:
+                await self._on_accept(stream, handler)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            except Exception as exc:  # noqa: BLE001 - one bad connection must not stop the listener
+                log.error("accepted connection crashed exc=%r", exc, exc_info=True)
 
         task_status.started(addrs)
         # serve_listeners closes each listener when it stops, and each accepted
