@@ -318,3 +318,15 @@ async def test_blocked_senders_are_not_stranded_when_one_is_cancelled(monkeypatc
         while len(got) < 7:
             await trio.testing.wait_all_tasks_blocked()
         assert sorted(got.values()) == [5000] * 7
+
+
+async def test_unread_does_not_credit_twice():
+    async with pair() as (client, _):
+        s = await client.open_stream()
+        await s.send_all(b"abcdef")
+        got = await recv_exactly(s, 6)
+        s.unread(got[3:])
+        assert await s.receive_some() == b"def"
+        # window accounting stayed consistent (no negative buffered bytes)
+        await s.send_all(b"x" * 1000)
+        assert await recv_exactly(s, 1000) == b"x" * 1000

@@ -79,6 +79,7 @@ class MuxedStream(trio.abc.HalfCloseableStream):
         self._send_lot = ParkingLot()
         self._receiving = False
         self._sending = False
+        self._unread = 0  # bytes at the front of _chunks that were already consumed once
 
     # --- identity --------------------------------------------------------------------
 
@@ -122,6 +123,18 @@ class MuxedStream(trio.abc.HalfCloseableStream):
         finally:
             self._receiving = False
 
+    def unread(self, data: bytes) -> None:
+        """Put bytes back in front of the receive buffer (e.g. read past the end of a negotiation).
+
+        They were already credited to the peer's window when first read, so
+        reading them again does not credit them twice.
+        """
+        if data:
+            self._chunks.appendleft(bytes(data))
+            self._unread += len(data)
+            if self._recv_lot:
+                self._recv_lot.unpark_all()
+
     def _take(self, max_bytes: int | None) -> bytes:
         chunks = self._chunks
         data = chunks.popleft()
@@ -137,7 +150,13 @@ class MuxedStream(trio.abc.HalfCloseableStream):
         elif len(data) > max_bytes:
             chunks.appendleft(data[max_bytes:])
             data = data[:max_bytes]
-        self._conn._consumed(self.stream_id, len(data))
+        n = len(data)
+        if self._unread:
+            again = min(n, self._unread)
+            self._unread -= again
+            n -= again
+        if n:
+            self._conn._consumed(self.stream_id, n)
         return data
 
     # --- sending ---------------------------------------------------------------------
@@ -258,6 +277,7 @@ class MuxedStream(trio.abc.HalfCloseableStream):
         if self._reset is None:
             self._reset = reason
             self._chunks.clear()
+            self._unread = 0
             self._wake()
 
 
