@@ -349,3 +349,12 @@ async def test_protocol_violation_closes_only_that_connection():
         assert not a.is_connected(b.peer_id)
         assert await roundtrip(c, a.peer_id, b"still fine") == b"still fine"
         assert await roundtrip(a, c.peer_id, b"both ways") == b"both ways"
+
+
+async def test_public_addr_is_advertised():
+    async with hosts(1, public_addr="203.0.113.7") as (a,):
+        port = a.listen_addrs[0].value_for("tcp")
+        assert Multiaddr.parse(f"/ip4/203.0.113.7/tcp/{port}/p2p/{a.peer_id}") in a.listen_addrs
+        assert Multiaddr.parse(f"/ip4/203.0.113.7/tcp/{port}/ws/p2p/{a.peer_id}") in a.listen_addrs
+    async with hosts(1, public_addr="node.example.org", prefix="dns") as (b,):
+        assert any(x.value_for("dns") == "node.example.org" for x in b.listen_addrs)

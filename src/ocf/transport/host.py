@@ -545,6 +545,7 @@ class Host:
             addrs.append(self._memory.listen(self._on_raw_inbound, nursery, memory_name))
         else:
             addrs += await nursery.start(self._listen_tcp)
+            addrs += _public_addrs(self.config.public_addr, addrs)
         self.listen_addrs = [a.with_p2p(self.peer_id) for a in addrs]
         log.info("listening %s", logfmt.kv(peer=self.peer_id.short(), addrs=",".join(str(a.without_p2p()) for a in self.listen_addrs)))
 
@@ -612,6 +613,29 @@ class Libp2pUpgrader:
         from . import secure
 
         return await secure.negotiate(stream, protocols, initiator=False)
+
+
+def _public_addrs(public: str | None, bound: list[Multiaddr]) -> list[Multiaddr]:
+    """``--public-addr`` (IP or DNS name) with the bound TCP port(s), so identify advertises it."""
+    if not public or not bound:
+        return []
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(public)
+        head: tuple[str, str | None] = ("ip4" if ip.version == 4 else "ip6", str(ip))
+    except ValueError:
+        head = ("dns", public)
+    out = []
+    for addr in bound:
+        ma = Multiaddr((head,) + addr.parts[1:])
+        try:
+            ma = Multiaddr.parse(str(ma))  # validates a DNS name
+        except MultiaddrError:
+            return []
+        if ma not in bound and ma not in out:
+            out.append(ma)
+    return out
 
 
 def _dial_preference(addr: Multiaddr) -> int:
