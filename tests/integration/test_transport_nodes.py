@@ -59,6 +59,7 @@ async def test_star_of_nodes_on_memory_network(node_config):
             assert connected == {w.peer_id for w in workers}
             # bootstrap connects workers to the seed only
             for w in workers:
+                assert await w.bootstrap.wait_connected() == seed.peer_id
                 assert w.host.connected_peers() == [seed.peer_id]
             # a worker can open a stream to another once it knows an address (e.g. from the node table)
             w0, w1 = workers[0], workers[1]

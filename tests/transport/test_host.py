@@ -75,6 +75,7 @@ async def test_two_hosts_memory_connect_and_stream():
         assert a.is_connected(b.peer_id)
         assert await roundtrip(a, b.peer_id) == b"hello"
         # b can open streams back over the same connection
+        await b.wait_connected(a.peer_id)
         assert await roundtrip(b, a.peer_id, b"back") == b"back"
         assert net.dials == 1
 
@@ -315,6 +316,8 @@ async def test_tcp_and_websocket_on_same_port():
         assert port != "0" and ws[0].value_for("tcp") == port
         assert await b.connect(tcp[0]) == a.peer_id
         assert await c.connect(ws[0]) == a.peer_id
+        await a.wait_connected(b.peer_id)
+        await a.wait_connected(c.peer_id)
         assert b.connections(a.peer_id)[0].transport == "tcp"
         assert c.connections(a.peer_id)[0].transport == "ws"
         assert a.connections(c.peer_id)[0].transport == "ws"
@@ -340,6 +343,8 @@ async def test_protocol_violation_closes_only_that_connection():
     async with hosts(3, net) as (a, b, c):
         await b.connect(a.listen_addrs[0])
         await c.connect(a.listen_addrs[0])
+        await a.wait_connected(b.peer_id)
+        await a.wait_connected(c.peer_id)
         async with a.subscribe() as events:
             # b's side writes garbage straight into its secure channel: a's yamux parser rejects it
             (conn,) = b.connections(a.peer_id)

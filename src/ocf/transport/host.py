@@ -138,6 +138,7 @@ class Host:
         self._info: dict[PeerId, PeerInfo] = {}
         self._subscribers: set[trio.MemorySendChannel[PeerEvent]] = set()
         self._pending_handshakes = 0
+        self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._listen_scope: trio.CancelScope | None = None
         self._closing = False
@@ -166,6 +167,16 @@ class Host:
 
     def connected_peers(self) -> list[PeerId]:
         return [p for p, conns in self._conns.items() if any(c.muxed.is_open for c in conns)]
+
+    async def wait_connected(self, peer: PeerId) -> None:
+        """Return once ``peer`` is connected (e.g. the far side of a dial that just completed)."""
+        while not self.is_connected(peer):
+            await self._changed.wait()
+        await trio.lowlevel.checkpoint()
+
+    def _notify_changed(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
 
     def connections(self, peer: PeerId | None = None) -> list[Connection]:
         if peer is not None:
@@ -387,6 +398,7 @@ class Host:
         conns = self._conns.setdefault(peer, [])
         first = not any(c.muxed.is_open for c in conns)
         conns.append(conn)
+        self._notify_changed()
         if first:
             log.info(
                 "peer connected %s",
@@ -428,6 +440,7 @@ class Host:
         if conns is None or conn not in conns:
             return
         conns.remove(conn)
+        self._notify_changed()
         if not conns:
             del self._conns[conn.peer]
         if not any(c.muxed.is_open for c in conns):
