@@ -93,3 +93,116 @@ def single_leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
+
+
+# --- gateway and services (issue 6) ----------------------------------------------------
+
+
+class GatewayRequestError(OcfError):
+    """A request the gateway refuses or cannot complete.
+
+    Carries the HTTP answer (status, OpenAI-style error ``type`` and
+    ``code``, extra headers) so the place that detects the problem decides
+    what the client is told, and the ASGI layer only renders it.
+    """
+
+    status = 500
+    code = "internal_error"
+    type = "server_error"
+
+    def __init__(self, message: str, *, code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.headers = dict(headers or {})
+
+
+class BadRequest(GatewayRequestError):
+    """The request is malformed (bad peer ID, unreadable body...)."""
+
+    status = 400
+    code = "bad_request"
+    type = "invalid_request_error"
+
+
+class NoRoutableIdentity(BadRequest):
+    """The service routes by identity (e.g. ``model``) but the request names none."""
+
+    code = "no_routable_identity"
+
+
+class Forbidden(GatewayRequestError):
+    """The route may not be used this way (e.g. a remote peer editing our entry)."""
+
+    status = 403
+    code = "forbidden"
+    type = "permission_error"
+
+
+class NotFound(GatewayRequestError):
+    """Unknown service, model or peer; the message lists what exists."""
+
+    status = 404
+    code = "not_found"
+    type = "invalid_request_error"
+
+
+class PayloadTooLarge(GatewayRequestError):
+    """The request body exceeds ``max_body_size``."""
+
+    status = 413
+    code = "body_too_large"
+    type = "invalid_request_error"
+
+
+class ProviderFailed(GatewayRequestError):
+    """The chosen provider (peer or local backend) failed before answering."""
+
+    status = 502
+    code = "provider_failed"
+
+
+class NoProviderAvailable(GatewayRequestError):
+    """Providers exist but none is connected, healthy or has capacity right now."""
+
+    status = 503
+    code = "no_provider_available"
+
+    def __init__(self, message: str, *, retry_after: int = 5, code: str | None = None) -> None:
+        super().__init__(message, code=code, headers={"Retry-After": str(retry_after)})
+
+
+class ForwardTimeout(GatewayRequestError):
+    """The provider did not answer within ``request_timeout``."""
+
+    status = 504
+    code = "timeout"
+
+
+class LoopDetected(GatewayRequestError):
+    """A request bounced between gateways more often than any route needs."""
+
+    status = 508
+    code = "loop_detected"
+
+
+class BridgeError(OcfError):
+    """Malformed or unexpected HTTP/1.1 on a forwarded stream or backend connection."""
+
+
+class UpstreamError(BridgeError):
+    """An exchange with an upstream (peer stream or backend connection) broke off.
+
+    ``response_started`` tells the caller whether any of the response was
+    seen: before that, the request can be retried elsewhere if its body can
+    be replayed; after it, the client has to be told the answer is cut short.
+    """
+
+    def __init__(self, message: str, *, response_started: bool) -> None:
+        super().__init__(message)
+        self.response_started = response_started
+
+
+class ServiceRegistrationError(OcfError):
+    """A service cannot be registered (bad name, duplicate internal service)."""

@@ -108,7 +108,11 @@ async def open_node(config: Config, memory_network: Any = None) -> AsyncIterator
                 node.bootstrap = await stack.enter_async_context(open_bootstrap(node.host, config))
                 # ------------------------------------------------------------------
                 # node table: node.table
-                # services registrar: node.services
+                # services registrar: node.services (issue 6) -------------------
+                from .services import open_registrar
+
+                node.services = await stack.enter_async_context(open_registrar(node))
+                # ------------------------------------------------------------------
                 # jobs tracker: node.jobs
                 node.gateway = await stack.enter_async_context(open_gateway(node))
                 # ----------------------------------------------------------------------

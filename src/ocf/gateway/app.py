@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from quart import jsonify
+from quart import request
 from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
 
+from ..errors import GatewayRequestError
+from .errors import error_response, exception_response
 from .health import blueprint as health_blueprint
 
 if TYPE_CHECKING:
@@ -26,16 +29,56 @@ def create_app(node: "Node") -> QuartTrio:
     app.extensions["ocf.node"] = node
     app.register_blueprint(health_blueprint)
 
+    # --- gateway: JSON errors, metrics, forwarding routes (issue 6) ----------------------
+    install_gateway_layer(app, node)
+    # ---------------------------------------------------------------------------------------
+
+    return app
+
+
+def install_gateway_layer(app: QuartTrio, node: "Node") -> None:
+    """JSON errors in OpenAI's shape, ``/metrics``, and the ASGI layer serving the forwarding routes.
+
+    The forwarding routes (``/v1/_service``, ``/v1/service``, ``/v1/p2p``) are
+    raw ASGI in front of Quart (see :mod:`ocf.gateway.forward` for why); CORS
+    and request metrics wrap every route.
+    """
+    from .asgi import Cors, GatewayASGI
+    from .forward import Forwarder
+    from .metrics import GatewayMetrics
+    from .metrics import blueprint as metrics_blueprint
+
+    metrics = GatewayMetrics(node)
+    forwarder = Forwarder(node, metrics)
+    app.extensions["ocf.metrics"] = metrics
+    app.extensions["ocf.forwarder"] = forwarder
+    app.register_blueprint(metrics_blueprint)
+    app.asgi_app = GatewayASGI(app.asgi_app, forwarder, metrics, Cors(node.config.cors_origins))  # type: ignore[method-assign]
+    forwarder.app = app  # in-process dispatch (internal services, /v1/p2p/<self>) re-enters the whole app
+
+    @app.before_request
+    async def label_route() -> None:
+        # Metrics count requests by route template (bounded), never by raw path.
+        rule = request.url_rule
+        request.scope["ocf.route"] = rule.rule if rule is not None else "unmatched"
+
+    @app.errorhandler(GatewayRequestError)
+    async def gateway_error(exc: GatewayRequestError):  # type: ignore[no-untyped-def]
+        return exception_response(exc)
+
     @app.errorhandler(404)
     async def not_found(_exc: Exception):  # type: ignore[no-untyped-def]
-        return jsonify(error={"message": "no such route", "type": "invalid_request_error", "code": "not_found"}), 404
+        return error_response(404, f"no route {request.method} {request.path} on this gateway", "not_found")
 
     @app.errorhandler(405)
     async def bad_method(_exc: Exception):  # type: ignore[no-untyped-def]
-        return jsonify(error={"message": "method not allowed on this route", "type": "invalid_request_error", "code": "method_not_allowed"}), 405
+        return error_response(405, f"method {request.method} is not allowed on {request.path}", "method_not_allowed")
 
     @app.errorhandler(413)
     async def too_large(_exc: Exception):  # type: ignore[no-untyped-def]
-        return jsonify(error={"message": f"request body exceeds {node.config.max_body_size} bytes", "type": "invalid_request_error", "code": "body_too_large"}), 413
+        return error_response(413, f"request body exceeds {node.config.max_body_size} bytes", "body_too_large")
 
-    return app
+    @app.errorhandler(HTTPException)
+    async def other_http_error(exc: HTTPException):  # type: ignore[no-untyped-def]
+        status = exc.code or 500
+        return error_response(status, exc.description or exc.name, exc.name.lower().replace(" ", "_"))

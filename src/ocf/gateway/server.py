@@ -8,8 +8,9 @@ reports) its real port.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import attrs
 import trio
@@ -17,7 +18,9 @@ from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve
 
 from ..errors import OcfError, find_in_group
+from ..httpstream.server import serve_stream
 from .app import create_app
+from .forward import LIBP2P_HTTP
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -33,6 +36,17 @@ class GatewayError(OcfError):
 class Gateway:
     url: str
     binds: list[str]
+    app: Any = None  # the QuartTrio app (an ASGI callable), e.g. for in-process requests in tests
+
+
+async def serve_peer_stream(app: Any, stream: Any) -> None:
+    """A ``/libp2p-http`` stream from another peer: HTTP/1.1 requests into our own app.
+
+    The app is called in-process (no loopback socket, see
+    :mod:`ocf.httpstream.server`); the scope names the authenticated peer.
+    """
+    peer = str(stream.remote_peer)
+    await serve_stream(stream, app, client=(peer, 0), extensions={"ocf.remote_peer": peer})
 
 
 def _hypercorn_config(node: "Node") -> HyperConfig:
@@ -63,12 +77,20 @@ async def open_gateway(node: "Node") -> AsyncIterator[Gateway]:
             reason = getattr(os_error, "strerror", None) or os_error
             raise GatewayError(f"cannot listen on {cfg.bind[0]} for the HTTP gateway: {reason}") from None
         url = _public_url(binds[0], node.config.host)
-        gateway = Gateway(url=url, binds=binds)
+        gateway = Gateway(url=url, binds=binds, app=app)
         log.info("gateway listening url=%s", url)
+        # Other peers reach this gateway over /libp2p-http streams (as OCF's P2P HTTP listener).
+        if node.host is not None:
+            node.host.set_stream_handler(LIBP2P_HTTP, functools.partial(serve_peer_stream, app))
         try:
             yield gateway
         finally:
+            if node.host is not None:
+                node.host.remove_stream_handler(LIBP2P_HTTP)
             stop.set()
+            forwarder = app.extensions.get("ocf.forwarder")
+            if forwarder is not None:
+                forwarder.close()
 
 
 def _public_url(bind: str, host: str) -> str:
