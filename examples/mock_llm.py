@@ -75,6 +75,8 @@ def create_app(models: list[str], *, token_delay: float = 0.0, name: str = "mock
     app.config["TOKEN_DELAY"] = token_delay
     app.config["MAX_CONTENT_LENGTH"] = 64 << 20
     app.config["REQUESTS"] = 0
+    app.config["STREAMS_CUT"] = 0
+    app.config["STREAM_CUT"] = trio.Event()
 
     @app.get("/health")
     async def health():  # type: ignore[no-untyped-def]
@@ -102,11 +104,18 @@ def create_app(models: list[str], *, token_delay: float = 0.0, name: str = "mock
         delay = app.config["TOKEN_DELAY"]
 
         async def events() -> AsyncIterator[bytes]:
-            for chunk in chunks:
-                yield b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n"
-                if delay:
-                    await trio.sleep(delay)
-            yield b"data: [DONE]\n\n"
+            finished = False
+            try:
+                for chunk in chunks:
+                    yield b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n"
+                    if delay:
+                        await trio.sleep(delay)
+                yield b"data: [DONE]\n\n"
+                finished = True
+            finally:
+                if not finished:  # the client went away mid-stream (tests watch for this)
+                    app.config["STREAMS_CUT"] += 1
+                    app.config["STREAM_CUT"].set()
 
         response = Response(events(), content_type="text/event-stream")
         response.headers["Cache-Control"] = "no-cache"

@@ -311,7 +311,7 @@ class Forwarder:
             names = services.names() if services is not None else []
             raise NotFound(f"this node offers no service '{name}' (it offers: {', '.join(names) or 'none'})", code="service_not_found")
         if not hasattr(target, "port"):  # internal service: served by our own app under its prefix
-            await self._internal(scope, receive, responder, target.path_prefix.encode() + b"/" + rest, [])
+            await self._internal(scope, receive, responder, _join(target.path_prefix, rest), [])
             return
 
         async def work(body: RequestBody) -> None:
@@ -496,7 +496,7 @@ class Forwarder:
                     raise _ConnectFailed(f"service '{name}' is no longer registered here")
                 if not hasattr(target, "port"):
                     await body.read_all()  # bounded by max_body_size; internal services get small bodies
-                    await self._internal(scope, body.replay_receive(receive), responder, target.path_prefix.encode() + b"/" + rest, node_header)
+                    await self._internal(scope, body.replay_receive(receive), responder, _join(target.path_prefix, rest), node_header)
                     return
                 try:
                     cm = self._backend_exchange(target, scope, body, rest)
@@ -676,6 +676,11 @@ class _PeerExchange:
 
 
 # --- small helpers ---------------------------------------------------------------------
+
+
+def _join(prefix: str, rest: bytes) -> bytes:
+    """``/v1/jobs`` + ``b"x/y"`` -> ``b"/v1/jobs/x/y"``; an empty rest names the prefix itself."""
+    return prefix.encode() + (b"/" + rest if rest else b"")
 
 
 def _split_first(raw: bytes) -> tuple[bytes, bytes]:

@@ -222,6 +222,8 @@ class ClientBridge:
             try:
                 event = self._conn.next_event()
             except h11.RemoteProtocolError as exc:
+                if self._conn.their_state is h11.ERROR and not data:
+                    raise BridgeError(f"connection closed before the response {'completed' if self._head_seen else 'started'}") from None
                 raise BridgeError(f"malformed HTTP response: {exc}") from None
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 return events
@@ -308,6 +310,8 @@ class ServerBridge:
             try:
                 event = self._conn.next_event()
             except h11.RemoteProtocolError as exc:
+                if self._conn.their_state is h11.ERROR and self._conn.trailing_data[1]:
+                    raise BridgeError("client closed the connection in the middle of a request") from None
                 raise BridgeError(f"malformed HTTP request: {exc}") from None
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 return events

@@ -215,37 +215,32 @@ class Registrar:
                 healthy = await self._check(watched)
             finally:
                 watched.checking = False
-            watched.rounds += 1
-            watched.round_done.set()
-            watched.round_done = trio.Event()
+            gave_up = False
             if healthy:
                 backoff = self.initial_backoff
                 delay = self.poll_interval
-            elif not watched.ever_healthy:
-                if watched.tries >= self.max_health_tries:
-                    watched.status = "failed"
-                    log.error(
-                        "service never became healthy; giving up %s",
-                        logfmt.kv(name=watched.spec.name, url=self._url(watched, "/health"), tries=watched.tries, reason=watched.last_error),
-                    )
-                    await self._idle_until_refreshed(watched)
-                    watched.tries = 0
-                    continue
+            elif not watched.ever_healthy and watched.tries >= self.max_health_tries:
+                gave_up = True
+                watched.status = "failed"
+                log.error(
+                    "service never became healthy; giving up %s",
+                    logfmt.kv(name=watched.spec.name, url=self._url(watched, "/health"), tries=watched.tries, reason=watched.last_error),
+                )
+            else:
                 delay = backoff
                 backoff = min(backoff * 2, self.poll_interval)
+            # The round is over only now, with the status final, so refresh() callers see its result.
+            watched.rounds += 1
+            watched.round_done.set()
+            watched.round_done = trio.Event()
+            if gave_up:
+                await watched.wake.wait()  # only an explicit refresh() tries again
+                watched.tries = 0
+                backoff = self.initial_backoff
             else:
-                delay = min(backoff, self.poll_interval)
-                backoff = min(backoff * 2, self.poll_interval)
-            with trio.move_on_after(delay):
-                await watched.wake.wait()
+                with trio.move_on_after(delay):
+                    await watched.wake.wait()
             watched.wake = trio.Event()
-
-    async def _idle_until_refreshed(self, watched: _Watched) -> None:
-        watched.rounds += 1
-        watched.round_done.set()
-        watched.round_done = trio.Event()
-        await watched.wake.wait()
-        watched.wake = trio.Event()
 
     def _url(self, watched: _Watched, path: str) -> str:
         host = watched.spec.host
