@@ -214,3 +214,27 @@ async def test_internal_service_is_served_by_the_own_gateway(worker):
     assert "status" in [s["name"] for s in node.services.records()]
     r = await client.get("/v1/service/status/health")
     assert r.status_code == 200 and r.headers["x-computing-node"] == str(node.peer_id)
+
+
+async def test_response_arriving_in_one_piece_is_relayed_whole(node_config):
+    """A backend that writes a whole chunked response at once: every chunk must reach the client."""
+    chunks = [f"data: {i}\n\n".encode() for i in range(50)]
+    wire = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    wire += b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+
+    async def backend(stream):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await stream.receive_some()
+        await stream.send_all(wire)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        import functools
+
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, backend, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        async with open_node(node_config(services=(ServiceSpec("sse", port, "127.0.0.1"),))) as node, httpx.AsyncClient(base_url=node.gateway_url) as client:
+            r = await client.get("/v1/_service/sse/events")
+            assert r.status_code == 200 and r.content == b"".join(chunks)
+        nursery.cancel_scope.cancel()

@@ -43,7 +43,7 @@ from ..errors import (
     TransportError,
     UpstreamError,
 )
-from ..httpstream.bridge import body_length, forwardable, get_header
+from ..httpstream.bridge import ClientBridge, body_length, forwardable, get_header
 from ..httpstream.client import Response, collapse_groups, exchange
 from ..httpstream.pool import ConnectionPool
 from ..services.registrar import LLM_SERVICE
@@ -63,7 +63,8 @@ HOPS_HEADER = b"x-ocf-hops"
 MAX_HOPS = 8
 #: Error codes of ours that mean "the provider did nothing with the request": safe to try another.
 RETRYABLE_CODES = frozenset({b"backend_unreachable"})
-MODELS_PATHS = ("v1/models", "v1/models/")
+#: Bodies up to this size (with a declared length) are read before forwarding: cheaper and replayable.
+SMALL_BODY = 64 * 1024
 
 Send = Callable[[dict], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict]]
@@ -151,13 +152,16 @@ class RequestBody:
         """What to hand the upstream exchange: the bytes if buffered, else a one-shot stream."""
         return self.buffered if self.buffered is not None else self.chunks()
 
-    async def watch_disconnect(self, cancel_scope: trio.CancelScope) -> None:
+    async def watch_disconnect(self, cancel_scope: trio.CancelScope, responder: "Responder") -> None:
         await self.consumed.wait()
         while True:
             message = await self._receive()
             if message["type"] == "http.disconnect":
-                self.disconnected = True
-                cancel_scope.cancel()
+                # Hypercorn also says "disconnect" once the response is complete: that is no reason
+                # to cancel the cleanup (e.g. giving a keep-alive backend connection back).
+                if not responder.finished:
+                    self.disconnected = True
+                    cancel_scope.cancel()
                 return
 
     def replay_receive(self, receive: Receive) -> Receive:
@@ -190,13 +194,16 @@ class Responder:
         await self._send(message)
 
     async def relay(self, response: Response, extra: list[tuple[bytes, bytes]] = ()) -> None:  # type: ignore[assignment]
-        """Stream an upstream response to the client chunk by chunk."""
+        """Stream an upstream response to the client chunk by chunk, as each arrives."""
         # Our server adds its own Date; two would confuse caches.
         headers = [(k, v) for k, v in forwardable(response.headers) if k != b"date"] + list(extra)
         await self({"type": "http.response.start", "status": response.status, "headers": headers})
         async for chunk in response:
-            await self({"type": "http.response.body", "body": chunk, "more_body": True})
-        await self({"type": "http.response.body", "body": b"", "more_body": False})
+            # The last chunk usually arrives together with the end of the message: say so in the
+            # same send instead of a separate empty one (one write less per response).
+            await self({"type": "http.response.body", "body": chunk, "more_body": not response.complete})
+        if not self.finished:
+            await self({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def json(self, status: int, payload: Any, extra: list[tuple[bytes, bytes]] = ()) -> None:  # type: ignore[assignment]
         body = json.dumps(payload, ensure_ascii=False).encode()
@@ -216,6 +223,7 @@ class Forwarder:
         self.config = node.config
         self.metrics = metrics
         self.pool = ConnectionPool()
+        self.peer_streams = PeerStreams()
         self.rng = rng or random.Random()
         self.app: ASGIApp | None = None  # the whole gateway app, for in-process dispatch (set by create_app)
         self.in_flight: dict[str, int] = {}
@@ -273,28 +281,29 @@ class Forwarder:
         await self._service(scope, receive, responder, name.decode("latin-1"), rest, hops)
 
     async def _guarded(self, scope: dict, receive: Receive, responder: Responder, work: Callable[[RequestBody], Awaitable[None]]) -> None:
-        """Run ``work`` in the request's nursery, under the request timeout, cancelled if the client leaves."""
+        """Run ``work`` in the request's nursery, under the request timeout, cancelled if the client leaves.
+
+        Small bodies with a declared length are read up front: they cost no
+        body-pump task later and can be replayed to a second provider.
+        """
         body = RequestBody(receive, scope, self.config.max_body_size)
         errors: list[BaseException] = []
         timed_out = False
         with collapse_groups():
             async with trio.open_nursery() as nursery:
-
-                async def run() -> None:
-                    nonlocal timed_out
-                    try:
-                        with trio.move_on_after(self.config.request_timeout) as deadline:
-                            await work(body)
-                        timed_out = deadline.cancelled_caught
-                    except (GatewayRequestError, _ClientGone) as exc:
-                        errors.append(exc)
-                    except UpstreamError as exc:
-                        errors.append(ProviderFailed(f"upstream failed: {exc}", code="upstream_failed"))
-                    finally:
-                        nursery.cancel_scope.cancel()
-
-                nursery.start_soon(body.watch_disconnect, nursery.cancel_scope)
-                nursery.start_soon(run)
+                nursery.start_soon(body.watch_disconnect, nursery.cancel_scope, responder)
+                try:
+                    with trio.move_on_after(self.config.request_timeout) as deadline:
+                        if body.content_length is not None and body.content_length <= SMALL_BODY:
+                            await body.read_all()
+                        await work(body)
+                    timed_out = deadline.cancelled_caught
+                except (GatewayRequestError, _ClientGone) as exc:
+                    errors.append(exc)
+                except UpstreamError as exc:
+                    errors.append(ProviderFailed(f"upstream failed: {exc}", code="upstream_failed"))
+                finally:
+                    nursery.cancel_scope.cancel()
         if body.disconnected and not errors:
             raise _ClientGone()
         if errors:
@@ -560,6 +569,7 @@ class Forwarder:
 
     def close(self) -> None:
         self.pool.close()
+        self.peer_streams.close()
 
 
 class _RetryableAnswer(Exception):
@@ -633,6 +643,50 @@ class _BackendExchange:
         return bool(suppress)
 
 
+class PeerStreams:
+    """Idle keep-alive ``/libp2p-http`` streams per peer, so a request skips opening and negotiating one.
+
+    The far side (:func:`ocf.httpstream.server.serve_stream`) serves
+    requests one after another on a stream and drops it after 75 s idle; we
+    drop ours after :attr:`idle_timeout` (less). A pooled stream is only used
+    for requests whose body can be replayed, so a stream that died while idle
+    costs a retry on a fresh one, never a lost request.
+    """
+
+    def __init__(self, *, idle_timeout: float = 30.0, max_idle_per_peer: int = 64) -> None:
+        self.idle_timeout = idle_timeout
+        self.max_idle_per_peer = max_idle_per_peer
+        self._idle: dict[str, list[tuple[Any, ClientBridge, float]]] = {}
+
+    def take(self, peer: str) -> tuple[Any, ClientBridge] | None:
+        stack = self._idle.get(peer)
+        now = time.monotonic()
+        while stack:
+            stream, bridge, since = stack.pop()
+            if now - since <= self.idle_timeout and _stream_looks_open(stream):
+                return stream, bridge
+            stream.reset()
+        return None
+
+    def put(self, peer: str, stream: Any, bridge: ClientBridge) -> None:
+        bridge.next_cycle()
+        stack = self._idle.setdefault(peer, [])
+        if len(stack) >= self.max_idle_per_peer:
+            stack.pop(0)[0].reset()
+        stack.append((stream, bridge, time.monotonic()))
+
+    def close(self) -> None:
+        for stack in self._idle.values():
+            for stream, _, _ in stack:
+                stream.reset()
+        self._idle.clear()
+
+
+def _stream_looks_open(stream: Any) -> bool:
+    """Neither reset nor half-closed by the peer, nothing unread (as far as the stream tells)."""
+    return getattr(stream, "_reset", None) is None and not getattr(stream, "_eof", False) and not getattr(stream, "_chunks", None)
+
+
 class _PeerExchange:
     """``async with``: one exchange with a peer's gateway over a ``/libp2p-http`` stream."""
 
@@ -640,22 +694,34 @@ class _PeerExchange:
         self.fwd, self.peer, self.scope, self.body, self.target, self.hops, self.kind = fwd, peer, scope, body, target, hops, kind
         self._cm: Any = None
         self._stream: Any = None
+        self._bridge: ClientBridge | None = None
 
     async def __aenter__(self) -> Response:
         fwd, scope, body = self.fwd, self.scope, self.body
         t0 = time.perf_counter()
-        stream = await fwd.open_peer_stream(self.peer)
         headers = [(k, v) for k, v in scope["headers"] if k != HOPS_HEADER]
         headers.append((HOPS_HEADER, str(self.hops + 1).encode()))
-        cm = exchange(stream, scope["method"].encode(), self.target, headers, body.source(), content_length=None if body.replayable else body.content_length)
-        try:
-            response = await cm.__aenter__()
-        except BaseException:
-            stream.reset()
-            raise
-        self._cm, self._stream = cm, stream
-        fwd.metrics.forward_latency.labels(kind=self.kind).observe(time.perf_counter() - t0)
-        return response
+        for attempt in range(2):
+            pooled = fwd.peer_streams.take(self.peer) if body.replayable and attempt == 0 else None
+            if pooled is not None:
+                stream, bridge = pooled
+            else:
+                stream, bridge = await fwd.open_peer_stream(self.peer), ClientBridge()
+            cm = exchange(stream, scope["method"].encode(), self.target, headers, body.source(), bridge=bridge, content_length=None if body.replayable else body.content_length)
+            try:
+                response = await cm.__aenter__()
+            except UpstreamError as exc:
+                stream.reset()
+                if pooled is not None and not exc.response_started:
+                    continue  # that idle stream had died; the body is replayable, so use a fresh one
+                raise
+            except BaseException:
+                stream.reset()
+                raise
+            self._cm, self._stream, self._bridge = cm, stream, bridge
+            fwd.metrics.forward_latency.labels(kind=self.kind).observe(time.perf_counter() - t0)
+            return response
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def __aexit__(self, *exc_info: Any) -> bool:
         try:
@@ -663,13 +729,9 @@ class _PeerExchange:
         except BaseException:
             self._stream.reset()
             raise
-        if exc_info[0] is None and self._cm is not None:
+        if exc_info[0] is None and self._bridge is not None and self._bridge.reusable:
             self.fwd.metrics.forwards.labels(kind=self.kind, outcome="ok").inc()
-            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                try:
-                    await self._stream.aclose()
-                except (TransportError, trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
+            self.fwd.peer_streams.put(self.peer, self._stream, self._bridge)
         else:
             self._stream.reset()
         return bool(suppress)

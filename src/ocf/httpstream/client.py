@@ -56,7 +56,9 @@ class Response:
 
     @property
     def complete(self) -> bool:
-        return self._exchange.bridge.response_complete
+        """True once every chunk of the body has been handed out (the end has been seen, nothing left)."""
+        ex = self._exchange
+        return ex.ended or (ex.bridge.response_complete and not any(isinstance(e, Data) for e in ex.pending))
 
 
 class _Exchange:

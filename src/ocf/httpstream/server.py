@@ -197,6 +197,8 @@ class _Connection:
         Data that arrives meanwhile (a pipelined next request) stays parsed
         in the bridge for the next cycle.
         """
+        if response_done.is_set():
+            return
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
@@ -213,12 +215,9 @@ class _Connection:
                     self.gone = True
                 nursery.cancel_scope.cancel()
 
-            async def done() -> None:
-                await response_done.wait()
-                nursery.cancel_scope.cancel()
-
             nursery.start_soon(watch)
-            nursery.start_soon(done)
+            await response_done.wait()
+            nursery.cancel_scope.cancel()
 
 
 async def serve_stream(

@@ -1,0 +1,270 @@
+#!/usr/bin/env python
+"""Gateway benchmark: what do the gateway and the peer-to-peer hop cost an OpenAI client?
+
+    python benchmarks/gateway.py [--seconds 4] [--concurrency 64]
+
+Starts, as separate processes on loopback (like a real deployment): the mock
+LLM (``examples/mock_llm.py``), a worker node offering it as ``llm`` and a
+dispatcher node the worker bootstraps to. Then, in one run, it measures a
+small non-streaming chat completion
+
+  (a) against the mock LLM directly (the baseline),
+  (b) through the worker's own gateway, ``/v1/_service/llm/...``,
+  (c) through the dispatcher, ``/v1/service/llm/...``, over the encrypted
+      transport to the worker and on to the LLM (two gateway hops);
+
+first one request at a time (latency the hops add: p50/p99), then with
+``--concurrency`` clients on keep-alive connections (requests/s), and the
+time to first token of a streamed completion for (a) and (c).
+
+Targets (issue 6): (c) adds under 2 ms at p50 over (a); (c) sustains at
+least 40% of (a)'s requests/s with 64 concurrent clients.
+
+The load generator is a minimal h11 client so that it, not the system under
+test, is the cheap part; all processes share this machine's cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h11
+import trio
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- a minimal keep-alive HTTP/1.1 client ----------------------------------------------------
+
+
+class Conn:
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.h11 = h11.Connection(h11.CLIENT)
+
+    @classmethod
+    async def open(cls, port: int) -> "Conn":
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return cls(stream)
+
+    async def request(self, method: str, target: str, body: bytes = b"", *, first_chunk: bool = False) -> tuple[int, bytes, float]:
+        """Send a request; return (status, body, seconds to the first body chunk carrying data)."""
+        c = self.h11
+        headers = [("host", "bench"), ("content-type", "application/json"), ("content-length", str(len(body)))]
+        t0 = time.perf_counter()
+        await self.stream.send_all(c.send(h11.Request(method=method, target=target, headers=headers)) + c.send(h11.Data(data=body)) + c.send(h11.EndOfMessage()))
+        status, parts, ttfb = 0, [], 0.0
+        while True:
+            event = c.next_event()
+            if event is h11.NEED_DATA:
+                c.receive_data(await self.stream.receive_some(65536))
+                continue
+            if isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                if first_chunk and not ttfb and FIRST_TOKEN.search(bytes(event.data)):
+                    ttfb = time.perf_counter() - t0
+                parts.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                break
+        c.start_next_cycle()
+        return status, b"".join(parts), ttfb
+
+
+FIRST_TOKEN = re.compile(rb'"content": "[^"]')  # a delta with text, not the opening role-only one
+CHAT = json.dumps({"model": "m1", "messages": [{"role": "user", "content": "hello there, benchmark"}]}).encode()
+STREAM = json.dumps({"model": "m1", "stream": True, "messages": [{"role": "user", "content": "hello there, benchmark"}]}).encode()
+
+
+async def sequential(port: int, path: str, n: int) -> list[float]:
+    conn = await Conn.open(port)
+    for _ in range(20):  # warm up (connections, pools, caches)
+        await conn.request("POST", path, CHAT)
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        status, _, _ = await conn.request("POST", path, CHAT)
+        out.append(time.perf_counter() - t0)
+        assert status == 200, status
+    await conn.stream.aclose()
+    return out
+
+
+async def concurrent(port: int, path: str, clients: int, seconds: float) -> tuple[float, list[float]]:
+    latencies: list[float] = []
+    conns = [await Conn.open(port) for _ in range(clients)]
+    for conn in conns:
+        await conn.request("POST", path, CHAT)
+    stop_at = 0.0
+    errors = 0
+
+    async def run(conn: Conn) -> None:
+        nonlocal errors
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            status, _, _ = await conn.request("POST", path, CHAT)
+            latencies.append(time.perf_counter() - t0)
+            errors += status != 200
+
+    t0 = time.perf_counter()
+    stop_at = t0 + seconds
+    async with trio.open_nursery() as nursery:
+        for conn in conns:
+            nursery.start_soon(run, conn)
+    elapsed = time.perf_counter() - t0
+    for conn in conns:
+        await conn.stream.aclose()
+    if errors:
+        print(f"  warning: {errors} non-200 answers on {path}", file=sys.stderr)
+    return len(latencies) / elapsed, latencies
+
+
+async def ttft(port: int, path: str, n: int) -> list[float]:
+    conn = await Conn.open(port)
+    for _ in range(10):
+        await conn.request("POST", path, STREAM, first_chunk=True)
+    out = []
+    for _ in range(n):
+        status, _, first = await conn.request("POST", path, STREAM, first_chunk=True)
+        assert status == 200 and first > 0, (path, status, first, _[:300])
+        out.append(first)
+    await conn.stream.aclose()
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+# --- processes --------------------------------------------------------------------------------
+
+
+def spawn(args: list[str], log: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, *args], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
+def wait_http(port: int, path: str, check=lambda status, body: status == 200, timeout: float = 60.0) -> bytes:
+    deadline = time.monotonic() + timeout
+
+    async def once() -> tuple[int, bytes]:
+        conn = await Conn.open(port)
+        try:
+            status, body, _ = await conn.request("GET", path)
+            return status, body
+        finally:
+            await conn.stream.aclose()
+
+    while time.monotonic() < deadline:
+        try:
+            status, body = trio.run(once)
+            if check(status, body):
+                return body
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"timed out waiting for http://127.0.0.1:{port}{path}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=4.0, help="duration of each concurrent run (default 4)")
+    parser.add_argument("--concurrency", type=int, default=64, help="concurrent clients (default 64)")
+    parser.add_argument("--requests", type=int, default=400, help="sequential requests per scenario (default 400)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory with the process logs")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="ocf-bench-"))
+    llm_port, worker_port, disp_port, disp_tcp, worker_tcp = (free_port() for _ in range(5))
+    procs: list[subprocess.Popen] = []
+    try:
+        procs.append(spawn([str(ROOT / "examples" / "mock_llm.py"), "--port", str(llm_port), "--model", "m1"], tmp / "llm.log"))
+        common = ["-m", "ocf", "start", "--host", "127.0.0.1", "--log-level", "warning", "--no-ws"]
+        procs.append(spawn([*common, "--mode", "standalone", "--port", str(disp_port), "--tcpport", str(disp_tcp), "--data-dir", str(tmp / "dispatcher"), "--seed", "bench-dispatcher"], tmp / "dispatcher.log"))
+        wait_http(llm_port, "/health")
+        disp_id = json.loads(wait_http(disp_port, "/v1/health"))["peer_id"]
+        procs.append(
+            spawn(
+                [*common, "--mode", "node", "--bootstrap.addr", f"/ip4/127.0.0.1/tcp/{disp_tcp}/p2p/{disp_id}", "--port", str(worker_port), "--tcpport", str(worker_tcp),
+                 "--data-dir", str(tmp / "worker"), "--seed", "bench-worker", "--service.name", "llm", "--service.port", str(llm_port)],
+                tmp / "worker.log",
+            )
+        )
+        worker_id = json.loads(wait_http(worker_port, "/v1/health"))["peer_id"]
+        wait_http(worker_port, "/v1/_service/llm/health")
+        # (c) routes through the node table when it has the worker's llm; the same hop via /v1/p2p otherwise.
+        via_table = "/v1/service/llm/v1/chat/completions"
+        via_p2p = f"/v1/p2p/{worker_id}/v1/_service/llm/v1/chat/completions"
+        try:
+            wait_http(disp_port, "/v1/service/llm/v1/models", check=lambda s, b: s == 200 and b'"m1"' in b, timeout=20)
+            c_path, c_note = via_table, "/v1/service (node table routing)"
+        except SystemExit:
+            wait_http(disp_port, f"/v1/p2p/{worker_id}/v1/health")
+            c_path, c_note = via_p2p, "/v1/p2p (no node table routing available)"
+        scenarios = [
+            ("(a) mock LLM directly", llm_port, "/v1/chat/completions"),
+            ("(b) worker /v1/_service", worker_port, "/v1/_service/llm/v1/chat/completions"),
+            ("(c) dispatcher -> worker", disp_port, c_path),
+        ]
+        print(f"gateway benchmark: {os.cpu_count()} cores, {args.concurrency} concurrent clients, {args.seconds:g} s per run; (c) via {c_note}")
+        results = {}
+        for name, port, path in scenarios:
+            seq = trio.run(sequential, port, path, args.requests)
+            rps, lat = trio.run(concurrent, port, path, args.concurrency, args.seconds)
+            results[name] = (seq, rps, lat)
+        first = {name: trio.run(ttft, port, path, max(50, args.requests // 4)) for name, port, path in (scenarios[0], scenarios[2])}
+    finally:
+        for proc in reversed(procs):
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if args.keep:
+            print(f"logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    base_seq, base_rps, _ = results[scenarios[0][0]]
+    base_p50 = statistics.median(base_seq) * 1000
+    print()
+    print(f"{'scenario':<26} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} | {'req/s@' + str(args.concurrency):>10} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6}")
+    print("-" * 92)
+    for name, _, _ in scenarios:
+        seq, rps, lat = results[name]
+        p50 = statistics.median(seq) * 1000
+        print(f"{name:<26} {p50:8.2f} {pct(seq, 0.99):8.2f} {p50 - base_p50:+8.2f} | {rps:10.0f} {pct(lat, 0.5):8.2f} {pct(lat, 0.99):8.2f} {rps / base_rps:6.2f}")
+    a_ttft, c_ttft = first[scenarios[0][0]], first[scenarios[2][0]]
+    print()
+    print(f"time to first token (streamed): (a) p50 {pct(a_ttft, 0.5):.2f} ms, (c) p50 {pct(c_ttft, 0.5):.2f} ms, added by the two hops {pct(c_ttft, 0.5) - pct(a_ttft, 0.5):+.2f} ms")
+    c_seq, c_rps, _ = results[scenarios[2][0]]
+    added = statistics.median(c_seq) * 1000 - base_p50
+    print()
+    print(f"target: (c) adds < 2 ms at p50 over (a): {added:+.2f} ms -> {'met' if added < 2 else 'NOT met'}")
+    print(f"target: (c) >= 40% of (a)'s req/s at {args.concurrency} clients: {c_rps / base_rps:.0%} -> {'met' if c_rps >= 0.4 * base_rps else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
