@@ -105,8 +105,11 @@ def create_app(models: list[str], *, token_delay: float = 0.0, name: str = "mock
 
         async def events() -> AsyncIterator[bytes]:
             finished = False
+            gate = app.config.get("TOKEN_GATE")  # tests hand out tokens one at a time through this channel
             try:
                 for chunk in chunks:
+                    if gate is not None:
+                        await gate.receive()
                     yield b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n"
                     if delay:
                         await trio.sleep(delay)
