@@ -462,38 +462,55 @@ class Forwarder:
         self._down.pop(peer, None)
 
     async def _forward_any(self, scope: dict, receive: Receive, responder: Responder, body: RequestBody, name: str, rest: bytes, hops: int, candidates: list[routing.Provider]) -> None:
+        """Forward to the best provider; once more to another if nothing reached the first.
+
+        Providers we have a live connection to (or this node) come first;
+        ones the table lists but we would have to dial only if none is
+        connected. A provider that could not be reached at all counts as
+        unavailable (503 if that leaves none), one that took the request and
+        then failed as a failed provider (502).
+        """
         tried: set[str] = set()
-        last_error = ""
+        reasons: list[str] = []
+        reached = False
         limit = self.config.max_forwards_per_peer
-        for attempt in range(2):  # the first choice, and once more on another provider if nothing reached the first
+        for attempt in range(2):
             now = time.monotonic()
             usable = [p for p in candidates if p.peer not in tried and self.usable(p, now)]
             if not usable:
                 break
-            open_slots = [p for p in usable if self.in_flight.get(p.peer, 0) < limit]
-            if not open_slots:
+            connected = [p for p in usable if p.local or self._connected(p.peer)]
+            pool = [p for p in (connected or usable) if self.in_flight.get(p.peer, 0) < limit]
+            if not pool:
                 raise NoProviderAvailable(f"all {len(usable)} provider(s) of '{name}' are at their limit of {limit} concurrent requests", retry_after=1, code="providers_busy")
-            provider = routing.choose(open_slots, self.in_flight, self.rng)
+            provider = routing.choose(pool, self.in_flight, self.rng)
             tried.add(provider.peer)
             try:
                 await self._forward_one(scope, receive, responder, body, provider, name, rest, hops)
                 self._mark_up(provider.peer)
                 return
-            except (_ConnectFailed, _RetryableAnswer) as exc:
-                last_error = f"{_short(provider.peer)}: {exc}"
+            except _ConnectFailed as exc:
+                reasons.append(f"{_short(provider.peer)}: {exc}")
+            except _RetryableAnswer as exc:  # the provider's backend is down: it did nothing with the request
+                reasons.append(f"{_short(provider.peer)}: {exc}")
             except UpstreamError as exc:
                 if exc.response_started:
                     raise ProviderFailed(f"provider {provider.peer} failed mid-response: {exc}") from None
-                last_error = f"{_short(provider.peer)}: {exc}"
+                reached = True
+                reasons.append(f"{_short(provider.peer)}: {exc}")
             self._mark_down(provider.peer)
             self.metrics.forwards.labels(kind="service", outcome="retry" if attempt == 0 else "failed").inc()
-            log.info("provider failed before answering %s", logfmt.kv(service=name, peer=_short(provider.peer), reason=last_error, retry=attempt == 0 and body.replayable))
+            log.info("provider failed before answering %s", logfmt.kv(service=name, peer=_short(provider.peer), reason=reasons[-1], retry=attempt == 0 and body.replayable))
             if not body.replayable:
                 break
-        if tried:
-            raise ProviderFailed(f"provider(s) of '{name}' failed: {last_error}", code="provider_failed")
-        known = len(candidates)
-        raise NoProviderAvailable(f"{known} provider(s) of '{name}' match this request but none is connected and healthy right now", retry_after=5)
+        if reached:
+            raise ProviderFailed(f"provider(s) of '{name}' failed: {'; '.join(reasons)}", code="provider_failed")
+        detail = f" (tried {'; '.join(reasons)})" if reasons else ""
+        raise NoProviderAvailable(f"{len(candidates)} provider(s) of '{name}' match this request but none is reachable and healthy right now{detail}", retry_after=5)
+
+    def _connected(self, peer: str) -> bool:
+        host = self.node.host
+        return host is not None and host.is_connected(self._peer_id(peer))
 
     async def _forward_one(self, scope: dict, receive: Receive, responder: Responder, body: RequestBody, provider: routing.Provider, name: str, rest: bytes, hops: int) -> None:
         node_header = [(COMPUTING_NODE_HEADER, provider.peer.encode())]
