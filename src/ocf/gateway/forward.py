@@ -79,6 +79,10 @@ class _ConnectFailed(Exception):
     """No exchange could be started with a provider (nothing reached it)."""
 
 
+class _UnknownPeer(_ConnectFailed):
+    """Not connected, and neither the transport nor the node table knows an address."""
+
+
 # --- the client's side of one request -----------------------------------------------------
 
 
@@ -361,16 +365,21 @@ class Forwarder:
         target = b"/" + rest + (b"?" + scope["query_string"] if scope.get("query_string") else b"")
 
         async def work(body: RequestBody) -> None:
+            limit = self.config.max_forwards_per_peer
+            if self.in_flight.get(peer_text, 0) >= limit:
+                raise NoProviderAvailable(f"peer {peer_text} already has {limit} requests in flight from this node", retry_after=1, code="peer_busy")
+            self._enter(peer_text)
             try:
                 async with self._peer_exchange(peer_text, scope, body, target, hops, kind="p2p") as response:
                     await responder.relay(response)
+            except _UnknownPeer:
+                raise NotFound(f"peer {peer_text} is not connected and not in the node table", code="peer_not_found") from None
             except _ConnectFailed as exc:
-                reason = str(exc)
-                if "no address is known" in reason:
-                    raise NotFound(f"peer {peer_text} is not connected and not in the node table", code="peer_not_found") from None
-                raise ProviderFailed(f"cannot reach peer {peer_text}: {reason}", code="peer_unreachable") from None
+                raise ProviderFailed(f"cannot reach peer {peer_text}: {exc}", code="peer_unreachable") from None
             except UpstreamError as exc:
                 raise ProviderFailed(f"peer {peer_text} failed: {exc}", code="peer_failed") from None
+            finally:
+                self._leave(peer_text)
 
         await self._guarded(scope, receive, responder, work)
 
@@ -404,6 +413,8 @@ class Forwarder:
                     host.add_addrs(peer, addrs)
                 except Exception as exc:  # noqa: BLE001 - a bad address in someone's entry must not break routing
                     log.debug("ignoring bad addrs from the node table %s", logfmt.kv(peer=peer.short(), reason=exc))
+            if not host.is_connected(peer) and not host.peer_addrs(peer):
+                raise _UnknownPeer(f"peer {peer_text} is not connected and no address of it is known")
         try:
             with trio.fail_after(self.config.dial_timeout):
                 return await host.new_stream(peer, LIBP2P_HTTP)
