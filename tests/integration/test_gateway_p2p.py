@@ -6,7 +6,6 @@ import contextlib
 import json
 
 import httpx
-import pytest
 import trio
 
 from ocf.config import ServiceSpec
