@@ -95,8 +95,9 @@ async def test_error_shapes_and_statuses(worker):
     assert r.status_code == 404 and _error(r)["code"] == "peer_not_found"
     r = await client.get(f"/v1/p2p/{node.peer_id}/v1/health", headers={"X-OCF-Hops": "8"})
     assert r.status_code == 508 and _error(r)["code"] == "loop_detected"
-    r = await client.get(f"/v1/p2p/{node.peer_id}/v1/health")
+    r = await client.get(f"/v1/p2p/{node.peer_id}/v1/health", headers={"Origin": "https://x.example"})
     assert r.status_code == 200 and r.json()["peer_id"] == str(node.peer_id)
+    assert r.headers.get_list("access-control-allow-origin") == ["*"]  # once, though dispatched twice
 
 
 async def test_backend_down_is_502_and_service_route_503(worker):

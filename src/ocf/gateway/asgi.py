@@ -79,6 +79,14 @@ class GatewayASGI:
         if scope["type"] != "http":
             await self.inner(scope, receive, send)
             return
+        if scope.get("ocf.nested"):
+            # Dispatched in-process by the forwarder (internal service, /v1/p2p to ourselves): the
+            # outer call already applies CORS, policy and counting; only route it.
+            if self.forwarder.route_of(scope["path"]) is not None:
+                await self.forwarder(scope, receive, send)
+            else:
+                await self.inner(scope, receive, send)
+            return
         headers = scope["headers"]
         origin = _header(headers, b"origin")
         method = scope["method"]

@@ -341,6 +341,7 @@ class Forwarder:
         assert self.app is not None
         query = scope.get("query_string", b"")
         inner = dict(scope)
+        inner["ocf.nested"] = True
         inner["raw_path"] = path
         from urllib.parse import unquote
 
