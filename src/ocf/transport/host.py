@@ -51,6 +51,7 @@ from ..errors import (
 )
 from ..identity import Identity, Multiaddr, PeerId
 from .memory import MemoryNetwork, MemoryTransport
+from . import secure
 from .muxer import MuxedConnection, MuxedStream
 from .tcp import RawConn, TcpTransport, is_tcp_addr
 
@@ -102,7 +103,7 @@ class PeerInfo:
 
 
 class Upgrader(Protocol):
-    """Security and protocol negotiation; the default is libp2p's (see :mod:`ocf.transport.upgrade`)."""
+    """Security and protocol negotiation; the default is libp2p's (see :class:`Libp2pUpgrader`)."""
 
     async def secure(self, stream: trio.abc.Stream, *, initiator: bool, expected: PeerId | None) -> tuple[trio.abc.Stream, PeerId]: ...
 
@@ -588,13 +589,6 @@ YAMUX = "/yamux/1.0.0"
 
 def default_upgrader(identity: Identity) -> Upgrader:
     """libp2p's upgrade: multistream ``/noise`` -> Noise XX -> multistream ``/yamux/1.0.0``."""
-    try:
-        from . import secure  # noqa: F401
-    except ImportError:
-        from ._insecure import PlainUpgrader
-
-        log.warning("transport security layer missing: using an INSECURE plaintext stand-in (development only)")
-        return PlainUpgrader(identity)
     return Libp2pUpgrader(identity)
 
 
@@ -605,8 +599,6 @@ class Libp2pUpgrader:
         self.identity = identity
 
     async def secure(self, stream: trio.abc.Stream, *, initiator: bool, expected: PeerId | None) -> tuple[trio.abc.Stream, PeerId]:
-        from . import secure
-
         if initiator:
             await secure.negotiate(stream, [NOISE], initiator=True)
             conn = await secure.secure_outbound(stream, self.identity, expected)
@@ -618,13 +610,9 @@ class Libp2pUpgrader:
         return conn, conn.remote_peer
 
     async def select(self, stream: trio.abc.Stream, protocols: Sequence[str]) -> str:
-        from . import secure
-
         return await secure.negotiate(stream, protocols, initiator=True)
 
     async def handle(self, stream: trio.abc.Stream, protocols: Sequence[str]) -> str:
-        from . import secure
-
         return await secure.negotiate(stream, protocols, initiator=False)
 
 

@@ -31,6 +31,7 @@ from .. import log as logfmt
 from ..errors import MultiaddrError, ProtocolError, TransportError
 from ..identity import Multiaddr, varint
 from ..version import AGENT
+from .protobuf import field as _field, iter_fields as _iter_fields
 
 if TYPE_CHECKING:
     from .host import Connection, Host
@@ -93,42 +94,6 @@ class IdentifyMessage:
 def _last(fields: dict[int, list[bytes]], number: int) -> bytes:
     values = fields.get(number)
     return values[-1] if values else b""
-
-
-def _field(out: bytearray, number: int, value: bytes) -> None:
-    out += varint.encode(number << 3 | 2)
-    out += varint.encode(len(value))
-    out += value
-
-
-def _iter_fields(data: bytes) -> Iterator[tuple[int, bytes | int]]:
-    """Minimal protobuf wire-format reader (varint, 64-bit, length-delimited, 32-bit)."""
-    pos = 0
-    try:
-        while pos < len(data):
-            key, pos = varint.decode_exact(data, pos)
-            number, wire = key >> 3, key & 7
-            if number == 0:
-                raise ProtocolError("protobuf field number 0")
-            if wire == 0:
-                value, pos = varint.decode_exact(data, pos)
-                yield number, value
-            elif wire == 2:
-                length, pos = varint.decode_exact(data, pos)
-                if pos + length > len(data):
-                    raise ProtocolError("truncated protobuf field")
-                yield number, bytes(data[pos : pos + length])
-                pos += length
-            elif wire == 1:
-                pos += 8
-            elif wire == 5:
-                pos += 4
-            else:
-                raise ProtocolError(f"unsupported protobuf wire type {wire}")
-            if pos > len(data):
-                raise ProtocolError("truncated protobuf field")
-    except varint.VarintError as exc:
-        raise ProtocolError(f"bad protobuf varint: {exc}") from None
 
 
 async def write_message(stream: trio.abc.SendStream, payload: bytes) -> None:

@@ -1,0 +1,134 @@
+"""Trio drivers for multistream-select and Noise: move bytes, own nothing else.
+
+:func:`negotiate` runs multistream-select on any Trio stream, reading exactly
+as many bytes as the negotiation needs, so whatever follows stays in the
+stream for the next protocol. :func:`secure_outbound` / :func:`secure_inbound`
+run the Noise handshake and return a :class:`SecureStream`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import trio
+
+from ..errors import HandshakeError, ProtocolError
+from ..identity import Identity, PeerId
+from .multistream import Agreed, Dialer, Listener
+from .noise import NoiseHandshake, NoiseSession
+
+RECEIVE_SIZE = 256 * 1024
+
+
+async def _receive_exactly_up_to(stream: trio.abc.ReceiveStream, n: int, what: str) -> bytes:
+    data = await stream.receive_some(n)
+    if not data:
+        raise ProtocolError(f"{what}: connection closed during negotiation")
+    return data
+
+
+async def negotiate(stream: trio.abc.Stream, protocols: Sequence[str], *, initiator: bool) -> str:
+    """Agree on one of ``protocols``; the dialer proposes them in order, the listener accepts any of them."""
+    machine: Dialer | Listener
+    if initiator:
+        machine = Dialer(protocols)
+        await stream.send_all(machine.initiate())
+    else:
+        machine = Listener(set(protocols))
+    agreed: Agreed | None = None
+    while agreed is None:
+        if not initiator:
+            out = machine.data_to_send()
+            if out:
+                await stream.send_all(out)
+        data = await _receive_exactly_up_to(stream, machine.bytes_wanted(), "multistream")
+        agreed = machine.receive_data(data)
+        if initiator:
+            out = machine.data_to_send()
+            if out:
+                await stream.send_all(out)
+    out = machine.data_to_send()
+    if out:
+        await stream.send_all(out)
+    return agreed.protocol
+
+
+class SecureStream(trio.abc.HalfCloseableStream):
+    """A Noise-encrypted byte stream over another stream (TCP, WebSocket or memory)."""
+
+    def __init__(self, transport: trio.abc.Stream, session: NoiseSession, local_peer: PeerId, remote_peer: PeerId) -> None:
+        self.transport = transport
+        self.local_peer = local_peer
+        self.remote_peer = remote_peer
+        self._session = session
+        self._plain = b""
+        self._send_lock = trio.StrictFIFOLock()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            await trio.lowlevel.checkpoint()
+            return
+        async with self._send_lock:  # frames must not interleave, nor nonces reorder
+            await self.transport.send_all(self._session.encrypt(data))
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        while not self._plain:
+            if self._session.has_buffered():
+                plain = self._session.decrypt_stream(b"")
+                if plain:
+                    self._plain = plain
+                    break
+            data = await self.transport.receive_some(RECEIVE_SIZE)
+            if not data:
+                if self._session.has_buffered():
+                    raise ProtocolError("noise: connection closed in the middle of a frame")
+                return b""
+            self._plain = self._session.decrypt_stream(data)
+        if max_bytes is None or max_bytes >= len(self._plain):
+            data, self._plain = self._plain, b""
+        else:
+            data, self._plain = self._plain[:max_bytes], self._plain[max_bytes:]
+        return data
+
+    async def send_eof(self) -> None:
+        """Noise has no half-close of its own; close the carrier's write side if it has one."""
+        send_eof = getattr(self.transport, "send_eof", None)
+        if send_eof is None:
+            await self.aclose()
+        else:
+            await send_eof()
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+
+async def _handshake(stream: trio.abc.Stream, hs: NoiseHandshake) -> SecureStream:
+    try:
+        while not hs.complete:
+            out = hs.data_to_send()
+            if out:
+                await stream.send_all(out)
+            data = await stream.receive_some(hs.bytes_wanted())
+            if not data:
+                raise HandshakeError("noise: connection closed during the handshake")
+            hs.receive_data(data)
+        out = hs.data_to_send()
+        if out:
+            await stream.send_all(out)
+    except ProtocolError as exc:
+        raise HandshakeError(str(exc)) from None
+    assert hs.remote_peer is not None
+    return SecureStream(stream, hs.session(), hs.identity.peer_id, hs.remote_peer)
+
+
+async def secure_outbound(stream: trio.abc.Stream, identity: Identity, expected: PeerId | None = None) -> SecureStream:
+    """Noise XX as initiator; ``expected`` (from ``/p2p/<id>``) must match the authenticated peer."""
+    return await _handshake(stream, NoiseHandshake(identity, initiator=True, expected_peer=expected))
+
+
+async def secure_inbound(stream: trio.abc.Stream, identity: Identity) -> SecureStream:
+    """Noise XX as responder; the peer is whoever proves its key."""
+    return await _handshake(stream, NoiseHandshake(identity, initiator=False))
