@@ -122,6 +122,12 @@ def _dh(priv: X25519PrivateKey, pub_raw: bytes) -> bytes:
 
 
 def encode_payload(identity: Identity, static_pub: bytes, muxers: tuple[str, ...] = ()) -> bytes:
+    """The signed NoiseHandshakePayload.
+
+    We send no ``stream_muxers`` extension: a peer that sees it on both sides
+    skips the multistream negotiation of the muxer ("early muxer
+    negotiation"), which our upgrade does not implement.
+    """
     out = bytearray()
     protobuf.field(out, 1, identity.public_key_proto)
     protobuf.field(out, 2, identity.sign(SIG_PREFIX + static_pub))
@@ -249,7 +255,7 @@ class NoiseHandshake:
         sym.mix_key(_dh(self._e, self._re))  # ee
         enc_s = sym.encrypt_and_hash(self._s_pub)
         sym.mix_key(_dh(self._s, self._re))  # es (responder: s with re)
-        payload = sym.encrypt_and_hash(encode_payload(self.identity, self._s_pub, ("/yamux/1.0.0",)))
+        payload = sym.encrypt_and_hash(encode_payload(self.identity, self._s_pub))
         self._send(self._e_pub + enc_s + payload)
         self._step = 2
 
@@ -268,7 +274,7 @@ class NoiseHandshake:
         sym = self._sym
         enc_s = sym.encrypt_and_hash(self._s_pub)
         sym.mix_key(_dh(self._s, self._re))  # se (initiator: s with re)
-        payload = sym.encrypt_and_hash(encode_payload(self.identity, self._s_pub, ("/yamux/1.0.0",)))
+        payload = sym.encrypt_and_hash(encode_payload(self.identity, self._s_pub))
         self._send(enc_s + payload)
         self._step = 3
 

@@ -62,13 +62,15 @@ class WebSocketStream(trio.abc.HalfCloseableStream):
         if self._closed:
             raise trio.ClosedResourceError("stream closed")
         if not self._buffer:
-            try:
-                message = await self._ws.get_message()
-            except trio_websocket.ConnectionClosed:
-                return b""
-            if isinstance(message, str):
-                raise trio.BrokenResourceError("libp2p over WebSocket needs binary messages, got text")
-            self._buffer = message
+            # An empty binary message is not EOF (js-libp2p sends them); only a close is.
+            while not self._buffer:
+                try:
+                    message = await self._ws.get_message()
+                except trio_websocket.ConnectionClosed:
+                    return b""
+                if isinstance(message, str):
+                    raise trio.BrokenResourceError("libp2p over WebSocket needs binary messages, got text")
+                self._buffer = message
         else:
             await trio.lowlevel.checkpoint()
         if max_bytes is None or max_bytes >= len(self._buffer):

@@ -1,0 +1,100 @@
+"""Drive a js-libp2p peer (peer.mjs) from Trio tests.
+
+The peer speaks newline-delimited JSON on stdin/stdout: it prints one
+``{"event": "ready", "peerId", "addrs"}`` line, then answers each
+``{"id", "cmd", ...}`` request with ``{"id", "ok", ...}``. Commands: ping,
+identify, echo (streams N bytes over ``/ocf/echo/1.0.0`` and checks them),
+peers, stop. It also serves ``/ocf/echo/1.0.0`` itself.
+
+``npm ci`` installs the pinned packages (package-lock.json) on first use, or
+``tests/setup-external.sh`` does it before the suite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import trio
+
+HERE = Path(__file__).parent
+STAMP = HERE / "node_modules" / ".stamp"
+
+
+def ensure_installed() -> None:
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        raise RuntimeError("the js-libp2p interop peer needs node and npm on PATH")
+    lock = HERE / "package-lock.json"
+    if STAMP.exists() and STAMP.stat().st_mtime >= lock.stat().st_mtime:
+        return
+    result = subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=HERE, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"npm ci failed in {HERE}: {result.stderr[-2000:]}")
+    STAMP.touch()
+
+
+class JsPeer:
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.peer_id = ""
+        self.addrs: list[str] = []
+        self._ids = itertools.count(1)
+        self._buf = b""
+        self._lock = trio.Lock()
+
+    async def _line(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        while b"\n" not in self._buf:
+            chunk = await self.process.stdout.receive_some()
+            if not chunk:
+                raise RuntimeError("js peer exited")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def addr(self, transport: str = "tcp") -> str:
+        for a in self.addrs:
+            if ("/ws/" in a) == (transport == "ws"):
+                return a
+        raise LookupError(transport)
+
+    async def request(self, cmd: str, **kw: Any) -> dict[str, Any]:
+        async with self._lock:  # one request at a time keeps replies in order
+            rid = next(self._ids)
+            assert self.process.stdin is not None
+            await self.process.stdin.send_all((json.dumps({"id": rid, "cmd": cmd, **kw}) + "\n").encode())
+            reply = await self._line()
+        if not reply.get("ok"):
+            raise RuntimeError(f"js peer {cmd} failed: {reply.get('error')}")
+        return reply
+
+
+@contextlib.asynccontextmanager
+async def open_js_peer() -> AsyncIterator[JsPeer]:
+    ensure_installed()
+    process = await trio.lowlevel.open_process(
+        ["node", str(HERE / "peer.mjs")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=HERE
+    )
+    peer = JsPeer(process)
+    try:
+        with trio.fail_after(30):
+            ready = await peer._line()
+        peer.peer_id, peer.addrs = ready["peerId"], ready["addrs"]
+        yield peer
+    finally:
+        with trio.move_on_after(5) as scope:
+            scope.shield = True
+            try:
+                await peer.request("stop")
+            except Exception:  # noqa: BLE001 - it may be gone already
+                pass
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()

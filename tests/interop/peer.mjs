@@ -1,0 +1,130 @@
+// A js-libp2p peer driven by ocf's interop tests over stdin/stdout (JSON lines).
+// stdout carries only JSON; diagnostics go to stderr.
+// Node 20: js-libp2p 3 uses Promise.withResolvers (Node 22), so polyfill it
+// before importing anything from libp2p.
+if (typeof Promise.withResolvers !== 'function') {
+  Promise.withResolvers = function () {
+    let resolve, reject
+    const promise = new Promise((res, rej) => { resolve = res; reject = rej })
+    return { promise, resolve, reject }
+  }
+}
+
+// Node 20 has no global WebSocket (Node 22 does); js-libp2p's dialer needs one.
+if (typeof globalThis.WebSocket !== 'function') {
+  globalThis.WebSocket = (await import('ws')).WebSocket
+}
+
+const { createLibp2p } = await import('libp2p')
+const { noise } = await import('@chainsafe/libp2p-noise')
+const { yamux } = await import('@chainsafe/libp2p-yamux')
+const { tcp } = await import('@libp2p/tcp')
+const { webSockets } = await import('@libp2p/websockets')
+const { ping } = await import('@libp2p/ping')
+const { identify } = await import('@libp2p/identify')
+const { multiaddr } = await import('@multiformats/multiaddr')
+const { createHash } = await import('node:crypto')
+const readline = await import('node:readline')
+
+const ECHO = '/ocf/echo/1.0.0'
+
+const node = await createLibp2p({
+  addresses: { listen: ['/ip4/127.0.0.1/tcp/0', '/ip4/127.0.0.1/tcp/0/ws'] },
+  transports: [tcp(), webSockets()],
+  connectionEncrypters: [noise()],
+  streamMuxers: [yamux()],
+  services: { ping: ping(), identify: identify() },
+  connectionGater: { denyDialMultiaddr: async () => false }
+})
+
+// Echo every byte back; close our write side when the remote closes its.
+await node.handle(ECHO, async (stream) => {
+  try {
+    for await (const chunk of stream) {
+      const buf = chunk.subarray ? chunk.subarray() : chunk
+      if (!stream.send(buf)) await stream.onDrain()
+    }
+    await stream.close()
+  } catch (err) {
+    process.stderr.write(`echo handler: ${err}\n`)
+  }
+}, { maxInboundStreams: 64 })
+
+const out = (obj) => process.stdout.write(JSON.stringify(obj) + '\n')
+
+function pattern (n) {
+  const buf = new Uint8Array(n)
+  for (let i = 0; i < n; i++) buf[i] = i % 251
+  return buf
+}
+
+const commands = {
+  async ping ({ addr, count = 1 }) {
+    const ma = multiaddr(addr)
+    const rtts = []
+    for (let i = 0; i < count; i++) rtts.push(await node.services.ping.ping(ma))
+    return { rtts }
+  },
+  async identify ({ addr }) {
+    const conn = await node.dial(multiaddr(addr))
+    const result = await node.services.identify.identify(conn)
+    return {
+      peerId: result.peerId.toString(),
+      agentVersion: result.agentVersion,
+      protocolVersion: result.protocolVersion,
+      protocols: result.protocols,
+      listenAddrs: result.listenAddrs.map(String),
+      observedAddr: result.observedAddr ? String(result.observedAddr) : null
+    }
+  },
+  async echo ({ addr, bytes }) {
+    const data = pattern(bytes)
+    const started = performance.now()
+    const stream = await node.dialProtocol(multiaddr(addr), ECHO)
+    const received = []
+    let total = 0
+    const reading = (async () => {
+      for await (const chunk of stream) {
+        const buf = chunk.subarray ? chunk.subarray() : chunk
+        received.push(Buffer.from(buf))
+        total += buf.byteLength
+      }
+    })()
+    const CHUNK = 64 * 1024
+    for (let i = 0; i < data.length; i += CHUNK) {
+      if (!stream.send(data.subarray(i, i + CHUNK))) await stream.onDrain()
+    }
+    await stream.close()
+    await reading
+    const seconds = (performance.now() - started) / 1000
+    const back = Buffer.concat(received)
+    if (total !== bytes || !back.equals(Buffer.from(data))) {
+      throw new Error(`echo mismatch: sent ${bytes} bytes, got ${total}`)
+    }
+    return { bytes: total, seconds, sha256: createHash('sha256').update(back).digest('hex') }
+  },
+  async peers () {
+    return { peers: node.getPeers().map(String) }
+  },
+  async stop () {
+    await node.stop()
+    setTimeout(() => process.exit(0), 10)
+    return {}
+  }
+}
+
+out({ event: 'ready', peerId: node.peerId.toString(), addrs: node.getMultiaddrs().map(String) })
+
+const rl = readline.createInterface({ input: process.stdin })
+rl.on('line', async (line) => {
+  let req
+  try { req = JSON.parse(line) } catch { return out({ ok: false, error: 'bad JSON' }) }
+  const fn = commands[req.cmd]
+  if (!fn) return out({ id: req.id, ok: false, error: `unknown command ${req.cmd}` })
+  try {
+    out({ id: req.id, ok: true, ...(await fn(req)) })
+  } catch (err) {
+    out({ id: req.id, ok: false, error: String(err && err.stack || err) })
+  }
+})
+rl.on('close', async () => { await node.stop(); process.exit(0) })
