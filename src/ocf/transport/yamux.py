@@ -60,8 +60,10 @@ INITIAL_WINDOW = 256 * 1024
 MAX_WINDOW = 16 * 1024 * 1024
 # Largest payload we put in one Data frame. The spec sets no limit, but other
 # implementations cap what they send at 64 KiB or less; staying there keeps us
-# clear of any receiver-side limit.
-MAX_FRAME = 64 * 1024
+# clear of any receiver-side limit. 65507 = the largest Noise plaintext
+# (65535 - 16-byte tag) minus the 12-byte yamux header, so one Data frame is
+# exactly one Noise frame instead of a full one plus a 29-byte straggler.
+MAX_FRAME = 65535 - 16 - 12
 # Window auto-tuning may add at most this much receive window, summed over
 # the streams of one session, beyond their initial 256 KiB each: a peer
 # cannot make every stream grow to 16 MiB and then stall it.
