@@ -126,7 +126,7 @@ class GatewayASGI:
             else:
                 await self.inner(scope, receive, send_wrapped)
         finally:
-            self.metrics.requests.labels(route=scope.get("ocf.route", "unmatched"), method=_method_label(method), status=str(status or 499)).inc()
+            self.metrics.request_counter(scope.get("ocf.route", "unmatched"), _method_label(method), str(status or 499)).inc()
 
 
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"})

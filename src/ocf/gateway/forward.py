@@ -285,29 +285,42 @@ class Forwarder:
         await self._service(scope, receive, responder, name.decode("latin-1"), rest, hops)
 
     async def _guarded(self, scope: dict, receive: Receive, responder: Responder, work: Callable[[RequestBody], Awaitable[None]]) -> None:
-        """Run ``work`` in the request's nursery, under the request timeout, cancelled if the client leaves.
+        """Run ``work`` under the request timeout, cancelled if the client leaves.
 
+        Hypercorn only reports a departed client through ``receive()``, so
+        for its requests a watcher task in the request's own nursery keeps
+        asking; a request that came over a peer stream is cancelled by
+        :func:`ocf.httpstream.server.serve_stream` itself and needs no task.
         Small bodies with a declared length are read up front: they cost no
         body-pump task later and can be replayed to a second provider.
         """
         body = RequestBody(receive, scope, self.config.max_body_size)
         errors: list[BaseException] = []
         timed_out = False
-        with collapse_groups():
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(body.watch_disconnect, nursery.cancel_scope, responder)
-                try:
-                    with trio.move_on_after(self.config.request_timeout) as deadline:
-                        if body.content_length is not None and body.content_length <= SMALL_BODY:
-                            await body.read_all()
-                        await work(body)
-                    timed_out = deadline.cancelled_caught
-                except (GatewayRequestError, _ClientGone) as exc:
-                    errors.append(exc)
-                except UpstreamError as exc:
-                    errors.append(ProviderFailed(f"upstream failed: {exc}", code="upstream_failed"))
-                finally:
-                    nursery.cancel_scope.cancel()
+
+        async def run() -> None:
+            nonlocal timed_out
+            try:
+                with trio.move_on_after(self.config.request_timeout) as deadline:
+                    if body.content_length is not None and body.content_length <= SMALL_BODY:
+                        await body.read_all()
+                    await work(body)
+                timed_out = deadline.cancelled_caught
+            except (GatewayRequestError, _ClientGone) as exc:
+                errors.append(exc)
+            except UpstreamError as exc:
+                errors.append(ProviderFailed(f"upstream failed: {exc}", code="upstream_failed"))
+
+        if scope.get("extensions", {}).get("ocf.disconnect_cancels"):
+            await run()
+        else:
+            with collapse_groups():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(body.watch_disconnect, nursery.cancel_scope, responder)
+                    try:
+                        await run()
+                    finally:
+                        nursery.cancel_scope.cancel()
         if body.disconnected and not errors:
             raise _ClientGone()
         if errors:
@@ -511,7 +524,7 @@ class Forwarder:
                 reached = True
                 reasons.append(f"{_short(provider.peer)}: {exc}")
             self._mark_down(provider.peer)
-            self.metrics.forwards.labels(kind="service", outcome="retry" if attempt == 0 else "failed").inc()
+            self.metrics.forward_outcome("service", "retry" if attempt == 0 else "failed").inc()
             log.info("provider failed before answering %s", logfmt.kv(service=name, peer=_short(provider.peer), reason=reasons[-1], retry=attempt == 0 and body.replayable))
             if not body.replayable:
                 break
@@ -558,7 +571,7 @@ class Forwarder:
     def _enter(self, peer: str) -> None:
         count = self.in_flight.get(peer, 0) + 1
         self.in_flight[peer] = count
-        self.metrics.in_flight.labels(provider=peer).set(count)
+        self.metrics.provider_in_flight(peer).set(count)
 
     def _leave(self, peer: str) -> None:
         count = self.in_flight.get(peer, 1) - 1
@@ -567,7 +580,7 @@ class Forwarder:
             count = 0
         else:
             self.in_flight[peer] = count
-        self.metrics.in_flight.labels(provider=peer).set(count)
+        self.metrics.provider_in_flight(peer).set(count)
 
     # --- GET /v1/service/llm/v1/models: the network's models ----------------------------
 
@@ -654,7 +667,7 @@ class _BackendExchange:
                 fwd.pool.discard(conn)
                 raise
             self._cm, self._conn = cm, conn
-            fwd.metrics.forward_latency.labels(kind="backend").observe(time.perf_counter() - self._t0)
+            fwd.metrics.latency("backend").observe(time.perf_counter() - self._t0)
             return response
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -666,7 +679,7 @@ class _BackendExchange:
             raise
         if exc_info[0] is None:
             self.fwd.pool.release(self._conn)
-            self.fwd.metrics.forwards.labels(kind="backend", outcome="ok").inc()
+            self.fwd.metrics.forward_outcome("backend", "ok").inc()
         else:
             self.fwd.pool.discard(self._conn)
         return bool(suppress)
@@ -748,7 +761,7 @@ class _PeerExchange:
                 stream.reset()
                 raise
             self._cm, self._stream, self._bridge = cm, stream, bridge
-            fwd.metrics.forward_latency.labels(kind=self.kind).observe(time.perf_counter() - t0)
+            fwd.metrics.latency(self.kind).observe(time.perf_counter() - t0)
             return response
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -759,7 +772,7 @@ class _PeerExchange:
             self._stream.reset()
             raise
         if exc_info[0] is None and self._bridge is not None and self._bridge.reusable:
-            self.fwd.metrics.forwards.labels(kind=self.kind, outcome="ok").inc()
+            self.fwd.metrics.forward_outcome(self.kind, "ok").inc()
             self.fwd.peer_streams.put(self.peer, self._stream, self._bridge)
         else:
             self._stream.reset()

@@ -43,6 +43,39 @@ class GatewayMetrics:
         )
         self.connected_peers = Gauge("ocf_connected_peers", "Peers with an open transport connection.", registry=self.registry)
         self.connected_peers.set_function(lambda: len(node.host.connected_peers()) if node.host is not None else 0)
+        self._children: dict[tuple, object] = {}
+
+    # prometheus_client's .labels() takes a lock and builds a key on every call; the gateway
+    # calls these on every request, so the children are looked up once and kept.
+    def request_counter(self, route: str, method: str, status: str) -> Counter:
+        key = (route, method, status)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.requests.labels(route=route, method=method, status=status)
+        return child
+
+    def latency(self, kind: str) -> Histogram:
+        key = ("latency", kind)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.forward_latency.labels(kind=kind)
+        return child
+
+    def forward_outcome(self, kind: str, outcome: str) -> Counter:
+        key = ("forwards", kind, outcome)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.forwards.labels(kind=kind, outcome=outcome)
+        return child
+
+    def provider_in_flight(self, provider: str) -> Gauge:
+        key = ("in_flight", provider)
+        child = self._children.get(key)
+        if child is None:
+            if len(self._children) > 10_000:  # bounded: routes, kinds and providers are few
+                self._children.clear()
+            child = self._children[key] = self.in_flight.labels(provider=provider)
+        return child
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -9,12 +9,18 @@ through the kernel is needed, and disconnects map straight onto ASGI's
 scope's ``client`` (the remote peer ID) and ``extensions["ocf.remote_peer"]``.
 
 Requests are served one after another (HTTP/1.1 keep-alive), each with
-real backpressure: the body is read from the stream only when the app asks
-for it, and a response chunk is written before the app may send the next.
+real backpressure: one reader task per connection reads only when the app
+has taken everything parsed so far, and a response chunk is written before
+the app may send the next. When the client goes away (EOF or reset) before
+the response is complete, the app call is cancelled: that is what cancels
+the upstream request two hops away. The scope says so with
+``extensions["ocf.disconnect_cancels"] = True``, so the app need not watch
+``receive()`` for ``http.disconnect`` itself (it still gets one if it asks).
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 from typing import Any, Awaitable, Callable
@@ -38,7 +44,7 @@ def _error_body(status: int, message: str, code: str) -> bytes:
 
 
 class _Gone(Exception):
-    """The client went away (EOF mid-request, reset, broken stream)."""
+    """The client went away (EOF, reset, broken stream)."""
 
 
 class _Connection:
@@ -48,24 +54,62 @@ class _Connection:
         self.scope_extra = scope_extra
         self.bridge = ServerBridge(max_header_size=max_header_size)
         self.idle_timeout = idle_timeout
-        self.events: list = []
+        self.events: collections.deque = collections.deque()
         self.gone = False
-        self.send_lock = trio.Lock()
+        self.error: BridgeError | None = None
+        self._arrived = trio.Event()  # the reader parsed something (or the client went away)
+        self._drained = trio.Event()  # the consumer took every parsed event: the reader may read on
+        self._drained.set()
+        self._finish: trio.Event | None = None  # current request: response done or client gone
+        self._app_scope: trio.CancelScope | None = None
+        self._response_complete = True
 
-    async def _read(self) -> None:
-        """Read once and parse; raises _Gone when the client disappeared."""
+    # --- the one reader per connection --------------------------------------------------
+
+    async def reader(self) -> None:
         try:
-            data = await self.stream.receive_some(READ_SIZE)
+            while True:
+                while self.events or self.bridge.buffered > DEFAULT_MAX_HEADER_SIZE:
+                    await self._drained.wait()
+                    self._drained = trio.Event()
+                data = await self.stream.receive_some(READ_SIZE)
+                try:
+                    self.events.extend(self.bridge.feed(data))
+                except BridgeError as exc:
+                    if data:
+                        self.error = exc
+                    self._client_gone()
+                    return
+                if not data:
+                    self._client_gone()
+                    return
+                self._arrived.set()
         except _STREAM_ERRORS:
-            self.gone = True
-            raise _Gone() from None
-        try:
-            self.events.extend(self.bridge.feed(data))
-        except BridgeError:
-            if not data:  # EOF in the middle of a request: the client left
-                self.gone = True
-                raise _Gone() from None
-            raise
+            self._client_gone()
+
+    def _client_gone(self) -> None:
+        self.gone = True
+        self._arrived.set()
+        if self._finish is not None:
+            self._finish.set()
+        if self._app_scope is not None and not self._response_complete:
+            self._app_scope.cancel()  # nobody will read the answer: stop producing it (and whatever is upstream)
+
+    async def _next_event(self) -> Any:
+        while not self.events:
+            if self.error is not None:
+                raise self.error
+            if self.gone:
+                raise _Gone()
+            self._drained.set()
+            await self._arrived.wait()
+            self._arrived = trio.Event()
+        event = self.events.popleft()
+        if not self.events:
+            self._drained.set()
+        return event
+
+    # --- requests -------------------------------------------------------------------------
 
     async def _write(self, data: bytes) -> None:
         if not data:
@@ -73,22 +117,28 @@ class _Connection:
         try:
             await self.stream.send_all(data)
         except _STREAM_ERRORS:
-            self.gone = True
+            self._client_gone()
             raise _Gone() from None
 
     async def next_head(self) -> RequestHead | None:
         with trio.move_on_after(self.idle_timeout):
             while True:
-                while self.events:
-                    event = self.events.pop(0)
-                    if isinstance(event, RequestHead):
-                        return event
-                    if event is CLOSED:
-                        return None
-                await self._read()
+                event = await self._next_event()
+                if isinstance(event, RequestHead):
+                    return event
+                if event is CLOSED:
+                    return None
         return None  # idle too long
 
     async def serve(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.reader)
+            try:
+                await self._serve_requests()
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _serve_requests(self) -> None:
         while True:
             try:
                 head = await self.next_head()
@@ -112,6 +162,7 @@ class _Connection:
             except BridgeError as exc:
                 await self._reject(400, f"malformed HTTP request: {exc}", "bad_request")
                 return
+            self._drained.set()
 
     async def _reject(self, status: int, message: str, code: str) -> None:
         log.debug("rejecting stream request status=%d reason=%s", status, message)
@@ -123,63 +174,62 @@ class _Connection:
     async def run_app(self, scope: dict) -> bool:
         """Run the app for one request; True if the connection can serve another."""
         request_done = False
-        response_done = trio.Event()
-        disconnect_sent = False
+        finish = self._finish = trio.Event()
+        self._response_complete = False
         body_error: BaseException | None = None
 
         async def receive() -> dict:
-            nonlocal request_done, disconnect_sent, body_error
+            nonlocal request_done, body_error
             if not request_done and not self.gone:
                 try:
                     if self.bridge.expects_continue:
-                        async with self.send_lock:
-                            await self._write(self.bridge.continue_())
-                    while True:
-                        while self.events:
-                            event = self.events.pop(0)
-                            if isinstance(event, Data):
-                                return {"type": "http.request", "body": event.data, "more_body": True}
-                            if event is END:
-                                request_done = True
-                                return {"type": "http.request", "body": b"", "more_body": False}
-                        if self.gone:
-                            break
-                        await self._read()
+                        await self._write(self.bridge.continue_())
+                    event = await self._next_event()
+                    if isinstance(event, Data):
+                        return {"type": "http.request", "body": event.data, "more_body": True}
+                    if event is END:
+                        request_done = True
+                        return {"type": "http.request", "body": b"", "more_body": False}
+                    body_error = BridgeError(f"unexpected {event!r} in a request body")
                 except _Gone:
                     pass
                 except BridgeError as exc:
                     body_error = exc
-                    self.gone = True
-            # Body finished (or the client left): wait for the client to go away or the response to end.
-            if not self.gone and not disconnect_sent:
-                await self._wait_gone(response_done)
-            disconnect_sent = True
+                self._client_gone()
+            # Body finished (or the client left): "disconnect" once the client goes or the response is done.
+            await finish.wait()
             return {"type": "http.disconnect"}
 
         async def send(message: dict) -> None:
+            if self.gone:
+                return  # ASGI: sending after disconnect is a no-op
             kind = message["type"]
-            async with self.send_lock:
-                if self.gone:
-                    return  # ASGI: sending after disconnect is a no-op
-                try:
-                    if kind == "http.response.start":
-                        headers = [(bytes(k).lower(), bytes(v)) for k, v in message.get("headers", [])]
-                        await self._write(self.bridge.respond(int(message["status"]), headers))
-                    elif kind == "http.response.body":
-                        await self._write(self.bridge.data(bytes(message.get("body", b""))))
-                        if not message.get("more_body", False):
-                            await self._write(self.bridge.end())
-                            response_done.set()
-                except _Gone:
-                    return
+            try:
+                if kind == "http.response.start":
+                    headers = [(bytes(k).lower(), bytes(v)) for k, v in message.get("headers", [])]
+                    await self._write(self.bridge.respond(int(message["status"]), headers))
+                elif kind == "http.response.body":
+                    data = self.bridge.data(bytes(message.get("body", b"")))
+                    if not message.get("more_body", False):
+                        data += self.bridge.end()
+                        self._response_complete = True
+                    await self._write(data)
+                    if self._response_complete:
+                        finish.set()
+            except _Gone:
+                return
 
         try:
-            await self.app(scope, receive, send)
+            with trio.CancelScope() as self._app_scope:
+                await self.app(scope, receive, send)
         except Exception as exc:  # noqa: BLE001 - one bad request must not take down the stream handler's peers
             log.error("ASGI app failed on a stream request path=%s exc=%r", scope.get("path"), exc, exc_info=True)
-            if not self.bridge.response_started:
+            if not self.bridge.response_started and not self.gone:
                 await self._reject(500, "internal error", "internal_error")
             return False
+        finally:
+            self._app_scope = None
+            self._finish = None
         if body_error is not None:
             log.debug("stream request body was malformed: %s", body_error)
             return False
@@ -190,34 +240,6 @@ class _Connection:
         if not request_done:
             return False  # unread body left on the stream: cannot find the next request
         return not self.gone
-
-    async def _wait_gone(self, response_done: trio.Event) -> None:
-        """Block until the client disconnects or the response has been fully sent.
-
-        Data that arrives meanwhile (a pipelined next request) stays parsed
-        in the bridge for the next cycle.
-        """
-        if response_done.is_set():
-            return
-        async with trio.open_nursery() as nursery:
-
-            async def watch() -> None:
-                try:
-                    while not self.gone and self.bridge.buffered <= DEFAULT_MAX_HEADER_SIZE:
-                        data = await self.stream.receive_some(READ_SIZE)
-                        if not data:
-                            self.gone = True
-                            break
-                        self.bridge.feed(data)  # paused after the request: kept for the next cycle
-                    else:
-                        return  # pipelining this much is abuse: stop reading, let the response finish
-                except (BridgeError, *_STREAM_ERRORS):
-                    self.gone = True
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(watch)
-            await response_done.wait()
-            nursery.cancel_scope.cancel()
 
 
 async def serve_stream(
@@ -235,5 +257,6 @@ async def serve_stream(
     request, or after an exchange that leaves the connection unusable; the
     caller closes the stream.
     """
-    conn = _Connection(stream, app, {"client": client, "extensions": extensions or {}}, max_header_size, idle_timeout)
+    extensions = dict(extensions or {}, **{"ocf.disconnect_cancels": True})
+    conn = _Connection(stream, app, {"client": client, "extensions": extensions}, max_header_size, idle_timeout)
     await conn.serve()
