@@ -351,3 +351,24 @@ def test_window_growth_is_capped_per_session():
     for sid in sids:
         s.reset_stream(sid)
     assert s._growth == 0
+
+
+def test_data_to_send_limit_keeps_frames_whole():
+    c, s = YamuxSession(True), YamuxSession(False)
+    sids = [c.open_stream() for _ in range(3)]
+    for sid in sids:
+        c.send_data(sid, bytes([sid]) * 12)  # a 12-byte payload looks like a header: must not confuse the cut
+        c.send_data(sid, b"y" * 100_000)
+    total = c.pending_output
+    pieces = []
+    while c.pending_output:
+        before = c.pending_output
+        piece = c.data_to_send(1000)
+        assert len(piece) == before - c.pending_output
+        pieces.append(piece)
+    wire = b"".join(pieces)
+    assert len(wire) == total and len(pieces) > 3
+    events = s.receive_data(wire)
+    for sid in sids:
+        got = b"".join(e.data for e in events if isinstance(e, DataReceived) and e.stream_id == sid)
+        assert got == bytes([sid]) * 12 + b"y" * 100_000

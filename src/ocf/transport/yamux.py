@@ -60,10 +60,11 @@ INITIAL_WINDOW = 256 * 1024
 MAX_WINDOW = 16 * 1024 * 1024
 # Largest payload we put in one Data frame. The spec sets no limit, but other
 # implementations cap what they send at 64 KiB or less; staying there keeps us
-# clear of any receiver-side limit. 65507 = the largest Noise plaintext
-# (65535 - 16-byte tag) minus the 12-byte yamux header, so one Data frame is
-# exactly one Noise frame instead of a full one plus a 29-byte straggler.
-MAX_FRAME = 65535 - 16 - 12
+# clear of any receiver-side limit. (Aligning frames to Noise's 65519-byte
+# plaintext does not pay: the writer joins many frames into one buffer that
+# Noise then cuts anyway, and a 64 KiB application write would become two
+# yamux frames, i.e. two events and two wake-ups at the reader. Measured.)
+MAX_FRAME = 64 * 1024
 # Window auto-tuning may add at most this much receive window, summed over
 # the streams of one session, beyond their initial 256 KiB each: a peer
 # cannot make every stream grow to 16 MiB and then stall it.
@@ -239,11 +240,31 @@ class YamuxSession:
 
     # --- output ------------------------------------------------------------------------
 
-    def data_to_send(self) -> bytes:
-        """Everything queued for the wire since the last call (may be ``b""``)."""
+    def data_to_send(self, limit: int | None = None) -> bytes:
+        """What is queued for the wire (may be ``b""``).
+
+        With ``limit``, whole frames are taken until at least ``limit``
+        bytes (or everything) are collected; the rest stays queued.
+        """
         out = self._out
         if not out:
             return b""
+        if limit is not None and self._out_size > limit:
+            taken = 0
+            i = 0
+            while i < len(out) and taken < limit:
+                piece = out[i]
+                taken += len(piece)
+                i += 1
+                if len(piece) == HEADER_SIZE and i < len(out) and piece[1] == TYPE_DATA:
+                    # a Data header: its payload follows as the next piece (if non-empty)
+                    length = int.from_bytes(piece[8:12], "big")
+                    if length:
+                        taken += len(out[i])
+                        i += 1
+            parts, self._out = out[:i], out[i:]
+            self._out_size -= taken
+            return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
         data = out[0] if len(out) == 1 and isinstance(out[0], bytes) else b"".join(out)
         self._out = []
         self._out_size = 0
