@@ -206,3 +206,7 @@ class UpstreamError(BridgeError):
 
 class ServiceRegistrationError(OcfError):
     """A service cannot be registered (bad name, duplicate internal service)."""
+
+
+class ValidationError(OcfError):
+    """Input (an HTTP body, a node table record from a peer) is malformed or not allowed."""

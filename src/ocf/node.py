@@ -107,7 +107,10 @@ async def open_node(config: Config, memory_network: Any = None) -> AsyncIterator
                 node.listen_addrs = list(node.host.listen_addrs)
                 node.bootstrap = await stack.enter_async_context(open_bootstrap(node.host, config))
                 # ------------------------------------------------------------------
-                # node table: node.table
+                # node table: node.table -----------------------------------------------
+                from .nodetable import open_nodetable
+
+                node.table = await stack.enter_async_context(open_nodetable(node))
                 # services registrar: node.services (issue 6) -------------------
                 from .services import open_registrar
 

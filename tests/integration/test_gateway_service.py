@@ -120,7 +120,7 @@ async def test_openai_client_routes_by_model_and_streams(node_config):
             return parts
 
         parts = await in_thread(stream, "m2")
-        assert "".join(parts) == "[m2] you said: streaming through two hops" and len(parts) == 6
+        assert "".join(parts) == "[m2] you said: streaming through two hops" and len(parts) == 7  # one SSE event per word
 
         def complete() -> str:
             return client.completions.create(model="m1", prompt="plain completion").choices[0].text

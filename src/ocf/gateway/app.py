@@ -28,6 +28,9 @@ def create_app(node: "Node") -> QuartTrio:
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
     app.extensions["ocf.node"] = node
     app.register_blueprint(health_blueprint)
+    from ..nodetable.http import blueprint as nodetable_blueprint
+
+    app.register_blueprint(nodetable_blueprint)
 
     # --- gateway: JSON errors, metrics, forwarding routes (issue 6) ----------------------
     install_gateway_layer(app, node)

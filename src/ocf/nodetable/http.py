@@ -1,0 +1,77 @@
+"""``/v1/dnt/*``: the node table over HTTP, in OCF's shapes."""
+
+from __future__ import annotations
+
+import json
+
+from quart import Blueprint, current_app, jsonify, request
+
+from ..errors import ValidationError
+from ..gateway.errors import error_response
+
+blueprint = Blueprint("nodetable", __name__)
+
+
+def _table():  # type: ignore[no-untyped-def]
+    return current_app.extensions["ocf.node"].table
+
+
+@blueprint.get("/v1/dnt/table")
+async def table():  # type: ignore[no-untyped-def]
+    include_all = request.args.get("all", "").lower() in ("1", "true", "yes")
+    return jsonify({f"/{peer}": entry for peer, entry in _table().entries(include_all).items()})
+
+
+@blueprint.get("/v1/dnt/peers")
+async def peers():  # type: ignore[no-untyped-def]
+    host = current_app.extensions["ocf.node"].host
+    out = [{"ID": str(p), "Addrs": [str(a) for a in host.peer_addrs(p)]} for p in host.connected_peers()]
+    return jsonify(peers=out)
+
+
+@blueprint.get("/v1/dnt/peers_status")
+async def peers_status():  # type: ignore[no-untyped-def]
+    entries = _table().entries(include_all=True)
+    return jsonify(
+        peers=[
+            {"id": peer, "status": e.get("status"), "connected": e["connected"], "last_seen": e["last_seen"]}
+            for peer, e in entries.items()
+        ]
+    )
+
+
+@blueprint.get("/v1/dnt/bootstraps")
+async def bootstraps():  # type: ignore[no-untyped-def]
+    out = []
+    for peer, entry in _table().entries(include_all=False).items():
+        if not entry.get("public_address"):
+            continue
+        for addr in entry.get("addrs") or []:
+            if entry["public_address"] in addr:
+                out.append(addr)
+    return jsonify(bootstraps=out)
+
+
+@blueprint.get("/v1/dnt/stats")
+async def stats():  # type: ignore[no-untyped-def]
+    return jsonify(_table().summary_stats())
+
+
+@blueprint.post("/v1/dnt/_node")
+async def update_node():  # type: ignore[no-untyped-def]
+    body = await request.get_data()
+    try:
+        fields = json.loads(body or b"null")
+    except ValueError:
+        return error_response(400, "body is not valid JSON", "invalid_json")
+    try:
+        entry = await _table().update_own(fields)
+    except ValidationError as exc:
+        return error_response(400, str(exc), "invalid_node_fields")
+    return jsonify(entry)
+
+
+@blueprint.delete("/v1/dnt/_node")
+async def delete_node():  # type: ignore[no-untyped-def]
+    await _table().set_services([])
+    return jsonify(_table().own_entry())
