@@ -128,3 +128,16 @@ def test_parse_models():
     assert parse_models([{"id": "x"}]) == ("x",)
     with pytest.raises(Exception):
         parse_models({"models": []})
+
+
+async def test_table_is_written_only_when_the_list_changes(node_config, caplog):
+    caplog.set_level(logging.INFO, logger="ocf.services")
+    async with running_mock_llm(["m1"]) as mock:
+        async with open_node(node_config(services=(ServiceSpec("llm", mock.port, "127.0.0.1"),))) as node:
+            for _ in range(4):
+                await node.services.refresh()  # polling an unchanged backend
+            mock.models.append("m2")
+            await node.services.refresh()
+            await node.services.refresh()
+    published = [r.getMessage() for r in caplog.records if r.getMessage().startswith("services published")]
+    assert published == ["services published services=llm:healthy"] * 2

@@ -63,6 +63,7 @@ HOPS_HEADER = b"x-ocf-hops"
 MAX_HOPS = 8
 #: Error codes of ours that mean "the provider did nothing with the request": safe to try another.
 RETRYABLE_CODES = frozenset({b"backend_unreachable"})
+ENTRIES_TTL = 0.5  # seconds a node table snapshot is reused while the table's version is unchanged
 #: Bodies up to this size (with a declared length) are read before forwarding: cheaper and replayable.
 SMALL_BODY = 64 * 1024
 
@@ -233,6 +234,9 @@ class Forwarder:
         self.in_flight: dict[str, int] = {}
         self._down: dict[str, tuple[float, float]] = {}  # peer -> (until, backoff) after connect failures
         self._peer_ids: dict[str, Any] = {}
+        self._entries_cache: dict[str, dict] = {}
+        self._entries_version: Any = None
+        self._entries_at = 0.0
 
     # --- entry point ------------------------------------------------------------------
 
@@ -440,9 +444,22 @@ class Forwarder:
     # --- /v1/service/<name>/<path>: any provider in the network --------------------------
 
     def _entries(self) -> dict[str, dict]:
+        """The node table's live entries, reused while the table is unchanged (for at most 0.5 s).
+
+        Building the entries means materialising every peer's document, and
+        a busy dispatcher asks on every request; the short expiry keeps
+        time-based fields (liveness) fresh, and :meth:`usable` checks the
+        live connection state anyway.
+        """
         table = self.node.table
         if table is not None:
-            return table.entries()
+            version = getattr(table, "version", None)
+            now = time.monotonic()
+            if version is not None and version == self._entries_version and now - self._entries_at < ENTRIES_TTL:
+                return self._entries_cache
+            entries = table.entries()
+            self._entries_cache, self._entries_version, self._entries_at = entries, version, now
+            return entries
         services = self.node.services
         records = services.records() if services is not None else []
         return {str(self.node.peer_id): {"id": str(self.node.peer_id), "service": records}}
