@@ -1,0 +1,197 @@
+"""Node table across simulated networks in one process (MemoryNetwork and loopback TCP)."""
+
+import contextlib
+
+import httpx
+import pytest
+import trio
+
+from ocf import open_node
+from ocf.errors import StoreCorrupt
+from ocf.nodetable import PROTOCOL, wire
+from ocf.nodetable.record import OwnerDoc, Record, signing_bytes
+from ocf.transport import MemoryNetwork
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def until(node, predicate, timeout=30):
+    """Wait on the node's table-change events until predicate(node) holds."""
+    with trio.fail_after(timeout):
+        while not predicate(node):
+            await node.table.wait_changed()
+
+
+def sees(peer, **fields):
+    def check(node):
+        entry = node.table.entry(peer.peer_id)
+        return entry is not None and all(entry.get(k) == v for k, v in fields.items())
+
+    return check
+
+
+@contextlib.asynccontextmanager
+async def star(node_config, n, net=None):
+    """A dispatcher and n-1 workers bootstrapping to it (seed 000's shape)."""
+    async with contextlib.AsyncExitStack() as stack:
+        hub = await stack.enter_async_context(open_node(node_config(mode="standalone"), memory_network=net))
+        nodes = [hub]
+        for _ in range(n - 1):
+            cfg = node_config(mode="node", bootstrap_addrs=(str(hub.listen_addrs[0]),))
+            node = await stack.enter_async_context(open_node(cfg, memory_network=net))
+            await node.bootstrap.wait_connected()
+            nodes.append(node)
+        for node in nodes:
+            for other in nodes:
+                await until(node, sees(other))
+        yield nodes
+
+
+@contextlib.asynccontextmanager
+async def line(node_config, n, net):
+    async with contextlib.AsyncExitStack() as stack:
+        nodes = [await stack.enter_async_context(open_node(node_config(mode="standalone"), memory_network=net))]
+        for _ in range(n - 1):
+            cfg = node_config(mode="node", bootstrap_addrs=(str(nodes[-1].listen_addrs[0]),))
+            node = await stack.enter_async_context(open_node(cfg, memory_network=net))
+            await node.bootstrap.wait_connected()
+            nodes.append(node)
+        yield nodes
+
+
+@pytest.mark.parametrize("n", [2, 5, 20])
+async def test_star_converges_on_every_change(node_config, n):
+    async with star(node_config, n, MemoryNetwork()) as nodes:
+        worker = nodes[-1]
+        await worker.table.set_services([{"name": "llm", "host": "localhost", "port": "8080", "status": "healthy", "identity_group": ["model=m"]}])
+        for node in nodes:
+            await until(node, lambda nd: (nd.table.entry(worker.peer_id) or {}).get("service", [{}])[:1] and nd.table.entry(worker.peer_id)["service"][0]["name"] == "llm")
+        entry = nodes[0].table.entry(worker.peer_id)
+        assert entry["connected"] and entry["id"] == str(worker.peer_id)
+        assert set(entry) >= {"id", "owner", "role", "status", "version", "public_address", "addrs", "service", "hardware", "last_seen", "connected", "load"}
+
+
+async def test_star_over_real_tcp(node_config):
+    async with star(node_config, 3) as nodes:
+        await nodes[1].table.update_own({"owner": "alice"})
+        await until(nodes[2], sees(nodes[1], owner="alice"))
+
+
+async def test_line_relays_across_hops_both_ways(node_config):
+    async with line(node_config, 3, MemoryNetwork()) as (a, b, c):
+        assert not a.host.is_connected(c.peer_id)
+        await until(a, sees(c))
+        await until(c, sees(a))
+        await a.table.update_own({"owner": "from-a"})
+        await until(c, sees(a, owner="from-a"))
+        await c.table.update_own({"owner": "from-c"})
+        await until(a, sees(c, owner="from-c"))
+        assert a.table.entry(c.peer_id)["connected"]  # liveness crosses the hop too
+
+
+async def test_partition_and_heal(node_config):
+    async with line(node_config, 3, MemoryNetwork()) as (a, b, c):
+        await until(c, sees(a))
+        await b.host.disconnect(c.peer_id)
+        await a.table.update_own({"owner": "during-partition"})
+        await until(b, sees(a, owner="during-partition"))
+        assert c.table.entry(a.peer_id).get("owner") != "during-partition"
+        await c.host.connect(b.listen_addrs[0])  # heal
+        await until(c, sees(a, owner="during-partition"))
+
+
+async def test_graceful_leave_is_announced(node_config):
+    net = MemoryNetwork()
+    async with open_node(node_config(mode="standalone"), memory_network=net) as hub:
+        cfg = node_config(mode="node", bootstrap_addrs=(str(hub.listen_addrs[0]),))
+        async with open_node(cfg, memory_network=net) as worker:
+            await until(hub, sees(worker, status="online"))
+            leaving = worker.peer_id
+        await until(hub, lambda nd: (nd.table.entry(leaving) or {}).get("status") == "left")
+        assert str(leaving) not in hub.table.entries()
+        assert str(leaving) in hub.table.entries(include_all=True)
+
+
+async def test_forged_entry_is_rejected_everywhere(node_config):
+    from ocf.identity import Identity
+
+    net = MemoryNetwork()
+    async with line(node_config, 3, net) as (victim, relay, far):
+        await until(far, sees(victim))
+        mallory = Identity.from_seed("mallory")
+        # Mallory (a connected peer) pushes a record claiming to be the victim's, newer than the real one.
+        doc = OwnerDoc(victim.peer_id)
+        doc.update({"id": str(victim.peer_id), "status": "online", "service": [{"name": "llm", "identity_group": ["model=stolen"]}]})
+        seq = relay.table.records[victim.peer_id].seq + 10
+        forged = Record(victim.peer_id, seq, doc.doc.save(), mallory.sign(signing_bytes(victim.peer_id, seq, doc.doc.get_heads())))
+        async with open_node(node_config(mode="node", seed="mallory"), memory_network=net) as evil:
+            await evil.host.connect(relay.listen_addrs[0])
+            stream = await evil.host.new_stream(relay.peer_id, PROTOCOL)
+            await stream.send_all(wire.encode({"t": "records", "records": [forged.to_wire()]}))
+            with trio.fail_after(10):
+                while relay.table.stats["records_rejected"] == 0:
+                    await trio.testing.wait_all_tasks_blocked()
+            await stream.aclose()
+        for node in (relay, far, victim):
+            assert node.table.entry(victim.peer_id)["service"] == []
+            assert node.table.records[victim.peer_id].seq < seq
+
+
+async def test_persistence_across_restart(node_config):
+    net = MemoryNetwork()
+    hub_cfg = node_config(mode="standalone")
+    async with open_node(hub_cfg, memory_network=net) as hub:
+        cfg = node_config(mode="node", bootstrap_addrs=(str(hub.listen_addrs[0]),))
+        async with open_node(cfg, memory_network=net) as worker:
+            await worker.table.update_own({"owner": "persisted"})
+            await until(hub, sees(worker, owner="persisted"))
+            worker_id = worker.peer_id
+    async with open_node(hub_cfg, memory_network=MemoryNetwork()) as hub:
+        entry = hub.table.entries(include_all=True)[str(worker_id)]
+        assert entry["owner"] == "persisted"
+
+
+async def test_corrupt_table_is_clear_error_and_cleanslate_recovers(node_config):
+    cfg = node_config()
+    async with open_node(cfg) as node:
+        peer = node.peer_id
+    from ocf.store import Store
+
+    with Store.open(cfg.data_dir) as store:
+        store.put_bytes("nodetable", peer.raw, b"\0" * 40)
+    with pytest.raises(StoreCorrupt, match="--cleanslate"):
+        async with open_node(cfg):
+            pass  # pragma: no cover
+    async with open_node(cfg.replace(cleanslate=True)) as node:
+        assert node.table.own_entry()["status"] == "online"
+
+
+async def test_http_routes(node_config):
+    net = MemoryNetwork()
+    async with star(node_config, 2, net) as (hub, worker):
+        async with httpx.AsyncClient(base_url=hub.gateway_url) as client:
+            table = (await client.get("/v1/dnt/table")).json()
+            assert set(table) == {f"/{hub.peer_id}", f"/{worker.peer_id}"}
+            assert (await client.get("/v1/dnt/table?all=true")).status_code == 200
+            peers = (await client.get("/v1/dnt/peers")).json()["peers"]
+            assert [p["ID"] for p in peers] == [str(worker.peer_id)]
+            assert "peers" in (await client.get("/v1/dnt/peers_status")).json()
+            stats = (await client.get("/v1/dnt/stats")).json()
+            assert stats["entries"] == 2 and stats["doc_bytes"] > 0
+            assert (await client.get("/v1/dnt/bootstraps")).json() == {"bootstraps": []}
+            bad = await client.post("/v1/dnt/_node", content=b"{not json")
+            assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
+            bad = await client.post("/v1/dnt/_node", json={"id": "someone-else"})
+            assert bad.status_code == 400 and "read-only" in bad.json()["error"]["message"]
+            ok = await client.post("/v1/dnt/_node", json={"service": [{"name": "foo", "port": 9000}]})
+            assert ok.status_code == 200 and ok.json()["service"][0]["name"] == "foo"
+            await until(worker, lambda nd: (nd.table.entry(hub.peer_id) or {}).get("service", [{}])[:1] == [ok.json()["service"][0]])
+            gone = await client.delete("/v1/dnt/_node")
+            assert gone.json()["service"] == []
+
+
+async def test_public_addr_is_served_as_bootstrap(node_config):
+    async with open_node(node_config(public_addr="127.0.0.1")) as node:
+        async with httpx.AsyncClient(base_url=node.gateway_url) as client:
+            boots = (await client.get("/v1/dnt/bootstraps")).json()["bootstraps"]
+        assert boots and all(str(node.peer_id) in b for b in boots)

@@ -1,0 +1,123 @@
+"""Signed owner records: only the owner can write its entry, whoever relays it."""
+
+import automerge.core as am
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from ocf.errors import ProtocolError, ValidationError
+from ocf.identity import Identity
+from ocf.nodetable import wire
+from ocf.nodetable.entry import detect_hardware, validate_update
+from ocf.nodetable.record import OwnerDoc, Record, signing_bytes
+
+ALICE, MALLORY = Identity.from_seed("alice"), Identity.from_seed("mallory")
+
+
+def alice_record(seq=1, **fields):
+    doc = OwnerDoc(ALICE.peer_id)
+    doc.update({"id": str(ALICE.peer_id), "status": "online", "service": [], **fields})
+    return Record.create(ALICE, seq, doc)
+
+
+def test_roundtrip_and_verify():
+    record = alice_record(service=[{"name": "llm", "identity_group": ["model=m"]}])
+    again = Record.from_wire(record.to_wire())
+    assert again == record == Record.from_bytes(ALICE.peer_id, record.to_bytes())
+    assert again.verify().to_dict()["service"] == [{"name": "llm", "identity_group": ["model=m"]}]
+
+
+def test_forged_signature_is_rejected():
+    good = alice_record()
+    forged = Record(ALICE.peer_id, good.seq + 1, good.doc, MALLORY.sign(signing_bytes(ALICE.peer_id, good.seq + 1, [])))
+    with pytest.raises(ValidationError, match="not signed by that peer"):
+        forged.verify()
+
+
+def test_relay_cannot_bump_seq_or_swap_content():
+    good = alice_record(seq=3)
+    with pytest.raises(ValidationError):
+        Record(good.owner, 4, good.doc, good.signature).verify()
+    other = alice_record(seq=3, status="left")
+    with pytest.raises(ValidationError):
+        Record(good.owner, 3, other.doc, good.signature).verify()
+
+
+def test_change_by_another_actor_is_rejected_even_if_signed():
+    # Mallory edits a copy of Alice's document; even Alice's signature over the
+    # resulting heads would not make Mallory's change acceptable.
+    doc = OwnerDoc(ALICE.peer_id)
+    doc.update({"status": "online"})
+    fork = doc.doc.fork()
+    fork.set_actor(MALLORY.peer_id.raw)
+    with fork.transaction() as tx:
+        tx.put(am.ROOT, "status", am.ScalarType.Str, "hijacked")
+    record = Record(ALICE.peer_id, 2, fork.save(), ALICE.sign(signing_bytes(ALICE.peer_id, 2, fork.get_heads())))
+    with pytest.raises(ValidationError, match="another actor"):
+        record.verify()
+
+
+def test_garbage_document_is_rejected():
+    with pytest.raises(ValidationError):
+        Record(ALICE.peer_id, 1, b"not automerge", b"\0" * 64).verify()
+
+
+def test_compaction_keeps_content_and_bounds_history():
+    doc = OwnerDoc(ALICE.peer_id)
+    for i in range(100):
+        doc.update({"status": f"s{i}"})
+    assert doc.change_count() == 100
+    small = doc.compacted()
+    assert small.change_count() == 1 and small.to_dict() == doc.to_dict()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [None, [], {"id": "x"}, {"status": "weird"}, {"service": "llm"}, {"service": [{"name": "bad name!"}]},
+     {"service": [{"name": "llm", "identity_group": ["nokey"]}]}, {"role": "worker"}, {"hardware": []}],
+)
+def test_update_validation_rejects(body):
+    with pytest.raises(ValidationError):
+        validate_update(body)
+
+
+def test_update_validation_normalizes_services():
+    out = validate_update({"service": [{"name": "llm", "port": 8080, "identity_group": ["model=m"]}], "status": "maintenance"})
+    assert out["service"][0]["port"] == "8080" and out["service"][0]["host"] == "localhost"
+
+
+def test_hardware_detection_shape():
+    hw = detect_hardware()
+    assert set(hw) >= {"gpus", "host_memory", "host_memory_used", "cpus"} and hw["cpus"] >= 1
+
+
+def test_wire_reader_splits_and_bounds():
+    reader = wire.Reader(limit=1000)
+    data = wire.encode({"t": "summary", "have": {}}) * 3
+    got = []
+    for i in range(len(data)):
+        got += reader.feed(data[i : i + 1])
+    assert len(got) == 3
+    with pytest.raises(ProtocolError, match="exceeds"):
+        wire.Reader(limit=10).feed(wire.encode({"t": "summary", "have": {"x" * 50: 1}}))
+    with pytest.raises(ProtocolError):
+        wire.Reader(limit=100).feed(b"\x05hello")
+    with pytest.raises(ProtocolError):
+        wire.Reader(limit=100).feed(wire.encode({"t": "bogus"}))
+
+
+@settings(max_examples=200)
+@given(st.binary(max_size=300))
+def test_wire_reader_fuzz(data):
+    try:
+        wire.Reader(limit=4096).feed(data)
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.dictionaries(st.sampled_from(["owner", "seq", "doc", "sig"]), st.one_of(st.text(max_size=20), st.integers())))
+def test_record_from_wire_fuzz(obj):
+    try:
+        Record.from_wire(obj).verify()
+    except ValidationError:
+        pass
