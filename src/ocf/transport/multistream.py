@@ -141,7 +141,10 @@ class Listener:
         self._supported = supported if callable(supported) else supported.__contains__
         self._list = None if callable(supported) else sorted(supported)
         self._reader = _Reader()
-        self._out = bytearray(encode(HEADER))
+        # Greet only after the dialer's header: a listener that speaks first can
+        # lose its greeting on transports whose client attaches late (js-libp2p
+        # over WebSocket drops a message that arrives with the upgrade response).
+        self._out = bytearray()
         self._header_seen = False
         self.result: Agreed | None = None
 
@@ -158,6 +161,7 @@ class Listener:
                 if message != HEADER:
                     raise ProtocolError(f"multistream: expected header {HEADER!r}, got {message[:64]!r}")
                 self._header_seen = True
+                self._out += encode(HEADER)
                 continue
             if message == LS and self._list is not None:
                 body = b"".join(encode(p) for p in self._list)
