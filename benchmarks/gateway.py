@@ -86,8 +86,17 @@ class Conn:
                 parts.append(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
                 break
-        c.start_next_cycle()
+        if c.our_state is h11.MUST_CLOSE or c.their_state is h11.MUST_CLOSE:
+            await self.reopen()  # the server ends keep-alive after N requests (Hypercorn: 1000)
+        else:
+            c.start_next_cycle()
         return status, b"".join(parts), ttfb
+
+    async def reopen(self) -> None:
+        port = self.stream.socket.getpeername()[1]
+        await self.stream.aclose()
+        fresh = await Conn.open(port)
+        self.stream, self.h11 = fresh.stream, fresh.h11
 
 
 FIRST_TOKEN = re.compile(rb'"content": "[^"]')  # a delta with text, not the opening role-only one
