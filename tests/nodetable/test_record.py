@@ -121,3 +121,10 @@ def test_record_from_wire_fuzz(obj):
         Record.from_wire(obj).verify()
     except ValidationError:
         pass
+
+
+def test_owner_edits_after_reload_stay_verifiable():
+    record = alice_record()
+    doc = record.verify()  # as after a restart: loaded from bytes
+    doc.update({"status": "maintenance"})
+    assert Record.create(ALICE, 2, doc).verify().to_dict()["status"] == "maintenance"

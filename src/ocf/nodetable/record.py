@@ -42,7 +42,8 @@ class OwnerDoc:
         self.owner = owner
         if doc is None:
             doc = am.Document()
-            doc.set_actor(owner.raw)
+        # A loaded document gets a random actor; the owner's edits must carry its own.
+        doc.set_actor(owner.raw)
         self.doc = doc
 
     def update(self, fields: dict[str, Any]) -> bool:
