@@ -222,3 +222,37 @@ async def test_concurrent_clients_and_large_bodies(node_config):
             assert "ocf_connected_peers 3.0" in metrics
             for w in net.workers:
                 assert f'ocf_forward_in_flight{{provider="{w.peer}"}} 0.0' in metrics
+
+
+async def test_failover_under_concurrent_load(node_config):
+    """Clients keep asking while one of two providers is killed: at most the requests it had in flight fail."""
+    async with network(node_config, [["m2"], ["m2"]]) as net:
+        a, b = net.workers
+        answered: list[str] = []
+        failures: list[int] = []
+        after_kill: list[str] = []
+        killed = trio.Event()
+        enough = trio.Event()
+
+        async with httpx.AsyncClient(base_url=net.url, timeout=30) as http:
+
+            async def client(i: int) -> None:
+                while len(after_kill) < 40:
+                    r = await http.post("/v1/service/llm/v1/chat/completions", json=chat("m2", f"c{i}"))
+                    if r.status_code != 200:
+                        failures.append(r.status_code)
+                        continue
+                    assert r.json()["choices"][0]["message"]["content"] == f"[m2] you said: c{i}"
+                    (after_kill if killed.is_set() else answered).append(r.headers["x-computing-node"])
+                    if len(answered) >= 20:
+                        enough.set()
+
+            async with trio.open_nursery() as nursery:
+                for i in range(4):
+                    nursery.start_soon(client, i)
+                await enough.wait()
+                a.stop.cancel()  # killed while requests are in flight
+                killed.set()
+        assert {a.peer, b.peer} <= set(answered)
+        assert len(failures) <= 4 and all(status in (502, 503) for status in failures)
+        assert set(after_kill[-30:]) == {b.peer}
