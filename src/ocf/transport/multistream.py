@@ -85,37 +85,58 @@ class _Reader:
         return data
 
 
-class Dialer:
-    """The side that proposes. Sends its header and first proposal at once (one round trip when accepted)."""
+class _Side:
+    """What both roles share: message splitting, the header check, the outbox."""
 
-    def __init__(self, protocols: Sequence[str]) -> None:
-        if not protocols:
-            raise ValueError("Dialer needs at least one protocol")
-        self._protocols = list(protocols)
-        self._index = 0
+    def __init__(self) -> None:
         self._reader = _Reader()
         self._out = bytearray()
         self._header_seen = False
         self.result: Agreed | None = None
 
-    def initiate(self) -> bytes:
-        return encode(HEADER) + encode(self._protocols[0])
-
     def bytes_wanted(self) -> int:
         return self._reader.bytes_wanted()
 
-    def receive_data(self, data: bytes) -> Agreed | None:
-        """Feed bytes; returns :class:`Agreed` once the listener accepted a proposal."""
+    def data_to_send(self) -> bytes:
+        data = bytes(self._out)
+        self._out.clear()
+        return data
+
+    def _messages(self, data: bytes):  # type: ignore[no-untyped-def]
+        """Yield each protocol message after the header, until one is agreed."""
         self._reader.feed(data)
         while self.result is None:
             message = self._reader.next_message()
             if message is None:
-                return None
+                return
             if not self._header_seen:
                 if message != HEADER:
                     raise ProtocolError(f"multistream: expected header {HEADER!r}, got {message[:64]!r}")
                 self._header_seen = True
+                self._on_header()
                 continue
+            yield message
+
+    def _on_header(self) -> None:
+        pass
+
+
+class Dialer(_Side):
+    """The side that proposes. Sends its header and first proposal at once (one round trip when accepted)."""
+
+    def __init__(self, protocols: Sequence[str]) -> None:
+        if not protocols:
+            raise ValueError("Dialer needs at least one protocol")
+        super().__init__()
+        self._protocols = list(protocols)
+        self._index = 0
+
+    def initiate(self) -> bytes:
+        return encode(HEADER) + encode(self._protocols[0])
+
+    def receive_data(self, data: bytes) -> Agreed | None:
+        """Feed bytes; returns :class:`Agreed` once the listener accepted a proposal."""
+        for message in self._messages(data):
             proposed = self._protocols[self._index]
             if message == proposed:
                 self.result = Agreed(proposed, self._reader.rest())
@@ -128,41 +149,25 @@ class Dialer:
                 raise ProtocolError(f"multistream: unexpected answer {message[:64]!r} to {proposed!r}")
         return self.result
 
-    def data_to_send(self) -> bytes:
-        data = bytes(self._out)
-        self._out.clear()
-        return data
 
+class Listener(_Side):
+    """The side that accepts or refuses proposals.
 
-class Listener:
-    """The side that accepts or refuses proposals."""
+    It greets only after the dialer's header: a listener that speaks first can
+    lose its greeting on transports whose client attaches late (js-libp2p over
+    WebSocket drops a message that arrives with the upgrade response).
+    """
 
     def __init__(self, supported: Callable[[str], bool] | Collection[str]) -> None:
+        super().__init__()
         self._supported = supported if callable(supported) else supported.__contains__
         self._list = None if callable(supported) else sorted(supported)
-        self._reader = _Reader()
-        # Greet only after the dialer's header: a listener that speaks first can
-        # lose its greeting on transports whose client attaches late (js-libp2p
-        # over WebSocket drops a message that arrives with the upgrade response).
-        self._out = bytearray()
-        self._header_seen = False
-        self.result: Agreed | None = None
 
-    def bytes_wanted(self) -> int:
-        return self._reader.bytes_wanted()
+    def _on_header(self) -> None:
+        self._out += encode(HEADER)
 
     def receive_data(self, data: bytes) -> Agreed | None:
-        self._reader.feed(data)
-        while self.result is None:
-            message = self._reader.next_message()
-            if message is None:
-                return None
-            if not self._header_seen:
-                if message != HEADER:
-                    raise ProtocolError(f"multistream: expected header {HEADER!r}, got {message[:64]!r}")
-                self._header_seen = True
-                self._out += encode(HEADER)
-                continue
+        for message in self._messages(data):
             if message == LS and self._list is not None:
                 body = b"".join(encode(p) for p in self._list)
                 self._out += varint.encode(len(body)) + body
@@ -172,8 +177,3 @@ class Listener:
             else:
                 self._out += encode(NA)
         return self.result
-
-    def data_to_send(self) -> bytes:
-        data = bytes(self._out)
-        self._out.clear()
-        return data
