@@ -1,0 +1,19 @@
+"""The benchmarks still run (small sizes); their numbers are read by people, never asserted."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", ["transport", "nodetable"])
+def test_benchmark_runs_and_prints_a_table(name):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--quick"], capture_output=True, text=True, timeout=280)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("measurement") and set(lines[1]) == {"-"} and len(lines) > 4
