@@ -153,8 +153,13 @@ async def test_worker_dying_mid_stream_cuts_the_response_short(node_config):
 async def test_remote_peer_may_not_edit_our_entry(node_config):
     async with running_mock_llm(["m1"]) as mock, pair(node_config, mock) as (_, worker, client):
         for method in ("POST", "DELETE"):
-            r = await client.request(method, f"/v1/p2p/{worker.peer_id}/v1/dnt/_node", json={"role": ["x"]})
-            assert r.status_code == 403 and r.json()["error"]["code"] == "remote_forbidden"
+            for path in (f"/v1/p2p/{worker.peer_id}/v1/dnt/_node", f"/v1/p2p/{worker.peer_id}/v1/p2p/{worker.peer_id}/v1/dnt/_node/"):
+                r = await client.request(method, path, json={"role": ["x"]})
+                assert r.status_code == 403 and r.json()["error"]["code"] == "remote_forbidden", path
+        assert worker.table.own_entry()["role"] != ["x"]
+        async with httpx.AsyncClient(base_url=worker.gateway_url) as local:  # the node's own operator may
+            r = await local.post("/v1/dnt/_node", json={"role": ["x"]})
+            assert r.status_code == 200 and worker.table.own_entry()["role"] == ["x"]
 
 
 async def test_p2p_loop_is_cut(node_config):

@@ -81,8 +81,10 @@ class GatewayASGI:
             return
         if scope.get("ocf.nested"):
             # Dispatched in-process by the forwarder (internal service, /v1/p2p to ourselves): the
-            # outer call already applies CORS, policy and counting; only route it.
-            if self.forwarder.route_of(scope["path"]) is not None:
+            # outer call already applies CORS and counting; check the policy (the path is new) and route.
+            if self._forbidden(scope):
+                await send_asgi_error(send, Forbidden("another peer may not change this node's entry", code="remote_forbidden"))
+            elif self.forwarder.route_of(scope["path"]) is not None:
                 await self.forwarder(scope, receive, send)
             else:
                 await self.inner(scope, receive, send)
@@ -111,8 +113,7 @@ class GatewayASGI:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 status = 204
                 return
-            remote = scope.get("extensions", {}).get("ocf.remote_peer")
-            if remote is not None and (method, scope["path"].rstrip("/")) in REMOTE_FORBIDDEN:
+            if self._forbidden(scope):
                 scope["ocf.route"] = scope["path"]
                 await send_asgi_error(send_wrapped, Forbidden("another peer may not change this node's entry", code="remote_forbidden"))
                 return
@@ -127,6 +128,12 @@ class GatewayASGI:
                 await self.inner(scope, receive, send_wrapped)
         finally:
             self.metrics.request_counter(scope.get("ocf.route", "unmatched"), _method_label(method), str(status or 499)).inc()
+
+
+    @staticmethod
+    def _forbidden(scope: dict) -> bool:
+        remote = scope.get("extensions", {}).get("ocf.remote_peer")
+        return remote is not None and (scope["method"], scope["path"].rstrip("/")) in REMOTE_FORBIDDEN
 
 
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"})

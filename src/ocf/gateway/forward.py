@@ -7,9 +7,11 @@ what Quart's request/response wrappers take away:
 * backpressure both ways: the client's body is read from ASGI ``receive``
   only as fast as the upstream takes it (Quart's ``request.body`` buffers
   whatever arrives), and each upstream chunk is sent before the next is read;
-* one nursery per request that owns everything the exchange runs (the
-  request body pump, the client-disconnect watcher), so nothing outlives the
-  request and a client that goes away cancels the upstream request at once;
+* everything an exchange runs (the request body pump, the watcher for a
+  departing Hypercorn client) lives in nurseries of the request's own call,
+  so nothing outlives the request and a client that goes away cancels the
+  upstream request at once (over a peer stream the stream server cancels
+  the call itself, see :mod:`ocf.httpstream.server`);
 * a smaller per-hop cost (≈ 0.13 ms less CPU than a Quart view, measured),
   which matters because a request through the network crosses two gateways.
 
@@ -24,7 +26,7 @@ import json
 import logging
 import random
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Sequence
 
 import trio
 
@@ -198,7 +200,7 @@ class Responder:
             self.finished = True
         await self._send(message)
 
-    async def relay(self, response: Response, extra: list[tuple[bytes, bytes]] = ()) -> None:  # type: ignore[assignment]
+    async def relay(self, response: Response, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
         """Stream an upstream response to the client chunk by chunk, as each arrives."""
         # Our server adds its own Date; two would confuse caches.
         headers = [(k, v) for k, v in forwardable(response.headers) if k != b"date"] + list(extra)
@@ -210,7 +212,7 @@ class Responder:
         if not self.finished:
             await self({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def json(self, status: int, payload: Any, extra: list[tuple[bytes, bytes]] = ()) -> None:  # type: ignore[assignment]
+    async def json(self, status: int, payload: Any, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
         body = json.dumps(payload, ensure_ascii=False).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]
         await self({"type": "http.response.start", "status": status, "headers": headers})
