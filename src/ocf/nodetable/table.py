@@ -208,6 +208,8 @@ class NodeTable:
                         if owner == peer or known.get(owner, -1) >= record.seq:
                             continue
                         item = record.to_wire()
+                        # liveness rides along, so a relayed entry arrives "seen", not stale
+                        item["seen"] = self.clock() if owner == self.me else self.last_seen.get(owner, 0.0)
                         item_size = len(item["doc"]) + 300
                         if batch and size + item_size > limit // 2:
                             await self._send_records(stream, batch)
@@ -291,6 +293,11 @@ class NodeTable:
                 self._reject(peer, None, exc)
                 continue
             known[record.owner] = max(known.get(record.owner, -1), record.seq)
+            seen = item.get("seen") if isinstance(item, dict) else None
+            if isinstance(seen, (int, float)) and record.owner != self.me:
+                seen = min(float(seen), self.clock())
+                if seen > self.last_seen.get(record.owner, 0.0):
+                    self.last_seen[record.owner] = seen
             current = self.records.get(record.owner)
             if current is not None and current.seq >= record.seq:
                 continue
