@@ -195,3 +195,29 @@ async def test_public_addr_is_served_as_bootstrap(node_config):
         async with httpx.AsyncClient(base_url=node.gateway_url) as client:
             boots = (await client.get("/v1/dnt/bootstraps")).json()["bootstraps"]
         assert boots and all(str(node.peer_id) in b for b in boots)
+
+
+async def test_crashed_peer_leaves_the_served_view(node_config, tmp_path):
+    """A worker killed with SIGKILL (no goodbye) stops being served as connected."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+
+    async with open_node(node_config(mode="standalone")) as hub:
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ocf", "start", "--bootstrap.addr", str(hub.listen_addrs[0]), "--data-dir", str(tmp_path / "w"),
+             "--host", "127.0.0.1", "--port", str(port), "--tcpport", "0", "--log-level", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            await until(hub, lambda nd: len(nd.table.entries()) == 2)
+            worker = next(p for p in hub.table.entries() if p != str(hub.peer_id))
+            proc.send_signal(signal.SIGKILL)
+            await until(hub, lambda nd: worker not in nd.table.entries())
+            assert hub.table.entries(include_all=True)[worker]["connected"] is False
+        finally:
+            proc.kill()
+            proc.wait()

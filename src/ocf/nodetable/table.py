@@ -108,7 +108,7 @@ class NodeTable:
         entry = dict(self.docs[owner].to_dict())
         last = now if owner == self.me else self.last_seen.get(owner, 0.0)
         direct = owner != self.me and self.host.is_connected(owner)
-        fresh = now - last <= max(2.5 * self.config.verify_interval, 5.0)
+        fresh = now - last <= self._fresh_for()
         status = str(entry.get("status", ""))
         entry["last_seen"] = int(last)
         entry["connected"] = status not in GONE and (owner == self.me or direct or fresh)
@@ -117,6 +117,10 @@ class NodeTable:
             entry["stale"] = True
         entry.setdefault("load", 0)
         return entry
+
+    def _fresh_for(self) -> float:
+        """How long a sighting keeps a peer "connected": a little over two verification rounds."""
+        return max(2.5 * self.config.verify_interval, 5.0)
 
     # --- own entry -----------------------------------------------------------------------
 
@@ -372,6 +376,10 @@ class NodeTable:
                     scope = self._pushers.pop(event.peer, None)
                     if scope is not None:
                         scope.cancel()
+                    # What we saw ourselves no longer vouches for it; a peer that still
+                    # reaches it will say so in its next summary.
+                    horizon = self.clock() - self._fresh_for() - 1.0
+                    self.last_seen[event.peer] = min(self.last_seen.get(event.peer, 0.0), horizon)
                     self._bump()  # the served view changed
 
     def _start_pusher(self, peer: PeerId) -> None:
