@@ -239,3 +239,20 @@ async def test_response_arriving_in_one_piece_is_relayed_whole(node_config):
             r = await client.get("/v1/_service/sse/events")
             assert r.status_code == 200 and r.content == b"".join(chunks)
         nursery.cancel_scope.cancel()
+
+
+async def test_concurrent_forwards_per_provider_are_limited(node_config):
+    async with running_mock_llm(["m1"]) as mock:
+        config = node_config(max_forwards_per_peer=1, services=(ServiceSpec("llm", mock.port, "127.0.0.1"),))
+        async with open_node(config) as node, httpx.AsyncClient(base_url=node.gateway_url, timeout=30) as client:
+            await node.services.refresh()
+            release, gate = trio.open_memory_channel(0)
+            mock.app.config["TOKEN_GATE"] = gate
+            async with client.stream("POST", "/v1/service/llm/v1/chat/completions", json=chat("m1", "hold", stream=True)) as held:
+                assert held.status_code == 200  # its answer is held open by the gate
+                r = await client.post("/v1/service/llm/v1/chat/completions", json=chat("m1", "second"))
+                assert r.status_code == 503 and _error(r)["code"] == "providers_busy" and r.headers["retry-after"] == "1"
+                mock.app.config["TOKEN_GATE"] = None
+                await release.aclose()
+            r = await client.post("/v1/service/llm/v1/chat/completions", json=chat("m1", "third"))
+            assert r.status_code == 200

@@ -90,3 +90,29 @@ def test_services_list_tolerates_junk():
     (p,) = routing.providers_of(entries, "llm", "")
     assert p.groups == frozenset({"model=a", "bad"})
     assert routing.identity_keys([p]) == ["model"]
+
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+_models = st.sampled_from(["a", "b", "c", "d"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    tables=st.dictionaries(st.sampled_from(["P1", "P2", "P3", "P4", "P5"]), st.lists(_models, max_size=3, unique=True), min_size=1),
+    wanted=_models,
+    load=st.dictionaries(st.sampled_from(["P1", "P2", "P3", "P4", "P5"]), st.integers(0, 5)),
+)
+def test_selection_properties(tables, wanted, load):
+    entries = {peer: entry(llm(*models)) for peer, models in tables.items()}
+    providers = routing.providers_of(entries, "llm", "")
+    serving = {peer for peer, models in tables.items() if wanted in models}
+    try:
+        found = routing.select(providers, {"model": wanted}, service="llm", known=["llm"], has_body=True)
+    except NotFound as exc:
+        assert not serving and exc.code == "model_not_found"
+        return
+    assert {p.peer for p in found} == serving
+    chosen = routing.choose(found, load, random.Random(0))
+    assert load.get(chosen.peer, 0) == min(load.get(p.peer, 0) for p in found)
