@@ -148,6 +148,14 @@ class NotFound(GatewayRequestError):
     type = "invalid_request_error"
 
 
+class Conflict(GatewayRequestError):
+    """The request contradicts current state (a late worker completing a job leased to another)."""
+
+    status = 409
+    code = "conflict"
+    type = "invalid_request_error"
+
+
 class PayloadTooLarge(GatewayRequestError):
     """The request body exceeds ``max_body_size``."""
 

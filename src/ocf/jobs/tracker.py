@@ -1,0 +1,180 @@
+"""The tracker as a node subsystem: the store plus the tasks that make time pass.
+
+:class:`~ocf.jobs.store.JobStore` is synchronous and clock-free; this module
+adds what needs Trio: a reaper task that returns expired leases to pending
+at their deadline (the original tracker's reclaim task died on a typo and
+stuck jobs stayed stuck forever; ours is tested), a change notification that
+long-polling claims and the dashboard's live feed wait on, and registration
+of the ``jobs`` service so workers reach the tracker through any node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+
+import trio
+
+from .. import log as logfmt
+from .store import JobStore
+
+if TYPE_CHECKING:
+    from ..node import Node
+
+log = logging.getLogger("ocf.jobs")
+
+IDLE_SWEEP_INTERVAL = 60.0
+MAX_REAPER_SLEEP = 5.0
+MAX_CLAIM_WAIT = 60.0
+
+
+class Tracker:
+    """Mutations go through here so waiters learn of them; reads may use :attr:`store`."""
+
+    def __init__(self, store: JobStore, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.clock = clock
+        self.version = 0
+        self._changed = trio.Event()
+
+    # --- change notification ----------------------------------------------------------------
+
+    def notify(self) -> None:
+        self.version += 1
+        event, self._changed = self._changed, trio.Event()
+        event.set()
+
+    async def wait_changed(self, since: int) -> int:
+        """Return the current version once it differs from ``since``."""
+        while self.version == since:
+            await self._changed.wait()
+        return self.version
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Wait (without polling) until ``predicate()`` holds after some change."""
+        while not predicate():
+            await self._changed.wait()
+
+    # --- mutations ------------------------------------------------------------------------------
+
+    def _mutate(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        result = getattr(self.store, method)(*args, **kwargs)
+        self.notify()
+        return result
+
+    def create_project(self, name: str, body: Any) -> Any:
+        project, created = self._mutate("create_project", name, body, self.clock())
+        if created:
+            log.info("project created %s", logfmt.kv(project=name, stages=",".join(s.name for s in project.stages)))
+        return project, created
+
+    def add_jobs(self, name: str, inputs: Any, *, idempotency_key: str | None = None) -> dict[str, Any]:
+        return self._mutate("add_jobs", name, inputs, self.clock(), idempotency_key=idempotency_key)
+
+    def register_worker(self, name: str, *, nickname: str, stage: Any, user: str | None = None) -> dict[str, Any]:
+        worker = self._mutate("register_worker", name, nickname=nickname, stage=stage, user=user, now=self.clock())
+        log.info("worker registered %s", logfmt.kv(project=name, worker=worker["name"], user=worker["user"], stage=worker["stage"] + 1))
+        return worker
+
+    async def claim(self, name: str, token: Any, *, limit: int = 1, stage: Any = None, wait: float = 0.0, release_held: bool = False) -> list[dict[str, Any]]:
+        """Lease up to ``limit`` jobs; with ``wait`` > 0, wait that long for one to appear (long poll)."""
+        jobs = self._mutate("claim", name, token, self.clock(), limit=limit, stage=stage, release_held=release_held)
+        if jobs or wait <= 0:
+            return jobs
+        stage_index = self.store.worker_stage(name, token, self.clock())
+        with trio.move_on_after(min(wait, MAX_CLAIM_WAIT)):
+            while True:
+                await self._changed.wait()
+                if not self.store.pending_count(name, stage_index + 1):
+                    continue  # a change elsewhere; claiming now would only cost a commit
+                jobs = self._mutate("claim", name, token, self.clock(), limit=limit, stage=stage)
+                if jobs:
+                    return jobs
+        return []
+
+    def heartbeat(self, name: str, token: Any, *, progress: Any = None, jobs: Any = None) -> dict[str, Any]:
+        return self._mutate("heartbeat", name, token, self.clock(), progress=progress, jobs=jobs)
+
+    def complete(self, name: str, token: Any, job_id: Any, output: Any) -> dict[str, Any]:
+        return self._mutate("complete", name, token, job_id, output, self.clock())
+
+    def complete_many(self, name: str, token: Any, items: Any) -> list[dict[str, Any]]:
+        return self._mutate("complete_many", name, token, items, self.clock())
+
+    def fail(self, name: str, token: Any, job_id: Any, error: Any) -> dict[str, Any]:
+        result = self._mutate("fail", name, token, job_id, error, self.clock())
+        log.info("job failed by worker %s", logfmt.kv(project=name, job=result["id"], now=result["status"], attempts=result["attempts"]))
+        return result
+
+    def flag(self, name: str, token: Any, job_id: Any, reason: Any = None) -> dict[str, Any]:
+        result = self._mutate("flag", name, token, job_id, self.clock(), reason)
+        if result["status"] != "flagged":
+            log.warning("job input flagged invalid %s", logfmt.kv(project=name, job=result["id"], outcome=result["status"], redo=result.get("redo", "-")))
+        return result
+
+    def bye(self, name: str, token: Any) -> int:
+        return self._mutate("bye", name, token, self.clock())
+
+    # --- time ------------------------------------------------------------------------------------
+
+    def expire_now(self) -> list[tuple[str, int, str]]:
+        expired = self.store.expire(self.clock())
+        if expired:
+            failed = sum(1 for *_, state in expired if state == "failed")
+            log.info("leases expired %s", logfmt.kv(jobs=len(expired), requeued=len(expired) - failed, failed=failed))
+            self.notify()
+        return expired
+
+    async def run_reaper(self) -> None:
+        """Return expired leases to pending at their deadline, for as long as the node runs."""
+        next_sweep = self.clock() + IDLE_SWEEP_INTERVAL
+        while True:
+            now = self.clock()
+            if now >= next_sweep:
+                forgotten = self.store.forget_idle_workers(now)
+                if forgotten:
+                    log.info("idle workers forgotten %s", logfmt.kv(workers=forgotten))
+                    self.notify()
+                next_sweep = now + IDLE_SWEEP_INTERVAL
+            due = self.store.next_expiry()
+            if due is not None and due <= now:
+                self.expire_now()
+                await trio.sleep(0)  # let requests run between large batches
+                continue
+            delay = min(MAX_REAPER_SLEEP, next_sweep - now, (due - now) if due is not None else MAX_REAPER_SLEEP)
+            # A claim may create a lease due sooner than what we sleep for: wake on changes too.
+            with trio.move_on_after(max(delay, 0.001)):
+                await self._changed.wait()
+
+
+@contextlib.asynccontextmanager
+async def open_tracker(node: "Node") -> AsyncIterator[Tracker]:
+    """Host the tracker on ``node``: open its store, run its reaper, register the ``jobs`` service."""
+    config = node.config
+    store = JobStore(
+        node.store,
+        max_stages=config.jobs_max_stages,
+        max_attempts=config.jobs_max_attempts,
+        flag_threshold=config.jobs_flag_threshold,
+        max_payload=config.jobs_max_payload,
+        default_lease=config.jobs_lease_timeout,
+        worker_timeout=config.jobs_worker_timeout,
+    )
+    tracker = Tracker(store)
+    expired = tracker.expire_now()  # leases that ran out while the node was down
+    log.info(
+        "job tracker started %s",
+        logfmt.kv(projects=len(store.projects()), expired_while_down=len(expired)),
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tracker.run_reaper)
+        if node.services is not None:
+            node.services.register_internal("jobs", "/v1/jobs")
+        try:
+            yield tracker
+        finally:
+            if node.services is not None:
+                node.services.unregister_internal("jobs")
+            nursery.cancel_scope.cancel()
