@@ -116,7 +116,12 @@ async def open_node(config: Config, memory_network: Any = None) -> AsyncIterator
 
                 node.services = await stack.enter_async_context(open_registrar(node))
                 # ------------------------------------------------------------------
-                # jobs tracker: node.jobs
+                # jobs tracker: node.jobs (only with --jobs) ---------------------
+                if config.jobs:
+                    from .jobs import open_tracker
+
+                    node.jobs = await stack.enter_async_context(open_tracker(node))
+                # gateway --------------------------------------------------------------
                 node.gateway = await stack.enter_async_context(open_gateway(node))
                 # ----------------------------------------------------------------------
                 log.info(

@@ -31,6 +31,13 @@ def create_app(node: "Node") -> QuartTrio:
     from ..nodetable.http import blueprint as nodetable_blueprint
 
     app.register_blueprint(nodetable_blueprint)
+    from ..jobs.compat import blueprint as jobs_compat_blueprint
+    from ..jobs.dashboard import blueprint as dashboard_blueprint
+    from ..jobs.http import blueprint as jobs_blueprint
+
+    app.register_blueprint(jobs_blueprint)
+    app.register_blueprint(jobs_compat_blueprint)
+    app.register_blueprint(dashboard_blueprint)
 
     # --- gateway: JSON errors, metrics, forwarding routes (issue 6) ----------------------
     install_gateway_layer(app, node)

@@ -336,6 +336,13 @@ class JobStore:
         with self._read(project) as tx:
             return self._worker(tx, token, now)["stage"]
 
+    def held_jobs(self, name: str, token: Any, now: float) -> tuple[list[int], int | None]:
+        """The jobs a worker holds, and the last one it completed (for idempotent retries)."""
+        project = self.project(name)
+        with self._read(project) as tx:
+            worker = self._worker(tx, token, now)
+        return list(worker["leases"]), worker.get("last_done")
+
     def validate_worker(self, name: str, token: Any, now: float) -> bool:
         project = self.project(name)
         with self._read(project) as tx:
@@ -551,6 +558,7 @@ class JobStore:
         tx.bump(f"s{stage}.done")
         worker["leases"] = [j for j in worker["leases"] if j != job_id]
         worker["completed"] += 1
+        worker["last_done"] = job_id
         worker["progress"] = "Completed job"
         self._credit(tx, worker, stage, now)
         return {"id": job_id, "status": "done", "children": children}

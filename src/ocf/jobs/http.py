@@ -1,0 +1,296 @@
+"""``/v1/jobs/...``: the tracker's native HTTP API.
+
+JSON in, JSON out, honest status codes with errors in the gateway's shape.
+A worker authenticates every call with the token it got at registration,
+as ``Authorization: Bearer <token>`` or a ``"token"`` field in the body.
+
+==========================================  ==========================================================
+``GET    /v1/jobs``                         projects with their progress
+``PUT    /v1/jobs/<p>``                     create a project (same definition again: 200, different: 409)
+``GET    /v1/jobs/<p>``                     definition + per-stage counts
+``POST   /v1/jobs/<p>/jobs``                add stage-1 jobs: JSON list, ``{"inputs": [...]}`` or NDJSON
+``GET    /v1/jobs/<p>/jobs/<id>``           one job
+``POST   /v1/jobs/<p>/workers``             register ``{nickname, user?, stage}`` -> token and name
+``GET    /v1/jobs/<p>/workers/<name>``      a worker's page: completions, jobs per hour
+``POST   /v1/jobs/<p>/claim``               lease up to ``max`` jobs, waiting up to ``wait`` s for one
+``POST   /v1/jobs/<p>/heartbeat``           extend leases, report ``progress``; lists leases lost
+``POST   /v1/jobs/<p>/complete``            ``{"results": [{id, output}]}``, per-item outcome
+``POST   /v1/jobs/<p>/jobs/<id>/complete``  ``{"output": ...}``; 409 if the lease was lost
+``POST   /v1/jobs/<p>/jobs/<id>/fail``      ``{"error": "..."}``: retried, or failed after max attempts
+``POST   /v1/jobs/<p>/jobs/<id>/flag``      the job's input is bad (rolls back after enough flags)
+``POST   /v1/jobs/<p>/bye``                 unregister, releasing held jobs at once
+``GET    /v1/jobs/<p>/stats``               progress, rates, ETA, throughput, failures (the dashboard's data)
+``GET    /v1/jobs/<p>/leaderboard``         per user and per worker, per stage, all time and 24 h
+``GET    /v1/jobs/<p>/results``             last stage's outputs as JSON lines (``?after=&limit=``)
+``GET    /v1/jobs/<p>/failures``            recent failures
+``GET    /v1/jobs/<p>/events``              server-sent ``stats`` events as things change
+==========================================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, AsyncIterator
+
+import trio
+from quart import Blueprint, Response, current_app, jsonify, request
+
+from ..errors import BadRequest, NotFound
+from .tracker import Tracker
+
+blueprint = Blueprint("jobs", __name__)
+
+CREATE_BATCH = 10_000
+EVENTS_MIN_INTERVAL = 0.5
+EVENTS_KEEPALIVE = 15.0
+RESULTS_PAGE = 1000
+
+
+def tracker() -> Tracker:
+    node = current_app.extensions["ocf.node"]
+    if node.jobs is None:
+        raise NotFound("this node does not host a job tracker (start it with --jobs)", code="no_tracker")
+    return node.jobs
+
+
+async def json_body(required: bool = True) -> Any:
+    """The request body as JSON, or :class:`BadRequest` saying why not."""
+    raw = await request.get_data()
+    if not raw:
+        if required:
+            raise BadRequest("request body must be JSON", code="bad_json")
+        return {}
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}", code="bad_json") from None
+
+
+async def json_object() -> dict[str, Any]:
+    body = await json_body(required=False)
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object", code="bad_json")
+    return body
+
+
+def token_of(body: dict[str, Any]) -> Any:
+    auth = request.headers.get("Authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return body.get("token")
+
+
+def _number(value: Any, field: str, lo: float, hi: float, default: float) -> float:
+    if value is None:
+        return default
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            value = None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise BadRequest(f"{field} must be a number in {lo:g}..{hi:g}", code=f"bad_{field}")
+    return value
+
+
+# --- projects ---------------------------------------------------------------------------
+
+
+@blueprint.get("/v1/jobs")
+async def list_projects():  # type: ignore[no-untyped-def]
+    t = tracker()
+    now = t.clock()
+    out = []
+    for project in t.store.projects():
+        stats = t.store.stats(project.name, now)
+        out.append({**project.to_json(), "completion": stats["completion"], "eta_seconds": stats["eta_seconds"], "results": stats["results"]})
+    return jsonify(projects=out)
+
+
+@blueprint.put("/v1/jobs/<project>")
+async def create_project(project: str):  # type: ignore[no-untyped-def]
+    definition, created = tracker().create_project(project, await json_body())
+    return jsonify(definition.to_json()), 201 if created else 200
+
+
+@blueprint.get("/v1/jobs/<project>")
+async def get_project(project: str):  # type: ignore[no-untyped-def]
+    t = tracker()
+    definition = t.store.project(project)
+    counts = t.store.counts(project)
+    out = definition.to_json()
+    for stage, c in zip(out["stages"], counts):
+        stage.update(c)
+    return jsonify(out)
+
+
+# --- jobs -------------------------------------------------------------------------------
+
+
+@blueprint.post("/v1/jobs/<project>/jobs")
+async def add_jobs(project: str):  # type: ignore[no-untyped-def]
+    t = tracker()
+    t.store.project(project)  # 404 before reading a large body
+    key = request.headers.get("Idempotency-Key") or None
+    if key is not None and len(key) > 200:
+        raise BadRequest("Idempotency-Key must be at most 200 characters", code="bad_idempotency_key")
+    if request.mimetype in ("application/x-ndjson", "application/jsonl", "application/jsonlines"):
+        raw = await request.get_data()
+        inputs = []
+        for number, line in enumerate(raw.splitlines(), 1):
+            if line.strip():
+                try:
+                    inputs.append(json.loads(line))
+                except ValueError as exc:
+                    raise BadRequest(f"line {number} is not JSON: {exc}", code="bad_json") from None
+    else:
+        body = await json_body()
+        inputs = body.get("inputs") if isinstance(body, dict) else body
+        if not isinstance(inputs, list):
+            raise BadRequest("body must be a JSON list of inputs, {\"inputs\": [...]}, or NDJSON lines", code="bad_inputs")
+    answer = t.add_jobs(project, inputs, idempotency_key=key)
+    return jsonify(answer), 200 if answer.get("repeated") else 201
+
+
+@blueprint.get("/v1/jobs/<project>/jobs/<int:job_id>")
+async def get_job(project: str, job_id: int):  # type: ignore[no-untyped-def]
+    return jsonify(tracker().store.job(project, job_id))
+
+
+# --- workers ----------------------------------------------------------------------------
+
+
+@blueprint.post("/v1/jobs/<project>/workers")
+async def register(project: str):  # type: ignore[no-untyped-def]
+    body = await json_object()
+    nickname = body.get("nickname", body.get("user"))
+    worker = tracker().register_worker(project, nickname=nickname, user=body.get("user"), stage=body.get("stage", 1))
+    stage = tracker().store.project(project).stages[worker["stage"]]
+    return jsonify(token=worker["token"], name=worker["name"], user=worker["user"], project=project, stage=stage.name, lease_timeout=stage.lease_timeout), 201
+
+
+@blueprint.get("/v1/jobs/<project>/workers/<name>")
+async def worker_page(project: str, name: str):  # type: ignore[no-untyped-def]
+    t = tracker()
+    return jsonify(t.store.worker_by_name(project, name, t.clock()))
+
+
+@blueprint.post("/v1/jobs/<project>/claim")
+async def claim(project: str):  # type: ignore[no-untyped-def]
+    body = await json_object()
+    limit = body.get("max", 1)
+    wait = _number(body.get("wait"), "wait", 0, 60, 0.0)
+    jobs = await tracker().claim(project, token_of(body), limit=limit, stage=body.get("stage"), wait=wait)
+    return jsonify(jobs=jobs)
+
+
+@blueprint.post("/v1/jobs/<project>/heartbeat")
+async def heartbeat(project: str):  # type: ignore[no-untyped-def]
+    body = await json_object()
+    return jsonify(tracker().heartbeat(project, token_of(body), progress=body.get("progress"), jobs=body.get("jobs")))
+
+
+@blueprint.post("/v1/jobs/<project>/complete")
+async def complete_batch(project: str):  # type: ignore[no-untyped-def]
+    body = await json_object()
+    items = body.get("results")
+    if items is None and "id" in body:
+        items = [{"id": body["id"], "output": body.get("output")}]
+    return jsonify(results=tracker().complete_many(project, token_of(body), items))
+
+
+@blueprint.post("/v1/jobs/<project>/jobs/<int:job_id>/complete")
+async def complete_one(project: str, job_id: int):  # type: ignore[no-untyped-def]
+    body = await json_object()
+    if "output" not in body:
+        raise BadRequest("body must have an 'output' field (any JSON value)", code="bad_output")
+    return jsonify(tracker().complete(project, token_of(body), job_id, body["output"]))
+
+
+@blueprint.post("/v1/jobs/<project>/jobs/<int:job_id>/fail")
+async def fail(project: str, job_id: int):  # type: ignore[no-untyped-def]
+    body = await json_object()
+    return jsonify(tracker().fail(project, token_of(body), job_id, body.get("error")))
+
+
+@blueprint.post("/v1/jobs/<project>/jobs/<int:job_id>/flag")
+async def flag(project: str, job_id: int):  # type: ignore[no-untyped-def]
+    body = await json_object()
+    return jsonify(tracker().flag(project, token_of(body), job_id, body.get("reason")))
+
+
+@blueprint.post("/v1/jobs/<project>/bye")
+async def bye(project: str):  # type: ignore[no-untyped-def]
+    body = await json_object()
+    return jsonify(released=tracker().bye(project, token_of(body)))
+
+
+# --- reading ----------------------------------------------------------------------------
+
+
+@blueprint.get("/v1/jobs/<project>/stats")
+async def stats(project: str):  # type: ignore[no-untyped-def]
+    t = tracker()
+    return jsonify(t.store.stats(project, t.clock()))
+
+
+@blueprint.get("/v1/jobs/<project>/leaderboard")
+async def leaderboard(project: str):  # type: ignore[no-untyped-def]
+    t = tracker()
+    limit = int(_number(request.args.get("limit"), "limit", 1, 10_000, 50))
+    return jsonify(t.store.leaderboard(project, t.clock(), limit=limit))
+
+
+@blueprint.get("/v1/jobs/<project>/failures")
+async def failures(project: str):  # type: ignore[no-untyped-def]
+    limit = int(_number(request.args.get("limit"), "limit", 1, 1000, 100))
+    return jsonify(failures=tracker().store.failures(project, limit=limit))
+
+
+@blueprint.get("/v1/jobs/<project>/results")
+async def results(project: str):  # type: ignore[no-untyped-def]
+    """JSON lines, streamed page by page so a million results never sit in memory."""
+    store = tracker().store
+    store.project(project)
+    after = int(_number(request.args.get("after"), "after", 0, 2**63, 0))
+    limit = int(_number(request.args.get("limit"), "limit", 1, 2**63, 2**63))
+
+    async def lines() -> AsyncIterator[bytes]:
+        nonlocal after
+        sent = 0
+        while sent < limit:
+            page = store.results(project, after=after, limit=min(RESULTS_PAGE, limit - sent))
+            if not page:
+                return
+            yield b"".join(json.dumps(r, separators=(",", ":"), ensure_ascii=False).encode() + b"\n" for r in page)
+            after = page[-1]["seq"]
+            sent += len(page)
+            await trio.sleep(0)
+
+    response = Response(lines(), mimetype="application/x-ndjson")
+    response.headers["Content-Disposition"] = f'attachment; filename="{project}-results.jsonl"'
+    return response
+
+
+@blueprint.get("/v1/jobs/<project>/events")
+async def events(project: str):  # type: ignore[no-untyped-def]
+    """Server-sent events: a ``stats`` event now and after changes (at most two a second)."""
+    t = tracker()
+    t.store.project(project)
+
+    async def stream() -> AsyncIterator[bytes]:
+        while True:
+            version = t.version
+            payload = json.dumps(t.store.stats(project, t.clock()), separators=(",", ":"))
+            yield f"event: stats\ndata: {payload}\n\n".encode()
+            with trio.move_on_after(EVENTS_KEEPALIVE) as scope:
+                await t.wait_changed(version)
+            if scope.cancelled_caught:
+                yield b": keepalive\n\n"
+            await trio.sleep(EVENTS_MIN_INTERVAL)
+
+    response = Response(stream(), mimetype="text/event-stream")
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"
+    response.timeout = None
+    return response

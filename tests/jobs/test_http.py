@@ -1,0 +1,190 @@
+"""The tracker's HTTP API on a real node: honest codes, bad input, concurrency, reaching it via the network."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+import trio
+
+from ocf.node import open_node
+from ocf.transport import MemoryNetwork
+
+pytestmark = pytest.mark.timeout(120)
+
+PROJECT = {"stages": [{"name": "crawl", "lease_timeout": 30}, {"name": "embed", "lease_timeout": 30}, {"name": "filter", "lease_timeout": 30}]}
+
+
+async def setup_project(client: httpx.AsyncClient, inputs=("a", "b", "c"), definition=PROJECT) -> None:
+    r = await client.put("/v1/jobs/crawl", json=definition)
+    assert r.status_code == 201, r.text
+    r = await client.post("/v1/jobs/crawl/jobs", json=list(inputs))
+    assert r.status_code == 201 and r.json()["created"] == len(inputs)
+
+
+async def register(client, stage="crawl", nickname="alice") -> str:
+    r = await client.post("/v1/jobs/crawl/workers", json={"nickname": nickname, "stage": stage})
+    assert r.status_code == 201, r.text
+    return r.json()["token"]
+
+
+def auth(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_three_stage_run_over_http(node_config):
+    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url) as client:
+        await setup_project(client)
+        for stage in ("crawl", "embed", "filter"):
+            token = await register(client, stage)
+            r = await client.post("/v1/jobs/crawl/claim", json={"max": 10}, headers=auth(token))
+            jobs = r.json()["jobs"]
+            assert len(jobs) == 3 and {j["stage"] for j in jobs} == {stage}
+            r = await client.post(
+                "/v1/jobs/crawl/complete",
+                json={"results": [{"id": j["id"], "output": [j["input"], stage]} for j in jobs]},
+                headers=auth(token),
+            )
+            assert [x["status"] for x in r.json()["results"]] == ["done"] * 3
+        r = await client.get("/v1/jobs/crawl/results")
+        assert r.headers["content-type"].startswith("application/x-ndjson")
+        lines = [json.loads(line) for line in r.text.splitlines()]
+        assert len(lines) == 3 and all(line["output"][1] == "filter" for line in lines)
+        stats = (await client.get("/v1/jobs/crawl/stats")).json()
+        assert stats["completion"] == 1.0 and [s["done"] for s in stats["stages"]] == [3, 3, 3]
+        board = (await client.get("/v1/jobs/crawl/leaderboard")).json()
+        assert board["users"][0]["name"] == "alice" and board["users"][0]["total"] == 9
+        projects = (await client.get("/v1/jobs")).json()["projects"]
+        assert projects[0]["name"] == "crawl" and projects[0]["results"] == 3
+
+
+async def test_bad_requests_get_clear_errors_and_change_nothing(node_config):
+    async with open_node(node_config(jobs=True, jobs_max_payload=1000)) as node, httpx.AsyncClient(base_url=node.gateway_url) as client:
+        await setup_project(client)
+        token = await register(client)
+        cases = [
+            ("put", "/v1/jobs/crawl", {"content": b"{not json"}, 400, "bad_json"),
+            ("put", "/v1/jobs/crawl", {"json": {"stages": ["other"]}}, 409, "project_exists"),
+            ("put", "/v1/jobs/x", {"json": {"stages": ["a1"] * 6}}, 400, "too_many_stages"),
+            ("get", "/v1/jobs/nope/stats", {}, 404, "unknown_project"),
+            ("post", "/v1/jobs/crawl/jobs", {"json": {"inputs": "x"}}, 400, "bad_inputs"),
+            ("post", "/v1/jobs/crawl/jobs", {"json": ["x" * 2000]}, 413, "payload_too_large"),
+            ("post", "/v1/jobs/crawl/jobs", {"content": b'"ok"\n{bad', "headers": {"Content-Type": "application/x-ndjson"}}, 400, "bad_json"),
+            ("post", "/v1/jobs/crawl/workers", {"json": {"nickname": "x", "stage": "nope"}}, 400, "unknown_stage"),
+            ("post", "/v1/jobs/crawl/claim", {"json": {"max": 5}}, 404, "unknown_worker"),
+            ("post", "/v1/jobs/crawl/claim", {"json": {"max": 5}, "headers": auth("forged")}, 404, "unknown_worker"),
+            ("post", "/v1/jobs/crawl/claim", {"json": {"max": "lots"}, "headers": auth(token)}, 400, "bad_limit"),
+            ("post", "/v1/jobs/crawl/claim", {"json": [1], "headers": auth(token)}, 400, "bad_json"),
+            ("post", "/v1/jobs/crawl/heartbeat", {"json": {"token": "forged"}}, 404, "unknown_worker"),
+            ("post", "/v1/jobs/crawl/jobs/1/complete", {"json": {"output": 1}, "headers": auth(token)}, 409, "lease_lost"),
+            ("post", "/v1/jobs/crawl/jobs/99/complete", {"json": {"output": 1}, "headers": auth(token)}, 404, "unknown_job"),
+            ("post", "/v1/jobs/crawl/jobs/1/complete", {"json": {}, "headers": auth(token)}, 400, "bad_output"),
+        ]
+        for method, path, kwargs, status, code in cases:
+            r = await getattr(client, method)(path, **kwargs)
+            assert r.status_code == status, (path, r.text)
+            assert r.json()["error"]["code"] == code, (path, r.text)
+        counts = (await client.get("/v1/jobs/crawl")).json()["stages"][0]
+        assert counts["pending"] == 3 and counts["leased"] == 0
+        # oversize output: 413, lease kept
+        job = (await client.post("/v1/jobs/crawl/claim", json={}, headers=auth(token))).json()["jobs"][0]
+        r = await client.post(f"/v1/jobs/crawl/jobs/{job['id']}/complete", json={"output": "y" * 2000}, headers=auth(token))
+        assert r.status_code == 413
+        assert (await client.get(f"/v1/jobs/crawl/jobs/{job['id']}")).json()["state"] == "leased"
+
+
+async def test_no_tracker_without_jobs_flag(node_config):
+    async with open_node(node_config()) as node, httpx.AsyncClient(base_url=node.gateway_url) as client:
+        r = await client.get("/v1/jobs")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "no_tracker"
+
+
+async def test_200_workers_claiming_at_once_never_share_a_job(node_config):
+    async with open_node(node_config(jobs=True)) as node:
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(base_url=node.gateway_url, limits=limits, timeout=60) as client:
+            await setup_project(client, inputs=range(1000))
+            tokens = []
+
+            async def reg() -> None:
+                tokens.append(await register(client, nickname=f"w{len(tokens)}"))
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(200):
+                    nursery.start_soon(reg)
+            claimed: list[int] = []
+
+            async def worker(token: str) -> None:
+                while True:
+                    r = await client.post("/v1/jobs/crawl/claim", json={"max": 3}, headers=auth(token))
+                    assert r.status_code == 200, r.text
+                    jobs = r.json()["jobs"]
+                    if not jobs:
+                        return
+                    claimed.extend(j["id"] for j in jobs)
+
+            async with trio.open_nursery() as nursery:
+                for token in tokens:
+                    nursery.start_soon(worker, token)
+        assert len(claimed) == 1000 and len(set(claimed)) == 1000
+
+
+async def test_long_poll_claim_wakes_when_jobs_arrive(node_config):
+    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, timeout=30) as client:
+        await setup_project(client, inputs=[])
+        token = await register(client)
+        got = []
+
+        async def waiter() -> None:
+            r = await client.post("/v1/jobs/crawl/claim", json={"wait": 20}, headers=auth(token))
+            got.extend(r.json()["jobs"])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            tracker = node.jobs
+            await tracker.wait_until(lambda: tracker.store.stats("crawl", tracker.clock())["workers"]["total"] == 1)
+            await trio.sleep(0)  # let the first (empty) claim go through before adding
+            await client.post("/v1/jobs/crawl/jobs", json=["late"])
+        assert [j["input"] for j in got] == ["late"]
+
+
+async def test_expired_lease_is_reclaimed_by_the_reaper_and_late_result_refused(node_config):
+    definition = {"stages": [{"name": "crawl", "lease_timeout": 0.2}, "embed"]}
+    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url) as client:
+        await setup_project(client, inputs=["x"], definition=definition)
+        slow, fast = await register(client, nickname="slow"), await register(client, nickname="fast")
+        job = (await client.post("/v1/jobs/crawl/claim", json={}, headers=auth(slow))).json()["jobs"][0]
+        tracker = node.jobs
+        await tracker.wait_until(lambda: tracker.store.counts("crawl")[0]["pending"] == 1)
+        again = (await client.post("/v1/jobs/crawl/claim", json={}, headers=auth(fast))).json()["jobs"][0]
+        assert again["id"] == job["id"] and again["attempts"] == 2
+        r = await client.post(f"/v1/jobs/crawl/jobs/{job['id']}/complete", json={"output": "late"}, headers=auth(slow))
+        assert r.status_code == 409 and r.json()["error"]["code"] == "lease_lost"
+        r = await client.post("/v1/jobs/crawl/complete", json={"results": [{"id": job["id"], "output": "ok"}]}, headers=auth(fast))
+        assert r.json()["results"][0]["status"] == "done"
+        r = await client.post("/v1/jobs/crawl/complete", json={"results": [{"id": job["id"], "output": "ok"}]}, headers=auth(fast))
+        assert r.json()["results"][0]["status"] == "already_done"
+        assert (await client.get("/v1/jobs/crawl")).json()["stages"][1]["pending"] == 1
+        failures = (await client.get("/v1/jobs/crawl/failures")).json()["failures"]
+        assert "lease expired" in failures[0]["error"]
+
+
+async def test_tracker_is_reachable_through_another_node_as_the_jobs_service(node_config):
+    network = MemoryNetwork()
+    async with open_node(node_config(jobs=True), memory_network=network) as tracker_node:
+        addr = str(tracker_node.listen_addrs[0])
+        async with open_node(node_config(mode="node", bootstrap_addrs=(addr,)), memory_network=network) as edge:
+            async with httpx.AsyncClient(base_url=edge.gateway_url, timeout=30) as client:
+                with trio.fail_after(30):  # wait (on table changes) until the edge knows who offers "jobs"
+                    while not any(
+                        s.get("name") == "jobs" for e in edge.table.entries().values() for s in (e.get("service") or [])
+                    ):
+                        await edge.table.wait_changed()
+                r = await client.put("/v1/service/jobs/crawl", json=PROJECT)
+                assert r.status_code == 201, r.text
+                assert r.headers["X-Computing-Node"] == str(tracker_node.peer_id)
+                r = await client.post("/v1/service/jobs/crawl/jobs", json=["via-network"])
+                assert r.status_code == 201
+                stats = (await client.get("/v1/service/jobs/crawl/stats")).json()
+                assert stats["stages"][0]["pending"] == 1
