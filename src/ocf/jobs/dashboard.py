@@ -1,12 +1,85 @@
-"""``/dashboard``: the tracker's live page (placeholder until the dashboard lands)."""
+"""``/dashboard``: the tracker's live page.
+
+The page is static HTML + vanilla JS + CSS shipped as package data in
+``ocf/jobs/static/`` (no build step, no CDN, nothing fetched from another
+host): the browser renders everything from the public JSON API
+(``/v1/jobs/<p>/stats``, ``/leaderboard``) and stays live on the
+server-sent ``/v1/jobs/<p>/events`` stream. Keeping all rendering client-side
+means the server never interpolates user-provided strings (project names,
+nicknames, error messages) into HTML, so there is nothing to escape here; the
+script only ever writes data with ``textContent``, and the Content-Security-
+Policy below forbids inline and foreign scripts as a second line of defence.
+
+Routes:
+
+- ``GET /dashboard[?project=NAME]``: the page. ``404`` (same page, which then
+  explains why) when this node hosts no tracker or ``NAME`` is no project, so
+  a link checker or script sees an honest status.
+- ``GET /dashboard/static/<file>``: the page's assets, a fixed allow-list.
+"""
 
 from __future__ import annotations
 
-from quart import Blueprint, Response
+from importlib import resources
+
+from quart import Blueprint, Response, current_app, request
+
+from ..errors import NotFound
 
 blueprint = Blueprint("jobs_dashboard", __name__)
+
+ASSETS: dict[str, str] = {
+    "dashboard.js": "text/javascript; charset=utf-8",
+    "dashboard.css": "text/css; charset=utf-8",
+}
+PAGE = "index.html"
+
+# Everything comes from this origin; canvas/SVG need nothing more.
+SECURITY_HEADERS: dict[str, str] = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+        "img-src 'self' data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def read_asset(name: str) -> bytes:
+    """An asset's bytes from the installed package (works from a wheel or an editable install)."""
+    return resources.files("ocf.jobs").joinpath("static", name).read_bytes()
+
+
+def page_status() -> int:
+    """200 if the page has something to show, 404 if it can only explain why not."""
+    node = current_app.extensions["ocf.node"]
+    if node.jobs is None:
+        return 404
+    name = request.args.get("project")
+    if name:
+        try:
+            node.jobs.store.project(name)
+        except NotFound:
+            return 404
+    return 200
+
+
+def asset_response(name: str, content_type: str, status: int = 200) -> Response:
+    response = Response(read_asset(name), status=status, content_type=content_type)
+    response.headers.update(SECURITY_HEADERS)
+    # Small files; revalidating each load keeps an upgraded node's page in step with its API.
+    response.headers["Cache-Control"] = "no-cache"
+    return response
 
 
 @blueprint.get("/dashboard")
 async def dashboard() -> Response:
-    return Response("<!doctype html><title>ocf dashboard</title><p>dashboard coming", content_type="text/html")
+    return asset_response(PAGE, "text/html; charset=utf-8", page_status())
+
+
+@blueprint.get("/dashboard/static/<name>")
+async def dashboard_asset(name: str) -> Response:
+    content_type = ASSETS.get(name)
+    if content_type is None:
+        raise NotFound(f"no dashboard asset {name!r}", code="not_found")
+    return asset_response(name, content_type)
