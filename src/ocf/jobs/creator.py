@@ -30,7 +30,10 @@ def _alternatives(body: str) -> Iterator[str] | None:
         step = int(step_text) if step_text else 1
         if step == 0:
             raise ValidationError(f"brace range {{{body}}} has a zero step")
-        width = max(len(lo_text.lstrip("-")), len(hi_text.lstrip("-"))) if (lo_text.lstrip("-").startswith("0") or hi_text.lstrip("-").startswith("0")) else 0
+        # As bash: a bound written with a leading zero ("007") pads every value to the widest bound.
+        bounds = (lo_text.lstrip("-"), hi_text.lstrip("-"))
+        padded = any(len(b) > 1 and b.startswith("0") for b in bounds)
+        width = max(len(lo_text), len(hi_text)) if padded else 0
         direction = 1 if hi >= lo else -1
         return (f"{n:0{width}d}" if width else str(n) for n in range(lo, hi + direction, step * direction))
     match = _ALPHA_RANGE.match(body)
