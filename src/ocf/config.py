@@ -78,6 +78,7 @@ class Config:
     jobs_max_payload: int = 1 << 20
     jobs_lease_timeout: float = 600.0
     jobs_worker_timeout: float = 3600.0
+    jobs_admin_token: str | None = None
 
     def replace(self, **changes: Any) -> "Config":
         return attrs.evolve(self, **changes)
@@ -248,6 +249,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("jobs.flag-threshold", "jobs_flag_threshold", _int_range(1, 1000), "Distinct workers flagging a job's input as invalid before it is rolled back to the previous stage (default: 5).", group="jobs", metavar="N"),
     Setting("jobs.max-payload", "jobs_max_payload", _size, "Largest job input or output, as JSON, the tracker accepts (default: 1M).", group="jobs", metavar="BYTES"),
     Setting("jobs.lease-timeout", "jobs_lease_timeout", _positive_float, "Default seconds a claimed job stays leased without a heartbeat before it returns to pending (default: 600; projects may set it per stage).", group="jobs", metavar="SECONDS"),
+    Setting("jobs.admin-token", "jobs_admin_token", _opt_str, "If set, creating projects and jobs needs 'Authorization: Bearer <token>' (workers never do); prefer OCF_JOBS_ADMIN_TOKEN over the flag so it stays out of ps.", group="jobs", metavar="TOKEN"),
     Setting("jobs.worker-timeout", "jobs_worker_timeout", _positive_float, "Seconds of silence after which a worker is forgotten and its token answers 404 (default: 3600).", group="jobs", metavar="SECONDS"),
 )
 BY_FLAG = {s.flag: s for s in SETTINGS}

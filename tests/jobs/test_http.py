@@ -188,3 +188,16 @@ async def test_tracker_is_reachable_through_another_node_as_the_jobs_service(nod
                 assert r.status_code == 201
                 stats = (await client.get("/v1/service/jobs/crawl/stats")).json()
                 assert stats["stages"][0]["pending"] == 1
+
+
+async def test_admin_token_guards_project_and_job_creation_only(node_config):
+    async with open_node(node_config(jobs=True, jobs_admin_token="s3cret")) as node, httpx.AsyncClient(base_url=node.gateway_url) as client:
+        r = await client.put("/v1/jobs/crawl", json=PROJECT)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "admin_token_required"
+        r = await client.put("/v1/jobs/crawl", json=PROJECT, headers=auth("wrong"))
+        assert r.status_code == 403
+        assert (await client.put("/v1/jobs/crawl", json=PROJECT, headers=auth("s3cret"))).status_code == 201
+        assert (await client.post("/v1/jobs/crawl/jobs", json=["x"])).status_code == 403
+        assert (await client.post("/v1/jobs/crawl/jobs", json=["x"], headers=auth("s3cret"))).status_code == 201
+        token = await register(client)  # workers need no admin token
+        assert len((await client.post("/v1/jobs/crawl/claim", json={}, headers=auth(token))).json()["jobs"]) == 1

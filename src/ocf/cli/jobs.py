@@ -37,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--url", default=os.environ.get("OCF_TRACKER_URL", DEFAULT_URL), help=f"Gateway URL of the tracker node, or of any node with --via-network (default: $OCF_TRACKER_URL or {DEFAULT_URL}).")
     p.add_argument("--via-network", action="store_true", help="Reach the tracker through this node's /v1/service/jobs route (the tracker may be any peer).")
+    p.add_argument("--admin-token", default=os.environ.get("OCF_JOBS_ADMIN_TOKEN"), metavar="TOKEN", help="The tracker's admin token, if it has one, for 'project' and 'create' (default: $OCF_JOBS_ADMIN_TOKEN).")
     p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS", help="HTTP timeout per request (default: 60).")
     jobs_sub = p.add_subparsers(dest="jobs_command", metavar="ACTION")
     jobs_sub.required = True
@@ -97,7 +98,8 @@ def _fail(message: str, code: int = 1) -> int:
 def _guard(func: Any) -> Any:
     def run(args: argparse.Namespace) -> int:
         try:
-            with httpx.Client(timeout=args.timeout) as http:
+            headers = {"Authorization": f"Bearer {args.admin_token}"} if args.admin_token else {}
+            with httpx.Client(timeout=args.timeout, headers=headers) as http:
                 return func(args, http)
         except TrackerError as exc:
             return _fail(str(exc))

@@ -18,6 +18,7 @@ from ..errors import ValidationError
 
 _GROUP = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.(\d+))?$")
+_NUMBER_CHARS = frozenset("0123456789.eE+-")
 _ALPHA_RANGE = re.compile(r"^([A-Za-z])\.\.([A-Za-z])$")
 
 
@@ -151,9 +152,9 @@ def json_list(stream: IO[str], *, chunk_size: int = 1 << 16) -> Iterator[Any]:
             if not eof and more():
                 continue  # the element is cut by the chunk boundary
             raise ValidationError(f"bad JSON list element: {exc}") from None
-        if end == len(buffer) and not eof:
-            # A number at the end of the buffer may continue in the next chunk.
-            if more():
+        if not eof and isinstance(value, (int, float)) and not isinstance(value, bool):
+            # A number cut by the chunk boundary ("1" of "12", "0" of "0.5") decodes early: read on.
+            if (end == len(buffer) or buffer[end] in _NUMBER_CHARS) and more():
                 continue
         yield value
         position = end

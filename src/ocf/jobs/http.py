@@ -35,7 +35,7 @@ from typing import Any, AsyncIterator
 import trio
 from quart import Blueprint, Response, current_app, jsonify, request
 
-from ..errors import BadRequest, NotFound
+from ..errors import BadRequest, Forbidden, NotFound
 from .tracker import Tracker
 
 blueprint = Blueprint("jobs", __name__)
@@ -71,6 +71,19 @@ async def json_object() -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object", code="bad_json")
     return body
+
+
+def require_admin() -> None:
+    """Project and job creation need the admin token when the node has one (workers never do)."""
+    import hmac
+
+    expected = current_app.extensions["ocf.node"].config.jobs_admin_token
+    if not expected:
+        return
+    auth = request.headers.get("Authorization", "")
+    given = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise Forbidden("creating projects and jobs on this tracker needs its admin token (Authorization: Bearer ...)", code="admin_token_required")
 
 
 def token_of(body: dict[str, Any]) -> Any:
@@ -109,6 +122,7 @@ async def list_projects():  # type: ignore[no-untyped-def]
 
 @blueprint.put("/v1/jobs/<project>")
 async def create_project(project: str):  # type: ignore[no-untyped-def]
+    require_admin()
     definition, created = tracker().create_project(project, await json_body())
     return jsonify(definition.to_json()), 201 if created else 200
 
@@ -130,6 +144,7 @@ async def get_project(project: str):  # type: ignore[no-untyped-def]
 @blueprint.post("/v1/jobs/<project>/jobs")
 async def add_jobs(project: str):  # type: ignore[no-untyped-def]
     t = tracker()
+    require_admin()
     t.store.project(project)  # 404 before reading a large body
     key = request.headers.get("Idempotency-Key") or None
     if key is not None and len(key) > 200:
