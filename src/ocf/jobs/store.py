@@ -592,16 +592,21 @@ class JobStore:
             error = "worker reported failure" if error in (None, "") else json.dumps(error)[:MAX_PROGRESS]
         error = error[:MAX_PROGRESS]
         with self._write(project) as tx:
-            worker = self._worker(tx, token, now)
-            job = tx.job(job_id)
-            if job is None:
-                raise NotFound(f"project {name!r} has no job {job_id}", code="unknown_job")
-            self._check_lease(job, worker)
-            worker["leases"] = [j for j in worker["leases"] if j != job_id]
-            worker["last_seen"] = now
-            tx.put_worker(worker)
+            worker, job = self._held_job(tx, project, token, job_id, now)
             state = self._retry_or_fail(tx, project, job, f"{worker['name']}: {error}", now)
         return {"id": job_id, "status": state, "attempts": job["attempts"]}
+
+    def _held_job(self, tx: _Tx, project: Project, token: Any, job_id: int, now: float) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The worker and the job it is giving back (fail, flag); 404/409 unless it holds the lease."""
+        worker = self._worker(tx, token, now)
+        job = tx.job(job_id)
+        if job is None:
+            raise NotFound(f"project {project.name!r} has no job {job_id}", code="unknown_job")
+        self._check_lease(job, worker)
+        worker["leases"] = [j for j in worker["leases"] if j != job_id]
+        worker["last_seen"] = now
+        tx.put_worker(worker)
+        return worker, job
 
     def _retry_or_fail(self, tx: _Tx, project: Project, job: dict[str, Any], error: str, now: float) -> str:
         """A lease ended without a result: back to pending, or failed once attempts are used up."""
@@ -639,14 +644,7 @@ class JobStore:
         project = self.project(name)
         job_id = _job_id(job_id)
         with self._write(project) as tx:
-            worker = self._worker(tx, token, now)
-            job = tx.job(job_id)
-            if job is None:
-                raise NotFound(f"project {name!r} has no job {job_id}", code="unknown_job")
-            self._check_lease(job, worker)
-            worker["leases"] = [j for j in worker["leases"] if j != job_id]
-            worker["last_seen"] = now
-            tx.put_worker(worker)
+            worker, job = self._held_job(tx, project, token, job_id, now)
             if worker["name"] not in job["flags"]:
                 job["flags"].append(worker["name"])
             stage = job["stage"]
