@@ -201,3 +201,11 @@ async def test_admin_token_guards_project_and_job_creation_only(node_config):
         assert (await client.post("/v1/jobs/crawl/jobs", json=["x"], headers=auth("s3cret"))).status_code == 201
         token = await register(client)  # workers need no admin token
         assert len((await client.post("/v1/jobs/crawl/claim", json={}, headers=auth(token))).json()["jobs"]) == 1
+
+
+async def test_job_counts_in_prometheus_metrics(node_config):
+    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url) as client:
+        await setup_project(client)
+        text = (await client.get("/metrics")).text
+        assert 'ocf_jobs{project="crawl",stage="crawl",state="pending"} 3.0' in text
+        assert 'ocf_jobs_results{project="crawl"} 0.0' in text

@@ -44,6 +44,10 @@ class GatewayMetrics:
         self.connected_peers = Gauge("ocf_connected_peers", "Peers with an open transport connection.", registry=self.registry)
         self.connected_peers.set_function(lambda: len(node.host.connected_peers()) if node.host is not None else 0)
         self._children: dict[tuple, object] = {}
+        if node.jobs is not None:
+            from ..jobs.metrics import TrackerCollector
+
+            self.registry.register(TrackerCollector(node.jobs))
 
     # prometheus_client's .labels() takes a lock and builds a key on every call; the gateway
     # calls these on every request, so the children are looked up once and kept.

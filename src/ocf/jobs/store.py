@@ -781,6 +781,11 @@ class JobStore:
                 for i in range(len(project.stages))
             ]
 
+    def result_count(self, name: str) -> int:
+        project = self.project(name)
+        with self._read(project) as tx:
+            return tx.count("results")
+
     def pending_count(self, name: str, stage: Any) -> int:
         project = self.project(name)
         index = project.stage_index(stage)
