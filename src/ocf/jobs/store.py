@@ -157,6 +157,8 @@ class JobStore:
         with store.write():
             self.dbs = {name: store.db(f"jobs.{name}") for name in DBS}
         self._projects: dict[str, Project] = {}
+        #: (project, stage index) that got pending jobs since the last :meth:`take_enqueued`.
+        self._enqueued: set[tuple[str, int]] = set()
         with self._read() as tx:
             for key, raw in tx.scan("projects", b""):
                 project = Project.from_json(_loads(raw, "project"))
@@ -271,7 +273,13 @@ class JobStore:
         tx.bump(f"s{stage}.pending")
         return job_id
 
+    def take_enqueued(self) -> set[tuple[str, int]]:
+        """Which stages got pending jobs lately, so only their waiting claimers are woken."""
+        enqueued, self._enqueued = self._enqueued, set()
+        return enqueued
+
     def _enqueue(self, tx: _Tx, job: dict[str, Any]) -> None:
+        self._enqueued.add((tx.p[:-1].decode(), job["stage"]))
         seq = tx.bump("seq")
         job["state"] = "pending"
         job["qseq"] = seq

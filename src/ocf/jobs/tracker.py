@@ -38,10 +38,17 @@ class Tracker:
         self.clock = clock
         self.version = 0
         self._changed = trio.Event()
+        # Claimers long-polling a stage wait here, not on every change: a thousand idle
+        # workers must not all wake for each completion elsewhere.
+        self._stage_events: dict[tuple[str, int], trio.Event] = {}
 
     # --- change notification ----------------------------------------------------------------
 
     def notify(self) -> None:
+        for key in self.store.take_enqueued():
+            event = self._stage_events.pop(key, None)
+            if event is not None:
+                event.set()
         self.version += 1
         event, self._changed = self._changed, trio.Event()
         event.set()
@@ -83,12 +90,13 @@ class Tracker:
         jobs = self._mutate("claim", name, token, self.clock(), limit=limit, stage=stage, release_held=release_held)
         if jobs or wait <= 0:
             return jobs
-        stage_index = self.store.worker_stage(name, token, self.clock())
+        key = (name, self.store.worker_stage(name, token, self.clock()))
         with trio.move_on_after(min(wait, MAX_CLAIM_WAIT)):
             while True:
-                await self._changed.wait()
-                if not self.store.pending_count(name, stage_index + 1):
-                    continue  # a change elsewhere; claiming now would only cost a commit
+                event = self._stage_events.get(key)
+                if event is None:
+                    event = self._stage_events[key] = trio.Event()
+                await event.wait()
                 jobs = self._mutate("claim", name, token, self.clock(), limit=limit, stage=stage)
                 if jobs:
                     return jobs
