@@ -121,10 +121,24 @@ def test_batch_completion_reports_each_item(store):
     store.add_jobs("crawl", ["x", "y"], T0)
     token = worker(store)
     a, b = store.claim("crawl", token, T0, limit=2)
-    out = store.complete_many("crawl", token, [{"id": a["id"], "output": 1}, {"id": 999, "output": 2}, {"id": b["id"], "output": "x" * 5000}], T0)
+    out, claimed = store.complete_many("crawl", token, [{"id": a["id"], "output": 1}, {"id": 999, "output": 2}, {"id": b["id"], "output": "x" * 5000}], T0)
+    assert claimed == []
     assert [o["status"] for o in out] == ["done", "error", "error"]
     assert out[1]["http_status"] == 404 and out[2]["http_status"] == 413
     assert store.job("crawl", b["id"])["state"] == "leased"
+
+
+def test_complete_and_claim_in_one_call(store):
+    three_stage(store)
+    store.add_jobs("crawl", range(5), T0)
+    token = worker(store)
+    jobs = store.claim("crawl", token, T0, limit=2)
+    out, more = store.complete_many("crawl", token, [{"id": j["id"], "output": j["input"]} for j in jobs], T0, claim=2)
+    assert [o["status"] for o in out] == ["done", "done"] and [j["input"] for j in more] == [2, 3]
+    _, last = store.complete_many("crawl", token, [], T0, claim=10)
+    assert [j["input"] for j in last] == [4]
+    with pytest.raises(BadRequest):
+        store.complete_many("crawl", token, [], T0)
 
 
 def test_flags_from_distinct_workers_roll_back_to_the_previous_stage(store):

@@ -116,10 +116,7 @@ class StageWorker:
 
     async def claim(self, limit: int, wait: float) -> list[Job]:
         answer = await self._call("POST", "/claim", {"max": limit, "wait": wait})
-        jobs = [Job(j["id"], j["input"], j["stage"], j["attempts"], worker=self) for j in answer["jobs"]]
-        for job in jobs:
-            self.held[job.id] = job
-        return jobs
+        return self._adopt(answer["jobs"])
 
     async def _finish(self, job: Job) -> None:
         if job.state == "held":
@@ -127,16 +124,25 @@ class StageWorker:
             self._done.append(job)
         await self.flush()
 
-    async def flush(self) -> list[dict[str, Any]]:
-        """Send queued completions in one call; a job whose lease was lost is marked so."""
-        if not self._done:
+    async def flush(self, claim: int = 0) -> list[Job]:
+        """Send queued completions in one call, leasing ``claim`` new jobs in the same request.
+
+        A job whose lease was lost meanwhile is marked ``lost`` (its result was not recorded).
+        """
+        if not self._done and not claim:
             return []
         batch, self._done = self._done, []
-        answer = await self._call("POST", "/complete", {"results": [{"id": j.id, "output": j.output} for j in batch]})
+        answer = await self._call("POST", "/complete", {"results": [{"id": j.id, "output": j.output} for j in batch], "claim": claim})
         for job, outcome in zip(batch, answer["results"]):
             self.held.pop(job.id, None)
             job.state = "done" if outcome["status"] in ("done", "already_done") else "lost"
-        return answer["results"]
+        return self._adopt(answer["jobs"])
+
+    def _adopt(self, raw: list[dict[str, Any]]) -> list[Job]:
+        jobs = [Job(j["id"], j["input"], j["stage"], j["attempts"], worker=self) for j in raw]
+        for job in jobs:
+            self.held[job.id] = job
+        return jobs
 
     async def heartbeat(self) -> None:
         answer = await self._call("POST", "/heartbeat", {"jobs": list(self.held), "progress": self.progress})
@@ -183,18 +189,21 @@ class TrackerClient:
         """Lease and yield jobs of ``stage`` forever (or until none are left, with ``until_empty``)."""
         worker = await self.worker(stage)
         try:
+            jobs: list[Job] = []
             while True:
-                jobs = await worker.claim(batch, 0.0 if until_empty else wait)
                 if not jobs:
-                    if until_empty:
-                        return
-                    continue
+                    jobs = await worker.claim(batch, 0.0 if until_empty else wait)
+                    if not jobs:
+                        if until_empty:
+                            return
+                        continue
                 for job in jobs:
                     yield job
                     if job.state == "held":
                         job.state = "completing"
                         worker._done.append(job)
-                await worker.flush()
+                # Report this batch and lease the next one in a single request.
+                jobs = await worker.flush(claim=batch)
         finally:
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(10):
@@ -293,12 +302,14 @@ class SyncTracker:
         """Like the Trio client's ``jobs``: completes each job with ``job.output`` when the loop moves on."""
         lease = self.register(stage)["lease_timeout"]
         beat_every = min(MAX_HEARTBEAT_INTERVAL, lease / 3)
+        raw: list[dict[str, Any]] = []
         while True:
-            raw = self.claim(stage, batch, 0.0 if until_empty else wait)
             if not raw:
-                if until_empty:
-                    return
-                continue
+                raw = self.claim(stage, batch, 0.0 if until_empty else wait)
+                if not raw:
+                    if until_empty:
+                        return
+                    continue
             last_beat = time.monotonic()
             held = [Job(j["id"], j["input"], j["stage"], j["attempts"]) for j in raw]
             results = []
@@ -310,8 +321,8 @@ class SyncTracker:
                 if job.state == "held":
                     job.state = "done"
                     results.append({"id": job.id, "output": job.output})
-            if results:
-                self._call(stage, "POST", "/complete", {"results": results})
+            # Report this batch and lease the next one in a single request.
+            raw = self._call(stage, "POST", "/complete", {"results": results, "claim": batch})["jobs"]
 
     def close(self) -> None:
         for stage in list(self._tokens):

@@ -14,7 +14,7 @@ as ``Authorization: Bearer <token>`` or a ``"token"`` field in the body.
 ``GET    /v1/jobs/<p>/workers/<name>``      a worker's page: completions, jobs per hour
 ``POST   /v1/jobs/<p>/claim``               lease up to ``max`` jobs, waiting up to ``wait`` s for one
 ``POST   /v1/jobs/<p>/heartbeat``           extend leases, report ``progress``; lists leases lost
-``POST   /v1/jobs/<p>/complete``            ``{"results": [{id, output}]}``, per-item outcome
+``POST   /v1/jobs/<p>/complete``            ``{"results": [{id, output}], "claim": k}``: per-item outcome (+ k new jobs)
 ``POST   /v1/jobs/<p>/jobs/<id>/complete``  ``{"output": ...}``; 409 if the lease was lost
 ``POST   /v1/jobs/<p>/jobs/<id>/fail``      ``{"error": "..."}``: retried, or failed after max attempts
 ``POST   /v1/jobs/<p>/jobs/<id>/flag``      the job's input is bad (rolls back after enough flags)
@@ -211,7 +211,9 @@ async def complete_batch(project: str):  # type: ignore[no-untyped-def]
     items = body.get("results")
     if items is None and "id" in body:
         items = [{"id": body["id"], "output": body.get("output")}]
-    return jsonify(results=tracker().complete_many(project, token_of(body), items))
+    claim = body.get("claim", 0)
+    results, jobs = tracker().complete_many(project, token_of(body), items if items is not None else [], claim=claim)
+    return jsonify(results=results, jobs=jobs)
 
 
 @blueprint.post("/v1/jobs/<project>/jobs/<int:job_id>/complete")

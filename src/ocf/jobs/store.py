@@ -74,10 +74,12 @@ def payload_size(value: Any) -> int:
 class _Tx:
     """One write (or read) transaction with the tracker's sub-databases at hand."""
 
-    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any], pkey: bytes = b"") -> None:
+    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any], pkey: bytes = b"", cache: dict[tuple[str, bytes], int] | None = None) -> None:
         self.txn = txn
         self.dbs = dbs
         self.p = pkey
+        # Shared by every _Tx view of one transaction (expire() makes one per project).
+        self._cache: dict[tuple[str, bytes], int] = {} if cache is None else cache
 
     def get(self, db: str, key: bytes) -> bytes | None:
         return self.txn.get(key, db=self.dbs[db])
@@ -98,19 +100,32 @@ class _Tx:
             yield key, value
 
     # counters --------------------------------------------------------------------------
+    # A completion touches ~7 counters, some several times; they are read once and
+    # written once per transaction (``flush``) instead of a get+put per change.
 
-    def count(self, name: str) -> int:
-        raw = self.get("counters", self.p + name.encode())
+    def _counter(self, db: str, key: bytes) -> int:
+        cached = self._cache.get((db, key))
+        if cached is not None:
+            return cached
+        raw = self.get(db, key)
         return _U64.unpack(raw)[0] if raw else 0
 
+    def count(self, name: str) -> int:
+        return self._counter("counters", self.p + name.encode())
+
     def bump(self, name: str, delta: int = 1) -> int:
-        value = max(0, self.count(name) + delta)
-        self.put("counters", self.p + name.encode(), _U64.pack(value))
+        key = self.p + name.encode()
+        value = max(0, self._counter("counters", key) + delta)
+        self._cache[("counters", key)] = value
         return value
 
     def add(self, db: str, key: bytes, delta: int = 1) -> None:
-        raw = self.get(db, key)
-        self.put(db, key, _U64.pack((_U64.unpack(raw)[0] if raw else 0) + delta))
+        self._cache[(db, key)] = self._counter(db, key) + delta
+
+    def flush(self) -> None:
+        for (db, key), value in self._cache.items():
+            self.put(db, key, _U64.pack(value))
+        self._cache.clear()
 
     # records ----------------------------------------------------------------------------
 
@@ -173,9 +188,12 @@ class JobStore:
         class _W:
             def __enter__(self_inner) -> _Tx:
                 self_inner.cm = store.write()
-                return _Tx(self_inner.cm.__enter__(), dbs, pkey)
+                self_inner.tx = _Tx(self_inner.cm.__enter__(), dbs, pkey)
+                return self_inner.tx
 
             def __exit__(self_inner, *exc: Any) -> Any:
+                if exc[0] is None:
+                    self_inner.tx.flush()
                 return self_inner.cm.__exit__(*exc)
 
         return _W()
@@ -251,6 +269,8 @@ class JobStore:
         return answer
 
     def _check_payload(self, value: Any, what: str) -> None:
+        if value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and 6 * len(value) + 2 <= self.max_payload):
+            return  # cannot exceed the limit as JSON; skip encoding it an extra time
         size = payload_size(value)
         if size > self.max_payload:
             raise PayloadTooLarge(f"{what} is {size} bytes of JSON; the limit is {self.max_payload}", code="payload_too_large")
@@ -415,8 +435,7 @@ class JobStore:
     def claim(self, name: str, token: Any, now: float, *, limit: int = 1, stage: Any = None, release_held: bool = False) -> list[dict[str, Any]]:
         """Lease up to ``limit`` pending jobs of the worker's stage, oldest first."""
         project = self.project(name)
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
-            raise BadRequest(f"max must be an integer in 1..1000, got {limit!r}", code="bad_limit")
+        _check_limit(limit)
         with self._write(project) as tx:
             worker = self._worker(tx, token, now)
             stage_index = worker["stage"] if stage is None else project.stage_index(stage)
@@ -427,38 +446,42 @@ class JobStore:
                 )
             if release_held:
                 self._release_all(tx, project, worker, now)
-            timeout = project.stages[stage_index].lease_timeout
-            prefix = tx.p + bytes([stage_index])
-            picked = []
-            stale = []
-            for key, raw_id in tx.scan("queue", prefix):
-                job = tx.job(_U64.unpack(raw_id)[0])
-                if job is None or job["state"] != "pending" or job.get("qseq") != _U64.unpack(key[-8:])[0]:
-                    stale.append(key)  # defensive: an index entry that outlived its job state
-                    continue
-                picked.append((key, job))
-                if len(picked) >= limit:
-                    break
-            for key in stale:
-                tx.delete("queue", key)
-            out = []
-            for key, job in picked:
-                tx.delete("queue", key)
-                job.pop("qseq", None)
-                job["state"] = "leased"
-                job["worker"] = worker["token"]
-                job["attempts"] += 1
-                job["lease_expires"] = now + timeout
-                tx.put("leases", _lease_key(job["lease_expires"], tx.p, job["id"]), b"")
-                tx.put_job(job)
-                worker["leases"].append(job["id"])
-                out.append(_public_job(project, job))
-            if picked:
-                tx.bump(f"s{stage_index}.pending", -len(picked))
-                tx.bump(f"s{stage_index}.leased", len(picked))
-                worker["progress"] = f"Received {len(picked)} job(s)"
-            worker["last_seen"] = now
+            out = self._claim_in(tx, project, worker, limit, now)
             tx.put_worker(worker)
+        return out
+
+    def _claim_in(self, tx: _Tx, project: Project, worker: dict[str, Any], limit: int, now: float) -> list[dict[str, Any]]:
+        stage_index = worker["stage"]
+        timeout = project.stages[stage_index].lease_timeout
+        picked = []
+        stale = []
+        for key, raw_id in tx.scan("queue", tx.p + bytes([stage_index])):
+            job = tx.job(_U64.unpack(raw_id)[0])
+            if job is None or job["state"] != "pending" or job.get("qseq") != _U64.unpack(key[-8:])[0]:
+                stale.append(key)  # defensive: an index entry that outlived its job state
+                continue
+            picked.append((key, job))
+            if len(picked) >= limit:
+                break
+        for key in stale:
+            tx.delete("queue", key)
+        out = []
+        for key, job in picked:
+            tx.delete("queue", key)
+            job.pop("qseq", None)
+            job["state"] = "leased"
+            job["worker"] = worker["token"]
+            job["attempts"] += 1
+            job["lease_expires"] = now + timeout
+            tx.put("leases", _lease_key(job["lease_expires"], tx.p, job["id"]), b"")
+            tx.put_job(job)
+            worker["leases"].append(job["id"])
+            out.append(_public_job(project, job))
+        if picked:
+            tx.bump(f"s{stage_index}.pending", -len(picked))
+            tx.bump(f"s{stage_index}.leased", len(picked))
+            worker["progress"] = f"Received {len(picked)} job(s)"
+        worker["last_seen"] = now
         return out
 
     def heartbeat(self, name: str, token: Any, now: float, *, progress: Any = None, jobs: Any = None) -> dict[str, Any]:
@@ -503,16 +526,22 @@ class JobStore:
             tx.put_worker(worker)
         return result
 
-    def complete_many(self, name: str, token: Any, items: Any, now: float) -> list[dict[str, Any]]:
+    def complete_many(self, name: str, token: Any, items: Any, now: float, *, claim: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Complete a batch in one transaction; each item succeeds or fails on its own.
 
         ``items`` is ``[{"id": N, "output": ...}, ...]``; the answer has one
         entry per item, ``{"id", "status": "done" | "already_done"}`` or
         ``{"id", "status": "error", "http_status", "code", "message"}``.
+        With ``claim`` > 0 the same transaction also leases that many new
+        jobs (returned second): a worker's whole cycle in one request and one
+        commit, which is what lets a tracker keep up with thousands of jobs a
+        second.
         """
         project = self.project(name)
-        if not isinstance(items, list) or not 1 <= len(items) <= 1000:
+        if not isinstance(items, list) or len(items) > 1000 or (not items and not claim):
             raise BadRequest("'results' must be a list of 1..1000 {id, output} objects", code="bad_results")
+        if claim:
+            _check_limit(claim)
         out = []
         with self._write(project) as tx:
             worker = self._worker(tx, token, now)
@@ -524,8 +553,9 @@ class JobStore:
                 except GatewayRequestError as exc:
                     ident = item.get("id") if isinstance(item, dict) else None
                     out.append({"id": ident, "status": "error", "http_status": exc.status, "code": exc.code, "message": exc.message})
+            claimed = self._claim_in(tx, project, worker, claim, now) if claim else []
             tx.put_worker(worker)
-        return out
+        return out, claimed
 
     def _complete_one(self, tx: _Tx, project: Project, worker: dict[str, Any], job_id: int, output: Any, now: float) -> dict[str, Any]:
         # Every check comes before the first write, so a refused item changes nothing.
@@ -733,7 +763,7 @@ class JobStore:
                 project = self._projects.get(pkey[:-1].decode())
                 if project is None:
                     continue
-                ptx = _Tx(tx.txn, self.dbs, pkey)
+                ptx = _Tx(tx.txn, self.dbs, pkey, tx._cache)
                 job = ptx.job(job_id)
                 if job is None or job["state"] != "leased" or _lease_key(job["lease_expires"], pkey, job_id) != key:
                     continue
@@ -751,7 +781,7 @@ class JobStore:
         forgotten = 0
         with self._write() as tx:
             for project in self._projects.values():
-                ptx = _Tx(tx.txn, self.dbs, _pkey(project.name))
+                ptx = _Tx(tx.txn, self.dbs, _pkey(project.name), tx._cache)
                 idle = [
                     _loads(raw, "worker")
                     for _, raw in ptx.scan("workers", ptx.p)
@@ -933,6 +963,11 @@ def _pkey(name: str) -> bytes:
 
 def _lease_key(expires: float, pkey: bytes, job_id: int) -> bytes:
     return _U64.pack(int(expires * 1000)) + pkey + _U64.pack(job_id)
+
+
+def _check_limit(limit: Any) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+        raise BadRequest(f"max must be an integer in 1..1000, got {limit!r}", code="bad_limit")
 
 
 def _job_id(value: Any) -> int:

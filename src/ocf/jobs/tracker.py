@@ -108,8 +108,8 @@ class Tracker:
     def complete(self, name: str, token: Any, job_id: Any, output: Any) -> dict[str, Any]:
         return self._mutate("complete", name, token, job_id, output, self.clock())
 
-    def complete_many(self, name: str, token: Any, items: Any) -> list[dict[str, Any]]:
-        return self._mutate("complete_many", name, token, items, self.clock())
+    def complete_many(self, name: str, token: Any, items: Any, *, claim: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        return self._mutate("complete_many", name, token, items, self.clock(), claim=claim)
 
     def fail(self, name: str, token: Any, job_id: Any, error: Any) -> dict[str, Any]:
         result = self._mutate("fail", name, token, job_id, error, self.clock())
