@@ -243,3 +243,16 @@ def test_state_survives_reopening(tmp_path):
         assert js.counts("crawl")[0]["pending"] == 1
         assert js.next_expiry() == pytest.approx(T0 + 60)
         assert js.stats("crawl", T0)["stages"][0]["total"] == 2
+
+
+def test_group_commit_rolls_back_only_the_failing_operation(store):
+    three_stage(store)
+    token = worker(store)
+    with store.batch():
+        store.add_jobs("crawl", ["a", "b"], T0)
+        with pytest.raises(PayloadTooLarge):  # fails after inserting "c": its child transaction is undone
+            store.add_jobs("crawl", ["c", "x" * 5000], T0)
+        claimed = store.claim("crawl", token, T0, limit=5)
+    assert [j["input"] for j in claimed] == ["a", "b"]
+    assert store.counts("crawl")[0] == {"pending": 0, "leased": 2, "done": 0, "failed": 0, "superseded": 0}
+    assert store.add_jobs("crawl", ["d"], T0)["first_id"] == 3

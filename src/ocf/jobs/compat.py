@@ -68,7 +68,7 @@ def _letter(project: str, stage: Any) -> int:
 async def new(project: str) -> Any:
     index = _letter(project, request.args.get("stage"))
     nickname = request.args.get("nickname", "anonymous")
-    worker = tracker().register_worker(project, nickname=nickname, stage=index + 1)
+    worker = await tracker().register_worker(project, nickname=nickname, stage=index + 1)
     stage_name = tracker().store.project(project).stages[index].name
     return {"token": worker["token"], "display_name": worker["name"], "project": project, "stage_name": stage_name}
 
@@ -104,7 +104,7 @@ async def job_count(project: str) -> Response:
 async def update_progress(project: str) -> Response:
     body = await json_object()
     progress = body.get("progress")
-    tracker().heartbeat(project, body.get("token"), progress=progress if isinstance(progress, str) else None)
+    await tracker().heartbeat(project, body.get("token"), progress=progress if isinstance(progress, str) else None)
     return _text("200 OK")
 
 
@@ -129,7 +129,7 @@ async def complete_job(project: str) -> Response:
         return _text("The worker did not submit valid data.", 400)
     try:
         # A retry of a completion that already landed answers 200 and counts nothing twice.
-        tracker().complete(project, token, job_id, decode_data(body["data"]))
+        await tracker().complete(project, token, job_id, decode_data(body["data"]))
     except Conflict as exc:
         return _text(exc.message, 403)
     return _text("200 OK")
@@ -143,7 +143,7 @@ async def flag_invalid_data(project: str) -> Response:
     if job_id is None:
         return _text("This worker is not currently working on a job.", 403)
     try:
-        tracker().flag(project, token, job_id)
+        await tracker().flag(project, token, job_id)
     except Conflict as exc:
         return _text(exc.message, 403)
     return _text("200 OK")
@@ -152,7 +152,7 @@ async def flag_invalid_data(project: str) -> Response:
 @blueprint.post(BASE + "/api/bye")
 async def bye(project: str) -> Response:
     body = await json_object()
-    tracker().bye(project, body.get("token"))
+    await tracker().bye(project, body.get("token"))
     return _text("200 OK")
 
 

@@ -184,7 +184,7 @@ async def get_job(project: str, job_id: int):  # type: ignore[no-untyped-def]
 async def register(project: str):  # type: ignore[no-untyped-def]
     body = await json_object()
     nickname = body.get("nickname", body.get("user"))
-    worker = tracker().register_worker(project, nickname=nickname, user=body.get("user"), stage=body.get("stage", 1))
+    worker = await tracker().register_worker(project, nickname=nickname, user=body.get("user"), stage=body.get("stage", 1))
     stage = tracker().store.project(project).stages[worker["stage"]]
     return jsonify(token=worker["token"], name=worker["name"], user=worker["user"], project=project, stage=stage.name, lease_timeout=stage.lease_timeout), 201
 
@@ -207,7 +207,7 @@ async def claim(project: str):  # type: ignore[no-untyped-def]
 @blueprint.post("/v1/jobs/<project>/heartbeat")
 async def heartbeat(project: str):  # type: ignore[no-untyped-def]
     body = await json_object()
-    return fast_json(**tracker().heartbeat(project, token_of(body), progress=body.get("progress"), jobs=body.get("jobs")))
+    return fast_json(**(await tracker().heartbeat(project, token_of(body), progress=body.get("progress"), jobs=body.get("jobs"))))
 
 
 @blueprint.post("/v1/jobs/<project>/complete")
@@ -217,7 +217,7 @@ async def complete_batch(project: str):  # type: ignore[no-untyped-def]
     if items is None and "id" in body:
         items = [{"id": body["id"], "output": body.get("output")}]
     claim = body.get("claim", 0)
-    results, jobs = tracker().complete_many(project, token_of(body), items if items is not None else [], claim=claim)
+    results, jobs = await tracker().complete_many(project, token_of(body), items if items is not None else [], claim=claim)
     return fast_json(results=results, jobs=jobs)
 
 
@@ -226,25 +226,25 @@ async def complete_one(project: str, job_id: int):  # type: ignore[no-untyped-de
     body = await json_object()
     if "output" not in body:
         raise BadRequest("body must have an 'output' field (any JSON value)", code="bad_output")
-    return jsonify(tracker().complete(project, token_of(body), job_id, body["output"]))
+    return jsonify(await tracker().complete(project, token_of(body), job_id, body["output"]))
 
 
 @blueprint.post("/v1/jobs/<project>/jobs/<int:job_id>/fail")
 async def fail(project: str, job_id: int):  # type: ignore[no-untyped-def]
     body = await json_object()
-    return jsonify(tracker().fail(project, token_of(body), job_id, body.get("error")))
+    return jsonify(await tracker().fail(project, token_of(body), job_id, body.get("error")))
 
 
 @blueprint.post("/v1/jobs/<project>/jobs/<int:job_id>/flag")
 async def flag(project: str, job_id: int):  # type: ignore[no-untyped-def]
     body = await json_object()
-    return jsonify(tracker().flag(project, token_of(body), job_id, body.get("reason")))
+    return jsonify(await tracker().flag(project, token_of(body), job_id, body.get("reason")))
 
 
 @blueprint.post("/v1/jobs/<project>/bye")
 async def bye(project: str):  # type: ignore[no-untyped-def]
     body = await json_object()
-    return jsonify(released=tracker().bye(project, token_of(body)))
+    return jsonify(released=await tracker().bye(project, token_of(body)))
 
 
 # --- reading ----------------------------------------------------------------------------

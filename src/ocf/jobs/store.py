@@ -33,6 +33,7 @@ Layout (sub-databases; ``P`` is the project name + NUL, ids are 8-byte big-endia
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import struct
@@ -172,6 +173,7 @@ class JobStore:
         with store.write():
             self.dbs = {name: store.db(f"jobs.{name}") for name in DBS}
         self._projects: dict[str, Project] = {}
+        self._parent: lmdb.Transaction | None = None  # set inside batch()
         #: (project, stage index) that got pending jobs since the last :meth:`take_enqueued`.
         self._enqueued: set[tuple[str, int]] = set()
         with self._read() as tx:
@@ -181,20 +183,48 @@ class JobStore:
 
     # --- transactions ---------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Run many operations under one durable commit (group commit).
+
+        Inside the block every operation's transaction is a child of one
+        parent transaction: an operation that fails rolls back alone, and the
+        parent's commit (one fsync) makes all of them durable at once. The
+        tracker answers the requests of a batch only after that commit.
+        """
+        with self.store.write() as parent:
+            self._parent = parent
+            try:
+                yield
+            finally:
+                self._parent = None
+
     def _write(self, project: Project | None = None) -> Any:
-        store, dbs = self.store, self.dbs
+        store, dbs, jobstore = self.store, self.dbs, self
         pkey = _pkey(project.name) if project is not None else b""
 
         class _W:
             def __enter__(self_inner) -> _Tx:
-                self_inner.cm = store.write()
-                self_inner.tx = _Tx(self_inner.cm.__enter__(), dbs, pkey)
+                parent = jobstore._parent
+                if parent is not None:
+                    self_inner.cm = None
+                    self_inner.txn = store.env.begin(write=True, parent=parent)
+                    self_inner.tx = _Tx(self_inner.txn, dbs, pkey)
+                else:
+                    self_inner.cm = store.write()
+                    self_inner.tx = _Tx(self_inner.cm.__enter__(), dbs, pkey)
                 return self_inner.tx
 
             def __exit__(self_inner, *exc: Any) -> Any:
                 if exc[0] is None:
                     self_inner.tx.flush()
-                return self_inner.cm.__exit__(*exc)
+                if self_inner.cm is not None:
+                    return self_inner.cm.__exit__(*exc)
+                if exc[0] is None:
+                    self_inner.txn.commit()
+                else:
+                    self_inner.txn.abort()
+                return None
 
         return _W()
 

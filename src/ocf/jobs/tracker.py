@@ -15,6 +15,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
+import attrs
 import trio
 
 from .. import log as logfmt
@@ -30,6 +31,16 @@ MAX_REAPER_SLEEP = 5.0
 MAX_CLAIM_WAIT = 60.0
 
 
+@attrs.define(eq=False)
+class _Op:
+    method: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    result: Any = None
+    error: BaseException | None = None
+    done: trio.Event = attrs.field(factory=trio.Event)
+
+
 class Tracker:
     """Mutations go through here so waiters learn of them; reads may use :attr:`store`."""
 
@@ -41,6 +52,10 @@ class Tracker:
         # Claimers long-polling a stage wait here, not on every change: a thousand idle
         # workers must not all wake for each completion elsewhere.
         self._stage_events: dict[tuple[str, int], trio.Event] = {}
+        # Group commit: operations queued by requests, run and committed together by run_committer.
+        self._queue: list[_Op] = []
+        self._work = trio.Event()
+        self._committer: trio.lowlevel.Task | None = None
 
     # --- change notification ----------------------------------------------------------------
 
@@ -67,9 +82,58 @@ class Tracker:
     # --- mutations ------------------------------------------------------------------------------
 
     def _mutate(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Run a store operation now, in its own commit (rare operations: projects, job creation)."""
         result = getattr(self.store, method)(*args, **kwargs)
         self.notify()
         return result
+
+    async def _batched(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Run a store operation in the next group commit and return its result once durable.
+
+        Requests that arrive together (a hundred workers each claiming and
+        completing) share one LMDB commit, so one fsync covers many answers
+        instead of each answer paying its own.
+        """
+        if self._committer is None:
+            return self._mutate(method, *args, **kwargs)
+        op = _Op(method, args, kwargs)
+        self._queue.append(op)
+        self._work.set()
+        await op.done.wait()
+        if op.error is not None:
+            raise op.error
+        return op.result
+
+    async def run_committer(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self._committer = trio.lowlevel.current_task()
+        try:
+            task_status.started()
+            while True:
+                await self._work.wait()
+                self._work = trio.Event()
+                await trio.sleep(0)  # requests made runnable by the same I/O join this batch
+                ops, self._queue = self._queue, []
+                if not ops:
+                    continue
+                try:
+                    with self.store.batch():
+                        for op in ops:
+                            try:
+                                op.result = getattr(self.store, op.method)(*op.args, **op.kwargs)
+                            except Exception as exc:  # this request's error (404, 409...): others go on
+                                op.error = exc
+                except Exception as exc:  # the commit itself failed (disk full...): nobody's change is durable
+                    log.error("job tracker commit failed %s", logfmt.kv(ops=len(ops), error=exc))
+                    for op in ops:
+                        op.error = exc
+                self.notify()
+                for op in ops:
+                    op.done.set()
+        finally:
+            self._committer = None
+            for op in self._queue:  # the node is stopping: fail the stragglers rather than hang them
+                op.error = RuntimeError("job tracker stopped")
+                op.done.set()
 
     def create_project(self, name: str, body: Any) -> Any:
         project, created = self._mutate("create_project", name, body, self.clock())
@@ -80,14 +144,14 @@ class Tracker:
     def add_jobs(self, name: str, inputs: Any, *, idempotency_key: str | None = None) -> dict[str, Any]:
         return self._mutate("add_jobs", name, inputs, self.clock(), idempotency_key=idempotency_key)
 
-    def register_worker(self, name: str, *, nickname: str, stage: Any, user: str | None = None) -> dict[str, Any]:
-        worker = self._mutate("register_worker", name, nickname=nickname, stage=stage, user=user, now=self.clock())
+    async def register_worker(self, name: str, *, nickname: str, stage: Any, user: str | None = None) -> dict[str, Any]:
+        worker = await self._batched("register_worker", name, nickname=nickname, stage=stage, user=user, now=self.clock())
         log.info("worker registered %s", logfmt.kv(project=name, worker=worker["name"], user=worker["user"], stage=worker["stage"] + 1))
         return worker
 
     async def claim(self, name: str, token: Any, *, limit: int = 1, stage: Any = None, wait: float = 0.0, release_held: bool = False) -> list[dict[str, Any]]:
         """Lease up to ``limit`` jobs; with ``wait`` > 0, wait that long for one to appear (long poll)."""
-        jobs = self._mutate("claim", name, token, self.clock(), limit=limit, stage=stage, release_held=release_held)
+        jobs = await self._batched("claim", name, token, self.clock(), limit=limit, stage=stage, release_held=release_held)
         if jobs or wait <= 0:
             return jobs
         key = (name, self.store.worker_stage(name, token, self.clock()))
@@ -97,33 +161,33 @@ class Tracker:
                 if event is None:
                     event = self._stage_events[key] = trio.Event()
                 await event.wait()
-                jobs = self._mutate("claim", name, token, self.clock(), limit=limit, stage=stage)
+                jobs = await self._batched("claim", name, token, self.clock(), limit=limit, stage=stage)
                 if jobs:
                     return jobs
         return []
 
-    def heartbeat(self, name: str, token: Any, *, progress: Any = None, jobs: Any = None) -> dict[str, Any]:
-        return self._mutate("heartbeat", name, token, self.clock(), progress=progress, jobs=jobs)
+    async def heartbeat(self, name: str, token: Any, *, progress: Any = None, jobs: Any = None) -> dict[str, Any]:
+        return await self._batched("heartbeat", name, token, self.clock(), progress=progress, jobs=jobs)
 
-    def complete(self, name: str, token: Any, job_id: Any, output: Any) -> dict[str, Any]:
-        return self._mutate("complete", name, token, job_id, output, self.clock())
+    async def complete(self, name: str, token: Any, job_id: Any, output: Any) -> dict[str, Any]:
+        return await self._batched("complete", name, token, job_id, output, self.clock())
 
-    def complete_many(self, name: str, token: Any, items: Any, *, claim: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        return self._mutate("complete_many", name, token, items, self.clock(), claim=claim)
+    async def complete_many(self, name: str, token: Any, items: Any, *, claim: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        return await self._batched("complete_many", name, token, items, self.clock(), claim=claim)
 
-    def fail(self, name: str, token: Any, job_id: Any, error: Any) -> dict[str, Any]:
-        result = self._mutate("fail", name, token, job_id, error, self.clock())
+    async def fail(self, name: str, token: Any, job_id: Any, error: Any) -> dict[str, Any]:
+        result = await self._batched("fail", name, token, job_id, error, self.clock())
         log.info("job failed by worker %s", logfmt.kv(project=name, job=result["id"], now=result["status"], attempts=result["attempts"]))
         return result
 
-    def flag(self, name: str, token: Any, job_id: Any, reason: Any = None) -> dict[str, Any]:
-        result = self._mutate("flag", name, token, job_id, self.clock(), reason)
+    async def flag(self, name: str, token: Any, job_id: Any, reason: Any = None) -> dict[str, Any]:
+        result = await self._batched("flag", name, token, job_id, self.clock(), reason)
         if result["status"] != "flagged":
             log.warning("job input flagged invalid %s", logfmt.kv(project=name, job=result["id"], outcome=result["status"], redo=result.get("redo", "-")))
         return result
 
-    def bye(self, name: str, token: Any) -> int:
-        return self._mutate("bye", name, token, self.clock())
+    async def bye(self, name: str, token: Any) -> int:
+        return await self._batched("bye", name, token, self.clock())
 
     # --- time ------------------------------------------------------------------------------------
 
@@ -177,6 +241,7 @@ async def open_tracker(node: "Node") -> AsyncIterator[Tracker]:
         logfmt.kv(projects=len(store.projects()), expired_while_down=len(expired)),
     )
     async with trio.open_nursery() as nursery:
+        await nursery.start(tracker.run_committer)
         nursery.start_soon(tracker.run_reaper)
         if node.services is not None:
             node.services.register_internal("jobs", "/v1/jobs")
