@@ -148,6 +148,22 @@ class NotFound(GatewayRequestError):
     type = "invalid_request_error"
 
 
+class MethodNotAllowed(GatewayRequestError):
+    """The route exists but not for this method (``headers`` carries ``Allow``)."""
+
+    status = 405
+    code = "method_not_allowed"
+    type = "invalid_request_error"
+
+
+class RequestTimeout(GatewayRequestError):
+    """The client did not send its request body within ``request_timeout``."""
+
+    status = 408
+    code = "body_timeout"
+    type = "invalid_request_error"
+
+
 class Conflict(GatewayRequestError):
     """The request contradicts current state (a late worker completing a job leased to another)."""
 

@@ -188,6 +188,12 @@ async def test_tracker_is_reachable_through_another_node_as_the_jobs_service(nod
                 assert r.status_code == 201
                 stats = (await client.get("/v1/service/jobs/crawl/stats")).json()
                 assert stats["stages"][0]["pending"] == 1
+                r = await client.post("/v1/service/jobs/crawl/workers", json={"nickname": "far", "stage": "crawl"})
+                token = r.json()["token"]
+                r = await client.post("/v1/service/jobs/crawl/claim", json={"wait": 5}, headers=auth(token))
+                assert [j["input"] for j in r.json()["jobs"]] == ["via-network"]
+                r = await client.post("/v1/service/jobs/crawl/complete", json={"results": [{"id": r.json()["jobs"][0]["id"], "output": 1}]}, headers=auth(token))
+                assert r.json()["results"][0]["status"] == "done"
 
 
 async def test_admin_token_guards_project_and_job_creation_only(node_config):

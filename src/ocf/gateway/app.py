@@ -50,9 +50,11 @@ def install_gateway_layer(app: QuartTrio, node: "Node") -> None:
     """JSON errors in OpenAI's shape, ``/metrics``, and the ASGI layer serving the forwarding routes.
 
     The forwarding routes (``/v1/_service``, ``/v1/service``, ``/v1/p2p``) are
-    raw ASGI in front of Quart (see :mod:`ocf.gateway.forward` for why); CORS
-    and request metrics wrap every route.
+    raw ASGI in front of Quart (see :mod:`ocf.gateway.forward` for why), as
+    are the job tracker's three hot routes (:mod:`ocf.jobs.hot`); CORS and
+    request metrics wrap every route.
     """
+    from ..jobs.hot import HotRoutes
     from .asgi import Cors, GatewayASGI
     from .forward import Forwarder
     from .metrics import GatewayMetrics
@@ -63,7 +65,7 @@ def install_gateway_layer(app: QuartTrio, node: "Node") -> None:
     app.extensions["ocf.metrics"] = metrics
     app.extensions["ocf.forwarder"] = forwarder
     app.register_blueprint(metrics_blueprint)
-    app.asgi_app = GatewayASGI(app.asgi_app, forwarder, metrics, Cors(node.config.cors_origins))  # type: ignore[method-assign]
+    app.asgi_app = GatewayASGI(app.asgi_app, forwarder, metrics, Cors(node.config.cors_origins), HotRoutes(node))  # type: ignore[method-assign]
     forwarder.app = app  # in-process dispatch (internal services, /v1/p2p/<self>) re-enters the whole app
 
     @app.before_request

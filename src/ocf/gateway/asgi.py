@@ -16,6 +16,7 @@ from ..errors import Forbidden
 from .errors import send_asgi_error
 
 if TYPE_CHECKING:
+    from ..jobs.hot import HotRoutes
     from .forward import Forwarder
     from .metrics import GatewayMetrics
 
@@ -69,9 +70,10 @@ class Cors:
 class GatewayASGI:
     """Wraps Quart's ``asgi_app``; install with ``app.asgi_app = GatewayASGI(app.asgi_app, ...)``."""
 
-    def __init__(self, inner: ASGIApp, forwarder: "Forwarder", metrics: "GatewayMetrics", cors: Cors) -> None:
+    def __init__(self, inner: ASGIApp, forwarder: "Forwarder", metrics: "GatewayMetrics", cors: Cors, hot: "HotRoutes") -> None:
         self.inner = inner
         self.forwarder = forwarder
+        self.hot = hot
         self.metrics = metrics
         self.cors = cors
 
@@ -86,6 +88,8 @@ class GatewayASGI:
                 await send_asgi_error(send, Forbidden("another peer may not change this node's entry", code="remote_forbidden"))
             elif self.forwarder.route_of(scope["path"]) is not None:
                 await self.forwarder(scope, receive, send)
+            elif self.hot.route_of(scope["path"]) is not None:
+                await self.hot(scope, receive, send)
             else:
                 await self.inner(scope, receive, send)
             return
@@ -104,6 +108,7 @@ class GatewayASGI:
             await send(message)
 
         route = self.forwarder.route_of(scope["path"])
+        hot = self.hot.route_of(scope["path"]) if route is None else None
         try:
             if method == "OPTIONS" and _header(headers, b"access-control-request-method") is not None:
                 scope["ocf.route"] = "preflight"
@@ -124,6 +129,9 @@ class GatewayASGI:
                     await send_wrapped({"type": "http.response.body", "body": b"", "more_body": False})
                     return
                 await self.forwarder(scope, receive, send_wrapped)
+            elif hot is not None:
+                scope["ocf.route"] = hot
+                await self.hot(scope, receive, send_wrapped)
             else:
                 await self.inner(scope, receive, send_wrapped)
         finally:

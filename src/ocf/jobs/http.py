@@ -3,6 +3,9 @@
 JSON in, JSON out, honest status codes with errors in the gateway's shape.
 A worker authenticates every call with the token it got at registration,
 as ``Authorization: Bearer <token>`` or a ``"token"`` field in the body.
+The three routes a worker fleet hammers (claim, heartbeat, complete) are
+served as raw ASGI by :mod:`ocf.jobs.hot`; this module serves the rest and
+holds the parsing both share.
 
 ==========================================  ==========================================================
 ``GET    /v1/jobs``                         projects with their progress
@@ -46,11 +49,6 @@ EVENTS_KEEPALIVE = 15.0
 RESULTS_PAGE = 1000
 
 
-def fast_json(**fields: Any) -> Response:
-    """Hot-path JSON answer: plain ``json.dumps`` (Quart's jsonify sorts keys and indents in debug)."""
-    return Response(json.dumps(fields, separators=(",", ":"), ensure_ascii=False), content_type="application/json")
-
-
 def tracker() -> Tracker:
     node = current_app.extensions["ocf.node"]
     if node.jobs is None:
@@ -58,24 +56,54 @@ def tracker() -> Tracker:
     return node.jobs
 
 
-async def json_body(required: bool = True) -> Any:
-    """The request body as JSON, or :class:`BadRequest` saying why not."""
-    raw = await request.get_data()
+def parse_json(raw: bytes) -> Any:
+    """``raw`` as JSON, or :class:`BadRequest` saying why not."""
     if not raw:
-        if required:
-            raise BadRequest("request body must be JSON", code="bad_json")
-        return {}
+        raise BadRequest("request body must be JSON", code="bad_json")
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}", code="bad_json") from None
 
 
-async def json_object() -> dict[str, Any]:
-    body = await json_body(required=False)
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """``raw`` as a JSON object (an empty body is ``{}``), or :class:`BadRequest`."""
+    body = parse_json(raw) if raw else {}
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object", code="bad_json")
     return body
+
+
+def token_from(authorization: str | None, body: dict[str, Any]) -> Any:
+    """The worker's token: ``Authorization: Bearer <token>``, else the body's ``token`` field."""
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return body.get("token")
+
+
+def parse_number(value: Any, field: str, lo: float, hi: float, default: float) -> float:
+    if value is None:
+        return default
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            value = None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise BadRequest(f"{field} must be a number in {lo:g}..{hi:g}", code=f"bad_{field}")
+    return value
+
+
+async def json_body() -> Any:
+    return parse_json(await request.get_data())
+
+
+async def json_object() -> dict[str, Any]:
+    return parse_json_object(await request.get_data())
+
+
+def token_of(body: dict[str, Any]) -> Any:
+    return token_from(request.headers.get("Authorization"), body)
 
 
 def require_admin() -> None:
@@ -89,26 +117,6 @@ def require_admin() -> None:
     given = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
     if not hmac.compare_digest(given.encode(), expected.encode()):
         raise Forbidden("creating projects and jobs on this tracker needs its admin token (Authorization: Bearer ...)", code="admin_token_required")
-
-
-def token_of(body: dict[str, Any]) -> Any:
-    auth = request.headers.get("Authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip()
-    return body.get("token")
-
-
-def _number(value: Any, field: str, lo: float, hi: float, default: float) -> float:
-    if value is None:
-        return default
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            value = None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-        raise BadRequest(f"{field} must be a number in {lo:g}..{hi:g}", code=f"bad_{field}")
-    return value
 
 
 # --- projects ---------------------------------------------------------------------------
@@ -195,32 +203,6 @@ async def worker_page(project: str, name: str):  # type: ignore[no-untyped-def]
     return jsonify(t.store.worker_by_name(project, name, t.clock()))
 
 
-@blueprint.post("/v1/jobs/<project>/claim")
-async def claim(project: str):  # type: ignore[no-untyped-def]
-    body = await json_object()
-    limit = body.get("max", 1)
-    wait = _number(body.get("wait"), "wait", 0, 60, 0.0)
-    jobs = await tracker().claim(project, token_of(body), limit=limit, stage=body.get("stage"), wait=wait)
-    return fast_json(jobs=jobs)
-
-
-@blueprint.post("/v1/jobs/<project>/heartbeat")
-async def heartbeat(project: str):  # type: ignore[no-untyped-def]
-    body = await json_object()
-    return fast_json(**(await tracker().heartbeat(project, token_of(body), progress=body.get("progress"), jobs=body.get("jobs"))))
-
-
-@blueprint.post("/v1/jobs/<project>/complete")
-async def complete_batch(project: str):  # type: ignore[no-untyped-def]
-    body = await json_object()
-    items = body.get("results")
-    if items is None and "id" in body:
-        items = [{"id": body["id"], "output": body.get("output")}]
-    claim = body.get("claim", 0)
-    results, jobs = await tracker().complete_many(project, token_of(body), items if items is not None else [], claim=claim)
-    return fast_json(results=results, jobs=jobs)
-
-
 @blueprint.post("/v1/jobs/<project>/jobs/<int:job_id>/complete")
 async def complete_one(project: str, job_id: int):  # type: ignore[no-untyped-def]
     body = await json_object()
@@ -259,13 +241,13 @@ async def stats(project: str):  # type: ignore[no-untyped-def]
 @blueprint.get("/v1/jobs/<project>/leaderboard")
 async def leaderboard(project: str):  # type: ignore[no-untyped-def]
     t = tracker()
-    limit = int(_number(request.args.get("limit"), "limit", 1, 10_000, 50))
+    limit = int(parse_number(request.args.get("limit"), "limit", 1, 10_000, 50))
     return jsonify(t.store.leaderboard(project, t.clock(), limit=limit))
 
 
 @blueprint.get("/v1/jobs/<project>/failures")
 async def failures(project: str):  # type: ignore[no-untyped-def]
-    limit = int(_number(request.args.get("limit"), "limit", 1, 1000, 100))
+    limit = int(parse_number(request.args.get("limit"), "limit", 1, 1000, 100))
     return jsonify(failures=tracker().store.failures(project, limit=limit))
 
 
@@ -274,8 +256,8 @@ async def results(project: str):  # type: ignore[no-untyped-def]
     """JSON lines, streamed page by page so a million results never sit in memory."""
     store = tracker().store
     store.project(project)
-    after = int(_number(request.args.get("after"), "after", 0, 2**63, 0))
-    limit = int(_number(request.args.get("limit"), "limit", 1, 2**63, 2**63))
+    after = int(parse_number(request.args.get("after"), "after", 0, 2**63, 0))
+    limit = int(parse_number(request.args.get("limit"), "limit", 1, 2**63, 2**63))
 
     async def lines() -> AsyncIterator[bytes]:
         nonlocal after

@@ -30,3 +30,4 @@ class TrackerCollector(Collector):
             results.add_metric([project.name], store.result_count(project.name))
         yield jobs
         yield results
+        yield GaugeMetricFamily("ocf_jobs_waiting_claims", "Long-polling claims waiting for a job (idle workers).", value=self.tracker.waiting_claims)

@@ -38,6 +38,7 @@ class _Op:
     kwargs: dict[str, Any]
     result: Any = None
     error: BaseException | None = None
+    abandoned: bool = False
     done: trio.Event = attrs.field(factory=trio.Event)
 
 
@@ -52,6 +53,7 @@ class Tracker:
         # Claimers long-polling a stage wait here, not on every change: a thousand idle
         # workers must not all wake for each completion elsewhere.
         self._stage_events: dict[tuple[str, int], trio.Event] = {}
+        self.waiting_claims = 0  # long-polling claims waiting for a job right now
         # Group commit: operations queued by requests, run and committed together by run_committer.
         self._queue: list[_Op] = []
         self._work = trio.Event()
@@ -65,6 +67,10 @@ class Tracker:
             if event is not None:
                 event.set()
         self.version += 1
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake :meth:`wait_until` callers (and the reaper) to look again."""
         event, self._changed = self._changed, trio.Event()
         event.set()
 
@@ -99,7 +105,14 @@ class Tracker:
         op = _Op(method, args, kwargs)
         self._queue.append(op)
         self._work.set()
-        await op.done.wait()
+        try:
+            await op.done.wait()
+        except trio.Cancelled:
+            # The caller left (a long-polling client hung up) before the batch ran: skip it, so no
+            # job is leased to nobody. Once a batch is taken it runs to its end without a
+            # checkpoint, so a cancelled wait always means "not run yet".
+            op.abandoned = True
+            raise
         if op.error is not None:
             raise op.error
         return op.result
@@ -112,7 +125,7 @@ class Tracker:
                 await self._work.wait()
                 self._work = trio.Event()
                 await trio.sleep(0)  # requests made runnable by the same I/O join this batch
-                ops, self._queue = self._queue, []
+                ops, self._queue = [op for op in self._queue if not op.abandoned], []
                 if not ops:
                     continue
                 try:
@@ -155,16 +168,22 @@ class Tracker:
         if jobs or wait <= 0:
             return jobs
         key = (name, self.store.worker_stage(name, token, self.clock()))
-        with trio.move_on_after(min(wait, MAX_CLAIM_WAIT)):
-            while True:
-                event = self._stage_events.get(key)
-                if event is None:
-                    event = self._stage_events[key] = trio.Event()
-                await event.wait()
-                jobs = await self._batched("claim", name, token, self.clock(), limit=limit, stage=stage)
-                if jobs:
-                    return jobs
-        return []
+        self.waiting_claims += 1
+        self._wake()
+        try:
+            with trio.move_on_after(min(wait, MAX_CLAIM_WAIT)):
+                while True:
+                    event = self._stage_events.get(key)
+                    if event is None:
+                        event = self._stage_events[key] = trio.Event()
+                    await event.wait()
+                    jobs = await self._batched("claim", name, token, self.clock(), limit=limit, stage=stage)
+                    if jobs:
+                        return jobs
+            return []
+        finally:
+            self.waiting_claims -= 1
+            self._wake()
 
     async def heartbeat(self, name: str, token: Any, *, progress: Any = None, jobs: Any = None) -> dict[str, Any]:
         return await self._batched("heartbeat", name, token, self.clock(), progress=progress, jobs=jobs)

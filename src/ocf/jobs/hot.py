@@ -1,0 +1,148 @@
+"""The tracker's three hot routes as raw ASGI: claim, complete and heartbeat.
+
+A worker fleet spends nearly all of its requests on these three, and they
+are small JSON in, small JSON out. Through Quart each one paid about half a
+millisecond of framework work (request and app contexts, URL matching,
+two tasks per request, response objects), as much as the LMDB commit
+behind it; served here, in front of Quart, by the gateway's ASGI layer
+(:class:`ocf.gateway.asgi.GatewayASGI`), they cost only what they do.
+CORS, metrics and the remote-peer policy still apply: that layer wraps
+these routes as it wraps every other. Everything else under ``/v1/jobs``
+stays in :mod:`ocf.jobs.http`, whose docstring lists the whole API.
+
+Behaviour matches the Quart routes': errors in the gateway's JSON shape,
+the gateway's body size limit (413) and body timeout, and a long-polling
+claim whose client hangs up is cancelled before it leases anything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+import trio
+
+from .. import log as logfmt
+from ..errors import GatewayRequestError, MethodNotAllowed, NotFound, RequestTimeout
+from ..gateway.errors import send_asgi_error
+from ..gateway.forward import RequestBody, Responder, _ClientGone
+from ..httpstream.client import collapse_groups
+from .http import parse_json_object, parse_number, token_from
+
+if TYPE_CHECKING:
+    from ..node import Node
+
+log = logging.getLogger("ocf.jobs")
+
+Receive = Callable[[], Awaitable[dict]]
+Send = Callable[[dict], Awaitable[None]]
+
+HOT_PATH = re.compile(r"/v1/jobs/([^/]+)/(claim|complete|heartbeat)\Z")
+ALLOW = b"POST, OPTIONS"
+
+
+class HotRoutes:
+    """``POST /v1/jobs/<project>/{claim,complete,heartbeat}`` for one node's gateway."""
+
+    def __init__(self, node: "Node") -> None:
+        self.node = node
+
+    @staticmethod
+    def route_of(path: str) -> str | None:
+        """The route template (the metrics label Quart would give it), or None if not a hot route."""
+        if not path.startswith("/v1/jobs/"):
+            return None
+        match = HOT_PATH.match(path)
+        return f"/v1/jobs/<project>/{match[2]}" if match else None
+
+    async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
+        responder = Responder(send)
+        match = HOT_PATH.match(scope["path"])
+        assert match is not None, "route_of() said this was a hot route"
+        project, action = match[1], match[2]
+        method = scope["method"]
+        try:
+            if method != "POST":
+                await _not_post(responder, method, scope["path"])
+                return
+            tracker = self.node.jobs
+            if tracker is None:
+                raise NotFound("this node does not host a job tracker (start it with --jobs)", code="no_tracker")
+            body = RequestBody(receive, scope, self.node.config.max_body_size)
+            with trio.fail_after(self.node.config.request_timeout):
+                raw = await body.read_all()
+            request = parse_json_object(raw)
+            token = token_from(_header(scope["headers"], b"authorization"), request)
+            if action == "claim":
+                answer = await self._claim(tracker, project, token, request, body, scope, responder)
+                if answer is None:  # the client left while we waited for a job: nothing was leased
+                    return
+            elif action == "complete":
+                items = request.get("results")
+                if items is None and "id" in request:
+                    items = [{"id": request["id"], "output": request.get("output")}]
+                results, jobs = await tracker.complete_many(project, token, items if items is not None else [], claim=request.get("claim", 0))
+                answer = {"results": results, "jobs": jobs}
+            else:
+                answer = await tracker.heartbeat(project, token, progress=request.get("progress"), jobs=request.get("jobs"))
+        except GatewayRequestError as exc:
+            await _send_error(responder, exc)
+            return
+        except trio.TooSlowError:
+            await _send_error(responder, RequestTimeout(f"request body not received within {self.node.config.request_timeout:g} s"))
+            return
+        except _ClientGone:
+            return
+        except Exception:
+            log.exception("job tracker request failed %s", logfmt.kv(path=scope["path"]))
+            await _send_error(responder, GatewayRequestError("internal error in the job tracker (see the node's log)"))
+            return
+        await _send_json(responder, answer)
+
+    async def _claim(self, tracker: Any, project: str, token: Any, request: dict[str, Any], body: RequestBody, scope: dict, responder: Responder) -> dict[str, Any] | None:
+        wait = parse_number(request.get("wait"), "wait", 0, 60, 0.0)
+        limit, stage = request.get("max", 1), request.get("stage")
+        if wait <= 0 or scope.get("extensions", {}).get("ocf.disconnect_cancels"):
+            # No long poll, or a peer stream that cancels us itself when its client leaves.
+            return {"jobs": await tracker.claim(project, token, limit=limit, stage=stage, wait=wait)}
+        # Long poll: Hypercorn reports a departed client only through receive(), so watch it.
+        jobs: list[dict[str, Any]] | None = None
+        with collapse_groups():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(body.watch_disconnect, nursery.cancel_scope, responder)
+                jobs = await tracker.claim(project, token, limit=limit, stage=stage, wait=wait)
+                nursery.cancel_scope.cancel()
+        if body.disconnected and not jobs:
+            log.debug("long-polling claimer left %s", logfmt.kv(project=project))
+            return None
+        return {"jobs": jobs}
+
+
+async def _send_json(responder: Responder, payload: dict[str, Any]) -> None:
+    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    await responder({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await responder({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _send_error(responder: Responder, exc: GatewayRequestError) -> None:
+    try:
+        await send_asgi_error(responder, exc)
+    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):  # pragma: no cover - client gone
+        pass
+
+
+async def _not_post(responder: Responder, method: str, path: str) -> None:
+    if method == "OPTIONS":
+        await responder({"type": "http.response.start", "status": 204, "headers": [(b"allow", ALLOW)]})
+        await responder({"type": "http.response.body", "body": b"", "more_body": False})
+        return
+    await _send_error(responder, MethodNotAllowed(f"method {method} is not allowed on {path}", headers={"Allow": ALLOW.decode()}))
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
