@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
+from typing import Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -66,6 +67,19 @@ class CipherState:
         out = self._aead.encrypt(_nonce(self.n), plaintext, ad)
         self.n += 1
         return out
+
+    def encrypt_in_place(self, ad: bytes, buf: memoryview, n: int) -> None:
+        """Encrypt the first ``n`` bytes of ``buf`` where they lie; the tag goes in the next 16 bytes.
+
+        Saves the copies ``encrypt`` costs (a new ciphertext object, then
+        joining it with its length prefix) on the bulk data path.
+        """
+        if self._aead is None:
+            return
+        if self.n >= MAX_NONCE:
+            raise ProtocolError("noise: nonce exhausted; reconnect")
+        self._aead.encrypt_into(_nonce(self.n), buf[:n], ad, buf[: n + TAG])
+        self.n += 1
 
     def decrypt(self, ad: bytes, ciphertext: bytes) -> bytes:
         if self._aead is None:
@@ -322,38 +336,115 @@ class NoiseSession:
         self._recv = recv
         self._buf = bytearray(initial)
 
-    def encrypt(self, plaintext: bytes | bytearray | memoryview) -> bytes:
-        """Frame and encrypt; large inputs become several frames in one byte string."""
-        view = memoryview(plaintext)
-        if len(view) <= MAX_PLAINTEXT:
-            ct = self._send.encrypt(b"", view)
-            return struct.pack(">H", len(ct)) + ct
-        parts = []
-        for i in range(0, len(view), MAX_PLAINTEXT):
-            ct = self._send.encrypt(b"", view[i : i + MAX_PLAINTEXT])
-            parts.append(struct.pack(">H", len(ct)))
-            parts.append(ct)
-        return b"".join(parts)
+    def encrypt(self, plaintext: bytes | bytearray | memoryview) -> bytearray:
+        """Frame and encrypt; large inputs become several frames in one buffer."""
+        return self.encrypt_parts((plaintext,))
+
+    def encrypt_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> bytearray:
+        """Frame and encrypt the concatenation of ``parts`` (e.g. yamux headers and payloads).
+
+        Every plaintext byte is copied once, straight to its place in the
+        output between its frame's length prefix and tag, and encrypted
+        there: no intermediate join, no per-frame ciphertext objects.
+        """
+        total = 0
+        for part in parts:
+            total += len(part)
+        full, last = divmod(total, MAX_PLAINTEXT)
+        sizes = [MAX_PLAINTEXT] * full
+        if last or not full:
+            sizes.append(last)
+        out = bytearray(total + len(sizes) * (2 + TAG))
+        view = memoryview(out)
+        # Copy the plaintext in, skipping the prefix and tag of every frame.
+        frame = 0
+        room = sizes[0]
+        pos = 2
+        for part in parts:
+            n = len(part)
+            if n <= room:
+                view[pos : pos + n] = part
+                pos += n
+                room -= n
+            else:
+                src = memoryview(part)
+                off = 0
+                while off < n:
+                    if not room:
+                        frame += 1
+                        room = sizes[frame]
+                        pos += TAG + 2
+                    take = min(room, n - off)
+                    view[pos : pos + take] = src[off : off + take]
+                    pos += take
+                    off += take
+                    room -= take
+        pos = 0
+        encrypt = self._send.encrypt_in_place
+        for size in sizes:
+            out[pos] = (size + TAG) >> 8
+            out[pos + 1] = (size + TAG) & 0xFF
+            encrypt(b"", view[pos + 2 :], size)
+            pos += 2 + size + TAG
+        return out
 
     def decrypt_stream(self, data: bytes) -> bytes:
-        """Feed ciphertext; return all plaintext of the frames now complete (``b""`` if none)."""
-        if data:
-            self._buf += data
+        """Feed ciphertext; return all plaintext of the frames now complete (``b""`` if none).
+
+        Frames are decrypted straight out of ``data``; only a frame split
+        across reads is copied, to join its pieces.
+        """
         buf = self._buf
         out = []
+        if buf:
+            if len(buf) >= 2 and len(buf) >= 2 + ((buf[0] << 8) | buf[1]):
+                # More than a frame waits (bytes read past the handshake): start over with all of it.
+                data = bytes(buf) + data
+                self._buf = buf = bytearray()
+            else:
+                plain = self._finish_frame(data)
+                if plain is None:
+                    return b""
+                data, first = plain
+                out.append(first)
+        view = memoryview(data)
+        decrypt = self._recv.decrypt
         pos = 0
-        end = len(buf)
+        end = len(view)
         while end - pos >= 2:
-            length = (buf[pos] << 8) | buf[pos + 1]
+            length = (view[pos] << 8) | view[pos + 1]
             if length < TAG:
                 raise ProtocolError(f"noise: frame of {length} bytes is shorter than its tag")
             if end - pos - 2 < length:
                 break
-            out.append(self._recv.decrypt(b"", bytes(buf[pos + 2 : pos + 2 + length])))
+            out.append(decrypt(b"", view[pos + 2 : pos + 2 + length]))
             pos += 2 + length
-        if pos:
-            del buf[:pos]
+        if pos < end:
+            self._buf = bytearray(view[pos:])
+        if not out:
+            return b""
         return out[0] if len(out) == 1 else b"".join(out)
+
+    def _finish_frame(self, data: bytes) -> tuple[memoryview, bytes] | None:
+        """Complete the frame begun in ``_buf`` from ``data``: (rest of data, its plaintext), or None if still short."""
+        buf = self._buf
+        view = memoryview(data)
+        if len(buf) < 2:
+            need = 2 - len(buf)
+            buf += view[:need]
+            view = view[need:]
+            if len(buf) < 2:
+                return None
+        length = (buf[0] << 8) | buf[1]
+        if length < TAG:
+            raise ProtocolError(f"noise: frame of {length} bytes is shorter than its tag")
+        need = 2 + length - len(buf)
+        if need > len(view):
+            buf += view
+            return None
+        buf += view[:need]
+        self._buf = bytearray()
+        return view[need:], self._recv.decrypt(b"", memoryview(buf)[2:])
 
     def has_buffered(self) -> bool:
         return bool(self._buf)

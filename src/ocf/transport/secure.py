@@ -8,6 +8,7 @@ run the Noise handshake and return a :class:`SecureStream`.
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import trio
@@ -16,8 +17,11 @@ from ..errors import HandshakeError, ProtocolError
 from ..identity import Identity, PeerId
 from .multistream import Agreed, Dialer, Listener
 from .noise import NoiseHandshake, NoiseSession
+from .tcp import tcp_socket_of
 
 RECEIVE_SIZE = 256 * 1024
+# Bytes read off the socket without waiting before we yield to other tasks anyway.
+YIELD_AFTER = 1 << 20
 
 
 async def _receive_exactly_up_to(stream: trio.abc.ReceiveStream, n: int, what: str) -> bytes:
@@ -54,7 +58,13 @@ async def negotiate(stream: trio.abc.Stream, protocols: Sequence[str], *, initia
 
 
 class SecureStream(trio.abc.HalfCloseableStream):
-    """A Noise-encrypted byte stream over another stream (TCP, WebSocket or memory)."""
+    """A Noise-encrypted byte stream over another stream (TCP, WebSocket or memory).
+
+    Over TCP, :meth:`write_nowait` hands ciphertext to the kernel itself
+    when the socket has room (it nearly always has): Trio's socket wrapper
+    costs more per write than encrypting a 64 KiB frame's worth of
+    bookkeeping, and skipping it made one stream a quarter faster.
+    """
 
     def __init__(self, transport: trio.abc.Stream, session: NoiseSession, local_peer: PeerId, remote_peer: PeerId) -> None:
         self.transport = transport
@@ -62,14 +72,49 @@ class SecureStream(trio.abc.HalfCloseableStream):
         self.remote_peer = remote_peer
         self._session = session
         self._plain = b""
+        self._socket = tcp_socket_of(transport)
+        self._unyielded = 0  # bytes read without waiting since we last yielded
         # No send lock: the muxer's single writer task is the only caller after
         # the handshake (a lock here costs a scheduler round trip per write).
+
+    def write_nowait(self, parts: Sequence[bytes | bytearray | memoryview]) -> memoryview:
+        """Encrypt the concatenation of ``parts`` and write what the kernel takes now, without waiting.
+
+        Returns the ciphertext not written yet (empty when all went). It is
+        already encrypted, so the caller must send it with
+        :meth:`send_encrypted` before anything else goes out, or the
+        connection is out of sync.
+        """
+        data = memoryview(self._session.encrypt_parts(parts))
+        sock = self._socket
+        if sock is None:
+            return data
+        fd = sock.fileno()
+        if fd < 0:
+            raise trio.ClosedResourceError("the connection's socket is closed")
+        try:
+            while data:
+                data = data[os.write(fd, data) :]
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"socket write failed: {exc}") from exc
+        return data
+
+    async def send_encrypted(self, ciphertext: bytes | bytearray | memoryview) -> None:
+        """Send ciphertext :meth:`write_nowait` left over (waits for the socket)."""
+        await self.transport.send_all(ciphertext)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
             await trio.lowlevel.checkpoint()
             return
-        await self.transport.send_all(self._session.encrypt(data))
+        await trio.lowlevel.checkpoint_if_cancelled()
+        rest = self.write_nowait((data,))
+        if rest:
+            await self.send_encrypted(rest)
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport.wait_send_all_might_not_block()
@@ -81,7 +126,7 @@ class SecureStream(trio.abc.HalfCloseableStream):
                 if plain:
                     self._plain = plain
                     break
-            data = await self.transport.receive_some(RECEIVE_SIZE)
+            data = await self._receive_ciphertext()
             if not data:
                 if self._session.has_buffered():
                     raise ProtocolError("noise: connection closed in the middle of a frame")
@@ -92,6 +137,36 @@ class SecureStream(trio.abc.HalfCloseableStream):
         else:
             data, self._plain = self._plain[:max_bytes], self._plain[max_bytes:]
         return data
+
+    async def _receive_ciphertext(self) -> bytes:
+        """Next bytes from the carrier; over TCP read straight from the socket.
+
+        Trio's ``recv`` yields to the scheduler after every successful read,
+        so a message that woke us would wait one more scheduler pass before
+        being handled. Here we yield only before reading when
+        ``YIELD_AFTER`` bytes came in without a wait, which keeps a peer that
+        sends without pause from starving the other tasks.
+        """
+        sock = self._socket
+        if sock is None:
+            return await self.transport.receive_some(RECEIVE_SIZE)
+        if self._unyielded >= YIELD_AFTER:
+            self._unyielded = 0
+            await trio.lowlevel.checkpoint()
+        while True:
+            fd = sock.fileno()
+            if fd < 0:
+                raise trio.ClosedResourceError("the connection's socket is closed")
+            try:
+                data = os.read(fd, RECEIVE_SIZE)
+            except BlockingIOError:
+                self._unyielded = 0
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"socket read failed: {exc}") from exc
+            self._unyielded += len(data)
+            return data
 
     async def send_eof(self) -> None:
         """Noise has no half-close of its own; close the carrier's write side if it has one."""

@@ -80,6 +80,21 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
         await self._stream.aclose()
 
 
+def tcp_socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    """The TCP socket under ``stream`` when bytes sent on the stream go to it unchanged, else None.
+
+    Lets the secure channel write ciphertext to the kernel directly; see
+    :meth:`ocf.transport.secure.SecureStream.write_nowait`.
+    """
+    if isinstance(stream, PrefixedStream):
+        if stream._prefix:
+            return None  # sniffed bytes still to replay: reads must go through it
+        stream = stream._stream
+    if isinstance(stream, trio.SocketStream):
+        return stream.socket
+    return None
+
+
 def is_tcp_addr(addr: Multiaddr) -> bool:
     """``/ip4|ip6|dns*/…/tcp/P`` optionally followed by ``/ws`` and ``/p2p/<id>``."""
     names = [n for n, _ in addr.parts if n != "p2p"]

@@ -246,9 +246,18 @@ class YamuxSession:
         With ``limit``, whole frames are taken until at least ``limit``
         bytes (or everything) are collected; the rest stays queued.
         """
+        parts = self.take_output(limit)
+        if len(parts) == 1 and isinstance(parts[0], bytes):
+            return parts[0]
+        return b"".join(parts)
+
+    def take_output(self, limit: int | None = None) -> list[bytes | memoryview]:
+        """Like :meth:`data_to_send`, as the queued pieces (headers and payloads) without joining them.
+
+        For a driver that copies them somewhere anyway (the Noise encryptor
+        lays them out in its output buffer), joining first would copy twice.
+        """
         out = self._out
-        if not out:
-            return b""
         if limit is not None and self._out_size > limit:
             taken = 0
             i = 0
@@ -264,11 +273,10 @@ class YamuxSession:
                         i += 1
             parts, self._out = out[:i], out[i:]
             self._out_size -= taken
-            return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
-        data = out[0] if len(out) == 1 and isinstance(out[0], bytes) else b"".join(out)
+            return parts
         self._out = []
         self._out_size = 0
-        return data
+        return out
 
     def _frame(self, type_: int, flags: int, stream_id: int, length: int) -> None:
         self._out.append(HEADER.pack(VERSION, type_, flags, stream_id, length))
