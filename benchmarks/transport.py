@@ -7,6 +7,8 @@ with 64 KiB writes and a 32-byte echo RTT. Then ocf (multistream + Noise XX +
 yamux over TCP): one stream's throughput, 64 concurrent streams on one
 connection, ping RTT, handshakes per second, memory per idle connection, and
 throughput against a js-libp2p peer (when node/npm are available).
+Throughputs are the best of three runs and RTTs the lowest of three medians
+(one run with --quick), for the baseline and ocf alike.
 Targets (issue 4): 1 stream >= 35% of raw TCP; 64 streams >= 1 stream;
 median ping RTT <= 2x raw echo RTT; < 64 KiB per idle connection.
 """
@@ -105,24 +107,27 @@ async def push(host, peer, nbytes: int) -> None:
     await stream.aclose()
 
 
-async def ocf_numbers(total: int, quick: bool) -> dict[str, float]:
+async def ocf_numbers(total: int, quick: bool, rounds: int) -> dict[str, float]:
     out: dict[str, float] = {}
     async with open_host(Identity.generate(), cfg()) as a, open_host(Identity.generate(), cfg()) as b:
         b.set_stream_handler(SINK, sink_handler)
         peer = await a.connect(b.listen_addrs[0])
         await push(a, peer, CHUNK * 16)  # warm up (window auto-tuning)
-        t0 = time.perf_counter()
-        await push(a, peer, total)
-        out["one_stream"] = total / (time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        async with trio.open_nursery() as n:
-            for _ in range(64):
-                n.start_soon(push, a, peer, total // 64)
-        out["64_streams"] = total / (time.perf_counter() - t0)
-        stream = await open_ping_stream(a, peer)
-        rtts = [await ping_once(stream) for _ in range(500)]
-        await stream.aclose()
-        out["ping_rtt"] = statistics.median(rtts)
+        out["one_stream"] = out["64_streams"] = 0.0
+        out["ping_rtt"] = float("inf")
+        for _ in range(rounds):  # best of rounds, as for the baseline
+            t0 = time.perf_counter()
+            await push(a, peer, total)
+            out["one_stream"] = max(out["one_stream"], total / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            async with trio.open_nursery() as n:
+                for _ in range(64):
+                    n.start_soon(push, a, peer, total // 64)
+            out["64_streams"] = max(out["64_streams"], total / (time.perf_counter() - t0))
+            stream = await open_ping_stream(a, peer)
+            rtts = [await ping_once(stream) for _ in range(500)]
+            await stream.aclose()
+            out["ping_rtt"] = min(out["ping_rtt"], statistics.median(rtts))
         # handshakes per second: fresh dial-only hosts dialing b
         count = 20 if quick else 100
         t0 = time.perf_counter()
@@ -185,8 +190,14 @@ async def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes (used by the test suite)")
     args = parser.parse_args()
     total = (8 if args.quick else args.mib) * 1024 * 1024
-    raw_rate, raw_rtt = await raw_tcp(total)
-    ours = await ocf_numbers(total, args.quick)
+    # This machine is noisy: every throughput is the best of `rounds` runs and
+    # every RTT the lowest median, for the baseline and for us alike.
+    rounds = 1 if args.quick else 3
+    raw_rate, raw_rtt = 0.0, float("inf")
+    for _ in range(rounds):
+        rate, rtt = await raw_tcp(total)
+        raw_rate, raw_rtt = max(raw_rate, rate), min(raw_rtt, rtt)
+    ours = await ocf_numbers(total, args.quick, rounds)
     js = await js_numbers(min(total, 64 * 1024 * 1024))
     rows = [
         ("raw Trio TCP, 64 KiB writes (baseline)", fmt_rate(raw_rate), "1.00", ""),

@@ -147,3 +147,49 @@ def test_fuzz_transport_only_raises_protocol_errors(data):
         sr.decrypt_stream(data)
     except ProtocolError:
         pass
+
+
+def _session_pair():
+    """Two transport sessions keyed alike (a's send key is b's receive key), without a handshake."""
+    key = bytes(range(32))
+    other = bytes(32)
+    a = noise.NoiseSession(noise.CipherState(key), noise.CipherState(other))
+    b = noise.NoiseSession(noise.CipherState(other), noise.CipherState(key))
+    return a, b
+
+
+@settings(max_examples=100)
+@given(st.lists(st.binary(max_size=70000), max_size=5), st.data())
+def test_encrypt_parts_is_encrypting_their_concatenation(parts, data):
+    """Laying pieces straight into the frame buffer gives the bytes a plain encrypt would."""
+    a1, _ = _session_pair()
+    a2, b = _session_pair()
+    wire = bytes(a1.encrypt_parts(parts))
+    assert wire == bytes(a2.encrypt(b"".join(parts)))
+    # every frame within Noise's limit
+    pos = 0
+    while pos < len(wire):
+        length = struct.unpack_from(">H", wire, pos)[0]
+        assert noise.TAG <= length <= noise.MAX_FRAME
+        pos += 2 + length
+    assert pos == len(wire)
+    # and it decrypts whatever the reads' boundaries
+    got = bytearray()
+    i = 0
+    while i < len(wire):
+        n = data.draw(st.integers(1, 80000))
+        got += b.decrypt_stream(wire[i : i + n])
+        i += n
+    assert bytes(got) == b"".join(parts) and not b.has_buffered()
+
+
+@settings(max_examples=50)
+@given(st.lists(st.binary(max_size=3000), min_size=1, max_size=6), st.data())
+def test_bytes_read_past_the_handshake_may_hold_several_frames(messages, data):
+    a, _ = _session_pair()
+    wire = b"".join(bytes(a.encrypt(m)) for m in messages)
+    cut = data.draw(st.integers(0, len(wire)))
+    key = bytes(range(32))
+    b = noise.NoiseSession(noise.CipherState(bytes(32)), noise.CipherState(key), wire[:cut])
+    got = b.decrypt_stream(b"") + b.decrypt_stream(wire[cut:])
+    assert got == b"".join(messages)

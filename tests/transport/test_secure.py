@@ -89,6 +89,81 @@ async def test_loopback_tcp_one_mebibyte_both_ways():
             await listener.aclose()
 
 
+async def tcp_secure_pair(listeners):
+    port = listeners[0].socket.getsockname()[1]
+    box = {}
+    async with trio.open_nursery() as n:
+
+        async def serve():
+            stream = await listeners[0].accept()
+            await secure.negotiate(stream, ["/noise"], initiator=False)
+            box["b"] = await secure.secure_inbound(stream, BOB)
+
+        n.start_soon(serve)
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        await secure.negotiate(client, ["/noise"], initiator=True)
+        box["a"] = await secure.secure_outbound(client, ALICE, BOB.peer_id)
+    return box["a"], box["b"]
+
+
+async def test_tcp_writes_skip_trio_and_hand_back_what_the_kernel_did_not_take():
+    """write_nowait never waits: with a peer that does not read, the rest comes back, already encrypted."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    sa, sb = await tcp_secure_pair(listeners)
+    assert sa._socket is not None and sb._socket is not None  # the fast path is in use
+    block = bytes(range(256)) * 256  # 64 KiB
+    sent = []
+    rest = b""
+    while not rest:  # fill the socket buffers: nobody reads yet
+        sent.append(block)
+        rest = sa.write_nowait([block[:12], block[12:]])
+    assert len(sent) > 1
+
+    async def read_all(expected: int, box: bytearray):
+        while len(box) < expected:
+            data = await sb.receive_some()
+            assert data
+            box += data
+
+    got = bytearray()
+    async with trio.open_nursery() as n:
+        n.start_soon(read_all, len(block) * len(sent), got)
+        await sa.send_encrypted(rest)  # the leftover goes first, then the stream goes on
+    assert bytes(got) == block * len(sent)
+    await sa.send_all(b"after")
+    assert await sb.receive_some() == b"after"
+    await sa.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        sa.write_nowait([b"too late"])
+    assert await sb.receive_some() == b""
+    await sb.aclose()
+    for listener in listeners:
+        await listener.aclose()
+
+
+async def test_tcp_reads_yield_only_after_a_budget_of_bytes():
+    """A read that finds data does not yield, unless YIELD_AFTER bytes came in without a wait."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    sa, sb = await tcp_secure_pair(listeners)
+    await sa.send_all(b"x" * 1000)
+    await sa.send_all(b"y" * 1000)
+    await trio.lowlevel.wait_readable(sb._socket)
+    sb._short_read = False  # as if the last read had filled the buffer
+    with trio.testing.assert_no_checkpoints():
+        data = await sb._receive_ciphertext()  # both frames are already in the socket
+    assert sb._session.decrypt_stream(data) == b"x" * 1000 + b"y" * 1000
+    await sa.send_all(b"z")
+    await trio.lowlevel.wait_readable(sb._socket)
+    sb._unyielded = secure.YIELD_AFTER
+    with trio.testing.assert_checkpoints():
+        data = await sb._receive_ciphertext()
+    assert sb._session.decrypt_stream(data) == b"z"
+    await sa.aclose()
+    await sb.aclose()
+    for listener in listeners:
+        await listener.aclose()
+
+
 async def test_wrong_peer_id_is_refused():
     a, b = trio.testing.memory_stream_pair()
     with pytest.raises(BaseExceptionGroup) as info:

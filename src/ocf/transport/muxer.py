@@ -81,7 +81,9 @@ class MuxedStream(trio.abc.HalfCloseableStream):
         self._reset: str | None = None  # reason once reset (by us, the peer, or the connection)
         self._closed = False  # aclose() called
         self._send_closed = False  # send_eof() or aclose() called
-        self._recv_lot = ParkingLot()
+        # The one task waiting in receive_some (only one may receive at a
+        # time): woken directly, which costs less than a ParkingLot.
+        self._recv_waiter: trio.lowlevel.Task | None = None
         self._send_lot = ParkingLot()
         self._receiving = False
         self._sending = False
@@ -125,7 +127,8 @@ class MuxedStream(trio.abc.HalfCloseableStream):
                         continue  # state may have changed while we yielded
                     return self._take(max_bytes) if self._chunks else b""
                 parked = True
-                await self._recv_lot.park()
+                self._recv_waiter = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(self._abort_receive)
         finally:
             self._receiving = False
 
@@ -138,8 +141,17 @@ class MuxedStream(trio.abc.HalfCloseableStream):
         if data:
             self._chunks.appendleft(bytes(data))
             self._unread += len(data)
-            if self._recv_lot:
-                self._recv_lot.unpark_all()
+            self._wake_receiver()
+
+    def _abort_receive(self, _raise_cancel: Any) -> trio.lowlevel.Abort:
+        self._recv_waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def _wake_receiver(self) -> None:
+        task = self._recv_waiter
+        if task is not None:
+            self._recv_waiter = None
+            trio.lowlevel.reschedule(task)
 
     def _take(self, max_bytes: int | None) -> bytes:
         chunks = self._chunks
@@ -262,8 +274,7 @@ class MuxedStream(trio.abc.HalfCloseableStream):
     # --- called by the connection -------------------------------------------------------
 
     def _wake(self) -> None:
-        if self._recv_lot:
-            self._recv_lot.unpark_all()
+        self._wake_receiver()
         if self._send_lot:
             self._send_lot.unpark_all()
 
@@ -273,13 +284,11 @@ class MuxedStream(trio.abc.HalfCloseableStream):
             self._conn._reset_stream(self, "data after close")
             return
         self._chunks.append(data)
-        if self._recv_lot:
-            self._recv_lot.unpark_all()
+        self._wake_receiver()
 
     def _on_eof(self) -> None:
         self._eof = True
-        if self._recv_lot:
-            self._recv_lot.unpark_all()
+        self._wake_receiver()
 
     def _on_reset(self, reason: str) -> None:
         if self._reset is None:

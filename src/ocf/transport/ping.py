@@ -26,7 +26,12 @@ PING_SIZE = 32
 
 async def receive_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes:
     """Read exactly ``n`` bytes; ``EOFError`` if the stream ends first."""
-    buf = bytearray()
+    first = await stream.receive_some(n)
+    if len(first) == n:
+        return first  # the usual case: all of it in one piece
+    buf = bytearray(first)
+    if not first:
+        raise EOFError(f"stream ended after 0 of {n} bytes")
     while len(buf) < n:
         chunk = await stream.receive_some(n - len(buf))
         if not chunk:

@@ -22,6 +22,8 @@ from .tcp import tcp_socket_of
 RECEIVE_SIZE = 256 * 1024
 # Bytes read off the socket without waiting before we yield to other tasks anyway.
 YIELD_AFTER = 1 << 20
+# A read shorter than this most likely emptied the socket.
+SHORT_READ = 64 * 1024
 
 
 async def _receive_exactly_up_to(stream: trio.abc.ReceiveStream, n: int, what: str) -> bytes:
@@ -74,6 +76,7 @@ class SecureStream(trio.abc.HalfCloseableStream):
         self._plain = b""
         self._socket = tcp_socket_of(transport)
         self._unyielded = 0  # bytes read without waiting since we last yielded
+        self._short_read = False  # the last read took less than the socket could have had
         # No send lock: the muxer's single writer task is the only caller after
         # the handshake (a lock here costs a scheduler round trip per write).
 
@@ -153,6 +156,11 @@ class SecureStream(trio.abc.HalfCloseableStream):
         if self._unyielded >= YIELD_AFTER:
             self._unyielded = 0
             await trio.lowlevel.checkpoint()
+        elif self._short_read:
+            # The last read drained the socket: most likely nothing is there
+            # yet, so wait (a read now would cost a failed syscall and an exception).
+            self._unyielded = 0
+            await trio.lowlevel.wait_readable(sock)
         while True:
             fd = sock.fileno()
             if fd < 0:
@@ -166,6 +174,7 @@ class SecureStream(trio.abc.HalfCloseableStream):
             except OSError as exc:
                 raise trio.BrokenResourceError(f"socket read failed: {exc}") from exc
             self._unyielded += len(data)
+            self._short_read = len(data) < SHORT_READ
             return data
 
     async def send_eof(self) -> None:
