@@ -50,5 +50,3 @@ def setup(level: str = "info", stream: Any = None) -> None:
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("ocf").setLevel(level.upper())
-    # Hypercorn's own access log is noisy and not one-line-per-event in our format.
-    logging.getLogger("hypercorn.access").setLevel(logging.WARNING)

@@ -95,6 +95,7 @@ async def test_compat_status_codes_and_idempotent_completion(node_config):
         await http.post("/v1/jobs/crawl/jobs", json=[{"k": 1}])
         url = f"{node.gateway_url}/v1/jobs/crawl"
         out = await trio.to_thread.run_sync(compat_errors, url)
+        assert out["first"] and out["url_page"]
         counts = (await http.get("/v1/jobs/crawl")).json()["stages"]
         assert counts[0]["done"] == 1 and counts[1]["pending"] == 1
         r = await http.get("/v1/jobs/crawl/api/jobCount", params={"stage": "b"})

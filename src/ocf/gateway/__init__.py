@@ -1,1 +1,1 @@
-"""The HTTP gateway (Quart-Trio on Hypercorn), port 8092 by default."""
+"""The HTTP gateway (a Quart-Trio app on ocf's own HTTP/1.1 server), port 8092 by default."""

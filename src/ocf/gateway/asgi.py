@@ -1,6 +1,6 @@
 """The ASGI layer in front of the Quart app: CORS, metrics, peer policy, forwarding routes.
 
-One thin wrapper sees every request, whether it came from Hypercorn or from
+One thin wrapper sees every request, whether it came to the TCP port or from
 another peer over a ``/libp2p-http`` stream, so CORS headers, request
 counting and the remote-peer policy are applied once, in one place; the
 forwarding routes (:mod:`ocf.gateway.forward`) are served here directly and

@@ -8,7 +8,7 @@ what Quart's request/response wrappers take away:
   only as fast as the upstream takes it (Quart's ``request.body`` buffers
   whatever arrives), and each upstream chunk is sent before the next is read;
 * everything an exchange runs (the request body pump, the watcher for a
-  departing Hypercorn client) lives in nurseries of the request's own call,
+  departing client, under an ASGI server other than ours) lives in nurseries of the request's own call,
   so nothing outlives the request and a client that goes away cancels the
   upstream request at once (over a peer stream the stream server cancels
   the call itself, see :mod:`ocf.httpstream.server`);
@@ -164,7 +164,7 @@ class RequestBody:
         while True:
             message = await self._receive()
             if message["type"] == "http.disconnect":
-                # Hypercorn also says "disconnect" once the response is complete: that is no reason
+                # Servers also say "disconnect" once the response is complete: that is no reason
                 # to cancel the cleanup (e.g. giving a keep-alive backend connection back).
                 if not responder.finished:
                     self.disconnected = True
@@ -293,10 +293,11 @@ class Forwarder:
     async def _guarded(self, scope: dict, receive: Receive, responder: Responder, work: Callable[[RequestBody], Awaitable[None]]) -> None:
         """Run ``work`` under the request timeout, cancelled if the client leaves.
 
-        Hypercorn only reports a departed client through ``receive()``, so
-        for its requests a watcher task in the request's own nursery keeps
-        asking; a request that came over a peer stream is cancelled by
-        :func:`ocf.httpstream.server.serve_stream` itself and needs no task.
+        Our own server (:func:`ocf.httpstream.server.serve_stream`, on the
+        TCP port and on peer streams) cancels the call itself when the
+        client leaves and says so in the scope. Under any other ASGI server
+        (Hypercorn, uvicorn), which reports a departed client only through
+        ``receive()``, a watcher task in the request's own nursery keeps asking.
         Small bodies with a declared length are read up front: they cost no
         body-pump task later and can be replayed to a second provider.
         """

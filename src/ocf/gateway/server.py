@@ -1,8 +1,10 @@
-"""Serve the gateway's Quart-Trio app with Hypercorn's Trio worker.
+"""Serve the gateway's Quart-Trio app on its TCP port and to other peers' streams.
 
-Hypercorn binds the sockets itself and reports the bound addresses through
-``task_status``, which is how a node started with ``--port 0`` learns (and
-reports) its real port.
+Both doors use ocf's own HTTP/1.1 engine (:mod:`ocf.httpstream.server`); the
+TCP side (:func:`ocf.httpstream.listener.serve_http`) replaced Hypercorn,
+which cost twice the CPU per request (see that module). It reports the bound
+addresses through ``task_status``, which is how a node started with
+``--port 0`` learns (and reports) its real port.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import attrs
 import trio
-from hypercorn.config import Config as HyperConfig
-from hypercorn.trio import serve
 
 from ..errors import OcfError, find_in_group
+from ..httpstream.bridge import DEFAULT_MAX_HEADER_SIZE
+from ..httpstream.listener import serve_http
 from ..httpstream.server import serve_stream
 from .app import create_app
 from .forward import LIBP2P_HTTP
@@ -49,33 +51,37 @@ async def serve_peer_stream(app: Any, stream: Any) -> None:
     await serve_stream(stream, app, client=(peer, 0), extensions={"ocf.remote_peer": peer})
 
 
-def _hypercorn_config(node: "Node") -> HyperConfig:
-    cfg = HyperConfig()
-    host = node.config.host
-    cfg.bind = [f"[{host}]:{node.config.port}" if ":" in host else f"{host}:{node.config.port}"]
-    cfg.accesslog = None
-    cfg.errorlog = logging.getLogger("ocf.gateway.server")
-    cfg.graceful_timeout = 1.0  # long-lived streams must not hold up shutdown
-    cfg.keep_alive_timeout = 75
-    cfg.h11_max_incomplete_size = 64 * 1024  # request line + headers limit
-    cfg.include_server_header = False
-    return cfg
+# Keep-alive connections idle this long are closed (as Hypercorn's default we used before).
+KEEP_ALIVE_TIMEOUT = 75.0
+# Long-lived responses (event streams) get this long to finish when the node stops.
+GRACEFUL_TIMEOUT = 1.0
 
 
 @contextlib.asynccontextmanager
 async def open_gateway(node: "Node") -> AsyncIterator[Gateway]:
     app = create_app(node)
-    cfg = _hypercorn_config(node)
+    host, port = node.config.host, node.config.port
     stop = trio.Event()
+    serve = functools.partial(
+        serve_http,
+        app,
+        host,
+        port,
+        shutdown_trigger=stop.wait,
+        max_header_size=DEFAULT_MAX_HEADER_SIZE,
+        idle_timeout=KEEP_ALIVE_TIMEOUT,
+        graceful_timeout=GRACEFUL_TIMEOUT,
+    )
     async with trio.open_nursery() as nursery:
         try:
-            binds = await nursery.start(lambda task_status: serve(app, cfg, shutdown_trigger=stop.wait, task_status=task_status))  # type: ignore[arg-type]
-        except BaseException as exc:  # noqa: BLE001 - hypercorn wraps bind errors in groups
+            binds = await nursery.start(serve)
+        except BaseException as exc:  # noqa: BLE001 - a bind error may arrive wrapped in a group
             os_error = find_in_group(exc, OSError)
             if os_error is None:
                 raise
             reason = getattr(os_error, "strerror", None) or os_error
-            raise GatewayError(f"cannot listen on {cfg.bind[0]} for the HTTP gateway: {reason}") from None
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            raise GatewayError(f"cannot listen on {where} for the HTTP gateway: {reason}") from None
         url = _public_url(binds[0], node.config.host)
         gateway = Gateway(url=url, binds=binds, app=app)
         log.info("gateway listening url=%s", url)
@@ -94,7 +100,7 @@ async def open_gateway(node: "Node") -> AsyncIterator[Gateway]:
 
 
 def _public_url(bind: str, host: str) -> str:
-    """Hypercorn reports ``http://0.0.0.0:8092``; a usable URL names a reachable host."""
+    """The server reports ``http://0.0.0.0:8092``; a usable URL names a reachable host."""
     if host in ("0.0.0.0", "::"):
         scheme, rest = bind.split("://", 1)
         port = rest.rsplit(":", 1)[1]

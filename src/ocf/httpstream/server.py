@@ -2,7 +2,7 @@
 
 This is how a ``/libp2p-http`` stream from another peer reaches this node's
 gateway. We call the gateway's ASGI app directly rather than relaying the
-bytes to our own Hypercorn over a loopback socket: the request is parsed
+bytes to our own TCP port over a loopback socket: the request is parsed
 once (here, by h11) instead of twice, no loopback connection or extra copy
 through the kernel is needed, and disconnects map straight onto ASGI's
 ``http.disconnect``. The app cannot tell the difference except for the
@@ -16,13 +16,23 @@ the response is complete, the app call is cancelled: that is what cancels
 the upstream request two hops away. The scope says so with
 ``extensions["ocf.disconnect_cancels"] = True``, so the app need not watch
 ``receive()`` for ``http.disconnect`` itself (it still gets one if it asks).
+
+A response head with a ``Content-Length`` is held back until the body's
+first bytes and written with them: one write instead of two, so the client
+(often another gateway, in another process) wakes once per response. A head
+without one (a stream of events) goes out at once.
+
+The gateway's TCP port is served the same way, by
+:func:`ocf.httpstream.listener.serve_http`.
 """
 
 from __future__ import annotations
 
 import collections
+import email.utils
 import json
 import logging
+import time
 from typing import Any, Awaitable, Callable
 
 import trio
@@ -47,9 +57,49 @@ class _Gone(Exception):
     """The client went away (EOF, reset, broken stream)."""
 
 
+class Draining:
+    """Shared by one server's connections so that shutdown can end them gently.
+
+    :meth:`drain` closes connections idle between requests at once; a
+    connection in the middle of a request ends after its response.
+    """
+
+    def __init__(self) -> None:
+        self.draining = False
+        self._idle: set[trio.CancelScope] = set()
+
+    def drain(self) -> None:
+        self.draining = True
+        for scope in self._idle:
+            scope.cancel()
+
+
+_date_cache: tuple[int, bytes] = (0, b"")
+
+
+def http_date() -> bytes:
+    """The current time as an HTTP ``Date`` value, computed once per second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, email.utils.formatdate(now, usegmt=True).encode())
+    return _date_cache[1]
+
+
 class _Connection:
-    def __init__(self, stream: trio.abc.Stream, app: ASGIApp, scope_extra: dict[str, Any], max_header_size: int, idle_timeout: float) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        app: ASGIApp,
+        scope_extra: dict[str, Any],
+        max_header_size: int,
+        idle_timeout: float,
+        draining: Draining | None = None,
+        date_header: bool = False,
+    ) -> None:
         self.stream = stream
+        self.draining = draining
+        self.date_header = date_header
         self.app = app
         self.scope_extra = scope_extra
         self.bridge = ServerBridge(max_header_size=max_header_size)
@@ -95,6 +145,18 @@ class _Connection:
         if self._app_scope is not None and not self._response_complete:
             self._app_scope.cancel()  # nobody will read the answer: stop producing it (and whatever is upstream)
 
+    def _skip_parsed_body(self) -> bool:
+        """Drop a request body the app did not read, if all of it is already here (a GET's empty one always is)."""
+        events = self.events
+        while events and isinstance(events[0], Data):
+            events.popleft()
+        if events and events[0] is END:
+            events.popleft()
+            if not events:
+                self._drained.set()
+            return True
+        return False
+
     async def _next_event(self) -> Any:
         while not self.events:
             if self.error is not None:
@@ -121,14 +183,23 @@ class _Connection:
             raise _Gone() from None
 
     async def next_head(self) -> RequestHead | None:
-        with trio.move_on_after(self.idle_timeout):
-            while True:
-                event = await self._next_event()
-                if isinstance(event, RequestHead):
-                    return event
-                if event is CLOSED:
-                    return None
-        return None  # idle too long
+        draining = self.draining
+        if draining is not None and draining.draining and not self.events:
+            return None  # shutting down: no new requests on an idle connection
+        with trio.move_on_after(self.idle_timeout) as idle:
+            if draining is not None:
+                draining._idle.add(idle)
+            try:
+                while True:
+                    event = await self._next_event()
+                    if isinstance(event, RequestHead):
+                        return event
+                    if event is CLOSED:
+                        return None
+            finally:
+                if draining is not None:
+                    draining._idle.discard(idle)
+        return None  # idle too long, or the server is shutting down
 
     async def serve(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -156,6 +227,8 @@ class _Connection:
                 return
             keep = await self.run_app(scope)
             if not keep or not self.bridge.next_cycle():
+                return
+            if self.draining is not None and self.draining.draining:
                 return
             try:
                 self.events.extend(self.bridge.events())  # a pipelined request already received
@@ -200,19 +273,34 @@ class _Connection:
             await finish.wait()
             return {"type": "http.disconnect"}
 
+        held = b""  # a response head waiting to go out with the first body bytes
+
         async def send(message: dict) -> None:
+            nonlocal held
             if self.gone:
                 return  # ASGI: sending after disconnect is a no-op
             kind = message["type"]
             try:
                 if kind == "http.response.start":
                     headers = [(bytes(k).lower(), bytes(v)) for k, v in message.get("headers", [])]
-                    await self._write(self.bridge.respond(int(message["status"]), headers))
+                    if self.date_header and not any(k == b"date" for k, _ in headers):
+                        headers.append((b"date", http_date()))
+                    # Answering before the whole request arrived (e.g. 413 for a body
+                    # too large): the rest cannot be skipped reliably, so this is the
+                    # connection's last response, and the client must hear it.
+                    unfinished = not request_done and not any(event is END for event in self.events)
+                    head = self.bridge.respond(int(message["status"]), headers, close=unfinished)
+                    if any(k == b"content-length" for k, _ in headers):
+                        held = head  # the body follows at once: one write, one wake-up of the client
+                    else:
+                        await self._write(head)  # a stream (SSE): the client may want the head before any event
                 elif kind == "http.response.body":
                     data = self.bridge.data(bytes(message.get("body", b"")))
                     if not message.get("more_body", False):
                         data += self.bridge.end()
                         self._response_complete = True
+                    if held:
+                        data, held = held + data, b""
                     await self._write(data)
                     if self._response_complete:
                         finish.set()
@@ -237,7 +325,7 @@ class _Connection:
             if not self.bridge.response_started and not self.gone:
                 await self._reject(500, "the application sent no response", "internal_error")
             return False
-        if not request_done:
+        if not request_done and not self._skip_parsed_body():
             return False  # unread body left on the stream: cannot find the next request
         return not self.gone
 
@@ -247,16 +335,30 @@ async def serve_stream(
     app: ASGIApp,
     *,
     client: tuple[str, int] | None = None,
+    server: tuple[str, int] | None = None,
     extensions: dict | None = None,
     max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
     idle_timeout: float = 75.0,
+    draining: Draining | None = None,
+    date_header: bool = False,
 ) -> None:
     """Serve HTTP/1.1 requests arriving on ``stream`` with ``app`` until the client is done.
 
     Returns when the client closes, after ``idle_timeout`` seconds without a
     request, or after an exchange that leaves the connection unusable; the
-    caller closes the stream.
+    caller closes the stream. ``draining`` lets a server end the connection
+    gently at shutdown; ``date_header`` adds ``Date`` to responses that have
+    none, as an origin server should (a peer's stream is not one: the
+    gateway that faces the client adds it).
     """
     extensions = dict(extensions or {}, **{"ocf.disconnect_cancels": True})
-    conn = _Connection(stream, app, {"client": client, "extensions": extensions}, max_header_size, idle_timeout)
+    conn = _Connection(
+        stream,
+        app,
+        {"client": client, "server": server, "extensions": extensions},
+        max_header_size,
+        idle_timeout,
+        draining,
+        date_header,
+    )
     await conn.serve()

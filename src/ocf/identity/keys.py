@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
 from cryptography.exceptions import InvalidSignature
@@ -18,6 +19,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 from ..errors import IdentityError
+
+if TYPE_CHECKING:
+    from .peerid import PeerId
 
 KEY_TYPE_ED25519 = 1
 IDENTITY_FILE = "identity.key"

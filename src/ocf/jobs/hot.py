@@ -107,7 +107,8 @@ class HotRoutes:
         if wait <= 0 or scope.get("extensions", {}).get("ocf.disconnect_cancels"):
             # No long poll, or a peer stream that cancels us itself when its client leaves.
             return {"jobs": await tracker.claim(project, token, limit=limit, stage=stage, wait=wait)}
-        # Long poll: Hypercorn reports a departed client only through receive(), so watch it.
+        # Long poll under a server that reports a departed client only through receive()
+        # (any ASGI server but ours, e.g. Hypercorn or uvicorn): watch it.
         jobs: list[dict[str, Any]] | None = None
         with collapse_groups():
             async with trio.open_nursery() as nursery:

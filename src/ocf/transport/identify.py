@@ -22,7 +22,7 @@ the peer observed for us.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
