@@ -89,8 +89,6 @@ async def test_standalone_never_dials(autojump_clock):
 
 async def test_url_source_fetches_bootstrap_list():
     """An http(s) bootstrap source: a real HTTP server answering {"bootstraps": [...]}."""
-    import h11  # noqa: F401 - the server below speaks plain HTTP/1.1 by hand
-
     net = MemoryNetwork()
     async with open_host(SEED, Config(), net) as seed:
         body = json.dumps({"bootstraps": [str(seed.listen_addrs[0])]}).encode()
