@@ -26,6 +26,9 @@ class PeerId:
     """The binary multihash; compare and hash by bytes, print as base58btc."""
 
     raw: bytes
+    # The base58 text, computed on first use: peer IDs are printed on every
+    # forwarded request and log line, and base58 costs a big-integer division per character.
+    _text: str | None = attrs.field(default=None, init=False, eq=False, order=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         _check_multihash(self.raw)
@@ -57,7 +60,11 @@ class PeerId:
             raise IdentityError(f"invalid peer ID {text!r}: {exc}") from None
 
     def to_string(self) -> str:
-        return base58.encode(self.raw)
+        text = self._text
+        if text is None:
+            text = base58.encode(self.raw)
+            object.__setattr__(self, "_text", text)
+        return text
 
     def __str__(self) -> str:
         return self.to_string()
