@@ -113,7 +113,7 @@ def test_server_parses_pipelined_requests_one_cycle_at_a_time():
     assert events == [RequestHead(b"POST", b"/a?x=1", [(b"host", b"h"), (b"content-length", b"3")]), Data(b"abc"), END]
     assert s.buffered > 0
     out = s.respond(200, [(b"content-length", b"2")]) + s.data(b"ok") + s.end()
-    assert out.startswith(b"HTTP/1.1 200 \r\n") and out.endswith(b"\r\n\r\nok")
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(b"\r\n\r\nok")
     assert s.next_cycle()
     assert s.events() == [RequestHead(b"GET", b"/b", [(b"host", b"h")]), END]
 
@@ -122,7 +122,7 @@ def test_server_response_without_length_is_chunked():
     s = ServerBridge()
     s.feed(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     out = s.respond(200, [(b"content-type", b"text/plain"), (b"connection", b"keep-alive")]) + s.data(b"tok") + s.end()
-    assert out == b"HTTP/1.1 200 \r\ncontent-type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n3\r\ntok\r\n0\r\n\r\n"
+    assert out == b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n3\r\ntok\r\n0\r\n\r\n"
 
 
 def test_server_eof_between_requests_is_a_clean_close_and_mid_body_is_not():

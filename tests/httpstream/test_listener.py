@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import socket
 
 import h11
@@ -194,3 +195,32 @@ async def test_port_in_use_is_an_os_error():
         port = taken.getsockname()[1]
         with pytest.raises(OSError):
             await serve_http(App(), "127.0.0.1", port, shutdown_trigger=trio.sleep_forever)
+
+
+async def test_head_drops_the_body_the_app_sends_and_keeps_the_connection():
+    app = App()
+    async with trio.open_nursery() as nursery:
+        urls, stop = await start(nursery, app)
+        client = await Client.connect(urls[0])
+        status, head, body = await client.request("HEAD", "/a")
+        assert status == 200 and body == b"" and head["content-length"] == "5"
+        assert client.next_cycle()
+        assert (await client.request("GET", "/a"))[2] == b"ok /a"
+        stop.set()
+
+
+async def test_malformed_request_gets_one_json_400():
+    app = App()
+    async with trio.open_nursery() as nursery:
+        urls, stop = await start(nursery, app)
+        host, port = urls[0].removeprefix("http://").rsplit(":", 1)
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(b"GARBAGE\r\n\r\n")
+        reply = b""
+        while chunk := await stream.receive_some():
+            reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"\r\ndate: " in head and b"connection: close" in head
+        error = json.loads(body)["error"]
+        assert error["code"] == "bad_request" and error["message"].count("malformed HTTP request") == 1
+        stop.set()

@@ -20,6 +20,7 @@ the byte-vector and hypothesis tests exercise.
 
 from __future__ import annotations
 
+import http
 from typing import Iterable, Sequence, Union
 from urllib.parse import unquote
 
@@ -32,6 +33,9 @@ Headers = list[tuple[bytes, bytes]]
 
 #: Largest request/status line plus headers we accept (and h11's buffer bound).
 DEFAULT_MAX_HEADER_SIZE = 64 * 1024
+
+#: Standard reason phrases ("200 OK"), for clients and people that read status lines.
+_REASONS = {int(status): status.phrase.encode() for status in http.HTTPStatus}
 
 #: Headers that describe one connection, never the message (RFC 9110 7.6.1);
 #: a proxy drops them and frames the body itself.
@@ -340,7 +344,7 @@ class ServerBridge:
         if close:
             out.append((b"connection", b"close"))
         try:
-            return self._conn.send(h11.Response(status_code=status, headers=out, reason=reason)) or b""
+            return self._conn.send(h11.Response(status_code=status, headers=out, reason=reason or _REASONS.get(status, b""))) or b""
         except h11.LocalProtocolError as exc:
             raise BridgeError(f"cannot send response: {exc}") from None
 
@@ -360,11 +364,14 @@ class ServerBridge:
         except h11.LocalProtocolError as exc:
             raise BridgeError(f"response body does not match its framing: {exc}") from None
 
-    def error_response(self, status: int, body: bytes, content_type: bytes = b"application/json") -> bytes:
+    def error_response(
+        self, status: int, body: bytes, extra_headers: Sequence[tuple[bytes, bytes]] = (), content_type: bytes = b"application/json"
+    ) -> bytes:
         """A complete small response, for errors detected before the app answered ("" if too late)."""
         if self.response_started:
             return b""
-        head = self.respond(status, [(b"content-type", content_type), (b"content-length", str(len(body)).encode())], close=True)
+        headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *extra_headers]
+        head = self.respond(status, headers, close=True)
         return head + self.data(body) + self.end()
 
     def next_cycle(self) -> bool:

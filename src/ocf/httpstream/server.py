@@ -216,7 +216,7 @@ class _Connection:
             except _Gone:
                 return
             except BridgeError as exc:
-                await self._reject(400, f"malformed HTTP request: {exc}", "bad_request")
+                await self._reject(400, str(exc), "bad_request")
                 return
             if head is None:
                 return
@@ -233,14 +233,15 @@ class _Connection:
             try:
                 self.events.extend(self.bridge.events())  # a pipelined request already received
             except BridgeError as exc:
-                await self._reject(400, f"malformed HTTP request: {exc}", "bad_request")
+                await self._reject(400, str(exc), "bad_request")
                 return
             self._drained.set()
 
     async def _reject(self, status: int, message: str, code: str) -> None:
         log.debug("rejecting stream request status=%d reason=%s", status, message)
         try:
-            await self._write(self.bridge.error_response(status, _error_body(status, message, code)))
+            extra = [(b"date", http_date())] if self.date_header else []
+            await self._write(self.bridge.error_response(status, _error_body(status, message, code), extra))
         except (_Gone, BridgeError):
             pass
 
@@ -274,6 +275,7 @@ class _Connection:
             return {"type": "http.disconnect"}
 
         held = b""  # a response head waiting to go out with the first body bytes
+        head_only = scope["method"] == "HEAD"
 
         async def send(message: dict) -> None:
             nonlocal held
@@ -295,7 +297,8 @@ class _Connection:
                     else:
                         await self._write(head)  # a stream (SSE): the client may want the head before any event
                 elif kind == "http.response.body":
-                    data = self.bridge.data(bytes(message.get("body", b"")))
+                    # A HEAD response has no body, whatever the app sends (ASGI lets it send one).
+                    data = self.bridge.data(b"" if head_only else bytes(message.get("body", b"")))
                     if not message.get("more_body", False):
                         data += self.bridge.end()
                         self._response_complete = True
