@@ -331,9 +331,9 @@ async def test_tcp_and_websocket_on_same_port():
         assert await roundtrip(a, c.peer_id, b"ws back") == b"ws back"
         # Raw TCP connections write and read their socket directly at both
         # ends (the sniffed prefix is used up by then); WebSocket ones cannot.
-        assert b.connections(a.peer_id)[0].muxed._secure._socket is not None
-        assert a.connections(b.peer_id)[0].muxed._secure._socket is not None
-        assert c.connections(a.peer_id)[0].muxed._secure._socket is None
+        assert b.connections(a.peer_id)[0].muxed._secure._direct is not None
+        assert a.connections(b.peer_id)[0].muxed._secure._direct is not None
+        assert c.connections(a.peer_id)[0].muxed._secure._direct is None
 
 
 async def test_tcp_dial_refused_is_unreachable():

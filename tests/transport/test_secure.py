@@ -6,6 +6,7 @@ import trio.testing
 
 from ocf.errors import HandshakeError, PeerIdMismatch, ProtocolNotSupported
 from ocf.identity import Identity
+from ocf.directsocket import YIELD_AFTER
 from ocf.transport import secure
 
 ALICE, BOB, EVE = Identity.from_seed("alice"), Identity.from_seed("bob"), Identity.from_seed("eve")
@@ -110,7 +111,7 @@ async def test_tcp_writes_skip_trio_and_hand_back_what_the_kernel_did_not_take()
     """write_nowait never waits: with a peer that does not read, the rest comes back, already encrypted."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     sa, sb = await tcp_secure_pair(listeners)
-    assert sa._socket is not None and sb._socket is not None  # the fast path is in use
+    assert sa._direct is not None and sb._direct is not None  # the fast path is in use
     block = bytes(range(256)) * 256  # 64 KiB
     sent = []
     rest = b""
@@ -147,14 +148,14 @@ async def test_tcp_reads_yield_only_after_a_budget_of_bytes():
     sa, sb = await tcp_secure_pair(listeners)
     await sa.send_all(b"x" * 1000)
     await sa.send_all(b"y" * 1000)
-    await trio.lowlevel.wait_readable(sb._socket)
-    sb._short_read = False  # as if the last read had filled the buffer
+    await trio.lowlevel.wait_readable(sb._direct.socket)
+    sb._direct._short_read = False  # as if the last read had filled the buffer
     with trio.testing.assert_no_checkpoints():
         data = await sb._receive_ciphertext()  # both frames are already in the socket
     assert sb._session.decrypt_stream(data) == b"x" * 1000 + b"y" * 1000
     await sa.send_all(b"z")
-    await trio.lowlevel.wait_readable(sb._socket)
-    sb._unyielded = secure.YIELD_AFTER
+    await trio.lowlevel.wait_readable(sb._direct.socket)
+    sb._direct._read_budget = YIELD_AFTER
     with trio.testing.assert_checkpoints():
         data = await sb._receive_ciphertext()
     assert sb._session.decrypt_stream(data) == b"z"

@@ -31,6 +31,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import trio
 
+from ..directsocket import DirectSocketStream
 from ..errors import OcfError
 from .bridge import DEFAULT_MAX_HEADER_SIZE
 from .server import ASGIApp, Draining, serve_stream
@@ -95,7 +96,7 @@ async def _serve_connection(stream: trio.SocketStream, app: ASGIApp, draining: D
         client = _address(stream.socket.getpeername())
         server = _address(stream.socket.getsockname())
         await serve_stream(
-            stream,
+            DirectSocketStream(stream),
             app,
             client=client,
             server=server,

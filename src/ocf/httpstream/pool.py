@@ -20,6 +20,7 @@ from typing import AsyncIterator
 import attrs
 import trio
 
+from ..directsocket import DirectSocketStream
 from .bridge import ClientBridge
 
 log = logging.getLogger("ocf.httpstream")
@@ -28,7 +29,7 @@ log = logging.getLogger("ocf.httpstream")
 @attrs.define(eq=False)
 class PooledConnection:
     key: tuple[str, int]
-    stream: trio.SocketStream
+    stream: DirectSocketStream
     bridge: ClientBridge = attrs.field(factory=ClientBridge)
     idle_since: float = 0.0
     reused: bool = False  # came from the idle stack (may have been closed by the server meanwhile)
@@ -72,7 +73,7 @@ class ConnectionPool:
         with trio.fail_after(self.connect_timeout):
             stream = await trio.open_tcp_stream(host, port)
         stream.setsockopt(6, 1, 1)  # TCP_NODELAY: small SSE events must not wait for Nagle
-        return PooledConnection(key, stream)
+        return PooledConnection(key, DirectSocketStream(stream))
 
     def release(self, conn: PooledConnection) -> None:
         """Give ``conn`` back after an exchange; kept only if its exchange finished cleanly."""

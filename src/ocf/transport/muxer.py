@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 import trio
 from trio.lowlevel import ParkingLot, checkpoint, checkpoint_if_cancelled
 
+from ..directsocket import YIELD_AFTER
 from ..errors import ProtocolError, StreamReset, TransportError
 from . import yamux
 from .yamux import (
@@ -59,9 +60,6 @@ RECEIVE_JOIN = 256 * 1024
 # Most bytes the writer hands the secure stream at once: bigger writes save
 # little per-call overhead but copy through memory instead of cache.
 WRITE_BATCH = 256 * 1024
-# Bytes a stream may write inline, without waiting, before it yields to
-# other tasks anyway (see _write_inline).
-YIELD_AFTER = 1 << 20
 KEEPALIVE_INTERVAL = 30.0
 KEEPALIVE_TIMEOUT = 30.0
 CLOSE_FLUSH_TIMEOUT = 1.0

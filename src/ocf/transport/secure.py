@@ -8,22 +8,18 @@ run the Noise handshake and return a :class:`SecureStream`.
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import trio
 
+from ..directsocket import DirectSocketStream
 from ..errors import HandshakeError, ProtocolError
 from ..identity import Identity, PeerId
 from .multistream import Agreed, Dialer, Listener
 from .noise import NoiseHandshake, NoiseSession
-from .tcp import tcp_socket_of
+from .tcp import tcp_stream_of
 
 RECEIVE_SIZE = 256 * 1024
-# Bytes read off the socket without waiting before we yield to other tasks anyway.
-YIELD_AFTER = 1 << 20
-# A read shorter than this most likely emptied the socket.
-SHORT_READ = 64 * 1024
 
 
 async def _receive_exactly_up_to(stream: trio.abc.ReceiveStream, n: int, what: str) -> bytes:
@@ -74,9 +70,9 @@ class SecureStream(trio.abc.HalfCloseableStream):
         self.remote_peer = remote_peer
         self._session = session
         self._plain = b""
-        self._socket = tcp_socket_of(transport)
-        self._unyielded = 0  # bytes read without waiting since we last yielded
-        self._short_read = False  # the last read took less than the socket could have had
+        tcp = tcp_stream_of(transport)
+        # Over TCP (after the handshake) we read and write the socket ourselves.
+        self._direct = DirectSocketStream(tcp) if tcp is not None else None
         # No send lock: the muxer's single writer task is the only caller after
         # the handshake (a lock here costs a scheduler round trip per write).
 
@@ -89,20 +85,9 @@ class SecureStream(trio.abc.HalfCloseableStream):
         connection is out of sync.
         """
         data = memoryview(self._session.encrypt_parts(parts))
-        sock = self._socket
-        if sock is None:
+        if self._direct is None:
             return data
-        fd = sock.fileno()
-        if fd < 0:
-            raise trio.ClosedResourceError("the connection's socket is closed")
-        try:
-            while data:
-                data = data[os.write(fd, data) :]
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            raise trio.BrokenResourceError(f"socket write failed: {exc}") from exc
-        return data
+        return self._direct.write_nowait(data)
 
     async def send_encrypted(self, ciphertext: bytes | bytearray | memoryview) -> None:
         """Send ciphertext :meth:`write_nowait` left over (waits for the socket)."""
@@ -142,40 +127,10 @@ class SecureStream(trio.abc.HalfCloseableStream):
         return data
 
     async def _receive_ciphertext(self) -> bytes:
-        """Next bytes from the carrier; over TCP read straight from the socket.
-
-        Trio's ``recv`` yields to the scheduler after every successful read,
-        so a message that woke us would wait one more scheduler pass before
-        being handled. Here we yield only before reading when
-        ``YIELD_AFTER`` bytes came in without a wait, which keeps a peer that
-        sends without pause from starving the other tasks.
-        """
-        sock = self._socket
-        if sock is None:
+        """Next bytes from the carrier; over TCP straight from the socket (see :mod:`ocf.directsocket`)."""
+        if self._direct is None:
             return await self.transport.receive_some(RECEIVE_SIZE)
-        if self._unyielded >= YIELD_AFTER:
-            self._unyielded = 0
-            await trio.lowlevel.checkpoint()
-        elif self._short_read:
-            # The last read drained the socket: most likely nothing is there
-            # yet, so wait (a read now would cost a failed syscall and an exception).
-            self._unyielded = 0
-            await trio.lowlevel.wait_readable(sock)
-        while True:
-            fd = sock.fileno()
-            if fd < 0:
-                raise trio.ClosedResourceError("the connection's socket is closed")
-            try:
-                data = os.read(fd, RECEIVE_SIZE)
-            except BlockingIOError:
-                self._unyielded = 0
-                await trio.lowlevel.wait_readable(sock)
-                continue
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"socket read failed: {exc}") from exc
-            self._unyielded += len(data)
-            self._short_read = len(data) < SHORT_READ
-            return data
+        return await self._direct.receive_some(RECEIVE_SIZE)
 
     async def send_eof(self) -> None:
         """Noise has no half-close of its own; close the carrier's write side if it has one."""

@@ -80,18 +80,17 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
         await self._stream.aclose()
 
 
-def tcp_socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
-    """The TCP socket under ``stream`` when bytes sent on the stream go to it unchanged, else None.
+def tcp_stream_of(stream: trio.abc.Stream) -> trio.SocketStream | None:
+    """The TCP stream under ``stream`` when bytes go to and come from it unchanged, else None.
 
-    Lets the secure channel write ciphertext to the kernel directly; see
-    :meth:`ocf.transport.secure.SecureStream.write_nowait`.
+    Lets the secure channel use the socket directly (:mod:`ocf.directsocket`).
     """
     if isinstance(stream, PrefixedStream):
         if stream._prefix:
             return None  # sniffed bytes still to replay: reads must go through it
         stream = stream._stream
     if isinstance(stream, trio.SocketStream):
-        return stream.socket
+        return stream
     return None
 
 
