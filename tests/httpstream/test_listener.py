@@ -166,6 +166,7 @@ async def test_shutdown_closes_idle_connections_at_once_and_lets_requests_finish
         assert await idle.stream.receive_some() == b""  # closed without waiting for the 60 s
         app.release.set()  # the request in flight still gets its answer
     assert answer["held"][2] == b"ok /hold"
+    assert answer["held"][1].get("connection") == "close"  # the client learns not to reuse it
     assert app.events[-1] == "lifespan.shutdown" and not app.cancelled
 
 

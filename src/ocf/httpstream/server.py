@@ -291,7 +291,8 @@ class _Connection:
                     # too large): the rest cannot be skipped reliably, so this is the
                     # connection's last response, and the client must hear it.
                     unfinished = not request_done and not any(event is END for event in self.events)
-                    head = self.bridge.respond(int(message["status"]), headers, close=unfinished)
+                    last = unfinished or (self.draining is not None and self.draining.draining)  # shutting down
+                    head = self.bridge.respond(int(message["status"]), headers, close=last)
                     if any(k == b"content-length" for k, _ in headers):
                         held = head  # the body follows at once: one write, one wake-up of the client
                     else:
