@@ -8,7 +8,7 @@ clients; :func:`~ocf.httpstream.server.serve_stream`, which already serves
 every ``/libp2p-http`` stream from other peers, spent 0.35 ms and answered
 ~3,400 requests/s. One HTTP engine for both doors also means one set of
 behaviours: malformed requests get the same JSON errors, a client that
-leaves cancels its request the same way (``ocf.disconnect_cancels``).
+leaves cancels its request the same way.
 
 What Hypercorn did that we keep:
 

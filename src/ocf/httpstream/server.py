@@ -13,9 +13,10 @@ real backpressure: one reader task per connection reads only when the app
 has taken everything parsed so far, and a response chunk is written before
 the app may send the next. When the client goes away (EOF or reset) before
 the response is complete, the app call is cancelled: that is what cancels
-the upstream request two hops away. The scope says so with
-``extensions["ocf.disconnect_cancels"] = True``, so the app need not watch
-``receive()`` for ``http.disconnect`` itself (it still gets one if it asks).
+the upstream request two hops away. The app need not watch ``receive()``
+for ``http.disconnect`` itself (it still gets one if it asks). The
+gateway's forwarding and job routes rely on that: both of the gateway's
+doors are served here.
 
 A response head with a ``Content-Length`` is held back until the body's
 first bytes and written with them: one write instead of two, so the client
@@ -355,7 +356,6 @@ async def serve_stream(
     none, as an origin server should (a peer's stream is not one: the
     gateway that faces the client adds it).
     """
-    extensions = dict(extensions or {}, **{"ocf.disconnect_cancels": True})
     conn = _Connection(
         stream,
         app,

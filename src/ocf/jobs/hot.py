@@ -28,7 +28,6 @@ from .. import log as logfmt
 from ..errors import GatewayRequestError, MethodNotAllowed, NotFound, RequestTimeout
 from ..gateway.errors import send_asgi_error
 from ..gateway.forward import RequestBody, Responder, _ClientGone
-from ..httpstream.client import collapse_groups
 from .http import parse_json_object, parse_number, token_from
 
 if TYPE_CHECKING:
@@ -76,9 +75,7 @@ class HotRoutes:
             request = parse_json_object(raw)
             token = token_from(_header(scope["headers"], b"authorization"), request)
             if action == "claim":
-                answer = await self._claim(tracker, project, token, request, body, scope, responder)
-                if answer is None:  # the client left while we waited for a job: nothing was leased
-                    return
+                answer = await self._claim(tracker, project, token, request)
             elif action == "complete":
                 items = request.get("results")
                 if items is None and "id" in request:
@@ -101,24 +98,12 @@ class HotRoutes:
             return
         await _send_json(responder, answer)
 
-    async def _claim(self, tracker: Any, project: str, token: Any, request: dict[str, Any], body: RequestBody, scope: dict, responder: Responder) -> dict[str, Any] | None:
+    async def _claim(self, tracker: Any, project: str, token: Any, request: dict[str, Any]) -> dict[str, Any]:
         wait = parse_number(request.get("wait"), "wait", 0, 60, 0.0)
         limit, stage = request.get("max", 1), request.get("stage")
-        if wait <= 0 or scope.get("extensions", {}).get("ocf.disconnect_cancels"):
-            # No long poll, or a peer stream that cancels us itself when its client leaves.
-            return {"jobs": await tracker.claim(project, token, limit=limit, stage=stage, wait=wait)}
-        # Long poll under a server that reports a departed client only through receive()
-        # (any ASGI server but ours, e.g. Hypercorn or uvicorn): watch it.
-        jobs: list[dict[str, Any]] | None = None
-        with collapse_groups():
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(body.watch_disconnect, nursery.cancel_scope, responder)
-                jobs = await tracker.claim(project, token, limit=limit, stage=stage, wait=wait)
-                nursery.cancel_scope.cancel()
-        if body.disconnected and not jobs:
-            log.debug("long-polling claimer left %s", logfmt.kv(project=project))
-            return None
-        return {"jobs": jobs}
+        # A long poll whose client leaves is cancelled by the server (the
+        # tracker then drops the waiting claim: nothing is leased).
+        return {"jobs": await tracker.claim(project, token, limit=limit, stage=stage, wait=wait)}
 
 
 async def _send_json(responder: Responder, payload: dict[str, Any]) -> None:
