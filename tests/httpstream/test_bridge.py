@@ -103,6 +103,21 @@ def test_client_body_longer_than_declared_is_refused():
         c.data(b"abc")
 
 
+def test_server_adds_date_only_when_asked_and_only_once():
+    get = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
+    plain = ServerBridge()
+    plain.feed(get)
+    assert b"date:" not in plain.respond(200, [(b"content-length", b"0")]).lower()
+    dated = ServerBridge(date_header=True)
+    dated.feed(get)
+    head = dated.respond(200, [(b"content-length", b"0")])
+    assert head.lower().count(b"\r\ndate: ") == 1 and b"GMT\r\n" in head
+    own = ServerBridge(date_header=True)
+    own.feed(get)
+    head = own.respond(200, [(b"date", b"Thu, 01 Jan 1970 00:00:00 GMT"), (b"content-length", b"0")])
+    assert head.lower().count(b"\r\ndate: ") == 1 and b"1970" in head
+
+
 def test_server_parses_pipelined_requests_one_cycle_at_a_time():
     s = ServerBridge()
     raw = (

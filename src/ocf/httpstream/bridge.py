@@ -20,7 +20,9 @@ the byte-vector and hypothesis tests exercise.
 
 from __future__ import annotations
 
+import email.utils
 import http
+import time
 from typing import Iterable, Sequence, Union
 from urllib.parse import unquote
 
@@ -36,6 +38,18 @@ DEFAULT_MAX_HEADER_SIZE = 64 * 1024
 
 #: Standard reason phrases ("200 OK"), for clients and people that read status lines.
 _REASONS = {int(status): status.phrase.encode() for status in http.HTTPStatus}
+
+_date_cache: tuple[int, bytes] = (0, b"")
+
+
+def http_date() -> bytes:
+    """The current time as an HTTP ``Date`` value, computed once per second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, email.utils.formatdate(now, usegmt=True).encode())
+    return _date_cache[1]
+
 
 #: Headers that describe one connection, never the message (RFC 9110 7.6.1);
 #: a proxy drops them and frames the body itself.
@@ -263,9 +277,11 @@ class ServerBridge:
     tells whether the connection can take another request.
     """
 
-    def __init__(self, *, max_header_size: int = DEFAULT_MAX_HEADER_SIZE) -> None:
+    def __init__(self, *, max_header_size: int = DEFAULT_MAX_HEADER_SIZE, date_header: bool = False) -> None:
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_size)
         self._method = b""
+        # Add ``Date`` to responses that have none, as an origin server should.
+        self._date_header = date_header
 
     @property
     def request_complete(self) -> bool:
@@ -341,6 +357,8 @@ class ServerBridge:
         ``Connection`` headers from ``headers`` are dropped, as a proxy must).
         """
         out = forwardable(headers)
+        if self._date_header and not any(k.lower() == b"date" for k, _ in out):
+            out.append((b"date", http_date()))
         if close:
             out.append((b"connection", b"close"))
         try:
@@ -364,14 +382,11 @@ class ServerBridge:
         except h11.LocalProtocolError as exc:
             raise BridgeError(f"response body does not match its framing: {exc}") from None
 
-    def error_response(
-        self, status: int, body: bytes, extra_headers: Sequence[tuple[bytes, bytes]] = (), content_type: bytes = b"application/json"
-    ) -> bytes:
+    def error_response(self, status: int, body: bytes, content_type: bytes = b"application/json") -> bytes:
         """A complete small response, for errors detected before the app answered ("" if too late)."""
         if self.response_started:
             return b""
-        headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *extra_headers]
-        head = self.respond(status, headers, close=True)
+        head = self.respond(status, [(b"content-type", content_type), (b"content-length", str(len(body)).encode())], close=True)
         return head + self.data(body) + self.end()
 
     def next_cycle(self) -> bool:

@@ -30,10 +30,8 @@ The gateway's TCP port is served the same way, by
 from __future__ import annotations
 
 import collections
-import email.utils
 import json
 import logging
-import time
 from typing import Any, Awaitable, Callable
 
 import trio
@@ -75,18 +73,6 @@ class Draining:
             scope.cancel()
 
 
-_date_cache: tuple[int, bytes] = (0, b"")
-
-
-def http_date() -> bytes:
-    """The current time as an HTTP ``Date`` value, computed once per second."""
-    global _date_cache
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache = (now, email.utils.formatdate(now, usegmt=True).encode())
-    return _date_cache[1]
-
-
 class _Connection:
     def __init__(
         self,
@@ -100,10 +86,9 @@ class _Connection:
     ) -> None:
         self.stream = stream
         self.draining = draining
-        self.date_header = date_header
         self.app = app
         self.scope_extra = scope_extra
-        self.bridge = ServerBridge(max_header_size=max_header_size)
+        self.bridge = ServerBridge(max_header_size=max_header_size, date_header=date_header)
         self.idle_timeout = idle_timeout
         self.events: collections.deque = collections.deque()
         self.gone = False
@@ -241,8 +226,7 @@ class _Connection:
     async def _reject(self, status: int, message: str, code: str) -> None:
         log.debug("rejecting stream request status=%d reason=%s", status, message)
         try:
-            extra = [(b"date", http_date())] if self.date_header else []
-            await self._write(self.bridge.error_response(status, _error_body(status, message, code), extra))
+            await self._write(self.bridge.error_response(status, _error_body(status, message, code)))
         except (_Gone, BridgeError):
             pass
 
@@ -286,12 +270,10 @@ class _Connection:
             try:
                 if kind == "http.response.start":
                     headers = [(bytes(k).lower(), bytes(v)) for k, v in message.get("headers", [])]
-                    if self.date_header and not any(k == b"date" for k, _ in headers):
-                        headers.append((b"date", http_date()))
                     # Answering before the whole request arrived (e.g. 413 for a body
                     # too large): the rest cannot be skipped reliably, so this is the
                     # connection's last response, and the client must hear it.
-                    unfinished = not request_done and not any(event is END for event in self.events)
+                    unfinished = not self.bridge.request_complete
                     last = unfinished or (self.draining is not None and self.draining.draining)  # shutting down
                     head = self.bridge.respond(int(message["status"]), headers, close=last)
                     if any(k == b"content-length" for k, _ in headers):
