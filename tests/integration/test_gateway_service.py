@@ -23,7 +23,6 @@ from ocf.transport import MemoryNetwork
 
 from ..gateway.util import MockLLM, chat, running_mock_llm
 
-pytest.importorskip("ocf.nodetable", reason="needs the node table (issue 5) to route /v1/service between nodes")
 pytestmark = pytest.mark.timeout(120)
 
 

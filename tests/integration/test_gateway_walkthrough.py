@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("ocf.nodetable", reason="needs the node table (issue 5) to route /v1/service between nodes")
 
 ROOT = Path(__file__).resolve().parents[2]
 

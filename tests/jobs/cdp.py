@@ -186,7 +186,7 @@ async def open_browser(profile_dir: Path, *, width: int = 1280, height: int = 90
     """Headless Chromium with one blank page; the whole process group is killed on exit."""
     executable = find_chromium()
     if executable is None:
-        raise RuntimeError("no chromium executable found")
+        raise RuntimeError("no chromium executable found: run tests/setup-external.sh (tox does), or set OCF_TEST_CHROMIUM")
     argv = [
         executable,
         "--headless=new",

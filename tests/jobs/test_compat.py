@@ -7,14 +7,14 @@ worker must receive the previous stage's output (the original lost it).
 
 from __future__ import annotations
 
+import distcompute_client.client as distcompute
+import distcompute_client.errors as errors
 import httpx
 import pytest
 import trio
 
 from ocf.node import open_node
 
-distcompute = pytest.importorskip("distcompute_client.client")
-errors = pytest.importorskip("distcompute_client.errors")
 pytestmark = pytest.mark.timeout(120)
 
 

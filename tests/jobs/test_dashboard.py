@@ -15,7 +15,7 @@ import trio
 from ocf.jobs import dashboard
 from ocf.node import open_node
 
-from .cdp import Page, find_chromium, open_browser
+from .cdp import Page, open_browser
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -112,8 +112,6 @@ def test_assets_ship_as_package_data():
 
 
 # --- real browser ------------------------------------------------------------------------------
-
-CHROMIUM = find_chromium()
 
 # Everything the page shows for a project, read back from the DOM (text, not internal state).
 READ_PAGE = r"""
@@ -216,7 +214,6 @@ def chromium_processes(profile: Path) -> list[psutil.Process]:
 
 @pytest.mark.browser
 @pytest.mark.timeout(60)
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (tests/setup-external.sh installs it)")
 async def test_dashboard_renders_and_updates_live_in_chromium(node_config, tmp_path):
     profile = tmp_path / "chromium-profile"
     project = "laion"
@@ -266,7 +263,6 @@ async def test_dashboard_renders_and_updates_live_in_chromium(node_config, tmp_p
 
 @pytest.mark.browser
 @pytest.mark.timeout(60)
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (tests/setup-external.sh installs it)")
 async def test_dashboard_explains_missing_tracker_project_or_projects(node_config, tmp_path):
     message = "(() => { const m = document.getElementById('message'); return m && !m.hidden && m.textContent; })()"
     async with open_node(node_config()) as bare, open_node(node_config(jobs=True)) as tracker, open_browser(tmp_path / "profile") as page:
