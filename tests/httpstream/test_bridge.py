@@ -137,7 +137,7 @@ def test_server_response_without_length_is_chunked():
     s = ServerBridge()
     s.feed(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     out = s.respond(200, [(b"content-type", b"text/plain"), (b"connection", b"keep-alive")]) + s.data(b"tok") + s.end()
-    assert out == b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n3\r\ntok\r\n0\r\n\r\n"
+    assert out == b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n3\r\ntok\r\n0\r\n\r\n"
 
 
 def test_server_eof_between_requests_is_a_clean_close_and_mid_body_is_not():
@@ -168,7 +168,7 @@ def test_server_100_continue():
     s = ServerBridge()
     s.feed(b"POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
     assert s.expects_continue
-    assert s.continue_() == b"HTTP/1.1 100 \r\n\r\n"
+    assert s.continue_() == b"HTTP/1.1 100 Continue\r\n\r\n"
     assert s.continue_() == b""
     assert s.feed(b"hi") == [Data(b"hi"), END]
 

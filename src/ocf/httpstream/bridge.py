@@ -1,9 +1,9 @@
-"""Sans-IO HTTP/1.1 exchanges over any byte stream, on top of h11.
+"""Sans-IO HTTP/1.1 exchanges over any byte stream, on top of :mod:`ocf.httpstream.h1`.
 
 The gateway speaks HTTP/1.1 on two kinds of byte streams: encrypted
 ``/libp2p-http`` transport streams to other peers (as Open Compute Framework
 does) and TCP connections to local backends. Both need the same things that
-h11 alone does not decide for us:
+the codec alone does not decide for us:
 
 * what a proxy must drop (hop-by-hop headers) and which framing a streamed
   body gets (``Content-Length`` when known, chunked otherwise), so bodies flow
@@ -27,13 +27,13 @@ from typing import Iterable, Sequence, Union
 from urllib.parse import unquote
 
 import attrs
-import h11
 
 from ..errors import BridgeError
+from . import h1
 
 Headers = list[tuple[bytes, bytes]]
 
-#: Largest request/status line plus headers we accept (and h11's buffer bound).
+#: Largest request/status line plus headers we accept (also the bound on chunk-size and trailer lines).
 DEFAULT_MAX_HEADER_SIZE = 64 * 1024
 
 #: Standard reason phrases ("200 OK"), for clients and people that read status lines.
@@ -128,14 +128,19 @@ def get_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | N
 def forwardable(headers: Iterable[tuple[bytes, bytes]], *, drop: Iterable[bytes] = ()) -> Headers:
     """``headers`` without hop-by-hop ones (and those named in ``Connection``) or ``drop``.
 
-    Names come out lower-case, as h11 and ASGI give them.
+    Names come out lower-case, as the parser and ASGI give them.
     """
-    pairs = [(k.lower(), v) for k, v in headers]
-    skip = set(HOP_BY_HOP) | {d.lower() for d in drop}
-    for key, value in pairs:
-        if key == b"connection":
-            skip.update(token.strip().lower() for token in value.split(b",") if token.strip())
-    return [(k, v) for k, v in pairs if k not in skip]
+    skip = HOP_BY_HOP.union(d.lower() for d in drop) if drop else HOP_BY_HOP
+    out = []
+    named: set[bytes] = set()
+    for key, value in headers:
+        key = key.lower()
+        if key in skip:
+            if key == b"connection":
+                named.update(token.strip().lower() for token in value.split(b",") if token.strip())
+            continue
+        out.append((key, value))
+    return [(k, v) for k, v in out if k not in named] if named else out
 
 
 def body_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
@@ -161,6 +166,52 @@ def _framed(headers: Headers, content_length: int | None) -> Headers:
     return out
 
 
+# --- connection states ---------------------------------------------------------------
+
+# One side of a connection: waiting for (or about to send) a head, inside a body,
+# done with this message, or broken (their side only: a protocol error).
+_IDLE, _BODY, _DONE, _ERROR = range(4)
+
+
+class _Receiver:
+    """The receiving half shared by both ends: buffer, body reader, sticky errors."""
+
+    __slots__ = ("buf", "limit", "state", "reader", "error")
+
+    def __init__(self, limit: int) -> None:
+        self.buf = h1.Buffer()
+        self.limit = limit
+        self.state = _IDLE
+        self.reader: h1.BodyReader | None = None
+        self.error: BridgeError | None = None
+
+    def feed(self, data: bytes) -> None:
+        if self.buf.closed:
+            if data:
+                raise BridgeError("data after close: the peer had already closed the connection")
+            return
+        self.buf.feed(data)
+
+    def body(self, events: list) -> bool:
+        """Append the body pieces available to ``events``; True once the body ended (``END`` appended)."""
+        reader, buf, limit = self.reader, self.buf, self.limit
+        while True:
+            data, done = reader.read(buf, limit)  # type: ignore[union-attr]
+            if data:
+                events.append(Data(data))
+            if done:
+                events.append(END)
+                self.state = _DONE
+                return True
+            if data is None:
+                return False
+
+    def fail(self, message: str) -> BridgeError:
+        self.state = _ERROR
+        self.error = BridgeError(message)
+        return self.error
+
+
 # --- client ---------------------------------------------------------------------------
 
 
@@ -175,7 +226,11 @@ class ClientBridge:
     """
 
     def __init__(self, *, max_header_size: int = DEFAULT_MAX_HEADER_SIZE) -> None:
-        self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_size)
+        self._in = _Receiver(max_header_size)
+        self._our = _IDLE
+        self._writer: h1.BodyWriter | None = None
+        self._method = b""
+        self._keep_alive = True
         self._head_seen = False
 
     @property
@@ -185,83 +240,106 @@ class ClientBridge:
 
     @property
     def response_complete(self) -> bool:
-        return self._conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
+        return self._in.state == _DONE
 
     @property
     def request_complete(self) -> bool:
-        return self._conn.our_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
+        return self._our == _DONE
 
     @property
     def reusable(self) -> bool:
         """Both messages finished and neither side asked to close: the connection may carry another."""
-        return self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE
+        return self._our == _DONE and self._in.state == _DONE and self._keep_alive and not self._in.buf.closed
 
     def request(self, method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], *, content_length: int | None, host: bytes | None = None) -> bytes:
         """Bytes of the request head. ``content_length=None`` streams the body chunked.
 
         ``headers`` are forwarded minus hop-by-hop ones; ``host`` replaces the
-        ``Host`` header (h11 requires one for HTTP/1.1).
+        ``Host`` header (HTTP/1.1 requires one).
         """
+        if self._our != _IDLE:
+            raise BridgeError("cannot send request: the previous one is not finished")
         out = forwardable(headers, drop=(b"host",) if host is not None else ())
         if host is not None:
             out.insert(0, (b"host", host))
         elif get_header(out, b"host") is None:
             out.insert(0, (b"host", b"localhost"))
         out = _framed(out, content_length)
+        if h1.valid_name(method) is None or h1.valid_value(target) is None or not target or b" " in target:
+            raise BridgeError(f"cannot send request: illegal method or target {method[:20]!r} {target[:100]!r}")
         try:
-            return self._conn.send(h11.Request(method=method, target=target, headers=out))
-        except h11.LocalProtocolError as exc:
+            head = h1.head_bytes(b"%b %b HTTP/1.1" % (method, target), out)
+        except h1.ProtocolError as exc:
             raise BridgeError(f"cannot send request: {exc}") from None
+        self._method = method.upper()
+        self._writer = h1.BodyWriter(length=content_length, chunked=content_length is None)
+        self._our = _BODY
+        return head
 
     def data(self, chunk: bytes) -> bytes:
-        if not chunk or self._conn.our_state is not h11.SEND_BODY:
+        if not chunk or self._our != _BODY:
             return b""
         try:
-            return self._conn.send(h11.Data(data=chunk)) or b""
-        except h11.LocalProtocolError as exc:
+            return self._writer.data(chunk)  # type: ignore[union-attr]
+        except h1.ProtocolError as exc:
             raise BridgeError(f"request body does not match its framing: {exc}") from None
 
     def end(self) -> bytes:
-        if self._conn.our_state is not h11.SEND_BODY:
+        if self._our != _BODY:
             return b""
         try:
-            return self._conn.send(h11.EndOfMessage()) or b""
-        except h11.LocalProtocolError as exc:
+            out = self._writer.end()  # type: ignore[union-attr]
+        except h1.ProtocolError as exc:
             raise BridgeError(f"request body does not match its framing: {exc}") from None
+        self._our = _DONE
+        return out
 
     def feed(self, data: bytes) -> list[ClientEvent]:
         """Parse received bytes (``b""`` means the server closed). Raises BridgeError on bad input."""
-        try:
-            self._conn.receive_data(data)
-        except RuntimeError as exc:  # data after the connection closed
-            raise BridgeError(f"data after close: {exc}") from None
+        rx = self._in
+        if rx.error is not None:
+            raise rx.error
+        rx.feed(data)
         events: list[ClientEvent] = []
-        while True:
-            try:
-                event = self._conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                if self._conn.their_state is h11.ERROR and not data:
-                    raise BridgeError(f"connection closed before the response {'completed' if self._head_seen else 'started'}") from None
-                raise BridgeError(f"malformed HTTP response: {exc}") from None
-            if event is h11.NEED_DATA or event is h11.PAUSED:
-                return events
-            if isinstance(event, h11.InformationalResponse):
-                continue  # 100 Continue and friends: nothing to relay
-            if isinstance(event, h11.Response):
+        try:
+            while rx.state == _IDLE:
+                head = rx.buf.head(rx.limit, skip_blank_lines=False)
+                if head is None:
+                    if rx.buf.closed:
+                        raise rx.fail("connection closed before the response " + ("completed" if self._head_seen else "started"))
+                    return events
+                version, status, reason = h1.parse_status_line(head[0])
+                headers = h1.parse_headers(head[1])
+                if status < 200:
+                    if status == 101:
+                        raise h1.ProtocolError("unexpected 101 Switching Protocols (no upgrade was asked for)")
+                    continue  # 100 Continue and friends: nothing to relay
+                framing = h1.Framing(headers)
+                if framing.close or version == b"1.0":
+                    self._keep_alive = False
+                if status in (204, 304) or self._method == b"HEAD":
+                    rx.reader = h1.LengthReader(0)
+                else:
+                    rx.reader = h1.body_reader(framing, response=True)
+                    if isinstance(rx.reader, h1.UntilCloseReader):
+                        self._keep_alive = False
                 self._head_seen = True
-                events.append(ResponseHead(event.status_code, list(event.headers), bytes(event.reason)))
-            elif isinstance(event, h11.Data):
-                if event.data:
-                    events.append(Data(bytes(event.data)))
-            elif isinstance(event, h11.EndOfMessage):
-                events.append(END)
-                return events
-            elif isinstance(event, h11.ConnectionClosed):
-                raise BridgeError("connection closed before the response" + (" completed" if self._head_seen else " started"))
+                rx.state = _BODY
+                events.append(ResponseHead(status, headers, reason))
+            if rx.state == _BODY:
+                rx.body(events)
+        except h1.Truncated:
+            raise rx.fail(f"connection closed before the response {'completed' if self._head_seen else 'started'}") from None
+        except h1.ProtocolError as exc:
+            raise rx.fail(f"malformed HTTP response: {exc}") from None
+        return events
 
     def next_cycle(self) -> None:
         """Prepare for the next request on a :attr:`reusable` connection."""
-        self._conn.start_next_cycle()
+        if not self.reusable:
+            raise BridgeError("connection is not reusable")
+        self._our = self._in.state = _IDLE
+        self._in.reader = self._writer = None
         self._head_seen = False
 
 
@@ -278,33 +356,39 @@ class ServerBridge:
     """
 
     def __init__(self, *, max_header_size: int = DEFAULT_MAX_HEADER_SIZE, date_header: bool = False) -> None:
-        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_size)
+        self._in = _Receiver(max_header_size)
+        self._our = _IDLE
+        self._writer: h1.BodyWriter | None = None
         self._method = b""
+        self._version = b""  # of the current request; b"" before one parsed
+        self._keep_alive = True
+        self._waiting_100 = False
         # Add ``Date`` to responses that have none, as an origin server should.
         self._date_header = date_header
 
     @property
     def request_complete(self) -> bool:
-        return self._conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
+        return self._in.state == _DONE
 
     @property
     def response_started(self) -> bool:
-        return self._conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE)
+        return self._our != _IDLE
 
     @property
     def response_complete(self) -> bool:
-        return self._conn.our_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
+        return self._our == _DONE
 
     @property
     def expects_continue(self) -> bool:
         """The client sent ``Expect: 100-continue`` and waits before sending the body."""
-        return bool(self._conn.they_are_waiting_for_100_continue)
+        return self._waiting_100
 
     def continue_(self) -> bytes:
         """The ``100 Continue`` interim response (empty if nobody is waiting for one)."""
-        if not self._conn.they_are_waiting_for_100_continue:
+        if not self._waiting_100:
             return b""
-        return self._conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
+        self._waiting_100 = False
+        return b"HTTP/1.1 100 Continue\r\n\r\n"
 
     def feed(self, data: bytes) -> list[ServerEvent]:
         """Parse received bytes (``b""`` means the client closed). Raises BridgeError on bad input.
@@ -312,43 +396,49 @@ class ServerBridge:
         Bytes after the end of a request (pipelining) stay buffered until
         :meth:`next_cycle`; then :meth:`events` parses them.
         """
-        try:
-            self._conn.receive_data(data)
-        except RuntimeError as exc:
-            raise BridgeError(f"data after close: {exc}") from None
+        self._in.feed(data)
         return self.events()
 
     @property
     def buffered(self) -> int:
         """Bytes received but not parsed yet (e.g. a pipelined request)."""
-        return len(self._conn.trailing_data[0])
+        return len(self._in.buf)
 
     def events(self) -> list[ServerEvent]:
         """Events from bytes already received (after :meth:`next_cycle`, the next request's)."""
+        rx = self._in
+        if rx.error is not None:
+            raise rx.error
         events: list[ServerEvent] = []
-        while True:
-            try:
-                event = self._conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                if self._conn.their_state is h11.ERROR and self._conn.trailing_data[1]:
-                    raise BridgeError("client closed the connection in the middle of a request") from None
-                raise BridgeError(f"malformed HTTP request: {exc}") from None
-            if event is h11.NEED_DATA or event is h11.PAUSED:
-                return events
-            if isinstance(event, h11.Request):
-                self._method = bytes(event.method)
-                events.append(RequestHead(bytes(event.method), bytes(event.target), list(event.headers), bytes(event.http_version)))
-            elif isinstance(event, h11.Data):
-                if event.data:
-                    events.append(Data(bytes(event.data)))
-            elif isinstance(event, h11.EndOfMessage):
-                events.append(END)
-                return events  # the rest waits for next_cycle()
-            elif isinstance(event, h11.ConnectionClosed):
-                if self._conn.their_state is h11.CLOSED and self._conn.our_state in (h11.IDLE, h11.DONE, h11.MUST_CLOSE, h11.CLOSED):
-                    events.append(CLOSED)
+        try:
+            if rx.state == _IDLE:
+                buf = rx.buf
+                head = buf.head(rx.limit, skip_blank_lines=True)
+                if head is None:
+                    if buf.closed:
+                        if len(buf):
+                            raise rx.fail("client closed the connection in the middle of a request")
+                        events.append(CLOSED)
                     return events
-                raise BridgeError("client closed the connection in the middle of a request")
+                method, target, version = h1.parse_request_line(head[0])
+                headers = h1.parse_headers(head[1])
+                framing = h1.Framing(headers)
+                if version != b"1.0" and framing.hosts != 1:
+                    raise h1.ProtocolError("missing Host header" if not framing.hosts else "more than one Host header")
+                self._method, self._version = method.upper(), version
+                self._keep_alive = not framing.close and version != b"1.0"
+                self._waiting_100 = framing.expect_continue and version != b"1.0"
+                rx.reader = h1.body_reader(framing, response=False)
+                rx.state = _BODY
+                events.append(RequestHead(method, target, headers, version))
+            if rx.state == _BODY:
+                if rx.body(events) or len(events) > 1:
+                    self._waiting_100 = False  # the body is coming (or here) anyway
+        except h1.Truncated:
+            raise rx.fail("client closed the connection in the middle of a request") from None
+        except h1.ProtocolError as exc:
+            raise rx.fail(f"malformed HTTP request: {exc}") from None
+        return events
 
     def respond(self, status: int, headers: Sequence[tuple[bytes, bytes]], *, reason: bytes = b"", close: bool = False) -> bytes:
         """Bytes of the response head. Without ``Content-Length`` the body goes chunked.
@@ -356,31 +446,58 @@ class ServerBridge:
         ``close`` ends the connection after this response (hop-by-hop
         ``Connection`` headers from ``headers`` are dropped, as a proxy must).
         """
+        if self._our != _IDLE:
+            raise BridgeError("cannot send response: one was already sent")
+        if not 200 <= status <= 999:
+            raise BridgeError(f"cannot send response: status {status} is not a final status")
         out = forwardable(headers)
-        if self._date_header and not any(k.lower() == b"date" for k, _ in out):
+        length = None
+        try:
+            raw = get_header(out, b"content-length")
+            if raw is not None:
+                length = h1.Framing([(b"content-length", raw)]).content_length
+        except h1.ProtocolError as exc:
+            raise BridgeError(f"cannot send response: {exc}") from None
+        version = self._version
+        if length is None:
+            if version == b"1.1":
+                out.append((b"transfer-encoding", b"chunked"))
+            elif self._method != b"HEAD":
+                close = True  # an HTTP/1.0 client (or none yet): the body ends when the connection does
+        if self._date_header and get_header(out, b"date") is None:
             out.append((b"date", http_date()))
-        if close:
+        if close or not self._keep_alive:
+            self._keep_alive = False
             out.append((b"connection", b"close"))
         try:
-            return self._conn.send(h11.Response(status_code=status, headers=out, reason=reason or _REASONS.get(status, b""))) or b""
-        except h11.LocalProtocolError as exc:
+            head = h1.head_bytes(b"HTTP/1.1 %d %b" % (status, reason or _REASONS.get(status, b"")), out)
+        except h1.ProtocolError as exc:
             raise BridgeError(f"cannot send response: {exc}") from None
+        if status in (204, 304) or self._method == b"HEAD":
+            self._writer = h1.BodyWriter(length=0)
+        else:
+            self._writer = h1.BodyWriter(length=length, chunked=length is None and version == b"1.1")
+        self._our = _BODY
+        self._waiting_100 = False
+        return head
 
     def data(self, chunk: bytes) -> bytes:
-        if not chunk or self._conn.our_state is not h11.SEND_BODY:
+        if not chunk or self._our != _BODY:
             return b""
         try:
-            return self._conn.send(h11.Data(data=chunk)) or b""
-        except h11.LocalProtocolError as exc:
+            return self._writer.data(chunk)  # type: ignore[union-attr]
+        except h1.ProtocolError as exc:
             raise BridgeError(f"response body does not match its framing: {exc}") from None
 
     def end(self) -> bytes:
-        if self._conn.our_state is not h11.SEND_BODY:
+        if self._our != _BODY:
             return b""
         try:
-            return self._conn.send(h11.EndOfMessage()) or b""
-        except h11.LocalProtocolError as exc:
+            out = self._writer.end()  # type: ignore[union-attr]
+        except h1.ProtocolError as exc:
             raise BridgeError(f"response body does not match its framing: {exc}") from None
+        self._our = _DONE
+        return out
 
     def error_response(self, status: int, body: bytes, content_type: bytes = b"application/json") -> bytes:
         """A complete small response, for errors detected before the app answered ("" if too late)."""
@@ -391,8 +508,10 @@ class ServerBridge:
 
     def next_cycle(self) -> bool:
         """After a finished exchange: True if the connection may carry another request."""
-        if self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE:
-            self._conn.start_next_cycle()
+        if self._our == _DONE and self._in.state == _DONE and self._keep_alive:
+            self._our = self._in.state = _IDLE
+            self._in.reader = self._writer = None
+            self._method = self._version = b""
             return True
         return False
 

@@ -3,7 +3,7 @@
 This is how a ``/libp2p-http`` stream from another peer reaches this node's
 gateway. We call the gateway's ASGI app directly rather than relaying the
 bytes to our own TCP port over a loopback socket: the request is parsed
-once (here, by h11) instead of twice, no loopback connection or extra copy
+once (here) instead of twice, no loopback connection or extra copy
 through the kernel is needed, and disconnects map straight onto ASGI's
 ``http.disconnect``. The app cannot tell the difference except for the
 scope's ``client`` (the remote peer ID) and ``extensions["ocf.remote_peer"]``.
