@@ -53,28 +53,28 @@ def test_identity_header():
 def test_select_routes_by_model():
     providers = routing.providers_of(ENTRIES, "llm", "")
     known = routing.known_services(ENTRIES)
-    assert [p.peer for p in routing.select(providers, {"model": "m1"}, service="llm", known=known, has_body=True)] == ["A", "C"]
-    assert [p.peer for p in routing.select(providers, {"model": "m2"}, service="llm", known=known, has_body=True)] == ["B", "C"]
+    assert [p.peer for p in routing.select(providers, {"model": "m1"}, service="llm", known=lambda: known, has_body=True)] == ["A", "C"]
+    assert [p.peer for p in routing.select(providers, {"model": "m2"}, service="llm", known=lambda: known, has_body=True)] == ["B", "C"]
 
 
 def test_select_errors_are_honest_and_list_what_exists():
     providers = routing.providers_of(ENTRIES, "llm", "")
     with pytest.raises(NotFound) as info:
-        routing.select(providers, {"model": "gpt-9"}, service="llm", known=[], has_body=True)
+        routing.select(providers, {"model": "gpt-9"}, service="llm", known=lambda: [], has_body=True)
     assert info.value.code == "model_not_found" and "m1, m2" in info.value.message
     with pytest.raises(NoRoutableIdentity) as info:
-        routing.select(providers, {}, service="llm", known=[], has_body=True)
+        routing.select(providers, {}, service="llm", known=lambda: [], has_body=True)
     assert info.value.status == 400 and "model" in info.value.message
     with pytest.raises(NotFound) as info:
-        routing.select([], {}, service="nope", known=["foo", "llm"], has_body=False)
+        routing.select([], {}, service="nope", known=lambda: ["foo", "llm"], has_body=False)
     assert info.value.code == "service_not_found" and "foo, llm" in info.value.message
 
 
 def test_select_without_body_or_identity_groups_routes_by_name():
     providers = routing.providers_of(ENTRIES, "llm", "")
-    assert len(routing.select(providers, {}, service="llm", known=[], has_body=False)) == 3
+    assert len(routing.select(providers, {}, service="llm", known=lambda: [], has_body=False)) == 3
     foo = routing.providers_of(ENTRIES, "foo", "")
-    assert len(routing.select(foo, {}, service="foo", known=[], has_body=True)) == 2
+    assert len(routing.select(foo, {}, service="foo", known=lambda: [], has_body=True)) == 2
 
 
 def test_choose_prefers_fewest_in_flight_and_breaks_ties_at_random():
@@ -109,7 +109,7 @@ def test_selection_properties(tables, wanted, load):
     providers = routing.providers_of(entries, "llm", "")
     serving = {peer for peer, models in tables.items() if wanted in models}
     try:
-        found = routing.select(providers, {"model": wanted}, service="llm", known=["llm"], has_body=True)
+        found = routing.select(providers, {"model": wanted}, service="llm", known=lambda: ["llm"], has_body=True)
     except NotFound as exc:
         assert not serving and exc.code == "model_not_found"
         return

@@ -218,6 +218,8 @@ class Forwarder:
         self._entries_cache: dict[str, dict] = {}
         self._entries_version: Any = None
         self._entries_at = 0.0
+        self._routes: dict[str, tuple[list[routing.Provider], list[str]]] = {}
+        self._routes_of: dict | None = None  # the entries snapshot _routes was worked out from
 
     # --- entry point ------------------------------------------------------------------
 
@@ -435,21 +437,31 @@ class Forwarder:
 
     async def _service(self, scope: dict, receive: Receive, responder: Responder, name: str, rest: bytes, hops: int) -> None:
         entries = self._entries()
-        self_peer = str(self.node.peer_id)
-        providers = routing.providers_of(entries, name, self_peer)
+        providers, keys = self._route(entries, name)
         if scope["method"] == "GET" and name == LLM_SERVICE and (rest in (b"v1/models", b"v1/models/") or rest.startswith(b"v1/models/")):
             await self._models(responder, providers, rest[len(b"v1/models") :].strip(b"/").decode("latin-1"))
             return
 
         async def work(body: RequestBody) -> None:
             identity = routing.identity_from_headers(v.decode("latin-1") for k, v in scope["headers"] if k == IDENTITY_HEADER)
-            keys = routing.identity_keys(providers)
             if not identity and keys and body.has_body:
                 identity = routing.identity_from_json(_parse_json(await body.read_all()), keys)
-            candidates = routing.select(providers, identity, service=name, known=routing.known_services(entries), has_body=body.has_body)
+            candidates = routing.select(providers, identity, service=name, known=lambda: routing.known_services(entries), has_body=body.has_body)
             await self._forward_any(scope, receive, responder, body, name, rest, hops, candidates)
 
         await self._guarded(scope, receive, responder, work)
+
+    def _route(self, entries: dict[str, dict], name: str) -> tuple[list[routing.Provider], list[str]]:
+        """The providers of ``name`` and the identity keys they route on, worked out once per table snapshot."""
+        if self._routes_of is not entries:
+            self._routes, self._routes_of = {}, entries
+        route = self._routes.get(name)
+        if route is None:
+            providers = routing.providers_of(entries, name, str(self.node.peer_id))
+            route = (providers, routing.identity_keys(providers))
+            if len(self._routes) < 256:  # names come from request paths: bounded
+                self._routes[name] = route
+        return route
 
     def usable(self, provider: routing.Provider, now: float) -> bool:
         if provider.local:

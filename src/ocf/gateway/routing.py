@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import attrs
 
@@ -27,17 +27,19 @@ UNUSABLE_SERVICE_STATUSES = frozenset({"unhealthy", "down", "offline", "starting
 GONE_ENTRY_STATUSES = frozenset({"offline", "left", "disconnected", "gone", "dead"})
 
 
+def _groups_of(service: Mapping[str, Any]) -> frozenset[str]:
+    groups = service.get("identity_group") or ()
+    return frozenset(g for g in groups if isinstance(g, str))
+
+
 @attrs.frozen
 class Provider:
     peer: str
     service: Mapping[str, Any] = attrs.field(eq=False)
     entry: Mapping[str, Any] = attrs.field(eq=False)
     local: bool = False
-
-    @property
-    def groups(self) -> frozenset[str]:
-        groups = self.service.get("identity_group") or ()
-        return frozenset(g for g in groups if isinstance(g, str))
+    #: The service's identity groups (``{"model=m1"}``), read once: routing checks them per request.
+    groups: frozenset[str] = attrs.field(eq=False, default=attrs.Factory(lambda self: _groups_of(self.service), takes_self=True))
 
     @property
     def healthy(self) -> bool:
@@ -56,7 +58,7 @@ class Provider:
 
 def _services_of(entry: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     services = entry.get("service") or entry.get("services") or []
-    return [s for s in services if isinstance(s, Mapping) and isinstance(s.get("name"), str)]
+    return [s for s in services if (type(s) is dict or isinstance(s, Mapping)) and isinstance(s.get("name"), str)]
 
 
 def providers_of(entries: Mapping[str, Mapping[str, Any]], name: str, self_peer: str) -> list[Provider]:
@@ -148,7 +150,7 @@ def select(
     identity: Mapping[str, str],
     *,
     service: str,
-    known: list[str],
+    known: Callable[[], list[str]],
     has_body: bool,
 ) -> list[Provider]:
     """Providers of ``service`` matching ``identity``, or the honest error.
@@ -156,10 +158,11 @@ def select(
     Raises :class:`NotFound` (unknown service, or no provider has this
     identity: the message lists what exists) or :class:`NoRoutableIdentity`
     (the service routes by identity but the request body names none).
-    Availability is not judged here.
+    Availability is not judged here. ``known()`` lists the services in the
+    network (for the error message only, so it is not computed otherwise).
     """
     if not providers:
-        listing = ", ".join(known) if known else "none"
+        listing = ", ".join(known()) or "none"
         raise NotFound(f"no provider offers service '{service}' (services in the network: {listing})", code="service_not_found")
     keys = identity_keys(providers)
     if not identity:
