@@ -175,6 +175,15 @@ def _busy(before: tuple[int, int], after: tuple[int, int]) -> float:
     return (after[0] - before[0]) / total if total > 0 else 0.0
 
 
+def _proc_cpu(pid: int) -> float:
+    """Seconds of CPU (user + system) process ``pid`` has used so far (0 where /proc is unavailable)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
@@ -256,10 +265,15 @@ def main() -> int:
         # best round's throughput is reported (the run least disturbed), latencies pool all rounds.
         results = {name: ([], [], []) for name, _, _ in scenarios}
         busy = {name: [] for name, _, _ in scenarios}
+        roles = {"mock LLM": procs[0], "dispatcher": procs[1], "worker": procs[2]}
+        cpu_used = {name: dict.fromkeys(roles, 0.0) for name, _, _ in scenarios}  # CPU seconds per process, sequential runs
         for _ in range(args.rounds):
             for name, port, path in scenarios:
                 seq, rates, lats = results[name]
+                before = {role: _proc_cpu(proc.pid) for role, proc in roles.items()}
                 seq.extend(trio.run(sequential, port, path, args.requests // args.rounds))
+                for role, proc in roles.items():
+                    cpu_used[name][role] += _proc_cpu(proc.pid) - before[role]
                 before = _cpu_times()
                 rps, lat = trio.run(concurrent, port, path, args.concurrency, args.seconds / args.rounds)
                 busy[name].append(_busy(before, _cpu_times()))
@@ -292,6 +306,12 @@ def main() -> int:
         cpu = "/".join(f"{b:.0%}" for b in busy[name])
         print(f"{name:<26} {p50:8.2f} {pct(seq, 0.99):8.2f} {p50 - base_p50:+8.2f} | {rps:7.0f} {pct(lat, 0.5):8.2f} {pct(lat, 0.99):8.2f} {rps / base_rps:6.2f} {cpu:>9}")
     print(f"(cpu busy: the whole machine's CPU use during each round, all processes; {os.cpu_count()} cores)")
+    print()
+    print("CPU per request, one client at a time (from /proc; warm-up requests included):")
+    for name, _, _ in scenarios:
+        count = len(results[name][0]) + 20 * args.rounds
+        used = ", ".join(f"{role} {seconds / count * 1000:.2f} ms" for role, seconds in cpu_used[name].items() if seconds > 0)
+        print(f"  {name:<26} {used}")
     a_ttft, b_ttft, c_ttft = (first[name] for name, _, _ in scenarios)
     print()
     print(
