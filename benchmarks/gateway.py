@@ -184,6 +184,22 @@ def _proc_cpu(pid: int) -> float:
         return 0.0
 
 
+def python_speed() -> float:
+    """Milliseconds of CPU for a fixed pure-Python loop: how fast this machine runs Python right now.
+
+    Shared and virtual machines vary by 2x from hour to hour; every number
+    above scales with this one, so it is printed with them.
+    """
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.process_time()
+        total = 0
+        for i in range(1_000_000):
+            total += i
+        best = min(best, time.process_time() - t0)
+    return best * 1000
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
@@ -261,6 +277,7 @@ def main() -> int:
             ("(c) dispatcher -> worker", disp_port, c_path),
         ]
         print(f"gateway benchmark: {os.cpu_count()} cores, {args.concurrency} concurrent clients, {args.seconds:g} s per run; (c) via {c_note}")
+        print(f"python speed reference: {python_speed():.0f} ms of CPU for 1M loop iterations (lower is faster)")
         # Interleaved rounds: other work on the machine hits every scenario alike; per scenario the
         # best round's throughput is reported (the run least disturbed), latencies pool all rounds.
         results = {name: ([], [], []) for name, _, _ in scenarios}

@@ -145,6 +145,12 @@ def test_response_without_framing_runs_until_close_and_is_not_reusable():
     assert c.response_complete and not c.reusable
 
 
+def test_bytes_after_a_complete_response_make_the_connection_unusable():
+    c = client_after(b"HEAD")
+    assert c.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc")[-1] is END  # a body a HEAD answer must not have
+    assert c.response_complete and not c.reusable
+
+
 def test_connection_close_response_is_not_reusable():
     c = client_after()
     c.feed(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")

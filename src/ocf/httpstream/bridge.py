@@ -248,8 +248,13 @@ class ClientBridge:
 
     @property
     def reusable(self) -> bool:
-        """Both messages finished and neither side asked to close: the connection may carry another."""
-        return self._our == _DONE and self._in.state == _DONE and self._keep_alive and not self._in.buf.closed
+        """Both messages finished and neither side asked to close: the connection may carry another.
+
+        Not if the server sent anything after its response: that would be
+        read as the next response's start, so the connection is broken.
+        """
+        rx = self._in
+        return self._our == _DONE and rx.state == _DONE and self._keep_alive and not rx.buf.closed and len(rx.buf) == 0
 
     def request(self, method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], *, content_length: int | None, host: bytes | None = None) -> bytes:
         """Bytes of the request head. ``content_length=None`` streams the body chunked.
