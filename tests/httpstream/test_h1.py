@@ -63,6 +63,14 @@ def test_server_accepts_what_rfc_9112_allows():
     assert events == [RequestHead(b"POST", b"/x", [(b"host", b"h"), (b"content-length", b"3"), (b"content-length", b"3"), (b"x-tab", b"v")]), Data(b"abc"), END]
 
 
+def test_body_bytes_end_the_wait_for_100_continue():
+    server = ServerBridge()
+    server.feed(b"POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+    assert server.expects_continue
+    assert server.feed(b"ab") == [Data(b"ab")]  # the client did not wait for us
+    assert not server.expects_continue and server.continue_() == b""
+
+
 def test_http_1_0_request_needs_no_host_and_gets_an_unframed_close_delimited_response():
     server = ServerBridge()
     assert server.feed(b"GET / HTTP/1.0\r\n\r\n") == [RequestHead(b"GET", b"/", [], b"1.0"), END]

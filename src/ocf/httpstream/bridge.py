@@ -437,7 +437,8 @@ class ServerBridge:
                 rx.state = _BODY
                 events.append(RequestHead(method, target, headers, version))
             if rx.state == _BODY:
-                if rx.body(events) or len(events) > 1:
+                parsed = len(events)
+                if rx.body(events) or len(events) > parsed:
                     self._waiting_100 = False  # the body is coming (or here) anyway
         except h1.Truncated:
             raise rx.fail("client closed the connection in the middle of a request") from None
