@@ -4,9 +4,11 @@ Sans-IO, like h11 (whose behaviour this follows where RFC 9112 leaves a
 choice), but built for the gateway's one hot path: a whole small message in
 one read. h11 spends most of its time on generality we do not need (event
 objects validated field by field, a state machine consulted per event); here
-a head is one regular-expression search for its end, one match per line and
-one pass over the headers, and a body is a slice. That halves the gateway's
-CPU per forwarded request, which is most of the latency it adds.
+a head is two ``find`` calls for its end, one match that validates the whole
+header block and a split, and a body is a slice. One request and response
+cost both ends together 50 µs of CPU against h11's 240 µs, and a gateway's
+CPU per forwarded request fell by a fifth (most of the latency a gateway hop
+adds is that CPU).
 
 Strictness matters more than speed, because the gateway is a proxy: a
 message that two parsers could read differently is how requests get
