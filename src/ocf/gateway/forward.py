@@ -271,7 +271,7 @@ class Forwarder:
         name, rest = _split_first(raw[len(b"/v1/service/") :])
         await self._service(scope, receive, responder, name.decode("latin-1"), rest, hops)
 
-    async def _guarded(self, scope: dict, receive: Receive, responder: Responder, work: Callable[[RequestBody], Awaitable[None]]) -> None:
+    async def _guarded(self, scope: dict, receive: Receive, work: Callable[[RequestBody], Awaitable[None]]) -> None:
         """Run ``work`` under the request timeout, cancelled if the client leaves.
 
         The server (:func:`ocf.httpstream.server.serve_stream`, on the TCP
@@ -281,26 +281,14 @@ class Forwarder:
         body-pump task later and can be replayed to a second provider.
         """
         body = RequestBody(receive, scope, self.config.max_body_size)
-        errors: list[BaseException] = []
-        timed_out = False
-
-        async def run() -> None:
-            nonlocal timed_out
-            try:
-                with trio.move_on_after(self.config.request_timeout) as deadline:
-                    if body.content_length is not None and body.content_length <= SMALL_BODY:
-                        await body.read_all()
-                    await work(body)
-                timed_out = deadline.cancelled_caught
-            except (GatewayRequestError, _ClientGone) as exc:
-                errors.append(exc)
-            except UpstreamError as exc:
-                errors.append(ProviderFailed(f"upstream failed: {exc}", code="upstream_failed"))
-
-        await run()
-        if errors:
-            raise errors[0]
-        if timed_out:
+        try:
+            with trio.move_on_after(self.config.request_timeout) as deadline:
+                if body.content_length is not None and body.content_length <= SMALL_BODY:
+                    await body.read_all()
+                await work(body)
+        except UpstreamError as exc:
+            raise ProviderFailed(f"upstream failed: {exc}", code="upstream_failed") from None
+        if deadline.cancelled_caught:
             raise ForwardTimeout(f"no complete answer within {self.config.request_timeout:g} s (request timeout)")
 
     # --- /v1/_service/<name>/<path>: this node's own service ---------------------------
@@ -319,7 +307,7 @@ class Forwarder:
             async with self._backend_exchange(target, scope, body, rest) as response:
                 await responder.relay(response)
 
-        await self._guarded(scope, receive, responder, work)
+        await self._guarded(scope, receive, work)
 
     def _backend_exchange(self, target: Any, scope: dict, body: RequestBody, rest: bytes):  # type: ignore[no-untyped-def]
         return _BackendExchange(self, target, scope, body, rest)
@@ -370,7 +358,7 @@ class Forwarder:
             finally:
                 self._leave(peer_text)
 
-        await self._guarded(scope, receive, responder, work)
+        await self._guarded(scope, receive, work)
 
     def _peer_id(self, text: str) -> Any:
         cached = self._peer_ids.get(text)
@@ -449,7 +437,7 @@ class Forwarder:
             candidates = routing.select(providers, identity, service=name, known=lambda: routing.known_services(entries), has_body=body.has_body)
             await self._forward_any(scope, receive, responder, body, name, rest, hops, candidates)
 
-        await self._guarded(scope, receive, responder, work)
+        await self._guarded(scope, receive, work)
 
     def _route(self, entries: dict[str, dict], name: str) -> tuple[list[routing.Provider], list[str]]:
         """The providers of ``name`` and the identity keys they route on, worked out once per table snapshot."""
