@@ -212,10 +212,47 @@ class _Receiver:
         return self.error
 
 
+class _Endpoint:
+    """What both ends of a connection share: the receiving half, and framing the body they send."""
+
+    #: What this end sends ("request" or "response"), for error messages.
+    _sends = ""
+
+    def __init__(self, max_header_size: int) -> None:
+        self._in = _Receiver(max_header_size)
+        self._our = _IDLE
+        self._writer: h1.BodyWriter | None = None
+        self._method = b""  # of the current request
+        self._keep_alive = True
+
+    def data(self, chunk: bytes) -> bytes:
+        if not chunk or self._our != _BODY:
+            return b""
+        try:
+            return self._writer.data(chunk)  # type: ignore[union-attr]
+        except h1.ProtocolError as exc:
+            raise BridgeError(f"{self._sends} body does not match its framing: {exc}") from None
+
+    def end(self) -> bytes:
+        if self._our != _BODY:
+            return b""
+        try:
+            out = self._writer.end()  # type: ignore[union-attr]
+        except h1.ProtocolError as exc:
+            raise BridgeError(f"{self._sends} body does not match its framing: {exc}") from None
+        self._our = _DONE
+        return out
+
+    def _start_cycle(self) -> None:
+        """Both messages of an exchange are done: ready for the next one on the same connection."""
+        self._our = self._in.state = _IDLE
+        self._in.reader = self._writer = None
+
+
 # --- client ---------------------------------------------------------------------------
 
 
-class ClientBridge:
+class ClientBridge(_Endpoint):
     """The client end of one HTTP/1.1 connection: sequential request/response cycles.
 
     Call :meth:`request`, then :meth:`data` per body chunk and :meth:`end`,
@@ -225,12 +262,10 @@ class ClientBridge:
     then not reusable.
     """
 
+    _sends = "request"
+
     def __init__(self, *, max_header_size: int = DEFAULT_MAX_HEADER_SIZE) -> None:
-        self._in = _Receiver(max_header_size)
-        self._our = _IDLE
-        self._writer: h1.BodyWriter | None = None
-        self._method = b""
-        self._keep_alive = True
+        super().__init__(max_header_size)
         self._head_seen = False
 
     @property
@@ -281,24 +316,6 @@ class ClientBridge:
         self._our = _BODY
         return head
 
-    def data(self, chunk: bytes) -> bytes:
-        if not chunk or self._our != _BODY:
-            return b""
-        try:
-            return self._writer.data(chunk)  # type: ignore[union-attr]
-        except h1.ProtocolError as exc:
-            raise BridgeError(f"request body does not match its framing: {exc}") from None
-
-    def end(self) -> bytes:
-        if self._our != _BODY:
-            return b""
-        try:
-            out = self._writer.end()  # type: ignore[union-attr]
-        except h1.ProtocolError as exc:
-            raise BridgeError(f"request body does not match its framing: {exc}") from None
-        self._our = _DONE
-        return out
-
     def feed(self, data: bytes) -> list[ClientEvent]:
         """Parse received bytes (``b""`` means the server closed). Raises BridgeError on bad input."""
         rx = self._in
@@ -343,15 +360,14 @@ class ClientBridge:
         """Prepare for the next request on a :attr:`reusable` connection."""
         if not self.reusable:
             raise BridgeError("connection is not reusable")
-        self._our = self._in.state = _IDLE
-        self._in.reader = self._writer = None
+        self._start_cycle()
         self._head_seen = False
 
 
 # --- server ---------------------------------------------------------------------------
 
 
-class ServerBridge:
+class ServerBridge(_Endpoint):
     """The server end of one HTTP/1.1 connection (keep-alive, one request at a time).
 
     :meth:`feed` yields :class:`RequestHead`, :class:`Data`, ``END`` and,
@@ -360,13 +376,11 @@ class ServerBridge:
     tells whether the connection can take another request.
     """
 
+    _sends = "response"
+
     def __init__(self, *, max_header_size: int = DEFAULT_MAX_HEADER_SIZE, date_header: bool = False) -> None:
-        self._in = _Receiver(max_header_size)
-        self._our = _IDLE
-        self._writer: h1.BodyWriter | None = None
-        self._method = b""
+        super().__init__(max_header_size)
         self._version = b""  # of the current request; b"" before one parsed
-        self._keep_alive = True
         self._waiting_100 = False
         # Add ``Date`` to responses that have none, as an origin server should.
         self._date_header = date_header
@@ -487,24 +501,6 @@ class ServerBridge:
         self._waiting_100 = False
         return head
 
-    def data(self, chunk: bytes) -> bytes:
-        if not chunk or self._our != _BODY:
-            return b""
-        try:
-            return self._writer.data(chunk)  # type: ignore[union-attr]
-        except h1.ProtocolError as exc:
-            raise BridgeError(f"response body does not match its framing: {exc}") from None
-
-    def end(self) -> bytes:
-        if self._our != _BODY:
-            return b""
-        try:
-            out = self._writer.end()  # type: ignore[union-attr]
-        except h1.ProtocolError as exc:
-            raise BridgeError(f"response body does not match its framing: {exc}") from None
-        self._our = _DONE
-        return out
-
     def error_response(self, status: int, body: bytes, content_type: bytes = b"application/json") -> bytes:
         """A complete small response, for errors detected before the app answered ("" if too late)."""
         if self.response_started:
@@ -515,8 +511,7 @@ class ServerBridge:
     def next_cycle(self) -> bool:
         """After a finished exchange: True if the connection may carry another request."""
         if self._our == _DONE and self._in.state == _DONE and self._keep_alive:
-            self._our = self._in.state = _IDLE
-            self._in.reader = self._writer = None
+            self._start_cycle()
             self._method = self._version = b""
             return True
         return False
