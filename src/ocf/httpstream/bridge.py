@@ -144,17 +144,17 @@ def forwardable(headers: Iterable[tuple[bytes, bytes]], *, drop: Iterable[bytes]
 
 
 def body_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
-    """Declared ``Content-Length``, or None (chunked/unknown). Raises BridgeError if malformed."""
+    """Declared ``Content-Length``, or None (chunked/unknown). Raises BridgeError if malformed.
+
+    The value is read by the codec's rule (digits only, or a list of equal ones).
+    """
     value = get_header(headers, b"content-length")
     if value is None:
         return None
     try:
-        length = int(value.strip())
-    except ValueError:
-        raise BridgeError(f"malformed Content-Length {value!r}") from None
-    if length < 0:
-        raise BridgeError(f"malformed Content-Length {value!r}")
-    return length
+        return h1.Framing([(b"content-length", value)]).content_length
+    except h1.ProtocolError as exc:
+        raise BridgeError(str(exc)) from None
 
 
 def _framed(headers: Headers, content_length: int | None) -> Headers:
@@ -382,6 +382,8 @@ class ServerBridge(_Endpoint):
         super().__init__(max_header_size)
         self._version = b""  # of the current request; b"" before one parsed
         self._waiting_100 = False
+        #: The ``Content-Length`` the current response declared (None: none, the body is streamed).
+        self.response_length: int | None = None
         # Add ``Date`` to responses that have none, as an origin server should.
         self._date_header = date_header
 
@@ -471,12 +473,9 @@ class ServerBridge(_Endpoint):
         if not 200 <= status <= 999:
             raise BridgeError(f"cannot send response: status {status} is not a final status")
         out = forwardable(headers)
-        length = None
         try:
-            raw = get_header(out, b"content-length")
-            if raw is not None:
-                length = h1.Framing([(b"content-length", raw)]).content_length
-        except h1.ProtocolError as exc:
+            length = self.response_length = body_length(out)
+        except BridgeError as exc:
             raise BridgeError(f"cannot send response: {exc}") from None
         version = self._version
         if length is None:

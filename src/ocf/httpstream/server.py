@@ -276,7 +276,7 @@ class _Connection:
                     unfinished = not self.bridge.request_complete
                     last = unfinished or (self.draining is not None and self.draining.draining)  # shutting down
                     head = self.bridge.respond(int(message["status"]), headers, close=last)
-                    if any(k == b"content-length" for k, _ in headers):
+                    if self.bridge.response_length is not None:
                         held = head  # the body follows at once: one write, one wake-up of the client
                     else:
                         await self._write(head)  # a stream (SSE): the client may want the head before any event
