@@ -128,14 +128,14 @@ class GatewayASGI:
                     await send_wrapped({"type": "http.response.start", "status": 204, "headers": [(b"allow", CORS_METHODS)]})
                     await send_wrapped({"type": "http.response.body", "body": b"", "more_body": False})
                     return
-                await self.forwarder(scope, receive, send_wrapped)
+                status = await self.forwarder(scope, receive, send, extra)  # adds the CORS headers itself
             elif hot is not None:
                 scope["ocf.route"] = hot
                 await self.hot(scope, receive, send_wrapped)
             else:
                 await self.inner(scope, receive, send_wrapped)
         finally:
-            self.metrics.request_counter(scope.get("ocf.route", "unmatched"), _method_label(method), str(status or 499)).inc()
+            self.metrics.count_request(scope.get("ocf.route", "unmatched"), _method_label(method), str(status or 499))
 
 
     @staticmethod

@@ -165,16 +165,25 @@ class RequestBody:
 
 
 class Responder:
-    """Wraps ASGI ``send`` to remember whether the response head went out."""
+    """Wraps ASGI ``send``: remembers the status and whether the head went out, adds ``extra`` headers.
 
-    def __init__(self, send: Send) -> None:
+    ``extra`` (CORS) comes from :class:`ocf.gateway.asgi.GatewayASGI`,
+    which leaves adding it to us rather than wrapping ``send`` once more.
+    """
+
+    def __init__(self, send: Send, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
         self._send = send
+        self.extra = list(extra)
+        self.status = 0
         self.started = False
         self.finished = False
 
     async def __call__(self, message: dict) -> None:
         if message["type"] == "http.response.start":
             self.started = True
+            self.status = message["status"]
+            if self.extra:
+                message = dict(message, headers=[*message.get("headers", []), *self.extra])
         elif message["type"] == "http.response.body" and not message.get("more_body", False):
             self.finished = True
         await self._send(message)
@@ -182,8 +191,17 @@ class Responder:
     async def relay(self, response: Response, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
         """Stream an upstream response to the client chunk by chunk, as each arrives."""
         # Our server adds its own Date; two would confuse caches.
-        headers = [(k, v) for k, v in forwardable(response.headers) if k != b"date"] + list(extra)
-        await self({"type": "http.response.start", "status": response.status, "headers": headers})
+        headers = [(k, v) for k, v in forwardable(response.headers) if k != b"date"]
+        headers += extra
+        headers += self.extra
+        self.started = True
+        self.status = response.status
+        await self._send({"type": "http.response.start", "status": response.status, "headers": headers})
+        body = response.whole_body()
+        if body is not None:  # it all came with the head: one send, no iteration
+            self.finished = True
+            await self._send({"type": "http.response.body", "body": body, "more_body": False})
+            return
         async for chunk in response:
             # The last chunk usually arrives together with the end of the message: say so in the
             # same send instead of a separate empty one (one write less per response).
@@ -212,7 +230,7 @@ class Forwarder:
         self.peer_streams = PeerStreams()
         self.rng = rng or random.Random()
         self.app: ASGIApp | None = None  # the whole gateway app, for in-process dispatch (set by create_app)
-        self.in_flight: dict[str, int] = {}
+        self.in_flight = metrics.in_flight  # provider -> requests in flight from here (counted by metrics.enter/leave)
         self._down: dict[str, tuple[float, float]] = {}  # peer -> (until, backoff) after connect failures
         self._peer_ids: dict[str, Any] = {}
         self._entries_cache: dict[str, dict] = {}
@@ -234,14 +252,16 @@ class Forwarder:
             return "/v1/p2p/<peer>/<path>"
         return None
 
-    async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
-        responder = Responder(send)
+    async def __call__(self, scope: dict, receive: Receive, send: Send, extra: Sequence[tuple[bytes, bytes]] = ()) -> int:
+        """Serve one forwarding request; ``extra`` headers go on the response. Returns its status (0: none sent)."""
+        responder = Responder(send, extra)
         try:
             await self._dispatch(scope, receive, responder)
         except GatewayRequestError as exc:
             await self._fail(responder, exc, scope)
         except _ClientGone:
             log.debug("client went away %s", logfmt.kv(path=scope["path"]))
+        return responder.status
 
     async def _fail(self, responder: Responder, exc: GatewayRequestError, scope: dict) -> None:
         if responder.started:
@@ -345,7 +365,7 @@ class Forwarder:
             limit = self.config.max_forwards_per_peer
             if self.in_flight.get(peer_text, 0) >= limit:
                 raise NoProviderAvailable(f"peer {peer_text} already has {limit} requests in flight from this node", retry_after=1, code="peer_busy")
-            self._enter(peer_text)
+            self.metrics.enter(peer_text)
             try:
                 async with self._peer_exchange(peer_text, scope, body, target, hops, kind="p2p") as response:
                     await responder.relay(response)
@@ -356,7 +376,7 @@ class Forwarder:
             except UpstreamError as exc:
                 raise ProviderFailed(f"peer {peer_text} failed: {exc}", code="peer_failed") from None
             finally:
-                self._leave(peer_text)
+                self.metrics.leave(peer_text)
 
         await self._guarded(scope, receive, work)
 
@@ -510,7 +530,7 @@ class Forwarder:
                 reached = True
                 reasons.append(f"{_short(provider.peer)}: {exc}")
             self._mark_down(provider.peer)
-            self.metrics.forward_outcome("service", "retry" if attempt == 0 else "failed").inc()
+            self.metrics.count_forward("service", "retry" if attempt == 0 else "failed")
             log.info("provider failed before answering %s", logfmt.kv(service=name, peer=_short(provider.peer), reason=reasons[-1], retry=attempt == 0 and body.replayable))
             if not body.replayable:
                 break
@@ -525,7 +545,7 @@ class Forwarder:
 
     async def _forward_one(self, scope: dict, receive: Receive, responder: Responder, body: RequestBody, provider: routing.Provider, name: str, rest: bytes, hops: int) -> None:
         node_header = [(COMPUTING_NODE_HEADER, provider.peer.encode())]
-        self._enter(provider.peer)
+        self.metrics.enter(provider.peer)
         try:
             if provider.local:
                 target = self.node.services.lookup(name)
@@ -552,21 +572,7 @@ class Forwarder:
                     raise _RetryableAnswer(f"its backend is unreachable ({response.status})")
                 await responder.relay(response, node_header)
         finally:
-            self._leave(provider.peer)
-
-    def _enter(self, peer: str) -> None:
-        count = self.in_flight.get(peer, 0) + 1
-        self.in_flight[peer] = count
-        self.metrics.provider_in_flight(peer).set(count)
-
-    def _leave(self, peer: str) -> None:
-        count = self.in_flight.get(peer, 1) - 1
-        if count <= 0:
-            self.in_flight.pop(peer, None)
-            count = 0
-        else:
-            self.in_flight[peer] = count
-        self.metrics.provider_in_flight(peer).set(count)
+            self.metrics.leave(provider.peer)
 
     # --- GET /v1/service/llm/v1/models: the network's models ----------------------------
 
@@ -653,7 +659,7 @@ class _BackendExchange:
                 fwd.pool.discard(conn)
                 raise
             self._cm, self._conn = cm, conn
-            fwd.metrics.latency("backend").observe(time.perf_counter() - self._t0)
+            fwd.metrics.observe_latency("backend", time.perf_counter() - self._t0)
             return response
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -665,7 +671,7 @@ class _BackendExchange:
             raise
         if exc_info[0] is None:
             self.fwd.pool.release(self._conn)
-            self.fwd.metrics.forward_outcome("backend", "ok").inc()
+            self.fwd.metrics.count_forward("backend", "ok")
         else:
             self.fwd.pool.discard(self._conn)
         return bool(suppress)
@@ -747,7 +753,7 @@ class _PeerExchange:
                 stream.reset()
                 raise
             self._cm, self._stream, self._bridge = cm, stream, bridge
-            fwd.metrics.latency(self.kind).observe(time.perf_counter() - t0)
+            fwd.metrics.observe_latency(self.kind, time.perf_counter() - t0)
             return response
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -758,7 +764,7 @@ class _PeerExchange:
             self._stream.reset()
             raise
         if exc_info[0] is None and self._bridge is not None and self._bridge.reusable:
-            self.fwd.metrics.forward_outcome(self.kind, "ok").inc()
+            self.fwd.metrics.count_forward(self.kind, "ok")
             self.fwd.peer_streams.put(self.peer, self._stream, self._bridge)
         else:
             self._stream.reset()

@@ -3,13 +3,24 @@
 Each app gets its own :class:`prometheus_client.CollectorRegistry`: many
 nodes run in one process in tests, and a module-level (global) registry
 would mix their numbers and refuse duplicate metric names.
+
+The gateway's own numbers are plain dictionaries turned into metric
+families only when ``/metrics`` is scraped (:class:`_GatewayCollector`).
+``prometheus_client``'s metric objects take a lock and look up a labelled
+child on every update; the gateway updates several per forwarded request,
+on the path every request through the network pays for twice, while a
+scrape comes every few seconds at most.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import bisect
+from typing import TYPE_CHECKING, Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 from quart import Blueprint, Response, current_app
 
 if TYPE_CHECKING:
@@ -18,71 +29,108 @@ if TYPE_CHECKING:
 blueprint = Blueprint("metrics", __name__)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+#: Providers remembered with an in-flight count of 0 (so the series stays at 0 rather than vanishing).
+MAX_PROVIDERS = 10_000
+
+
+class _Histogram:
+    """Counts per bucket (not cumulative) and the sum, as a Prometheus histogram needs."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, value)] += 1
+        self.total += value
 
 
 class GatewayMetrics:
-    """The gateway's metrics, all registered on :attr:`registry`."""
+    """The gateway's metrics: plain counters here, exposed through :attr:`registry`."""
 
     def __init__(self, node: "Node") -> None:
+        self.node = node
         self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "ocf_http_requests", "HTTP requests answered by the gateway, by route template, method and status.",
-            ["route", "method", "status"], registry=self.registry,
-        )
-        self.forward_latency = Histogram(
-            "ocf_forward_latency_seconds", "Time from choosing a provider to its response head, by hop kind (service, p2p, backend).",
-            ["kind"], buckets=LATENCY_BUCKETS, registry=self.registry,
-        )
-        self.forwards = Counter(
-            "ocf_forwards", "Forwarded exchanges by hop kind and outcome (ok, retry, failed).",
-            ["kind", "outcome"], registry=self.registry,
-        )
-        self.in_flight = Gauge(
-            "ocf_forward_in_flight", "Requests this gateway currently has in flight at each provider (peer ID).",
-            ["provider"], registry=self.registry,
-        )
-        self.connected_peers = Gauge("ocf_connected_peers", "Peers with an open transport connection.", registry=self.registry)
-        self.connected_peers.set_function(lambda: len(node.host.connected_peers()) if node.host is not None else 0)
-        self._children: dict[tuple, object] = {}
+        #: (route, method, status) -> requests answered.
+        self.requests: dict[tuple[str, str, str], int] = {}
+        #: (kind, outcome) -> forwarded exchanges.
+        self.forwards: dict[tuple[str, str], int] = {}
+        #: kind -> time from choosing a provider to its response head.
+        self.latencies: dict[str, _Histogram] = {}
+        #: provider peer ID -> requests this gateway has in flight there (the forwarder counts here).
+        self.in_flight: dict[str, int] = {}
+        self.registry.register(_GatewayCollector(self))
         if node.jobs is not None:
             from ..jobs.metrics import TrackerCollector
 
             self.registry.register(TrackerCollector(node.jobs))
 
-    # prometheus_client's .labels() takes a lock and builds a key on every call; the gateway
-    # calls these on every request, so the children are looked up once and kept.
-    def request_counter(self, route: str, method: str, status: str) -> Counter:
+    def count_request(self, route: str, method: str, status: str) -> None:
         key = (route, method, status)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self.requests.labels(route=route, method=method, status=status)
-        return child
+        self.requests[key] = self.requests.get(key, 0) + 1
 
-    def latency(self, kind: str) -> Histogram:
-        key = ("latency", kind)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self.forward_latency.labels(kind=kind)
-        return child
+    def count_forward(self, kind: str, outcome: str) -> None:
+        key = (kind, outcome)
+        self.forwards[key] = self.forwards.get(key, 0) + 1
 
-    def forward_outcome(self, kind: str, outcome: str) -> Counter:
-        key = ("forwards", kind, outcome)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self.forwards.labels(kind=kind, outcome=outcome)
-        return child
+    def observe_latency(self, kind: str, seconds: float) -> None:
+        histogram = self.latencies.get(kind)
+        if histogram is None:
+            histogram = self.latencies[kind] = _Histogram()
+        histogram.observe(seconds)
 
-    def provider_in_flight(self, provider: str) -> Gauge:
-        key = ("in_flight", provider)
-        child = self._children.get(key)
-        if child is None:
-            if len(self._children) > 10_000:  # bounded: routes, kinds and providers are few
-                self._children.clear()
-            child = self._children[key] = self.in_flight.labels(provider=provider)
-        return child
+    def enter(self, provider: str) -> None:
+        """One more request in flight at ``provider``."""
+        in_flight = self.in_flight
+        if len(in_flight) >= MAX_PROVIDERS and provider not in in_flight:
+            for peer in [p for p, n in in_flight.items() if n == 0]:
+                del in_flight[peer]
+        in_flight[provider] = in_flight.get(provider, 0) + 1
+
+    def leave(self, provider: str) -> None:
+        """That request is done (the provider stays listed, at 0 if nothing else is in flight)."""
+        self.in_flight[provider] = max(0, self.in_flight.get(provider, 1) - 1)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _GatewayCollector(Collector):
+    """Turns :class:`GatewayMetrics`' counters into metric families at scrape time."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
+        m = self.metrics
+        requests = CounterMetricFamily(
+            "ocf_http_requests", "HTTP requests answered by the gateway, by route template, method and status.", labels=["route", "method", "status"]
+        )
+        for labels, value in list(m.requests.items()):
+            requests.add_metric(list(labels), value)
+        yield requests
+        latency = HistogramMetricFamily(
+            "ocf_forward_latency_seconds", "Time from choosing a provider to its response head, by hop kind (service, p2p, backend).", labels=["kind"]
+        )
+        for kind, histogram in list(m.latencies.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), histogram.counts):
+                cumulative += count
+                buckets.append((floatToGoString(bound), cumulative))
+            latency.add_metric([kind], buckets, histogram.total)
+        yield latency
+        forwards = CounterMetricFamily("ocf_forwards", "Forwarded exchanges by hop kind and outcome (ok, retry, failed).", labels=["kind", "outcome"])
+        for labels, value in list(m.forwards.items()):
+            forwards.add_metric(list(labels), value)
+        yield forwards
+        in_flight = GaugeMetricFamily("ocf_forward_in_flight", "Requests this gateway currently has in flight at each provider (peer ID).", labels=["provider"])
+        for provider, value in list(m.in_flight.items()):
+            in_flight.add_metric([provider], value)
+        yield in_flight
+        host = m.node.host
+        yield GaugeMetricFamily("ocf_connected_peers", "Peers with an open transport connection.", value=len(host.connected_peers()) if host is not None else 0)
 
 
 @blueprint.get("/metrics")

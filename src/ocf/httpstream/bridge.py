@@ -73,6 +73,8 @@ HOP_BY_HOP = frozenset(
 
 @attrs.frozen
 class RequestHead:
+    """A parsed request head; header names are lower-case (the parser's)."""
+
     method: bytes
     target: bytes
     headers: Headers
@@ -118,9 +120,13 @@ ServerEvent = Union[RequestHead, Data, EndOfMessage, Closed]
 
 
 def get_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    """The first value of ``name`` (lower-case bytes), or None."""
+    """The first value of ``name`` (lower-case bytes), or None.
+
+    Names in ``headers`` must be lower-case already, as the parser, ASGI and
+    :func:`forwardable` give them: this runs several times per request.
+    """
     for key, value in headers:
-        if key.lower() == name:
+        if key == name:
             return value
     return None
 
@@ -151,6 +157,8 @@ def body_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
     value = get_header(headers, b"content-length")
     if value is None:
         return None
+    if value.isdigit():  # the common case: ASCII digits only
+        return int(value)
     try:
         return h1.Framing([(b"content-length", value)]).content_length
     except h1.ProtocolError as exc:
@@ -543,7 +551,7 @@ def asgi_scope(head: RequestHead, *, client: tuple[str, int] | None = None, serv
         "raw_path": raw_path,
         "query_string": query,
         "root_path": "",
-        "headers": [(k.lower(), v) for k, v in head.headers],
+        "headers": head.headers,  # already lower-case names (the parser's)
         "client": client,
         "server": server,
         "extensions": dict(extensions or {}),

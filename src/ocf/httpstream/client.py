@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-from typing import AsyncIterable, AsyncIterator, Iterator, Sequence, Union
+from typing import AsyncContextManager, AsyncIterable, AsyncIterator, Iterator, Sequence, Union
 
 import trio
 
@@ -52,6 +52,28 @@ class Response:
             if limit is not None and size > limit:
                 raise BridgeError(f"response body exceeds {limit} bytes")
             parts.append(chunk)
+        return b"".join(parts)
+
+    def whole_body(self) -> bytes | None:
+        """The whole body if all of it has already arrived (with the head, say), else None.
+
+        Small answers usually come in the same read as their head; taking
+        them this way skips iterating (an async generator per response).
+        """
+        ex = self._exchange
+        if ex.ended or not ex.bridge.response_complete:
+            return None
+        parts = []
+        for event in ex.pending:
+            if event is END:
+                break
+            if not isinstance(event, Data):
+                return None
+            parts.append(event.data)
+        else:
+            return None
+        ex.pending.clear()
+        ex.ended = True
         return b"".join(parts)
 
     @property
@@ -119,8 +141,7 @@ class _Exchange:
         await self.send(self.bridge.end())
 
 
-@contextlib.asynccontextmanager
-async def exchange(
+def exchange(
     stream: trio.abc.Stream,
     method: bytes,
     target: bytes,
@@ -131,8 +152,8 @@ async def exchange(
     content_length: int | None = None,
     host: bytes | None = None,
     read_size: int = READ_SIZE,
-) -> AsyncIterator[Response]:
-    """Send a request on ``stream`` and yield its :class:`Response` once the head arrived.
+) -> AsyncContextManager[Response]:
+    """``async with exchange(...) as response``: send a request on ``stream``, get its :class:`Response` once the head arrived.
 
     ``body`` is bytes (sent with the head in one write) or an async iterable
     of chunks (streamed; give ``content_length`` if known, else chunked).
@@ -140,19 +161,43 @@ async def exchange(
     :class:`~ocf.errors.UpstreamError`. The stream stays the caller's: it is
     reusable afterwards iff ``bridge.reusable``.
     """
-    bridge = bridge or ClientBridge()
-    ex = _Exchange(stream, bridge, read_size)
+    ex = _Exchange(stream, bridge or ClientBridge(), read_size)
     if isinstance(body, (bytes, bytearray, memoryview)):
-        payload = bytes(body)
-        head = bridge.request(method, target, headers, content_length=len(payload), host=host)
-        if not await ex.send(head + bridge.data(payload) + bridge.end()):
+        return _WholeBodyExchange(ex, method, target, headers, bytes(body), host)
+    return _streamed_exchange(ex, method, target, headers, body, content_length, host)
+
+
+class _WholeBodyExchange:
+    """The common case, a body already in memory: one write, no pump task, so no nursery either."""
+
+    def __init__(self, ex: _Exchange, method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], body: bytes, host: bytes | None) -> None:
+        self.ex, self.method, self.target, self.headers, self.body, self.host = ex, method, target, headers, body, host
+
+    async def __aenter__(self) -> Response:
+        ex, bridge, body = self.ex, self.ex.bridge, self.body
+        head = bridge.request(self.method, self.target, self.headers, content_length=len(body), host=self.host)
+        if not await ex.send(head + bridge.data(body) + bridge.end()):
             # Nothing reached the server for sure; say so as an upstream failure.
             exc = ex.send_failed
             raise UpstreamError(f"cannot send request: {exc or type(exc).__name__}", response_started=False)
-        response = Response(await ex.head(), ex)
-        yield response
-        return
-    if not await ex.send(bridge.request(method, target, headers, content_length=content_length, host=host)):
+        return Response(await ex.head(), ex)
+
+    async def __aexit__(self, *exc_info: object) -> bool:
+        return False
+
+
+@contextlib.asynccontextmanager
+async def _streamed_exchange(
+    ex: _Exchange,
+    method: bytes,
+    target: bytes,
+    headers: Sequence[tuple[bytes, bytes]],
+    body: AsyncIterable[bytes],
+    content_length: int | None,
+    host: bytes | None,
+) -> AsyncIterator[Response]:
+    """A streamed body: a pump task sends it while the caller reads the response."""
+    if not await ex.send(ex.bridge.request(method, target, headers, content_length=content_length, host=host)):
         raise UpstreamError(f"cannot send request: {ex.send_failed!r}", response_started=False)
     source_error: list[BaseException] = []
     with collapse_groups():

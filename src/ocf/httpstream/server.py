@@ -65,12 +65,12 @@ class Draining:
 
     def __init__(self) -> None:
         self.draining = False
-        self._idle: set[trio.CancelScope] = set()
+        self._idle: set[_Connection] = set()
 
     def drain(self) -> None:
         self.draining = True
-        for scope in self._idle:
-            scope.cancel()
+        for conn in list(self._idle):
+            conn.end_idle()
 
 
 class _Connection:
@@ -96,21 +96,34 @@ class _Connection:
         self._arrived = trio.Event()  # the reader parsed something (or the client went away)
         self._drained = trio.Event()  # the consumer took every parsed event: the reader may read on
         self._drained.set()
+        self._queued = 0  # body bytes parsed but not taken by the app yet
         self._finish: trio.Event | None = None  # current request: response done or client gone
-        self._app_scope: trio.CancelScope | None = None
+        self._scope: trio.CancelScope | None = None  # the connection's: cancelled if the client leaves mid-response
         self._response_complete = True
+        self._idle_since: float | None = None  # when the connection began waiting for a request (None: busy)
+        self._ended_idle = False  # idle too long, or the server is shutting down: take no more requests
 
     # --- the one reader per connection --------------------------------------------------
 
     async def reader(self) -> None:
+        """Read and parse ahead of the app, at most one read's worth of body (backpressure).
+
+        A request that arrived whole leaves the reader free to wait for more
+        bytes at once (that is how a client leaving mid-response is noticed),
+        without a wake-up per request to say the app took it.
+        """
         try:
             while True:
-                while self.events or self.bridge.buffered > DEFAULT_MAX_HEADER_SIZE:
+                while self._queued > READ_SIZE or self.bridge.buffered > DEFAULT_MAX_HEADER_SIZE:
                     await self._drained.wait()
                     self._drained = trio.Event()
                 data = await self.stream.receive_some(READ_SIZE)
                 try:
-                    self.events.extend(self.bridge.feed(data))
+                    events = self.bridge.feed(data)
+                    for event in events:
+                        if type(event) is Data:
+                            self._queued += len(event.data)
+                    self.events.extend(events)
                 except BridgeError as exc:
                     if data:
                         self.error = exc
@@ -128,14 +141,37 @@ class _Connection:
         self._arrived.set()
         if self._finish is not None:
             self._finish.set()
-        if self._app_scope is not None and not self._response_complete:
-            self._app_scope.cancel()  # nobody will read the answer: stop producing it (and whatever is upstream)
+        if not self._response_complete and self._scope is not None:
+            self._scope.cancel()  # nobody will read the answer: stop producing it (and whatever is upstream)
+
+    def end_idle(self) -> None:
+        """Take no more requests if none is in progress (idle timeout, server shutdown)."""
+        if self._idle_since is not None:
+            self._ended_idle = True
+            self._arrived.set()
+
+    async def watch_idle(self) -> None:
+        """End the connection once it has waited ``idle_timeout`` seconds for a request.
+
+        One sleeping task per connection, woken about once per timeout,
+        rather than a cancel scope entered and left around every request.
+        """
+        timeout = self.idle_timeout
+        while True:
+            since = self._idle_since
+            if since is None:
+                await trio.sleep(timeout)
+            elif trio.current_time() - since >= timeout:
+                self.end_idle()
+                return
+            else:
+                await trio.sleep_until(since + timeout)
 
     def _skip_parsed_body(self) -> bool:
         """Drop a request body the app did not read, if all of it is already here (a GET's empty one always is)."""
         events = self.events
         while events and isinstance(events[0], Data):
-            events.popleft()
+            self._queued -= len(events.popleft().data)
         if events and events[0] is END:
             events.popleft()
             if not events:
@@ -143,18 +179,23 @@ class _Connection:
             return True
         return False
 
-    async def _next_event(self) -> Any:
+    async def _next_event(self, *, idle: bool = False) -> Any:
+        """The next parsed event, waiting for the reader; None if ``idle`` and the connection idled out."""
         while not self.events:
             if self.error is not None:
                 raise self.error
             if self.gone:
                 raise _Gone()
+            if idle and self._ended_idle:
+                return None
             self._drained.set()
             await self._arrived.wait()
             self._arrived = trio.Event()
         event = self.events.popleft()
-        if not self.events:
-            self._drained.set()
+        if type(event) is Data:
+            self._queued -= len(event.data)
+            if self._queued <= READ_SIZE:
+                self._drained.set()
         return event
 
     # --- requests -------------------------------------------------------------------------
@@ -169,30 +210,34 @@ class _Connection:
             raise _Gone() from None
 
     async def next_head(self) -> RequestHead | None:
+        """The next request's head; None when the client is done or the connection idled out."""
         draining = self.draining
         if draining is not None and draining.draining and not self.events:
             return None  # shutting down: no new requests on an idle connection
-        with trio.move_on_after(self.idle_timeout) as idle:
+        self._idle_since = trio.current_time()
+        if draining is not None:
+            draining._idle.add(self)
+        try:
+            while True:
+                event = await self._next_event(idle=True)
+                if event is None or event is CLOSED:
+                    return None  # idle too long, the server is shutting down, or the client closed
+                if type(event) is RequestHead:
+                    return event
+        finally:
+            self._idle_since = None
             if draining is not None:
-                draining._idle.add(idle)
-            try:
-                while True:
-                    event = await self._next_event()
-                    if isinstance(event, RequestHead):
-                        return event
-                    if event is CLOSED:
-                        return None
-            finally:
-                if draining is not None:
-                    draining._idle.discard(idle)
-        return None  # idle too long, or the server is shutting down
+                draining._idle.discard(self)
 
     async def serve(self) -> None:
         async with trio.open_nursery() as nursery:
+            self._scope = nursery.cancel_scope
             nursery.start_soon(self.reader)
+            nursery.start_soon(self.watch_idle)
             try:
                 await self._serve_requests()
             finally:
+                self._scope = None
                 nursery.cancel_scope.cancel()
 
     async def _serve_requests(self) -> None:
@@ -295,15 +340,13 @@ class _Connection:
                 return
 
         try:
-            with trio.CancelScope() as self._app_scope:
-                await self.app(scope, receive, send)
+            await self.app(scope, receive, send)  # cancelled with the connection if the client leaves mid-response
         except Exception as exc:  # noqa: BLE001 - one bad request must not take down the stream handler's peers
             log.error("ASGI app failed on a stream request path=%s exc=%r", scope.get("path"), exc, exc_info=True)
             if not self.bridge.response_started and not self.gone:
                 await self._reject(500, "internal error", "internal_error")
             return False
         finally:
-            self._app_scope = None
             self._finish = None
         if body_error is not None:
             log.debug("stream request body was malformed: %s", body_error)
