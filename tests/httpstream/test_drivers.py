@@ -85,6 +85,24 @@ async def test_keep_alive_serves_several_requests_on_one_stream():
         await client_stream.aclose()  # the server returns when the client closes between requests
 
 
+async def test_idle_timeout_counts_from_the_end_of_the_last_request(autojump_clock):
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    ended = trio.Event()
+
+    async def serve():
+        await serve_stream(server_stream, echo_app, idle_timeout=10)
+        ended.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        await trio.sleep(8)  # idle, but not for long enough
+        async with exchange(client_stream, b"POST", b"/r", [], b"x") as response:
+            assert await response.read() == b"x"
+        finished = trio.current_time()
+        await ended.wait()
+        assert 10 <= trio.current_time() - finished < 11  # the request restarted the idle timer
+
+
 async def test_server_answering_early_does_not_wait_for_the_body():
     client_stream, server_stream = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:

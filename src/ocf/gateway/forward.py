@@ -64,6 +64,7 @@ HOPS_HEADER = b"x-ocf-hops"
 MAX_HOPS = 8
 #: Error codes of ours that mean "the provider did nothing with the request": safe to try another.
 RETRYABLE_CODES = frozenset({b"backend_unreachable"})
+_ERROR_CODE_NAME = ERROR_CODE_HEADER.lower().encode()
 ENTRIES_TTL = 0.5  # seconds a node table snapshot is reused while the table's version is unchanged
 #: Bodies up to this size (with a declared length) are read before forwarding: cheaper and replayable.
 SMALL_BODY = 64 * 1024
@@ -451,10 +452,13 @@ class Forwarder:
             return
 
         async def work(body: RequestBody) -> None:
-            identity = routing.identity_from_headers(v.decode("latin-1") for k, v in scope["headers"] if k == IDENTITY_HEADER)
+            headers = scope["headers"]
+            identity = {}
+            if get_header(headers, IDENTITY_HEADER) is not None:
+                identity = routing.identity_from_headers(v.decode("latin-1") for k, v in headers if k == IDENTITY_HEADER)
             if not identity and keys and body.has_body:
                 identity = routing.identity_from_json(_parse_json(await body.read_all()), keys)
-            candidates = routing.select(providers, identity, service=name, known=lambda: routing.known_services(entries), has_body=body.has_body)
+            candidates = routing.select(providers, identity, service=name, known=lambda: routing.known_services(entries), has_body=body.has_body, keys=keys)
             await self._forward_any(scope, receive, responder, body, name, rest, hops, candidates)
 
         await self._guarded(scope, receive, work)
@@ -567,7 +571,7 @@ class Forwarder:
                 return
             upstream = b"/v1/_service/" + name.encode() + b"/" + rest + (b"?" + scope["query_string"] if scope.get("query_string") else b"")
             async with self._peer_exchange(provider.peer, scope, body, upstream, hops, kind="service") as response:
-                if response.status in (502, 503) and response.header(ERROR_CODE_HEADER.lower().encode()) in RETRYABLE_CODES and body.replayable:
+                if response.status in (502, 503) and response.header(_ERROR_CODE_NAME) in RETRYABLE_CODES and body.replayable:
                     await response.read(limit=1 << 16)
                     raise _RetryableAnswer(f"its backend is unreachable ({response.status})")
                 await responder.relay(response, node_header)

@@ -152,6 +152,7 @@ def select(
     service: str,
     known: Callable[[], list[str]],
     has_body: bool,
+    keys: list[str] | None = None,
 ) -> list[Provider]:
     """Providers of ``service`` matching ``identity``, or the honest error.
 
@@ -160,11 +161,13 @@ def select(
     (the service routes by identity but the request body names none).
     Availability is not judged here. ``known()`` lists the services in the
     network (for the error message only, so it is not computed otherwise).
+    ``keys`` are ``identity_keys(providers)`` if the caller already has them.
     """
     if not providers:
         listing = ", ".join(known()) or "none"
         raise NotFound(f"no provider offers service '{service}' (services in the network: {listing})", code="service_not_found")
-    keys = identity_keys(providers)
+    if keys is None:
+        keys = identity_keys(providers)
     if not identity:
         if keys and has_body:
             raise NoRoutableIdentity(
@@ -186,5 +189,7 @@ def select(
 
 def choose(candidates: list[Provider], in_flight: Mapping[str, int], rng: random.Random) -> Provider:
     """Fewest requests in flight wins; ties are broken at random so load spreads."""
+    if len(candidates) == 1:
+        return candidates[0]
     best = min(in_flight.get(p.peer, 0) for p in candidates)
     return rng.choice([p for p in candidates if in_flight.get(p.peer, 0) == best])
