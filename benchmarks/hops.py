@@ -1,0 +1,257 @@
+"""What does one gateway hop cost, apart from the machine's noise?
+
+``benchmarks/gateway.py`` measures what a user sees: four processes (client,
+dispatcher, worker, mock LLM) sharing two cores. On this machine that
+figure moves by a third from one hour to the next, with the speed of the
+machine itself, and each process runs up to twice slower there than alone.
+This benchmark isolates the gateway's own work so that two builds can be
+compared at any hour:
+
+* one process runs a canned backend (a raw socket answering a fixed chat
+  completion), a dispatcher node, a worker node offering the backend as
+  ``llm`` (real TCP, and real Noise + yamux between the two nodes) and a
+  client sending requests one at a time;
+* the baseline is the same client talking to the backend directly, in the
+  same run; a scenario's CPU time per request minus the baseline's is the
+  cost of its hops;
+* ``--instructions`` counts instructions per request instead, under
+  valgrind's callgrind (each scenario run twice, with and without its
+  requests, and the difference divided): repeatable to about 1%, where CPU
+  time is not.
+
+Run: ``python benchmarks/hops.py`` (``--quick`` for a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+from ocf.config import Config, ServiceSpec
+from ocf.node import open_node
+
+COMPLETION = json.dumps(
+    {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "m1",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello there"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+    }
+).encode()
+MODELS = json.dumps({"object": "list", "data": [{"id": "m1", "object": "model", "created": 0, "owned_by": "bench"}]}).encode()
+REQUEST = json.dumps({"model": "m1", "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+SCENARIOS = {
+    "direct": "backend directly (baseline)",
+    "service_local": "1 hop: worker /v1/_service",
+    "p2p": "2 hops: dispatcher /v1/p2p -> worker",
+    "service": "2 hops: dispatcher /v1/service -> worker",
+}
+
+
+async def canned_backend(stream: trio.SocketStream) -> None:
+    """A keep-alive HTTP/1.1 server that answers every request at once with a fixed body."""
+    buf = b""
+    while True:
+        while b"\r\n\r\n" not in buf:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            buf += data
+        head, _, buf = buf.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while len(buf) < length:
+            buf += await stream.receive_some(65536)
+        buf = buf[length:]
+        path = head.split(b" ", 2)[1]
+        body = b"{}" if path == b"/health" else MODELS if path == b"/v1/models" else COMPLETION
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body))
+
+
+async def requests(port: int, path: bytes, n: int) -> None:
+    """``n`` sequential chat completions on one keep-alive connection."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    request = b"POST %b HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b" % (path, len(REQUEST), REQUEST)
+    for _ in range(n):
+        await stream.send_all(request)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += await stream.receive_some(65536)
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"{path.decode()} answered {head[:200]!r}")
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+        while len(rest) < length:
+            rest += await stream.receive_some(65536)
+    await stream.aclose()
+
+
+class Bench:
+    """A canned backend, a dispatcher and a worker serving it, all in this process."""
+
+    def __init__(self, backend_port: int, dispatcher: object, worker: object) -> None:
+        self.backend_port = backend_port
+        self.dispatcher_port = _port(dispatcher.gateway_url)  # type: ignore[attr-defined]
+        self.worker_port = _port(worker.gateway_url)  # type: ignore[attr-defined]
+        self.worker_id = str(worker.peer_id)  # type: ignore[attr-defined]
+
+    def target(self, scenario: str) -> tuple[int, bytes]:
+        if scenario == "direct":
+            return self.backend_port, b"/v1/chat/completions"
+        if scenario == "service_local":
+            return self.worker_port, b"/v1/_service/llm/v1/chat/completions"
+        if scenario == "p2p":
+            return self.dispatcher_port, f"/v1/p2p/{self.worker_id}/v1/_service/llm/v1/chat/completions".encode()
+        return self.dispatcher_port, b"/v1/service/llm/v1/chat/completions"
+
+    async def warm_up(self) -> None:
+        for scenario in SCENARIOS:
+            port, path = self.target(scenario)
+            with trio.fail_after(30):
+                while True:  # the dispatcher learns the worker's service through the node table
+                    try:
+                        await requests(port, path, 1)
+                        break
+                    except RuntimeError:
+                        await trio.sleep(0.05)
+            await requests(port, path, 50)
+
+
+def _port(url: str) -> int:
+    return int(url.rstrip("/").rsplit(":", 1)[1])
+
+
+async def with_bench(work) -> None:  # type: ignore[no-untyped-def]
+    logging.disable(logging.WARNING)
+    tmp = Path(tempfile.mkdtemp(prefix="ocf-hops-"))
+    try:
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(trio.serve_tcp, canned_backend, 0)
+            backend_port = listeners[0].socket.getsockname()[1]
+            common = dict(host="127.0.0.1", tcpport=0, port=0, log_level="warning", ws=False)
+            async with open_node(Config(mode="standalone", data_dir=tmp / "dispatcher", **common)) as dispatcher:
+                bootstrap = (str(dispatcher.listen_addrs[0]),)
+                services = (ServiceSpec("llm", backend_port, "127.0.0.1"),)
+                async with open_node(Config(mode="node", data_dir=tmp / "worker", bootstrap_addrs=bootstrap, services=services, **common)) as worker:
+                    await worker.bootstrap.wait_connected()
+                    await worker.services.refresh()
+                    bench = Bench(backend_port, dispatcher, worker)
+                    await bench.warm_up()
+                    await work(bench)
+            nursery.cancel_scope.cancel()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- CPU time -------------------------------------------------------------------------------
+
+
+def cpu_table(n: int, rounds: int) -> dict[str, float]:
+    """Best CPU µs per request of each scenario, rounds interleaved so drifts hit all alike."""
+    best = {s: float("inf") for s in SCENARIOS}
+
+    async def work(bench: Bench) -> None:
+        for _ in range(rounds):
+            for scenario in SCENARIOS:
+                port, path = bench.target(scenario)
+                t0 = time.process_time()
+                await requests(port, path, n)
+                best[scenario] = min(best[scenario], (time.process_time() - t0) / n * 1e6)
+
+    trio.run(with_bench, work)
+    return best
+
+
+# --- instructions (callgrind) ---------------------------------------------------------------
+
+
+def child(scenario: str, n: int) -> None:
+    """Run under valgrind: set everything up, send ``n`` requests of ``scenario``, exit."""
+    import lmdb
+
+    # Valgrind cannot reserve LMDB's default 64 GiB of address space; 64 MiB is plenty here.
+    open_env = lmdb.open
+    lmdb.open = lambda *a, **k: open_env(*a, **dict(k, map_size=min(k.get("map_size", 1 << 26), 1 << 26)))  # type: ignore[assignment]
+
+    async def work(bench: Bench) -> None:
+        port, path = bench.target(scenario)
+        await requests(port, path, n)
+
+    trio.run(with_bench, work)
+
+
+def instructions(scenario: str, n: int) -> float:
+    """Instructions per request: (run with n requests - run with none) / n."""
+    counts = []
+    for requests_ in (n, 0):
+        out = subprocess.run(
+            ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__, "--child", scenario, "--requests", str(requests_)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        match = re.search(r"Collected : (\d+)", out.stderr)
+        if out.returncode != 0 or match is None:
+            raise SystemExit(f"callgrind run failed:\n{out.stderr[-2000:]}")
+        counts.append(int(match.group(1)))
+    return (counts[0] - counts[1]) / n
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def report(title: str, unit: str, values: dict[str, float], fmt: str) -> None:
+    base = values["direct"]
+    hops = {"direct": 0, "service_local": 1, "p2p": 2, "service": 2}
+    print(f"{'measurement':44s} {unit:>16s} {'ratio':>7s} {'hops':>14s} {'per hop':>14s}")
+    print("-" * 99)
+    for scenario, label in SCENARIOS.items():
+        value = values[scenario]
+        added = value - base
+        per_hop = added / hops[scenario] if hops[scenario] else 0.0
+        print(f"{label:44s} {format(value, fmt):>16s} {value / base:7.2f} {format(added, fmt) if hops[scenario] else '':>14s} {format(per_hop, fmt) if hops[scenario] else '':>14s}")
+    print(f"({title}; 'hops' is the scenario minus the baseline: the gateways' own cost)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=None, help="requests per scenario and round (default 500; 600 with --instructions)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds for CPU time; the best round counts (default 5)")
+    parser.add_argument("--instructions", action="store_true", help="count instructions per request under valgrind's callgrind (repeatable; slow: minutes)")
+    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    parser.add_argument("--child", choices=list(SCENARIOS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.requests or 0)
+        return
+    if args.instructions:
+        if shutil.which("valgrind") is None:
+            raise SystemExit("--instructions needs valgrind (apt-get install valgrind)")
+        n = args.requests or (100 if args.quick else 600)
+        values = {scenario: instructions(scenario, n) for scenario in SCENARIOS}
+        report(f"instructions per request under callgrind, {n} requests per scenario", "instructions/req", values, ",.0f")
+        return
+    n = args.requests or (100 if args.quick else 500)
+    rounds = 2 if args.quick else args.rounds
+    values = cpu_table(n, rounds)
+    report(f"CPU time per request, best of {rounds} interleaved rounds of {n} requests, all in one process", "CPU µs/req", values, ".0f")
+
+
+if __name__ == "__main__":
+    main()
