@@ -26,6 +26,18 @@ def test_roundtrip_and_verify():
     assert again.verify().to_dict()["service"] == [{"name": "llm", "identity_group": ["model=m"]}]
 
 
+def test_fields_are_read_once_and_follow_every_update():
+    doc = OwnerDoc(ALICE.peer_id)
+    doc.update({"status": "online", "service": []})
+    first = doc.to_dict()
+    first["status"] = "changed by a reader"  # a caller's copy: the document is not affected
+    assert doc.to_dict() == {"status": "online", "service": []}
+    assert not doc.update({"status": "online"})  # nothing changed
+    doc.update({"status": "maintenance", "load": 3})
+    assert doc.to_dict() == {"status": "maintenance", "service": [], "load": 3}
+    assert Record.create(ALICE, 1, doc).verify().to_dict() == doc.to_dict()  # what others read is the same
+
+
 def test_forged_signature_is_rejected():
     good = alice_record()
     forged = Record(ALICE.peer_id, good.seq + 1, good.doc, MALLORY.sign(signing_bytes(ALICE.peer_id, good.seq + 1, [])))

@@ -45,6 +45,10 @@ class OwnerDoc:
         # A loaded document gets a random actor; the owner's edits must carry its own.
         doc.set_actor(owner.raw)
         self.doc = doc
+        # to_dict() of the current content, read once: the routing layer asks for every entry
+        # again and again, and reading a document costs about 40 µs. The content only changes
+        # through update() (a remote change arrives as a new OwnerDoc).
+        self._fields: dict[str, Any] | None = None
 
     def update(self, fields: dict[str, Any]) -> bool:
         """Write changed fields in one transaction; returns False when nothing changed."""
@@ -64,9 +68,16 @@ class OwnerDoc:
                     tx.put(am.ROOT, key, am.ScalarType.F64, value)
                 else:
                     tx.put(am.ROOT, key, am.ScalarType.Str, "" if value is None else str(value))
+        self._fields = None
         return True
 
     def to_dict(self) -> dict[str, Any]:
+        """The entry's fields: a new dict on each call, whose nested values (lists, objects) are shared: read them only."""
+        if self._fields is None:
+            self._fields = self._read()
+        return dict(self._fields)
+
+    def _read(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key in self.doc.keys(am.ROOT):
             got = self.doc.get(am.ROOT, key)
