@@ -187,6 +187,8 @@ def test_sending_refuses_header_injection():
         c.request(b"GET", b"/", [(b"x-a", b"1\r\nInjected: yes")], content_length=0)
     with pytest.raises(BridgeError, match="illegal method or target"):
         ClientBridge().request(b"GET", b"/a b", [], content_length=0)
+    with pytest.raises(BridgeError, match="illegal method or target"):
+        ClientBridge().request(b"GET", b"/a\tb", [], content_length=0)  # what a receiving parser refuses too
     s = ServerBridge()
     s.feed(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     with pytest.raises(BridgeError, match="illegal header name"):

@@ -192,16 +192,11 @@ class Responder:
     async def relay(self, response: Response, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
         """Stream an upstream response to the client chunk by chunk, as each arrives."""
         # Our server adds its own Date; two would confuse caches.
-        headers = [(k, v) for k, v in forwardable(response.headers) if k != b"date"]
-        headers += extra
-        headers += self.extra
-        self.started = True
-        self.status = response.status
-        await self._send({"type": "http.response.start", "status": response.status, "headers": headers})
+        headers = [(k, v) for k, v in forwardable(response.headers) if k != b"date"] + list(extra)
+        await self({"type": "http.response.start", "status": response.status, "headers": headers})
         body = response.whole_body()
         if body is not None:  # it all came with the head: one send, no iteration
-            self.finished = True
-            await self._send({"type": "http.response.body", "body": body, "more_body": False})
+            await self({"type": "http.response.body", "body": body, "more_body": False})
             return
         async for chunk in response:
             # The last chunk usually arrives together with the end of the message: say so in the
@@ -452,10 +447,7 @@ class Forwarder:
             return
 
         async def work(body: RequestBody) -> None:
-            headers = scope["headers"]
-            identity = {}
-            if get_header(headers, IDENTITY_HEADER) is not None:
-                identity = routing.identity_from_headers(v.decode("latin-1") for k, v in headers if k == IDENTITY_HEADER)
+            identity = routing.identity_from_headers(v.decode("latin-1") for k, v in scope["headers"] if k == IDENTITY_HEADER)
             if not identity and keys and body.has_body:
                 identity = routing.identity_from_json(_parse_json(await body.read_all()), keys)
             candidates = routing.select(providers, identity, service=name, known=lambda: routing.known_services(entries), has_body=body.has_body, keys=keys)

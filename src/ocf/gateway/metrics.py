@@ -15,6 +15,7 @@ scrape comes every few seconds at most.
 from __future__ import annotations
 
 import bisect
+import collections
 from typing import TYPE_CHECKING, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -54,9 +55,9 @@ class GatewayMetrics:
         self.node = node
         self.registry = CollectorRegistry()
         #: (route, method, status) -> requests answered.
-        self.requests: dict[tuple[str, str, str], int] = {}
+        self.requests: collections.Counter[tuple[str, str, str]] = collections.Counter()
         #: (kind, outcome) -> forwarded exchanges.
-        self.forwards: dict[tuple[str, str], int] = {}
+        self.forwards: collections.Counter[tuple[str, str]] = collections.Counter()
         #: kind -> time from choosing a provider to its response head.
         self.latencies: dict[str, _Histogram] = {}
         #: provider peer ID -> requests this gateway has in flight there (the forwarder counts here).
@@ -68,12 +69,10 @@ class GatewayMetrics:
             self.registry.register(TrackerCollector(node.jobs))
 
     def count_request(self, route: str, method: str, status: str) -> None:
-        key = (route, method, status)
-        self.requests[key] = self.requests.get(key, 0) + 1
+        self.requests[route, method, status] += 1
 
     def count_forward(self, kind: str, outcome: str) -> None:
-        key = (kind, outcome)
-        self.forwards[key] = self.forwards.get(key, 0) + 1
+        self.forwards[kind, outcome] += 1
 
     def observe_latency(self, kind: str, seconds: float) -> None:
         histogram = self.latencies.get(kind)

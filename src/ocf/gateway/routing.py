@@ -58,7 +58,7 @@ class Provider:
 
 def _services_of(entry: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     services = entry.get("service") or entry.get("services") or []
-    return [s for s in services if (type(s) is dict or isinstance(s, Mapping)) and isinstance(s.get("name"), str)]
+    return [s for s in services if isinstance(s, Mapping) and isinstance(s.get("name"), str)]
 
 
 def providers_of(entries: Mapping[str, Mapping[str, Any]], name: str, self_peer: str) -> list[Provider]:

@@ -313,7 +313,7 @@ class ClientBridge(_Endpoint):
         elif get_header(out, b"host") is None:
             out.insert(0, (b"host", b"localhost"))
         out = _framed(out, content_length)
-        if h1.valid_name(method) is None or h1.valid_value(target) is None or not target or b" " in target:
+        if h1.valid_name(method) is None or h1.valid_target(target) is None:
             raise BridgeError(f"cannot send request: illegal method or target {method[:20]!r} {target[:100]!r}")
         try:
             head = h1.head_bytes(b"%b %b HTTP/1.1" % (method, target), out)

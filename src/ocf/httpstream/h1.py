@@ -35,7 +35,8 @@ Headers = list[tuple[bytes, bytes]]
 
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _VALUE = rb"[^\x00-\x08\x0a-\x1f\x7f]*"  # field-vchar, SP, HTAB, obs-text: no CTLs but HTAB
-_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/(?P<version>[0-9]\.[0-9])")
+_TARGET = rb"[\x21-\x7e]+"  # visible ASCII: no spaces, tabs or control bytes
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") (" + _TARGET + rb") HTTP/(?P<version>[0-9]\.[0-9])")
 _STATUS_LINE = re.compile(rb"HTTP/(?P<version>[0-9]\.[0-9]) ([0-9]{3})(?: (" + _VALUE + rb"))?")
 _FIELD_BLOCK = re.compile(rb"(?:" + _TOKEN + rb":" + _VALUE + rb"\r?\n)*")
 _NAME_LIST = re.compile(_TOKEN + rb"(?: " + _TOKEN + rb")*")
@@ -43,9 +44,10 @@ _SEND_BLOCK = re.compile(rb"(?:" + _TOKEN + rb": " + _VALUE + rb"\r\n)*\r\n")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;" + _VALUE + rb")?")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 
-#: For validating what we send: a name, and a value without CR, LF or other CTLs.
+#: For validating what we send: a name (or method), a value without CR, LF or other CTLs, a request target.
 valid_name = re.compile(_TOKEN).fullmatch
 valid_value = re.compile(_VALUE).fullmatch
+valid_target = re.compile(_TARGET).fullmatch
 
 
 class ProtocolError(Exception):

@@ -9,9 +9,9 @@ through the kernel is needed, and disconnects map straight onto ASGI's
 scope's ``client`` (the remote peer ID) and ``extensions["ocf.remote_peer"]``.
 
 Requests are served one after another (HTTP/1.1 keep-alive), each with
-real backpressure: one reader task per connection reads only when the app
-has taken everything parsed so far, and a response chunk is written before
-the app may send the next. When the client goes away (EOF or reset) before
+real backpressure: one reader task per connection parses ahead of the app
+by at most one read of body, and a response chunk is written before the
+app may send the next. When the client goes away (EOF or reset) before
 the response is complete, the app call is cancelled: that is what cancels
 the upstream request two hops away. The app need not watch ``receive()``
 for ``http.disconnect`` itself (it still gets one if it asks). The
@@ -94,7 +94,7 @@ class _Connection:
         self.gone = False
         self.error: BridgeError | None = None
         self._arrived = trio.Event()  # the reader parsed something (or the client went away)
-        self._drained = trio.Event()  # the consumer took every parsed event: the reader may read on
+        self._drained = trio.Event()  # the app took enough of what was parsed: the reader may read on
         self._drained.set()
         self._queued = 0  # body bytes parsed but not taken by the app yet
         self._finish: trio.Event | None = None  # current request: response done or client gone
