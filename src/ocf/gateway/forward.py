@@ -181,19 +181,25 @@ class Responder:
 
     async def __call__(self, message: dict) -> None:
         if message["type"] == "http.response.start":
-            self.started = True
-            self.status = message["status"]
-            if self.extra:
-                message = dict(message, headers=[*message.get("headers", []), *self.extra])
-        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            await self.start(message["status"], list(message.get("headers", [])))
+            return
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
             self.finished = True
         await self._send(message)
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """Send the response head: ``headers`` (a list of the caller's, which this extends) plus ``extra``."""
+        self.started = True
+        self.status = status
+        headers += self.extra
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def relay(self, response: Response, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
         """Stream an upstream response to the client chunk by chunk, as each arrives."""
         # Our server adds its own Date; two would confuse caches.
-        headers = [(k, v) for k, v in forwardable(response.headers) if k != b"date"] + list(extra)
-        await self({"type": "http.response.start", "status": response.status, "headers": headers})
+        headers = [(k, v) for k, v in forwardable(response.headers) if k != b"date"]
+        headers += extra
+        await self.start(response.status, headers)
         body = response.whole_body()
         if body is not None:  # it all came with the head: one send, no iteration
             await self({"type": "http.response.body", "body": body, "more_body": False})
