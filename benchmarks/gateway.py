@@ -15,7 +15,14 @@ small non-streaming chat completion
 
 first one request at a time (latency the hops add: p50/p99), then with
 ``--concurrency`` clients on keep-alive connections (requests/s), and the
-time to first token of a streamed completion for (a) and (c).
+time to first token of a streamed completion for (a), (b) and (c).
+
+Two floors, measured one request at a time in the same rounds, say what any
+two hops cost on this machine: (f) two bare relays that copy bytes with
+blocking I/O, and (t) two minimal Trio HTTP relays, built from the pieces
+ocf's gateway uses but with none of its features
+(``benchmarks/floor_relay.py``), each pair in front of the mock LLM as
+(c)'s two gateways are.
 
 Targets (issue 6): (c) adds under 2 ms at p50 over (a); (c) sustains at
 least 40% of (a)'s requests/s with 64 concurrent clients.
@@ -242,10 +249,14 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=400, help="sequential requests per scenario (default 400)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per scenario (default 3)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory with the process logs")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 round, 30 sequential requests and 1 s of concurrent load per scenario")
     args = parser.parse_args()
+    if args.quick:
+        args.seconds, args.requests, args.rounds = 1.0, 30, 1
 
     tmp = Path(tempfile.mkdtemp(prefix="ocf-bench-"))
     llm_port, worker_port, disp_port, disp_tcp, worker_tcp = (free_port() for _ in range(5))
+    floor_ports = {engine: (free_port(), free_port()) for engine in ("os", "trio")}
     procs: list[subprocess.Popen] = []
     try:
         procs.append(spawn([str(ROOT / "examples" / "mock_llm.py"), "--port", str(llm_port), "--model", "m1"], tmp / "llm.log"))
@@ -261,6 +272,14 @@ def main() -> int:
             )
         )
         worker_id = json.loads(wait_http(worker_port, "/v1/health"))["peer_id"]
+        floors = {}
+        for engine, (first_port, second_port) in floor_ports.items():
+            relay = [str(ROOT / "benchmarks" / "floor_relay.py"), "--engine", engine]
+            second = spawn([*relay, "--port", str(second_port), "--upstream", str(llm_port)], tmp / f"relay-{engine}-2.log")
+            first = spawn([*relay, "--port", str(first_port), "--upstream", str(second_port)], tmp / f"relay-{engine}-1.log")
+            procs += [second, first]
+            floors[engine] = [first, second]
+            wait_http(first_port, "/health")
         wait_http(worker_port, "/v1/_service/llm/health")
         # (c) routes through the node table when it has the worker's llm; the same hop via /v1/p2p otherwise.
         via_table = "/v1/service/llm/v1/chat/completions"
@@ -276,28 +295,34 @@ def main() -> int:
             ("(b) worker /v1/_service", worker_port, "/v1/_service/llm/v1/chat/completions"),
             ("(c) dispatcher -> worker", disp_port, c_path),
         ]
+        floor_scenarios = [
+            ("(f) 2 bare relays (floor)", floor_ports["os"][0], "/v1/chat/completions"),
+            ("(t) 2 Trio HTTP relays", floor_ports["trio"][0], "/v1/chat/completions"),
+        ]
         print(f"gateway benchmark: {os.cpu_count()} cores, {args.concurrency} concurrent clients, {args.seconds:g} s per run; (c) via {c_note}")
         print(f"python speed reference: {python_speed():.0f} ms of CPU for 1M loop iterations (lower is faster)")
         # Interleaved rounds: other work on the machine hits every scenario alike; per scenario the
         # best round's throughput is reported (the run least disturbed), latencies pool all rounds.
-        results = {name: ([], [], []) for name, _, _ in scenarios}
+        results = {name: ([], [], []) for name, _, _ in scenarios + floor_scenarios}
         busy = {name: [] for name, _, _ in scenarios}
-        roles = {"mock LLM": procs[0], "dispatcher": procs[1], "worker": procs[2]}
-        cpu_used = {name: dict.fromkeys(roles, 0.0) for name, _, _ in scenarios}  # CPU seconds per process, sequential runs
+        roles = {"mock LLM": [procs[0]], "dispatcher": [procs[1]], "worker": [procs[2]], "bare relays": floors["os"], "Trio relays": floors["trio"]}
+        cpu_used = {name: dict.fromkeys(roles, 0.0) for name, _, _ in scenarios + floor_scenarios}  # CPU seconds per role, sequential runs
         for _ in range(args.rounds):
-            for name, port, path in scenarios:
+            for name, port, path in scenarios + floor_scenarios:
                 seq, rates, lats = results[name]
-                before = {role: _proc_cpu(proc.pid) for role, proc in roles.items()}
+                before = {role: sum(_proc_cpu(proc.pid) for proc in members) for role, members in roles.items()}
                 seq.extend(trio.run(sequential, port, path, args.requests // args.rounds))
-                for role, proc in roles.items():
-                    cpu_used[name][role] += _proc_cpu(proc.pid) - before[role]
+                for role, members in roles.items():
+                    cpu_used[name][role] += sum(_proc_cpu(proc.pid) for proc in members) - before[role]
+                if (name, port, path) in floor_scenarios:
+                    continue  # floors: latency only
                 before = _cpu_times()
                 rps, lat = trio.run(concurrent, port, path, args.concurrency, args.seconds / args.rounds)
                 busy[name].append(_busy(before, _cpu_times()))
                 rates.append(rps)
                 lats.extend(lat)
-        results = {name: (seq, max(rates), lats) for name, (seq, rates, lats) in results.items()}
-        first = {name: trio.run(ttft, port, path, max(50, args.requests // 4)) for name, port, path in scenarios}
+        results = {name: (seq, max(rates, default=0.0), lats) for name, (seq, rates, lats) in results.items()}
+        first = {name: trio.run(ttft, port, path, max(10 if args.quick else 50, args.requests // 4)) for name, port, path in scenarios}
     finally:
         for proc in reversed(procs):
             proc.send_signal(signal.SIGTERM)
@@ -317,15 +342,19 @@ def main() -> int:
     print(f"{'':<26} {'one client at a time':^26} | {str(args.concurrency) + ' concurrent clients':^44}")
     print(f"{'scenario':<26} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} | {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6} {'cpu busy':>9}")
     print("-" * 100)
-    for name, _, _ in scenarios:
+    for name, _, _ in scenarios + floor_scenarios:
         seq, rps, lat = results[name]
         p50 = statistics.median(seq) * 1000
-        cpu = "/".join(f"{b:.0%}" for b in busy[name])
-        print(f"{name:<26} {p50:8.2f} {pct(seq, 0.99):8.2f} {p50 - base_p50:+8.2f} | {rps:7.0f} {pct(lat, 0.5):8.2f} {pct(lat, 0.99):8.2f} {rps / base_rps:6.2f} {cpu:>9}")
+        row = f"{name:<26} {p50:8.2f} {pct(seq, 0.99):8.2f} {p50 - base_p50:+8.2f} |"
+        if name in busy:
+            cpu = "/".join(f"{b:.0%}" for b in busy[name])
+            row += f" {rps:7.0f} {pct(lat, 0.5):8.2f} {pct(lat, 0.99):8.2f} {rps / base_rps:6.2f} {cpu:>9}"
+        print(row)
     print(f"(cpu busy: the whole machine's CPU use during each round, all processes; {os.cpu_count()} cores)")
+    print("((f) and (t): the floor of two hops on this machine, see benchmarks/floor_relay.py; one client at a time only)")
     print()
     print("CPU per request, one client at a time (from /proc; warm-up requests included):")
-    for name, _, _ in scenarios:
+    for name, _, _ in scenarios + floor_scenarios:
         count = len(results[name][0]) + 20 * args.rounds
         used = ", ".join(f"{role} {seconds / count * 1000:.2f} ms" for role, seconds in cpu_used[name].items() if seconds > 0)
         print(f"  {name:<26} {used}")
@@ -337,8 +366,10 @@ def main() -> int:
     )
     c_seq, c_rps, _ = results[scenarios[2][0]]
     added = statistics.median(c_seq) * 1000 - base_p50
+    floor_os, floor_trio = (statistics.median(results[name][0]) * 1000 - base_p50 for name, _, _ in floor_scenarios)
     print()
     print(f"target: (c) adds < 2 ms at p50 over (a): {added:+.2f} ms -> {'met' if added < 2 else 'NOT met'}")
+    print(f"        (floors in the same run: two bare relays add {floor_os:+.2f} ms, two minimal Trio HTTP relays {floor_trio:+.2f} ms)")
     print(f"target: (c) >= 40% of (a)'s req/s at {args.concurrency} clients: {c_rps / base_rps:.0%} -> {'met' if c_rps >= 0.4 * base_rps else 'NOT met'}")
     return 0
 
