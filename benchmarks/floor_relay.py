@@ -61,7 +61,8 @@ def relay_os(port: int, upstream: int) -> None:
             peer.sendall(data)
 
 
-async def _serve_trio(upstream_port: int, stream) -> None:  # type: ignore[no-untyped-def]
+async def serve_trio(upstream_port: int, stream) -> None:  # type: ignore[no-untyped-def]
+    """Relay one client connection (a ``trio.SocketStream``) to ``upstream_port``, one message at a time."""
     import trio
 
     from ocf.directsocket import DirectSocketStream
@@ -114,7 +115,7 @@ async def _serve_trio(upstream_port: int, stream) -> None:  # type: ignore[no-un
 def relay_trio(port: int, upstream: int) -> None:
     import trio
 
-    trio.run(functools.partial(trio.serve_tcp, functools.partial(_serve_trio, upstream), port, host="127.0.0.1"))
+    trio.run(functools.partial(trio.serve_tcp, functools.partial(serve_trio, upstream), port, host="127.0.0.1"))
 
 
 def main() -> int:

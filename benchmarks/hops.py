@@ -14,6 +14,8 @@ compared at any hour:
 * the baseline is the same client talking to the backend directly, in the
   same run; a scenario's CPU time per request minus the baseline's is the
   cost of its hops;
+* the floor is one hop through a minimal Trio HTTP relay with none of the
+  gateway's features (``benchmarks/floor_relay.py``), in the same run;
 * ``--instructions`` counts instructions per request instead, under
   valgrind's callgrind (each scenario run twice, with and without its
   requests, and the difference divided): repeatable to about 1%, where CPU
@@ -25,6 +27,7 @@ Run: ``python benchmarks/hops.py`` (``--quick`` for a smoke run).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import re
@@ -39,6 +42,8 @@ import trio
 
 from ocf.config import Config, ServiceSpec
 from ocf.node import open_node
+
+import floor_relay  # benchmarks/, next to this file
 
 COMPLETION = json.dumps(
     {
@@ -55,6 +60,7 @@ REQUEST = json.dumps({"model": "m1", "messages": [{"role": "user", "content": "h
 
 SCENARIOS = {
     "direct": "backend directly (baseline)",
+    "floor": "1 hop: minimal Trio HTTP relay (floor)",
     "service_local": "1 hop: worker /v1/_service",
     "p2p": "2 hops: dispatcher /v1/p2p -> worker",
     "service": "2 hops: dispatcher /v1/service -> worker",
@@ -105,8 +111,9 @@ async def requests(port: int, path: bytes, n: int) -> None:
 class Bench:
     """A canned backend, a dispatcher and a worker serving it, all in this process."""
 
-    def __init__(self, backend_port: int, dispatcher: object, worker: object) -> None:
+    def __init__(self, backend_port: int, floor_port: int, dispatcher: object, worker: object) -> None:
         self.backend_port = backend_port
+        self.floor_port = floor_port
         self.dispatcher_port = _port(dispatcher.gateway_url)  # type: ignore[attr-defined]
         self.worker_port = _port(worker.gateway_url)  # type: ignore[attr-defined]
         self.worker_id = str(worker.peer_id)  # type: ignore[attr-defined]
@@ -114,6 +121,8 @@ class Bench:
     def target(self, scenario: str) -> tuple[int, bytes]:
         if scenario == "direct":
             return self.backend_port, b"/v1/chat/completions"
+        if scenario == "floor":
+            return self.floor_port, b"/v1/chat/completions"
         if scenario == "service_local":
             return self.worker_port, b"/v1/_service/llm/v1/chat/completions"
         if scenario == "p2p":
@@ -144,6 +153,9 @@ async def with_bench(work) -> None:  # type: ignore[no-untyped-def]
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(trio.serve_tcp, canned_backend, 0)
             backend_port = listeners[0].socket.getsockname()[1]
+            # The floor: what a hop costs with none of the gateway's features (see floor_relay.py).
+            listeners = await nursery.start(trio.serve_tcp, functools.partial(floor_relay.serve_trio, backend_port), 0)
+            floor_port = listeners[0].socket.getsockname()[1]
             common = dict(host="127.0.0.1", tcpport=0, port=0, log_level="warning", ws=False)
             async with open_node(Config(mode="standalone", data_dir=tmp / "dispatcher", **common)) as dispatcher:
                 bootstrap = (str(dispatcher.listen_addrs[0]),)
@@ -151,7 +163,7 @@ async def with_bench(work) -> None:  # type: ignore[no-untyped-def]
                 async with open_node(Config(mode="node", data_dir=tmp / "worker", bootstrap_addrs=bootstrap, services=services, **common)) as worker:
                     await worker.bootstrap.wait_connected()
                     await worker.services.refresh()
-                    bench = Bench(backend_port, dispatcher, worker)
+                    bench = Bench(backend_port, floor_port, dispatcher, worker)
                     await bench.warm_up()
                     await work(bench)
             nursery.cancel_scope.cancel()
@@ -218,7 +230,7 @@ def instructions(scenario: str, n: int) -> float:
 
 def report(title: str, unit: str, values: dict[str, float], fmt: str) -> None:
     base = values["direct"]
-    hops = {"direct": 0, "service_local": 1, "p2p": 2, "service": 2}
+    hops = {"direct": 0, "floor": 1, "service_local": 1, "p2p": 2, "service": 2}
     print(f"{'measurement':44s} {unit:>16s} {'ratio':>7s} {'hops':>14s} {'per hop':>14s}")
     print("-" * 99)
     for scenario, label in SCENARIOS.items():
