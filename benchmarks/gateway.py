@@ -322,7 +322,11 @@ def main() -> int:
                 rates.append(rps)
                 lats.extend(lat)
         results = {name: (seq, max(rates, default=0.0), lats) for name, (seq, rates, lats) in results.items()}
-        first = {name: trio.run(ttft, port, path, max(10 if args.quick else 50, args.requests // 4)) for name, port, path in scenarios}
+        first, stream_cpu = {}, {}
+        for name, port, path in scenarios:
+            before = {role: sum(_proc_cpu(proc.pid) for proc in members) for role, members in roles.items()}
+            first[name] = trio.run(ttft, port, path, max(10 if args.quick else 50, args.requests // 4))
+            stream_cpu[name] = {role: (sum(_proc_cpu(proc.pid) for proc in members) - before[role]) / (len(first[name]) + 10) for role, members in roles.items()}
     finally:
         for proc in reversed(procs):
             proc.send_signal(signal.SIGTERM)
@@ -364,6 +368,10 @@ def main() -> int:
         f"time to first token (streamed, one client): (a) p50 {pct(a_ttft, 0.5):.2f} ms, (b) {pct(b_ttft, 0.5):.2f} ms, "
         f"(c) {pct(c_ttft, 0.5):.2f} ms; added by the two hops {pct(c_ttft, 0.5) - pct(a_ttft, 0.5):+.2f} ms"
     )
+    print("CPU per streamed completion (from /proc; warm-up requests included):")
+    for name, _, _ in scenarios:
+        used = ", ".join(f"{role} {seconds * 1000:.2f} ms" for role, seconds in stream_cpu[name].items() if seconds > 0)
+        print(f"  {name:<26} {used}")
     c_seq, c_rps, _ = results[scenarios[2][0]]
     added = statistics.median(c_seq) * 1000 - base_p50
     floor_os, floor_trio = (statistics.median(results[name][0]) * 1000 - base_p50 for name, _, _ in floor_scenarios)
