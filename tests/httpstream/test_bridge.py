@@ -103,6 +103,22 @@ def test_client_body_longer_than_declared_is_refused():
         c.data(b"abc")
 
 
+def test_http_date_is_formatted_once_per_second_and_follows_the_clock(monkeypatch):
+    from ocf.httpstream import bridge
+
+    now = [784111777.2]  # RFC 9110's example date
+    formatted = []
+    real = bridge.email.utils.formatdate
+    monkeypatch.setattr(bridge.time, "time", lambda: now[0])
+    monkeypatch.setattr(bridge.email.utils, "formatdate", lambda t, usegmt: formatted.append(t) or real(t, usegmt=usegmt))
+    date = bridge.HttpDate()
+    assert date() == b"Sun, 06 Nov 1994 08:49:37 GMT"
+    now[0] += 0.5
+    assert date() == b"Sun, 06 Nov 1994 08:49:37 GMT" and len(formatted) == 1
+    now[0] += 1
+    assert date() == b"Sun, 06 Nov 1994 08:49:38 GMT" and len(formatted) == 2
+
+
 def test_server_adds_date_only_when_asked_and_only_once():
     get = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
     plain = ServerBridge()

@@ -39,16 +39,25 @@ DEFAULT_MAX_HEADER_SIZE = 64 * 1024
 #: Standard reason phrases ("200 OK"), for clients and people that read status lines.
 _REASONS = {int(status): status.phrase.encode() for status in http.HTTPStatus}
 
-_date_cache: tuple[int, bytes] = (0, b"")
+class HttpDate:
+    """The current time as an HTTP ``Date`` value, formatted at most once per second.
 
+    Each server connection keeps one (no module-level state), so a
+    keep-alive connection answering many requests a second formats the
+    date once.
+    """
 
-def http_date() -> bytes:
-    """The current time as an HTTP ``Date`` value, computed once per second."""
-    global _date_cache
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache = (now, email.utils.formatdate(now, usegmt=True).encode())
-    return _date_cache[1]
+    __slots__ = ("_second", "_value")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = b""
+
+    def __call__(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second, self._value = now, email.utils.formatdate(now, usegmt=True).encode()
+        return self._value
 
 
 #: Headers that describe one connection, never the message (RFC 9110 7.6.1);
@@ -393,7 +402,7 @@ class ServerBridge(_Endpoint):
         #: The ``Content-Length`` the current response declared (None: none, the body is streamed).
         self.response_length: int | None = None
         # Add ``Date`` to responses that have none, as an origin server should.
-        self._date_header = date_header
+        self._date = HttpDate() if date_header else None
 
     @property
     def request_complete(self) -> bool:
@@ -491,8 +500,8 @@ class ServerBridge(_Endpoint):
                 out.append((b"transfer-encoding", b"chunked"))
             elif self._method != b"HEAD":
                 close = True  # an HTTP/1.0 client (or none yet): the body ends when the connection does
-        if self._date_header and get_header(out, b"date") is None:
-            out.append((b"date", http_date()))
+        if self._date is not None and get_header(out, b"date") is None:
+            out.append((b"date", self._date()))
         if close or not self._keep_alive:
             self._keep_alive = False
             out.append((b"connection", b"close"))
