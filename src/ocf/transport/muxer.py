@@ -53,6 +53,9 @@ log = logging.getLogger("ocf.transport.muxer")
 # Queued-but-unwritten bytes above which senders wait for the writer: bounds
 # the memory a fast sender can pile up in front of a slow network.
 WRITE_HIGH_WATER = 1 << 20
+# What a write or queued piece counts against the YIELD_AFTER budget at least,
+# so that a task sending many tiny messages still yields every 64 of them.
+MIN_CHARGE = YIELD_AFTER // 64
 # Largest piece of one send_all handed to the session at once.
 SEND_CHUNK = 256 * 1024
 # receive_some(None) joins small buffered chunks up to this size.
@@ -183,6 +186,7 @@ class MuxedStream(trio.abc.HalfCloseableStream):
         if self._sending:
             raise trio.BusyResourceError("another task is already sending on this stream")
         self._sending = True
+        turn = False  # woken to fill the write queue and not filled it yet
         try:
             await checkpoint_if_cancelled()
             if not isinstance(data, bytes):
@@ -203,24 +207,30 @@ class MuxedStream(trio.abc.HalfCloseableStream):
                     await self._send_lot.park()
                     continue
                 if session.pending_output >= WRITE_HIGH_WATER:
-                    parked = True
+                    parked = turn = True
                     await conn._drain_lot.park()
                     continue
                 take = min(window, n - pos, SEND_CHUNK)
                 session.send_data(sid, data if take == n else memoryview(data)[pos : pos + take])
                 pos += take
+                turn = False
                 if conn._writing:
                     conn._kick()  # the writer picks it up when its current write is done
+                    conn._unyielded += max(take, MIN_CHARGE)
                 else:
                     parked = True
                     await conn._write_inline()
-            if not parked:
+            if not parked and conn._unyielded >= YIELD_AFTER:
+                # Queued for the writer without waiting: yield every YIELD_AFTER bytes,
+                # as inline writes do, rather than once per call.
+                conn._unyielded = 0
                 await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._sending = False
-            # If we were woken to fill the write queue but left without queueing
-            # (cancelled, reset), pass the turn on to the next waiting sender.
-            self._conn._wake_senders()
+            if turn:
+                # Woken to fill the write queue but leaving without queueing
+                # (cancelled, reset): pass the turn on to the next waiting sender.
+                self._conn._wake_senders()
 
     def _check_send(self) -> None:
         if self._reset is not None:
@@ -451,13 +461,16 @@ class MuxedConnection:
         """Wake senders waiting for the write queue to drain, only as many as can fill it.
 
         Waking all of them after every write would make 64 busy streams cost
-        64 task switches per megabyte; FIFO order keeps it fair.
+        64 task switches per megabyte, and waking one per write that freed a
+        chunk's room would cost one per chunk: senders wait until the queue is
+        down to half of WRITE_HIGH_WATER, so each woken one queues several
+        chunks. FIFO order keeps it fair.
         """
         drain = self._drain_lot
         if drain:
-            room = WRITE_HIGH_WATER - self._session.pending_output
-            if room > 0:
-                drain.unpark(count=room // SEND_CHUNK + 1)
+            pending = self._session.pending_output
+            if pending <= WRITE_HIGH_WATER // 2:
+                drain.unpark(count=(WRITE_HIGH_WATER - pending) // SEND_CHUNK + 1)
 
     async def _write_inline(self) -> None:
         """Write queued bytes from the calling stream's task (saves a task switch per message).
@@ -472,6 +485,7 @@ class MuxedConnection:
         """
         session = self._session
         self._writing = True
+        yield_now = False
         try:
             parts = session.take_output(WRITE_BATCH)
             rest = self._write_nowait(parts)
@@ -484,10 +498,8 @@ class MuxedConnection:
                 # a schedule point per message costs a scheduler pass (7% of
                 # a bulk transfer, and latency on every small message), while
                 # this still lets other tasks run every few milliseconds.
-                self._unyielded += sum(map(len, parts))
-                if self._unyielded >= YIELD_AFTER:
-                    self._unyielded = 0
-                    await trio.lowlevel.cancel_shielded_checkpoint()
+                self._unyielded += max(sum(map(len, parts)), MIN_CHARGE)
+                yield_now = self._unyielded >= YIELD_AFTER
         except (trio.BrokenResourceError, trio.ClosedResourceError, TransportError) as exc:
             self._end(f"write failed: {exc or type(exc).__name__}")
         finally:
@@ -495,6 +507,13 @@ class MuxedConnection:
             if session.pending_output:
                 self._kick()
             self._wake_senders()
+        if yield_now:
+            # Yield with the connection free for writing: the senders that run
+            # meanwhile write their own data inline too, rather than queueing
+            # it for the writer task and parking until it drains (with many
+            # busy streams that cost a task switch per chunk).
+            self._unyielded = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     def _write_nowait(self, parts: list[bytes | memoryview]) -> bytes | bytearray | memoryview:
         """Hand ``parts`` to the secure stream; returns what must still be sent with :meth:`_send_rest`."""
