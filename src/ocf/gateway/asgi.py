@@ -13,6 +13,7 @@ import logging
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from ..errors import Forbidden
+from ..httpstream.bridge import get_header
 from .errors import send_asgi_error
 
 if TYPE_CHECKING:
@@ -94,7 +95,7 @@ class GatewayASGI:
                 await self.inner(scope, receive, send)
             return
         headers = scope["headers"]
-        origin = _header(headers, b"origin")
+        origin = get_header(headers, b"origin")
         method = scope["method"]
         status = 0
         extra = self.cors.headers(origin) if origin is not None or self.cors.any else []
@@ -110,10 +111,10 @@ class GatewayASGI:
         route = self.forwarder.route_of(scope["path"])
         hot = self.hot.route_of(scope["path"]) if route is None else None
         try:
-            if method == "OPTIONS" and _header(headers, b"access-control-request-method") is not None:
+            if method == "OPTIONS" and get_header(headers, b"access-control-request-method") is not None:
                 scope["ocf.route"] = "preflight"
                 await send(
-                    {"type": "http.response.start", "status": 204, "headers": self.cors.preflight_headers(origin, _header(headers, b"access-control-request-headers"))}
+                    {"type": "http.response.start", "status": 204, "headers": self.cors.preflight_headers(origin, get_header(headers, b"access-control-request-headers"))}
                 )
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 status = 204
@@ -149,10 +150,3 @@ _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"
 
 def _method_label(method: str) -> str:
     return method if method in _METHODS else "other"
-
-
-def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    for key, value in headers:
-        if key == name:
-            return value
-    return None

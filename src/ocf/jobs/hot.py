@@ -28,6 +28,7 @@ from .. import log as logfmt
 from ..errors import GatewayRequestError, MethodNotAllowed, NotFound, RequestTimeout
 from ..gateway.errors import send_asgi_error
 from ..gateway.forward import RequestBody, Responder, _ClientGone
+from ..httpstream.bridge import get_header
 from .http import parse_json_object, parse_number, token_from
 
 if TYPE_CHECKING:
@@ -73,7 +74,8 @@ class HotRoutes:
             with trio.fail_after(self.node.config.request_timeout):
                 raw = await body.read_all()
             request = parse_json_object(raw)
-            token = token_from(_header(scope["headers"], b"authorization"), request)
+            authorization = get_header(scope["headers"], b"authorization")
+            token = token_from(authorization.decode("latin-1") if authorization is not None else None, request)
             if action == "claim":
                 answer = await self._claim(tracker, project, token, request)
             elif action == "complete":
@@ -125,10 +127,3 @@ async def _not_post(responder: Responder, method: str, path: str) -> None:
         await responder({"type": "http.response.body", "body": b"", "more_body": False})
         return
     await _send_error(responder, MethodNotAllowed(f"method {method} is not allowed on {path}", headers={"Allow": ALLOW.decode()}))
-
-
-def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
-    for key, value in headers:
-        if key == name:
-            return value.decode("latin-1")
-    return None
