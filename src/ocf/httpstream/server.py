@@ -314,7 +314,7 @@ class _Connection:
             kind = message["type"]
             try:
                 if kind == "http.response.start":
-                    headers = [(bytes(k).lower(), bytes(v)) for k, v in message.get("headers", [])]
+                    headers = [(bytes(k), bytes(v)) for k, v in message.get("headers", [])]  # respond() lower-cases the names
                     # Answering before the whole request arrived (e.g. 413 for a body
                     # too large): the rest cannot be skipped reliably, so this is the
                     # connection's last response, and the client must hear it.
