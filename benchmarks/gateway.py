@@ -307,13 +307,17 @@ def main() -> int:
         busy = {name: [] for name, _, _ in scenarios}
         roles = {"mock LLM": [procs[0]], "dispatcher": [procs[1]], "worker": [procs[2]], "bare relays": floors["os"], "Trio relays": floors["trio"]}
         cpu_used = {name: dict.fromkeys(roles, 0.0) for name, _, _ in scenarios + floor_scenarios}  # CPU seconds per role, sequential runs
+
+        def role_cpu() -> dict[str, float]:
+            return {role: sum(_proc_cpu(proc.pid) for proc in members) for role, members in roles.items()}
+
         for _ in range(args.rounds):
             for name, port, path in scenarios + floor_scenarios:
                 seq, rates, lats = results[name]
-                before = {role: sum(_proc_cpu(proc.pid) for proc in members) for role, members in roles.items()}
+                before = role_cpu()
                 seq.extend(trio.run(sequential, port, path, args.requests // args.rounds))
-                for role, members in roles.items():
-                    cpu_used[name][role] += sum(_proc_cpu(proc.pid) for proc in members) - before[role]
+                for role, seconds in role_cpu().items():
+                    cpu_used[name][role] += seconds - before[role]
                 if (name, port, path) in floor_scenarios:
                     continue  # floors: latency only
                 before = _cpu_times()
@@ -324,9 +328,9 @@ def main() -> int:
         results = {name: (seq, max(rates, default=0.0), lats) for name, (seq, rates, lats) in results.items()}
         first, stream_cpu = {}, {}
         for name, port, path in scenarios:
-            before = {role: sum(_proc_cpu(proc.pid) for proc in members) for role, members in roles.items()}
+            before = role_cpu()
             first[name] = trio.run(ttft, port, path, max(10 if args.quick else 50, args.requests // 4))
-            stream_cpu[name] = {role: (sum(_proc_cpu(proc.pid) for proc in members) - before[role]) / (len(first[name]) + 10) for role, members in roles.items()}
+            stream_cpu[name] = {role: (seconds - before[role]) / (len(first[name]) + 10) for role, seconds in role_cpu().items()}
     finally:
         for proc in reversed(procs):
             proc.send_signal(signal.SIGTERM)
