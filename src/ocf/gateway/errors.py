@@ -23,6 +23,8 @@ from quart import Response
 from ..errors import GatewayRequestError
 
 ERROR_CODE_HEADER = "X-OCF-Error-Code"
+#: The same header as a raw ASGI/HTTP name (lower-case bytes).
+ERROR_CODE_NAME = ERROR_CODE_HEADER.lower().encode()
 
 
 def error_type(status: int) -> str:
@@ -61,7 +63,7 @@ def asgi_error(status: int, message: str, code: str, headers: dict[str, str] | N
     out = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
-        (ERROR_CODE_HEADER.lower().encode(), code.encode()),
+        (ERROR_CODE_NAME, code.encode()),
     ]
     out.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items())
     return status, out, body

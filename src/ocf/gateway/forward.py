@@ -49,7 +49,7 @@ from ..httpstream.client import Response, exchange
 from ..httpstream.pool import ConnectionPool
 from ..services.registrar import LLM_SERVICE
 from . import routing
-from .errors import ERROR_CODE_HEADER, send_asgi_error
+from .errors import ERROR_CODE_NAME, send_asgi_error
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -64,7 +64,6 @@ HOPS_HEADER = b"x-ocf-hops"
 MAX_HOPS = 8
 #: Error codes of ours that mean "the provider did nothing with the request": safe to try another.
 RETRYABLE_CODES = frozenset({b"backend_unreachable"})
-_ERROR_CODE_NAME = ERROR_CODE_HEADER.lower().encode()
 ENTRIES_TTL = 0.5  # seconds a node table snapshot is reused while the table's version is unchanged
 #: Bodies up to this size (with a declared length) are read before forwarding: cheaper and replayable.
 SMALL_BODY = 64 * 1024
@@ -569,7 +568,7 @@ class Forwarder:
                 return
             upstream = b"/v1/_service/" + name.encode() + b"/" + rest + (b"?" + scope["query_string"] if scope.get("query_string") else b"")
             async with self._peer_exchange(provider.peer, scope, body, upstream, hops, kind="service") as response:
-                if response.status in (502, 503) and response.header(_ERROR_CODE_NAME) in RETRYABLE_CODES and body.replayable:
+                if response.status in (502, 503) and response.header(ERROR_CODE_NAME) in RETRYABLE_CODES and body.replayable:
                     await response.read(limit=1 << 16)
                     raise _RetryableAnswer(f"its backend is unreachable ({response.status})")
                 await responder.relay(response, node_header)
