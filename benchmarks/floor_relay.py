@@ -43,7 +43,11 @@ def relay_os(port: int, upstream: int) -> None:
             sock, peer = key.fileobj, key.data
             if peer is None:
                 client, _ = sock.accept()
-                up = socket.create_connection(("127.0.0.1", upstream))
+                try:
+                    up = socket.create_connection(("127.0.0.1", upstream))
+                except OSError:  # upstream not there (yet): drop this client, keep serving
+                    client.close()
+                    continue
                 for s in (client, up):
                     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sel.register(client, selectors.EVENT_READ, up)
@@ -69,7 +73,11 @@ async def serve_trio(upstream_port: int, stream) -> None:  # type: ignore[no-unt
     from ocf.httpstream.bridge import END, ClientBridge, Data, RequestHead, ResponseHead, ServerBridge, forwardable
 
     client = DirectSocketStream(stream)
-    up = DirectSocketStream(await trio.open_tcp_stream("127.0.0.1", upstream_port))
+    try:
+        up = DirectSocketStream(await trio.open_tcp_stream("127.0.0.1", upstream_port))
+    except OSError:  # upstream not there (yet): drop this client, keep serving
+        await client.aclose()
+        return
     server, upstream = ServerBridge(), ClientBridge()
     pending: list = []  # parsed events not handled yet (a pipelined request's)
     try:

@@ -276,8 +276,10 @@ def main() -> int:
         for engine, (first_port, second_port) in floor_ports.items():
             relay = [str(ROOT / "benchmarks" / "floor_relay.py"), "--engine", engine]
             second = spawn([*relay, "--port", str(second_port), "--upstream", str(llm_port)], tmp / f"relay-{engine}-2.log")
+            procs.append(second)
+            wait_http(second_port, "/health")  # before the first relay, which connects to it
             first = spawn([*relay, "--port", str(first_port), "--upstream", str(second_port)], tmp / f"relay-{engine}-1.log")
-            procs += [second, first]
+            procs.append(first)
             floors[engine] = [first, second]
             wait_http(first_port, "/health")
         wait_http(worker_port, "/v1/_service/llm/health")
