@@ -40,7 +40,7 @@ def test_fields_are_read_once_and_follow_every_update():
 
 def test_forged_signature_is_rejected():
     good = alice_record()
-    forged = Record(ALICE.peer_id, good.seq + 1, good.doc, MALLORY.sign(signing_bytes(ALICE.peer_id, good.seq + 1, [])))
+    forged = Record(ALICE.peer_id, good.seq + 1, good.doc, MALLORY.sign(signing_bytes(ALICE.peer_id, good.seq + 1, good.doc)))
     with pytest.raises(ValidationError, match="not signed by that peer"):
         forged.verify()
 
@@ -63,7 +63,7 @@ def test_change_by_another_actor_is_rejected_even_if_signed():
     fork.set_actor(MALLORY.peer_id.raw)
     with fork.transaction() as tx:
         tx.put(am.ROOT, "status", am.ScalarType.Str, "hijacked")
-    record = Record(ALICE.peer_id, 2, fork.save(), ALICE.sign(signing_bytes(ALICE.peer_id, 2, fork.get_heads())))
+    record = Record(ALICE.peer_id, 2, fork.save(), ALICE.sign(signing_bytes(ALICE.peer_id, 2, fork.save())))
     with pytest.raises(ValidationError, match="another actor"):
         record.verify()
 

@@ -1,0 +1,290 @@
+"""The untrusted-input boundary in front of Automerge's native loader.
+
+``automerge.core.Document.load`` is Rust behind pyo3: it can panic on crafted
+bytes (pyo3 raises ``PanicException``, a ``BaseException`` that no
+``except Exception`` stops), and it faithfully expands whatever a valid
+document describes: deflate-compressed columns and run-length-encoded rows
+let a 1 KB document hold a million-character text or 100 MB of values.
+A signature only proves who wrote a document, not that it is reasonable, so
+even an owner's document passes through here first.
+
+:func:`inspect` is a small pure-Python reader of the Automerge binary
+*document chunk* (magic, checksum, chunk type, LEB128 lengths, column
+metadata, column data; see the Automerge storage format specification). It
+inflates compressed columns with a bounded ``decompressobj`` (never more
+than the decoded budget), counts the rows of every run-length, delta and
+boolean column *without* expanding them, and refuses anything over the
+limits, before the native parser sees a byte. It is total: any input gives
+a :class:`DocShape` or a :class:`ValidationError`, in time and memory
+proportional to the (bounded) decoded size.
+
+:func:`load` is the one place the native loader is called for untrusted
+bytes, and the one place its panics are contained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+import attrs
+import automerge.core as am
+
+from ..config import Config
+from ..errors import ValidationError
+
+MAGIC = b"\x85\x6f\x4a\x83"
+CHUNK_DOCUMENT = 0
+# Column types (low three bits of a column specification).
+GROUP, ACTOR, INTEGER, DELTA, BOOLEAN, STRING, VALUE_META, VALUE = range(8)
+DEFLATE_BIT = 0x08
+MAX_LEB_BYTES = 10  # a u64 needs at most ten 7-bit groups
+MAX_U64 = (1 << 64) - 1
+
+
+@attrs.frozen
+class DocLimits:
+    """What a node lets any one document make it do (the ``max-record-*`` settings)."""
+
+    max_doc_bytes: int
+    max_decoded_bytes: int
+    max_ops: int
+    max_entry_bytes: int
+
+    @classmethod
+    def from_config(cls, config: Config) -> "DocLimits":
+        return cls(
+            max_doc_bytes=config.nodetable_max_doc_bytes,
+            max_decoded_bytes=config.nodetable_max_decoded_bytes,
+            max_ops=config.nodetable_max_ops,
+            max_entry_bytes=config.nodetable_max_entry_bytes,
+        )
+
+
+DEFAULT_LIMITS = DocLimits.from_config(Config())
+
+
+@attrs.frozen
+class DocShape:
+    """What :func:`inspect` learned without loading: enough to refuse early and to test."""
+
+    actors: tuple[bytes, ...]
+    heads: int
+    decoded_bytes: int
+    max_rows: int
+
+
+class _Reader:
+    """A cursor over bytes whose every read is bounds-checked (raises ValidationError)."""
+
+    __slots__ = ("data", "pos", "end")
+
+    def __init__(self, data: bytes, pos: int = 0, end: int | None = None) -> None:
+        self.data = data
+        self.pos = pos
+        self.end = len(data) if end is None else end
+
+    def left(self) -> int:
+        return self.end - self.pos
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or n > self.end - self.pos:
+            raise ValidationError("document: truncated")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def uleb(self) -> int:
+        value = shift = 0
+        for _ in range(MAX_LEB_BYTES):
+            if self.pos >= self.end:
+                raise ValidationError("document: truncated LEB128")
+            byte = self.data[self.pos]
+            self.pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                if value > MAX_U64:
+                    raise ValidationError("document: LEB128 overflows 64 bits")
+                return value
+        raise ValidationError("document: LEB128 too long")
+
+    def sleb(self) -> int:
+        value = shift = 0
+        for _ in range(MAX_LEB_BYTES):
+            if self.pos >= self.end:
+                raise ValidationError("document: truncated LEB128")
+            byte = self.data[self.pos]
+            self.pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                if byte & 0x40:
+                    value -= 1 << shift
+                if not -(1 << 63) <= value <= (1 << 63) - 1:
+                    raise ValidationError("document: LEB128 overflows 64 bits")
+                return value
+        raise ValidationError("document: LEB128 too long")
+
+
+def _inflate(raw: bytes, budget: int) -> bytes:
+    """Raw DEFLATE (as Automerge writes it), refusing output beyond ``budget`` bytes."""
+    if budget <= 0:
+        raise ValidationError("document decodes beyond the decoded-size limit")
+    inflater = zlib.decompressobj(wbits=-15)
+    try:
+        out = inflater.decompress(raw, budget + 1)
+    except zlib.error as exc:
+        raise ValidationError(f"document: bad compressed column ({exc})") from None
+    if len(out) > budget or inflater.unconsumed_tail:
+        raise ValidationError("document: a compressed column expands beyond the decoded-size limit")
+    if not inflater.eof or inflater.unused_data:
+        raise ValidationError("document: a compressed column is truncated or has trailing bytes")
+    return out
+
+
+def _rle_rows(data: bytes, col_type: int, max_rows: int) -> tuple[int, int]:
+    """Rows in a run-length column and the bytes its repeated values would expand to.
+
+    Runs: a positive count repeats the next value, zero starts a run of nulls
+    (its length follows), a negative count is that many literal values.
+    """
+    reader = _Reader(data)
+    rows = expanded = 0
+    while reader.left():
+        count = reader.sleb()
+        if count > 0:
+            size = _value(reader, col_type)
+            expanded += (count - 1) * size
+        elif count == 0:
+            count = reader.uleb()
+        else:
+            count = -count
+            if count > max_rows:
+                raise ValidationError(f"document: a column has more than {max_rows} rows")
+            for _ in range(count):
+                _value(reader, col_type)
+        rows += count
+        if rows > max_rows:
+            raise ValidationError(f"document: a column has more than {max_rows} rows")
+    return rows, expanded
+
+
+def _value(reader: _Reader, col_type: int) -> int:
+    """Skip one value of a run-length column; return its byte size."""
+    if col_type == STRING:
+        length = reader.uleb()
+        reader.take(length)
+        return length
+    if col_type == DELTA:
+        reader.sleb()
+    else:
+        reader.uleb()
+    return 8
+
+
+def _boolean_rows(data: bytes, max_rows: int) -> int:
+    reader = _Reader(data)
+    rows = 0
+    while reader.left():
+        rows += reader.uleb()
+        if rows > max_rows:
+            raise ValidationError(f"document: a column has more than {max_rows} rows")
+    return rows
+
+
+def _columns(reader: _Reader) -> list[tuple[int, int]]:
+    """Column metadata: (specification, byte length) pairs, in the order their data follows."""
+    count = reader.uleb()
+    if count * 2 > reader.left():  # each pair needs at least two bytes
+        raise ValidationError("document: column count exceeds the data")
+    out = []
+    for _ in range(count):
+        spec = reader.uleb()
+        if spec > 0xFFFFFFFF:
+            raise ValidationError("document: column specification overflows 32 bits")
+        out.append((spec, reader.uleb()))
+    normalized = [spec & ~DEFLATE_BIT for spec, _ in out]
+    if normalized != sorted(normalized):
+        raise ValidationError("document: columns are not in normal order")
+    return out
+
+
+def inspect(data: bytes, limits: DocLimits = DEFAULT_LIMITS) -> DocShape:
+    """Check ``data`` is one Automerge document chunk within ``limits``; never loads it."""
+    if len(data) > limits.max_doc_bytes:
+        raise ValidationError(f"document is {len(data)} bytes (max {limits.max_doc_bytes})")
+    reader = _Reader(bytes(data))
+    if reader.take(4) != MAGIC:
+        raise ValidationError("document: not an Automerge chunk (bad magic)")
+    checksum = reader.take(4)
+    type_at = reader.pos
+    if reader.take(1)[0] != CHUNK_DOCUMENT:
+        raise ValidationError("document: only a single document chunk is accepted")
+    length = reader.uleb()
+    if length != reader.left():
+        raise ValidationError("document: chunk length does not match the data (one chunk, nothing after it)")
+    if hashlib.sha256(reader.data[type_at:]).digest()[:4] != checksum:
+        raise ValidationError("document: chunk checksum mismatch")
+
+    budget = limits.max_decoded_bytes
+    actor_count = reader.uleb()
+    if actor_count > reader.left():
+        raise ValidationError("document: actor count exceeds the data")
+    actors = tuple(reader.take(reader.uleb()) for _ in range(actor_count))
+    head_count = reader.uleb()
+    if head_count * 32 > reader.left():
+        raise ValidationError("document: head count exceeds the data")
+    reader.take(32 * head_count)
+    change_cols = _columns(reader)
+    op_cols = _columns(reader)
+    decoded = reader.pos
+    max_rows = 0
+    for spec, size in change_cols + op_cols:
+        raw = reader.take(size)
+        if spec & DEFLATE_BIT:
+            raw = _inflate(raw, budget - decoded)
+        decoded += len(raw)
+        col_type = spec & 0x07
+        if col_type == BOOLEAN:
+            rows = _boolean_rows(raw, limits.max_ops)
+        elif col_type == VALUE:
+            rows = 0
+        else:
+            rows, expanded = _rle_rows(raw, col_type, limits.max_ops)
+            decoded += expanded
+        max_rows = max(max_rows, rows)
+        if decoded > budget:
+            raise ValidationError(f"document decodes to more than {budget} bytes")
+    for _ in range(head_count if reader.left() else 0):  # head indices; absent in old saves
+        reader.uleb()
+    if reader.left():
+        raise ValidationError("document: trailing bytes after the head indices")
+    return DocShape(actors=actors, heads=head_count, decoded_bytes=decoded, max_rows=max_rows)
+
+
+def _is_panic(exc: BaseException) -> bool:
+    """pyo3's PanicException: not importable by name, recognised by its home module."""
+    kind = type(exc)
+    return kind.__name__ == "PanicException" and kind.__module__ == "pyo3_runtime"
+
+
+def load(data: bytes, limits: DocLimits = DEFAULT_LIMITS, actor: bytes | None = None) -> tuple[am.Document, DocShape]:
+    """Inspect, then load with the binding; every failure, a panic included, is a ValidationError.
+
+    With ``actor``, the document's actor table may name only that actor (a
+    node-table document has a single writer), checked before loading.
+    """
+    shape = inspect(data, limits)
+    if actor is not None and any(other != actor for other in shape.actors):
+        raise ValidationError("document names another actor besides its owner")
+    try:
+        doc = am.Document.load(bytes(data))
+    except Exception as exc:  # noqa: BLE001 - the binding raises plain exceptions for bad bytes
+        raise ValidationError(f"document does not load: {exc}") from None
+    except BaseException as exc:
+        # The only BaseException swallowed anywhere: a Rust panic in the loader is a bad
+        # document, not a reason to stop the node. Cancellation and interrupts pass.
+        if not _is_panic(exc):
+            raise
+        raise ValidationError(f"document makes the Automerge loader panic: {exc}") from None
+    return doc, shape
