@@ -71,6 +71,7 @@ class DocShape:
     heads: int
     decoded_bytes: int
     max_rows: int
+    deflated_columns: int
 
 
 class _Reader:
@@ -209,8 +210,12 @@ def _columns(reader: _Reader) -> list[tuple[int, int]]:
     return out
 
 
-def inspect(data: bytes, limits: DocLimits = DEFAULT_LIMITS) -> DocShape:
-    """Check ``data`` is one Automerge document chunk within ``limits``; never loads it."""
+def inspect(data: bytes, limits: DocLimits = DEFAULT_LIMITS, actor: bytes | None = None) -> DocShape:
+    """Check ``data`` is one Automerge document chunk within ``limits``; never loads it.
+
+    With ``actor``, the actor table may name only that actor (a node-table
+    document has a single writer): checked before any column is decoded.
+    """
     if len(data) > limits.max_doc_bytes:
         raise ValidationError(f"document is {len(data)} bytes (max {limits.max_doc_bytes})")
     reader = _Reader(bytes(data))
@@ -231,6 +236,8 @@ def inspect(data: bytes, limits: DocLimits = DEFAULT_LIMITS) -> DocShape:
     if actor_count > reader.left():
         raise ValidationError("document: actor count exceeds the data")
     actors = tuple(reader.take(reader.uleb()) for _ in range(actor_count))
+    if actor is not None and any(other != actor for other in actors):
+        raise ValidationError("document names another actor besides its owner")
     head_count = reader.uleb()
     if head_count * 32 > reader.left():
         raise ValidationError("document: head count exceeds the data")
@@ -238,10 +245,11 @@ def inspect(data: bytes, limits: DocLimits = DEFAULT_LIMITS) -> DocShape:
     change_cols = _columns(reader)
     op_cols = _columns(reader)
     decoded = reader.pos
-    max_rows = 0
+    max_rows = deflated = 0
     for spec, size in change_cols + op_cols:
         raw = reader.take(size)
         if spec & DEFLATE_BIT:
+            deflated += 1
             raw = _inflate(raw, budget - decoded)
         decoded += len(raw)
         col_type = spec & 0x07
@@ -259,7 +267,7 @@ def inspect(data: bytes, limits: DocLimits = DEFAULT_LIMITS) -> DocShape:
         reader.uleb()
     if reader.left():
         raise ValidationError("document: trailing bytes after the head indices")
-    return DocShape(actors=actors, heads=head_count, decoded_bytes=decoded, max_rows=max_rows)
+    return DocShape(actors=actors, heads=head_count, decoded_bytes=decoded, max_rows=max_rows, deflated_columns=deflated)
 
 
 def _is_panic(exc: BaseException) -> bool:
@@ -269,14 +277,8 @@ def _is_panic(exc: BaseException) -> bool:
 
 
 def load(data: bytes, limits: DocLimits = DEFAULT_LIMITS, actor: bytes | None = None) -> tuple[am.Document, DocShape]:
-    """Inspect, then load with the binding; every failure, a panic included, is a ValidationError.
-
-    With ``actor``, the document's actor table may name only that actor (a
-    node-table document has a single writer), checked before loading.
-    """
-    shape = inspect(data, limits)
-    if actor is not None and any(other != actor for other in shape.actors):
-        raise ValidationError("document names another actor besides its owner")
+    """Inspect, then load with the binding; every failure, a panic included, is a ValidationError."""
+    shape = inspect(data, limits, actor)
     try:
         doc = am.Document.load(bytes(data))
     except Exception as exc:  # noqa: BLE001 - the binding raises plain exceptions for bad bytes

@@ -1,0 +1,139 @@
+"""Fuzzing the node table's Automerge boundary: any bytes give a document or a ValidationError.
+
+Raw bytes go into the pre-parser; mutations of real saved entries, with their
+chunk checksum repaired so they get past the first check and signed by their
+owner so they get past the signature, go through the whole Record.verify.
+Anything else escaping (a pyo3 PanicException included) fails the test: the
+figure is 0 crashes.
+"""
+
+import hashlib
+import os
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from ocf.errors import ValidationError
+from ocf.identity import Identity
+from ocf.nodetable import docguard
+from ocf.nodetable.record import OwnerDoc, Record, signing_bytes
+
+pytestmark = pytest.mark.timeout(300)
+
+ALICE = Identity.from_seed("alice")
+FULL = os.environ.get("OCF_TEST_FULL") == "1"
+
+
+def _samples() -> list[bytes]:
+    """Saved entries of the shapes nodes really publish, one with deflated columns."""
+    out = []
+    doc = OwnerDoc(ALICE.peer_id)
+    doc.update({"id": str(ALICE.peer_id), "status": "online", "service": [{"name": "llm", "identity_group": ["model=m"]}],
+                "hardware": {"gpus": [], "cpus": 8}, "role": ["worker"], "addrs": ["/ip4/127.0.0.1/tcp/43905"]})
+    out.append(doc.doc.save())
+    for i in range(40):
+        doc.update({"status": f"s{i}", "load": i, "hardware": {"gpus": [{"name": "g", "used_memory": i}], "cpus": 8}})
+    out.append(doc.doc.save())
+    out.append(doc.compacted().doc.save())
+    return out
+
+
+SAMPLES = _samples()
+
+
+def repair(data: bytes) -> bytes:
+    """Fix a chunk's checksum (first 4 bytes of sha256 over type, length and data) when it has a header."""
+    if len(data) < 10 or data[:4] != docguard.MAGIC:
+        return data
+    return data[:4] + hashlib.sha256(data[8:]).digest()[:4] + data[8:]
+
+
+def chunk(body: bytes) -> bytes:
+    """A document chunk header with a correct length and checksum around ``body``."""
+    length = bytearray()
+    n = len(body)
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        length.append(byte | (0x80 if n else 0))
+        if not n:
+            break
+    return repair(docguard.MAGIC + b"\0\0\0\0" + b"\0" + bytes(length) + body)
+
+
+def boundary(data: bytes) -> None:
+    """The whole path a peer's record takes, signed by its owner: returns or raises ValidationError."""
+    record = Record(ALICE.peer_id, 1, data, ALICE.sign(signing_bytes(ALICE.peer_id, 1, data)))
+    try:
+        record.verify()
+    except ValidationError:
+        pass
+
+
+def mutate(rng: random.Random, data: bytes) -> bytes:
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        kind = rng.random()
+        pos = rng.randrange(8, len(out)) if len(out) > 8 else 0
+        if kind < 0.6 and out:
+            out[pos] = rng.randrange(256)
+        elif kind < 0.75:
+            out[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+        elif kind < 0.9:
+            del out[pos : pos + rng.randint(1, 8)]
+        elif out:
+            out[pos] ^= 1 << rng.randrange(8)
+    return repair(bytes(out))
+
+
+def test_samples_cover_compressed_columns():
+    shapes = [docguard.inspect(s) for s in SAMPLES]
+    assert all(shape.actors == (ALICE.peer_id.raw,) for shape in shapes)
+    assert any(shape.deflated_columns for shape in shapes)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=2048))
+def test_raw_bytes_into_the_preparser(data):
+    try:
+        shape = docguard.inspect(data)
+    except ValidationError:
+        return
+    assert shape.decoded_bytes <= docguard.DEFAULT_LIMITS.max_decoded_bytes
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=1024))
+def test_checksummed_chunks_into_the_whole_boundary(body):
+    boundary(chunk(body))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(SAMPLES), st.integers(0, 2**32 - 1))
+def test_mutated_real_documents_into_the_whole_boundary(sample, seed):
+    boundary(mutate(random.Random(seed), sample))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(SAMPLES), st.lists(st.tuples(st.integers(0, 4096), st.integers(0, 255)), min_size=1, max_size=6))
+def test_pointed_mutations_of_real_documents(sample, edits):
+    out = bytearray(sample)
+    for pos, value in edits:
+        out[8 + pos % (len(out) - 8)] = value
+    boundary(repair(bytes(out)))
+
+
+@pytest.mark.slow
+def test_mutation_soak():
+    """Many more mutations (CI: 3,000; OCF_TEST_FULL=1: 50,000): still 0 crashes, and loads do happen."""
+    rng = random.Random(20261202)
+    loaded = 0
+    for _ in range(50_000 if FULL else 3_000):
+        data = mutate(rng, rng.choice(SAMPLES))
+        record = Record(ALICE.peer_id, 1, data, ALICE.sign(signing_bytes(ALICE.peer_id, 1, data)))
+        try:
+            record.verify()
+            loaded += 1
+        except ValidationError:
+            pass
+    assert loaded > 0  # the mutations are not all refused at the first check
