@@ -108,7 +108,7 @@ def test_bombs_are_what_the_issue_says(text_bomb, memory_bomb):
 
 def test_text_bomb_signed_by_its_owner_is_refused_before_loading(text_bomb, load_calls):
     grew, took, outcome = peak_growth(lambda: signed(ALICE, text_bomb).verify())
-    assert isinstance(outcome, ValidationError) and "rows" in str(outcome)
+    assert isinstance(outcome, ValidationError) and ("rows" in str(outcome) or "object" in str(outcome))
     assert load_calls == []
     assert grew < 64 * MIB
     assert took < 0.05
@@ -210,3 +210,37 @@ def test_real_entries_stay_far_below_the_limits():
     assert shape.decoded_bytes * 4 < DEFAULT_LIMITS.max_decoded_bytes
     assert shape.max_rows * 4 < DEFAULT_LIMITS.max_ops
     assert record.verify().to_dict()["service"] == services
+
+
+@pytest.mark.parametrize("kind", [am.ObjType.Map, am.ObjType.List, am.ObjType.Text])
+def test_objects_are_refused_before_loading(kind, load_calls):
+    """An entry is a flat map of scalars: an object in it is refused by the pre-parser."""
+    doc = am.Document()
+    doc.set_actor(ALICE.peer_id.raw)
+    with doc.transaction() as tx:
+        tx.put(am.ROOT, "status", am.ScalarType.Str, "online")
+        tx.put_object(am.ROOT, "service", kind)
+    with pytest.raises(ValidationError, match="object"):
+        signed(ALICE, doc.save()).verify()
+    assert load_calls == []
+
+
+def test_many_fields_are_refused_before_reading_them():
+    doc = am.Document()
+    doc.set_actor(ALICE.peer_id.raw)
+    with doc.transaction() as tx:
+        for i in range(500):
+            tx.put(am.ROOT, f"k{i}", am.ScalarType.Int, i)
+    grew, took, outcome = peak_growth(lambda: signed(ALICE, doc.save()).verify())
+    assert isinstance(outcome, ValidationError) and "fields" in str(outcome)
+    assert took < 0.05
+
+
+def test_deeply_nested_json_field_is_dropped_not_a_crash():
+    doc = am.Document()
+    doc.set_actor(ALICE.peer_id.raw)
+    with doc.transaction() as tx:
+        tx.put(am.ROOT, "status", am.ScalarType.Str, "online")
+        tx.put(am.ROOT, "service", am.ScalarType.Str, "[" * 200_000 + "]" * 200_000)
+    entry = signed(ALICE, doc.save()).verify().to_dict()
+    assert entry == {"status": "online"}

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from typing import Callable
 import attrs
 import automerge.core as am
 
@@ -37,6 +38,13 @@ CHUNK_DOCUMENT = 0
 # Column types (low three bits of a column specification).
 GROUP, ACTOR, INTEGER, DELTA, BOOLEAN, STRING, VALUE_META, VALUE = range(8)
 DEFLATE_BIT = 0x08
+# The ops columns that say what an op does and what kind of value it holds. A node-table
+# entry is a flat map of scalars written with "set": no objects (maps, lists, texts), no
+# counters, timestamps or byte strings, which the binding reads back unevenly (some panic).
+OP_ACTION = 0x42
+OP_VALUE_META = 0x56
+ACTION_SET = 1
+VALUE_TYPES = frozenset({0, 1, 2, 4, 5, 6})  # null, false, true, signed int, float, UTF-8 string
 MAX_LEB_BYTES = 10  # a u64 needs at most ten 7-bit groups
 MAX_U64 = (1 << 64) - 1
 
@@ -143,18 +151,19 @@ def _inflate(raw: bytes, budget: int) -> bytes:
     return out
 
 
-def _rle_rows(data: bytes, col_type: int, max_rows: int) -> tuple[int, int]:
+def _rle_rows(data: bytes, col_type: int, max_rows: int, allowed: Callable[[int], bool] | None = None) -> tuple[int, int]:
     """Rows in a run-length column and the bytes its repeated values would expand to.
 
     Runs: a positive count repeats the next value, zero starts a run of nulls
-    (its length follows), a negative count is that many literal values.
+    (its length follows), a negative count is that many literal values. With
+    ``allowed``, every (integer) value must pass it.
     """
     reader = _Reader(data)
     rows = expanded = 0
     while reader.left():
         count = reader.sleb()
         if count > 0:
-            size = _value(reader, col_type)
+            size = _value(reader, col_type, allowed)
             expanded += (count - 1) * size
         elif count == 0:
             count = reader.uleb()
@@ -163,24 +172,31 @@ def _rle_rows(data: bytes, col_type: int, max_rows: int) -> tuple[int, int]:
             if count > max_rows:
                 raise ValidationError(f"document: a column has more than {max_rows} rows")
             for _ in range(count):
-                _value(reader, col_type)
+                _value(reader, col_type, allowed)
         rows += count
         if rows > max_rows:
             raise ValidationError(f"document: a column has more than {max_rows} rows")
     return rows, expanded
 
 
-def _value(reader: _Reader, col_type: int) -> int:
+def _value(reader: _Reader, col_type: int, allowed: Callable[[int], bool] | None) -> int:
     """Skip one value of a run-length column; return its byte size."""
     if col_type == STRING:
         length = reader.uleb()
         reader.take(length)
         return length
-    if col_type == DELTA:
-        reader.sleb()
-    else:
-        reader.uleb()
+    value = reader.sleb() if col_type == DELTA else reader.uleb()
+    if allowed is not None and not allowed(value):
+        raise ValidationError("document holds an object or a value kind a node-table entry never has")
     return 8
+
+
+def _is_set(action: int) -> bool:
+    return action == ACTION_SET
+
+
+def _is_scalar(meta: int) -> bool:
+    return meta & 0x0F in VALUE_TYPES
 
 
 def _boolean_rows(data: bytes, max_rows: int) -> int:
@@ -246,7 +262,9 @@ def inspect(data: bytes, limits: DocLimits = DEFAULT_LIMITS, actor: bytes | None
     op_cols = _columns(reader)
     decoded = reader.pos
     max_rows = deflated = 0
-    for spec, size in change_cols + op_cols:
+    checks = {OP_ACTION: _is_set, OP_VALUE_META: _is_scalar}
+    for index, (spec, size) in enumerate(change_cols + op_cols):
+        allowed = checks.get(spec & ~DEFLATE_BIT) if index >= len(change_cols) else None
         raw = reader.take(size)
         if spec & DEFLATE_BIT:
             deflated += 1
@@ -258,7 +276,7 @@ def inspect(data: bytes, limits: DocLimits = DEFAULT_LIMITS, actor: bytes | None
         elif col_type == VALUE:
             rows = 0
         else:
-            rows, expanded = _rle_rows(raw, col_type, limits.max_ops)
+            rows, expanded = _rle_rows(raw, col_type, limits.max_ops, allowed)
             decoded += expanded
         max_rows = max(max_rows, rows)
         if decoded > budget:

@@ -35,6 +35,10 @@ DOMAIN = b"ocf-nodetable-record-v2\0"
 # Fields stored as JSON text (explicit Str scalars) rather than nested Automerge objects:
 # an entry has one writer, so per-field last-writer-wins is all we need.
 JSON_FIELDS = {"role", "addrs", "service", "hardware"}
+# An entry has about a dozen fields. Reading one costs the binding tens of microseconds, so
+# a document of a thousand keys would cost a node tens of milliseconds to read: refuse it
+# after counting its keys, before reading any value.
+MAX_FIELDS = 64
 
 
 def signing_bytes(owner: PeerId, seq: int, doc: bytes) -> bytes:
@@ -85,16 +89,21 @@ class OwnerDoc:
 
     def _read(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for key in self.doc.keys(am.ROOT):
+        keys = self.doc.keys(am.ROOT)
+        if len(keys) > MAX_FIELDS:
+            raise ValidationError(f"entry of {self.owner.short()} has {len(keys)} fields (max {MAX_FIELDS})")
+        for key in keys:
             got = self.doc.get(am.ROOT, key)
             if got is None:
                 continue
             value = got[0][1] if isinstance(got[0], tuple) else got[0]
             value = value[1] if isinstance(value, tuple) else value
+            if not isinstance(value, (str, bool, int, float)):
+                continue  # an object or an exotic scalar: never written by an owner, so not a field
             if key in JSON_FIELDS and isinstance(value, str):
                 try:
                     value = json.loads(value)
-                except ValueError:
+                except (ValueError, RecursionError):
                     continue
             out[key] = value
         return out
@@ -152,7 +161,10 @@ class Record:
             if change.actor_id != self.owner.raw or change.other_actor_ids:
                 raise ValidationError(f"record of {self.owner.short()} contains a change by another actor")
         owner_doc = OwnerDoc(self.owner, doc)
-        size = len(json.dumps(owner_doc.to_dict(), separators=(",", ":")))
+        try:
+            size = len(json.dumps(owner_doc.to_dict(), separators=(",", ":")))
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise ValidationError(f"entry of {self.owner.short()} is not JSON: {exc}") from None
         if size > limits.max_entry_bytes:
             raise ValidationError(f"entry of {self.owner.short()} is {size} bytes as JSON (max {limits.max_entry_bytes})")
         return owner_doc
