@@ -151,20 +151,24 @@ def _inflate(raw: bytes, budget: int) -> bytes:
     return out
 
 
-def _rle_rows(data: bytes, col_type: int, max_rows: int, allowed: Callable[[int], bool] | None = None) -> tuple[int, int]:
-    """Rows in a run-length column and the bytes its repeated values would expand to.
+def _rle_rows(data: bytes, col_type: int, max_rows: int, check: Callable[[int], None] | None = None) -> tuple[int, int, int]:
+    """Rows in a run-length column, the bytes its repeated values expand to, and its total.
 
     Runs: a positive count repeats the next value, zero starts a run of nulls
     (its length follows), a negative count is that many literal values. With
-    ``allowed``, every (integer) value must pass it.
+    ``check``, every (integer) value is passed to it (it raises). The total is what other
+    columns must agree with: for a group column the sum of its values (rows
+    of the grouped columns), for value metadata the sum of the value lengths
+    (bytes of the raw value column).
     """
     reader = _Reader(data)
-    rows = expanded = 0
+    rows = expanded = total = 0
     while reader.left():
         count = reader.sleb()
         if count > 0:
-            size = _value(reader, col_type, allowed)
+            size, weight = _value(reader, col_type, check)
             expanded += (count - 1) * size
+            total += count * weight
         elif count == 0:
             count = reader.uleb()
         else:
@@ -172,31 +176,27 @@ def _rle_rows(data: bytes, col_type: int, max_rows: int, allowed: Callable[[int]
             if count > max_rows:
                 raise ValidationError(f"document: a column has more than {max_rows} rows")
             for _ in range(count):
-                _value(reader, col_type, allowed)
+                total += _value(reader, col_type, check)[1]
         rows += count
         if rows > max_rows:
             raise ValidationError(f"document: a column has more than {max_rows} rows")
-    return rows, expanded
+    return rows, expanded, total
 
 
-def _value(reader: _Reader, col_type: int, allowed: Callable[[int], bool] | None) -> int:
-    """Skip one value of a run-length column; return its byte size."""
+def _value(reader: _Reader, col_type: int, check: Callable[[int], None] | None) -> tuple[int, int]:
+    """Skip one value of a run-length column; return its byte size and its weight in the total."""
     if col_type == STRING:
         length = reader.uleb()
         reader.take(length)
-        return length
+        return length, 0
     value = reader.sleb() if col_type == DELTA else reader.uleb()
-    if allowed is not None and not allowed(value):
-        raise ValidationError("document holds an object or a value kind a node-table entry never has")
-    return 8
-
-
-def _is_set(action: int) -> bool:
-    return action == ACTION_SET
-
-
-def _is_scalar(meta: int) -> bool:
-    return meta & 0x0F in VALUE_TYPES
+    if check is not None:
+        check(value)
+    if col_type == GROUP:
+        return 8, value
+    if col_type == VALUE_META:
+        return 8, value >> 4
+    return 8, 0
 
 
 def _boolean_rows(data: bytes, max_rows: int) -> int:
@@ -207,6 +207,40 @@ def _boolean_rows(data: bytes, max_rows: int) -> int:
         if rows > max_rows:
             raise ValidationError(f"document: a column has more than {max_rows} rows")
     return rows
+
+
+def _consistent(columns: list[tuple[int, int, int]]) -> None:
+    """Columns that describe each other must agree: (specification, rows, total) per column.
+
+    A group column's total is the row count of the columns grouped under it; a
+    value-metadata column's total is the byte length of its raw value column.
+    Disagreement is what makes the native decoder slice past a column's end.
+    """
+    by_id: dict[int, list[tuple[int, int, int]]] = {}
+    for spec, rows, total in columns:
+        by_id.setdefault(spec >> 4, []).append((spec & 0x07, rows, total))
+    for group in by_id.values():
+        kinds = [kind for kind, _, _ in group]
+        if kinds[0] == GROUP:
+            expected = group[0][2]
+            for kind, rows, _ in group[1:]:
+                if kind != VALUE and rows != expected:
+                    raise ValidationError("document: a group column disagrees with its grouped columns")
+        if VALUE_META in kinds:
+            declared = next(total for kind, _, total in group if kind == VALUE_META)
+            actual = sum(total for kind, _, total in group if kind == VALUE)
+            if declared != actual:
+                raise ValidationError("document: value lengths disagree with the value column")
+
+
+def _check_action(action: int) -> None:
+    if action != ACTION_SET:
+        raise ValidationError("document holds an object or an op a node-table entry never has")
+
+
+def _check_value_meta(meta: int) -> None:
+    if meta & 0x0F not in VALUE_TYPES:
+        raise ValidationError("document holds a value kind a node-table entry never has")
 
 
 def _columns(reader: _Reader) -> list[tuple[int, int]]:
@@ -262,25 +296,38 @@ def inspect(data: bytes, limits: DocLimits = DEFAULT_LIMITS, actor: bytes | None
     op_cols = _columns(reader)
     decoded = reader.pos
     max_rows = deflated = 0
-    checks = {OP_ACTION: _is_set, OP_VALUE_META: _is_scalar}
+    checks = {OP_ACTION: _check_action, OP_VALUE_META: _check_value_meta}
+    seen: list[tuple[int, int, int]] = []
+    def known_actor(index: int) -> None:
+        if index >= len(actors):
+            raise ValidationError("document refers to an actor it does not list")
+
     for index, (spec, size) in enumerate(change_cols + op_cols):
-        allowed = checks.get(spec & ~DEFLATE_BIT) if index >= len(change_cols) else None
+        if index == len(change_cols):
+            _consistent(seen)
+            seen = []
+        check = checks.get(spec & ~DEFLATE_BIT) if index >= len(change_cols) else None
+        if spec & 0x07 == ACTOR:
+            check = known_actor
         raw = reader.take(size)
         if spec & DEFLATE_BIT:
             deflated += 1
             raw = _inflate(raw, budget - decoded)
         decoded += len(raw)
         col_type = spec & 0x07
+        total = 0
         if col_type == BOOLEAN:
             rows = _boolean_rows(raw, limits.max_ops)
         elif col_type == VALUE:
-            rows = 0
+            rows, total = 0, len(raw)
         else:
-            rows, expanded = _rle_rows(raw, col_type, limits.max_ops, allowed)
+            rows, expanded, total = _rle_rows(raw, col_type, limits.max_ops, check)
             decoded += expanded
+        seen.append((spec, rows, total))
         max_rows = max(max_rows, rows)
         if decoded > budget:
             raise ValidationError(f"document decodes to more than {budget} bytes")
+    _consistent(seen)
     for _ in range(head_count if reader.left() else 0):  # head indices; absent in old saves
         reader.uleb()
     if reader.left():
