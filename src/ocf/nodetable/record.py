@@ -142,8 +142,9 @@ class Record:
         Raises :class:`ValidationError` naming what is wrong. The order is the
         point: the cheap size check, then the signature over the exact bytes,
         then :mod:`.docguard`'s pure-Python bounds, and only then the native
-        loader. Every change must be by the owner's actor, so a document the
-        owner signed cannot smuggle in someone else's history either.
+        loader. The document's actor table may name only the owner and every
+        actor reference must be to it (checked before loading), so a document
+        the owner signed cannot smuggle in someone else's history either.
         """
         if len(self.doc) > limits.max_doc_bytes:
             raise ValidationError(f"record of {self.owner.short()} is {len(self.doc)} bytes (max {limits.max_doc_bytes})")
@@ -157,9 +158,6 @@ class Record:
             doc, _ = docguard.load(self.doc, limits, actor=self.owner.raw)
         except ValidationError as exc:
             raise ValidationError(f"record of {self.owner.short()}: {exc}") from None
-        for change in doc.get_changes([]):
-            if change.actor_id != self.owner.raw or change.other_actor_ids:
-                raise ValidationError(f"record of {self.owner.short()} contains a change by another actor")
         owner_doc = OwnerDoc(self.owner, doc)
         try:
             size = len(json.dumps(owner_doc.to_dict(), separators=(",", ":")))
