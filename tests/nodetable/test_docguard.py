@@ -4,6 +4,7 @@ import hashlib
 import zlib
 
 import pytest
+from hypothesis import given, strategies as st
 
 from ocf.errors import ValidationError
 from ocf.identity import Identity
@@ -141,3 +142,9 @@ def test_limits_are_settings():
     limits = DocLimits.from_config(cfg)
     assert limits.max_doc_bytes == 8192 and limits.max_ops == 100
     assert DEFAULT_LIMITS.max_ops == 1024 and DEFAULT_LIMITS.max_doc_bytes == 64 * 1024
+
+
+@given(st.integers(0, (1 << 64) - 1), st.integers(-(1 << 63), (1 << 63) - 1))
+def test_leb128_reads_what_the_format_writes(unsigned, signed):
+    reader = docguard._Reader(uleb(unsigned) + sleb(signed))
+    assert reader.uleb() == unsigned and reader.sleb() == signed and reader.left() == 0

@@ -103,6 +103,10 @@ class _Reader:
         return out
 
     def uleb(self) -> int:
+        pos = self.pos
+        if pos < self.end and self.data[pos] < 0x80:  # most values fit in one byte
+            self.pos = pos + 1
+            return self.data[pos]
         value = shift = 0
         for _ in range(MAX_LEB_BYTES):
             if self.pos >= self.end:
@@ -118,6 +122,11 @@ class _Reader:
         raise ValidationError("document: LEB128 too long")
 
     def sleb(self) -> int:
+        pos = self.pos
+        if pos < self.end and self.data[pos] < 0x80:
+            self.pos = pos + 1
+            byte = self.data[pos]
+            return byte - 0x80 if byte & 0x40 else byte
         value = shift = 0
         for _ in range(MAX_LEB_BYTES):
             if self.pos >= self.end:
