@@ -19,6 +19,8 @@ from ocf.identity import Identity
 from ocf.nodetable import docguard
 from ocf.nodetable.record import OwnerDoc, Record, signing_bytes
 
+from ..nodetable.test_docguard import document, rle, sleb, uleb
+
 pytestmark = pytest.mark.timeout(300)
 
 ALICE = Identity.from_seed("alice")
@@ -137,3 +139,33 @@ def test_mutation_soak():
         except ValidationError:
             pass
     assert loaded > 0  # the mutations are not all refused at the first check
+
+
+REAL_SPECS = [0x01, 0x03, 0x13, 0x23, 0x35, 0x40, 0x43, 0x56, 0x57, 0x15, 0x21, 0x34, 0x42, 0x80, 0x81, 0x83]
+
+
+@st.composite
+def column_sets(draw):
+    """Plausible column sets: real or random specs, run-length or raw data, some deflated."""
+    def column():
+        spec = draw(st.one_of(st.sampled_from(REAL_SPECS), st.integers(0, 0x1FF)))
+        if draw(st.booleans()):
+            runs = draw(st.lists(st.tuples(st.integers(-3, 6), st.integers(0, 300)), max_size=6))
+            data = b"".join(
+                sleb(count) + (uleb(value) if count >= 0 else b"".join(uleb(value) for _ in range(-count)))
+                for count, value in runs
+            ) or rle((1, 1))
+        else:
+            data = draw(st.binary(max_size=40))
+        return spec | (docguard.DEFLATE_BIT if draw(st.integers(0, 4)) == 0 else 0), data
+
+    changes = sorted((column() for _ in range(draw(st.integers(0, 5)))), key=lambda c: c[0] & ~docguard.DEFLATE_BIT)
+    ops = sorted((column() for _ in range(draw(st.integers(0, 8)))), key=lambda c: c[0] & ~docguard.DEFLATE_BIT)
+    return changes, ops
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(column_sets(), st.integers(0, 2))
+def test_structured_documents_into_the_whole_boundary(columns, heads):
+    changes, ops = columns
+    boundary(document(actors=(ALICE.peer_id.raw,), heads=heads, change_cols=changes, op_cols=ops))
