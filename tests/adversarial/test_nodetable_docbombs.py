@@ -209,7 +209,36 @@ def test_real_entries_stay_far_below_the_limits():
     assert len(record.doc) * 4 < DEFAULT_LIMITS.max_doc_bytes
     assert shape.decoded_bytes * 4 < DEFAULT_LIMITS.max_decoded_bytes
     assert shape.max_rows * 4 < DEFAULT_LIMITS.max_ops
+    assert shape.total_rows * 4 < docguard.TOTAL_ROWS_FACTOR * DEFAULT_LIMITS.max_ops
     assert record.verify().to_dict()["service"] == services
+
+
+def test_the_largest_history_before_compaction_passes():
+    """Every field rewritten in each change, up to the compaction point: still well inside the limits."""
+    from ocf.nodetable.table import COMPACT_AFTER
+
+    doc = OwnerDoc(ALICE.peer_id)
+    for i in range(COMPACT_AFTER + 1):
+        text = {key: f"{key}{i}" for key in ("id", "owner", "status", "version", "public_address")}
+        doc.update(text | {"role": [str(i)], "addrs": [str(i)], "service": [{"name": str(i)}], "hardware": {"i": i}})
+    record = Record.create(ALICE, 1, doc)
+    shape = docguard.inspect(record.doc)
+    assert shape.max_rows * 1.5 < DEFAULT_LIMITS.max_ops
+    assert shape.total_rows * 2 < docguard.TOTAL_ROWS_FACTOR * DEFAULT_LIMITS.max_ops
+    assert record.verify().to_dict()["status"] == f"status{COMPACT_AFTER}"
+
+
+def test_preparser_work_is_bounded_for_any_document_within_the_size_cap():
+    """Many columns of one-byte literals or one-row runs: refused, and quickly (the sum of rows is bounded)."""
+    from ..nodetable.test_docguard import document, sleb, uleb
+
+    literal = sleb(-1023) + b"\x01" * 1023
+    single_runs = (sleb(1) + uleb(1)) * 1023
+    for column in (literal, single_runs):
+        data = document(op_cols=[(0x23 | docguard.DEFLATE_BIT, column)] * 32)
+        grew, took, outcome = peak_growth(lambda: signed(ALICE, data).verify())  # noqa: B023 - called at once
+        assert isinstance(outcome, ValidationError) and "rows in all" in str(outcome)
+        assert took < 0.05
 
 
 @pytest.mark.parametrize("kind", [am.ObjType.Map, am.ObjType.List, am.ObjType.Text])

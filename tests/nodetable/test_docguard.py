@@ -109,6 +109,10 @@ def test_real_documents_pass():
         (document(op_cols=[(0x15 | 8, sleb(5) + uleb(400_000) + b"k" * 400_000)]), "decodes to more"),
         (document(op_cols=[(0x57 | 8, b"v")])[:-3] + b"\xff\xff\xff", "compressed"),
         (document(actors=(ACTOR, b"mallory")), "another actor"),
+        (document(op_cols=[(0x23, sleb(0) + uleb(0))]), "empty run"),
+        (document(op_cols=[(0x34, uleb(0) + uleb(1) + uleb(0))]), "empty run"),
+        (document(op_cols=[(0x23, rle((1, 1)))] * 33), "columns in one set"),
+        (document(op_cols=[(0x23, sleb(-1000) + b"\x01" * 1000)] * 17), "rows in all"),
     ],
     ids=lambda value: value if isinstance(value, str) else None,
 )

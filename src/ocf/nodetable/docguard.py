@@ -46,6 +46,11 @@ OP_VALUE_META = 0x56
 ACTION_SET = 1
 VALUE_TYPES = frozenset({0, 1, 2, 4, 5, 6})  # null, false, true, signed int, float, UTF-8 string
 MAX_LEB_BYTES = 10  # a u64 needs at most ten 7-bit groups
+# The format defines 9 change columns and 16 op columns; room to spare, but not thousands.
+MAX_COLUMNS = 32
+# Rows of all columns together, in units of --max-record-ops: each row costs the
+# pre-parser a little Python, so the sum (not only each column) must be bounded.
+TOTAL_ROWS_FACTOR = 16
 MAX_U64 = (1 << 64) - 1
 
 
@@ -79,6 +84,7 @@ class DocShape:
     heads: int
     decoded_bytes: int
     max_rows: int
+    total_rows: int
     deflated_columns: int
 
 
@@ -180,6 +186,8 @@ def _rle_rows(data: bytes, col_type: int, max_rows: int, check: Callable[[int], 
             total += count * weight
         elif count == 0:
             count = reader.uleb()
+            if not count:
+                raise ValidationError("document: an empty run (Automerge never writes one)")
         else:
             count = -count
             if count > max_rows:
@@ -209,10 +217,16 @@ def _value(reader: _Reader, col_type: int, check: Callable[[int], None] | None) 
 
 
 def _boolean_rows(data: bytes, max_rows: int) -> int:
+    """Alternating run lengths, falses first: only that first run may be empty."""
     reader = _Reader(data)
     rows = 0
+    first = True
     while reader.left():
-        rows += reader.uleb()
+        count = reader.uleb()
+        if not count and not first:
+            raise ValidationError("document: an empty run (Automerge never writes one)")
+        first = False
+        rows += count
         if rows > max_rows:
             raise ValidationError(f"document: a column has more than {max_rows} rows")
     return rows
@@ -255,8 +269,8 @@ def _check_value_meta(meta: int) -> None:
 def _columns(reader: _Reader) -> list[tuple[int, int]]:
     """Column metadata: (specification, byte length) pairs, in the order their data follows."""
     count = reader.uleb()
-    if count * 2 > reader.left():  # each pair needs at least two bytes
-        raise ValidationError("document: column count exceeds the data")
+    if count > MAX_COLUMNS:
+        raise ValidationError(f"document has {count} columns in one set (max {MAX_COLUMNS})")
     out = []
     for _ in range(count):
         spec = reader.uleb()
@@ -304,7 +318,8 @@ def inspect(data: bytes, limits: DocLimits = DEFAULT_LIMITS, actor: bytes | None
     change_cols = _columns(reader)
     op_cols = _columns(reader)
     decoded = reader.pos
-    max_rows = deflated = 0
+    max_rows = deflated = total_rows = 0
+    row_budget = TOTAL_ROWS_FACTOR * limits.max_ops
     checks = {OP_ACTION: _check_action, OP_VALUE_META: _check_value_meta}
     seen: list[tuple[int, int, int]] = []
     def known_actor(index: int) -> None:
@@ -334,6 +349,9 @@ def inspect(data: bytes, limits: DocLimits = DEFAULT_LIMITS, actor: bytes | None
             decoded += expanded
         seen.append((spec, rows, total))
         max_rows = max(max_rows, rows)
+        total_rows += rows
+        if total_rows > row_budget:
+            raise ValidationError(f"document has more than {row_budget} rows in all its columns")
         if decoded > budget:
             raise ValidationError(f"document decodes to more than {budget} bytes")
     _consistent(seen)
@@ -341,7 +359,7 @@ def inspect(data: bytes, limits: DocLimits = DEFAULT_LIMITS, actor: bytes | None
         reader.uleb()
     if reader.left():
         raise ValidationError("document: trailing bytes after the head indices")
-    return DocShape(actors=actors, heads=head_count, decoded_bytes=decoded, max_rows=max_rows, deflated_columns=deflated)
+    return DocShape(actors=actors, heads=head_count, decoded_bytes=decoded, max_rows=max_rows, total_rows=total_rows, deflated_columns=deflated)
 
 
 def _is_panic(exc: BaseException) -> bool:
