@@ -308,9 +308,12 @@ def inspect(data: bytes, limits: DocLimits = DEFAULT_LIMITS, actor: bytes | None
     actor_count = reader.uleb()
     if actor_count > reader.left():
         raise ValidationError("document: actor count exceeds the data")
-    actors = tuple(reader.take(reader.uleb()) for _ in range(actor_count))
-    if actor is not None and any(other != actor for other in actors):
-        raise ValidationError("document names another actor besides its owner")
+    listed = []
+    for _ in range(actor_count):
+        listed.append(reader.take(reader.uleb()))
+        if actor is not None and listed[-1] != actor:  # refuse at once, not after reading them all
+            raise ValidationError("document names another actor besides its owner")
+    actors = tuple(listed)
     head_count = reader.uleb()
     if head_count * 32 > reader.left():
         raise ValidationError("document: head count exceeds the data")
