@@ -140,3 +140,12 @@ def test_owner_edits_after_reload_stay_verifiable():
     doc = record.verify()  # as after a restart: loaded from bytes
     doc.update({"status": "maintenance"})
     assert Record.create(ALICE, 2, doc).verify().to_dict()["status"] == "maintenance"
+
+
+@pytest.mark.parametrize("seq", [-1, 1 << 64, 10**30])
+def test_seq_outside_eight_bytes_is_a_validation_error(seq):
+    good = alice_record()
+    with pytest.raises(ValidationError, match="seq"):
+        Record.from_wire(good.to_wire() | {"seq": seq})
+    with pytest.raises(ValidationError, match="seq"):
+        Record(good.owner, seq, good.doc, good.signature).verify()

@@ -32,6 +32,7 @@ from .docguard import DEFAULT_LIMITS, DocLimits
 # v2 signs the document bytes; v1 signed the heads, which could only be read by loading
 # the document first. A v1 signature never verifies as v2, so old records are refused.
 DOMAIN = b"ocf-nodetable-record-v2\0"
+MAX_SEQ = (1 << 64) - 1  # seq is signed and stored as 8 bytes
 # Fields stored as JSON text (explicit Str scalars) rather than nested Automerge objects:
 # an entry has one writer, so per-field last-writer-wins is all we need.
 JSON_FIELDS = {"role", "addrs", "service", "hardware"}
@@ -148,6 +149,8 @@ class Record:
         """
         if len(self.doc) > limits.max_doc_bytes:
             raise ValidationError(f"record of {self.owner.short()} is {len(self.doc)} bytes (max {limits.max_doc_bytes})")
+        if not 0 <= self.seq <= MAX_SEQ:
+            raise ValidationError(f"record of {self.owner.short()} has seq {self.seq} outside 0..2^64-1")
         try:
             self.owner.public_key()
         except IdentityError:
@@ -187,6 +190,9 @@ class Record:
     @classmethod
     def from_wire(cls, obj: Any) -> "Record":
         try:
-            return cls(PeerId.from_string(obj["owner"]), int(obj["seq"]), bytes.fromhex(obj["doc"]), bytes.fromhex(obj["sig"]))
+            record = cls(PeerId.from_string(obj["owner"]), int(obj["seq"]), bytes.fromhex(obj["doc"]), bytes.fromhex(obj["sig"]))
         except (KeyError, TypeError, ValueError, IdentityError) as exc:
             raise ValidationError(f"malformed record: {exc}") from None
+        if not 0 <= record.seq <= MAX_SEQ:
+            raise ValidationError(f"malformed record: seq {record.seq} outside 0..2^64-1")
+        return record
