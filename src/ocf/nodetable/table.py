@@ -20,8 +20,8 @@ from .. import log as logfmt
 from ..errors import IdentityError, ProtocolError, TransportError, ValidationError
 from ..identity import PeerId
 from . import wire
-from .entry import detect_hardware, validate_update
 from .docguard import DocLimits
+from .entry import detect_hardware, validate_update
 from .record import OwnerDoc, Record
 
 if TYPE_CHECKING:
@@ -160,22 +160,26 @@ class NodeTable:
         with self.node.store.read() as txn:
             items = list(txn.cursor(db=self._db))
         limits = DocLimits.from_config(self.config)
-        dropped = []
+        dropped: list[bytes] = []
+        reason: Exception | None = None
         for key, value in items:
             try:
                 owner = PeerId(bytes(key))
                 record = Record.from_bytes(owner, bytes(value))
                 doc = record.verify(limits)
             except (IdentityError, ValidationError) as exc:
-                log.warning(
-                    "dropped stored node table record (from an older build or damaged; peers will resend it) %s",
-                    logfmt.kv(key=bytes(key)[:40].hex(), reason=exc),
-                )
+                log.debug("unreadable stored node table record %s", logfmt.kv(key=bytes(key)[:40].hex(), reason=exc))
                 dropped.append(bytes(key))
+                reason = exc
                 continue
             self.records[owner] = record
             self.docs[owner] = doc
         if dropped:
+            # One line for all of them: an upgrade may drop a whole table at once.
+            log.warning(
+                "dropped stored node table records (from an older build or damaged; peers will resend them) %s",
+                logfmt.kv(count=len(dropped), last_reason=reason),
+            )
             with self.node.store.write() as txn:
                 for key in dropped:
                     txn.delete(key, db=self._db)
