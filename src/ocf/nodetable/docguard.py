@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import zlib
 from typing import Callable
+
 import attrs
 import automerge.core as am
 
@@ -292,77 +293,98 @@ def inspect(data: bytes, limits: DocLimits = DEFAULT_LIMITS, actor: bytes | None
     if len(data) > limits.max_doc_bytes:
         raise ValidationError(f"document is {len(data)} bytes (max {limits.max_doc_bytes})")
     reader = _Reader(bytes(data))
-    if reader.take(4) != MAGIC:
-        raise ValidationError("document: not an Automerge chunk (bad magic)")
-    checksum = reader.take(4)
-    type_at = reader.pos
-    if reader.take(1)[0] != CHUNK_DOCUMENT:
-        raise ValidationError("document: only a single document chunk is accepted")
-    length = reader.uleb()
-    if length != reader.left():
-        raise ValidationError("document: chunk length does not match the data (one chunk, nothing after it)")
-    if hashlib.sha256(reader.data[type_at:]).digest()[:4] != checksum:
-        raise ValidationError("document: chunk checksum mismatch")
-
-    budget = limits.max_decoded_bytes
-    actor_count = reader.uleb()
-    if actor_count > reader.left():
-        raise ValidationError("document: actor count exceeds the data")
-    listed = []
-    for _ in range(actor_count):
-        listed.append(reader.take(reader.uleb()))
-        if actor is not None and listed[-1] != actor:  # refuse at once, not after reading them all
-            raise ValidationError("document names another actor besides its owner")
-    actors = tuple(listed)
+    _header(reader)
+    actors = _actors(reader, actor)
     head_count = reader.uleb()
     if head_count * 32 > reader.left():
         raise ValidationError("document: head count exceeds the data")
     reader.take(32 * head_count)
     change_cols = _columns(reader)
     op_cols = _columns(reader)
-    decoded = reader.pos
-    max_rows = deflated = total_rows = 0
-    row_budget = TOTAL_ROWS_FACTOR * limits.max_ops
-    checks = {OP_ACTION: _check_action, OP_VALUE_META: _check_value_meta}
-    seen: list[tuple[int, int, int]] = []
-    def known_actor(index: int) -> None:
-        if index >= len(actors):
-            raise ValidationError("document refers to an actor it does not list")
-
-    for index, (spec, size) in enumerate(change_cols + op_cols):
-        if index == len(change_cols):
-            _consistent(seen)
-            seen = []
-        check = checks.get(spec & ~DEFLATE_BIT) if index >= len(change_cols) else None
-        if spec & 0x07 == ACTOR:
-            check = known_actor
-        raw = reader.take(size)
-        if spec & DEFLATE_BIT:
-            deflated += 1
-            raw = _inflate(raw, budget - decoded)
-        decoded += len(raw)
-        col_type = spec & 0x07
-        total = 0
-        if col_type == BOOLEAN:
-            rows = _boolean_rows(raw, limits.max_ops)
-        elif col_type == VALUE:
-            rows, total = 0, len(raw)
-        else:
-            rows, expanded, total = _rle_rows(raw, col_type, limits.max_ops, check)
-            decoded += expanded
-        seen.append((spec, rows, total))
-        max_rows = max(max_rows, rows)
-        total_rows += rows
-        if total_rows > row_budget:
-            raise ValidationError(f"document has more than {row_budget} rows in all its columns")
-        if decoded > budget:
-            raise ValidationError(f"document decodes to more than {budget} bytes")
-    _consistent(seen)
+    shape = _Tally(decoded=reader.pos)
+    shape.add(reader, change_cols, limits, len(actors), checks={})
+    shape.add(reader, op_cols, limits, len(actors), checks={OP_ACTION: _check_action, OP_VALUE_META: _check_value_meta})
     for _ in range(head_count if reader.left() else 0):  # head indices; absent in old saves
         reader.uleb()
     if reader.left():
         raise ValidationError("document: trailing bytes after the head indices")
-    return DocShape(actors=actors, heads=head_count, decoded_bytes=decoded, max_rows=max_rows, total_rows=total_rows, deflated_columns=deflated)
+    return DocShape(
+        actors=actors, heads=head_count, decoded_bytes=shape.decoded, max_rows=shape.max_rows,
+        total_rows=shape.total_rows, deflated_columns=shape.deflated,
+    )
+
+
+def _header(reader: _Reader) -> None:
+    """Magic, checksum, chunk type and length: exactly one document chunk, nothing after it."""
+    if reader.take(4) != MAGIC:
+        raise ValidationError("document: not an Automerge chunk (bad magic)")
+    checksum = reader.take(4)
+    type_at = reader.pos
+    if reader.take(1)[0] != CHUNK_DOCUMENT:
+        raise ValidationError("document: only a single document chunk is accepted")
+    if reader.uleb() != reader.left():
+        raise ValidationError("document: chunk length does not match the data (one chunk, nothing after it)")
+    if hashlib.sha256(reader.data[type_at:]).digest()[:4] != checksum:
+        raise ValidationError("document: chunk checksum mismatch")
+
+
+def _actors(reader: _Reader, actor: bytes | None) -> tuple[bytes, ...]:
+    count = reader.uleb()
+    if count > reader.left():
+        raise ValidationError("document: actor count exceeds the data")
+    listed = []
+    for _ in range(count):
+        listed.append(reader.take(reader.uleb()))
+        if actor is not None and listed[-1] != actor:  # refuse at once, not after reading them all
+            raise ValidationError("document names another actor besides its owner")
+    return tuple(listed)
+
+
+@attrs.define
+class _Tally:
+    """What the column data adds up to so far, checked against the limits as it grows."""
+
+    decoded: int
+    max_rows: int = 0
+    total_rows: int = 0
+    deflated: int = 0
+
+    def add(
+        self, reader: _Reader, columns: list[tuple[int, int]], limits: DocLimits, actor_count: int,
+        checks: dict[int, Callable[[int], None]],
+    ) -> None:
+        """Decode one set of columns (changes or ops) within the budgets."""
+
+        def known_actor(index: int) -> None:
+            if index >= actor_count:
+                raise ValidationError("document refers to an actor it does not list")
+
+        budget, row_budget = limits.max_decoded_bytes, TOTAL_ROWS_FACTOR * limits.max_ops
+        seen: list[tuple[int, int, int]] = []
+        for spec, size in columns:
+            col_type = spec & 0x07
+            check = known_actor if col_type == ACTOR else checks.get(spec & ~DEFLATE_BIT)
+            raw = reader.take(size)
+            if spec & DEFLATE_BIT:
+                self.deflated += 1
+                raw = _inflate(raw, budget - self.decoded)
+            self.decoded += len(raw)
+            total = 0
+            if col_type == BOOLEAN:
+                rows = _boolean_rows(raw, limits.max_ops)
+            elif col_type == VALUE:
+                rows, total = 0, len(raw)
+            else:
+                rows, expanded, total = _rle_rows(raw, col_type, limits.max_ops, check)
+                self.decoded += expanded
+            seen.append((spec, rows, total))
+            self.max_rows = max(self.max_rows, rows)
+            self.total_rows += rows
+            if self.total_rows > row_budget:
+                raise ValidationError(f"document has more than {row_budget} rows in all its columns")
+            if self.decoded > budget:
+                raise ValidationError(f"document decodes to more than {budget} bytes")
+        _consistent(seen)
 
 
 def _is_panic(exc: BaseException) -> bool:
