@@ -10,6 +10,7 @@ import json
 import time
 import types
 
+import attrs
 import automerge.core as am
 import pytest
 
@@ -116,7 +117,7 @@ def test_text_bomb_signed_by_its_owner_is_refused_before_loading(text_bomb, load
 
 def test_memory_bomb_signed_by_its_owner_is_refused_before_loading(memory_bomb, load_calls):
     # Even with the document-size cap raised past the bomb, the decoded-size budget holds.
-    limits = DocLimits(max_doc_bytes=MIB, max_decoded_bytes=MIB, max_ops=4096, max_entry_bytes=32 * 1024)
+    limits = attrs.evolve(DEFAULT_LIMITS, max_doc_bytes=MIB)
     grew, took, outcome = peak_growth(lambda: signed(ALICE, memory_bomb).verify(limits))
     assert isinstance(outcome, ValidationError) and "decoded" in str(outcome)
     assert load_calls == []
@@ -129,7 +130,7 @@ def test_memory_bomb_signed_by_its_owner_is_refused_before_loading(memory_bomb, 
 
 @pytest.mark.parametrize("who", ["unsigned", "mis-signed", "other owner"])
 def test_unsigned_or_missigned_bombs_never_reach_the_loader(text_bomb, memory_bomb, load_calls, who):
-    limits = DocLimits(max_doc_bytes=MIB, max_decoded_bytes=1 << 30, max_ops=1 << 30, max_entry_bytes=1 << 30)
+    limits = DocLimits(max_doc_bytes=MIB, max_decoded_bytes=1 << 30, max_ops=1 << 30, max_changes=1 << 30, max_entry_bytes=1 << 30)
     for bomb in (text_bomb, memory_bomb, PANIC_DOC):
         if who == "unsigned":
             record = Record(ALICE.peer_id, 1, bomb, b"\0" * 64)
@@ -184,6 +185,18 @@ def test_huge_entry_after_load_is_refused():
     assert len(json.dumps(Record.create(ALICE, 1, small).verify().to_dict())) < DEFAULT_LIMITS.max_entry_bytes
 
 
+def test_long_history_is_refused_by_its_change_count():
+    """Changes cost the loader most; a history far beyond compaction is refused before loading."""
+    doc = am.Document()
+    doc.set_actor(ALICE.peer_id.raw)
+    for i in range(DEFAULT_LIMITS.max_changes + 1):
+        with doc.transaction() as tx:
+            tx.put(am.ROOT, "load", am.ScalarType.Int, i)
+    grew, took, outcome = peak_growth(lambda: signed(ALICE, doc.save()).verify())
+    assert isinstance(outcome, ValidationError) and "rows" in str(outcome)
+    assert took < 0.05
+
+
 def test_many_ops_are_refused_by_rows():
     doc = am.Document()
     doc.set_actor(ALICE.peer_id.raw)
@@ -224,6 +237,7 @@ def test_the_largest_history_before_compaction_passes():
     record = Record.create(ALICE, 1, doc)
     shape = docguard.inspect(record.doc)
     assert shape.max_rows * 1.5 < DEFAULT_LIMITS.max_ops
+    assert (COMPACT_AFTER + 1) * 3 < DEFAULT_LIMITS.max_changes
     assert shape.total_rows * 2 < docguard.TOTAL_ROWS_FACTOR * DEFAULT_LIMITS.max_ops
     assert record.verify().to_dict()["status"] == f"status{COMPACT_AFTER}"
 

@@ -113,6 +113,7 @@ def test_real_documents_pass():
         (document(op_cols=[(0x34, uleb(0) + uleb(1) + uleb(0))]), "empty run"),
         (document(op_cols=[(0x23, rle((1, 1)))] * 33), "columns in one set"),
         (document(op_cols=[(0x23, sleb(-1000) + b"\x01" * 1000)] * 17), "rows in all"),
+        (document(change_cols=[(0x03, sleb(-300) + b"\x01" * 300)]), "more than 256 rows"),
     ],
     ids=lambda value: value if isinstance(value, str) else None,
 )
@@ -142,9 +143,9 @@ def test_size_cap_comes_first():
 def test_limits_are_settings():
     from ocf.config import load
 
-    cfg = load({"max-record-size": "8K", "max-record-ops": "100"}, env={})
+    cfg = load({"max-record-size": "8K", "max-record-ops": "100", "max-record-changes": "10"}, env={})
     limits = DocLimits.from_config(cfg)
-    assert limits.max_doc_bytes == 8192 and limits.max_ops == 100
+    assert limits.max_doc_bytes == 8192 and limits.max_ops == 100 and limits.max_changes == 10
     assert DEFAULT_LIMITS.max_ops == 1024 and DEFAULT_LIMITS.max_doc_bytes == 64 * 1024
 
 

@@ -62,6 +62,7 @@ class DocLimits:
     max_doc_bytes: int
     max_decoded_bytes: int
     max_ops: int
+    max_changes: int
     max_entry_bytes: int
 
     @classmethod
@@ -70,6 +71,7 @@ class DocLimits:
             max_doc_bytes=config.nodetable_max_doc_bytes,
             max_decoded_bytes=config.nodetable_max_decoded_bytes,
             max_ops=config.nodetable_max_ops,
+            max_changes=config.nodetable_max_changes,
             max_entry_bytes=config.nodetable_max_entry_bytes,
         )
 
@@ -302,8 +304,9 @@ def inspect(data: bytes, limits: DocLimits = DEFAULT_LIMITS, actor: bytes | None
     change_cols = _columns(reader)
     op_cols = _columns(reader)
     shape = _Tally(decoded=reader.pos)
-    shape.add(reader, change_cols, limits, len(actors), checks={})
-    shape.add(reader, op_cols, limits, len(actors), checks={OP_ACTION: _check_action, OP_VALUE_META: _check_value_meta})
+    # Changes cost the loader most (it rebuilds and hashes each one), so they have their own cap.
+    shape.add(reader, change_cols, limits, len(actors), {}, min(limits.max_changes, limits.max_ops))
+    shape.add(reader, op_cols, limits, len(actors), {OP_ACTION: _check_action, OP_VALUE_META: _check_value_meta}, limits.max_ops)
     for _ in range(head_count if reader.left() else 0):  # head indices; absent in old saves
         reader.uleb()
     if reader.left():
@@ -351,7 +354,7 @@ class _Tally:
 
     def add(
         self, reader: _Reader, columns: list[tuple[int, int]], limits: DocLimits, actor_count: int,
-        checks: dict[int, Callable[[int], None]],
+        checks: dict[int, Callable[[int], None]], max_rows: int,
     ) -> None:
         """Decode one set of columns (changes or ops) within the budgets."""
 
@@ -371,11 +374,11 @@ class _Tally:
             self.decoded += len(raw)
             total = 0
             if col_type == BOOLEAN:
-                rows = _boolean_rows(raw, limits.max_ops)
+                rows = _boolean_rows(raw, max_rows)
             elif col_type == VALUE:
                 rows, total = 0, len(raw)
             else:
-                rows, expanded, total = _rle_rows(raw, col_type, limits.max_ops, check)
+                rows, expanded, total = _rle_rows(raw, col_type, max_rows, check)
                 self.decoded += expanded
             seen.append((spec, rows, total))
             self.max_rows = max(self.max_rows, rows)
