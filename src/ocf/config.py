@@ -65,6 +65,11 @@ class Config:
     # --- node table ---------------------------------------------------------------
     verify_interval: float = 30.0
     stale_after: float = 600.0
+    nodetable_max_doc_bytes: int = 64 << 10
+    nodetable_max_decoded_bytes: int = 1 << 20
+    nodetable_max_ops: int = 1024
+    nodetable_max_changes: int = 256
+    nodetable_max_entry_bytes: int = 32 << 10
     # --- gateway ------------------------------------------------------------------
     max_body_size: int = 32 << 20
     request_timeout: float = 600.0
@@ -239,6 +244,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max-message-size", "max_message_size", _size, "Largest single protocol message accepted from a peer (default: 1M).", group="transport", metavar="BYTES"),
     Setting("verify-interval", "verify_interval", _positive_float, "Seconds between liveness verification rounds of the node table (default: 30).", group="node table", metavar="SECONDS"),
     Setting("stale-after", "stale_after", _positive_float, "Seconds after which a peer not seen is dropped from the served node table (default: 600).", group="node table", metavar="SECONDS"),
+    Setting("max-record-size", "nodetable_max_doc_bytes", _size, "Largest saved Automerge document in a node table record, checked before its signature (default: 64K).", group="node table", metavar="BYTES"),
+    Setting("max-record-decoded-size", "nodetable_max_decoded_bytes", _size, "Most bytes a record's document may decode to (inflated columns, repeated values), checked before Automerge parses it (default: 1M).", group="node table", metavar="BYTES"),
+    Setting("max-record-ops", "nodetable_max_ops", _int_range(16, 10_000_000), "Most rows (operations, changes) in any column of a record's document, counted before Automerge parses it (default: 1024).", group="node table", metavar="N"),
+    Setting("max-record-changes", "nodetable_max_changes", _int_range(2, 10_000_000), "Most changes (history) in a record's document, counted before Automerge parses it; owners compact after 64 (default: 256).", group="node table", metavar="N"),
+    Setting("max-entry-size", "nodetable_max_entry_bytes", _size, "Largest node table entry as JSON once its document is loaded (default: 32K).", group="node table", metavar="BYTES"),
     Setting("max-body-size", "max_body_size", _size, "Largest HTTP request body the gateway accepts (default: 32M).", group="gateway", metavar="BYTES"),
     Setting("request-timeout", "request_timeout", _positive_float, "Seconds a forwarded request may take in total before 504 (default: 600).", group="gateway", metavar="SECONDS"),
     Setting("max-forwards-per-peer", "max_forwards_per_peer", _int_range(1, 1_000_000), "Maximum concurrent requests forwarded to one peer (default: 256).", group="gateway", metavar="N"),

@@ -1,13 +1,13 @@
 """Node table across simulated networks in one process (MemoryNetwork and loopback TCP)."""
 
 import contextlib
+import logging
 
 import httpx
 import pytest
 import trio
 
 from ocf import open_node
-from ocf.errors import StoreCorrupt
 from ocf.nodetable import PROTOCOL, wire
 from ocf.nodetable.record import OwnerDoc, Record, signing_bytes
 from ocf.transport import MemoryNetwork
@@ -123,7 +123,7 @@ async def test_forged_entry_is_rejected_everywhere(node_config):
         doc = OwnerDoc(victim.peer_id)
         doc.update({"id": str(victim.peer_id), "status": "online", "service": [{"name": "llm", "identity_group": ["model=stolen"]}]})
         seq = relay.table.records[victim.peer_id].seq + 10
-        forged = Record(victim.peer_id, seq, doc.doc.save(), mallory.sign(signing_bytes(victim.peer_id, seq, doc.doc.get_heads())))
+        forged = Record(victim.peer_id, seq, doc.doc.save(), mallory.sign(signing_bytes(victim.peer_id, seq, doc.doc.save())))
         async with open_node(node_config(mode="node", seed="mallory"), memory_network=net) as evil:
             await evil.host.connect(relay.listen_addrs[0])
             stream = await evil.host.new_stream(relay.peer_id, PROTOCOL)
@@ -151,19 +151,36 @@ async def test_persistence_across_restart(node_config):
         assert entry["owner"] == "persisted"
 
 
-async def test_corrupt_table_is_clear_error_and_cleanslate_recovers(node_config):
+async def test_unreadable_stored_records_are_dropped_and_own_entry_resigned(node_config, caplog):
+    """A damaged record, or one signed the v1 way (over heads, by an older build), never stops a node."""
+    import hashlib
+    import struct
+
+    from ocf.identity import Identity
+
+    caplog.set_level(logging.WARNING, logger="ocf.nodetable")
     cfg = node_config()
     async with open_node(cfg) as node:
         peer = node.peer_id
+    other = Identity.from_seed("older-build")
+    doc = OwnerDoc(other.peer_id)
+    doc.update({"id": str(other.peer_id), "status": "online"})
+    v1 = b"ocf-nodetable-record-v1\0" + other.peer_id.raw + struct.pack(">Q", 1)
+    v1 += hashlib.sha256(b"".join(sorted(doc.doc.get_heads()))).digest()
+    old = Record(other.peer_id, 1, doc.doc.save(), other.sign(v1))
     from ocf.store import Store
 
     with Store.open(cfg.data_dir) as store:
         store.put_bytes("nodetable", peer.raw, b"\0" * 40)
-    with pytest.raises(StoreCorrupt, match="--cleanslate"):
-        async with open_node(cfg):
-            pass  # pragma: no cover
-    async with open_node(cfg.replace(cleanslate=True)) as node:
+        store.put_bytes("nodetable", other.peer_id.raw, old.to_bytes())
+    async with open_node(cfg) as node:
         assert node.table.own_entry()["status"] == "online"
+        assert node.table.records[peer].verify() is not None  # re-signed the v2 way
+        assert other.peer_id not in node.table.records
+    dropped = [r.getMessage() for r in caplog.records if "dropped stored node table records" in r.getMessage()]
+    assert len(dropped) == 1 and "count=2" in dropped[0]
+    with Store.open(cfg.data_dir) as store:  # dropped records are gone from the store too
+        assert store.get_bytes("nodetable", other.peer_id.raw) is None
 
 
 async def test_http_routes(node_config):

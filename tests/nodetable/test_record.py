@@ -40,7 +40,7 @@ def test_fields_are_read_once_and_follow_every_update():
 
 def test_forged_signature_is_rejected():
     good = alice_record()
-    forged = Record(ALICE.peer_id, good.seq + 1, good.doc, MALLORY.sign(signing_bytes(ALICE.peer_id, good.seq + 1, [])))
+    forged = Record(ALICE.peer_id, good.seq + 1, good.doc, MALLORY.sign(signing_bytes(ALICE.peer_id, good.seq + 1, good.doc)))
     with pytest.raises(ValidationError, match="not signed by that peer"):
         forged.verify()
 
@@ -63,7 +63,7 @@ def test_change_by_another_actor_is_rejected_even_if_signed():
     fork.set_actor(MALLORY.peer_id.raw)
     with fork.transaction() as tx:
         tx.put(am.ROOT, "status", am.ScalarType.Str, "hijacked")
-    record = Record(ALICE.peer_id, 2, fork.save(), ALICE.sign(signing_bytes(ALICE.peer_id, 2, fork.get_heads())))
+    record = Record(ALICE.peer_id, 2, fork.save(), ALICE.sign(signing_bytes(ALICE.peer_id, 2, fork.save())))
     with pytest.raises(ValidationError, match="another actor"):
         record.verify()
 
@@ -140,3 +140,12 @@ def test_owner_edits_after_reload_stay_verifiable():
     doc = record.verify()  # as after a restart: loaded from bytes
     doc.update({"status": "maintenance"})
     assert Record.create(ALICE, 2, doc).verify().to_dict()["status"] == "maintenance"
+
+
+@pytest.mark.parametrize("seq", [-1, 1 << 64, 10**30])
+def test_seq_outside_eight_bytes_is_a_validation_error(seq):
+    good = alice_record()
+    with pytest.raises(ValidationError, match="seq"):
+        Record.from_wire(good.to_wire() | {"seq": seq})
+    with pytest.raises(ValidationError, match="seq"):
+        Record(good.owner, seq, good.doc, good.signature).verify()

@@ -3,12 +3,15 @@
 Each peer's entry is its own small Automerge document, written only by that
 peer (actor ID = its peer ID bytes). What travels between nodes is a
 :class:`Record`: the saved document plus a sequence number and the owner's
-Ed25519 signature over ``(owner, seq, heads)``. Change hashes chain the whole
-history, so signing the heads signs every change; the signature is checked
-with the key embedded in the owner's peer ID, so it stays valid however many
-nodes relay it, and nobody but the owner can produce a newer record.
+Ed25519 signature over ``(owner, seq, sha256(document bytes))``. Signing the
+bytes rather than anything read out of the document means the signature is
+checked *before* the document is parsed: only the owner can make a node load
+its document at all. The key is embedded in the owner's peer ID, so the
+signature stays valid however many nodes relay it, and nobody but the owner
+can produce a newer record.
 
-Verification (:meth:`Record.verify`) is pure: bytes in, verdict out.
+Verification (:meth:`Record.verify`) is pure: bytes in, verdict out. What
+even a valid owner can make a node do is bounded by :mod:`.docguard`.
 """
 
 from __future__ import annotations
@@ -23,16 +26,24 @@ import automerge.core as am
 
 from ..errors import IdentityError, ValidationError
 from ..identity import Identity, PeerId
+from . import docguard
+from .docguard import DEFAULT_LIMITS, DocLimits
 
-DOMAIN = b"ocf-nodetable-record-v1\0"
-MAX_DOC = 256 * 1024
+# v2 signs the document bytes; v1 signed the heads, which could only be read by loading
+# the document first. A v1 signature never verifies as v2, so old records are refused.
+DOMAIN = b"ocf-nodetable-record-v2\0"
+MAX_SEQ = (1 << 64) - 1  # seq is signed and stored as 8 bytes
 # Fields stored as JSON text (explicit Str scalars) rather than nested Automerge objects:
 # an entry has one writer, so per-field last-writer-wins is all we need.
 JSON_FIELDS = {"role", "addrs", "service", "hardware"}
+# An entry has about a dozen fields. Reading one costs the binding tens of microseconds, so
+# a document of a thousand keys would cost a node tens of milliseconds to read: refuse it
+# after counting its keys, before reading any value.
+MAX_FIELDS = 64
 
 
-def signing_bytes(owner: PeerId, seq: int, heads: list[bytes]) -> bytes:
-    return DOMAIN + owner.raw + struct.pack(">Q", seq) + hashlib.sha256(b"".join(sorted(heads))).digest()
+def signing_bytes(owner: PeerId, seq: int, doc: bytes) -> bytes:
+    return DOMAIN + owner.raw + struct.pack(">Q", seq) + hashlib.sha256(doc).digest()
 
 
 class OwnerDoc:
@@ -79,16 +90,21 @@ class OwnerDoc:
 
     def _read(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for key in self.doc.keys(am.ROOT):
+        keys = self.doc.keys(am.ROOT)
+        if len(keys) > MAX_FIELDS:
+            raise ValidationError(f"entry of {self.owner.short()} has {len(keys)} fields (max {MAX_FIELDS})")
+        for key in keys:
             got = self.doc.get(am.ROOT, key)
             if got is None:
                 continue
             value = got[0][1] if isinstance(got[0], tuple) else got[0]
             value = value[1] if isinstance(value, tuple) else value
+            if not isinstance(value, (str, bool, int, float)):
+                continue  # an object or an exotic scalar: never written by an owner, so not a field
             if key in JSON_FIELDS and isinstance(value, str):
                 try:
                     value = json.loads(value)
-                except ValueError:
+                except (ValueError, RecursionError):
                     continue
             out[key] = value
         return out
@@ -119,33 +135,40 @@ class Record:
     @classmethod
     def create(cls, identity: Identity, seq: int, owner_doc: OwnerDoc) -> "Record":
         doc = owner_doc.doc.save()
-        heads = owner_doc.doc.get_heads()
-        return cls(identity.peer_id, seq, doc, identity.sign(signing_bytes(identity.peer_id, seq, heads)))
+        return cls(identity.peer_id, seq, doc, identity.sign(signing_bytes(identity.peer_id, seq, doc)))
 
-    def verify(self) -> OwnerDoc:
-        """Check size, signature and authorship; return the loaded document.
+    def verify(self, limits: DocLimits = DEFAULT_LIMITS) -> OwnerDoc:
+        """Check size, signature, shape and authorship; return the loaded document.
 
-        Raises :class:`ValidationError` naming what is wrong. Every change in
-        the document must be by the owner's actor, and the signed heads must be
-        the document's heads, so a relay cannot add, drop or alter anything.
+        Raises :class:`ValidationError` naming what is wrong. The order is the
+        point: the cheap size check, then the signature over the exact bytes,
+        then :mod:`.docguard`'s pure-Python bounds, and only then the native
+        loader. The document's actor table may name only the owner and every
+        actor reference must be to it (checked before loading), so a document
+        the owner signed cannot smuggle in someone else's history either.
         """
-        if len(self.doc) > MAX_DOC:
-            raise ValidationError(f"record of {self.owner.short()} is {len(self.doc)} bytes (max {MAX_DOC})")
-        try:
-            doc = am.Document.load(self.doc)
-        except Exception as exc:  # noqa: BLE001 - the binding raises plain exceptions for bad bytes
-            raise ValidationError(f"record of {self.owner.short()} is not an Automerge document: {exc}") from None
-        heads = doc.get_heads()
+        if len(self.doc) > limits.max_doc_bytes:
+            raise ValidationError(f"record of {self.owner.short()} is {len(self.doc)} bytes (max {limits.max_doc_bytes})")
+        if not 0 <= self.seq <= MAX_SEQ:
+            raise ValidationError(f"record of {self.owner.short()} has seq {self.seq} outside 0..2^64-1")
         try:
             self.owner.public_key()
         except IdentityError:
             raise ValidationError(f"owner {self.owner} has no Ed25519 key to verify with") from None
-        if not self.owner.verify(signing_bytes(self.owner, self.seq, heads), self.signature):
+        if not self.owner.verify(signing_bytes(self.owner, self.seq, self.doc), self.signature):
             raise ValidationError(f"record claiming owner {self.owner.short()} is not signed by that peer")
-        for change in doc.get_changes([]):
-            if change.actor_id != self.owner.raw or change.other_actor_ids:
-                raise ValidationError(f"record of {self.owner.short()} contains a change by another actor")
-        return OwnerDoc(self.owner, doc)
+        try:
+            doc, _ = docguard.load(self.doc, limits, actor=self.owner.raw)
+        except ValidationError as exc:
+            raise ValidationError(f"record of {self.owner.short()}: {exc}") from None
+        owner_doc = OwnerDoc(self.owner, doc)
+        try:
+            size = len(json.dumps(owner_doc.to_dict(), separators=(",", ":")))
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise ValidationError(f"entry of {self.owner.short()} is not JSON: {exc}") from None
+        if size > limits.max_entry_bytes:
+            raise ValidationError(f"entry of {self.owner.short()} is {size} bytes as JSON (max {limits.max_entry_bytes})")
+        return owner_doc
 
     # --- binary form (LMDB value and wire) -------------------------------------------
 
@@ -167,6 +190,9 @@ class Record:
     @classmethod
     def from_wire(cls, obj: Any) -> "Record":
         try:
-            return cls(PeerId.from_string(obj["owner"]), int(obj["seq"]), bytes.fromhex(obj["doc"]), bytes.fromhex(obj["sig"]))
+            record = cls(PeerId.from_string(obj["owner"]), int(obj["seq"]), bytes.fromhex(obj["doc"]), bytes.fromhex(obj["sig"]))
         except (KeyError, TypeError, ValueError, IdentityError) as exc:
             raise ValidationError(f"malformed record: {exc}") from None
+        if not 0 <= record.seq <= MAX_SEQ:
+            raise ValidationError(f"malformed record: seq {record.seq} outside 0..2^64-1")
+        return record

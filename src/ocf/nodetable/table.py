@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 import trio
 
 from .. import log as logfmt
-from ..errors import IdentityError, ProtocolError, StoreCorrupt, TransportError, ValidationError
+from ..errors import IdentityError, ProtocolError, TransportError, ValidationError
 from ..identity import PeerId
 from . import wire
+from .docguard import DocLimits
 from .entry import detect_hardware, validate_update
 from .record import OwnerDoc, Record
 
@@ -151,18 +152,38 @@ class NodeTable:
         self._changed = trio.Event()
 
     def _load(self) -> None:
+        """Verify every stored record as if a peer had sent it; drop (never load) what fails.
+
+        Records written by older builds carry a signature this build cannot check
+        before loading; they are dropped with a log line and come back from peers.
+        """
         with self.node.store.read() as txn:
             items = list(txn.cursor(db=self._db))
+        limits = DocLimits.from_config(self.config)
+        dropped: list[bytes] = []
+        reason: Exception | None = None
         for key, value in items:
             try:
                 owner = PeerId(bytes(key))
                 record = Record.from_bytes(owner, bytes(value))
-                doc = record.verify()
+                doc = record.verify(limits)
             except (IdentityError, ValidationError) as exc:
-                raise StoreCorrupt(f"node table record in the store is unreadable ({exc}); start with --cleanslate to discard it") from None
+                log.debug("unreadable stored node table record %s", logfmt.kv(key=bytes(key)[:40].hex(), reason=exc))
+                dropped.append(bytes(key))
+                reason = exc
+                continue
             self.records[owner] = record
             self.docs[owner] = doc
-        log.info("node table loaded %s", logfmt.kv(entries=len(self.records)))
+        if dropped:
+            # One line for all of them: an upgrade may drop a whole table at once.
+            log.warning(
+                "dropped stored node table records (from an older build or damaged; peers will resend them) %s",
+                logfmt.kv(count=len(dropped), last_reason=reason),
+            )
+            with self.node.store.write() as txn:
+                for key in dropped:
+                    txn.delete(key, db=self._db)
+        log.info("node table loaded %s", logfmt.kv(entries=len(self.records), dropped=len(dropped)))
 
     def _initial_own(self) -> None:
         if self.me not in self.docs:
@@ -306,7 +327,7 @@ class NodeTable:
             if current is not None and current.seq >= record.seq:
                 continue
             try:
-                doc = record.verify()
+                doc = record.verify(DocLimits.from_config(self.config))
             except ValidationError as exc:
                 self._reject(peer, record.owner, exc)
                 continue
