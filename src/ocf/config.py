@@ -16,13 +16,16 @@ import math
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 from urllib.parse import urlparse
 
 import attrs
 
 from .errors import ConfigError, MultiaddrError
 from .identity.multiaddr import Multiaddr
+
+if TYPE_CHECKING:
+    from .transport.pnet import NetworkKey
 
 MODES = ("standalone", "local", "node")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -62,6 +65,7 @@ class Config:
     handshake_timeout: float = 10.0
     dial_timeout: float = 10.0
     max_message_size: int = 1 << 20
+    network_key: NetworkKey | None = None
     # --- node table ---------------------------------------------------------------
     verify_interval: float = 30.0
     stale_after: float = 600.0
@@ -201,6 +205,13 @@ def _size(value: Any) -> int:
     return number
 
 
+def _network_key(value: Any) -> "NetworkKey":
+    """Read the key file now, so a missing or malformed key stops the start with exit 2."""
+    from .transport.pnet import load_network_key
+
+    return load_network_key(_str(value))
+
+
 @attrs.frozen
 class Setting:
     flag: str  # without leading dashes, e.g. "bootstrap.addr"
@@ -237,6 +248,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("handshake-timeout", "handshake_timeout", _positive_float, "Seconds a new connection may take to finish its security handshake (default: 10).", group="transport", metavar="SECONDS"),
     Setting("dial-timeout", "dial_timeout", _positive_float, "Seconds to wait when dialing a peer (default: 10).", group="transport", metavar="SECONDS"),
     Setting("max-message-size", "max_message_size", _size, "Largest single protocol message accepted from a peer (default: 1M).", group="transport", metavar="BYTES"),
+    Setting("network-key", "network_key", _network_key, "Run in a private network: a go-libp2p swarm.key file (/key/swarm/psk/1.0.0/, /base16/, 64 hex digits); peers without the same key are refused before any handshake (default: none, an open network).", group="transport", metavar="FILE"),
     Setting("verify-interval", "verify_interval", _positive_float, "Seconds between liveness verification rounds of the node table (default: 30).", group="node table", metavar="SECONDS"),
     Setting("stale-after", "stale_after", _positive_float, "Seconds after which a peer not seen is dropped from the served node table (default: 600).", group="node table", metavar="SECONDS"),
     Setting("max-body-size", "max_body_size", _size, "Largest HTTP request body the gateway accepts (default: 32M).", group="gateway", metavar="BYTES"),
