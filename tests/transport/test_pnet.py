@@ -114,11 +114,11 @@ def test_stream_wrapper_chunking_independent(payload, sizes):
         async with trio.open_nursery() as nursery:
             results = {}
 
-            async def side(name, raw):
-                results[name] = await protector.protect(raw)
+            async def side(name, raw, initiator):
+                results[name] = await protector.protect(raw, initiator=initiator)
 
-            nursery.start_soon(side, "a", left)
-            nursery.start_soon(side, "b", right)
+            nursery.start_soon(side, "a", left, True)
+            nursery.start_soon(side, "b", right, False)
         a, b = results["a"], results["b"]
         view = memoryview(payload)
         pos, i = 0, 0
@@ -136,6 +136,27 @@ def test_stream_wrapper_chunking_independent(payload, sizes):
         return bytes(got)
 
     assert trio.run(main) == payload
+
+
+async def test_listener_speaks_only_after_the_dialers_nonce():
+    # js-libp2p over WebSocket drops a message that arrives with the upgrade response.
+    sent, received = trio.testing.MemorySendStream(), trio.testing.MemoryReceiveStream()
+    protector = pnet.Protector(pnet.NetworkKey(KEY_A))
+    got = {}
+    async with trio.open_nursery() as nursery:
+
+        async def listen():
+            got["stream"] = await protector.protect(trio.StapledStream(sent, received), initiator=False)
+
+        nursery.start_soon(listen)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(trio.WouldBlock):  # nothing sent: silent until the dialer's nonce
+            sent.get_data_nowait()
+        dialer = pnet.PnetSession(KEY_A)
+        received.put_data(dialer.local_nonce + dialer.encrypt(b"after"))
+    assert len(sent.get_data_nowait()) == pnet.NONCE_SIZE
+    assert await got["stream"].receive_some() == b"after"
+    assert protector.stats["protected"] == 1
 
 
 # --- key file -------------------------------------------------------------------------------------
@@ -321,8 +342,27 @@ async def test_refusals_do_not_storm_the_log(caplog, noise_states):
         with trio.fail_after(5):
             while b.upgrader.protector.stats["refused"] < attempts:
                 await trio.sleep(0.001)
+        assert b._pending_handshakes == 0 and b.connections() == []  # nothing held after the refusals
     assert b.upgrader.protector.stats["refused"] == attempts
     assert a.upgrader.protector.stats["refused"] == attempts
     listener_lines = [r for r in caplog.records if "refused" in r.getMessage() or "handshake failed" in r.getMessage()]
     assert len(listener_lines) <= 1  # one rate-limited summary per interval, not one line per attempt
     assert noise_states == []
+
+
+# --- multistream: garbage where the header belongs is refused on its first wrong byte -------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(garbage=st.binary(min_size=1, max_size=60))
+def test_multistream_refuses_non_header_at_once(garbage):
+    from ocf.errors import ProtocolError
+    from ocf.transport.multistream import HEADER_BYTES, Listener
+
+    listener = Listener({"/noise"})
+    if HEADER_BYTES.startswith(garbage[: len(HEADER_BYTES)]):
+        return  # a real header (or its start): covered by the multistream tests
+    with pytest.raises(ProtocolError):
+        for i in range(len(garbage)):  # byte by byte: no waiting for a length the garbage announced
+            listener.receive_data(garbage[i : i + 1])
+    assert listener.data_to_send() == b""  # never greeted an impostor

@@ -608,7 +608,7 @@ class Libp2pUpgrader:
         if self.protector is not None:
             # The private network's cipher goes under everything, multistream included.
             try:
-                return await self._secure(await self.protector.protect(stream), initiator=initiator, expected=expected)
+                return await self._secure(await self.protector.protect(stream, initiator=initiator), initiator=initiator, expected=expected)
             except PrivateNetworkRefused as exc:
                 self.protector.refused(exc, inbound=not initiator)
                 raise

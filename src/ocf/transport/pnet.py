@@ -275,6 +275,7 @@ class PnetStream(trio.abc.HalfCloseableStream):
     def __init__(self, transport: trio.abc.Stream, session: PnetSession) -> None:
         self.transport = transport
         self.session = session
+        self._pending = b""  # plaintext a carrier handed over with the nonce, despite being asked for less
 
     def _refused(self, reason: str) -> PrivateNetworkRefused:
         return PrivateNetworkRefused(f"{MISMATCH} ({reason})")
@@ -290,23 +291,36 @@ class PnetStream(trio.abc.HalfCloseableStream):
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport.wait_send_all_might_not_block()
 
+    async def _receive_raw(self, want: int) -> bytes:
+        """Next ciphertext; until the peer proved the key, its EOF or reset is a refusal."""
+        try:
+            data = await self.transport.receive_some(want)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if self.session.verified:
+                raise
+            raise self._refused("the peer broke the connection") from None
+        if not data and not self.session.verified:
+            raise self._refused("the peer closed the connection")
+        return data
+
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        want = self.session.receive_wanted(max_bytes or RECEIVE_SIZE)
+        limit = RECEIVE_SIZE if max_bytes is None else max_bytes
+        if self._pending:
+            await trio.lowlevel.checkpoint()
+            data, self._pending = self._pending[:limit], self._pending[limit:]
+            return data
         while True:
-            try:
-                data = await self.transport.receive_some(want)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                if self.session.verified:
-                    raise
-                raise self._refused("the peer broke the connection") from None
+            data = await self._receive_raw(self.session.receive_wanted(limit))
             if not data:
-                if not self.session.verified:
-                    raise self._refused("the peer closed the connection")
                 return b""
             plain = self.session.decrypt(data)
             if plain:
                 return plain
-            want = self.session.receive_wanted(max_bytes or RECEIVE_SIZE)
+
+    async def receive_nonce(self) -> None:
+        """Read exactly the peer's nonce: what follows stays in the carrier for :meth:`receive_some`."""
+        while not self.session.nonce_received:
+            self._pending += self.session.decrypt(await self._receive_raw(self.session.receive_wanted(0)))
 
     async def send_eof(self) -> None:
         send_eof = getattr(self.transport, "send_eof", None)
@@ -330,15 +344,20 @@ class Protector:
         self._last_log: float | None = None
         self._unlogged = 0
 
-    async def protect(self, stream: trio.abc.Stream) -> PnetStream:
-        """Send our nonce and return the wrapped stream; the peer's nonce is read with its first bytes.
+    async def protect(self, stream: trio.abc.Stream, *, initiator: bool) -> PnetStream:
+        """Exchange nonces and return the wrapped stream.
 
-        Not waiting for the peer's nonce lets the dialer send its multistream
-        proposal in the same round trip, and a peer outside the network sees
-        garbage and hangs up at once instead of both sides waiting for a deadline.
+        The dialer sends its nonce at once and reads the peer's with its first
+        bytes, so its multistream proposal goes out in the same round trip and
+        a peer outside the network sees garbage and hangs up at once. The
+        listener speaks only after the dialer's nonce arrived: js-libp2p over
+        WebSocket drops a message that comes with the upgrade response, and
+        every dialer sends its nonce without waiting for ours.
         """
         session = PnetSession(self.key.psk, expect=self.expect)
         wrapped = PnetStream(stream, session)
+        if not initiator:
+            await wrapped.receive_nonce()
         try:
             await stream.send_all(session.local_nonce)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
