@@ -297,6 +297,9 @@ def load(
     services = _services(values.pop("service_names", None), values.pop("service_ports", None))
     if services is None:
         services = file_services or ()
+    if env.get("LIBP2P_FORCE_PNET", "").strip() == "1" and values.get("network_key") is None:
+        # The pnet spec's safety net: an operator who demands a private network never starts an open node by mistake.
+        raise ConfigError("--network-key", "LIBP2P_FORCE_PNET=1 is set but no network key was given")
     mode = values.get("mode", "node")
     if mode == "standalone" and values.get("bootstrap_addrs"):
         raise ConfigError("--bootstrap.addr", "standalone mode does not bootstrap; drop --bootstrap.addr or use --mode node")

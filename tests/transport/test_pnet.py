@@ -217,6 +217,14 @@ def test_missing_key_file_and_env_and_toml(tmp_path):
     assert load(env={}, config_file=toml).network_key.psk == KEY_A
 
 
+def test_force_pnet_env_refuses_an_open_node(tmp_path):
+    with pytest.raises(ConfigError, match="LIBP2P_FORCE_PNET=1"):
+        load(env={"LIBP2P_FORCE_PNET": "1"})
+    key = tmp_path / "swarm.key"
+    key.write_bytes(pnet.format_swarm_key(KEY_A))
+    assert load({"network-key": str(key)}, env={"LIBP2P_FORCE_PNET": "1"}).network_key.psk == KEY_A
+
+
 def test_key_never_shows_in_config_repr(tmp_path):
     key = tmp_path / "swarm.key"
     key.write_bytes(pnet.format_swarm_key(KEY_A))
@@ -239,8 +247,9 @@ def test_start_exits_2_on_bad_key(tmp_path, capsys):
 def test_keygen_swarm_writes_private_key_file(tmp_path, capsys):
     from ocf.cli import main
 
-    path = tmp_path / "swarm.key"
+    path = tmp_path / "new-dir" / "swarm.key"
     assert main(["keygen-swarm", str(path)]) == 0
+    assert (path.parent.stat().st_mode & 0o777) == 0o700
     assert (path.stat().st_mode & 0o777) == 0o600
     key = pnet.load_network_key(path)
     assert not key.world_readable

@@ -33,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     path = os.path.expanduser(args.file)
     try:
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, mode=0o700, exist_ok=True)  # e.g. ~/.ocf before the first start
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         print(f"ocf keygen-swarm: error: {path} exists; not overwriting a network key", file=sys.stderr)
