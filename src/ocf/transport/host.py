@@ -10,7 +10,9 @@ first; everything else talks to peers through it (see docs/internals.md)::
 A raw connection becomes a peer connection in three steps (the libp2p
 "upgrade"): multistream-select ``/noise``, the Noise XX handshake (which
 authenticates the peer ID), multistream-select ``/yamux/1.0.0``. Then every
-stream negotiates its own protocol with multistream-select again.
+stream negotiates its own protocol with multistream-select again. In a
+private network (``--network-key``) the pnet cipher (:mod:`ocf.transport.pnet`)
+goes under all three, and a peer without the key is refused on its first bytes.
 
 Connection manager rules, and why:
 
