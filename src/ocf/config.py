@@ -16,13 +16,16 @@ import math
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 from urllib.parse import urlparse
 
 import attrs
 
 from .errors import ConfigError, MultiaddrError
 from .identity.multiaddr import Multiaddr
+
+if TYPE_CHECKING:
+    from .transport.pnet import NetworkKey
 
 MODES = ("standalone", "local", "node")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -62,6 +65,7 @@ class Config:
     handshake_timeout: float = 10.0
     dial_timeout: float = 10.0
     max_message_size: int = 1 << 20
+    network_key: NetworkKey | None = None
     # --- node table ---------------------------------------------------------------
     verify_interval: float = 30.0
     stale_after: float = 600.0
@@ -206,6 +210,13 @@ def _size(value: Any) -> int:
     return number
 
 
+def _network_key(value: Any) -> "NetworkKey":
+    """Read the key file now, so a missing or malformed key stops the start with exit 2."""
+    from .transport.pnet import load_network_key
+
+    return load_network_key(_str(value))
+
+
 @attrs.frozen
 class Setting:
     flag: str  # without leading dashes, e.g. "bootstrap.addr"
@@ -242,6 +253,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("handshake-timeout", "handshake_timeout", _positive_float, "Seconds a new connection may take to finish its security handshake (default: 10).", group="transport", metavar="SECONDS"),
     Setting("dial-timeout", "dial_timeout", _positive_float, "Seconds to wait when dialing a peer (default: 10).", group="transport", metavar="SECONDS"),
     Setting("max-message-size", "max_message_size", _size, "Largest single protocol message accepted from a peer (default: 1M).", group="transport", metavar="BYTES"),
+    Setting("network-key", "network_key", _network_key, "Run in a private network: a go-libp2p swarm.key file (/key/swarm/psk/1.0.0/, /base16/, 64 hex digits); peers without the same key are refused before any handshake (default: none, an open network).", group="transport", metavar="FILE"),
     Setting("verify-interval", "verify_interval", _positive_float, "Seconds between liveness verification rounds of the node table (default: 30).", group="node table", metavar="SECONDS"),
     Setting("stale-after", "stale_after", _positive_float, "Seconds after which a peer not seen is dropped from the served node table (default: 600).", group="node table", metavar="SECONDS"),
     Setting("max-record-size", "nodetable_max_doc_bytes", _size, "Largest saved Automerge document in a node table record, checked before its signature (default: 64K).", group="node table", metavar="BYTES"),
@@ -295,6 +307,9 @@ def load(
     services = _services(values.pop("service_names", None), values.pop("service_ports", None))
     if services is None:
         services = file_services or ()
+    if env.get("LIBP2P_FORCE_PNET", "").strip() == "1" and values.get("network_key") is None:
+        # The pnet spec's safety net: an operator who demands a private network never starts an open node by mistake.
+        raise ConfigError("--network-key", "LIBP2P_FORCE_PNET=1 is set but no network key was given")
     mode = values.get("mode", "node")
     if mode == "standalone" and values.get("bootstrap_addrs"):
         raise ConfigError("--bootstrap.addr", "standalone mode does not bootstrap; drop --bootstrap.addr or use --mode node")

@@ -60,6 +60,10 @@ class PeerIdMismatch(HandshakeError):
     """The peer authenticated as a different peer ID than the one dialed."""
 
 
+class PrivateNetworkRefused(HandshakeError):
+    """The peer does not hold this private network's key (or runs outside any private network)."""
+
+
 class ProtocolNotSupported(TransportError):
     """The peer supports none of the protocols we proposed."""
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -75,10 +76,15 @@ class JsPeer:
 
 
 @contextlib.asynccontextmanager
-async def open_js_peer() -> AsyncIterator[JsPeer]:
+async def open_js_peer(swarm_key_file: Path | None = None) -> AsyncIterator[JsPeer]:
+    """A running js peer; with ``swarm_key_file`` it runs in that private network (@libp2p/pnet)."""
     ensure_installed()
+    env = dict(os.environ)
+    env.pop("OCF_JS_SWARM_KEY_FILE", None)
+    if swarm_key_file is not None:
+        env["OCF_JS_SWARM_KEY_FILE"] = str(swarm_key_file)
     process = await trio.lowlevel.open_process(
-        ["node", str(HERE / "peer.mjs")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=HERE
+        ["node", str(HERE / "peer.mjs")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=HERE, env=env
     )
     peer = JsPeer(process)
     try:

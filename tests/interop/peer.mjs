@@ -25,10 +25,20 @@ const { identify } = await import('@libp2p/identify')
 const { multiaddr } = await import('@multiformats/multiaddr')
 const { createHash } = await import('node:crypto')
 const readline = await import('node:readline')
+const { readFileSync } = await import('node:fs')
 
 const ECHO = '/ocf/echo/1.0.0'
 
+// OCF_JS_SWARM_KEY_FILE: run in a private network (@libp2p/pnet) with this swarm.key.
+const swarmKeyFile = process.env.OCF_JS_SWARM_KEY_FILE
+const privateNetwork = {}
+if (swarmKeyFile) {
+  const { preSharedKey } = await import('@libp2p/pnet')
+  privateNetwork.connectionProtector = preSharedKey({ psk: new Uint8Array(readFileSync(swarmKeyFile)) })
+}
+
 const node = await createLibp2p({
+  ...privateNetwork,
   addresses: { listen: ['/ip4/127.0.0.1/tcp/0', '/ip4/127.0.0.1/tcp/0/ws'] },
   transports: [tcp(), webSockets()],
   connectionEncrypters: [noise()],

@@ -15,7 +15,7 @@ from typing import NoReturn, Sequence
 from ..version import __version__
 
 # Each module defines ``register(subparsers)``; order is the order in --help.
-SUBCOMMANDS = ("start", "jobs", "worker", "ping", "version")
+SUBCOMMANDS = ("start", "jobs", "worker", "ping", "swarmkey", "version")
 
 
 class Parser(argparse.ArgumentParser):

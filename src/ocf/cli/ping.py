@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -19,6 +21,9 @@ from .. import log as logfmt
 from ..config import Config
 from ..errors import MultiaddrError, OcfError, find_in_group
 from ..identity import Identity, Multiaddr
+
+if TYPE_CHECKING:
+    from ..transport.pnet import NetworkKey
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-c", "--count", type=_positive_int, default=4, metavar="N", help="Number of pings (default: 4).")
     p.add_argument("-i", "--interval", type=_positive_float, default=1.0, metavar="SECONDS", help="Seconds between pings (default: 1).")
     p.add_argument("--timeout", type=_positive_float, default=10.0, metavar="SECONDS", help="Seconds to wait for the connection and for each reply (default: 10).")
+    p.add_argument("--network-key", metavar="FILE", default=None, help="Ping a node of a private network: its swarm.key file (as the node's --network-key; also OCF_NETWORK_KEY).")
     p.set_defaults(func=run)
 
 
@@ -61,9 +67,19 @@ def run(args: argparse.Namespace) -> int:
     except MultiaddrError as exc:
         print(f"ocf ping: error: {exc}", file=sys.stderr)
         return 2
+    key_file = args.network_key or os.environ.get("OCF_NETWORK_KEY") or None
+    network_key = None
+    if key_file:
+        from ..transport.pnet import load_network_key
+
+        try:
+            network_key = load_network_key(key_file)
+        except ValueError as exc:
+            print(f"ocf ping: error: --network-key: {exc}", file=sys.stderr)
+            return 2
     logfmt.setup("warning")
     try:
-        return trio.run(_ping, addr, args.count, args.interval, args.timeout)
+        return trio.run(_ping, addr, args.count, args.interval, args.timeout, network_key)
     except KeyboardInterrupt:
         return 130
     except BaseException as exc:  # noqa: BLE001 - one-line error for the user
@@ -75,11 +91,11 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
-async def _ping(addr: Multiaddr, count: int, interval: float, timeout: float) -> int:
+async def _ping(addr: Multiaddr, count: int, interval: float, timeout: float, network_key: NetworkKey | None = None) -> int:
     from ..transport import open_host
     from ..transport.ping import PING_SIZE, open_ping_stream, ping_once
 
-    config = Config(dial_timeout=timeout, handshake_timeout=timeout, ws=False)
+    config = Config(dial_timeout=timeout, handshake_timeout=timeout, ws=False, network_key=network_key)
     async with open_host(Identity.generate(), config, listen=False) as host:
         t0 = trio.current_time()
         with trio.fail_after(timeout * 2):

@@ -130,6 +130,12 @@ class _GatewayCollector(Collector):
         yield in_flight
         host = m.node.host
         yield GaugeMetricFamily("ocf_connected_peers", "Peers with an open transport connection.", value=len(host.connected_peers()) if host is not None else 0)
+        protector = getattr(getattr(host, "upgrader", None), "protector", None)
+        if protector is not None:  # a private network (--network-key)
+            pnet = CounterMetricFamily("ocf_pnet_connections", "Connections under the private network key: protected (nonce sent), refused (peer without the key).", labels=["outcome"])
+            for outcome, value in list(protector.stats.items()):
+                pnet.add_metric([outcome], value)
+            yield pnet
 
 
 @blueprint.get("/metrics")

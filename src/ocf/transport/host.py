@@ -10,7 +10,9 @@ first; everything else talks to peers through it (see docs/internals.md)::
 A raw connection becomes a peer connection in three steps (the libp2p
 "upgrade"): multistream-select ``/noise``, the Noise XX handshake (which
 authenticates the peer ID), multistream-select ``/yamux/1.0.0``. Then every
-stream negotiates its own protocol with multistream-select again.
+stream negotiates its own protocol with multistream-select again. In a
+private network (``--network-key``) the pnet cipher (:mod:`ocf.transport.pnet`)
+goes under all three, and a peer without the key is refused on its first bytes.
 
 Connection manager rules, and why:
 
@@ -46,12 +48,13 @@ from ..errors import (
     HandshakeError,
     MultiaddrError,
     PeerUnreachable,
+    PrivateNetworkRefused,
     ProtocolNotSupported,
     TransportError,
 )
 from ..identity import Identity, Multiaddr, PeerId
 from .memory import MemoryNetwork, MemoryTransport
-from . import secure
+from . import pnet, secure
 from .muxer import MuxedConnection, MuxedStream
 from .tcp import RawConn, TcpTransport, is_tcp_addr
 
@@ -124,7 +127,7 @@ class Host:
         upgrader: Upgrader | None = None,
     ) -> None:
         if upgrader is None:
-            upgrader = default_upgrader(identity)
+            upgrader = default_upgrader(identity, config)
         self.identity = identity
         self.peer_id: PeerId = identity.peer_id
         self.config = config
@@ -342,6 +345,8 @@ class Host:
                 return
         except (TransportError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.stats["handshake_failures"] += 1
+            if isinstance(exc, PrivateNetworkRefused):
+                return  # counted and logged (rate-limited) by the private network's protector
             log.info("inbound handshake failed %s", logfmt.kv(remote=raw.remote_addr, reason=exc or type(exc).__name__))
             return
         except Exception as exc:  # noqa: BLE001 - a bug on one connection must not stop the host
@@ -587,18 +592,31 @@ NOISE = "/noise"
 YAMUX = "/yamux/1.0.0"
 
 
-def default_upgrader(identity: Identity) -> Upgrader:
-    """libp2p's upgrade: multistream ``/noise`` -> Noise XX -> multistream ``/yamux/1.0.0``."""
-    return Libp2pUpgrader(identity)
+def default_upgrader(identity: Identity, config: Config | None = None) -> Upgrader:
+    """libp2p's upgrade: multistream ``/noise`` -> Noise XX -> multistream ``/yamux/1.0.0``,
+    behind the private network's cipher when ``config.network_key`` is set."""
+    key = config.network_key if config is not None else None
+    return Libp2pUpgrader(identity, pnet.protector_for(key) if key is not None else None)
 
 
 class Libp2pUpgrader:
     """The security step and protocol negotiation, as one object (see :class:`Upgrader`)."""
 
-    def __init__(self, identity: Identity) -> None:
+    def __init__(self, identity: Identity, protector: pnet.Protector | None = None) -> None:
         self.identity = identity
+        self.protector = protector
 
     async def secure(self, stream: trio.abc.Stream, *, initiator: bool, expected: PeerId | None) -> tuple[trio.abc.Stream, PeerId]:
+        if self.protector is not None:
+            # The private network's cipher goes under everything, multistream included.
+            try:
+                return await self._secure(await self.protector.protect(stream, initiator=initiator), initiator=initiator, expected=expected)
+            except PrivateNetworkRefused as exc:
+                self.protector.refused(exc, inbound=not initiator)
+                raise
+        return await self._secure(stream, initiator=initiator, expected=expected)
+
+    async def _secure(self, stream: trio.abc.Stream, *, initiator: bool, expected: PeerId | None) -> tuple[trio.abc.Stream, PeerId]:
         if initiator:
             await secure.negotiate(stream, [NOISE], initiator=True)
             conn = await secure.secure_outbound(stream, self.identity, expected)

@@ -30,6 +30,9 @@ def encode(text: str) -> bytes:
     return varint.encode(len(data)) + data
 
 
+HEADER_BYTES = encode(HEADER)
+
+
 @attrs.frozen
 class Agreed:
     protocol: str
@@ -79,6 +82,13 @@ class _Reader:
         except UnicodeDecodeError:
             raise ProtocolError("multistream: message is not UTF-8") from None
 
+    def check_prefix(self, expected: bytes) -> None:
+        """Raise unless the buffered bytes could still begin with ``expected`` (checked as they arrive)."""
+        n = min(len(self._buf), len(expected))
+        if self._buf[:n] != expected[:n]:
+            got = bytes(self._buf[: len(expected)])
+            raise ProtocolError(f"multistream: expected header {HEADER!r}, got {got[:64]!r}")
+
     def rest(self) -> bytes:
         data = bytes(self._buf)
         self._buf.clear()
@@ -105,6 +115,11 @@ class _Side:
     def _messages(self, data: bytes):  # type: ignore[no-untyped-def]
         """Yield each protocol message after the header, until one is agreed."""
         self._reader.feed(data)
+        if not self._header_seen:
+            # Every connection and stream starts with the header: refuse on the
+            # first byte that differs instead of waiting for whatever length
+            # garbage (a peer of another protocol or private network) announces.
+            self._reader.check_prefix(HEADER_BYTES)
         while self.result is None:
             message = self._reader.next_message()
             if message is None:
