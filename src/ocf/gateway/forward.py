@@ -43,6 +43,7 @@ from ..errors import (
     ProviderFailed,
     TransportError,
     UpstreamError,
+    transport_errors_unwrapped,
 )
 from ..httpstream.bridge import ClientBridge, body_length, forwardable, get_header
 from ..httpstream.client import Response, exchange
@@ -372,8 +373,10 @@ class Forwarder:
                     await responder.relay(response)
             except _UnknownPeer:
                 raise NotFound(f"peer {peer_text} is not connected and not in the node table", code="peer_not_found") from None
-            except _ConnectFailed as exc:
-                raise ProviderFailed(f"cannot reach peer {peer_text}: {exc}", code="peer_unreachable") from None
+            except _ConnectFailed:
+                # Never what its addresses answered: they are the peer's choice, and the
+                # answer would make this node a port scanner for whoever asks.
+                raise ProviderFailed(f"peer {peer_text} is unreachable", code="peer_unreachable") from None
             except UpstreamError as exc:
                 raise ProviderFailed(f"peer {peer_text} failed: {exc}", code="peer_failed") from None
             finally:
@@ -412,13 +415,16 @@ class Forwarder:
                 except Exception as exc:  # noqa: BLE001 - a bad address in someone's entry must not break routing
                     log.debug("ignoring bad addrs from the node table %s", logfmt.kv(peer=peer.short(), reason=exc))
             if not host.is_connected(peer) and not host.peer_addrs(peer):
+                if addrs:
+                    raise _ConnectFailed(f"peer {peer_text} publishes no address this node dials")
                 raise _UnknownPeer(f"peer {peer_text} is not connected and no address of it is known")
         try:
-            with trio.fail_after(self.config.dial_timeout):
+            with transport_errors_unwrapped(), trio.fail_after(self.config.dial_timeout):
                 return await host.new_stream(peer, LIBP2P_HTTP)
         except trio.TooSlowError:
             raise _ConnectFailed(f"opening a stream timed out after {self.config.dial_timeout:g} s") from None
         except TransportError as exc:
+            log.debug("cannot open a stream %s", logfmt.kv(peer=peer.short(), reason=exc))
             raise _ConnectFailed(str(exc) or type(exc).__name__) from None
 
     # --- /v1/service/<name>/<path>: any provider in the network --------------------------
@@ -535,10 +541,12 @@ class Forwarder:
             log.info("provider failed before answering %s", logfmt.kv(service=name, peer=_short(provider.peer), reason=reasons[-1], retry=attempt == 0 and body.replayable))
             if not body.replayable:
                 break
+        # The reasons are in the log above; the client learns which providers were tried, not what
+        # their addresses answered.
+        tried = f" (tried {', '.join(_short(p) for p in sorted(tried))})" if tried else ""
         if reached:
-            raise ProviderFailed(f"provider(s) of '{name}' failed: {'; '.join(reasons)}", code="provider_failed")
-        detail = f" (tried {'; '.join(reasons)})" if reasons else ""
-        raise NoProviderAvailable(f"{len(candidates)} provider(s) of '{name}' match this request but none is reachable and healthy right now{detail}", retry_after=5)
+            raise ProviderFailed(f"provider(s) of '{name}' failed before answering{tried}", code="provider_failed")
+        raise NoProviderAvailable(f"{len(candidates)} provider(s) of '{name}' match this request but none is reachable and healthy right now{tried}", retry_after=5)
 
     def _connected(self, peer: str) -> bool:
         host = self.node.host
