@@ -436,6 +436,11 @@ class Forwarder:
         a busy dispatcher asks on every request; the short expiry keeps
         time-based fields (liveness) fresh, and :meth:`usable` checks the
         live connection state anyway.
+
+        A peer that vanished without leaving (killed, cut off) stays listed,
+        not connected, until it is stale: its services then answer 503 with
+        ``Retry-After`` (it may be back), and 404 only once the table has
+        given up on it or it said it left.
         """
         table = self.node.table
         if table is not None:
@@ -443,7 +448,7 @@ class Forwarder:
             now = time.monotonic()
             if version is not None and version == self._entries_version and now - self._entries_at < ENTRIES_TTL:
                 return self._entries_cache
-            entries = table.entries()
+            entries = {peer: e for peer, e in table.entries(include_all=True).items() if _still_listed(e)}
             self._entries_cache, self._entries_version, self._entries_at = entries, version, now
             return entries
         services = self.node.services
@@ -543,10 +548,10 @@ class Forwarder:
                 break
         # The reasons are in the log above; the client learns which providers were tried, not what
         # their addresses answered.
-        tried = f" (tried {', '.join(_short(p) for p in sorted(tried))})" if tried else ""
+        which = f" (tried {', '.join(_short(p) for p in sorted(tried))})" if tried else ""
         if reached:
-            raise ProviderFailed(f"provider(s) of '{name}' failed before answering{tried}", code="provider_failed")
-        raise NoProviderAvailable(f"{len(candidates)} provider(s) of '{name}' match this request but none is reachable and healthy right now{tried}", retry_after=5)
+            raise ProviderFailed(f"provider(s) of '{name}' failed before answering{which}", code="provider_failed")
+        raise NoProviderAvailable(f"{len(candidates)} provider(s) of '{name}' match this request but none is reachable and healthy right now{which}", retry_after=5)
 
     def _connected(self, peer: str) -> bool:
         host = self.node.host
@@ -812,6 +817,11 @@ def _parse_json(data: bytes) -> Any:
             "the request body is not JSON, so it names no model; send JSON or an X-OCF-Identity-Group: key=value header",
             code="no_routable_identity",
         ) from None
+
+
+def _still_listed(entry: dict) -> bool:
+    """Neither stale (unseen for ``--stale-after``) nor departed: routing still counts it as a provider."""
+    return not entry.get("stale") and str(entry.get("status") or "").lower() not in routing.GONE_ENTRY_STATUSES
 
 
 def _short(peer: str) -> str:
