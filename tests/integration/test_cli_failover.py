@@ -3,7 +3,7 @@
 Three ``python -m ocf start`` processes (a dispatcher and two workers serving
 models ``m1`` and ``m2`` through ``examples/mock_llm.py``), a client sending
 requests for both models at a steady rate, then worker 2's node is killed
-(``kill -9``, or stopped with SIGTERM). What the dispatcher must answer:
+(``kill -9``, or stopped with SIGTERM or Ctrl-C). What the dispatcher must answer:
 
 - ``m1``: always 200 (one model's outage is invisible to another's clients);
 - ``m2``: 503 with ``Retry-After`` while worker 2 is still in the node table,
@@ -200,7 +200,8 @@ def test_kill_9_of_a_provider_never_yields_500(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_graceful_stop_of_a_provider_never_yields_500(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_graceful_stop_of_a_provider_never_yields_500(tmp_path, sig):
     cluster = Cluster(tmp_path)
     try:
         cluster.start()
@@ -208,11 +209,11 @@ def test_graceful_stop_of_a_provider_never_yields_500(tmp_path):
             time.sleep(1.0)
             stopped_at = time.monotonic()
             worker2 = cluster.procs["worker2"]
-            worker2.send_signal(signal.SIGTERM)
+            worker2.send_signal(sig)
             assert worker2.wait(timeout=10) == 0
             time.sleep(OBSERVE_STOP)
         figures = _check_failover(m1, m2, stopped_at, cluster.log("dispatcher"))
-        print("SIGTERM figures:", figures)
+        print(f"{sig.name} figures:", figures)
         assert figures["m2_phases"][-1] == 404 and figures["m2"][404] >= figures["m2"].get(503, 0), figures  # it said it left
     finally:
         cluster.stop_all()
