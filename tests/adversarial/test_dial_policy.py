@@ -11,11 +11,14 @@ import ipaddress
 import os
 
 import pytest
+import trio
+import trio.testing
 
 from ocf.config import Config, load
 from ocf.errors import ConfigError, PeerUnreachable, TransportError
 from ocf.identity import Identity, Multiaddr
 from ocf.transport import MemoryNetwork, open_host
+from ocf.transport.bootstrap import Bootstrapper
 from ocf.transport.dialpolicy import DialPolicy, classify, parse_cidrs
 
 from ._dial_hostile import STRANGER, closed_port, hostile_target
@@ -195,3 +198,15 @@ async def test_learned_addresses_kept_and_tried_are_bounded():
         with pytest.raises(PeerUnreachable):
             await host.new_stream(STRANGER, "/x/1.0.0")
         assert [t.connections for t in targets] == [0, 0, 0, 1, 1, 1]
+
+
+async def test_addresses_from_a_fetched_bootstrap_list_are_learned():
+    """A bootstrap URL serves what peers published: its loopback entries are not dialed by a node outside loopback."""
+    async with hostile_target("close") as target, open_host(ident("i"), cfg(), MemoryNetwork()) as host:
+        boot = Bootstrapper(host, Config(mode="node"))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(boot._keeper, target.addr().with_p2p(STRANGER), True)  # what _resolve_url starts
+            await trio.testing.wait_all_tasks_blocked()  # the keeper tried once and sleeps before retrying
+            assert boot.attempts == 1 and not boot.connected
+            nursery.cancel_scope.cancel()
+        assert target.connections == 0
