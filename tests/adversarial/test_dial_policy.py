@@ -10,6 +10,7 @@ import contextlib
 import ipaddress
 import os
 
+import httpx
 import pytest
 import trio
 import trio.testing
@@ -17,6 +18,7 @@ import trio.testing
 from ocf.config import Config, load
 from ocf.errors import ConfigError, PeerUnreachable, TransportError
 from ocf.identity import Identity, Multiaddr
+from ocf.node import open_node
 from ocf.transport import MemoryNetwork, open_host
 from ocf.transport.bootstrap import Bootstrapper
 from ocf.transport.dialpolicy import DialPolicy, classify, parse_cidrs
@@ -210,3 +212,12 @@ async def test_addresses_from_a_fetched_bootstrap_list_are_learned():
             assert boot.attempts == 1 and not boot.connected
             nursery.cancel_scope.cancel()
         assert target.connections == 0
+
+
+async def test_refusals_are_counted_on_metrics(node_config):
+    async with open_node(node_config()) as node:
+        node.host.add_addrs(STRANGER, ["/ip4/10.0.0.1/tcp/22", "/ip4/169.254.169.254/tcp/80", "/ip4/10.0.0.2/tcp/22"])
+        async with httpx.AsyncClient(base_url=node.gateway_url) as http:
+            text = (await http.get("/metrics")).text
+    assert 'ocf_dial_refused_total{category="private"} 2.0' in text
+    assert 'ocf_dial_refused_total{category="link-local"} 1.0' in text

@@ -130,6 +130,11 @@ class _GatewayCollector(Collector):
         yield in_flight
         host = m.node.host
         yield GaugeMetricFamily("ocf_connected_peers", "Peers with an open transport connection.", value=len(host.connected_peers()) if host is not None else 0)
+        refused = CounterMetricFamily("ocf_dial_refused", "Peer-published addresses the dial policy did not dial, by address category.", labels=["category"])
+        policy = getattr(host, "dial_policy", None)
+        for category, value in sorted(policy.refused.items() if policy is not None else ()):
+            refused.add_metric([category], value)
+        yield refused
 
 
 @blueprint.get("/metrics")

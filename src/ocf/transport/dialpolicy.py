@@ -121,10 +121,14 @@ def parse_cidrs(items: Iterable[str]) -> tuple[IPNetwork, ...]:
 
 @attrs.define
 class DialPolicy:
-    """Decides whether a learned IP may be dialed; remembers the networks this node runs in."""
+    """Decides whether a learned IP may be dialed; remembers the networks this node runs in.
+
+    ``refused`` counts refusals by address category (for ``/metrics``).
+    """
 
     allow: tuple[IPNetwork, ...] = ()
     home: set[IPNetwork] = attrs.field(factory=set)
+    refused: dict[str, int] = attrs.field(factory=dict)
 
     def note_home(self, ip: IPAddress | str | None) -> None:
         """This node listens at, is known as, or was told by its operator to reach ``ip``."""
@@ -152,6 +156,7 @@ class DialPolicy:
             return None
         if block is not None and block in self.home:
             return None
+        self.refused[category] = self.refused.get(category, 0) + 1
         return f"{category} address {ip} outside this node's networks (--dial-allow adds networks)"
 
     def refusal(self, addr: Multiaddr) -> str | None:
