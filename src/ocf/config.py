@@ -12,6 +12,7 @@ Flag names follow Open Compute Framework's (``--bootstrap.addr``,
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import tomllib
@@ -66,6 +67,10 @@ class Config:
     dial_timeout: float = 10.0
     max_message_size: int = 1 << 20
     network_key: NetworkKey | None = None
+
+    # --- transport: dial policy -----------------------------------------------------
+    dial_allow: tuple[str, ...] = ()
+    max_addrs_per_peer: int = 8
     # --- node table ---------------------------------------------------------------
     verify_interval: float = 30.0
     stale_after: float = 600.0
@@ -217,6 +222,16 @@ def _network_key(value: Any) -> "NetworkKey":
     return load_network_key(_str(value))
 
 
+def _cidrs(value: Any) -> tuple[str, ...]:
+    out = []
+    for item in _split(value):
+        try:
+            out.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP network like 10.0.0.0/8 or fd00::/8") from None
+    return tuple(out)
+
+
 @attrs.frozen
 class Setting:
     flag: str  # without leading dashes, e.g. "bootstrap.addr"
@@ -252,6 +267,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max-pending-handshakes", "max_pending_handshakes", _int_range(1, 100_000), "Maximum connections still handshaking at once; more are refused (default: 64).", group="transport", metavar="N"),
     Setting("handshake-timeout", "handshake_timeout", _positive_float, "Seconds a new connection may take to finish its security handshake (default: 10).", group="transport", metavar="SECONDS"),
     Setting("dial-timeout", "dial_timeout", _positive_float, "Seconds to wait when dialing a peer (default: 10).", group="transport", metavar="SECONDS"),
+    Setting("dial-allow", "dial_allow", _cidrs, "Networks (CIDR, comma-separated) a learned peer address may be in, beyond public addresses and the private or loopback networks this node itself runs in (default: none).", group="transport", metavar="CIDRS"),
+    Setting("max-addrs-per-peer", "max_addrs_per_peer", _int_range(1, 64), "Addresses learned from peers (node table, identify) kept and tried per peer (default: 8).", group="transport", metavar="N"),
     Setting("max-message-size", "max_message_size", _size, "Largest single protocol message accepted from a peer (default: 1M).", group="transport", metavar="BYTES"),
     Setting("network-key", "network_key", _network_key, "Run in a private network: a go-libp2p swarm.key file (/key/swarm/psk/1.0.0/, /base16/, 64 hex digits); peers without the same key are refused before any handshake (default: none, an open network).", group="transport", metavar="FILE"),
     Setting("verify-interval", "verify_interval", _positive_float, "Seconds between liveness verification rounds of the node table (default: 30).", group="node table", metavar="SECONDS"),

@@ -7,6 +7,9 @@ place and still react to the specific kind when it matters.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 
 class OcfError(Exception):
     """Base class of all errors ocf raises on purpose."""
@@ -97,6 +100,47 @@ def single_leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
+
+
+def leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions in ``exc`` with every (nested) exception group flattened away."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in leaves(inner)]
+    return [exc]
+
+
+def transport_failure(exc: BaseException) -> "TransportError | None":
+    """The :class:`TransportError` that ``exc`` amounts to, or None.
+
+    ``exc`` itself if it is one; for an exception group (a nursery's wrapping)
+    whose every leaf is a transport failure, the first of them. A group that
+    also holds a cancellation, an interrupt or a bug is not a transport
+    failure: it must travel on unchanged.
+    """
+    found = leaves(exc)
+    if found and all(isinstance(leaf, TransportError) for leaf in found):
+        first = found[0]
+        assert isinstance(first, TransportError)
+        return first
+    return None
+
+
+@contextlib.contextmanager
+def transport_errors_unwrapped() -> Iterator[None]:
+    """Let a nursery's group of transport failures out as the plain :class:`TransportError`.
+
+    Every ``except TransportError`` in ocf relies on this at the places where
+    transport code runs nurseries (dials, WebSocket connections), so a
+    failure raised inside a nursery reaches callers as the typed error they
+    catch, not as an ``ExceptionGroup`` that slips past them.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        failure = transport_failure(group)
+        if failure is None:
+            raise
+        raise failure from failure.__cause__
 
 
 # --- gateway and services (issue 6) ----------------------------------------------------

@@ -43,6 +43,7 @@ from ..errors import (
     ProviderFailed,
     TransportError,
     UpstreamError,
+    transport_errors_unwrapped,
 )
 from ..httpstream.bridge import ClientBridge, body_length, forwardable, get_header
 from ..httpstream.client import Response, exchange
@@ -372,8 +373,10 @@ class Forwarder:
                     await responder.relay(response)
             except _UnknownPeer:
                 raise NotFound(f"peer {peer_text} is not connected and not in the node table", code="peer_not_found") from None
-            except _ConnectFailed as exc:
-                raise ProviderFailed(f"cannot reach peer {peer_text}: {exc}", code="peer_unreachable") from None
+            except _ConnectFailed:
+                # Never what its addresses answered: they are the peer's choice, and the
+                # answer would make this node a port scanner for whoever asks.
+                raise ProviderFailed(f"peer {peer_text} is unreachable", code="peer_unreachable") from None
             except UpstreamError as exc:
                 raise ProviderFailed(f"peer {peer_text} failed: {exc}", code="peer_failed") from None
             finally:
@@ -412,13 +415,16 @@ class Forwarder:
                 except Exception as exc:  # noqa: BLE001 - a bad address in someone's entry must not break routing
                     log.debug("ignoring bad addrs from the node table %s", logfmt.kv(peer=peer.short(), reason=exc))
             if not host.is_connected(peer) and not host.peer_addrs(peer):
+                if addrs:
+                    raise _ConnectFailed(f"peer {peer_text} publishes no address this node dials")
                 raise _UnknownPeer(f"peer {peer_text} is not connected and no address of it is known")
         try:
-            with trio.fail_after(self.config.dial_timeout):
+            with transport_errors_unwrapped(), trio.fail_after(self.config.dial_timeout):
                 return await host.new_stream(peer, LIBP2P_HTTP)
         except trio.TooSlowError:
             raise _ConnectFailed(f"opening a stream timed out after {self.config.dial_timeout:g} s") from None
         except TransportError as exc:
+            log.debug("cannot open a stream %s", logfmt.kv(peer=peer.short(), reason=exc))
             raise _ConnectFailed(str(exc) or type(exc).__name__) from None
 
     # --- /v1/service/<name>/<path>: any provider in the network --------------------------
@@ -430,6 +436,11 @@ class Forwarder:
         a busy dispatcher asks on every request; the short expiry keeps
         time-based fields (liveness) fresh, and :meth:`usable` checks the
         live connection state anyway.
+
+        A peer that vanished without leaving (killed, cut off) stays listed,
+        not connected, until it is stale: its services then answer 503 with
+        ``Retry-After`` (it may be back), and 404 only once the table has
+        given up on it or it said it left.
         """
         table = self.node.table
         if table is not None:
@@ -437,7 +448,7 @@ class Forwarder:
             now = time.monotonic()
             if version is not None and version == self._entries_version and now - self._entries_at < ENTRIES_TTL:
                 return self._entries_cache
-            entries = table.entries()
+            entries = {peer: e for peer, e in table.entries(include_all=True).items() if _still_listed(e)}
             self._entries_cache, self._entries_version, self._entries_at = entries, version, now
             return entries
         services = self.node.services
@@ -535,10 +546,12 @@ class Forwarder:
             log.info("provider failed before answering %s", logfmt.kv(service=name, peer=_short(provider.peer), reason=reasons[-1], retry=attempt == 0 and body.replayable))
             if not body.replayable:
                 break
+        # The reasons are in the log above; the client learns which providers were tried, not what
+        # their addresses answered.
+        which = f" (tried {', '.join(_short(p) for p in sorted(tried))})" if tried else ""
         if reached:
-            raise ProviderFailed(f"provider(s) of '{name}' failed: {'; '.join(reasons)}", code="provider_failed")
-        detail = f" (tried {'; '.join(reasons)})" if reasons else ""
-        raise NoProviderAvailable(f"{len(candidates)} provider(s) of '{name}' match this request but none is reachable and healthy right now{detail}", retry_after=5)
+            raise ProviderFailed(f"provider(s) of '{name}' failed before answering{which}", code="provider_failed")
+        raise NoProviderAvailable(f"{len(candidates)} provider(s) of '{name}' match this request but none is reachable and healthy right now{which}", retry_after=5)
 
     def _connected(self, peer: str) -> bool:
         host = self.node.host
@@ -804,6 +817,11 @@ def _parse_json(data: bytes) -> Any:
             "the request body is not JSON, so it names no model; send JSON or an X-OCF-Identity-Group: key=value header",
             code="no_routable_identity",
         ) from None
+
+
+def _still_listed(entry: dict) -> bool:
+    """Neither stale (unseen for ``--stale-after``) nor departed: routing still counts it as a provider."""
+    return not entry.get("stale") and str(entry.get("status") or "").lower() not in routing.GONE_ENTRY_STATUSES
 
 
 def _short(peer: str) -> str:

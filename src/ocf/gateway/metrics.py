@@ -136,6 +136,11 @@ class _GatewayCollector(Collector):
             for outcome, value in list(protector.stats.items()):
                 pnet.add_metric([outcome], value)
             yield pnet
+        refused = CounterMetricFamily("ocf_dial_refused", "Peer-published addresses the dial policy did not dial, by address category.", labels=["category"])
+        policy = getattr(host, "dial_policy", None)
+        for category, value in sorted(policy.refused.items() if policy is not None else ()):
+            refused.add_metric([category], value)
+        yield refused
 
 
 @blueprint.get("/metrics")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from typing import TYPE_CHECKING, Any, AsyncIterator
+from urllib.parse import urlparse
 
 import httpx
 import trio
@@ -125,14 +126,21 @@ class Bootstrapper:
                     self.keep(Multiaddr.parse(source))
             task_status.started()
 
-    def keep(self, addr: Multiaddr) -> None:
-        """Start keeping ``addr`` connected (idempotent)."""
+    def keep(self, addr: Multiaddr, *, learned: bool = False) -> None:
+        """Start keeping ``addr`` connected (idempotent).
+
+        ``learned``: the address comes from a fetched bootstrap list (which
+        serves what peers published), so the host's dial policy applies.
+        """
         if addr.peer_id == self.host.peer_id or str(addr) in self._keeping or self._nursery is None:
             return
         self._keeping.add(str(addr))
-        self._nursery.start_soon(self._keeper, addr)
+        self._nursery.start_soon(self._keeper, addr, learned)
 
     async def _resolve_url(self, url: str) -> None:
+        policy = getattr(self.host, "dial_policy", None)
+        if policy is not None:
+            policy.note_home(urlparse(url).hostname)  # the operator's list server is in our networks
         delay = BACKOFF_INITIAL
         while True:
             try:
@@ -147,7 +155,7 @@ class Bootstrapper:
                 if addr.peer_id is None:
                     log.warning("ignoring bootstrap address without /p2p/<id> %s", logfmt.kv(addr=addr, url=url))
                     continue
-                self.keep(addr)
+                self.keep(addr, learned=True)
             return
 
     async def _resolve_local(self) -> None:
@@ -158,18 +166,18 @@ class Bootstrapper:
             addrs = []
         addrs = [a for a in addrs if a.peer_id is not None and a.peer_id != self.host.peer_id]
         if not addrs:
-            addrs = [Multiaddr.parse(self.local_addr)]
+            self.keep(Multiaddr.parse(self.local_addr))
         for addr in addrs:
-            self.keep(addr)
+            self.keep(addr, learned=True)
 
-    async def _keeper(self, addr: Multiaddr) -> None:
+    async def _keeper(self, addr: Multiaddr, learned: bool = False) -> None:
         delay = BACKOFF_INITIAL
         while True:
             # Subscribed only while connecting/connected, so events do not pile up while we sleep.
             async with self.host.subscribe() as events:
                 self.attempts += 1
                 try:
-                    peer = await self.host.connect(addr)
+                    peer = await self.host.connect(addr, learned=learned)
                 except TransportError as exc:
                     log.warning("bootstrap peer unreachable %s", logfmt.kv(addr=addr, reason=exc, retry_in=delay))
                     peer = None

@@ -30,6 +30,13 @@ Connection manager rules, and why:
 - **Isolation.** Every connection runs in its own task in the host's nursery,
   with its own nursery for its streams; an error on one connection is logged
   and closes that connection only.
+- **Dial policy.** Addresses the operator gives (:meth:`Host.connect`) are
+  dialed as given; addresses peers tell us (:meth:`Host.add_addrs`, identify)
+  only where :mod:`ocf.transport.dialpolicy` allows, at most
+  ``max_addrs_per_peer`` of them per peer.
+- **Typed failures.** A dial fails with a :class:`~ocf.errors.TransportError`
+  subclass, never with the ``ExceptionGroup`` a nursery inside the
+  transports wraps it in: every ``except TransportError`` relies on it.
 """
 
 from __future__ import annotations
@@ -51,8 +58,11 @@ from ..errors import (
     PrivateNetworkRefused,
     ProtocolNotSupported,
     TransportError,
+    transport_failure,
+    transport_errors_unwrapped,
 )
 from ..identity import Identity, Multiaddr, PeerId
+from .dialpolicy import DialPolicy, is_wildcard, parse_cidrs, resolve_learned
 from .memory import MemoryNetwork, MemoryTransport
 from . import pnet, secure
 from .muxer import MuxedConnection, MuxedStream
@@ -63,7 +73,7 @@ log = logging.getLogger("ocf.transport")
 StreamHandler = Callable[[MuxedStream], Awaitable[None]]
 
 SUBSCRIBER_QUEUE = 1024
-MAX_ADDRS_PER_PEER = 16
+MAX_OPERATOR_ADDRS = 1024  # addresses the operator gave us, remembered as trusted for redials
 RETIRE_GRACE = 30.0  # seconds a tie-break loser may keep serving its open streams
 SHUTDOWN_GRACE = 2.0
 
@@ -139,6 +149,15 @@ class Host:
         self._conns: dict[PeerId, list[Connection]] = {}
         self._dials: dict[PeerId, trio.Event] = {}
         self._addrs: dict[PeerId, list[Multiaddr]] = {}
+        self._operator_addrs: set[Multiaddr] = set()
+        self.dial_policy = DialPolicy(allow=parse_cidrs(config.dial_allow))
+        for text in config.bootstrap_addrs:  # the operator's peers are in this node's networks
+            with contextlib.suppress(MultiaddrError):
+                self.dial_policy.note_home_addr(Multiaddr.parse(text))
+        if config.mode == "local":
+            self.dial_policy.note_home("127.0.0.1")
+        if config.public_addr:
+            self.dial_policy.note_home(config.public_addr)
         self._info: dict[PeerId, PeerInfo] = {}
         self._subscribers: set[trio.MemorySendChannel[PeerEvent]] = set()
         self._pending_handshakes = 0
@@ -195,7 +214,12 @@ class Host:
         return self._info.get(peer)
 
     def add_addrs(self, peer: PeerId, addrs: Sequence[Multiaddr | str]) -> None:
-        """Remember addresses for ``peer`` (e.g. from the node table) so ``new_stream`` can dial it."""
+        """Remember addresses a peer published (node table, identify) so ``new_stream`` can dial it.
+
+        These are learned addresses: the ones the dial policy refuses are
+        dropped here (and logged at debug), the rest are judged again when
+        dialed (a name is judged by what it resolves to).
+        """
         for addr in addrs:
             try:
                 ma = Multiaddr.parse(addr) if isinstance(addr, str) else addr
@@ -203,17 +227,25 @@ class Host:
                 continue
             self._remember_addr(peer, ma)
 
-    def _remember_addr(self, peer: PeerId, addr: Multiaddr) -> None:
+    def _remember_addr(self, peer: PeerId, addr: Multiaddr, *, operator: bool = False) -> None:
         if peer == self.peer_id:
             return
         addr = addr.without_p2p()
         if not self._can_dial(addr):
             return
+        if operator:
+            if len(self._operator_addrs) < MAX_OPERATOR_ADDRS:
+                self._operator_addrs.add(addr)
+        elif addr not in self._operator_addrs:
+            refusal = self.dial_policy.refusal(addr)
+            if refusal is not None:
+                log.debug("not dialing learned address %s", logfmt.kv(peer=peer.short(), addr=addr, reason=refusal))
+                return
         known = self._addrs.setdefault(peer, [])
         if addr in known:
             return
         known.append(addr)
-        del known[:-MAX_ADDRS_PER_PEER]
+        del known[: -self.config.max_addrs_per_peer]
 
     @contextlib.asynccontextmanager
     async def subscribe(self) -> AsyncIterator[trio.MemoryReceiveChannel[PeerEvent]]:
@@ -261,12 +293,15 @@ class Host:
                 return conn
         return None
 
-    async def connect(self, addr: Multiaddr | str) -> PeerId:
+    async def connect(self, addr: Multiaddr | str, *, learned: bool = False) -> PeerId:
         """Connect to the peer at ``addr`` (reusing an existing connection); returns its peer ID.
 
         Without ``/p2p/<id>`` in ``addr``, whichever peer answers is accepted.
-        Raises :class:`PeerUnreachable`, :class:`HandshakeError` (including
-        :class:`~ocf.errors.PeerIdMismatch`) or :class:`TransportError`.
+        ``learned=True`` for an address a peer (not the operator) gave: it
+        is dialed only if the dial policy allows it. Raises
+        :class:`PeerUnreachable`, :class:`HandshakeError` (including
+        :class:`~ocf.errors.PeerIdMismatch`) or :class:`TransportError`,
+        never an exception group.
         """
         if isinstance(addr, str):
             try:
@@ -279,8 +314,12 @@ class Host:
         if expected == self.peer_id:
             raise PeerUnreachable("refusing to dial our own peer ID")
         self._transport_for(addr)
+        if learned:
+            refusal = self.dial_policy.refusal(addr)
+            if refusal is not None:
+                raise PeerUnreachable(f"{addr.without_p2p()}: {refusal}")
         if expected is not None:
-            self._remember_addr(expected, addr)
+            self._remember_addr(expected, addr, operator=not learned)
             while True:
                 if self._usable(expected) is not None:
                     await trio.lowlevel.checkpoint()
@@ -293,14 +332,46 @@ class Host:
         if expected is not None:
             self._dials[expected] = done
         try:
-            conn: Connection = await self._nursery.start(self._run_outbound, addr)
+            conn: Connection = await self._dial(addr, learned)
         finally:
             if expected is not None and self._dials.get(expected) is done:
                 del self._dials[expected]
             done.set()
+        if not learned:
+            self.dial_policy.note_home_addr(conn.remote_addr)  # where the operator's peer really is
         return conn.peer
 
-    async def _run_outbound(self, addr: Multiaddr, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def _dial(self, addr: Multiaddr, learned: bool) -> Connection:
+        """Run one outbound connection in the host's nursery; returns it once it is up."""
+        assert self._nursery is not None
+        try:
+            with transport_errors_unwrapped():
+                if learned:
+                    with trio.fail_after(self.config.dial_timeout):
+                        addr = await resolve_learned(addr, self.dial_policy)
+                conn: Connection = await self._nursery.start(self._run_outbound, addr, not learned)
+                return conn
+        except trio.TooSlowError:
+            raise PeerUnreachable(f"resolving {addr} timed out after {self.config.dial_timeout:g}s") from None
+        except TransportError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug met while dialing must not reach the caller untyped
+            log.error("dial crashed %s", logfmt.kv(addr=addr, exc=repr(exc)), exc_info=True)
+            raise PeerUnreachable(f"dial {addr} failed ({type(exc).__name__})") from exc
+
+    async def _run_outbound(self, addr: Multiaddr, operator: bool, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        status = _StartedOnce(task_status)
+        try:
+            await self._outbound(addr, operator, status)
+        except Exception as exc:
+            if not status.done:
+                raise  # the dialer gets it (see _dial)
+            # Once up, the connection lives in the host's nursery: whatever ends it
+            # (its transport's teardown included) must end that connection only.
+            failure = transport_failure(exc)
+            log.debug("outbound connection ended %s", logfmt.kv(addr=addr, reason=repr(failure or exc)), exc_info=failure is None)
+
+    async def _outbound(self, addr: Multiaddr, operator: bool, task_status: "_StartedOnce") -> None:
         if self._num_connections() >= self.config.max_connections:
             raise TransportError(f"connection limit reached ({self.config.max_connections})")
         transport = self._transport_for(addr)
@@ -316,7 +387,7 @@ class Host:
             if remote == self.peer_id:
                 raise PeerUnreachable(f"{addr} is ourselves")
             if addr.peer_id is None:
-                self._remember_addr(remote, addr)
+                self._remember_addr(remote, addr, operator=operator)
             conn = self._new_connection(secure, remote, raw, outbound=True)
             log.debug("dialed %s", logfmt.kv(peer=remote.short(), addr=addr, ms=round((trio.current_time() - t0) * 1000, 1)))
             await self._serve_connection(conn, task_status=task_status)
@@ -480,16 +551,19 @@ class Host:
         if not addrs:
             raise PeerUnreachable(f"peer {peer.short()} is not connected and no address is known")
         reasons = []
-        for addr in sorted(addrs, key=_dial_preference):
+        for addr in sorted(addrs, key=_dial_preference)[: self.config.max_addrs_per_peer]:
             try:
-                await self.connect(addr.with_p2p(peer))
+                await self.connect(addr.with_p2p(peer), learned=addr not in self._operator_addrs)
             except TransportError as exc:
                 reasons.append(f"{addr}: {exc}")
                 continue
             conn = self._usable(peer)
             if conn is not None:
                 return conn
-        raise PeerUnreachable(f"cannot reach peer {peer.short()}: " + "; ".join(reasons))
+        # What each address answered is for our log, not for whoever asked: callers
+        # may show this message to clients, and the addresses are the peer's choice.
+        log.debug("peer unreachable %s", logfmt.kv(peer=peer.short(), tried="; ".join(reasons)))
+        raise PeerUnreachable(f"peer {peer.short()} is unreachable ({len(reasons)} address(es) tried)")
 
     async def new_stream(self, peer: PeerId, protocols: str | Sequence[str]) -> MuxedStream:
         """Open a stream to ``peer`` speaking the first of ``protocols`` it supports (dials if needed)."""
@@ -564,6 +638,12 @@ class Host:
             addrs.append(self._memory.listen(self._on_raw_inbound, nursery, memory_name))
         else:
             addrs += await nursery.start(self._listen_tcp)
+            # A wildcard listener also answers on loopback; that alone does not put
+            # this node in a loopback network (see ocf.transport.dialpolicy).
+            wildcard = is_wildcard(self.config.host)
+            for bound in addrs:
+                if not (wildcard and bound.parts[0][1] in ("127.0.0.1", "::1")):
+                    self.dial_policy.note_home_addr(bound)
             addrs += _public_addrs(self.config.public_addr, addrs)
         self.listen_addrs = [a.with_p2p(self.peer_id) for a in addrs]
         log.info("listening %s", logfmt.kv(peer=self.peer_id.short(), addrs=",".join(str(a.without_p2p()) for a in self.listen_addrs)))
@@ -586,6 +666,18 @@ class Host:
             async with trio.open_nursery() as nursery:
                 for conn in self.connections():
                     nursery.start_soon(conn.muxed.aclose, "host shutting down")
+
+
+class _StartedOnce:
+    """A task status that remembers whether ``started`` was called."""
+
+    def __init__(self, status: Any) -> None:
+        self._status = status
+        self.done = False
+
+    def started(self, value: Any = None) -> None:
+        self.done = True
+        self._status.started(value)
 
 
 NOISE = "/noise"

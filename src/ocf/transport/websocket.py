@@ -21,7 +21,7 @@ from typing import AsyncIterator
 import trio
 import trio_websocket
 
-from ..errors import PeerUnreachable
+from ..errors import PeerUnreachable, TransportError, leaves, transport_errors_unwrapped
 from ..identity import Multiaddr
 from .tcp import RawConn, RawHandler, sockaddr_to_multiaddr
 
@@ -103,30 +103,47 @@ def _endpoint_addr(endpoint: object) -> Multiaddr | None:
 
 @contextlib.asynccontextmanager
 async def connect_websocket(host: str, port: int, timeout: float, max_message: int) -> AsyncIterator[RawConn]:
-    """Dial ``ws://host:port/`` and yield the connection as a :class:`RawConn`."""
-    async with trio.open_nursery() as nursery:
-        try:
-            with trio.fail_after(timeout):
-                ws = await trio_websocket.connect_websocket(
-                    nursery,
-                    host,
-                    port,
-                    "/",
-                    use_ssl=False,
-                    message_queue_size=MESSAGE_QUEUE,
-                    max_message_size=max_message,
-                    receive_buffer_size=RECEIVE_BUFFER,
-                )
-        except trio.TooSlowError:
-            raise PeerUnreachable(f"websocket dial {host}:{port} timed out after {timeout:g}s") from None
-        except (OSError, trio_websocket.HandshakeError) as exc:
-            raise PeerUnreachable(f"websocket dial {host}:{port} failed: {exc}") from None
-        stream = WebSocketStream(ws)
-        try:
-            yield RawConn(stream, _endpoint_addr(ws.remote), _endpoint_addr(ws.local), "ws")
-        finally:
-            await stream.aclose()
-            nursery.cancel_scope.cancel()
+    """Dial ``ws://host:port/`` and yield the connection as a :class:`RawConn`.
+
+    Whatever the far end answers (an HTTP error page, garbage, a close), the
+    dial fails with :class:`PeerUnreachable`; the connection's reader task
+    lives in a nursery here, whose wrapping group never reaches the caller.
+    """
+    yielded = False
+    try:
+        with transport_errors_unwrapped():
+            async with trio.open_nursery() as nursery:
+                try:
+                    with trio.fail_after(timeout):
+                        ws = await trio_websocket.connect_websocket(
+                            nursery,
+                            host,
+                            port,
+                            "/",
+                            use_ssl=False,
+                            message_queue_size=MESSAGE_QUEUE,
+                            max_message_size=max_message,
+                            receive_buffer_size=RECEIVE_BUFFER,
+                        )
+                except trio.TooSlowError:
+                    raise PeerUnreachable(f"websocket dial {host}:{port} timed out after {timeout:g}s") from None
+                except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed) as exc:
+                    raise PeerUnreachable(f"websocket dial {host}:{port} failed: {exc}") from None
+                stream = WebSocketStream(ws)
+                yielded = True
+                try:
+                    yield RawConn(stream, _endpoint_addr(ws.remote), _endpoint_addr(ws.local), "ws")
+                finally:
+                    await stream.aclose()
+                    nursery.cancel_scope.cancel()
+    except Exception as exc:
+        if yielded or isinstance(exc, TransportError):
+            raise
+        # Before the connection is handed out, anything that goes wrong is the far end's
+        # answer not being a WebSocket upgrade (wsproto and h11 raise their own errors
+        # from trio-websocket's reader task): for the caller, the address is unreachable.
+        leaf = leaves(exc)[0]
+        raise PeerUnreachable(f"websocket dial {host}:{port} failed: {type(leaf).__name__}: {leaf}") from None
 
 
 async def serve_websocket_stream(
