@@ -51,11 +51,14 @@ def install_gateway_layer(app: QuartTrio, node: "Node") -> None:
 
     The forwarding routes (``/v1/_service``, ``/v1/service``, ``/v1/p2p``) are
     raw ASGI in front of Quart (see :mod:`ocf.gateway.forward` for why), as
-    are the job tracker's three hot routes (:mod:`ocf.jobs.hot`); CORS and
-    request metrics wrap every route.
+    are the job tracker's three hot routes (:mod:`ocf.jobs.hot`); the router,
+    the access policy, CORS and request metrics wrap every route
+    (:mod:`ocf.gateway.asgi`). The admin token is created here on first start.
     """
     from ..jobs.hot import HotRoutes
-    from .asgi import Cors, GatewayASGI
+    from .access import Access, load_or_create_admin_token
+    from .asgi import GatewayASGI
+    from .cors import Cors
     from .forward import Forwarder
     from .metrics import GatewayMetrics
     from .metrics import blueprint as metrics_blueprint
@@ -65,14 +68,10 @@ def install_gateway_layer(app: QuartTrio, node: "Node") -> None:
     app.extensions["ocf.metrics"] = metrics
     app.extensions["ocf.forwarder"] = forwarder
     app.register_blueprint(metrics_blueprint)
-    app.asgi_app = GatewayASGI(app.asgi_app, forwarder, metrics, Cors(node.config.cors_origins), HotRoutes(node))  # type: ignore[method-assign]
-    forwarder.app = app  # in-process dispatch (internal services, /v1/p2p/<self>) re-enters the whole app
-
-    @app.before_request
-    async def label_route() -> None:
-        # Metrics count requests by route template (bounded), never by raw path.
-        rule = request.url_rule
-        request.scope["ocf.route"] = rule.rule if rule is not None else "unmatched"
+    node.admin_token = load_or_create_admin_token(node.config.data_dir, node.config.admin_token)
+    access = Access(node.config, node.admin_token)
+    app.extensions["ocf.access"] = access
+    app.asgi_app = GatewayASGI(app.asgi_app, forwarder, metrics, Cors(node.config.cors_origins), HotRoutes(node), access)  # type: ignore[method-assign]
 
     @app.errorhandler(GatewayRequestError)
     async def gateway_error(exc: GatewayRequestError):  # type: ignore[no-untyped-def]
