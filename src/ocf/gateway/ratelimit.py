@@ -2,7 +2,7 @@
 
 Sans-IO (the clock is passed in). The table of clients is bounded: a flood
 of distinct addresses evicts the buckets that are full again (clients that
-have been quiet), and if none is, the oldest, so memory stays flat however
+have been quiet), then the least recently seen, so memory stays flat however
 many addresses an attacker has.
 """
 
@@ -41,11 +41,12 @@ class RateLimiter:
         return wait
 
     def _evict(self, now: float) -> None:
-        full = [c for c, (tokens, at) in self._buckets.items() if tokens + (now - at) * self.rate >= self.burst]
-        for client in full[: max(1, len(self._buckets) - self.max_clients)]:
+        """Down to three quarters of the cap, so a flood of addresses costs O(1) per call, amortised."""
+        for client in [c for c, (tokens, at) in self._buckets.items() if tokens + (now - at) * self.rate >= self.burst]:
             del self._buckets[client]
-        while len(self._buckets) > self.max_clients:
-            self._buckets.popitem(last=False)
+        keep = self.max_clients * 3 // 4
+        while len(self._buckets) > keep:
+            self._buckets.popitem(last=False)  # least recently seen first
 
 
 def retry_after(wait: float) -> str:
