@@ -141,3 +141,11 @@ def test_any_bytes_either_route_or_400(raw):
         assert exc.code in ("bad_service_name", "bad_peer_id")
         return
     assert route.label in set(router.labels())
+
+
+def test_the_route_memory_stays_bounded():
+    memory = router.Router(size=256)
+    for i in range(5000):
+        assert memory.classify("GET", f"/v1/jobs/p{i}/stats".encode()).label == "/v1/jobs/<project>/stats"
+    assert len(memory._cache) <= 256
+    assert memory.classify("GET", b"/v1/jobs/p1/stats") is memory.classify("GET", b"/v1/jobs/p1/stats")

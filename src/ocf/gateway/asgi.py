@@ -50,6 +50,7 @@ class GatewayASGI:
         self.metrics = metrics
         self.cors = cors
         self.access = access
+        self.router = router.Router()
         forwarder.dispatch_internal = self.dispatch_internal
 
     async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
@@ -72,7 +73,7 @@ class GatewayASGI:
             await send(message)
 
         try:
-            route = router.classify(method, scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape"))
+            route = self.router.classify(method, scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape"))
             label = route.label
             scope["ocf.route"] = route
             extra = self.cors.headers(route, method, origin)
@@ -129,7 +130,7 @@ class GatewayASGI:
 
     async def dispatch_internal(self, scope: dict, receive: Receive, send: Send, target: bytes) -> None:
         """Serve ``target`` of this node in-process (internal services, ``/v1/p2p/<self>``)."""
-        route = router.classify(scope["method"], target)
+        route = self.router.classify(scope["method"], target)
         inner = dict(scope, raw_path=target, path=route.path or target.decode("latin-1"))
         inner["ocf.route"] = route
         await self.dispatch(route, inner, receive, send)

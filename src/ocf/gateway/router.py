@@ -132,6 +132,7 @@ def _rules() -> tuple[_Rule, ...]:
 
 
 RULES = _rules()
+_BY_LENGTH: dict[int, tuple[_Rule, ...]] = {n: tuple(r for r in RULES if len(r.template) == n) for n in {len(r.template) for r in RULES}}
 _FORWARD_PREFIXES = {b"service": FORWARD_SERVICE, b"_service": OWN_SERVICE, b"p2p": P2P}
 _FORWARD_LABELS = {FORWARD_SERVICE: "/v1/service/<service>/<path>", OWN_SERVICE: "/v1/_service/<service>/<path>", P2P: "/v1/p2p/<peer>/<path>"}
 _FORWARD_POLICY = {FORWARD_SERVICE: Policy.API_KEY, OWN_SERVICE: Policy.REMOTE_PEER, P2P: Policy.API_KEY}
@@ -169,6 +170,32 @@ def _segments(raw: bytes) -> list[bytes]:
 def _prefix_segment(part: bytes) -> None:
     if not _PLAIN_SEGMENT.match(part):
         raise NonCanonicalTarget("the routing prefix must be spelled plainly (no percent-encoding)")
+
+
+CACHE_SIZE = 2048
+
+
+class Router:
+    """:func:`classify` with a memory of recent answers, one per gateway.
+
+    A worker fleet or an LLM client repeats a few targets, and classifying
+    one costs tens of microseconds; routes are frozen, so sharing them is
+    safe. The memory is cleared when full, so odd targets cannot grow it.
+    """
+
+    def __init__(self, size: int = CACHE_SIZE) -> None:
+        self.size = size
+        self._cache: dict[tuple[str, bytes], Route] = {}
+
+    def classify(self, method: str, raw_path: bytes) -> Route:
+        key = (method, raw_path)
+        route = self._cache.get(key)
+        if route is None:
+            route = classify(method, raw_path)
+            if len(self._cache) >= self.size:
+                self._cache.clear()
+            self._cache[key] = route
+        return route
 
 
 def classify(method: str, raw_path: bytes) -> Route:
@@ -213,7 +240,7 @@ def _local(method: str, parts: list[bytes]) -> Route:
             raise NonCanonicalTarget("path segments may not encode '/' or control characters")
         decoded.append(text)
     raw = [part.decode("latin-1") for part in parts]
-    matches = [(rule, params) for rule in RULES if (params := _match(rule.template, decoded, raw)) is not None]
+    matches = [(rule, params) for rule in _BY_LENGTH.get(len(decoded), ()) if (params := _match(rule.template, decoded, raw)) is not None]
     if not matches:
         return Route(NOT_FOUND, "unmatched")
     methods = frozenset(rule.method for rule, _ in matches) | {"OPTIONS"}
