@@ -27,3 +27,18 @@ async def test_3000_odd_paths_do_not_grow_metrics(node_config):
         assert statuses.get(400, 0) >= N - 4  # ever more trailing slashes: empty segments, refused
         labels = {route for route, _, _ in node.gateway.app.extensions["ocf.metrics"].requests}
         assert len(labels) <= 6, labels
+
+
+async def test_made_up_peer_ids_do_not_grow_metrics(node_config):
+    from ocf.identity import Identity
+
+    peers = [str(Identity.from_seed(f"nobody-{i}").peer_id) for i in range(1000)]
+    async with open_node(node_config()) as node, httpx.AsyncClient(base_url=node.gateway_url) as client:
+        await client.get(f"/v1/p2p/{peers[0]}/v1/health")
+        before = len((await client.get("/metrics")).content)
+        for peer in peers:
+            r = await client.get(f"/v1/p2p/{peer}/v1/health")
+            assert r.status_code == 404 and r.json()["error"]["code"] == "peer_not_found"
+        after = len((await client.get("/metrics")).content)
+        assert after - before < 512, (before, after)
+        assert len(node.gateway.app.extensions["ocf.metrics"].in_flight) == 0

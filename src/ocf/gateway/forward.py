@@ -341,6 +341,9 @@ class Forwarder:
         if peer == self.node.peer_id:
             await self._internal(scope, receive, responder, b"/" + rest, [])
             return
+        if not self._known(peer, peer_text):
+            # Before any per-peer state: made-up peer IDs must not grow the in-flight series on /metrics.
+            raise NotFound(f"peer {peer_text} is not connected and not in the node table", code="peer_not_found")
         target = b"/" + rest + (b"?" + scope["query_string"] if scope.get("query_string") else b"")
 
         async def work(body: RequestBody) -> None:
@@ -361,6 +364,13 @@ class Forwarder:
                 self.metrics.leave(peer_text)
 
         await self._guarded(scope, receive, work)
+
+    def _known(self, peer: Any, peer_text: str) -> bool:
+        """Connected, listed in the node table, or with an address the transport knows."""
+        host = self.node.host
+        if host is None:
+            return False
+        return host.is_connected(peer) or peer_text in self._entries() or bool(host.peer_addrs(peer))
 
     def _peer_id(self, text: str) -> Any:
         cached = self._peer_ids.get(text)
