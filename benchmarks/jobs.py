@@ -88,6 +88,11 @@ def ndjson(first: int, count: int) -> bytes:
 # --- a minimal keep-alive HTTP/1.1 client ----------------------------------------------------
 
 
+#: The benchmark tracker's admin token (a throwaway node; passed with --admin-token).
+ADMIN_TOKEN = "bench-admin-token"
+ADMIN = [("x-ocf-admin-token", ADMIN_TOKEN)]
+
+
 class Conn:
     def __init__(self, stream: trio.SocketStream, port: int) -> None:
         self.stream = stream
@@ -168,7 +173,8 @@ class Server:
         self.profile = profile
         prefix = [__file__, "--serve-profiled", str(profile), "--"] if profile else ["-m", "ocf"]
         args = [sys.executable, *prefix, "start", "--mode", "standalone", "--jobs", "--host", "127.0.0.1",
-                "--port", str(self.port), "--tcpport", "0", "--data-dir", str(self.data_dir / "node"), "--log-level", "warning"]
+                "--port", str(self.port), "--tcpport", "0", "--data-dir", str(self.data_dir / "node"), "--log-level", "warning",
+                "--admin-token", ADMIN_TOKEN, "--register-burst", "1000000", "--admin-burst", "1000000"]
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
         self.proc = subprocess.Popen(args, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         deadline = time.monotonic() + 60
@@ -398,10 +404,10 @@ def run_load(server: Server, *, mode: str, impl: str, workers: list[tuple[str, i
 
 async def setup_load_project(port: int, project: str, jobs: int, n_workers: int, batch_size: int) -> list[tuple[str, int]]:
     conn = await Conn.open(port)
-    await conn.json("PUT", f"/v1/jobs/{project}", {"stages": STAGES})
+    await conn.json("PUT", f"/v1/jobs/{project}", {"stages": STAGES}, ADMIN)
     for first in range(0, jobs, batch_size):
         body = ndjson(first, min(batch_size, jobs - first))
-        status, answer = await conn.request("POST", f"/v1/jobs/{project}/jobs", body, [("content-type", "application/x-ndjson")])
+        status, answer = await conn.request("POST", f"/v1/jobs/{project}/jobs", body, [("content-type", "application/x-ndjson"), *ADMIN])
         assert status == 201, answer[:300]
     workers = []
     for i in range(n_workers):
@@ -418,14 +424,14 @@ async def setup_load_project(port: int, project: str, jobs: int, n_workers: int,
 async def create_over_http(server: Server, total: int, batch: int) -> dict[str, Any]:
     bodies = [ndjson(first, min(batch, total - first)) for first in range(0, total, batch)]
     conn = await Conn.open(server.port)
-    await conn.json("PUT", "/v1/jobs/create", {"stages": STAGES})
+    await conn.json("PUT", "/v1/jobs/create", {"stages": STAGES}, ADMIN)
     rss = [server.status("VmRSS")]
     anon = [server.status("RssAnon")]
     size0 = server.mdb.stat().st_size
     t0 = time.perf_counter()
     created = 0
     for n, body in enumerate(bodies):
-        status, answer = await conn.request("POST", "/v1/jobs/create/jobs", body, [("content-type", "application/x-ndjson"), ("idempotency-key", f"batch-{n}")])
+        status, answer = await conn.request("POST", "/v1/jobs/create/jobs", body, [("content-type", "application/x-ndjson"), ("idempotency-key", f"batch-{n}"), *ADMIN])
         if status != 201:
             raise RuntimeError(f"creation batch {n} -> {status}: {answer[:300]!r}")
         created += json.loads(answer)["created"]

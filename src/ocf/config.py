@@ -39,6 +39,7 @@ class ServiceSpec:
     name: str
     port: int
     host: str = "localhost"
+    api_key: str | None = attrs.field(default=None, repr=False)  # sent to this backend only, never logged
 
 
 @attrs.frozen
@@ -83,7 +84,15 @@ class Config:
     max_body_size: int = 32 << 20
     request_timeout: float = 600.0
     max_forwards_per_peer: int = 256
-    cors_origins: str = "*"
+    cors_origins: str = ""
+    # --- access control -----------------------------------------------------------
+    admin_token: str | None = attrs.field(default=None, repr=False)
+    api_keys: tuple[str, ...] = attrs.field(default=(), repr=False)
+    api_key_file: Path | None = None
+    admin_rate: float = 10.0
+    admin_burst: int = 100
+    register_rate: float = 5.0
+    register_burst: int = 100
     # --- jobs ---------------------------------------------------------------------
     jobs: bool = False
     jobs_max_stages: int = 5
@@ -92,7 +101,6 @@ class Config:
     jobs_max_payload: int = 1 << 20
     jobs_lease_timeout: float = 600.0
     jobs_worker_timeout: float = 3600.0
-    jobs_admin_token: str | None = None
 
     def replace(self, **changes: Any) -> "Config":
         return attrs.evolve(self, **changes)
@@ -257,6 +265,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("port", "port", _int_range(0, 65535), "HTTP gateway port (default: 8092; 0 picks a free port).", metavar="PORT"),
     Setting("service.name", "service_names", _service_names, "Name of a local service to offer (e.g. 'llm'); repeat together with --service.port to offer several.", metavar="NAME"),
     Setting("service.port", "service_ports", _service_ports, "Port of the local service named by the matching --service.name (reached at localhost:PORT).", metavar="PORT"),
+    Setting("service.api-key", "service_api_keys", lambda v: _split(v), "API key of the local backend (sent to it as Authorization: Bearer, never to anyone else): one per --service.name, in order, or one for all.", metavar="KEY"),
     Setting("seed", "seed", _opt_str, "Derive the node identity deterministically from this string instead of the stored key (for tests and reproducible setups; never in production).", metavar="TEXT"),
     Setting("cleanslate", "cleanslate", _bool, "Discard the stored node table and job data before starting (the identity key is kept).", is_switch=True),
     Setting("data-dir", "data_dir", lambda v: Path(_str(v)).expanduser(), "Directory for the identity key and the LMDB store (default: ~/.ocf).", metavar="DIR"),
@@ -281,14 +290,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max-body-size", "max_body_size", _size, "Largest HTTP request body the gateway accepts (default: 32M).", group="gateway", metavar="BYTES"),
     Setting("request-timeout", "request_timeout", _positive_float, "Seconds a forwarded request may take in total before 504 (default: 600).", group="gateway", metavar="SECONDS"),
     Setting("max-forwards-per-peer", "max_forwards_per_peer", _int_range(1, 1_000_000), "Maximum concurrent requests forwarded to one peer (default: 256).", group="gateway", metavar="N"),
-    Setting("cors-origins", "cors_origins", _str, "Allowed CORS origins, comma-separated, or '*' for any (default: *).", group="gateway", metavar="ORIGINS"),
+    Setting("cors-origins", "cors_origins", _opt_str, "Web origins (e.g. https://app.example) whose pages may call state-changing routes, comma-separated; '*' for any (default: none; reads stay open to any origin).", group="gateway", metavar="ORIGINS"),
+    # --- access control (admin token, API keys, per-client limits) ---------------------
+    Setting("admin-token", "admin_token", _opt_str, "Admin token for state-changing routes (default: generated into <data-dir>/admin.token on first start); prefer OCF_ADMIN_TOKEN over the flag so it stays out of ps.", group="access", metavar="TOKEN"),
+    Setting("api-key", "api_keys", lambda v: tuple(_split(v)), "API key clients must send (Authorization: Bearer) on /v1/service and /v1/p2p; repeat or comma-separate for several (default: none, open).", group="access", metavar="KEY"),
+    Setting("api-key-file", "api_key_file", lambda v: Path(_str(v)).expanduser(), "File with one API key per line ('#' comments), in addition to --api-key.", group="access", metavar="FILE"),
+    Setting("admin-rate", "admin_rate", _positive_float, "Admin calls per second allowed per client address, after the burst (default: 10).", group="access", metavar="PER_SECOND"),
+    Setting("admin-burst", "admin_burst", _int_range(1, 1_000_000), "Admin calls a client address may make at once before --admin-rate applies (default: 100).", group="access", metavar="N"),
+    Setting("register-rate", "register_rate", _positive_float, "Worker registrations per second allowed per client address, after the burst (default: 5).", group="access", metavar="PER_SECOND"),
+    Setting("register-burst", "register_burst", _int_range(1, 1_000_000), "Worker registrations a client address may make at once before --register-rate applies (default: 100).", group="access", metavar="N"),
     Setting("jobs", "jobs", _bool, "Host the distributed job tracker on this node (served under /v1/jobs and as the 'jobs' service).", is_switch=True, group="jobs"),
     Setting("jobs.max-stages", "jobs_max_stages", _int_range(1, 100), "Maximum stages a job tracker project may have (default: 5).", group="jobs", metavar="N"),
     Setting("jobs.max-attempts", "jobs_max_attempts", _int_range(1, 1000), "Attempts before a job is marked failed (default: 3).", group="jobs", metavar="N"),
     Setting("jobs.flag-threshold", "jobs_flag_threshold", _int_range(1, 1000), "Distinct workers flagging a job's input as invalid before it is rolled back to the previous stage (default: 5).", group="jobs", metavar="N"),
     Setting("jobs.max-payload", "jobs_max_payload", _size, "Largest job input or output, as JSON, the tracker accepts (default: 1M).", group="jobs", metavar="BYTES"),
     Setting("jobs.lease-timeout", "jobs_lease_timeout", _positive_float, "Default seconds a claimed job stays leased without a heartbeat before it returns to pending (default: 600; projects may set it per stage).", group="jobs", metavar="SECONDS"),
-    Setting("jobs.admin-token", "jobs_admin_token", _opt_str, "If set, creating projects and jobs needs 'Authorization: Bearer <token>' (workers never do); prefer OCF_JOBS_ADMIN_TOKEN over the flag so it stays out of ps.", group="jobs", metavar="TOKEN"),
     Setting("jobs.worker-timeout", "jobs_worker_timeout", _positive_float, "Seconds of silence after which a worker is forgotten and its token answers 404 (default: 3600).", group="jobs", metavar="SECONDS"),
 )
 BY_FLAG = {s.flag: s for s in SETTINGS}
@@ -321,7 +337,7 @@ def load(
     for flag, raw in flags.items():
         setting = BY_FLAG[flag]
         values[setting.attr] = _parse(setting, raw, f"--{setting.flag}")
-    services = _services(values.pop("service_names", None), values.pop("service_ports", None))
+    services = _services(values.pop("service_names", None), values.pop("service_ports", None), values.pop("service_api_keys", None))
     if services is None:
         services = file_services or ()
     if env.get("LIBP2P_FORCE_PNET", "").strip() == "1" and values.get("network_key") is None:
@@ -340,10 +356,17 @@ def _parse(setting: Setting, raw: Any, where: str) -> Any:
         raise ConfigError(where, str(exc)) from None
 
 
-def _services(names: list[str] | None, ports: list[int] | None) -> tuple[ServiceSpec, ...] | None:
+def _services(names: list[str] | None, ports: list[int] | None, keys: list[str] | None = None) -> tuple[ServiceSpec, ...] | None:
     if names is None and ports is None:
+        if keys:
+            raise ConfigError("--service.api-key", "needs --service.name and --service.port")
         return None
     names, ports = names or [], ports or []
+    keys = keys or []
+    if len(keys) == 1:
+        keys = keys * len(names)
+    if keys and len(keys) != len(names):
+        raise ConfigError("--service.api-key", f"{len(names)} service name(s) but {len(keys)} --service.api-key value(s); give one per name or one for all")
     if len(names) != len(ports):
         raise ConfigError(
             "--service.name",
@@ -354,7 +377,7 @@ def _services(names: list[str] | None, ports: list[int] | None) -> tuple[Service
         if name in seen:
             raise ConfigError("--service.name", f"service {name!r} given twice")
         seen.add(name)
-    return tuple(ServiceSpec(n, p) for n, p in zip(names, ports))
+    return tuple(ServiceSpec(n, p, api_key=keys[i] if keys else None) for i, (n, p) in enumerate(zip(names, ports)))
 
 
 def _read_file(path: Path) -> tuple[dict[str, Any], tuple[ServiceSpec, ...] | None]:
@@ -393,7 +416,8 @@ def _file_services(items: Any, where: str) -> tuple[ServiceSpec, ...]:
             raise ConfigError("--config", f"[[services]]: {exc}") from None
         if len(name) != 1:
             raise ConfigError("--config", "[[services]] name must be a single name")
-        out.append(ServiceSpec(name[0], port, str(item.get("host", "localhost"))))
+        key = item.get("api_key")
+        out.append(ServiceSpec(name[0], port, str(item.get("host", "localhost")), api_key=str(key) if key else None))
     return tuple(out)
 
 

@@ -180,6 +180,20 @@ class NoRoutableIdentity(BadRequest):
     code = "no_routable_identity"
 
 
+class Unauthorized(GatewayRequestError):
+    """The route needs a credential (admin token, API key) that is missing or wrong.
+
+    Always carries ``WWW-Authenticate`` (a 401 without it is not HTTP).
+    """
+
+    status = 401
+    code = "unauthorized"
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, *, code: str | None = None, realm: str = "ocf") -> None:
+        super().__init__(message, code=code, headers={"WWW-Authenticate": f'Bearer realm="{realm}"'})
+
+
 class Forbidden(GatewayRequestError):
     """The route may not be used this way (e.g. a remote peer editing our entry)."""
 
@@ -210,6 +224,25 @@ class RequestTimeout(GatewayRequestError):
     status = 408
     code = "body_timeout"
     type = "invalid_request_error"
+
+
+class UnsupportedMediaType(GatewayRequestError):
+    """A JSON route got a body of another type (e.g. a browser form's text/plain)."""
+
+    status = 415
+    code = "unsupported_media_type"
+    type = "invalid_request_error"
+
+
+class TooManyRequests(GatewayRequestError):
+    """A per-client rate limit was hit; ``Retry-After`` says when to come back."""
+
+    status = 429
+    code = "rate_limited"
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after: str, code: str | None = None) -> None:
+        super().__init__(message, code=code, headers={"Retry-After": retry_after})
 
 
 class Conflict(GatewayRequestError):

@@ -45,6 +45,7 @@ class Node:
         self._started_monotonic = time.monotonic()
         self.listen_addrs: list[Multiaddr] = []
         self.gateway: Gateway | None = None
+        self.admin_token: str | None = None  # set by the gateway (read from or created in data_dir)
         # Subsystems attach themselves here (transport host, node table, services, jobs).
         self.host: Any = None
         self.bootstrap: Any = None  # ocf.transport.bootstrap.Bootstrapper

@@ -165,28 +165,41 @@ async def test_client_disconnect_cancels_the_backend_stream(node_config):
 
 
 async def test_cors_preflight_and_headers(worker):
+    """By default a page may read public routes from any origin but write from none."""
     _, _, client = worker
     r = await client.options(
         "/v1/service/llm/v1/chat/completions",
         headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization, content-type"},
     )
-    assert r.status_code == 204
-    assert r.headers["access-control-allow-origin"] == "*"
-    assert "POST" in r.headers["access-control-allow-methods"]
-    assert r.headers["access-control-allow-headers"] == "authorization, content-type"
+    assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
     r = await client.post("/v1/service/llm/v1/chat/completions", json=chat("m1", "x"), headers={"Origin": "https://app.example"})
-    assert r.headers["access-control-allow-origin"] == "*"
-    assert "X-Computing-Node" in r.headers["access-control-expose-headers"]
+    assert r.status_code == 403 and _error(r)["code"] == "origin_not_allowed"
     r = await client.get("/v1/health", headers={"Origin": "https://app.example"})
     assert r.headers["access-control-allow-origin"] == "*"
+    r = await client.get("/v1/service/llm/v1/models", headers={"Origin": "https://app.example"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
 
 
 async def test_cors_restricted_origins(node_config):
-    async with open_node(node_config(cors_origins="https://ok.example")) as node, httpx.AsyncClient(base_url=node.gateway_url) as client:
-        r = await client.get("/v1/health", headers={"Origin": "https://ok.example"})
-        assert r.headers["access-control-allow-origin"] == "https://ok.example" and r.headers["vary"] == "Origin"
-        r = await client.get("/v1/health", headers={"Origin": "https://evil.example"})
-        assert "access-control-allow-origin" not in r.headers
+    async with running_mock_llm(["m1"]) as mock:
+        config = node_config(cors_origins="https://ok.example", services=(ServiceSpec("llm", mock.port, "127.0.0.1"),))
+        async with open_node(config) as node, httpx.AsyncClient(base_url=node.gateway_url) as client:
+            await node.services.refresh()
+            path = "/v1/service/llm/v1/chat/completions"
+            r = await client.options(path, headers={"Origin": "https://ok.example", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization, content-type"})
+            assert r.status_code == 204 and r.headers["access-control-allow-origin"] == "https://ok.example" and r.headers["vary"] == "Origin"
+            assert "POST" in r.headers["access-control-allow-methods"] and r.headers["access-control-allow-headers"] == "authorization, content-type"
+            r = await client.options(path, headers={"Origin": "https://ok.example", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-anything"})
+            assert r.status_code == 403  # only the headers the allowlist permits
+            r = await client.post(path, json=chat("m1", "x"), headers={"Origin": "https://ok.example"})
+            assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://ok.example"
+            assert "X-Computing-Node" in r.headers["access-control-expose-headers"]
+            r = await client.get("/v1/health", headers={"Origin": "https://ok.example"})
+            assert r.headers["access-control-allow-origin"] == "https://ok.example" and r.headers["vary"] == "Origin"
+            r = await client.get("/v1/health", headers={"Origin": "https://evil.example"})
+            assert r.headers["access-control-allow-origin"] == "*"  # a public read
+            r = await client.post(path, json=chat("m1", "x"), headers={"Origin": "https://evil.example"})
+            assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
 
 
 async def test_metrics_per_node_registry(worker, node_config):

@@ -24,7 +24,7 @@ async def pair(node_config, mock, **worker_overrides):
         async with open_node(worker_config, memory_network=net) as worker:
             await worker.bootstrap.wait_connected()
             await worker.services.refresh()
-            async with httpx.AsyncClient(base_url=dispatcher.gateway_url, timeout=30) as client:
+            async with httpx.AsyncClient(base_url=dispatcher.gateway_url, headers={"X-OCF-Admin-Token": dispatcher.admin_token}, timeout=30) as client:
                 yield dispatcher, worker, client
 
 
@@ -45,7 +45,7 @@ async def test_p2p_reaches_the_other_gateway(node_config):
         r = await client.get(f"/v1/p2p/{worker.peer_id}/v1/no-such-route")
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
         # the worker's gateway relays back to the dispatcher's: a p2p round trip
-        async with httpx.AsyncClient(base_url=worker.gateway_url) as wclient:
+        async with httpx.AsyncClient(base_url=worker.gateway_url, headers={"X-OCF-Admin-Token": worker.admin_token}) as wclient:
             r = await wclient.get(f"/v1/p2p/{dispatcher.peer_id}/v1/health")
             assert r.json()["peer_id"] == str(dispatcher.peer_id)
 
@@ -123,7 +123,7 @@ async def test_worker_dying_mid_stream_cuts_the_response_short(node_config):
     async with running_mock_llm(["m1"], token_delay=0.02) as mock:
         net = MemoryNetwork()
         async with open_node(node_config(mode="standalone"), memory_network=net) as dispatcher:
-            async with httpx.AsyncClient(base_url=dispatcher.gateway_url, timeout=30) as client:
+            async with httpx.AsyncClient(base_url=dispatcher.gateway_url, headers={"X-OCF-Admin-Token": dispatcher.admin_token}, timeout=30) as client:
                 worker_config = node_config(mode="node", bootstrap_addrs=(str(dispatcher.listen_addrs[0]),), services=(ServiceSpec("llm", mock.port, "127.0.0.1"),))
                 outcome = []
                 async with trio.open_nursery() as nursery:
@@ -157,7 +157,7 @@ async def test_remote_peer_may_not_edit_our_entry(node_config):
                 r = await client.request(method, path, json={"role": ["x"]})
                 assert r.status_code == 403 and r.json()["error"]["code"] == "remote_forbidden", path
         assert worker.table.own_entry()["role"] != ["x"]
-        async with httpx.AsyncClient(base_url=worker.gateway_url) as local:  # the node's own operator may
+        async with httpx.AsyncClient(base_url=worker.gateway_url, headers={"X-OCF-Admin-Token": worker.admin_token}) as local:  # the node's own operator may
             r = await local.post("/v1/dnt/_node", json={"role": ["x"]})
             assert r.status_code == 200 and worker.table.own_entry()["role"] == ["x"]
 

@@ -42,8 +42,11 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
         proc.wait(timeout=15)
 
 
-def ocf(*args: str, url: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ocf", *args], input=stdin, capture_output=True, text=True, timeout=120, env=dict(os.environ, OCF_TRACKER_URL=url))
+def ocf(*args: str, url: str, stdin: str | None = None, data_dir=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OCF_TRACKER_URL=url)
+    if data_dir is not None:  # where `ocf jobs` finds the tracker's admin token, as a user's ~/.ocf
+        env["OCF_DATA_DIR"] = str(data_dir)
+    return subprocess.run([sys.executable, "-m", "ocf", *args], input=stdin, capture_output=True, text=True, timeout=120, env=env)
 
 
 def test_cli_project_create_worker_results(tmp_path):
@@ -51,32 +54,32 @@ def test_cli_project_create_worker_results(tmp_path):
     url = f"http://127.0.0.1:{port}"
     proc = start_tracker(tmp_path / "d", port)
     try:
-        r = ocf("jobs", "project", "shards", "--stage", "fetch:60", "--stage", "count:60", url=url)
+        r = ocf("jobs", "project", "shards", "--stage", "fetch:60", "--stage", "count:60", url=url, data_dir=tmp_path / "d")
         assert r.returncode == 0 and "project shards created" in r.stdout, r.stderr
-        r = ocf("jobs", "create", "shards", "--pattern", "shard-{000..039}.tar", "--batch", "16", url=url)
+        r = ocf("jobs", "create", "shards", "--pattern", "shard-{000..039}.tar", "--batch", "16", url=url, data_dir=tmp_path / "d")
         assert r.returncode == 0 and "created 40 jobs" in r.stdout, r.stderr
         # stage 1: output the input's length as JSON; stage 2: double it (reads JSON from stdin)
         r = ocf("worker", "--project", "shards", "--stage", "fetch", "--nickname", "alice", "--batch", "8", "--until-empty", "--output", "json",
-                "--", sys.executable, "-c", "import sys; print(len(sys.stdin.read()))", url=url)
+                "--", sys.executable, "-c", "import sys; print(len(sys.stdin.read()))", url=url, data_dir=tmp_path / "d")
         assert r.returncode == 0 and "completed 40 jobs" in r.stderr, r.stderr
         r = ocf("worker", "--project", "shards", "--stage", "count", "--nickname", "bob", "--until-empty", "--output", "json",
-                "--", sys.executable, "-c", "import sys, json, os; print(json.dumps({'n': int(sys.stdin.read()) * 2, 'job': os.environ['OCF_JOB_ID']}))", url=url)
+                "--", sys.executable, "-c", "import sys, json, os; print(json.dumps({'n': int(sys.stdin.read()) * 2, 'job': os.environ['OCF_JOB_ID']}))", url=url, data_dir=tmp_path / "d")
         assert r.returncode == 0, r.stderr
         out = tmp_path / "results.jsonl"
-        r = ocf("jobs", "results", "shards", "-o", str(out), url=url)
+        r = ocf("jobs", "results", "shards", "-o", str(out), url=url, data_dir=tmp_path / "d")
         assert r.returncode == 0, r.stderr
         results = [json.loads(line) for line in out.read_text().splitlines()]
         assert len(results) == 40 and {res["output"]["n"] for res in results} == {len("shard-000.tar") * 2}
-        r = ocf("jobs", "status", "shards", url=url)
+        r = ocf("jobs", "status", "shards", url=url, data_dir=tmp_path / "d")
         assert r.returncode == 0 and "100.00% complete" in r.stdout, r.stdout
-        r = ocf("jobs", "leaderboard", "shards", url=url)
+        r = ocf("jobs", "leaderboard", "shards", url=url, data_dir=tmp_path / "d")
         assert "alice" in r.stdout and "bob" in r.stdout
         # errors: one line, non-zero
-        r = ocf("jobs", "status", "nope", url=url)
+        r = ocf("jobs", "status", "nope", url=url, data_dir=tmp_path / "d")
         assert r.returncode == 1 and "no project 'nope'" in r.stderr and r.stderr.count("\n") == 1
-        r = ocf("jobs", "create", "shards", "--range", "1-2", url=url)
+        r = ocf("jobs", "create", "shards", "--range", "1-2", url=url, data_dir=tmp_path / "d")
         assert r.returncode == 2 and "range" in r.stderr
-        r = ocf("worker", "--project", "shards", "--stage", "fetch", "--until-empty", "--", "false", url=url)
+        r = ocf("worker", "--project", "shards", "--stage", "fetch", "--until-empty", "--", "false", url=url, data_dir=tmp_path / "d")
         assert r.returncode == 0  # nothing pending: exits cleanly
         r = ocf("jobs", "list", url="http://127.0.0.1:1")
         assert r.returncode == 1 and "cannot reach the tracker" in r.stderr
@@ -89,9 +92,9 @@ def test_failing_command_fails_the_job_with_its_stderr(tmp_path):
     url = f"http://127.0.0.1:{port}"
     proc = start_tracker(tmp_path / "d", port)
     try:
-        ocf("jobs", "project", "p", "--stage", "only", "--max-attempts", "1", url=url)
-        ocf("jobs", "create", "p", "--range", "0:2", url=url)
-        r = ocf("worker", "--project", "p", "--stage", "only", "--until-empty", "--", sys.executable, "-c", "import sys; sys.exit('boom: ' + sys.stdin.read())", url=url)
+        ocf("jobs", "project", "p", "--stage", "only", "--max-attempts", "1", url=url, data_dir=tmp_path / "d")
+        ocf("jobs", "create", "p", "--range", "0:2", url=url, data_dir=tmp_path / "d")
+        r = ocf("worker", "--project", "p", "--stage", "only", "--until-empty", "--", sys.executable, "-c", "import sys; sys.exit('boom: ' + sys.stdin.read())", url=url, data_dir=tmp_path / "d")
         assert r.returncode == 0, r.stderr
         failures = httpx.get(f"{url}/v1/jobs/p/failures").json()["failures"]
         assert len(failures) == 2 and all("boom" in f["error"] for f in failures)
@@ -109,9 +112,10 @@ async def test_kill_9_mid_run_loses_and_duplicates_nothing(tmp_path):
     proc = start_tracker(data, port)
     up = trio.Event()  # replaced by an unset one just before each kill, set once the tracker is back
     up.set()
+    admin = {"X-OCF-Admin-Token": (data / "admin.token").read_text().strip()}
     async with httpx.AsyncClient(timeout=10) as http:
-        await http.put(url, json={"stages": [{"name": "one", "lease_timeout": 3}, {"name": "two", "lease_timeout": 3}], "max_attempts": 50})
-        await http.post(url + "/jobs", json=list(range(jobs)))
+        await http.put(url, headers=admin, json= {"stages": [{"name": "one", "lease_timeout": 3}, {"name": "two", "lease_timeout": 3}], "max_attempts": 50})
+        await http.post(url + "/jobs", headers=admin, json=list(range(jobs)))
 
         async def call(method: str, path: str, token: str | None = None, body=None) -> httpx.Response:
             """Retry across the tracker's death: the same request again once it is back."""

@@ -70,8 +70,9 @@ def test_kill_9_during_writes_leaves_a_loadable_table(tmp_path):
                 assert f"/{entry['peer_id']}" in table  # the previous kill left a loadable table
                 if i:
                     assert table[f"/{entry['peer_id']}"]["owner"].startswith("round-")
+                admin = {"X-OCF-Admin-Token": (data / "admin.token").read_text().strip()}  # written on the first start
                 for j in range(30):
-                    client.post("/v1/dnt/_node", json={"owner": f"round-{i}-{j}"})
+                    client.post("/v1/dnt/_node", json={"owner": f"round-{i}-{j}"}, headers=admin)
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)

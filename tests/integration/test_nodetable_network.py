@@ -186,7 +186,7 @@ async def test_unreadable_stored_records_are_dropped_and_own_entry_resigned(node
 async def test_http_routes(node_config):
     net = MemoryNetwork()
     async with star(node_config, 2, net) as (hub, worker):
-        async with httpx.AsyncClient(base_url=hub.gateway_url) as client:
+        async with httpx.AsyncClient(base_url=hub.gateway_url, headers={"X-OCF-Admin-Token": hub.admin_token}) as client:
             table = (await client.get("/v1/dnt/table")).json()
             assert set(table) == {f"/{hub.peer_id}", f"/{worker.peer_id}"}
             assert (await client.get("/v1/dnt/table?all=true")).status_code == 200
@@ -209,7 +209,7 @@ async def test_http_routes(node_config):
 
 async def test_public_addr_is_served_as_bootstrap(node_config):
     async with open_node(node_config(public_addr="127.0.0.1")) as node:
-        async with httpx.AsyncClient(base_url=node.gateway_url) as client:
+        async with httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client:
             boots = (await client.get("/v1/dnt/bootstraps")).json()["bootstraps"]
         assert boots and all(str(node.peer_id) in b for b in boots)
 

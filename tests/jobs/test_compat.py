@@ -40,7 +40,7 @@ def run_stage(url: str, stage: str, nickname: str) -> list[tuple[int, object]]:
 
 
 async def test_distcompute_client_runs_every_stage(node_config):
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url) as http:
+    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http:
         r = await http.put("/v1/jobs/crawl", json={"stages": ["cpu", "gpu", "filter"]})
         assert r.status_code == 201
         await http.post("/v1/jobs/crawl/jobs", json=[f"shard-{i}" for i in range(5)])
@@ -90,7 +90,7 @@ def compat_errors(url: str) -> dict[str, object]:
 
 
 async def test_compat_status_codes_and_idempotent_completion(node_config):
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url) as http:
+    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http:
         await http.put("/v1/jobs/crawl", json={"stages": ["cpu", "gpu"]})
         await http.post("/v1/jobs/crawl/jobs", json=[{"k": 1}])
         url = f"{node.gateway_url}/v1/jobs/crawl"
@@ -107,7 +107,7 @@ async def test_compat_status_codes_and_idempotent_completion(node_config):
 
 
 async def test_compat_flags_roll_back_and_worker_page(node_config):
-    async with open_node(node_config(jobs=True, jobs_flag_threshold=2)) as node, httpx.AsyncClient(base_url=node.gateway_url) as http:
+    async with open_node(node_config(jobs=True, jobs_flag_threshold=2)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http:
         await http.put("/v1/jobs/crawl", json={"stages": ["cpu", "gpu"]})
         await http.post("/v1/jobs/crawl/jobs", json=["in"])
         url = f"{node.gateway_url}/v1/jobs/crawl"

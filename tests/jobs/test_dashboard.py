@@ -60,7 +60,7 @@ async def work(client: httpx.AsyncClient, project: str, token: str, complete: in
 
 
 async def test_dashboard_is_html_with_only_local_assets(node_config):
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url) as client:
+    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client:
         r = await client.get("/dashboard")
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/html")
@@ -80,15 +80,16 @@ async def test_dashboard_is_html_with_only_local_assets(node_config):
 
 
 async def test_unknown_asset_and_traversal_are_404(node_config):
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url) as client:
+    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client:
         for path in ("/dashboard/static/nope.js", "/dashboard/static/index.html", "/dashboard/static/..%2Fdashboard.py", "/dashboard/static/../dashboard.py"):
             r = await client.get(path)
-            assert r.status_code == 404, path
+            # An encoded '/' is a non-canonical target: the router refuses it before any view runs.
+            assert r.status_code == (400 if "%2F" in path else 404), path
             assert r.headers["content-type"].startswith("application/json")
 
 
 async def test_project_query_selects_or_explains(node_config):
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url) as client:
+    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client:
         assert (await client.put("/v1/jobs/crawl", json=PROJECT)).status_code == 201
         assert (await client.get("/dashboard", params={"project": "crawl"})).status_code == 200
         # Unknown project: an honest 404, still the page (its script says which projects exist).
@@ -99,7 +100,7 @@ async def test_project_query_selects_or_explains(node_config):
 
 
 async def test_node_without_tracker_serves_the_explaining_page(node_config):
-    async with open_node(node_config()) as node, httpx.AsyncClient(base_url=node.gateway_url) as client:
+    async with open_node(node_config()) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client:
         r = await client.get("/dashboard")
         assert r.status_code == 404 and r.headers["content-type"].startswith("text/html")
         api = await client.get("/v1/jobs")
@@ -217,7 +218,7 @@ def chromium_processes(profile: Path) -> list[psutil.Process]:
 async def test_dashboard_renders_and_updates_live_in_chromium(node_config, tmp_path):
     profile = tmp_path / "chromium-profile"
     project = "laion"
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url) as client:
+    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client:
         assert (await client.put(f"/v1/jobs/{project}", json=PROJECT)).status_code == 201
         assert (await client.post(f"/v1/jobs/{project}/jobs", json=[f"url-{i}" for i in range(12)])).status_code == 201
         crawler = await register(client, project, "crawl", "alice")
@@ -270,7 +271,7 @@ async def test_dashboard_explains_missing_tracker_project_or_projects(node_confi
         assert "does not host a job tracker" in await page.wait_for(message)
         await page.navigate(f"{tracker.gateway_url}/dashboard")
         assert "No projects yet" in await page.wait_for(message)
-        async with httpx.AsyncClient(base_url=tracker.gateway_url) as client:
+        async with httpx.AsyncClient(base_url=tracker.gateway_url, headers={"X-OCF-Admin-Token": tracker.admin_token}) as client:
             assert (await client.put("/v1/jobs/crawl", json=PROJECT)).status_code == 201
         await page.navigate(f"{tracker.gateway_url}/dashboard?project=%3Cb%3Enope%3C%2Fb%3E")
         text = await page.wait_for(message)

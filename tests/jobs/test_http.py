@@ -34,7 +34,7 @@ def auth(token: str) -> dict:
 
 
 async def test_three_stage_run_over_http(node_config):
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url) as client:
+    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client:
         await setup_project(client)
         for stage in ("crawl", "embed", "filter"):
             token = await register(client, stage)
@@ -60,7 +60,7 @@ async def test_three_stage_run_over_http(node_config):
 
 
 async def test_bad_requests_get_clear_errors_and_change_nothing(node_config):
-    async with open_node(node_config(jobs=True, jobs_max_payload=1000)) as node, httpx.AsyncClient(base_url=node.gateway_url) as client:
+    async with open_node(node_config(jobs=True, jobs_max_payload=1000)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client:
         await setup_project(client)
         token = await register(client)
         cases = [
@@ -95,15 +95,15 @@ async def test_bad_requests_get_clear_errors_and_change_nothing(node_config):
 
 
 async def test_no_tracker_without_jobs_flag(node_config):
-    async with open_node(node_config()) as node, httpx.AsyncClient(base_url=node.gateway_url) as client:
+    async with open_node(node_config()) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client:
         r = await client.get("/v1/jobs")
         assert r.status_code == 404 and r.json()["error"]["code"] == "no_tracker"
 
 
 async def test_200_workers_claiming_at_once_never_share_a_job(node_config):
-    async with open_node(node_config(jobs=True)) as node:
+    async with open_node(node_config(jobs=True, register_burst=1000)) as node:
         limits = httpx.Limits(max_connections=200)
-        async with httpx.AsyncClient(base_url=node.gateway_url, limits=limits, timeout=60) as client:
+        async with httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}, limits=limits, timeout=60) as client:
             await setup_project(client, inputs=range(1000))
             tokens = []
 
@@ -131,7 +131,7 @@ async def test_200_workers_claiming_at_once_never_share_a_job(node_config):
 
 
 async def test_long_poll_claim_wakes_when_jobs_arrive(node_config):
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, timeout=30) as client:
+    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}, timeout=30) as client:
         await setup_project(client, inputs=[])
         token = await register(client)
         got = []
@@ -151,7 +151,7 @@ async def test_long_poll_claim_wakes_when_jobs_arrive(node_config):
 
 async def test_expired_lease_is_reclaimed_by_the_reaper_and_late_result_refused(node_config):
     definition = {"stages": [{"name": "crawl", "lease_timeout": 0.2}, "embed"]}
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url) as client:
+    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client:
         await setup_project(client, inputs=["x"], definition=definition)
         slow, fast = await register(client, nickname="slow"), await register(client, nickname="fast")
         job = (await client.post("/v1/jobs/crawl/claim", json={}, headers=auth(slow))).json()["jobs"][0]
@@ -175,42 +175,46 @@ async def test_tracker_is_reachable_through_another_node_as_the_jobs_service(nod
     async with open_node(node_config(jobs=True), memory_network=network) as tracker_node:
         addr = str(tracker_node.listen_addrs[0])
         async with open_node(node_config(mode="node", bootstrap_addrs=(addr,)), memory_network=network) as edge:
-            async with httpx.AsyncClient(base_url=edge.gateway_url, timeout=30) as client:
+            async with httpx.AsyncClient(base_url=edge.gateway_url, headers={"X-OCF-Admin-Token": edge.admin_token}, timeout=30) as client:
                 with trio.fail_after(30):  # wait (on table changes) until the edge knows who offers "jobs"
                     while not any(
                         s.get("name") == "jobs" for e in edge.table.entries().values() for s in (e.get("service") or [])
                     ):
                         await edge.table.wait_changed()
+                # Admin routes are never reachable from another node, whatever token the client holds.
                 r = await client.put("/v1/service/jobs/crawl", json=PROJECT)
-                assert r.status_code == 201, r.text
-                assert r.headers["X-Computing-Node"] == str(tracker_node.peer_id)
-                r = await client.post("/v1/service/jobs/crawl/jobs", json=["via-network"])
-                assert r.status_code == 201
+                assert r.status_code == 403 and r.json()["error"]["code"] == "remote_forbidden", r.text
+                async with httpx.AsyncClient(base_url=tracker_node.gateway_url, headers={"X-OCF-Admin-Token": tracker_node.admin_token}) as admin:
+                    await setup_project(admin, inputs=["via-network"])
                 stats = (await client.get("/v1/service/jobs/crawl/stats")).json()
                 assert stats["stages"][0]["pending"] == 1
                 r = await client.post("/v1/service/jobs/crawl/workers", json={"nickname": "far", "stage": "crawl"})
+                assert r.headers["X-Computing-Node"] == str(tracker_node.peer_id)
                 token = r.json()["token"]
-                r = await client.post("/v1/service/jobs/crawl/claim", json={"wait": 5}, headers=auth(token))
+                # The gateway drops the client's Authorization on the way: the token travels in its own header.
+                worker = {"X-OCF-Worker-Token": token}
+                r = await client.post("/v1/service/jobs/crawl/claim", json={"wait": 5}, headers=worker)
                 assert [j["input"] for j in r.json()["jobs"]] == ["via-network"]
-                r = await client.post("/v1/service/jobs/crawl/complete", json={"results": [{"id": r.json()["jobs"][0]["id"], "output": 1}]}, headers=auth(token))
+                r = await client.post("/v1/service/jobs/crawl/complete", json={"results": [{"id": r.json()["jobs"][0]["id"], "output": 1}]}, headers=worker)
                 assert r.json()["results"][0]["status"] == "done"
 
 
 async def test_admin_token_guards_project_and_job_creation_only(node_config):
-    async with open_node(node_config(jobs=True, jobs_admin_token="s3cret")) as node, httpx.AsyncClient(base_url=node.gateway_url) as client:
+    async with open_node(node_config(jobs=True, admin_token="s3cret")) as node, httpx.AsyncClient(base_url=node.gateway_url) as client:
         r = await client.put("/v1/jobs/crawl", json=PROJECT)
-        assert r.status_code == 403 and r.json()["error"]["code"] == "admin_token_required"
+        assert r.status_code == 401 and r.json()["error"]["code"] == "admin_token_required"
+        assert r.headers["www-authenticate"].startswith("Bearer")
         r = await client.put("/v1/jobs/crawl", json=PROJECT, headers=auth("wrong"))
-        assert r.status_code == 403
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_admin_token"
         assert (await client.put("/v1/jobs/crawl", json=PROJECT, headers=auth("s3cret"))).status_code == 201
-        assert (await client.post("/v1/jobs/crawl/jobs", json=["x"])).status_code == 403
-        assert (await client.post("/v1/jobs/crawl/jobs", json=["x"], headers=auth("s3cret"))).status_code == 201
+        assert (await client.post("/v1/jobs/crawl/jobs", json=["x"])).status_code == 401
+        assert (await client.post("/v1/jobs/crawl/jobs", json=["x"], headers={"X-OCF-Admin-Token": "s3cret"})).status_code == 201
         token = await register(client)  # workers need no admin token
         assert len((await client.post("/v1/jobs/crawl/claim", json={}, headers=auth(token))).json()["jobs"]) == 1
 
 
 async def test_job_counts_in_prometheus_metrics(node_config):
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url) as client:
+    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client:
         await setup_project(client)
         text = (await client.get("/metrics")).text
         assert 'ocf_jobs{project="crawl",stage="crawl",state="pending"} 3.0' in text

@@ -17,6 +17,7 @@ import sys
 import time
 import uuid
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import httpx
@@ -37,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--url", default=os.environ.get("OCF_TRACKER_URL", DEFAULT_URL), help=f"Gateway URL of the tracker node, or of any node with --via-network (default: $OCF_TRACKER_URL or {DEFAULT_URL}).")
     p.add_argument("--via-network", action="store_true", help="Reach the tracker through this node's /v1/service/jobs route (the tracker may be any peer).")
-    p.add_argument("--admin-token", default=os.environ.get("OCF_JOBS_ADMIN_TOKEN"), metavar="TOKEN", help="The tracker's admin token, if it has one, for 'project' and 'create' (default: $OCF_JOBS_ADMIN_TOKEN).")
+    p.add_argument("--admin-token", default=os.environ.get("OCF_ADMIN_TOKEN") or os.environ.get("OCF_JOBS_ADMIN_TOKEN"), metavar="TOKEN", help="The tracker node's admin token, for 'project' and 'create' (default: $OCF_ADMIN_TOKEN, else read from --data-dir).")
+    p.add_argument("--data-dir", default=os.environ.get("OCF_DATA_DIR", "~/.ocf"), metavar="DIR", help="Data directory of the tracker node, whose admin.token is used when --admin-token is not given (default: $OCF_DATA_DIR or ~/.ocf).")
     p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS", help="HTTP timeout per request (default: 60).")
     jobs_sub = p.add_subparsers(dest="jobs_command", metavar="ACTION")
     jobs_sub.required = True
@@ -95,10 +97,19 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
+def _read_admin_token(data_dir: str) -> str | None:
+    """The node's admin token from its data directory (written there on its first start), if readable."""
+    try:
+        return (Path(data_dir).expanduser() / "admin.token").read_text().strip() or None
+    except OSError:
+        return None
+
+
 def _guard(func: Any) -> Any:
     def run(args: argparse.Namespace) -> int:
         try:
-            headers = {"Authorization": f"Bearer {args.admin_token}"} if args.admin_token else {}
+            token = args.admin_token or _read_admin_token(args.data_dir)
+            headers = {"X-OCF-Admin-Token": token} if token else {}
             with httpx.Client(timeout=args.timeout, headers=headers) as http:
                 return func(args, http)
         except TrackerError as exc:

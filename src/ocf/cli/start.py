@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         dest = "flag:" + s.flag
         if s.is_switch:
             group.add_argument(f"--{s.flag}", dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=s.help)
-        elif s.flag in ("bootstrap.addr", "service.name", "service.port"):
+        elif s.flag in ("bootstrap.addr", "service.name", "service.port", "service.api-key", "api-key"):
             group.add_argument(f"--{s.flag}", dest=dest, action="append", default=argparse.SUPPRESS, metavar=s.metavar, help=s.help)
         else:
             group.add_argument(f"--{s.flag}", dest=dest, default=argparse.SUPPRESS, metavar=s.metavar, help=s.help)
@@ -80,7 +80,9 @@ async def _serve(config) -> None:  # type: ignore[no-untyped-def]
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_node(config) as node:
-            print(f"ocf node {node.peer_id} ready; gateway {node.gateway_url}", file=sys.stderr, flush=True)
+            assert node.gateway is not None
+            listening = ", ".join(b.split("://", 1)[-1] for b in node.gateway.binds)
+            print(f"ocf node {node.peer_id} ready; gateway {node.gateway_url} (listening on {listening})", file=sys.stderr, flush=True)
             async for signum in signals:
                 log.info("shutdown requested %s", logfmt.kv(signal=signal.Signals(signum).name))
                 break

@@ -6,7 +6,7 @@ installs what all routes share (JSON errors, CORS, body limits).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from quart import request
 from quart_trio import QuartTrio
@@ -20,8 +20,46 @@ if TYPE_CHECKING:
     from ..node import Node
 
 
+class _RoutedAdapter:
+    """A URL adapter whose ``match`` answers from the router's :class:`~ocf.gateway.router.Route`.
+
+    The gateway's router already matched the raw target; Quart is handed the
+    Werkzeug rule with the same template and the route's parameters instead
+    of matching the path again (building URLs still goes to Werkzeug).
+    """
+
+    def __init__(self, inner: Any, rule: Any, args: dict[str, Any]) -> None:
+        self._inner, self._rule, self._args = inner, rule, args
+
+    def match(self, *_args: Any, return_rule: bool = False, **_kwargs: Any) -> tuple[Any, dict[str, Any]]:
+        return (self._rule if return_rule else self._rule.endpoint), dict(self._args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class GatewayApp(QuartTrio):
+    """QuartTrio dispatching from the route the gateway's router gave each request."""
+
+    def create_url_adapter(self, request: Any) -> Any:
+        adapter = super().create_url_adapter(request)
+        route = request.scope.get("ocf.route") if request is not None else None
+        if adapter is None or route is None:
+            return adapter
+        rules = self.extensions.get("ocf.rules")
+        if rules is None:
+            rules = self.extensions["ocf.rules"] = {(rule.rule, m): rule for rule in self.url_map.iter_rules() for m in rule.methods or ()}
+        rule = rules.get((route.label, request.method))
+        if rule is None:
+            return adapter  # not a Quart route (the router answers those itself): let Werkzeug say 404/405
+        args: dict[str, Any] = {}
+        for name, value in route.params:
+            args[name] = int(value) if f"<int:{name}>" in route.label else value
+        return _RoutedAdapter(adapter, rule, args)
+
+
 def create_app(node: "Node") -> QuartTrio:
-    app = QuartTrio("ocf.gateway")
+    app = GatewayApp("ocf.gateway")
     app.config["MAX_CONTENT_LENGTH"] = node.config.max_body_size
     app.config["BODY_TIMEOUT"] = node.config.request_timeout
     app.config["RESPONSE_TIMEOUT"] = None  # streamed responses may run long; forwards enforce their own timeout
@@ -51,11 +89,14 @@ def install_gateway_layer(app: QuartTrio, node: "Node") -> None:
 
     The forwarding routes (``/v1/_service``, ``/v1/service``, ``/v1/p2p``) are
     raw ASGI in front of Quart (see :mod:`ocf.gateway.forward` for why), as
-    are the job tracker's three hot routes (:mod:`ocf.jobs.hot`); CORS and
-    request metrics wrap every route.
+    are the job tracker's three hot routes (:mod:`ocf.jobs.hot`); the router,
+    the access policy, CORS and request metrics wrap every route
+    (:mod:`ocf.gateway.asgi`). The admin token is created here on first start.
     """
     from ..jobs.hot import HotRoutes
-    from .asgi import Cors, GatewayASGI
+    from .access import Access, load_or_create_admin_token
+    from .asgi import GatewayASGI
+    from .cors import Cors
     from .forward import Forwarder
     from .metrics import GatewayMetrics
     from .metrics import blueprint as metrics_blueprint
@@ -65,14 +106,10 @@ def install_gateway_layer(app: QuartTrio, node: "Node") -> None:
     app.extensions["ocf.metrics"] = metrics
     app.extensions["ocf.forwarder"] = forwarder
     app.register_blueprint(metrics_blueprint)
-    app.asgi_app = GatewayASGI(app.asgi_app, forwarder, metrics, Cors(node.config.cors_origins), HotRoutes(node))  # type: ignore[method-assign]
-    forwarder.app = app  # in-process dispatch (internal services, /v1/p2p/<self>) re-enters the whole app
-
-    @app.before_request
-    async def label_route() -> None:
-        # Metrics count requests by route template (bounded), never by raw path.
-        rule = request.url_rule
-        request.scope["ocf.route"] = rule.rule if rule is not None else "unmatched"
+    node.admin_token = load_or_create_admin_token(node.config.data_dir, node.config.admin_token)
+    access = Access(node.config, node.admin_token)
+    app.extensions["ocf.access"] = access
+    app.asgi_app = GatewayASGI(app.asgi_app, forwarder, metrics, Cors(node.config.cors_origins), HotRoutes(node), access)  # type: ignore[method-assign]
 
     @app.errorhandler(GatewayRequestError)
     async def gateway_error(exc: GatewayRequestError):  # type: ignore[no-untyped-def]

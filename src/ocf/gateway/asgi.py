@@ -1,23 +1,32 @@
-"""The ASGI layer in front of the Quart app: CORS, metrics, peer policy, forwarding routes.
+"""The ASGI layer in front of the Quart app: route once, apply the policy, then dispatch.
 
 One thin wrapper sees every request, whether it came to the TCP port or from
-another peer over a ``/libp2p-http`` stream, so CORS headers, request
-counting and the remote-peer policy are applied once, in one place; the
-forwarding routes (:mod:`ocf.gateway.forward`) are served here directly and
-everything else goes on to Quart's blueprints.
+another peer over a ``/libp2p-http`` stream. It classifies the raw target
+once (:func:`ocf.gateway.router.classify`), and everything else follows from
+that :class:`~ocf.gateway.router.Route`: the metrics label, CORS and the
+browser write guard (:mod:`ocf.gateway.cors`), the access policy
+(:mod:`ocf.gateway.access`), the 415 check of JSON routes, and the dispatch
+to the forwarder, the tracker's hot routes or Quart. The forwarder calls
+:meth:`GatewayASGI.dispatch_internal` for this node's internal services and
+for ``/v1/p2p/<self>``: a new target, routed and checked like any other, but
+without re-entering the whole app.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable, Sequence
 
-from ..errors import Forbidden
+from ..errors import GatewayRequestError, MethodNotAllowed, NotFound, UnsupportedMediaType
 from ..httpstream.bridge import get_header
+from . import router
 from .errors import send_asgi_error
+from .router import Route
 
 if TYPE_CHECKING:
     from ..jobs.hot import HotRoutes
+    from .access import Access
+    from .cors import Cors
     from .forward import Forwarder
     from .metrics import GatewayMetrics
 
@@ -27,78 +36,33 @@ Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 ASGIApp = Callable[[dict, Receive, Send], Awaitable[None]]
 
-CORS_METHODS = b"GET, POST, PUT, PATCH, DELETE, OPTIONS"
-CORS_EXPOSE = b"X-Computing-Node, Retry-After, X-OCF-Error-Code"
-#: Routes a remote peer (arriving over /libp2p-http) may not use: they edit this node's own entry.
-REMOTE_FORBIDDEN = (("POST", "/v1/dnt/_node"), ("DELETE", "/v1/dnt/_node"), ("PATCH", "/v1/dnt/_node"), ("PUT", "/v1/dnt/_node"))
-
-
-class Cors:
-    """Permissive CORS as OCF by default (``*``); a comma-separated origin list restricts it."""
-
-    def __init__(self, origins: str) -> None:
-        items = [o.strip() for o in origins.split(",") if o.strip()]
-        self.any = "*" in items or not items
-        self.allowed = {o.encode() for o in items}
-
-    def allow_origin(self, origin: bytes | None) -> bytes | None:
-        if self.any:
-            return b"*"
-        if origin is not None and origin in self.allowed:
-            return origin
-        return None
-
-    def headers(self, origin: bytes | None) -> list[tuple[bytes, bytes]]:
-        allowed = self.allow_origin(origin)
-        if allowed is None:
-            return []
-        out = [(b"access-control-allow-origin", allowed), (b"access-control-expose-headers", CORS_EXPOSE)]
-        if not self.any:
-            out.append((b"vary", b"Origin"))
-        return out
-
-    def preflight_headers(self, origin: bytes | None, requested: bytes | None) -> list[tuple[bytes, bytes]]:
-        base = self.headers(origin)
-        if not base:
-            return []
-        return base + [
-            (b"access-control-allow-methods", CORS_METHODS),
-            (b"access-control-allow-headers", requested or b"*"),
-            (b"access-control-max-age", b"86400"),
-        ]
+_JSON_LINES = (b"application/x-ndjson", b"application/jsonl", b"application/jsonlines")
+_NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class GatewayASGI:
     """Wraps Quart's ``asgi_app``; install with ``app.asgi_app = GatewayASGI(app.asgi_app, ...)``."""
 
-    def __init__(self, inner: ASGIApp, forwarder: "Forwarder", metrics: "GatewayMetrics", cors: Cors, hot: "HotRoutes") -> None:
+    def __init__(self, inner: ASGIApp, forwarder: "Forwarder", metrics: "GatewayMetrics", cors: "Cors", hot: "HotRoutes", access: "Access") -> None:
         self.inner = inner
         self.forwarder = forwarder
         self.hot = hot
         self.metrics = metrics
         self.cors = cors
+        self.access = access
+        self.router = router.Router()
+        forwarder.dispatch_internal = self.dispatch_internal
 
     async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.inner(scope, receive, send)
             return
-        if scope.get("ocf.nested"):
-            # Dispatched in-process by the forwarder (internal service, /v1/p2p to ourselves): the
-            # outer call already applies CORS and counting; check the policy (the path is new) and route.
-            if self._forbidden(scope):
-                await send_asgi_error(send, Forbidden("another peer may not change this node's entry", code="remote_forbidden"))
-            elif self.forwarder.route_of(scope["path"]) is not None:
-                await self.forwarder(scope, receive, send)
-            elif self.hot.route_of(scope["path"]) is not None:
-                await self.hot(scope, receive, send)
-            else:
-                await self.inner(scope, receive, send)
-            return
         headers = scope["headers"]
         origin = get_header(headers, b"origin")
         method = scope["method"]
         status = 0
-        extra = self.cors.headers(origin) if origin is not None or self.cors.any else []
+        label = "invalid"
+        extra: list[tuple[bytes, bytes]] = []
 
         async def send_wrapped(message: dict) -> None:
             nonlocal status
@@ -108,41 +72,81 @@ class GatewayASGI:
                     message = dict(message, headers=list(message.get("headers", [])) + extra)
             await send(message)
 
-        route = self.forwarder.route_of(scope["path"])
-        hot = self.hot.route_of(scope["path"]) if route is None else None
         try:
-            if method == "OPTIONS" and get_header(headers, b"access-control-request-method") is not None:
-                scope["ocf.route"] = "preflight"
-                await send(
-                    {"type": "http.response.start", "status": 204, "headers": self.cors.preflight_headers(origin, get_header(headers, b"access-control-request-headers"))}
-                )
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-                status = 204
+            route = self.router.classify(method, scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape"))
+            label = route.label
+            scope["ocf.route"] = route
+            extra = self.cors.headers(route, method, origin)
+            if method == "OPTIONS" and route.family not in (router.NOT_FOUND, router.METHOD_NOT_ALLOWED):
+                label = "preflight"
+                status = await self._options(route, headers, origin, send)
                 return
-            if self._forbidden(scope):
-                scope["ocf.route"] = scope["path"]
-                await send_asgi_error(send_wrapped, Forbidden("another peer may not change this node's entry", code="remote_forbidden"))
-                return
-            if route is not None:
-                scope["ocf.route"] = route
-                if method == "OPTIONS":
-                    await send_wrapped({"type": "http.response.start", "status": 204, "headers": [(b"allow", CORS_METHODS)]})
-                    await send_wrapped({"type": "http.response.body", "body": b"", "more_body": False})
-                    return
-                status = await self.forwarder(scope, receive, send, extra)  # adds the CORS headers itself
-            elif hot is not None:
-                scope["ocf.route"] = hot
-                await self.hot(scope, receive, send_wrapped)
+            if origin is not None and "ocf.remote_peer" not in scope.get("extensions", {}):
+                self.cors.check_write(method, origin, get_header(headers, b"host"))
+            if route.family in router.FORWARDING:
+                self._admit(route, scope)
+                status = await self.forwarder(route, scope, receive, send, extra)
             else:
-                await self.inner(scope, receive, send_wrapped)
+                await self.dispatch(route, scope, receive, send_wrapped)
+        except GatewayRequestError as exc:
+            if status == 0:
+                await send_asgi_error(send_wrapped, exc)
         finally:
-            self.metrics.count_request(scope.get("ocf.route", "unmatched"), _method_label(method), str(status or 499))
+            self.metrics.count_request(label, _method_label(method), str(status or 499))
+
+    async def _options(self, route: Route, headers: list, origin: bytes | None, send: Send) -> int:
+        requested = get_header(headers, b"access-control-request-method")
+        if requested is not None:
+            status, out = self.cors.preflight(route, origin, requested, get_header(headers, b"access-control-request-headers"))
+        else:
+            status, out = 204, [(b"allow", b", ".join(sorted(m.encode() for m in route.methods)))]
+        await send({"type": "http.response.start", "status": status, "headers": out})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return status
+
+    def _admit(self, route: Route, scope: dict) -> None:
+        """The checks every dispatched route gets: its method, its policy, its body's type."""
+        method = scope["method"]
+        if route.family == router.NOT_FOUND:
+            raise NotFound(f"no route {method} {scope['path']} on this gateway", code="not_found")
+        if route.family == router.METHOD_NOT_ALLOWED:
+            allow = ", ".join(sorted(route.methods))
+            raise MethodNotAllowed(f"method {method} is not allowed on {route.path}", headers={"Allow": allow})
+        self.access.check(route, scope)
+        if route.body and method not in _NO_BODY_METHODS:
+            _check_body_type(route, scope["headers"])
+
+    async def dispatch(self, route: Route, scope: dict, receive: Receive, send: Send, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        """Serve a routed request (the policy is checked here, so every way in gets it)."""
+        self._admit(route, scope)
+        if route.family in router.FORWARDING:
+            await self.forwarder(route, scope, receive, send, extra)
+        elif route.family == router.JOBS_HOT:
+            await self.hot.serve(route, scope, receive, send)
+        else:
+            # Quart matches the canonical path the router matched, so it cannot route differently.
+            inner = dict(scope, path=route.path, raw_path=route.path.encode("utf-8"))
+            await self.inner(inner, receive, send)
+
+    async def dispatch_internal(self, scope: dict, receive: Receive, send: Send, target: bytes) -> None:
+        """Serve ``target`` of this node in-process (internal services, ``/v1/p2p/<self>``)."""
+        route = self.router.classify(scope["method"], target)
+        inner = dict(scope, raw_path=target, path=route.path or target.decode("latin-1"))
+        inner["ocf.route"] = route
+        await self.dispatch(route, inner, receive, send)
 
 
-    @staticmethod
-    def _forbidden(scope: dict) -> bool:
-        remote = scope.get("extensions", {}).get("ocf.remote_peer")
-        return remote is not None and (scope["method"], scope["path"].rstrip("/")) in REMOTE_FORBIDDEN
+def _check_body_type(route: Route, headers: list[tuple[bytes, bytes]]) -> None:
+    """A JSON route refuses other declared body types (a browser form can send text/plain anywhere)."""
+    value = get_header(headers, b"content-type")
+    if value is None:
+        return
+    media = value.split(b";", 1)[0].strip().lower()
+    if media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json")):
+        return
+    if route.body == router.JSON_OR_LINES and media in _JSON_LINES:
+        return
+    raise UnsupportedMediaType(f"this route takes JSON bodies (Content-Type: application/json), not {media.decode('latin-1') or 'none'}")
 
 
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"})

@@ -50,11 +50,14 @@ from ..httpstream.client import Response, exchange
 from ..httpstream.pool import ConnectionPool
 from ..services.registrar import LLM_SERVICE
 from . import routing
+from .access import strip_credentials
 from .errors import ERROR_CODE_NAME, send_asgi_error
+from .router import OWN_SERVICE, P2P
 
 if TYPE_CHECKING:
     from ..node import Node
     from .metrics import GatewayMetrics
+    from .router import Route
 
 log = logging.getLogger("ocf.gateway")
 
@@ -231,7 +234,8 @@ class Forwarder:
         self.pool = ConnectionPool()
         self.peer_streams = PeerStreams()
         self.rng = rng or random.Random()
-        self.app: ASGIApp | None = None  # the whole gateway app, for in-process dispatch (set by create_app)
+        #: Serves a target of this node in-process (set by :class:`ocf.gateway.asgi.GatewayASGI`).
+        self.dispatch_internal: Callable[[dict, Receive, Send, bytes], Awaitable[None]] | None = None
         self.in_flight = metrics.in_flight  # provider -> requests in flight from here (counted by metrics.enter/leave)
         self._down: dict[str, tuple[float, float]] = {}  # peer -> (until, backoff) after connect failures
         self._peer_ids: dict[str, Any] = {}
@@ -243,22 +247,11 @@ class Forwarder:
 
     # --- entry point ------------------------------------------------------------------
 
-    @staticmethod
-    def route_of(path: str) -> str | None:
-        """The route template for metrics, or None if the path is not a forwarding route."""
-        if path.startswith("/v1/service/"):
-            return "/v1/service/<service>/<path>"
-        if path.startswith("/v1/_service/"):
-            return "/v1/_service/<service>/<path>"
-        if path.startswith("/v1/p2p/"):
-            return "/v1/p2p/<peer>/<path>"
-        return None
-
-    async def __call__(self, scope: dict, receive: Receive, send: Send, extra: Sequence[tuple[bytes, bytes]] = ()) -> int:
+    async def __call__(self, route: "Route", scope: dict, receive: Receive, send: Send, extra: Sequence[tuple[bytes, bytes]] = ()) -> int:
         """Serve one forwarding request; ``extra`` headers go on the response. Returns its status (0: none sent)."""
         responder = Responder(send, extra)
         try:
-            await self._dispatch(scope, receive, responder)
+            await self._dispatch(route, scope, receive, responder)
         except GatewayRequestError as exc:
             await self._fail(responder, exc, scope)
         except _ClientGone:
@@ -277,21 +270,16 @@ class Forwarder:
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):  # pragma: no cover - client gone
             pass
 
-    async def _dispatch(self, scope: dict, receive: Receive, responder: Responder) -> None:
+    async def _dispatch(self, route: "Route", scope: dict, receive: Receive, responder: Responder) -> None:
         hops = _hops(scope)
         if hops >= MAX_HOPS:
             raise LoopDetected(f"request crossed {hops} gateways; refusing to forward it again")
-        raw = scope.get("raw_path") or scope["path"].encode()
-        if raw.startswith(b"/v1/p2p/"):
-            peer_text, rest = _split_first(raw[len(b"/v1/p2p/") :])
-            await self._p2p(scope, receive, responder, peer_text.decode("latin-1"), rest, hops)
-            return
-        if raw.startswith(b"/v1/_service/"):
-            name, rest = _split_first(raw[len(b"/v1/_service/") :])
-            await self._local(scope, receive, responder, name.decode("latin-1"), rest, hops)
-            return
-        name, rest = _split_first(raw[len(b"/v1/service/") :])
-        await self._service(scope, receive, responder, name.decode("latin-1"), rest, hops)
+        if route.family == P2P:
+            await self._p2p(scope, receive, responder, route.peer, route.rest, hops)
+        elif route.family == OWN_SERVICE:
+            await self._local(scope, receive, responder, route.service, route.rest, hops)
+        else:
+            await self._service(scope, receive, responder, route.service, route.rest, hops)
 
     async def _guarded(self, scope: dict, receive: Receive, work: Callable[[RequestBody], Awaitable[None]]) -> None:
         """Run ``work`` under the request timeout, cancelled if the client leaves.
@@ -335,16 +323,9 @@ class Forwarder:
         return _BackendExchange(self, target, scope, body, rest)
 
     async def _internal(self, scope: dict, receive: Receive, send: Send, path: bytes, extra: list[tuple[bytes, bytes]]) -> None:
-        """Dispatch in-process to our own app under another path (no HTTP hop)."""
-        assert self.app is not None
-        query = scope.get("query_string", b"")
+        """Serve ``path`` of this node in-process (no HTTP hop), routed and checked like any request."""
+        assert self.dispatch_internal is not None
         inner = dict(scope)
-        inner["ocf.nested"] = True
-        inner["raw_path"] = path
-        from urllib.parse import unquote
-
-        inner["path"] = unquote(path.decode("latin-1"))
-        inner["query_string"] = query
         inner["headers"] = [(k, v) for k, v in scope["headers"] if k != HOPS_HEADER] + [(HOPS_HEADER, str(_hops(scope) + 1).encode())]
 
         async def add_headers(message: dict) -> None:
@@ -352,7 +333,7 @@ class Forwarder:
                 message = dict(message, headers=list(message.get("headers", [])) + list(extra))
             await send(message)
 
-        await self.app(inner, receive, add_headers)
+        await self.dispatch_internal(inner, receive, add_headers, path)
 
     # --- /v1/p2p/<peer>/<path>: another peer's gateway ----------------------------------
 
@@ -361,6 +342,9 @@ class Forwarder:
         if peer == self.node.peer_id:
             await self._internal(scope, receive, responder, b"/" + rest, [])
             return
+        if not self._known(peer, peer_text):
+            # Before any per-peer state: made-up peer IDs must not grow the in-flight series on /metrics.
+            raise NotFound(f"peer {peer_text} is not connected and not in the node table", code="peer_not_found")
         target = b"/" + rest + (b"?" + scope["query_string"] if scope.get("query_string") else b"")
 
         async def work(body: RequestBody) -> None:
@@ -383,6 +367,13 @@ class Forwarder:
                 self.metrics.leave(peer_text)
 
         await self._guarded(scope, receive, work)
+
+    def _known(self, peer: Any, peer_text: str) -> bool:
+        """Connected, listed in the node table, or with an address the transport knows."""
+        host = self.node.host
+        if host is None:
+            return False
+        return host.is_connected(peer) or peer_text in self._entries() or bool(host.peer_addrs(peer))
 
     def _peer_id(self, text: str) -> Any:
         cached = self._peer_ids.get(text)
@@ -649,7 +640,11 @@ class _BackendExchange:
     async def __aenter__(self) -> Response:
         fwd, target, scope, body = self.fwd, self.target, self.scope, self.body
         path = b"/" + self.rest + (b"?" + scope["query_string"] if scope.get("query_string") else b"")
-        headers = [(k, v) for k, v in scope["headers"] if k not in (HOPS_HEADER, IDENTITY_HEADER)]
+        # The client's credentials were for the entry gateway; the backend gets its own key, if any.
+        headers = [(k, v) for k, v in strip_credentials(scope["headers"]) if k not in (HOPS_HEADER, IDENTITY_HEADER)]
+        api_key = getattr(target, "api_key", None)
+        if api_key:
+            headers.append((b"authorization", b"Bearer " + api_key.encode("latin-1")))
         hostport = f"{target.host}:{target.port}".encode()
         self._t0 = time.perf_counter()
         for attempt in range(2):
@@ -747,7 +742,8 @@ class _PeerExchange:
     async def __aenter__(self) -> Response:
         fwd, scope, body = self.fwd, self.scope, self.body
         t0 = time.perf_counter()
-        headers = [(k, v) for k, v in scope["headers"] if k != HOPS_HEADER]
+        # Never hand the client's credentials to another node: they were for this gateway.
+        headers = [(k, v) for k, v in strip_credentials(scope["headers"]) if k != HOPS_HEADER]
         headers.append((HOPS_HEADER, str(self.hops + 1).encode()))
         for attempt in range(2):
             pooled = fwd.peer_streams.take(self.peer) if body.replayable and attempt == 0 else None
@@ -791,12 +787,6 @@ class _PeerExchange:
 def _join(prefix: str, rest: bytes) -> bytes:
     """``/v1/jobs`` + ``b"x/y"`` -> ``b"/v1/jobs/x/y"``; an empty rest names the prefix itself."""
     return prefix.encode() + (b"/" + rest if rest else b"")
-
-
-def _split_first(raw: bytes) -> tuple[bytes, bytes]:
-    """``b"llm/v1/chat"`` -> ``(b"llm", b"v1/chat")``."""
-    first, _, rest = raw.partition(b"/")
-    return first, rest
 
 
 def _hops(scope: dict) -> int:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 import attrs
 import trio
 
+from .. import log as logfmt
 from ..errors import OcfError, find_in_group
 from ..httpstream.bridge import DEFAULT_MAX_HEADER_SIZE
 from ..httpstream.listener import serve_http
@@ -84,7 +85,10 @@ async def open_gateway(node: "Node") -> AsyncIterator[Gateway]:
             raise GatewayError(f"cannot listen on {where} for the HTTP gateway: {reason}") from None
         url = _public_url(binds[0], node.config.host)
         gateway = Gateway(url=url, binds=binds, app=app)
-        log.info("gateway listening url=%s", url)
+        # Say where it really listens (0.0.0.0 is every interface), not only the URL to use locally.
+        log.info("gateway listening %s", logfmt.kv(bind=",".join(binds), url=url))
+        if host in ("0.0.0.0", "::") and not (node.config.api_keys or node.config.api_key_file):
+            log.warning("gateway reachable on all interfaces without API keys %s", logfmt.kv(bind=",".join(binds), hint="--host 127.0.0.1 or --api-key"))
         # Other peers reach this gateway over /libp2p-http streams (as OCF's P2P HTTP listener).
         if node.host is not None:
             node.host.set_stream_handler(LIBP2P_HTTP, functools.partial(serve_peer_stream, app))

@@ -110,7 +110,7 @@ class StageWorker:
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         response = await self.http.request(
-            method, self.base + path, json=body or {}, headers={"Authorization": f"Bearer {self.token}"}
+            method, self.base + path, json=body or {}, headers={"Authorization": f"Bearer {self.token}", "X-OCF-Worker-Token": self.token}
         )
         return _raise_for(response)
 
@@ -278,7 +278,7 @@ class SyncTracker:
 
     def _call(self, stage: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         token = self.register(stage)["token"]
-        return _raise_for(self.http.request(method, self.base + path, json=body or {}, headers={"Authorization": f"Bearer {token}"}))
+        return _raise_for(self.http.request(method, self.base + path, json=body or {}, headers={"Authorization": f"Bearer {token}", "X-OCF-Worker-Token": token}))
 
     def register(self, stage: str) -> dict[str, Any]:
         if stage not in self._tokens:

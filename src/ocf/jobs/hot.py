@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import trio
@@ -32,6 +31,7 @@ from ..httpstream.bridge import get_header
 from .http import parse_json_object, parse_number, token_from
 
 if TYPE_CHECKING:
+    from ..gateway.router import Route
     from ..node import Node
 
 log = logging.getLogger("ocf.jobs")
@@ -39,7 +39,6 @@ log = logging.getLogger("ocf.jobs")
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 
-HOT_PATH = re.compile(r"/v1/jobs/([^/]+)/(claim|complete|heartbeat)\Z")
 ALLOW = b"POST, OPTIONS"
 
 
@@ -49,19 +48,10 @@ class HotRoutes:
     def __init__(self, node: "Node") -> None:
         self.node = node
 
-    @staticmethod
-    def route_of(path: str) -> str | None:
-        """The route template (the metrics label Quart would give it), or None if not a hot route."""
-        if not path.startswith("/v1/jobs/"):
-            return None
-        match = HOT_PATH.match(path)
-        return f"/v1/jobs/<project>/{match[2]}" if match else None
-
-    async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
+    async def serve(self, route: "Route", scope: dict, receive: Receive, send: Send) -> None:
+        """Serve a request the gateway's router classified as a hot route (it parsed the path)."""
         responder = Responder(send)
-        match = HOT_PATH.match(scope["path"])
-        assert match is not None, "route_of() said this was a hot route"
-        project, action = match[1], match[2]
+        project, action = route.param("project"), route.action
         method = scope["method"]
         try:
             if method != "POST":
@@ -75,7 +65,12 @@ class HotRoutes:
                 raw = await body.read_all()
             request = parse_json_object(raw)
             authorization = get_header(scope["headers"], b"authorization")
-            token = token_from(authorization.decode("latin-1") if authorization is not None else None, request)
+            worker = get_header(scope["headers"], b"x-ocf-worker-token")
+            token = token_from(
+                authorization.decode("latin-1") if authorization is not None else None,
+                request,
+                worker.decode("latin-1") if worker is not None else None,
+            )
             if action == "claim":
                 answer = await self._claim(tracker, project, token, request)
             elif action == "complete":

@@ -268,8 +268,8 @@ class JobStore:
     def project(self, name: str) -> Project:
         project = self._projects.get(name)
         if project is None:
-            known = ", ".join(sorted(self._projects)) or "none"
-            raise NotFound(f"no project {name!r} on this tracker (projects: {known})", code="unknown_project")
+            # Not the list of projects: anyone may ask, and the names are the operators' business.
+            raise NotFound(f"no project {name!r} on this tracker", code="unknown_project")
         return project
 
     def projects(self) -> list[Project]:

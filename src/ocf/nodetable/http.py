@@ -1,4 +1,9 @@
-"""``/v1/dnt/*``: the node table over HTTP, in OCF's shapes."""
+"""``/v1/dnt/*``: the node table over HTTP, in OCF's shapes.
+
+``POST``/``DELETE /v1/dnt/_node`` change this node's own entry: the gateway's
+router gives them the local-admin policy (admin token, never a remote peer),
+so no check is repeated here.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from quart import Blueprint, current_app, jsonify, request
 
 from ..errors import ValidationError
 from ..gateway.errors import error_response
+from .record import MAX_DOC
 
 blueprint = Blueprint("nodetable", __name__)
 
@@ -57,15 +63,31 @@ async def stats():  # type: ignore[no-untyped-def]
     return jsonify(_table().summary_stats())
 
 
+#: Largest update body, and largest entry (as JSON) an update may leave: a fraction of the
+#: record cap, so history until the next compaction still fits and peers keep accepting us.
+MAX_ENTRY_JSON = MAX_DOC // 8
+
+
 @blueprint.post("/v1/dnt/_node")
 async def update_node():  # type: ignore[no-untyped-def]
+    too_large = error_response(413, f"a node entry may be at most {MAX_ENTRY_JSON} bytes of JSON", "entry_too_large")
+    if (request.content_length or 0) > MAX_ENTRY_JSON:
+        return too_large
     body = await request.get_data()
+    if len(body) > MAX_ENTRY_JSON:
+        return too_large
     try:
         fields = json.loads(body or b"null")
     except ValueError:
         return error_response(400, "body is not valid JSON", "invalid_json")
+    table = _table()
+    if isinstance(fields, dict):
+        # Refused before writing: an entry over the record cap would make every peer reject our later updates.
+        merged = {**table.own_entry(), **fields}
+        if len(json.dumps(merged, default=str).encode()) > MAX_ENTRY_JSON:
+            return too_large
     try:
-        entry = await _table().update_own(fields)
+        entry = await table.update_own(fields)
     except ValidationError as exc:
         return error_response(400, str(exc), "invalid_node_fields")
     return jsonify(entry)

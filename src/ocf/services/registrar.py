@@ -12,8 +12,9 @@ table within one poll interval (10 s by default, never more than 30 s).
 Internal services (the job tracker's ``jobs``) are registered with
 :meth:`Registrar.register_internal` and served by this node's own gateway.
 
-The table is written only when the published list changes: the node table
-keeps history, and polling must not grow it.
+The table is written only when the published list changes, or when the
+table's copy of our entry no longer lists it (then it is written again): the
+node table keeps history, and polling must not grow it.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class LocalService:
     name: str
     host: str
     port: int
+    api_key: str | None = attrs.field(default=None, repr=False)  # the backend's own key (--service.api-key)
 
 
 @attrs.frozen
@@ -104,7 +106,7 @@ class Registrar:
     def lookup(self, name: str) -> LocalService | InternalService | None:
         watched = self._watched.get(name)
         if watched is not None:
-            return LocalService(name, watched.spec.host, watched.spec.port)
+            return LocalService(name, watched.spec.host, watched.spec.port, watched.spec.api_key)
         return self._internal.get(name)
 
     def names(self) -> list[str]:
@@ -190,7 +192,7 @@ class Registrar:
             self._dirty = trio.Event()
             generation = self._publish_generation
             records = self.records()
-            if records != self._published:
+            if records != self._published or self._withdrawn(records):
                 try:
                     await self._write(records)
                     self._published = records
@@ -199,6 +201,30 @@ class Registrar:
             self._published_generation = generation
             self._published_event.set()
             self._published_event = trio.Event()
+
+    def _withdrawn(self, records: list[dict]) -> bool:
+        """Whether the table's copy of our entry lost a service we publish (an operator's DELETE, a bad write)."""
+        table = self.node.table
+        if table is None:
+            return False
+        listed = table.own_entry().get("service") or []
+        have = {(s.get("name"), s.get("status")) for s in listed if isinstance(s, dict)}
+        return any((r["name"], r["status"]) not in have for r in records)
+
+    async def _watch_table(self) -> None:
+        """Republish when our entry in the table stops listing what we publish.
+
+        Polling the backends only notices changes on *their* side; without
+        this, a service withdrawn from the table stayed withdrawn for good.
+        """
+        table = self.node.table
+        if table is None or not hasattr(table, "wait_changed"):
+            return
+        while True:
+            await table.wait_changed()
+            if self._published and self._withdrawn(self._published):
+                log.info("services missing from our entry; republishing %s", logfmt.kv(services=",".join(r["name"] for r in self._published)))
+                self._mark_dirty()
 
     async def _write(self, records: list[dict]) -> None:
         table = self.node.table
@@ -276,8 +302,10 @@ class Registrar:
         return watched.status == "healthy"
 
     async def _probe(self, watched: _Watched) -> tuple[str, ...]:
+        key = watched.spec.api_key
+        headers = {"Authorization": f"Bearer {key}"} if key else None
         try:
-            health = await self.client.get(self._url(watched, "/health"))
+            health = await self.client.get(self._url(watched, "/health"), headers=headers)
         except httpx.HTTPError as exc:
             raise _ProbeFailed(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from None
         if health.status_code >= 400 and not (health.status_code == 404 and watched.is_llm):
@@ -286,7 +314,7 @@ class Registrar:
             return ()
         # An LLM server without /health (404) still counts as up if it lists its models.
         try:
-            listing = await self.client.get(self._url(watched, "/v1/models"))
+            listing = await self.client.get(self._url(watched, "/v1/models"), headers=headers)
         except httpx.HTTPError as exc:
             raise _ProbeFailed(f"/v1/models: {type(exc).__name__}: {exc}") from None
         if listing.status_code >= 400:
@@ -323,6 +351,7 @@ async def open_registrar(node: "Node", *, poll_interval: float = 10.0) -> AsyncI
         registrar = Registrar(node, client, poll_interval=poll_interval)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(registrar._publisher)
+            nursery.start_soon(registrar._watch_table)
             for watched in registrar._watched.values():
                 nursery.start_soon(registrar._watch, watched)
             try:
