@@ -39,7 +39,8 @@ class Heartbeat:
 
     @classmethod
     def create(cls, identity: Identity, ms: int) -> "Heartbeat":
-        return cls(identity.peer_id, ms, identity.sign(signing_bytes(identity.peer_id, ms)))
+        owner = identity.peer_id  # derived from the key on each access
+        return cls(owner, ms, identity.sign(signing_bytes(owner, ms)))
 
     @property
     def seconds(self) -> float:
