@@ -6,6 +6,7 @@ RSS growth, and sizes of the table's internal maps.
 
 import contextlib
 
+import httpx
 import pytest
 import trio
 
@@ -94,6 +95,11 @@ async def test_new_owners_per_peer_are_rate_limited(node_config):
         assert burst <= stats["records_received"] <= burst + 10
         assert stats["refused_rate"] >= n - burst - 10
         assert len(hub.table.records) <= 1 + burst + 10
+        async with httpx.AsyncClient(base_url=hub.gateway_url) as client:
+            text = (await client.get("/metrics")).text
+        refused = next(line for line in text.splitlines() if line.startswith('ocf_nodetable_refused_total{reason="rate"}'))
+        assert float(refused.split()[-1]) == stats["refused_rate"]
+        assert f"ocf_nodetable_entries {float(len(hub.table.records))}" in text
 
 
 async def test_records_without_a_fresh_owner_heartbeat_are_refused(node_config):

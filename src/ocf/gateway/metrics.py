@@ -24,6 +24,8 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 from quart import Blueprint, Response, current_app
 
+from ..nodetable.metrics import families as nodetable_families
+
 if TYPE_CHECKING:
     from ..node import Node
 
@@ -130,6 +132,7 @@ class _GatewayCollector(Collector):
         yield in_flight
         host = m.node.host
         yield GaugeMetricFamily("ocf_connected_peers", "Peers with an open transport connection.", value=len(host.connected_peers()) if host is not None else 0)
+        yield from nodetable_families(m.node.table)
 
 
 @blueprint.get("/metrics")
