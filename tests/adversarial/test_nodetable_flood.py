@@ -59,7 +59,19 @@ async def test_sybil_flood_is_capped_and_a_new_node_still_gets_every_legitimate_
     async with hub_with_workers(node_config, net, nodetable_max_entries=cap, nodetable_new_owner_burst=10 * n, nodetable_verify_rate=10 * n) as (hub, workers):
         legit = {hub.peer_id, *(w.peer_id for w in workers)}
         before = rss()
-        async with open_node(node_config(mode="node"), memory_network=net) as attacker:
+        pauses = []
+
+        async def ticker() -> None:
+            # The event loop's longest stall while the flood is processed (the node's other work waits that long).
+            last = trio.current_time()
+            while True:
+                await trio.sleep(0.005)
+                now = trio.current_time()
+                pauses.append(now - last)
+                last = now
+
+        async with open_node(node_config(mode="node"), memory_network=net) as attacker, trio.open_nursery() as nursery:
+            nursery.start_soon(ticker)
             await attacker.host.connect(hub.listen_addrs[0])
             stream = await open_raw_stream(attacker, hub)
             await push_records(stream, flood)
@@ -68,6 +80,8 @@ async def test_sybil_flood_is_capped_and_a_new_node_still_gets_every_legitimate_
             entries = len(hub.table.records)
             grown = rss() - before
             await stream.aclose()
+            nursery.cancel_scope.cancel()
+        assert max(pauses) < 0.25, f"event loop stalled {max(pauses) * 1000:.0f} ms"
         assert entries <= cap
         assert stats["refused_full"] >= n - cap
         assert grown < 64 * MiB, f"RSS grew {grown / MiB:.1f} MiB"

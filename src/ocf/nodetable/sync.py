@@ -39,6 +39,9 @@ log = logging.getLogger("ocf.nodetable")
 RECEIVE = 65536
 #: Bytes a heartbeat costs in a beats message (owner text, time, signature hex, separators).
 BEAT_SIZE = 220
+#: Signature checks (60-300 µs each) between two yields to the event loop, so that a message
+#: full of them never stalls the node's other work for long.
+VERIFY_SLICE = 32
 
 
 class Sync:
@@ -47,6 +50,7 @@ class Sync:
         self._inbound: dict[PeerId, int] = {}
         self._owner_buckets: dict[PeerId, TokenBucket] = {}
         self._verify_buckets: dict[PeerId, TokenBucket] = {}
+        self._work = 0  # signature checks since the last yield
 
     def drop_peer(self, peer: PeerId) -> None:
         self._owner_buckets.pop(peer, None)
@@ -62,10 +66,16 @@ class Sync:
     def _may_verify(self, peer: PeerId) -> bool:
         rate = self.t.config.nodetable_verify_rate
         if self._take(self._verify_buckets, peer, rate, 2 * rate):
+            self._work += 1
             return True
         self.t.stats["deferred_verify"] += 1
         self.t.refusals.note("verify_budget")
         return False
+
+    async def _yield_if_busy(self) -> None:
+        if self._work >= VERIFY_SLICE:
+            self._work = 0
+            await trio.sleep(0)
 
     def _may_add_owner(self, peer: PeerId) -> bool:
         cfg = self.t.config
@@ -190,9 +200,9 @@ class Sync:
                     if kind == "summary":
                         self._on_summary(peer, message, known)
                     elif kind == "records":
-                        self._on_records(peer, message, known)
+                        await self._on_records(peer, message, known)
                     else:
-                        self._on_beats(peer, message, known)
+                        await self._on_beats(peer, message, known)
                 if not reader.partial:
                     deadline = math.inf
                 elif messages or deadline == math.inf:
@@ -239,7 +249,7 @@ class Sync:
         if wake:
             t.wake()
 
-    def _on_beats(self, peer: PeerId, message: dict[str, Any], known: dict[PeerId, tuple[int, int]]) -> None:
+    async def _on_beats(self, peer: PeerId, message: dict[str, Any], known: dict[PeerId, tuple[int, int]]) -> None:
         beats = message.get("beats")
         if not isinstance(beats, dict):
             raise ProtocolError("nodetable: beats message without a map")
@@ -254,6 +264,7 @@ class Sync:
             except ValidationError:
                 raise ProtocolError("nodetable: malformed heartbeat") from None
             changed |= self._take_beat(peer, beat, known)
+            await self._yield_if_busy()
         if changed:
             t._bump()
 
@@ -283,7 +294,7 @@ class Sync:
         t.stats["heartbeats_accepted"] += 1
         return True
 
-    def _on_records(self, peer: PeerId, message: dict[str, Any], known: dict[PeerId, tuple[int, int]]) -> None:
+    async def _on_records(self, peer: PeerId, message: dict[str, Any], known: dict[PeerId, tuple[int, int]]) -> None:
         items = message.get("records")
         if not isinstance(items, list):
             raise ProtocolError("nodetable: records message without a list")
@@ -291,8 +302,9 @@ class Sync:
         accepted: list[Record] = []
         pool: list[PeerId] | None = None  # eviction candidates for relayed newcomers, computed once
         forged: ProtocolError | None = None
-        now = t.clock()
         for item in items:
+            await self._yield_if_busy()
+            now = t.clock()
             try:
                 record = Record.from_wire(item)
                 beat = Heartbeat.from_wire(record.owner, item["hb"]) if isinstance(item, dict) and "hb" in item else None
@@ -371,6 +383,8 @@ class Sync:
                 except ProtocolError as exc:
                     forged = exc
                     break
+        # What was forgotten (pruned, evicted) while we yielded must not reach the disk.
+        accepted = [record for record in accepted if t.records.get(record.owner) is record]
         if accepted:
             t.store_records(accepted)
             t.stats["records_received"] += len(accepted)
