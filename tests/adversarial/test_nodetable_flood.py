@@ -81,6 +81,7 @@ async def test_sybil_flood_is_capped_and_a_new_node_still_gets_every_legitimate_
             grown = rss() - before
             await stream.aclose()
             nursery.cancel_scope.cancel()
+        print(f"\nsybil flood: {n} records -> entries {entries} (max {cap}), RSS +{grown / MiB:.1f} MiB, longest stall {max(pauses) * 1000:.0f} ms")
         assert max(pauses) < 0.25, f"event loop stalled {max(pauses) * 1000:.0f} ms"
         assert entries <= cap
         assert stats["refused_full"] >= n - cap
@@ -156,6 +157,7 @@ async def test_random_ids_in_summaries_are_never_retained(node_config):
         sizes_after = (len(table.last_seen), len(table.beats), len(table.records), sum(len(k) for k in table.peer_known.values()))
         assert sizes_after[3] <= len(table.records) * len(table.peer_known)  # one slot per held owner per connected peer
         maps_hold_only_known_owners(table)
+    print(f"\n440k summary IDs: maps {sizes_before} -> {sizes_after}, RSS +{grown / MiB:.1f} MiB")
     assert attacker_known <= len(table.records)
     assert sizes_after[:3] == (sizes_before[0] + 1, sizes_before[1] + 1, sizes_before[2] + 1)  # the attacker's own entry only
     assert grown < 64 * MiB, f"RSS grew {grown / MiB:.1f} MiB"
