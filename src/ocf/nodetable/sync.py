@@ -92,13 +92,16 @@ class Sync:
             log.debug("no sync stream %s", logfmt.kv(peer=peer.short(), reason=exc))
             return
         known = t.peer_known.setdefault(peer, {})
+        pending = t.pending[peer] = dict.fromkeys(t.records)
         try:
             async with stream:
                 await self._send_summary(stream)
                 last_summary = trio.current_time()
                 while True:
                     version = t.version
-                    await self._send_missing(stream, peer, known)
+                    await self._send_missing(stream, peer, known, pending)
+                    if pending:
+                        continue  # more changed while we were sending (its wake-up is already spent)
                     t.flushed(peer, version)
                     with trio.move_on_at(last_summary + t.config.verify_interval):
                         await t.wait_changed()
@@ -107,6 +110,9 @@ class Sync:
                     last_summary = trio.current_time()
         except (TransportError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug("sync stream ended %s", logfmt.kv(peer=peer.short(), reason=exc or type(exc).__name__))
+        finally:
+            if t.pending.get(peer) is pending:
+                del t.pending[peer]
 
     async def _send_summary(self, stream: Any) -> None:
         t = self.t
@@ -118,15 +124,18 @@ class Sync:
         for page in wire.summary_pages(items, t.config.max_message_size // 2):
             await stream.send_all(wire.encode(page))
 
-    async def _send_missing(self, stream: Any, peer: PeerId, known: dict[PeerId, tuple[int, int]]) -> None:
+    async def _send_missing(self, stream: Any, peer: PeerId, known: dict[PeerId, tuple[int, int]], pending: dict[PeerId, None]) -> None:
         t = self.t
         budget = t.config.max_message_size // 2
         horizon = t.clock() - t.config.stale_after
         batch: list[dict[str, Any]] = []
         size = 0
         beats: dict[str, Any] = {}
-        for owner, record in list(t.records.items()):
-            if owner == peer or owner not in t.records:
+        owners = list(pending)
+        pending.clear()
+        for owner in owners:
+            record = t.records.get(owner)
+            if owner == peer or record is None:
                 continue
             k_seq, k_ms = known.get(owner, (-1, -1))
             beat = t.beats.get(owner)
@@ -227,7 +236,7 @@ class Sync:
         lo, hi = wire.page_range(message)
         have = message["have"]
         t.saw(peer, t.clock())
-        wake = False
+        lacking: list[PeerId] = []
         for text, pair in have.items():
             owner = t.by_text.get(text)
             if owner is None:
@@ -239,14 +248,17 @@ class Sync:
             known[owner] = (seq, ms)
             beat = t.beats.get(owner)
             if t.records[owner].seq > seq or (beat is not None and beat.ms > ms):
-                wake = True
+                lacking.append(owner)
         for text in wire.in_range(t.sorted_texts(), lo, hi):
             if text not in have:
                 owner = t.by_text[text]
                 if owner != peer:
                     known.pop(owner, None)
-                    wake = True
-        if wake:
+                    lacking.append(owner)
+        pending = t.pending.get(peer)
+        if lacking and pending is not None:
+            for owner in lacking:
+                pending[owner] = None
             t.wake()
 
     async def _on_beats(self, peer: PeerId, message: dict[str, Any], known: dict[PeerId, tuple[int, int]]) -> None:
@@ -289,7 +301,7 @@ class Sync:
             t.refusals.note("forged_heartbeat")
             # An honest relay passes on only heartbeats it verified: this peer is lying.
             raise ProtocolError(f"nodetable: heartbeat of {owner.short()} is not signed by it")
-        t.beats[owner] = beat
+        t.set_beat(beat)
         t.saw(owner, min(beat.seconds, now))
         t.stats["heartbeats_accepted"] += 1
         return True
@@ -302,6 +314,7 @@ class Sync:
         accepted: list[Record] = []
         pool: list[PeerId] | None = None  # eviction candidates for relayed newcomers, computed once
         forged: ProtocolError | None = None
+        beats_changed = False
         for item in items:
             await self._yield_if_busy()
             now = t.clock()
@@ -375,11 +388,11 @@ class Sync:
                 known[owner] = (record.seq, -1)
                 t.saw(owner, now if direct else min(beat.seconds, now) if beat is not None else 0.0)
                 if beat is not None and not direct:
-                    t.beats[owner] = beat
+                    t.set_beat(beat)
                 self._learn_addrs(owner, doc)
             if beat is not None and owner in t.records and owner != t.me:
                 try:
-                    self._take_beat(peer, beat, known)
+                    beats_changed |= self._take_beat(peer, beat, known)
                 except ProtocolError as exc:
                     forged = exc
                     break
@@ -389,6 +402,7 @@ class Sync:
             t.store_records(accepted)
             t.stats["records_received"] += len(accepted)
             log.debug("node table updated %s", logfmt.kv(peer=peer.short(), records=len(accepted)))
+        if accepted or beats_changed:
             t._bump()
         if forged is not None:
             raise forged

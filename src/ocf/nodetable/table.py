@@ -70,6 +70,9 @@ class NodeTable:
         self.by_text: dict[str, PeerId] = {}
         # What each connected peer holds, as (seq, heartbeat ms), for owners we hold.
         self.peer_known: dict[PeerId, dict[PeerId, tuple[int, int]]] = {}
+        # Per pusher, the owners whose record or heartbeat may need sending (an ordered set):
+        # a pusher looks only at what changed, not at the whole table, on every change.
+        self.pending: dict[PeerId, dict[PeerId, None]] = {}
         self.stats = dict.fromkeys(COUNTERS, 0)
         self.refusals = logfmt.RateLimitedLog(log, "node table refusals", REFUSAL_LOG_INTERVAL)
         self.sync = Sync(self)
@@ -211,6 +214,15 @@ class NodeTable:
             self._sorted = None
         self.records[owner] = record
         self.docs[owner] = doc
+        self.touch(owner)
+
+    def set_beat(self, beat: Heartbeat) -> None:
+        self.beats[beat.owner] = beat
+        self.touch(beat.owner)
+
+    def touch(self, owner: PeerId) -> None:
+        for pending in self.pending.values():
+            pending[owner] = None
 
     def evict(self, owner: PeerId) -> None:
         self._forget([owner])
@@ -228,6 +240,8 @@ class NodeTable:
             self.by_text.pop(str(owner), None)
             for known in self.peer_known.values():
                 known.pop(owner, None)
+            for pending in self.pending.values():
+                pending.pop(owner, None)
         self._sorted = None
         with self.node.store.write() as txn:
             for owner in owners:
@@ -261,7 +275,7 @@ class NodeTable:
 
     def _beat(self) -> None:
         """Sign a fresh heartbeat of our own; pushers carry it to every peer."""
-        self.beats[self.me] = Heartbeat.create(self.identity, int(self.clock() * 1000))
+        self.set_beat(Heartbeat.create(self.identity, int(self.clock() * 1000)))
         self._bump()
 
     def _bump(self) -> None:
