@@ -35,9 +35,9 @@ def sybils(n: int) -> tuple[tuple[Identity, Record], ...]:
     return tuple(out)
 
 
-def items(records: tuple[tuple[Identity, Record], ...], *, beat: bool = True) -> list[dict]:
-    """Wire items as an honest relay would send them, each with a fresh owner-signed heartbeat."""
-    now_ms = int(time.time() * 1000)
+def items(records: tuple[tuple[Identity, Record], ...], *, beat: bool = True, age: float = 0.0) -> list[dict]:
+    """Wire items as an honest relay would send them, each with an owner-signed heartbeat ``age`` seconds old."""
+    now_ms = int((time.time() - age) * 1000)
     out = []
     for ident, record in records:
         item = record.to_wire()

@@ -120,6 +120,35 @@ async def test_new_owners_per_peer_are_rate_limited(node_config):
         assert f"ocf_nodetable_entries {float(len(hub.table.records))}" in text
 
 
+async def test_a_full_table_evicts_only_the_unseen_and_always_has_room_for_direct_peers(node_config):
+    """Relayed newcomers replace only entries no longer fresh; a direct peer may replace any relayed one."""
+    cap = 16
+    net = MemoryNetwork()
+    population = sybils(1_000)
+    async with hub_with_workers(node_config, net, n_workers=0, nodetable_max_entries=cap) as (hub, _):
+        table, stats = hub.table, hub.table.stats
+        async with open_node(node_config(mode="node"), memory_network=net) as attacker:
+            await attacker.host.connect(hub.listen_addrs[0])
+            stream = await open_raw_stream(attacker, hub)
+            # 20 owners last heard of 100 s ago: admissible (within --stale-after) but no longer fresh.
+            await push_records(stream, items(population[300:320], age=100.0))
+            await poll(lambda: stats["evicted"] >= 20 - (cap - 2))
+            assert len(table.records) == cap and stats["refused_full"] == 0
+            # 20 living owners: each takes the place of an unseen one, never of a living one.
+            await push_records(stream, items(population[320:340]))
+            await poll(lambda: stats["refused_full"] >= 20 - (cap - 2))
+            fresh = {record.owner for _, record in population[320:340]}
+            assert len(table.records) == cap and stats["evicted"] == 20
+            assert len(fresh & set(table.records)) == cap - 2  # all but us and the attacker
+            # A directly connected peer gets in even now, in the place of the longest-unseen relayed entry.
+            cfg = node_config(mode="node", bootstrap_addrs=(str(hub.listen_addrs[0]),))
+            async with open_node(cfg, memory_network=net) as worker:
+                await until(hub, lambda nd: worker.peer_id in nd.table.records)
+                assert len(table.records) == cap and stats["evicted"] == 21
+                assert {hub.peer_id, attacker.peer_id} <= set(table.records)
+            await stream.aclose()
+
+
 async def test_records_without_a_fresh_owner_heartbeat_are_refused(node_config):
     """A relayed newcomer must carry a heartbeat its owner signed recently: a relay cannot vouch for it."""
     net = MemoryNetwork()
