@@ -5,6 +5,7 @@ RSS growth, and sizes of the table's internal maps.
 """
 
 import contextlib
+import logging
 import time
 
 import httpx
@@ -97,10 +98,11 @@ async def test_sybil_flood_is_capped_and_a_new_node_still_gets_every_legitimate_
             assert len(newcomer.table.records) <= cap + 1
 
 
-async def test_new_owners_per_peer_are_rate_limited(node_config):
-    """One peer may introduce only its burst of new owners at once; the rest are refused and counted."""
+async def test_new_owners_per_peer_are_rate_limited(node_config, caplog):
+    """One peer may introduce only its burst of new owners at once; the rest are refused, counted, logged once."""
     n, burst = 1_000, 64
     net = MemoryNetwork()
+    caplog.set_level(logging.WARNING, "ocf.nodetable")
     async with hub_with_workers(node_config, net, n_workers=0, nodetable_new_owner_burst=burst, nodetable_new_owner_rate=1.0) as (hub, _):
         async with open_node(node_config(mode="node"), memory_network=net) as attacker:
             await attacker.host.connect(hub.listen_addrs[0])
@@ -113,6 +115,8 @@ async def test_new_owners_per_peer_are_rate_limited(node_config):
         assert burst <= stats["records_received"] <= burst + 10
         assert stats["refused_rate"] >= n - burst - 10
         assert len(hub.table.records) <= 1 + burst + 10
+        refusal_lines = [r for r in caplog.records if r.name == "ocf.nodetable" and r.levelno >= logging.WARNING]
+        assert len(refusal_lines) <= 2  # ~940 refusals: the first line, then one summed line per 10 s at most
         async with httpx.AsyncClient(base_url=hub.gateway_url) as client:
             text = (await client.get("/metrics")).text
         refused = next(line for line in text.splitlines() if line.startswith('ocf_nodetable_refused_total{reason="rate"}'))
