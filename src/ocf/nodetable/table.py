@@ -243,6 +243,10 @@ class NodeTable:
             for pending in self.pending.values():
                 pending.pop(owner, None)
         self._sorted = None
+        forget_addrs = getattr(self.host, "forget_addrs", None)
+        if forget_addrs is not None:
+            for owner in owners:
+                forget_addrs(owner)
         with self.node.store.write() as txn:
             for owner in owners:
                 txn.delete(owner.raw, db=self._db)
