@@ -126,13 +126,13 @@ class _GatewayCollector(Collector):
         for labels, value in list(m.forwards.items()):
             forwards.add_metric(list(labels), value)
         yield forwards
+        yield from nodetable_families(m.node.table)
         in_flight = GaugeMetricFamily("ocf_forward_in_flight", "Requests this gateway currently has in flight at each provider (peer ID).", labels=["provider"])
         for provider, value in list(m.in_flight.items()):
             in_flight.add_metric([provider], value)
         yield in_flight
         host = m.node.host
         yield GaugeMetricFamily("ocf_connected_peers", "Peers with an open transport connection.", value=len(host.connected_peers()) if host is not None else 0)
-        yield from nodetable_families(m.node.table)
 
 
 @blueprint.get("/metrics")

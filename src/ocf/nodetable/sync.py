@@ -409,7 +409,7 @@ class Sync:
 
     def _verified(self, peer: PeerId, record: Record) -> Any:
         try:
-            return record.verify()
+            return self.t.verify_record(record)
         except ValidationError as exc:
             self._reject(peer, record.owner, exc)
             return None

@@ -207,6 +207,10 @@ class NodeTable:
         out.sort(key=lambda pair: pair[0], reverse=True)
         return [owner for _, owner in out]
 
+    def verify_record(self, record: Record) -> OwnerDoc:
+        """The one place records are verified (from peers and from the store); raises ValidationError."""
+        return record.verify()
+
     def insert(self, record: Record, doc: OwnerDoc) -> None:
         owner = record.owner
         if owner not in self.records:
@@ -304,7 +308,7 @@ class NodeTable:
             try:
                 owner = PeerId(bytes(key))
                 record = Record.from_bytes(owner, bytes(value))
-                doc = record.verify()
+                doc = self.verify_record(record)
             except (IdentityError, ValidationError) as exc:
                 raise StoreCorrupt(f"node table record in the store is unreadable ({exc}); start with --cleanslate to discard it") from None
             self.insert(record, doc)
