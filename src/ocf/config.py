@@ -66,8 +66,8 @@ class Config:
     verify_interval: float = 30.0
     stale_after: float = 600.0
     nodetable_max_entries: int = 4096
-    nodetable_new_owner_burst: int = 512
-    nodetable_new_owner_rate: float = 16.0
+    nodetable_new_owner_burst: int = 1024
+    nodetable_new_owner_rate: float = 64.0
     nodetable_verify_rate: float = 1000.0
     nodetable_max_streams: int = 2
     nodetable_message_timeout: float = 10.0
@@ -246,8 +246,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("verify-interval", "verify_interval", _positive_float, "Seconds between liveness verification rounds of the node table (default: 30).", group="node table", metavar="SECONDS"),
     Setting("stale-after", "stale_after", _positive_float, "Seconds after which a peer not seen (no owner-signed heartbeat, no direct contact) leaves the served node table and is then pruned from memory and disk (default: 600).", group="node table", metavar="SECONDS"),
     Setting("nodetable.max-entries", "nodetable_max_entries", _int_range(16, 10_000_000), "Maximum node table entries; past it new owners are refused unless a stale entry can be evicted (our own and directly connected peers always have room) (default: 4096).", group="node table", metavar="N"),
-    Setting("nodetable.new-owner-burst", "nodetable_new_owner_burst", _int_range(1, 10_000_000), "New owners a peer may introduce at once before --nodetable.new-owner-rate applies; more are refused and asked again later (default: 512).", group="node table", metavar="N"),
-    Setting("nodetable.new-owner-rate", "nodetable_new_owner_rate", _positive_float, "New owners per second a peer may introduce after its burst (default: 16).", group="node table", metavar="PER_SECOND"),
+    Setting("nodetable.new-owner-burst", "nodetable_new_owner_burst", _int_range(1, 10_000_000), "New owners a peer may introduce at once before --nodetable.new-owner-rate applies; more are refused and asked again later (default: 1024).", group="node table", metavar="N"),
+    Setting("nodetable.new-owner-rate", "nodetable_new_owner_rate", _positive_float, "New owners per second a peer may introduce after its burst (default: 64).", group="node table", metavar="PER_SECOND"),
     Setting("nodetable.verify-rate", "nodetable_verify_rate", _positive_float, "Signature checks per second (records and heartbeats) a peer may cost us, with a burst of twice that; the rest wait for the next summary (default: 1000).", group="node table", metavar="PER_SECOND"),
     Setting("nodetable.max-streams", "nodetable_max_streams", _int_range(1, 64), "Concurrent inbound node table sync streams per peer; extra ones are reset (default: 2).", group="node table", metavar="N"),
     Setting("nodetable.message-timeout", "nodetable_message_timeout", _positive_float, "Seconds a node table message may take to arrive once its first byte has, else the stream is reset (default: 10).", group="node table", metavar="SECONDS"),
