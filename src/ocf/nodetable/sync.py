@@ -420,8 +420,11 @@ class Sync:
             return
         from ..identity import Multiaddr
 
+        texts = doc.to_dict().get("addrs")
+        if not isinstance(texts, list):
+            return
         addrs = []
-        for text in (doc.to_dict().get("addrs", []) or [])[:16]:
+        for text in texts[:16]:
             try:
                 addrs.append(Multiaddr.parse(text).without_p2p())
             except Exception:  # noqa: BLE001 - a peer's bad address is its problem
