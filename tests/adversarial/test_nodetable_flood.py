@@ -153,6 +153,25 @@ async def test_a_full_table_evicts_only_the_unseen_and_always_has_room_for_direc
             await stream.aclose()
 
 
+async def test_signature_checks_per_peer_are_budgeted(node_config):
+    """A peer can make us verify only its budget of signatures; the rest wait for a later summary."""
+    n, rate = 1_000, 100.0
+    net = MemoryNetwork()
+    async with hub_with_workers(node_config, net, n_workers=0, nodetable_new_owner_burst=10 * n, nodetable_verify_rate=rate) as (hub, _):
+        stats = hub.table.stats
+        async with open_node(node_config(mode="node"), memory_network=net) as attacker:
+            await attacker.host.connect(hub.listen_addrs[0])
+            stream = await open_raw_stream(attacker, hub)
+            started = trio.current_time()
+            await push_records(stream, items(sybils(n)[:n]))
+            await poll(lambda: stats["records_received"] + stats["deferred_verify"] >= n - 5)
+            elapsed = trio.current_time() - started
+            await stream.aclose()
+        # burst (twice the rate) plus what refilled while the flood was processed
+        assert stats["records_received"] <= 2 * rate + rate * elapsed + 5
+        assert stats["deferred_verify"] >= n - 2 * rate - rate * elapsed - 5
+
+
 async def test_records_without_a_fresh_owner_heartbeat_are_refused(node_config):
     """A relayed newcomer must carry a heartbeat its owner signed recently: a relay cannot vouch for it."""
     net = MemoryNetwork()
