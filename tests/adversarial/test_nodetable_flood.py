@@ -14,6 +14,7 @@ import trio
 
 from ocf import open_node
 from ocf.nodetable import wire
+from ocf.nodetable.heartbeat import Heartbeat
 from ocf.transport import MemoryNetwork
 
 from ._nodetable_attacker import items, open_raw_stream, poll, push_records, random_ids, rss, sybils
@@ -170,6 +171,24 @@ async def test_signature_checks_per_peer_are_budgeted(node_config):
         # burst (twice the rate) plus what refilled while the flood was processed
         assert stats["records_received"] <= 2 * rate + rate * elapsed + 5
         assert stats["deferred_verify"] >= n - 2 * rate - rate * elapsed - 5
+
+
+async def test_owners_refused_for_rate_arrive_with_later_summaries(node_config):
+    """Refused owners are not remembered; the receiver's next summaries ask for them again until all arrive."""
+    n, burst = 300, 50
+    net = MemoryNetwork()
+    cfg = node_config(mode="standalone", verify_interval=0.5, nodetable_new_owner_burst=burst, nodetable_new_owner_rate=100.0)
+    async with open_node(cfg, memory_network=net) as hub:
+        async with open_node(node_config(mode="node"), memory_network=net) as relay:
+            now_ms = int(time.time() * 1000)
+            for ident, record in sybils(1_000)[500 : 500 + n]:
+                relay.table.insert(record, record.verify())
+                relay.table.set_beat(Heartbeat.create(ident, now_ms))
+                relay.table.last_seen[ident.peer_id] = now_ms / 1000
+            await relay.host.connect(hub.listen_addrs[0])
+            await until(hub, lambda nd: len(nd.table.records) >= n + 2)
+            assert hub.table.stats["refused_rate"] > 0  # it took more than one round
+            assert set(relay.table.records) <= set(hub.table.records)
 
 
 async def test_records_without_a_fresh_owner_heartbeat_are_refused(node_config):
