@@ -80,6 +80,13 @@ class Config:
     nodetable_max_ops: int = 1024
     nodetable_max_changes: int = 256
     nodetable_max_entry_bytes: int = 32 << 10
+
+    nodetable_max_entries: int = 4096
+    nodetable_new_owner_burst: int = 1024
+    nodetable_new_owner_rate: float = 64.0
+    nodetable_verify_rate: float = 1000.0
+    nodetable_max_streams: int = 2
+    nodetable_message_timeout: float = 10.0
     # --- gateway ------------------------------------------------------------------
     max_body_size: int = 32 << 20
     request_timeout: float = 600.0
@@ -281,12 +288,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max-message-size", "max_message_size", _size, "Largest single protocol message accepted from a peer (default: 1M).", group="transport", metavar="BYTES"),
     Setting("network-key", "network_key", _network_key, "Run in a private network: a go-libp2p swarm.key file (/key/swarm/psk/1.0.0/, /base16/, 64 hex digits); peers without the same key are refused before any handshake (default: none, an open network).", group="transport", metavar="FILE"),
     Setting("verify-interval", "verify_interval", _positive_float, "Seconds between liveness verification rounds of the node table (default: 30).", group="node table", metavar="SECONDS"),
-    Setting("stale-after", "stale_after", _positive_float, "Seconds after which a peer not seen is dropped from the served node table (default: 600).", group="node table", metavar="SECONDS"),
     Setting("max-record-size", "nodetable_max_doc_bytes", _size, "Largest saved Automerge document in a node table record, checked before its signature (default: 64K).", group="node table", metavar="BYTES"),
     Setting("max-record-decoded-size", "nodetable_max_decoded_bytes", _size, "Most bytes a record's document may decode to (inflated columns, repeated values), checked before Automerge parses it (default: 1M).", group="node table", metavar="BYTES"),
     Setting("max-record-ops", "nodetable_max_ops", _int_range(16, 10_000_000), "Most rows (operations, changes) in any column of a record's document, counted before Automerge parses it (default: 1024).", group="node table", metavar="N"),
     Setting("max-record-changes", "nodetable_max_changes", _int_range(2, 10_000_000), "Most changes (history) in a record's document, counted before Automerge parses it; owners compact after 64 (default: 256).", group="node table", metavar="N"),
     Setting("max-entry-size", "nodetable_max_entry_bytes", _size, "Largest node table entry as JSON once its document is loaded (default: 32K).", group="node table", metavar="BYTES"),
+
+    Setting("stale-after", "stale_after", _positive_float, "Seconds after which a peer not seen (no owner-signed heartbeat, no direct contact) leaves the served node table and is then pruned from memory and disk (default: 600).", group="node table", metavar="SECONDS"),
+    Setting("nodetable.max-entries", "nodetable_max_entries", _int_range(16, 10_000_000), "Maximum node table entries; past it new owners are refused unless a stale entry can be evicted (our own and directly connected peers always have room) (default: 4096).", group="node table", metavar="N"),
+    Setting("nodetable.new-owner-burst", "nodetable_new_owner_burst", _int_range(1, 10_000_000), "New owners a peer may introduce at once before --nodetable.new-owner-rate applies; more are refused and asked again later (default: 1024).", group="node table", metavar="N"),
+    Setting("nodetable.new-owner-rate", "nodetable_new_owner_rate", _positive_float, "New owners per second a peer may introduce after its burst (default: 64).", group="node table", metavar="PER_SECOND"),
+    Setting("nodetable.verify-rate", "nodetable_verify_rate", _positive_float, "Signature checks per second (records and heartbeats) a peer may cost us, with a burst of twice that; the rest wait for the next summary (default: 1000).", group="node table", metavar="PER_SECOND"),
+    Setting("nodetable.max-streams", "nodetable_max_streams", _int_range(1, 64), "Concurrent inbound node table sync streams per peer; extra ones are reset (default: 2).", group="node table", metavar="N"),
+    Setting("nodetable.message-timeout", "nodetable_message_timeout", _positive_float, "Seconds a node table message may take to arrive once its first byte has, else the stream is reset (default: 10).", group="node table", metavar="SECONDS"),
     Setting("max-body-size", "max_body_size", _size, "Largest HTTP request body the gateway accepts (default: 32M).", group="gateway", metavar="BYTES"),
     Setting("request-timeout", "request_timeout", _positive_float, "Seconds a forwarded request may take in total before 504 (default: 600).", group="gateway", metavar="SECONDS"),
     Setting("max-forwards-per-peer", "max_forwards_per_peer", _int_range(1, 1_000_000), "Maximum concurrent requests forwarded to one peer (default: 256).", group="gateway", metavar="N"),

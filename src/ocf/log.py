@@ -50,3 +50,34 @@ def setup(level: str = "info", stream: Any = None) -> None:
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("ocf").setLevel(level.upper())
+
+
+class RateLimitedLog:
+    """Counts repeated events and logs them at most once per ``interval``, with counts.
+
+    A hostile peer can trigger a refusal thousands of times a second; logging
+    each one would turn the log into the attack's amplifier. ``note()`` is
+    O(1) and logs the counts accumulated since the last line when the interval
+    has passed; ``flush()`` (called from a periodic task) writes what is pending.
+    """
+
+    def __init__(self, logger: logging.Logger, message: str, interval: float = 10.0, *, level: int = logging.WARNING, clock: Any = time.monotonic) -> None:
+        self.logger = logger
+        self.message = message
+        self.interval = interval
+        self.level = level
+        self.clock = clock
+        self.counts: dict[str, int] = {}
+        self._last = -float("inf")
+
+    def note(self, reason: str, n: int = 1) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + n
+        if self.clock() - self._last >= self.interval:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.counts:
+            return
+        self._last = self.clock()
+        counts, self.counts = self.counts, {}
+        self.logger.log(self.level, "%s %s", self.message, kv(**counts))

@@ -1,6 +1,7 @@
 """A hostile peer pushes document bombs over the node-table protocol: the node refuses each and stays up."""
 
 import hashlib
+import time
 
 import automerge.core as am
 import httpx
@@ -10,6 +11,7 @@ import trio
 from ocf import open_node
 from ocf.identity import Identity
 from ocf.nodetable import PROTOCOL, wire
+from ocf.nodetable.heartbeat import Heartbeat
 from ocf.nodetable.record import Record, signing_bytes
 from ocf.transport import MemoryNetwork
 
@@ -63,7 +65,12 @@ async def test_bombs_over_the_wire_are_refused_and_the_node_stays_up(node_config
             stream = await evil.host.new_stream(victim.peer_id, PROTOCOL)
             base = _status()["VmRSS"]
             start = trio.current_time()
-            await stream.send_all(wire.encode({"t": "records", "records": [r.to_wire() for r in records]}))
+            # Each with a fresh heartbeat its owner signed, as a relayed newcomer needs, so that
+            # the record itself reaches the verification boundary.
+            keys = {m.peer_id: m for m in [*mallories, ALICE]}
+            now_ms = int(time.time() * 1000)
+            items = [r.to_wire() | {"hb": Heartbeat.create(keys[r.owner], now_ms).to_wire()} for r in records]
+            await stream.send_all(wire.encode({"t": "records", "records": items}))
             with trio.fail_after(10):
                 while victim.table.stats["records_rejected"] < len(records):
                     await trio.sleep(0.01)

@@ -18,7 +18,6 @@ import trio
 
 from ocf.config import ServiceSpec
 from ocf.node import open_node
-from ocf.nodetable.record import MAX_DOC
 from ocf.transport import MemoryNetwork
 
 from ..gateway.util import running_mock_llm
@@ -109,7 +108,7 @@ async def test_an_update_over_the_record_cap_is_413_and_later_updates_still_spre
             for size in (600 * 1024, 40 * 1024):
                 r = await operator.post("/v1/dnt/_node", content=json.dumps({"hardware": {"x": "a" * size}}), headers={"Content-Type": "application/json"})
                 assert r.status_code == 413 and r.json()["error"]["code"] == "entry_too_large"
-            assert len(victim.table.records[victim.peer_id].doc) < MAX_DOC // 4
+            assert len(victim.table.records[victim.peer_id].doc) < victim.config.nodetable_max_doc_bytes // 2
             r = await operator.post("/v1/dnt/_node", json={"role": ["legit"]})
             assert r.status_code == 200
         peer = str(victim.peer_id)

@@ -24,6 +24,8 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 from quart import Blueprint, Response, current_app
 
+from ..nodetable.metrics import families as nodetable_families
+
 if TYPE_CHECKING:
     from ..node import Node
 
@@ -124,6 +126,7 @@ class _GatewayCollector(Collector):
         for labels, value in list(m.forwards.items()):
             forwards.add_metric(list(labels), value)
         yield forwards
+        yield from nodetable_families(m.node.table)
         in_flight = GaugeMetricFamily("ocf_forward_in_flight", "Requests this gateway currently has in flight at each provider (peer ID).", labels=["provider"])
         for provider, value in list(m.in_flight.items()):
             in_flight.add_metric([provider], value)

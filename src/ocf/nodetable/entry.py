@@ -37,18 +37,18 @@ def detect_hardware() -> dict[str, Any]:
                 gpus.append({"name": name, "total_memory": int(float(total)), "used_memory": int(float(used))})
         except (OSError, subprocess.SubprocessError, ValueError):
             gpus = []
-    total = used = 0
+    mem_total = mem_used = 0
     try:
-        info = {}
+        info: dict[str, int] = {}
         with open("/proc/meminfo") as f:
             for line in f:
                 key, _, rest = line.partition(":")
                 info[key] = int(rest.split()[0]) * 1024
-        total = info.get("MemTotal", 0)
-        used = total - info.get("MemAvailable", 0)
+        mem_total = info.get("MemTotal", 0)
+        mem_used = mem_total - info.get("MemAvailable", 0)
     except (OSError, ValueError, IndexError):
         pass
-    return {"gpus": gpus, "host_memory": total, "host_memory_used": used, "cpus": os.cpu_count() or 0}
+    return {"gpus": gpus, "host_memory": mem_total, "host_memory_used": mem_used, "cpus": os.cpu_count() or 0}
 
 
 def _text(value: Any, field: str) -> str:

@@ -13,7 +13,6 @@ from quart import Blueprint, current_app, jsonify, request
 
 from ..errors import ValidationError
 from ..gateway.errors import error_response
-from .record import MAX_DOC
 
 blueprint = Blueprint("nodetable", __name__)
 
@@ -63,13 +62,19 @@ async def stats():  # type: ignore[no-untyped-def]
     return jsonify(_table().summary_stats())
 
 
-#: Largest update body, and largest entry (as JSON) an update may leave: a fraction of the
-#: record cap, so history until the next compaction still fits and peers keep accepting us.
-MAX_ENTRY_JSON = MAX_DOC // 8
+def _max_entry_json() -> int:
+    """Largest update body, and largest entry (as JSON) an update may leave.
+
+    A quarter of the entry cap peers enforce (``--max-entry-size``), so the history
+    kept until the next compaction still fits the record caps and peers keep
+    accepting our later updates.
+    """
+    return int(_table().config.nodetable_max_entry_bytes) // 4
 
 
 @blueprint.post("/v1/dnt/_node")
 async def update_node():  # type: ignore[no-untyped-def]
+    MAX_ENTRY_JSON = _max_entry_json()
     too_large = error_response(413, f"a node entry may be at most {MAX_ENTRY_JSON} bytes of JSON", "entry_too_large")
     if (request.content_length or 0) > MAX_ENTRY_JSON:
         return too_large

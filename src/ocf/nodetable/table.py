@@ -1,10 +1,17 @@
-"""The node table service: owns the records, persists them, syncs them, tracks liveness.
+"""The node table service: owns the records, persists them, admits and expires entries.
 
-Thin Trio code around the pure pieces in :mod:`record`, :mod:`entry` and
-:mod:`wire`. One task per connected peer pushes what that peer lacks; the
-stream handler applies what peers push to us. Every accepted record is
-stored in LMDB in the same transaction batch it arrived in, then offered to
-every other peer — that is how a change crosses any number of hops.
+Thin Trio code around the pure pieces in :mod:`record`, :mod:`entry`,
+:mod:`heartbeat` and :mod:`wire`; the sync protocol itself lives in
+:mod:`sync`. Every accepted record is stored in LMDB in the same transaction
+batch it arrived in, then offered to every other peer — that is how a change
+crosses any number of hops.
+
+Every peer may be hostile, so the table is bounded: at most
+``--nodetable.max-entries`` owners (our own and directly connected peers'
+entries always have room, by evicting the longest-unseen other entry), and
+an owner not seen for ``--stale-after`` — no heartbeat it signed, no direct
+contact — is forgotten everywhere, in memory and on disk. Nothing is ever
+kept about an owner we hold no record for.
 """
 
 from __future__ import annotations
@@ -17,23 +24,36 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 import trio
 
 from .. import log as logfmt
-from ..errors import IdentityError, ProtocolError, TransportError, ValidationError
+from ..errors import IdentityError, TransportError, ValidationError
 from ..identity import PeerId
-from . import wire
 from .docguard import DocLimits
 from .entry import detect_hardware, validate_update
+from .heartbeat import Heartbeat
 from .record import OwnerDoc, Record
+from .sync import Sync
+from .wire import PROTOCOL
 
 if TYPE_CHECKING:
     from ..node import Node
 
 log = logging.getLogger("ocf.nodetable")
 
-PROTOCOL = "/ocf/nodetable/1.0.0"
 DB = "nodetable"
 COMPACT_AFTER = 64  # own document changes before it is rewritten with a one-change history
 GONE = ("left", "offline")
-RECEIVE = 65536
+#: Owners forgotten per LMDB transaction by the sweep (it yields to the event loop between batches).
+PRUNE_BATCH = 512
+#: Refusals are summed and logged at most this often.
+REFUSAL_LOG_INTERVAL = 10.0
+
+__all__ = ["PROTOCOL", "NodeTable", "open_nodetable"]
+
+COUNTERS = (
+    "sync_rounds", "records_received", "records_rejected", "records_sent",
+    "refused_rate", "refused_full", "refused_stale", "deferred_verify",
+    "evicted", "pruned", "heartbeats_accepted", "heartbeats_rejected",
+    "streams_refused", "streams_timed_out",
+)
 
 
 class NodeTable:
@@ -41,13 +61,25 @@ class NodeTable:
         self.node = node
         self.host = node.host
         self.config = node.config
+        self._limits = DocLimits.from_config(node.config)
         self.identity = node.identity
         self.me = node.peer_id
         self.records: dict[PeerId, Record] = {}
         self.docs: dict[PeerId, OwnerDoc] = {}
+        # Only ever keyed by owners in ``records`` (see _forget): unknown IDs cost nothing.
         self.last_seen: dict[PeerId, float] = {}
-        self.peer_known: dict[PeerId, dict[PeerId, int]] = {}
-        self.stats = {"sync_rounds": 0, "records_received": 0, "records_rejected": 0, "records_sent": 0}
+        self.beats: dict[PeerId, Heartbeat] = {}
+        self.by_text: dict[str, PeerId] = {}
+        # What each connected peer holds, as (seq, heartbeat ms), for owners we hold.
+        self.peer_known: dict[PeerId, dict[PeerId, tuple[int, int]]] = {}
+        # Per pusher, the owners whose record or heartbeat may need sending (an ordered set):
+        # a pusher looks only at what changed, not at the whole table, on every change.
+        self.pending: dict[PeerId, dict[PeerId, None]] = {}
+        self.stats = dict.fromkeys(COUNTERS, 0)
+        self.refusals = logfmt.RateLimitedLog(log, "node table refusals", REFUSAL_LOG_INTERVAL)
+        self.sync = Sync(self)
+        self._sorted: list[str] | None = None
+        self._loaded_at = 0.0
         self._version = 0
         self._changed = trio.Event()
         self._pushers: dict[PeerId, trio.CancelScope] = {}
@@ -97,11 +129,31 @@ class NodeTable:
     def summary_stats(self) -> dict[str, Any]:
         return {
             "entries": len(self.docs),
+            "max_entries": self.config.nodetable_max_entries,
             "doc_bytes": sum(len(r.doc) for r in self.records.values()),
             "change_count": sum(d.change_count() for d in self.docs.values()),
             "peers": len(self.host.connected_peers()),
             **self.stats,
         }
+
+    async def prune(self) -> int:
+        """Forget every owner not seen for ``--stale-after``, in bounded batches; returns how many."""
+        now = self.clock()
+        horizon = now - self.config.stale_after
+        doomed = [
+            owner
+            for owner in self.records
+            if owner != self.me and max(self.last_seen.get(owner, 0.0), self._loaded_at) < horizon and not self.host.is_connected(owner)
+        ]
+        for start in range(0, len(doomed), PRUNE_BATCH):
+            batch = [owner for owner in doomed[start : start + PRUNE_BATCH] if owner in self.records]
+            self._forget(batch)
+            self.stats["pruned"] += len(batch)
+            await trio.sleep(0)
+        if doomed:
+            log.info("pruned stale node table entries %s", logfmt.kv(pruned=len(doomed), entries=len(self.records)))
+            self._bump()
+        return len(doomed)
 
     # --- derived view ------------------------------------------------------------------
 
@@ -123,6 +175,93 @@ class NodeTable:
         """How long a sighting keeps a peer "connected": a little over two verification rounds."""
         return max(2.5 * self.config.verify_interval, 5.0)
 
+    def seen_at(self, owner: PeerId) -> float:
+        return self.clock() if owner == self.me else self.last_seen.get(owner, 0.0)
+
+    def saw(self, owner: PeerId, when: float) -> None:
+        """Record a sighting: a direct contact or a verified owner-signed heartbeat, never hearsay."""
+        if owner in self.records and owner != self.me and when > self.last_seen.get(owner, 0.0):
+            self.last_seen[owner] = when
+
+    # --- membership: admission, eviction, forgetting ---------------------------------------
+
+    def sorted_texts(self) -> list[str]:
+        if self._sorted is None:
+            self._sorted = sorted(self.by_text)
+        return self._sorted
+
+    def is_full(self) -> bool:
+        return len(self.records) >= self.config.nodetable_max_entries
+
+    def evictable(self, now: float, *, direct: bool) -> list[PeerId]:
+        """Owners that may make room, longest unseen LAST (callers pop()).
+
+        For a directly connected peer anything but us and other direct peers;
+        for a relayed newcomer only entries that are no longer fresh, so a
+        flood can push out the dead but never the living.
+        """
+        fresh_since = now - self._fresh_for()
+        out = [
+            (self.last_seen.get(owner, 0.0), owner)
+            for owner in self.records
+            if owner != self.me and (direct or self.last_seen.get(owner, 0.0) < fresh_since) and not self.host.is_connected(owner)
+        ]
+        out.sort(key=lambda pair: pair[0], reverse=True)
+        return [owner for _, owner in out]
+
+    def verify_record(self, record: Record) -> OwnerDoc:
+        """The one place records are verified (from peers and from the store); raises ValidationError."""
+        return record.verify(self._limits)
+
+    def insert(self, record: Record, doc: OwnerDoc) -> None:
+        owner = record.owner
+        if owner not in self.records:
+            self.by_text[str(owner)] = owner
+            self._sorted = None
+        self.records[owner] = record
+        self.docs[owner] = doc
+        self.touch(owner)
+
+    def set_beat(self, beat: Heartbeat) -> None:
+        self.beats[beat.owner] = beat
+        self.touch(beat.owner)
+
+    def touch(self, owner: PeerId) -> None:
+        for pending in self.pending.values():
+            pending[owner] = None
+
+    def evict(self, owner: PeerId) -> None:
+        self._forget([owner])
+        self.stats["evicted"] += 1
+
+    def _forget(self, owners: list[PeerId]) -> None:
+        """Drop owners from every map and from LMDB (one transaction for the batch)."""
+        if not owners:
+            return
+        for owner in owners:
+            self.records.pop(owner, None)
+            self.docs.pop(owner, None)
+            self.last_seen.pop(owner, None)
+            self.beats.pop(owner, None)
+            self.by_text.pop(str(owner), None)
+            for known in self.peer_known.values():
+                known.pop(owner, None)
+            for pending in self.pending.values():
+                pending.pop(owner, None)
+        self._sorted = None
+        forget_addrs = getattr(self.host, "forget_addrs", None)
+        if forget_addrs is not None:
+            for owner in owners:
+                forget_addrs(owner)
+        with self.node.store.write() as txn:
+            for owner in owners:
+                txn.delete(owner.raw, db=self._db)
+
+    def drop_peer(self, peer: PeerId) -> None:
+        """A peer left: what we kept about its connection goes with it."""
+        self.peer_known.pop(peer, None)
+        self.sync.drop_peer(peer)
+
     # --- own entry -----------------------------------------------------------------------
 
     def _write_own(self, fields: dict[str, Any]) -> None:
@@ -133,23 +272,36 @@ class NodeTable:
             doc = doc.compacted()
             self.docs[self.me] = doc
         seq = self.records[self.me].seq + 1 if self.me in self.records else 1
-        record = Record.create(self.identity, seq, doc)
+        self._publish_own(Record.create(self.identity, seq, doc))
+
+    def republish_own(self, seq: int) -> None:
+        self._publish_own(Record.create(self.identity, seq, self.docs[self.me]))
+
+    def _publish_own(self, record: Record) -> None:
         with self.node.store.write() as txn:
             txn.put(self.me.raw, record.to_bytes(), db=self._db)
-        self.records[self.me] = record
+        self.insert(record, self.docs[self.me])
         self._bump()
 
-    def _republish_own(self, seq: int) -> None:
-        record = Record.create(self.identity, seq, self.docs[self.me])
-        with self.node.store.write() as txn:
-            txn.put(self.me.raw, record.to_bytes(), db=self._db)
-        self.records[self.me] = record
+    def _beat(self) -> None:
+        """Sign a fresh heartbeat of our own; pushers carry it to every peer."""
+        self.set_beat(Heartbeat.create(self.identity, int(self.clock() * 1000)))
         self._bump()
 
     def _bump(self) -> None:
         self._version += 1
         self._changed.set()
         self._changed = trio.Event()
+
+    def wake(self) -> None:
+        """Wake pushers without changing the served view."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def store_records(self, records: list[Record]) -> None:
+        with self.node.store.write() as txn:
+            for record in records:
+                txn.put(record.owner.raw, record.to_bytes(), db=self._db)
 
     def _load(self) -> None:
         """Verify every stored record as if a peer had sent it; drop (never load) what fails.
@@ -159,21 +311,19 @@ class NodeTable:
         """
         with self.node.store.read() as txn:
             items = list(txn.cursor(db=self._db))
-        limits = DocLimits.from_config(self.config)
         dropped: list[bytes] = []
         reason: Exception | None = None
         for key, value in items:
             try:
                 owner = PeerId(bytes(key))
                 record = Record.from_bytes(owner, bytes(value))
-                doc = record.verify(limits)
+                doc = self.verify_record(record)
             except (IdentityError, ValidationError) as exc:
                 log.debug("unreadable stored node table record %s", logfmt.kv(key=bytes(key)[:40].hex(), reason=exc))
                 dropped.append(bytes(key))
                 reason = exc
                 continue
-            self.records[owner] = record
-            self.docs[owner] = doc
+            self.insert(record, doc)
         if dropped:
             # One line for all of them: an upgrade may drop a whole table at once.
             log.warning(
@@ -183,6 +333,8 @@ class NodeTable:
             with self.node.store.write() as txn:
                 for key in dropped:
                     txn.delete(key, db=self._db)
+        # Liveness is not stored: give what we loaded one --stale-after to be heard of again.
+        self._loaded_at = self.clock()
         log.info("node table loaded %s", logfmt.kv(entries=len(self.records), dropped=len(dropped)))
 
     def _initial_own(self) -> None:
@@ -201,169 +353,7 @@ class NodeTable:
         if "service" not in self.docs[self.me].to_dict():
             fields["service"] = []
         self._write_own(fields)
-
-    # --- sync ------------------------------------------------------------------------------
-
-    def _summary(self) -> dict[str, Any]:
-        now = self.clock()
-        have = {}
-        for owner, record in self.records.items():
-            seen = now if owner == self.me else self.last_seen.get(owner, 0.0)
-            have[str(owner)] = [record.seq, seen]
-        return {"t": "summary", "have": have}
-
-    async def _push(self, peer: PeerId) -> None:
-        """Keep ``peer`` up to date over one outbound stream until it or we go away."""
-        limit = self.config.max_message_size
-        try:
-            stream = await self.host.new_stream(peer, PROTOCOL)
-        except TransportError as exc:
-            log.debug("no sync stream %s", logfmt.kv(peer=peer.short(), reason=exc))
-            return
-        known = self.peer_known.setdefault(peer, {})
-        try:
-            async with stream:
-                await stream.send_all(wire.encode(self._summary()))
-                last_summary = trio.current_time()
-                while True:
-                    version = self._version
-                    batch: list[dict[str, Any]] = []
-                    size = 0
-                    for owner, record in list(self.records.items()):
-                        if owner == peer or known.get(owner, -1) >= record.seq:
-                            continue
-                        item = record.to_wire()
-                        # liveness rides along, so a relayed entry arrives "seen", not stale
-                        item["seen"] = self.clock() if owner == self.me else self.last_seen.get(owner, 0.0)
-                        item_size = len(item["doc"]) + 300
-                        if batch and size + item_size > limit // 2:
-                            await self._send_records(stream, batch)
-                            batch, size = [], 0
-                        batch.append(item)
-                        size += item_size
-                        known[owner] = record.seq
-                    if batch:
-                        await self._send_records(stream, batch)
-                    self._flushed[peer] = version
-                    self._flush_event.set()
-                    self._flush_event = trio.Event()
-                    with trio.move_on_at(last_summary + self.config.verify_interval):
-                        await self._changed.wait()
-                        continue
-                    await stream.send_all(wire.encode(self._summary()))  # liveness, once per interval
-                    last_summary = trio.current_time()
-        except (TransportError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.debug("sync stream ended %s", logfmt.kv(peer=peer.short(), reason=exc or type(exc).__name__))
-
-    async def _send_records(self, stream: Any, batch: list[dict[str, Any]]) -> None:
-        await stream.send_all(wire.encode({"t": "records", "records": batch}))
-        self.stats["records_sent"] += len(batch)
-
-    async def _handle(self, stream: Any) -> None:
-        """Apply what a peer pushes to us. A protocol violation ends only this stream."""
-        peer = stream.remote_peer
-        reader = wire.Reader(self.config.max_message_size)
-        known = self.peer_known.setdefault(peer, {})
-        try:
-            while data := await stream.receive_some(RECEIVE):
-                for message in reader.feed(data):
-                    self.stats["sync_rounds"] += 1
-                    if message["t"] == "summary":
-                        self._on_summary(peer, message, known)
-                    else:
-                        self._on_records(peer, message, known)
-        except ProtocolError as exc:
-            log.warning("bad node table message %s", logfmt.kv(peer=peer.short(), reason=exc))
-            stream.reset()
-        except (TransportError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-
-    def _on_summary(self, peer: PeerId, message: dict[str, Any], known: dict[PeerId, int]) -> None:
-        have = message.get("have")
-        if not isinstance(have, dict):
-            raise ProtocolError("nodetable: summary without 'have'")
-        now = self.clock()
-        self.last_seen[peer] = now
-        wake = False
-        for text, pair in have.items():
-            try:
-                owner = PeerId.from_string(text)
-                seq, seen = int(pair[0]), float(pair[1])
-            except (IdentityError, TypeError, ValueError, IndexError):
-                raise ProtocolError("nodetable: malformed summary") from None
-            if known.get(owner, -1) < seq:
-                known[owner] = seq
-            mine = self.records.get(owner)
-            if mine is not None and mine.seq > seq:
-                wake = True
-            if owner != self.me and min(seen, now) > self.last_seen.get(owner, 0.0):
-                self.last_seen[owner] = min(seen, now)
-        for owner in self.records:
-            if str(owner) not in have and owner != peer:
-                known.pop(owner, None)
-                wake = True
-        if wake:
-            self._changed.set()
-            self._changed = trio.Event()
-
-    def _on_records(self, peer: PeerId, message: dict[str, Any], known: dict[PeerId, int]) -> None:
-        items = message.get("records")
-        if not isinstance(items, list):
-            raise ProtocolError("nodetable: records message without a list")
-        accepted: list[Record] = []
-        for item in items:
-            try:
-                record = Record.from_wire(item)
-            except ValidationError as exc:
-                self._reject(peer, None, exc)
-                continue
-            known[record.owner] = max(known.get(record.owner, -1), record.seq)
-            seen = item.get("seen") if isinstance(item, dict) else None
-            if isinstance(seen, (int, float)) and record.owner != self.me:
-                seen = min(float(seen), self.clock())
-                if seen > self.last_seen.get(record.owner, 0.0):
-                    self.last_seen[record.owner] = seen
-            current = self.records.get(record.owner)
-            if current is not None and current.seq >= record.seq:
-                continue
-            try:
-                doc = record.verify(DocLimits.from_config(self.config))
-            except ValidationError as exc:
-                self._reject(peer, record.owner, exc)
-                continue
-            if record.owner == self.me:
-                # An older incarnation of us (e.g. before --cleanslate) published newer
-                # versions: continue their numbering and republish what is true now.
-                self._republish_own(record.seq + 1)
-                continue
-            self.records[record.owner] = record
-            self.docs[record.owner] = doc
-            accepted.append(record)
-            add_addrs = getattr(self.host, "add_addrs", None)
-            if add_addrs is not None:
-                from ..identity import Multiaddr
-
-                addrs = []
-                for text in doc.to_dict().get("addrs", []) or []:
-                    try:
-                        addrs.append(Multiaddr.parse(text).without_p2p())
-                    except Exception:  # noqa: BLE001 - a peer's bad address is its problem
-                        continue
-                add_addrs(record.owner, addrs)
-        if accepted:
-            with self.node.store.write() as txn:
-                for record in accepted:
-                    txn.put(record.owner.raw, record.to_bytes(), db=self._db)
-            self.stats["records_received"] += len(accepted)
-            log.debug("node table updated %s", logfmt.kv(peer=peer.short(), records=len(accepted)))
-            self._bump()
-
-    def _reject(self, peer: PeerId, owner: PeerId | None, exc: Exception) -> None:
-        self.stats["records_rejected"] += 1
-        log.warning(
-            "rejected node table record %s",
-            logfmt.kv(from_peer=peer.short(), owner=owner.short() if owner else "?", reason=exc),
-        )
+        self._beat()
 
     # --- liveness ------------------------------------------------------------------------
 
@@ -371,9 +361,17 @@ class NodeTable:
         while True:
             await trio.sleep(self.config.verify_interval)
             log.info("Starting verification %s", logfmt.kv(peers=len(self.host.connected_peers())))
+            self._beat()
             async with trio.open_nursery() as n:
                 for peer in self.host.connected_peers():
                     n.start_soon(self._ping, peer)
+
+    async def _sweep_loop(self) -> None:
+        interval = max(0.05, min(self.config.stale_after / 4, REFUSAL_LOG_INTERVAL))
+        while True:
+            await trio.sleep(interval)
+            await self.prune()
+            self.refusals.flush()
 
     async def _ping(self, peer: PeerId) -> None:
         with trio.move_on_after(min(10.0, self.config.verify_interval)):
@@ -381,7 +379,7 @@ class NodeTable:
                 await self.host.ping(peer)
             except TransportError:
                 return
-            self.last_seen[peer] = self.clock()
+            self.saw(peer, self.clock())
 
     async def _watch_peers(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         assert self._nursery is not None
@@ -391,16 +389,18 @@ class NodeTable:
             task_status.started()
             async for event in events:
                 if event.kind == "connected":
-                    self.last_seen[event.peer] = self.clock()
+                    self.saw(event.peer, self.clock())
                     self._start_pusher(event.peer)
                 else:
                     scope = self._pushers.pop(event.peer, None)
                     if scope is not None:
                         scope.cancel()
-                    # What we saw ourselves no longer vouches for it; a peer that still
-                    # reaches it will say so in its next summary.
-                    horizon = self.clock() - self._fresh_for() - 1.0
-                    self.last_seen[event.peer] = min(self.last_seen.get(event.peer, 0.0), horizon)
+                    self.drop_peer(event.peer)
+                    # What we saw ourselves no longer vouches for it; only a newer heartbeat
+                    # signed by the peer itself, relayed by someone who still reaches it, will.
+                    if event.peer in self.last_seen:
+                        horizon = self.clock() - self._fresh_for() - 1.0
+                        self.last_seen[event.peer] = min(self.last_seen[event.peer], horizon)
                     self._bump()  # the served view changed
 
     def _start_pusher(self, peer: PeerId) -> None:
@@ -411,12 +411,17 @@ class NodeTable:
 
         async def run() -> None:
             with scope:
-                await self._push(peer)
+                await self.sync.push(peer)
             if self._pushers.get(peer) is scope:
                 del self._pushers[peer]
 
         assert self._nursery is not None
         self._nursery.start_soon(run)
+
+    def flushed(self, peer: PeerId, version: int) -> None:
+        self._flushed[peer] = version
+        self._flush_event.set()
+        self._flush_event = trio.Event()
 
     async def _announce_departure(self) -> None:
         """Mark ourselves left and give pushers a moment (at most 1 s) to deliver it."""
@@ -433,11 +438,12 @@ async def open_nodetable(node: "Node") -> AsyncIterator[NodeTable]:
     table = NodeTable(node)
     table._load()
     table._initial_own()
-    node.host.set_stream_handler(PROTOCOL, table._handle)
+    node.host.set_stream_handler(PROTOCOL, table.sync.handle)
     async with trio.open_nursery() as nursery:
         table._nursery = nursery
         await nursery.start(table._watch_peers)
         nursery.start_soon(table._verify_loop)
+        nursery.start_soon(table._sweep_loop)
         try:
             yield table
         finally:

@@ -227,6 +227,11 @@ class Host:
                 continue
             self._remember_addr(peer, ma)
 
+    def forget_addrs(self, peer: PeerId) -> None:
+        """Drop what we learned about a peer we are not connected to (the node table pruned it)."""
+        if not self.is_connected(peer):
+            self._addrs.pop(peer, None)
+
     def _remember_addr(self, peer: PeerId, addr: Multiaddr, *, operator: bool = False) -> None:
         if peer == self.peer_id:
             return

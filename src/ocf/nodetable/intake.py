@@ -1,0 +1,253 @@
+"""What a peer pushes to us, admitted within that peer's budgets (records and heartbeats).
+
+A record of a new owner costs the sending peer a token of its new-owner
+bucket and a place in the table (or the place of an entry no longer fresh);
+one relayed by a third peer must carry a heartbeat its owner signed within
+``--stale-after``. Every signature check costs a token of the peer's verify
+bucket, and the event loop gets a turn every few checks. What is refused is
+not remembered: the receiver's next summary shows the sender what it still
+lacks, and it is sent again.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .. import log as logfmt
+from ..errors import ProtocolError, ValidationError
+from ..identity import PeerId
+from .heartbeat import FUTURE_SKEW_MS, Heartbeat, TokenBucket
+from .record import Record
+
+if TYPE_CHECKING:
+    from .table import NodeTable
+
+log = logging.getLogger("ocf.nodetable")
+
+#: Signature checks (60-300 µs each) between two yields to the event loop, so that a message
+#: full of them never stalls the node's other work for long.
+VERIFY_SLICE = 32
+
+
+class Intake:
+    def __init__(self, table: "NodeTable") -> None:
+        self.t = table
+        self._owner_buckets: dict[PeerId, TokenBucket] = {}
+        self._verify_buckets: dict[PeerId, TokenBucket] = {}
+        self._work = 0  # signature checks since the last yield
+
+    def drop_peer(self, peer: PeerId) -> None:
+        self._owner_buckets.pop(peer, None)
+        self._verify_buckets.pop(peer, None)
+
+    def _take(self, buckets: dict[PeerId, TokenBucket], peer: PeerId, rate: float, burst: float) -> bool:
+        now = trio.current_time()
+        bucket = buckets.get(peer)
+        if bucket is None:
+            bucket = buckets[peer] = TokenBucket.full(rate, burst, now)
+        return bucket.take(now)
+
+    def _may_verify(self, peer: PeerId) -> bool:
+        rate = self.t.config.nodetable_verify_rate
+        if self._take(self._verify_buckets, peer, rate, 2 * rate):
+            self._work += 1
+            return True
+        self.t.stats["deferred_verify"] += 1
+        self.t.refusals.note("verify_budget")
+        return False
+
+    async def _yield_if_busy(self) -> None:
+        if self._work >= VERIFY_SLICE:
+            self._work = 0
+            await trio.sleep(0)
+
+    def _may_add_owner(self, peer: PeerId) -> bool:
+        cfg = self.t.config
+        return self._take(self._owner_buckets, peer, cfg.nodetable_new_owner_rate, cfg.nodetable_new_owner_burst)
+
+    # --- outbound -------------------------------------------------------------------------
+
+    async def _on_beats(self, peer: PeerId, message: dict[str, Any], known: dict[PeerId, tuple[int, int]]) -> None:
+        beats = message.get("beats")
+        if not isinstance(beats, dict):
+            raise ProtocolError("nodetable: beats message without a map")
+        t = self.t
+        changed = False
+        for text, obj in beats.items():
+            owner = t.by_text.get(text)
+            if owner is None:
+                continue
+            try:
+                beat = Heartbeat.from_wire(owner, obj)
+            except ValidationError:
+                raise ProtocolError("nodetable: malformed heartbeat") from None
+            changed |= self._take_beat(peer, beat, known)
+            await self._yield_if_busy()
+        if changed:
+            t._bump()
+
+    def _take_beat(self, peer: PeerId, beat: Heartbeat, known: dict[PeerId, tuple[int, int]]) -> bool:
+        """Accept a heartbeat if it is newer than ours, not from the future, within budget and signed."""
+        t = self.t
+        owner = beat.owner
+        k_seq, k_ms = known.get(owner, (-1, -1))
+        known[owner] = (k_seq, max(k_ms, beat.ms))
+        held = t.beats.get(owner)
+        if owner == t.me or (held is not None and held.ms >= beat.ms):
+            return False
+        now = t.clock()
+        if beat.ms > now * 1000 + FUTURE_SKEW_MS:
+            t.stats["heartbeats_rejected"] += 1
+            t.refusals.note("future_heartbeat")
+            return False
+        if not self._may_verify(peer):
+            return False
+        if not beat.verify():
+            t.stats["heartbeats_rejected"] += 1
+            t.refusals.note("forged_heartbeat")
+            # An honest relay passes on only heartbeats it verified: this peer is lying.
+            raise ProtocolError(f"nodetable: heartbeat of {owner.short()} is not signed by it")
+        t.set_beat(beat)
+        t.saw(owner, min(beat.seconds, now))
+        t.stats["heartbeats_accepted"] += 1
+        return True
+
+    async def _on_records(self, peer: PeerId, message: dict[str, Any], known: dict[PeerId, tuple[int, int]]) -> None:
+        items = message.get("records")
+        if not isinstance(items, list):
+            raise ProtocolError("nodetable: records message without a list")
+        t = self.t
+        accepted: list[Record] = []
+        pool: list[PeerId] | None = None  # eviction candidates for relayed newcomers, computed once
+        forged: ProtocolError | None = None
+        beats_changed = False
+        for item in items:
+            await self._yield_if_busy()
+            now = t.clock()
+            try:
+                record = Record.from_wire(item)
+                beat = Heartbeat.from_wire(record.owner, item["hb"]) if isinstance(item, dict) and "hb" in item else None
+            except ValidationError as exc:
+                self._reject(peer, None, exc)
+                continue
+            owner = record.owner
+            current = t.records.get(owner)
+            if current is not None and current.seq >= record.seq:
+                known[owner] = (record.seq, known.get(owner, (-1, -1))[1])
+            elif owner == t.me:
+                # An older incarnation of us (e.g. before --cleanslate) published newer
+                # versions: continue their numbering and republish what is true now.
+                if self._may_verify(peer) and self._verified(peer, record) is not None:
+                    t.republish_own(record.seq + 1)
+                continue
+            elif current is not None:
+                if not self._may_verify(peer):
+                    continue
+                doc = self._verified(peer, record)
+                if doc is None:
+                    continue
+                t.insert(record, doc)
+                accepted.append(record)
+                known[owner] = (record.seq, known.get(owner, (-1, -1))[1])
+            else:
+                direct = owner == peer or t.host.is_connected(owner)
+                victim: PeerId | None = None
+                if t.is_full():
+                    if direct:
+                        candidates = t.evictable(now, direct=True)
+                    else:
+                        if pool is None:
+                            pool = t.evictable(now, direct=False)
+                        candidates = pool
+                    while candidates and candidates[-1] not in t.records:
+                        candidates.pop()
+                    if not candidates:
+                        if not direct:  # direct peers always have room, even past the maximum
+                            self._refuse(peer, "full")
+                            continue
+                    else:
+                        victim = candidates[-1]
+                if not direct:
+                    if beat is None or beat.seconds < now - t.config.stale_after or beat.ms > now * 1000 + FUTURE_SKEW_MS:
+                        self._refuse(peer, "stale")
+                        continue
+                    if not self._may_add_owner(peer):
+                        self._refuse(peer, "rate")
+                        continue
+                    if not self._may_verify(peer):
+                        continue
+                    if not beat.verify():
+                        t.stats["heartbeats_rejected"] += 1
+                        forged = ProtocolError(f"nodetable: heartbeat of {owner.short()} is not signed by it")
+                        break
+                elif not self._may_verify(peer):
+                    continue
+                doc = self._verified(peer, record)
+                if doc is None:
+                    continue
+                if victim is not None and victim in t.records:
+                    if pool is not None and pool and pool[-1] == victim:
+                        pool.pop()
+                    t.evict(victim)
+                t.insert(record, doc)
+                accepted.append(record)
+                known[owner] = (record.seq, -1)
+                t.saw(owner, now if direct else min(beat.seconds, now) if beat is not None else 0.0)
+                if beat is not None and not direct:
+                    t.set_beat(beat)
+                self._learn_addrs(owner, doc)
+            if beat is not None and owner in t.records and owner != t.me:
+                try:
+                    beats_changed |= self._take_beat(peer, beat, known)
+                except ProtocolError as exc:
+                    forged = exc
+                    break
+        # What was forgotten (pruned, evicted) while we yielded must not reach the disk.
+        accepted = [record for record in accepted if t.records.get(record.owner) is record]
+        if accepted:
+            t.store_records(accepted)
+            t.stats["records_received"] += len(accepted)
+            log.debug("node table updated %s", logfmt.kv(peer=peer.short(), records=len(accepted)))
+        if accepted or beats_changed:
+            t._bump()
+        if forged is not None:
+            raise forged
+
+    def _verified(self, peer: PeerId, record: Record) -> Any:
+        try:
+            return self.t.verify_record(record)
+        except ValidationError as exc:
+            self._reject(peer, record.owner, exc)
+            return None
+
+    def _learn_addrs(self, owner: PeerId, doc: Any) -> None:
+        add_addrs = getattr(self.t.host, "add_addrs", None)
+        if add_addrs is None:
+            return
+        from ..identity import Multiaddr
+
+        texts = doc.to_dict().get("addrs")
+        if not isinstance(texts, list):
+            return
+        addrs = []
+        for text in texts[:16]:
+            try:
+                addrs.append(Multiaddr.parse(text).without_p2p())
+            except Exception:  # noqa: BLE001 - a peer's bad address is its problem
+                continue
+        add_addrs(owner, addrs)
+
+    def _refuse(self, peer: PeerId, reason: str) -> None:
+        self.t.stats["refused_" + reason] += 1
+        self.t.refusals.note(reason)
+
+    def _reject(self, peer: PeerId, owner: PeerId | None, exc: Exception) -> None:
+        self.t.stats["records_rejected"] += 1
+        self.t.refusals.note("bad_record")
+        log.debug(
+            "rejected node table record %s",
+            logfmt.kv(from_peer=peer.short(), owner=owner.short() if owner else "?", reason=exc),
+        )

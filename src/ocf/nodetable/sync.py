@@ -1,0 +1,218 @@
+"""The node table sync protocol on ``/ocf/nodetable/1.0.0`` (messages in :mod:`wire`).
+
+Each node keeps one outbound stream per connected peer: it sends a summary
+(in pages under the message limit), then every record and heartbeat the
+peer lacks, again whenever its table changes, and a fresh summary once per
+verification round. The inbound side reads at most ``--nodetable.max-streams``
+streams per peer, and every message that has started must finish within
+``--nodetable.message-timeout`` (else the stream is reset), so a peer cannot
+pin buffers; summary entries naming owners we hold no record for are
+skipped, never kept. What the messages carry is admitted by :mod:`intake`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .. import log as logfmt
+from ..errors import ProtocolError, TransportError
+from ..identity import PeerId
+from . import wire
+from .intake import Intake
+
+if TYPE_CHECKING:
+    from .table import NodeTable
+
+log = logging.getLogger("ocf.nodetable")
+
+RECEIVE = 65536
+#: Bytes a heartbeat costs in a beats message (owner text, time, signature hex, separators).
+BEAT_SIZE = 220
+
+
+class Sync(Intake):
+    def __init__(self, table: "NodeTable") -> None:
+        super().__init__(table)
+        self._inbound: dict[PeerId, int] = {}
+
+    async def push(self, peer: PeerId) -> None:
+        """Keep ``peer`` up to date over one outbound stream until it or we go away."""
+        t = self.t
+        try:
+            stream = await t.host.new_stream(peer, wire.PROTOCOL)
+        except TransportError as exc:
+            log.debug("no sync stream %s", logfmt.kv(peer=peer.short(), reason=exc))
+            return
+        known = t.peer_known.setdefault(peer, {})
+        pending = t.pending[peer] = dict.fromkeys(t.records)
+        try:
+            async with stream:
+                await self._send_summary(stream)
+                last_summary = trio.current_time()
+                while True:
+                    version = t.version
+                    await self._send_missing(stream, peer, known, pending)
+                    if pending:
+                        continue  # more changed while we were sending (its wake-up is already spent)
+                    t.flushed(peer, version)
+                    with trio.move_on_at(last_summary + t.config.verify_interval):
+                        await t.wait_changed()
+                        continue
+                    await self._send_summary(stream)  # liveness and repair, once per interval
+                    last_summary = trio.current_time()
+        except (TransportError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.debug("sync stream ended %s", logfmt.kv(peer=peer.short(), reason=exc or type(exc).__name__))
+        finally:
+            if t.pending.get(peer) is pending:
+                del t.pending[peer]
+
+    async def _send_summary(self, stream: Any) -> None:
+        t = self.t
+        items = []
+        for text in t.sorted_texts():
+            owner = t.by_text[text]
+            beat = t.beats.get(owner)
+            items.append((text, t.records[owner].seq, beat.ms if beat is not None else -1))
+        for page in wire.summary_pages(items, t.config.max_message_size // 2):
+            await stream.send_all(wire.encode(page))
+
+    async def _send_missing(self, stream: Any, peer: PeerId, known: dict[PeerId, tuple[int, int]], pending: dict[PeerId, None]) -> None:
+        t = self.t
+        budget = t.config.max_message_size // 2
+        horizon = t.clock() - t.config.stale_after
+        batch: list[dict[str, Any]] = []
+        size = 0
+        beats: dict[str, Any] = {}
+        owners = list(pending)
+        pending.clear()
+        for owner in owners:
+            record = t.records.get(owner)
+            if owner == peer or record is None:
+                continue
+            k_seq, k_ms = known.get(owner, (-1, -1))
+            beat = t.beats.get(owner)
+            ms = beat.ms if beat is not None else -1
+            if record.seq > k_seq:
+                if owner != t.me and t.seen_at(owner) < horizon and not t.host.is_connected(owner):
+                    continue  # stale: the peer would refuse it, and it will be pruned here too
+                item = record.to_wire()
+                if beat is not None:
+                    item["hb"] = beat.to_wire()
+                item_size = len(item["doc"]) + 500
+                if item_size > t.config.max_message_size - 64:
+                    continue  # cannot travel at this message limit
+                if batch and size + item_size > budget:
+                    await self._send_records(stream, batch)
+                    batch, size = [], 0
+                    if owner not in t.records:
+                        continue
+                batch.append(item)
+                size += item_size
+                known[owner] = (record.seq, ms)
+            elif ms > k_ms:
+                assert beat is not None
+                if len(beats) * BEAT_SIZE > budget:
+                    await stream.send_all(wire.encode({"t": "beats", "beats": beats}))
+                    beats = {}
+                    if owner not in t.records:
+                        continue
+                beats[str(owner)] = beat.to_wire()
+                known[owner] = (k_seq, ms)
+        if batch:
+            await self._send_records(stream, batch)
+        if beats:
+            await stream.send_all(wire.encode({"t": "beats", "beats": beats}))
+
+    async def _send_records(self, stream: Any, batch: list[dict[str, Any]]) -> None:
+        await stream.send_all(wire.encode({"t": "records", "records": batch}))
+        self.t.stats["records_sent"] += len(batch)
+
+    # --- inbound --------------------------------------------------------------------------
+
+    async def handle(self, stream: Any) -> None:
+        """Apply what a peer pushes to us. A protocol violation or a budget overrun ends only this stream."""
+        t = self.t
+        peer = stream.remote_peer
+        if self._inbound.get(peer, 0) >= t.config.nodetable_max_streams:
+            t.stats["streams_refused"] += 1
+            t.refusals.note("extra_stream")
+            stream.reset()
+            return
+        self._inbound[peer] = self._inbound.get(peer, 0) + 1
+        reader = wire.Reader(t.config.max_message_size)
+        known = t.peer_known.setdefault(peer, {})
+        deadline = math.inf
+        try:
+            while True:
+                data = None
+                with trio.move_on_at(deadline):
+                    data = await stream.receive_some(RECEIVE)
+                if data is None:
+                    t.stats["streams_timed_out"] += 1
+                    t.refusals.note("message_timeout")
+                    stream.reset()
+                    return
+                if not data:
+                    return
+                messages = reader.feed(data)
+                for message in messages:
+                    t.stats["sync_rounds"] += 1
+                    kind = message["t"]
+                    if kind == "summary":
+                        self._on_summary(peer, message, known)
+                    elif kind == "records":
+                        await self._on_records(peer, message, known)
+                    else:
+                        await self._on_beats(peer, message, known)
+                if not reader.partial:
+                    deadline = math.inf
+                elif messages or deadline == math.inf:
+                    deadline = trio.current_time() + t.config.nodetable_message_timeout
+        except ProtocolError as exc:
+            t.refusals.note("bad_message")
+            log.debug("bad node table message %s", logfmt.kv(peer=peer.short(), reason=exc))
+            stream.reset()
+        except (TransportError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            left = self._inbound.get(peer, 1) - 1
+            if left:
+                self._inbound[peer] = left
+            else:
+                self._inbound.pop(peer, None)
+                if not t.host.is_connected(peer):
+                    t.drop_peer(peer)
+
+    def _on_summary(self, peer: PeerId, message: dict[str, Any], known: dict[PeerId, tuple[int, int]]) -> None:
+        t = self.t
+        lo, hi = wire.page_range(message)
+        have = message["have"]
+        t.saw(peer, t.clock())
+        lacking: list[PeerId] = []
+        for text, pair in have.items():
+            owner = t.by_text.get(text)
+            if owner is None:
+                continue  # never retained: if the peer holds a record we lack, it pushes it
+            try:
+                seq, ms = int(pair[0]), int(pair[1])
+            except (TypeError, ValueError, IndexError, KeyError):
+                raise ProtocolError("nodetable: malformed summary") from None
+            known[owner] = (seq, ms)
+            beat = t.beats.get(owner)
+            if t.records[owner].seq > seq or (beat is not None and beat.ms > ms):
+                lacking.append(owner)
+        for text in wire.in_range(t.sorted_texts(), lo, hi):
+            if text not in have:
+                owner = t.by_text[text]
+                if owner != peer:
+                    known.pop(owner, None)
+                    lacking.append(owner)
+        pending = t.pending.get(peer)
+        if lacking and pending is not None:
+            for owner in lacking:
+                pending[owner] = None
+            t.wake()
