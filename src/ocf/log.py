@@ -50,3 +50,48 @@ def setup(level: str = "info", stream: Any = None) -> None:
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("ocf").setLevel(level.upper())
+
+
+class RateLimitedLog:
+    """Log a repeating event at most once per ``interval`` per key, with how many were not logged.
+
+    For refusals and other events an attacker can trigger at will: one line
+    per event would let a peer fill the disk (and spend our CPU formatting).
+    The first event of a key is logged at once; the ones that follow within
+    the interval are only counted, and the next line of that key, once the
+    interval has passed, says ``suppressed=N``. Keys should come from a small
+    fixed set (a reason, never a peer or an address); past ``max_keys`` the
+    table is cleared rather than grown.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0, *, clock: Any = time.monotonic, max_keys: int = 256) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.clock = clock
+        self.max_keys = max_keys
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def log(self, level: int, key: str, message: str, **fields: Any) -> bool:
+        """Log ``message`` with ``fields`` unless ``key`` was logged less than ``interval`` ago; True if logged."""
+        now = self.clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return False
+        if last is None and len(self._last) >= self.max_keys:
+            self._last.clear()
+            self._suppressed.clear()
+        self._last[key] = now
+        suppressed = self._suppressed.pop(key, 0)
+        if suppressed:
+            fields["suppressed"] = suppressed
+        if self.logger.isEnabledFor(level):
+            self.logger.log(level, "%s %s", message, kv(**fields))
+        return True
+
+    def info(self, key: str, message: str, **fields: Any) -> bool:
+        return self.log(logging.INFO, key, message, **fields)
+
+    def warning(self, key: str, message: str, **fields: Any) -> bool:
+        return self.log(logging.WARNING, key, message, **fields)
