@@ -30,7 +30,7 @@ from __future__ import annotations
 import collections
 import ipaddress
 import logging
-from typing import Hashable, Iterator
+from typing import Callable, Hashable, Iterator
 
 import attrs
 import trio
@@ -326,18 +326,27 @@ class ResourceManager:
 class HandshakeSlot:
     """One pending inbound handshake; :meth:`release` is idempotent."""
 
-    __slots__ = ("_rm", "ip", "deadline", "_held")
+    __slots__ = ("_rm", "ip", "deadline", "_held", "on_release")
 
     def __init__(self, rm: ResourceManager, ip: str | None, deadline: float) -> None:
         self._rm = rm
         self.ip = ip
         self.deadline = deadline
         self._held = True
+        #: called once the handshake is over (e.g. WebSocket lifts its handshake-sized message cap)
+        self.on_release: list[Callable[[], None]] = []
+
+    @property
+    def held(self) -> bool:
+        return self._held
 
     def release(self) -> None:
         if self._held:
             self._held = False
             self._rm.release("handshakes", ip=self.ip)
+            for callback in self.on_release:
+                callback()
+            self.on_release.clear()
 
 
 class PeerResources:

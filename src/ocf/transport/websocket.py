@@ -14,7 +14,9 @@ nursery that lives exactly as long as the connection.
 trio-websocket assembles a whole message before handing it over, so a peer
 that starts a message and never finishes it pins what it sent. Three bounds
 keep that small (:class:`_BudgetedWebSocket`): a modest maximum message
-(libp2p only needs room for one Noise frame, 64 KiB, per message), a
+(libp2p only needs room for one Noise frame, 64 KiB, per message), and
+until the libp2p handshake is done one just big enough for it, so the
+handshake slots cannot pin much either; a
 deadline for finishing a message once started, and every buffered byte,
 partial or queued, charged to the source address's and the node's
 buffered-bytes budget until the stream above reads it; a message the budget
@@ -49,6 +51,9 @@ CLOSE_TIMEOUT = 1.0
 WATCH_FRACTION = 4
 WATCH_MAX_PERIOD = 5.0
 CODE_TOO_BIG = 1009
+# Largest message before the libp2p upgrade is done: multistream lines and
+# Noise handshake messages (at most 64 KiB each), with room to batch a few.
+HANDSHAKE_MAX_MESSAGE = 128 * 1024
 
 
 class _BudgetedWebSocket(trio_websocket.WebSocketConnection):
@@ -241,9 +246,9 @@ async def connect_websocket(
         try:
             yield RawConn(stream, _endpoint_addr(ws.remote), _endpoint_addr(ws.local), "ws")
         finally:
-            await stream.aclose()
             ws.release_all()
             nursery.cancel_scope.cancel()
+            await stream.aclose()
 
 
 async def serve_websocket_stream(
@@ -287,10 +292,17 @@ async def serve_websocket_stream(
             nursery.cancel_scope.cancel()
             return
         nursery.start_soon(_watch_partial, ws, message_timeout, nursery.cancel_scope)
+        if slot.held:
+            ws._max_message_size = min(max_message, HANDSHAKE_MAX_MESSAGE)
+
+            def upgraded() -> None:
+                ws._max_message_size = max_message
+
+            slot.on_release.append(upgraded)
         ws_stream = WebSocketStream(ws)
         try:
             await handler(RawConn(ws_stream, remote, local, "ws", slot))
         finally:
-            await ws_stream.aclose()
-            ws.release_all()
+            ws.release_all()  # first: closing below may raise
             nursery.cancel_scope.cancel()
+            await ws_stream.aclose()
