@@ -53,36 +53,41 @@ def setup(level: str = "info", stream: Any = None) -> None:
 
 
 class RateLimitedLog:
-    """Log a repeating event at most once per ``interval`` per key, with how many were not logged.
+    """Log a repeating event at most ``burst`` times per ``interval`` per key, with how many were not logged.
 
     For refusals and other events an attacker can trigger at will: one line
     per event would let a peer fill the disk (and spend our CPU formatting).
-    The first event of a key is logged at once; the ones that follow within
-    the interval are only counted, and the next line of that key, once the
-    interval has passed, says ``suppressed=N``. Keys should come from a small
-    fixed set (a reason, never a peer or an address); past ``max_keys`` the
-    table is cleared rather than grown.
+    The first events of a key in an interval are logged at once; the ones
+    that follow within the interval are only counted, and the next line of
+    that key, in a later interval, says ``suppressed=N``. Keys should come
+    from a small fixed set (a reason, never a peer or an address); past
+    ``max_keys`` the table is cleared rather than grown.
     """
 
-    def __init__(self, logger: logging.Logger, interval: float = 10.0, *, clock: Any = time.monotonic, max_keys: int = 256) -> None:
+    def __init__(self, logger: logging.Logger, interval: float = 10.0, *, burst: int = 1, clock: Any = time.monotonic, max_keys: int = 256) -> None:
         self.logger = logger
         self.interval = interval
+        self.burst = burst
         self.clock = clock
         self.max_keys = max_keys
-        self._last: dict[str, float] = {}
+        self._window: dict[str, list[float]] = {}  # key -> [window start, lines logged in it]
         self._suppressed: dict[str, int] = {}
 
     def log(self, level: int, key: str, message: str, **fields: Any) -> bool:
-        """Log ``message`` with ``fields`` unless ``key`` was logged less than ``interval`` ago; True if logged."""
+        """Log ``message`` with ``fields`` unless ``key`` used up its lines for this interval; True if logged."""
         now = self.clock()
-        last = self._last.get(key)
-        if last is not None and now - last < self.interval:
+        window = self._window.get(key)
+        if window is None:
+            if len(self._window) >= self.max_keys:
+                self._window.clear()
+                self._suppressed.clear()
+            window = self._window[key] = [now, 0]
+        elif now - window[0] >= self.interval:
+            window[0], window[1] = now, 0
+        if window[1] >= self.burst:
             self._suppressed[key] = self._suppressed.get(key, 0) + 1
             return False
-        if last is None and len(self._last) >= self.max_keys:
-            self._last.clear()
-            self._suppressed.clear()
-        self._last[key] = now
+        window[1] += 1
         suppressed = self._suppressed.pop(key, 0)
         if suppressed:
             fields["suppressed"] = suppressed

@@ -67,6 +67,7 @@ SUBSCRIBER_QUEUE = 1024
 MAX_ADDRS_PER_PEER = 16
 RETIRE_GRACE = 30.0  # seconds a tie-break loser may keep serving its open streams
 SHUTDOWN_GRACE = 2.0
+PEER_LOG_BURST = 20  # connect/disconnect lines per refusal-log interval
 
 
 @attrs.frozen
@@ -136,6 +137,9 @@ class Host:
         self.listen_addrs: list[Multiaddr] = []
         self.upgrader = upgrader
         self.resources = ResourceManager(Limits.from_config(config), log_interval=config.refusal_log_interval)
+        # Connect/disconnect lines are worth having, but a peer churning
+        # through fresh identities must not turn them into a log flood.
+        self._peer_log = logfmt.RateLimitedLog(log, config.refusal_log_interval, burst=PEER_LOG_BURST)
         self._tcp = TcpTransport(
             ws=config.ws,
             handshake_timeout=config.handshake_timeout,
@@ -419,9 +423,8 @@ class Host:
         conns.append(conn)
         self._notify_changed()
         if first:
-            log.info(
-                "peer connected %s",
-                logfmt.kv(peer=peer.short(), dir="out" if conn.outbound else "in", via=conn.transport, addr=conn.remote_addr or "-"),
+            self._peer_log.info(
+                "connected", "peer connected", peer=peer.short(), dir="out" if conn.outbound else "in", via=conn.transport, addr=conn.remote_addr or "-"
             )
             self._emit("connected", peer)
         else:
@@ -463,9 +466,8 @@ class Host:
         if not conns:
             del self._conns[conn.peer]
         if not any(c.muxed.is_open for c in conns):
-            log.info(
-                "peer disconnected %s",
-                logfmt.kv(peer=conn.peer.short(), reason=conn.muxed.close_reason or "-", seconds=round(time.time() - conn.opened_at, 1)),
+            self._peer_log.info(
+                "disconnected", "peer disconnected", peer=conn.peer.short(), reason=conn.muxed.close_reason or "-", seconds=round(time.time() - conn.opened_at, 1)
             )
             self._emit("disconnected", conn.peer)
 

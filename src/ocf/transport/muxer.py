@@ -699,7 +699,7 @@ class MuxedConnection:
                 try:
                     events = session.receive_data(data)
                 except ProtocolError as exc:
-                    log.warning("closing connection on protocol error peer=%s reason=%s", self.label, exc)
+                    self._note("protocol_error", "closing connection on protocol error", peer=self.label, reason=exc)
                     self.close_reason = f"protocol error: {exc}"
                     self._kick()  # flush the GoAway the session queued
                     with trio.move_on_after(CLOSE_FLUSH_TIMEOUT):
@@ -758,7 +758,7 @@ class MuxedConnection:
         try:
             await self._handler(stream)
         except Exception as exc:  # noqa: BLE001 - a handler failing must not take the connection down
-            log.warning("stream handler failed peer=%s stream=%d exc=%r", self.label, stream.stream_id, exc)
+            self._note("handler_failed", "stream handler failed", peer=self.label, stream=stream.stream_id, exc=repr(exc))
             stream.reset()
 
     async def _keepalive(self) -> None:
@@ -777,11 +777,18 @@ class MuxedConnection:
                     return  # the connection is ending anyway
                 timed_out = False
             if timed_out:
-                log.info("closing connection: keepalive timeout peer=%s", self.label)
+                self._note("keepalive_timeout", "closing connection: keepalive timeout", peer=self.label)
                 self._end(f"keepalive timeout ({self._keepalive_timeout:g}s)")
                 return
             if not math.isfinite(interval):
                 return
+
+    def _note(self, reason: str, message: str, **fields: Any) -> None:
+        """Count and log a peer's misbehaviour: rate-limited through the resource manager when there is one."""
+        if self._resources is not None:
+            self._resources.rm.note_refusal("peer", reason, message, **fields)
+        else:
+            log.warning("%s %s", message, " ".join(f"{k}={v}" for k, v in fields.items()))
 
     def _end(self, reason: str) -> None:
         if self.close_reason is None:
