@@ -783,10 +783,10 @@ class MuxedConnection:
             if not math.isfinite(interval):
                 return
 
-    def _note(self, reason: str, message: str, **fields: Any) -> None:
+    def _note(self, kind: str, message: str, **fields: Any) -> None:
         """Count and log a peer's misbehaviour: rate-limited through the resource manager when there is one."""
         if self._resources is not None:
-            self._resources.rm.note_refusal("peer", reason, message, **fields)
+            self._resources.rm.note_refusal("peer", kind, message, **fields)
         else:
             log.warning("%s %s", message, " ".join(f"{k}={v}" for k, v in fields.items()))
 
