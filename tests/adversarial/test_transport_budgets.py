@@ -294,3 +294,39 @@ async def test_metrics_show_transport_usage_and_refusals(node_config):
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::trio.TrioDeprecationWarning")
+
+
+async def test_accept_errors_are_counted_and_logged_once_per_interval(caplog, autojump_clock):
+    import errno
+
+    from ocf.transport.resources import ResourceManager
+    from ocf.transport.tcp import TcpTransport
+
+    caplog.set_level(logging.INFO, logger="ocf.transport")
+    failures = 1000
+
+    class OutOfDescriptors(trio.abc.Listener):
+        """A listener whose accept fails as a process out of file descriptors does."""
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def accept(self):
+            await trio.lowlevel.checkpoint()
+            self.calls += 1
+            if self.calls > failures:
+                await trio.sleep_forever()
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        async def aclose(self) -> None:
+            await trio.lowlevel.checkpoint()
+
+    rm = ResourceManager(log_interval=3600.0)
+    transport = TcpTransport(resources=rm)
+    listener = OutOfDescriptors()
+    with trio.move_on_after(failures * 0.2):
+        async with trio.open_nursery() as nursery:
+            await transport._accept_loop(listener, None, nursery)  # type: ignore[arg-type]
+    lines = [r for r in caplog.records if "accept failed" in r.getMessage()]
+    assert rm.refusals["system", "accept_error"] == failures
+    assert len(lines) == 1
