@@ -113,7 +113,8 @@ async def send_unfinished_message(ws: trio_websocket.WebSocketConnection, total:
     sent = 0
     try:
         while sent + fragment <= total:
-            await ws._stream.send_all(ws._wsproto.send(BytesMessage(data=chunk, message_finished=False)))
+            async with ws._stream_lock:  # the reader task may be answering a close meanwhile
+                await ws._stream.send_all(ws._wsproto.send(BytesMessage(data=chunk, message_finished=False)))
             sent += fragment
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, LocalProtocolError):
         pass  # the node hung up: what it did with the rest is the test's question

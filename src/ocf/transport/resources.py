@@ -136,44 +136,34 @@ class ResourceManager:
         #: (scope kind, resource) -> reservations refused.
         self.refusals: collections.Counter[tuple[str, str]] = collections.Counter()
         self._log = logfmt.RateLimitedLog(log, log_interval)
+        self._build_limits()
 
     # --- limits ------------------------------------------------------------------------------
 
-    def _limit(self, scope: Scope, resource: str) -> int | None:
+    def _build_limits(self) -> None:
+        """Per kind of scope: resource -> limit, and the limits over several resources at once."""
         lim = self.limits
-        if scope.kind == "system":
-            return {
-                "handshakes": lim.handshakes,
-                "conns_inbound": lim.inbound_connections,
-                "streams_inbound": None,
-                "streams_outbound": None,
-                "memory": lim.memory,
-            }.get(resource)
-        if scope.kind == "ip":
-            return {"handshakes": lim.handshakes_per_ip, "conns_inbound": lim.connections_per_ip, "memory": lim.memory_per_ip}.get(resource)
-        if scope.kind == "peer":
-            return {"memory": lim.memory_per_peer}.get(resource)
-        return None
-
-    def _combined_limit(self, scope: Scope, resource: str) -> tuple[int | None, int]:
-        """Limits that cover several resources together (connections both ways, streams both ways)."""
-        u = scope.usage
-        if resource.startswith("conns_"):
-            total = u["conns_inbound"] + u["conns_outbound"]
-            if scope.kind == "system":
-                # pending inbound handshakes become connections: count them, so that
-                # a burst of handshakes cannot overshoot the connection limit
-                return self.limits.connections, total + u["handshakes"]
-            if scope.kind == "peer":
-                return self.limits.connections_per_peer, total
-            return None, total
-        if resource.startswith("streams_"):
-            total = u["streams_inbound"] + u["streams_outbound"]
-            if scope.kind == "system":
-                return self.limits.streams, total
-            if scope.kind == "peer":
-                return self.limits.streams_per_peer, total
-        return None, 0
+        self._single: dict[str, dict[str, int]] = {
+            "system": {"handshakes": lim.handshakes, "conns_inbound": lim.inbound_connections, "memory": lim.memory},
+            "ip": {"handshakes": lim.handshakes_per_ip, "conns_inbound": lim.connections_per_ip, "memory": lim.memory_per_ip},
+            "peer": {"memory": lim.memory_per_peer},
+        }
+        # (limit, resources summed): connections both ways, streams both ways.
+        # The system's connection count includes pending handshakes: they
+        # become connections, and a burst of them must not overshoot.
+        conns = ("conns_inbound", "conns_outbound")
+        streams = ("streams_inbound", "streams_outbound")
+        self._combined: dict[str, dict[str, tuple[int, tuple[str, ...]]]] = {
+            "system": {
+                **dict.fromkeys(conns, (lim.connections, conns + ("handshakes",))),
+                **dict.fromkeys(streams, (lim.streams, streams)),
+            },
+            "ip": {},
+            "peer": {
+                **dict.fromkeys(conns, (lim.connections_per_peer, conns)),
+                **dict.fromkeys(streams, (lim.streams_per_peer, streams)),
+            },
+        }
 
     # --- reservations --------------------------------------------------------------------------
 
@@ -201,14 +191,15 @@ class ResourceManager:
         """
         scopes = self._scopes(peer, ip, create=True)
         for scope in reversed(scopes):  # innermost first: the most specific reason wins
-            limit = self._limit(scope, resource)
-            if limit is not None and scope.usage[resource] + n > limit:
+            usage = scope.usage
+            limit = self._single[scope.kind].get(resource)
+            if limit is not None and usage[resource] + n > limit:
                 self._refuse(scope, resource, limit)
                 self._prune(scopes)
                 return False
-            combined, used = self._combined_limit(scope, resource)
-            if combined is not None and used + n > combined:
-                self._refuse(scope, resource, combined)
+            combined = self._combined[scope.kind].get(resource)
+            if combined is not None and sum(usage[r] for r in combined[1]) + n > combined[0]:
+                self._refuse(scope, resource, combined[0])
                 self._prune(scopes)
                 return False
         for scope in scopes:
