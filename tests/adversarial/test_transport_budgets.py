@@ -94,6 +94,28 @@ async def test_handshake_squatting_from_one_address_does_not_lock_out_others(cap
         assert len(lines) <= 3, [r.getMessage() for r in lines]
 
 
+async def test_squatters_on_several_addresses_are_evicted_for_a_newcomer():
+    # two addresses fill every node-wide slot within their per-address limit
+    async with victim(max_pending_handshakes=16, max_pending_handshakes_per_ip=8) as (host, addr):
+        rm = host.resources
+        stop = trio.Event()
+        counts: dict[str, int] = {}
+        async with trio.open_nursery() as nursery:
+            for ip in ("127.0.0.2", "127.0.0.3"):
+                nursery.start_soon(lambda ip=ip: squat_handshakes(tcp_port(addr), 8, source_ip=ip, stop=stop, counts=counts))
+            await eventually(lambda: rm.system.usage["handshakes"] == 16, what="all slots squatted")
+            ok = 0
+            for i in range(4):
+                async with open_host(ident(f"newcomer{i}"), cfg(), listen=False) as legit:
+                    with trio.fail_after(5):
+                        await legit.connect(addr)
+                        await legit.ping(host.peer_id)
+                    ok += 1
+            stop.set()
+        assert ok == 4
+        assert rm.refusals["ip", "handshake_evicted"] >= 4
+
+
 # --- streams holding unread data --------------------------------------------------------------
 
 

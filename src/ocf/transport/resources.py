@@ -28,6 +28,7 @@ websocket and muxer asks before it allocates and releases in ``finally``.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ipaddress
 import logging
 from typing import Callable, Hashable, Iterator
@@ -136,6 +137,8 @@ class ResourceManager:
         #: (scope kind, resource) -> reservations refused.
         self.refusals: collections.Counter[tuple[str, str]] = collections.Counter()
         self._log = logfmt.RateLimitedLog(log, log_interval)
+        #: pending handshake slots by source address, oldest first (for eviction)
+        self._pending: dict[str | None, collections.deque[HandshakeSlot]] = {}
         self._build_limits()
 
     # --- limits ------------------------------------------------------------------------------
@@ -262,9 +265,39 @@ class ResourceManager:
         if scope is not None and scope.usage["conns_inbound"] + scope.usage["handshakes"] >= lim.connections_per_ip:
             self._refuse(scope, "conns_inbound", lim.connections_per_ip)
             return None
+        if pending >= lim.handshakes:
+            self._evict_for(ip)
         if not self.try_reserve("handshakes", ip=ip):
             return None
-        return HandshakeSlot(self, ip, trio.current_time() + timeout)
+        slot = HandshakeSlot(self, ip, trio.current_time() + timeout)
+        self._pending.setdefault(ip, collections.deque()).append(slot)
+        return slot
+
+    def _evict_for(self, ip: str | None) -> None:
+        """All handshake slots are taken: free one from the address holding the most, if it holds more than ``ip``.
+
+        The per-address limit keeps one host from taking every slot; this
+        keeps a few hosts together from doing it: a newcomer from a less
+        busy address displaces the oldest pending handshake of the busiest
+        one, so squatting many slots only ever makes one's own slots go first.
+        """
+        mine = len(self._pending.get(ip, ()))
+        busiest = max(self._pending.items(), key=lambda item: len(item[1]), default=None)
+        if busiest is None or len(busiest[1]) <= mine + 1:
+            return
+        for slot in busiest[1]:
+            if slot.cancel_scope is not None:
+                self.note_refusal("ip", "handshake_evicted", "pending handshake evicted for a less busy address")
+                slot.evict()
+                return
+
+    def _forget_slot(self, slot: "HandshakeSlot") -> None:
+        slots = self._pending.get(slot.ip)
+        if slots is not None:
+            with contextlib.suppress(ValueError):
+                slots.remove(slot)
+            if not slots:
+                del self._pending[slot.ip]
 
     def peer_scope(self, peer: Hashable) -> "PeerResources":
         return PeerResources(self, peer)
@@ -317,7 +350,7 @@ class ResourceManager:
 class HandshakeSlot:
     """One pending inbound handshake; :meth:`release` is idempotent."""
 
-    __slots__ = ("_rm", "ip", "deadline", "_held", "on_release")
+    __slots__ = ("_rm", "ip", "deadline", "_held", "on_release", "cancel_scope")
 
     def __init__(self, rm: ResourceManager, ip: str | None, deadline: float) -> None:
         self._rm = rm
@@ -326,14 +359,26 @@ class HandshakeSlot:
         self._held = True
         #: called once the handshake is over (e.g. WebSocket lifts its handshake-sized message cap)
         self.on_release: list[Callable[[], None]] = []
+        #: set by the transport holding the connection: cancelling it drops the connection (eviction)
+        self.cancel_scope: trio.CancelScope | None = None
 
     @property
     def held(self) -> bool:
         return self._held
 
+    def evict(self) -> None:
+        """Drop this pending handshake to make room for another."""
+        if self._held and self.cancel_scope is not None:
+            self._held = False
+            self._rm._forget_slot(self)
+            self._rm.release("handshakes", ip=self.ip)
+            self.on_release.clear()
+            self.cancel_scope.cancel()
+
     def release(self) -> None:
         if self._held:
             self._held = False
+            self._rm._forget_slot(self)
             self._rm.release("handshakes", ip=self.ip)
             for callback in self.on_release:
                 callback()

@@ -258,38 +258,40 @@ class TcpTransport:
             await trio.aclose_forcefully(stream)
             return
         try:
-            prefix = b""
-            with trio.move_on_at(slot.deadline):
-                try:
-                    while len(prefix) < SNIFF_BYTES:
-                        chunk = await stream.receive_some()
-                        if not chunk:
-                            break
-                        prefix += chunk
-                except trio.BrokenResourceError:
+            with trio.CancelScope() as scope:
+                slot.cancel_scope = scope  # eviction (see ResourceManager._evict_for) cancels it
+                prefix = b""
+                with trio.move_on_at(slot.deadline):
+                    try:
+                        while len(prefix) < SNIFF_BYTES:
+                            chunk = await stream.receive_some()
+                            if not chunk:
+                                break
+                            prefix += chunk
+                    except trio.BrokenResourceError:
+                        return
+                if len(prefix) < SNIFF_BYTES:
+                    if prefix:
+                        self.resources.note_refusal("transient", "handshake_timeout", "inbound connection sent too little", remote=remote)
                     return
-            if len(prefix) < SNIFF_BYTES:
-                if prefix:
-                    self.resources.note_refusal("transient", "handshake_timeout", "inbound connection sent too little", remote=remote)
-                return
-            if prefix[: len(HTTP_PREFIX)] == HTTP_PREFIX:
-                if not self.ws:
-                    log.debug("refusing WebSocket connection (disabled) remote=%s", remote)
-                    return
-                from .websocket import serve_websocket_stream
+                if prefix[: len(HTTP_PREFIX)] == HTTP_PREFIX:
+                    if not self.ws:
+                        log.debug("refusing WebSocket connection (disabled) remote=%s", remote)
+                        return
+                    from .websocket import serve_websocket_stream
 
-                await serve_websocket_stream(
-                    PrefixedStream(stream, prefix),
-                    handler,
-                    remote=_with_ws(remote),
-                    local=_with_ws(local),
-                    slot=slot,
-                    max_message=self.ws_max_message,
-                    resources=self.resources,
-                    message_timeout=self.message_timeout,
-                )
-                return
-            await handler(RawConn(PrefixedStream(stream, prefix), remote, local, "tcp", slot))
+                    await serve_websocket_stream(
+                        PrefixedStream(stream, prefix),
+                        handler,
+                        remote=_with_ws(remote),
+                        local=_with_ws(local),
+                        slot=slot,
+                        max_message=self.ws_max_message,
+                        resources=self.resources,
+                        message_timeout=self.message_timeout,
+                    )
+                    return
+                await handler(RawConn(PrefixedStream(stream, prefix), remote, local, "tcp", slot))
         finally:
             slot.release()
 
