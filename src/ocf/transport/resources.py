@@ -231,7 +231,7 @@ class ResourceManager:
                 if scope.kind == "peer":
                     self._peers.pop(scope.key, None)
                 elif scope.kind == "ip":
-                    self._ips.pop(scope.key, None)  # type: ignore[arg-type]
+                    self._ips.pop(str(scope.key), None)
 
     def _refuse(self, scope: Scope, resource: str, limit: int) -> None:
         self.refusals[scope.kind, resource] += 1
