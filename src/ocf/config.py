@@ -71,7 +71,7 @@ class Config:
     max_streams_per_peer: int = 1024
     max_buffered: int = 512 << 20
     max_buffered_per_peer: int = 32 << 20
-    max_buffered_per_ip: int = 16 << 20
+    max_buffered_per_ip: int = 64 << 20
     ws_max_message: int = 1 << 20
     message_timeout: float = 30.0
     refusal_log_interval: float = 10.0
@@ -258,7 +258,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max-streams-per-peer", "max_streams_per_peer", _int_range(1, 1_000_000), "Maximum streams open with one peer, over all its connections (default: 1024).", group="transport", metavar="N"),
     Setting("max-buffered", "max_buffered", _size, "Most bytes received from peers and not yet read that the node holds in total (default: 512M).", group="transport", metavar="BYTES"),
     Setting("max-buffered-per-peer", "max_buffered_per_peer", _size, "Most received-but-unread bytes one peer may make the node hold; a stream going past it is reset (default: 32M).", group="transport", metavar="BYTES"),
-    Setting("max-buffered-per-ip", "max_buffered_per_ip", _size, "Most bytes one IP address may make the node buffer in unfinished WebSocket messages (default: 16M).", group="transport", metavar="BYTES"),
+    Setting("max-buffered-per-ip", "max_buffered_per_ip", _size, "Most received-but-unread bytes from one IP address (IPv6: one /64), all its peers and unfinished WebSocket messages together (default: 64M).", group="transport", metavar="BYTES"),
     Setting("ws-max-message", "ws_max_message", _size, "Largest WebSocket message accepted from a peer (default: 1M).", group="transport", metavar="BYTES"),
     Setting("message-timeout", "message_timeout", _positive_float, "Seconds a peer may take to finish a message it started (WebSocket message, identify) (default: 30).", group="transport", metavar="SECONDS"),
     Setting("refusal-log-interval", "refusal_log_interval", _positive_float, "Seconds between log lines about the same kind of refused connection, stream or message; the line counts the others (default: 10).", group="transport", metavar="SECONDS"),

@@ -168,6 +168,33 @@ async def test_many_streams_with_unread_data_stay_within_the_peer_budget():
         assert rm.system.usage["streams_inbound"] == 0
 
 
+async def test_many_identities_from_one_address_share_its_budget():
+    async with victim(max_buffered_per_ip=40 * MiB) as (host, addr):
+        rm = host.resources
+        attacker_cfg = cfg(max_buffered_per_peer=1 << 30, max_buffered=1 << 30)
+        payload = os.urandom(255 * 1024)
+        async with contextlib.AsyncExitStack() as stack:
+            attackers = [await stack.enter_async_context(open_host(ident(f"sybil{i}"), attacker_cfg, listen=False)) for i in range(3)]
+            peak = 0
+
+            async def flood(attacker) -> None:
+                await attacker.connect(addr)
+                for _ in range(200):
+                    with contextlib.suppress(TransportError, trio.TooSlowError), trio.fail_after(10):
+                        stream = await attacker.new_stream(host.peer_id, SINK)
+                        await stream.send_all(payload)
+
+            async with trio.open_nursery() as nursery:
+                for attacker in attackers:
+                    nursery.start_soon(flood, attacker)
+                while nursery.child_tasks:
+                    peak = max(peak, rm.ip_usage("127.0.0.1")["memory"])
+                    await trio.sleep(0.005)
+            assert peak <= 40 * MiB
+            assert rm.refusals["ip", "memory"] > 0
+            assert rm.max_usage("peer")["memory"] <= rm.limits.memory_per_peer
+
+
 async def test_stream_budget_refuses_streams_beyond_the_peer_limit():
     async with victim(max_streams_per_peer=20) as (host, addr):
         async with open_host(ident("opener"), cfg(), listen=False) as attacker:
@@ -245,6 +272,21 @@ async def test_unfinished_websocket_messages_are_bounded_and_returned():
             assert peak <= rm.limits.memory_per_ip
             assert growth < 64 * MiB
         await eventually(lambda: rm.system.usage["memory"] == 0 and rm.usage()["ips"] == 0, what="memory returned after close")
+
+
+async def test_unfinished_websocket_messages_hit_the_address_budget():
+    async with victim(max_buffered_per_ip=4 * MiB) as (host, addr):
+        rm = host.resources
+        peak = 0
+        async with contextlib.AsyncExitStack() as stack:
+            conns = [(await stack.enter_async_context(upgraded_websocket(tcp_port(addr), ident(f"wsb{i}"))))[0] for i in range(8)]
+            async with trio.open_nursery() as nursery:
+                for ws in conns:
+                    nursery.start_soon(send_unfinished_message, ws, MiB - 64 * 1024)
+            peak = rm.ip_usage(ATTACKER_IP)["memory"]
+            assert peak <= 4 * MiB
+            assert rm.refusals["ip", "memory"] > 0
+        await eventually(lambda: rm.system.usage["memory"] == 0, what="release")
 
 
 async def test_unfinished_websocket_message_hits_its_deadline():

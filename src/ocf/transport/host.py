@@ -388,7 +388,7 @@ class Host:
             remote_peer=remote,
             handler=self._on_stream,
             max_streams=self.config.max_streams_per_connection,
-            resources=self.resources.peer_scope(remote),
+            resources=self.resources.peer_scope(remote, ip_key(raw.remote_addr)),
         )
         return Connection(
             muxed=muxed,

@@ -61,7 +61,7 @@ class Limits:
     streams_per_peer: int = 1024
     memory: int = 512 << 20  # system, bytes held in receive buffers
     memory_per_peer: int = 32 << 20
-    memory_per_ip: int = 16 << 20  # bytes buffered before a peer is authenticated (WebSocket)
+    memory_per_ip: int = 64 << 20  # unread bytes from one address, all its peers and WebSocket messages
 
     @classmethod
     def from_config(cls, config: object) -> "Limits":
@@ -299,8 +299,9 @@ class ResourceManager:
             if not slots:
                 del self._pending[slot.ip]
 
-    def peer_scope(self, peer: Hashable) -> "PeerResources":
-        return PeerResources(self, peer)
+    def peer_scope(self, peer: Hashable, ip: str | None = None) -> "PeerResources":
+        """What one connection to ``peer`` (from or to address ``ip``) charges."""
+        return PeerResources(self, peer, ip)
 
     # --- introspection ----------------------------------------------------------------------------
 
@@ -388,16 +389,21 @@ class HandshakeSlot:
 class PeerResources:
     """What one upgraded connection charges to its peer's scope (streams and buffered bytes).
 
+    Buffered bytes are also charged to the remote address's scope, so that
+    many identities from one host cannot together take the node's whole
+    budget (and with it, every other peer's room to receive).
+
     The muxer holds one per connection. ``memory_held`` is what this
     connection holds now, so closing it gives everything back even if a
     stream forgot to.
     """
 
-    __slots__ = ("rm", "peer", "memory_held", "streams_held")
+    __slots__ = ("rm", "peer", "ip", "memory_held", "streams_held")
 
-    def __init__(self, rm: ResourceManager, peer: Hashable) -> None:
+    def __init__(self, rm: ResourceManager, peer: Hashable, ip: str | None = None) -> None:
         self.rm = rm
         self.peer = peer
+        self.ip = ip
         self.memory_held = 0
         self.streams_held = collections.Counter[str]()
 
@@ -417,7 +423,7 @@ class PeerResources:
     def reserve_memory(self, n: int) -> bool:
         if n <= 0:
             return True
-        if not self.rm.try_reserve("memory", n, peer=self.peer):
+        if not self.rm.try_reserve("memory", n, peer=self.peer, ip=self.ip):
             return False
         self.memory_held += n
         return True
@@ -426,7 +432,7 @@ class PeerResources:
         n = min(n, self.memory_held)
         if n > 0:
             self.memory_held -= n
-            self.rm.release("memory", n, peer=self.peer)
+            self.rm.release("memory", n, peer=self.peer, ip=self.ip)
 
     def close(self) -> None:
         """The connection is gone: release whatever it still holds."""
