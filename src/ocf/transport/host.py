@@ -154,7 +154,6 @@ class Host:
         self._addrs: dict[PeerId, list[Multiaddr]] = {}
         self._info: dict[PeerId, PeerInfo] = {}
         self._subscribers: set[trio.MemorySendChannel[PeerEvent]] = set()
-        self._pending_handshakes = 0
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._listen_scope: trio.CancelScope | None = None
@@ -344,8 +343,10 @@ class Host:
         ip = ip_key(raw.remote_addr)
         # TCP takes the slot at accept (so sniffing and the WebSocket upgrade
         # count too); other transports hand over the connection without one.
+        if self._closing:
+            return
         slot: HandshakeSlot | None = raw.slot if raw.slot is not None else self.resources.handshake(ip, cfg.handshake_timeout)
-        if slot is None or self._closing:
+        if slot is None:
             self.stats["inbound_refused"] += 1
             return
         try:

@@ -13,14 +13,16 @@ nursery that lives exactly as long as the connection.
 
 trio-websocket assembles a whole message before handing it over, so a peer
 that starts a message and never finishes it pins what it sent. Three bounds
-keep that small (:class:`_BudgetedWebSocket`): a modest maximum message
-(libp2p only needs room for one Noise frame, 64 KiB, per message), and
-until the libp2p handshake is done one just big enough for it, so the
-handshake slots cannot pin much either; a
-deadline for finishing a message once started, and every buffered byte,
-partial or queued, charged to the source address's and the node's
-buffered-bytes budget until the stream above reads it; a message the budget
-refuses closes the connection (code 1009, as for an oversize message).
+keep that small (:class:`_BudgetedWebSocket`):
+
+- a modest maximum message (libp2p needs room for one Noise frame, 64 KiB,
+  per message), and a smaller one until the libp2p handshake is done, so
+  sockets holding handshake slots cannot pin much either;
+- a deadline for finishing a message once started;
+- every buffered byte, partial or queued, charged to the source address's
+  and the node's buffered-bytes budget until the stream above reads it; a
+  message the budget refuses closes the connection (code 1009, as for an
+  oversize message).
 """
 
 from __future__ import annotations
