@@ -72,6 +72,20 @@ class Config:
     # --- transport: dial policy -----------------------------------------------------
     dial_allow: tuple[str, ...] = ()
     max_addrs_per_peer: int = 8
+
+    # transport resource manager (ocf.transport.resources): budgets a hostile peer cannot exceed
+    max_inbound_connections: int = 384
+    max_connections_per_peer: int = 8
+    max_connections_per_ip: int = 32
+    max_pending_handshakes_per_ip: int = 8
+    max_system_streams: int = 16384
+    max_streams_per_peer: int = 1024
+    max_buffered: int = 512 << 20
+    max_buffered_per_peer: int = 32 << 20
+    max_buffered_per_ip: int = 64 << 20
+    ws_max_message: int = 1 << 20
+    message_timeout: float = 30.0
+    refusal_log_interval: float = 10.0
     # --- node table ---------------------------------------------------------------
     verify_interval: float = 30.0
     stale_after: float = 600.0
@@ -287,6 +301,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max-addrs-per-peer", "max_addrs_per_peer", _int_range(1, 64), "Addresses learned from peers (node table, identify) kept and tried per peer (default: 8).", group="transport", metavar="N"),
     Setting("max-message-size", "max_message_size", _size, "Largest single protocol message accepted from a peer (default: 1M).", group="transport", metavar="BYTES"),
     Setting("network-key", "network_key", _network_key, "Run in a private network: a go-libp2p swarm.key file (/key/swarm/psk/1.0.0/, /base16/, 64 hex digits); peers without the same key are refused before any handshake (default: none, an open network).", group="transport", metavar="FILE"),
+
+    Setting("max-inbound-connections", "max_inbound_connections", _int_range(1, 1_000_000), "Maximum inbound peer connections, within --max-connections, so our own dials always find room (default: 384).", group="transport", metavar="N"),
+    Setting("max-connections-per-peer", "max_connections_per_peer", _int_range(1, 1000), "Maximum simultaneous connections with one peer ID (default: 8).", group="transport", metavar="N"),
+    Setting("max-connections-per-ip", "max_connections_per_ip", _int_range(1, 1_000_000), "Maximum inbound connections from one IP address (IPv6: one /64) (default: 32).", group="transport", metavar="N"),
+    Setting("max-pending-handshakes-per-ip", "max_pending_handshakes_per_ip", _int_range(1, 100_000), "Maximum connections from one IP address (IPv6: one /64) still handshaking at once (default: 8).", group="transport", metavar="N"),
+    Setting("max-system-streams", "max_system_streams", _int_range(1, 10_000_000), "Maximum streams open over all peer connections (default: 16384).", group="transport", metavar="N"),
+    Setting("max-streams-per-peer", "max_streams_per_peer", _int_range(1, 1_000_000), "Maximum streams open with one peer, over all its connections (default: 1024).", group="transport", metavar="N"),
+    Setting("max-buffered", "max_buffered", _size, "Most bytes received from peers and not yet read that the node holds in total (default: 512M).", group="transport", metavar="BYTES"),
+    Setting("max-buffered-per-peer", "max_buffered_per_peer", _size, "Most received-but-unread bytes one peer may make the node hold; a stream going past it is reset (default: 32M).", group="transport", metavar="BYTES"),
+    Setting("max-buffered-per-ip", "max_buffered_per_ip", _size, "Most received-but-unread bytes from one IP address (IPv6: one /64), all its peers and unfinished WebSocket messages together (default: 64M).", group="transport", metavar="BYTES"),
+    Setting("ws-max-message", "ws_max_message", _size, "Largest WebSocket message accepted from a peer (default: 1M).", group="transport", metavar="BYTES"),
+    Setting("message-timeout", "message_timeout", _positive_float, "Seconds a peer may take to finish a message it started (WebSocket message, identify) (default: 30).", group="transport", metavar="SECONDS"),
+    Setting("refusal-log-interval", "refusal_log_interval", _positive_float, "Seconds between log lines about the same kind of refused connection, stream or message; the line counts the others (default: 10).", group="transport", metavar="SECONDS"),
     Setting("verify-interval", "verify_interval", _positive_float, "Seconds between liveness verification rounds of the node table (default: 30).", group="node table", metavar="SECONDS"),
     Setting("max-record-size", "nodetable_max_doc_bytes", _size, "Largest saved Automerge document in a node table record, checked before its signature (default: 64K).", group="node table", metavar="BYTES"),
     Setting("max-record-decoded-size", "nodetable_max_decoded_bytes", _size, "Most bytes a record's document may decode to (inflated columns, repeated values), checked before Automerge parses it (default: 1M).", group="node table", metavar="BYTES"),

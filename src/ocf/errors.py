@@ -79,6 +79,14 @@ class StreamReset(TransportError):
     """The stream was reset (by the peer, locally, or because its connection closed)."""
 
 
+class ResourceLimitExceeded(TransportError):
+    """A transport budget (connections, streams, buffered bytes, handshakes) refused a reservation."""
+
+    def __init__(self, message: str, *, resource: str = "") -> None:
+        super().__init__(message)
+        self.resource = resource
+
+
 def find_in_group(exc: BaseException, types: type[BaseException] | tuple[type[BaseException], ...]) -> BaseException | None:
     """The first exception of ``types`` in ``exc`` or, recursively, inside exception groups.
 

@@ -53,31 +53,50 @@ def setup(level: str = "info", stream: Any = None) -> None:
 
 
 class RateLimitedLog:
-    """Counts repeated events and logs them at most once per ``interval``, with counts.
+    """Log a repeating event at most ``burst`` times per ``interval`` per key, with how many were not logged.
 
-    A hostile peer can trigger a refusal thousands of times a second; logging
-    each one would turn the log into the attack's amplifier. ``note()`` is
-    O(1) and logs the counts accumulated since the last line when the interval
-    has passed; ``flush()`` (called from a periodic task) writes what is pending.
+    For refusals and other events an attacker can trigger at will: one line
+    per event would let a peer fill the disk (and spend our CPU formatting).
+    The first events of a key in an interval are logged at once; the ones
+    that follow within the interval are only counted, and the next line of
+    that key, in a later interval, says ``suppressed=N``. Keys should come
+    from a small fixed set (a reason, never a peer or an address); past
+    ``max_keys`` the table is cleared rather than grown.
     """
 
-    def __init__(self, logger: logging.Logger, message: str, interval: float = 10.0, *, level: int = logging.WARNING, clock: Any = time.monotonic) -> None:
+    def __init__(self, logger: logging.Logger, interval: float = 10.0, *, burst: int = 1, clock: Any = time.monotonic, max_keys: int = 256) -> None:
         self.logger = logger
-        self.message = message
         self.interval = interval
-        self.level = level
+        self.burst = burst
         self.clock = clock
-        self.counts: dict[str, int] = {}
-        self._last = -float("inf")
+        self.max_keys = max_keys
+        self._window: dict[str, list[float]] = {}  # key -> [window start, lines logged in it]
+        self._suppressed: dict[str, int] = {}
 
-    def note(self, reason: str, n: int = 1) -> None:
-        self.counts[reason] = self.counts.get(reason, 0) + n
-        if self.clock() - self._last >= self.interval:
-            self.flush()
+    def log(self, level: int, key: str, message: str, **fields: Any) -> bool:
+        """Log ``message`` with ``fields`` unless ``key`` used up its lines for this interval; True if logged."""
+        now = self.clock()
+        window = self._window.get(key)
+        if window is None:
+            if len(self._window) >= self.max_keys:
+                self._window.clear()
+                self._suppressed.clear()
+            window = self._window[key] = [now, 0]
+        elif now - window[0] >= self.interval:
+            window[0], window[1] = now, 0
+        if window[1] >= self.burst:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return False
+        window[1] += 1
+        suppressed = self._suppressed.pop(key, 0)
+        if suppressed:
+            fields["suppressed"] = suppressed
+        if self.logger.isEnabledFor(level):
+            self.logger.log(level, "%s %s", message, kv(**fields))
+        return True
 
-    def flush(self) -> None:
-        if not self.counts:
-            return
-        self._last = self.clock()
-        counts, self.counts = self.counts, {}
-        self.logger.log(self.level, "%s %s", self.message, kv(**counts))
+    def info(self, key: str, message: str, **fields: Any) -> bool:
+        return self.log(logging.INFO, key, message, **fields)
+
+    def warning(self, key: str, message: str, **fields: Any) -> bool:
+        return self.log(logging.WARNING, key, message, **fields)

@@ -1,7 +1,6 @@
 """The sans-IO pieces behind the node table's limits: heartbeats, buckets, summary pages, the reader."""
 
 import json
-import logging
 
 import pytest
 from hypothesis import given
@@ -9,7 +8,6 @@ from hypothesis import strategies as st
 
 from ocf.errors import ProtocolError, ValidationError
 from ocf.identity import Identity, varint
-from ocf.log import RateLimitedLog
 from ocf.nodetable import wire
 from ocf.nodetable.heartbeat import Heartbeat, TokenBucket, signing_bytes
 
@@ -83,19 +81,3 @@ def test_reader_reports_partial_messages_and_releases_its_buffer():
     assert reader.partial and len(reader._buf) == 1000 + len(varint.encode(1 << 20))
     with pytest.raises(ProtocolError):
         wire.Reader(100).feed(varint.encode(101))
-
-
-def test_rate_limited_log_sums_refusals(caplog):
-    now = [0.0]
-    rl = RateLimitedLog(logging.getLogger("ocf.test"), "refusals", interval=10.0, clock=lambda: now[0])
-    with caplog.at_level(logging.WARNING, "ocf.test"):
-        for _ in range(10_000):
-            rl.note("rate")
-        rl.note("full", 5)
-        assert len(caplog.records) == 1  # the first one, then silence for the interval
-        now[0] = 11.0
-        rl.note("rate")
-        assert len(caplog.records) == 2 and "rate=10000" in caplog.records[1].getMessage() and "full=5" in caplog.records[1].getMessage()
-        rl.flush()
-        rl.flush()
-    assert len(caplog.records) == 2  # nothing pending: nothing written

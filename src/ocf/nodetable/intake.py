@@ -56,7 +56,7 @@ class Intake:
             self._work += 1
             return True
         self.t.stats["deferred_verify"] += 1
-        self.t.refusals.note("verify_budget")
+        self.t.refuse("verify_budget")
         return False
 
     async def _yield_if_busy(self) -> None:
@@ -101,13 +101,13 @@ class Intake:
         now = t.clock()
         if beat.ms > now * 1000 + FUTURE_SKEW_MS:
             t.stats["heartbeats_rejected"] += 1
-            t.refusals.note("future_heartbeat")
+            t.refuse("future_heartbeat")
             return False
         if not self._may_verify(peer):
             return False
         if not beat.verify():
             t.stats["heartbeats_rejected"] += 1
-            t.refusals.note("forged_heartbeat")
+            t.refuse("forged_heartbeat")
             # An honest relay passes on only heartbeats it verified: this peer is lying.
             raise ProtocolError(f"nodetable: heartbeat of {owner.short()} is not signed by it")
         t.set_beat(beat)
@@ -242,11 +242,11 @@ class Intake:
 
     def _refuse(self, peer: PeerId, reason: str) -> None:
         self.t.stats["refused_" + reason] += 1
-        self.t.refusals.note(reason)
+        self.t.refuse(reason)
 
     def _reject(self, peer: PeerId, owner: PeerId | None, exc: Exception) -> None:
         self.t.stats["records_rejected"] += 1
-        self.t.refusals.note("bad_record")
+        self.t.refuse("bad_record")
         log.debug(
             "rejected node table record %s",
             logfmt.kv(from_peer=peer.short(), owner=owner.short() if owner else "?", reason=exc),

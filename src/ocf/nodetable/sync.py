@@ -139,7 +139,7 @@ class Sync(Intake):
         peer = stream.remote_peer
         if self._inbound.get(peer, 0) >= t.config.nodetable_max_streams:
             t.stats["streams_refused"] += 1
-            t.refusals.note("extra_stream")
+            t.refuse("extra_stream")
             stream.reset()
             return
         self._inbound[peer] = self._inbound.get(peer, 0) + 1
@@ -153,7 +153,7 @@ class Sync(Intake):
                     data = await stream.receive_some(RECEIVE)
                 if data is None:
                     t.stats["streams_timed_out"] += 1
-                    t.refusals.note("message_timeout")
+                    t.refuse("message_timeout")
                     stream.reset()
                     return
                 if not data:
@@ -173,7 +173,7 @@ class Sync(Intake):
                 elif messages or deadline == math.inf:
                     deadline = trio.current_time() + t.config.nodetable_message_timeout
         except ProtocolError as exc:
-            t.refusals.note("bad_message")
+            t.refuse("bad_message")
             log.debug("bad node table message %s", logfmt.kv(peer=peer.short(), reason=exc))
             stream.reset()
         except (TransportError, trio.BrokenResourceError, trio.ClosedResourceError):

@@ -44,7 +44,7 @@ GONE = ("left", "offline")
 #: Owners forgotten per LMDB transaction by the sweep (it yields to the event loop between batches).
 PRUNE_BATCH = 512
 #: Refusals are summed and logged at most this often.
-REFUSAL_LOG_INTERVAL = 10.0
+SWEEP_EVERY = 10.0  # seconds between prune sweeps at most
 
 __all__ = ["PROTOCOL", "NodeTable", "open_nodetable"]
 
@@ -76,7 +76,7 @@ class NodeTable:
         # a pusher looks only at what changed, not at the whole table, on every change.
         self.pending: dict[PeerId, dict[PeerId, None]] = {}
         self.stats = dict.fromkeys(COUNTERS, 0)
-        self.refusals = logfmt.RateLimitedLog(log, "node table refusals", REFUSAL_LOG_INTERVAL)
+        self._refusal_log = logfmt.RateLimitedLog(log, self.config.refusal_log_interval)
         self.sync = Sync(self)
         self._sorted: list[str] | None = None
         self._loaded_at = 0.0
@@ -208,6 +208,10 @@ class NodeTable:
         ]
         out.sort(key=lambda pair: pair[0], reverse=True)
         return [owner for _, owner in out]
+
+    def refuse(self, reason: str) -> None:
+        """Count a refused input by reason; logged at most once per --refusal-log-interval per reason."""
+        self._refusal_log.warning(reason, "refused node table input", reason=reason)
 
     def verify_record(self, record: Record) -> OwnerDoc:
         """The one place records are verified (from peers and from the store); raises ValidationError."""
@@ -367,11 +371,10 @@ class NodeTable:
                     n.start_soon(self._ping, peer)
 
     async def _sweep_loop(self) -> None:
-        interval = max(0.05, min(self.config.stale_after / 4, REFUSAL_LOG_INTERVAL))
+        interval = max(0.05, min(self.config.stale_after / 4, SWEEP_EVERY))
         while True:
             await trio.sleep(interval)
             await self.prune()
-            self.refusals.flush()
 
     async def _ping(self, peer: PeerId) -> None:
         with trio.move_on_after(min(10.0, self.config.verify_interval)):

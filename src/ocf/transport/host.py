@@ -24,9 +24,12 @@ Connection manager rules, and why:
   talking (the newest, if the same peer initiated both). The other one is told
   GoAway (no new streams) and closed when its streams are done, so nothing in
   flight is cut.
-- **Limits** come from :class:`~ocf.config.Config`: max connections, max
-  streams per connection, max pending handshakes, handshake timeout, dial
-  timeout. Excess inbound connections are closed before any crypto is spent.
+- **Limits** come from :class:`~ocf.config.Config` through the resource
+  manager (:mod:`ocf.transport.resources`): connections (in, out, per peer,
+  per IP), pending handshakes (system and per IP, under one deadline for the
+  whole upgrade), streams and received-but-unread bytes (system and per
+  peer). Excess inbound connections are closed before any crypto is spent;
+  refusals are counted for /metrics and logged once per interval.
 - **Isolation.** Every connection runs in its own task in the host's nursery,
   with its own nursery for its streams; an error on one connection is logged
   and closes that connection only.
@@ -66,6 +69,7 @@ from .dialpolicy import DialPolicy, is_wildcard, parse_cidrs, resolve_learned
 from .memory import MemoryNetwork, MemoryTransport
 from . import pnet, secure
 from .muxer import MuxedConnection, MuxedStream
+from .resources import HandshakeSlot, Limits, ResourceManager, ip_key
 from .tcp import RawConn, TcpTransport, is_tcp_addr
 
 log = logging.getLogger("ocf.transport")
@@ -76,6 +80,7 @@ SUBSCRIBER_QUEUE = 1024
 MAX_OPERATOR_ADDRS = 1024  # addresses the operator gave us, remembered as trusted for redials
 RETIRE_GRACE = 30.0  # seconds a tie-break loser may keep serving its open streams
 SHUTDOWN_GRACE = 2.0
+PEER_LOG_BURST = 20  # connect/disconnect lines per refusal-log interval
 
 
 @attrs.frozen
@@ -98,6 +103,7 @@ class Connection:
     local_addr: Multiaddr | None
     transport: str
     opened_at: float = attrs.field(factory=time.time)
+    ip: str | None = None  # resource-manager scope of an inbound connection's source
 
     @property
     def usable(self) -> bool:
@@ -143,7 +149,17 @@ class Host:
         self.config = config
         self.listen_addrs: list[Multiaddr] = []
         self.upgrader = upgrader
-        self._tcp = TcpTransport(ws=config.ws, handshake_timeout=config.handshake_timeout)
+        self.resources = ResourceManager(Limits.from_config(config), log_interval=config.refusal_log_interval)
+        # Connect/disconnect lines are worth having, but a peer churning
+        # through fresh identities must not turn them into a log flood.
+        self._peer_log = logfmt.RateLimitedLog(log, config.refusal_log_interval, burst=PEER_LOG_BURST)
+        self._tcp = TcpTransport(
+            ws=config.ws,
+            handshake_timeout=config.handshake_timeout,
+            ws_max_message=config.ws_max_message,
+            resources=self.resources,
+            message_timeout=config.message_timeout,
+        )
         self._memory = MemoryTransport(memory_network) if memory_network is not None else None
         self._handlers: dict[str, StreamHandler] = {}
         self._conns: dict[PeerId, list[Connection]] = {}
@@ -160,7 +176,6 @@ class Host:
             self.dial_policy.note_home(config.public_addr)
         self._info: dict[PeerId, PeerInfo] = {}
         self._subscribers: set[trio.MemorySendChannel[PeerEvent]] = set()
-        self._pending_handshakes = 0
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._listen_scope: trio.CancelScope | None = None
@@ -377,7 +392,8 @@ class Host:
             log.debug("outbound connection ended %s", logfmt.kv(addr=addr, reason=repr(failure or exc)), exc_info=failure is None)
 
     async def _outbound(self, addr: Multiaddr, operator: bool, task_status: "_StartedOnce") -> None:
-        if self._num_connections() >= self.config.max_connections:
+        usage = self.resources.system.usage
+        if usage["conns_inbound"] + usage["conns_outbound"] + usage["handshakes"] >= self.config.max_connections:
             raise TransportError(f"connection limit reached ({self.config.max_connections})")
         transport = self._transport_for(addr)
         t0 = trio.current_time()
@@ -393,6 +409,8 @@ class Host:
                 raise PeerUnreachable(f"{addr} is ourselves")
             if addr.peer_id is None:
                 self._remember_addr(remote, addr, operator=operator)
+            if not self.resources.try_reserve("conns_outbound", peer=remote):
+                raise TransportError(f"connection limit reached for {remote.short()}")
             conn = self._new_connection(secure, remote, raw, outbound=True)
             log.debug("dialed %s", logfmt.kv(peer=remote.short(), addr=addr, ms=round((trio.current_time() - t0) * 1000, 1)))
             await self._serve_connection(conn, task_status=task_status)
@@ -401,40 +419,42 @@ class Host:
 
     async def _on_raw_inbound(self, raw: RawConn) -> None:
         cfg = self.config
+        ip = ip_key(raw.remote_addr)
+        # TCP takes the slot at accept (so sniffing and the WebSocket upgrade
+        # count too); other transports hand over the connection without one.
         if self._closing:
             return
-        if self._pending_handshakes >= cfg.max_pending_handshakes:
+        slot: HandshakeSlot | None = raw.slot if raw.slot is not None else self.resources.handshake(ip, cfg.handshake_timeout)
+        if slot is None:
             self.stats["inbound_refused"] += 1
-            log.info("refusing connection: too many pending handshakes %s", logfmt.kv(remote=raw.remote_addr, limit=cfg.max_pending_handshakes))
             return
-        if self._num_connections() + self._pending_handshakes >= cfg.max_connections:
-            self.stats["inbound_refused"] += 1
-            log.info("refusing connection: connection limit %s", logfmt.kv(remote=raw.remote_addr, limit=cfg.max_connections))
-            return
-        self._pending_handshakes += 1
         try:
-            with trio.move_on_after(cfg.handshake_timeout) as scope:
+            with trio.move_on_at(slot.deadline) as scope:
                 secure, remote = await self.upgrader.secure(raw.stream, initiator=False, expected=None)
             if scope.cancelled_caught:
                 self.stats["handshake_failures"] += 1
-                log.info("inbound handshake timed out %s", logfmt.kv(remote=raw.remote_addr, timeout=cfg.handshake_timeout))
+                self.resources.note_refusal("transient", "handshake_timeout", "inbound handshake timed out", timeout=cfg.handshake_timeout)
                 return
         except (TransportError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.stats["handshake_failures"] += 1
             if isinstance(exc, PrivateNetworkRefused):
                 return  # counted and logged (rate-limited) by the private network's protector
-            log.info("inbound handshake failed %s", logfmt.kv(remote=raw.remote_addr, reason=exc or type(exc).__name__))
+            self.resources.note_refusal("transient", "handshake_failed", "inbound handshake failed", error=exc or type(exc).__name__)
             return
         except Exception as exc:  # noqa: BLE001 - a bug on one connection must not stop the host
             self.stats["handshake_failures"] += 1
             log.error("inbound handshake crashed %s", logfmt.kv(remote=raw.remote_addr, exc=repr(exc)), exc_info=True)
             return
         finally:
-            self._pending_handshakes -= 1
+            slot.release()
         if remote == self.peer_id:
             log.info("refusing connection from ourselves %s", logfmt.kv(remote=raw.remote_addr))
             return
+        if not self.resources.try_reserve("conns_inbound", peer=remote, ip=ip):
+            self.stats["inbound_refused"] += 1
+            return
         conn = self._new_connection(secure, remote, raw, outbound=False)
+        conn.ip = ip
         await self._serve_connection(conn)
 
     # --- connection lifecycle -------------------------------------------------------------------
@@ -443,12 +463,14 @@ class Host:
         return sum(len(v) for v in self._conns.values())
 
     def _new_connection(self, secure: trio.abc.Stream, remote: PeerId, raw: RawConn, *, outbound: bool) -> Connection:
+        """Wrap an upgraded stream; the caller has reserved the connection in the resource manager."""
         muxed = MuxedConnection(
             secure,
             is_client=outbound,
             remote_peer=remote,
             handler=self._on_stream,
             max_streams=self.config.max_streams_per_connection,
+            resources=self.resources.peer_scope(remote, ip_key(raw.remote_addr)),
         )
         return Connection(
             muxed=muxed,
@@ -474,6 +496,7 @@ class Host:
         finally:
             if added:
                 self._remove(conn)
+            self.resources.release("conns_outbound" if conn.outbound else "conns_inbound", peer=conn.peer, ip=conn.ip)
 
     def _add(self, conn: Connection) -> None:
         peer = conn.peer
@@ -482,9 +505,8 @@ class Host:
         conns.append(conn)
         self._notify_changed()
         if first:
-            log.info(
-                "peer connected %s",
-                logfmt.kv(peer=peer.short(), dir="out" if conn.outbound else "in", via=conn.transport, addr=conn.remote_addr or "-"),
+            self._peer_log.info(
+                "connected", "peer connected", peer=peer.short(), dir="out" if conn.outbound else "in", via=conn.transport, addr=conn.remote_addr or "-"
             )
             self._emit("connected", peer)
         else:
@@ -526,9 +548,8 @@ class Host:
         if not conns:
             del self._conns[conn.peer]
         if not any(c.muxed.is_open for c in conns):
-            log.info(
-                "peer disconnected %s",
-                logfmt.kv(peer=conn.peer.short(), reason=conn.muxed.close_reason or "-", seconds=round(time.time() - conn.opened_at, 1)),
+            self._peer_log.info(
+                "disconnected", "peer disconnected", peer=conn.peer.short(), reason=conn.muxed.close_reason or "-", seconds=round(time.time() - conn.opened_at, 1)
             )
             self._emit("disconnected", conn.peer)
 

@@ -175,7 +175,7 @@ async def identify_peer(host: "Host", conn: "Connection") -> IdentifyMessage | N
         log.debug("identify failed %s", logfmt.kv(peer=peer.short(), reason=exc or type(exc).__name__))
         return None
     if message.public_key and not peer.matches_key_proto(message.public_key):
-        log.warning("identify: public key does not match the peer ID; ignored %s", logfmt.kv(peer=peer.short()))
+        host.resources.note_refusal("peer", "identify_bad_key", "identify: public key does not match the peer ID; ignored", peer=peer.short())
         return None
     record(host, peer, message)
     return message

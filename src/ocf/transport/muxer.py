@@ -17,6 +17,15 @@ many streams queued while it was busy into one write.
 :class:`MuxedStream` is a Trio ``HalfCloseableStream``: ``receive_some``
 returns ``b""`` at the peer's EOF and raises :class:`~ocf.errors.StreamReset`
 when the stream (or the whole connection) is reset.
+
+With a :class:`~ocf.transport.resources.PeerResources` (the host always
+passes one), every stream takes a slot of its peer's and the node's stream
+budget, and every received byte the application has not read yet is charged
+to their buffered-bytes budget. yamux grants each new stream 256 KiB of
+credit before we can say anything, so per-stream windows alone let a peer
+with many streams make us hold streams x 256 KiB; a chunk the budget refuses
+resets its stream instead. Protocol handlers that assemble messages can
+charge their own buffers to the same budget (:meth:`MuxedStream.reserve_memory`).
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import trio
 from trio.lowlevel import ParkingLot, checkpoint, checkpoint_if_cancelled
 
 from ..directsocket import YIELD_AFTER
-from ..errors import ProtocolError, StreamReset, TransportError
+from ..errors import ProtocolError, ResourceLimitExceeded, StreamReset, TransportError
 from . import yamux
 from .yamux import (
     DataReceived,
@@ -47,6 +56,7 @@ from .yamux import (
 
 if TYPE_CHECKING:
     from ..identity import PeerId
+    from .resources import PeerResources
 
 log = logging.getLogger("ocf.transport.muxer")
 
@@ -73,9 +83,12 @@ InboundHandler = Callable[["MuxedStream"], Awaitable[None]]
 class MuxedStream(trio.abc.HalfCloseableStream):
     """One yamux stream. Create via :meth:`MuxedConnection.open_stream` or get one in an inbound handler."""
 
-    def __init__(self, conn: "MuxedConnection", stream_id: int) -> None:
+    def __init__(self, conn: "MuxedConnection", stream_id: int, *, inbound: bool = False) -> None:
         self._conn = conn
         self.stream_id = stream_id
+        self.inbound = inbound
+        self._held = 0  # bytes in _chunks charged to the buffered-bytes budget
+        self._app_held = 0  # bytes the application reserved (reserve_memory)
         self.protocol: str = ""
         self._chunks: collections.deque[bytes] = collections.deque()
         self._eof = False  # peer sent FIN
@@ -177,8 +190,46 @@ class MuxedStream(trio.abc.HalfCloseableStream):
             self._unread -= again
             n -= again
         if n:
+            self._release_held(n)
             self._conn._consumed(self.stream_id, n)
         return data
+
+    # --- buffered-bytes accounting ---------------------------------------------------
+
+    def reserve_memory(self, n: int) -> bool:
+        """Charge ``n`` bytes the application buffers for this stream (e.g. a partial message) to its peer's budget.
+
+        False when the peer or the node is over budget: the caller should
+        give up on the message (and reset the stream). Whatever is still
+        reserved is released when the stream ends.
+        """
+        res = self._conn._resources
+        if res is None or n <= 0:
+            return True
+        if not res.reserve_memory(n):
+            return False
+        self._app_held += n
+        return True
+
+    def release_memory(self, n: int) -> None:
+        """Give back bytes reserved with :meth:`reserve_memory` (no more than were reserved)."""
+        n = min(n, self._app_held)
+        res = self._conn._resources
+        if n > 0 and res is not None:
+            self._app_held -= n
+            res.release_memory(n)
+
+    def _release_held(self, n: int) -> None:
+        n = min(n, self._held)
+        res = self._conn._resources
+        if n > 0 and res is not None:
+            self._held -= n
+            res.release_memory(n)
+
+    def _release_all(self) -> None:
+        """The stream is over (for the muxer): its buffered bytes and the application's no longer count."""
+        self._release_held(self._held)
+        self.release_memory(self._app_held)
 
     # --- sending ---------------------------------------------------------------------
 
@@ -265,9 +316,11 @@ class MuxedStream(trio.abc.HalfCloseableStream):
             if self._reset is None:
                 if self._chunks and not self._eof:
                     self._chunks.clear()
+                    self._release_held(self._held)
                     self._conn._reset_stream(self, "closed with unread data")
                 else:
                     self._chunks.clear()
+                    self._release_held(self._held)
                     self._conn._close_stream(self)
             self._wake()
         await checkpoint()
@@ -276,6 +329,7 @@ class MuxedStream(trio.abc.HalfCloseableStream):
         """Abort the stream both ways now (RST); pending and later calls raise :class:`StreamReset`."""
         if self._reset is None:
             self._chunks.clear()
+            self._release_held(self._held)
             self._conn._reset_stream(self, "reset locally")
             self._wake()
 
@@ -291,6 +345,14 @@ class MuxedStream(trio.abc.HalfCloseableStream):
             # Data for a stream the application closed: tell the peer to stop.
             self._conn._reset_stream(self, "data after close")
             return
+        res = self._conn._resources
+        if res is not None:
+            if not res.reserve_memory(len(data)):
+                # Over the peer's or the node's budget of unread bytes: this
+                # stream gives its share back rather than the node growing.
+                self._conn._reset_stream(self, "buffered-bytes budget exceeded")
+                return
+            self._held += len(data)
         self._chunks.append(data)
         self._wake_receiver()
 
@@ -303,6 +365,7 @@ class MuxedStream(trio.abc.HalfCloseableStream):
             self._reset = reason
             self._chunks.clear()
             self._unread = 0
+            self._release_all()
             self._wake()
 
 
@@ -332,6 +395,7 @@ class MuxedConnection:
         keepalive_timeout: float = KEEPALIVE_TIMEOUT,
         max_window: int = yamux.MAX_WINDOW,
         label: str = "",
+        resources: "PeerResources | None" = None,
     ) -> None:
         self._secure = secure
         # SecureStream's encrypt-and-write-without-waiting, when the stream is one.
@@ -339,6 +403,7 @@ class MuxedConnection:
         self.is_client = is_client
         self.remote_peer = remote_peer
         self._handler = handler
+        self._resources = resources
         self._session = YamuxSession(is_client, max_streams=max_streams, max_window=max_window)
         self._streams: dict[int, MuxedStream] = {}
         self._write_lot = ParkingLot()
@@ -382,6 +447,8 @@ class MuxedConnection:
             if self.close_reason is None:
                 self.close_reason = "cancelled"
             self._reset_all(f"connection closed: {self.close_reason}")
+            if self._resources is not None:
+                self._resources.close()
             await trio.aclose_forcefully(self._secure)
             self.closed.set()
 
@@ -390,9 +457,14 @@ class MuxedConnection:
         await checkpoint()
         if not self.is_open:
             raise TransportError(f"connection to {self.label} is closed ({self.close_reason})")
+        res = self._resources
+        if res is not None and not res.open_stream(inbound=False):
+            raise ResourceLimitExceeded(f"cannot open a stream to {self.label}: stream limit reached", resource="streams")
         try:
             sid = self._session.open_stream()
         except ProtocolError as exc:
+            if res is not None:
+                res.close_stream(inbound=False)
             raise TransportError(f"cannot open a stream to {self.label}: {exc}") from None
         stream = self._streams[sid] = MuxedStream(self, sid)
         self._kick()
@@ -535,6 +607,8 @@ class MuxedConnection:
 
     def _forget(self, sid: int) -> MuxedStream | None:
         stream = self._streams.pop(sid, None)
+        if stream is not None:
+            self._release_stream(stream)
         if not self._streams and self._idle_lot:
             self._idle_lot.unpark_all()
         return stream
@@ -565,9 +639,15 @@ class MuxedConnection:
             self._kick()
         self._forget(stream.stream_id)
 
+    def _release_stream(self, stream: MuxedStream) -> None:
+        stream._release_all()
+        if self._resources is not None:
+            self._resources.close_stream(stream.inbound)
+
     def _reset_all(self, reason: str) -> None:
         for stream in list(self._streams.values()):
             stream._on_reset(reason)
+            self._release_stream(stream)
         self._streams.clear()
         if self._idle_lot:
             self._idle_lot.unpark_all()
@@ -619,7 +699,7 @@ class MuxedConnection:
                 try:
                     events = session.receive_data(data)
                 except ProtocolError as exc:
-                    log.warning("closing connection on protocol error peer=%s reason=%s", self.label, exc)
+                    self._note("protocol_error", "closing connection on protocol error", peer=self.label, reason=exc)
                     self.close_reason = f"protocol error: {exc}"
                     self._kick()  # flush the GoAway the session queued
                     with trio.move_on_after(CLOSE_FLUSH_TIMEOUT):
@@ -663,7 +743,11 @@ class MuxedConnection:
             self._end(f"read failed: {exc or type(exc).__name__}")
 
     def _on_inbound(self, sid: int) -> None:
-        stream = self._streams[sid] = MuxedStream(self, sid)
+        res = self._resources
+        if res is not None and not res.open_stream(inbound=True):
+            self._session.reset_stream(sid)  # refused: RST, its frames are skipped from now on
+            return
+        stream = self._streams[sid] = MuxedStream(self, sid, inbound=True)
         if self._handler is None or self._nursery is None:
             self._reset_stream(stream, "no handler")
             return
@@ -674,7 +758,7 @@ class MuxedConnection:
         try:
             await self._handler(stream)
         except Exception as exc:  # noqa: BLE001 - a handler failing must not take the connection down
-            log.warning("stream handler failed peer=%s stream=%d exc=%r", self.label, stream.stream_id, exc)
+            self._note("handler_failed", "stream handler failed", peer=self.label, stream=stream.stream_id, exc=repr(exc))
             stream.reset()
 
     async def _keepalive(self) -> None:
@@ -693,11 +777,18 @@ class MuxedConnection:
                     return  # the connection is ending anyway
                 timed_out = False
             if timed_out:
-                log.info("closing connection: keepalive timeout peer=%s", self.label)
+                self._note("keepalive_timeout", "closing connection: keepalive timeout", peer=self.label)
                 self._end(f"keepalive timeout ({self._keepalive_timeout:g}s)")
                 return
             if not math.isfinite(interval):
                 return
+
+    def _note(self, kind: str, message: str, **fields: Any) -> None:
+        """Count and log a peer's misbehaviour: rate-limited through the resource manager when there is one."""
+        if self._resources is not None:
+            self._resources.rm.note_refusal("peer", kind, message, **fields)
+        else:
+            log.warning("%s %s", message, " ".join(f"{k}={v}" for k, v in fields.items()))
 
     def _end(self, reason: str) -> None:
         if self.close_reason is None:

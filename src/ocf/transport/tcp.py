@@ -5,8 +5,15 @@ A node listens on one TCP port (43905 by default) for both raw libp2p
 does. We tell them apart by the first bytes a client sends: a WebSocket client
 starts with an HTTP ``GET `` request, a raw libp2p dialer with the
 multistream-select header (``\\x13/multistream/1.0.0\\n``). Both kinds of
-clients speak first, so peeking never deadlocks; it is bounded by the
-handshake timeout like the rest of the upgrade.
+clients speak first, so peeking never deadlocks.
+
+An accepted socket takes a pending-handshake slot from the resource manager
+before we read a byte (refused at once when its address or the node has
+none left), and that slot's single deadline bounds everything up to the
+end of the upgrade: sniffing, the WebSocket upgrade, multistream, Noise.
+We run our own accept loop rather than ``trio.serve_listeners`` so that
+running out of file descriptors is counted and logged once per interval,
+not once per retry.
 
 Transports hand the host a :class:`RawConn`: a Trio byte stream plus the
 addresses of both ends (for identify's observed address and logs).
@@ -26,11 +33,17 @@ import trio
 
 from ..errors import MultiaddrError, PeerUnreachable, TransportError
 from ..identity import Multiaddr
+from .resources import HandshakeSlot, ResourceManager, ip_key
 
 log = logging.getLogger("ocf.transport.tcp")
 
 SNIFF_BYTES = 4
 HTTP_PREFIX = b"GET "
+# accept() errors that mean "out of descriptors or memory for now": wait and retry
+ACCEPT_CAPACITY_ERRNOS = frozenset(
+    e for e in (getattr(errno, name, None) for name in ("EMFILE", "ENFILE", "ENOMEM", "ENOBUFS")) if e is not None
+)
+ACCEPT_RETRY_SLEEP = 0.1
 
 
 @attrs.frozen
@@ -41,6 +54,8 @@ class RawConn:
     remote_addr: Multiaddr | None = None  # without /p2p
     local_addr: Multiaddr | None = None
     transport: str = "tcp"
+    #: the pending-handshake slot taken at accept (the host releases it once upgraded)
+    slot: HandshakeSlot | None = None
 
 
 RawHandler = Callable[[RawConn], Awaitable[None]]
@@ -134,10 +149,20 @@ def _stream_addrs(stream: trio.SocketStream, ws: bool = False) -> tuple[Multiadd
 class TcpTransport:
     """Dials ``/tcp`` (and ``/tcp/…/ws``) addresses and serves both on one port."""
 
-    def __init__(self, *, ws: bool = True, handshake_timeout: float = 10.0, ws_max_message: int = 8 << 20) -> None:
+    def __init__(
+        self,
+        *,
+        ws: bool = True,
+        handshake_timeout: float = 10.0,
+        ws_max_message: int = 1 << 20,
+        resources: ResourceManager | None = None,
+        message_timeout: float = 30.0,
+    ) -> None:
         self.ws = ws
         self.handshake_timeout = handshake_timeout
         self.ws_max_message = ws_max_message
+        self.resources = resources if resources is not None else ResourceManager()
+        self.message_timeout = message_timeout
 
     def can_dial(self, addr: Multiaddr) -> bool:
         return is_tcp_addr(addr)
@@ -152,7 +177,9 @@ class TcpTransport:
         if is_ws_addr(addr):
             from .websocket import connect_websocket
 
-            async with connect_websocket(host, port, timeout, self.ws_max_message) as raw:
+            async with connect_websocket(
+                host, port, timeout, self.ws_max_message, resources=self.resources, message_timeout=self.message_timeout
+            ) as raw:
                 yield raw
             return
         try:
@@ -195,7 +222,26 @@ class TcpTransport:
                     if ma is not None and ma not in addrs:
                         addrs.append(ma)
 
-        async def on_accept(stream: trio.SocketStream) -> None:
+        task_status.started(addrs)
+        async with trio.open_nursery() as accept_nursery:
+            for listener in listeners:
+                accept_nursery.start_soon(self._accept_loop, listener, handler, handler_nursery)
+
+    async def _accept_loop(self, listener: trio.SocketListener, handler: RawHandler, handler_nursery: trio.Nursery) -> None:
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    self.resources.note_refusal("system", "accept_error", "accept failed; retrying", error=errno.errorcode.get(exc.errno or 0, exc.errno))
+                    await trio.sleep(ACCEPT_RETRY_SLEEP)
+                    continue
+                handler_nursery.start_soon(self._on_accept_guarded, stream, handler)
+
+    async def _on_accept_guarded(self, stream: trio.SocketStream, handler: RawHandler) -> None:
+        async with stream:
             try:
                 await self._on_accept(stream, handler)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -203,41 +249,51 @@ class TcpTransport:
             except Exception as exc:  # noqa: BLE001 - one bad connection must not stop the listener
                 log.error("accepted connection crashed exc=%r", exc, exc_info=True)
 
-        task_status.started(addrs)
-        # serve_listeners closes each listener when it stops, and each accepted
-        # stream once its handler returns.
-        await trio.serve_listeners(on_accept, listeners, handler_nursery=handler_nursery)
-
     async def _on_accept(self, stream: trio.SocketStream, handler: RawHandler) -> None:
         remote, local = _stream_addrs(stream)
-        prefix = b""
-        with trio.move_on_after(self.handshake_timeout):
-            try:
-                while len(prefix) < SNIFF_BYTES:
-                    chunk = await stream.receive_some()
-                    if not chunk:
-                        break
-                    prefix += chunk
-            except trio.BrokenResourceError:
-                return
-        if len(prefix) == 0:
+        ip = ip_key(remote)
+        slot = self.resources.handshake(ip, self.handshake_timeout)
+        if slot is None:
+            # no slot for this address or the node: hang up before reading a byte
+            await trio.aclose_forcefully(stream)
             return
-        if prefix[: len(HTTP_PREFIX)] == HTTP_PREFIX:
-            if not self.ws:
-                log.debug("refusing WebSocket connection (disabled) remote=%s", remote)
-                return
-            from .websocket import serve_websocket_stream
+        try:
+            with trio.CancelScope() as scope:
+                slot.cancel_scope = scope  # eviction (see ResourceManager._evict_for) cancels it
+                prefix = b""
+                with trio.move_on_at(slot.deadline):
+                    try:
+                        while len(prefix) < SNIFF_BYTES:
+                            chunk = await stream.receive_some()
+                            if not chunk:
+                                break
+                            prefix += chunk
+                    except trio.BrokenResourceError:
+                        return
+                if len(prefix) < SNIFF_BYTES:
+                    if prefix:
+                        self.resources.note_refusal("transient", "handshake_timeout", "inbound connection sent too little", remote=remote)
+                    return
+                if prefix[: len(HTTP_PREFIX)] == HTTP_PREFIX:
+                    if not self.ws:
+                        log.debug("refusing WebSocket connection (disabled) remote=%s", remote)
+                        return
+                    from .websocket import serve_websocket_stream
 
-            await serve_websocket_stream(
-                PrefixedStream(stream, prefix),
-                handler,
-                remote=_with_ws(remote),
-                local=_with_ws(local),
-                timeout=self.handshake_timeout,
-                max_message=self.ws_max_message,
-            )
-            return
-        await handler(RawConn(PrefixedStream(stream, prefix), remote, local, "tcp"))
+                    await serve_websocket_stream(
+                        PrefixedStream(stream, prefix),
+                        handler,
+                        remote=_with_ws(remote),
+                        local=_with_ws(local),
+                        slot=slot,
+                        max_message=self.ws_max_message,
+                        resources=self.resources,
+                        message_timeout=self.message_timeout,
+                    )
+                    return
+                await handler(RawConn(PrefixedStream(stream, prefix), remote, local, "tcp", slot))
+        finally:
+            slot.release()
 
 
 def _with_ws(addr: Multiaddr | None) -> Multiaddr | None:
