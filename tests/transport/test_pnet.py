@@ -351,7 +351,7 @@ async def test_refusals_do_not_storm_the_log(caplog, noise_states):
         with trio.fail_after(5):
             while b.upgrader.protector.stats["refused"] < attempts:
                 await trio.sleep(0.001)
-        assert b._pending_handshakes == 0 and b.connections() == []  # nothing held after the refusals
+        assert b.resources.system.usage["handshakes"] == 0 and b.connections() == []  # nothing held after the refusals
     assert b.upgrader.protector.stats["refused"] == attempts
     assert a.upgrader.protector.stats["refused"] == attempts
     listener_lines = [r for r in caplog.records if "refused" in r.getMessage() or "handshake failed" in r.getMessage()]

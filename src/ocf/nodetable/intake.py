@@ -171,7 +171,12 @@ class Intake:
                     else:
                         victim = candidates[-1]
                 if not direct:
-                    if beat is None or beat.seconds < now - t.config.stale_after or beat.ms > now * 1000 + FUTURE_SKEW_MS:
+                    if (
+                        beat is None
+                        or beat.seconds < now - t.config.stale_after
+                        or beat.seconds <= t.lost_at.get(owner, 0.0)  # signed before we lost it: no news of it since
+                        or beat.ms > now * 1000 + FUTURE_SKEW_MS
+                    ):
                         self._refuse(peer, "stale")
                         continue
                     if not self._may_add_owner(peer):

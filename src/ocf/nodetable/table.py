@@ -68,6 +68,10 @@ class NodeTable:
         self.docs: dict[PeerId, OwnerDoc] = {}
         # Only ever keyed by owners in ``records`` (see _forget): unknown IDs cost nothing.
         self.last_seen: dict[PeerId, float] = {}
+        # When we lost our own connection to a peer: a heartbeat it signed before then
+        # (relayed by others) proves nothing new and must not revive it, nor bring it
+        # back once pruned. Kept past pruning, for --stale-after; only direct peers get one.
+        self.lost_at: dict[PeerId, float] = {}
         self.beats: dict[PeerId, Heartbeat] = {}
         self.by_text: dict[str, PeerId] = {}
         # What each connected peer holds, as (seq, heartbeat ms), for owners we hold.
@@ -145,6 +149,8 @@ class NodeTable:
             for owner in self.records
             if owner != self.me and max(self.last_seen.get(owner, 0.0), self._loaded_at) < horizon and not self.host.is_connected(owner)
         ]
+        for owner in [o for o, at in self.lost_at.items() if at < horizon]:
+            del self.lost_at[owner]
         for start in range(0, len(doomed), PRUNE_BATCH):
             batch = [owner for owner in doomed[start : start + PRUNE_BATCH] if owner in self.records]
             self._forget(batch)
@@ -180,7 +186,9 @@ class NodeTable:
 
     def saw(self, owner: PeerId, when: float) -> None:
         """Record a sighting: a direct contact or a verified owner-signed heartbeat, never hearsay."""
-        if owner in self.records and owner != self.me and when > self.last_seen.get(owner, 0.0):
+        if owner not in self.records or owner == self.me or when <= self.lost_at.get(owner, 0.0):
+            return
+        if when > self.last_seen.get(owner, 0.0):
             self.last_seen[owner] = when
 
     # --- membership: admission, eviction, forgetting ---------------------------------------
@@ -392,6 +400,7 @@ class NodeTable:
             task_status.started()
             async for event in events:
                 if event.kind == "connected":
+                    self.lost_at.pop(event.peer, None)
                     self.saw(event.peer, self.clock())
                     self._start_pusher(event.peer)
                 else:
@@ -401,6 +410,8 @@ class NodeTable:
                     self.drop_peer(event.peer)
                     # What we saw ourselves no longer vouches for it; only a newer heartbeat
                     # signed by the peer itself, relayed by someone who still reaches it, will.
+                    if event.peer in self.records:
+                        self.lost_at[event.peer] = self.clock()
                     if event.peer in self.last_seen:
                         horizon = self.clock() - self._fresh_for() - 1.0
                         self.last_seen[event.peer] = min(self.last_seen[event.peer], horizon)
