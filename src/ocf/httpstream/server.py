@@ -36,8 +36,10 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from ..errors import BridgeError, TransportError
+from ..errors import BodyTimeout, BridgeError, HeadTimeout, TransportError
+from . import deadlines
 from .bridge import CLOSED, DEFAULT_MAX_HEADER_SIZE, END, Data, RequestHead, ServerBridge, asgi_scope
+from .deadlines import ConnectionClock, Timeouts
 
 log = logging.getLogger("ocf.httpstream")
 
@@ -83,13 +85,16 @@ class _Connection:
         idle_timeout: float,
         draining: Draining | None = None,
         date_header: bool = False,
+        timeouts: Timeouts | None = None,
     ) -> None:
         self.stream = stream
         self.draining = draining
         self.app = app
         self.scope_extra = scope_extra
         self.bridge = ServerBridge(max_header_size=max_header_size, date_header=date_header)
+        self.max_header_size = max_header_size
         self.idle_timeout = idle_timeout
+        self.clock = ConnectionClock(timeouts or Timeouts(), trio.current_time())
         self.events: collections.deque = collections.deque()
         self.gone = False
         self.error: BridgeError | None = None
@@ -112,29 +117,50 @@ class _Connection:
         bytes at once (that is how a client leaving mid-response is noticed),
         without a wake-up per request to say the app took it.
         """
+        bridge, clock, limit = self.bridge, self.clock, self.max_header_size
         try:
             while True:
-                while self._queued > READ_SIZE or self.bridge.buffered > DEFAULT_MAX_HEADER_SIZE:
-                    await self._drained.wait()
-                    self._drained = trio.Event()
+                if self._queued > READ_SIZE or bridge.buffered > limit:
+                    paused = trio.current_time()
+                    while self._queued > READ_SIZE or bridge.buffered > limit:
+                        await self._drained.wait()
+                        self._drained = trio.Event()
+                    now = trio.current_time()
+                    clock.paused(now, now - paused)
                 data = await self.stream.receive_some(READ_SIZE)
                 try:
-                    events = self.bridge.feed(data)
+                    events = bridge.feed(data)
                     for event in events:
                         if type(event) is Data:
                             self._queued += len(event.data)
                     self.events.extend(events)
                 except BridgeError as exc:
-                    if data:
-                        self.error = exc
-                    self._client_gone()
+                    if not data:
+                        self._client_gone()
+                    else:
+                        self._refuse(exc)
                     return
                 if not data:
                     self._client_gone()
                     return
+                clock.received(trio.current_time(), len(data), bridge.receive_phase, bridge.expects_continue)
                 self._arrived.set()
         except _STREAM_ERRORS:
             self._client_gone()
+
+    def _refuse(self, exc: BridgeError) -> None:
+        """The client's bytes broke the protocol (or its time ran out): answer it if that can still be done.
+
+        Whoever waits for the next event (the request loop, or the app in
+        ``receive()``) raises ``exc`` and writes the error response; once a
+        response has started there is nothing to tell the client, so the
+        connection just ends.
+        """
+        self.error = exc
+        if self.bridge.response_started:
+            self._client_gone()
+        else:
+            self._arrived.set()
 
     def _client_gone(self) -> None:
         self.gone = True
@@ -150,22 +176,47 @@ class _Connection:
             self._ended_idle = True
             self._arrived.set()
 
-    async def watch_idle(self) -> None:
-        """End the connection once it has waited ``idle_timeout`` seconds for a request.
+    async def watchdog(self) -> None:
+        """End the connection when it idles too long or a deadline of :mod:`~ocf.httpstream.deadlines` passes.
 
-        One sleeping task per connection, woken about once per timeout,
-        rather than a cancel scope entered and left around every request.
+        One sleeping task per connection, woken about once per shortest
+        timeout, rather than a cancel scope entered and left around every
+        read, write and request. A deadline set while it sleeps is at least
+        that far away, so waking that often never oversleeps one.
         """
-        timeout = self.idle_timeout
+        timeout, clock, bridge = self.idle_timeout, self.clock, self.bridge
+        step = min(timeout, clock.timeouts.shortest)
         while True:
+            now = trio.current_time()
             since = self._idle_since
-            if since is None:
-                await trio.sleep(timeout)
-            elif trio.current_time() - since >= timeout:
+            if since is not None and now - since >= timeout:
                 self.end_idle()
                 return
-            else:
-                await trio.sleep_until(since + timeout)
+            phase = bridge.receive_phase
+            expired = clock.expired(now, phase)
+            if expired is not None:
+                self._expire(expired)
+                if expired == deadlines.WRITE:
+                    return
+                clock.stop_reading()  # the connection is ending; only its last write is still timed
+                continue
+            wake = min(now + step, clock.next_deadline(phase), since + timeout if since is not None else now + step)
+            await trio.sleep_until(wake)
+
+    def _expire(self, what: str) -> None:
+        if what == deadlines.WRITE:
+            log.debug("http client did not read its response within %gs: closing", self.clock.timeouts.write)
+            self.gone = True
+            if self._scope is not None:
+                self._scope.cancel()  # the stuck write, and the app producing what it would write
+        elif what == deadlines.HEAD_UNSTARTED:
+            log.debug("http client sent no request within %gs: closing", self.clock.timeouts.head)
+            self.end_idle()
+        elif what == deadlines.HEAD:
+            self._refuse(HeadTimeout(f"the request head did not arrive within {self.clock.timeouts.head:g} seconds"))
+        else:
+            t = self.clock.timeouts
+            self._refuse(BodyTimeout(f"the request body stalled for {t.body:g} seconds or came slower than {t.min_body_rate:g} bytes/s"))
 
     def _skip_parsed_body(self) -> bool:
         """Drop a request body the app did not read, if all of it is already here (a GET's empty one always is)."""
@@ -203,11 +254,15 @@ class _Connection:
     async def _write(self, data: bytes) -> None:
         if not data:
             return
+        clock = self.clock
+        clock.write_since = trio.current_time()
         try:
             await self.stream.send_all(data)
         except _STREAM_ERRORS:
             self._client_gone()
             raise _Gone() from None
+        finally:
+            clock.write_since = None
 
     async def next_head(self) -> RequestHead | None:
         """The next request's head; None when the client is done or the connection idled out."""
@@ -233,7 +288,7 @@ class _Connection:
         async with trio.open_nursery() as nursery:
             self._scope = nursery.cancel_scope
             nursery.start_soon(self.reader)
-            nursery.start_soon(self.watch_idle)
+            nursery.start_soon(self.watchdog)
             try:
                 await self._serve_requests()
             finally:
@@ -247,26 +302,30 @@ class _Connection:
             except _Gone:
                 return
             except BridgeError as exc:
-                await self._reject(400, str(exc), "bad_request")
+                await self._reject_error(exc)
                 return
             if head is None:
                 return
             try:
                 scope = asgi_scope(head, **self.scope_extra)
             except BridgeError as exc:
-                await self._reject(400, str(exc), "bad_request")
+                await self._reject_error(exc)
                 return
             keep = await self.run_app(scope)
             if not keep or not self.bridge.next_cycle():
                 return
             if self.draining is not None and self.draining.draining:
                 return
+            self.clock.next_cycle(trio.current_time(), self.bridge.buffered)
             try:
                 self.events.extend(self.bridge.events())  # a pipelined request already received
             except BridgeError as exc:
-                await self._reject(400, str(exc), "bad_request")
+                await self._reject_error(exc)
                 return
             self._drained.set()
+
+    async def _reject_error(self, exc: BridgeError) -> None:
+        await self._reject(getattr(exc, "status", 400), str(exc), getattr(exc, "code", "bad_request"))
 
     async def _reject(self, status: int, message: str, code: str) -> None:
         log.debug("rejecting stream request status=%d reason=%s", status, message)
@@ -288,6 +347,7 @@ class _Connection:
                 try:
                     if self.bridge.expects_continue:
                         await self._write(self.bridge.continue_())
+                        self.clock.continued(trio.current_time())
                     event = await self._next_event()
                     if isinstance(event, Data):
                         return {"type": "http.request", "body": event.data, "more_body": True}
@@ -299,6 +359,8 @@ class _Connection:
                     pass
                 except BridgeError as exc:
                     body_error = exc
+                    if not self.bridge.response_started and not self.gone:
+                        await self._reject_error(exc)  # a malformed, stalled or trickling body: say why, then end
                 self._client_gone()
             # Body finished (or the client left): "disconnect" once the client goes or the response is done.
             await finish.wait()
@@ -371,6 +433,7 @@ async def serve_stream(
     idle_timeout: float = 75.0,
     draining: Draining | None = None,
     date_header: bool = False,
+    timeouts: Timeouts | None = None,
 ) -> None:
     """Serve HTTP/1.1 requests arriving on ``stream`` with ``app`` until the client is done.
 
@@ -379,7 +442,8 @@ async def serve_stream(
     caller closes the stream. ``draining`` lets a server end the connection
     gently at shutdown; ``date_header`` adds ``Date`` to responses that have
     none, as an origin server should (a peer's stream is not one: the
-    gateway that faces the client adds it).
+    gateway that faces the client adds it). ``timeouts`` bound the head,
+    the body and each write (:class:`~ocf.httpstream.deadlines.Timeouts`).
     """
     conn = _Connection(
         stream,
@@ -389,5 +453,6 @@ async def serve_stream(
         idle_timeout,
         draining,
         date_header,
+        timeouts,
     )
     await conn.serve()
