@@ -5,6 +5,11 @@ TCP side (:func:`ocf.httpstream.listener.serve_http`) replaced Hypercorn,
 which cost twice the CPU per request (see that module). It reports the bound
 addresses through ``task_status``, which is how a node started with
 ``--port 0`` learns (and reports) its real port.
+
+Both doors get the ``--http.*`` limits: deadlines for request heads, bodies
+and writes, and the largest head. The TCP port also has a connection cap,
+with a reserve that may only reach ``/v1/health`` so that a node full of
+busy (or hostile) connections can still be checked on.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import attrs
 import trio
 
 from ..errors import OcfError, find_in_group
-from ..httpstream.bridge import DEFAULT_MAX_HEADER_SIZE
+from ..httpstream.admission import ConnectionLimits
+from ..httpstream.deadlines import Timeouts
 from ..httpstream.listener import serve_http
 from ..httpstream.server import serve_stream
 from .app import create_app
@@ -41,18 +47,50 @@ class Gateway:
     app: Any = None  # the QuartTrio app (an ASGI callable), e.g. for in-process requests in tests
 
 
-async def serve_peer_stream(app: Any, stream: Any) -> None:
+@attrs.frozen
+class HttpLimits:
+    """What ``--http.*`` says, in the shapes the HTTP engine takes."""
+
+    timeouts: Timeouts
+    connections: ConnectionLimits
+    max_header_size: int
+    keep_alive_timeout: float
+
+    @classmethod
+    def from_config(cls, config: Any) -> "HttpLimits":
+        return cls(
+            timeouts=Timeouts(
+                head=config.http_head_timeout,
+                body=config.http_body_timeout,
+                min_body_rate=float(config.http_min_body_rate),
+                write=config.http_write_timeout,
+            ),
+            connections=ConnectionLimits(config.http_max_connections, config.http_reserve_connections, RESERVED_PATHS),
+            max_header_size=config.http_max_header_size,
+            keep_alive_timeout=config.http_keep_alive_timeout,
+        )
+
+
+async def serve_peer_stream(app: Any, limits: HttpLimits, stream: Any) -> None:
     """A ``/libp2p-http`` stream from another peer: HTTP/1.1 requests into our own app.
 
     The app is called in-process (no loopback socket, see
     :mod:`ocf.httpstream.server`); the scope names the authenticated peer.
     """
     peer = str(stream.remote_peer)
-    await serve_stream(stream, app, client=(peer, 0), extensions={"ocf.remote_peer": peer})
+    await serve_stream(
+        stream,
+        app,
+        client=(peer, 0),
+        extensions={"ocf.remote_peer": peer},
+        max_header_size=limits.max_header_size,
+        idle_timeout=limits.keep_alive_timeout,
+        timeouts=limits.timeouts,
+    )
 
 
-# Keep-alive connections idle this long are closed (as Hypercorn's default we used before).
-KEEP_ALIVE_TIMEOUT = 75.0
+# What a connection over the cap (in the reserve) may still ask: whether the node is up.
+RESERVED_PATHS = frozenset({"/v1/health"})
 # Long-lived responses (event streams) get this long to finish when the node stops.
 GRACEFUL_TIMEOUT = 1.0
 
@@ -61,6 +99,7 @@ GRACEFUL_TIMEOUT = 1.0
 async def open_gateway(node: "Node") -> AsyncIterator[Gateway]:
     app = create_app(node)
     host, port = node.config.host, node.config.port
+    limits = HttpLimits.from_config(node.config)
     stop = trio.Event()
     serve = functools.partial(
         serve_http,
@@ -68,9 +107,11 @@ async def open_gateway(node: "Node") -> AsyncIterator[Gateway]:
         host,
         port,
         shutdown_trigger=stop.wait,
-        max_header_size=DEFAULT_MAX_HEADER_SIZE,
-        idle_timeout=KEEP_ALIVE_TIMEOUT,
+        max_header_size=limits.max_header_size,
+        idle_timeout=limits.keep_alive_timeout,
         graceful_timeout=GRACEFUL_TIMEOUT,
+        timeouts=limits.timeouts,
+        limits=limits.connections,
     )
     async with trio.open_nursery() as nursery:
         try:
@@ -84,10 +125,12 @@ async def open_gateway(node: "Node") -> AsyncIterator[Gateway]:
             raise GatewayError(f"cannot listen on {where} for the HTTP gateway: {reason}") from None
         url = _public_url(binds[0], node.config.host)
         gateway = Gateway(url=url, binds=binds, app=app)
-        log.info("gateway listening url=%s", url)
+        # The addresses really bound (0.0.0.0 means every interface: reachable from other hosts),
+        # then a URL this machine can use.
+        log.info("gateway listening on=%s url=%s", ",".join(binds), url)
         # Other peers reach this gateway over /libp2p-http streams (as OCF's P2P HTTP listener).
         if node.host is not None:
-            node.host.set_stream_handler(LIBP2P_HTTP, functools.partial(serve_peer_stream, app))
+            node.host.set_stream_handler(LIBP2P_HTTP, functools.partial(serve_peer_stream, app, limits))
         try:
             yield gateway
         finally:

@@ -38,6 +38,7 @@ import trio
 
 from ..errors import BodyTimeout, BridgeError, HeadTimeout, TransportError
 from . import deadlines
+from .admission import Draining
 from .bridge import CLOSED, DEFAULT_MAX_HEADER_SIZE, END, Data, RequestHead, ServerBridge, asgi_scope
 from .deadlines import ConnectionClock, Timeouts
 
@@ -58,23 +59,6 @@ class _Gone(Exception):
     """The client went away (EOF, reset, broken stream)."""
 
 
-class Draining:
-    """Shared by one server's connections so that shutdown can end them gently.
-
-    :meth:`drain` closes connections idle between requests at once; a
-    connection in the middle of a request ends after its response.
-    """
-
-    def __init__(self) -> None:
-        self.draining = False
-        self._idle: set[_Connection] = set()
-
-    def drain(self) -> None:
-        self.draining = True
-        for conn in list(self._idle):
-            conn.end_idle()
-
-
 class _Connection:
     def __init__(
         self,
@@ -86,8 +70,10 @@ class _Connection:
         draining: Draining | None = None,
         date_header: bool = False,
         timeouts: Timeouts | None = None,
+        single_request: bool = False,
     ) -> None:
         self.stream = stream
+        self.single_request = single_request
         self.draining = draining
         self.app = app
         self.scope_extra = scope_extra
@@ -271,7 +257,7 @@ class _Connection:
             return None  # shutting down: no new requests on an idle connection
         self._idle_since = trio.current_time()
         if draining is not None:
-            draining._idle.add(self)
+            draining._idle[self] = None
         try:
             while True:
                 event = await self._next_event(idle=True)
@@ -282,7 +268,7 @@ class _Connection:
         finally:
             self._idle_since = None
             if draining is not None:
-                draining._idle.discard(self)
+                draining._idle.pop(self, None)
 
     async def serve(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -312,7 +298,7 @@ class _Connection:
                 await self._reject_error(exc)
                 return
             keep = await self.run_app(scope)
-            if not keep or not self.bridge.next_cycle():
+            if not keep or self.single_request or not self.bridge.next_cycle():
                 return
             if self.draining is not None and self.draining.draining:
                 return
@@ -381,7 +367,7 @@ class _Connection:
                     # too large): the rest cannot be skipped reliably, so this is the
                     # connection's last response, and the client must hear it.
                     unfinished = not self.bridge.request_complete
-                    last = unfinished or (self.draining is not None and self.draining.draining)  # shutting down
+                    last = unfinished or self.single_request or (self.draining is not None and self.draining.draining)  # shutting down
                     head = self.bridge.respond(int(message["status"]), headers, close=last)
                     if self.bridge.response_length is not None:
                         held = head  # the body follows at once: one write, one wake-up of the client
@@ -434,6 +420,7 @@ async def serve_stream(
     draining: Draining | None = None,
     date_header: bool = False,
     timeouts: Timeouts | None = None,
+    single_request: bool = False,
 ) -> None:
     """Serve HTTP/1.1 requests arriving on ``stream`` with ``app`` until the client is done.
 
@@ -443,7 +430,8 @@ async def serve_stream(
     gently at shutdown; ``date_header`` adds ``Date`` to responses that have
     none, as an origin server should (a peer's stream is not one: the
     gateway that faces the client adds it). ``timeouts`` bound the head,
-    the body and each write (:class:`~ocf.httpstream.deadlines.Timeouts`).
+    the body and each write (:class:`~ocf.httpstream.deadlines.Timeouts`);
+    ``single_request`` closes the connection after its first response.
     """
     conn = _Connection(
         stream,
@@ -454,5 +442,6 @@ async def serve_stream(
         draining,
         date_header,
         timeouts,
+        single_request,
     )
     await conn.serve()
