@@ -33,6 +33,8 @@ NORMAL, RESERVE, REFUSE = "normal", "reserve", "refuse"
 
 #: Descriptors the rest of a node needs besides its HTTP connections (peers, stores, backends).
 FD_HEADROOM = 1024
+#: Evicted connections still open (their task has not run yet) that admission tolerates over the cap.
+EVICTION_SLACK = 16
 
 
 @attrs.frozen
@@ -63,10 +65,10 @@ class ConnectionGate:
         ``evict_idle()`` closes the longest-idle connection and says whether
         there was one. An evicted connection still holds its descriptor
         until its task ends, so admitting by eviction stops at ``cap +
-        reserve`` open normal connections, bounding descriptors however
-        fast connections arrive.
+        EVICTION_SLACK`` open normal connections, bounding descriptors
+        however fast connections arrive.
         """
-        if self.open < self.cap or (self.open < self.cap + self.reserve and evict_idle()):
+        if self.open < self.cap or (self.open < self.cap + EVICTION_SLACK and evict_idle()):
             if self.open >= self.cap:
                 self.evicted += 1
             self.open += 1
@@ -146,7 +148,7 @@ def fit_descriptor_limit(cap: int, reserve: int, log: logging.Logger) -> int:
     is raised toward the hard one, and if that is not enough the cap is
     lowered (with a warning) to leave :data:`FD_HEADROOM` for the rest.
     """
-    needed = cap + reserve + FD_HEADROOM
+    needed = cap + EVICTION_SLACK + reserve + FD_HEADROOM
     try:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     except (OSError, ValueError):  # pragma: no cover - no such limit on this platform

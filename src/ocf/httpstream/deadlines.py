@@ -54,7 +54,7 @@ class Timeouts:
 class ConnectionClock:
     """The deadlines of one connection's current phase; times are Trio clock seconds."""
 
-    __slots__ = ("timeouts", "head_since", "head_bytes", "body_budget", "body_idle", "write_since")
+    __slots__ = ("timeouts", "head_since", "head_bytes", "body_budget", "body_idle", "write_since", "paused_since")
 
     def __init__(self, timeouts: Timeouts, now: float) -> None:
         self.timeouts = timeouts
@@ -64,6 +64,7 @@ class ConnectionClock:
         self.body_budget = INF
         self.body_idle = INF
         self.write_since: float | None = None
+        self.paused_since: float | None = None  # the server stopped reading (backpressure) at this time
 
     def received(self, now: float, nbytes: int, phase: int, expecting_continue: bool = False) -> None:
         """``nbytes`` arrived and were parsed; the request is now in ``phase``.
@@ -94,11 +95,17 @@ class ConnectionClock:
         self.body_budget = now + self.timeouts.body
         self.body_idle = now + self.timeouts.body
 
-    def paused(self, now: float, seconds: float) -> None:
-        """The server did not read for ``seconds`` (backpressure): the client is not to blame for them."""
+    def pause(self, now: float) -> None:
+        """The server stops reading (backpressure): until :meth:`resume`, the client is not to blame."""
+        self.paused_since = now
+
+    def resume(self, now: float) -> None:
+        if self.paused_since is None:
+            return
         if self.body_budget != INF:
-            self.body_budget += seconds
+            self.body_budget += now - self.paused_since
             self.body_idle = max(self.body_idle, now + self.timeouts.body)
+        self.paused_since = None
 
     def next_cycle(self, now: float, buffered: int) -> None:
         """The exchange ended; bytes already buffered are the start of the next head."""
@@ -118,7 +125,7 @@ class ConnectionClock:
         if phase == PHASE_HEAD:
             if self.head_since is not None and now >= self.head_since + self.timeouts.head:
                 return HEAD if self.head_bytes else HEAD_UNSTARTED
-        elif phase == PHASE_BODY and now >= min(self.body_budget, self.body_idle):
+        elif phase == PHASE_BODY and self.paused_since is None and now >= min(self.body_budget, self.body_idle):
             return BODY
         return None
 
@@ -127,6 +134,6 @@ class ConnectionClock:
         deadline = INF if self.write_since is None else self.write_since + self.timeouts.write
         if phase == PHASE_HEAD and self.head_since is not None:
             deadline = min(deadline, self.head_since + self.timeouts.head)
-        elif phase == PHASE_BODY:
+        elif phase == PHASE_BODY and self.paused_since is None:
             deadline = min(deadline, self.body_budget, self.body_idle)
         return deadline

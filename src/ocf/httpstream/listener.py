@@ -88,7 +88,6 @@ async def serve_http(
     urls = [_url(listener.socket.getsockname()) for listener in listeners]
     cap = fit_descriptor_limit(limits.max_connections, limits.reserve, log)
     server = _Server(app, Draining(), ConnectionGate(cap, limits.reserve), limits.reserved_paths, max_header_size, idle_timeout, timeouts or Timeouts())
-    draining = server.draining
     try:
         async with _lifespan(app):
             async with trio.open_nursery() as connections:
@@ -101,7 +100,7 @@ async def serve_http(
                     await shutdown_trigger()
                     accepting.cancel_scope.cancel()
                 log.debug("http server stopped accepting; draining open connections")
-                draining.drain()
+                server.drain()
                 connections.cancel_scope.deadline = trio.current_time() + graceful_timeout
     finally:
         for listener in listeners:
@@ -115,6 +114,8 @@ class _Server:
         self.app = app
         self.reserve_app = _reserve_only(app, reserved_paths)
         self.draining = draining
+        # Reserve connections drain apart: evicting one must not make room for a normal one.
+        self.reserve_draining = Draining()
         self.gate = gate
         self.max_header_size = max_header_size
         self.idle_timeout = idle_timeout
@@ -145,6 +146,10 @@ class _Server:
                     continue
                 nursery.start_soon(self.serve_connection, stream, kind)
 
+    def drain(self) -> None:
+        self.draining.drain()
+        self.reserve_draining.drain()
+
     async def serve_connection(self, stream: trio.SocketStream, kind: str) -> None:
         try:
             await serve_stream(
@@ -154,7 +159,7 @@ class _Server:
                 server=_address(stream.socket.getsockname()),
                 max_header_size=self.max_header_size,
                 idle_timeout=self.idle_timeout,
-                draining=self.draining,
+                draining=self.draining if kind == NORMAL else self.reserve_draining,
                 date_header=True,
                 timeouts=self.timeouts,
                 single_request=kind == RESERVE,

@@ -107,12 +107,11 @@ class _Connection:
         try:
             while True:
                 if self._queued > READ_SIZE or bridge.buffered > limit:
-                    paused = trio.current_time()
+                    clock.pause(trio.current_time())
                     while self._queued > READ_SIZE or bridge.buffered > limit:
                         await self._drained.wait()
                         self._drained = trio.Event()
-                    now = trio.current_time()
-                    clock.paused(now, now - paused)
+                    clock.resume(trio.current_time())
                 data = await self.stream.receive_some(READ_SIZE)
                 try:
                     events = bridge.feed(data)
