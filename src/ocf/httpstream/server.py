@@ -36,8 +36,8 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from ..errors import BodyTimeout, BridgeError, HeadTimeout, TransportError
-from . import deadlines
+from ..errors import BridgeError, TransportError
+from . import watchdog
 from .admission import Draining
 from .bridge import CLOSED, DEFAULT_MAX_HEADER_SIZE, END, Data, RequestHead, ServerBridge, asgi_scope
 from .deadlines import ConnectionClock, Timeouts
@@ -161,48 +161,6 @@ class _Connection:
             self._ended_idle = True
             self._arrived.set()
 
-    async def watchdog(self) -> None:
-        """End the connection when it idles too long or a deadline of :mod:`~ocf.httpstream.deadlines` passes.
-
-        One sleeping task per connection, woken about once per shortest
-        timeout, rather than a cancel scope entered and left around every
-        read, write and request. A deadline set while it sleeps is at least
-        that far away, so waking that often never oversleeps one.
-        """
-        timeout, clock, bridge = self.idle_timeout, self.clock, self.bridge
-        step = min(timeout, clock.timeouts.shortest)
-        while True:
-            now = trio.current_time()
-            since = self._idle_since
-            if since is not None and now - since >= timeout:
-                self.end_idle()
-                return
-            phase = bridge.receive_phase
-            expired = clock.expired(now, phase)
-            if expired is not None:
-                self._expire(expired)
-                if expired == deadlines.WRITE:
-                    return
-                clock.stop_reading()  # the connection is ending; only its last write is still timed
-                continue
-            wake = min(now + step, clock.next_deadline(phase), since + timeout if since is not None else now + step)
-            await trio.sleep_until(wake)
-
-    def _expire(self, what: str) -> None:
-        if what == deadlines.WRITE:
-            log.debug("http client did not read its response within %gs: closing", self.clock.timeouts.write)
-            self.gone = True
-            if self._scope is not None:
-                self._scope.cancel()  # the stuck write, and the app producing what it would write
-        elif what == deadlines.HEAD_UNSTARTED:
-            log.debug("http client sent no request within %gs: closing", self.clock.timeouts.head)
-            self.end_idle()
-        elif what == deadlines.HEAD:
-            self._refuse(HeadTimeout(f"the request head did not arrive within {self.clock.timeouts.head:g} seconds"))
-        else:
-            t = self.clock.timeouts
-            self._refuse(BodyTimeout(f"the request body stalled for {t.body:g} seconds or came slower than {t.min_body_rate:g} bytes/s"))
-
     def _skip_parsed_body(self) -> bool:
         """Drop a request body the app did not read, if all of it is already here (a GET's empty one always is)."""
         events = self.events
@@ -273,7 +231,7 @@ class _Connection:
         async with trio.open_nursery() as nursery:
             self._scope = nursery.cancel_scope
             nursery.start_soon(self.reader)
-            nursery.start_soon(self.watchdog)
+            nursery.start_soon(watchdog.watch, self)
             try:
                 await self._serve_requests()
             finally:
