@@ -73,3 +73,15 @@ async def test_gateway_health_answers_while_streams_fill_the_cap(node_config):
             assert status_of(reply) == 503  # the reserve serves the health check only
             for stream in streams:
                 await stream.aclose()
+
+
+async def test_refusals_are_counted_on_metrics(gateway):
+    for raw in (b"get / HTTP/1.1\r\nHost: t\r\n\r\n", b"get / HTTP/1.1\r\nHost: t\r\n\r\n", b"GET / HTTP/1.9\r\nHost: t\r\n\r\n"):
+        await read_until_close(await connect(gateway, raw))
+    reply = await read_until_close(await connect(gateway, get("/metrics", close=True)))
+    assert status_of(reply) == 200
+    text = reply.partition(b"\r\n\r\n")[2].decode()
+    assert 'ocf_http_refusals_total{reason="501 method_not_implemented"} 2.0' in text
+    assert 'ocf_http_refusals_total{reason="505 http_version_not_supported"} 1.0' in text
+    assert 'ocf_http_connections{admission="normal"} 1.0' in text  # this one
+    assert "ocf_http_connection_cap " in text  # 1024 unless the descriptor limit could not fit it

@@ -23,9 +23,10 @@ import attrs
 import trio
 
 from ..errors import OcfError, find_in_group
-from ..httpstream.admission import ConnectionLimits
+from ..httpstream.admission import ConnectionLimits, ServerStats
 from ..httpstream.deadlines import Timeouts
 from ..httpstream.listener import serve_http
+from ..httpstream.metrics import HttpServerCollector
 from ..httpstream.server import serve_stream
 from .app import create_app
 from .forward import LIBP2P_HTTP
@@ -100,6 +101,10 @@ async def open_gateway(node: "Node") -> AsyncIterator[Gateway]:
     app = create_app(node)
     host, port = node.config.host, node.config.port
     limits = HttpLimits.from_config(node.config)
+    stats = ServerStats()
+    metrics = app.extensions.get("ocf.metrics")
+    if metrics is not None:
+        metrics.registry.register(HttpServerCollector(stats))
     stop = trio.Event()
     serve = functools.partial(
         serve_http,
@@ -112,6 +117,7 @@ async def open_gateway(node: "Node") -> AsyncIterator[Gateway]:
         graceful_timeout=GRACEFUL_TIMEOUT,
         timeouts=limits.timeouts,
         limits=limits.connections,
+        stats=stats,
     )
     async with trio.open_nursery() as nursery:
         try:

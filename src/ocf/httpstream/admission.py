@@ -23,6 +23,7 @@ Refusals and accept errors are counted and logged at most once per interval
 
 from __future__ import annotations
 
+import collections
 import logging
 import resource
 from typing import Any, Callable
@@ -46,10 +47,18 @@ class ConnectionLimits:
     reserved_paths: frozenset[str] = frozenset()
 
 
+@attrs.define
+class ServerStats:
+    """What a server's connections met, for ``/metrics``: the gate's counts and the engine's own refusals."""
+
+    gate: "ConnectionGate | None" = None
+    refusals: "collections.Counter[str]" = attrs.Factory(collections.Counter)
+
+
 class ConnectionGate:
     """Counts one server's connections (sans-IO: the listener reports opens and closes)."""
 
-    __slots__ = ("cap", "reserve", "open", "reserve_open", "refused", "evicted")
+    __slots__ = ("cap", "reserve", "open", "reserve_open", "refused", "evicted", "accept_errors")
 
     def __init__(self, cap: int, reserve: int) -> None:
         self.cap = cap
@@ -58,6 +67,7 @@ class ConnectionGate:
         self.reserve_open = 0
         self.refused = 0
         self.evicted = 0
+        self.accept_errors = 0
 
     def admit(self, evict_idle: Callable[[], bool]) -> str:
         """How to take a connection just accepted: NORMAL, RESERVE or REFUSE.
@@ -96,9 +106,11 @@ class Draining:
     make room for a new connection.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, refusals: "collections.Counter[str] | None" = None) -> None:
         self.draining = False
         self._idle: dict[Any, None] = {}  # insertion order: oldest first
+        #: Requests the engine answered (or connections it ended) itself, by reason ("408 head_timeout", "write_timeout"...).
+        self.refusals: collections.Counter[str] = refusals if refusals is not None else collections.Counter()
 
     def drain(self) -> None:
         self.draining = True

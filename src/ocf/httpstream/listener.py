@@ -41,7 +41,7 @@ import trio
 
 from ..directsocket import DirectSocketStream
 from ..errors import OcfError
-from .admission import NORMAL, REFUSE, RESERVE, ConnectionGate, ConnectionLimits, CountedLog, Draining, fit_descriptor_limit
+from .admission import NORMAL, REFUSE, RESERVE, ConnectionGate, ConnectionLimits, CountedLog, Draining, ServerStats, fit_descriptor_limit
 from .bridge import DEFAULT_MAX_HEADER_SIZE
 from .deadlines import Timeouts
 from .server import ASGIApp, serve_stream
@@ -74,6 +74,7 @@ async def serve_http(
     graceful_timeout: float = 1.0,
     timeouts: Timeouts | None = None,
     limits: ConnectionLimits | None = None,
+    stats: ServerStats | None = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``host:port`` until ``shutdown_trigger()`` returns.
@@ -81,13 +82,16 @@ async def serve_http(
     ``task_status.started`` gets the bound addresses as URLs
     (``["http://127.0.0.1:8092"]``), so port 0 reports the real port.
     Binding errors (``OSError``) propagate before anything is started.
-    ``limits`` caps the connections of all bound addresses together.
+    ``limits`` caps the connections of all bound addresses together;
+    ``stats`` is filled with what the connections met (for ``/metrics``).
     """
     limits = limits or ConnectionLimits()
     listeners = await trio.open_tcp_listeners(port, host=host or None)
     urls = [_url(listener.socket.getsockname()) for listener in listeners]
     cap = fit_descriptor_limit(limits.max_connections, limits.reserve, log)
-    server = _Server(app, Draining(), ConnectionGate(cap, limits.reserve), limits.reserved_paths, max_header_size, idle_timeout, timeouts or Timeouts())
+    stats = stats if stats is not None else ServerStats()
+    stats.gate = ConnectionGate(cap, limits.reserve)
+    server = _Server(app, Draining(stats.refusals), stats.gate, limits.reserved_paths, max_header_size, idle_timeout, timeouts or Timeouts())
     try:
         async with _lifespan(app):
             async with trio.open_nursery() as connections:
@@ -115,7 +119,7 @@ class _Server:
         self.reserve_app = _reserve_only(app, reserved_paths)
         self.draining = draining
         # Reserve connections drain apart: evicting one must not make room for a normal one.
-        self.reserve_draining = Draining()
+        self.reserve_draining = Draining(draining.refusals)
         self.gate = gate
         self.max_header_size = max_header_size
         self.idle_timeout = idle_timeout
@@ -133,6 +137,7 @@ class _Server:
                 except OSError as exc:
                     if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                         raise
+                    gate.accept_errors += 1
                     self.accept_errors.note(trio.current_time(), error=errno.errorcode.get(exc.errno or 0, exc.errno), open=gate.open + gate.reserve_open)
                     draining.evict_oldest()  # frees a descriptor as soon as that connection's task runs
                     await trio.sleep(backoff)

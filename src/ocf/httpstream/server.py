@@ -272,6 +272,8 @@ class _Connection:
 
     async def _reject(self, status: int, message: str, code: str) -> None:
         log.debug("rejecting stream request status=%d reason=%s", status, message)
+        if self.draining is not None:
+            self.draining.refusals[f"{status} {code}"] += 1
         try:
             await self._write(self.bridge.error_response(status, _error_body(status, message, code)))
         except (_Gone, BridgeError):

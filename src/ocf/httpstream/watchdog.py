@@ -49,6 +49,8 @@ def expire(conn: "_Connection", what: str) -> None:
     t = conn.clock.timeouts
     if what == deadlines.WRITE:
         log.debug("http client did not read its response within %gs: closing", t.write)
+        if conn.draining is not None:
+            conn.draining.refusals["write_timeout"] += 1
         conn.gone = True
         if conn._scope is not None:
             conn._scope.cancel()  # the stuck write, and the app producing what it would write
