@@ -174,7 +174,14 @@ class _Connection:
         return False
 
     async def _next_event(self, *, idle: bool = False) -> Any:
-        """The next parsed event, waiting for the reader; None if ``idle`` and the connection idled out."""
+        """The next parsed event, waiting for the reader; None if ``idle`` and the connection idled out.
+
+        An error (malformed bytes, a deadline passed) wins over events
+        parsed before it: the request it belongs to is refused whole, even
+        if its head completed just as its deadline passed.
+        """
+        if self.error is not None:
+            raise self.error
         while not self.events:
             if self.error is not None:
                 raise self.error
