@@ -61,8 +61,11 @@ def test_a_client_waiting_for_100_continue_is_not_late_until_it_is_sent():
 def test_a_write_may_not_wait_longer_than_the_write_timeout_in_any_phase():
     clock = ConnectionClock(T, now=0)
     clock.received(0, 50, DONE)
-    clock.write_since = 10
-    assert clock.expired(14.9, DONE) is None and clock.next_deadline(DONE) == 15
-    assert clock.expired(15, DONE) == WRITE
+    clock.writing = True  # the driver flags a write in flight; the watchdog times it from when it sees it
+    assert clock.expired(10, DONE) is None and clock.next_deadline(DONE) == 15
+    assert clock.expired(14.9, DONE) is None and clock.expired(15, DONE) == WRITE
     clock.stop_reading()
     assert clock.expired(15, DONE) == WRITE  # stopping reading does not stop the write timer
+    clock.writing, clock.writes = False, clock.writes + 1  # it finished; the next write is a new one
+    clock.writing = True
+    assert clock.expired(16, DONE) is None and clock.expired(21, DONE) == WRITE

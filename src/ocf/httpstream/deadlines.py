@@ -54,7 +54,7 @@ class Timeouts:
 class ConnectionClock:
     """The deadlines of one connection's current phase; times are Trio clock seconds."""
 
-    __slots__ = ("timeouts", "head_since", "head_bytes", "body_budget", "body_idle", "write_since", "paused_since")
+    __slots__ = ("timeouts", "head_since", "head_bytes", "body_budget", "body_idle", "writing", "writes", "write_seen", "write_since", "paused_since")
 
     def __init__(self, timeouts: Timeouts, now: float) -> None:
         self.timeouts = timeouts
@@ -63,7 +63,14 @@ class ConnectionClock:
         self.head_bytes = False  # whether any byte of that head arrived (decides 408 or a quiet close)
         self.body_budget = INF
         self.body_idle = INF
-        self.write_since: float | None = None
+        # Writes are not timed by the writer (a clock read per write costs every response):
+        # the driver flags one in flight and counts finished ones; the watchdog notes when it
+        # first saw the current one, so a write is cut off between ``write`` and ``write`` +
+        # one watchdog period after it started.
+        self.writing = False
+        self.writes = 0
+        self.write_seen = -1
+        self.write_since = INF
         self.paused_since: float | None = None  # the server stopped reading (backpressure) at this time
 
     def received(self, now: float, nbytes: int, phase: int, expecting_continue: bool = False) -> None:
@@ -119,9 +126,12 @@ class ConnectionClock:
         self.body_budget = self.body_idle = INF
 
     def expired(self, now: float, phase: int) -> str | None:
-        """What is overdue at ``now`` (the request being in ``phase``), or None."""
-        if self.write_since is not None and now >= self.write_since + self.timeouts.write:
-            return WRITE
+        """What is overdue at ``now`` (the request being in ``phase``), or None; called by the watchdog only."""
+        if self.writing:
+            if self.write_seen != self.writes:
+                self.write_seen, self.write_since = self.writes, now  # a write not seen before: timed from now
+            elif now >= self.write_since + self.timeouts.write:
+                return WRITE
         if phase == PHASE_HEAD:
             if self.head_since is not None and now >= self.head_since + self.timeouts.head:
                 return HEAD if self.head_bytes else HEAD_UNSTARTED
@@ -131,7 +141,7 @@ class ConnectionClock:
 
     def next_deadline(self, phase: int) -> float:
         """The earliest deadline that could expire in ``phase`` (INF if none is running)."""
-        deadline = INF if self.write_since is None else self.write_since + self.timeouts.write
+        deadline = self.write_since + self.timeouts.write if self.writing and self.write_seen == self.writes else INF
         if phase == PHASE_HEAD and self.head_since is not None:
             deadline = min(deadline, self.head_since + self.timeouts.head)
         elif phase == PHASE_BODY and self.paused_since is None:

@@ -39,7 +39,7 @@ import trio
 from ..errors import BridgeError, TransportError
 from . import watchdog
 from .admission import Draining
-from .bridge import CLOSED, DEFAULT_MAX_HEADER_SIZE, END, Data, RequestHead, ServerBridge, asgi_scope
+from .bridge import CLOSED, DEFAULT_MAX_HEADER_SIZE, END, PHASE_BODY, PHASE_HEAD, Data, RequestHead, ServerBridge, asgi_scope
 from .deadlines import ConnectionClock, Timeouts
 
 log = logging.getLogger("ocf.httpstream")
@@ -128,7 +128,9 @@ class _Connection:
                 if not data:
                     self._client_gone()
                     return
-                clock.received(trio.current_time(), len(data), bridge.receive_phase, bridge.expects_continue)
+                phase = bridge.receive_phase
+                if phase == PHASE_HEAD or phase == PHASE_BODY:  # a request whole in one read needs no clock
+                    clock.received(trio.current_time(), len(data), phase, phase == PHASE_BODY and bridge.expects_continue)
                 self._arrived.set()
         except _STREAM_ERRORS:
             self._client_gone()
@@ -205,14 +207,15 @@ class _Connection:
         if not data:
             return
         clock = self.clock
-        clock.write_since = trio.current_time()
+        clock.writing = True
         try:
             await self.stream.send_all(data)
         except _STREAM_ERRORS:
             self._client_gone()
             raise _Gone() from None
         finally:
-            clock.write_since = None
+            clock.writing = False
+            clock.writes += 1
 
     async def next_head(self) -> RequestHead | None:
         """The next request's head; None when the client is done or the connection idled out."""
@@ -266,7 +269,8 @@ class _Connection:
                 return
             if self.draining is not None and self.draining.draining:
                 return
-            self.clock.next_cycle(trio.current_time(), self.bridge.buffered)
+            buffered = self.bridge.buffered
+            self.clock.next_cycle(trio.current_time() if buffered else 0.0, buffered)
             try:
                 self.events.extend(self.bridge.events())  # a pipelined request already received
             except BridgeError as exc:
