@@ -14,8 +14,8 @@ as the server waits for it, so every wait has a deadline of its own:
   trickle one byte every few seconds forever. Time the server spends not
   reading (the application has not taken what was read yet) is not
   counted against the client;
-* a **write**: one write may not wait longer than ``write`` seconds for the
-  client to read (a client that never reads its response fills the
+* a **write**: one write may not wait longer than ``write`` seconds (plus at
+  most one watchdog period, the shortest timeout) for the client to read (a client that never reads its response fills the
   socket's buffers and then parks the response forever).
 
 :class:`ConnectionClock` holds the current deadlines; the Trio driver in
