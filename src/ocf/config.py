@@ -114,6 +114,15 @@ class Config:
     admin_burst: int = 100
     register_rate: float = 5.0
     register_burst: int = 100
+    # --- http (the gateway's HTTP/1.1 server: TCP port and peer streams) ----------------
+    http_max_connections: int = 1024
+    http_reserve_connections: int = 16
+    http_max_header_size: int = 64 << 10
+    http_head_timeout: float = 10.0
+    http_body_timeout: float = 30.0
+    http_min_body_rate: int = 1 << 10
+    http_write_timeout: float = 30.0
+    http_keep_alive_timeout: float = 75.0
     # --- jobs ---------------------------------------------------------------------
     jobs: bool = False
     jobs_max_stages: int = 5
@@ -340,6 +349,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("admin-burst", "admin_burst", _int_range(1, 1_000_000), "Admin calls a client address may make at once before --admin-rate applies (default: 100).", group="access", metavar="N"),
     Setting("register-rate", "register_rate", _positive_float, "Worker registrations per second allowed per client address, after the burst (default: 5).", group="access", metavar="PER_SECOND"),
     Setting("register-burst", "register_burst", _int_range(1, 1_000_000), "Worker registrations a client address may make at once before --register-rate applies (default: 100).", group="access", metavar="N"),
+    Setting("http.max-connections", "http_max_connections", _int_range(1, 1_000_000), "Maximum open HTTP connections on the gateway port; at the cap the longest-idle one is closed for a new one (default: 1024; lowered to fit the descriptor limit).", group="http", metavar="N"),
+    Setting("http.reserve-connections", "http_reserve_connections", _int_range(0, 100_000), "Extra connections taken when every connection is busy; each may make one /v1/health request, others get 503 (default: 16).", group="http", metavar="N"),
+    Setting("http.max-header-size", "http_max_header_size", _size, "Largest request head (request line and headers; also the bound on chunk-size and trailer lines) before 400 (default: 64K).", group="http", metavar="BYTES"),
+    Setting("http.head-timeout", "http_head_timeout", _positive_float, "Seconds a client has to send a whole request head, from its first byte (from the connection's start for the first request) before 408 (default: 10).", group="http", metavar="SECONDS"),
+    Setting("http.body-timeout", "http_body_timeout", _positive_float, "Seconds a request body may stall before 408; it must also keep up --http.min-body-rate after this long (default: 30).", group="http", metavar="SECONDS"),
+    Setting("http.min-body-rate", "http_min_body_rate", _size, "Minimum average upload rate of a request body, bytes per second: each byte received extends the body deadline by 1/rate seconds (default: 1K).", group="http", metavar="BYTES"),
+    Setting("http.write-timeout", "http_write_timeout", _positive_float, "Seconds one write to a client may wait for it to read before the connection is closed (default: 30).", group="http", metavar="SECONDS"),
+    Setting("http.keep-alive-timeout", "http_keep_alive_timeout", _positive_float, "Seconds an idle keep-alive connection is kept open waiting for its next request (default: 75).", group="http", metavar="SECONDS"),
     Setting("jobs", "jobs", _bool, "Host the distributed job tracker on this node (served under /v1/jobs and as the 'jobs' service).", is_switch=True, group="jobs"),
     Setting("jobs.max-stages", "jobs_max_stages", _int_range(1, 100), "Maximum stages a job tracker project may have (default: 5).", group="jobs", metavar="N"),
     Setting("jobs.max-attempts", "jobs_max_attempts", _int_range(1, 1000), "Attempts before a job is marked failed (default: 3).", group="jobs", metavar="N"),

@@ -304,6 +304,45 @@ class BridgeError(OcfError):
     """Malformed or unexpected HTTP/1.1 on a forwarded stream or backend connection."""
 
 
+class RequestRefused(BridgeError):
+    """A request the HTTP engine answers itself, before any application sees it.
+
+    ``status`` and ``code`` are what the client is told; plain
+    :class:`BridgeError` from a client's bytes means 400.
+    """
+
+    status = 400
+    code = "bad_request"
+
+
+class MethodNotImplemented(RequestRefused):
+    """A method token this server does not serve (methods are case-sensitive: ``get`` is not GET)."""
+
+    status = 501
+    code = "method_not_implemented"
+
+
+class VersionNotSupported(RequestRefused):
+    """A request line naming an HTTP version other than 1.0 or 1.1."""
+
+    status = 505
+    code = "http_version_not_supported"
+
+
+class HeadTimeout(RequestRefused):
+    """The client did not finish its request head within the head timeout."""
+
+    status = 408
+    code = "head_timeout"
+
+
+class BodyTimeout(RequestRefused):
+    """The client's request body stalled (or trickled below the minimum rate) past its deadline."""
+
+    status = 408
+    code = "body_timeout"
+
+
 class UpstreamError(BridgeError):
     """An exchange with an upstream (peer stream or backend connection) broke off.
 

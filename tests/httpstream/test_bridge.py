@@ -190,7 +190,7 @@ def test_server_100_continue():
 
 
 def test_asgi_scope_decodes_path_and_keeps_raw_bytes():
-    head = RequestHead(b"post", b"/v1/p2p/%C3%A9t%C3%A9/x?q=%20", [(b"host", b"h")])
+    head = RequestHead(b"POST", b"/v1/p2p/%C3%A9t%C3%A9/x?q=%20", [(b"host", b"h")])
     scope = asgi_scope(head, client=("12D3KooW", 0), extensions={"ocf.remote_peer": "12D3KooW"})
     assert scope["method"] == "POST" and scope["path"] == "/v1/p2p/été/x"
     assert scope["raw_path"] == b"/v1/p2p/%C3%A9t%C3%A9/x" and scope["query_string"] == b"q=%20"

@@ -266,3 +266,122 @@ def test_buffer_takes_without_copying_the_rest():
     assert buf.take(2) == b"ab" and len(buf) == 4
     buf.feed(b"gh")
     assert buf.take(100) == b"cdefgh" and len(buf) == 0
+
+
+# --- differential on invalid input: whatever h11 refuses, this codec refuses -------------------
+#
+# Valid requests (written by h11) are mutated the ways a smuggler or a broken client would:
+# bytes flipped, inserted or deleted, LF and CRLF swapped, case changed, headers duplicated.
+# The rule is one-way: where h11 (0.16) refuses a message, the server bridge must refuse it
+# too; it may refuse more (it is stricter on purpose: control bytes in values, TE with CL,
+# lengths over 18 digits, chunked lines with a bare LF anywhere, lower-case methods, HTTP
+# versions other than 1.0/1.1).
+#
+# Exceptions, each a deliberate difference:
+# * empty lines before the request line: RFC 9112 section 2.2 asks servers to skip at least
+#   one (clients have sent a stray CRLF after a POST body); h11 refuses them;
+# * a head that has not ended yet: h11 refuses some incomplete request lines at once (first
+#   byte not visible ASCII); this codec waits for the end of the head (bounded by the head
+#   size and the head timeout) and refuses it then, as the same test checks by ending it;
+# * heads larger than h11's 16 KiB default: this codec's bound is configurable (64 KiB);
+#   the mutations here stay far below both.
+
+_METHODS = [b"GET", b"POST", b"PUT", b"DELETE"]
+
+
+def _h11_wire(method: bytes, headers: list, body: bytes, chunked: bool) -> bytes:
+    writer = h11.Connection(h11.CLIENT)
+    framing = [(b"transfer-encoding", b"chunked")] if chunked else [(b"content-length", str(len(body)).encode())]
+    wire = writer.send(h11.Request(method=method, target=b"/p?q=1", headers=[(b"host", b"h"), *headers, *framing]))
+    return wire + (writer.send(h11.Data(data=body)) if body else b"") + writer.send(h11.EndOfMessage())
+
+
+def _mutate(wire: bytes, kind: str, at: int, byte: int) -> bytes:
+    i = at % (len(wire) + 1)
+    if kind == "flip":
+        i = min(i, len(wire) - 1)
+        return wire[:i] + bytes([wire[i] ^ (1 << (byte % 8))]) + wire[i + 1 :]
+    if kind == "insert":
+        return wire[:i] + bytes([byte]) + wire[i:]
+    if kind == "delete":
+        return wire[:i] + wire[i + 1 :]
+    if kind == "crlf_to_lf":
+        j = wire.find(b"\r\n", i)
+        return wire if j < 0 else wire[:j] + b"\n" + wire[j + 2 :]
+    if kind == "lf_to_crlf":
+        j = wire.find(b"\n", i)
+        return wire if j < 0 or wire[j - 1 : j] == b"\r" else wire[:j] + b"\r\n" + wire[j + 1 :]
+    if kind == "lone_cr":
+        j = wire.find(b"\r\n", i)
+        return wire if j < 0 else wire[:j] + b"\r" + wire[j + 2 :]
+    if kind == "case":
+        return wire[:i] + wire[i : i + 6].swapcase() + wire[i + 6 :]
+    # "duplicate": repeat the header line that starts after position i
+    start = wire.find(b"\r\n", i)
+    end = wire.find(b"\r\n", start + 2) if start >= 0 else -1
+    if start < 0 or end < 0 or end > wire.find(b"\r\n\r\n"):
+        return wire
+    return wire[: end + 2] + wire[start + 2 : end + 2] + wire[end + 2 :]
+
+
+def _h11_refuses(wire: bytes) -> bool:
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(wire)
+    try:
+        while conn.next_event() not in (h11.NEED_DATA, h11.PAUSED):
+            if conn.their_state in (h11.DONE, h11.MUST_CLOSE):  # one whole request read (bytes after it are the next one's)
+                return False
+    except h11.RemoteProtocolError:
+        return True
+    return False
+
+
+def _we_refuse(wire: bytes) -> bool | None:
+    """True if refused, False if accepted (a whole request, or its start, parsed), None if still waiting for the head."""
+    server = ServerBridge()
+    try:
+        events = server.feed(wire)
+    except BridgeError:
+        return True
+    return False if events else None
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    method=st.sampled_from(_METHODS),
+    headers=_headers,
+    body=st.binary(max_size=40),
+    chunked=st.booleans(),
+    mutations=st.lists(
+        st.tuples(st.sampled_from(["flip", "insert", "delete", "crlf_to_lf", "lf_to_crlf", "lone_cr", "case", "duplicate"]), st.integers(0, 400), st.integers(0, 255)),
+        min_size=1,
+        max_size=3,
+    ),
+)
+def test_what_h11_refuses_we_refuse(method, headers, body, chunked, mutations):
+    wire = _h11_wire(method, headers, body, chunked)
+    for kind, at, byte in mutations:
+        wire = _mutate(wire, kind, at, byte)
+    if not _h11_refuses(wire):
+        return
+    if wire.lstrip(b"\r\n") != wire:
+        return  # exception: leading empty lines (see above)
+    verdict = _we_refuse(wire)
+    if verdict is None:  # exception: h11 refused an unfinished head early; ending it must get it refused
+        verdict = _we_refuse(wire + b"\r\n\r\n")
+    assert verdict, f"h11 refuses, we accept: {wire!r}"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"5\nhello\r\n0\r\n\r\n",  # bare LF after a chunk size
+        b"5\r\nhello\n0\r\n\r\n",  # bare LF after chunk data
+        b"5 ;x=1\r\nhello\r\n0\r\n\r\n",  # whitespace before a chunk extension
+    ],
+)
+def test_chunked_framing_needs_crlf_like_h11(raw):
+    wire = b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n" + raw
+    assert _h11_refuses(wire)
+    with pytest.raises(BridgeError):
+        serve(wire)

@@ -60,6 +60,10 @@ class GatewayApp(QuartTrio):
 
 def create_app(node: "Node") -> QuartTrio:
     app = GatewayApp("ocf.gateway")
+    # Werkzeug would answer "//" in a path with a 308 whose absolute Location names the
+    # client's Host header (an open redirect to wherever Host points); no redirects at all.
+    # Set before any rule is added: each rule takes the map's value when it is bound.
+    app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = node.config.max_body_size
     app.config["BODY_TIMEOUT"] = node.config.request_timeout
     app.config["RESPONSE_TIMEOUT"] = None  # streamed responses may run long; forwards enforce their own timeout

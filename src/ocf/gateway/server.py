@@ -5,6 +5,11 @@ TCP side (:func:`ocf.httpstream.listener.serve_http`) replaced Hypercorn,
 which cost twice the CPU per request (see that module). It reports the bound
 addresses through ``task_status``, which is how a node started with
 ``--port 0`` learns (and reports) its real port.
+
+Both doors get the ``--http.*`` limits: deadlines for request heads, bodies
+and writes, and the largest head. The TCP port also has a connection cap,
+with a reserve that may only reach ``/v1/health`` so that a node full of
+busy (or hostile) connections can still be checked on.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import trio
 
 from .. import log as logfmt
 from ..errors import OcfError, find_in_group
-from ..httpstream.bridge import DEFAULT_MAX_HEADER_SIZE
+from ..httpstream.admission import ConnectionLimits, ServerStats
+from ..httpstream.deadlines import Timeouts
 from ..httpstream.listener import serve_http
+from ..httpstream.metrics import HttpServerCollector
 from ..httpstream.server import serve_stream
 from .app import create_app
 from .forward import LIBP2P_HTTP
@@ -42,18 +49,50 @@ class Gateway:
     app: Any = None  # the QuartTrio app (an ASGI callable), e.g. for in-process requests in tests
 
 
-async def serve_peer_stream(app: Any, stream: Any) -> None:
+@attrs.frozen
+class HttpLimits:
+    """What ``--http.*`` says, in the shapes the HTTP engine takes."""
+
+    timeouts: Timeouts
+    connections: ConnectionLimits
+    max_header_size: int
+    keep_alive_timeout: float
+
+    @classmethod
+    def from_config(cls, config: Any) -> "HttpLimits":
+        return cls(
+            timeouts=Timeouts(
+                head=config.http_head_timeout,
+                body=config.http_body_timeout,
+                min_body_rate=float(config.http_min_body_rate),
+                write=config.http_write_timeout,
+            ),
+            connections=ConnectionLimits(config.http_max_connections, config.http_reserve_connections, RESERVED_PATHS),
+            max_header_size=config.http_max_header_size,
+            keep_alive_timeout=config.http_keep_alive_timeout,
+        )
+
+
+async def serve_peer_stream(app: Any, limits: HttpLimits, stream: Any) -> None:
     """A ``/libp2p-http`` stream from another peer: HTTP/1.1 requests into our own app.
 
     The app is called in-process (no loopback socket, see
     :mod:`ocf.httpstream.server`); the scope names the authenticated peer.
     """
     peer = str(stream.remote_peer)
-    await serve_stream(stream, app, client=(peer, 0), extensions={"ocf.remote_peer": peer})
+    await serve_stream(
+        stream,
+        app,
+        client=(peer, 0),
+        extensions={"ocf.remote_peer": peer},
+        max_header_size=limits.max_header_size,
+        idle_timeout=limits.keep_alive_timeout,
+        timeouts=limits.timeouts,
+    )
 
 
-# Keep-alive connections idle this long are closed (as Hypercorn's default we used before).
-KEEP_ALIVE_TIMEOUT = 75.0
+# What a connection over the cap (in the reserve) may still ask: whether the node is up.
+RESERVED_PATHS = frozenset({"/v1/health"})
 # Long-lived responses (event streams) get this long to finish when the node stops.
 GRACEFUL_TIMEOUT = 1.0
 
@@ -62,6 +101,11 @@ GRACEFUL_TIMEOUT = 1.0
 async def open_gateway(node: "Node") -> AsyncIterator[Gateway]:
     app = create_app(node)
     host, port = node.config.host, node.config.port
+    limits = HttpLimits.from_config(node.config)
+    stats = ServerStats()
+    metrics = app.extensions.get("ocf.metrics")
+    if metrics is not None:
+        metrics.registry.register(HttpServerCollector(stats))
     stop = trio.Event()
     serve = functools.partial(
         serve_http,
@@ -69,9 +113,12 @@ async def open_gateway(node: "Node") -> AsyncIterator[Gateway]:
         host,
         port,
         shutdown_trigger=stop.wait,
-        max_header_size=DEFAULT_MAX_HEADER_SIZE,
-        idle_timeout=KEEP_ALIVE_TIMEOUT,
+        max_header_size=limits.max_header_size,
+        idle_timeout=limits.keep_alive_timeout,
         graceful_timeout=GRACEFUL_TIMEOUT,
+        timeouts=limits.timeouts,
+        limits=limits.connections,
+        stats=stats,
     )
     async with trio.open_nursery() as nursery:
         try:
@@ -91,7 +138,7 @@ async def open_gateway(node: "Node") -> AsyncIterator[Gateway]:
             log.warning("gateway reachable on all interfaces without API keys %s", logfmt.kv(bind=",".join(binds), hint="--host 127.0.0.1 or --api-key"))
         # Other peers reach this gateway over /libp2p-http streams (as OCF's P2P HTTP listener).
         if node.host is not None:
-            node.host.set_stream_handler(LIBP2P_HTTP, functools.partial(serve_peer_stream, app))
+            node.host.set_stream_handler(LIBP2P_HTTP, functools.partial(serve_peer_stream, app, limits))
         try:
             yield gateway
         finally:

@@ -28,13 +28,18 @@ from urllib.parse import unquote
 
 import attrs
 
-from ..errors import BridgeError
+from ..errors import BridgeError, MethodNotImplemented, VersionNotSupported
 from . import h1
 
 Headers = list[tuple[bytes, bytes]]
 
 #: Largest request/status line plus headers we accept (also the bound on chunk-size and trailer lines).
 DEFAULT_MAX_HEADER_SIZE = 64 * 1024
+
+#: Methods a server bridge passes to its application; others get 501 before any app sees them.
+#: Case-sensitive tokens (RFC 9110 9.1): ``get`` is not GET, and must not become it on the way
+#: to a backend that reads methods case-insensitively. CONNECT and TRACE are left out on purpose.
+DEFAULT_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"})
 
 #: Standard reason phrases ("200 OK"), for clients and people that read status lines.
 _REASONS = {int(status): status.phrase.encode() for status in http.HTTPStatus}
@@ -188,6 +193,8 @@ def _framed(headers: Headers, content_length: int | None) -> Headers:
 # One side of a connection: waiting for (or about to send) a head, inside a body,
 # done with this message, or broken (their side only: a protocol error).
 _IDLE, _BODY, _DONE, _ERROR = range(4)
+#: What :attr:`ServerBridge.receive_phase` says: waiting for (the rest of) a request head, inside its body.
+PHASE_HEAD, PHASE_BODY = _IDLE, _BODY
 
 
 class _Receiver:
@@ -223,9 +230,9 @@ class _Receiver:
             if data is None:
                 return False
 
-    def fail(self, message: str) -> BridgeError:
+    def fail(self, message: str, kind: type[BridgeError] = BridgeError) -> BridgeError:
         self.state = _ERROR
-        self.error = BridgeError(message)
+        self.error = kind(message)
         return self.error
 
 
@@ -328,7 +335,7 @@ class ClientBridge(_Endpoint):
             head = h1.head_bytes(b"%b %b HTTP/1.1" % (method, target), out)
         except h1.ProtocolError as exc:
             raise BridgeError(f"cannot send request: {exc}") from None
-        self._method = method.upper()
+        self._method = method
         self._writer = h1.BodyWriter(length=content_length, chunked=content_length is None)
         self._our = _BODY
         return head
@@ -395,8 +402,9 @@ class ServerBridge(_Endpoint):
 
     _sends = "response"
 
-    def __init__(self, *, max_header_size: int = DEFAULT_MAX_HEADER_SIZE, date_header: bool = False) -> None:
+    def __init__(self, *, max_header_size: int = DEFAULT_MAX_HEADER_SIZE, date_header: bool = False, methods: frozenset[bytes] = DEFAULT_METHODS) -> None:
         super().__init__(max_header_size)
+        self._methods = methods
         self._version = b""  # of the current request; b"" before one parsed
         self._waiting_100 = False
         #: The ``Content-Length`` the current response declared (None: none, the body is streamed).
@@ -415,6 +423,11 @@ class ServerBridge(_Endpoint):
     @property
     def response_complete(self) -> bool:
         return self._our == _DONE
+
+    @property
+    def receive_phase(self) -> int:
+        """:data:`PHASE_HEAD`, :data:`PHASE_BODY`, or another value once the request is in (or broken)."""
+        return self._in.state
 
     @property
     def expects_continue(self) -> bool:
@@ -459,11 +472,13 @@ class ServerBridge(_Endpoint):
                         events.append(CLOSED)
                     return events
                 method, target, version = h1.parse_request_line(head[0])
+                if method not in self._methods:
+                    raise rx.fail(f"method {method[:20].decode()!r} is not implemented here (methods are case-sensitive)", MethodNotImplemented)
                 headers = h1.parse_headers(head[1])
                 framing = h1.Framing(headers)
                 if version != b"1.0" and framing.hosts != 1:
                     raise h1.ProtocolError("missing Host header" if not framing.hosts else "more than one Host header")
-                self._method, self._version = method.upper(), version
+                self._method, self._version = method, version
                 self._keep_alive = not framing.close and version != b"1.0"
                 self._waiting_100 = framing.expect_continue and version != b"1.0"
                 rx.reader = h1.body_reader(framing, response=False)
@@ -475,6 +490,8 @@ class ServerBridge(_Endpoint):
                     self._waiting_100 = False  # the body is coming (or here) anyway
         except h1.Truncated:
             raise rx.fail("client closed the connection in the middle of a request") from None
+        except h1.UnsupportedVersion as exc:
+            raise rx.fail(str(exc), VersionNotSupported) from None
         except h1.ProtocolError as exc:
             raise rx.fail(f"malformed HTTP request: {exc}") from None
         return events
@@ -554,7 +571,7 @@ def asgi_scope(head: RequestHead, *, client: tuple[str, int] | None = None, serv
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.3"},
         "http_version": head.http_version.decode("ascii", "replace"),
-        "method": head.method.decode("ascii", "replace").upper(),
+        "method": head.method.decode("ascii"),  # a token: ASCII, and case-sensitive
         "scheme": scheme,
         "path": path,
         "raw_path": raw_path,

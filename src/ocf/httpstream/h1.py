@@ -18,11 +18,15 @@ smuggled. So this codec refuses, rather than guesses:
   carrying both ``Transfer-Encoding`` and ``Content-Length``;
 * conflicting ``Content-Length`` values, or ones that are not digits;
 * obsolete line folding, control characters in names or values, a request
-  target with spaces or control bytes, HTTP versions other than 1.x;
+  target with spaces or control bytes, HTTP versions other than 1.0 and 1.1;
+* a bare LF anywhere in chunked framing (after a chunk size, after chunk
+  data, in trailers): a peer that ends those lines differently from us is
+  how chunk boundaries get smuggled (h11 0.16 refuses them too);
 * heads (and chunk-size or trailer lines) longer than the configured bound.
 
-Lines may end in CRLF or a bare LF (RFC 9112 2.2 allows recipients to accept
-both); empty lines before a request line are skipped (section 2.2 again).
+Head lines may end in CRLF or a bare LF (RFC 9112 2.2 allows recipients to
+accept both, and h11 does); empty lines before a request line are skipped
+(section 2.2 again).
 
 :class:`ocf.httpstream.bridge` turns this into connection states and events.
 """
@@ -37,11 +41,13 @@ _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _VALUE = rb"[^\x00-\x08\x0a-\x1f\x7f]*"  # field-vchar, SP, HTAB, obs-text: no CTLs but HTAB
 _TARGET = rb"[\x21-\x7e]+"  # visible ASCII: no spaces, tabs or control bytes
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") (" + _TARGET + rb") HTTP/(?P<version>[0-9]\.[0-9])")
+_VERSIONS = (b"1.1", b"1.0")
 _STATUS_LINE = re.compile(rb"HTTP/(?P<version>[0-9]\.[0-9]) ([0-9]{3})(?: (" + _VALUE + rb"))?")
 _FIELD_BLOCK = re.compile(rb"(?:" + _TOKEN + rb":" + _VALUE + rb"\r?\n)*")
 _NAME_LIST = re.compile(_TOKEN + rb"(?: " + _TOKEN + rb")*")
 _SEND_BLOCK = re.compile(rb"(?:" + _TOKEN + rb": " + _VALUE + rb"\r\n)*\r\n")
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;" + _VALUE + rb")?")
+# No whitespace between the size and ";" (h11 refuses it; the RFC's BWS there is for senders we do not need).
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;" + _VALUE + rb")?[ \t]*")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 
 #: For validating what we send: a name (or method), a value without CR, LF or other CTLs, a request target.
@@ -56,6 +62,10 @@ class ProtocolError(Exception):
 
 class Truncated(ProtocolError):
     """The connection closed before the message it was carrying ended."""
+
+
+class UnsupportedVersion(ProtocolError):
+    """A well-formed start line with an HTTP version other than 1.0 or 1.1 (a server answers 505)."""
 
 
 # --- the receive buffer ---------------------------------------------------------------------
@@ -100,8 +110,8 @@ class Buffer:
         self._scanned = 0
         return out
 
-    def line(self, limit: int) -> bytes | None:
-        """The next line without its CRLF or LF, or None if it has not all arrived."""
+    def crlf_line(self, limit: int) -> bytes | None:
+        """The next line without its CRLF, or None if it has not all arrived; a bare LF is an error."""
         data, pos = self.data, self.pos
         end = data.find(b"\n", pos)
         if end < 0:
@@ -110,9 +120,11 @@ class Buffer:
             return None
         if end - pos > limit:
             raise ProtocolError(f"line longer than {limit} bytes")
+        if end == pos or data[end - 1] != 13:
+            raise ProtocolError("a line in chunked framing ends in a bare LF (CRLF is required)")
         self.pos = end + 1
         self._scanned = 0
-        return data[pos : end - 1] if end > pos and data[end - 1] == 13 else data[pos:end]
+        return data[pos : end - 1]
 
     def head(self, limit: int, *, skip_blank_lines: bool) -> tuple[bytes, bytes] | None:
         """(start line, header lines each ending in a line break) of a complete head, or None if its end has not arrived."""
@@ -173,8 +185,8 @@ def _start_line(pattern: re.Pattern, line: bytes, what: str) -> tuple:
     m = pattern.fullmatch(line)
     if m is None:
         raise ProtocolError(f"malformed {what} line {line[:100]!r}")
-    if m.group("version")[:1] != b"1":
-        raise ProtocolError(f"unsupported HTTP version {m.group('version').decode()}")
+    if m.group("version") not in _VERSIONS:
+        raise UnsupportedVersion(f"unsupported HTTP version {m.group('version').decode()}")
     return m.groups()
 
 
@@ -274,7 +286,7 @@ class ChunkedReader:
                 if self.remaining == 0:
                     self.state = self._DATA_END
                 return data, False
-            line = buf.line(limit)
+            line = buf.crlf_line(limit)
             if line is None:
                 break
             if state == self._SIZE:

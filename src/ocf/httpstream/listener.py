@@ -20,12 +20,20 @@ What Hypercorn did that we keep:
 - keep-alive idle timeout and request head size limit (per connection, in
   :func:`serve_stream`), ``client``/``server`` in the scope, TCP_NODELAY
   (Trio sets it on accepted sockets).
+
+What it adds for hostile clients: a connection cap with a reserve for health
+checks (:mod:`ocf.httpstream.admission`), deadlines for heads, bodies and
+writes (:mod:`ocf.httpstream.deadlines`), and an accept loop of its own:
+when the process runs out of descriptors (EMFILE, ENFILE) it closes an idle
+connection, backs off and logs once per interval with a count, where
+``trio.serve_listeners`` logged a traceback every 0.1 s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import errno
+import json
 import logging
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -33,13 +41,22 @@ import trio
 
 from ..directsocket import DirectSocketStream
 from ..errors import OcfError
+from .admission import NORMAL, REFUSE, RESERVE, ConnectionGate, ConnectionLimits, CountedLog, Draining, ServerStats, fit_descriptor_limit
 from .bridge import DEFAULT_MAX_HEADER_SIZE
-from .server import ASGIApp, Draining, serve_stream
+from .deadlines import Timeouts
+from .server import ASGIApp, serve_stream
 
 log = logging.getLogger("ocf.httpstream")
 
 LIFESPAN_STARTUP_TIMEOUT = 60.0
 LIFESPAN_SHUTDOWN_TIMEOUT = 10.0
+
+#: accept() errors that mean "out of descriptors or memory for now": back off, do not die.
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_BACKOFF_MIN = 0.01
+ACCEPT_BACKOFF_MAX = 1.0
+#: Seconds between two log lines about refused connections or failing accepts (each line has a count).
+REFUSAL_LOG_INTERVAL = 10.0
 
 
 class LifespanError(OcfError):
@@ -55,6 +72,9 @@ async def serve_http(
     max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
     idle_timeout: float = 75.0,
     graceful_timeout: float = 1.0,
+    timeouts: Timeouts | None = None,
+    limits: ConnectionLimits | None = None,
+    stats: ServerStats | None = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``host:port`` until ``shutdown_trigger()`` returns.
@@ -62,55 +82,115 @@ async def serve_http(
     ``task_status.started`` gets the bound addresses as URLs
     (``["http://127.0.0.1:8092"]``), so port 0 reports the real port.
     Binding errors (``OSError``) propagate before anything is started.
+    ``limits`` caps the connections of all bound addresses together;
+    ``stats`` is filled with what the connections met (for ``/metrics``).
     """
+    limits = limits or ConnectionLimits()
     listeners = await trio.open_tcp_listeners(port, host=host or None)
     urls = [_url(listener.socket.getsockname()) for listener in listeners]
-    draining = Draining()
+    cap = fit_descriptor_limit(limits.max_connections, limits.reserve, log)
+    stats = stats if stats is not None else ServerStats()
+    stats.gate = ConnectionGate(cap, limits.reserve)
+    server = _Server(app, Draining(stats.refusals), stats.gate, limits.reserved_paths, max_header_size, idle_timeout, timeouts or Timeouts())
     try:
         async with _lifespan(app):
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as accepting:
                     # Connections run in their own nursery, which outlives accepting:
                     # at shutdown we stop accepting first, then drain them.
-                    accepting.start_soon(
-                        functools.partial(
-                            trio.serve_listeners,
-                            lambda stream: _serve_connection(stream, app, draining, max_header_size, idle_timeout),
-                            listeners,
-                            handler_nursery=connections,
-                        )
-                    )
+                    for listener in listeners:
+                        accepting.start_soon(server.accept_loop, listener, connections)
                     task_status.started(urls)
                     await shutdown_trigger()
                     accepting.cancel_scope.cancel()
                 log.debug("http server stopped accepting; draining open connections")
-                draining.drain()
+                server.drain()
                 connections.cancel_scope.deadline = trio.current_time() + graceful_timeout
     finally:
         for listener in listeners:
             await trio.aclose_forcefully(listener)
 
 
-async def _serve_connection(stream: trio.SocketStream, app: ASGIApp, draining: Draining, max_header_size: int, idle_timeout: float) -> None:
-    try:
-        client = _address(stream.socket.getpeername())
-        server = _address(stream.socket.getsockname())
-        await serve_stream(
-            DirectSocketStream(stream),
-            app,
-            client=client,
-            server=server,
-            max_header_size=max_header_size,
-            idle_timeout=idle_timeout,
-            draining=draining,
-            date_header=True,
-        )
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-        log.debug("http connection ended exc=%r", exc)
-    except Exception as exc:  # noqa: BLE001 - one connection must never take the server down
-        log.error("http connection failed exc=%r", exc, exc_info=True)
-    finally:
-        await trio.aclose_forcefully(stream)
+class _Server:
+    """One server's accept loops and connections: the cap, the reserve, the refusal logs."""
+
+    def __init__(self, app: ASGIApp, draining: Draining, gate: ConnectionGate, reserved_paths: frozenset[str], max_header_size: int, idle_timeout: float, timeouts: Timeouts) -> None:
+        self.app = app
+        self.reserve_app = _reserve_only(app, reserved_paths)
+        self.draining = draining
+        # Reserve connections drain apart: evicting one must not make room for a normal one.
+        self.reserve_draining = Draining(draining.refusals)
+        self.gate = gate
+        self.max_header_size = max_header_size
+        self.idle_timeout = idle_timeout
+        self.timeouts = timeouts
+        self.refusals = CountedLog(log, logging.WARNING, REFUSAL_LOG_INTERVAL, "http connections refused: every connection is busy and the reserve is full refused=%(count)d total=%(total)d cap=%(cap)d")
+        self.accept_errors = CountedLog(log, logging.ERROR, REFUSAL_LOG_INTERVAL, "http accept failing, backing off error=%(error)s failures=%(count)d total=%(total)d open=%(open)d")
+
+    async def accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        backoff = ACCEPT_BACKOFF_MIN
+        gate, draining = self.gate, self.draining
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    gate.accept_errors += 1
+                    self.accept_errors.note(trio.current_time(), error=errno.errorcode.get(exc.errno or 0, exc.errno), open=gate.open + gate.reserve_open)
+                    draining.evict_oldest()  # frees a descriptor as soon as that connection's task runs
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX)
+                    continue
+                backoff = ACCEPT_BACKOFF_MIN
+                kind = gate.admit(draining.evict_oldest)
+                if kind == REFUSE:
+                    self.refusals.note(trio.current_time(), cap=gate.cap)
+                    stream.socket.close()  # at once: costs nothing, and a refused client cannot hold it
+                    continue
+                nursery.start_soon(self.serve_connection, stream, kind)
+
+    def drain(self) -> None:
+        self.draining.drain()
+        self.reserve_draining.drain()
+
+    async def serve_connection(self, stream: trio.SocketStream, kind: str) -> None:
+        try:
+            await serve_stream(
+                DirectSocketStream(stream),
+                self.app if kind == NORMAL else self.reserve_app,
+                client=_address(stream.socket.getpeername()),
+                server=_address(stream.socket.getsockname()),
+                max_header_size=self.max_header_size,
+                idle_timeout=self.idle_timeout,
+                draining=self.draining if kind == NORMAL else self.reserve_draining,
+                date_header=True,
+                timeouts=self.timeouts,
+                single_request=kind == RESERVE,
+            )
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.debug("http connection ended exc=%r", exc)
+        except Exception as exc:  # noqa: BLE001 - one connection must never take the server down
+            log.error("http connection failed exc=%r", exc, exc_info=True)
+        finally:
+            self.gate.closed(kind)
+            await trio.aclose_forcefully(stream)
+
+
+def _reserve_only(app: ASGIApp, paths: frozenset[str]) -> ASGIApp:
+    """``app`` for the reserved paths only; 503 for the rest (a connection over the cap)."""
+    body = json.dumps({"error": {"message": "the server is at its connection limit; retry shortly", "type": "server_error", "param": None, "code": "too_many_connections"}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"retry-after", b"1")]
+
+    async def reserved(scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable[[dict], Awaitable[None]]) -> None:
+        if scope.get("path") in paths:
+            await app(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return reserved
 
 
 def _address(sockaddr: Any) -> tuple[str, int] | None:

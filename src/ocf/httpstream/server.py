@@ -37,7 +37,10 @@ from typing import Any, Awaitable, Callable
 import trio
 
 from ..errors import BridgeError, TransportError
-from .bridge import CLOSED, DEFAULT_MAX_HEADER_SIZE, END, Data, RequestHead, ServerBridge, asgi_scope
+from . import watchdog
+from .admission import Draining
+from .bridge import CLOSED, DEFAULT_MAX_HEADER_SIZE, END, PHASE_BODY, PHASE_HEAD, Data, RequestHead, ServerBridge, asgi_scope
+from .deadlines import ConnectionClock, Timeouts
 
 log = logging.getLogger("ocf.httpstream")
 
@@ -56,23 +59,6 @@ class _Gone(Exception):
     """The client went away (EOF, reset, broken stream)."""
 
 
-class Draining:
-    """Shared by one server's connections so that shutdown can end them gently.
-
-    :meth:`drain` closes connections idle between requests at once; a
-    connection in the middle of a request ends after its response.
-    """
-
-    def __init__(self) -> None:
-        self.draining = False
-        self._idle: set[_Connection] = set()
-
-    def drain(self) -> None:
-        self.draining = True
-        for conn in list(self._idle):
-            conn.end_idle()
-
-
 class _Connection:
     def __init__(
         self,
@@ -83,13 +69,18 @@ class _Connection:
         idle_timeout: float,
         draining: Draining | None = None,
         date_header: bool = False,
+        timeouts: Timeouts | None = None,
+        single_request: bool = False,
     ) -> None:
         self.stream = stream
+        self.single_request = single_request
         self.draining = draining
         self.app = app
         self.scope_extra = scope_extra
         self.bridge = ServerBridge(max_header_size=max_header_size, date_header=date_header)
+        self.max_header_size = max_header_size
         self.idle_timeout = idle_timeout
+        self.clock = ConnectionClock(timeouts or Timeouts(), trio.current_time())
         self.events: collections.deque = collections.deque()
         self.gone = False
         self.error: BridgeError | None = None
@@ -112,29 +103,51 @@ class _Connection:
         bytes at once (that is how a client leaving mid-response is noticed),
         without a wake-up per request to say the app took it.
         """
+        bridge, clock, limit = self.bridge, self.clock, self.max_header_size
         try:
             while True:
-                while self._queued > READ_SIZE or self.bridge.buffered > DEFAULT_MAX_HEADER_SIZE:
-                    await self._drained.wait()
-                    self._drained = trio.Event()
+                if self._queued > READ_SIZE or bridge.buffered > limit:
+                    clock.pause(trio.current_time())
+                    while self._queued > READ_SIZE or bridge.buffered > limit:
+                        await self._drained.wait()
+                        self._drained = trio.Event()
+                    clock.resume(trio.current_time())
                 data = await self.stream.receive_some(READ_SIZE)
                 try:
-                    events = self.bridge.feed(data)
+                    events = bridge.feed(data)
                     for event in events:
                         if type(event) is Data:
                             self._queued += len(event.data)
                     self.events.extend(events)
                 except BridgeError as exc:
-                    if data:
-                        self.error = exc
-                    self._client_gone()
+                    if not data:
+                        self._client_gone()
+                    else:
+                        self._refuse(exc)
                     return
                 if not data:
                     self._client_gone()
                     return
+                phase = bridge.receive_phase
+                if phase == PHASE_HEAD or phase == PHASE_BODY:  # a request whole in one read needs no clock
+                    clock.received(trio.current_time(), len(data), phase, phase == PHASE_BODY and bridge.expects_continue)
                 self._arrived.set()
         except _STREAM_ERRORS:
             self._client_gone()
+
+    def _refuse(self, exc: BridgeError) -> None:
+        """The client's bytes broke the protocol (or its time ran out): answer it if that can still be done.
+
+        Whoever waits for the next event (the request loop, or the app in
+        ``receive()``) raises ``exc`` and writes the error response; once a
+        response has started there is nothing to tell the client, so the
+        connection just ends.
+        """
+        self.error = exc
+        if self.bridge.response_started:
+            self._client_gone()
+        else:
+            self._arrived.set()
 
     def _client_gone(self) -> None:
         self.gone = True
@@ -150,23 +163,6 @@ class _Connection:
             self._ended_idle = True
             self._arrived.set()
 
-    async def watch_idle(self) -> None:
-        """End the connection once it has waited ``idle_timeout`` seconds for a request.
-
-        One sleeping task per connection, woken about once per timeout,
-        rather than a cancel scope entered and left around every request.
-        """
-        timeout = self.idle_timeout
-        while True:
-            since = self._idle_since
-            if since is None:
-                await trio.sleep(timeout)
-            elif trio.current_time() - since >= timeout:
-                self.end_idle()
-                return
-            else:
-                await trio.sleep_until(since + timeout)
-
     def _skip_parsed_body(self) -> bool:
         """Drop a request body the app did not read, if all of it is already here (a GET's empty one always is)."""
         events = self.events
@@ -180,7 +176,14 @@ class _Connection:
         return False
 
     async def _next_event(self, *, idle: bool = False) -> Any:
-        """The next parsed event, waiting for the reader; None if ``idle`` and the connection idled out."""
+        """The next parsed event, waiting for the reader; None if ``idle`` and the connection idled out.
+
+        An error (malformed bytes, a deadline passed) wins over events
+        parsed before it: the request it belongs to is refused whole, even
+        if its head completed just as its deadline passed.
+        """
+        if self.error is not None:
+            raise self.error
         while not self.events:
             if self.error is not None:
                 raise self.error
@@ -203,11 +206,16 @@ class _Connection:
     async def _write(self, data: bytes) -> None:
         if not data:
             return
+        clock = self.clock
+        clock.writing = True
         try:
             await self.stream.send_all(data)
         except _STREAM_ERRORS:
             self._client_gone()
             raise _Gone() from None
+        finally:
+            clock.writing = False
+            clock.writes += 1
 
     async def next_head(self) -> RequestHead | None:
         """The next request's head; None when the client is done or the connection idled out."""
@@ -216,7 +224,7 @@ class _Connection:
             return None  # shutting down: no new requests on an idle connection
         self._idle_since = trio.current_time()
         if draining is not None:
-            draining._idle.add(self)
+            draining._idle[self] = None
         try:
             while True:
                 event = await self._next_event(idle=True)
@@ -227,13 +235,13 @@ class _Connection:
         finally:
             self._idle_since = None
             if draining is not None:
-                draining._idle.discard(self)
+                draining._idle.pop(self, None)
 
     async def serve(self) -> None:
         async with trio.open_nursery() as nursery:
             self._scope = nursery.cancel_scope
             nursery.start_soon(self.reader)
-            nursery.start_soon(self.watch_idle)
+            nursery.start_soon(watchdog.watch, self)
             try:
                 await self._serve_requests()
             finally:
@@ -247,29 +255,36 @@ class _Connection:
             except _Gone:
                 return
             except BridgeError as exc:
-                await self._reject(400, str(exc), "bad_request")
+                await self._reject_error(exc)
                 return
             if head is None:
                 return
             try:
                 scope = asgi_scope(head, **self.scope_extra)
             except BridgeError as exc:
-                await self._reject(400, str(exc), "bad_request")
+                await self._reject_error(exc)
                 return
             keep = await self.run_app(scope)
-            if not keep or not self.bridge.next_cycle():
+            if not keep or self.single_request or not self.bridge.next_cycle():
                 return
             if self.draining is not None and self.draining.draining:
                 return
+            buffered = self.bridge.buffered
+            self.clock.next_cycle(trio.current_time() if buffered else 0.0, buffered)
             try:
                 self.events.extend(self.bridge.events())  # a pipelined request already received
             except BridgeError as exc:
-                await self._reject(400, str(exc), "bad_request")
+                await self._reject_error(exc)
                 return
             self._drained.set()
 
+    async def _reject_error(self, exc: BridgeError) -> None:
+        await self._reject(getattr(exc, "status", 400), str(exc), getattr(exc, "code", "bad_request"))
+
     async def _reject(self, status: int, message: str, code: str) -> None:
         log.debug("rejecting stream request status=%d reason=%s", status, message)
+        if self.draining is not None:
+            self.draining.refusals[f"{status} {code}"] += 1
         try:
             await self._write(self.bridge.error_response(status, _error_body(status, message, code)))
         except (_Gone, BridgeError):
@@ -288,6 +303,7 @@ class _Connection:
                 try:
                     if self.bridge.expects_continue:
                         await self._write(self.bridge.continue_())
+                        self.clock.continued(trio.current_time())
                     event = await self._next_event()
                     if isinstance(event, Data):
                         return {"type": "http.request", "body": event.data, "more_body": True}
@@ -299,6 +315,8 @@ class _Connection:
                     pass
                 except BridgeError as exc:
                     body_error = exc
+                    if not self.bridge.response_started and not self.gone:
+                        await self._reject_error(exc)  # a malformed, stalled or trickling body: say why, then end
                 self._client_gone()
             # Body finished (or the client left): "disconnect" once the client goes or the response is done.
             await finish.wait()
@@ -319,7 +337,7 @@ class _Connection:
                     # too large): the rest cannot be skipped reliably, so this is the
                     # connection's last response, and the client must hear it.
                     unfinished = not self.bridge.request_complete
-                    last = unfinished or (self.draining is not None and self.draining.draining)  # shutting down
+                    last = unfinished or self.single_request or (self.draining is not None and self.draining.draining)  # shutting down
                     head = self.bridge.respond(int(message["status"]), headers, close=last)
                     if self.bridge.response_length is not None:
                         held = head  # the body follows at once: one write, one wake-up of the client
@@ -371,6 +389,8 @@ async def serve_stream(
     idle_timeout: float = 75.0,
     draining: Draining | None = None,
     date_header: bool = False,
+    timeouts: Timeouts | None = None,
+    single_request: bool = False,
 ) -> None:
     """Serve HTTP/1.1 requests arriving on ``stream`` with ``app`` until the client is done.
 
@@ -379,7 +399,9 @@ async def serve_stream(
     caller closes the stream. ``draining`` lets a server end the connection
     gently at shutdown; ``date_header`` adds ``Date`` to responses that have
     none, as an origin server should (a peer's stream is not one: the
-    gateway that faces the client adds it).
+    gateway that faces the client adds it). ``timeouts`` bound the head,
+    the body and each write (:class:`~ocf.httpstream.deadlines.Timeouts`);
+    ``single_request`` closes the connection after its first response.
     """
     conn = _Connection(
         stream,
@@ -389,5 +411,7 @@ async def serve_stream(
         idle_timeout,
         draining,
         date_header,
+        timeouts,
+        single_request,
     )
     await conn.serve()
