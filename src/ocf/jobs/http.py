@@ -39,6 +39,7 @@ import trio
 from quart import Blueprint, Response, current_app, jsonify, request
 
 from ..errors import BadRequest, Forbidden, NotFound
+from .intake import decode_inputs
 from .tracker import Tracker
 
 blueprint = Blueprint("jobs", __name__)
@@ -136,7 +137,7 @@ async def list_projects():  # type: ignore[no-untyped-def]
 @blueprint.put("/v1/jobs/<project>")
 async def create_project(project: str):  # type: ignore[no-untyped-def]
     require_admin()
-    definition, created = tracker().create_project(project, await json_body())
+    definition, created = await tracker().create_project(project, await json_body())
     return jsonify(definition.to_json()), 201 if created else 200
 
 
@@ -162,21 +163,9 @@ async def add_jobs(project: str):  # type: ignore[no-untyped-def]
     key = request.headers.get("Idempotency-Key") or None
     if key is not None and len(key) > 200:
         raise BadRequest("Idempotency-Key must be at most 200 characters", code="bad_idempotency_key")
-    if request.mimetype in ("application/x-ndjson", "application/jsonl", "application/jsonlines"):
-        raw = await request.get_data()
-        inputs = []
-        for number, line in enumerate(raw.splitlines(), 1):
-            if line.strip():
-                try:
-                    inputs.append(json.loads(line))
-                except ValueError as exc:
-                    raise BadRequest(f"line {number} is not JSON: {exc}", code="bad_json") from None
-    else:
-        body = await json_body()
-        inputs = body.get("inputs") if isinstance(body, dict) else body
-        if not isinstance(inputs, list):
-            raise BadRequest("body must be a JSON list of inputs, {\"inputs\": [...]}, or NDJSON lines", code="bad_inputs")
-    answer = t.add_jobs(project, inputs, idempotency_key=key)
+    ndjson = request.mimetype in ("application/x-ndjson", "application/jsonl", "application/jsonlines")
+    inputs = await decode_inputs(await request.get_data(), ndjson=ndjson)
+    answer = await t.add_jobs(project, inputs, idempotency_key=key)
     return jsonify(answer), 200 if answer.get("repeated") else 201
 
 

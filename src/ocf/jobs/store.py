@@ -162,8 +162,10 @@ class JobStore:
         max_payload: int = 1 << 20,
         default_lease: float = 600.0,
         worker_timeout: float = 3600.0,
+        flag_per_worker: bool = False,
     ) -> None:
         self.store = store
+        self.flag_per_worker = flag_per_worker
         self.max_stages = max_stages
         self.max_attempts = max_attempts
         self.flag_threshold = flag_threshold
@@ -268,8 +270,8 @@ class JobStore:
     def project(self, name: str) -> Project:
         project = self._projects.get(name)
         if project is None:
-            known = ", ".join(sorted(self._projects)) or "none"
-            raise NotFound(f"no project {name!r} on this tracker (projects: {known})", code="unknown_project")
+            # Not the list of projects: that would tell any caller what else this tracker runs.
+            raise NotFound(f"project {name!r} not found", code="unknown_project")
         return project
 
     def projects(self) -> list[Project]:
@@ -277,28 +279,52 @@ class JobStore:
 
     # --- creating jobs --------------------------------------------------------------------
 
-    def add_jobs(self, name: str, inputs: Iterable[Any], now: float, *, idempotency_key: str | None = None) -> dict[str, Any]:
-        """Append stage-1 jobs (one write transaction); a repeated ``idempotency_key`` returns the first answer."""
+    def add_jobs(
+        self,
+        name: str,
+        inputs: Iterable[Any],
+        now: float,
+        *,
+        idempotency_key: str | None = None,
+        carry: dict[str, Any] | None = None,
+        final: bool = True,
+    ) -> dict[str, Any]:
+        """Append stage-1 jobs in one write transaction; a repeated ``idempotency_key`` returns the first answer.
+
+        A large request is written as several calls: ``carry`` is the answer
+        so far (created, first and last id), and only the ``final`` call marks
+        the key's record done, so a request cut short resumes rather than repeats.
+        """
         project = self.project(name)
         with self._write(project) as tx:
             if idempotency_key:
                 previous = tx.get("idem", tx.p + idempotency_key.encode())
                 if previous is not None:
-                    return dict(_loads(previous, "idempotency record"), repeated=True)
-            first = last = None
-            created = 0
+                    record = _loads(previous, "idempotency record")
+                    if record.pop("done", True):
+                        return dict(record, repeated=True)
+            created = carry["created"] if carry else 0
+            first = carry["first_id"] if carry else None
+            last = carry["last_id"] if carry else None
             for value in inputs:
-                self._check_payload(value, "job input")
+                self.check_payload(value, "job input")
                 job_id = self._new_job(tx, project, 0, value, now, parent=None, root=None)
                 first = job_id if first is None else first
                 last = job_id
                 created += 1
             answer = {"created": created, "first_id": first, "last_id": last}
             if idempotency_key:
-                tx.put("idem", tx.p + idempotency_key.encode(), _dumps(answer))
+                tx.put("idem", tx.p + idempotency_key.encode(), _dumps(dict(answer, done=final)))
         return answer
 
-    def _check_payload(self, value: Any, what: str) -> None:
+    def creation_record(self, name: str, idempotency_key: str) -> dict[str, Any] | None:
+        """What a job creation with this key wrote so far (``done`` once all of it is durable)."""
+        project = self.project(name)
+        with self._read(project) as tx:
+            raw = tx.get("idem", tx.p + idempotency_key.encode())
+            return _loads(raw, "idempotency record") if raw is not None else None
+
+    def check_payload(self, value: Any, what: str) -> None:
         if value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and 6 * len(value) + 2 <= self.max_payload):
             return  # cannot exceed the limit as JSON; skip encoding it an extra time
         size = payload_size(value)
@@ -395,11 +421,11 @@ class JobStore:
             return self._worker(tx, token, now)["stage"]
 
     def held_jobs(self, name: str, token: Any, now: float) -> tuple[list[int], int | None]:
-        """The jobs a worker holds, and the last one it completed (for idempotent retries)."""
+        """The jobs a worker holds, and the last one it was given (held, done, or lost since)."""
         project = self.project(name)
         with self._read(project) as tx:
             worker = self._worker(tx, token, now)
-        return list(worker["leases"]), worker.get("last_done")
+        return list(worker["leases"]), worker.get("last_claimed", worker.get("last_done"))
 
     def validate_worker(self, name: str, token: Any, now: float) -> bool:
         project = self.project(name)
@@ -460,6 +486,20 @@ class JobStore:
         worker["leases"] = []
         return released
 
+    def release(self, name: str, token: Any, job_ids: list[int], now: float) -> int:
+        """Hand back jobs leased to a caller that left before it got them (no attempt used)."""
+        project = self.project(name)
+        with self._write(project) as tx:
+            worker = self._worker(tx, token, now)
+            keep, give = [], []
+            for job_id in worker["leases"]:
+                (give if job_id in job_ids else keep).append(job_id)
+            worker["leases"] = give
+            released = self._release_all(tx, project, worker, now)
+            worker["leases"] = keep
+            tx.put_worker(worker)
+        return released
+
     # --- the job cycle --------------------------------------------------------------------
 
     def claim(self, name: str, token: Any, now: float, *, limit: int = 1, stage: Any = None, release_held: bool = False) -> list[dict[str, Any]]:
@@ -506,6 +546,7 @@ class JobStore:
             tx.put("leases", _lease_key(job["lease_expires"], tx.p, job["id"]), b"")
             tx.put_job(job)
             worker["leases"].append(job["id"])
+            worker["last_claimed"] = job["id"]
             out.append(_public_job(project, job))
         if picked:
             tx.bump(f"s{stage_index}.pending", -len(picked))
@@ -589,7 +630,7 @@ class JobStore:
 
     def _complete_one(self, tx: _Tx, project: Project, worker: dict[str, Any], job_id: int, output: Any, now: float) -> dict[str, Any]:
         # Every check comes before the first write, so a refused item changes nothing.
-        self._check_payload(output, "job output")
+        self.check_payload(output, "job output")
         job = tx.job(job_id)
         if job is None:
             raise NotFound(f"project {project.name!r} has no job {job_id}", code="unknown_job")
@@ -705,7 +746,7 @@ class JobStore:
         """The lease holder says the job's *input* is bad.
 
         The lease is given back (no attempt used). Once ``flag_threshold``
-        distinct workers agree, the job that produced the input (stage N-1)
+        distinct users (or workers, with ``flag_per_worker``) agree, the job that produced the input (stage N-1)
         is redone: its not-yet-done outputs are withdrawn and it goes back
         to pending. A stage-1 job has no producer and is failed instead.
         """
@@ -713,8 +754,10 @@ class JobStore:
         job_id = _job_id(job_id)
         with self._write(project) as tx:
             worker, job = self._held_job(tx, project, token, job_id, now)
-            if worker["name"] not in job["flags"]:
-                job["flags"].append(worker["name"])
+            # Distinct users by default: one person running many workers is one opinion.
+            flagger = worker["name"] if self.flag_per_worker else "user:" + worker["user"]
+            if flagger not in job["flags"]:
+                job["flags"].append(flagger)
             stage = job["stage"]
             self._unlease(tx, job)
             job["attempts"] = max(0, job["attempts"] - 1)
@@ -723,7 +766,7 @@ class JobStore:
                 tx.bump(f"s{stage}.pending")
                 self._enqueue(tx, job)
                 return {"id": job_id, "status": "flagged", "flags": len(job["flags"])}
-            note = f"input flagged invalid by {len(job['flags'])} workers" + (f" ({str(reason)[:200]})" if reason else "")
+            note = f"input flagged invalid by {len(job['flags'])} {'workers' if self.flag_per_worker else 'users'}" + (f" ({str(reason)[:200]})" if reason else "")
             if job["parent"] is None:
                 job["state"] = "failed"
                 job["errors"].append({"time": now, "error": note})
