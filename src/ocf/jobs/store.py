@@ -666,6 +666,8 @@ class JobStore:
         tx.bump(f"s{stage}.leased", -1)
         tx.bump(f"s{stage}.done")
         worker["leases"] = [j for j in worker["leases"] if j != job_id]
+        if not tx.count(f"s{stage}.first_ms"):
+            tx.bump(f"s{stage}.first_ms", int(now * 1000))  # where the stage's rate window may start
         worker["completed"] += 1
         worker["last_done"] = job_id
         worker["progress"] = "Completed job"
@@ -923,6 +925,7 @@ class JobStore:
                     workers_active[worker["stage"]] += 1
             failures = [_loads(raw, "failure") for _, raw in _scan_reverse(tx, "failures", tx.p, 10)]
             results = tx.count("results")
+            first_done = [tx.count(f"s{i}.first_ms") / 1000.0 for i in range(len(project.stages))]
         stages = []
         expected_prev = None
         eta = 0.0
@@ -933,7 +936,11 @@ class JobStore:
             expected = total
             if expected_prev is not None and not project.stages[i - 1].fanout:
                 expected = max(total, expected_prev)
-            rate = sum(v[i] for m, v in series.items() if m >= minute_now - 14) / (15 * 60)
+            # Completions of the last 15 minutes over the time they really span: a stage that
+            # started a minute ago is measured over that minute, not over 900 s.
+            window_start = max((minute_now - 14) * 60, first_done[i] or now)
+            window = max(now - window_start, 1.0)
+            rate = sum(v[i] for m, v in series.items() if m >= minute_now - 14) / window
             remaining = max(expected - c["done"] - c["failed"], 0)
             stage_eta = remaining / rate if rate > 0 else (None if remaining else 0.0)
             if eta is not None:
@@ -972,8 +979,8 @@ class JobStore:
         raw = tx.get("board", tx.p + b"A" + kind + who.encode() + b"\x00" + bytes([stage]))
         return _U64.unpack(raw)[0] if raw else 0
 
-    def leaderboard(self, name: str, now: float, *, limit: int = 50) -> dict[str, Any]:
-        """Jobs completed per user and per worker, per stage, all time and last 24 h."""
+    def leaderboard(self, name: str, now: float, *, limit: int = 50, offset: int = 0) -> dict[str, Any]:
+        """Jobs completed per user and per worker, per stage, all time and last 24 h; paged by ``offset``."""
         project = self.project(name)
         stage_names = [s.name for s in project.stages]
         tables: dict[str, dict[str, dict[str, dict[str, int]]]] = {"users": {}, "workers": {}}
@@ -994,7 +1001,7 @@ class JobStore:
                 rest = key[len(tx.p) + 5 :]
                 who, stage = rest[1:-2].decode(), rest[-1]
                 add("last_24h", rest[:1], who, stage, _U64.unpack(raw)[0])
-        out: dict[str, Any] = {"project": project.name, "stages": stage_names}
+        out: dict[str, Any] = {"project": project.name, "stages": stage_names, "offset": offset, "limit": limit, "total": {}}
         for kind, table in tables.items():
             rows = [
                 {
@@ -1007,16 +1014,28 @@ class JobStore:
                 for who, row in table.items()
             ]
             rows.sort(key=lambda r: (-r["total"], r["name"]))
-            out[kind] = rows[:limit]
+            out["total"][kind] = len(rows)
+            out[kind] = rows[offset : offset + limit]
         return out
 
-    def results(self, name: str, *, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
-        """Last-stage outputs in completion order; page with ``after`` = the last ``seq`` seen."""
+    def results(self, name: str, *, after: int = 0, limit: int = 1000, with_input: bool = False) -> list[dict[str, Any]]:
+        """Last-stage outputs in completion order; page with ``after`` = the last ``seq`` seen.
+
+        ``with_input`` adds the input of the job that produced each result and,
+        for a multi-stage project, ``root_input``: what was created at stage 1.
+        """
         project = self.project(name)
         with self._read(project) as tx:
             out = []
             for key, raw in tx.scan("results", tx.p, tx.p + _U64.pack(after + 1)):
-                out.append(dict(_loads(raw, "result"), seq=_U64.unpack(key[-8:])[0]))
+                result = dict(_loads(raw, "result"), seq=_U64.unpack(key[-8:])[0])
+                if with_input:
+                    job = tx.job(result["job"])
+                    result["input"] = job["input"] if job is not None else None
+                    if result["root"] != result["job"]:
+                        root = tx.job(result["root"])
+                        result["root_input"] = root["input"] if root is not None else None
+                out.append(result)
                 if len(out) >= limit:
                     break
         return out
