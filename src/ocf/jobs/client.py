@@ -142,8 +142,11 @@ class StageWorker:
         """
         if not self._done and not claim:
             return []
-        batch, self._done = self._done, []
+        batch = list(self._done)
+        # Dropped from the queue only once the tracker answered: a tracker that is down or
+        # restarting gets them again on the next flush (a repeat is answered already_done).
         answer = await self._call("POST", "/complete", {"results": [{"id": j.id, "output": j.output} for j in batch], "claim": claim})
+        del self._done[: len(batch)]
         for job, outcome in zip(batch, answer["results"]):
             self.held.pop(job.id, None)
             job.state = "done" if outcome["status"] in ("done", "already_done") else "lost"
@@ -175,7 +178,14 @@ class StageWorker:
         while True:
             await anyio.sleep(interval)
             if self.held:
-                await self.heartbeat()
+                try:
+                    await self.heartbeat()
+                except httpx.TransportError:
+                    continue  # the tracker is restarting: leases last longer than a few beats
+                except TrackerError as exc:
+                    if exc.status == 404:
+                        return  # forgotten: the jobs loop learns it on its next call and registers again
+                    continue  # never take the worker down from a background task; its loop sees real errors
 
     async def bye(self) -> None:
         with contextlib.suppress(httpx.HTTPError, TrackerError):
@@ -203,6 +213,10 @@ class TrackerClient:
             worker = self._workers[stage] = StageWorker(self.http, self.base, registration)
             self._nursery.start_soon(worker.heartbeat_forever)
         return worker
+
+    def forget_worker(self, stage: str) -> None:
+        """Drop this stage's registration (the tracker forgot it); the next call registers again."""
+        self._workers.pop(stage, None)
 
     async def jobs(self, stage: str, *, batch: int = 1, wait: float = 20.0, until_empty: bool = False) -> AsyncIterator[Job]:
         """Lease and yield jobs of ``stage`` forever (or until none are left, with ``until_empty``)."""
