@@ -197,14 +197,16 @@ def main() -> None:
                 except subprocess.TimeoutExpired:
                     proc.kill()
 
-    print(f"co-located tracker + LLM relay, {args.seconds:g} s per phase; tracker load achieved {achieved['rate']:,.0f} jobs/s (target {args.rate:,.0f})")
-    print(f"{'metric (ms)':<26}{'idle p50':>10}{'idle p99':>10}{'load p50':>10}{'load p99':>10}{'load max':>10}{'added p99':>11}  {'target':>8}")
+    header = f"{'measurement (ms)':<26}{'idle p50':>10}{'idle p99':>10}{'load p50':>10}{'load p99':>10}{'load max':>10}{'added p99':>11}  {'target':>10}"
+    print(header)
+    print("-" * len(header))
     for key, label in (("health", "/v1/health latency"), ("token_gap", "token gap (less delay)")):
         b, l = baseline[key], loaded[key]
         added = percentile(l, 0.99) - percentile(b, 0.99)
         verdict = "ok" if added < 5 else "OVER"
-        print(f"{label:<26}{percentile(b, 0.5):>10.2f}{percentile(b, 0.99):>10.2f}{percentile(l, 0.5):>10.2f}{percentile(l, 0.99):>10.2f}{max(l or [0]):>10.2f}{added:>11.2f}  {'< 5 ' + verdict:>8}")
-    print(f"samples: health {len(baseline['health'])}/{len(loaded['health'])}, token gaps {len(baseline['token_gap'])}/{len(loaded['token_gap'])}")
+        print(f"{label:<26}{percentile(b, 0.5):>10.2f}{percentile(b, 0.99):>10.2f}{percentile(l, 0.5):>10.2f}{percentile(l, 0.99):>10.2f}{max(l or [0]):>10.2f}{added:>11.2f}  {'< 5 ' + verdict:>10}")
+    print(f"co-located tracker + LLM relay, {args.seconds:g} s per phase; tracker load achieved {achieved['rate']:,.0f} jobs/s (target {args.rate:,.0f})")
+    print(f"samples (idle/load): health {len(baseline['health'])}/{len(loaded['health'])}, token gaps {len(baseline['token_gap'])}/{len(loaded['token_gap'])}")
 
 
 if __name__ == "__main__":
