@@ -4,6 +4,7 @@ a command that cannot run is one line, and failures are counted and paced.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -110,5 +111,27 @@ def test_unusable_command_is_one_line_and_failures_are_counted(tmp_path):
         assert time.monotonic() - started >= 0.6
         failures = httpx.get(f"{url}/v1/jobs/p/failures").json()["failures"]
         assert len(failures) == 3 and all("exited with code 3: disk full" in f["error"] for f in failures)
+    finally:
+        stop(proc)
+
+
+def test_readme_example_workers_run_the_three_stages(tmp_path):
+    """The README's walkthrough, with the example workers it names (examples/workers/)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_tracker(tmp_path / "d", port)
+    try:
+        r = ocf("jobs", "project", "laion-crawl", "--stage", "crawl:600", "--stage", "embed:1800", "--stage", "filter", url=url)
+        assert r.returncode == 0, r.stderr
+        r = ocf("jobs", "create", "laion-crawl", "--pattern", "shard-{00000..00004}.tar", url=url)
+        assert r.returncode == 0 and "created 5 jobs" in r.stdout, r.stderr
+        for stage in ("crawl", "embed", "filter"):
+            script = os.path.join(root, "examples", "workers", f"{stage}.py")
+            r = ocf("worker", "--project", "laion-crawl", "--stage", stage, "--nickname", "alice", "--output", "json", "--until-empty", "--", sys.executable, script, url=url)
+            assert r.returncode == 0 and "completed 5 jobs, 0 failed" in r.stderr, r.stderr
+        lines = [json.loads(line) for line in httpx.get(f"{url}/v1/jobs/laion-crawl/results").text.splitlines()]
+        assert sorted(line["output"]["shard"] for line in lines) == [f"shard-{i:05d}.tar" for i in range(5)]
+        assert all(len(line["output"]["kept"]) + line["output"]["dropped"] == 3 for line in lines)
     finally:
         stop(proc)
