@@ -18,7 +18,7 @@ import trio
 
 from ..errors import BadRequest
 
-SLICE = 1000
+SLICE = 500
 _WS = " \t\r\n"
 
 

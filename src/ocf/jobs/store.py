@@ -37,7 +37,7 @@ import contextlib
 import json
 import secrets
 import struct
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import lmdb
 
@@ -55,6 +55,7 @@ MAX_NICKNAME = 64
 MAX_PROGRESS = 1000
 SERIES_KEEP_MINUTES = 24 * 60
 ACTIVE_WINDOW = 300.0  # a worker heard from within this many seconds counts as active
+YIELD_EVERY = 64  # jobs created between two chances for another thread to take the GIL
 
 
 def _dumps(value: Any) -> bytes:
@@ -166,6 +167,9 @@ class JobStore:
     ) -> None:
         self.store = store
         self.flag_per_worker = flag_per_worker
+        #: Called every ``YIELD_EVERY`` jobs of a long creation. The tracker's writer thread sets it
+        #: to release the GIL for a moment, so the event loop's thread never waits for it long.
+        self.yield_gil: Callable[[], None] | None = None
         self.max_stages = max_stages
         self.max_attempts = max_attempts
         self.flag_threshold = flag_threshold
@@ -306,12 +310,15 @@ class JobStore:
             created = carry["created"] if carry else 0
             first = carry["first_id"] if carry else None
             last = carry["last_id"] if carry else None
+            yield_gil = self.yield_gil
             for value in inputs:
                 self.check_payload(value, "job input")
                 job_id = self._new_job(tx, project, 0, value, now, parent=None, root=None)
                 first = job_id if first is None else first
                 last = job_id
                 created += 1
+                if yield_gil is not None and created % YIELD_EVERY == 0:
+                    yield_gil()
             answer = {"created": created, "first_id": first, "last_id": last}
             if idempotency_key:
                 tx.put("idem", tx.p + idempotency_key.encode(), _dumps(dict(answer, done=final)))

@@ -33,7 +33,7 @@ IDLE_SWEEP_INTERVAL = 60.0
 MAX_REAPER_SLEEP = 5.0
 MAX_CLAIM_WAIT = 60.0
 CREATE_CHUNK = 2000
-CHECK_SLICE = 2000
+CHECK_SLICE = 1000
 
 
 @attrs.define(eq=False)
@@ -46,6 +46,17 @@ class _Op:
     abandoned: bool = False  # the caller left before the writer began it: skip it
     started: bool = False  # the writer began it: too late to skip
     done: trio.Event = attrs.field(factory=trio.Event)
+
+
+def _release_gil() -> None:
+    """On the writer thread: let the event loop's thread take the GIL now if it waits for it.
+
+    A thread that wants the GIL otherwise waits out the switch interval
+    (5 ms) each time, and the event loop's thread needs it at every step: a
+    long burst of Python on the writer would stretch the loop's steps by
+    that much, over and over.
+    """
+    time.sleep(0)
 
 
 def _claimed_ids(result: Any) -> list[int]:
@@ -159,6 +170,7 @@ class Tracker:
                         op.result = getattr(self.store, op.method)(*op.args, **op.kwargs)
                     except Exception as exc:  # this request's error (404, 409...): others go on
                         op.error = exc
+                    _release_gil()
         except Exception as exc:  # the commit itself failed (disk full...): nobody's change is durable
             log.error("job tracker commit failed %s", logfmt.kv(ops=len(ops), error=exc))
             for op in ops:
@@ -167,6 +179,7 @@ class Tracker:
     async def run_committer(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self._committer = trio.lowlevel.current_task()
         writer = self._writer = WriterThread()
+        self.store.yield_gil = _release_gil
         try:
             task_status.started()
             while True:
@@ -183,6 +196,7 @@ class Tracker:
                 for op in ops:
                     op.done.set()
         finally:
+            self.store.yield_gil = None
             self._committer = None
             self._writer = None
             for op in self._queue:  # the node is stopping: fail the stragglers rather than hang them
