@@ -92,6 +92,8 @@ class Tracker:
     # --- change notification ----------------------------------------------------------------
 
     def notify(self) -> None:
+        # Called between batches only (the writer thread is idle then): it swaps the store's
+        # set of enqueued stages, which the writer fills while a batch runs.
         for key in self.store.take_enqueued():
             event = self._stage_events.pop(key, None)
             if event is not None:
@@ -319,9 +321,8 @@ class Tracker:
             now = self.clock()
             if now >= next_sweep:
                 forgotten = await self._batched("forget_idle_workers", now)
-                if forgotten:
+                if forgotten:  # the committer notified waiters after that batch
                     log.info("idle workers forgotten %s", logfmt.kv(workers=forgotten))
-                    self.notify()
                 next_sweep = now + IDLE_SWEEP_INTERVAL
             due = self.store.next_expiry()
             if due is not None and due <= now:
