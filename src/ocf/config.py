@@ -131,6 +131,8 @@ class Config:
     jobs_max_payload: int = 1 << 20
     jobs_lease_timeout: float = 600.0
     jobs_worker_timeout: float = 3600.0
+    jobs_create_chunk: int = 2000
+    jobs_flag_per_worker: bool = False
 
     def replace(self, **changes: Any) -> "Config":
         return attrs.evolve(self, **changes)
@@ -364,6 +366,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("jobs.max-payload", "jobs_max_payload", _size, "Largest job input or output, as JSON, the tracker accepts (default: 1M).", group="jobs", metavar="BYTES"),
     Setting("jobs.lease-timeout", "jobs_lease_timeout", _positive_float, "Default seconds a claimed job stays leased without a heartbeat before it returns to pending (default: 600; projects may set it per stage).", group="jobs", metavar="SECONDS"),
     Setting("jobs.worker-timeout", "jobs_worker_timeout", _positive_float, "Seconds of silence after which a worker is forgotten and its token answers 404 (default: 3600).", group="jobs", metavar="SECONDS"),
+    # tracker: bounded job creation and flag counting
+    Setting("jobs.create-chunk", "jobs_create_chunk", _int_range(1, 1_000_000), "Jobs written per transaction when creating jobs; a large request commits in chunks, letting workers' requests run in between (default: 2000).", group="jobs", metavar="N"),
+    Setting("jobs.flag-per-worker", "jobs_flag_per_worker", _bool, "Count each flagging worker toward --jobs.flag-threshold, instead of each distinct user (default: distinct users, so one person's many workers count once).", is_switch=True, group="jobs"),
 )
 BY_FLAG = {s.flag: s for s in SETTINGS}
 _BY_KEY = {s.flag.replace("-", "_"): s for s in SETTINGS} | {s.attr: s for s in SETTINGS}

@@ -76,7 +76,7 @@ def test_cli_project_create_worker_results(tmp_path):
         assert "alice" in r.stdout and "bob" in r.stdout
         # errors: one line, non-zero
         r = ocf("jobs", "status", "nope", url=url, data_dir=tmp_path / "d")
-        assert r.returncode == 1 and "no project 'nope'" in r.stderr and r.stderr.count("\n") == 1
+        assert r.returncode == 1 and "project 'nope' not found" in r.stderr and r.stderr.count("\n") == 1
         r = ocf("jobs", "create", "shards", "--range", "1-2", url=url, data_dir=tmp_path / "d")
         assert r.returncode == 2 and "range" in r.stderr
         r = ocf("worker", "--project", "shards", "--stage", "fetch", "--until-empty", "--", "false", url=url, data_dir=tmp_path / "d")

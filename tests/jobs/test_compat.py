@@ -130,3 +130,60 @@ async def test_compat_flags_roll_back_and_worker_page(node_config):
         assert r.status_code == 200 and "text/html" in r.headers["content-type"] and name in r.text
         r = await http.get("/v1/jobs/crawl/worker/a/nobody-here-000")
         assert r.status_code == 404
+
+
+async def test_late_completion_is_refused_not_swallowed(node_config):
+    """A worker whose lease expired gets 403 for its completeJob, even after completing an earlier job.
+
+    ``distcompute-client`` heartbeats only when user code calls ``log()``, so a
+    job longer than its lease is common; the answer used to be 200 while the
+    output was thrown away. The tracker's clock is driven by the test.
+    """
+    now = [1_000_000.0]
+    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url) as http:
+        node.jobs.clock = lambda: now[0]
+        await http.put("/v1/jobs/crawl", json={"stages": [{"name": "cpu", "lease_timeout": 3}], "max_attempts": 5})
+        await http.post("/v1/jobs/crawl/jobs", json=["first", "second"])
+        url = f"{node.gateway_url}/v1/jobs/crawl"
+        client = await trio.to_thread.run_sync(lambda: distcompute.init(url, "a", "alice", verbose=False))
+        await trio.to_thread.run_sync(client.new_job)
+        await trio.to_thread.run_sync(client.complete_job, "first done")
+        await trio.to_thread.run_sync(client.new_job)
+        assert client.job == "second"
+        now[0] += 4  # the 4 s job outlives its 3 s lease
+        assert [state for *_, state in await node.jobs.expire_now()] == ["pending"]
+        with pytest.raises(errors.ZeroJobError) as refused:
+            await trio.to_thread.run_sync(client.complete_job, "second done, late")
+        assert "not recorded" in str(refused.value)
+        counts = (await http.get("/v1/jobs/crawl")).json()["stages"][0]
+        assert (counts["done"], counts["pending"]) == (1, 1)
+        results = (await http.get("/v1/jobs/crawl/results")).text.splitlines()
+        assert len(results) == 1 and "first done" in results[0]
+        # The job is still there to be done, by this worker or another.
+        await trio.to_thread.run_sync(client.new_job)
+        assert client.job == "second"
+        await trio.to_thread.run_sync(client.complete_job, "second done")
+        assert (await http.get("/v1/jobs/crawl")).json()["stages"][0]["done"] == 2
+
+
+async def test_compat_route_details(node_config):
+    async with open_node(node_config(jobs=True, max_body_size=4096)) as node, httpx.AsyncClient(base_url=node.gateway_url) as http:
+        await http.put("/v1/jobs/crawl", json={"stages": ["cpu"]})
+        await http.post("/v1/jobs/crawl/jobs", json=["x"])
+        r = await http.get("/v1/jobs/crawl/api/new", params={"stage": "a", "nickname": "n"})
+        assert r.status_code == 200 and not r.text.endswith("\n")
+        token = r.json()["token"]
+        r = await http.post("/v1/jobs/crawl/api/newJob", json={"token": token})
+        assert r.status_code == 200 and not r.text.endswith("\n") and r.json()["data"] == "x"
+        for route in ("newJob", "completeJob", "updateProgress", "flagInvalidData", "validateWorker", "bye"):
+            r = await http.post(f"/v1/jobs/crawl/api/{route}", json={"data": "x"})
+            assert r.status_code == 400 and "token" in r.text, (route, r.status_code, r.text)
+        r = await http.post("/v1/jobs/crawl/api/completeJob", json={"token": token, "data": 5})
+        assert r.status_code == 400 and r.headers["content-type"].startswith("text/plain")
+        r = await http.post("/v1/jobs/crawl/api/completeJob", json={"token": token, "data": "y" * 8000})
+        assert r.status_code == 413 and r.headers["content-type"].startswith("text/plain"), r.text
+        await http.put("/v1/jobs/secret-project", json={"stages": ["cpu"]})
+        r = await http.get("/v1/jobs/nothing/api/jobCount", params={"stage": "a"})
+        assert r.status_code == 404 and "secret-project" not in r.text and "crawl" not in r.text
+        r = await http.get("/v1/jobs/nothing")
+        assert r.status_code == 404 and "secret-project" not in r.text

@@ -73,3 +73,11 @@ def test_json_list_streams_any_list_at_any_chunk_size(values, chunk, indent):
 def test_json_list_rejects_malformed_input(text):
     with pytest.raises(ValidationError):
         list(json_list(io.StringIO(text), chunk_size=2))
+
+
+@pytest.mark.parametrize("pattern", ["x-{1..3", "x-1..3}", "x-{1...3}", "{a..}", "{{1..2}"])
+def test_mistyped_patterns_are_refused_with_a_clear_error(pattern):
+    with pytest.raises(ValidationError, match="pattern"):
+        list(brace_expand(pattern))
+    with pytest.raises(ValidationError, match="pattern"):
+        count_brace(pattern)

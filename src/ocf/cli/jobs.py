@@ -81,10 +81,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = jobs_sub.add_parser("results", help="Download a project's results as JSON lines.")
     q.add_argument("project")
     q.add_argument("-o", "--output", metavar="FILE", help="Write to FILE instead of stdout.")
+    q.add_argument("--with-input", action="store_true", help="Add each result's input (and, for later stages, the stage-1 input it descends from).")
     q.set_defaults(func=cmd_results)
 
-    q = jobs_sub.add_parser("leaderboard", help="Jobs completed per user and per worker.")
+    q = jobs_sub.add_parser("leaderboard", help="Jobs completed per user and per worker (the whole board, paged).")
     q.add_argument("project")
+    q.add_argument("--limit", type=int, default=50, metavar="N", help="Rows per table (default: 50).")
+    q.add_argument("--offset", type=int, default=0, metavar="N", help="Skip the first N rows (default: 0).")
     q.set_defaults(func=cmd_leaderboard)
 
 
@@ -237,7 +240,8 @@ def cmd_status(args: argparse.Namespace, http: httpx.Client) -> int:
 def cmd_results(args: argparse.Namespace, http: httpx.Client) -> int:
     with ExitStack() as stack:
         out = stack.enter_context(open(args.output, "wb")) if args.output else sys.stdout.buffer
-        with http.stream("GET", f"{_base(args)}/{args.project}/results") as response:
+        params = {"input": "1"} if args.with_input else {}
+        with http.stream("GET", f"{_base(args)}/{args.project}/results", params=params) as response:
             if response.status_code >= 400:
                 response.read()
                 _raise_for(response)
@@ -249,9 +253,11 @@ def cmd_results(args: argparse.Namespace, http: httpx.Client) -> int:
 
 @_guard
 def cmd_leaderboard(args: argparse.Namespace, http: httpx.Client) -> int:
-    board = _raise_for(http.get(f"{_base(args)}/{args.project}/leaderboard"))
+    board = _raise_for(http.get(f"{_base(args)}/{args.project}/leaderboard", params={"limit": args.limit, "offset": args.offset}))
     for kind in ("users", "workers"):
-        print(f"{kind}:")
+        total = board.get("total", {}).get(kind)
+        shown = len(board[kind])
+        print(f"{kind}:" + (f" {args.offset + 1 if shown else 0}-{args.offset + shown} of {total}" if total is not None else ""))
         print(f"  {'name':<28}{'all time':>10}{'24 h':>10}")
         for row in board[kind]:
             print(f"  {row['name']:<28}{row['total']:>10}{row['total_24h']:>10}")

@@ -1,6 +1,6 @@
-"""Worker client for the job tracker: Trio-native, with a small blocking wrapper.
+"""Worker client for the job tracker: async (Trio or asyncio, through anyio), with a blocking wrapper.
 
-Trio::
+Trio or asyncio (``trio.run(main)`` or ``asyncio.run(main())``)::
 
     async with ocf.jobs.client.connect("http://node:8092", "laion-crawl", nickname="alice") as tracker:
         async for job in tracker.jobs("crawl", batch=10):
@@ -10,9 +10,11 @@ Each pass of the loop leases jobs in batches, heartbeats them in the
 background (so a long job keeps its lease), and completes a job with
 ``job.output`` when the loop asks for the next one, unless the body called
 ``await job.fail(...)``, ``await job.flag(...)`` or ``await job.complete(...)``
-itself. Completions are sent in batches. Leaving ``connect`` says ``bye``,
-which hands back any job still held at once (no attempt is used up), so a
-worker that crashes out of its loop loses nothing.
+itself. Completions are sent in batches. Breaking out of the loop keeps
+the outputs already set (the job the loop stopped at included, if its
+output was set); leaving ``connect`` sends them, then says ``bye``, which
+hands back any job still held at once (no attempt is used up), so a worker
+that crashes out of its loop loses nothing.
 
 Blocking::
 
@@ -32,9 +34,9 @@ import math
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
+import anyio
 import attrs
 import httpx
-import trio
 
 from ..errors import OcfError, single_leaf
 
@@ -67,6 +69,11 @@ def _base(url: str, project: str, via_network: bool) -> str:
     return f"{url.rstrip('/')}/v1/{'service/jobs' if via_network else 'jobs'}/{project}"
 
 
+def _mark_output(job: "Job", attribute: Any, value: Any) -> Any:
+    job.has_output = True
+    return value
+
+
 @attrs.define(eq=False)
 class Job:
     """A leased job. Set :attr:`output` (or call one of the methods) before the loop moves on."""
@@ -75,10 +82,12 @@ class Job:
     input: Any
     stage: str
     attempts: int
-    output: Any = None
+    output: Any = attrs.field(default=None, on_setattr=_mark_output)
     #: "held" until completed, failed, flagged, or lost (lease expired / rolled back).
     state: str = "held"
     _worker: Any = attrs.field(default=None, repr=False)
+    #: True once ``output`` was assigned (None is a valid output), so a loop left early still sends it.
+    has_output: bool = attrs.field(default=False, repr=False)
 
     async def complete(self, output: Any = _UNSET) -> None:
         if output is not _UNSET:
@@ -106,6 +115,8 @@ class StageWorker:
         self.lease_timeout: float = registration["lease_timeout"]
         self.held: dict[int, Job] = {}
         self._done: list[Job] = []
+        #: The batch the ``jobs()`` loop is handing out; settled when the loop ends, however it ends.
+        self._batch: list[Job] = []
         self.progress: str | None = None
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -131,12 +142,23 @@ class StageWorker:
         """
         if not self._done and not claim:
             return []
-        batch, self._done = self._done, []
+        batch = list(self._done)
+        # Dropped from the queue only once the tracker answered: a tracker that is down or
+        # restarting gets them again on the next flush (a repeat is answered already_done).
         answer = await self._call("POST", "/complete", {"results": [{"id": j.id, "output": j.output} for j in batch], "claim": claim})
+        del self._done[: len(batch)]
         for job, outcome in zip(batch, answer["results"]):
             self.held.pop(job.id, None)
             job.state = "done" if outcome["status"] in ("done", "already_done") else "lost"
         return self._adopt(answer["jobs"])
+
+    def settle(self) -> None:
+        """Queue the outputs set in the current batch; the rest stay held (``bye`` hands them back)."""
+        for job in self._batch:
+            if job.state == "held" and job.has_output:
+                job.state = "completing"
+                self._done.append(job)
+        self._batch = []
 
     def _adopt(self, raw: list[dict[str, Any]]) -> list[Job]:
         jobs = [Job(j["id"], j["input"], j["stage"], j["attempts"], worker=self) for j in raw]
@@ -154,9 +176,16 @@ class StageWorker:
     async def heartbeat_forever(self) -> None:
         interval = min(MAX_HEARTBEAT_INTERVAL, max(self.lease_timeout / 3, 0.05))
         while True:
-            await trio.sleep(interval)
+            await anyio.sleep(interval)
             if self.held:
-                await self.heartbeat()
+                try:
+                    await self.heartbeat()
+                except httpx.TransportError:
+                    continue  # the tracker is restarting: leases last longer than a few beats
+                except TrackerError as exc:
+                    if exc.status == 404:
+                        return  # forgotten: the jobs loop learns it on its next call and registers again
+                    continue  # never take the worker down from a background task; its loop sees real errors
 
     async def bye(self) -> None:
         with contextlib.suppress(httpx.HTTPError, TrackerError):
@@ -166,7 +195,7 @@ class StageWorker:
 class TrackerClient:
     """A connection to one project of a tracker; registers one worker per stage on first use."""
 
-    def __init__(self, http: httpx.AsyncClient, base: str, nickname: str, user: str | None, nursery: trio.Nursery) -> None:
+    def __init__(self, http: httpx.AsyncClient, base: str, nickname: str, user: str | None, nursery: anyio.abc.TaskGroup) -> None:
         self.http = http
         self.base = base
         self.nickname = nickname
@@ -185,31 +214,43 @@ class TrackerClient:
             self._nursery.start_soon(worker.heartbeat_forever)
         return worker
 
+    def forget_worker(self, stage: str) -> None:
+        """Drop this stage's registration (the tracker forgot it); the next call registers again."""
+        self._workers.pop(stage, None)
+
     async def jobs(self, stage: str, *, batch: int = 1, wait: float = 20.0, until_empty: bool = False) -> AsyncIterator[Job]:
         """Lease and yield jobs of ``stage`` forever (or until none are left, with ``until_empty``)."""
         worker = await self.worker(stage)
         try:
+            worker.settle()  # an earlier loop left early: its outputs go with the next flush
             jobs: list[Job] = []
             while True:
                 if not jobs:
-                    jobs = await worker.claim(batch, 0.0 if until_empty else wait)
+                    if worker._done:
+                        jobs = await worker.flush(claim=batch)
+                    else:
+                        jobs = await worker.claim(batch, 0.0 if until_empty else wait)
                     if not jobs:
                         if until_empty:
                             return
                         continue
+                worker._batch = list(jobs)
                 for job in jobs:
                     yield job
                     if job.state == "held":
                         job.state = "completing"
                         worker._done.append(job)
+                worker._batch = []
                 # Report this batch and lease the next one in a single request.
                 jobs = await worker.flush(claim=batch)
         finally:
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(10):
-                    if worker._done:
-                        with contextlib.suppress(httpx.HTTPError, TrackerError):
-                            await worker.flush()
+            # Runs on break only when the generator is finalised (later, for an async
+            # generator): connect() also settles and flushes before it says bye.
+            worker.settle()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                if worker._done:
+                    with contextlib.suppress(httpx.HTTPError, TrackerError):
+                        await worker.flush()
 
     async def run(self, stage: str, handle: Callable[[Any], Awaitable[Any]], *, batch: int = 1, until_empty: bool = False) -> int:
         """Complete each job with ``await handle(job.input)``; an exception fails the job with its text."""
@@ -242,17 +283,22 @@ async def connect(
     owns = http is None
     client = http or httpx.AsyncClient(timeout=timeout)
     try:
-        async with trio.open_nursery() as nursery:
+        async with anyio.create_task_group() as nursery:
             tracker = TrackerClient(client, _base(url, project, via_network), nickname, user, nursery)
             try:
                 yield tracker
             finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(10):
+                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                     for worker in tracker._workers.values():
+                        # Outputs set before the caller broke out of a jobs() loop are results, not losses.
+                        worker.settle()
+                        if worker._done:
+                            with contextlib.suppress(httpx.HTTPError, TrackerError):
+                                await worker.flush()
                         await worker.bye()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        # The heartbeat nursery wraps the caller's own exception in a group;
+        # The heartbeat task group wraps the caller's own exception in a group;
         # a library context manager should hand it back as it was raised.
         leaf = single_leaf(group)
         if leaf is group:
@@ -313,14 +359,23 @@ class SyncTracker:
             last_beat = time.monotonic()
             held = [Job(j["id"], j["input"], j["stage"], j["attempts"]) for j in raw]
             results = []
-            for i, job in enumerate(held):
-                if time.monotonic() - last_beat > beat_every:
-                    self.heartbeat(stage, [j.id for j in held[i:]])
-                    last_beat = time.monotonic()
-                yield job
-                if job.state == "held":
-                    job.state = "done"
-                    results.append({"id": job.id, "output": job.output})
+            try:
+                for i, job in enumerate(held):
+                    if time.monotonic() - last_beat > beat_every:
+                        self.heartbeat(stage, [j.id for j in held[i:]])
+                        last_beat = time.monotonic()
+                    yield job
+                    if job.state == "held":
+                        job.state = "done"
+                        results.append({"id": job.id, "output": job.output})
+            except GeneratorExit:
+                # The caller broke out: send what is done, including the job it stopped at if its output was set.
+                stopped = [j for j in held if j.state == "held" and j.has_output and all(r["id"] != j.id for r in results)]
+                results.extend({"id": j.id, "output": j.output} for j in stopped)
+                if results:
+                    with contextlib.suppress(httpx.HTTPError, TrackerError):
+                        self._call(stage, "POST", "/complete", {"results": results})
+                raise
             # Report this batch and lease the next one in a single request.
             raw = self._call(stage, "POST", "/complete", {"results": results, "claim": batch})["jobs"]
 

@@ -20,6 +20,7 @@ import json
 from typing import Any
 
 from quart import Blueprint, Response, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from ..errors import BadRequest, Conflict, GatewayRequestError
 from .http import json_object, tracker
@@ -38,6 +39,25 @@ def _text(body: str, status: int = 200) -> Response:
 async def plain_error(exc: GatewayRequestError) -> Response:
     # The original answered errors as plain text; the client shows it in its exceptions.
     return _text(exc.message, exc.status)
+
+
+@blueprint.errorhandler(RequestEntityTooLarge)
+async def plain_too_large(exc: RequestEntityTooLarge) -> Response:
+    # Raised by the body reader inside these routes: keep the original's plain text, not the gateway's JSON.
+    return _text("The request body is too large.", 413)
+
+
+def _json(value: dict[str, Any]) -> Response:
+    """A JSON answer without the trailing newline Quart's jsonify adds (the original had none)."""
+    return Response(json.dumps(value, ensure_ascii=False, separators=(", ", ": ")), content_type="application/json")
+
+
+def _token(body: dict[str, Any]) -> str:
+    """The worker's token; a missing one is the caller's mistake (400), not an unknown worker (404)."""
+    token = body.get("token")
+    if not isinstance(token, str) or not token:
+        raise BadRequest("A worker token is required: call /api/new first and send its token.", code="missing_token")
+    return token
 
 
 def encode_data(value: Any) -> str:
@@ -70,28 +90,28 @@ async def new(project: str) -> Any:
     nickname = request.args.get("nickname", "anonymous")
     worker = await tracker().register_worker(project, nickname=nickname, stage=index + 1)
     stage_name = tracker().store.project(project).stages[index].name
-    return {"token": worker["token"], "display_name": worker["name"], "project": project, "stage_name": stage_name}
+    return _json({"token": worker["token"], "display_name": worker["name"], "project": project, "stage_name": stage_name})
 
 
 @blueprint.post(BASE + "/api/validateWorker")
 async def validate_worker(project: str) -> Response:
     body = await json_object()
     t = tracker()
-    return _text(str(t.store.validate_worker(project, body.get("token"), t.clock())))
+    return _text(str(t.store.validate_worker(project, _token(body), t.clock())))
 
 
 @blueprint.post(BASE + "/api/newJob")
 async def new_job(project: str) -> Any:
     body = await json_object()
     # As the original: asking for a new job gives back the one held (another worker may take it).
-    jobs = await tracker().claim(project, body.get("token"), limit=1, release_held=True)
+    jobs = await tracker().claim(project, _token(body), limit=1, release_held=True)
     if not jobs:
         return _text(
             "Either there are no new jobs available, or there was an error whilst finding a job. "
             "Keep retrying, as jobs are dynamically created.",
             403,
         )
-    return {"data": encode_data(jobs[0]["input"]), "number": jobs[0]["id"]}
+    return _json({"data": encode_data(jobs[0]["input"]), "number": jobs[0]["id"]})
 
 
 @blueprint.get(BASE + "/api/jobCount")
@@ -104,32 +124,39 @@ async def job_count(project: str) -> Response:
 async def update_progress(project: str) -> Response:
     body = await json_object()
     progress = body.get("progress")
-    await tracker().heartbeat(project, body.get("token"), progress=progress if isinstance(progress, str) else None)
+    await tracker().heartbeat(project, _token(body), progress=progress if isinstance(progress, str) else None)
     return _text("200 OK")
 
 
-async def _current_job(project: str, token: Any, *, for_completion: bool = False) -> int | None:
+def _current_job(project: str, token: str, *, for_completion: bool = False) -> int | None:
+    """The job a compat call refers to: the original's API never names it.
+
+    For a completion that is the job the worker was last given, even when
+    its lease has since expired: then the tracker refuses it (403) instead
+    of matching it to an older job it already completed and answering 200
+    for a result it throws away.
+    """
     t = tracker()
-    held, last_done = t.store.held_jobs(project, token, t.clock())
+    held, last_claimed = t.store.held_jobs(project, token, t.clock())
     if held:
         return held[0]
-    if for_completion:
-        return last_done
-    return None
+    return last_claimed if for_completion else None
 
 
 @blueprint.post(BASE + "/api/completeJob")
 async def complete_job(project: str) -> Response:
     body = await json_object()
-    token = body.get("token")
-    job_id = await _current_job(project, token, for_completion=True)
+    token = _token(body)
+    data = body.get("data")
+    if not isinstance(data, str):
+        # The client always sends a string (JSON travels "<!json!>"-prefixed); a bare number is a bug.
+        return _text("The worker did not submit valid data.", 400)
+    job_id = _current_job(project, token, for_completion=True)
     if job_id is None:
         return _text("You do not have an open job.", 403)
-    if body.get("data") is None:
-        return _text("The worker did not submit valid data.", 400)
     try:
         # A retry of a completion that already landed answers 200 and counts nothing twice.
-        await tracker().complete(project, token, job_id, decode_data(body["data"]))
+        await tracker().complete(project, token, job_id, decode_data(data))
     except Conflict as exc:
         return _text(exc.message, 403)
     return _text("200 OK")
@@ -138,8 +165,8 @@ async def complete_job(project: str) -> Response:
 @blueprint.post(BASE + "/api/flagInvalidData")
 async def flag_invalid_data(project: str) -> Response:
     body = await json_object()
-    token = body.get("token")
-    job_id = await _current_job(project, token)
+    token = _token(body)
+    job_id = _current_job(project, token)
     if job_id is None:
         return _text("This worker is not currently working on a job.", 403)
     try:
@@ -152,7 +179,7 @@ async def flag_invalid_data(project: str) -> Response:
 @blueprint.post(BASE + "/api/bye")
 async def bye(project: str) -> Response:
     body = await json_object()
-    await tracker().bye(project, body.get("token"))
+    await tracker().bye(project, _token(body))
     return _text("200 OK")
 
 

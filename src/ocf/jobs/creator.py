@@ -47,8 +47,36 @@ def _alternatives(body: str) -> Iterator[str] | None:
     return None
 
 
+def check_pattern(pattern: str) -> None:
+    """Refuse a pattern that is almost certainly a typo, before creating a single job.
+
+    Bash keeps an unbalanced ``{`` literally, so ``'x-{1..3'`` would create one
+    job named ``x-{1..3``; an operator who typed it meant three. Likewise a
+    group that tries to be a range (``{1...3}``, ``{a..}``) but is not one.
+    """
+    depth, opened = 0, -1
+    for position, char in enumerate(pattern):
+        if char == "{":
+            depth, opened = depth + 1, position if depth == 0 else opened
+        elif char == "}":
+            if depth == 0:
+                raise ValidationError(f"pattern {pattern!r} has a '}}' without a '{{' (at character {position + 1})")
+            depth -= 1
+    if depth:
+        raise ValidationError(f"pattern {pattern!r} has a '{{' that is never closed (at character {opened + 1})")
+    for match in _GROUP.finditer(pattern):
+        body = match.group(1)
+        if ".." in body and not _RANGE.match(body) and not _ALPHA_RANGE.match(body) and "," not in body:
+            raise ValidationError(f"pattern {pattern!r}: {{{body}}} is not a range; write {{1..3}}, {{01..10}}, {{0..100..10}} or {{a..z}}")
+
+
 def brace_expand(pattern: str) -> Iterator[str]:
     """Expand shell-style brace groups left to right, yielding one string at a time."""
+    check_pattern(pattern)
+    return _expand(pattern)
+
+
+def _expand(pattern: str) -> Iterator[str]:
     match = _GROUP.search(pattern)
     while match is not None and _alternatives(match.group(1)) is None:
         match = _GROUP.search(pattern, match.end())
@@ -59,12 +87,13 @@ def brace_expand(pattern: str) -> Iterator[str]:
     values = _alternatives(match.group(1))
     assert values is not None
     for value in values:
-        for rest in brace_expand(tail):
+        for rest in _expand(tail):
             yield head + value + rest
 
 
 def count_brace(pattern: str) -> int:
     """How many strings :func:`brace_expand` yields, without generating them."""
+    check_pattern(pattern)
     total = 1
     for match in _GROUP.finditer(pattern):
         body = match.group(1)

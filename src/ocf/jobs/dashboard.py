@@ -1,14 +1,15 @@
 """``/dashboard``: the tracker's live page.
 
-The page is static HTML + vanilla JS + CSS shipped as package data in
+The page is HTML + vanilla JS + CSS shipped as package data in
 ``ocf/jobs/static/`` (no build step, no CDN, nothing fetched from another
-host): the browser renders everything from the public JSON API
-(``/v1/jobs/<p>/stats``, ``/leaderboard``) and stays live on the
-server-sent ``/v1/jobs/<p>/events`` stream. Keeping all rendering client-side
-means the server never interpolates user-provided strings (project names,
-nicknames, error messages) into HTML, so there is nothing to escape here; the
-script only ever writes data with ``textContent``, and the Content-Security-
-Policy below forbids inline and foreign scripts as a second line of defence.
+host). Its first view (summary, stages, live workers, and the same data as
+an embedded JSON block) is filled in by the server
+(:mod:`ocf.jobs.firstview`, escaping every user-provided string), so the
+page shows data at first paint; the script then renders from the public JSON
+API (``/v1/jobs/<p>/stats``, ``/leaderboard``, ``/workers``) and stays live
+on the server-sent ``/v1/jobs/<p>/events`` stream. The script only ever
+writes data with ``textContent``, and the Content-Security-Policy below
+forbids inline and foreign scripts as a second line of defence.
 
 Routes:
 
@@ -25,6 +26,7 @@ from importlib import resources
 from quart import Blueprint, Response, current_app, request
 
 from ..errors import NotFound
+from . import firstview
 
 blueprint = Blueprint("jobs_dashboard", __name__)
 
@@ -74,7 +76,13 @@ def asset_response(name: str, content_type: str, status: int = 200) -> Response:
 
 @blueprint.get("/dashboard")
 async def dashboard() -> Response:
-    return asset_response(PAGE, "text/html; charset=utf-8", page_status())
+    status = page_status()
+    node = current_app.extensions["ocf.node"]
+    page = firstview.render(read_asset(PAGE).decode(), node.jobs, request.args.get("project") or None)
+    response = Response(page, status=status, content_type="text/html; charset=utf-8")
+    response.headers.update(SECURITY_HEADERS)
+    response.headers["Cache-Control"] = "no-cache"
+    return response
 
 
 @blueprint.get("/dashboard/static/<name>")

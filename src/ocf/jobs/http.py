@@ -17,6 +17,7 @@ holds the parsing both share.
 ``POST   /v1/jobs/<p>/jobs``                add stage-1 jobs: JSON list, ``{"inputs": [...]}`` or NDJSON
 ``GET    /v1/jobs/<p>/jobs/<id>``           one job
 ``POST   /v1/jobs/<p>/workers``             register ``{nickname, user?, stage}`` -> token and name
+``GET    /v1/jobs/<p>/workers``             live workers: job, progress, done, user, last seen (``?stage=&all=&offset=&limit=``)
 ``GET    /v1/jobs/<p>/workers/<name>``      a worker's page: completions, jobs per hour
 ``POST   /v1/jobs/<p>/claim``               lease up to ``max`` jobs, waiting up to ``wait`` s for one
 ``POST   /v1/jobs/<p>/heartbeat``           extend leases, report ``progress``; lists leases lost
@@ -26,8 +27,8 @@ holds the parsing both share.
 ``POST   /v1/jobs/<p>/jobs/<id>/flag``      the job's input is bad (rolls back after enough flags)
 ``POST   /v1/jobs/<p>/bye``                 unregister, releasing held jobs at once
 ``GET    /v1/jobs/<p>/stats``               progress, rates, ETA, throughput, failures (the dashboard's data)
-``GET    /v1/jobs/<p>/leaderboard``         per user and per worker, per stage, all time and 24 h
-``GET    /v1/jobs/<p>/results``             last stage's outputs as JSON lines (``?after=&limit=``)
+``GET    /v1/jobs/<p>/leaderboard``         per user and per worker, per stage, all time and 24 h (``?offset=&limit=``)
+``GET    /v1/jobs/<p>/results``             last stage's outputs as JSON lines (``?after=&limit=&input=1``)
 ``GET    /v1/jobs/<p>/failures``            recent failures
 ``GET    /v1/jobs/<p>/events``              server-sent ``stats`` events as things change
 ==========================================  ==========================================================
@@ -42,6 +43,8 @@ import trio
 from quart import Blueprint, Response, current_app, jsonify, request
 
 from ..errors import BadRequest, NotFound
+from . import views
+from .intake import decode_inputs
 from .tracker import Tracker
 
 blueprint = Blueprint("jobs", __name__)
@@ -134,7 +137,7 @@ async def list_projects():  # type: ignore[no-untyped-def]
 
 @blueprint.put("/v1/jobs/<project>")
 async def create_project(project: str):  # type: ignore[no-untyped-def]
-    definition, created = tracker().create_project(project, await json_body())
+    definition, created = await tracker().create_project(project, await json_body())
     return jsonify(definition.to_json()), 201 if created else 200
 
 
@@ -159,21 +162,9 @@ async def add_jobs(project: str):  # type: ignore[no-untyped-def]
     key = request.headers.get("Idempotency-Key") or None
     if key is not None and len(key) > 200:
         raise BadRequest("Idempotency-Key must be at most 200 characters", code="bad_idempotency_key")
-    if request.mimetype in ("application/x-ndjson", "application/jsonl", "application/jsonlines"):
-        raw = await request.get_data()
-        inputs = []
-        for number, line in enumerate(raw.splitlines(), 1):
-            if line.strip():
-                try:
-                    inputs.append(json.loads(line))
-                except ValueError as exc:
-                    raise BadRequest(f"line {number} is not JSON: {exc}", code="bad_json") from None
-    else:
-        body = await json_body()
-        inputs = body.get("inputs") if isinstance(body, dict) else body
-        if not isinstance(inputs, list):
-            raise BadRequest("body must be a JSON list of inputs, {\"inputs\": [...]}, or NDJSON lines", code="bad_inputs")
-    answer = t.add_jobs(project, inputs, idempotency_key=key)
+    ndjson = request.mimetype in ("application/x-ndjson", "application/jsonl", "application/jsonlines")
+    inputs = await decode_inputs(await request.get_data(), ndjson=ndjson)
+    answer = await t.add_jobs(project, inputs, idempotency_key=key)
     return jsonify(answer), 200 if answer.get("repeated") else 201
 
 
@@ -192,6 +183,20 @@ async def register(project: str):  # type: ignore[no-untyped-def]
     worker = await tracker().register_worker(project, nickname=nickname, user=body.get("user"), stage=body.get("stage", 1))
     stage = tracker().store.project(project).stages[worker["stage"]]
     return jsonify(token=worker["token"], name=worker["name"], user=worker["user"], project=project, stage=stage.name, lease_timeout=stage.lease_timeout), 201
+
+
+def flag_arg(name: str) -> bool:
+    """``?all``, ``?all=1``, ``?all=true``: a switch in a query string."""
+    value = request.args.get(name)
+    return value is not None and value.lower() not in ("0", "false", "no")
+
+
+@blueprint.get("/v1/jobs/<project>/workers")
+async def list_workers(project: str):  # type: ignore[no-untyped-def]
+    t = tracker()
+    offset = int(parse_number(request.args.get("offset"), "offset", 0, 10**9, 0))
+    limit = int(parse_number(request.args.get("limit"), "limit", 1, views.MAX_PAGE, 100))
+    return jsonify(views.list_workers(t.store, project, t.clock(), stage=request.args.get("stage") or None, include_idle=flag_arg("all"), offset=offset, limit=limit))
 
 
 @blueprint.get("/v1/jobs/<project>/workers/<name>")
@@ -239,7 +244,8 @@ async def stats(project: str):  # type: ignore[no-untyped-def]
 async def leaderboard(project: str):  # type: ignore[no-untyped-def]
     t = tracker()
     limit = int(parse_number(request.args.get("limit"), "limit", 1, 10_000, 50))
-    return jsonify(t.store.leaderboard(project, t.clock(), limit=limit))
+    offset = int(parse_number(request.args.get("offset"), "offset", 0, 10**9, 0))
+    return jsonify(t.store.leaderboard(project, t.clock(), limit=limit, offset=offset))
 
 
 @blueprint.get("/v1/jobs/<project>/failures")
@@ -255,12 +261,13 @@ async def results(project: str):  # type: ignore[no-untyped-def]
     store.project(project)
     after = int(parse_number(request.args.get("after"), "after", 0, 2**63, 0))
     limit = int(parse_number(request.args.get("limit"), "limit", 1, 2**63, 2**63))
+    with_input = flag_arg("input")
 
     async def lines() -> AsyncIterator[bytes]:
         nonlocal after
         sent = 0
         while sent < limit:
-            page = store.results(project, after=after, limit=min(RESULTS_PAGE, limit - sent))
+            page = store.results(project, after=after, limit=min(RESULTS_PAGE, limit - sent), with_input=with_input)
             if not page:
                 return
             yield b"".join(json.dumps(r, separators=(",", ":"), ensure_ascii=False).encode() + b"\n" for r in page)

@@ -37,7 +37,7 @@ import contextlib
 import json
 import secrets
 import struct
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import lmdb
 
@@ -55,6 +55,7 @@ MAX_NICKNAME = 64
 MAX_PROGRESS = 1000
 SERIES_KEEP_MINUTES = 24 * 60
 ACTIVE_WINDOW = 300.0  # a worker heard from within this many seconds counts as active
+YIELD_EVERY = 64  # jobs created between two chances for another thread to take the GIL
 
 
 def _dumps(value: Any) -> bytes:
@@ -162,8 +163,13 @@ class JobStore:
         max_payload: int = 1 << 20,
         default_lease: float = 600.0,
         worker_timeout: float = 3600.0,
+        flag_per_worker: bool = False,
     ) -> None:
         self.store = store
+        self.flag_per_worker = flag_per_worker
+        #: Called every ``YIELD_EVERY`` jobs of a long creation. The tracker's writer thread sets it
+        #: to release the GIL for a moment, so the event loop's thread never waits for it long.
+        self.yield_gil: Callable[[], None] | None = None
         self.max_stages = max_stages
         self.max_attempts = max_attempts
         self.flag_threshold = flag_threshold
@@ -268,8 +274,8 @@ class JobStore:
     def project(self, name: str) -> Project:
         project = self._projects.get(name)
         if project is None:
-            # Not the list of projects: anyone may ask, and the names are the operators' business.
-            raise NotFound(f"no project {name!r} on this tracker", code="unknown_project")
+            # Not the list of projects: that would tell any caller what else this tracker runs.
+            raise NotFound(f"project {name!r} not found", code="unknown_project")
         return project
 
     def projects(self) -> list[Project]:
@@ -277,28 +283,55 @@ class JobStore:
 
     # --- creating jobs --------------------------------------------------------------------
 
-    def add_jobs(self, name: str, inputs: Iterable[Any], now: float, *, idempotency_key: str | None = None) -> dict[str, Any]:
-        """Append stage-1 jobs (one write transaction); a repeated ``idempotency_key`` returns the first answer."""
+    def add_jobs(
+        self,
+        name: str,
+        inputs: Iterable[Any],
+        now: float,
+        *,
+        idempotency_key: str | None = None,
+        carry: dict[str, Any] | None = None,
+        final: bool = True,
+    ) -> dict[str, Any]:
+        """Append stage-1 jobs in one write transaction; a repeated ``idempotency_key`` returns the first answer.
+
+        A large request is written as several calls: ``carry`` is the answer
+        so far (created, first and last id), and only the ``final`` call marks
+        the key's record done, so a request cut short resumes rather than repeats.
+        """
         project = self.project(name)
         with self._write(project) as tx:
             if idempotency_key:
                 previous = tx.get("idem", tx.p + idempotency_key.encode())
                 if previous is not None:
-                    return dict(_loads(previous, "idempotency record"), repeated=True)
-            first = last = None
-            created = 0
+                    record = _loads(previous, "idempotency record")
+                    if record.pop("done", True):
+                        return dict(record, repeated=True)
+            created = carry["created"] if carry else 0
+            first = carry["first_id"] if carry else None
+            last = carry["last_id"] if carry else None
+            yield_gil = self.yield_gil
             for value in inputs:
-                self._check_payload(value, "job input")
+                self.check_payload(value, "job input")
                 job_id = self._new_job(tx, project, 0, value, now, parent=None, root=None)
                 first = job_id if first is None else first
                 last = job_id
                 created += 1
+                if yield_gil is not None and created % YIELD_EVERY == 0:
+                    yield_gil()
             answer = {"created": created, "first_id": first, "last_id": last}
             if idempotency_key:
-                tx.put("idem", tx.p + idempotency_key.encode(), _dumps(answer))
+                tx.put("idem", tx.p + idempotency_key.encode(), _dumps(dict(answer, done=final)))
         return answer
 
-    def _check_payload(self, value: Any, what: str) -> None:
+    def creation_record(self, name: str, idempotency_key: str) -> dict[str, Any] | None:
+        """What a job creation with this key wrote so far (``done`` once all of it is durable)."""
+        project = self.project(name)
+        with self._read(project) as tx:
+            raw = tx.get("idem", tx.p + idempotency_key.encode())
+            return _loads(raw, "idempotency record") if raw is not None else None
+
+    def check_payload(self, value: Any, what: str) -> None:
         if value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and 6 * len(value) + 2 <= self.max_payload):
             return  # cannot exceed the limit as JSON; skip encoding it an extra time
         size = payload_size(value)
@@ -395,11 +428,11 @@ class JobStore:
             return self._worker(tx, token, now)["stage"]
 
     def held_jobs(self, name: str, token: Any, now: float) -> tuple[list[int], int | None]:
-        """The jobs a worker holds, and the last one it completed (for idempotent retries)."""
+        """The jobs a worker holds, and the last one it was given (held, done, or lost since)."""
         project = self.project(name)
         with self._read(project) as tx:
             worker = self._worker(tx, token, now)
-        return list(worker["leases"]), worker.get("last_done")
+        return list(worker["leases"]), worker.get("last_claimed", worker.get("last_done"))
 
     def validate_worker(self, name: str, token: Any, now: float) -> bool:
         project = self.project(name)
@@ -460,6 +493,20 @@ class JobStore:
         worker["leases"] = []
         return released
 
+    def release(self, name: str, token: Any, job_ids: list[int], now: float) -> int:
+        """Hand back jobs leased to a caller that left before it got them (no attempt used)."""
+        project = self.project(name)
+        with self._write(project) as tx:
+            worker = self._worker(tx, token, now)
+            keep, give = [], []
+            for job_id in worker["leases"]:
+                (give if job_id in job_ids else keep).append(job_id)
+            worker["leases"] = give
+            released = self._release_all(tx, project, worker, now)
+            worker["leases"] = keep
+            tx.put_worker(worker)
+        return released
+
     # --- the job cycle --------------------------------------------------------------------
 
     def claim(self, name: str, token: Any, now: float, *, limit: int = 1, stage: Any = None, release_held: bool = False) -> list[dict[str, Any]]:
@@ -506,6 +553,7 @@ class JobStore:
             tx.put("leases", _lease_key(job["lease_expires"], tx.p, job["id"]), b"")
             tx.put_job(job)
             worker["leases"].append(job["id"])
+            worker["last_claimed"] = job["id"]
             out.append(_public_job(project, job))
         if picked:
             tx.bump(f"s{stage_index}.pending", -len(picked))
@@ -589,7 +637,7 @@ class JobStore:
 
     def _complete_one(self, tx: _Tx, project: Project, worker: dict[str, Any], job_id: int, output: Any, now: float) -> dict[str, Any]:
         # Every check comes before the first write, so a refused item changes nothing.
-        self._check_payload(output, "job output")
+        self.check_payload(output, "job output")
         job = tx.job(job_id)
         if job is None:
             raise NotFound(f"project {project.name!r} has no job {job_id}", code="unknown_job")
@@ -625,6 +673,8 @@ class JobStore:
         tx.bump(f"s{stage}.leased", -1)
         tx.bump(f"s{stage}.done")
         worker["leases"] = [j for j in worker["leases"] if j != job_id]
+        if not tx.count(f"s{stage}.first_ms"):
+            tx.bump(f"s{stage}.first_ms", int(now * 1000))  # where the stage's rate window may start
         worker["completed"] += 1
         worker["last_done"] = job_id
         worker["progress"] = "Completed job"
@@ -705,7 +755,7 @@ class JobStore:
         """The lease holder says the job's *input* is bad.
 
         The lease is given back (no attempt used). Once ``flag_threshold``
-        distinct workers agree, the job that produced the input (stage N-1)
+        distinct users (or workers, with ``flag_per_worker``) agree, the job that produced the input (stage N-1)
         is redone: its not-yet-done outputs are withdrawn and it goes back
         to pending. A stage-1 job has no producer and is failed instead.
         """
@@ -713,8 +763,10 @@ class JobStore:
         job_id = _job_id(job_id)
         with self._write(project) as tx:
             worker, job = self._held_job(tx, project, token, job_id, now)
-            if worker["name"] not in job["flags"]:
-                job["flags"].append(worker["name"])
+            # Distinct users by default: one person running many workers is one opinion.
+            flagger = worker["name"] if self.flag_per_worker else "user:" + worker["user"]
+            if flagger not in job["flags"]:
+                job["flags"].append(flagger)
             stage = job["stage"]
             self._unlease(tx, job)
             job["attempts"] = max(0, job["attempts"] - 1)
@@ -723,7 +775,7 @@ class JobStore:
                 tx.bump(f"s{stage}.pending")
                 self._enqueue(tx, job)
                 return {"id": job_id, "status": "flagged", "flags": len(job["flags"])}
-            note = f"input flagged invalid by {len(job['flags'])} workers" + (f" ({str(reason)[:200]})" if reason else "")
+            note = f"input flagged invalid by {len(job['flags'])} {'workers' if self.flag_per_worker else 'users'}" + (f" ({str(reason)[:200]})" if reason else "")
             if job["parent"] is None:
                 job["state"] = "failed"
                 job["errors"].append({"time": now, "error": note})
@@ -880,6 +932,7 @@ class JobStore:
                     workers_active[worker["stage"]] += 1
             failures = [_loads(raw, "failure") for _, raw in _scan_reverse(tx, "failures", tx.p, 10)]
             results = tx.count("results")
+            first_done = [tx.count(f"s{i}.first_ms") / 1000.0 for i in range(len(project.stages))]
         stages = []
         expected_prev = None
         eta = 0.0
@@ -890,7 +943,11 @@ class JobStore:
             expected = total
             if expected_prev is not None and not project.stages[i - 1].fanout:
                 expected = max(total, expected_prev)
-            rate = sum(v[i] for m, v in series.items() if m >= minute_now - 14) / (15 * 60)
+            # Completions of the last 15 minutes over the time they really span: a stage that
+            # started a minute ago is measured over that minute, not over 900 s.
+            window_start = max((minute_now - 14) * 60, first_done[i] or now)
+            window = max(now - window_start, 1.0)
+            rate = sum(v[i] for m, v in series.items() if m >= minute_now - 14) / window
             remaining = max(expected - c["done"] - c["failed"], 0)
             stage_eta = remaining / rate if rate > 0 else (None if remaining else 0.0)
             if eta is not None:
@@ -929,8 +986,8 @@ class JobStore:
         raw = tx.get("board", tx.p + b"A" + kind + who.encode() + b"\x00" + bytes([stage]))
         return _U64.unpack(raw)[0] if raw else 0
 
-    def leaderboard(self, name: str, now: float, *, limit: int = 50) -> dict[str, Any]:
-        """Jobs completed per user and per worker, per stage, all time and last 24 h."""
+    def leaderboard(self, name: str, now: float, *, limit: int = 50, offset: int = 0) -> dict[str, Any]:
+        """Jobs completed per user and per worker, per stage, all time and last 24 h; paged by ``offset``."""
         project = self.project(name)
         stage_names = [s.name for s in project.stages]
         tables: dict[str, dict[str, dict[str, dict[str, int]]]] = {"users": {}, "workers": {}}
@@ -951,7 +1008,7 @@ class JobStore:
                 rest = key[len(tx.p) + 5 :]
                 who, stage = rest[1:-2].decode(), rest[-1]
                 add("last_24h", rest[:1], who, stage, _U64.unpack(raw)[0])
-        out: dict[str, Any] = {"project": project.name, "stages": stage_names}
+        out: dict[str, Any] = {"project": project.name, "stages": stage_names, "offset": offset, "limit": limit, "total": {}}
         for kind, table in tables.items():
             rows = [
                 {
@@ -964,16 +1021,28 @@ class JobStore:
                 for who, row in table.items()
             ]
             rows.sort(key=lambda r: (-r["total"], r["name"]))
-            out[kind] = rows[:limit]
+            out["total"][kind] = len(rows)
+            out[kind] = rows[offset : offset + limit]
         return out
 
-    def results(self, name: str, *, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
-        """Last-stage outputs in completion order; page with ``after`` = the last ``seq`` seen."""
+    def results(self, name: str, *, after: int = 0, limit: int = 1000, with_input: bool = False) -> list[dict[str, Any]]:
+        """Last-stage outputs in completion order; page with ``after`` = the last ``seq`` seen.
+
+        ``with_input`` adds the input of the job that produced each result and,
+        for a multi-stage project, ``root_input``: what was created at stage 1.
+        """
         project = self.project(name)
         with self._read(project) as tx:
             out = []
             for key, raw in tx.scan("results", tx.p, tx.p + _U64.pack(after + 1)):
-                out.append(dict(_loads(raw, "result"), seq=_U64.unpack(key[-8:])[0]))
+                result = dict(_loads(raw, "result"), seq=_U64.unpack(key[-8:])[0])
+                if with_input:
+                    job = tx.job(result["job"])
+                    result["input"] = job["input"] if job is not None else None
+                    if result["root"] != result["job"]:
+                        root = tx.job(result["root"])
+                        result["root_input"] = root["input"] if root is not None else None
+                out.append(result)
                 if len(out) >= limit:
                     break
         return out

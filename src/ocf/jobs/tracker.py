@@ -11,7 +11,9 @@ of the ``jobs`` service so workers reach the tracker through any node.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
@@ -20,6 +22,7 @@ import trio
 
 from .. import log as logfmt
 from .store import JobStore
+from .writer import WriterThread
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -29,6 +32,8 @@ log = logging.getLogger("ocf.jobs")
 IDLE_SWEEP_INTERVAL = 60.0
 MAX_REAPER_SLEEP = 5.0
 MAX_CLAIM_WAIT = 60.0
+CREATE_CHUNK = 2000
+CHECK_SLICE = 1000
 
 
 @attrs.define(eq=False)
@@ -38,16 +43,41 @@ class _Op:
     kwargs: dict[str, Any]
     result: Any = None
     error: BaseException | None = None
-    abandoned: bool = False
+    abandoned: bool = False  # the caller left before the writer began it: skip it
+    started: bool = False  # the writer began it: too late to skip
     done: trio.Event = attrs.field(factory=trio.Event)
+
+
+def _release_gil() -> None:
+    """On the writer thread: let the event loop's thread take the GIL now if it waits for it.
+
+    A thread that wants the GIL otherwise waits out the switch interval
+    (5 ms) each time, and the event loop's thread needs it at every step: a
+    long burst of Python on the writer would stretch the loop's steps by
+    that much, over and over.
+    """
+    time.sleep(0)
+
+
+def _claimed_ids(result: Any) -> list[int]:
+    """Job ids a claim-like operation leased (``claim`` or ``complete_many(..., claim=k)``)."""
+    jobs = result[1] if isinstance(result, tuple) else result
+    return [job["id"] for job in jobs or ()]
 
 
 class Tracker:
     """Mutations go through here so waiters learn of them; reads may use :attr:`store`."""
 
-    def __init__(self, store: JobStore, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: JobStore, clock: Callable[[], float] = time.time, *, create_chunk: int = CREATE_CHUNK) -> None:
         self.store = store
         self.clock = clock
+        self.create_chunk = create_chunk
+        # Job creation is chunked across transactions; one creation at a time keeps each
+        # request's ids contiguous and its idempotency record in step with what was written.
+        self._create_lock = trio.Lock()
+        # Guards an op's abandoned/started pair, read by the writer thread and set by Trio.
+        self._op_lock = threading.Lock()
+        self._writer: WriterThread | None = None
         self.version = 0
         self._changed = trio.Event()
         # Claimers long-polling a stage wait here, not on every change: a thousand idle
@@ -62,6 +92,8 @@ class Tracker:
     # --- change notification ----------------------------------------------------------------
 
     def notify(self) -> None:
+        # Called between batches only (the writer thread is idle then): it swaps the store's
+        # set of enqueued stages, which the writer fills while a batch runs.
         for key in self.store.take_enqueued():
             event = self._stage_events.pop(key, None)
             if event is not None:
@@ -88,17 +120,18 @@ class Tracker:
     # --- mutations ------------------------------------------------------------------------------
 
     def _mutate(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Run a store operation now, in its own commit (rare operations: projects, job creation)."""
+        """Run a store operation now, on this thread (only before the committer runs, and in tests)."""
         result = getattr(self.store, method)(*args, **kwargs)
         self.notify()
         return result
 
-    async def _batched(self, method: str, *args: Any, **kwargs: Any) -> Any:
+    async def _batched(self, method: str, *args: Any, release: Callable[[Any], list[int]] | None = None, **kwargs: Any) -> Any:
         """Run a store operation in the next group commit and return its result once durable.
 
         Requests that arrive together (a hundred workers each claiming and
         completing) share one LMDB commit, so one fsync covers many answers
-        instead of each answer paying its own.
+        instead of each answer paying its own. ``release`` names the jobs the
+        operation leased, to hand back if the caller leaves while it runs.
         """
         if self._committer is None:
             return self._mutate(method, *args, **kwargs)
@@ -108,17 +141,47 @@ class Tracker:
         try:
             await op.done.wait()
         except trio.Cancelled:
-            # The caller left (a long-polling client hung up) before the batch ran: skip it, so no
-            # job is leased to nobody. Once a batch is taken it runs to its end without a
-            # checkpoint, so a cancelled wait always means "not run yet".
-            op.abandoned = True
+            # The caller left (a long-polling client hung up). Not begun yet: the writer skips
+            # it, so no job is leased to nobody. Already begun: wait for it, then hand back
+            # what it leased (no attempt used), as a lease nobody will heartbeat.
+            with self._op_lock:
+                op.abandoned = True
+                started = op.started
+            if started:
+                with trio.CancelScope(shield=True):
+                    await op.done.wait()
+                ids = release(op.result) if release is not None and op.error is None else []
+                if ids:
+                    self._queue.append(_Op("release", (args[0], args[1], ids, self.clock()), {}))
+                    self._work.set()
             raise
         if op.error is not None:
             raise op.error
         return op.result
 
+    def _run_batch(self, ops: list[_Op]) -> None:
+        """On the writer thread: every op in its own child transaction, one durable commit for all."""
+        try:
+            with self.store.batch():
+                for op in ops:
+                    with self._op_lock:
+                        if op.abandoned:
+                            continue
+                        op.started = True
+                    try:
+                        op.result = getattr(self.store, op.method)(*op.args, **op.kwargs)
+                    except Exception as exc:  # this request's error (404, 409...): others go on
+                        op.error = exc
+                    _release_gil()
+        except Exception as exc:  # the commit itself failed (disk full...): nobody's change is durable
+            log.error("job tracker commit failed %s", logfmt.kv(ops=len(ops), error=exc))
+            for op in ops:
+                op.error = exc
+
     async def run_committer(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self._committer = trio.lowlevel.current_task()
+        writer = self._writer = WriterThread()
+        self.store.yield_gil = _release_gil
         try:
             task_status.started()
             while True:
@@ -128,34 +191,59 @@ class Tracker:
                 ops, self._queue = [op for op in self._queue if not op.abandoned], []
                 if not ops:
                     continue
-                try:
-                    with self.store.batch():
-                        for op in ops:
-                            try:
-                                op.result = getattr(self.store, op.method)(*op.args, **op.kwargs)
-                            except Exception as exc:  # this request's error (404, 409...): others go on
-                                op.error = exc
-                except Exception as exc:  # the commit itself failed (disk full...): nobody's change is durable
-                    log.error("job tracker commit failed %s", logfmt.kv(ops=len(ops), error=exc))
-                    for op in ops:
-                        op.error = exc
+                # The batch runs and commits (fsync) on the writer thread; this task waits
+                # without holding the event loop, and answers once the batch is durable.
+                await writer.run(functools.partial(self._run_batch, ops))
                 self.notify()
                 for op in ops:
                     op.done.set()
         finally:
+            self.store.yield_gil = None
             self._committer = None
+            self._writer = None
             for op in self._queue:  # the node is stopping: fail the stragglers rather than hang them
                 op.error = RuntimeError("job tracker stopped")
                 op.done.set()
+            writer.close()
 
-    def create_project(self, name: str, body: Any) -> Any:
-        project, created = self._mutate("create_project", name, body, self.clock())
+    async def create_project(self, name: str, body: Any) -> Any:
+        project, created = await self._batched("create_project", name, body, self.clock())
         if created:
             log.info("project created %s", logfmt.kv(project=name, stages=",".join(s.name for s in project.stages)))
         return project, created
 
-    def add_jobs(self, name: str, inputs: Any, *, idempotency_key: str | None = None) -> dict[str, Any]:
-        return self._mutate("add_jobs", name, inputs, self.clock(), idempotency_key=idempotency_key)
+    async def add_jobs(self, name: str, inputs: list[Any], *, idempotency_key: str | None = None) -> dict[str, Any]:
+        """Create stage-1 jobs in transactions of at most ``create_chunk``, yielding between them.
+
+        A million inputs in one transaction held the writer (and, before it
+        had a thread, the event loop) for many seconds; chunks let claims and
+        completions commit in between. Every input is checked first, so a bad
+        one refuses the whole request before anything is written. With an
+        idempotency key, a request cut short (a crash mid-way) resumes where
+        its last durable chunk ended when retried, instead of duplicating it.
+        """
+        self.store.project(name)
+        for start in range(0, len(inputs), CHECK_SLICE):
+            for value in inputs[start : start + CHECK_SLICE]:
+                self.store.check_payload(value, "job input")
+            await trio.sleep(0)
+        async with self._create_lock:
+            carry: dict[str, Any] | None = None
+            position = 0
+            if idempotency_key:
+                previous = self.store.creation_record(name, idempotency_key)
+                if previous is not None and previous.get("done", True):
+                    previous.pop("done", None)
+                    return dict(previous, repeated=True)
+                if previous is not None:
+                    carry, position = previous, previous["created"]
+            while True:
+                chunk = inputs[position : position + self.create_chunk]
+                position += len(chunk)
+                final = position >= len(inputs)
+                carry = await self._batched("add_jobs", name, chunk, self.clock(), idempotency_key=idempotency_key, carry=carry, final=final)
+                if final:
+                    return carry
 
     async def register_worker(self, name: str, *, nickname: str, stage: Any, user: str | None = None) -> dict[str, Any]:
         worker = await self._batched("register_worker", name, nickname=nickname, stage=stage, user=user, now=self.clock())
@@ -164,7 +252,7 @@ class Tracker:
 
     async def claim(self, name: str, token: Any, *, limit: int = 1, stage: Any = None, wait: float = 0.0, release_held: bool = False) -> list[dict[str, Any]]:
         """Lease up to ``limit`` jobs; with ``wait`` > 0, wait that long for one to appear (long poll)."""
-        jobs = await self._batched("claim", name, token, self.clock(), limit=limit, stage=stage, release_held=release_held)
+        jobs = await self._batched("claim", name, token, self.clock(), limit=limit, stage=stage, release_held=release_held, release=_claimed_ids)
         if jobs or wait <= 0:
             return jobs
         key = (name, self.store.worker_stage(name, token, self.clock()))
@@ -177,7 +265,7 @@ class Tracker:
                     if event is None:
                         event = self._stage_events[key] = trio.Event()
                     await event.wait()
-                    jobs = await self._batched("claim", name, token, self.clock(), limit=limit, stage=stage)
+                    jobs = await self._batched("claim", name, token, self.clock(), limit=limit, stage=stage, release=_claimed_ids)
                     if jobs:
                         return jobs
             return []
@@ -192,7 +280,7 @@ class Tracker:
         return await self._batched("complete", name, token, job_id, output, self.clock())
 
     async def complete_many(self, name: str, token: Any, items: Any, *, claim: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        return await self._batched("complete_many", name, token, items, self.clock(), claim=claim)
+        return await self._batched("complete_many", name, token, items, self.clock(), claim=claim, release=_claimed_ids)
 
     async def fail(self, name: str, token: Any, job_id: Any, error: Any) -> dict[str, Any]:
         result = await self._batched("fail", name, token, job_id, error, self.clock())
@@ -210,12 +298,20 @@ class Tracker:
 
     # --- time ------------------------------------------------------------------------------------
 
-    def expire_now(self) -> list[tuple[str, int, str]]:
-        expired = self.store.expire(self.clock())
+    def _log_expired(self, expired: list[tuple[str, int, str]]) -> None:
         if expired:
             failed = sum(1 for *_, state in expired if state == "failed")
             log.info("leases expired %s", logfmt.kv(jobs=len(expired), requeued=len(expired) - failed, failed=failed))
-            self.notify()
+
+    def expire_at_start(self) -> list[tuple[str, int, str]]:
+        """Expire leases that ran out while the node was down (before the writer thread runs)."""
+        expired = self._mutate("expire", self.clock())
+        self._log_expired(expired)
+        return expired
+
+    async def expire_now(self) -> list[tuple[str, int, str]]:
+        expired = await self._batched("expire", self.clock())
+        self._log_expired(expired)
         return expired
 
     async def run_reaper(self) -> None:
@@ -224,14 +320,13 @@ class Tracker:
         while True:
             now = self.clock()
             if now >= next_sweep:
-                forgotten = self.store.forget_idle_workers(now)
-                if forgotten:
+                forgotten = await self._batched("forget_idle_workers", now)
+                if forgotten:  # the committer notified waiters after that batch
                     log.info("idle workers forgotten %s", logfmt.kv(workers=forgotten))
-                    self.notify()
                 next_sweep = now + IDLE_SWEEP_INTERVAL
             due = self.store.next_expiry()
             if due is not None and due <= now:
-                self.expire_now()
+                await self.expire_now()
                 await trio.sleep(0)  # let requests run between large batches
                 continue
             delay = min(MAX_REAPER_SLEEP, next_sweep - now, (due - now) if due is not None else MAX_REAPER_SLEEP)
@@ -249,12 +344,13 @@ async def open_tracker(node: "Node") -> AsyncIterator[Tracker]:
         max_stages=config.jobs_max_stages,
         max_attempts=config.jobs_max_attempts,
         flag_threshold=config.jobs_flag_threshold,
+        flag_per_worker=config.jobs_flag_per_worker,
         max_payload=config.jobs_max_payload,
         default_lease=config.jobs_lease_timeout,
         worker_timeout=config.jobs_worker_timeout,
     )
-    tracker = Tracker(store)
-    expired = tracker.expire_now()  # leases that ran out while the node was down
+    tracker = Tracker(store, create_chunk=config.jobs_create_chunk)
+    expired = tracker.expire_at_start()  # leases that ran out while the node was down
     log.info(
         "job tracker started %s",
         logfmt.kv(projects=len(store.projects()), expired_while_down=len(expired)),

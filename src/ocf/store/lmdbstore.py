@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -45,12 +46,28 @@ class Store:
         self.env = env
         self._lock_fd: int | None = lock_fd
         self._dbs: dict[str, Any] = {}
-        # The write transaction in progress, if any. LMDB allows one writer, so
-        # creating a sub-database while a write txn is open must reuse that
-        # txn or it deadlocks; handles created inside a txn that then aborts
-        # are invalid and must be forgotten.
-        self._write_txn: lmdb.Transaction | None = None
-        self._created_in_txn: list[str] = []
+        # The write transaction in progress on each thread, if any. LMDB allows
+        # one writer, so creating a sub-database while a write txn is open must
+        # reuse that txn or it deadlocks; handles created inside a txn that then
+        # aborts are invalid and must be forgotten. Per thread, because the job
+        # tracker commits on its own writer thread while the node table writes
+        # on the Trio thread (LMDB serialises the two; each waits for the other).
+        self._local = threading.local()
+
+    @property
+    def _write_txn(self) -> lmdb.Transaction | None:
+        return getattr(self._local, "txn", None)
+
+    @_write_txn.setter
+    def _write_txn(self, txn: lmdb.Transaction | None) -> None:
+        self._local.txn = txn
+
+    @property
+    def _created_in_txn(self) -> list[str]:
+        created = getattr(self._local, "created", None)
+        if created is None:
+            created = self._local.created = []
+        return created
 
     @classmethod
     def open(

@@ -10,6 +10,7 @@
   const BOARD_MIN_INTERVAL_MS = 1500; // leaderboard re-fetch throttle while stats stream in
   const RECONNECT_MS = 5000;          // after the event stream is closed for good (e.g. node restart)
   const NO_PROJECT_RETRY_MS = 5000;   // "no projects yet": look again, the page comes alive by itself
+  const PAGE_SIZE = 50;               // leaderboard and worker list rows per page
   const STAGE_COLORS = ["#2f7ed8", "#8e44ad", "#16a085", "#d35400", "#c0392b"];
   const SVG_NS = "http://www.w3.org/2000/svg";
   const num = new Intl.NumberFormat("en-US");
@@ -23,6 +24,10 @@
     boardTimer: null,
     lastBoardFetch: 0,
     updates: 0,
+    boardOffset: 0,
+    workers: null,
+    workersOffset: 0,
+    workersAll: false,
   };
   const $ = (id) => document.getElementById(id);
 
@@ -301,10 +306,15 @@
   function renderBoard() {
     const board = state.board;
     if (!board) return;
-    for (const kind of ["users", "workers"]) renderBoardTable($(`board-${kind}`), board[kind], board.stages);
+    for (const kind of ["users", "workers"]) {
+      renderBoardTable($(`board-${kind}`), board[kind], board.stages, board.offset || 0);
+      if (board.total) setText($(`board-${kind}-count`), `(${num.format(board.total[kind])})`);
+    }
+    const total = board.total ? Math.max(board.total.users, board.total.workers) : 0;
+    renderPager("board", state.boardOffset, total);
   }
 
-  function renderBoardTable(table, rows, stages) {
+  function renderBoardTable(table, rows, stages, offset) {
     const period = state.period;
     const totalKey = period === "all_time" ? "total" : "total_24h";
     const otherKey = period === "all_time" ? "total_24h" : "total";
@@ -319,7 +329,7 @@
       return;
     }
     table.tBodies[0].replaceChildren(...shown.map((row, i) => {
-      const tr = el("tr", { "data-name": row.name }, el("td", { text: String(i + 1) }), el("td", { className: "name", text: row.name }));
+      const tr = el("tr", { "data-name": row.name }, el("td", { text: String(offset + i + 1) }), el("td", { className: "name", text: row.name }));
       for (const stage of stages) {
         tr.append(el("td", { className: "n", "data-stage": stage, "data-field": "count", text: num.format(row[period][stage] || 0) }));
       }
@@ -329,6 +339,55 @@
       );
       return tr;
     }));
+  }
+
+  // --- pagers -----------------------------------------------------------------------------
+
+  function renderPager(prefix, offset, total) {
+    const last = Math.max(0, Math.ceil(total / PAGE_SIZE) - 1);
+    const page = Math.floor(offset / PAGE_SIZE);
+    $(`${prefix}-prev`).disabled = page <= 0;
+    $(`${prefix}-next`).disabled = page >= last;
+    setText($(`${prefix}-page`), total > PAGE_SIZE ? `page ${page + 1} of ${last + 1}` : "");
+  }
+
+  // --- live workers -----------------------------------------------------------------------
+
+  function ago(seconds) {
+    if (seconds < 2) return "now";
+    return `${duration(seconds)} ago`;
+  }
+
+  function renderWorkers() {
+    const list = state.workers;
+    if (!list) return;
+    const body = $("workers").tBodies[0];
+    const now = state.stats ? state.stats.time : Date.now() / 1000;
+    if (!list.workers.length) {
+      body.replaceChildren(el("tr", {}, el("td", { className: "quiet", colspan: "7", text: state.workersAll ? "no workers" : "no active workers" })));
+    } else {
+      body.replaceChildren(...list.workers.map((w) => {
+        const link = el("a", { href: `${projectPath()}/worker/${w.stage_letter}/${encodeURIComponent(w.name)}`, text: w.name });
+        return el("tr", { "data-name": w.name },
+          el("td", { className: "name" }, link),
+          el("td", { text: w.user }),
+          el("td", { text: w.stage }),
+          el("td", { "data-field": "current", text: w.current_jobs.length ? w.current_jobs.join(", ") : "–" }),
+          el("td", { className: "progress", text: w.progress }),
+          el("td", { className: "n", "data-field": "done", text: num.format(w.jobs_completed) }),
+          el("td", { "data-field": "seen", text: ago(Math.max(0, now - w.last_seen)) }),
+        );
+      }));
+    }
+    setText($("workers-shown"), state.workersAll ? `all ${num.format(list.total)} registered` : `${num.format(list.total)} active in the last 5 min`);
+    renderPager("workers", state.workersOffset, list.total);
+  }
+
+  async function refreshWorkers() {
+    const query = new URLSearchParams({ limit: String(PAGE_SIZE), offset: String(state.workersOffset) });
+    if (state.workersAll) query.set("all", "1");
+    state.workers = await getJSON(`${projectPath()}/workers?${query}`);
+    renderWorkers();
   }
 
   // --- data flow --------------------------------------------------------------------------
@@ -341,7 +400,8 @@
 
   async function refreshBoard() {
     state.lastBoardFetch = Date.now();
-    state.board = await getJSON(`${projectPath()}/leaderboard`);
+    const query = new URLSearchParams({ limit: String(PAGE_SIZE), offset: String(state.boardOffset) });
+    state.board = await getJSON(`${projectPath()}/leaderboard?${query}`);
     renderBoard();
   }
 
@@ -352,6 +412,7 @@
     state.boardTimer = setTimeout(() => {
       state.boardTimer = null;
       refreshBoard().catch((err) => setLive("error", `leaderboard: ${err.message}`));
+      refreshWorkers().catch((err) => setLive("error", `workers: ${err.message}`));
     }, wait);
   }
 
@@ -388,6 +449,32 @@
     }));
   }
 
+  // The server embeds the first view's data (and fills it into the HTML): render it at once,
+  // before the load event, so the page has data at first paint; then go live.
+  function startFromServer() {
+    const block = $("initial-data");
+    if (!block) return false;
+    let data;
+    try {
+      data = JSON.parse(block.textContent);
+    } catch (_) {
+      return false;
+    }
+    state.project = data.project;
+    document.title = `${state.project} · ocf jobs`;
+    setText($("project-name"), state.project);
+    hideMessage();
+    renderStats(data.stats);
+    state.board = data.board;
+    state.lastBoardFetch = Date.now();
+    renderBoard();
+    state.workers = data.workers;
+    renderWorkers();
+    getJSON(API).then((answer) => renderProjects(answer.projects, state.project)).catch(() => {});
+    connect();
+    return true;
+  }
+
   async function start() {
     const wanted = new URLSearchParams(location.search).get("project");
     let projects;
@@ -422,7 +509,7 @@
     setText($("project-name"), state.project);
     hideMessage();
     try {
-      await Promise.all([refreshStats(), refreshBoard()]);
+      await Promise.all([refreshStats(), refreshBoard(), refreshWorkers()]);
     } catch (err) {
       showMessage(`Cannot load project "${state.project}": ${err.message}`);
       return;
@@ -442,6 +529,20 @@
       clearTimeout(resizeTimer);
       resizeTimer = setTimeout(renderThroughput, 100);
     });
-    start();
+    const page = (prefix, delta) => () => {
+      const key = prefix === "board" ? "boardOffset" : "workersOffset";
+      state[key] = Math.max(0, state[key] + delta * PAGE_SIZE);
+      (prefix === "board" ? refreshBoard() : refreshWorkers()).catch((err) => setLive("error", `${prefix}: ${err.message}`));
+    };
+    for (const prefix of ["board", "workers"]) {
+      $(`${prefix}-prev`).addEventListener("click", page(prefix, -1));
+      $(`${prefix}-next`).addEventListener("click", page(prefix, 1));
+    }
+    $("workers-all").addEventListener("change", (event) => {
+      state.workersAll = event.target.checked;
+      state.workersOffset = 0;
+      refreshWorkers().catch((err) => setLive("error", `workers: ${err.message}`));
+    });
+    if (!startFromServer()) start();
   });
 })();
