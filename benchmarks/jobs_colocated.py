@@ -37,6 +37,9 @@ import httpx
 import trio
 
 ROOT = Path(__file__).resolve().parents[1]
+#: The benchmark node's admin token (a throwaway node; passed with --admin-token).
+ADMIN_TOKEN = "bench-admin-token"
+ADMIN = {"x-ocf-admin-token": ADMIN_TOKEN}
 PROMPT = " ".join(f"word{i}" for i in range(120))
 BATCH = 10
 
@@ -165,7 +168,8 @@ def main() -> None:
         procs.append(llm)
         wait_healthy(f"http://127.0.0.1:{llm_port}/health", llm, "mock LLM")
         node = subprocess.Popen([sys.executable, "-m", "ocf", "start", "--mode", "standalone", "--jobs", "--host", "127.0.0.1", "--port", str(port), "--tcpport", "0",
-                                 "--data-dir", str(tmp / "node"), "--service.name", "llm", "--service.port", str(llm_port), "--log-level", "warning"],
+                                 "--data-dir", str(tmp / "node"), "--service.name", "llm", "--service.port", str(llm_port), "--log-level", "warning",
+                                 "--admin-token", ADMIN_TOKEN, "--register-burst", "1000000"],
                                 stdout=(tmp / "node.log").open("w"), stderr=subprocess.STDOUT, env=env(), cwd=ROOT)
         procs.append(node)
         wait_healthy(f"{base}/v1/health", node, "node")
@@ -175,10 +179,10 @@ def main() -> None:
                 raise RuntimeError("the node never published its llm service")
             time.sleep(0.2)
         jobs = int(args.rate * args.seconds * 1.5) + 1000
-        httpx.put(f"{base}/v1/jobs/bench", json={"stages": [{"name": "one", "lease_timeout": 600}]}, timeout=30).raise_for_status()
+        httpx.put(f"{base}/v1/jobs/bench", json={"stages": [{"name": "one", "lease_timeout": 600}]}, headers=ADMIN, timeout=30).raise_for_status()
         for first in range(0, jobs, 50_000):
             lines = "".join(f'"job-{i}"\n' for i in range(first, min(jobs, first + 50_000)))
-            httpx.post(f"{base}/v1/jobs/bench/jobs", content=lines, headers={"content-type": "application/x-ndjson"}, timeout=120).raise_for_status()
+            httpx.post(f"{base}/v1/jobs/bench/jobs", content=lines, headers={"content-type": "application/x-ndjson", **ADMIN}, timeout=120).raise_for_status()
 
         baseline = trio.run(measure, base, args.seconds, args.token_delay)
         loader = subprocess.Popen([sys.executable, __file__, "--load", base, "--rate", str(args.rate), "--seconds", str(args.seconds + 1), "--workers", str(args.workers)],

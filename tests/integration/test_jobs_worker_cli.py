@@ -46,8 +46,8 @@ def test_sigterm_hands_the_lease_back(tmp_path):
     url = f"http://127.0.0.1:{port}"
     proc = start_tracker(tmp_path / "d", port)
     try:
-        ocf("jobs", "project", "p", "--stage", "slow:600", url=url)
-        ocf("jobs", "create", "p", "--range", "0:1", url=url)
+        ocf("jobs", "project", "p", "--stage", "slow:600", url=url, data_dir=tmp_path / "d")
+        ocf("jobs", "create", "p", "--range", "0:1", url=url, data_dir=tmp_path / "d")
         worker = spawn_worker(url, "--project", "p", "--stage", "slow", "--", sys.executable, "-c", "import time; time.sleep(60)")
         wait_for(lambda: counts(url, "p")["leased"] == 1, "the job to be leased")
         started = time.monotonic()
@@ -71,8 +71,8 @@ def test_worker_survives_a_tracker_restart(tmp_path):
     proc = start_tracker(data, port)
     try:
         total = 60
-        ocf("jobs", "project", "p", "--stage", "one:60", url=url)
-        ocf("jobs", "create", "p", "--range", f"0:{total}", url=url)
+        ocf("jobs", "project", "p", "--stage", "one:60", url=url, data_dir=tmp_path / "d")
+        ocf("jobs", "create", "p", "--range", f"0:{total}", url=url, data_dir=tmp_path / "d")
         # Each job takes a little while, so the restart lands in the middle of the run.
         worker = spawn_worker(url, "--project", "p", "--stage", "one", "--until-empty", "--max-backoff", "1",
                               "--", sys.executable, "-c", "import sys, time; time.sleep(0.05); print(sys.stdin.read())")
@@ -97,8 +97,8 @@ def test_unusable_command_is_one_line_and_failures_are_counted(tmp_path):
     url = f"http://127.0.0.1:{port}"
     proc = start_tracker(tmp_path / "d", port)
     try:
-        ocf("jobs", "project", "p", "--stage", "only", "--max-attempts", "1", url=url)
-        ocf("jobs", "create", "p", "--range", "0:3", url=url)
+        ocf("jobs", "project", "p", "--stage", "only", "--max-attempts", "1", url=url, data_dir=tmp_path / "d")
+        ocf("jobs", "create", "p", "--range", "0:3", url=url, data_dir=tmp_path / "d")
         r = ocf("worker", "--project", "p", "--stage", "only", "--", "/nonexistent/cmd", url=url)
         assert r.returncode == 127 and r.stderr.count("\n") <= 2 and "command not found: /nonexistent/cmd" in r.stderr, r.stderr
         assert counts(url, "p")["pending"] == 3  # refused before registering or leasing anything
@@ -122,9 +122,9 @@ def test_readme_example_workers_run_the_three_stages(tmp_path):
     url = f"http://127.0.0.1:{port}"
     proc = start_tracker(tmp_path / "d", port)
     try:
-        r = ocf("jobs", "project", "laion-crawl", "--stage", "crawl:600", "--stage", "embed:1800", "--stage", "filter", url=url)
+        r = ocf("jobs", "project", "laion-crawl", "--stage", "crawl:600", "--stage", "embed:1800", "--stage", "filter", url=url, data_dir=tmp_path / "d")
         assert r.returncode == 0, r.stderr
-        r = ocf("jobs", "create", "laion-crawl", "--pattern", "shard-{00000..00004}.tar", url=url)
+        r = ocf("jobs", "create", "laion-crawl", "--pattern", "shard-{00000..00004}.tar", url=url, data_dir=tmp_path / "d")
         assert r.returncode == 0 and "created 5 jobs" in r.stdout, r.stderr
         for stage in ("crawl", "embed", "filter"):
             script = os.path.join(root, "examples", "workers", f"{stage}.py")

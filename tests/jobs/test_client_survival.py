@@ -27,7 +27,7 @@ async def _counts(http: httpx.AsyncClient) -> dict:
 
 async def test_native_late_completion_is_refused_and_not_recorded(node_config):
     now = [1_000_000.0]
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url) as http:
+    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http:
         node.jobs.clock = lambda: now[0]
         await _project(http, ["a", "b"], stages=[{"name": "crawl", "lease_timeout": 3}])
         token = (await http.post("/v1/jobs/p/workers", json={"nickname": "w", "stage": "crawl"})).json()["token"]
@@ -47,7 +47,7 @@ async def test_native_late_completion_is_refused_and_not_recorded(node_config):
 
 
 async def test_breaking_out_of_a_batch_keeps_its_completions(node_config):
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url) as http:
+    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http:
         await _project(http, list(range(10)))
         async with connect(node.gateway_url, "p", nickname="alice") as tracker:
             seen = 0
@@ -72,7 +72,7 @@ def _sync_break(url: str) -> None:
 
 
 async def test_breaking_out_of_a_sync_batch_keeps_its_completions(node_config):
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url) as http:
+    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http:
         await _project(http, list(range(10)))
         await trio.to_thread.run_sync(_sync_break, node.gateway_url)
         counts = await _counts(http)
@@ -91,7 +91,7 @@ def _asyncio_worker(url: str, out: list) -> None:
 
 
 async def test_client_runs_under_asyncio(node_config):
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url) as http:
+    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http:
         await _project(http, list(range(9)))
         out: list = []
         # asyncio.run in its own thread: the node's Trio loop keeps serving meanwhile.
@@ -103,7 +103,7 @@ async def test_client_runs_under_asyncio(node_config):
 
 
 async def test_flags_count_distinct_users(node_config):
-    async with open_node(node_config(jobs=True, jobs_flag_threshold=2)) as node, httpx.AsyncClient(base_url=node.gateway_url) as http:
+    async with open_node(node_config(jobs=True, jobs_flag_threshold=2)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http:
         await _project(http, ["bad"], stages=["crawl"])
 
         async def flag_as(user: str) -> dict:

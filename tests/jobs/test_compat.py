@@ -140,7 +140,7 @@ async def test_late_completion_is_refused_not_swallowed(node_config):
     output was thrown away. The tracker's clock is driven by the test.
     """
     now = [1_000_000.0]
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url) as http:
+    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http:
         node.jobs.clock = lambda: now[0]
         await http.put("/v1/jobs/crawl", json={"stages": [{"name": "cpu", "lease_timeout": 3}], "max_attempts": 5})
         await http.post("/v1/jobs/crawl/jobs", json=["first", "second"])
@@ -167,7 +167,7 @@ async def test_late_completion_is_refused_not_swallowed(node_config):
 
 
 async def test_compat_route_details(node_config):
-    async with open_node(node_config(jobs=True, max_body_size=4096)) as node, httpx.AsyncClient(base_url=node.gateway_url) as http:
+    async with open_node(node_config(jobs=True, max_body_size=4096)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http:
         await http.put("/v1/jobs/crawl", json={"stages": ["cpu"]})
         await http.post("/v1/jobs/crawl/jobs", json=["x"])
         r = await http.get("/v1/jobs/crawl/api/new", params={"stage": "a", "nickname": "n"})

@@ -49,7 +49,7 @@ async def _loaded(page, url: str) -> dict:
 @pytest.mark.browser
 async def test_first_paint_shows_numbers_and_the_worker_list(node_config, tmp_path):
     project = "laion"
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url) as client:
+    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client:
         assert (await client.put(f"/v1/jobs/{project}", json=PROJECT)).status_code == 201
         assert (await client.post(f"/v1/jobs/{project}/jobs", json=[f"url-{i}" for i in range(12)])).status_code == 201
         alice = await register(client, project, "crawl", "alice")

@@ -33,7 +33,7 @@ def test_rate_and_eta_use_the_real_elapsed_window(tmp_path):
 
 
 async def test_worker_list_leaderboard_pages_and_results_with_input(node_config):
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url) as http:
+    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http:
         await http.put("/v1/jobs/p", json={"stages": ["crawl", "embed"]})
         await http.post("/v1/jobs/p/jobs", json=[f"in-{i}" for i in range(20)])
         tokens = {}

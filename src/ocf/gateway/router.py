@@ -114,6 +114,7 @@ def _rules() -> tuple[_Rule, ...]:
     add("POST", "/v1/jobs/<project>/jobs", JOBS, P, JSON_OR_LINES, "admin")
     add("GET", "/v1/jobs/<project>/jobs/<int:job_id>", JOBS, G)
     add("POST", "/v1/jobs/<project>/workers", JOBS, W, JSON, "register")
+    add("GET", "/v1/jobs/<project>/workers", JOBS, G)
     add("GET", "/v1/jobs/<project>/workers/<name>", JOBS, G)
     for hot in ("claim", "complete", "heartbeat"):
         add("POST", f"/v1/jobs/<project>/{hot}", JOBS_HOT, W, JSON, hot)
