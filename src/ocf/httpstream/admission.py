@@ -18,7 +18,7 @@ connections in three ways (:meth:`ConnectionGate.admit`):
   as soon as it is accepted: that costs nothing and cannot be held open.
 
 Refusals and accept errors are counted and logged at most once per interval
-(:class:`CountedLog`), never once per event.
+(:class:`ocf.log.RateLimitedLog`), never once per event.
 """
 
 from __future__ import annotations
@@ -124,32 +124,6 @@ class Draining:
             conn.end_idle()
             return True
         return False
-
-
-class CountedLog:
-    """Log an event at most once per ``interval`` seconds, with how many happened since the last line."""
-
-    __slots__ = ("logger", "level", "interval", "message", "count", "total", "_next")
-
-    def __init__(self, logger: logging.Logger, level: int, interval: float, message: str) -> None:
-        self.logger = logger
-        self.level = level
-        self.interval = interval
-        self.message = message  # %-format with count, total and the fields given to note()
-        self.count = 0
-        self.total = 0
-        self._next = float("-inf")
-
-    def note(self, now: float, **fields: object) -> bool:
-        """Count one event; True if this one was logged."""
-        self.count += 1
-        self.total += 1
-        if now < self._next:
-            return False
-        self.logger.log(self.level, self.message, {"count": self.count, "total": self.total, **fields})
-        self.count = 0
-        self._next = now + self.interval
-        return True
 
 
 def fit_descriptor_limit(cap: int, reserve: int, log: logging.Logger) -> int:

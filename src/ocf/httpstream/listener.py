@@ -39,9 +39,10 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import trio
 
+from .. import log as logfmt
 from ..directsocket import DirectSocketStream
 from ..errors import OcfError
-from .admission import NORMAL, REFUSE, RESERVE, ConnectionGate, ConnectionLimits, CountedLog, Draining, ServerStats, fit_descriptor_limit
+from .admission import NORMAL, REFUSE, RESERVE, ConnectionGate, ConnectionLimits, Draining, ServerStats, fit_descriptor_limit
 from .bridge import DEFAULT_MAX_HEADER_SIZE
 from .deadlines import Timeouts
 from .server import ASGIApp, serve_stream
@@ -124,8 +125,8 @@ class _Server:
         self.max_header_size = max_header_size
         self.idle_timeout = idle_timeout
         self.timeouts = timeouts
-        self.refusals = CountedLog(log, logging.WARNING, REFUSAL_LOG_INTERVAL, "http connections refused: every connection is busy and the reserve is full refused=%(count)d total=%(total)d cap=%(cap)d")
-        self.accept_errors = CountedLog(log, logging.ERROR, REFUSAL_LOG_INTERVAL, "http accept failing, backing off error=%(error)s failures=%(count)d total=%(total)d open=%(open)d")
+        # Refusals and accept failures come in storms: one line per kind and interval, counting the rest.
+        self.refusal_log = logfmt.RateLimitedLog(log, REFUSAL_LOG_INTERVAL, clock=trio.current_time)
 
     async def accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         backoff = ACCEPT_BACKOFF_MIN
@@ -138,7 +139,9 @@ class _Server:
                     if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                         raise
                     gate.accept_errors += 1
-                    self.accept_errors.note(trio.current_time(), error=errno.errorcode.get(exc.errno or 0, exc.errno), open=gate.open + gate.reserve_open)
+                    self.refusal_log.log(
+                        logging.ERROR, "accept", "http accept failing, backing off", error=errno.errorcode.get(exc.errno or 0, exc.errno), failures=gate.accept_errors, open=gate.open + gate.reserve_open
+                    )
                     draining.evict_oldest()  # frees a descriptor as soon as that connection's task runs
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX)
@@ -146,7 +149,7 @@ class _Server:
                 backoff = ACCEPT_BACKOFF_MIN
                 kind = gate.admit(draining.evict_oldest)
                 if kind == REFUSE:
-                    self.refusals.note(trio.current_time(), cap=gate.cap)
+                    self.refusal_log.warning("refused", "http connections refused: every connection is busy and the reserve is full", cap=gate.cap)
                     stream.socket.close()  # at once: costs nothing, and a refused client cannot hold it
                     continue
                 nursery.start_soon(self.serve_connection, stream, kind)
