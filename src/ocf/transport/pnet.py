@@ -340,9 +340,7 @@ class Protector:
         self.key = key
         self.expect = expect
         self.stats = {"protected": 0, "refused": 0}
-        self._log_interval = log_interval
-        self._last_log: float | None = None
-        self._unlogged = 0
+        self._log = logfmt.RateLimitedLog(log, log_interval, clock=trio.current_time)
 
     async def protect(self, stream: trio.abc.Stream, *, initiator: bool) -> PnetStream:
         """Exchange nonces and return the wrapped stream.
@@ -370,16 +368,7 @@ class Protector:
         self.stats["refused"] += 1
         if not inbound:
             return
-        self._unlogged += 1
-        now = trio.current_time()
-        if self._last_log is not None and now - self._last_log < self._log_interval:
-            return
-        log.warning(
-            "refused connections without this network's key %s",
-            logfmt.kv(count=self._unlogged, total=self.stats["refused"], reason=exc, every=f"{self._log_interval:g}s"),
-        )
-        self._last_log = now
-        self._unlogged = 0
+        self._log.warning("refused", "refused connections without this network's key", total=self.stats["refused"], reason=exc)
 
 
 def protector_for(key: NetworkKey) -> Protector:
