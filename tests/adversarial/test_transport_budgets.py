@@ -439,6 +439,6 @@ async def test_node_health_answers_during_a_stream_flood(node_config):
         print(f"health during flood: n={len(latencies)} p99={p99 * 1000:.0f} ms refusals={rm.refusals['peer', 'memory']}")
         assert set(statuses) == {200}
         assert rm.refusals["peer", "memory"] > 0
-        # Generous: the attacker runs in this process too, encrypting 255 MB on
-        # the same event loop; the target for the node alone is 250 ms.
-        assert p99 < 1.0
+        # The figure, with the attacker in this process too, encrypting
+        # 255 MB on the same event loop (so the node alone does better).
+        assert p99 < 0.25
