@@ -1,4 +1,4 @@
-"""The node table sync protocol on ``/ocf/nodetable/1.0.0`` (messages in :mod:`wire`).
+"""The node table sync protocol on ``/ocf/nodetable/2.0.0`` (messages in :mod:`wire`).
 
 Each node keeps one outbound stream per connected peer: it sends a summary
 (in pages under the message limit), then every record and heartbeat the

@@ -1,6 +1,6 @@
 """Node table sync messages: varint-length-prefixed JSON, bounded in size.
 
-Three kinds travel on a ``/ocf/nodetable/1.0.0`` stream, each way independently:
+Three kinds travel on a ``/ocf/nodetable/2.0.0`` stream, each way independently:
 
 - ``{"t": "summary", "lo": A, "hi": B, "have": {owner: [seq, heartbeat_ms]}}``
   says which record versions (and which heartbeat) the sender holds for the
@@ -23,7 +23,9 @@ from typing import Any, Iterable, Iterator
 from ..errors import ProtocolError
 from ..identity import varint
 
-PROTOCOL = "/ocf/nodetable/1.0.0"
+#: 2.0.0: records signed over their document bytes, paged summaries, owner-signed heartbeats.
+#: A 1.x node does not negotiate it, so the two never exchange records each would refuse.
+PROTOCOL = "/ocf/nodetable/2.0.0"
 KINDS = ("summary", "records", "beats")
 #: Bytes a summary entry costs beyond its owner text (quotes, seq, heartbeat time, separators).
 ENTRY_OVERHEAD = 40
