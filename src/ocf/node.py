@@ -29,8 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ocf.node")
 
-SHUTDOWN_GRACE = 3.0  # seconds subsystems get to say goodbye before being cancelled
-
 
 class Node:
     """A running node. Attributes are filled in as subsystems start."""
