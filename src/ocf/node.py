@@ -110,7 +110,7 @@ async def open_node(config: Config, memory_network: Any = None) -> AsyncIterator
                 from .nodetable import open_nodetable
 
                 node.table = await stack.enter_async_context(open_nodetable(node))
-                # services registrar: node.services (issue 6) -------------------
+                # services registrar: node.services ------------------------------
                 from .services import open_registrar
 
                 node.services = await stack.enter_async_context(open_registrar(node))
