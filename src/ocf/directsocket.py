@@ -3,11 +3,11 @@
 Trio's ``SocketStream`` passes through the scheduler after every successful
 ``send``/``recv`` (a schedule point) and wraps each call in several layers.
 For the small request/response messages that dominate ocf's traffic that
-overhead is larger than the work itself: measured on this 2-core machine, it
-was 7% of a bulk transfer and a whole scheduler pass (~8 µs) on every message
-of a round trip. :class:`DirectSocketStream` does the system call itself and
-only waits (``wait_readable``/``wait_writable``) when the kernel says it
-must. Fairness comes from a budget instead of a yield per call: after
+overhead is larger than the work itself: a noticeable share of a bulk
+transfer, and a whole scheduler pass on every message of a round trip.
+:class:`DirectSocketStream` does the system call itself and only waits
+(``wait_readable``/``wait_writable``) when the kernel says it must.
+Fairness comes from a budget instead of a yield per call: after
 ``YIELD_AFTER`` bytes moved without waiting, the next call yields once, so a
 peer that never pauses cannot starve the other tasks.
 

@@ -44,7 +44,7 @@ class StoreCorrupt(StoreError):
     """The store exists but cannot be read; start again with ``--cleanslate``."""
 
 
-# --- transport (issue 4) -------------------------------------------------------------
+# --- transport -----------------------------------------------------------------------
 
 
 class TransportError(OcfError):
@@ -151,7 +151,7 @@ def transport_errors_unwrapped() -> Iterator[None]:
         raise failure from failure.__cause__
 
 
-# --- gateway and services (issue 6) ----------------------------------------------------
+# --- gateway and services --------------------------------------------------------------
 
 
 class GatewayRequestError(OcfError):

@@ -12,8 +12,6 @@ import sys
 import time
 from typing import Any
 
-LEVELS = ("debug", "info", "warning", "error", "critical")
-
 
 class _Formatter(logging.Formatter):
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802

@@ -29,8 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ocf.node")
 
-SHUTDOWN_GRACE = 3.0  # seconds subsystems get to say goodbye before being cancelled
-
 
 class Node:
     """A running node. Attributes are filled in as subsystems start."""
@@ -112,7 +110,7 @@ async def open_node(config: Config, memory_network: Any = None) -> AsyncIterator
                 from .nodetable import open_nodetable
 
                 node.table = await stack.enter_async_context(open_nodetable(node))
-                # services registrar: node.services (issue 6) -------------------
+                # services registrar: node.services ------------------------------
                 from .services import open_registrar
 
                 node.services = await stack.enter_async_context(open_registrar(node))

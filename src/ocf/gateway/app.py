@@ -81,7 +81,7 @@ def create_app(node: "Node") -> QuartTrio:
     app.register_blueprint(jobs_compat_blueprint)
     app.register_blueprint(dashboard_blueprint)
 
-    # --- gateway: JSON errors, metrics, forwarding routes (issue 6) ----------------------
+    # --- gateway: JSON errors, metrics, forwarding routes ---------------------------------
     install_gateway_layer(app, node)
     # ---------------------------------------------------------------------------------------
 

@@ -11,8 +11,9 @@ what Quart's request/response wrappers take away:
   the request's own call, so nothing outlives the request, and a client that
   goes away cancels the upstream request at once (the server cancels the
   call, see :mod:`ocf.httpstream.server`);
-* a smaller per-hop cost (≈ 0.13 ms less CPU than a Quart view, measured),
-  which matters because a request through the network crosses two gateways.
+* a smaller per-hop cost (less CPU per request than a Quart view; see
+  ``benchmarks/hops.py``), which matters because a request through the
+  network crosses two gateways.
 
 Routing (which provider, in what order, when to retry) lives in
 :mod:`ocf.gateway.routing` as pure functions; this module adds liveness,

@@ -6,9 +6,8 @@ one read. h11 spends most of its time on generality we do not need (event
 objects validated field by field, a state machine consulted per event); here
 a head is two ``find`` calls for its end, one match that validates the whole
 header block and a split, and a body is a slice. One request and response
-cost both ends together 50 µs of CPU against h11's 240 µs, and a gateway's
-CPU per forwarded request fell by a fifth (most of the latency a gateway hop
-adds is that CPU).
+cost both ends a fraction of h11's CPU, and CPU is most of the latency a
+gateway hop adds (``benchmarks/hops.py`` measures it).
 
 Strictness matters more than speed, because the gateway is a proxy: a
 message that two parsers could read differently is how requests get

@@ -1,12 +1,11 @@
 """Serve an ASGI app on TCP with our own HTTP/1.1 connection handler.
 
-The gateway's port used to be served by Hypercorn. Measured on this 2-core
-machine with a trivial ASGI app (``python benchmarks/gateway.py`` shows the
-effect on the real routes): Hypercorn's Trio worker spent 0.75-0.9 ms of CPU
-per keep-alive request and answered at most ~1,430 requests/s with 64
-clients; :func:`~ocf.httpstream.server.serve_stream`, which already serves
-every ``/libp2p-http`` stream from other peers, spent 0.35 ms and answered
-~3,400 requests/s. One HTTP engine for both doors also means one set of
+The gateway's port used to be served by Hypercorn. With a trivial ASGI app
+Hypercorn's Trio worker spent more than twice the CPU per keep-alive request
+of :func:`~ocf.httpstream.server.serve_stream`, which already serves every
+``/libp2p-http`` stream from other peers, and answered correspondingly fewer
+requests per second (``python benchmarks/gateway.py`` shows the effect on the
+real routes). One HTTP engine for both doors also means one set of
 behaviours: malformed requests get the same JSON errors, a client that
 leaves cancels its request the same way.
 

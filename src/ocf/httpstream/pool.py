@@ -1,10 +1,9 @@
 """Keep-alive TCP connections to local backends (the LLM server behind a worker).
 
 Why not httpx here: its connection pool re-scans every connection and
-waiting request on each request event, which costs O(connections) per event;
-measured on this machine with 64 concurrent small requests it managed
-≈ 460 req/s (≈ 1,900 with the pool capped at 8 connections, which would in
-turn cap concurrent LLM streams at 8). This pool is a LIFO stack of idle
+waiting request on each request event, which costs O(connections) per event,
+so its throughput falls as concurrent requests rise (capping the pool would
+win it back but also cap concurrent LLM streams). This pool is a LIFO stack of idle
 connections per ``(host, port)``: O(1) to take and give back, no cap on
 concurrent requests, and it reuses the same :mod:`ocf.httpstream` bridge the
 peer-to-peer hop uses, so both hops stream and fail the same way.

@@ -181,9 +181,3 @@ def save(identity: Identity, data_dir: Path) -> None:
         os.close(fd)
     os.chmod(tmp, 0o600)
     os.replace(tmp, path)
-
-
-def check_signature(public_raw: bytes, data: bytes, signature: bytes) -> None:
-    """Raise :class:`IdentityError` unless the signature verifies."""
-    if not verify_ed25519(public_raw, data, signature):
-        raise IdentityError("signature does not verify")

@@ -51,7 +51,6 @@ blueprint = Blueprint("jobs", __name__)
 
 #: Where a worker's token travels when the request crosses the network (see :func:`token_from`).
 WORKER_TOKEN_HEADER = "X-OCF-Worker-Token"
-CREATE_BATCH = 10_000
 EVENTS_MIN_INTERVAL = 0.5
 EVENTS_KEEPALIVE = 15.0
 RESULTS_PAGE = 1000

@@ -20,7 +20,6 @@ STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,31}$")
 #: distcompute-client addresses stages by letter.
 STAGE_LETTERS = "abcdefghijklmnopqrstuvwxyz"
 MAX_FANOUT = 10_000
-JOB_STATES = ("pending", "leased", "done", "failed")
 
 
 @attrs.frozen

@@ -6,7 +6,7 @@ the owner's record; a receiver believes a peer was alive at time T only if
 the peer itself signed T. A relay can withhold or replay a heartbeat, which
 never makes an entry look younger than the owner last said it was.
 
-Checking an Ed25519 signature costs about 60 µs, so a receiver verifies a
+Checking an Ed25519 signature is a receiver's costliest step, so it verifies a
 heartbeat only when it is newer than the one it holds (which it then caches),
 refuses ones dated beyond a small clock skew into the future, and charges
 each verification to the sending peer's budget (:class:`TokenBucket`).

@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ocf.nodetable")
 
-#: Signature checks (60-300 µs each) between two yields to the event loop, so that a message
-#: full of them never stalls the node's other work for long.
+#: Signature checks (a public-key operation each, the costliest step here) between two yields to
+#: the event loop, so that a message full of them never stalls the node's other work for long.
 VERIFY_SLICE = 32
 
 

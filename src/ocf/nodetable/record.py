@@ -57,7 +57,7 @@ class OwnerDoc:
         doc.set_actor(owner.raw)
         self.doc = doc
         # to_dict() of the current content, read once: the routing layer asks for every entry
-        # again and again, and reading a document costs about 40 µs. The content only changes
+        # again and again, and reading a document walks the native one every time. The content only changes
         # through update() (a remote change arrives as a new OwnerDoc).
         self._fields: dict[str, Any] | None = None
 

@@ -1,4 +1,4 @@
-"""Local services a node offers to the network (seed 001 "Service Registry").
+"""Local services a node offers to the network: OCF's service registry.
 
 ``node.services`` is the :class:`~ocf.services.registrar.Registrar`: it
 health-checks and publishes configured services (``--service.name/port``)

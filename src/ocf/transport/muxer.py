@@ -3,16 +3,22 @@
 :class:`MuxedConnection` owns one secure stream and three tasks in its own
 nursery: a *reader* that feeds received bytes to the sans-IO
 :class:`~ocf.transport.yamux.YamuxSession` and hands the events to streams,
-a *writer* that is the only task ever writing to the secure stream, and a
-*keepalive* that pings the peer (measuring RTT for window auto-tuning and
-closing the connection when the peer stops answering). Handlers of inbound
-streams run in the same nursery, so nothing outlives the connection.
+a *writer* that sends what streams queued while another write was under
+way, and a *keepalive* that pings the peer (measuring RTT for window
+auto-tuning and closing the connection when the peer stops answering).
+Handlers of inbound streams run in the same nursery, so nothing outlives the
+connection.
 
-Why a dedicated writer: a task cancelled in the middle of a write would leave
-half a Noise frame on the wire and break every stream of the connection; with
-one writer, a stream's ``send_all`` only ever queues bytes into the session
-and waits, so cancelling it is always safe. The writer also coalesces what
-many streams queued while it was busy into one write.
+Who writes: a task cancelled in the middle of a write would leave half a
+Noise frame on the wire and break every stream of the connection, so writes
+never overlap (``_writing`` marks one under way) and none can be cut short.
+A stream's ``send_all`` that finds the connection free writes the queued
+bytes itself, from its own task (:meth:`MuxedConnection._write_inline`, which
+saves a task switch per message), and shields what the kernel does not take
+at once from its caller's cancellation. One that finds a write under way only
+queues its bytes into the session and wakes the writer task, which then
+coalesces what many streams queued into one write; the writer task is
+cancelled only when the whole connection ends.
 
 :class:`MuxedStream` is a Trio ``HalfCloseableStream``: ``receive_some``
 returns ``b""`` at the peer's EOF and raises :class:`~ocf.errors.StreamReset`
@@ -567,8 +573,8 @@ class MuxedConnection:
                     await self._send_rest(rest)
             else:
                 # Written without waiting. Yield only every YIELD_AFTER bytes:
-                # a schedule point per message costs a scheduler pass (7% of
-                # a bulk transfer, and latency on every small message), while
+                # a schedule point per message costs a scheduler pass (a share
+                # of a bulk transfer, and latency on every small message), while
                 # this still lets other tasks run every few milliseconds.
                 self._unyielded += max(sum(map(len, parts)), MIN_CHARGE)
                 yield_now = self._unyielded >= YIELD_AFTER

@@ -55,10 +55,6 @@ class CipherState:
         self._aead = ChaCha20Poly1305(key) if key is not None else None
         self.n = 0
 
-    @property
-    def has_key(self) -> bool:
-        return self._aead is not None
-
     def encrypt(self, ad: bytes, plaintext: bytes) -> bytes:
         if self._aead is None:
             return plaintext

@@ -3,6 +3,15 @@
 libp2p's handshake payloads and identify messages are tiny protobufs with
 length-delimited fields; a generated-code dependency for four messages is not
 worth it. Unknown fields are skipped, as protobuf requires.
+
+Protobuf's varints are not multiformats' (:mod:`ocf.identity.varint`, which
+caps them at 9 bytes and refuses non-minimal encodings, as the multiformats
+spec says): protobuf carries 64-bit values, so a varint may take 10 bytes,
+and decoders accept padded (non-minimal) encodings. Refusing either would
+refuse messages other libp2p implementations may legally send, so fields are
+read with :func:`read_varint`, which follows protobuf's rule and is still
+bounded: at most 10 bytes, and a value that fits in 64 bits. We write minimal
+encodings, which both rules accept.
 """
 
 from __future__ import annotations
@@ -11,6 +20,31 @@ from typing import Iterator
 
 from ..errors import ProtocolError
 from ..identity import varint
+
+#: A 64-bit value takes at most ten 7-bit groups.
+MAX_VARINT_BYTES = 10
+#: Protobuf field numbers are 1 .. 2**29 - 1.
+MAX_FIELD_NUMBER = (1 << 29) - 1
+
+
+def read_varint(data: bytes | bytearray | memoryview, pos: int) -> tuple[int, int]:
+    """Decode a protobuf varint at ``pos``; returns ``(value, new_pos)``.
+
+    Accepts non-minimal encodings (as protobuf decoders do) and refuses, with
+    :class:`ProtocolError`, a varint that runs past the data, past 10 bytes,
+    or past 64 bits (a tenth byte above 1).
+    """
+    value = 0
+    end = min(len(data), pos + MAX_VARINT_BYTES)
+    for i in range(pos, end):
+        byte = data[i]
+        if i - pos == MAX_VARINT_BYTES - 1 and byte > 1:
+            # The tenth byte holds bit 63 only; anything more (or a continuation) overflows.
+            raise ProtocolError("protobuf varint overflows 64 bits")
+        value |= (byte & 0x7F) << (7 * (i - pos))
+        if not byte & 0x80:
+            return value, i + 1
+    raise ProtocolError("truncated protobuf varint")
 
 
 def field(out: bytearray, number: int, value: bytes) -> None:
@@ -23,31 +57,28 @@ def field(out: bytearray, number: int, value: bytes) -> None:
 def iter_fields(data: bytes) -> Iterator[tuple[int, bytes | int]]:
     """Yield ``(field number, value)``; raises :class:`ProtocolError` on malformed input."""
     pos = 0
-    try:
-        while pos < len(data):
-            key, pos = varint.decode_exact(data, pos)
-            number, wire = key >> 3, key & 7
-            if number == 0:
-                raise ProtocolError("protobuf field number 0")
-            if wire == 0:
-                value, pos = varint.decode_exact(data, pos)
-                yield number, value
-            elif wire == 2:
-                length, pos = varint.decode_exact(data, pos)
-                if pos + length > len(data):
-                    raise ProtocolError("truncated protobuf field")
-                yield number, bytes(data[pos : pos + length])
-                pos += length
-            elif wire == 1:
-                pos += 8
-            elif wire == 5:
-                pos += 4
-            else:
-                raise ProtocolError(f"unsupported protobuf wire type {wire}")
-            if pos > len(data):
+    while pos < len(data):
+        key, pos = read_varint(data, pos)
+        number, wire = key >> 3, key & 7
+        if not 0 < number <= MAX_FIELD_NUMBER:
+            raise ProtocolError(f"protobuf field number {number} out of range")
+        if wire == 0:
+            value, pos = read_varint(data, pos)
+            yield number, value
+        elif wire == 2:
+            length, pos = read_varint(data, pos)
+            if length > len(data) - pos:
                 raise ProtocolError("truncated protobuf field")
-    except varint.VarintError as exc:
-        raise ProtocolError(f"bad protobuf varint: {exc}") from None
+            yield number, bytes(data[pos : pos + length])
+            pos += length
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        else:
+            raise ProtocolError(f"unsupported protobuf wire type {wire}")
+        if pos > len(data):
+            raise ProtocolError("truncated protobuf field")
 
 
 def bytes_fields(data: bytes) -> dict[int, list[bytes]]:

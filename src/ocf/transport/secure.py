@@ -61,7 +61,8 @@ class SecureStream(trio.abc.HalfCloseableStream):
     Over TCP, :meth:`write_nowait` hands ciphertext to the kernel itself
     when the socket has room (it nearly always has): Trio's socket wrapper
     costs more per write than encrypting a 64 KiB frame's worth of
-    bookkeeping, and skipping it made one stream a quarter faster.
+    bookkeeping, so skipping it raises a single stream's throughput
+    (``benchmarks/transport.py`` measures by how much).
     """
 
     def __init__(self, transport: trio.abc.Stream, session: NoiseSession, local_peer: PeerId, remote_peer: PeerId) -> None:

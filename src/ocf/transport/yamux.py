@@ -223,11 +223,6 @@ class YamuxSession:
             return 0
         return st.send_window
 
-    def can_send(self, stream_id: int) -> bool:
-        """False once the stream is closed for sending by us, reset, or gone."""
-        st = self._streams.get(stream_id)
-        return st is not None and not st.local_fin
-
     def recv_window(self, stream_id: int) -> int:
         """Current receive target window of the stream (for tests and stats)."""
         st = self._streams.get(stream_id)
