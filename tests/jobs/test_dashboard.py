@@ -237,6 +237,7 @@ async def test_dashboard_renders_and_updates_live_in_chromium(node_config, tmp_p
             assert len(shown["failures"]) == 1 and shown["failures"][0].endswith(f"{crawler['name']}: <b>timeout</b> & reset")
             assert shown["board"]["users"][HOSTILE_USER]["total"] == 2 and not shown["pwned"]
             assert shown["throughput_bars"] == 60 and shown["message_hidden"]
+            await page.wait_for("document.querySelectorAll('#projects a').length >= 2")  # the chooser is filled by its own fetch
             assert await page.evaluate("[...document.querySelectorAll('#projects a')].map(a => a.textContent)") == ["laion", "other"]
             await page.wait_for("document.getElementById('live').dataset.state === 'live'")
 
