@@ -114,7 +114,9 @@ async def test_kill_9_mid_run_loses_and_duplicates_nothing(tmp_path):
     up.set()
     admin = {"X-OCF-Admin-Token": (data / "admin.token").read_text().strip()}
     async with httpx.AsyncClient(timeout=10) as http:
-        await http.put(url, headers=admin, json= {"stages": [{"name": "one", "lease_timeout": 3}, {"name": "two", "lease_timeout": 3}], "max_attempts": 50})
+        await http.put(url, headers=admin, json={"stages": [{"name": "one", "lease_timeout": 30}, {"name": "two", "lease_timeout": 30}], "max_attempts": 50})
+        # Leases outlive a restart (a loaded machine takes seconds to start the tracker again): a lease
+        # that expired meanwhile would rightly refuse its late completion, which is another test's subject.
         await http.post(url + "/jobs", headers=admin, json=list(range(jobs)))
 
         async def call(method: str, path: str, token: str | None = None, body=None) -> httpx.Response:
