@@ -178,7 +178,14 @@ class WriteScope:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool | None:
         if exc_type is None:
-            self._tx.flush()
+            try:
+                self._tx.flush()
+            except BaseException as error:  # a full map, say: the transaction must still end (aborted)
+                self._end(type(error), error, error.__traceback__)
+                raise
+        return self._end(exc_type, exc, tb)
+
+    def _end(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool | None:
         if self._own is not None:
             result: bool | None = self._own.__exit__(exc_type, exc, tb)
             return result
