@@ -15,7 +15,7 @@ import functools
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Generic, Sequence, TypeVar, cast
 
 import attrs
 import trio
@@ -36,12 +36,20 @@ CREATE_CHUNK = 2000
 CHECK_SLICE = 1000
 
 
+T = TypeVar("T")
+
+#: One store operation for the group commit: it runs on the writer thread, in its own child
+#: transaction, so it must not read the clock or anything else the Trio thread changes.
+StoreOp = Callable[[JobStore], T]
+#: What to do if the caller leaves after the operation began: given its result, the operation
+#: that hands back what it leased (or None when it leased nothing).
+Undo = Callable[[T], "StoreOp[int] | None"]
+
+
 @attrs.define(eq=False)
-class _Op:
-    method: str
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    result: Any = None
+class _Op(Generic[T]):
+    run: StoreOp[T]
+    result: T | None = None
     error: BaseException | None = None
     abandoned: bool = False  # the caller left before the writer began it: skip it
     started: bool = False  # the writer began it: too late to skip
@@ -59,10 +67,8 @@ def _release_gil() -> None:
     time.sleep(0)
 
 
-def _claimed_ids(result: Any) -> list[int]:
-    """Job ids a claim-like operation leased (``claim`` or ``complete_many(..., claim=k)``)."""
-    jobs = result[1] if isinstance(result, tuple) else result
-    return [job["id"] for job in jobs or ()]
+def _second(pair: tuple[Any, T]) -> T:
+    return pair[1]
 
 
 class Tracker:
@@ -85,7 +91,7 @@ class Tracker:
         self._stage_events: dict[tuple[str, int], trio.Event] = {}
         self.waiting_claims = 0  # long-polling claims waiting for a job right now
         # Group commit: operations queued by requests, run and committed together by run_committer.
-        self._queue: list[_Op] = []
+        self._queue: list[_Op[Any]] = []
         self._work = trio.Event()
         self._committer: trio.lowlevel.Task | None = None
 
@@ -119,23 +125,35 @@ class Tracker:
 
     # --- mutations ------------------------------------------------------------------------------
 
-    def _mutate(self, method: str, *args: Any, **kwargs: Any) -> Any:
+    def _mutate(self, run: StoreOp[T]) -> T:
         """Run a store operation now, on this thread (only before the committer runs, and in tests)."""
-        result = getattr(self.store, method)(*args, **kwargs)
+        result = run(self.store)
         self.notify()
         return result
 
-    async def _batched(self, method: str, *args: Any, release: Callable[[Any], list[int]] | None = None, **kwargs: Any) -> Any:
+    def _hand_back(self, name: str, token: Any) -> Undo[Sequence[dict[str, Any]]]:
+        """An :data:`Undo` for an operation that leased ``jobs`` to ``token``: release them (no attempt used)."""
+
+        def undo(jobs: Sequence[dict[str, Any]]) -> StoreOp[int] | None:
+            ids = [job["id"] for job in jobs]
+            if not ids:
+                return None
+            now = self.clock()
+            return lambda store: store.release(name, token, ids, now)
+
+        return undo
+
+    async def _batched(self, run: StoreOp[T], *, undo: Undo[T] | None = None) -> T:
         """Run a store operation in the next group commit and return its result once durable.
 
         Requests that arrive together (a hundred workers each claiming and
         completing) share one LMDB commit, so one fsync covers many answers
-        instead of each answer paying its own. ``release`` names the jobs the
-        operation leased, to hand back if the caller leaves while it runs.
+        instead of each answer paying its own. ``undo`` hands back what the
+        operation leased if the caller leaves while it runs.
         """
         if self._committer is None:
-            return self._mutate(method, *args, **kwargs)
-        op = _Op(method, args, kwargs)
+            return self._mutate(run)
+        op: _Op[T] = _Op(run)
         self._queue.append(op)
         self._work.set()
         try:
@@ -150,16 +168,16 @@ class Tracker:
             if started:
                 with trio.CancelScope(shield=True):
                     await op.done.wait()
-                ids = release(op.result) if release is not None and op.error is None else []
-                if ids:
-                    self._queue.append(_Op("release", (args[0], args[1], ids, self.clock()), {}))
+                hand_back = undo(cast(T, op.result)) if undo is not None and op.error is None else None
+                if hand_back is not None:
+                    self._queue.append(_Op(hand_back))
                     self._work.set()
             raise
         if op.error is not None:
             raise op.error
-        return op.result
+        return cast(T, op.result)
 
-    def _run_batch(self, ops: list[_Op]) -> None:
+    def _run_batch(self, ops: list[_Op[Any]]) -> None:
         """On the writer thread: every op in its own child transaction, one durable commit for all."""
         try:
             with self.store.batch():
@@ -169,7 +187,7 @@ class Tracker:
                             continue
                         op.started = True
                     try:
-                        op.result = getattr(self.store, op.method)(*op.args, **op.kwargs)
+                        op.result = op.run(self.store)
                     except Exception as exc:  # this request's error (404, 409...): others go on
                         op.error = exc
                     _release_gil()
@@ -207,7 +225,8 @@ class Tracker:
             writer.close()
 
     async def create_project(self, name: str, body: Any) -> Any:
-        project, created = await self._batched("create_project", name, body, self.clock())
+        now = self.clock()
+        project, created = await self._batched(lambda store: store.create_project(name, body, now))
         if created:
             log.info("project created %s", logfmt.kv(project=name, stages=",".join(s.name for s in project.stages)))
         return project, created
@@ -241,18 +260,23 @@ class Tracker:
                 chunk = inputs[position : position + self.create_chunk]
                 position += len(chunk)
                 final = position >= len(inputs)
-                carry = await self._batched("add_jobs", name, chunk, self.clock(), idempotency_key=idempotency_key, carry=carry, final=final)
+                # partial, not a lambda: it binds this iteration's chunk and carry now.
+                op = functools.partial(JobStore.add_jobs, name=name, inputs=chunk, now=self.clock(), idempotency_key=idempotency_key, carry=carry, final=final)
+                carry = await self._batched(op)
                 if final:
                     return carry
 
     async def register_worker(self, name: str, *, nickname: str, stage: Any, user: str | None = None) -> dict[str, Any]:
-        worker = await self._batched("register_worker", name, nickname=nickname, stage=stage, user=user, now=self.clock())
+        now = self.clock()
+        worker = await self._batched(lambda store: store.register_worker(name, nickname=nickname, stage=stage, now=now, user=user))
         log.info("worker registered %s", logfmt.kv(project=name, worker=worker["name"], user=worker["user"], stage=worker["stage"] + 1))
         return worker
 
     async def claim(self, name: str, token: Any, *, limit: int = 1, stage: Any = None, wait: float = 0.0, release_held: bool = False) -> list[dict[str, Any]]:
         """Lease up to ``limit`` jobs; with ``wait`` > 0, wait that long for one to appear (long poll)."""
-        jobs = await self._batched("claim", name, token, self.clock(), limit=limit, stage=stage, release_held=release_held, release=_claimed_ids)
+        now = self.clock()
+        hand_back = self._hand_back(name, token)
+        jobs = await self._batched(lambda store: store.claim(name, token, now, limit=limit, stage=stage, release_held=release_held), undo=hand_back)
         if jobs or wait <= 0:
             return jobs
         key = (name, self.store.worker_stage(name, token, self.clock()))
@@ -265,7 +289,8 @@ class Tracker:
                     if event is None:
                         event = self._stage_events[key] = trio.Event()
                     await event.wait()
-                    jobs = await self._batched("claim", name, token, self.clock(), limit=limit, stage=stage, release=_claimed_ids)
+                    again = functools.partial(JobStore.claim, name=name, token=token, now=self.clock(), limit=limit, stage=stage)
+                    jobs = await self._batched(again, undo=hand_back)
                     if jobs:
                         return jobs
             return []
@@ -274,27 +299,34 @@ class Tracker:
             self._wake()
 
     async def heartbeat(self, name: str, token: Any, *, progress: Any = None, jobs: Any = None) -> dict[str, Any]:
-        return await self._batched("heartbeat", name, token, self.clock(), progress=progress, jobs=jobs)
+        now = self.clock()
+        return await self._batched(lambda store: store.heartbeat(name, token, now, progress=progress, jobs=jobs))
 
     async def complete(self, name: str, token: Any, job_id: Any, output: Any) -> dict[str, Any]:
-        return await self._batched("complete", name, token, job_id, output, self.clock())
+        now = self.clock()
+        return await self._batched(lambda store: store.complete(name, token, job_id, output, now))
 
     async def complete_many(self, name: str, token: Any, items: Any, *, claim: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        return await self._batched("complete_many", name, token, items, self.clock(), claim=claim, release=_claimed_ids)
+        now = self.clock()
+        hand_back = self._hand_back(name, token)
+        return await self._batched(lambda store: store.complete_many(name, token, items, now, claim=claim), undo=lambda done: hand_back(_second(done)))
 
     async def fail(self, name: str, token: Any, job_id: Any, error: Any) -> dict[str, Any]:
-        result = await self._batched("fail", name, token, job_id, error, self.clock())
+        now = self.clock()
+        result = await self._batched(lambda store: store.fail(name, token, job_id, error, now))
         log.info("job failed by worker %s", logfmt.kv(project=name, job=result["id"], now=result["status"], attempts=result["attempts"]))
         return result
 
     async def flag(self, name: str, token: Any, job_id: Any, reason: Any = None) -> dict[str, Any]:
-        result = await self._batched("flag", name, token, job_id, self.clock(), reason)
+        now = self.clock()
+        result = await self._batched(lambda store: store.flag(name, token, job_id, now, reason))
         if result["status"] != "flagged":
             log.warning("job input flagged invalid %s", logfmt.kv(project=name, job=result["id"], outcome=result["status"], redo=result.get("redo", "-")))
         return result
 
     async def bye(self, name: str, token: Any) -> int:
-        return await self._batched("bye", name, token, self.clock())
+        now = self.clock()
+        return await self._batched(lambda store: store.bye(name, token, now))
 
     # --- time ------------------------------------------------------------------------------------
 
@@ -305,12 +337,14 @@ class Tracker:
 
     def expire_at_start(self) -> list[tuple[str, int, str]]:
         """Expire leases that ran out while the node was down (before the writer thread runs)."""
-        expired = self._mutate("expire", self.clock())
+        now = self.clock()
+        expired = self._mutate(lambda store: store.expire(now))
         self._log_expired(expired)
         return expired
 
     async def expire_now(self) -> list[tuple[str, int, str]]:
-        expired = await self._batched("expire", self.clock())
+        now = self.clock()
+        expired = await self._batched(lambda store: store.expire(now))
         self._log_expired(expired)
         return expired
 
@@ -320,7 +354,7 @@ class Tracker:
         while True:
             now = self.clock()
             if now >= next_sweep:
-                forgotten = await self._batched("forget_idle_workers", now)
+                forgotten = await self._batched(lambda store: store.forget_idle_workers(now))
                 if forgotten:  # the committer notified waiters after that batch
                     log.info("idle workers forgotten %s", logfmt.kv(workers=forgotten))
                 next_sweep = now + IDLE_SWEEP_INTERVAL

@@ -10,7 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from .model import STAGE_LETTERS
-from .store import ACTIVE_WINDOW, JobStore, _loads
+from .core import ACTIVE_WINDOW
+from .keys import loads
+from .store import JobStore
 
 MAX_PAGE = 1000
 
@@ -27,7 +29,7 @@ def list_workers(store: JobStore, name: str, now: float, *, stage: Any = None, i
     rows = []
     with store._read(project) as tx:
         for _, raw in tx.scan("workers", tx.p):
-            worker = _loads(raw, "worker")
+            worker = loads(raw, "worker")
             if stage_index is not None and worker["stage"] != stage_index:
                 continue
             active = worker["last_seen"] + ACTIVE_WINDOW >= now
