@@ -7,7 +7,7 @@ names its identity through top-level JSON body fields with those keys (OCF
 routes on ``model``) or an ``X-OCF-Identity-Group: key=value`` header.
 
 Everything here is free of I/O so routing decisions are unit-tested on plain
-dictionaries; :mod:`ocf.gateway.forward` adds liveness and load.
+dictionaries; :mod:`ocf.gateway.providers` adds liveness and :mod:`ocf.gateway.forward` load.
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
-"""Keep-alive TCP connections to local backends (the LLM server behind a worker).
+"""Idle keep-alive connections, kept per key for the next request.
 
 Why not httpx here: its connection pool re-scans every connection and
 waiting request on each request event, which costs O(connections) per event,
 so its throughput falls as concurrent requests rise (capping the pool would
-win it back but also cap concurrent LLM streams). This pool is a LIFO stack of idle
-connections per ``(host, port)``: O(1) to take and give back, no cap on
-concurrent requests, and it reuses the same :mod:`ocf.httpstream` bridge the
-peer-to-peer hop uses, so both hops stream and fail the same way.
+win it back but also cap concurrent LLM streams). :class:`IdlePool` is a LIFO
+stack of idle connections per key: O(1) to take and give back, no cap on
+concurrent requests. The gateway keeps two: TCP connections to local
+backends keyed by ``(host, port)`` (:class:`ConnectionPool`), and
+``/libp2p-http`` streams keyed by peer. Both carry the same
+:mod:`ocf.httpstream` bridge, so both hops stream and fail the same way.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable, Generic, Hashable, TypeVar
 
 import attrs
 import trio
@@ -24,18 +26,72 @@ from .bridge import ClientBridge
 
 log = logging.getLogger("ocf.httpstream")
 
+K = TypeVar("K", bound=Hashable)
+C = TypeVar("C")
+
+
+class IdlePool(Generic[K, C]):
+    """Idle connections per key, newest first, dropped after ``idle_timeout`` seconds or once unfit.
+
+    ``fits`` says whether an idle connection may carry another request
+    (checked when it is taken, because a peer may close it while it waits);
+    ``drop`` closes one without awaiting, since it runs in cleanup paths.
+    At most ``max_idle_per_key`` wait per key: the oldest goes first.
+    """
+
+    def __init__(self, *, idle_timeout: float, max_idle_per_key: int, fits: Callable[[C], bool], drop: Callable[[C], None]) -> None:
+        self.idle_timeout = idle_timeout
+        self.max_idle_per_key = max_idle_per_key
+        self._fits = fits
+        self._drop = drop
+        self._idle: dict[K, list[tuple[C, float]]] = {}
+        self._closed = False
+
+    def take(self, key: K) -> C | None:
+        """The newest idle connection for ``key`` still fit for use, or None."""
+        stack = self._idle.get(key)
+        if not stack:
+            return None
+        now = time.monotonic()
+        while stack:
+            conn, since = stack.pop()
+            if now - since <= self.idle_timeout and self._fits(conn):
+                return conn
+            self._drop(conn)
+        return None
+
+    def put(self, key: K, conn: C) -> None:
+        """Keep ``conn`` for the next request to ``key`` (dropped at once after :meth:`close`)."""
+        if self._closed:
+            self._drop(conn)
+            return
+        stack = self._idle.setdefault(key, [])
+        if len(stack) >= self.max_idle_per_key:
+            self._drop(stack.pop(0)[0])
+        stack.append((conn, time.monotonic()))
+
+    def idle(self, key: K) -> int:
+        """How many connections wait for ``key``."""
+        return len(self._idle.get(key, ()))
+
+    def close(self) -> None:
+        self._closed = True
+        for stack in self._idle.values():
+            for conn, _ in stack:
+                self._drop(conn)
+        self._idle.clear()
+
 
 @attrs.define(eq=False)
 class PooledConnection:
     key: tuple[str, int]
     stream: DirectSocketStream
     bridge: ClientBridge = attrs.field(factory=ClientBridge)
-    idle_since: float = 0.0
     reused: bool = False  # came from the idle stack (may have been closed by the server meanwhile)
 
 
 class ConnectionPool:
-    """Idle keep-alive connections, per backend, closed after ``idle_timeout`` seconds.
+    """Keep-alive TCP connections to local backends (the LLM server behind a worker).
 
     ``idle_timeout`` stays below the usual server keep-alive (5 s in
     uvicorn and Hypercorn) so we rarely pick a connection the server is
@@ -44,30 +100,17 @@ class ConnectionPool:
     """
 
     def __init__(self, *, idle_timeout: float = 4.0, max_idle_per_backend: int = 256, connect_timeout: float = 10.0) -> None:
-        self.idle_timeout = idle_timeout
-        self.max_idle_per_backend = max_idle_per_backend
         self.connect_timeout = connect_timeout
-        self._idle: dict[tuple[str, int], list[PooledConnection]] = {}
-        self._closed = False
-
-    def _take_idle(self, key: tuple[str, int]) -> PooledConnection | None:
-        stack = self._idle.get(key)
-        now = time.monotonic()
-        while stack:
-            conn = stack.pop()
-            sock = conn.stream.socket
-            if now - conn.idle_since > self.idle_timeout or sock.is_readable():
-                _close_now(conn)
-                continue
-            conn.reused = True
-            return conn
-        return None
+        self.idle: IdlePool[tuple[str, int], PooledConnection] = IdlePool(
+            idle_timeout=idle_timeout, max_idle_per_key=max_idle_per_backend, fits=_socket_quiet, drop=_close_now
+        )
 
     async def connect(self, host: str, port: int) -> PooledConnection:
         """An idle connection to ``host:port`` or a new one (raises OSError if refused/unreachable)."""
         key = (host, port)
-        conn = self._take_idle(key)
+        conn = self.idle.take(key)
         if conn is not None:
+            conn.reused = True
             return conn
         with trio.fail_after(self.connect_timeout):
             stream = await trio.open_tcp_stream(host, port)
@@ -76,15 +119,11 @@ class ConnectionPool:
 
     def release(self, conn: PooledConnection) -> None:
         """Give ``conn`` back after an exchange; kept only if its exchange finished cleanly."""
-        if self._closed or not conn.bridge.reusable:
+        if not conn.bridge.reusable:
             _close_now(conn)
             return
         conn.bridge.next_cycle()
-        conn.idle_since = time.monotonic()
-        stack = self._idle.setdefault(conn.key, [])
-        if len(stack) >= self.max_idle_per_backend:
-            _close_now(stack.pop(0))
-        stack.append(conn)
+        self.idle.put(conn.key, conn)
 
     def discard(self, conn: PooledConnection) -> None:
         _close_now(conn)
@@ -101,11 +140,12 @@ class ConnectionPool:
         self.release(conn)
 
     def close(self) -> None:
-        self._closed = True
-        for stack in self._idle.values():
-            for conn in stack:
-                _close_now(conn)
-        self._idle.clear()
+        self.idle.close()
+
+
+def _socket_quiet(conn: PooledConnection) -> bool:
+    """An idle socket with something to read has EOF or junk waiting: not fit for a new request."""
+    return not conn.stream.socket.is_readable()
 
 
 def _close_now(conn: PooledConnection) -> None:

@@ -25,8 +25,8 @@ import trio
 
 from .. import log as logfmt
 from ..errors import GatewayRequestError, MethodNotAllowed, NotFound, RequestTimeout
+from ..gateway.asgi_io import ClientGone, RequestBody, Responder
 from ..gateway.errors import send_asgi_error
-from ..gateway.forward import RequestBody, Responder, _ClientGone
 from ..httpstream.bridge import get_header
 from .http import parse_json_object, parse_number, token_from
 
@@ -87,7 +87,7 @@ class HotRoutes:
         except trio.TooSlowError:
             await _send_error(responder, RequestTimeout(f"request body not received within {self.node.config.request_timeout:g} s"))
             return
-        except _ClientGone:
+        except ClientGone:
             return
         except Exception:
             log.exception("job tracker request failed %s", logfmt.kv(path=scope["path"]))

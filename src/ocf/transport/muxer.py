@@ -119,6 +119,15 @@ class MuxedStream(trio.abc.HalfCloseableStream):
     def connection(self) -> "MuxedConnection":
         return self._conn
 
+    @property
+    def reusable(self) -> bool:
+        """Neither reset nor half-closed by the peer, and nothing unread: fit for another request.
+
+        A pool of idle streams asks before handing one out again; anything
+        unread on an idle stream would be taken for the next answer.
+        """
+        return self._reset is None and not self._eof and not self._chunks
+
     def __repr__(self) -> str:
         peer = self._conn.remote_peer
         return f"<MuxedStream {self.stream_id} {self.protocol or '-'} peer={peer.short() if peer else '?'}>"

@@ -1,0 +1,178 @@
+"""Who can serve a request, as this gateway sees it now: the table snapshot, liveness and peers.
+
+:mod:`ocf.gateway.routing` decides from plain dictionaries which providers
+match a request and in what order; this module feeds it the node table's
+live entries (reused while the table is unchanged), remembers which peers
+failed to connect lately (backing off exponentially), and opens the
+``/libp2p-http`` stream to a peer, dialling addresses from its table entry
+when the transport knows none.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .. import log as logfmt
+from ..errors import BadRequest, IdentityError, TransportError, transport_errors_unwrapped
+from . import routing
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..node import Node
+    from ..transport.muxer import MuxedStream
+
+log = logging.getLogger("ocf.gateway")
+
+LIBP2P_HTTP = "/libp2p-http"  # protocol id of HTTP over transport streams, as OCF
+ENTRIES_TTL = 0.5  # seconds a node table snapshot is reused while the table's version is unchanged
+
+
+class ConnectFailed(Exception):
+    """No exchange could be started with a provider (nothing reached it)."""
+
+
+class UnknownPeer(ConnectFailed):
+    """Not connected, and neither the transport nor the node table knows an address."""
+
+
+class Providers:
+    """The node table's providers with this gateway's view of their liveness."""
+
+    def __init__(self, node: "Node", config: "Config") -> None:
+        self.node = node
+        self.config = config
+        self.down: dict[str, tuple[float, float]] = {}  # peer -> (until, backoff) after connect failures
+        self._peer_ids: dict[str, Any] = {}
+        self._entries_cache: dict[str, dict] = {}
+        self._entries_version: Any = None
+        self._entries_at = 0.0
+        self._routes: dict[str, tuple[list[routing.Provider], list[str]]] = {}
+        self._routes_of: dict | None = None  # the entries snapshot _routes was worked out from
+
+    def entries(self) -> dict[str, dict]:
+        """The node table's live entries, reused while the table is unchanged (for at most 0.5 s).
+
+        Building the entries means materialising every peer's document, and
+        a busy dispatcher asks on every request; the short expiry keeps
+        time-based fields (liveness) fresh, and :meth:`usable` checks the
+        live connection state anyway.
+
+        A peer that vanished without leaving (killed, cut off) stays listed,
+        not connected, until it is stale: its services then answer 503 with
+        ``Retry-After`` (it may be back), and 404 only once the table has
+        given up on it or it said it left.
+        """
+        table = self.node.table
+        if table is not None:
+            version = getattr(table, "version", None)
+            now = time.monotonic()
+            if version is not None and version == self._entries_version and now - self._entries_at < ENTRIES_TTL:
+                return self._entries_cache
+            entries = {peer: e for peer, e in table.entries(include_all=True).items() if _still_listed(e)}
+            self._entries_cache, self._entries_version, self._entries_at = entries, version, now
+            return entries
+        services = self.node.services
+        records = services.records() if services is not None else []
+        return {str(self.node.peer_id): {"id": str(self.node.peer_id), "service": records}}
+
+    def route(self, entries: dict[str, dict], name: str) -> tuple[list[routing.Provider], list[str]]:
+        """The providers of ``name`` and the identity keys they route on, worked out once per table snapshot."""
+        if self._routes_of is not entries:
+            self._routes, self._routes_of = {}, entries
+        route = self._routes.get(name)
+        if route is None:
+            providers = routing.providers_of(entries, name, str(self.node.peer_id))
+            route = (providers, routing.identity_keys(providers))
+            if len(self._routes) < 256:  # names come from request paths: bounded
+                self._routes[name] = route
+        return route
+
+    def usable(self, provider: routing.Provider, now: float) -> bool:
+        if provider.local:
+            services = self.node.services
+            return services is not None and services.status(provider.service["name"]) == "healthy"
+        if not (provider.healthy and provider.online):
+            return False
+        if self.is_down(provider.peer, now):
+            return False
+        host = self.node.host
+        if host is None:
+            return False
+        return host.is_connected(self.peer_id(provider.peer)) or bool(provider.entry.get("addrs"))
+
+    def is_down(self, peer: str, now: float) -> bool:
+        """Failed to connect lately, and its back-off has not run out."""
+        down = self.down.get(peer)
+        return down is not None and down[0] > now
+
+    def mark_down(self, peer: str) -> None:
+        _, backoff = self.down.get(peer, (0.0, 1.0))
+        self.down[peer] = (time.monotonic() + backoff, min(backoff * 2, 30.0))
+
+    def mark_up(self, peer: str) -> None:
+        self.down.pop(peer, None)
+
+    def connected(self, peer: str) -> bool:
+        host = self.node.host
+        return host is not None and host.is_connected(self.peer_id(peer))
+
+    def known(self, peer: Any, peer_text: str) -> bool:
+        """Connected, listed in the node table, or with an address the transport knows."""
+        host = self.node.host
+        if host is None:
+            return False
+        return host.is_connected(peer) or peer_text in self.entries() or bool(host.peer_addrs(peer))
+
+    def peer_id(self, text: str) -> Any:
+        cached = self._peer_ids.get(text)
+        if cached is not None:
+            return cached
+        from ..identity import PeerId
+
+        try:
+            peer = PeerId.from_string(text)
+        except (IdentityError, ValueError) as exc:
+            raise BadRequest(f"'{text}' is not a peer ID: {exc}", code="bad_peer_id") from None
+        if len(self._peer_ids) < 4096:
+            self._peer_ids[text] = peer
+        return peer
+
+    async def open_stream(self, peer_text: str) -> "MuxedStream":
+        """A new ``/libp2p-http`` stream to ``peer_text``, dialling its table addresses if not connected."""
+        host = self.node.host
+        if host is None:
+            raise ConnectFailed("this node has no transport")
+        peer = self.peer_id(peer_text)
+        if not host.is_connected(peer):
+            entry = self.entries().get(peer_text) or {}
+            addrs = [a for a in entry.get("addrs") or [] if isinstance(a, str)]
+            if addrs:
+                try:
+                    host.add_addrs(peer, addrs)
+                except Exception as exc:  # noqa: BLE001 - a bad address in someone's entry must not break routing
+                    log.debug("ignoring bad addrs from the node table %s", logfmt.kv(peer=peer.short(), reason=exc))
+            if not host.is_connected(peer) and not host.peer_addrs(peer):
+                if addrs:
+                    raise ConnectFailed(f"peer {peer_text} publishes no address this node dials")
+                raise UnknownPeer(f"peer {peer_text} is not connected and no address of it is known")
+        try:
+            with transport_errors_unwrapped(), trio.fail_after(self.config.dial_timeout):
+                return await host.new_stream(peer, LIBP2P_HTTP)
+        except trio.TooSlowError:
+            raise ConnectFailed(f"opening a stream timed out after {self.config.dial_timeout:g} s") from None
+        except TransportError as exc:
+            log.debug("cannot open a stream %s", logfmt.kv(peer=peer.short(), reason=exc))
+            raise ConnectFailed(str(exc) or type(exc).__name__) from None
+
+
+def _still_listed(entry: dict) -> bool:
+    """Neither stale (unseen for ``--stale-after``) nor departed: routing still counts it as a provider."""
+    return not entry.get("stale") and str(entry.get("status") or "").lower() not in routing.GONE_ENTRY_STATUSES
+
+
+def short(peer: str) -> str:
+    return "…" + peer[-6:]
