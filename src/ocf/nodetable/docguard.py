@@ -111,11 +111,8 @@ class _Reader:
         self.pos += n
         return out
 
-    def uleb(self) -> int:
-        pos = self.pos
-        if pos < self.end and self.data[pos] < 0x80:  # most values fit in one byte
-            self.pos = pos + 1
-            return self.data[pos]
+    def _leb(self) -> tuple[int, int, int]:
+        """The bits of a multi-byte LEB128 as (value, bits read, last byte); signedness is the caller's."""
         value = shift = 0
         for _ in range(MAX_LEB_BYTES):
             if self.pos >= self.end:
@@ -125,10 +122,18 @@ class _Reader:
             value |= (byte & 0x7F) << shift
             shift += 7
             if not byte & 0x80:
-                if value > MAX_U64:
-                    raise ValidationError("document: LEB128 overflows 64 bits")
-                return value
+                return value, shift, byte
         raise ValidationError("document: LEB128 too long")
+
+    def uleb(self) -> int:
+        pos = self.pos
+        if pos < self.end and self.data[pos] < 0x80:  # most values fit in one byte
+            self.pos = pos + 1
+            return self.data[pos]
+        value, _, _ = self._leb()
+        if value > MAX_U64:
+            raise ValidationError("document: LEB128 overflows 64 bits")
+        return value
 
     def sleb(self) -> int:
         pos = self.pos
@@ -136,21 +141,12 @@ class _Reader:
             self.pos = pos + 1
             byte = self.data[pos]
             return byte - 0x80 if byte & 0x40 else byte
-        value = shift = 0
-        for _ in range(MAX_LEB_BYTES):
-            if self.pos >= self.end:
-                raise ValidationError("document: truncated LEB128")
-            byte = self.data[self.pos]
-            self.pos += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                if byte & 0x40:
-                    value -= 1 << shift
-                if not -(1 << 63) <= value <= (1 << 63) - 1:
-                    raise ValidationError("document: LEB128 overflows 64 bits")
-                return value
-        raise ValidationError("document: LEB128 too long")
+        value, shift, byte = self._leb()
+        if byte & 0x40:
+            value -= 1 << shift
+        if not -(1 << 63) <= value <= (1 << 63) - 1:
+            raise ValidationError("document: LEB128 overflows 64 bits")
+        return value
 
 
 def _inflate(raw: bytes, budget: int) -> bytes:
