@@ -98,7 +98,9 @@ async def serve_trio(upstream_port: int, stream) -> None:  # type: ignore[no-unt
                     break
             assert head is not None
             content = b"".join(body)
-            request = upstream.request(head.method, head.target, forwardable(head.headers), content_length=len(content), host=b"upstream")
+            request = upstream.request(
+                head.method, head.target, forwardable(head.headers), content_length=len(content), host=b"upstream"
+            )
             await up.send_all(request + upstream.data(content) + upstream.end())
             response, answer, done = None, [], False
             while not done:
@@ -112,7 +114,9 @@ async def serve_trio(upstream_port: int, stream) -> None:  # type: ignore[no-unt
             upstream.next_cycle()
             assert response is not None
             content = b"".join(answer)
-            await client.send_all(server.respond(response.status, forwardable(response.headers)) + server.data(content) + server.end())
+            await client.send_all(
+                server.respond(response.status, forwardable(response.headers)) + server.data(content) + server.end()
+            )
             if not server.next_cycle():
                 return
             pending += server.events()
@@ -130,7 +134,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, required=True, help="port to listen on (127.0.0.1)")
     parser.add_argument("--upstream", type=int, required=True, help="port of the HTTP server to relay to (127.0.0.1)")
-    parser.add_argument("--engine", choices=("os", "trio"), default="trio", help="os: bytes as they come, blocking I/O; trio: parse and re-frame HTTP/1.1 with ocf's codec (default)")
+    parser.add_argument(
+        "--engine",
+        choices=("os", "trio"),
+        default="trio",
+        help="os: bytes as they come, blocking I/O; trio: parse and re-frame HTTP/1.1 with ocf's codec (default)",
+    )
     args = parser.parse_args()
     try:
         (relay_os if args.engine == "os" else relay_trio)(args.port, args.upstream)

@@ -68,17 +68,23 @@ class Conn:
         self.h11 = h11.Connection(h11.CLIENT)
 
     @classmethod
-    async def open(cls, port: int) -> "Conn":
+    async def open(cls, port: int) -> Conn:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return cls(stream)
 
-    async def request(self, method: str, target: str, body: bytes = b"", *, first_chunk: bool = False) -> tuple[int, bytes, float]:
+    async def request(
+        self, method: str, target: str, body: bytes = b"", *, first_chunk: bool = False
+    ) -> tuple[int, bytes, float]:
         """Send a request; return (status, body, seconds to the first body chunk carrying data)."""
         c = self.h11
         headers = [("host", "bench"), ("content-type", "application/json"), ("content-length", str(len(body)))]
         t0 = time.perf_counter()
-        await self.stream.send_all(c.send(h11.Request(method=method, target=target, headers=headers)) + c.send(h11.Data(data=body)) + c.send(h11.EndOfMessage()))
+        await self.stream.send_all(
+            c.send(h11.Request(method=method, target=target, headers=headers))
+            + c.send(h11.Data(data=body))
+            + c.send(h11.EndOfMessage())
+        )
         status, parts, ttfb = 0, [], 0.0
         while True:
             event = c.next_event()
@@ -108,7 +114,9 @@ class Conn:
 
 FIRST_TOKEN = re.compile(rb'"content": "[^"]')  # a delta with text, not the opening role-only one
 CHAT = json.dumps({"model": "m1", "messages": [{"role": "user", "content": "hello there, benchmark"}]}).encode()
-STREAM = json.dumps({"model": "m1", "stream": True, "messages": [{"role": "user", "content": "hello there, benchmark"}]}).encode()
+STREAM = json.dumps(
+    {"model": "m1", "stream": True, "messages": [{"role": "user", "content": "hello there, benchmark"}]}
+).encode()
 
 
 async def sequential(port: int, path: str, n: int) -> list[float]:
@@ -244,12 +252,18 @@ def wait_http(port: int, path: str, check=lambda status, body: status == 200, ti
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=6.0, help="total duration of the concurrent runs per scenario (default 6)")
+    parser.add_argument(
+        "--seconds", type=float, default=6.0, help="total duration of the concurrent runs per scenario (default 6)"
+    )
     parser.add_argument("--concurrency", type=int, default=64, help="concurrent clients (default 64)")
     parser.add_argument("--requests", type=int, default=400, help="sequential requests per scenario (default 400)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per scenario (default 3)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory with the process logs")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 round, 30 sequential requests and 1 s of concurrent load per scenario")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: 1 round, 30 sequential requests and 1 s of concurrent load per scenario",
+    )
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.requests, args.rounds = 1.0, 30, 1
@@ -259,15 +273,51 @@ def main() -> int:
     floor_ports = {engine: (free_port(), free_port()) for engine in ("os", "trio")}
     procs: list[subprocess.Popen] = []
     try:
-        procs.append(spawn([str(ROOT / "examples" / "mock_llm.py"), "--port", str(llm_port), "--model", "m1"], tmp / "llm.log"))
+        procs.append(
+            spawn([str(ROOT / "examples" / "mock_llm.py"), "--port", str(llm_port), "--model", "m1"], tmp / "llm.log")
+        )
         common = ["-m", "ocf", "start", "--host", "127.0.0.1", "--log-level", "warning", "--no-ws"]
-        procs.append(spawn([*common, "--mode", "standalone", "--port", str(disp_port), "--tcpport", str(disp_tcp), "--data-dir", str(tmp / "dispatcher"), "--seed", "bench-dispatcher"], tmp / "dispatcher.log"))
+        procs.append(
+            spawn(
+                [
+                    *common,
+                    "--mode",
+                    "standalone",
+                    "--port",
+                    str(disp_port),
+                    "--tcpport",
+                    str(disp_tcp),
+                    "--data-dir",
+                    str(tmp / "dispatcher"),
+                    "--seed",
+                    "bench-dispatcher",
+                ],
+                tmp / "dispatcher.log",
+            )
+        )
         wait_http(llm_port, "/health")
         disp_id = json.loads(wait_http(disp_port, "/v1/health"))["peer_id"]
         procs.append(
             spawn(
-                [*common, "--mode", "node", "--bootstrap.addr", f"/ip4/127.0.0.1/tcp/{disp_tcp}/p2p/{disp_id}", "--port", str(worker_port), "--tcpport", str(worker_tcp),
-                 "--data-dir", str(tmp / "worker"), "--seed", "bench-worker", "--service.name", "llm", "--service.port", str(llm_port)],
+                [
+                    *common,
+                    "--mode",
+                    "node",
+                    "--bootstrap.addr",
+                    f"/ip4/127.0.0.1/tcp/{disp_tcp}/p2p/{disp_id}",
+                    "--port",
+                    str(worker_port),
+                    "--tcpport",
+                    str(worker_tcp),
+                    "--data-dir",
+                    str(tmp / "worker"),
+                    "--seed",
+                    "bench-worker",
+                    "--service.name",
+                    "llm",
+                    "--service.port",
+                    str(llm_port),
+                ],
                 tmp / "worker.log",
             )
         )
@@ -275,10 +325,14 @@ def main() -> int:
         floors = {}
         for engine, (first_port, second_port) in floor_ports.items():
             relay = [str(ROOT / "benchmarks" / "floor_relay.py"), "--engine", engine]
-            second = spawn([*relay, "--port", str(second_port), "--upstream", str(llm_port)], tmp / f"relay-{engine}-2.log")
+            second = spawn(
+                [*relay, "--port", str(second_port), "--upstream", str(llm_port)], tmp / f"relay-{engine}-2.log"
+            )
             procs.append(second)
             wait_http(second_port, "/health")  # before the first relay, which connects to it
-            first = spawn([*relay, "--port", str(first_port), "--upstream", str(second_port)], tmp / f"relay-{engine}-1.log")
+            first = spawn(
+                [*relay, "--port", str(first_port), "--upstream", str(second_port)], tmp / f"relay-{engine}-1.log"
+            )
             procs.append(first)
             floors[engine] = [first, second]
             wait_http(first_port, "/health")
@@ -301,14 +355,24 @@ def main() -> int:
             ("(f) 2 bare relays (floor)", floor_ports["os"][0], "/v1/chat/completions"),
             ("(t) 2 Trio HTTP relays", floor_ports["trio"][0], "/v1/chat/completions"),
         ]
-        print(f"gateway benchmark: {os.cpu_count()} cores, {args.concurrency} concurrent clients, {args.seconds:g} s per run; (c) via {c_note}")
+        print(
+            f"gateway benchmark: {os.cpu_count()} cores, {args.concurrency} concurrent clients, {args.seconds:g} s per run; (c) via {c_note}"
+        )
         print(f"python speed reference: {python_speed():.0f} ms of CPU for 1M loop iterations (lower is faster)")
         # Interleaved rounds: other work on the machine hits every scenario alike; per scenario the
         # best round's throughput is reported (the run least disturbed), latencies pool all rounds.
         results = {name: ([], [], []) for name, _, _ in scenarios + floor_scenarios}
         busy = {name: [] for name, _, _ in scenarios}
-        roles = {"mock LLM": [procs[0]], "dispatcher": [procs[1]], "worker": [procs[2]], "bare relays": floors["os"], "Trio relays": floors["trio"]}
-        cpu_used = {name: dict.fromkeys(roles, 0.0) for name, _, _ in scenarios + floor_scenarios}  # CPU seconds per role, sequential runs
+        roles = {
+            "mock LLM": [procs[0]],
+            "dispatcher": [procs[1]],
+            "worker": [procs[2]],
+            "bare relays": floors["os"],
+            "Trio relays": floors["trio"],
+        }
+        cpu_used = {
+            name: dict.fromkeys(roles, 0.0) for name, _, _ in scenarios + floor_scenarios
+        }  # CPU seconds per role, sequential runs
 
         def role_cpu() -> dict[str, float]:
             return {role: sum(_proc_cpu(proc.pid) for proc in members) for role, members in roles.items()}
@@ -332,7 +396,9 @@ def main() -> int:
         for name, port, path in scenarios:
             before = role_cpu()
             first[name] = trio.run(ttft, port, path, max(10 if args.quick else 50, args.requests // 4))
-            stream_cpu[name] = {role: (seconds - before[role]) / (len(first[name]) + 10) for role, seconds in role_cpu().items()}
+            stream_cpu[name] = {
+                role: (seconds - before[role]) / (len(first[name]) + 10) for role, seconds in role_cpu().items()
+            }
     finally:
         for proc in reversed(procs):
             proc.send_signal(signal.SIGTERM)
@@ -350,7 +416,9 @@ def main() -> int:
     base_p50 = statistics.median(base_seq) * 1000
     print()
     print(f"{'':<26} {'one client at a time':^26} | {str(args.concurrency) + ' concurrent clients':^44}")
-    print(f"{'scenario':<26} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} | {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6} {'cpu busy':>9}")
+    print(
+        f"{'scenario':<26} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} | {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6} {'cpu busy':>9}"
+    )
     print("-" * 100)
     for name, _, _ in scenarios + floor_scenarios:
         seq, rps, lat = results[name]
@@ -361,12 +429,16 @@ def main() -> int:
             row += f" {rps:7.0f} {pct(lat, 0.5):8.2f} {pct(lat, 0.99):8.2f} {rps / base_rps:6.2f} {cpu:>9}"
         print(row)
     print(f"(cpu busy: the whole machine's CPU use during each round, all processes; {os.cpu_count()} cores)")
-    print("((f) and (t): the floor of two hops on this machine, see benchmarks/floor_relay.py; one client at a time only)")
+    print(
+        "((f) and (t): the floor of two hops on this machine, see benchmarks/floor_relay.py; one client at a time only)"
+    )
     print()
     print("CPU per request, one client at a time (from /proc; warm-up requests included):")
     for name, _, _ in scenarios + floor_scenarios:
         count = len(results[name][0]) + 20 * args.rounds
-        used = ", ".join(f"{role} {seconds / count * 1000:.2f} ms" for role, seconds in cpu_used[name].items() if seconds > 0)
+        used = ", ".join(
+            f"{role} {seconds / count * 1000:.2f} ms" for role, seconds in cpu_used[name].items() if seconds > 0
+        )
         print(f"  {name:<26} {used}")
     a_ttft, b_ttft, c_ttft = (first[name] for name, _, _ in scenarios)
     print()
@@ -383,8 +455,12 @@ def main() -> int:
     floor_os, floor_trio = (statistics.median(results[name][0]) * 1000 - base_p50 for name, _, _ in floor_scenarios)
     print()
     print(f"target: (c) adds < 2 ms at p50 over (a): {added:+.2f} ms -> {'met' if added < 2 else 'NOT met'}")
-    print(f"        (floors in the same run: two bare relays add {floor_os:+.2f} ms, two minimal Trio HTTP relays {floor_trio:+.2f} ms)")
-    print(f"target: (c) >= 40% of (a)'s req/s at {args.concurrency} clients: {c_rps / base_rps:.0%} -> {'met' if c_rps >= 0.4 * base_rps else 'NOT met'}")
+    print(
+        f"        (floors in the same run: two bare relays add {floor_os:+.2f} ms, two minimal Trio HTTP relays {floor_trio:+.2f} ms)"
+    )
+    print(
+        f"target: (c) >= 40% of (a)'s req/s at {args.concurrency} clients: {c_rps / base_rps:.0%} -> {'met' if c_rps >= 0.4 * base_rps else 'NOT met'}"
+    )
     return 0
 
 

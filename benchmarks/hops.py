@@ -55,7 +55,9 @@ COMPLETION = json.dumps(
         "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
     }
 ).encode()
-MODELS = json.dumps({"object": "list", "data": [{"id": "m1", "object": "model", "created": 0, "owned_by": "bench"}]}).encode()
+MODELS = json.dumps(
+    {"object": "list", "data": [{"id": "m1", "object": "model", "created": 0, "owned_by": "bench"}]}
+).encode()
 REQUEST = json.dumps({"model": "m1", "messages": [{"role": "user", "content": "hi"}]}).encode()
 
 SCENARIOS = {
@@ -87,13 +89,19 @@ async def canned_backend(stream: trio.SocketStream) -> None:
         buf = buf[length:]
         path = head.split(b" ", 2)[1]
         body = b"{}" if path == b"/health" else MODELS if path == b"/v1/models" else COMPLETION
-        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body))
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body)
+        )
 
 
 async def requests(port: int, path: bytes, n: int) -> None:
     """``n`` sequential chat completions on one keep-alive connection."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
-    request = b"POST %b HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b" % (path, len(REQUEST), REQUEST)
+    request = b"POST %b HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b" % (
+        path,
+        len(REQUEST),
+        REQUEST,
+    )
     for _ in range(n):
         await stream.send_all(request)
         buf = b""
@@ -160,7 +168,9 @@ async def with_bench(work) -> None:  # type: ignore[no-untyped-def]
             async with open_node(Config(mode="standalone", data_dir=tmp / "dispatcher", **common)) as dispatcher:
                 bootstrap = (str(dispatcher.listen_addrs[0]),)
                 services = (ServiceSpec("llm", backend_port, "127.0.0.1"),)
-                async with open_node(Config(mode="node", data_dir=tmp / "worker", bootstrap_addrs=bootstrap, services=services, **common)) as worker:
+                async with open_node(
+                    Config(mode="node", data_dir=tmp / "worker", bootstrap_addrs=bootstrap, services=services, **common)
+                ) as worker:
                     await worker.bootstrap.wait_connected()
                     await worker.services.refresh()
                     bench = Bench(backend_port, floor_port, dispatcher, worker)
@@ -213,7 +223,17 @@ def instructions(scenario: str, n: int) -> float:
     counts = []
     for requests_ in (n, 0):
         out = subprocess.run(
-            ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__, "--child", scenario, "--requests", str(requests_)],
+            [
+                "valgrind",
+                "--tool=callgrind",
+                "--callgrind-out-file=/dev/null",
+                sys.executable,
+                __file__,
+                "--child",
+                scenario,
+                "--requests",
+                str(requests_),
+            ],
             capture_output=True,
             text=True,
             check=False,
@@ -237,15 +257,30 @@ def report(title: str, unit: str, values: dict[str, float], fmt: str) -> None:
         value = values[scenario]
         added = value - base
         per_hop = added / hops[scenario] if hops[scenario] else 0.0
-        print(f"{label:44s} {format(value, fmt):>16s} {value / base:7.2f} {format(added, fmt) if hops[scenario] else '':>14s} {format(per_hop, fmt) if hops[scenario] else '':>14s}")
+        print(
+            f"{label:44s} {format(value, fmt):>16s} {value / base:7.2f} {format(added, fmt) if hops[scenario] else '':>14s} {format(per_hop, fmt) if hops[scenario] else '':>14s}"
+        )
     print(f"({title}; 'hops' is the scenario minus the baseline: the gateways' own cost)")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=None, help="requests per scenario and round (default 500; 600 with --instructions)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds for CPU time; the best round counts (default 5)")
-    parser.add_argument("--instructions", action="store_true", help="count instructions per request under valgrind's callgrind (repeatable; slow: minutes)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=None,
+        help="requests per scenario and round (default 500; 600 with --instructions)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="interleaved rounds for CPU time; the best round counts (default 5)"
+    )
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count instructions per request under valgrind's callgrind (repeatable; slow: minutes)",
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     parser.add_argument("--child", choices=list(SCENARIOS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -257,12 +292,19 @@ def main() -> None:
             raise SystemExit("--instructions needs valgrind (apt-get install valgrind)")
         n = args.requests or (100 if args.quick else 600)
         values = {scenario: instructions(scenario, n) for scenario in SCENARIOS}
-        report(f"instructions per request under callgrind, {n} requests per scenario", "instructions/req", values, ",.0f")
+        report(
+            f"instructions per request under callgrind, {n} requests per scenario", "instructions/req", values, ",.0f"
+        )
         return
     n = args.requests or (100 if args.quick else 500)
     rounds = 2 if args.quick else args.rounds
     values = cpu_table(n, rounds)
-    report(f"CPU time per request, best of {rounds} interleaved rounds of {n} requests, all in one process", "CPU µs/req", values, ".0f")
+    report(
+        f"CPU time per request, best of {rounds} interleaved rounds of {n} requests, all in one process",
+        "CPU µs/req",
+        values,
+        ".0f",
+    )
 
 
 if __name__ == "__main__":

@@ -67,7 +67,11 @@ import trio
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-STAGES = [{"name": "crawl", "lease_timeout": 600}, {"name": "filter", "lease_timeout": 600}, {"name": "embed", "lease_timeout": 600}]
+STAGES = [
+    {"name": "crawl", "lease_timeout": 600},
+    {"name": "filter", "lease_timeout": 600},
+    {"name": "embed", "lease_timeout": 600},
+]
 CLAIM_WAIT = 5.0
 
 
@@ -100,18 +104,24 @@ class Conn:
         self.h11 = h11.Connection(h11.CLIENT)
 
     @classmethod
-    async def open(cls, port: int) -> "Conn":
+    async def open(cls, port: int) -> Conn:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return cls(stream, port)
 
-    async def request(self, method: str, target: str, body: bytes = b"", headers: list[tuple[str, str]] | None = None) -> tuple[int, bytes]:
+    async def request(
+        self, method: str, target: str, body: bytes = b"", headers: list[tuple[str, str]] | None = None
+    ) -> tuple[int, bytes]:
         c = self.h11
         hdrs = [("host", "bench"), ("content-length", str(len(body)))]
         if body and not any(k == "content-type" for k, _ in headers or ()):
             hdrs.append(("content-type", "application/json"))
         hdrs.extend(headers or ())
-        await self.stream.send_all(c.send(h11.Request(method=method, target=target, headers=hdrs)) + c.send(h11.Data(data=body)) + c.send(h11.EndOfMessage()))
+        await self.stream.send_all(
+            c.send(h11.Request(method=method, target=target, headers=hdrs))
+            + c.send(h11.Data(data=body))
+            + c.send(h11.EndOfMessage())
+        )
         status, parts = 0, []
         while True:
             event = c.next_event()
@@ -133,7 +143,14 @@ class Conn:
             c.start_next_cycle()
         return status, b"".join(parts)
 
-    async def json(self, method: str, target: str, obj: Any = None, headers: list[tuple[str, str]] | None = None, expect: tuple[int, ...] = (200, 201)) -> Any:
+    async def json(
+        self,
+        method: str,
+        target: str,
+        obj: Any = None,
+        headers: list[tuple[str, str]] | None = None,
+        expect: tuple[int, ...] = (200, 201),
+    ) -> Any:
         status, body = await self.request(method, target, b"" if obj is None else json.dumps(obj).encode(), headers)
         if status not in expect:
             raise RuntimeError(f"{method} {target} -> {status}: {body[:300]!r}")
@@ -149,7 +166,9 @@ class HttpxConn:
     def __init__(self, client: Any) -> None:
         self.client = client
 
-    async def request(self, method: str, target: str, body: bytes = b"", headers: list[tuple[str, str]] | None = None) -> tuple[int, bytes]:
+    async def request(
+        self, method: str, target: str, body: bytes = b"", headers: list[tuple[str, str]] | None = None
+    ) -> tuple[int, bytes]:
         hdrs = dict(headers or ())
         if body:
             hdrs.setdefault("content-type", "application/json")
@@ -172,10 +191,35 @@ class Server:
         self.log = self.data_dir / "node.log"
         self.profile = profile
         prefix = [__file__, "--serve-profiled", str(profile), "--"] if profile else ["-m", "ocf"]
-        args = [sys.executable, *prefix, "start", "--mode", "standalone", "--jobs", "--host", "127.0.0.1",
-                "--port", str(self.port), "--tcpport", "0", "--data-dir", str(self.data_dir / "node"), "--log-level", "warning",
-                "--admin-token", ADMIN_TOKEN, "--register-burst", "1000000", "--admin-burst", "1000000"]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
+        args = [
+            sys.executable,
+            *prefix,
+            "start",
+            "--mode",
+            "standalone",
+            "--jobs",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--tcpport",
+            "0",
+            "--data-dir",
+            str(self.data_dir / "node"),
+            "--log-level",
+            "warning",
+            "--admin-token",
+            ADMIN_TOKEN,
+            "--register-burst",
+            "1000000",
+            "--admin-burst",
+            "1000000",
+        ]
+        env = dict(
+            os.environ,
+            PYTHONUNBUFFERED="1",
+            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
+        )
         self.proc = subprocess.Popen(args, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         deadline = time.monotonic() + 60
         while True:
@@ -277,7 +321,11 @@ async def client_process(spec: dict[str, Any]) -> dict[str, Any]:
         import httpx
 
         n = len(spec["workers"])
-        http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=httpx.Limits(max_connections=n, max_keepalive_connections=n), timeout=60)
+        http = httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}",
+            limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
+            timeout=60,
+        )
         conns: list[Any] = [HttpxConn(http) for _ in spec["workers"]]
     elif spec["impl"] == "httpx":  # one client (pool of one connection) per worker
         import httpx
@@ -330,7 +378,9 @@ async def client_process(spec: dict[str, Any]) -> dict[str, Any]:
             done[stage] += 1
 
     def snapshot() -> None:
-        snapshots.append({"t": time.time(), "done": list(done), "requests": stats["requests"], "cpu": time.process_time()})
+        snapshots.append(
+            {"t": time.time(), "done": list(done), "requests": stats["requests"], "cpu": time.process_time()}
+        )
 
     print("ready", flush=True)  # connections are open; the timetable comes on stdin
     spec.update(json.loads(await trio.to_thread.run_sync(sys.stdin.readline)))
@@ -351,13 +401,31 @@ async def client_process(spec: dict[str, Any]) -> dict[str, Any]:
     return {"snapshots": snapshots, **stats}
 
 
-def run_load(server: Server, *, mode: str, impl: str, workers: list[tuple[str, int]], project: str, batch: int, clients: int, warmup: float, seconds: float) -> dict[str, float]:
+def run_load(
+    server: Server,
+    *,
+    mode: str,
+    impl: str,
+    workers: list[tuple[str, int]],
+    project: str,
+    batch: int,
+    clients: int,
+    warmup: float,
+    seconds: float,
+) -> dict[str, float]:
     """Run the load in ``clients`` processes; rates over [warmup, warmup + seconds]."""
     spec = {"port": server.port, "mode": mode, "impl": impl, "project": project, "batch": batch}
     procs = []
     for k in range(clients):
         part = dict(spec, workers=workers[k::clients])
-        procs.append(subprocess.Popen([sys.executable, __file__, "--client-spec", json.dumps(part)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, __file__, "--client-spec", json.dumps(part)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        )
     for p in procs:  # wait until every process has imported and connected
         if p.stdout.readline().strip() != "ready":
             raise RuntimeError("a load process failed to start")
@@ -402,17 +470,25 @@ def run_load(server: Server, *, mode: str, impl: str, workers: list[tuple[str, i
     }
 
 
-async def setup_load_project(port: int, project: str, jobs: int, n_workers: int, batch_size: int) -> list[tuple[str, int]]:
+async def setup_load_project(
+    port: int, project: str, jobs: int, n_workers: int, batch_size: int
+) -> list[tuple[str, int]]:
     conn = await Conn.open(port)
     await conn.json("PUT", f"/v1/jobs/{project}", {"stages": STAGES}, ADMIN)
     for first in range(0, jobs, batch_size):
         body = ndjson(first, min(batch_size, jobs - first))
-        status, answer = await conn.request("POST", f"/v1/jobs/{project}/jobs", body, [("content-type", "application/x-ndjson"), *ADMIN])
+        status, answer = await conn.request(
+            "POST", f"/v1/jobs/{project}/jobs", body, [("content-type", "application/x-ndjson"), *ADMIN]
+        )
         assert status == 201, answer[:300]
     workers = []
     for i in range(n_workers):
         stage = i % 3
-        reg = await conn.json("POST", f"/v1/jobs/{project}/workers", {"nickname": f"bench{i}", "user": f"user{i % 7}", "stage": STAGES[stage]["name"]})
+        reg = await conn.json(
+            "POST",
+            f"/v1/jobs/{project}/workers",
+            {"nickname": f"bench{i}", "user": f"user{i % 7}", "stage": STAGES[stage]["name"]},
+        )
         workers.append((reg["token"], stage))
     await conn.aclose()
     return workers
@@ -431,7 +507,12 @@ async def create_over_http(server: Server, total: int, batch: int) -> dict[str, 
     t0 = time.perf_counter()
     created = 0
     for n, body in enumerate(bodies):
-        status, answer = await conn.request("POST", "/v1/jobs/create/jobs", body, [("content-type", "application/x-ndjson"), ("idempotency-key", f"batch-{n}"), *ADMIN])
+        status, answer = await conn.request(
+            "POST",
+            "/v1/jobs/create/jobs",
+            body,
+            [("content-type", "application/x-ndjson"), ("idempotency-key", f"batch-{n}"), *ADMIN],
+        )
         if status != 201:
             raise RuntimeError(f"creation batch {n} -> {status}: {answer[:300]!r}")
         created += json.loads(answer)["created"]
@@ -440,8 +521,15 @@ async def create_over_http(server: Server, total: int, batch: int) -> dict[str, 
     elapsed = time.perf_counter() - t0
     await conn.aclose()
     assert created == total, created
-    return {"rate": total / elapsed, "seconds": elapsed, "rss": rss, "anon": anon, "hwm": server.status("VmHWM"),
-            "mdb": server.mdb.stat().st_size, "mdb0": size0}
+    return {
+        "rate": total / elapsed,
+        "seconds": elapsed,
+        "rss": rss,
+        "anon": anon,
+        "hwm": server.status("VmHWM"),
+        "mdb": server.mdb.stat().st_size,
+        "mdb0": size0,
+    }
 
 
 # --- in process (no HTTP): the store's own rates and sizes ----------------------------------
@@ -506,7 +594,9 @@ def in_process_sizes(total: int) -> list[int]:
         for stage in range(3):
             token = js.register_worker("p", nickname=f"w{stage}", stage=stage + 1, now=now)["token"]
             while jobs := js.claim("p", token, time.time(), limit=1000):
-                js.complete_many("p", token, [{"id": j["id"], "output": f"{j['input']}|{stage}"} for j in jobs], time.time())
+                js.complete_many(
+                    "p", token, [{"id": j["id"], "output": f"{j['input']}|{stage}"} for j in jobs], time.time()
+                )
             sizes.append(mdb.stat().st_size)
         store.close()
     return sizes
@@ -520,7 +610,9 @@ def profile_summary(path: Path, seconds: float, top: int = 25) -> str:
 
     out = io.StringIO()
     gc_time = json.loads(Path(str(path) + ".gc").read_text())
-    out.write(f"garbage collector: {gc_time['seconds']:.3f} s of the {seconds:.0f} s window, collections per generation {gc_time['collections']}\n")
+    out.write(
+        f"garbage collector: {gc_time['seconds']:.3f} s of the {seconds:.0f} s window, collections per generation {gc_time['collections']}\n"
+    )
     stats = pstats.Stats(str(path), stream=out)
     stats.sort_stats("tottime").print_stats(top)
     stats.sort_stats("cumulative").print_stats(top)
@@ -543,10 +635,14 @@ def mib(n: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes (used by the test suite)")
-    parser.add_argument("--seconds", type=float, default=None, help="measured seconds per load run (default 15, quick 2)")
+    parser.add_argument(
+        "--seconds", type=float, default=None, help="measured seconds per load run (default 15, quick 2)"
+    )
     parser.add_argument("--workers", type=int, default=100, help="simulated workers, spread over the 3 stages")
     parser.add_argument("--clients", type=int, default=1, help="load generator processes")
-    parser.add_argument("--jobs", type=int, default=None, help="jobs to create over HTTP (default 1,000,000; quick 20,000)")
+    parser.add_argument(
+        "--jobs", type=int, default=None, help="jobs to create over HTTP (default 1,000,000; quick 20,000)"
+    )
     parser.add_argument("--batches", default="1,10", help="claim/complete batch sizes to measure (default 1,10)")
     parser.add_argument("--profile", action="store_true", help="also profile the server under the batch-10 load")
     parser.add_argument("--client-spec", help=argparse.SUPPRESS)
@@ -571,79 +667,210 @@ def main() -> None:
     # 1. cycles over HTTP -------------------------------------------------------------------
     server = Server()
     try:
-        projects = {b: trio.run(setup_load_project, server.port, f"load-b{b}", seed, args.workers, 50_000) for b in batches}
+        projects = {
+            b: trio.run(setup_load_project, server.port, f"load-b{b}", seed, args.workers, 50_000) for b in batches
+        }
         workers_b1 = projects[batches[0]]
         cost = {}
         for impl in ("h11", "httpx", "httpx-shared"):
-            cost[impl] = r = run_load(server, mode="bare", impl=impl, workers=workers_b1, project="", batch=1, clients=1, warmup=0.5 if quick else 1.0, seconds=1.0 if quick else 4.0)
-            what = {"h11": "minimal h11 client", "httpx": "httpx, an AsyncClient per worker", "httpx-shared": "httpx, one shared AsyncClient pool"}[impl]
-            rows.append((f"load client cost: {what}, {args.workers} conns", f"{r['requests']:8.0f} req/s", "",
-                         f"client {r['client_us_per_req']:.0f} us CPU/req ({r['client_cpu'] * 100:.0f}% of a core), server {r['server_cpu'] * 100:.0f}% core"))
+            cost[impl] = r = run_load(
+                server,
+                mode="bare",
+                impl=impl,
+                workers=workers_b1,
+                project="",
+                batch=1,
+                clients=1,
+                warmup=0.5 if quick else 1.0,
+                seconds=1.0 if quick else 4.0,
+            )
+            what = {
+                "h11": "minimal h11 client",
+                "httpx": "httpx, an AsyncClient per worker",
+                "httpx-shared": "httpx, one shared AsyncClient pool",
+            }[impl]
+            rows.append(
+                (
+                    f"load client cost: {what}, {args.workers} conns",
+                    f"{r['requests']:8.0f} req/s",
+                    "",
+                    f"client {r['client_us_per_req']:.0f} us CPU/req ({r['client_cpu'] * 100:.0f}% of a core), server {r['server_cpu'] * 100:.0f}% core",
+                )
+            )
         impl = min(cost, key=lambda k: cost[k]["client_us_per_req"])
         clients = f"{args.clients} {impl} load process{'es' if args.clients > 1 else ''}"
-        bare = run_load(server, mode="bare", impl=impl, workers=workers_b1, project="", batch=1, clients=args.clients, warmup=warmup, seconds=seconds)
+        bare = run_load(
+            server,
+            mode="bare",
+            impl=impl,
+            workers=workers_b1,
+            project="",
+            batch=1,
+            clients=args.clients,
+            warmup=warmup,
+            seconds=seconds,
+        )
         bare_pairs = bare["requests"] / 2
-        rows.append((f"bare gateway: 2x GET /v1/health per cycle, {args.workers} workers (baseline)", f"{bare_pairs:8.0f} cycles/s", "1.00",
-                     f"{bare['requests']:.0f} req/s, server {server_note(bare)}; clients {bare['client_cpu'] * 100:.0f}% ({clients})"))
+        rows.append(
+            (
+                f"bare gateway: 2x GET /v1/health per cycle, {args.workers} workers (baseline)",
+                f"{bare_pairs:8.0f} cycles/s",
+                "1.00",
+                f"{bare['requests']:.0f} req/s, server {server_note(bare)}; clients {bare['client_cpu'] * 100:.0f}% ({clients})",
+            )
+        )
         loads = {}
         for batch, workers in projects.items():
             project = f"load-b{batch}"
-            r = loads[batch] = run_load(server, mode="tracker", impl=impl, workers=workers, project=project, batch=batch, clients=args.clients, warmup=warmup, seconds=seconds)
+            r = loads[batch] = run_load(
+                server,
+                mode="tracker",
+                impl=impl,
+                workers=workers,
+                project=project,
+                batch=batch,
+                clients=args.clients,
+                warmup=warmup,
+                seconds=seconds,
+            )
             pairs = r["requests"] / 2
             notes = [f"{r['requests']:.0f} req/s, server {server_note(r)}; clients {r['client_cpu'] * 100:.0f}%"]
             if r["errors"]:
                 notes.append(f"{r['errors']} errors")
             if r["empty_stage1"]:
                 notes.append(f"stage 1 ran dry {r['empty_stage1']}x")
-            rows.append((f"tracker, batch {batch}: claim+complete, {args.workers} workers over 3 stages", f"{r['cycles']:8.0f} job-stage/s", f"{pairs / bare_pairs:.2f}", "; ".join(notes)))
+            rows.append(
+                (
+                    f"tracker, batch {batch}: claim+complete, {args.workers} workers over 3 stages",
+                    f"{r['cycles']:8.0f} job-stage/s",
+                    f"{pairs / bare_pairs:.2f}",
+                    "; ".join(notes),
+                )
+            )
             target = f"; target >= 1000 at batch 10: {'met' if r['e2e'] >= 1000 else 'NOT met'}" if batch == 10 else ""
-            rows.append((f"tracker, batch {batch}: end to end (all 3 stages)", f"{r['e2e']:8.0f} jobs/s", "",
-                         f"per stage {' / '.join(f'{x:.0f}' for x in r['per_stage'])} /s{target}; "
-                         f"ceiling if a request cost what /v1/health does: {bare_pairs * batch / 3:.0f}"))
+            rows.append(
+                (
+                    f"tracker, batch {batch}: end to end (all 3 stages)",
+                    f"{r['e2e']:8.0f} jobs/s",
+                    "",
+                    f"per stage {' / '.join(f'{x:.0f}' for x in r['per_stage'])} /s{target}; "
+                    f"ceiling if a request cost what /v1/health does: {bare_pairs * batch / 3:.0f}",
+                )
+            )
         for batch, workers in projects.items():
             project = f"load-b{batch}"
-            r = run_load(server, mode="combined", impl=impl, workers=workers, project=project, batch=batch, clients=args.clients, warmup=warmup, seconds=seconds)
+            r = run_load(
+                server,
+                mode="combined",
+                impl=impl,
+                workers=workers,
+                project=project,
+                batch=batch,
+                clients=args.clients,
+                warmup=warmup,
+                seconds=seconds,
+            )
             notes = [f"{r['requests']:.0f} req/s, server {server_note(r)}; clients {r['client_cpu'] * 100:.0f}%"]
             if r["errors"]:
                 notes.append(f"{r['errors']} errors")
-            rows.append((f"tracker, batch {batch}, complete+claim in one request: {args.workers} workers", f"{r['cycles']:8.0f} job-stage/s", f"{r['cycles'] / batch / bare_pairs:.2f}", "; ".join(notes)))
+            rows.append(
+                (
+                    f"tracker, batch {batch}, complete+claim in one request: {args.workers} workers",
+                    f"{r['cycles']:8.0f} job-stage/s",
+                    f"{r['cycles'] / batch / bare_pairs:.2f}",
+                    "; ".join(notes),
+                )
+            )
             target = f"; target >= 1000 at batch 10: {'met' if r['e2e'] >= 1000 else 'NOT met'}" if batch == 10 else ""
-            rows.append((f"tracker, batch {batch}, complete+claim in one request: end to end", f"{r['e2e']:8.0f} jobs/s", "",
-                         f"per stage {' / '.join(f'{x:.0f}' for x in r['per_stage'])} /s{target}"))
+            rows.append(
+                (
+                    f"tracker, batch {batch}, complete+claim in one request: end to end",
+                    f"{r['e2e']:8.0f} jobs/s",
+                    "",
+                    f"per stage {' / '.join(f'{x:.0f}' for x in r['per_stage'])} /s{target}",
+                )
+            )
         rss_after_load = server.status("VmRSS")
     finally:
         server.stop()
-    rows.append((f"tracker server RSS after the load runs ({len(batches) * seed:,} jobs held)", mib(rss_after_load), "", ""))
+    rows.append(
+        (f"tracker server RSS after the load runs ({len(batches) * seed:,} jobs held)", mib(rss_after_load), "", "")
+    )
     for batch in batches:
         for sync in (True, False):
             rate = in_process_rate(batch, 1.0 if quick else 3.0, sync=sync, jobs=20_000 if quick else 50_000)
-            rows.append((f"in process (no HTTP), batch {batch}: JobStore claim+complete_many{'' if sync else ', commits not synced'}", f"{rate:8.0f} job-stage/s", "",
-                         f"{1e6 / rate * batch:.0f} us per claim+complete pair" + ("" if sync else " (store CPU; the difference is fsync)")))
+            rows.append(
+                (
+                    f"in process (no HTTP), batch {batch}: JobStore claim+complete_many{'' if sync else ', commits not synced'}",
+                    f"{rate:8.0f} job-stage/s",
+                    "",
+                    f"{1e6 / rate * batch:.0f} us per claim+complete pair"
+                    + ("" if sync else " (store CPU; the difference is fsync)"),
+                )
+            )
 
     # 2. creation ---------------------------------------------------------------------------
     direct = in_process_create(total, create_batch)
-    rows.append((f"create {total:,} jobs in process: JobStore.add_jobs, {create_batch:,}/txn (baseline)", f"{direct:8.0f} jobs/s", "1.00", ""))
+    rows.append(
+        (
+            f"create {total:,} jobs in process: JobStore.add_jobs, {create_batch:,}/txn (baseline)",
+            f"{direct:8.0f} jobs/s",
+            "1.00",
+            "",
+        )
+    )
     server = Server()
     try:
         c = trio.run(create_over_http, server, total, create_batch)
     finally:
         server.stop()
     flat = c["anon"][-1] - c["anon"][1]
-    rows.append((f"create {total:,} jobs over HTTP: NDJSON, {create_batch:,}/request", f"{c['rate']:8.0f} jobs/s", f"{c['rate'] / direct:.2f}",
-                 f"{c['seconds']:.1f} s; target 1M < 60 s: {'met' if c['rate'] >= 1e6 / 60 else 'NOT met'}"))
+    rows.append(
+        (
+            f"create {total:,} jobs over HTTP: NDJSON, {create_batch:,}/request",
+            f"{c['rate']:8.0f} jobs/s",
+            f"{c['rate'] / direct:.2f}",
+            f"{c['seconds']:.1f} s; target 1M < 60 s: {'met' if c['rate'] >= 1e6 / 60 else 'NOT met'}",
+        )
+    )
     m = 1 << 20
-    rows.append(("  server VmRSS: before / after 1st batch / after last (peak)", f"{c['rss'][0] / m:.0f} MiB", "",
-                 f"{c['rss'][1] / m:.0f} / {c['rss'][-1] / m:.0f} MiB (peak VmHWM {c['hwm'] / m:.0f} MiB); includes mapped data.mdb pages"))
-    rows.append(("  server RssAnon (heap): before / after 1st batch / after last", f"{c['anon'][0] / m:.0f} MiB", "",
-                 f"{c['anon'][1] / m:.0f} / {c['anon'][-1] / m:.0f} MiB: {flat / m:+.1f} MiB from 1st to last batch ({'flat' if abs(flat) < 32 * m else 'GROWS'})"))
+    rows.append(
+        (
+            "  server VmRSS: before / after 1st batch / after last (peak)",
+            f"{c['rss'][0] / m:.0f} MiB",
+            "",
+            f"{c['rss'][1] / m:.0f} / {c['rss'][-1] / m:.0f} MiB (peak VmHWM {c['hwm'] / m:.0f} MiB); includes mapped data.mdb pages",
+        )
+    )
+    rows.append(
+        (
+            "  server RssAnon (heap): before / after 1st batch / after last",
+            f"{c['anon'][0] / m:.0f} MiB",
+            "",
+            f"{c['anon'][1] / m:.0f} / {c['anon'][-1] / m:.0f} MiB: {flat / m:+.1f} MiB from 1st to last batch ({'flat' if abs(flat) < 32 * m else 'GROWS'})",
+        )
+    )
 
     # 3. size -------------------------------------------------------------------------------
     per_m = 1e6 / total
-    rows.append((f"LMDB data.mdb after creating {total:,} jobs", mib(c["mdb"]), "", f"{mib((c['mdb'] - c['mdb0']) * per_m)} per million; {(c['mdb'] - c['mdb0']) / total:.0f} B/job"))
+    rows.append(
+        (
+            f"LMDB data.mdb after creating {total:,} jobs",
+            mib(c["mdb"]),
+            "",
+            f"{mib((c['mdb'] - c['mdb0']) * per_m)} per million; {(c['mdb'] - c['mdb0']) / total:.0f} B/job",
+        )
+    )
     sizes = in_process_sizes(through)
     per_m = 1e6 / through
-    rows.append((f"LMDB, {through:,} jobs through 3 stages in process (x{per_m:.0f} = per million)", mib(sizes[0] * per_m), "",
-                 "after stage 1/2/3: " + " / ".join(mib(s * per_m) for s in sizes[1:]) + f" (extrapolated from {through:,})"))
+    rows.append(
+        (
+            f"LMDB, {through:,} jobs through 3 stages in process (x{per_m:.0f} = per million)",
+            mib(sizes[0] * per_m),
+            "",
+            "after stage 1/2/3: " + " / ".join(mib(s * per_m) for s in sizes[1:]) + f" (extrapolated from {through:,})",
+        )
+    )
 
     width = max(len(r[0]) for r in rows)
     print(f"{'measurement':<{width}}  {'value':>20}  {'ratio':>6}  note")
@@ -657,10 +884,22 @@ def main() -> None:
         server = Server(profile=prof)
         try:
             workers = trio.run(setup_load_project, server.port, "load-b10", seed, args.workers, 50_000)
-            r = run_load(server, mode="tracker", impl=impl, workers=workers, project="load-b10", batch=10, clients=args.clients, warmup=warmup, seconds=seconds)
+            r = run_load(
+                server,
+                mode="tracker",
+                impl=impl,
+                workers=workers,
+                project="load-b10",
+                batch=10,
+                clients=args.clients,
+                warmup=warmup,
+                seconds=seconds,
+            )
         finally:
             server.stop()
-        print(f"\nserver profile, batch 10 under cProfile ({r['cycles']:.0f} job-stage/s, {r['e2e']:.0f} jobs/s while profiled):\n")
+        print(
+            f"\nserver profile, batch 10 under cProfile ({r['cycles']:.0f} job-stage/s, {r['e2e']:.0f} jobs/s while profiled):\n"
+        )
         print(profile_summary(prof, seconds))
         shutil.rmtree(prof.parent, ignore_errors=True)
 

@@ -51,7 +51,11 @@ def free_port() -> int:
 
 
 def env() -> dict[str, str]:
-    return dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
+    return dict(
+        os.environ,
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
+    )
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, what: str) -> None:
@@ -79,7 +83,10 @@ async def measure(base: str, seconds: float, token_delay: float) -> dict[str, li
     """Health latencies and token gaps (less the mock's delay), in ms, over ``seconds``."""
     out: dict[str, list[float]] = {"health": [], "token_gap": []}
     body = {"model": "m1", "stream": True, "messages": [{"role": "user", "content": PROMPT}]}
-    async with httpx.AsyncClient(base_url=base, timeout=30) as probe, httpx.AsyncClient(base_url=base, timeout=30) as streamer:
+    async with (
+        httpx.AsyncClient(base_url=base, timeout=30) as probe,
+        httpx.AsyncClient(base_url=base, timeout=30) as streamer,
+    ):
 
         async def health() -> None:
             while True:
@@ -124,7 +131,9 @@ async def load(base: str, rate: float, seconds: float, workers: int) -> dict[str
             while True:
                 next_at += 1 / per_worker
                 results = [{"id": j["id"], "output": j["input"]} for j in held]
-                r = await http.post("/v1/jobs/bench/complete", json={"results": results, "claim": BATCH}, headers=headers)
+                r = await http.post(
+                    "/v1/jobs/bench/complete", json={"results": results, "claim": BATCH}, headers=headers
+                )
                 answer = r.json()
                 done += sum(1 for x in answer["results"] if x["status"] == "done")
                 held = answer["jobs"]
@@ -148,9 +157,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short windows (used by the test suite)")
     parser.add_argument("--seconds", type=float, default=None, help="measured seconds per phase (default 10; quick 3)")
-    parser.add_argument("--rate", type=float, default=1000.0, help="tracker jobs/s during the loaded phase (default 1000)")
+    parser.add_argument(
+        "--rate", type=float, default=1000.0, help="tracker jobs/s during the loaded phase (default 1000)"
+    )
     parser.add_argument("--workers", type=int, default=20, help="simulated tracker workers (default 20)")
-    parser.add_argument("--token-delay", type=float, default=0.01, help="mock LLM pause between tokens (default 0.01 s)")
+    parser.add_argument(
+        "--token-delay", type=float, default=0.01, help="mock LLM pause between tokens (default 0.01 s)"
+    )
     parser.add_argument("--load", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.seconds = args.seconds or (3.0 if args.quick else 10.0)
@@ -163,30 +176,96 @@ def main() -> None:
     base = f"http://127.0.0.1:{port}"
     procs: list[subprocess.Popen] = []
     try:
-        llm = subprocess.Popen([sys.executable, str(ROOT / "examples" / "mock_llm.py"), "--port", str(llm_port), "--model", "m1", "--token-delay", str(args.token_delay)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env())
+        llm = subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "examples" / "mock_llm.py"),
+                "--port",
+                str(llm_port),
+                "--model",
+                "m1",
+                "--token-delay",
+                str(args.token_delay),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env(),
+        )
         procs.append(llm)
         wait_healthy(f"http://127.0.0.1:{llm_port}/health", llm, "mock LLM")
-        node = subprocess.Popen([sys.executable, "-m", "ocf", "start", "--mode", "standalone", "--jobs", "--host", "127.0.0.1", "--port", str(port), "--tcpport", "0",
-                                 "--data-dir", str(tmp / "node"), "--service.name", "llm", "--service.port", str(llm_port), "--log-level", "warning",
-                                 "--admin-token", ADMIN_TOKEN, "--register-burst", "1000000"],
-                                stdout=(tmp / "node.log").open("w"), stderr=subprocess.STDOUT, env=env(), cwd=ROOT)
+        node = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ocf",
+                "start",
+                "--mode",
+                "standalone",
+                "--jobs",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--tcpport",
+                "0",
+                "--data-dir",
+                str(tmp / "node"),
+                "--service.name",
+                "llm",
+                "--service.port",
+                str(llm_port),
+                "--log-level",
+                "warning",
+                "--admin-token",
+                ADMIN_TOKEN,
+                "--register-burst",
+                "1000000",
+            ],
+            stdout=(tmp / "node.log").open("w"),
+            stderr=subprocess.STDOUT,
+            env=env(),
+            cwd=ROOT,
+        )
         procs.append(node)
         wait_healthy(f"{base}/v1/health", node, "node")
         deadline = time.monotonic() + 30
-        while "m1" not in httpx.get(f"{base}/v1/service/llm/v1/models", timeout=5).text:  # the registrar publishes within a second or two
+        while (
+            "m1" not in httpx.get(f"{base}/v1/service/llm/v1/models", timeout=5).text
+        ):  # the registrar publishes within a second or two
             if time.monotonic() > deadline:
                 raise RuntimeError("the node never published its llm service")
             time.sleep(0.2)
         jobs = int(args.rate * args.seconds * 1.5) + 1000
-        httpx.put(f"{base}/v1/jobs/bench", json={"stages": [{"name": "one", "lease_timeout": 600}]}, headers=ADMIN, timeout=30).raise_for_status()
+        httpx.put(
+            f"{base}/v1/jobs/bench", json={"stages": [{"name": "one", "lease_timeout": 600}]}, headers=ADMIN, timeout=30
+        ).raise_for_status()
         for first in range(0, jobs, 50_000):
             lines = "".join(f'"job-{i}"\n' for i in range(first, min(jobs, first + 50_000)))
-            httpx.post(f"{base}/v1/jobs/bench/jobs", content=lines, headers={"content-type": "application/x-ndjson", **ADMIN}, timeout=120).raise_for_status()
+            httpx.post(
+                f"{base}/v1/jobs/bench/jobs",
+                content=lines,
+                headers={"content-type": "application/x-ndjson", **ADMIN},
+                timeout=120,
+            ).raise_for_status()
 
         baseline = trio.run(measure, base, args.seconds, args.token_delay)
-        loader = subprocess.Popen([sys.executable, __file__, "--load", base, "--rate", str(args.rate), "--seconds", str(args.seconds + 1), "--workers", str(args.workers)],
-                                  stdout=subprocess.PIPE, env=env(), text=True)
+        loader = subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--load",
+                base,
+                "--rate",
+                str(args.rate),
+                "--seconds",
+                str(args.seconds + 1),
+                "--workers",
+                str(args.workers),
+            ],
+            stdout=subprocess.PIPE,
+            env=env(),
+            text=True,
+        )
         procs.append(loader)
         time.sleep(0.5)  # let the load reach its pace before measuring
         loaded = trio.run(measure, base, args.seconds, args.token_delay)
@@ -208,9 +287,15 @@ def main() -> None:
         b, l = baseline[key], loaded[key]
         added = percentile(l, 0.99) - percentile(b, 0.99)
         verdict = "ok" if added < 5 else "OVER"
-        print(f"{label:<26}{percentile(b, 0.5):>10.2f}{percentile(b, 0.99):>10.2f}{percentile(l, 0.5):>10.2f}{percentile(l, 0.99):>10.2f}{max(l or [0]):>10.2f}{added:>11.2f}  {'< 5 ' + verdict:>10}")
-    print(f"co-located tracker + LLM relay, {args.seconds:g} s per phase; tracker load achieved {achieved['rate']:,.0f} jobs/s (target {args.rate:,.0f})")
-    print(f"samples (idle/load): health {len(baseline['health'])}/{len(loaded['health'])}, token gaps {len(baseline['token_gap'])}/{len(loaded['token_gap'])}")
+        print(
+            f"{label:<26}{percentile(b, 0.5):>10.2f}{percentile(b, 0.99):>10.2f}{percentile(l, 0.5):>10.2f}{percentile(l, 0.99):>10.2f}{max(l or [0]):>10.2f}{added:>11.2f}  {'< 5 ' + verdict:>10}"
+        )
+    print(
+        f"co-located tracker + LLM relay, {args.seconds:g} s per phase; tracker load achieved {achieved['rate']:,.0f} jobs/s (target {args.rate:,.0f})"
+    )
+    print(
+        f"samples (idle/load): health {len(baseline['health'])}/{len(loaded['health'])}, token gaps {len(baseline['token_gap'])}/{len(loaded['token_gap'])}"
+    )
 
 
 if __name__ == "__main__":

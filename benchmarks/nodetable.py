@@ -47,7 +47,9 @@ async def convergence(n: int, rounds: int, memory: bool) -> tuple[list[float], f
         hub = await stack.enter_async_context(open_node(cfg(mode="standalone"), memory_network=net))
         nodes = [hub]
         for _ in range(n - 1):
-            node = await stack.enter_async_context(open_node(cfg(mode="node", bootstrap_addrs=(str(hub.listen_addrs[0]),)), memory_network=net))
+            node = await stack.enter_async_context(
+                open_node(cfg(mode="node", bootstrap_addrs=(str(hub.listen_addrs[0]),)), memory_network=net)
+            )
             await node.bootstrap.wait_connected()
             nodes.append(node)
         for node in nodes:
@@ -87,12 +89,33 @@ def table_of(n: int) -> list[Record]:
     for i in range(n):
         ident = Identity.from_seed(f"peer-{i}")
         doc = OwnerDoc(ident.peer_id)
-        doc.update({
-            "id": str(ident.peer_id), "owner": "", "role": ["worker"], "status": "online", "version": "0.1.0",
-            "public_address": "", "addrs": [f"/ip4/10.0.{i // 250}.{i % 250}/tcp/43905/p2p/{ident.peer_id}"],
-            "service": [{"name": "llm", "host": "localhost", "port": "8080", "status": "healthy", "identity_group": [f"model=m{i % 10}"], "hardware": {}}],
-            "hardware": {"gpus": [{"name": "A100", "total_memory": 81920, "used_memory": 0}], "host_memory": 1 << 37, "host_memory_used": 1 << 30, "cpus": 64},
-        })
+        doc.update(
+            {
+                "id": str(ident.peer_id),
+                "owner": "",
+                "role": ["worker"],
+                "status": "online",
+                "version": "0.1.0",
+                "public_address": "",
+                "addrs": [f"/ip4/10.0.{i // 250}.{i % 250}/tcp/43905/p2p/{ident.peer_id}"],
+                "service": [
+                    {
+                        "name": "llm",
+                        "host": "localhost",
+                        "port": "8080",
+                        "status": "healthy",
+                        "identity_group": [f"model=m{i % 10}"],
+                        "hardware": {},
+                    }
+                ],
+                "hardware": {
+                    "gpus": [{"name": "A100", "total_memory": 81920, "used_memory": 0}],
+                    "host_memory": 1 << 37,
+                    "host_memory_used": 1 << 30,
+                    "cpus": 64,
+                },
+            }
+        )
         records.append(Record.create(ident, 1, doc))
     return records
 
@@ -113,7 +136,10 @@ def save_load(records: list[Record]) -> dict[str, float]:
         save = time.perf_counter() - t0
         t0 = time.perf_counter()
         with store.read() as txn:
-            loaded = [Record.from_bytes(__import__("ocf").identity.PeerId(bytes(k)), bytes(v)).verify() for k, v in txn.cursor(db=db)]
+            loaded = [
+                Record.from_bytes(__import__("ocf").identity.PeerId(bytes(k)), bytes(v)).verify()
+                for k, v in txn.cursor(db=db)
+            ]
         load = time.perf_counter() - t0
         store.close()
     assert len(loaded) == len(records)
@@ -129,19 +155,51 @@ async def main() -> None:
     rows = []
     for n in sizes:
         times, bytes_per_change = await convergence(n, rounds, memory=True)
-        rows.append((f"converge, {n} nodes (memory transport)", f"p50 {statistics.median(times) * 1000:6.1f} ms", f"max {max(times) * 1000:6.1f} ms", f"{bytes_per_change / 1024:.1f} KiB sync/change"))
+        rows.append(
+            (
+                f"converge, {n} nodes (memory transport)",
+                f"p50 {statistics.median(times) * 1000:6.1f} ms",
+                f"max {max(times) * 1000:6.1f} ms",
+                f"{bytes_per_change / 1024:.1f} KiB sync/change",
+            )
+        )
     times, bytes_per_change = await convergence(20 if not args.quick else 5, rounds, memory=False)
-    rows.append((f"converge, {20 if not args.quick else 5} nodes (loopback TCP)", f"p50 {statistics.median(times) * 1000:6.1f} ms", f"max {max(times) * 1000:6.1f} ms", f"{bytes_per_change / 1024:.1f} KiB sync/change"))
+    rows.append(
+        (
+            f"converge, {20 if not args.quick else 5} nodes (loopback TCP)",
+            f"p50 {statistics.median(times) * 1000:6.1f} ms",
+            f"max {max(times) * 1000:6.1f} ms",
+            f"{bytes_per_change / 1024:.1f} KiB sync/change",
+        )
+    )
     size, changes = doc_growth(10_000 if not args.quick else 500)
-    rows.append(("one entry after many service updates", f"{size} B", f"{changes} changes", "compacted every 64 changes"))
+    rows.append(
+        ("one entry after many service updates", f"{size} B", f"{changes} changes", "compacted every 64 changes")
+    )
     # a simulated week of liveness for 100 peers: liveness lives in memory, never in a document
     week = table_of(100)
-    rows.append(("100 peers after a simulated week", f"{sum(len(r.doc) for r in week) / 1024:.1f} KiB", "", "last_seen/load are not history"))
+    rows.append(
+        (
+            "100 peers after a simulated week",
+            f"{sum(len(r.doc) for r in week) / 1024:.1f} KiB",
+            "",
+            "last_seen/load are not history",
+        )
+    )
     stats = save_load(table_of(1000 if not args.quick else 200))
     n = 1000 if not args.quick else 200
     rows.append((f"{n}-entry table: raw Automerge load (baseline)", f"{stats['raw_load'] * 1000:.1f} ms", "1.00", ""))
-    rows.append((f"{n}-entry table: LMDB save", f"{stats['save'] * 1000:.1f} ms", "", f"{stats['bytes'] / 1024:.0f} KiB"))
-    rows.append((f"{n}-entry table: LMDB load + verify signatures", f"{stats['load'] * 1000:.1f} ms", f"{stats['load'] / stats['raw_load']:.2f}", "target < 500 ms"))
+    rows.append(
+        (f"{n}-entry table: LMDB save", f"{stats['save'] * 1000:.1f} ms", "", f"{stats['bytes'] / 1024:.0f} KiB")
+    )
+    rows.append(
+        (
+            f"{n}-entry table: LMDB load + verify signatures",
+            f"{stats['load'] * 1000:.1f} ms",
+            f"{stats['load'] / stats['raw_load']:.2f}",
+            "target < 500 ms",
+        )
+    )
     width = max(len(r[0]) for r in rows)
     print(f"{'measurement':<{width}}  {'value':>16}  {'':>14}  note")
     print("-" * (width + 50))

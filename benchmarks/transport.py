@@ -205,7 +205,12 @@ async def main() -> None:
     rows = [
         ("raw Trio TCP, 64 KiB writes (baseline)", fmt_rate(raw_rate), "1.00", ""),
         ("ocf 1 stream (Noise+yamux)", fmt_rate(ours["one_stream"]), f"{ours['one_stream'] / raw_rate:.2f}", ">= 0.35"),
-        ("ocf 64 streams, 1 connection", fmt_rate(ours["64_streams"]), f"{ours['64_streams'] / raw_rate:.2f}", ">= 1 stream"),
+        (
+            "ocf 64 streams, 1 connection",
+            fmt_rate(ours["64_streams"]),
+            f"{ours['64_streams'] / raw_rate:.2f}",
+            ">= 1 stream",
+        ),
         ("raw TCP echo RTT (baseline)", f"{raw_rtt * 1e6:8.0f} us", "1.00", ""),
         ("ocf ping RTT (median)", f"{ours['ping_rtt'] * 1e6:8.0f} us", f"{ours['ping_rtt'] / raw_rtt:.2f}", "<= 2.0"),
         ("handshakes/s (dial+Noise+yamux)", f"{ours['handshakes_per_s']:8.0f} /s", "", ""),

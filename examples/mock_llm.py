@@ -22,7 +22,8 @@ import json
 import sys
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any
+from collections.abc import AsyncIterator
 
 import trio
 from hypercorn.config import Config as HyperConfig
@@ -85,7 +86,10 @@ def create_app(models: list[str], *, token_delay: float = 0.0, name: str = "mock
     @app.get("/v1/models")
     async def list_models():  # type: ignore[no-untyped-def]
         created = int(app.config.get("STARTED", time.time()))
-        return jsonify(object="list", data=[{"id": m, "object": "model", "created": created, "owned_by": name} for m in app.config["MODELS"]])
+        return jsonify(
+            object="list",
+            data=[{"id": m, "object": "model", "created": created, "owned_by": name} for m in app.config["MODELS"]],
+        )
 
     async def _body() -> dict | Response:
         try:
@@ -96,7 +100,11 @@ def create_app(models: list[str], *, token_delay: float = 0.0, name: str = "mock
             return _error(400, "request body must be a JSON object", "invalid_json")
         model = body.get("model")
         if model not in app.config["MODELS"]:
-            return _error(404, f"The model `{model}` does not exist (this server has: {', '.join(app.config['MODELS'])})", "model_not_found")
+            return _error(
+                404,
+                f"The model `{model}` does not exist (this server has: {', '.join(app.config['MODELS'])})",
+                "model_not_found",
+            )
         app.config["REQUESTS"] += 1
         return body
 
@@ -134,15 +142,27 @@ def create_app(models: list[str], *, token_delay: float = 0.0, name: str = "mock
         prompt = _last_user_message(body.get("messages"))
         text = reply_for(model, prompt)
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        usage = {"prompt_tokens": len(tokens_of(prompt)), "completion_tokens": len(tokens_of(text)), "total_tokens": len(tokens_of(prompt)) + len(tokens_of(text))}
+        usage = {
+            "prompt_tokens": len(tokens_of(prompt)),
+            "completion_tokens": len(tokens_of(text)),
+            "total_tokens": len(tokens_of(prompt)) + len(tokens_of(text)),
+        }
         if body.get("stream"):
             base = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model}
-            chunks = [dict(base, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])]
-            chunks += [dict(base, choices=[{"index": 0, "delta": {"content": tok}, "finish_reason": None}]) for tok in tokens_of(text)]
+            chunks = [
+                dict(base, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            ]
+            chunks += [
+                dict(base, choices=[{"index": 0, "delta": {"content": tok}, "finish_reason": None}])
+                for tok in tokens_of(text)
+            ]
             chunks.append(dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}]))
             return _stream(chunks)
         return jsonify(
-            id=ident, object="chat.completion", created=created, model=model,
+            id=ident,
+            object="chat.completion",
+            created=created,
+            model=model,
             choices=[{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
             usage=usage,
         )
@@ -160,13 +180,23 @@ def create_app(models: list[str], *, token_delay: float = 0.0, name: str = "mock
         ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.get("stream"):
             base = {"id": ident, "object": "text_completion", "created": created, "model": model}
-            chunks = [dict(base, choices=[{"index": 0, "text": tok, "logprobs": None, "finish_reason": None}]) for tok in tokens_of(text)]
+            chunks = [
+                dict(base, choices=[{"index": 0, "text": tok, "logprobs": None, "finish_reason": None}])
+                for tok in tokens_of(text)
+            ]
             chunks.append(dict(base, choices=[{"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}]))
             return _stream(chunks)
         return jsonify(
-            id=ident, object="text_completion", created=created, model=model,
+            id=ident,
+            object="text_completion",
+            created=created,
+            model=model,
             choices=[{"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}],
-            usage={"prompt_tokens": len(tokens_of(str(prompt))), "completion_tokens": len(tokens_of(text)), "total_tokens": 0},
+            usage={
+                "prompt_tokens": len(tokens_of(str(prompt))),
+                "completion_tokens": len(tokens_of(text)),
+                "total_tokens": 0,
+            },
         )
 
     @app.errorhandler(404)
@@ -176,7 +206,9 @@ def create_app(models: list[str], *, token_delay: float = 0.0, name: str = "mock
     return app
 
 
-async def serve(app: QuartTrio, host: str = "127.0.0.1", port: int = 8080, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+async def serve(
+    app: QuartTrio, host: str = "127.0.0.1", port: int = 8080, *, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
     """Serve ``app``; ``task_status.started()`` reports the bound port (useful with ``port=0``)."""
     config = HyperConfig()
     config.bind = [f"{host}:{port}"]
@@ -197,8 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="A tiny OpenAI-compatible LLM server that echoes your messages.")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8080, help="port (default 8080)")
-    parser.add_argument("--model", action="append", dest="models", metavar="NAME", help="a model name to serve (repeat for several; default: mock-model)")
-    parser.add_argument("--token-delay", type=float, default=0.0, metavar="SECONDS", help="pause between streamed tokens (default 0)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        metavar="NAME",
+        help="a model name to serve (repeat for several; default: mock-model)",
+    )
+    parser.add_argument(
+        "--token-delay", type=float, default=0.0, metavar="SECONDS", help="pause between streamed tokens (default 0)"
+    )
     args = parser.parse_args(argv)
     app = create_app(args.models or ["mock-model"], token_delay=args.token_delay)
 
@@ -215,7 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         error = _find(exc, OSError)
         if error is None:
             raise
-        print(f"mock_llm: cannot listen on {args.host}:{args.port}: {getattr(error, 'strerror', None) or error}", file=sys.stderr)
+        print(
+            f"mock_llm: cannot listen on {args.host}:{args.port}: {getattr(error, 'strerror', None) or error}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

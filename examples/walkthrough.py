@@ -67,7 +67,20 @@ def main() -> int:
     # The README's commands (with --mode local the workers find the dispatcher on 127.0.0.1:<tcp>;
     # on free ports they are told its address instead, since "local" means port 43905).
     commands = {
-        "dispatcher": [py, "-m", "ocf", "start", "--mode", "standalone", "--port", str(gw), "--tcpport", str(tcp), "--data-dir", str(tmp / "dispatcher")],
+        "dispatcher": [
+            py,
+            "-m",
+            "ocf",
+            "start",
+            "--mode",
+            "standalone",
+            "--port",
+            str(gw),
+            "--tcpport",
+            str(tcp),
+            "--data-dir",
+            str(tmp / "dispatcher"),
+        ],
         "llm1": [py, "examples/mock_llm.py", "--port", str(llm1), "--model", "m1"],
         "llm2": [py, "examples/mock_llm.py", "--port", str(llm2), "--model", "m2", "--token-delay", "0.05"],
     }
@@ -77,7 +90,9 @@ def main() -> int:
 
     def spawn(name: str, argv: list[str]) -> None:
         logs[name] = (tmp / f"{name}.log").open("w")
-        procs[name] = subprocess.Popen(argv, cwd=ROOT, stdout=logs[name], stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        procs[name] = subprocess.Popen(
+            argv, cwd=ROOT, stdout=logs[name], stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1")
+        )
 
     try:
         for name, argv in commands.items():
@@ -88,7 +103,26 @@ def main() -> int:
         else:
             join = ["--mode", "local"]
         for name, port, tport, llm in (("worker1", w1, w1tcp, llm1), ("worker2", w2, w2tcp, llm2)):
-            spawn(name, [py, "-m", "ocf", "start", *join, "--port", str(port), "--tcpport", str(tport), "--data-dir", str(tmp / name), "--service.name", "llm", "--service.port", str(llm)])
+            spawn(
+                name,
+                [
+                    py,
+                    "-m",
+                    "ocf",
+                    "start",
+                    *join,
+                    "--port",
+                    str(port),
+                    "--tcpport",
+                    str(tport),
+                    "--data-dir",
+                    str(tmp / name),
+                    "--service.name",
+                    "llm",
+                    "--service.port",
+                    str(llm),
+                ],
+            )
 
         def both_models():
             listing = get_json(f"http://127.0.0.1:{gw}/v1/service/llm/v1/models")
@@ -104,12 +138,16 @@ def main() -> int:
         print(models)
         nodes = {}
         for model in ("m1", "m2"):
-            raw = client.chat.completions.with_raw_response.create(model=model, messages=[{"role": "user", "content": "hello"}])
+            raw = client.chat.completions.with_raw_response.create(
+                model=model, messages=[{"role": "user", "content": "hello"}]
+            )
             content = raw.parse().choices[0].message.content
             nodes[model] = raw.headers["x-computing-node"]
             print(nodes[model], content)
             assert content == f"[{model}] you said: hello", content
-        stream = client.chat.completions.create(model="m2", stream=True, messages=[{"role": "user", "content": "one token at a time"}])
+        stream = client.chat.completions.create(
+            model="m2", stream=True, messages=[{"role": "user", "content": "one token at a time"}]
+        )
         parts = []
         for chunk in stream:
             part = chunk.choices[0].delta.content if chunk.choices else None

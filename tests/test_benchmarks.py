@@ -13,7 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", ["transport", "nodetable", "jobs", "hops"])
 def test_benchmark_runs_and_prints_a_table(name):
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--quick"], capture_output=True, text=True, timeout=280)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.splitlines()
     assert lines[0].startswith("measurement") and set(lines[1]) == {"-"} and len(lines) > 4
@@ -23,7 +28,12 @@ def test_benchmark_runs_and_prints_a_table(name):
 @pytest.mark.timeout(200)
 def test_gateway_benchmark_runs_with_its_floors():
     """Four processes plus four floor relays; the report names both targets and the floors."""
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gateway.py"), "--quick"], capture_output=True, text=True, timeout=180)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gateway.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     text = out.stdout
     for row in ("(a) mock LLM directly", "(c) dispatcher -> worker", "(f) 2 bare relays", "(t) 2 Trio HTTP relays"):

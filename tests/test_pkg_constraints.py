@@ -41,7 +41,11 @@ def _pins() -> dict[str, Version]:
 def test_every_dependency_is_pinned_inside_its_range():
     reqs, pins = _requirements(), _pins()
     assert len(reqs) >= 20
-    outside = [f"{r} (pinned {pins.get(canonicalize_name(r.name))})" for r in reqs if pins.get(canonicalize_name(r.name)) not in r.specifier]
+    outside = [
+        f"{r} (pinned {pins.get(canonicalize_name(r.name))})"
+        for r in reqs
+        if pins.get(canonicalize_name(r.name)) not in r.specifier
+    ]
     assert outside == []
 
 
@@ -50,7 +54,9 @@ def test_library_states_ranges_except_automerge():
     assert exact == ["automerge"]
     automerge = next(r for r in _requirements() if r.name == "automerge")
     assert str(automerge.specifier) == "==0.2.0.dev4"
-    unbounded = [str(r) for r in _requirements() if r.name != "automerge" and not any(s.operator == "<" for s in r.specifier)]
+    unbounded = [
+        str(r) for r in _requirements() if r.name != "automerge" and not any(s.operator == "<" for s in r.specifier)
+    ]
     assert unbounded == []
 
 

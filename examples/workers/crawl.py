@@ -22,7 +22,14 @@ def main() -> int:
         print("crawl: empty input (expected a shard name)", file=sys.stderr)
         return 1
     digest = hashlib.sha256(shard.encode()).hexdigest()
-    records = [{"url": f"https://example.org/{shard}/{i}.jpg", "caption": f"image {i} of {shard}", "bytes": int(digest[i * 4 : i * 4 + 4], 16)} for i in range(3)]
+    records = [
+        {
+            "url": f"https://example.org/{shard}/{i}.jpg",
+            "caption": f"image {i} of {shard}",
+            "bytes": int(digest[i * 4 : i * 4 + 4], 16),
+        }
+        for i in range(3)
+    ]
     json.dump({"shard": shard, "records": records}, sys.stdout)
     return 0
 

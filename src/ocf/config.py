@@ -17,7 +17,8 @@ import math
 import os
 import tomllib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
 from urllib.parse import urlparse
 
 import attrs
@@ -134,7 +135,7 @@ class Config:
     jobs_create_chunk: int = 2000
     jobs_flag_per_worker: bool = False
 
-    def replace(self, **changes: Any) -> "Config":
+    def replace(self, **changes: Any) -> Config:
         return attrs.evolve(self, **changes)
 
 
@@ -218,7 +219,9 @@ def _bootstrap(value: Any) -> tuple[str, ...]:
             try:
                 addr = Multiaddr.parse(item)
             except MultiaddrError as exc:
-                raise ValueError(f"{exc} (expected a multiaddr like /ip4/1.2.3.4/tcp/43905/p2p/<id> or an http(s) URL)") from None
+                raise ValueError(
+                    f"{exc} (expected a multiaddr like /ip4/1.2.3.4/tcp/43905/p2p/<id> or an http(s) URL)"
+                ) from None
             if addr.peer_id is None:
                 raise ValueError(f"bootstrap multiaddr {item!r} must end with /p2p/<peer id>")
             item = str(addr)
@@ -255,7 +258,7 @@ def _size(value: Any) -> int:
     return number
 
 
-def _network_key(value: Any) -> "NetworkKey":
+def _network_key(value: Any) -> NetworkKey:
     """Read the key file now, so a missing or malformed key stops the start with exit 2."""
     from .transport.pnet import load_network_key
 
@@ -288,87 +291,606 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("mode", "mode", _choice(MODES), "Bootstrap mode: 'standalone' waits for others to connect (a dispatcher), 'local' bootstraps to 127.0.0.1, 'node' bootstraps from --bootstrap.addr (default: node).", metavar="{standalone,local,node}"),
-    Setting("bootstrap.addr", "bootstrap_addrs", _bootstrap, "Peers to join in 'node' mode: multiaddrs ending in /p2p/<peer id> (comma-separated or repeated), or an http(s) URL answering {\"bootstraps\": [...]}.", metavar="ADDR"),
-    Setting("public-addr", "public_addr", _opt_str, "This node's publicly reachable IP or hostname; recorded in the node table so others can use this node as a bootstrap.", metavar="HOST"),
-    Setting("host", "host", _str, "Interface to listen on for peers and the HTTP gateway (default: 0.0.0.0, all interfaces).", metavar="IP"),
-    Setting("tcpport", "tcpport", _int_range(0, 65535), "TCP port for peer connections; WebSocket (/tcp/PORT/ws) is served on the same port (default: 43905; 0 picks a free port).", metavar="PORT"),
-    Setting("udpport", "udpport", _int_range(0, 65535), "UDP port reserved for QUIC (default: 59820). Accepted for OCF compatibility; QUIC is not implemented yet, so nothing listens on it.", metavar="PORT"),
-    Setting("port", "port", _int_range(0, 65535), "HTTP gateway port (default: 8092; 0 picks a free port).", metavar="PORT"),
-    Setting("service.name", "service_names", _service_names, "Name of a local service to offer (e.g. 'llm'); repeat together with --service.port to offer several.", metavar="NAME"),
-    Setting("service.port", "service_ports", _service_ports, "Port of the local service named by the matching --service.name (reached at localhost:PORT).", metavar="PORT"),
-    Setting("service.api-key", "service_api_keys", lambda v: _split(v), "API key of the local backend (sent to it as Authorization: Bearer, never to anyone else): one per --service.name, in order, or one for all.", metavar="KEY"),
-    Setting("seed", "seed", _opt_str, "Derive the node identity deterministically from this string instead of the stored key (for tests and reproducible setups; never in production).", metavar="TEXT"),
-    Setting("cleanslate", "cleanslate", _bool, "Discard the stored node table and job data before starting (the identity key is kept).", is_switch=True),
-    Setting("data-dir", "data_dir", lambda v: Path(_str(v)).expanduser(), "Directory for the identity key and the LMDB store (default: ~/.ocf).", metavar="DIR"),
-    Setting("log-level", "log_level", _choice(LOG_LEVELS), "Log verbosity: debug, info, warning, error or critical (default: info).", metavar="LEVEL"),
-    Setting("ws", "ws", _bool, "Also accept libp2p over WebSocket on the TCP port (default: true; --no-ws to disable).", is_switch=True, group="transport"),
-    Setting("max-connections", "max_connections", _int_range(1, 1_000_000), "Maximum simultaneous peer connections (default: 512).", group="transport", metavar="N"),
-    Setting("max-streams", "max_streams_per_connection", _int_range(1, 1_000_000), "Maximum concurrent streams per peer connection (default: 1024).", group="transport", metavar="N"),
-    Setting("max-pending-handshakes", "max_pending_handshakes", _int_range(1, 100_000), "Maximum connections still handshaking at once; more are refused (default: 64).", group="transport", metavar="N"),
-    Setting("handshake-timeout", "handshake_timeout", _positive_float, "Seconds a new connection may take to finish its security handshake (default: 10).", group="transport", metavar="SECONDS"),
-    Setting("dial-timeout", "dial_timeout", _positive_float, "Seconds to wait when dialing a peer (default: 10).", group="transport", metavar="SECONDS"),
-    Setting("dial-allow", "dial_allow", _cidrs, "Networks (CIDR, comma-separated) a learned peer address may be in, beyond public addresses and the private or loopback networks this node itself runs in (default: none).", group="transport", metavar="CIDRS"),
-    Setting("max-addrs-per-peer", "max_addrs_per_peer", _int_range(1, 64), "Addresses learned from peers (node table, identify) kept and tried per peer (default: 8).", group="transport", metavar="N"),
-    Setting("max-message-size", "max_message_size", _size, "Largest single protocol message accepted from a peer (default: 1M).", group="transport", metavar="BYTES"),
-    Setting("network-key", "network_key", _network_key, "Run in a private network: a go-libp2p swarm.key file (/key/swarm/psk/1.0.0/, /base16/, 64 hex digits); peers without the same key are refused before any handshake (default: none, an open network).", group="transport", metavar="FILE"),
-
-    Setting("max-inbound-connections", "max_inbound_connections", _int_range(1, 1_000_000), "Maximum inbound peer connections, within --max-connections, so our own dials always find room (default: 384).", group="transport", metavar="N"),
-    Setting("max-connections-per-peer", "max_connections_per_peer", _int_range(1, 1000), "Maximum simultaneous connections with one peer ID (default: 8).", group="transport", metavar="N"),
-    Setting("max-connections-per-ip", "max_connections_per_ip", _int_range(1, 1_000_000), "Maximum inbound connections from one IP address (IPv6: one /64) (default: 32).", group="transport", metavar="N"),
-    Setting("max-pending-handshakes-per-ip", "max_pending_handshakes_per_ip", _int_range(1, 100_000), "Maximum connections from one IP address (IPv6: one /64) still handshaking at once (default: 8).", group="transport", metavar="N"),
-    Setting("max-system-streams", "max_system_streams", _int_range(1, 10_000_000), "Maximum streams open over all peer connections (default: 16384).", group="transport", metavar="N"),
-    Setting("max-streams-per-peer", "max_streams_per_peer", _int_range(1, 1_000_000), "Maximum streams open with one peer, over all its connections (default: 1024).", group="transport", metavar="N"),
-    Setting("max-buffered", "max_buffered", _size, "Most bytes received from peers and not yet read that the node holds in total (default: 512M).", group="transport", metavar="BYTES"),
-    Setting("max-buffered-per-peer", "max_buffered_per_peer", _size, "Most received-but-unread bytes one peer may make the node hold; a stream going past it is reset (default: 32M).", group="transport", metavar="BYTES"),
-    Setting("max-buffered-per-ip", "max_buffered_per_ip", _size, "Most received-but-unread bytes from one IP address (IPv6: one /64), all its peers and unfinished WebSocket messages together (default: 64M).", group="transport", metavar="BYTES"),
-    Setting("ws-max-message", "ws_max_message", _size, "Largest WebSocket message accepted from a peer (default: 1M).", group="transport", metavar="BYTES"),
-    Setting("message-timeout", "message_timeout", _positive_float, "Seconds a peer may take to finish a message it started (WebSocket message, identify) (default: 30).", group="transport", metavar="SECONDS"),
-    Setting("refusal-log-interval", "refusal_log_interval", _positive_float, "Seconds between log lines about the same kind of refused connection, stream or message; the line counts the others (default: 10).", group="transport", metavar="SECONDS"),
-    Setting("verify-interval", "verify_interval", _positive_float, "Seconds between liveness verification rounds of the node table (default: 30).", group="node table", metavar="SECONDS"),
-    Setting("max-record-size", "nodetable_max_doc_bytes", _size, "Largest saved Automerge document in a node table record, checked before its signature (default: 64K).", group="node table", metavar="BYTES"),
-    Setting("max-record-decoded-size", "nodetable_max_decoded_bytes", _size, "Most bytes a record's document may decode to (inflated columns, repeated values), checked before Automerge parses it (default: 1M).", group="node table", metavar="BYTES"),
-    Setting("max-record-ops", "nodetable_max_ops", _int_range(16, 10_000_000), "Most rows (operations, changes) in any column of a record's document, counted before Automerge parses it (default: 1024).", group="node table", metavar="N"),
-    Setting("max-record-changes", "nodetable_max_changes", _int_range(2, 10_000_000), "Most changes (history) in a record's document, counted before Automerge parses it; owners compact after 64 (default: 256).", group="node table", metavar="N"),
-    Setting("max-entry-size", "nodetable_max_entry_bytes", _size, "Largest node table entry as JSON once its document is loaded (default: 32K).", group="node table", metavar="BYTES"),
-
-    Setting("stale-after", "stale_after", _positive_float, "Seconds after which a peer not seen (no owner-signed heartbeat, no direct contact) leaves the served node table and is then pruned from memory and disk (default: 600).", group="node table", metavar="SECONDS"),
-    Setting("nodetable.max-entries", "nodetable_max_entries", _int_range(16, 10_000_000), "Maximum node table entries; past it new owners are refused unless a stale entry can be evicted (our own and directly connected peers always have room) (default: 4096).", group="node table", metavar="N"),
-    Setting("nodetable.new-owner-burst", "nodetable_new_owner_burst", _int_range(1, 10_000_000), "New owners a peer may introduce at once before --nodetable.new-owner-rate applies; more are refused and asked again later (default: 1024).", group="node table", metavar="N"),
-    Setting("nodetable.new-owner-rate", "nodetable_new_owner_rate", _positive_float, "New owners per second a peer may introduce after its burst (default: 64).", group="node table", metavar="PER_SECOND"),
-    Setting("nodetable.verify-rate", "nodetable_verify_rate", _positive_float, "Signature checks per second (records and heartbeats) a peer may cost us, with a burst of twice that; the rest wait for the next summary (default: 1000).", group="node table", metavar="PER_SECOND"),
-    Setting("nodetable.max-streams", "nodetable_max_streams", _int_range(1, 64), "Concurrent inbound node table sync streams per peer; extra ones are reset (default: 2).", group="node table", metavar="N"),
-    Setting("nodetable.message-timeout", "nodetable_message_timeout", _positive_float, "Seconds a node table message may take to arrive once its first byte has, else the stream is reset (default: 10).", group="node table", metavar="SECONDS"),
-    Setting("max-body-size", "max_body_size", _size, "Largest HTTP request body the gateway accepts (default: 32M).", group="gateway", metavar="BYTES"),
-    Setting("request-timeout", "request_timeout", _positive_float, "Seconds a forwarded request may take in total before 504 (default: 600).", group="gateway", metavar="SECONDS"),
-    Setting("max-forwards-per-peer", "max_forwards_per_peer", _int_range(1, 1_000_000), "Maximum concurrent requests forwarded to one peer (default: 256).", group="gateway", metavar="N"),
-    Setting("cors-origins", "cors_origins", _opt_str, "Web origins (e.g. https://app.example) whose pages may call state-changing routes, comma-separated; '*' for any (default: none; reads stay open to any origin).", group="gateway", metavar="ORIGINS"),
+    Setting(
+        "mode",
+        "mode",
+        _choice(MODES),
+        "Bootstrap mode: 'standalone' waits for others to connect (a dispatcher), 'local' bootstraps to 127.0.0.1, 'node' bootstraps from --bootstrap.addr (default: node).",
+        metavar="{standalone,local,node}",
+    ),
+    Setting(
+        "bootstrap.addr",
+        "bootstrap_addrs",
+        _bootstrap,
+        "Peers to join in 'node' mode: multiaddrs ending in /p2p/<peer id> (comma-separated or repeated), or an http(s) URL answering {\"bootstraps\": [...]}.",
+        metavar="ADDR",
+    ),
+    Setting(
+        "public-addr",
+        "public_addr",
+        _opt_str,
+        "This node's publicly reachable IP or hostname; recorded in the node table so others can use this node as a bootstrap.",
+        metavar="HOST",
+    ),
+    Setting(
+        "host",
+        "host",
+        _str,
+        "Interface to listen on for peers and the HTTP gateway (default: 0.0.0.0, all interfaces).",
+        metavar="IP",
+    ),
+    Setting(
+        "tcpport",
+        "tcpport",
+        _int_range(0, 65535),
+        "TCP port for peer connections; WebSocket (/tcp/PORT/ws) is served on the same port (default: 43905; 0 picks a free port).",
+        metavar="PORT",
+    ),
+    Setting(
+        "udpport",
+        "udpport",
+        _int_range(0, 65535),
+        "UDP port reserved for QUIC (default: 59820). Accepted for OCF compatibility; QUIC is not implemented yet, so nothing listens on it.",
+        metavar="PORT",
+    ),
+    Setting(
+        "port", "port", _int_range(0, 65535), "HTTP gateway port (default: 8092; 0 picks a free port).", metavar="PORT"
+    ),
+    Setting(
+        "service.name",
+        "service_names",
+        _service_names,
+        "Name of a local service to offer (e.g. 'llm'); repeat together with --service.port to offer several.",
+        metavar="NAME",
+    ),
+    Setting(
+        "service.port",
+        "service_ports",
+        _service_ports,
+        "Port of the local service named by the matching --service.name (reached at localhost:PORT).",
+        metavar="PORT",
+    ),
+    Setting(
+        "service.api-key",
+        "service_api_keys",
+        lambda v: _split(v),
+        "API key of the local backend (sent to it as Authorization: Bearer, never to anyone else): one per --service.name, in order, or one for all.",
+        metavar="KEY",
+    ),
+    Setting(
+        "seed",
+        "seed",
+        _opt_str,
+        "Derive the node identity deterministically from this string instead of the stored key (for tests and reproducible setups; never in production).",
+        metavar="TEXT",
+    ),
+    Setting(
+        "cleanslate",
+        "cleanslate",
+        _bool,
+        "Discard the stored node table and job data before starting (the identity key is kept).",
+        is_switch=True,
+    ),
+    Setting(
+        "data-dir",
+        "data_dir",
+        lambda v: Path(_str(v)).expanduser(),
+        "Directory for the identity key and the LMDB store (default: ~/.ocf).",
+        metavar="DIR",
+    ),
+    Setting(
+        "log-level",
+        "log_level",
+        _choice(LOG_LEVELS),
+        "Log verbosity: debug, info, warning, error or critical (default: info).",
+        metavar="LEVEL",
+    ),
+    Setting(
+        "ws",
+        "ws",
+        _bool,
+        "Also accept libp2p over WebSocket on the TCP port (default: true; --no-ws to disable).",
+        is_switch=True,
+        group="transport",
+    ),
+    Setting(
+        "max-connections",
+        "max_connections",
+        _int_range(1, 1_000_000),
+        "Maximum simultaneous peer connections (default: 512).",
+        group="transport",
+        metavar="N",
+    ),
+    Setting(
+        "max-streams",
+        "max_streams_per_connection",
+        _int_range(1, 1_000_000),
+        "Maximum concurrent streams per peer connection (default: 1024).",
+        group="transport",
+        metavar="N",
+    ),
+    Setting(
+        "max-pending-handshakes",
+        "max_pending_handshakes",
+        _int_range(1, 100_000),
+        "Maximum connections still handshaking at once; more are refused (default: 64).",
+        group="transport",
+        metavar="N",
+    ),
+    Setting(
+        "handshake-timeout",
+        "handshake_timeout",
+        _positive_float,
+        "Seconds a new connection may take to finish its security handshake (default: 10).",
+        group="transport",
+        metavar="SECONDS",
+    ),
+    Setting(
+        "dial-timeout",
+        "dial_timeout",
+        _positive_float,
+        "Seconds to wait when dialing a peer (default: 10).",
+        group="transport",
+        metavar="SECONDS",
+    ),
+    Setting(
+        "dial-allow",
+        "dial_allow",
+        _cidrs,
+        "Networks (CIDR, comma-separated) a learned peer address may be in, beyond public addresses and the private or loopback networks this node itself runs in (default: none).",
+        group="transport",
+        metavar="CIDRS",
+    ),
+    Setting(
+        "max-addrs-per-peer",
+        "max_addrs_per_peer",
+        _int_range(1, 64),
+        "Addresses learned from peers (node table, identify) kept and tried per peer (default: 8).",
+        group="transport",
+        metavar="N",
+    ),
+    Setting(
+        "max-message-size",
+        "max_message_size",
+        _size,
+        "Largest single protocol message accepted from a peer (default: 1M).",
+        group="transport",
+        metavar="BYTES",
+    ),
+    Setting(
+        "network-key",
+        "network_key",
+        _network_key,
+        "Run in a private network: a go-libp2p swarm.key file (/key/swarm/psk/1.0.0/, /base16/, 64 hex digits); peers without the same key are refused before any handshake (default: none, an open network).",
+        group="transport",
+        metavar="FILE",
+    ),
+    Setting(
+        "max-inbound-connections",
+        "max_inbound_connections",
+        _int_range(1, 1_000_000),
+        "Maximum inbound peer connections, within --max-connections, so our own dials always find room (default: 384).",
+        group="transport",
+        metavar="N",
+    ),
+    Setting(
+        "max-connections-per-peer",
+        "max_connections_per_peer",
+        _int_range(1, 1000),
+        "Maximum simultaneous connections with one peer ID (default: 8).",
+        group="transport",
+        metavar="N",
+    ),
+    Setting(
+        "max-connections-per-ip",
+        "max_connections_per_ip",
+        _int_range(1, 1_000_000),
+        "Maximum inbound connections from one IP address (IPv6: one /64) (default: 32).",
+        group="transport",
+        metavar="N",
+    ),
+    Setting(
+        "max-pending-handshakes-per-ip",
+        "max_pending_handshakes_per_ip",
+        _int_range(1, 100_000),
+        "Maximum connections from one IP address (IPv6: one /64) still handshaking at once (default: 8).",
+        group="transport",
+        metavar="N",
+    ),
+    Setting(
+        "max-system-streams",
+        "max_system_streams",
+        _int_range(1, 10_000_000),
+        "Maximum streams open over all peer connections (default: 16384).",
+        group="transport",
+        metavar="N",
+    ),
+    Setting(
+        "max-streams-per-peer",
+        "max_streams_per_peer",
+        _int_range(1, 1_000_000),
+        "Maximum streams open with one peer, over all its connections (default: 1024).",
+        group="transport",
+        metavar="N",
+    ),
+    Setting(
+        "max-buffered",
+        "max_buffered",
+        _size,
+        "Most bytes received from peers and not yet read that the node holds in total (default: 512M).",
+        group="transport",
+        metavar="BYTES",
+    ),
+    Setting(
+        "max-buffered-per-peer",
+        "max_buffered_per_peer",
+        _size,
+        "Most received-but-unread bytes one peer may make the node hold; a stream going past it is reset (default: 32M).",
+        group="transport",
+        metavar="BYTES",
+    ),
+    Setting(
+        "max-buffered-per-ip",
+        "max_buffered_per_ip",
+        _size,
+        "Most received-but-unread bytes from one IP address (IPv6: one /64), all its peers and unfinished WebSocket messages together (default: 64M).",
+        group="transport",
+        metavar="BYTES",
+    ),
+    Setting(
+        "ws-max-message",
+        "ws_max_message",
+        _size,
+        "Largest WebSocket message accepted from a peer (default: 1M).",
+        group="transport",
+        metavar="BYTES",
+    ),
+    Setting(
+        "message-timeout",
+        "message_timeout",
+        _positive_float,
+        "Seconds a peer may take to finish a message it started (WebSocket message, identify) (default: 30).",
+        group="transport",
+        metavar="SECONDS",
+    ),
+    Setting(
+        "refusal-log-interval",
+        "refusal_log_interval",
+        _positive_float,
+        "Seconds between log lines about the same kind of refused connection, stream or message; the line counts the others (default: 10).",
+        group="transport",
+        metavar="SECONDS",
+    ),
+    Setting(
+        "verify-interval",
+        "verify_interval",
+        _positive_float,
+        "Seconds between liveness verification rounds of the node table (default: 30).",
+        group="node table",
+        metavar="SECONDS",
+    ),
+    Setting(
+        "max-record-size",
+        "nodetable_max_doc_bytes",
+        _size,
+        "Largest saved Automerge document in a node table record, checked before its signature (default: 64K).",
+        group="node table",
+        metavar="BYTES",
+    ),
+    Setting(
+        "max-record-decoded-size",
+        "nodetable_max_decoded_bytes",
+        _size,
+        "Most bytes a record's document may decode to (inflated columns, repeated values), checked before Automerge parses it (default: 1M).",
+        group="node table",
+        metavar="BYTES",
+    ),
+    Setting(
+        "max-record-ops",
+        "nodetable_max_ops",
+        _int_range(16, 10_000_000),
+        "Most rows (operations, changes) in any column of a record's document, counted before Automerge parses it (default: 1024).",
+        group="node table",
+        metavar="N",
+    ),
+    Setting(
+        "max-record-changes",
+        "nodetable_max_changes",
+        _int_range(2, 10_000_000),
+        "Most changes (history) in a record's document, counted before Automerge parses it; owners compact after 64 (default: 256).",
+        group="node table",
+        metavar="N",
+    ),
+    Setting(
+        "max-entry-size",
+        "nodetable_max_entry_bytes",
+        _size,
+        "Largest node table entry as JSON once its document is loaded (default: 32K).",
+        group="node table",
+        metavar="BYTES",
+    ),
+    Setting(
+        "stale-after",
+        "stale_after",
+        _positive_float,
+        "Seconds after which a peer not seen (no owner-signed heartbeat, no direct contact) leaves the served node table and is then pruned from memory and disk (default: 600).",
+        group="node table",
+        metavar="SECONDS",
+    ),
+    Setting(
+        "nodetable.max-entries",
+        "nodetable_max_entries",
+        _int_range(16, 10_000_000),
+        "Maximum node table entries; past it new owners are refused unless a stale entry can be evicted (our own and directly connected peers always have room) (default: 4096).",
+        group="node table",
+        metavar="N",
+    ),
+    Setting(
+        "nodetable.new-owner-burst",
+        "nodetable_new_owner_burst",
+        _int_range(1, 10_000_000),
+        "New owners a peer may introduce at once before --nodetable.new-owner-rate applies; more are refused and asked again later (default: 1024).",
+        group="node table",
+        metavar="N",
+    ),
+    Setting(
+        "nodetable.new-owner-rate",
+        "nodetable_new_owner_rate",
+        _positive_float,
+        "New owners per second a peer may introduce after its burst (default: 64).",
+        group="node table",
+        metavar="PER_SECOND",
+    ),
+    Setting(
+        "nodetable.verify-rate",
+        "nodetable_verify_rate",
+        _positive_float,
+        "Signature checks per second (records and heartbeats) a peer may cost us, with a burst of twice that; the rest wait for the next summary (default: 1000).",
+        group="node table",
+        metavar="PER_SECOND",
+    ),
+    Setting(
+        "nodetable.max-streams",
+        "nodetable_max_streams",
+        _int_range(1, 64),
+        "Concurrent inbound node table sync streams per peer; extra ones are reset (default: 2).",
+        group="node table",
+        metavar="N",
+    ),
+    Setting(
+        "nodetable.message-timeout",
+        "nodetable_message_timeout",
+        _positive_float,
+        "Seconds a node table message may take to arrive once its first byte has, else the stream is reset (default: 10).",
+        group="node table",
+        metavar="SECONDS",
+    ),
+    Setting(
+        "max-body-size",
+        "max_body_size",
+        _size,
+        "Largest HTTP request body the gateway accepts (default: 32M).",
+        group="gateway",
+        metavar="BYTES",
+    ),
+    Setting(
+        "request-timeout",
+        "request_timeout",
+        _positive_float,
+        "Seconds a forwarded request may take in total before 504 (default: 600).",
+        group="gateway",
+        metavar="SECONDS",
+    ),
+    Setting(
+        "max-forwards-per-peer",
+        "max_forwards_per_peer",
+        _int_range(1, 1_000_000),
+        "Maximum concurrent requests forwarded to one peer (default: 256).",
+        group="gateway",
+        metavar="N",
+    ),
+    Setting(
+        "cors-origins",
+        "cors_origins",
+        _opt_str,
+        "Web origins (e.g. https://app.example) whose pages may call state-changing routes, comma-separated; '*' for any (default: none; reads stay open to any origin).",
+        group="gateway",
+        metavar="ORIGINS",
+    ),
     # --- access control (admin token, API keys, per-client limits) ---------------------
-    Setting("admin-token", "admin_token", _opt_str, "Admin token for state-changing routes (default: generated into <data-dir>/admin.token on first start); prefer OCF_ADMIN_TOKEN over the flag so it stays out of ps.", group="access", metavar="TOKEN"),
-    Setting("api-key", "api_keys", lambda v: tuple(_split(v)), "API key clients must send (Authorization: Bearer) on /v1/service and /v1/p2p; repeat or comma-separate for several (default: none, open).", group="access", metavar="KEY"),
-    Setting("api-key-file", "api_key_file", lambda v: Path(_str(v)).expanduser(), "File with one API key per line ('#' comments), in addition to --api-key.", group="access", metavar="FILE"),
-    Setting("admin-rate", "admin_rate", _positive_float, "Admin calls per second allowed per client address, after the burst (default: 10).", group="access", metavar="PER_SECOND"),
-    Setting("admin-burst", "admin_burst", _int_range(1, 1_000_000), "Admin calls a client address may make at once before --admin-rate applies (default: 100).", group="access", metavar="N"),
-    Setting("register-rate", "register_rate", _positive_float, "Worker registrations per second allowed per client address, after the burst (default: 5).", group="access", metavar="PER_SECOND"),
-    Setting("register-burst", "register_burst", _int_range(1, 1_000_000), "Worker registrations a client address may make at once before --register-rate applies (default: 100).", group="access", metavar="N"),
-    Setting("http.max-connections", "http_max_connections", _int_range(1, 1_000_000), "Maximum open HTTP connections on the gateway port; at the cap the longest-idle one is closed for a new one (default: 1024; lowered to fit the descriptor limit).", group="http", metavar="N"),
-    Setting("http.reserve-connections", "http_reserve_connections", _int_range(0, 100_000), "Extra connections taken when every connection is busy; each may make one /v1/health request, others get 503 (default: 16).", group="http", metavar="N"),
-    Setting("http.max-header-size", "http_max_header_size", _size, "Largest request head (request line and headers; also the bound on chunk-size and trailer lines) before 400 (default: 64K).", group="http", metavar="BYTES"),
-    Setting("http.head-timeout", "http_head_timeout", _positive_float, "Seconds a client has to send a whole request head, from its first byte (from the connection's start for the first request) before 408 (default: 10).", group="http", metavar="SECONDS"),
-    Setting("http.body-timeout", "http_body_timeout", _positive_float, "Seconds a request body may stall before 408; it must also keep up --http.min-body-rate after this long (default: 30).", group="http", metavar="SECONDS"),
-    Setting("http.min-body-rate", "http_min_body_rate", _size, "Minimum average upload rate of a request body, bytes per second: each byte received extends the body deadline by 1/rate seconds (default: 1K).", group="http", metavar="BYTES"),
-    Setting("http.write-timeout", "http_write_timeout", _positive_float, "Seconds one write to a client may wait for it to read before the connection is closed (default: 30).", group="http", metavar="SECONDS"),
-    Setting("http.keep-alive-timeout", "http_keep_alive_timeout", _positive_float, "Seconds an idle keep-alive connection is kept open waiting for its next request (default: 75).", group="http", metavar="SECONDS"),
-    Setting("jobs", "jobs", _bool, "Host the distributed job tracker on this node (served under /v1/jobs and as the 'jobs' service).", is_switch=True, group="jobs"),
-    Setting("jobs.max-stages", "jobs_max_stages", _int_range(1, 100), "Maximum stages a job tracker project may have (default: 5).", group="jobs", metavar="N"),
-    Setting("jobs.max-attempts", "jobs_max_attempts", _int_range(1, 1000), "Attempts before a job is marked failed (default: 3).", group="jobs", metavar="N"),
-    Setting("jobs.flag-threshold", "jobs_flag_threshold", _int_range(1, 1000), "Distinct workers flagging a job's input as invalid before it is rolled back to the previous stage (default: 5).", group="jobs", metavar="N"),
-    Setting("jobs.max-payload", "jobs_max_payload", _size, "Largest job input or output, as JSON, the tracker accepts (default: 1M).", group="jobs", metavar="BYTES"),
-    Setting("jobs.lease-timeout", "jobs_lease_timeout", _positive_float, "Default seconds a claimed job stays leased without a heartbeat before it returns to pending (default: 600; projects may set it per stage).", group="jobs", metavar="SECONDS"),
-    Setting("jobs.worker-timeout", "jobs_worker_timeout", _positive_float, "Seconds of silence after which a worker is forgotten and its token answers 404 (default: 3600).", group="jobs", metavar="SECONDS"),
+    Setting(
+        "admin-token",
+        "admin_token",
+        _opt_str,
+        "Admin token for state-changing routes (default: generated into <data-dir>/admin.token on first start); prefer OCF_ADMIN_TOKEN over the flag so it stays out of ps.",
+        group="access",
+        metavar="TOKEN",
+    ),
+    Setting(
+        "api-key",
+        "api_keys",
+        lambda v: tuple(_split(v)),
+        "API key clients must send (Authorization: Bearer) on /v1/service and /v1/p2p; repeat or comma-separate for several (default: none, open).",
+        group="access",
+        metavar="KEY",
+    ),
+    Setting(
+        "api-key-file",
+        "api_key_file",
+        lambda v: Path(_str(v)).expanduser(),
+        "File with one API key per line ('#' comments), in addition to --api-key.",
+        group="access",
+        metavar="FILE",
+    ),
+    Setting(
+        "admin-rate",
+        "admin_rate",
+        _positive_float,
+        "Admin calls per second allowed per client address, after the burst (default: 10).",
+        group="access",
+        metavar="PER_SECOND",
+    ),
+    Setting(
+        "admin-burst",
+        "admin_burst",
+        _int_range(1, 1_000_000),
+        "Admin calls a client address may make at once before --admin-rate applies (default: 100).",
+        group="access",
+        metavar="N",
+    ),
+    Setting(
+        "register-rate",
+        "register_rate",
+        _positive_float,
+        "Worker registrations per second allowed per client address, after the burst (default: 5).",
+        group="access",
+        metavar="PER_SECOND",
+    ),
+    Setting(
+        "register-burst",
+        "register_burst",
+        _int_range(1, 1_000_000),
+        "Worker registrations a client address may make at once before --register-rate applies (default: 100).",
+        group="access",
+        metavar="N",
+    ),
+    Setting(
+        "http.max-connections",
+        "http_max_connections",
+        _int_range(1, 1_000_000),
+        "Maximum open HTTP connections on the gateway port; at the cap the longest-idle one is closed for a new one (default: 1024; lowered to fit the descriptor limit).",
+        group="http",
+        metavar="N",
+    ),
+    Setting(
+        "http.reserve-connections",
+        "http_reserve_connections",
+        _int_range(0, 100_000),
+        "Extra connections taken when every connection is busy; each may make one /v1/health request, others get 503 (default: 16).",
+        group="http",
+        metavar="N",
+    ),
+    Setting(
+        "http.max-header-size",
+        "http_max_header_size",
+        _size,
+        "Largest request head (request line and headers; also the bound on chunk-size and trailer lines) before 400 (default: 64K).",
+        group="http",
+        metavar="BYTES",
+    ),
+    Setting(
+        "http.head-timeout",
+        "http_head_timeout",
+        _positive_float,
+        "Seconds a client has to send a whole request head, from its first byte (from the connection's start for the first request) before 408 (default: 10).",
+        group="http",
+        metavar="SECONDS",
+    ),
+    Setting(
+        "http.body-timeout",
+        "http_body_timeout",
+        _positive_float,
+        "Seconds a request body may stall before 408; it must also keep up --http.min-body-rate after this long (default: 30).",
+        group="http",
+        metavar="SECONDS",
+    ),
+    Setting(
+        "http.min-body-rate",
+        "http_min_body_rate",
+        _size,
+        "Minimum average upload rate of a request body, bytes per second: each byte received extends the body deadline by 1/rate seconds (default: 1K).",
+        group="http",
+        metavar="BYTES",
+    ),
+    Setting(
+        "http.write-timeout",
+        "http_write_timeout",
+        _positive_float,
+        "Seconds one write to a client may wait for it to read before the connection is closed (default: 30).",
+        group="http",
+        metavar="SECONDS",
+    ),
+    Setting(
+        "http.keep-alive-timeout",
+        "http_keep_alive_timeout",
+        _positive_float,
+        "Seconds an idle keep-alive connection is kept open waiting for its next request (default: 75).",
+        group="http",
+        metavar="SECONDS",
+    ),
+    Setting(
+        "jobs",
+        "jobs",
+        _bool,
+        "Host the distributed job tracker on this node (served under /v1/jobs and as the 'jobs' service).",
+        is_switch=True,
+        group="jobs",
+    ),
+    Setting(
+        "jobs.max-stages",
+        "jobs_max_stages",
+        _int_range(1, 100),
+        "Maximum stages a job tracker project may have (default: 5).",
+        group="jobs",
+        metavar="N",
+    ),
+    Setting(
+        "jobs.max-attempts",
+        "jobs_max_attempts",
+        _int_range(1, 1000),
+        "Attempts before a job is marked failed (default: 3).",
+        group="jobs",
+        metavar="N",
+    ),
+    Setting(
+        "jobs.flag-threshold",
+        "jobs_flag_threshold",
+        _int_range(1, 1000),
+        "Distinct workers flagging a job's input as invalid before it is rolled back to the previous stage (default: 5).",
+        group="jobs",
+        metavar="N",
+    ),
+    Setting(
+        "jobs.max-payload",
+        "jobs_max_payload",
+        _size,
+        "Largest job input or output, as JSON, the tracker accepts (default: 1M).",
+        group="jobs",
+        metavar="BYTES",
+    ),
+    Setting(
+        "jobs.lease-timeout",
+        "jobs_lease_timeout",
+        _positive_float,
+        "Default seconds a claimed job stays leased without a heartbeat before it returns to pending (default: 600; projects may set it per stage).",
+        group="jobs",
+        metavar="SECONDS",
+    ),
+    Setting(
+        "jobs.worker-timeout",
+        "jobs_worker_timeout",
+        _positive_float,
+        "Seconds of silence after which a worker is forgotten and its token answers 404 (default: 3600).",
+        group="jobs",
+        metavar="SECONDS",
+    ),
     # tracker: bounded job creation and flag counting
-    Setting("jobs.create-chunk", "jobs_create_chunk", _int_range(1, 1_000_000), "Jobs written per transaction when creating jobs; a large request commits in chunks, letting workers' requests run in between (default: 2000).", group="jobs", metavar="N"),
-    Setting("jobs.flag-per-worker", "jobs_flag_per_worker", _bool, "Count each flagging worker toward --jobs.flag-threshold, instead of each distinct user (default: distinct users, so one person's many workers count once).", is_switch=True, group="jobs"),
+    Setting(
+        "jobs.create-chunk",
+        "jobs_create_chunk",
+        _int_range(1, 1_000_000),
+        "Jobs written per transaction when creating jobs; a large request commits in chunks, letting workers' requests run in between (default: 2000).",
+        group="jobs",
+        metavar="N",
+    ),
+    Setting(
+        "jobs.flag-per-worker",
+        "jobs_flag_per_worker",
+        _bool,
+        "Count each flagging worker toward --jobs.flag-threshold, instead of each distinct user (default: distinct users, so one person's many workers count once).",
+        is_switch=True,
+        group="jobs",
+    ),
 )
 BY_FLAG = {s.flag: s for s in SETTINGS}
 _BY_KEY = {s.flag.replace("-", "_"): s for s in SETTINGS} | {s.attr: s for s in SETTINGS}
@@ -400,7 +922,9 @@ def load(
     for flag, raw in flags.items():
         setting = BY_FLAG[flag]
         values[setting.attr] = _parse(setting, raw, f"--{setting.flag}")
-    services = _services(values.pop("service_names", None), values.pop("service_ports", None), values.pop("service_api_keys", None))
+    services = _services(
+        values.pop("service_names", None), values.pop("service_ports", None), values.pop("service_api_keys", None)
+    )
     if services is None:
         services = file_services or ()
     if env.get("LIBP2P_FORCE_PNET", "").strip() == "1" and values.get("network_key") is None:
@@ -408,7 +932,9 @@ def load(
         raise ConfigError("--network-key", "LIBP2P_FORCE_PNET=1 is set but no network key was given")
     mode = values.get("mode", "node")
     if mode == "standalone" and values.get("bootstrap_addrs"):
-        raise ConfigError("--bootstrap.addr", "standalone mode does not bootstrap; drop --bootstrap.addr or use --mode node")
+        raise ConfigError(
+            "--bootstrap.addr", "standalone mode does not bootstrap; drop --bootstrap.addr or use --mode node"
+        )
     return Config(services=services, **values)
 
 
@@ -419,7 +945,9 @@ def _parse(setting: Setting, raw: Any, where: str) -> Any:
         raise ConfigError(where, str(exc)) from None
 
 
-def _services(names: list[str] | None, ports: list[int] | None, keys: list[str] | None = None) -> tuple[ServiceSpec, ...] | None:
+def _services(
+    names: list[str] | None, ports: list[int] | None, keys: list[str] | None = None
+) -> tuple[ServiceSpec, ...] | None:
     if names is None and ports is None:
         if keys:
             raise ConfigError("--service.api-key", "needs --service.name and --service.port")
@@ -429,7 +957,10 @@ def _services(names: list[str] | None, ports: list[int] | None, keys: list[str] 
     if len(keys) == 1:
         keys = keys * len(names)
     if keys and len(keys) != len(names):
-        raise ConfigError("--service.api-key", f"{len(names)} service name(s) but {len(keys)} --service.api-key value(s); give one per name or one for all")
+        raise ConfigError(
+            "--service.api-key",
+            f"{len(names)} service name(s) but {len(keys)} --service.api-key value(s); give one per name or one for all",
+        )
     if len(names) != len(ports):
         raise ConfigError(
             "--service.name",

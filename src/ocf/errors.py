@@ -8,7 +8,7 @@ place and still react to the specific kind when it matters.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 
 class OcfError(Exception):
@@ -87,7 +87,9 @@ class ResourceLimitExceeded(TransportError):
         self.resource = resource
 
 
-def find_in_group(exc: BaseException, types: type[BaseException] | tuple[type[BaseException], ...]) -> BaseException | None:
+def find_in_group(
+    exc: BaseException, types: type[BaseException] | tuple[type[BaseException], ...]
+) -> BaseException | None:
     """The first exception of ``types`` in ``exc`` or, recursively, inside exception groups.
 
     Trio nurseries wrap errors in ``ExceptionGroup``; callers that report a
@@ -117,7 +119,7 @@ def leaves(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
-def transport_failure(exc: BaseException) -> "TransportError | None":
+def transport_failure(exc: BaseException) -> TransportError | None:
     """The :class:`TransportError` that ``exc`` amounts to, or None.
 
     ``exc`` itself if it is one; for an exception group (a nursery's wrapping)

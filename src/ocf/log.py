@@ -62,7 +62,15 @@ class RateLimitedLog:
     ``max_keys`` the table is cleared rather than grown.
     """
 
-    def __init__(self, logger: logging.Logger, interval: float = 10.0, *, burst: int = 1, clock: Any = time.monotonic, max_keys: int = 256) -> None:
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval: float = 10.0,
+        *,
+        burst: int = 1,
+        clock: Any = time.monotonic,
+        max_keys: int = 256,
+    ) -> None:
         self.logger = logger
         self.interval = interval
         self.burst = burst

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import attrs
 import trio

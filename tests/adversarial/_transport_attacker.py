@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import trio
 import trio_websocket
@@ -46,7 +46,9 @@ async def half_handshake(port: int, source_ip: str = ATTACKER_IP) -> trio.Socket
     return stream
 
 
-async def squat_handshakes(port: int, sockets: int, *, source_ip: str = ATTACKER_IP, stop: trio.Event, counts: dict[str, int]) -> None:
+async def squat_handshakes(
+    port: int, sockets: int, *, source_ip: str = ATTACKER_IP, stop: trio.Event, counts: dict[str, int]
+) -> None:
     """Keep ``sockets`` half-open handshakes up, reopening each as soon as the node drops it, until ``stop``."""
 
     async def one() -> None:
@@ -73,7 +75,9 @@ async def squat_handshakes(port: int, sockets: int, *, source_ip: str = ATTACKER
 
 
 @contextlib.asynccontextmanager
-async def upgraded_websocket(port: int, identity: Identity, *, source_ip: str = ATTACKER_IP) -> AsyncIterator[tuple[trio_websocket.WebSocketConnection, PeerId]]:
+async def upgraded_websocket(
+    port: int, identity: Identity, *, source_ip: str = ATTACKER_IP
+) -> AsyncIterator[tuple[trio_websocket.WebSocketConnection, PeerId]]:
     """A WebSocket connection that completes the libp2p upgrade (so the node counts it as a peer) and no more.
 
     Yields the trio-websocket connection, so the caller can send WebSocket
@@ -81,7 +85,9 @@ async def upgraded_websocket(port: int, identity: Identity, *, source_ip: str = 
     """
     tcp = await trio.open_tcp_stream("127.0.0.1", port, local_address=source_ip)
     async with trio.open_nursery() as nursery:
-        ws = trio_websocket.WebSocketConnection(tcp, WSConnection(ConnectionType.CLIENT), host=f"127.0.0.1:{port}", path="/")
+        ws = trio_websocket.WebSocketConnection(
+            tcp, WSConnection(ConnectionType.CLIENT), host=f"127.0.0.1:{port}", path="/"
+        )
         nursery.start_soon(ws._reader_task)
         with trio.fail_after(10):
             await _opened_or_closed(ws)

@@ -44,12 +44,10 @@ def test_transport_failure_only_for_groups_of_transport_failures():
     assert transport_failure(ExceptionGroup("g", [ExceptionGroup("h", [err]), TransportError("y")])) is err
     assert transport_failure(ExceptionGroup("g", [err, ValueError("bug")])) is None
     assert transport_failure(BaseExceptionGroup("g", [err, KeyboardInterrupt()])) is None
-    with pytest.raises(PeerUnreachable):
-        with transport_errors_unwrapped():
-            raise ExceptionGroup("g", [err])
-    with pytest.raises(ExceptionGroup):
-        with transport_errors_unwrapped():
-            raise ExceptionGroup("g", [err, ValueError("bug")])
+    with pytest.raises(PeerUnreachable), transport_errors_unwrapped():
+        raise ExceptionGroup("g", [err])
+    with pytest.raises(ExceptionGroup), transport_errors_unwrapped():
+        raise ExceptionGroup("g", [err, ValueError("bug")])
 
 
 # --- WebSocket (and TCP) addresses that answer anything but libp2p --------------------------
@@ -103,11 +101,10 @@ async def test_host_connect_new_stream_and_ping_raise_plain_transport_errors():
 
 async def test_bootstrap_keeper_survives_grouped_failures(autojump_clock):
     config = Config(mode="node", bootstrap_addrs=(f"/memory/seed/p2p/{STRANGER}",))
-    async with open_host(ident("boot"), config, GroupingNetwork()) as host:
-        async with open_bootstrap(host, config) as boot:
-            await trio.sleep(40)  # backoff 5, 10, 20 s: attempts at 0, 5, 15, 35
-            assert boot.attempts == 4
-            assert not boot.connected
+    async with open_host(ident("boot"), config, GroupingNetwork()) as host, open_bootstrap(host, config) as boot:
+        await trio.sleep(40)  # backoff 5, 10, 20 s: attempts at 0, 5, 15, 35
+        assert boot.attempts == 4
+        assert not boot.connected
 
 
 # --- the gateway: routed and /v1/p2p requests ----------------------------------------------------

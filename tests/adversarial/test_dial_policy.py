@@ -96,7 +96,11 @@ def test_home_networks_and_allowlist():
 
 
 def test_dial_allow_setting():
-    assert load(env={"OCF_DIAL_ALLOW": "10.0.0.0/8, fd00::/8,192.168.1.7"}).dial_allow == ("10.0.0.0/8", "fd00::/8", "192.168.1.7/32")
+    assert load(env={"OCF_DIAL_ALLOW": "10.0.0.0/8, fd00::/8,192.168.1.7"}).dial_allow == (
+        "10.0.0.0/8",
+        "fd00::/8",
+        "192.168.1.7/32",
+    )
     assert load(flags={"max-addrs-per-peer": "3"}, env={}).max_addrs_per_peer == 3
     with pytest.raises(ConfigError, match="--dial-allow"):
         load(flags={"dial-allow": "10.0.0.0/33"}, env={})
@@ -108,7 +112,10 @@ def test_dial_allow_setting():
 
 async def test_learned_addresses_outside_the_nodes_networks_are_never_dialed():
     """A host on an in-memory network only: peers' loopback, private, metadata, multicast addresses cost 0 connections."""
-    async with hostile_target(b"\x13/multistream/1.0.0\n") as target, open_host(ident("a"), cfg(), MemoryNetwork()) as host:
+    async with (
+        hostile_target(b"\x13/multistream/1.0.0\n") as target,
+        open_host(ident("a"), cfg(), MemoryNetwork()) as host,
+    ):
         learned = [
             target.addr(),
             target.addr(ws=True),
@@ -144,7 +151,10 @@ async def test_operator_addresses_are_always_dialed():
 
 
 async def test_dial_allow_opens_a_network():
-    async with hostile_target("close") as target, open_host(ident("c"), cfg(dial_allow=("127.0.0.0/8",)), MemoryNetwork()) as host:
+    async with (
+        hostile_target("close") as target,
+        open_host(ident("c"), cfg(dial_allow=("127.0.0.0/8",)), MemoryNetwork()) as host,
+    ):
         host.add_addrs(STRANGER, [target.addr()])
         with pytest.raises(PeerUnreachable):
             await host.new_stream(STRANGER, "/x/1.0.0")

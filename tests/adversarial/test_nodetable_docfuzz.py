@@ -31,8 +31,16 @@ def _samples() -> list[bytes]:
     """Saved entries of the shapes nodes really publish, one with deflated columns."""
     out = []
     doc = OwnerDoc(ALICE.peer_id)
-    doc.update({"id": str(ALICE.peer_id), "status": "online", "service": [{"name": "llm", "identity_group": ["model=m"]}],
-                "hardware": {"gpus": [], "cpus": 8}, "role": ["worker"], "addrs": ["/ip4/127.0.0.1/tcp/43905"]})
+    doc.update(
+        {
+            "id": str(ALICE.peer_id),
+            "status": "online",
+            "service": [{"name": "llm", "identity_group": ["model=m"]}],
+            "hardware": {"gpus": [], "cpus": 8},
+            "role": ["worker"],
+            "addrs": ["/ip4/127.0.0.1/tcp/43905"],
+        }
+    )
     out.append(doc.doc.save())
     for i in range(40):
         doc.update({"status": f"s{i}", "load": i, "hardware": {"gpus": [{"name": "g", "used_memory": i}], "cpus": 8}})
@@ -148,6 +156,7 @@ REAL_SPECS = [0x01, 0x03, 0x13, 0x23, 0x35, 0x40, 0x43, 0x56, 0x57, 0x15, 0x21, 
 @st.composite
 def column_sets(draw):
     """Plausible column sets: real or random specs, run-length or raw data, some deflated."""
+
     def column():
         spec = draw(st.one_of(st.sampled_from(REAL_SPECS), st.integers(0, 0x1FF)))
         if draw(st.booleans()):

@@ -51,7 +51,11 @@ async def test_stale_entries_are_pruned_from_memory_and_lmdb(node_config):
         # The periodic sweep (every stale_after/4) forgets them: no heartbeat, no direct contact.
         await until(hub, lambda nd: len(nd.table.records) == 1)
         assert table.stats["pruned"] >= n + 1  # the sybils and the departed attacker
-        assert set(table.last_seen) == set() and set(table.beats) == {hub.peer_id} and list(table.by_text.values()) == [hub.peer_id]
+        assert (
+            set(table.last_seen) == set()
+            and set(table.beats) == {hub.peer_id}
+            and list(table.by_text.values()) == [hub.peer_id]
+        )
         assert all(not known for known in table.peer_known.values())
     assert stored_owners(cfg.data_dir) == 1
 
@@ -116,11 +120,18 @@ async def test_a_new_node_receives_every_entry_of_a_large_table(node_config):
     n, limit = (20_000, 1 << 20) if os.environ.get("OCF_TEST_FULL") else (5_000, 256 << 10)
     population = sybils(n)
     net = MemoryNetwork()
-    big = dict(max_message_size=limit, nodetable_max_entries=n + 100, nodetable_new_owner_burst=n + 100, nodetable_verify_rate=1e6)
+    big = dict(
+        max_message_size=limit,
+        nodetable_max_entries=n + 100,
+        nodetable_new_owner_burst=n + 100,
+        nodetable_verify_rate=1e6,
+    )
     async with open_node(node_config(mode="standalone", **big), memory_network=net) as hub:
         now_ms = int(time.time() * 1000)
         for ident, record in population:
-            hub.table.insert(record, OwnerDoc(record.owner, am.Document.load(record.doc)))  # made by us: no need to verify
+            hub.table.insert(
+                record, OwnerDoc(record.owner, am.Document.load(record.doc))
+            )  # made by us: no need to verify
             hub.table.beats[ident.peer_id] = Heartbeat.create(ident, now_ms)
             hub.table.last_seen[ident.peer_id] = now_ms / 1000
         summary_bytes = sum(len(t) + wire.ENTRY_OVERHEAD for t in hub.table.by_text)

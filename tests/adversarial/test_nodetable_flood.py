@@ -33,7 +33,9 @@ async def until(node, predicate, timeout=30):
 @contextlib.asynccontextmanager
 async def hub_with_workers(node_config, net, n_workers=2, **hub_settings):
     async with contextlib.AsyncExitStack() as stack:
-        hub = await stack.enter_async_context(open_node(node_config(mode="standalone", **hub_settings), memory_network=net))
+        hub = await stack.enter_async_context(
+            open_node(node_config(mode="standalone", **hub_settings), memory_network=net)
+        )
         workers = []
         for _ in range(n_workers):
             cfg = node_config(mode="node", bootstrap_addrs=(str(hub.listen_addrs[0]),))
@@ -59,7 +61,9 @@ async def test_sybil_flood_is_capped_and_a_new_node_still_gets_every_legitimate_
     n, cap = 20_000, 512
     flood = items(sybils(n))
     net = MemoryNetwork()
-    async with hub_with_workers(node_config, net, nodetable_max_entries=cap, nodetable_new_owner_burst=10 * n, nodetable_verify_rate=10 * n) as (hub, workers):
+    async with hub_with_workers(
+        node_config, net, nodetable_max_entries=cap, nodetable_new_owner_burst=10 * n, nodetable_verify_rate=10 * n
+    ) as (hub, workers):
         legit = {hub.peer_id, *(w.peer_id for w in workers)}
         before = rss()
         pauses = []
@@ -86,7 +90,9 @@ async def test_sybil_flood_is_capped_and_a_new_node_still_gets_every_legitimate_
             grown = rss() - before
             await stream.aclose()
             nursery.cancel_scope.cancel()
-        print(f"\nsybil flood: {n} records -> entries {entries} (max {cap}), RSS +{grown / MiB:.1f} MiB, longest stall {max(pauses) * 1000:.0f} ms")
+        print(
+            f"\nsybil flood: {n} records -> entries {entries} (max {cap}), RSS +{grown / MiB:.1f} MiB, longest stall {max(pauses) * 1000:.0f} ms"
+        )
         assert max(pauses) < 0.25, f"event loop stalled {max(pauses) * 1000:.0f} ms"
         assert entries <= cap
         assert stats["refused_full"] >= n - cap
@@ -104,7 +110,9 @@ async def test_new_owners_per_peer_are_rate_limited(node_config, caplog):
     n, burst = 1_000, 64
     net = MemoryNetwork()
     caplog.set_level(logging.WARNING, "ocf.nodetable")
-    async with hub_with_workers(node_config, net, n_workers=0, nodetable_new_owner_burst=burst, nodetable_new_owner_rate=1.0) as (hub, _):
+    async with hub_with_workers(
+        node_config, net, n_workers=0, nodetable_new_owner_burst=burst, nodetable_new_owner_rate=1.0
+    ) as (hub, _):
         async with open_node(node_config(mode="node"), memory_network=net) as attacker:
             await attacker.host.connect(hub.listen_addrs[0])
             stream = await open_raw_stream(attacker, hub)
@@ -120,7 +128,9 @@ async def test_new_owners_per_peer_are_rate_limited(node_config, caplog):
         assert len(refusal_lines) <= 2  # ~940 refusals: the first line, then one summed line per 10 s at most
         async with httpx.AsyncClient(base_url=hub.gateway_url) as client:
             text = (await client.get("/metrics")).text
-        refused = next(line for line in text.splitlines() if line.startswith('ocf_nodetable_refused_total{reason="rate"}'))
+        refused = next(
+            line for line in text.splitlines() if line.startswith('ocf_nodetable_refused_total{reason="rate"}')
+        )
         assert float(refused.split()[-1]) == stats["refused_rate"]
         assert f"ocf_nodetable_entries {float(len(hub.table.records))}" in text
 
@@ -158,7 +168,9 @@ async def test_signature_checks_per_peer_are_budgeted(node_config):
     """A peer can make us verify only its budget of signatures; the rest wait for a later summary."""
     n, rate = 1_000, 100.0
     net = MemoryNetwork()
-    async with hub_with_workers(node_config, net, n_workers=0, nodetable_new_owner_burst=10 * n, nodetable_verify_rate=rate) as (hub, _):
+    async with hub_with_workers(
+        node_config, net, n_workers=0, nodetable_new_owner_burst=10 * n, nodetable_verify_rate=rate
+    ) as (hub, _):
         stats = hub.table.stats
         async with open_node(node_config(mode="node"), memory_network=net) as attacker:
             await attacker.host.connect(hub.listen_addrs[0])
@@ -177,7 +189,9 @@ async def test_owners_refused_for_rate_arrive_with_later_summaries(node_config):
     """Refused owners are not remembered; the receiver's next summaries ask for them again until all arrive."""
     n, burst = 300, 50
     net = MemoryNetwork()
-    cfg = node_config(mode="standalone", verify_interval=0.5, nodetable_new_owner_burst=burst, nodetable_new_owner_rate=100.0)
+    cfg = node_config(
+        mode="standalone", verify_interval=0.5, nodetable_new_owner_burst=burst, nodetable_new_owner_rate=100.0
+    )
     async with open_node(cfg, memory_network=net) as hub:
         async with open_node(node_config(mode="node"), memory_network=net) as relay:
             now_ms = int(time.time() * 1000)
@@ -210,7 +224,12 @@ async def test_random_ids_in_summaries_are_never_retained(node_config):
     net = MemoryNetwork()
     async with hub_with_workers(node_config, net, n_workers=1) as (hub, _):
         table = hub.table
-        sizes_before = (len(table.last_seen), len(table.beats), len(table.records), sum(len(k) for k in table.peer_known.values()))
+        sizes_before = (
+            len(table.last_seen),
+            len(table.beats),
+            len(table.records),
+            sum(len(k) for k in table.peer_known.values()),
+        )
         before = rss()
         async with open_node(node_config(mode="node"), memory_network=net) as attacker:
             await attacker.host.connect(hub.listen_addrs[0])
@@ -228,10 +247,21 @@ async def test_random_ids_in_summaries_are_never_retained(node_config):
             attacker_known = len(table.peer_known.get(attacker.peer_id, {}))
             await stream.aclose()
         await poll(lambda: attacker.peer_id not in table.peer_known)
-        sizes_after = (len(table.last_seen), len(table.beats), len(table.records), sum(len(k) for k in table.peer_known.values()))
-        assert sizes_after[3] <= len(table.records) * len(table.peer_known)  # one slot per held owner per connected peer
+        sizes_after = (
+            len(table.last_seen),
+            len(table.beats),
+            len(table.records),
+            sum(len(k) for k in table.peer_known.values()),
+        )
+        assert sizes_after[3] <= len(table.records) * len(
+            table.peer_known
+        )  # one slot per held owner per connected peer
         maps_hold_only_known_owners(table)
     print(f"\n440k summary IDs: maps {sizes_before} -> {sizes_after}, RSS +{grown / MiB:.1f} MiB")
     assert attacker_known <= len(table.records)
-    assert sizes_after[:3] == (sizes_before[0] + 1, sizes_before[1] + 1, sizes_before[2] + 1)  # the attacker's own entry only
+    assert sizes_after[:3] == (
+        sizes_before[0] + 1,
+        sizes_before[1] + 1,
+        sizes_before[2] + 1,
+    )  # the attacker's own entry only
     assert grown < 64 * MiB, f"RSS grew {grown / MiB:.1f} MiB"

@@ -50,7 +50,9 @@ async def test_unfinished_messages_on_many_streams_pin_nothing(node_config):
             pinned = hub.table.sync._inbound.get(attacker.peer_id, 0)
             for stream in streams:
                 stream.reset()
-        print(f"\n{n} unfinished streams: refused {stats['streams_refused']}, timed out {stats['streams_timed_out']}, RSS +{grown / MiB:.1f} MiB")
+        print(
+            f"\n{n} unfinished streams: refused {stats['streams_refused']}, timed out {stats['streams_timed_out']}, RSS +{grown / MiB:.1f} MiB"
+        )
         assert stats["streams_refused"] + stats["streams_timed_out"] >= n
         assert pinned <= 1  # only the attacker's own, well-behaved sync stream is still open
         assert grown < 64 * MiB, f"RSS grew {grown / MiB:.1f} MiB"

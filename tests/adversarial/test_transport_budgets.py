@@ -74,7 +74,10 @@ async def test_handshake_squatting_from_one_address_does_not_lock_out_others(cap
         counts: dict[str, int] = {}
         async with trio.open_nursery() as nursery:
             nursery.start_soon(lambda: squat_handshakes(tcp_port(addr), 64, stop=stop, counts=counts))
-            await eventually(lambda: rm.ip_usage(ATTACKER_IP)["handshakes"] == rm.limits.handshakes_per_ip, what="squatter holding its slots")
+            await eventually(
+                lambda: rm.ip_usage(ATTACKER_IP)["handshakes"] == rm.limits.handshakes_per_ip,
+                what="squatter holding its slots",
+            )
             await eventually(lambda: rm.refusals["ip", "handshakes"] >= 200, what="a refusal storm")
             # a legitimate peer from another address connects and pings, every time
             ok = 0
@@ -102,7 +105,9 @@ async def test_squatters_on_several_addresses_are_evicted_for_a_newcomer():
         counts: dict[str, int] = {}
         async with trio.open_nursery() as nursery:
             for ip in ("127.0.0.2", "127.0.0.3"):
-                nursery.start_soon(lambda ip=ip: squat_handshakes(tcp_port(addr), 8, source_ip=ip, stop=stop, counts=counts))
+                nursery.start_soon(
+                    lambda ip=ip: squat_handshakes(tcp_port(addr), 8, source_ip=ip, stop=stop, counts=counts)
+                )
             await eventually(lambda: rm.system.usage["handshakes"] == 16, what="all slots squatted")
             ok = 0
             for i in range(4):
@@ -123,7 +128,13 @@ async def test_many_streams_with_unread_data_stay_within_the_peer_budget():
     async with victim() as (host, addr):
         rm = host.resources
         budget = rm.limits.memory_per_peer
-        attacker_cfg = cfg(max_streams_per_connection=4096, max_streams_per_peer=100_000, max_system_streams=100_000, max_buffered_per_peer=1 << 30, max_buffered=1 << 30)
+        attacker_cfg = cfg(
+            max_streams_per_connection=4096,
+            max_streams_per_peer=100_000,
+            max_system_streams=100_000,
+            max_buffered_per_peer=1 << 30,
+            max_buffered=1 << 30,
+        )
         # (nearly) a whole initial yamux window per stream: negotiation used a few bytes of it
         payload = os.urandom(255 * 1024)
         gc.collect()
@@ -159,7 +170,9 @@ async def test_many_streams_with_unread_data_stay_within_the_peer_budget():
                 with trio.fail_after(5):
                     await legit.connect(addr)
                     await legit.ping(host.peer_id)
-            print(f"streams sent={outcome['sent']} refused/reset={outcome['reset']} held={peak['memory'] / MiB:.1f} MiB rss+={growth / MiB:.1f} MiB")
+            print(
+                f"streams sent={outcome['sent']} refused/reset={outcome['reset']} held={peak['memory'] / MiB:.1f} MiB rss+={growth / MiB:.1f} MiB"
+            )
             assert peak["memory"] <= budget
             assert rm.refusals["peer", "memory"] > 0
             assert growth < 64 * MiB
@@ -174,7 +187,10 @@ async def test_many_identities_from_one_address_share_its_budget():
         attacker_cfg = cfg(max_buffered_per_peer=1 << 30, max_buffered=1 << 30)
         payload = os.urandom(255 * 1024)
         async with contextlib.AsyncExitStack() as stack:
-            attackers = [await stack.enter_async_context(open_host(ident(f"sybil{i}"), attacker_cfg, listen=False)) for i in range(3)]
+            attackers = [
+                await stack.enter_async_context(open_host(ident(f"sybil{i}"), attacker_cfg, listen=False))
+                for i in range(3)
+            ]
             peak = 0
 
             async def flood(attacker) -> None:
@@ -267,11 +283,15 @@ async def test_unfinished_websocket_messages_are_bounded_and_returned():
                     await trio.sleep(0.005)
             peak = max(peak, rm.system.usage["memory"])
             growth = rss_bytes() - rss0
-            print(f"ws conns={len(conns)} bytes pushed={sum(sent) / MiB:.0f} MiB held peak={peak / MiB:.1f} MiB rss+={growth / MiB:.1f} MiB")
+            print(
+                f"ws conns={len(conns)} bytes pushed={sum(sent) / MiB:.0f} MiB held peak={peak / MiB:.1f} MiB rss+={growth / MiB:.1f} MiB"
+            )
             assert peak_conns <= rm.limits.connections_per_ip
             assert peak <= rm.limits.memory_per_ip
             assert growth < 64 * MiB
-        await eventually(lambda: rm.system.usage["memory"] == 0 and rm.usage()["ips"] == 0, what="memory returned after close")
+        await eventually(
+            lambda: rm.system.usage["memory"] == 0 and rm.usage()["ips"] == 0, what="memory returned after close"
+        )
 
 
 async def test_unfinished_websocket_messages_hit_the_address_budget():
@@ -279,7 +299,10 @@ async def test_unfinished_websocket_messages_hit_the_address_budget():
         rm = host.resources
         peak = 0
         async with contextlib.AsyncExitStack() as stack:
-            conns = [(await stack.enter_async_context(upgraded_websocket(tcp_port(addr), ident(f"wsb{i}"))))[0] for i in range(8)]
+            conns = [
+                (await stack.enter_async_context(upgraded_websocket(tcp_port(addr), ident(f"wsb{i}"))))[0]
+                for i in range(8)
+            ]
             async with trio.open_nursery() as nursery:
                 for ws in conns:
                     nursery.start_soon(send_unfinished_message, ws, MiB - 64 * 1024)
@@ -313,7 +336,9 @@ async def test_websocket_message_cap_is_handshake_sized_before_the_upgrade():
             nursery.start_soon(ws._reader_task)
             await ws._open_handshake.wait()
             sent = await send_unfinished_message(ws, 4 * MiB)
-            await eventually(lambda: rm.system.usage["memory"] == 0 and rm.system.usage["handshakes"] == 0, what="closed")
+            await eventually(
+                lambda: rm.system.usage["memory"] == 0 and rm.system.usage["handshakes"] == 0, what="closed"
+            )
             assert sent < 4 * MiB or ws.closed is not None
             await trio.aclose_forcefully(tcp)
             nursery.cancel_scope.cancel()
@@ -350,11 +375,15 @@ async def test_metrics_show_transport_usage_and_refusals(node_config):
                 text = (await client.get(node.gateway_url + "/metrics")).text
             stop.set()
     refusals = [line for line in text.splitlines() if line.startswith("ocf_transport_refusals_total{")]
-    assert any('scope="ip"' in line and 'resource="handshakes"' in line and float(line.split()[-1]) >= 5 for line in refusals), refusals
+    assert any(
+        'scope="ip"' in line and 'resource="handshakes"' in line and float(line.split()[-1]) >= 5 for line in refusals
+    ), refusals
     assert 'ocf_transport_resource_usage{resource="handshakes",scope="system"} 2.0' in text
     assert 'ocf_transport_resource_limit{resource="handshakes",scope="ip"} 2.0' in text
     # bounded labels: no peer IDs or addresses
-    assert ATTACKER_IP not in text and "12D3" not in "".join(line for line in text.splitlines() if line.startswith("ocf_transport"))
+    assert ATTACKER_IP not in text and "12D3" not in "".join(
+        line for line in text.splitlines() if line.startswith("ocf_transport")
+    )
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::trio.TrioDeprecationWarning")
@@ -404,7 +433,13 @@ async def test_node_health_answers_during_a_stream_flood(node_config):
 
         node.host.set_stream_handler(SINK, sink)
         rm = node.host.resources
-        attacker_cfg = cfg(max_streams_per_connection=4096, max_streams_per_peer=100_000, max_system_streams=100_000, max_buffered_per_peer=1 << 30, max_buffered=1 << 30)
+        attacker_cfg = cfg(
+            max_streams_per_connection=4096,
+            max_streams_per_peer=100_000,
+            max_system_streams=100_000,
+            max_buffered_per_peer=1 << 30,
+            max_buffered=1 << 30,
+        )
         payload = os.urandom(255 * 1024)
         latencies: list[float] = []
         statuses: list[int] = []
@@ -436,7 +471,9 @@ async def test_node_health_answers_during_a_stream_flood(node_config):
                     await trio.sleep(0.02)
         latencies.sort()
         p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
-        print(f"health during flood: n={len(latencies)} p99={p99 * 1000:.0f} ms refusals={rm.refusals['peer', 'memory']}")
+        print(
+            f"health during flood: n={len(latencies)} p99={p99 * 1000:.0f} ms refusals={rm.refusals['peer', 'memory']}"
+        )
         assert set(statuses) == {200}
         assert rm.refusals["peer", "memory"] > 0
         # The figure, with the attacker in this process too, encrypting

@@ -33,7 +33,7 @@ def test_config_file_from_env_and_nested_keys(tmp_path):
         f'[bootstrap]\naddr = ["/ip4/1.2.3.4/tcp/43905/p2p/{PEER}"]\n'
         '[[services]]\nname = "llm"\nport = 8080\n'
         '[[services]]\nname = "foo"\nport = 9000\nhost = "127.0.0.1"\n'
-        '[jobs]\nmax-stages = 3\n'
+        "[jobs]\nmax-stages = 3\n"
     )
     cfg = load({}, env={"OCF_CONFIG": str(f)})
     assert cfg.bootstrap_addrs == (f"/ip4/1.2.3.4/tcp/43905/p2p/{PEER}",)

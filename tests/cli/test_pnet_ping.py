@@ -19,7 +19,9 @@ SRC = str(Path(__file__).resolve().parents[2] / "src")
 async def ping_cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=SRC)
     env.pop("OCF_NETWORK_KEY", None)
-    return await trio.run_process([sys.executable, "-m", "ocf", "ping", *args], capture_stdout=True, capture_stderr=True, check=False, env=env)
+    return await trio.run_process(
+        [sys.executable, "-m", "ocf", "ping", *args], capture_stdout=True, capture_stderr=True, check=False, env=env
+    )
 
 
 async def test_ping_private_node_with_right_wrong_and_bad_key(tmp_path):

@@ -38,7 +38,9 @@ async def test_local_service_forward_plain_and_streaming(worker):
     r = await client.post("/v1/_service/llm/v1/chat/completions", json=chat("m1", "hello"))
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "[m1] you said: hello"
     tokens = []
-    async with client.stream("POST", "/v1/_service/llm/v1/chat/completions", json=chat("m2", "a b c", stream=True)) as r:
+    async with client.stream(
+        "POST", "/v1/_service/llm/v1/chat/completions", json=chat("m2", "a b c", stream=True)
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         async for line in r.aiter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
@@ -62,10 +64,15 @@ async def test_service_route_picks_this_node_and_names_it(worker):
     r = await client.post("/v1/service/llm/v1/chat/completions", json=chat("m2", "hi"))
     assert r.status_code == 200
     assert r.headers["x-computing-node"] == str(node.peer_id)
-    r = await client.post("/v1/service/llm/v1/chat/completions", json=chat("m2", "hi"), headers={"X-OCF-Identity-Group": "model=m1"})
+    r = await client.post(
+        "/v1/service/llm/v1/chat/completions", json=chat("m2", "hi"), headers={"X-OCF-Identity-Group": "model=m1"}
+    )
     assert r.json()["model"] == "m2"  # the header routed it (to the same backend); the body is untouched
     r = await client.get("/v1/service/llm/v1/models")
-    assert [(m["id"], m["providers"]) for m in r.json()["data"]] == [("m1", [str(node.peer_id)]), ("m2", [str(node.peer_id)])]
+    assert [(m["id"], m["providers"]) for m in r.json()["data"]] == [
+        ("m1", [str(node.peer_id)]),
+        ("m2", [str(node.peer_id)]),
+    ]
     r = await client.get("/v1/service/llm/v1/models/m2")
     assert r.json()["id"] == "m2"
 
@@ -77,9 +84,13 @@ async def test_error_shapes_and_statuses(worker):
     assert r.status_code == 404 and err["code"] == "model_not_found" and "m1, m2" in err["message"]
     r = await client.post("/v1/service/llm/v1/chat/completions", json={"messages": []})
     assert r.status_code == 400 and _error(r)["code"] == "no_routable_identity"
-    r = await client.post("/v1/service/llm/v1/chat/completions", content=b"not json", headers={"content-type": "text/plain"})
+    r = await client.post(
+        "/v1/service/llm/v1/chat/completions", content=b"not json", headers={"content-type": "text/plain"}
+    )
     assert r.status_code == 400 and _error(r)["code"] == "no_routable_identity"
-    r = await client.post("/v1/service/llm/v1/chat/completions", content=b"x", headers={"X-OCF-Identity-Group": "garbage"})
+    r = await client.post(
+        "/v1/service/llm/v1/chat/completions", content=b"x", headers={"X-OCF-Identity-Group": "garbage"}
+    )
     assert r.status_code == 400 and _error(r)["code"] == "bad_identity_header"
     r = await client.get("/v1/service/imaginary/x")
     assert r.status_code == 404 and "llm" in _error(r)["message"]
@@ -156,7 +167,9 @@ async def test_client_disconnect_cancels_the_backend_stream(node_config):
         config = node_config(services=(ServiceSpec("llm", mock.port, "127.0.0.1"),))
         async with open_node(config) as node, httpx.AsyncClient(base_url=node.gateway_url) as client:
             await node.services.refresh()
-            async with client.stream("POST", "/v1/service/llm/v1/chat/completions", json=chat("m1", "word " * 500, stream=True)) as r:
+            async with client.stream(
+                "POST", "/v1/service/llm/v1/chat/completions", json=chat("m1", "word " * 500, stream=True)
+            ) as r:
                 async for _ in r.aiter_bytes():
                     break  # read one chunk, then hang up
             with trio.fail_after(10):
@@ -169,10 +182,16 @@ async def test_cors_preflight_and_headers(worker):
     _, _, client = worker
     r = await client.options(
         "/v1/service/llm/v1/chat/completions",
-        headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization, content-type"},
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
     )
     assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
-    r = await client.post("/v1/service/llm/v1/chat/completions", json=chat("m1", "x"), headers={"Origin": "https://app.example"})
+    r = await client.post(
+        "/v1/service/llm/v1/chat/completions", json=chat("m1", "x"), headers={"Origin": "https://app.example"}
+    )
     assert r.status_code == 403 and _error(r)["code"] == "origin_not_allowed"
     r = await client.get("/v1/health", headers={"Origin": "https://app.example"})
     assert r.headers["access-control-allow-origin"] == "*"
@@ -186,10 +205,31 @@ async def test_cors_restricted_origins(node_config):
         async with open_node(config) as node, httpx.AsyncClient(base_url=node.gateway_url) as client:
             await node.services.refresh()
             path = "/v1/service/llm/v1/chat/completions"
-            r = await client.options(path, headers={"Origin": "https://ok.example", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization, content-type"})
-            assert r.status_code == 204 and r.headers["access-control-allow-origin"] == "https://ok.example" and r.headers["vary"] == "Origin"
-            assert "POST" in r.headers["access-control-allow-methods"] and r.headers["access-control-allow-headers"] == "authorization, content-type"
-            r = await client.options(path, headers={"Origin": "https://ok.example", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-anything"})
+            r = await client.options(
+                path,
+                headers={
+                    "Origin": "https://ok.example",
+                    "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "authorization, content-type",
+                },
+            )
+            assert (
+                r.status_code == 204
+                and r.headers["access-control-allow-origin"] == "https://ok.example"
+                and r.headers["vary"] == "Origin"
+            )
+            assert (
+                "POST" in r.headers["access-control-allow-methods"]
+                and r.headers["access-control-allow-headers"] == "authorization, content-type"
+            )
+            r = await client.options(
+                path,
+                headers={
+                    "Origin": "https://ok.example",
+                    "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "x-anything",
+                },
+            )
             assert r.status_code == 403  # only the headers the allowlist permits
             r = await client.post(path, json=chat("m1", "x"), headers={"Origin": "https://ok.example"})
             assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://ok.example"
@@ -248,7 +288,10 @@ async def test_response_arriving_in_one_piece_is_relayed_whole(node_config):
 
         listeners = await nursery.start(functools.partial(trio.serve_tcp, backend, 0, host="127.0.0.1"))
         port = listeners[0].socket.getsockname()[1]
-        async with open_node(node_config(services=(ServiceSpec("sse", port, "127.0.0.1"),))) as node, httpx.AsyncClient(base_url=node.gateway_url) as client:
+        async with (
+            open_node(node_config(services=(ServiceSpec("sse", port, "127.0.0.1"),))) as node,
+            httpx.AsyncClient(base_url=node.gateway_url) as client,
+        ):
             r = await client.get("/v1/_service/sse/events")
             assert r.status_code == 200 and r.content == b"".join(chunks)
         nursery.cancel_scope.cancel()
@@ -261,10 +304,14 @@ async def test_concurrent_forwards_per_provider_are_limited(node_config):
             await node.services.refresh()
             release, gate = trio.open_memory_channel(0)
             mock.app.config["TOKEN_GATE"] = gate
-            async with client.stream("POST", "/v1/service/llm/v1/chat/completions", json=chat("m1", "hold", stream=True)) as held:
+            async with client.stream(
+                "POST", "/v1/service/llm/v1/chat/completions", json=chat("m1", "hold", stream=True)
+            ) as held:
                 assert held.status_code == 200  # its answer is held open by the gate
                 r = await client.post("/v1/service/llm/v1/chat/completions", json=chat("m1", "second"))
-                assert r.status_code == 503 and _error(r)["code"] == "providers_busy" and r.headers["retry-after"] == "1"
+                assert (
+                    r.status_code == 503 and _error(r)["code"] == "providers_busy" and r.headers["retry-after"] == "1"
+                )
                 mock.app.config["TOKEN_GATE"] = None
                 await release.aclose()
             r = await client.post("/v1/service/llm/v1/chat/completions", json=chat("m1", "third"))

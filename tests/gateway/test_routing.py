@@ -15,7 +15,13 @@ def entry(*services, connected=True, status="online"):
 
 
 def llm(*models, status="healthy"):
-    return {"name": "llm", "host": "localhost", "port": 8080, "status": status, "identity_group": [f"model={m}" for m in models]}
+    return {
+        "name": "llm",
+        "host": "localhost",
+        "port": 8080,
+        "status": status,
+        "identity_group": [f"model={m}" for m in models],
+    }
 
 
 ENTRIES = {
@@ -53,8 +59,12 @@ def test_identity_header():
 def test_select_routes_by_model():
     providers = routing.providers_of(ENTRIES, "llm", "")
     known = routing.known_services(ENTRIES)
-    assert [p.peer for p in routing.select(providers, {"model": "m1"}, service="llm", known=lambda: known, has_body=True)] == ["A", "C"]
-    assert [p.peer for p in routing.select(providers, {"model": "m2"}, service="llm", known=lambda: known, has_body=True)] == ["B", "C"]
+    assert [
+        p.peer for p in routing.select(providers, {"model": "m1"}, service="llm", known=lambda: known, has_body=True)
+    ] == ["A", "C"]
+    assert [
+        p.peer for p in routing.select(providers, {"model": "m2"}, service="llm", known=lambda: known, has_body=True)
+    ] == ["B", "C"]
 
 
 def test_select_errors_are_honest_and_list_what_exists():
@@ -100,7 +110,9 @@ _models = st.sampled_from(["a", "b", "c", "d"])
 
 @settings(max_examples=200, deadline=None)
 @given(
-    tables=st.dictionaries(st.sampled_from(["P1", "P2", "P3", "P4", "P5"]), st.lists(_models, max_size=3, unique=True), min_size=1),
+    tables=st.dictionaries(
+        st.sampled_from(["P1", "P2", "P3", "P4", "P5"]), st.lists(_models, max_size=3, unique=True), min_size=1
+    ),
     wanted=_models,
     load=st.dictionaries(st.sampled_from(["P1", "P2", "P3", "P4", "P5"]), st.integers(0, 5)),
 )

@@ -6,7 +6,7 @@ import contextlib
 import importlib.util
 import sys
 from pathlib import Path
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import attrs
 import trio

@@ -27,7 +27,9 @@ def test_client_request_with_known_length_is_exact():
     c = ClientBridge()
     out = c.request(b"POST", b"/v1/chat", [(b"Host", b"gw"), (b"Content-Type", b"application/json")], content_length=5)
     out += c.data(b"hello") + c.end()
-    assert out == b"POST /v1/chat HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: 5\r\n\r\nhello"
+    assert (
+        out == b"POST /v1/chat HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: 5\r\n\r\nhello"
+    )
     assert c.request_complete
 
 
@@ -35,7 +37,9 @@ def test_client_request_streams_chunked_when_length_unknown():
     c = ClientBridge()
     out = c.request(b"POST", b"/x", [], content_length=None, host=b"peer")
     out += c.data(b"abc") + c.data(b"") + c.data(b"de") + c.end()
-    assert out == b"POST /x HTTP/1.1\r\nhost: peer\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    assert (
+        out == b"POST /x HTTP/1.1\r\nhost: peer\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    )
 
 
 def test_hop_by_hop_headers_are_dropped_including_those_named_in_connection():
@@ -63,8 +67,12 @@ def test_client_parses_chunked_response_and_skips_100_continue():
     c = ClientBridge()
     c.request(b"GET", b"/", [], content_length=0)
     c.end()
-    events = c.feed(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
-    assert events == [ResponseHead(200, [(b"content-type", b"text/event-stream"), (b"transfer-encoding", b"chunked")], b"OK")]
+    events = c.feed(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    assert events == [
+        ResponseHead(200, [(b"content-type", b"text/event-stream"), (b"transfer-encoding", b"chunked")], b"OK")
+    ]
     assert c.response_started
     assert c.feed(b"6\r\ndata: \r\n") == [Data(b"data: ")]
     assert c.feed(b"2\r\nhi\r\n0\r\n\r\n") == [Data(b"hi"), END]
@@ -110,7 +118,9 @@ def test_http_date_is_formatted_once_per_second_and_follows_the_clock(monkeypatc
     formatted = []
     real = bridge.email.utils.formatdate
     monkeypatch.setattr(bridge.time, "time", lambda: now[0])
-    monkeypatch.setattr(bridge.email.utils, "formatdate", lambda t, usegmt: formatted.append(t) or real(t, usegmt=usegmt))
+    monkeypatch.setattr(
+        bridge.email.utils, "formatdate", lambda t, usegmt: formatted.append(t) or real(t, usegmt=usegmt)
+    )
     date = bridge.HttpDate()
     assert date() == b"Sun, 06 Nov 1994 08:49:37 GMT"
     now[0] += 0.5
@@ -136,10 +146,7 @@ def test_server_adds_date_only_when_asked_and_only_once():
 
 def test_server_parses_pipelined_requests_one_cycle_at_a_time():
     s = ServerBridge()
-    raw = (
-        b"POST /a?x=1 HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc"
-        b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n"
-    )
+    raw = b"POST /a?x=1 HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabcGET /b HTTP/1.1\r\nHost: h\r\n\r\n"
     events = s.feed(raw)
     assert events == [RequestHead(b"POST", b"/a?x=1", [(b"host", b"h"), (b"content-length", b"3")]), Data(b"abc"), END]
     assert s.buffered > 0
@@ -153,7 +160,9 @@ def test_server_response_without_length_is_chunked():
     s = ServerBridge()
     s.feed(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     out = s.respond(200, [(b"content-type", b"text/plain"), (b"connection", b"keep-alive")]) + s.data(b"tok") + s.end()
-    assert out == b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n3\r\ntok\r\n0\r\n\r\n"
+    assert (
+        out == b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n3\r\ntok\r\n0\r\n\r\n"
+    )
 
 
 def test_server_eof_between_requests_is_a_clean_close_and_mid_body_is_not():
@@ -211,11 +220,15 @@ def test_body_length():
 
 # --- hypothesis: round trips and fuzzing ---------------------------------------------------
 
-_token = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=12).filter(lambda t: t[0] != "-")
+_token = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=12).filter(
+    lambda t: t[0] != "-"
+)
 _value = st.binary(max_size=40).map(lambda b: bytes(c for c in b if 0x21 <= c <= 0x7E) or b"v")
 _headers = st.lists(st.tuples(_token.map(lambda t: ("x-" + t).encode()), _value), max_size=6)
 _chunks = st.lists(st.binary(min_size=0, max_size=3000), max_size=6)
-_path = st.lists(st.text(alphabet="abcXYZ019-._~%", max_size=8), max_size=4).map(lambda parts: ("/" + "/".join(parts)).encode())
+_path = st.lists(st.text(alphabet="abcXYZ019-._~%", max_size=8), max_size=4).map(
+    lambda parts: ("/" + "/".join(parts)).encode()
+)
 
 
 def _split(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -295,7 +308,19 @@ def test_server_fuzz_only_raises_bridge_errors(pieces):
 
 
 _HTTPISH = st.lists(
-    st.sampled_from([b"HTTP/1.1 200 OK\r\n", b"Content-Length: 3\r\n", b"Transfer-Encoding: chunked\r\n", b"\r\n", b"3\r\nabc\r\n", b"0\r\n\r\n", b"zz", b"HTTP/1.0 404 x\r\n", b"\x00\xff"]),
+    st.sampled_from(
+        [
+            b"HTTP/1.1 200 OK\r\n",
+            b"Content-Length: 3\r\n",
+            b"Transfer-Encoding: chunked\r\n",
+            b"\r\n",
+            b"3\r\nabc\r\n",
+            b"0\r\n\r\n",
+            b"zz",
+            b"HTTP/1.0 404 x\r\n",
+            b"\x00\xff",
+        ]
+    ),
     max_size=10,
 ).map(b"".join)
 

@@ -21,7 +21,9 @@ def test_keep_alive_idle_is_not_a_head_and_a_new_head_is_due_from_its_first_byte
     clock = ConnectionClock(T, now=0)
     clock.received(1, 100, DONE)
     clock.next_cycle(2, buffered=0)
-    assert clock.expired(1000, PHASE_HEAD) is None and clock.next_deadline(PHASE_HEAD) == INF  # the keep-alive timer's job
+    assert (
+        clock.expired(1000, PHASE_HEAD) is None and clock.next_deadline(PHASE_HEAD) == INF
+    )  # the keep-alive timer's job
     clock.received(1000, 5, PHASE_HEAD)
     assert clock.expired(1009, PHASE_HEAD) is None and clock.expired(1010, PHASE_HEAD) == HEAD
     clock.next_cycle(2000, buffered=7)  # a pipelined head already started
@@ -47,7 +49,9 @@ def test_time_the_server_does_not_read_is_not_counted():
     clock.pause(1)
     assert clock.expired(100, PHASE_BODY) is None and clock.next_deadline(PHASE_BODY) == INF
     clock.resume(101)
-    assert clock.expired(129.9, PHASE_BODY) is None and clock.expired(130, PHASE_BODY) == BODY  # 30 s, less the 1 s used before
+    assert (
+        clock.expired(129.9, PHASE_BODY) is None and clock.expired(130, PHASE_BODY) == BODY
+    )  # 30 s, less the 1 s used before
 
 
 def test_a_client_waiting_for_100_continue_is_not_late_until_it_is_sent():

@@ -14,6 +14,7 @@ from ocf.httpstream.bridge import ClientBridge
 from ocf.httpstream.client import exchange
 from ocf.httpstream.pool import ConnectionPool
 from ocf.httpstream.server import serve_stream
+import trio.lowlevel
 
 
 async def echo_app(scope, receive, send):
@@ -32,7 +33,10 @@ async def echo_app(scope, receive, send):
             pass
         scope["extensions"]["seen"].set()
         return
-    headers = [(b"x-path", scope["path"].encode()), (b"x-client", scope["client"][0].encode() if scope["client"] else b"-")]
+    headers = [
+        (b"x-path", scope["path"].encode()),
+        (b"x-client", scope["client"][0].encode() if scope["client"] else b"-"),
+    ]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     while True:
         message = await receive()
@@ -78,7 +82,9 @@ async def test_keep_alive_serves_several_requests_on_one_stream():
         nursery.start_soon(lambda: serve_stream(server_stream, echo_app))
         bridge = ClientBridge()
         for i in range(3):
-            async with exchange(client_stream, b"POST", f"/r{i}".encode(), [], f"body{i}".encode(), bridge=bridge) as response:
+            async with exchange(
+                client_stream, b"POST", f"/r{i}".encode(), [], f"body{i}".encode(), bridge=bridge
+            ) as response:
                 assert await response.read() == f"body{i}".encode()
             assert bridge.reusable
             bridge.next_cycle()
@@ -111,7 +117,7 @@ async def test_server_answering_early_does_not_wait_for_the_body():
         async def endless():
             while True:
                 yield b"x" * 1024
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
 
         async with exchange(client_stream, b"POST", b"/early", [], endless()) as response:
             assert response.status == 413

@@ -29,13 +29,19 @@ def client_after(method: bytes = b"GET") -> ClientBridge:
 @pytest.mark.parametrize(
     "raw, message",
     [
-        (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", "both Content-Length and Transfer-Encoding"),
+        (
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "both Content-Length and Transfer-Encoding",
+        ),
         (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", "conflicting Content-Length"),
         (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3, 4\r\n\r\n", "conflicting Content-Length"),
         (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: +3\r\n\r\n", "malformed Content-Length"),
         (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 0x10\r\n\r\n", "malformed Content-Length"),
         (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", "unsupported Transfer-Encoding"),
-        (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", "unsupported Transfer-Encoding"),
+        (
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "unsupported Transfer-Encoding",
+        ),
         (b"GET / HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n folded\r\n\r\n", "obsolete line folding"),
         (b"GET / HTTP/1.1\r\nHost: h\r\nBad Name: 1\r\n\r\n", "malformed header line"),
         (b"GET / HTTP/1.1\r\nHost: h\r\nX-A: a\x00b\r\n\r\n", "malformed header line"),
@@ -60,7 +66,13 @@ def test_server_refuses(raw, message):
 def test_server_accepts_what_rfc_9112_allows():
     # Bare LF line ends, empty lines before the request line, OWS around values, repeated equal lengths.
     events = serve(b"\r\n\nPOST /x HTTP/1.1\nHost: h\nContent-Length:  3 \nContent-Length: 3\nX-Tab:\tv\t\n\nabc")
-    assert events == [RequestHead(b"POST", b"/x", [(b"host", b"h"), (b"content-length", b"3"), (b"content-length", b"3"), (b"x-tab", b"v")]), Data(b"abc"), END]
+    assert events == [
+        RequestHead(
+            b"POST", b"/x", [(b"host", b"h"), (b"content-length", b"3"), (b"content-length", b"3"), (b"x-tab", b"v")]
+        ),
+        Data(b"abc"),
+        END,
+    ]
 
 
 def test_body_bytes_end_the_wait_for_100_continue():
@@ -90,7 +102,10 @@ def test_connection_close_request_ends_the_connection_after_the_response():
 def test_chunked_request_with_extensions_and_trailers_streams_as_it_arrives():
     server = ServerBridge()
     head = b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: Chunked\r\n\r\n"
-    assert server.feed(head + b"5;name=value\r\nhel") == [RequestHead(b"POST", b"/", [(b"host", b"h"), (b"transfer-encoding", b"Chunked")]), Data(b"hel")]
+    assert server.feed(head + b"5;name=value\r\nhel") == [
+        RequestHead(b"POST", b"/", [(b"host", b"h"), (b"transfer-encoding", b"Chunked")]),
+        Data(b"hel"),
+    ]
     assert server.feed(b"lo\r\n0\r\nX-Checksum: 1\r\n\r\n") == [Data(b"lo"), END]
     assert server.request_complete
 
@@ -114,7 +129,10 @@ def test_limits_bound_heads_chunk_lines_and_trailers():
     with pytest.raises(BridgeError, match="line longer"):
         serve(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n1;" + b"e" * 200, max_header_size=100)
     with pytest.raises(BridgeError, match="trailer larger"):
-        serve(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + b"X-T: aaaaaaaaaa\r\n" * 10, max_header_size=100)
+        serve(
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + b"X-T: aaaaaaaaaa\r\n" * 10,
+            max_header_size=100,
+        )
 
 
 def test_head_split_byte_by_byte_and_data_after_close():
@@ -137,7 +155,10 @@ def test_head_split_byte_by_byte_and_data_after_close():
 
 def test_response_framing_by_status_and_method():
     c = client_after(b"HEAD")
-    assert c.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n") == [ResponseHead(200, [(b"content-length", b"10")], b"OK"), END]
+    assert c.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n") == [
+        ResponseHead(200, [(b"content-length", b"10")], b"OK"),
+        END,
+    ]
     assert c.reusable
     c = client_after()
     assert c.feed(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n")[-1] is END
@@ -210,7 +231,11 @@ def test_response_body_must_match_declared_length():
 
 # --- differential: h11 and this codec read valid messages the same way ------------------------
 
-_name = st.text(alphabet="abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=10).filter(lambda t: t[0] != "-").map(lambda t: ("x-" + t).encode())
+_name = (
+    st.text(alphabet="abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=10)
+    .filter(lambda t: t[0] != "-")
+    .map(lambda t: ("x-" + t).encode())
+)
 _value = st.binary(max_size=30).map(lambda b: bytes(c for c in b if 0x21 <= c <= 0x7E or c >= 0x80).strip())
 _headers = st.lists(st.tuples(_name, _value), max_size=6)
 
@@ -238,11 +263,21 @@ def test_requests_h11_writes_are_read_the_same(method, headers, body, chunked, c
 
 
 @settings(max_examples=200, deadline=None)
-@given(status=st.sampled_from([200, 201, 400, 404, 500, 503]), headers=_headers, body=st.binary(max_size=2000), length=st.booleans(), cut=st.integers(0, 3000))
+@given(
+    status=st.sampled_from([200, 201, 400, 404, 500, 503]),
+    headers=_headers,
+    body=st.binary(max_size=2000),
+    length=st.booleans(),
+    cut=st.integers(0, 3000),
+)
 def test_our_responses_are_read_the_same_by_h11(status, headers, body, length, cut):
     server = ServerBridge()
     server.feed(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
-    wire = server.respond(status, headers + ([(b"content-length", str(len(body)).encode())] if length else [])) + server.data(body) + server.end()
+    wire = (
+        server.respond(status, headers + ([(b"content-length", str(len(body)).encode())] if length else []))
+        + server.data(body)
+        + server.end()
+    )
     reader = h11.Connection(h11.CLIENT)
     reader.send(h11.Request(method=b"GET", target=b"/", headers=[(b"host", b"h")]))
     reader.send(h11.EndOfMessage())
@@ -329,7 +364,10 @@ def _h11_refuses(wire: bytes) -> bool:
     conn.receive_data(wire)
     try:
         while conn.next_event() not in (h11.NEED_DATA, h11.PAUSED):
-            if conn.their_state in (h11.DONE, h11.MUST_CLOSE):  # one whole request read (bytes after it are the next one's)
+            if conn.their_state in (
+                h11.DONE,
+                h11.MUST_CLOSE,
+            ):  # one whole request read (bytes after it are the next one's)
                 return False
     except h11.RemoteProtocolError:
         return True
@@ -353,7 +391,11 @@ def _we_refuse(wire: bytes) -> bool | None:
     body=st.binary(max_size=40),
     chunked=st.booleans(),
     mutations=st.lists(
-        st.tuples(st.sampled_from(["flip", "insert", "delete", "crlf_to_lf", "lf_to_crlf", "lone_cr", "case", "duplicate"]), st.integers(0, 400), st.integers(0, 255)),
+        st.tuples(
+            st.sampled_from(["flip", "insert", "delete", "crlf_to_lf", "lf_to_crlf", "lone_cr", "case", "duplicate"]),
+            st.integers(0, 400),
+            st.integers(0, 255),
+        ),
         min_size=1,
         max_size=3,
     ),

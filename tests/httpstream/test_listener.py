@@ -12,6 +12,7 @@ import trio
 
 from ocf.errors import find_in_group
 from ocf.httpstream.listener import LifespanError, serve_http
+import trio.lowlevel
 
 
 class App:
@@ -69,11 +70,13 @@ class Client:
         self.h11 = h11.Connection(h11.CLIENT)
 
     @classmethod
-    async def connect(cls, url: str) -> "Client":
+    async def connect(cls, url: str) -> Client:
         host, port = url.removeprefix("http://").rsplit(":", 1)
         return cls(await trio.open_tcp_stream(host, int(port)))
 
-    async def request(self, method: str, path: str, body: bytes = b"", *, send_body: bool = True) -> tuple[int, dict, bytes]:
+    async def request(
+        self, method: str, path: str, body: bytes = b"", *, send_body: bool = True
+    ) -> tuple[int, dict, bytes]:
         headers = [("host", "test"), ("content-length", str(len(body)))]
         await self.stream.send_all(self.h11.send(h11.Request(method=method, target=path, headers=headers)))
         if send_body:
@@ -184,7 +187,7 @@ async def test_requests_past_the_graceful_timeout_are_cancelled():
             nursery.start_soon(doomed)
             await app.holding.wait()
             stop.set()
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
         # serve_http returned although the app never released the request
     assert app.cancelled
 

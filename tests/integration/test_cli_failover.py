@@ -51,8 +51,13 @@ class Cluster:
         path = self.tmp / f"{name}.log"
         self.logs[name] = path
         with path.open("w") as out:
-            proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                    env=dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT / "src")))
+            proc = subprocess.Popen(
+                argv,
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT / "src")),
+            )
         self.procs[name] = proc
         return proc
 
@@ -80,12 +85,40 @@ class Cluster:
         self.spawn("llm1", [py, "examples/mock_llm.py", "--port", str(llm1), "--model", "m1"])
         self.spawn("llm2", [py, "examples/mock_llm.py", "--port", str(llm2), "--model", "m2"])
         base = [py, "-m", "ocf", "start", "--host", "127.0.0.1", *TABLE_FLAGS]
-        self.spawn("dispatcher", [*base, "--mode", "standalone", "--port", str(self.gw), "--tcpport", str(t0), "--data-dir", str(self.tmp / "d")])
+        self.spawn(
+            "dispatcher",
+            [
+                *base,
+                "--mode",
+                "standalone",
+                "--port",
+                str(self.gw),
+                "--tcpport",
+                str(t0),
+                "--data-dir",
+                str(self.tmp / "d"),
+            ],
+        )
         health = self.wait("the dispatcher", lambda: httpx.get(f"{self.url}/v1/health", timeout=2).json())
         join = ["--mode", "node", "--bootstrap.addr", f"/ip4/127.0.0.1/tcp/{t0}/p2p/{health['peer_id']}"]
         for name, port, tport, llm in (("worker1", p1, t1, llm1), ("worker2", p2, t2, llm2)):
-            self.spawn(name, [*base, *join, "--port", str(port), "--tcpport", str(tport), "--data-dir", str(self.tmp / name),
-                              "--service.name", "llm", "--service.port", str(llm)])
+            self.spawn(
+                name,
+                [
+                    *base,
+                    *join,
+                    "--port",
+                    str(port),
+                    "--tcpport",
+                    str(tport),
+                    "--data-dir",
+                    str(self.tmp / name),
+                    "--service.name",
+                    "llm",
+                    "--service.port",
+                    str(llm),
+                ],
+            )
 
         def both_answer() -> bool:
             return all(chat(self.url, model).status_code == 200 for model in ("m1", "m2"))
@@ -138,7 +171,7 @@ class Load:
                 self.durations.append(time.monotonic() - t)
                 self._stop.wait(max(0.0, 1 / RATE - (time.monotonic() - t)))
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         self._thread.start()
         return self
 
@@ -159,7 +192,11 @@ def _check_failover(m1: Load, m2: Load, stopped_at: float, dispatcher_log: str) 
     m1_after, m2_after = m1.statuses(stopped_at), m2.statuses(stopped_at)
     figures = {
         "m2_phases": _phases(m2_after),
-        "m2_changes_at_s": [round(t - stopped_at, 1) for i, (t, st, _, _) in enumerate(m2.answers) if t >= stopped_at and (i == 0 or m2.answers[i - 1][1] != st)],
+        "m2_changes_at_s": [
+            round(t - stopped_at, 1)
+            for i, (t, st, _, _) in enumerate(m2.answers)
+            if t >= stopped_at and (i == 0 or m2.answers[i - 1][1] != st)
+        ],
         "m1": {s: m1_after.count(s) for s in set(m1_after)},
         "m2": {s: m2_after.count(s) for s in set(m2_after)},
         "tracebacks": dispatcher_log.count("Traceback"),
@@ -214,6 +251,8 @@ def test_graceful_stop_of_a_provider_never_yields_500(tmp_path, sig):
             time.sleep(OBSERVE_STOP)
         figures = _check_failover(m1, m2, stopped_at, cluster.log("dispatcher"))
         print(f"{sig.name} figures:", figures)
-        assert figures["m2_phases"][-1] == 404 and figures["m2"][404] >= figures["m2"].get(503, 0), figures  # it said it left
+        assert figures["m2_phases"][-1] == 404 and figures["m2"][404] >= figures["m2"].get(503, 0), (
+            figures
+        )  # it said it left
     finally:
         cluster.stop_all()

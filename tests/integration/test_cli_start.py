@@ -24,8 +24,23 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 30) -> dict
 
 def _start(tmp_path, *extra):
     port = free_port()
-    cmd = [sys.executable, "-m", "ocf", "start", "--mode", "standalone", "--data-dir", str(tmp_path / "d"),
-           "--host", "127.0.0.1", "--port", str(port), "--tcpport", "0", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ocf",
+        "start",
+        "--mode",
+        "standalone",
+        "--data-dir",
+        str(tmp_path / "d"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--tcpport",
+        "0",
+        *extra,
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     return proc, f"http://127.0.0.1:{port}"

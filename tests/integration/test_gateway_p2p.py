@@ -20,11 +20,18 @@ async def pair(node_config, mock, **worker_overrides):
     """A standalone dispatcher and a worker (offering the mock as ``llm``) bootstrapped to it."""
     net = MemoryNetwork()
     async with open_node(node_config(mode="standalone"), memory_network=net) as dispatcher:
-        worker_config = node_config(mode="node", bootstrap_addrs=(str(dispatcher.listen_addrs[0]),), services=(ServiceSpec("llm", mock.port, "127.0.0.1"),), **worker_overrides)
+        worker_config = node_config(
+            mode="node",
+            bootstrap_addrs=(str(dispatcher.listen_addrs[0]),),
+            services=(ServiceSpec("llm", mock.port, "127.0.0.1"),),
+            **worker_overrides,
+        )
         async with open_node(worker_config, memory_network=net) as worker:
             await worker.bootstrap.wait_connected()
             await worker.services.refresh()
-            async with httpx.AsyncClient(base_url=dispatcher.gateway_url, headers={"X-OCF-Admin-Token": dispatcher.admin_token}, timeout=30) as client:
+            async with httpx.AsyncClient(
+                base_url=dispatcher.gateway_url, headers={"X-OCF-Admin-Token": dispatcher.admin_token}, timeout=30
+            ) as client:
                 yield dispatcher, worker, client
 
 
@@ -40,12 +47,16 @@ async def test_p2p_reaches_the_other_gateway(node_config):
     async with running_mock_llm(["m1"]) as mock, pair(node_config, mock) as (dispatcher, worker, client):
         r = await client.get(f"/v1/p2p/{worker.peer_id}/v1/health")
         assert r.status_code == 200 and r.json()["peer_id"] == str(worker.peer_id)
-        r = await client.post(f"/v1/p2p/{worker.peer_id}/v1/_service/llm/v1/chat/completions?trace=1", json=chat("m1", "hi"))
+        r = await client.post(
+            f"/v1/p2p/{worker.peer_id}/v1/_service/llm/v1/chat/completions?trace=1", json=chat("m1", "hi")
+        )
         assert r.json()["choices"][0]["message"]["content"] == "[m1] you said: hi"
         r = await client.get(f"/v1/p2p/{worker.peer_id}/v1/no-such-route")
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
         # the worker's gateway relays back to the dispatcher's: a p2p round trip
-        async with httpx.AsyncClient(base_url=worker.gateway_url, headers={"X-OCF-Admin-Token": worker.admin_token}) as wclient:
+        async with httpx.AsyncClient(
+            base_url=worker.gateway_url, headers={"X-OCF-Admin-Token": worker.admin_token}
+        ) as wclient:
             r = await wclient.get(f"/v1/p2p/{dispatcher.peer_id}/v1/health")
             assert r.json()["peer_id"] == str(dispatcher.peer_id)
 
@@ -123,8 +134,14 @@ async def test_worker_dying_mid_stream_cuts_the_response_short(node_config):
     async with running_mock_llm(["m1"], token_delay=0.02) as mock:
         net = MemoryNetwork()
         async with open_node(node_config(mode="standalone"), memory_network=net) as dispatcher:
-            async with httpx.AsyncClient(base_url=dispatcher.gateway_url, headers={"X-OCF-Admin-Token": dispatcher.admin_token}, timeout=30) as client:
-                worker_config = node_config(mode="node", bootstrap_addrs=(str(dispatcher.listen_addrs[0]),), services=(ServiceSpec("llm", mock.port, "127.0.0.1"),))
+            async with httpx.AsyncClient(
+                base_url=dispatcher.gateway_url, headers={"X-OCF-Admin-Token": dispatcher.admin_token}, timeout=30
+            ) as client:
+                worker_config = node_config(
+                    mode="node",
+                    bootstrap_addrs=(str(dispatcher.listen_addrs[0]),),
+                    services=(ServiceSpec("llm", mock.port, "127.0.0.1"),),
+                )
                 outcome = []
                 async with trio.open_nursery() as nursery:
                     stopped = trio.CancelScope()
@@ -153,11 +170,16 @@ async def test_worker_dying_mid_stream_cuts_the_response_short(node_config):
 async def test_remote_peer_may_not_edit_our_entry(node_config):
     async with running_mock_llm(["m1"]) as mock, pair(node_config, mock) as (_, worker, client):
         for method in ("POST", "DELETE"):
-            for path in (f"/v1/p2p/{worker.peer_id}/v1/dnt/_node", f"/v1/p2p/{worker.peer_id}/v1/p2p/{worker.peer_id}/v1/dnt/_node/"):
+            for path in (
+                f"/v1/p2p/{worker.peer_id}/v1/dnt/_node",
+                f"/v1/p2p/{worker.peer_id}/v1/p2p/{worker.peer_id}/v1/dnt/_node/",
+            ):
                 r = await client.request(method, path, json={"role": ["x"]})
                 assert r.status_code == 403 and r.json()["error"]["code"] == "remote_forbidden", path
         assert worker.table.own_entry()["role"] != ["x"]
-        async with httpx.AsyncClient(base_url=worker.gateway_url, headers={"X-OCF-Admin-Token": worker.admin_token}) as local:  # the node's own operator may
+        async with httpx.AsyncClient(
+            base_url=worker.gateway_url, headers={"X-OCF-Admin-Token": worker.admin_token}
+        ) as local:  # the node's own operator may
             r = await local.post("/v1/dnt/_node", json={"role": ["x"]})
             assert r.status_code == 200 and worker.table.own_entry()["role"] == ["x"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import attrs
 import httpx
@@ -65,7 +65,10 @@ async def wait_table(node, predicate, timeout: float = 30) -> None:
 @contextlib.asynccontextmanager
 async def network(node_config, models_per_worker: list[list[str]]) -> AsyncIterator[Net]:
     net = MemoryNetwork()
-    async with open_node(node_config(mode="standalone"), memory_network=net) as dispatcher, trio.open_nursery() as nursery:
+    async with (
+        open_node(node_config(mode="standalone"), memory_network=net) as dispatcher,
+        trio.open_nursery() as nursery,
+    ):
         addr = str(dispatcher.listen_addrs[0])
         workers: list[Worker] = []
 
@@ -73,7 +76,9 @@ async def network(node_config, models_per_worker: list[list[str]]) -> AsyncItera
             stop = trio.CancelScope()
             with stop:
                 async with running_mock_llm(models) as mock:
-                    config = node_config(mode="node", bootstrap_addrs=(addr,), services=(ServiceSpec("llm", mock.port, "127.0.0.1"),))
+                    config = node_config(
+                        mode="node", bootstrap_addrs=(addr,), services=(ServiceSpec("llm", mock.port, "127.0.0.1"),)
+                    )
                     async with open_node(config, memory_network=net) as node:
                         await node.bootstrap.wait_connected()
                         await node.services.refresh()
@@ -82,7 +87,10 @@ async def network(node_config, models_per_worker: list[list[str]]) -> AsyncItera
 
         for models in models_per_worker:
             workers.append(await nursery.start(run_worker, models))
-        await wait_table(dispatcher, lambda entries: all(llm_models(entries, w.peer) == set(m) for w, m in zip(workers, models_per_worker)))
+        await wait_table(
+            dispatcher,
+            lambda entries: all(llm_models(entries, w.peer) == set(m) for w, m in zip(workers, models_per_worker)),
+        )
         try:
             yield Net(dispatcher, workers, dispatcher.gateway_url)
         finally:
@@ -99,7 +107,9 @@ async def test_openai_client_routes_by_model_and_streams(node_config):
         client = net.openai()
 
         def ask(model: str, text: str):
-            raw = client.chat.completions.with_raw_response.create(model=model, messages=[{"role": "user", "content": text}])
+            raw = client.chat.completions.with_raw_response.create(
+                model=model, messages=[{"role": "user", "content": text}]
+            )
             return raw.headers["x-computing-node"], raw.parse().choices[0].message.content
 
         seen = {"m1": set(), "m2": set()}
@@ -113,13 +123,17 @@ async def test_openai_client_routes_by_model_and_streams(node_config):
 
         def stream(model: str) -> list[str]:
             parts = []
-            for chunk in client.chat.completions.create(model=model, stream=True, messages=[{"role": "user", "content": "streaming through two hops"}]):
+            for chunk in client.chat.completions.create(
+                model=model, stream=True, messages=[{"role": "user", "content": "streaming through two hops"}]
+            ):
                 if chunk.choices and chunk.choices[0].delta.content:
                     parts.append(chunk.choices[0].delta.content)
             return parts
 
         parts = await in_thread(stream, "m2")
-        assert "".join(parts) == "[m2] you said: streaming through two hops" and len(parts) == 7  # one SSE event per word
+        assert (
+            "".join(parts) == "[m2] you said: streaming through two hops" and len(parts) == 7
+        )  # one SSE event per word
 
         def complete() -> str:
             return client.completions.create(model="m1", prompt="plain completion").choices[0].text
@@ -142,14 +156,20 @@ async def test_errors_reach_the_openai_client_typed(node_config):
     async with network(node_config, [["m1"]]) as net:
         client = net.openai()
         with pytest.raises(openai.NotFoundError) as info:
-            await in_thread(lambda: client.chat.completions.create(model="gpt-99", messages=[{"role": "user", "content": "x"}]))
+            await in_thread(
+                lambda: client.chat.completions.create(model="gpt-99", messages=[{"role": "user", "content": "x"}])
+            )
         assert info.value.status_code == 404
         assert info.value.body["code"] == "model_not_found" and "m1" in info.value.body["message"]
         async with httpx.AsyncClient(base_url=net.url) as http:
             r = await http.post("/v1/service/llm/v1/chat/completions", json={"messages": []})
             assert r.status_code == 400 and r.json()["error"]["code"] == "no_routable_identity"
             r = await http.post("/v1/service/tts/v1/speak", json={"model": "m1"})
-            assert r.status_code == 404 and r.json()["error"]["code"] == "service_not_found" and "llm" in r.json()["error"]["message"]
+            assert (
+                r.status_code == 404
+                and r.json()["error"]["code"] == "service_not_found"
+                and "llm" in r.json()["error"]["message"]
+            )
 
 
 async def test_failover_when_workers_die_then_503(node_config):
@@ -158,7 +178,9 @@ async def test_failover_when_workers_die_then_503(node_config):
         client = net.openai()
 
         def ask(model: str) -> str:
-            raw = client.chat.completions.with_raw_response.create(model=model, messages=[{"role": "user", "content": "x"}])
+            raw = client.chat.completions.with_raw_response.create(
+                model=model, messages=[{"role": "user", "content": "x"}]
+            )
             return raw.headers["x-computing-node"]
 
         used = [await in_thread(ask, "m2") for _ in range(4)]
@@ -181,7 +203,9 @@ async def test_backend_down_on_a_live_worker_fails_over(node_config):
         client = net.openai()
 
         def ask() -> str:
-            raw = client.chat.completions.with_raw_response.create(model="m1", messages=[{"role": "user", "content": "x"}])
+            raw = client.chat.completions.with_raw_response.create(
+                model="m1", messages=[{"role": "user", "content": "x"}]
+            )
             return raw.headers["x-computing-node"]
 
         assert {await in_thread(ask) for _ in range(8)} == {b.peer}
@@ -211,7 +235,9 @@ async def test_concurrent_clients_and_large_bodies(node_config):
             assert r.json()["choices"][0]["message"]["content"] == "[m2] you said: " + text
 
             lines = []
-            async with http.stream("POST", "/v1/service/llm/v1/chat/completions", json=chat("m1", text[:3000], stream=True)) as resp:
+            async with http.stream(
+                "POST", "/v1/service/llm/v1/chat/completions", json=chat("m1", text[:3000], stream=True)
+            ) as resp:
                 async for line in resp.aiter_lines():
                     if line.startswith("data: ") and line != "data: [DONE]":
                         lines.append(json.loads(line[6:])["choices"][0]["delta"].get("content", ""))

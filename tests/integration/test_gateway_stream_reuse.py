@@ -8,7 +8,9 @@ from ..gateway.util import running_mock_llm
 from .test_gateway_p2p import pair
 
 
-async def test_idle_peer_stream_is_reused_and_a_dead_one_costs_one_fresh_stream(node_config, monkeypatch: pytest.MonkeyPatch):
+async def test_idle_peer_stream_is_reused_and_a_dead_one_costs_one_fresh_stream(
+    node_config, monkeypatch: pytest.MonkeyPatch
+):
     async with running_mock_llm(["m1"]) as mock, pair(node_config, mock) as (dispatcher, worker, client):
         fwd = dispatcher.gateway.app.extensions["ocf.forwarder"]
         key = str(worker.peer_id)

@@ -16,7 +16,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_readme_walkthrough_works():
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "walkthrough.py"), "--free-ports"],
-        cwd=ROOT, capture_output=True, text=True, timeout=180,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "walkthrough OK" in result.stdout

@@ -21,9 +21,28 @@ pytestmark = pytest.mark.timeout(240)
 
 
 def start_tracker(data_dir, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "ocf", "start", "--mode", "standalone", "--jobs", "--data-dir", str(data_dir),
-           "--host", "127.0.0.1", "--port", str(port), "--tcpport", "0", "--log-level", "info"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "ocf",
+        "start",
+        "--mode",
+        "standalone",
+        "--jobs",
+        "--data-dir",
+        str(data_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--tcpport",
+        "0",
+        "--log-level",
+        "info",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1")
+    )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.stderr.read()
@@ -46,7 +65,9 @@ def ocf(*args: str, url: str, stdin: str | None = None, data_dir=None) -> subpro
     env = dict(os.environ, OCF_TRACKER_URL=url)
     if data_dir is not None:  # where `ocf jobs` finds the tracker's admin token, as a user's ~/.ocf
         env["OCF_DATA_DIR"] = str(data_dir)
-    return subprocess.run([sys.executable, "-m", "ocf", *args], input=stdin, capture_output=True, text=True, timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "ocf", *args], input=stdin, capture_output=True, text=True, timeout=120, env=env
+    )
 
 
 def test_cli_project_create_worker_results(tmp_path):
@@ -54,16 +75,62 @@ def test_cli_project_create_worker_results(tmp_path):
     url = f"http://127.0.0.1:{port}"
     proc = start_tracker(tmp_path / "d", port)
     try:
-        r = ocf("jobs", "project", "shards", "--stage", "fetch:60", "--stage", "count:60", url=url, data_dir=tmp_path / "d")
+        r = ocf(
+            "jobs", "project", "shards", "--stage", "fetch:60", "--stage", "count:60", url=url, data_dir=tmp_path / "d"
+        )
         assert r.returncode == 0 and "project shards created" in r.stdout, r.stderr
-        r = ocf("jobs", "create", "shards", "--pattern", "shard-{000..039}.tar", "--batch", "16", url=url, data_dir=tmp_path / "d")
+        r = ocf(
+            "jobs",
+            "create",
+            "shards",
+            "--pattern",
+            "shard-{000..039}.tar",
+            "--batch",
+            "16",
+            url=url,
+            data_dir=tmp_path / "d",
+        )
         assert r.returncode == 0 and "created 40 jobs" in r.stdout, r.stderr
         # stage 1: output the input's length as JSON; stage 2: double it (reads JSON from stdin)
-        r = ocf("worker", "--project", "shards", "--stage", "fetch", "--nickname", "alice", "--batch", "8", "--until-empty", "--output", "json",
-                "--", sys.executable, "-c", "import sys; print(len(sys.stdin.read()))", url=url, data_dir=tmp_path / "d")
+        r = ocf(
+            "worker",
+            "--project",
+            "shards",
+            "--stage",
+            "fetch",
+            "--nickname",
+            "alice",
+            "--batch",
+            "8",
+            "--until-empty",
+            "--output",
+            "json",
+            "--",
+            sys.executable,
+            "-c",
+            "import sys; print(len(sys.stdin.read()))",
+            url=url,
+            data_dir=tmp_path / "d",
+        )
         assert r.returncode == 0 and "completed 40 jobs" in r.stderr, r.stderr
-        r = ocf("worker", "--project", "shards", "--stage", "count", "--nickname", "bob", "--until-empty", "--output", "json",
-                "--", sys.executable, "-c", "import sys, json, os; print(json.dumps({'n': int(sys.stdin.read()) * 2, 'job': os.environ['OCF_JOB_ID']}))", url=url, data_dir=tmp_path / "d")
+        r = ocf(
+            "worker",
+            "--project",
+            "shards",
+            "--stage",
+            "count",
+            "--nickname",
+            "bob",
+            "--until-empty",
+            "--output",
+            "json",
+            "--",
+            sys.executable,
+            "-c",
+            "import sys, json, os; print(json.dumps({'n': int(sys.stdin.read()) * 2, 'job': os.environ['OCF_JOB_ID']}))",
+            url=url,
+            data_dir=tmp_path / "d",
+        )
         assert r.returncode == 0, r.stderr
         out = tmp_path / "results.jsonl"
         r = ocf("jobs", "results", "shards", "-o", str(out), url=url, data_dir=tmp_path / "d")
@@ -79,7 +146,18 @@ def test_cli_project_create_worker_results(tmp_path):
         assert r.returncode == 1 and "project 'nope' not found" in r.stderr and r.stderr.count("\n") == 1
         r = ocf("jobs", "create", "shards", "--range", "1-2", url=url, data_dir=tmp_path / "d")
         assert r.returncode == 2 and "range" in r.stderr
-        r = ocf("worker", "--project", "shards", "--stage", "fetch", "--until-empty", "--", "false", url=url, data_dir=tmp_path / "d")
+        r = ocf(
+            "worker",
+            "--project",
+            "shards",
+            "--stage",
+            "fetch",
+            "--until-empty",
+            "--",
+            "false",
+            url=url,
+            data_dir=tmp_path / "d",
+        )
         assert r.returncode == 0  # nothing pending: exits cleanly
         r = ocf("jobs", "list", url="http://127.0.0.1:1")
         assert r.returncode == 1 and "cannot reach the tracker" in r.stderr
@@ -94,7 +172,20 @@ def test_failing_command_fails_the_job_with_its_stderr(tmp_path):
     try:
         ocf("jobs", "project", "p", "--stage", "only", "--max-attempts", "1", url=url, data_dir=tmp_path / "d")
         ocf("jobs", "create", "p", "--range", "0:2", url=url, data_dir=tmp_path / "d")
-        r = ocf("worker", "--project", "p", "--stage", "only", "--until-empty", "--", sys.executable, "-c", "import sys; sys.exit('boom: ' + sys.stdin.read())", url=url, data_dir=tmp_path / "d")
+        r = ocf(
+            "worker",
+            "--project",
+            "p",
+            "--stage",
+            "only",
+            "--until-empty",
+            "--",
+            sys.executable,
+            "-c",
+            "import sys; sys.exit('boom: ' + sys.stdin.read())",
+            url=url,
+            data_dir=tmp_path / "d",
+        )
         assert r.returncode == 0, r.stderr
         failures = httpx.get(f"{url}/v1/jobs/p/failures").json()["failures"]
         assert len(failures) == 2 and all("boom" in f["error"] for f in failures)
@@ -114,7 +205,14 @@ async def test_kill_9_mid_run_loses_and_duplicates_nothing(tmp_path):
     up.set()
     admin = {"X-OCF-Admin-Token": (data / "admin.token").read_text().strip()}
     async with httpx.AsyncClient(timeout=10) as http:
-        await http.put(url, headers=admin, json={"stages": [{"name": "one", "lease_timeout": 30}, {"name": "two", "lease_timeout": 30}], "max_attempts": 50})
+        await http.put(
+            url,
+            headers=admin,
+            json={
+                "stages": [{"name": "one", "lease_timeout": 30}, {"name": "two", "lease_timeout": 30}],
+                "max_attempts": 50,
+            },
+        )
         # Leases outlive a restart (a loaded machine takes seconds to start the tracker again): a lease
         # that expired meanwhile would rightly refuse its late completion, which is another test's subject.
         await http.post(url + "/jobs", headers=admin, json=list(range(jobs)))
@@ -138,7 +236,9 @@ async def test_kill_9_mid_run_loses_and_duplicates_nothing(tmp_path):
                     if stats["results"] >= jobs and all(s["pending"] == s["leased"] == 0 for s in stats["stages"]):
                         return
                     continue
-                r = await call("POST", "/complete", token, {"results": [{"id": j["id"], "output": j["input"]} for j in claimed]})
+                r = await call(
+                    "POST", "/complete", token, {"results": [{"id": j["id"], "output": j["input"]} for j in claimed]}
+                )
                 assert r.status_code == 200, r.text
                 assert all(x["status"] in ("done", "already_done") for x in r.json()["results"]), r.text
 

@@ -22,7 +22,13 @@ pytestmark = pytest.mark.timeout(240)
 
 def spawn_worker(url: str, *args: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "ocf", "worker", *args]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OCF_TRACKER_URL=url, PYTHONUNBUFFERED="1"))
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, OCF_TRACKER_URL=url, PYTHONUNBUFFERED="1"),
+    )
 
 
 def wait_for(predicate, what: str, timeout: float = 30.0) -> None:
@@ -48,7 +54,9 @@ def test_sigterm_hands_the_lease_back(tmp_path):
     try:
         ocf("jobs", "project", "p", "--stage", "slow:600", url=url, data_dir=tmp_path / "d")
         ocf("jobs", "create", "p", "--range", "0:1", url=url, data_dir=tmp_path / "d")
-        worker = spawn_worker(url, "--project", "p", "--stage", "slow", "--", sys.executable, "-c", "import time; time.sleep(60)")
+        worker = spawn_worker(
+            url, "--project", "p", "--stage", "slow", "--", sys.executable, "-c", "import time; time.sleep(60)"
+        )
         wait_for(lambda: counts(url, "p")["leased"] == 1, "the job to be leased")
         started = time.monotonic()
         worker.send_signal(signal.SIGTERM)
@@ -74,8 +82,20 @@ def test_worker_survives_a_tracker_restart(tmp_path):
         ocf("jobs", "project", "p", "--stage", "one:60", url=url, data_dir=tmp_path / "d")
         ocf("jobs", "create", "p", "--range", f"0:{total}", url=url, data_dir=tmp_path / "d")
         # Each job takes a little while, so the restart lands in the middle of the run.
-        worker = spawn_worker(url, "--project", "p", "--stage", "one", "--until-empty", "--max-backoff", "1",
-                              "--", sys.executable, "-c", "import sys, time; time.sleep(0.05); print(sys.stdin.read())")
+        worker = spawn_worker(
+            url,
+            "--project",
+            "p",
+            "--stage",
+            "one",
+            "--until-empty",
+            "--max-backoff",
+            "1",
+            "--",
+            sys.executable,
+            "-c",
+            "import sys, time; time.sleep(0.05); print(sys.stdin.read())",
+        )
         wait_for(lambda: counts(url, "p")["done"] >= 5, "some progress")
         stop(proc)
         assert worker.poll() is None  # still running while the tracker is down
@@ -100,11 +120,26 @@ def test_unusable_command_is_one_line_and_failures_are_counted(tmp_path):
         ocf("jobs", "project", "p", "--stage", "only", "--max-attempts", "1", url=url, data_dir=tmp_path / "d")
         ocf("jobs", "create", "p", "--range", "0:3", url=url, data_dir=tmp_path / "d")
         r = ocf("worker", "--project", "p", "--stage", "only", "--", "/nonexistent/cmd", url=url)
-        assert r.returncode == 127 and r.stderr.count("\n") <= 2 and "command not found: /nonexistent/cmd" in r.stderr, r.stderr
+        assert (
+            r.returncode == 127 and r.stderr.count("\n") <= 2 and "command not found: /nonexistent/cmd" in r.stderr
+        ), r.stderr
         assert counts(url, "p")["pending"] == 3  # refused before registering or leasing anything
         started = time.monotonic()
-        r = ocf("worker", "--project", "p", "--stage", "only", "--until-empty", "--max-backoff", "0.4",
-                "--", sys.executable, "-c", "import sys; sys.stderr.write('disk full\\n'); sys.exit(3)", url=url)
+        r = ocf(
+            "worker",
+            "--project",
+            "p",
+            "--stage",
+            "only",
+            "--until-empty",
+            "--max-backoff",
+            "0.4",
+            "--",
+            sys.executable,
+            "-c",
+            "import sys; sys.stderr.write('disk full\\n'); sys.exit(3)",
+            url=url,
+        )
         assert r.returncode == 0, r.stderr
         assert "completed 0 jobs, 3 failed" in r.stderr and "exited with code 3: disk full" in r.stderr, r.stderr
         # Paced: two pauses between three failing runs (jittered 0.5 s capped at 0.4 s), not 70 ms for all.
@@ -122,13 +157,42 @@ def test_readme_example_workers_run_the_three_stages(tmp_path):
     url = f"http://127.0.0.1:{port}"
     proc = start_tracker(tmp_path / "d", port)
     try:
-        r = ocf("jobs", "project", "laion-crawl", "--stage", "crawl:600", "--stage", "embed:1800", "--stage", "filter", url=url, data_dir=tmp_path / "d")
+        r = ocf(
+            "jobs",
+            "project",
+            "laion-crawl",
+            "--stage",
+            "crawl:600",
+            "--stage",
+            "embed:1800",
+            "--stage",
+            "filter",
+            url=url,
+            data_dir=tmp_path / "d",
+        )
         assert r.returncode == 0, r.stderr
-        r = ocf("jobs", "create", "laion-crawl", "--pattern", "shard-{00000..00004}.tar", url=url, data_dir=tmp_path / "d")
+        r = ocf(
+            "jobs", "create", "laion-crawl", "--pattern", "shard-{00000..00004}.tar", url=url, data_dir=tmp_path / "d"
+        )
         assert r.returncode == 0 and "created 5 jobs" in r.stdout, r.stderr
         for stage in ("crawl", "embed", "filter"):
             script = os.path.join(root, "examples", "workers", f"{stage}.py")
-            r = ocf("worker", "--project", "laion-crawl", "--stage", stage, "--nickname", "alice", "--output", "json", "--until-empty", "--", sys.executable, script, url=url)
+            r = ocf(
+                "worker",
+                "--project",
+                "laion-crawl",
+                "--stage",
+                stage,
+                "--nickname",
+                "alice",
+                "--output",
+                "json",
+                "--until-empty",
+                "--",
+                sys.executable,
+                script,
+                url=url,
+            )
             assert r.returncode == 0 and "completed 5 jobs, 0 failed" in r.stderr, r.stderr
         lines = [json.loads(line) for line in httpx.get(f"{url}/v1/jobs/laion-crawl/results").text.splitlines()]
         assert sorted(line["output"]["shard"] for line in lines) == [f"shard-{i:05d}.tar" for i in range(5)]

@@ -51,9 +51,27 @@ def test_kill_9_during_writes_leaves_a_loadable_table(tmp_path):
     for i in range(rounds):
         port = free_port()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "ocf", "start", "--mode", "standalone", "--data-dir", str(data), "--host", "127.0.0.1",
-             "--port", str(port), "--tcpport", "0", "--log-level", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "ocf",
+                "start",
+                "--mode",
+                "standalone",
+                "--data-dir",
+                str(data),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--tcpport",
+                "0",
+                "--log-level",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         try:
             deadline = time.monotonic() + 30

@@ -63,12 +63,33 @@ async def line(node_config, n, net):
 async def test_star_converges_on_every_change(node_config, n):
     async with star(node_config, n, MemoryNetwork()) as nodes:
         worker = nodes[-1]
-        await worker.table.set_services([{"name": "llm", "host": "localhost", "port": "8080", "status": "healthy", "identity_group": ["model=m"]}])
+        await worker.table.set_services(
+            [{"name": "llm", "host": "localhost", "port": "8080", "status": "healthy", "identity_group": ["model=m"]}]
+        )
         for node in nodes:
-            await until(node, lambda nd: (nd.table.entry(worker.peer_id) or {}).get("service", [{}])[:1] and nd.table.entry(worker.peer_id)["service"][0]["name"] == "llm")
+            await until(
+                node,
+                lambda nd: (
+                    (nd.table.entry(worker.peer_id) or {}).get("service", [{}])[:1]
+                    and nd.table.entry(worker.peer_id)["service"][0]["name"] == "llm"
+                ),
+            )
         entry = nodes[0].table.entry(worker.peer_id)
         assert entry["connected"] and entry["id"] == str(worker.peer_id)
-        assert set(entry) >= {"id", "owner", "role", "status", "version", "public_address", "addrs", "service", "hardware", "last_seen", "connected", "load"}
+        assert set(entry) >= {
+            "id",
+            "owner",
+            "role",
+            "status",
+            "version",
+            "public_address",
+            "addrs",
+            "service",
+            "hardware",
+            "last_seen",
+            "connected",
+            "load",
+        }
 
 
 async def test_star_over_real_tcp(node_config):
@@ -121,9 +142,17 @@ async def test_forged_entry_is_rejected_everywhere(node_config):
         mallory = Identity.from_seed("mallory")
         # Mallory (a connected peer) pushes a record claiming to be the victim's, newer than the real one.
         doc = OwnerDoc(victim.peer_id)
-        doc.update({"id": str(victim.peer_id), "status": "online", "service": [{"name": "llm", "identity_group": ["model=stolen"]}]})
+        doc.update(
+            {
+                "id": str(victim.peer_id),
+                "status": "online",
+                "service": [{"name": "llm", "identity_group": ["model=stolen"]}],
+            }
+        )
         seq = relay.table.records[victim.peer_id].seq + 10
-        forged = Record(victim.peer_id, seq, doc.doc.save(), mallory.sign(signing_bytes(victim.peer_id, seq, doc.doc.save())))
+        forged = Record(
+            victim.peer_id, seq, doc.doc.save(), mallory.sign(signing_bytes(victim.peer_id, seq, doc.doc.save()))
+        )
         async with open_node(node_config(mode="node", seed="mallory"), memory_network=net) as evil:
             await evil.host.connect(relay.listen_addrs[0])
             stream = await evil.host.new_stream(relay.peer_id, PROTOCOL)
@@ -185,31 +214,38 @@ async def test_unreadable_stored_records_are_dropped_and_own_entry_resigned(node
 
 async def test_http_routes(node_config):
     net = MemoryNetwork()
-    async with star(node_config, 2, net) as (hub, worker):
-        async with httpx.AsyncClient(base_url=hub.gateway_url, headers={"X-OCF-Admin-Token": hub.admin_token}) as client:
-            table = (await client.get("/v1/dnt/table")).json()
-            assert set(table) == {f"/{hub.peer_id}", f"/{worker.peer_id}"}
-            assert (await client.get("/v1/dnt/table?all=true")).status_code == 200
-            peers = (await client.get("/v1/dnt/peers")).json()["peers"]
-            assert [p["ID"] for p in peers] == [str(worker.peer_id)]
-            assert "peers" in (await client.get("/v1/dnt/peers_status")).json()
-            stats = (await client.get("/v1/dnt/stats")).json()
-            assert stats["entries"] == 2 and stats["doc_bytes"] > 0
-            assert (await client.get("/v1/dnt/bootstraps")).json() == {"bootstraps": []}
-            bad = await client.post("/v1/dnt/_node", content=b"{not json")
-            assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
-            bad = await client.post("/v1/dnt/_node", json={"id": "someone-else"})
-            assert bad.status_code == 400 and "read-only" in bad.json()["error"]["message"]
-            ok = await client.post("/v1/dnt/_node", json={"service": [{"name": "foo", "port": 9000}]})
-            assert ok.status_code == 200 and ok.json()["service"][0]["name"] == "foo"
-            await until(worker, lambda nd: (nd.table.entry(hub.peer_id) or {}).get("service", [{}])[:1] == [ok.json()["service"][0]])
-            gone = await client.delete("/v1/dnt/_node")
-            assert gone.json()["service"] == []
+    async with (
+        star(node_config, 2, net) as (hub, worker),
+        httpx.AsyncClient(base_url=hub.gateway_url, headers={"X-OCF-Admin-Token": hub.admin_token}) as client,
+    ):
+        table = (await client.get("/v1/dnt/table")).json()
+        assert set(table) == {f"/{hub.peer_id}", f"/{worker.peer_id}"}
+        assert (await client.get("/v1/dnt/table?all=true")).status_code == 200
+        peers = (await client.get("/v1/dnt/peers")).json()["peers"]
+        assert [p["ID"] for p in peers] == [str(worker.peer_id)]
+        assert "peers" in (await client.get("/v1/dnt/peers_status")).json()
+        stats = (await client.get("/v1/dnt/stats")).json()
+        assert stats["entries"] == 2 and stats["doc_bytes"] > 0
+        assert (await client.get("/v1/dnt/bootstraps")).json() == {"bootstraps": []}
+        bad = await client.post("/v1/dnt/_node", content=b"{not json")
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
+        bad = await client.post("/v1/dnt/_node", json={"id": "someone-else"})
+        assert bad.status_code == 400 and "read-only" in bad.json()["error"]["message"]
+        ok = await client.post("/v1/dnt/_node", json={"service": [{"name": "foo", "port": 9000}]})
+        assert ok.status_code == 200 and ok.json()["service"][0]["name"] == "foo"
+        await until(
+            worker,
+            lambda nd: (nd.table.entry(hub.peer_id) or {}).get("service", [{}])[:1] == [ok.json()["service"][0]],
+        )
+        gone = await client.delete("/v1/dnt/_node")
+        assert gone.json()["service"] == []
 
 
 async def test_public_addr_is_served_as_bootstrap(node_config):
     async with open_node(node_config(public_addr="127.0.0.1")) as node:
-        async with httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client:
+        async with httpx.AsyncClient(
+            base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}
+        ) as client:
             boots = (await client.get("/v1/dnt/bootstraps")).json()["bootstraps"]
         assert boots and all(str(node.peer_id) in b for b in boots)
 
@@ -225,9 +261,26 @@ async def test_crashed_peer_leaves_the_served_view(node_config, tmp_path):
     async with open_node(node_config(mode="standalone")) as hub:
         port = free_port()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "ocf", "start", "--bootstrap.addr", str(hub.listen_addrs[0]), "--data-dir", str(tmp_path / "w"),
-             "--host", "127.0.0.1", "--port", str(port), "--tcpport", "0", "--log-level", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "ocf",
+                "start",
+                "--bootstrap.addr",
+                str(hub.listen_addrs[0]),
+                "--data-dir",
+                str(tmp_path / "w"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--tcpport",
+                "0",
+                "--log-level",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             await until(hub, lambda nd: len(nd.table.entries()) == 2)

@@ -29,7 +29,8 @@ async def test_two_nodes_bootstrap_over_tcp(node_config, caplog):
             ev = await events.receive()
             assert (ev.kind, ev.peer) == ("disconnected", worker.peer_id)
     assert any(
-        "connected to bootstrap peer" in r.getMessage() and seed.peer_id.short() in r.getMessage() for r in caplog.records
+        "connected to bootstrap peer" in r.getMessage() and seed.peer_id.short() in r.getMessage()
+        for r in caplog.records
     )
 
 

@@ -19,7 +19,8 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
+from collections.abc import AsyncIterator
 
 import trio
 
@@ -33,7 +34,9 @@ def ensure_installed() -> None:
     lock = HERE / "package-lock.json"
     if STAMP.exists() and STAMP.stat().st_mtime >= lock.stat().st_mtime:
         return
-    result = subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=HERE, capture_output=True, text=True)
+    result = subprocess.run(
+        ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=HERE, capture_output=True, text=True
+    )
     if result.returncode != 0:
         raise RuntimeError(f"npm ci failed in {HERE}: {result.stderr[-2000:]}")
     STAMP.touch()

@@ -23,7 +23,8 @@ import signal
 import subprocess
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
+from collections.abc import AsyncIterator, Callable
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
@@ -85,7 +86,9 @@ class CDPConnection:
                 for listener in self.listeners:
                     listener(message)
 
-    async def send(self, method: str, params: dict[str, Any] | None = None, *, session: str | None = None) -> dict[str, Any]:
+    async def send(
+        self, method: str, params: dict[str, Any] | None = None, *, session: str | None = None
+    ) -> dict[str, Any]:
         self.next_id += 1
         command: dict[str, Any] = {"id": self.next_id, "method": method, "params": params or {}}
         if session is not None:
@@ -117,10 +120,14 @@ class Page:
 
     async def evaluate(self, expression: str) -> Any:
         """The JSON value of a page expression (promises awaited); page exceptions raise :class:`CDPError`."""
-        result = await self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True})
+        result = await self.send(
+            "Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True}
+        )
         if "exceptionDetails" in result:
             details = result["exceptionDetails"]
-            raise CDPError(f"{expression!r} threw: {details.get('exception', {}).get('description') or details.get('text')}")
+            raise CDPError(
+                f"{expression!r} threw: {details.get('exception', {}).get('description') or details.get('text')}"
+            )
         return result["result"].get("value")
 
     async def wait_for(self, expression: str, timeout: float = 10.0, interval: float = 0.05) -> Any:
@@ -147,7 +154,10 @@ class Page:
                 details = params.get("exceptionDetails", {})
                 out.append(f"exception: {details.get('exception', {}).get('description') or details.get('text')}")
             elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-                out.append("console.error: " + " ".join(str(a.get("value", a.get("description"))) for a in params.get("args", [])))
+                out.append(
+                    "console.error: "
+                    + " ".join(str(a.get("value", a.get("description"))) for a in params.get("args", []))
+                )
             elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
                 entry = params["entry"]
                 out.append(f"log ({entry.get('source')}): {entry.get('text')} {entry.get('url', '')}".strip())
@@ -186,7 +196,9 @@ async def open_browser(profile_dir: Path, *, width: int = 1280, height: int = 90
     """Headless Chromium with one blank page; the whole process group is killed on exit."""
     executable = find_chromium()
     if executable is None:
-        raise RuntimeError("no chromium executable found: run tests/setup-external.sh (tox does), or set OCF_TEST_CHROMIUM")
+        raise RuntimeError(
+            "no chromium executable found: run tests/setup-external.sh (tox does), or set OCF_TEST_CHROMIUM"
+        )
     argv = [
         executable,
         "--headless=new",
@@ -222,7 +234,10 @@ async def open_browser(profile_dir: Path, *, width: int = 1280, height: int = 90
                 target = await cdp.send("Target.createTarget", {"url": "about:blank"})
                 attached = await cdp.send("Target.attachToTarget", {"targetId": target["targetId"], "flatten": True})
                 page = Page(cdp, attached["sessionId"])
-                await page.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+                await page.send(
+                    "Emulation.setDeviceMetricsOverride",
+                    {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+                )
                 for domain in ("Page", "Runtime", "Log"):
                     await page.send(f"{domain}.enable")
                 yield page

@@ -19,7 +19,10 @@ async def make_project(http: httpx.AsyncClient, n: int, lease: float = 30) -> No
 
 
 async def test_async_for_completes_jobs_through_all_stages(node_config):
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http:
+    async with (
+        open_node(node_config(jobs=True)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http,
+    ):
         await make_project(http, 25)
         async with connect(node.gateway_url, "p", nickname="alice") as tracker:
             for stage, step in (("crawl", lambda x: x * 2), ("embed", lambda x: x + 1), ("filter", lambda x: {"v": x})):
@@ -33,7 +36,10 @@ async def test_async_for_completes_jobs_through_all_stages(node_config):
 
 
 async def test_heartbeats_keep_a_slow_job_leased(node_config):
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http:
+    async with (
+        open_node(node_config(jobs=True)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http,
+    ):
         await make_project(http, 1, lease=0.3)
         tracker_state = node.jobs
         async with connect(node.gateway_url, "p", nickname="slow") as tracker:
@@ -49,7 +55,10 @@ async def test_heartbeats_keep_a_slow_job_leased(node_config):
 
 
 async def test_leaving_the_loop_hands_jobs_back_at_once(node_config):
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http:
+    async with (
+        open_node(node_config(jobs=True)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http,
+    ):
         await make_project(http, 10)
         with pytest.raises(RuntimeError):
             async with connect(node.gateway_url, "p", nickname="crashy") as tracker:
@@ -60,7 +69,10 @@ async def test_leaving_the_loop_hands_jobs_back_at_once(node_config):
 
 
 async def test_run_fails_jobs_whose_handler_raises(node_config):
-    async with open_node(node_config(jobs=True, jobs_max_attempts=1)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http:
+    async with (
+        open_node(node_config(jobs=True, jobs_max_attempts=1)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http,
+    ):
         await make_project(http, 4)
 
         async def handle(value):
@@ -84,7 +96,10 @@ async def test_errors_are_typed(node_config):
 
 
 async def test_blocking_client(node_config):
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http:
+    async with (
+        open_node(node_config(jobs=True)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http,
+    ):
         await make_project(http, 6)
 
         def work() -> int:

@@ -27,7 +27,10 @@ async def _counts(http: httpx.AsyncClient) -> dict:
 
 async def test_native_late_completion_is_refused_and_not_recorded(node_config):
     now = [1_000_000.0]
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http:
+    async with (
+        open_node(node_config(jobs=True)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http,
+    ):
         node.jobs.clock = lambda: now[0]
         await _project(http, ["a", "b"], stages=[{"name": "crawl", "lease_timeout": 3}])
         token = (await http.post("/v1/jobs/p/workers", json={"nickname": "w", "stage": "crawl"})).json()["token"]
@@ -39,7 +42,9 @@ async def test_native_late_completion_is_refused_and_not_recorded(node_config):
         assert len(await node.jobs.expire_now()) == 1
         r = await http.post(f"/v1/jobs/p/jobs/{jobs[1]['id']}/complete", json={"output": 2}, headers=headers)
         assert r.status_code == 409 and r.json()["error"]["code"] == "lease_lost"
-        r = await http.post("/v1/jobs/p/complete", json={"results": [{"id": jobs[1]["id"], "output": 2}]}, headers=headers)
+        r = await http.post(
+            "/v1/jobs/p/complete", json={"results": [{"id": jobs[1]["id"], "output": 2}]}, headers=headers
+        )
         assert r.json()["results"][0]["http_status"] == 409
         counts = await _counts(http)
         assert (counts["done"], counts["pending"]) == (1, 1)
@@ -47,7 +52,10 @@ async def test_native_late_completion_is_refused_and_not_recorded(node_config):
 
 
 async def test_breaking_out_of_a_batch_keeps_its_completions(node_config):
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http:
+    async with (
+        open_node(node_config(jobs=True)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http,
+    ):
         await _project(http, list(range(10)))
         async with connect(node.gateway_url, "p", nickname="alice") as tracker:
             seen = 0
@@ -72,7 +80,10 @@ def _sync_break(url: str) -> None:
 
 
 async def test_breaking_out_of_a_sync_batch_keeps_its_completions(node_config):
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http:
+    async with (
+        open_node(node_config(jobs=True)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http,
+    ):
         await _project(http, list(range(10)))
         await trio.to_thread.run_sync(_sync_break, node.gateway_url)
         counts = await _counts(http)
@@ -91,7 +102,10 @@ def _asyncio_worker(url: str, out: list) -> None:
 
 
 async def test_client_runs_under_asyncio(node_config):
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http:
+    async with (
+        open_node(node_config(jobs=True)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http,
+    ):
         await _project(http, list(range(9)))
         out: list = []
         # asyncio.run in its own thread: the node's Trio loop keeps serving meanwhile.
@@ -103,11 +117,16 @@ async def test_client_runs_under_asyncio(node_config):
 
 
 async def test_flags_count_distinct_users(node_config):
-    async with open_node(node_config(jobs=True, jobs_flag_threshold=2)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http:
+    async with (
+        open_node(node_config(jobs=True, jobs_flag_threshold=2)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http,
+    ):
         await _project(http, ["bad"], stages=["crawl"])
 
         async def flag_as(user: str) -> dict:
-            token = (await http.post("/v1/jobs/p/workers", json={"nickname": "n", "user": user, "stage": "crawl"})).json()["token"]
+            token = (
+                await http.post("/v1/jobs/p/workers", json={"nickname": "n", "user": user, "stage": "crawl"})
+            ).json()["token"]
             headers = {"Authorization": f"Bearer {token}"}
             job = (await http.post("/v1/jobs/p/claim", json={"max": 1}, headers=headers)).json()["jobs"][0]
             return (await http.post(f"/v1/jobs/p/jobs/{job['id']}/flag", json={}, headers=headers)).json()

@@ -40,7 +40,10 @@ def run_stage(url: str, stage: str, nickname: str) -> list[tuple[int, object]]:
 
 
 async def test_distcompute_client_runs_every_stage(node_config):
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http:
+    async with (
+        open_node(node_config(jobs=True)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http,
+    ):
         r = await http.put("/v1/jobs/crawl", json={"stages": ["cpu", "gpu", "filter"]})
         assert r.status_code == 201
         await http.post("/v1/jobs/crawl/jobs", json=[f"shard-{i}" for i in range(5)])
@@ -90,7 +93,10 @@ def compat_errors(url: str) -> dict[str, object]:
 
 
 async def test_compat_status_codes_and_idempotent_completion(node_config):
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http:
+    async with (
+        open_node(node_config(jobs=True)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http,
+    ):
         await http.put("/v1/jobs/crawl", json={"stages": ["cpu", "gpu"]})
         await http.post("/v1/jobs/crawl/jobs", json=[{"k": 1}])
         url = f"{node.gateway_url}/v1/jobs/crawl"
@@ -107,7 +113,10 @@ async def test_compat_status_codes_and_idempotent_completion(node_config):
 
 
 async def test_compat_flags_roll_back_and_worker_page(node_config):
-    async with open_node(node_config(jobs=True, jobs_flag_threshold=2)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http:
+    async with (
+        open_node(node_config(jobs=True, jobs_flag_threshold=2)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http,
+    ):
         await http.put("/v1/jobs/crawl", json={"stages": ["cpu", "gpu"]})
         await http.post("/v1/jobs/crawl/jobs", json=["in"])
         url = f"{node.gateway_url}/v1/jobs/crawl"
@@ -140,7 +149,10 @@ async def test_late_completion_is_refused_not_swallowed(node_config):
     output was thrown away. The tracker's clock is driven by the test.
     """
     now = [1_000_000.0]
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http:
+    async with (
+        open_node(node_config(jobs=True)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http,
+    ):
         node.jobs.clock = lambda: now[0]
         await http.put("/v1/jobs/crawl", json={"stages": [{"name": "cpu", "lease_timeout": 3}], "max_attempts": 5})
         await http.post("/v1/jobs/crawl/jobs", json=["first", "second"])
@@ -167,7 +179,10 @@ async def test_late_completion_is_refused_not_swallowed(node_config):
 
 
 async def test_compat_route_details(node_config):
-    async with open_node(node_config(jobs=True, max_body_size=4096)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http:
+    async with (
+        open_node(node_config(jobs=True, max_body_size=4096)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http,
+    ):
         await http.put("/v1/jobs/crawl", json={"stages": ["cpu"]})
         await http.post("/v1/jobs/crawl/jobs", json=["x"])
         r = await http.get("/v1/jobs/crawl/api/new", params={"stage": "a", "nickname": "n"})

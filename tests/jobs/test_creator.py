@@ -69,7 +69,7 @@ def test_json_list_streams_any_list_at_any_chunk_size(values, chunk, indent):
     assert list(json_list(io.StringIO(text), chunk_size=chunk)) == values
 
 
-@pytest.mark.parametrize("text", ["", "{}", "[1 2]", "[1,", "[1, {]", "[\"unterminated]"])
+@pytest.mark.parametrize("text", ["", "{}", "[1 2]", "[1,", "[1, {]", '["unterminated]'])
 def test_json_list_rejects_malformed_input(text):
     with pytest.raises(ValidationError):
         list(json_list(io.StringIO(text), chunk_size=2))

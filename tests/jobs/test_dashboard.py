@@ -21,7 +21,11 @@ pytestmark = pytest.mark.timeout(120)
 
 REPO = Path(__file__).resolve().parents[2]
 PROJECT = {
-    "stages": [{"name": "crawl", "lease_timeout": 30}, {"name": "embed", "lease_timeout": 30}, {"name": "filter", "lease_timeout": 30}],
+    "stages": [
+        {"name": "crawl", "lease_timeout": 30},
+        {"name": "embed", "lease_timeout": 30},
+        {"name": "filter", "lease_timeout": 30},
+    ],
     "max_attempts": 1,
 }
 # A user name that would run script if the page ever parsed data as HTML.
@@ -32,14 +36,18 @@ def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-async def register(client: httpx.AsyncClient, project: str, stage: str, nickname: str, user: str | None = None) -> dict[str, Any]:
+async def register(
+    client: httpx.AsyncClient, project: str, stage: str, nickname: str, user: str | None = None
+) -> dict[str, Any]:
     body = {"nickname": nickname, "stage": stage, **({"user": user} if user else {})}
     r = await client.post(f"/v1/jobs/{project}/workers", json=body)
     assert r.status_code == 201, r.text
     return r.json()
 
 
-async def work(client: httpx.AsyncClient, project: str, token: str, complete: int, fail: int = 0, error: str = "boom") -> None:
+async def work(
+    client: httpx.AsyncClient, project: str, token: str, complete: int, fail: int = 0, error: str = "boom"
+) -> None:
     """Claim ``complete + fail`` jobs and finish them over HTTP, as a worker would."""
     r = await client.post(f"/v1/jobs/{project}/claim", json={"max": complete + fail}, headers=auth(token))
     jobs = r.json()["jobs"]
@@ -60,7 +68,10 @@ async def work(client: httpx.AsyncClient, project: str, token: str, complete: in
 
 
 async def test_dashboard_is_html_with_only_local_assets(node_config):
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client:
+    async with (
+        open_node(node_config(jobs=True)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client,
+    ):
         r = await client.get("/dashboard")
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/html")
@@ -74,14 +85,24 @@ async def test_dashboard_is_html_with_only_local_assets(node_config):
             bodies[name] = asset.text
         for name, text in bodies.items():
             # No CDN, fonts or trackers: the only absolute URL allowed is the SVG namespace name.
-            urls = set(re.findall(r"(?:https?:)?//[a-z0-9.-]+\.[a-z]{2,}[^\s\"')]*", text, re.I)) - {"http://www.w3.org/2000/svg"}
+            urls = set(re.findall(r"(?:https?:)?//[a-z0-9.-]+\.[a-z]{2,}[^\s\"')]*", text, re.I)) - {
+                "http://www.w3.org/2000/svg"
+            }
             assert not urls, f"{name} references other hosts: {urls}"
             assert "@import" not in text and "innerHTML" not in text and "insertAdjacentHTML" not in text
 
 
 async def test_unknown_asset_and_traversal_are_404(node_config):
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client:
-        for path in ("/dashboard/static/nope.js", "/dashboard/static/index.html", "/dashboard/static/..%2Fdashboard.py", "/dashboard/static/../dashboard.py"):
+    async with (
+        open_node(node_config(jobs=True)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client,
+    ):
+        for path in (
+            "/dashboard/static/nope.js",
+            "/dashboard/static/index.html",
+            "/dashboard/static/..%2Fdashboard.py",
+            "/dashboard/static/../dashboard.py",
+        ):
             r = await client.get(path)
             # An encoded '/' is a non-canonical target: the router refuses it before any view runs.
             assert r.status_code == (400 if "%2F" in path else 404), path
@@ -89,7 +110,10 @@ async def test_unknown_asset_and_traversal_are_404(node_config):
 
 
 async def test_project_query_selects_or_explains(node_config):
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client:
+    async with (
+        open_node(node_config(jobs=True)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client,
+    ):
         assert (await client.put("/v1/jobs/crawl", json=PROJECT)).status_code == 201
         assert (await client.get("/dashboard", params={"project": "crawl"})).status_code == 200
         # Unknown project: an honest 404, still the page (its script says which projects exist).
@@ -100,7 +124,10 @@ async def test_project_query_selects_or_explains(node_config):
 
 
 async def test_node_without_tracker_serves_the_explaining_page(node_config):
-    async with open_node(node_config()) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client:
+    async with (
+        open_node(node_config()) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client,
+    ):
         r = await client.get("/dashboard")
         assert r.status_code == 404 and r.headers["content-type"].startswith("text/html")
         api = await client.get("/v1/jobs")
@@ -161,7 +188,9 @@ def expected_view(stats: dict[str, Any], board: dict[str, Any]) -> dict[str, Any
     """What the page must show, computed from the API's own JSON."""
     fields = ("done", "failed", "leased", "pending", "total", "expected", "workers_active")
     return {
-        "stages": {s["name"]: {**{f: s[f] for f in fields}, "progress": f"{s['progress'] * 100:.1f}%"} for s in stats["stages"]},
+        "stages": {
+            s["name"]: {**{f: s[f] for f in fields}, "progress": f"{s['progress'] * 100:.1f}%"} for s in stats["stages"]
+        },
         "completion": f"{stats['completion'] * 100:.1f}%",
         "workers_active": stats["workers"]["active"],
         "workers_total": stats["workers"]["total"],
@@ -169,17 +198,33 @@ def expected_view(stats: dict[str, Any], board: dict[str, Any]) -> dict[str, Any
         "throughput_total": sum(sum(m["completed"]) for m in stats["throughput"]),
         "failures": [f["error"] for f in stats["recent_failures"]],
         "board": {
-            kind: {r["name"]: {"shown": r["name"], "total": r["total"], "total_24h": r["total_24h"]} for r in board[kind]}
+            kind: {
+                r["name"]: {"shown": r["name"], "total": r["total"], "total_24h": r["total_24h"]} for r in board[kind]
+            }
             for kind in ("users", "workers")
         },
     }
 
 
 def shown_part(page: dict[str, Any]) -> dict[str, Any]:
-    return {k: page[k] for k in ("stages", "completion", "workers_active", "workers_total", "results", "throughput_total", "failures", "board")}
+    return {
+        k: page[k]
+        for k in (
+            "stages",
+            "completion",
+            "workers_active",
+            "workers_total",
+            "results",
+            "throughput_total",
+            "failures",
+            "board",
+        )
+    }
 
 
-async def settled_view(page: Page, client: httpx.AsyncClient, project: str, timeout: float = 10.0) -> tuple[dict[str, Any], dict[str, Any]]:
+async def settled_view(
+    page: Page, client: httpx.AsyncClient, project: str, timeout: float = 10.0
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Poll until the page shows what the API says (the browser is external: nothing to await on)."""
     last: dict[str, Any] = {}
     try:
@@ -218,7 +263,10 @@ def chromium_processes(profile: Path) -> list[psutil.Process]:
 async def test_dashboard_renders_and_updates_live_in_chromium(node_config, tmp_path):
     profile = tmp_path / "chromium-profile"
     project = "laion"
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client:
+    async with (
+        open_node(node_config(jobs=True)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client,
+    ):
         assert (await client.put(f"/v1/jobs/{project}", json=PROJECT)).status_code == 201
         assert (await client.post(f"/v1/jobs/{project}/jobs", json=[f"url-{i}" for i in range(12)])).status_code == 201
         crawler = await register(client, project, "crawl", "alice")
@@ -230,15 +278,24 @@ async def test_dashboard_renders_and_updates_live_in_chromium(node_config, tmp_p
 
         async with open_browser(profile) as page:
             await page.navigate(f"{node.gateway_url}/dashboard?project={project}")
-            await page.wait_for("document.getElementById('main') && !document.getElementById('main').hidden && document.querySelectorAll('#stages [data-stage]').length === 3")
+            await page.wait_for(
+                "document.getElementById('main') && !document.getElementById('main').hidden && document.querySelectorAll('#stages [data-stage]').length === 3"
+            )
             shown, stats = await settled_view(page, client, project)
             assert [s["done"] for s in stats["stages"]] == [5, 2, 0] and stats["stages"][0]["failed"] == 1
             # The tracker prefixes the worker's name; the markup must show as text.
-            assert len(shown["failures"]) == 1 and shown["failures"][0].endswith(f"{crawler['name']}: <b>timeout</b> & reset")
+            assert len(shown["failures"]) == 1 and shown["failures"][0].endswith(
+                f"{crawler['name']}: <b>timeout</b> & reset"
+            )
             assert shown["board"]["users"][HOSTILE_USER]["total"] == 2 and not shown["pwned"]
             assert shown["throughput_bars"] == 60 and shown["message_hidden"]
-            await page.wait_for("document.querySelectorAll('#projects a').length >= 2")  # the chooser is filled by its own fetch
-            assert await page.evaluate("[...document.querySelectorAll('#projects a')].map(a => a.textContent)") == ["laion", "other"]
+            await page.wait_for(
+                "document.querySelectorAll('#projects a').length >= 2"
+            )  # the chooser is filled by its own fetch
+            assert await page.evaluate("[...document.querySelectorAll('#projects a')].map(a => a.textContent)") == [
+                "laion",
+                "other",
+            ]
             await page.wait_for("document.getElementById('live').dataset.state === 'live'")
 
             # Live: more work over HTTP shows up through the event stream, without a reload.
@@ -267,12 +324,18 @@ async def test_dashboard_renders_and_updates_live_in_chromium(node_config, tmp_p
 @pytest.mark.timeout(60)
 async def test_dashboard_explains_missing_tracker_project_or_projects(node_config, tmp_path):
     message = "(() => { const m = document.getElementById('message'); return m && !m.hidden && m.textContent; })()"
-    async with open_node(node_config()) as bare, open_node(node_config(jobs=True)) as tracker, open_browser(tmp_path / "profile") as page:
+    async with (
+        open_node(node_config()) as bare,
+        open_node(node_config(jobs=True)) as tracker,
+        open_browser(tmp_path / "profile") as page,
+    ):
         await page.navigate(f"{bare.gateway_url}/dashboard")
         assert "does not host a job tracker" in await page.wait_for(message)
         await page.navigate(f"{tracker.gateway_url}/dashboard")
         assert "No projects yet" in await page.wait_for(message)
-        async with httpx.AsyncClient(base_url=tracker.gateway_url, headers={"X-OCF-Admin-Token": tracker.admin_token}) as client:
+        async with httpx.AsyncClient(
+            base_url=tracker.gateway_url, headers={"X-OCF-Admin-Token": tracker.admin_token}
+        ) as client:
             assert (await client.put("/v1/jobs/crawl", json=PROJECT)).status_code == 201
         await page.navigate(f"{tracker.gateway_url}/dashboard?project=%3Cb%3Enope%3C%2Fb%3E")
         text = await page.wait_for(message)

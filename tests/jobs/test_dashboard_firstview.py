@@ -49,15 +49,26 @@ async def _loaded(page, url: str) -> dict:
 @pytest.mark.browser
 async def test_first_paint_shows_numbers_and_the_worker_list(node_config, tmp_path):
     project = "laion"
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client:
+    async with (
+        open_node(node_config(jobs=True)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client,
+    ):
         assert (await client.put(f"/v1/jobs/{project}", json=PROJECT)).status_code == 201
         assert (await client.post(f"/v1/jobs/{project}/jobs", json=[f"url-{i}" for i in range(12)])).status_code == 201
         alice = await register(client, project, "crawl", "alice")
         await work(client, project, alice["token"], complete=5)
         mallory = await register(client, project, "crawl", "mallory", user=HOSTILE_USER)
         await work(client, project, mallory["token"], complete=2)
-        held = (await client.post(f"/v1/jobs/{project}/claim", json={"max": 1}, headers={"Authorization": f"Bearer {mallory['token']}"})).json()["jobs"]
-        await client.post(f"/v1/jobs/{project}/heartbeat", json={"progress": "<b>50%</b>"}, headers={"Authorization": f"Bearer {mallory['token']}"})
+        held = (
+            await client.post(
+                f"/v1/jobs/{project}/claim", json={"max": 1}, headers={"Authorization": f"Bearer {mallory['token']}"}
+            )
+        ).json()["jobs"]
+        await client.post(
+            f"/v1/jobs/{project}/heartbeat",
+            json={"progress": "<b>50%</b>"},
+            headers={"Authorization": f"Bearer {mallory['token']}"},
+        )
         stats = (await client.get(f"/v1/jobs/{project}/stats")).json()
         want_completion = f"{stats['completion'] * 100:.1f}%"
 
@@ -68,7 +79,12 @@ async def test_first_paint_shows_numbers_and_the_worker_list(node_config, tmp_pa
             rows = {w["name"]: w for w in view["workers"]}
             assert set(rows) == {alice["name"], mallory["name"]}, view
             m = rows[mallory["name"]]
-            assert (m["user"], m["current"], m["progress"], m["done"]) == (HOSTILE_USER, str(held[0]["id"]), "<b>50%</b>", "2"), m
+            assert (m["user"], m["current"], m["progress"], m["done"]) == (
+                HOSTILE_USER,
+                str(held[0]["id"]),
+                "<b>50%</b>",
+                "2",
+            ), m
             assert m["link"] == f"/v1/jobs/{project}/worker/a/{mallory['name']}"
 
         async with open_browser(tmp_path / "profile") as page:

@@ -14,7 +14,10 @@ pytestmark = pytest.mark.timeout(60)
 
 
 async def test_other_methods_get_405_with_allow_and_options_204(node_config):
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client:
+    async with (
+        open_node(node_config(jobs=True)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client,
+    ):
         for path in ("/v1/jobs/crawl/claim", "/v1/jobs/crawl/complete", "/v1/jobs/crawl/heartbeat"):
             r = await client.get(path)
             assert r.status_code == 405 and set(r.headers["allow"].split(", ")) == {"POST", "OPTIONS"}, r.text
@@ -26,7 +29,10 @@ async def test_other_methods_get_405_with_allow_and_options_204(node_config):
 
 
 async def test_bad_bodies_get_clear_400s_and_oversize_413(node_config):
-    async with open_node(node_config(jobs=True, max_body_size=1000)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client:
+    async with (
+        open_node(node_config(jobs=True, max_body_size=1000)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client,
+    ):
         await setup_project(client)
         token = await register(client)
         cases = [
@@ -53,13 +59,19 @@ async def test_bad_bodies_get_clear_400s_and_oversize_413(node_config):
 
 
 async def test_node_without_tracker_answers_404(node_config):
-    async with open_node(node_config()) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client:
+    async with (
+        open_node(node_config()) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client,
+    ):
         r = await client.post("/v1/jobs/crawl/claim", json={})
         assert r.status_code == 404 and r.json()["error"]["code"] == "no_tracker"
 
 
 async def test_requests_are_counted_by_route_template(node_config):
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client:
+    async with (
+        open_node(node_config(jobs=True)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client,
+    ):
         await setup_project(client)
         token = await register(client)
         await client.post("/v1/jobs/crawl/claim", json={}, headers=auth(token))
@@ -70,7 +82,10 @@ async def test_requests_are_counted_by_route_template(node_config):
 
 
 async def test_long_polling_claimer_that_hangs_up_leases_nothing(node_config):
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client:
+    async with (
+        open_node(node_config(jobs=True)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client,
+    ):
         await setup_project(client, inputs=[])
         gone, present = await register(client, nickname="gone"), await register(client, nickname="present")
         tracker = node.jobs
@@ -84,7 +99,7 @@ async def test_long_polling_claimer_that_hangs_up_leases_nothing(node_config):
         await sock.send_all(request)
         with trio.fail_after(10):
             await tracker.wait_until(lambda: tracker.waiting_claims == 1)
-            assert 'ocf_jobs_waiting_claims 1.0' in (await client.get("/metrics")).text
+            assert "ocf_jobs_waiting_claims 1.0" in (await client.get("/metrics")).text
             await sock.aclose()
             await tracker.wait_until(lambda: tracker.waiting_claims == 0)
         await client.post("/v1/jobs/crawl/jobs", json=["only"])

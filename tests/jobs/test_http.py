@@ -10,10 +10,17 @@ import trio
 
 from ocf.node import open_node
 from ocf.transport import MemoryNetwork
+import trio.lowlevel
 
 pytestmark = pytest.mark.timeout(120)
 
-PROJECT = {"stages": [{"name": "crawl", "lease_timeout": 30}, {"name": "embed", "lease_timeout": 30}, {"name": "filter", "lease_timeout": 30}]}
+PROJECT = {
+    "stages": [
+        {"name": "crawl", "lease_timeout": 30},
+        {"name": "embed", "lease_timeout": 30},
+        {"name": "filter", "lease_timeout": 30},
+    ]
+}
 
 
 async def setup_project(client: httpx.AsyncClient, inputs=("a", "b", "c"), definition=PROJECT) -> None:
@@ -34,7 +41,10 @@ def auth(token: str) -> dict:
 
 
 async def test_three_stage_run_over_http(node_config):
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client:
+    async with (
+        open_node(node_config(jobs=True)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client,
+    ):
         await setup_project(client)
         for stage in ("crawl", "embed", "filter"):
             token = await register(client, stage)
@@ -60,7 +70,10 @@ async def test_three_stage_run_over_http(node_config):
 
 
 async def test_bad_requests_get_clear_errors_and_change_nothing(node_config):
-    async with open_node(node_config(jobs=True, jobs_max_payload=1000)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client:
+    async with (
+        open_node(node_config(jobs=True, jobs_max_payload=1000)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client,
+    ):
         await setup_project(client)
         token = await register(client)
         cases = [
@@ -70,15 +83,33 @@ async def test_bad_requests_get_clear_errors_and_change_nothing(node_config):
             ("get", "/v1/jobs/nope/stats", {}, 404, "unknown_project"),
             ("post", "/v1/jobs/crawl/jobs", {"json": {"inputs": "x"}}, 400, "bad_inputs"),
             ("post", "/v1/jobs/crawl/jobs", {"json": ["x" * 2000]}, 413, "payload_too_large"),
-            ("post", "/v1/jobs/crawl/jobs", {"content": b'"ok"\n{bad', "headers": {"Content-Type": "application/x-ndjson"}}, 400, "bad_json"),
+            (
+                "post",
+                "/v1/jobs/crawl/jobs",
+                {"content": b'"ok"\n{bad', "headers": {"Content-Type": "application/x-ndjson"}},
+                400,
+                "bad_json",
+            ),
             ("post", "/v1/jobs/crawl/workers", {"json": {"nickname": "x", "stage": "nope"}}, 400, "unknown_stage"),
             ("post", "/v1/jobs/crawl/claim", {"json": {"max": 5}}, 404, "unknown_worker"),
             ("post", "/v1/jobs/crawl/claim", {"json": {"max": 5}, "headers": auth("forged")}, 404, "unknown_worker"),
             ("post", "/v1/jobs/crawl/claim", {"json": {"max": "lots"}, "headers": auth(token)}, 400, "bad_limit"),
             ("post", "/v1/jobs/crawl/claim", {"json": [1], "headers": auth(token)}, 400, "bad_json"),
             ("post", "/v1/jobs/crawl/heartbeat", {"json": {"token": "forged"}}, 404, "unknown_worker"),
-            ("post", "/v1/jobs/crawl/jobs/1/complete", {"json": {"output": 1}, "headers": auth(token)}, 409, "lease_lost"),
-            ("post", "/v1/jobs/crawl/jobs/99/complete", {"json": {"output": 1}, "headers": auth(token)}, 404, "unknown_job"),
+            (
+                "post",
+                "/v1/jobs/crawl/jobs/1/complete",
+                {"json": {"output": 1}, "headers": auth(token)},
+                409,
+                "lease_lost",
+            ),
+            (
+                "post",
+                "/v1/jobs/crawl/jobs/99/complete",
+                {"json": {"output": 1}, "headers": auth(token)},
+                404,
+                "unknown_job",
+            ),
             ("post", "/v1/jobs/crawl/jobs/1/complete", {"json": {}, "headers": auth(token)}, 400, "bad_output"),
         ]
         for method, path, kwargs, status, code in cases:
@@ -89,13 +120,18 @@ async def test_bad_requests_get_clear_errors_and_change_nothing(node_config):
         assert counts["pending"] == 3 and counts["leased"] == 0
         # oversize output: 413, lease kept
         job = (await client.post("/v1/jobs/crawl/claim", json={}, headers=auth(token))).json()["jobs"][0]
-        r = await client.post(f"/v1/jobs/crawl/jobs/{job['id']}/complete", json={"output": "y" * 2000}, headers=auth(token))
+        r = await client.post(
+            f"/v1/jobs/crawl/jobs/{job['id']}/complete", json={"output": "y" * 2000}, headers=auth(token)
+        )
         assert r.status_code == 413
         assert (await client.get(f"/v1/jobs/crawl/jobs/{job['id']}")).json()["state"] == "leased"
 
 
 async def test_no_tracker_without_jobs_flag(node_config):
-    async with open_node(node_config()) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client:
+    async with (
+        open_node(node_config()) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client,
+    ):
         r = await client.get("/v1/jobs")
         assert r.status_code == 404 and r.json()["error"]["code"] == "no_tracker"
 
@@ -103,7 +139,9 @@ async def test_no_tracker_without_jobs_flag(node_config):
 async def test_200_workers_claiming_at_once_never_share_a_job(node_config):
     async with open_node(node_config(jobs=True, register_burst=1000)) as node:
         limits = httpx.Limits(max_connections=200)
-        async with httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}, limits=limits, timeout=60) as client:
+        async with httpx.AsyncClient(
+            base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}, limits=limits, timeout=60
+        ) as client:
             await setup_project(client, inputs=range(1000))
             tokens = []
 
@@ -131,7 +169,12 @@ async def test_200_workers_claiming_at_once_never_share_a_job(node_config):
 
 
 async def test_long_poll_claim_wakes_when_jobs_arrive(node_config):
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}, timeout=30) as client:
+    async with (
+        open_node(node_config(jobs=True)) as node,
+        httpx.AsyncClient(
+            base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}, timeout=30
+        ) as client,
+    ):
         await setup_project(client, inputs=[])
         token = await register(client)
         got = []
@@ -144,14 +187,17 @@ async def test_long_poll_claim_wakes_when_jobs_arrive(node_config):
             nursery.start_soon(waiter)
             tracker = node.jobs
             await tracker.wait_until(lambda: tracker.store.stats("crawl", tracker.clock())["workers"]["total"] == 1)
-            await trio.sleep(0)  # let the first (empty) claim go through before adding
+            await trio.lowlevel.checkpoint()  # let the first (empty) claim go through before adding
             await client.post("/v1/jobs/crawl/jobs", json=["late"])
         assert [j["input"] for j in got] == ["late"]
 
 
 async def test_expired_lease_is_reclaimed_by_the_reaper_and_late_result_refused(node_config):
     definition = {"stages": [{"name": "crawl", "lease_timeout": 0.2}, "embed"]}
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client:
+    async with (
+        open_node(node_config(jobs=True)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client,
+    ):
         await setup_project(client, inputs=["x"], definition=definition)
         slow, fast = await register(client, nickname="slow"), await register(client, nickname="fast")
         job = (await client.post("/v1/jobs/crawl/claim", json={}, headers=auth(slow))).json()["jobs"][0]
@@ -161,9 +207,13 @@ async def test_expired_lease_is_reclaimed_by_the_reaper_and_late_result_refused(
         assert again["id"] == job["id"] and again["attempts"] == 2
         r = await client.post(f"/v1/jobs/crawl/jobs/{job['id']}/complete", json={"output": "late"}, headers=auth(slow))
         assert r.status_code == 409 and r.json()["error"]["code"] == "lease_lost"
-        r = await client.post("/v1/jobs/crawl/complete", json={"results": [{"id": job["id"], "output": "ok"}]}, headers=auth(fast))
+        r = await client.post(
+            "/v1/jobs/crawl/complete", json={"results": [{"id": job["id"], "output": "ok"}]}, headers=auth(fast)
+        )
         assert r.json()["results"][0]["status"] == "done"
-        r = await client.post("/v1/jobs/crawl/complete", json={"results": [{"id": job["id"], "output": "ok"}]}, headers=auth(fast))
+        r = await client.post(
+            "/v1/jobs/crawl/complete", json={"results": [{"id": job["id"], "output": "ok"}]}, headers=auth(fast)
+        )
         assert r.json()["results"][0]["status"] == "already_done"
         assert (await client.get("/v1/jobs/crawl")).json()["stages"][1]["pending"] == 1
         failures = (await client.get("/v1/jobs/crawl/failures")).json()["failures"]
@@ -175,7 +225,9 @@ async def test_tracker_is_reachable_through_another_node_as_the_jobs_service(nod
     async with open_node(node_config(jobs=True), memory_network=network) as tracker_node:
         addr = str(tracker_node.listen_addrs[0])
         async with open_node(node_config(mode="node", bootstrap_addrs=(addr,)), memory_network=network) as edge:
-            async with httpx.AsyncClient(base_url=edge.gateway_url, headers={"X-OCF-Admin-Token": edge.admin_token}, timeout=30) as client:
+            async with httpx.AsyncClient(
+                base_url=edge.gateway_url, headers={"X-OCF-Admin-Token": edge.admin_token}, timeout=30
+            ) as client:
                 with trio.fail_after(30):  # wait (on table changes) until the edge knows who offers "jobs"
                     while not any(
                         s.get("name") == "jobs" for e in edge.table.entries().values() for s in (e.get("service") or [])
@@ -184,7 +236,9 @@ async def test_tracker_is_reachable_through_another_node_as_the_jobs_service(nod
                 # Admin routes are never reachable from another node, whatever token the client holds.
                 r = await client.put("/v1/service/jobs/crawl", json=PROJECT)
                 assert r.status_code == 403 and r.json()["error"]["code"] == "remote_forbidden", r.text
-                async with httpx.AsyncClient(base_url=tracker_node.gateway_url, headers={"X-OCF-Admin-Token": tracker_node.admin_token}) as admin:
+                async with httpx.AsyncClient(
+                    base_url=tracker_node.gateway_url, headers={"X-OCF-Admin-Token": tracker_node.admin_token}
+                ) as admin:
                     await setup_project(admin, inputs=["via-network"])
                 stats = (await client.get("/v1/service/jobs/crawl/stats")).json()
                 assert stats["stages"][0]["pending"] == 1
@@ -195,12 +249,19 @@ async def test_tracker_is_reachable_through_another_node_as_the_jobs_service(nod
                 worker = {"X-OCF-Worker-Token": token}
                 r = await client.post("/v1/service/jobs/crawl/claim", json={"wait": 5}, headers=worker)
                 assert [j["input"] for j in r.json()["jobs"]] == ["via-network"]
-                r = await client.post("/v1/service/jobs/crawl/complete", json={"results": [{"id": r.json()["jobs"][0]["id"], "output": 1}]}, headers=worker)
+                r = await client.post(
+                    "/v1/service/jobs/crawl/complete",
+                    json={"results": [{"id": r.json()["jobs"][0]["id"], "output": 1}]},
+                    headers=worker,
+                )
                 assert r.json()["results"][0]["status"] == "done"
 
 
 async def test_admin_token_guards_project_and_job_creation_only(node_config):
-    async with open_node(node_config(jobs=True, admin_token="s3cret")) as node, httpx.AsyncClient(base_url=node.gateway_url) as client:
+    async with (
+        open_node(node_config(jobs=True, admin_token="s3cret")) as node,
+        httpx.AsyncClient(base_url=node.gateway_url) as client,
+    ):
         r = await client.put("/v1/jobs/crawl", json=PROJECT)
         assert r.status_code == 401 and r.json()["error"]["code"] == "admin_token_required"
         assert r.headers["www-authenticate"].startswith("Bearer")
@@ -208,13 +269,18 @@ async def test_admin_token_guards_project_and_job_creation_only(node_config):
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_admin_token"
         assert (await client.put("/v1/jobs/crawl", json=PROJECT, headers=auth("s3cret"))).status_code == 201
         assert (await client.post("/v1/jobs/crawl/jobs", json=["x"])).status_code == 401
-        assert (await client.post("/v1/jobs/crawl/jobs", json=["x"], headers={"X-OCF-Admin-Token": "s3cret"})).status_code == 201
+        assert (
+            await client.post("/v1/jobs/crawl/jobs", json=["x"], headers={"X-OCF-Admin-Token": "s3cret"})
+        ).status_code == 201
         token = await register(client)  # workers need no admin token
         assert len((await client.post("/v1/jobs/crawl/claim", json={}, headers=auth(token))).json()["jobs"]) == 1
 
 
 async def test_job_counts_in_prometheus_metrics(node_config):
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client:
+    async with (
+        open_node(node_config(jobs=True)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client,
+    ):
         await setup_project(client)
         text = (await client.get("/metrics")).text
         assert 'ocf_jobs{project="crawl",stage="crawl",state="pending"} 3.0' in text

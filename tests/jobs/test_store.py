@@ -20,7 +20,14 @@ def store(tmp_path):
 def three_stage(store: JobStore, **extra) -> None:
     store.create_project(
         "crawl",
-        {"stages": [{"name": "crawl", "lease_timeout": 60}, {"name": "embed", "lease_timeout": 60}, {"name": "filter", "lease_timeout": 60}], **extra},
+        {
+            "stages": [
+                {"name": "crawl", "lease_timeout": 60},
+                {"name": "embed", "lease_timeout": 60},
+                {"name": "filter", "lease_timeout": 60},
+            ],
+            **extra,
+        },
         T0,
     )
 
@@ -37,7 +44,10 @@ def test_outputs_flow_through_every_stage_to_results(store):
         jobs = store.claim("crawl", token, T0, limit=10)
         assert len(jobs) == 2
         for job in jobs:
-            assert store.complete("crawl", token, job["id"], {"from": job["input"], "stage": stage}, T0)["status"] == "done"
+            assert (
+                store.complete("crawl", token, job["id"], {"from": job["input"], "stage": stage}, T0)["status"]
+                == "done"
+            )
     results = store.results("crawl")
     assert [r["output"]["stage"] for r in results] == [2, 2]
     # stage 3's input was stage 2's output, whose input was stage 1's output: the chain is intact
@@ -113,7 +123,9 @@ def test_completion_is_idempotent_for_the_holder_and_refused_for_others(store):
     assert second["status"] == "already_done" and second["children"] == first["children"]
     assert store.pending_count("crawl", "embed") == 1
     board = store.leaderboard("crawl", T0)
-    assert board["users"] == [{"name": "alice", "all_time": {"crawl": 1}, "last_24h": {"crawl": 1}, "total": 1, "total_24h": 1}]
+    assert board["users"] == [
+        {"name": "alice", "all_time": {"crawl": 1}, "last_24h": {"crawl": 1}, "total": 1, "total_24h": 1}
+    ]
 
 
 def test_batch_completion_reports_each_item(store):
@@ -121,7 +133,12 @@ def test_batch_completion_reports_each_item(store):
     store.add_jobs("crawl", ["x", "y"], T0)
     token = worker(store)
     a, b = store.claim("crawl", token, T0, limit=2)
-    out, claimed = store.complete_many("crawl", token, [{"id": a["id"], "output": 1}, {"id": 999, "output": 2}, {"id": b["id"], "output": "x" * 5000}], T0)
+    out, claimed = store.complete_many(
+        "crawl",
+        token,
+        [{"id": a["id"], "output": 1}, {"id": 999, "output": 2}, {"id": b["id"], "output": "x" * 5000}],
+        T0,
+    )
     assert claimed == []
     assert [o["status"] for o in out] == ["done", "error", "error"]
     assert out[1]["http_status"] == 404 and out[2]["http_status"] == 413
@@ -218,11 +235,29 @@ def test_bad_input_is_refused_with_state_intact(store):
 
 def test_project_definition_is_validated_and_idempotent(store):
     three_stage(store)
-    _, created = store.create_project("crawl", {"stages": [{"name": "crawl", "lease_timeout": 60}, {"name": "embed", "lease_timeout": 60}, {"name": "filter", "lease_timeout": 60}]}, T0)
+    _, created = store.create_project(
+        "crawl",
+        {
+            "stages": [
+                {"name": "crawl", "lease_timeout": 60},
+                {"name": "embed", "lease_timeout": 60},
+                {"name": "filter", "lease_timeout": 60},
+            ]
+        },
+        T0,
+    )
     assert not created
     with pytest.raises(Conflict):
         store.create_project("crawl", {"stages": ["other"]}, T0)
-    for bad in ({"stages": []}, {"stages": ["a1"] * 2}, {"stages": ["s1", "s2", "s3", "s4", "s5", "s6"]}, {"stages": [{"name": "x1", "lease_timeout": -1}]}, {"stages": ["ok"], "extra": 1}, [], {"stages": ["b"]}):
+    for bad in (
+        {"stages": []},
+        {"stages": ["a1"] * 2},
+        {"stages": ["s1", "s2", "s3", "s4", "s5", "s6"]},
+        {"stages": [{"name": "x1", "lease_timeout": -1}]},
+        {"stages": ["ok"], "extra": 1},
+        [],
+        {"stages": ["b"]},
+    ):
         with pytest.raises(BadRequest):
             store.create_project("other", bad, T0)
     with pytest.raises(BadRequest):

@@ -33,7 +33,10 @@ def test_rate_and_eta_use_the_real_elapsed_window(tmp_path):
 
 
 async def test_worker_list_leaderboard_pages_and_results_with_input(node_config):
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http:
+    async with (
+        open_node(node_config(jobs=True)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as http,
+    ):
         await http.put("/v1/jobs/p", json={"stages": ["crawl", "embed"]})
         await http.post("/v1/jobs/p/jobs", json=[f"in-{i}" for i in range(20)])
         tokens = {}
@@ -46,7 +49,11 @@ async def test_worker_list_leaderboard_pages_and_results_with_input(node_config)
             headers = {"Authorization": f"Bearer {tokens[name]}"}
             if i:
                 jobs = (await http.post("/v1/jobs/p/claim", json={"max": i}, headers=headers)).json()["jobs"]
-                await http.post("/v1/jobs/p/complete", json={"results": [{"id": j["id"], "output": j["input"] + "!"} for j in jobs]}, headers=headers)
+                await http.post(
+                    "/v1/jobs/p/complete",
+                    json={"results": [{"id": j["id"], "output": j["input"] + "!"} for j in jobs]},
+                    headers=headers,
+                )
         headers = {"Authorization": f"Bearer {tokens[names[5]]}"}
         held = (await http.post("/v1/jobs/p/claim", json={"max": 1}, headers=headers)).json()["jobs"]
         await http.post("/v1/jobs/p/heartbeat", json={"progress": "halfway"}, headers=headers)
@@ -54,7 +61,13 @@ async def test_worker_list_leaderboard_pages_and_results_with_input(node_config)
         page = (await http.get("/v1/jobs/p/workers", params={"limit": 4})).json()
         assert page["total"] == 6 and len(page["workers"]) == 4
         top = page["workers"][0]
-        assert (top["name"], top["jobs_completed"], top["current_jobs"], top["progress"], top["user"]) == (names[5], 5, [held[0]["id"]], "halfway", "user5")
+        assert (top["name"], top["jobs_completed"], top["current_jobs"], top["progress"], top["user"]) == (
+            names[5],
+            5,
+            [held[0]["id"]],
+            "halfway",
+            "user5",
+        )
         rest = (await http.get("/v1/jobs/p/workers", params={"limit": 4, "offset": 4})).json()["workers"]
         assert [w["jobs_completed"] for w in rest] == [1, 0]
         assert (await http.get("/v1/jobs/p/workers", params={"stage": "embed"})).json()["total"] == 0
@@ -68,8 +81,14 @@ async def test_worker_list_leaderboard_pages_and_results_with_input(node_config)
         r = await http.post("/v1/jobs/p/workers", json={"nickname": "e", "stage": "embed"})
         headers = {"Authorization": f"Bearer {r.json()['token']}"}
         jobs = (await http.post("/v1/jobs/p/claim", json={"max": 100}, headers=headers)).json()["jobs"]
-        await http.post("/v1/jobs/p/complete", json={"results": [{"id": j["id"], "output": len(j["input"])} for j in jobs]}, headers=headers)
-        lines = [json.loads(line) for line in (await http.get("/v1/jobs/p/results", params={"input": "1"})).text.splitlines()]
+        await http.post(
+            "/v1/jobs/p/complete",
+            json={"results": [{"id": j["id"], "output": len(j["input"])} for j in jobs]},
+            headers=headers,
+        )
+        lines = [
+            json.loads(line) for line in (await http.get("/v1/jobs/p/results", params={"input": "1"})).text.splitlines()
+        ]
         assert len(lines) == 15
         assert all(line["input"] == line["root_input"] + "!" and line["output"] == len(line["input"]) for line in lines)
         plain = json.loads((await http.get("/v1/jobs/p/results")).text.splitlines()[0])

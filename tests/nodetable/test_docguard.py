@@ -48,7 +48,9 @@ def rle(*runs) -> bytes:
     return out
 
 
-def document(actors=(ACTOR,), heads=1, change_cols=(), op_cols=(), suffix=None, chunk_type=0, claimed_heads=None) -> bytes:
+def document(
+    actors=(ACTOR,), heads=1, change_cols=(), op_cols=(), suffix=None, chunk_type=0, claimed_heads=None
+) -> bytes:
     """A document chunk; columns are (spec, raw bytes), deflated when spec has the deflate bit."""
     body = uleb(len(actors)) + b"".join(uleb(len(a)) + a for a in actors)
     body += uleb(heads if claimed_heads is None else claimed_heads) + b"\x11" * 32 * heads
@@ -69,8 +71,14 @@ def document(actors=(ACTOR,), heads=1, change_cols=(), op_cols=(), suffix=None, 
 
 # One op: set ROOT key "k" to the string "v" (id 1@actor 0), in one change.
 CHANGES = [(0x01, rle((1, 0))), (0x03, rle((1, 1))), (0x13, rle((1, 1)))]
-OPS = [(0x15, sleb(1) + uleb(1) + b"k"), (0x21, rle((1, 0))), (0x23, rle((1, 1))), (0x42, rle((1, 1))),
-       (0x56, rle((1, 1 << 4 | 6))), (0x57, b"v")]
+OPS = [
+    (0x15, sleb(1) + uleb(1) + b"k"),
+    (0x21, rle((1, 0))),
+    (0x23, rle((1, 1))),
+    (0x42, rle((1, 1))),
+    (0x56, rle((1, 1 << 4 | 6))),
+    (0x57, b"v"),
+]
 
 
 def test_a_minimal_entry_shaped_document_passes():

@@ -28,7 +28,10 @@ def test_heartbeat_verifies_only_with_the_owners_key():
     assert not other.verify()
 
 
-@pytest.mark.parametrize("obj", [None, [], [1], [True, "00" * 64], [-1, "00" * 64], [1, "zz" * 64], [1, "00" * 63], "x", [1 << 64, "00" * 64]])
+@pytest.mark.parametrize(
+    "obj",
+    [None, [], [1], [True, "00" * 64], [-1, "00" * 64], [1, "zz" * 64], [1, "00" * 63], "x", [1 << 64, "00" * 64]],
+)
 def test_malformed_heartbeats_are_validation_errors(obj):
     with pytest.raises(ValidationError):
         Heartbeat.from_wire(ALICE.peer_id, obj)
@@ -65,7 +68,15 @@ def test_a_20000_entry_summary_pages_under_the_message_limit():
     assert len(sizes) >= 3 and max(sizes) < limit
 
 
-@pytest.mark.parametrize("page", [{"t": "summary"}, {"t": "summary", "have": {}, "lo": 1}, {"t": "summary", "have": {}, "hi": []}, {"t": "summary", "have": []}])
+@pytest.mark.parametrize(
+    "page",
+    [
+        {"t": "summary"},
+        {"t": "summary", "have": {}, "lo": 1},
+        {"t": "summary", "have": {}, "hi": []},
+        {"t": "summary", "have": []},
+    ],
+)
 def test_malformed_pages_are_protocol_errors(page):
     with pytest.raises(ProtocolError):
         wire.page_range(page)

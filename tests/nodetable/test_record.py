@@ -40,7 +40,9 @@ def test_fields_are_read_once_and_follow_every_update():
 
 def test_forged_signature_is_rejected():
     good = alice_record()
-    forged = Record(ALICE.peer_id, good.seq + 1, good.doc, MALLORY.sign(signing_bytes(ALICE.peer_id, good.seq + 1, good.doc)))
+    forged = Record(
+        ALICE.peer_id, good.seq + 1, good.doc, MALLORY.sign(signing_bytes(ALICE.peer_id, good.seq + 1, good.doc))
+    )
     with pytest.raises(ValidationError, match="not signed by that peer"):
         forged.verify()
 
@@ -84,8 +86,17 @@ def test_compaction_keeps_content_and_bounds_history():
 
 @pytest.mark.parametrize(
     "body",
-    [None, [], {"id": "x"}, {"status": "weird"}, {"service": "llm"}, {"service": [{"name": "bad name!"}]},
-     {"service": [{"name": "llm", "identity_group": ["nokey"]}]}, {"role": "worker"}, {"hardware": []}],
+    [
+        None,
+        [],
+        {"id": "x"},
+        {"status": "weird"},
+        {"service": "llm"},
+        {"service": [{"name": "bad name!"}]},
+        {"service": [{"name": "llm", "identity_group": ["nokey"]}]},
+        {"role": "worker"},
+        {"hardware": []},
+    ],
 )
 def test_update_validation_rejects(body):
     with pytest.raises(ValidationError):
@@ -93,7 +104,9 @@ def test_update_validation_rejects(body):
 
 
 def test_update_validation_normalizes_services():
-    out = validate_update({"service": [{"name": "llm", "port": 8080, "identity_group": ["model=m"]}], "status": "maintenance"})
+    out = validate_update(
+        {"service": [{"name": "llm", "port": 8080, "identity_group": ["model=m"]}], "status": "maintenance"}
+    )
     assert out["service"][0]["port"] == "8080" and out["service"][0]["host"] == "localhost"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import trio
 
@@ -47,7 +47,13 @@ class EdgeApp:
                         break
                 self.bodies.append(size)
             elif path == "/flood":  # far more than socket buffers hold, for a client that never reads
-                await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(64 << 20).encode())]})
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": [(b"content-length", str(64 << 20).encode())],
+                    }
+                )
                 for _ in range(64):
                     await send({"type": "http.response.body", "body": b"x" * (1 << 20), "more_body": True})
                 await send({"type": "http.response.body", "body": b""})
@@ -56,16 +62,36 @@ class EdgeApp:
             self.cancelled += 1
             raise
         body = json.dumps({"status": "ok", "path": path}).encode()
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
 @contextlib.asynccontextmanager
-async def edge_server(app, *, timeouts: Timeouts | None = None, limits: ConnectionLimits | None = None, **kw) -> AsyncIterator[tuple[str, int]]:
+async def edge_server(
+    app, *, timeouts: Timeouts | None = None, limits: ConnectionLimits | None = None, **kw
+) -> AsyncIterator[tuple[str, int]]:
     """serve_http on 127.0.0.1 with ``app``; yields (host, port)."""
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
-        urls = await nursery.start(functools.partial(serve_http, app, "127.0.0.1", 0, shutdown_trigger=stop.wait, timeouts=timeouts, limits=limits, graceful_timeout=0.1, **kw))
+        urls = await nursery.start(
+            functools.partial(
+                serve_http,
+                app,
+                "127.0.0.1",
+                0,
+                shutdown_trigger=stop.wait,
+                timeouts=timeouts,
+                limits=limits,
+                graceful_timeout=0.1,
+                **kw,
+            )
+        )
         host, port = urls[0].removeprefix("http://").rsplit(":", 1)
         try:
             yield host, int(port)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import h11
 import trio
@@ -32,11 +32,19 @@ async def _serve_connection(stream: trio.SocketStream, seen: list[dict]) -> None
                 elif isinstance(event, h11.ConnectionClosed):
                     return
             assert request is not None
-            record = {"target": request.target.decode(), "headers": {k.decode().lower(): v.decode() for k, v in request.headers}}
+            record = {
+                "target": request.target.decode(),
+                "headers": {k.decode().lower(): v.decode() for k, v in request.headers},
+            }
             seen.append(record)
             payload = json.dumps(record).encode()
             await stream.send_all(
-                conn.send(h11.Response(status_code=200, headers=[("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]))
+                conn.send(
+                    h11.Response(
+                        status_code=200,
+                        headers=[("Content-Type", "application/json"), ("Content-Length", str(len(payload)))],
+                    )
+                )
                 + conn.send(h11.Data(data=payload))
                 + conn.send(h11.EndOfMessage())
             )
@@ -50,7 +58,9 @@ async def echo_backend() -> AsyncIterator[tuple[int, list[dict]]]:
     """``(port, seen)``: every request the backend got, with its headers, in order."""
     seen: list[dict] = []
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(functools.partial(trio.serve_tcp, lambda s: _serve_connection(s, seen), 0, host="127.0.0.1"))
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, lambda s: _serve_connection(s, seen), 0, host="127.0.0.1")
+        )
         try:
             yield listeners[0].socket.getsockname()[1], seen
         finally:

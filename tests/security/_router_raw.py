@@ -9,7 +9,9 @@ import h11
 import trio
 
 
-async def raw_request(base_url: str, method: str, target: bytes, headers: dict[str, str] | None = None, body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+async def raw_request(
+    base_url: str, method: str, target: bytes, headers: dict[str, str] | None = None, body: bytes = b""
+) -> tuple[int, dict[str, str], bytes]:
     url = urlsplit(base_url)
     stream = await trio.open_tcp_stream(url.hostname, url.port)
     async with stream:
@@ -18,7 +20,11 @@ async def raw_request(base_url: str, method: str, target: bytes, headers: dict[s
         head += list((headers or {}).items())
         request = h11.Request(method=method, target=b"/", headers=head)
         # h11 refuses odd targets on the way out; splice ours into its bytes instead.
-        data = conn.send(request).replace(b" / HTTP/1.1", b" " + target + b" HTTP/1.1", 1) + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
+        data = (
+            conn.send(request).replace(b" / HTTP/1.1", b" " + target + b" HTTP/1.1", 1)
+            + conn.send(h11.Data(data=body))
+            + conn.send(h11.EndOfMessage())
+        )
         await stream.send_all(data)
         response, parts = None, []
         with trio.fail_after(30):

@@ -61,8 +61,16 @@ async def test_admin_routes_answer_401_without_the_token_and_work_with_it(node_c
 
 
 async def test_admin_calls_are_rate_limited_per_client(node_config):
-    async with open_node(node_config(admin_burst=5, admin_rate=0.01)) as node, httpx.AsyncClient(base_url=node.gateway_url) as client:
-        statuses = [(await client.post("/v1/dnt/_node", json={"role": ["x"]}, headers={"X-OCF-Admin-Token": "guess"})).status_code for _ in range(20)]
+    async with (
+        open_node(node_config(admin_burst=5, admin_rate=0.01)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url) as client,
+    ):
+        statuses = [
+            (
+                await client.post("/v1/dnt/_node", json={"role": ["x"]}, headers={"X-OCF-Admin-Token": "guess"})
+            ).status_code
+            for _ in range(20)
+        ]
         assert statuses == [401] * 5 + [429] * 15  # brute force gets 5 tries, then waits
         r = await client.post("/v1/dnt/_node", json={"role": ["x"]}, headers={"X-OCF-Admin-Token": node.admin_token})
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
@@ -71,14 +79,21 @@ async def test_admin_calls_are_rate_limited_per_client(node_config):
 
 
 async def test_worker_registration_is_rate_limited_per_client(node_config):
-    async with open_node(node_config(jobs=True, register_burst=3, register_rate=0.01)) as node:
-        async with httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client:
-            assert (await client.put("/v1/jobs/p", json=PROJECT)).status_code == 201
-            statuses = [(await client.post("/v1/jobs/p/workers", json={"nickname": f"w{i}", "stage": "one"})).status_code for i in range(5)]
-            assert statuses == [201, 201, 201, 429, 429]
-            r = await client.get("/v1/jobs/p/api/new", params={"stage": "a", "nickname": "compat"})  # the original's route shares the budget
-            assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
-            assert node.jobs.store.stats("p", node.jobs.clock())["workers"]["total"] == 3
+    async with (
+        open_node(node_config(jobs=True, register_burst=3, register_rate=0.01)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client,
+    ):
+        assert (await client.put("/v1/jobs/p", json=PROJECT)).status_code == 201
+        statuses = [
+            (await client.post("/v1/jobs/p/workers", json={"nickname": f"w{i}", "stage": "one"})).status_code
+            for i in range(5)
+        ]
+        assert statuses == [201, 201, 201, 429, 429]
+        r = await client.get(
+            "/v1/jobs/p/api/new", params={"stage": "a", "nickname": "compat"}
+        )  # the original's route shares the budget
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert node.jobs.store.stats("p", node.jobs.clock())["workers"]["total"] == 3
 
 
 def test_rate_limiter_memory_is_bounded_under_many_addresses():
@@ -86,4 +101,8 @@ def test_rate_limiter_memory_is_bounded_under_many_addresses():
     for i in range(50_000):
         limiter.take(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", i * 1e-4)
     assert len(limiter) <= MAX_CLIENTS
-    assert limiter.take("a", 0.0) == 0.0 and all(limiter.take("a", 0.0) == 0.0 for _ in range(4)) and limiter.take("a", 0.0) > 0
+    assert (
+        limiter.take("a", 0.0) == 0.0
+        and all(limiter.take("a", 0.0) == 0.0 for _ in range(4))
+        and limiter.take("a", 0.0) > 0
+    )

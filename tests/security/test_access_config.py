@@ -12,15 +12,25 @@ from ocf.node import open_node
 
 
 def test_service_api_keys_pair_with_services_and_stay_out_of_reprs():
-    flags = {"service.name": ["llm", "emb"], "service.port": ["8080", "8081"], "service.api-key": ["sk-backend-1", "sk-backend-2"]}
+    flags = {
+        "service.name": ["llm", "emb"],
+        "service.port": ["8080", "8081"],
+        "service.api-key": ["sk-backend-1", "sk-backend-2"],
+    }
     config = load(flags, env={})
     assert [s.api_key for s in config.services] == ["sk-backend-1", "sk-backend-2"]
     config = load(dict(flags, **{"service.api-key": ["sk-one"]}), env={})
     assert [s.api_key for s in config.services] == ["sk-one", "sk-one"]  # one key for all
     with pytest.raises(ConfigError):
         load(dict(flags, **{"service.api-key": ["a", "b", "c"]}), env={})
-    config = load({"api-key": ["sk-a,sk-b", "sk-c"], "admin-token": "adm"}, env={"OCF_CORS_ORIGINS": "https://a.example"})
-    assert config.api_keys == ("sk-a", "sk-b", "sk-c") and config.admin_token == "adm" and config.cors_origins == "https://a.example"
+    config = load(
+        {"api-key": ["sk-a,sk-b", "sk-c"], "admin-token": "adm"}, env={"OCF_CORS_ORIGINS": "https://a.example"}
+    )
+    assert (
+        config.api_keys == ("sk-a", "sk-b", "sk-c")
+        and config.admin_token == "adm"
+        and config.cors_origins == "https://a.example"
+    )
     text = repr(config) + repr(load(flags, env={}))
     assert "sk-" not in text and "adm'" not in text
 

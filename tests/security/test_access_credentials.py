@@ -35,7 +35,10 @@ async def two_nodes(node_config, port: int, **entry_overrides):
             await provider.bootstrap.wait_connected()
             await provider.services.refresh()
             with trio.fail_after(20):
-                while not any(s.get("name") == "echo" for s in (entry.table.entries().get(str(provider.peer_id)) or {}).get("service") or []):
+                while not any(
+                    s.get("name") == "echo"
+                    for s in (entry.table.entries().get(str(provider.peer_id)) or {}).get("service") or []
+                ):
                     await entry.table.wait_changed()
             yield entry, provider
 
@@ -51,16 +54,26 @@ async def test_credentials_never_reach_a_provider_and_the_backend_gets_its_own_k
         assert len(seen) >= 2
         for request in seen:
             headers = request["headers"]
-            assert "cookie" not in headers and "proxy-authorization" not in headers and "x-ocf-admin-token" not in headers
+            assert (
+                "cookie" not in headers and "proxy-authorization" not in headers and "x-ocf-admin-token" not in headers
+            )
             assert headers.get("authorization") == "Bearer provider-backend-key"  # the provider's key, not the client's
-        leaked = [h for request in seen for h in request["headers"].values() if any(s.split()[-1] in h for s in SECRETS.values())]
+        leaked = [
+            h
+            for request in seen
+            for h in request["headers"].values()
+            if any(s.split()[-1] in h for s in SECRETS.values())
+        ]
         assert leaked == []
 
 
 async def test_api_keys_guard_service_routes_with_openai_shaped_401(node_config, tmp_path):
     keys = tmp_path / "keys"
     keys.write_text("# one per line\nsk-from-file\n")
-    async with echo_backend() as (port, seen), two_nodes(node_config, port, api_keys=("sk-flag",), api_key_file=keys) as (entry, provider):
+    async with (
+        echo_backend() as (port, seen),
+        two_nodes(node_config, port, api_keys=("sk-flag",), api_key_file=keys) as (entry, provider),
+    ):
         async with httpx.AsyncClient(base_url=entry.gateway_url, timeout=30) as client:
             for path in ("/v1/service/echo/v1/x", f"/v1/p2p/{provider.peer_id}/v1/health", "/v1/_service/echo/v1/x"):
                 for headers in ({}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": "sk-flag"}):
@@ -68,7 +81,10 @@ async def test_api_keys_guard_service_routes_with_openai_shaped_401(node_config,
                     assert r.status_code == 401, (path, headers)
                     assert r.headers["www-authenticate"].startswith("Bearer")
                     error = r.json()["error"]
-                    assert error["type"] == "invalid_request_error" and error["code"] in ("missing_api_key", "invalid_api_key")
+                    assert error["type"] == "invalid_request_error" and error["code"] in (
+                        "missing_api_key",
+                        "invalid_api_key",
+                    )
             before = len(seen)
             for key in ("sk-flag", "sk-from-file"):
                 r = await client.post("/v1/service/echo/v1/x", json={}, headers={"Authorization": f"Bearer {key}"})

@@ -25,7 +25,9 @@ async def gateway(node_config):
         yield _addr(node)
 
 
-CHUNKED_POST = b"POST /v1/health HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+CHUNKED_POST = (
+    b"POST /v1/health HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
 
 
 @pytest.mark.parametrize(
@@ -48,7 +50,9 @@ async def test_loose_framing_is_refused_before_the_app(gateway, raw, status, cod
 
 
 async def test_no_redirect_names_the_clients_host(gateway):
-    reply = await read_until_close(await connect(gateway, b"GET /v1//health HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"))
+    reply = await read_until_close(
+        await connect(gateway, b"GET /v1//health HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n")
+    )
     head = reply.partition(b"\r\n\r\n")[0].lower()
     assert status_of(reply) != 308 and b"evil.example" not in head and b"\r\nlocation:" not in head
 
@@ -56,12 +60,17 @@ async def test_no_redirect_names_the_clients_host(gateway):
 async def test_gateway_health_answers_while_streams_fill_the_cap(node_config):
     """The node's own cap: every connection streams a slow completion, yet /v1/health answers."""
     async with running_mock_llm(["m1"], token_delay=0.5) as mock:
-        config = node_config(services=(ServiceSpec("llm", mock.port, "127.0.0.1"),), http_max_connections=2, http_reserve_connections=1)
+        config = node_config(
+            services=(ServiceSpec("llm", mock.port, "127.0.0.1"),), http_max_connections=2, http_reserve_connections=1
+        )
         async with open_node(config) as node:
             await node.services.refresh()
             addr = _addr(node)
             body = json.dumps(chat("m1", "one two three four five six seven eight", stream=True)).encode()
-            request = b"POST /v1/_service/llm/v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+            request = (
+                b"POST /v1/_service/llm/v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
+                % (len(body), body)
+            )
             streams = [await connect(addr, request) for _ in range(2)]
             for stream in streams:  # both responses have started: the cap is full of busy connections
                 with trio.fail_after(10):
@@ -76,7 +85,11 @@ async def test_gateway_health_answers_while_streams_fill_the_cap(node_config):
 
 
 async def test_refusals_are_counted_on_metrics(gateway):
-    for raw in (b"get / HTTP/1.1\r\nHost: t\r\n\r\n", b"get / HTTP/1.1\r\nHost: t\r\n\r\n", b"GET / HTTP/1.9\r\nHost: t\r\n\r\n"):
+    for raw in (
+        b"get / HTTP/1.1\r\nHost: t\r\n\r\n",
+        b"get / HTTP/1.1\r\nHost: t\r\n\r\n",
+        b"GET / HTTP/1.9\r\nHost: t\r\n\r\n",
+    ):
         await read_until_close(await connect(gateway, raw))
     reply = await read_until_close(await connect(gateway, get("/metrics", close=True)))
     assert status_of(reply) == 200

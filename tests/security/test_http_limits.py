@@ -28,7 +28,9 @@ async def test_health_answers_while_the_cap_is_full_and_a_connection_past_the_re
     app = EdgeApp()
     limits = ConnectionLimits(max_connections=4, reserve=1, reserved_paths=HEALTH)
     async with edge_server(app, limits=limits) as addr:
-        busy = [await connect(addr, get("/hold", close=True)) for _ in range(4)]  # the cap, all in the middle of a request
+        busy = [
+            await connect(addr, get("/hold", close=True)) for _ in range(4)
+        ]  # the cap, all in the middle of a request
         with trio.fail_after(10):
             while app.holding < 4:
                 await trio.sleep(0.01)
@@ -56,7 +58,9 @@ async def test_idle_connections_make_room_instead_of_filling_the_cap():
     async with edge_server(app, limits=limits) as addr:
         idle = [await connect(addr) for _ in range(40)]  # five times the cap, none sends a byte
         with trio.fail_after(10):
-            reply = await read_until_close(await connect(addr, b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"))
+            reply = await read_until_close(
+                await connect(addr, b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            )
         assert status_of(reply) == 200
         closed = 0
         for stream in idle:
@@ -162,7 +166,9 @@ async def test_a_trickling_body_gets_408_though_it_never_pauses_long():
 
 async def test_a_stalled_body_gets_408():
     async with edge_server(EdgeApp(), timeouts=Timeouts(body=0.3)) as addr:
-        reply = await read_until_close(await connect(addr, b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nabc"))
+        reply = await read_until_close(
+            await connect(addr, b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nabc")
+        )
         assert status_of(reply) == 408
 
 
@@ -171,7 +177,9 @@ async def test_time_the_app_leaves_the_body_unread_is_not_the_clients_fault():
     app.delay_body = 1.0  # the app reads nothing for twice the body timeout
     body = b"y" * (1 << 20)
     async with edge_server(app, timeouts=Timeouts(body=0.5, min_body_rate=1e12)) as addr:
-        stream = await connect(addr, b"POST /upload HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+        stream = await connect(
+            addr, b"POST /upload HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(stream.send_all, body)
             reply = await read_until_close(stream)

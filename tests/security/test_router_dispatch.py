@@ -15,9 +15,19 @@ async def test_quart_serves_the_route_it_is_given_not_the_path(node_config):
         inner = node.gateway.app.asgi_app.inner  # Quart itself, below the gateway's ASGI layer
         route = classify("GET", b"/v1/jobs/from-route/stats")
         scope = {
-            "type": "http", "http_version": "1.1", "method": "GET", "scheme": "http", "path": "/v1/health", "raw_path": b"/v1/health",
-            "query_string": b"", "root_path": "", "headers": [(b"host", b"x")], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
-            "extensions": {}, "ocf.route": route,
+            "type": "http",
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": "/v1/health",
+            "raw_path": b"/v1/health",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"host", b"x")],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 2),
+            "extensions": {},
+            "ocf.route": route,
         }
         sent: list[dict] = []
         done = trio.Event()

@@ -19,7 +19,9 @@ async def test_3000_odd_paths_do_not_grow_metrics(node_config):
         before = len((await client.get("/metrics")).content)
         statuses: dict[int, int] = {}
         for i in range(N):
-            path = ("/v1/health", "/v1/service/llm/v1/models", f"/v1/no-such/{i}", "/v1/jobs/p/stats")[i % 4] + "/" * (i + 1)
+            path = ("/v1/health", "/v1/service/llm/v1/models", f"/v1/no-such/{i}", "/v1/jobs/p/stats")[i % 4] + "/" * (
+                i + 1
+            )
             r = await client.get(path)
             statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
         after = len((await client.get("/metrics")).content)

@@ -31,7 +31,11 @@ async def network(node_config, mock):
     """A dispatcher and a victim offering ``llm``, both seeing the victim's service."""
     net = MemoryNetwork()
     async with open_node(node_config(mode="standalone"), memory_network=net) as dispatcher:
-        config = node_config(mode="node", bootstrap_addrs=(str(dispatcher.listen_addrs[0]),), services=(ServiceSpec("llm", mock.port, "127.0.0.1"),))
+        config = node_config(
+            mode="node",
+            bootstrap_addrs=(str(dispatcher.listen_addrs[0]),),
+            services=(ServiceSpec("llm", mock.port, "127.0.0.1"),),
+        )
         async with open_node(config, memory_network=net) as victim:
             await victim.bootstrap.wait_connected()
             await victim.services.refresh()
@@ -73,9 +77,18 @@ async def test_no_spelling_lets_a_remote_peer_edit_the_victims_entry(node_config
         # At any gateway, holding that gateway's own admin token; at the victim's, a guessed one.
         for gateway, token in ((dispatcher, dispatcher.admin_token), (victim, "guessed")):
             for target in _spellings(peer):
-                for method, body in (("DELETE", b""), ("POST", b'{"status": "left", "service": []}'), ("PUT", b"{}"), ("PATCH", b"{}")):
+                for method, body in (
+                    ("DELETE", b""),
+                    ("POST", b'{"status": "left", "service": []}'),
+                    ("PUT", b"{}"),
+                    ("PATCH", b"{}"),
+                ):
                     # Even the entry gateway's own admin token does not travel to another node.
-                    headers = {"Content-Type": "application/json", "X-OCF-Admin-Token": token, "Authorization": f"Bearer {token}"}
+                    headers = {
+                        "Content-Type": "application/json",
+                        "X-OCF-Admin-Token": token,
+                        "Authorization": f"Bearer {token}",
+                    }
                     status, _, answer = await raw_request(gateway.gateway_url, method, target, headers, body)
                     statuses[status] = statuses.get(status, 0) + 1
                     assert status in (400, 401, 403, 405), (gateway, method, target, status, answer)
@@ -90,7 +103,9 @@ async def test_no_spelling_lets_a_remote_peer_edit_the_victims_entry(node_config
 
 async def test_a_withdrawn_service_is_republished(node_config):
     async with running_mock_llm(["m1"]) as mock, network(node_config, mock) as (dispatcher, victim):
-        async with httpx.AsyncClient(base_url=victim.gateway_url, headers={"X-OCF-Admin-Token": victim.admin_token}) as operator:
+        async with httpx.AsyncClient(
+            base_url=victim.gateway_url, headers={"X-OCF-Admin-Token": victim.admin_token}
+        ) as operator:
             r = await operator.delete("/v1/dnt/_node")
             assert r.status_code == 200
         with trio.fail_after(10):  # the registrar notices its entry lost the service and writes it again
@@ -104,9 +119,15 @@ async def test_a_withdrawn_service_is_republished(node_config):
 
 async def test_an_update_over_the_record_cap_is_413_and_later_updates_still_spread(node_config):
     async with running_mock_llm(["m1"]) as mock, network(node_config, mock) as (dispatcher, victim):
-        async with httpx.AsyncClient(base_url=victim.gateway_url, headers={"X-OCF-Admin-Token": victim.admin_token}) as operator:
+        async with httpx.AsyncClient(
+            base_url=victim.gateway_url, headers={"X-OCF-Admin-Token": victim.admin_token}
+        ) as operator:
             for size in (600 * 1024, 40 * 1024):
-                r = await operator.post("/v1/dnt/_node", content=json.dumps({"hardware": {"x": "a" * size}}), headers={"Content-Type": "application/json"})
+                r = await operator.post(
+                    "/v1/dnt/_node",
+                    content=json.dumps({"hardware": {"x": "a" * size}}),
+                    headers={"Content-Type": "application/json"},
+                )
                 assert r.status_code == 413 and r.json()["error"]["code"] == "entry_too_large"
             assert len(victim.table.records[victim.peer_id].doc) < victim.config.nodetable_max_doc_bytes // 2
             r = await operator.post("/v1/dnt/_node", json={"role": ["legit"]})

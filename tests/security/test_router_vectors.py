@@ -64,8 +64,20 @@ def test_non_canonical_targets_are_400(target):
         ("POST", "/v1/jobs/crawl/workers", router.JOBS, "/v1/jobs/<project>/workers", Policy.WORKER),
         ("POST", "/v1/jobs/crawl/claim", router.JOBS_HOT, "/v1/jobs/<project>/claim", Policy.WORKER),
         ("GET", "/v1/jobs/crawl/api/new", router.JOBS_COMPAT, "/v1/jobs/<project>/api/new", Policy.WORKER),
-        ("POST", "/v1/service/llm/v1/chat/completions", router.FORWARD_SERVICE, "/v1/service/<service>/<path>", Policy.API_KEY),
-        ("POST", "/v1/_service/llm/v1/chat/completions", router.OWN_SERVICE, "/v1/_service/<service>/<path>", Policy.REMOTE_PEER),
+        (
+            "POST",
+            "/v1/service/llm/v1/chat/completions",
+            router.FORWARD_SERVICE,
+            "/v1/service/<service>/<path>",
+            Policy.API_KEY,
+        ),
+        (
+            "POST",
+            "/v1/_service/llm/v1/chat/completions",
+            router.OWN_SERVICE,
+            "/v1/_service/<service>/<path>",
+            Policy.REMOTE_PEER,
+        ),
         ("GET", f"/v1/p2p/{PEER}/v1/health", router.P2P, "/v1/p2p/<peer>/<path>", Policy.API_KEY),
         ("GET", "/v1/nothing", router.NOT_FOUND, "unmatched", Policy.PUBLIC),
         ("GET", "/v1/dnt/_node", router.METHOD_NOT_ALLOWED, "/v1/dnt/_node", Policy.PUBLIC),
@@ -99,16 +111,51 @@ def test_quart_and_the_router_know_the_same_routes():
     app = QuartTrio("t")
     for bp in (health, metrics, compat, dashboard, jobs, nodetable):
         app.register_blueprint(bp)
-    ours = {(r.method, r.label) for r in router.RULES if r.family != router.JOBS_HOT}  # hot routes are served below Quart
-    theirs = {(m, rule.rule) for rule in app.url_map.iter_rules() for m in rule.methods - {"HEAD", "OPTIONS"} if not rule.rule.startswith("/static")}
+    ours = {
+        (r.method, r.label) for r in router.RULES if r.family != router.JOBS_HOT
+    }  # hot routes are served below Quart
+    theirs = {
+        (m, rule.rule)
+        for rule in app.url_map.iter_rules()
+        for m in rule.methods - {"HEAD", "OPTIONS"}
+        if not rule.rule.startswith("/static")
+    }
     assert theirs == ours
 
 
-_SEGMENTS = st.sampled_from(["v1", "dnt", "_node", "service", "_service", "p2p", "jobs", "llm", PEER, "", ".", "..", "%2e", "%5F", "%5Fnode", "%2F", "a%20b", "\\", "x", "claim", "%73ervice"])
+_SEGMENTS = st.sampled_from(
+    [
+        "v1",
+        "dnt",
+        "_node",
+        "service",
+        "_service",
+        "p2p",
+        "jobs",
+        "llm",
+        PEER,
+        "",
+        ".",
+        "..",
+        "%2e",
+        "%5F",
+        "%5Fnode",
+        "%2F",
+        "a%20b",
+        "\\",
+        "x",
+        "claim",
+        "%73ervice",
+    ]
+)
 
 
 @settings(max_examples=1000, deadline=None)
-@given(st.lists(_SEGMENTS, min_size=0, max_size=8), st.booleans(), st.sampled_from(["GET", "POST", "DELETE", "PUT", "OPTIONS"]))
+@given(
+    st.lists(_SEGMENTS, min_size=0, max_size=8),
+    st.booleans(),
+    st.sampled_from(["GET", "POST", "DELETE", "PUT", "OPTIONS"]),
+)
 def test_only_the_canonical_spelling_reaches_admin_routes(segments, trailing, method):
     target = ("/" + "/".join(segments) + ("/" if trailing else "")).encode()
     try:
@@ -127,7 +174,12 @@ def test_only_the_canonical_spelling_reaches_admin_routes(segments, trailing, me
     if route.path:
         # Quart gets the canonical path; routing it again gives the same route.
         again = classify(method, route.path.replace("%", "%25").replace(" ", "%20").encode())
-        assert (again.family, again.label, again.policy, again.params) == (route.family, route.label, route.policy, route.params)
+        assert (again.family, again.label, again.policy, again.params) == (
+            route.family,
+            route.label,
+            route.policy,
+            route.params,
+        )
 
 
 @settings(max_examples=1000, deadline=None)

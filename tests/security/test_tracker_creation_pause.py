@@ -91,10 +91,22 @@ class LongestStep(trio.abc.Instrument):
 
 
 async def _creation_pause(node_config, count: int) -> dict[str, float]:
-    async with open_node(node_config(jobs=True)) as node, httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}, timeout=600) as http:
+    async with (
+        open_node(node_config(jobs=True)) as node,
+        httpx.AsyncClient(
+            base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}, timeout=600
+        ) as http,
+    ):
         assert (await http.put("/v1/jobs/bomb", json={"stages": ["one"]})).status_code == 201
         body = b"[" + b",".join([b"0"] * count) + b"]"
-        figures = {"max_gap": 0.0, "baseline_gap": 0.0, "longest_step": 0.0, "longest_gc": 0.0, "health": 0.0, "health_max": 0.0}
+        figures = {
+            "max_gap": 0.0,
+            "baseline_gap": 0.0,
+            "longest_step": 0.0,
+            "longest_gc": 0.0,
+            "health": 0.0,
+            "health_max": 0.0,
+        }
         gaps: dict[str, list[float]] = {"max_gap": [], "baseline_gap": []}
         steps = LongestStep()
         trio.lowlevel.add_instrument(steps)

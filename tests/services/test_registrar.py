@@ -33,7 +33,11 @@ async def test_backend_started_after_the_node_is_picked_up(node_config):
             await node.services.refresh()
             assert node.services.status("llm") == "healthy"
             assert llm_record(node) == {
-                "name": "llm", "host": "127.0.0.1", "port": port, "status": "healthy", "identity_group": ["model=m1", "model=m2"],
+                "name": "llm",
+                "host": "127.0.0.1",
+                "port": port,
+                "status": "healthy",
+                "identity_group": ["model=m1", "model=m2"],
             }
             if node.table is not None:
                 own = node.table.own_entry()
@@ -59,7 +63,13 @@ async def test_models_added_removed_and_backend_down_update_the_record(node_conf
             assert llm_record(node)["identity_group"] == ["model=m3"]  # last known, so routing can say 503 not 404
             async with running_mock_llm(["m4"], port=port):
                 await node.services.refresh()
-                assert llm_record(node) == {"name": "llm", "host": "127.0.0.1", "port": port, "status": "healthy", "identity_group": ["model=m4"]}
+                assert llm_record(node) == {
+                    "name": "llm",
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "status": "healthy",
+                    "identity_group": ["model=m4"],
+                }
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("service models changed name=llm models=m1,m3") for m in messages)
     assert any(m.startswith("service unhealthy name=llm") for m in messages)
@@ -69,7 +79,9 @@ async def test_non_llm_service_has_no_identity_groups(node_config):
     async with running_mock_llm(["ignored"]) as mock:
         async with open_node(node_config(services=(ServiceSpec("foo", mock.port, "127.0.0.1"),))) as node:
             await node.services.refresh()
-            assert node.services.records() == [{"name": "foo", "host": "127.0.0.1", "port": mock.port, "status": "healthy", "identity_group": []}]
+            assert node.services.records() == [
+                {"name": "foo", "host": "127.0.0.1", "port": mock.port, "status": "healthy", "identity_group": []}
+            ]
 
 
 async def test_llm_without_health_route_counts_as_up_if_it_lists_models(node_config):
@@ -124,7 +136,9 @@ async def test_internal_service_validation(node_config):
 
 
 def test_parse_models():
-    assert parse_models({"data": [{"id": "b"}, {"id": "a"}, {"id": "a"}, {"id": 3}, "c", {"x": 1}, {"id": "bad,comma"}]}) == ("a", "b", "c")
+    assert parse_models(
+        {"data": [{"id": "b"}, {"id": "a"}, {"id": "a"}, {"id": 3}, "c", {"x": 1}, {"id": "bad,comma"}]}
+    ) == ("a", "b", "c")
     assert parse_models([{"id": "x"}]) == ("x",)
     with pytest.raises(Exception):
         parse_models({"models": []})

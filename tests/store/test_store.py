@@ -23,17 +23,15 @@ def test_roundtrip_and_named_dbs(tmp_path):
 
 def test_aborted_transaction_leaves_nothing(tmp_path):
     with Store.open(tmp_path) as store:
-        with pytest.raises(RuntimeError):
-            with store.write() as txn:
-                store.put_bytes("a", b"k", b"v", txn)
-                raise RuntimeError("boom")
+        with pytest.raises(RuntimeError), store.write() as txn:
+            store.put_bytes("a", b"k", b"v", txn)
+            raise RuntimeError("boom")
         assert store.get_bytes("a", b"k") is None
 
 
 def test_second_open_in_same_process_is_refused(tmp_path):
-    with Store.open(tmp_path):
-        with pytest.raises(DataDirLocked, match=str(os.getpid())):
-            Store.open(tmp_path)
+    with Store.open(tmp_path), pytest.raises(DataDirLocked, match=str(os.getpid())):
+        Store.open(tmp_path)
     Store.open(tmp_path).close()  # released on close
 
 
@@ -93,18 +91,14 @@ def test_creating_a_db_inside_a_write_txn_does_not_deadlock(tmp_path):
         with store.write() as txn:
             txn.put(b"k", b"v", db=store.db("fresh"))
         assert store.get_bytes("fresh", b"k") == b"v"
-        with pytest.raises(RuntimeError):
-            with store.write() as txn:
-                txn.put(b"k", b"v", db=store.db("aborted"))
-                raise RuntimeError
+        with pytest.raises(RuntimeError), store.write() as txn:
+            txn.put(b"k", b"v", db=store.db("aborted"))
+            raise RuntimeError
         assert store.get_bytes("aborted", b"k") is None
 
 
 def test_nested_write_is_refused(tmp_path):
     from ocf.errors import StoreError
 
-    with Store.open(tmp_path) as store:
-        with store.write():
-            with pytest.raises(StoreError, match="nested"):
-                with store.write():
-                    pass
+    with Store.open(tmp_path) as store, store.write(), pytest.raises(StoreError, match="nested"), store.write():
+        pass

@@ -55,28 +55,27 @@ async def test_keeper_connects_and_reconnects_with_backoff(autojump_clock):
     net = MemoryNetwork()
     seed_addr = Multiaddr.parse(f"/memory/seed/p2p/{SEED.peer_id}")
     config = Config(mode="node", bootstrap_addrs=(str(seed_addr),))
-    async with open_host(WORKER, config, net) as worker:
-        async with open_bootstrap(worker, config) as boot:
-            # The seed is not up yet: attempts at t = 0, 5, 15, 35 s (backoff 5, 10, 20)...
-            await trio.sleep(34)
-            assert boot.attempts == 3
-            await trio.sleep(2)
-            assert boot.attempts == 4
-            # Seed comes up (same identity, same address): the keeper connects.
-            async with worker.subscribe() as events:
-                async with open_host(SEED, Config(), net, memory_name="seed"):
-                    ev = await events.receive()
-                    assert (ev.kind, ev.peer) == ("connected", SEED.peer_id)
-                    await trio.testing.wait_all_tasks_blocked()
-                    assert SEED.peer_id in boot.connected
-                # Seed goes away and comes back: reconnected after the initial 5 s delay.
+    async with open_host(WORKER, config, net) as worker, open_bootstrap(worker, config) as boot:
+        # The seed is not up yet: attempts at t = 0, 5, 15, 35 s (backoff 5, 10, 20)...
+        await trio.sleep(34)
+        assert boot.attempts == 3
+        await trio.sleep(2)
+        assert boot.attempts == 4
+        # Seed comes up (same identity, same address): the keeper connects.
+        async with worker.subscribe() as events:
+            async with open_host(SEED, Config(), net, memory_name="seed"):
                 ev = await events.receive()
-                assert (ev.kind, ev.peer) == ("disconnected", SEED.peer_id)
-                async with open_host(SEED, Config(), net, memory_name="seed"):
-                    t1 = trio.current_time()
-                    ev = await events.receive()
-                    assert (ev.kind, ev.peer) == ("connected", SEED.peer_id)
-                    assert trio.current_time() - t1 <= BACKOFF_INITIAL + 1
+                assert (ev.kind, ev.peer) == ("connected", SEED.peer_id)
+                await trio.testing.wait_all_tasks_blocked()
+                assert SEED.peer_id in boot.connected
+            # Seed goes away and comes back: reconnected after the initial 5 s delay.
+            ev = await events.receive()
+            assert (ev.kind, ev.peer) == ("disconnected", SEED.peer_id)
+            async with open_host(SEED, Config(), net, memory_name="seed"):
+                t1 = trio.current_time()
+                ev = await events.receive()
+                assert (ev.kind, ev.peer) == ("connected", SEED.peer_id)
+                assert trio.current_time() - t1 <= BACKOFF_INITIAL + 1
 
 
 async def test_standalone_never_dials(autojump_clock):

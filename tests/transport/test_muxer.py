@@ -65,6 +65,7 @@ async def test_many_concurrent_streams_carry_their_own_data():
             s = await client.open_stream()
             payload = os.urandom(1000 + i * 37)
             async with trio.open_nursery() as n:
+
                 async def sender():
                     await s.send_all(payload)
                     await s.send_eof()
@@ -89,6 +90,7 @@ async def test_large_transfer_beyond_window():
     async with pair() as (client, _):
         s = await client.open_stream()
         async with trio.open_nursery() as n:
+
             async def sender():
                 await s.send_all(payload)
                 await s.send_eof()

@@ -40,7 +40,10 @@ def test_xsalsa20_go_vectors():
 def test_xsalsa20_nacl_vector():
     key = bytes.fromhex("1b27556473e985d462cd51197a9a46c76009549eac6474f206c4ee0844f68389")
     nonce = bytes.fromhex("69696ee955b62b73cd62bda875fc73d68219e0036b7a0b37")
-    assert pnet.XSalsa20Stream(key, nonce).process(bytes(32)).hex() == "eea6a7251c1e72916d11c2cb214d3c252539121d8e234e652d651fa4c8cff880"
+    assert (
+        pnet.XSalsa20Stream(key, nonce).process(bytes(32)).hex()
+        == "eea6a7251c1e72916d11c2cb214d3c252539121d8e234e652d651fa4c8cff880"
+    )
 
 
 @settings(max_examples=200, deadline=None)
@@ -241,7 +244,9 @@ def test_start_exits_2_on_bad_key(tmp_path, capsys):
     bad.write_text("/key/swarm/psk/1.0.0/\n/base16/\nabcd\n")
     assert main(["start", "--network-key", str(bad), "--data-dir", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("ocf start: error: --network-key:") and "must be 32 bytes" in err and len(err.splitlines()) == 1
+    assert (
+        err.startswith("ocf start: error: --network-key:") and "must be 32 bytes" in err and len(err.splitlines()) == 1
+    )
 
 
 def test_keygen_swarm_writes_private_key_file(tmp_path, capsys):
@@ -319,7 +324,11 @@ async def test_same_key_connects_and_carries_data(transport):
         assert a.upgrader.protector.stats == {"protected": 1, "refused": 0}
 
 
-@pytest.mark.parametrize(("key_a", "key_b"), [(KEY_A, KEY_B), (None, KEY_B), (KEY_A, None)], ids=["other-key", "dialer-open", "listener-open"])
+@pytest.mark.parametrize(
+    ("key_a", "key_b"),
+    [(KEY_A, KEY_B), (None, KEY_B), (KEY_A, None)],
+    ids=["other-key", "dialer-open", "listener-open"],
+)
 async def test_outsider_is_refused_before_noise(key_a, key_b, noise_states):
     async with two_hosts(key_a, key_b, MemoryNetwork()) as (a, b):
         t0 = trio.current_time()

@@ -83,9 +83,14 @@ def test_minimal_and_padded_encodings_decode_alike(value, pad):
 
 def test_iter_fields_reads_a_10_byte_varint_field_and_padded_keys_and_lengths():
     data = bytes.fromhex(
-        "08" "ffffffffffffffffff01"  # field 1, varint: uint64 max
-        "9200" "83" "00" "616263"  # field 2 (padded key), length 3 padded to 2 bytes, "abc"
-        "0896" "01"  # field 1 again: 150
+        "08"
+        "ffffffffffffffffff01"  # field 1, varint: uint64 max
+        "9200"
+        "83"
+        "00"
+        "616263"  # field 2 (padded key), length 3 padded to 2 bytes, "abc"
+        "0896"
+        "01"  # field 1 again: 150
     )
     assert list(protobuf.iter_fields(data)) == [(1, U64_MAX), (2, b"abc"), (1, 150)]
 
@@ -95,9 +100,9 @@ def test_iter_fields_reads_a_10_byte_varint_field_and_padded_keys_and_lengths():
     [
         ("00", "field number 0"),
         ("808080801000", "out of range"),  # field number 2**29 (wire 0): one past protobuf's maximum
-        ("0a" "ffffffffffffffffff01", "truncated"),  # a 2**64-1 length: refused, never allocated
-        ("0a05" "6162", "truncated"),
-        ("09" "00000000", "truncated"),  # fixed64 with 4 bytes
+        ("0affffffffffffffffff01", "truncated"),  # a 2**64-1 length: refused, never allocated
+        ("0a056162", "truncated"),
+        ("0900000000", "truncated"),  # fixed64 with 4 bytes
         ("0b", "wire type 3"),
     ],
 )

@@ -325,7 +325,7 @@ def test_well_formed_frames_any_order_keep_invariants(frames, split):
     assert s._growth == sum(s.recv_window(sid) - INITIAL_WINDOW for sid in s.stream_ids())
     for sid in s.stream_ids():
         state = s._streams[sid]
-        assert 0 <= state.recv_buffered
+        assert state.recv_buffered >= 0
         assert state.recv_buffered + state.recv_credit <= state.recv_target
 
 

@@ -18,7 +18,8 @@ import time
 import uuid
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
+from collections.abc import Iterable, Iterator
 
 import httpx
 
@@ -36,11 +37,31 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="Manage a job tracker: projects, job creation, status, results.",
         description="Manage the job tracker hosted by a node started with --jobs (over its HTTP API).",
     )
-    p.add_argument("--url", default=os.environ.get("OCF_TRACKER_URL", DEFAULT_URL), help=f"Gateway URL of the tracker node, or of any node with --via-network (default: $OCF_TRACKER_URL or {DEFAULT_URL}).")
-    p.add_argument("--via-network", action="store_true", help="Reach the tracker through this node's /v1/service/jobs route (the tracker may be any peer).")
-    p.add_argument("--admin-token", default=os.environ.get("OCF_ADMIN_TOKEN") or os.environ.get("OCF_JOBS_ADMIN_TOKEN"), metavar="TOKEN", help="The tracker node's admin token, for 'project' and 'create' (default: $OCF_ADMIN_TOKEN, else read from --data-dir).")
-    p.add_argument("--data-dir", default=os.environ.get("OCF_DATA_DIR", "~/.ocf"), metavar="DIR", help="Data directory of the tracker node, whose admin.token is used when --admin-token is not given (default: $OCF_DATA_DIR or ~/.ocf).")
-    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS", help="HTTP timeout per request (default: 60).")
+    p.add_argument(
+        "--url",
+        default=os.environ.get("OCF_TRACKER_URL", DEFAULT_URL),
+        help=f"Gateway URL of the tracker node, or of any node with --via-network (default: $OCF_TRACKER_URL or {DEFAULT_URL}).",
+    )
+    p.add_argument(
+        "--via-network",
+        action="store_true",
+        help="Reach the tracker through this node's /v1/service/jobs route (the tracker may be any peer).",
+    )
+    p.add_argument(
+        "--admin-token",
+        default=os.environ.get("OCF_ADMIN_TOKEN") or os.environ.get("OCF_JOBS_ADMIN_TOKEN"),
+        metavar="TOKEN",
+        help="The tracker node's admin token, for 'project' and 'create' (default: $OCF_ADMIN_TOKEN, else read from --data-dir).",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=os.environ.get("OCF_DATA_DIR", "~/.ocf"),
+        metavar="DIR",
+        help="Data directory of the tracker node, whose admin.token is used when --admin-token is not given (default: $OCF_DATA_DIR or ~/.ocf).",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=60.0, metavar="SECONDS", help="HTTP timeout per request (default: 60)."
+    )
     jobs_sub = p.add_subparsers(dest="jobs_command", metavar="ACTION")
     jobs_sub.required = True
 
@@ -53,9 +74,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="example: ocf jobs project laion-crawl --stage crawl:600 --stage embed:1800:fanout --stage filter",
     )
     q.add_argument("project", help="Project name (letters, digits, '_', '.', '-').")
-    q.add_argument("--stage", action="append", required=True, metavar="NAME[:LEASE][:fanout]", help="A stage, in order (repeat, 1-5 times): its name, lease timeout in seconds (default: the node's --jobs.lease-timeout) and 'fanout' if a list output becomes one next-stage job per element.")
-    q.add_argument("--max-attempts", type=int, metavar="N", help="Leases a job gets before it is marked failed (default: the node's --jobs.max-attempts).")
-    q.add_argument("--flag-threshold", type=int, metavar="N", help="Distinct workers flagging an input before it is redone at the previous stage (default: the node's --jobs.flag-threshold).")
+    q.add_argument(
+        "--stage",
+        action="append",
+        required=True,
+        metavar="NAME[:LEASE][:fanout]",
+        help="A stage, in order (repeat, 1-5 times): its name, lease timeout in seconds (default: the node's --jobs.lease-timeout) and 'fanout' if a list output becomes one next-stage job per element.",
+    )
+    q.add_argument(
+        "--max-attempts",
+        type=int,
+        metavar="N",
+        help="Leases a job gets before it is marked failed (default: the node's --jobs.max-attempts).",
+    )
+    q.add_argument(
+        "--flag-threshold",
+        type=int,
+        metavar="N",
+        help="Distinct workers flagging an input before it is redone at the previous stage (default: the node's --jobs.flag-threshold).",
+    )
     q.set_defaults(func=cmd_project)
 
     q = jobs_sub.add_parser(
@@ -65,11 +102,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     q.add_argument("project", help="Project to add jobs to.")
     source = q.add_mutually_exclusive_group(required=True)
-    source.add_argument("--range", metavar="A:B|A..B", help="Integers A..B-1 (A:B) or A..B inclusive (A..B), optional :STEP.")
-    source.add_argument("--pattern", metavar="PATTERN", help="Brace expansion, e.g. 'shard-{00000..99999}.tar' or '{en,de}/part-{1..9}'.")
+    source.add_argument(
+        "--range", metavar="A:B|A..B", help="Integers A..B-1 (A:B) or A..B inclusive (A..B), optional :STEP."
+    )
+    source.add_argument(
+        "--pattern",
+        metavar="PATTERN",
+        help="Brace expansion, e.g. 'shard-{00000..99999}.tar' or '{en,de}/part-{1..9}'.",
+    )
     source.add_argument("--lines", metavar="FILE", help="One job per non-empty line, as a string ('-' for stdin).")
     source.add_argument("--jsonl", metavar="FILE", help="One job per line, each line a JSON value ('-' for stdin).")
-    source.add_argument("--json", metavar="FILE", help="A JSON list, one job per element, read incrementally ('-' for stdin).")
+    source.add_argument(
+        "--json", metavar="FILE", help="A JSON list, one job per element, read incrementally ('-' for stdin)."
+    )
     q.add_argument("--batch", type=int, default=20_000, metavar="N", help="Jobs per request (default: 20000).")
     q.set_defaults(func=cmd_create)
 
@@ -81,7 +126,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = jobs_sub.add_parser("results", help="Download a project's results as JSON lines.")
     q.add_argument("project")
     q.add_argument("-o", "--output", metavar="FILE", help="Write to FILE instead of stdout.")
-    q.add_argument("--with-input", action="store_true", help="Add each result's input (and, for later stages, the stage-1 input it descends from).")
+    q.add_argument(
+        "--with-input",
+        action="store_true",
+        help="Add each result's input (and, for later stages, the stage-1 input it descends from).",
+    )
     q.set_defaults(func=cmd_results)
 
     q = jobs_sub.add_parser("leaderboard", help="Jobs completed per user and per worker (the whole board, paged).")
@@ -136,7 +185,9 @@ def cmd_list(args: argparse.Namespace, http: httpx.Client) -> int:
         print("no projects (create one with: ocf jobs project NAME --stage ...)")
     for p in projects:
         stages = " -> ".join(s["name"] for s in p["stages"])
-        print(f"{p['name']:<24} {p['completion'] * 100:6.2f}%  eta {format_eta(p['eta_seconds']):<12} results {p['results']:<10} {stages}")
+        print(
+            f"{p['name']:<24} {p['completion'] * 100:6.2f}%  eta {format_eta(p['eta_seconds']):<12} results {p['results']:<10} {stages}"
+        )
     return 0
 
 
@@ -163,7 +214,12 @@ def cmd_project(args: argparse.Namespace, http: httpx.Client) -> int:
     response = http.put(f"{_base(args)}/{args.project}", json=body)
     project = _raise_for(response)
     verb = "created" if response.status_code == 201 else "exists (same definition)"
-    print(f"project {project['name']} {verb}: " + " -> ".join(f"{s['name']} (lease {s['lease_timeout']:g}s{', fanout' if s['fanout'] else ''})" for s in project["stages"]))
+    print(
+        f"project {project['name']} {verb}: "
+        + " -> ".join(
+            f"{s['name']} (lease {s['lease_timeout']:g}s{', fanout' if s['fanout'] else ''})" for s in project["stages"]
+        )
+    )
     return 0
 
 
@@ -217,7 +273,12 @@ def cmd_create(args: argparse.Namespace, http: httpx.Client) -> int:
             created += answer["created"]
             elapsed = time.monotonic() - started
             of = f"/{total_hint}" if total_hint else ""
-            print(f"\rcreated {created}{of} jobs ({created / max(elapsed, 1e-9):,.0f}/s)", end="", file=sys.stderr, flush=True)
+            print(
+                f"\rcreated {created}{of} jobs ({created / max(elapsed, 1e-9):,.0f}/s)",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
         print(file=sys.stderr)
     print(f"created {created} jobs in project {args.project} in {time.monotonic() - started:.1f}s")
     return 0
@@ -229,10 +290,14 @@ def cmd_status(args: argparse.Namespace, http: httpx.Client) -> int:
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
-    print(f"project {stats['project']}: {stats['completion'] * 100:.2f}% complete, ETA {format_eta(stats['eta_seconds'])}, {stats['results']} results, {stats['workers']['active']} active workers")
+    print(
+        f"project {stats['project']}: {stats['completion'] * 100:.2f}% complete, ETA {format_eta(stats['eta_seconds'])}, {stats['results']} results, {stats['workers']['active']} active workers"
+    )
     print(f"{'stage':<16}{'pending':>10}{'leased':>10}{'done':>10}{'failed':>10}{'progress':>10}{'jobs/s':>10}")
     for s in stats["stages"]:
-        print(f"{s['name']:<16}{s['pending']:>10}{s['leased']:>10}{s['done']:>10}{s['failed']:>10}{s['progress'] * 100:>9.1f}%{s['rate_per_s']:>10.2f}")
+        print(
+            f"{s['name']:<16}{s['pending']:>10}{s['leased']:>10}{s['done']:>10}{s['failed']:>10}{s['progress'] * 100:>9.1f}%{s['rate_per_s']:>10.2f}"
+        )
     return 0
 
 
@@ -253,11 +318,16 @@ def cmd_results(args: argparse.Namespace, http: httpx.Client) -> int:
 
 @_guard
 def cmd_leaderboard(args: argparse.Namespace, http: httpx.Client) -> int:
-    board = _raise_for(http.get(f"{_base(args)}/{args.project}/leaderboard", params={"limit": args.limit, "offset": args.offset}))
+    board = _raise_for(
+        http.get(f"{_base(args)}/{args.project}/leaderboard", params={"limit": args.limit, "offset": args.offset})
+    )
     for kind in ("users", "workers"):
         total = board.get("total", {}).get(kind)
         shown = len(board[kind])
-        print(f"{kind}:" + (f" {args.offset + 1 if shown else 0}-{args.offset + shown} of {total}" if total is not None else ""))
+        print(
+            f"{kind}:"
+            + (f" {args.offset + 1 if shown else 0}-{args.offset + shown} of {total}" if total is not None else "")
+        )
         print(f"  {'name':<28}{'all time':>10}{'24 h':>10}")
         for row in board[kind]:
             print(f"  {row['name']:<28}{row['total']:>10}{row['total_24h']:>10}")

@@ -33,11 +33,31 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Connect to a libp2p peer (ours or any other implementation) and measure round-trip times with /ipfs/ping/1.0.0.",
         epilog="example: ocf ping /ip4/127.0.0.1/tcp/43905/p2p/12D3KooW... --count 3",
     )
-    p.add_argument("addr", metavar="MULTIADDR", help="Peer address, e.g. /ip4/1.2.3.4/tcp/43905/p2p/<peer id> (also /ws).")
+    p.add_argument(
+        "addr", metavar="MULTIADDR", help="Peer address, e.g. /ip4/1.2.3.4/tcp/43905/p2p/<peer id> (also /ws)."
+    )
     p.add_argument("-c", "--count", type=_positive_int, default=4, metavar="N", help="Number of pings (default: 4).")
-    p.add_argument("-i", "--interval", type=_positive_float, default=1.0, metavar="SECONDS", help="Seconds between pings (default: 1).")
-    p.add_argument("--timeout", type=_positive_float, default=10.0, metavar="SECONDS", help="Seconds to wait for the connection and for each reply (default: 10).")
-    p.add_argument("--network-key", metavar="FILE", default=None, help="Ping a node of a private network: its swarm.key file (as the node's --network-key; also OCF_NETWORK_KEY).")
+    p.add_argument(
+        "-i",
+        "--interval",
+        type=_positive_float,
+        default=1.0,
+        metavar="SECONDS",
+        help="Seconds between pings (default: 1).",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=10.0,
+        metavar="SECONDS",
+        help="Seconds to wait for the connection and for each reply (default: 10).",
+    )
+    p.add_argument(
+        "--network-key",
+        metavar="FILE",
+        default=None,
+        help="Ping a node of a private network: its swarm.key file (as the node's --network-key; also OCF_NETWORK_KEY).",
+    )
     p.set_defaults(func=run)
 
 
@@ -91,7 +111,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
-async def _ping(addr: Multiaddr, count: int, interval: float, timeout: float, network_key: NetworkKey | None = None) -> int:
+async def _ping(
+    addr: Multiaddr, count: int, interval: float, timeout: float, network_key: NetworkKey | None = None
+) -> int:
     from ..transport import open_host
     from ..transport.ping import PING_SIZE, open_ping_stream, ping_once
 

@@ -37,7 +37,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", metavar="FILE", default=None, help="TOML file with settings (flags and OCF_* variables override it).")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="TOML file with settings (flags and OCF_* variables override it).",
+    )
     groups: dict[str, argparse._ArgumentGroup] = {}
     for s in SETTINGS:
         group = groups.get(s.group)
@@ -45,9 +50,13 @@ def register(sub: argparse._SubParsersAction) -> None:
             group = groups[s.group] = p.add_argument_group(f"{s.group} options")
         dest = "flag:" + s.flag
         if s.is_switch:
-            group.add_argument(f"--{s.flag}", dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=s.help)
+            group.add_argument(
+                f"--{s.flag}", dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=s.help
+            )
         elif s.flag in ("bootstrap.addr", "service.name", "service.port", "service.api-key", "api-key"):
-            group.add_argument(f"--{s.flag}", dest=dest, action="append", default=argparse.SUPPRESS, metavar=s.metavar, help=s.help)
+            group.add_argument(
+                f"--{s.flag}", dest=dest, action="append", default=argparse.SUPPRESS, metavar=s.metavar, help=s.help
+            )
         else:
             group.add_argument(f"--{s.flag}", dest=dest, default=argparse.SUPPRESS, metavar=s.metavar, help=s.help)
     p.set_defaults(func=run)
@@ -82,7 +91,11 @@ async def _serve(config) -> None:  # type: ignore[no-untyped-def]
         async with open_node(config) as node:
             assert node.gateway is not None
             listening = ", ".join(b.split("://", 1)[-1] for b in node.gateway.binds)
-            print(f"ocf node {node.peer_id} ready; gateway {node.gateway_url} (listening on {listening})", file=sys.stderr, flush=True)
+            print(
+                f"ocf node {node.peer_id} ready; gateway {node.gateway_url} (listening on {listening})",
+                file=sys.stderr,
+                flush=True,
+            )
             async for signum in signals:
                 log.info("shutdown requested %s", logfmt.kv(signal=signal.Signals(signum).name))
                 break

@@ -19,7 +19,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Write a new random pre-shared key in the swarm.key format that go-libp2p, js-libp2p and IPFS read. Nodes started with --network-key FILE talk only to nodes with the same key.",
         epilog="example: ocf keygen-swarm ~/.ocf/swarm.key && ocf start --network-key ~/.ocf/swarm.key",
     )
-    p.add_argument("file", metavar="FILE", help="Where to write the key ('-' for standard output); an existing file is never overwritten.")
+    p.add_argument(
+        "file",
+        metavar="FILE",
+        help="Where to write the key ('-' for standard output); an existing file is never overwritten.",
+    )
     p.set_defaults(func=run)
 
 
@@ -45,5 +49,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     with os.fdopen(fd, "wb") as f:
         f.write(data)
-    print(f"wrote a new network key to {path}; copy it to every node of the network and start them with --network-key {path}", file=sys.stderr)
+    print(
+        f"wrote a new network key to {path}; copy it to every node of the network and start them with --network-key {path}",
+        file=sys.stderr,
+    )
     return 0

@@ -49,18 +49,45 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Register as a worker of one stage and run COMMAND for each job (input on stdin, output from stdout).",
         epilog="example: ocf worker --url http://tracker:8092 --project laion-crawl --stage crawl --nickname alice -- python crawl.py",
     )
-    p.add_argument("--url", default=os.environ.get("OCF_TRACKER_URL", DEFAULT_URL), help=f"Gateway URL of the tracker node, or of any node with --via-network (default: $OCF_TRACKER_URL or {DEFAULT_URL}).")
-    p.add_argument("--via-network", action="store_true", help="Reach the tracker through this node's /v1/service/jobs route.")
+    p.add_argument(
+        "--url",
+        default=os.environ.get("OCF_TRACKER_URL", DEFAULT_URL),
+        help=f"Gateway URL of the tracker node, or of any node with --via-network (default: $OCF_TRACKER_URL or {DEFAULT_URL}).",
+    )
+    p.add_argument(
+        "--via-network", action="store_true", help="Reach the tracker through this node's /v1/service/jobs route."
+    )
     p.add_argument("--project", required=True, help="Project to work on.")
     p.add_argument("--stage", required=True, help="Stage name (or number, or letter a-e).")
-    p.add_argument("--nickname", default=os.environ.get("USER", "anonymous"), help="Your name on the leaderboard (default: $USER).")
+    p.add_argument(
+        "--nickname", default=os.environ.get("USER", "anonymous"), help="Your name on the leaderboard (default: $USER)."
+    )
     p.add_argument("--user", help="Account the leaderboard credits (default: the nickname).")
     p.add_argument("--batch", type=int, default=1, metavar="N", help="Jobs leased per request (default: 1).")
-    p.add_argument("--output", choices=("text", "json"), default="text", help="How stdout becomes the output: the text (trailing newline removed) or parsed JSON (default: text).")
-    p.add_argument("--until-empty", action="store_true", help="Exit when the stage has no pending jobs instead of waiting for more.")
-    p.add_argument("--max-backoff", type=float, default=60.0, metavar="SECONDS", help="Longest pause between retries after the tracker is unreachable or the command fails (default: 60).")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"), help="Log level (default: info).")
-    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="The command to run per job, after '--'.")
+    p.add_argument(
+        "--output",
+        choices=("text", "json"),
+        default="text",
+        help="How stdout becomes the output: the text (trailing newline removed) or parsed JSON (default: text).",
+    )
+    p.add_argument(
+        "--until-empty",
+        action="store_true",
+        help="Exit when the stage has no pending jobs instead of waiting for more.",
+    )
+    p.add_argument(
+        "--max-backoff",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="Longest pause between retries after the tracker is unreachable or the command fails (default: 60).",
+    )
+    p.add_argument(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error"), help="Log level (default: info)."
+    )
+    p.add_argument(
+        "command", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="The command to run per job, after '--'."
+    )
     p.set_defaults(func=run)
 
 
@@ -166,7 +193,9 @@ def _backoff(attempt: int, cap: float) -> float:
 
 async def _work(args: argparse.Namespace, command: list[str], tally: Tally) -> None:
     unreachable = 0
-    async with connect(args.url, args.project, nickname=args.nickname, user=args.user, via_network=args.via_network) as tracker:
+    async with connect(
+        args.url, args.project, nickname=args.nickname, user=args.user, via_network=args.via_network
+    ) as tracker:
         announced = False
         while True:
             try:
@@ -182,7 +211,10 @@ async def _work(args: argparse.Namespace, command: list[str], tally: Tally) -> N
             except httpx.TransportError as exc:
                 delay = _backoff(unreachable, args.max_backoff)
                 unreachable += 1
-                print(f"ocf worker: tracker unreachable ({exc.__class__.__name__}); retrying in {delay:.1f}s", file=sys.stderr)
+                print(
+                    f"ocf worker: tracker unreachable ({exc.__class__.__name__}); retrying in {delay:.1f}s",
+                    file=sys.stderr,
+                )
                 await trio.sleep(delay)
             except TrackerError as exc:
                 if exc.status in UNAVAILABLE:
@@ -224,14 +256,20 @@ async def _run_one(command: list[str], job: Any, output_mode: str) -> Any:
     if len(text) <= MAX_ENV_INPUT:
         env["OCF_JOB_INPUT"] = text
     try:
-        result = await trio.run_process(command, stdin=text.encode(), capture_stdout=True, capture_stderr=True, env=env, check=False)
+        result = await trio.run_process(
+            command, stdin=text.encode(), capture_stdout=True, capture_stderr=True, env=env, check=False
+        )
     except FileNotFoundError:
         raise CommandUnusable(f"command not found: {command[0]}", 127) from None
     except PermissionError:
         raise CommandUnusable(f"command is not executable: {command[0]}", 126) from None
     if result.returncode != 0:
         tail = result.stderr.decode(errors="replace").strip()[-500:]
-        how = f"killed by signal {-result.returncode}" if result.returncode < 0 else f"exited with code {result.returncode}"
+        how = (
+            f"killed by signal {-result.returncode}"
+            if result.returncode < 0
+            else f"exited with code {result.returncode}"
+        )
         raise CommandFailed(f"command {how}" + (f": {tail}" if tail else " (no stderr)"))
     out = result.stdout.decode(errors="replace")
     if output_mode == "json":

@@ -23,7 +23,8 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from .. import log as logfmt
 from ..errors import ConfigError, Forbidden, TooManyRequests, Unauthorized
@@ -66,7 +67,7 @@ def load_or_create_admin_token(data_dir: Path, configured: str | None = None) ->
     return token
 
 
-def read_api_keys(config: "Config") -> frozenset[bytes]:
+def read_api_keys(config: Config) -> frozenset[bytes]:
     """SHA-256 digests of every configured API key."""
     keys = list(config.api_keys)
     if config.api_key_file is not None:
@@ -92,7 +93,7 @@ def bearer(headers: list[tuple[bytes, bytes]]) -> bytes | None:
 class Access:
     """Applies a route's policy to one request (raises the error to answer with)."""
 
-    def __init__(self, config: "Config", admin_token: str, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: Config, admin_token: str, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.admin_token = admin_token.encode()
         self.api_keys = read_api_keys(config)
         self.admin_limit = RateLimiter(config.admin_rate, config.admin_burst)
@@ -134,7 +135,9 @@ class Access:
     def _check_api_key(self, headers: list[tuple[bytes, bytes]]) -> None:
         key = bearer(headers)
         if key is None:
-            raise Unauthorized("you must provide an API key (Authorization: Bearer <key>)", code="missing_api_key", realm="ocf")
+            raise Unauthorized(
+                "you must provide an API key (Authorization: Bearer <key>)", code="missing_api_key", realm="ocf"
+            )
         if _digest(key) not in self.api_keys:
             raise Unauthorized("incorrect API key provided", code="invalid_api_key", realm="ocf")
 
@@ -143,7 +146,9 @@ class Access:
         key = str(client[0]) if client else "-"
         wait = limiter.take(key, self.clock())
         if wait > 0:
-            raise TooManyRequests(f"too many {what} from this address; retry later", retry_after=retry_after(wait), code="rate_limited")
+            raise TooManyRequests(
+                f"too many {what} from this address; retry later", retry_after=retry_after(wait), code="rate_limited"
+            )
 
 
 def strip_credentials(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

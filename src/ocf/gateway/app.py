@@ -48,7 +48,9 @@ class GatewayApp(QuartTrio):
             return adapter
         rules = self.extensions.get("ocf.rules")
         if rules is None:
-            rules = self.extensions["ocf.rules"] = {(rule.rule, m): rule for rule in self.url_map.iter_rules() for m in rule.methods or ()}
+            rules = self.extensions["ocf.rules"] = {
+                (rule.rule, m): rule for rule in self.url_map.iter_rules() for m in rule.methods or ()
+            }
         rule = rules.get((route.label, request.method))
         if rule is None:
             return adapter  # not a Quart route (the router answers those itself): let Werkzeug say 404/405
@@ -58,7 +60,7 @@ class GatewayApp(QuartTrio):
         return _RoutedAdapter(adapter, rule, args)
 
 
-def create_app(node: "Node") -> QuartTrio:
+def create_app(node: Node) -> QuartTrio:
     app = GatewayApp("ocf.gateway")
     # Werkzeug would answer "//" in a path with a 308 whose absolute Location names the
     # client's Host header (an open redirect to wherever Host points); no redirects at all.
@@ -88,7 +90,7 @@ def create_app(node: "Node") -> QuartTrio:
     return app
 
 
-def install_gateway_layer(app: QuartTrio, node: "Node") -> None:
+def install_gateway_layer(app: QuartTrio, node: Node) -> None:
     """JSON errors in OpenAI's shape, ``/metrics``, and the ASGI layer serving the forwarding routes.
 
     The forwarding routes (``/v1/_service``, ``/v1/service``, ``/v1/p2p``) are
@@ -113,7 +115,9 @@ def install_gateway_layer(app: QuartTrio, node: "Node") -> None:
     node.admin_token = load_or_create_admin_token(node.config.data_dir, node.config.admin_token)
     access = Access(node.config, node.admin_token)
     app.extensions["ocf.access"] = access
-    app.asgi_app = GatewayASGI(app.asgi_app, forwarder, metrics, Cors(node.config.cors_origins), HotRoutes(node), access)  # type: ignore[method-assign]
+    app.asgi_app = GatewayASGI(
+        app.asgi_app, forwarder, metrics, Cors(node.config.cors_origins), HotRoutes(node), access
+    )  # type: ignore[method-assign]
 
     @app.errorhandler(GatewayRequestError)
     async def gateway_error(exc: GatewayRequestError):  # type: ignore[no-untyped-def]

@@ -15,7 +15,8 @@ without re-entering the whole app.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Sequence
 
 from ..errors import GatewayRequestError, MethodNotAllowed, NotFound, UnsupportedMediaType
 from ..httpstream.bridge import get_header
@@ -43,7 +44,15 @@ _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 class GatewayASGI:
     """Wraps Quart's ``asgi_app``; install with ``app.asgi_app = GatewayASGI(app.asgi_app, ...)``."""
 
-    def __init__(self, inner: ASGIApp, forwarder: "Forwarder", metrics: "GatewayMetrics", cors: "Cors", hot: "HotRoutes", access: "Access") -> None:
+    def __init__(
+        self,
+        inner: ASGIApp,
+        forwarder: Forwarder,
+        metrics: GatewayMetrics,
+        cors: Cors,
+        hot: HotRoutes,
+        access: Access,
+    ) -> None:
         self.inner = inner
         self.forwarder = forwarder
         self.hot = hot
@@ -73,7 +82,9 @@ class GatewayASGI:
             await send(message)
 
         try:
-            route = self.router.classify(method, scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape"))
+            route = self.router.classify(
+                method, scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
+            )
             label = route.label
             scope["ocf.route"] = route
             extra = self.cors.headers(route, method, origin)
@@ -97,7 +108,9 @@ class GatewayASGI:
     async def _options(self, route: Route, headers: list, origin: bytes | None, send: Send) -> int:
         requested = get_header(headers, b"access-control-request-method")
         if requested is not None:
-            status, out = self.cors.preflight(route, origin, requested, get_header(headers, b"access-control-request-headers"))
+            status, out = self.cors.preflight(
+                route, origin, requested, get_header(headers, b"access-control-request-headers")
+            )
         else:
             status, out = 204, [(b"allow", b", ".join(sorted(m.encode() for m in route.methods)))]
         await send({"type": "http.response.start", "status": status, "headers": out})
@@ -116,7 +129,9 @@ class GatewayASGI:
         if route.body and method not in _NO_BODY_METHODS:
             _check_body_type(route, scope["headers"])
 
-    async def dispatch(self, route: Route, scope: dict, receive: Receive, send: Send, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    async def dispatch(
+        self, route: Route, scope: dict, receive: Receive, send: Send, extra: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
         """Serve a routed request (the policy is checked here, so every way in gets it)."""
         self._admit(route, scope)
         if route.family in router.FORWARDING:
@@ -146,7 +161,9 @@ def _check_body_type(route: Route, headers: list[tuple[bytes, bytes]]) -> None:
         return
     if route.body == router.JSON_OR_LINES and media in _JSON_LINES:
         return
-    raise UnsupportedMediaType(f"this route takes JSON bodies (Content-Type: application/json), not {media.decode('latin-1') or 'none'}")
+    raise UnsupportedMediaType(
+        f"this route takes JSON bodies (Content-Type: application/json), not {media.decode('latin-1') or 'none'}"
+    )
 
 
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"})

@@ -10,7 +10,8 @@ share them, which is why they live apart from either.
 from __future__ import annotations
 
 import json
-from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from ..errors import BadRequest, BridgeError, PayloadTooLarge
 from ..httpstream.bridge import body_length, forwardable, get_header
@@ -151,4 +152,3 @@ class Responder:
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]
         await self({"type": "http.response.start", "status": status, "headers": headers})
         await self({"type": "http.response.body", "body": body, "more_body": False})
-

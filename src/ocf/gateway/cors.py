@@ -73,9 +73,14 @@ class Cors:
             return
         if self.listed(origin) or self.same_origin(origin, host):
             return
-        raise Forbidden(f"pages from {origin.decode('latin-1')} may not call this gateway (see --cors-origins)", code="origin_not_allowed")
+        raise Forbidden(
+            f"pages from {origin.decode('latin-1')} may not call this gateway (see --cors-origins)",
+            code="origin_not_allowed",
+        )
 
-    def preflight(self, route: Route, origin: bytes | None, method: bytes | None, requested: bytes | None) -> tuple[int, list[tuple[bytes, bytes]]]:
+    def preflight(
+        self, route: Route, origin: bytes | None, method: bytes | None, requested: bytes | None
+    ) -> tuple[int, list[tuple[bytes, bytes]]]:
         """``(status, headers)`` for a preflight: 204 with what is allowed, or 403 with no CORS headers."""
         want = (method or b"").decode("latin-1").upper()
         names = [h.strip().lower() for h in (requested or b"").split(b",") if h.strip()]
@@ -86,7 +91,11 @@ class Cors:
             if any(n not in ALLOWED_HEADERS for n in names):
                 return 403, []
             methods = b", ".join(sorted(m.encode() for m in route.methods))
-        elif want in READS and self.open_read(route, want) and all(n in (b"authorization", b"x-ocf-identity-group") for n in names):
+        elif (
+            want in READS
+            and self.open_read(route, want)
+            and all(n in (b"authorization", b"x-ocf-identity-group") for n in names)
+        ):
             allow_origin, methods = b"*", b"GET, HEAD, OPTIONS"
         else:
             return 403, []

@@ -16,7 +16,7 @@ the body.
 from __future__ import annotations
 
 import json
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from quart import Response
 
@@ -57,7 +57,9 @@ def exception_response(exc: GatewayRequestError) -> Response:
     return error_response(exc.status, exc.message, exc.code, exc.headers)
 
 
-def asgi_error(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+def asgi_error(
+    status: int, message: str, code: str, headers: dict[str, str] | None = None
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """``(status, headers, body)`` of an error for raw ASGI senders."""
     body = error_payload(status, message, code)
     out = [

@@ -12,7 +12,8 @@ body can be replayed, so a reused connection never costs a request.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Awaitable, Callable
 
 import attrs
 import trio
@@ -49,7 +50,7 @@ class Upstream(Protocol):
 
     kind: str  # the metrics label of this hop
     host: bytes | None  # the Host header to send (None: the client's)
-    metrics: "GatewayMetrics"
+    metrics: GatewayMetrics
 
     async def acquire(self, replayable: bool) -> Conn:
         """A stream to send on; an idle one only if ``replayable`` or if it was checked unread."""
@@ -71,14 +72,16 @@ class PooledStream:
     """A ``/libp2p-http`` stream kept between requests to one peer."""
 
     key: str
-    stream: "MuxedStream"
+    stream: MuxedStream
     bridge: ClientBridge = attrs.field(factory=ClientBridge)
     reused: bool = False
 
 
 def peer_stream_pool() -> IdlePool[str, PooledStream]:
     """Idle peer streams: fit while neither side reset or closed them and nothing is unread."""
-    return IdlePool(idle_timeout=PEER_IDLE_TIMEOUT, max_idle_per_key=MAX_IDLE_PER_PEER, fits=_stream_reusable, drop=_reset)
+    return IdlePool(
+        idle_timeout=PEER_IDLE_TIMEOUT, max_idle_per_key=MAX_IDLE_PER_PEER, fits=_stream_reusable, drop=_reset
+    )
 
 
 def _stream_reusable(conn: PooledStream) -> bool:
@@ -94,7 +97,7 @@ class BackendUpstream:
 
     kind = "backend"
 
-    def __init__(self, pool: ConnectionPool, metrics: "GatewayMetrics", target: Any) -> None:
+    def __init__(self, pool: ConnectionPool, metrics: GatewayMetrics, target: Any) -> None:
         self.pool, self.metrics, self.target = pool, metrics, target
         self.host: bytes | None = f"{target.host}:{target.port}".encode()
 
@@ -106,11 +109,16 @@ class BackendUpstream:
             return await self.pool.connect(target.host, target.port)
         except (OSError, trio.TooSlowError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-            raise ProviderFailed(f"service '{target.name}' at {target.host}:{target.port} is unreachable: {reason}", code="backend_unreachable") from None
+            raise ProviderFailed(
+                f"service '{target.name}' at {target.host}:{target.port} is unreachable: {reason}",
+                code="backend_unreachable",
+            ) from None
 
     def failed(self, exc: UpstreamError) -> BaseException:
         target = self.target
-        return ProviderFailed(f"service '{target.name}' at {target.host}:{target.port} failed: {exc}", code="backend_failed")
+        return ProviderFailed(
+            f"service '{target.name}' at {target.host}:{target.port} failed: {exc}", code="backend_failed"
+        )
 
     def discard(self, conn: Conn) -> None:
         self.pool.discard(conn)  # type: ignore[arg-type]
@@ -125,7 +133,14 @@ class PeerUpstream:
 
     host: bytes | None = None
 
-    def __init__(self, pool: IdlePool[str, PooledStream], metrics: "GatewayMetrics", open_stream: Callable[[str], Awaitable["MuxedStream"]], peer: str, kind: str) -> None:
+    def __init__(
+        self,
+        pool: IdlePool[str, PooledStream],
+        metrics: GatewayMetrics,
+        open_stream: Callable[[str], Awaitable[MuxedStream]],
+        peer: str,
+        kind: str,
+    ) -> None:
         self.pool, self.metrics, self.open_stream, self.peer, self.kind = pool, metrics, open_stream, peer, kind
 
     async def acquire(self, replayable: bool) -> Conn:
@@ -155,7 +170,9 @@ class PeerUpstream:
 class Exchange:
     """``async with``: one request to ``upstream`` and its :class:`Response`, the stream kept or dropped afterwards."""
 
-    def __init__(self, upstream: Upstream, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: RequestBody) -> None:
+    def __init__(
+        self, upstream: Upstream, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: RequestBody
+    ) -> None:
         self.upstream, self.method, self.target, self.headers, self.body = upstream, method, target, headers, body
         self._cm: Any = None
         self._conn: Any = None

@@ -29,7 +29,8 @@ import json
 import logging
 import random
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Sequence
 
 import attrs
 import trio
@@ -51,7 +52,17 @@ from ..services.registrar import LLM_SERVICE
 from . import routing
 from .asgi_io import ClientGone, Receive, RequestBody, Responder, Send
 from .errors import ERROR_CODE_NAME, send_asgi_error
-from .exchange import HOPS_HEADER, IDENTITY_HEADER, BackendUpstream, Exchange, PeerUpstream, backend_headers, entered, peer_headers, peer_stream_pool
+from .exchange import (
+    HOPS_HEADER,
+    IDENTITY_HEADER,
+    BackendUpstream,
+    Exchange,
+    PeerUpstream,
+    backend_headers,
+    entered,
+    peer_headers,
+    peer_stream_pool,
+)
 from .models import serve_models
 from .providers import LIBP2P_HTTP, ConnectFailed, Providers, UnknownPeer, short
 from .router import OWN_SERVICE, P2P
@@ -97,7 +108,7 @@ class _RetryableAnswer(Exception):
 class Forwarder:
     """Serves the three forwarding route families for one node's gateway."""
 
-    def __init__(self, node: "Node", metrics: "GatewayMetrics", *, rng: random.Random | None = None) -> None:
+    def __init__(self, node: Node, metrics: GatewayMetrics, *, rng: random.Random | None = None) -> None:
         self.node = node
         self.config = node.config
         self.metrics = metrics
@@ -111,7 +122,9 @@ class Forwarder:
 
     # --- entry point ------------------------------------------------------------------
 
-    async def __call__(self, route: "Route", scope: dict, receive: Receive, send: Send, extra: Sequence[tuple[bytes, bytes]] = ()) -> int:
+    async def __call__(
+        self, route: Route, scope: dict, receive: Receive, send: Send, extra: Sequence[tuple[bytes, bytes]] = ()
+    ) -> int:
         """Serve one forwarding request; ``extra`` headers go on the response. Returns its status (0: none sent)."""
         responder = Responder(send, extra)
         try:
@@ -128,13 +141,15 @@ class Forwarder:
             log.warning("forward aborted mid-response %s", logfmt.kv(path=scope["path"], reason=exc.message))
             return
         if exc.status >= 500:
-            log.warning("forward failed %s", logfmt.kv(path=scope["path"], status=exc.status, code=exc.code, reason=exc.message))
+            log.warning(
+                "forward failed %s", logfmt.kv(path=scope["path"], status=exc.status, code=exc.code, reason=exc.message)
+            )
         try:
             await send_asgi_error(responder, exc)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):  # pragma: no cover - client gone
             pass
 
-    async def _dispatch(self, route: "Route", scope: dict, receive: Receive, responder: Responder) -> None:
+    async def _dispatch(self, route: Route, scope: dict, receive: Receive, responder: Responder) -> None:
         hops = _hops(scope)
         if hops >= MAX_HOPS:
             raise LoopDetected(f"request crossed {hops} gateways; refusing to forward it again")
@@ -173,7 +188,10 @@ class Forwarder:
         target = services.lookup(name) if services is not None else None
         if target is None:
             names = services.names() if services is not None else []
-            raise NotFound(f"this node offers no service '{name}' (it offers: {', '.join(names) or 'none'})", code="service_not_found")
+            raise NotFound(
+                f"this node offers no service '{name}' (it offers: {', '.join(names) or 'none'})",
+                code="service_not_found",
+            )
         if not hasattr(target, "port"):  # internal service: served by our own app under its prefix
             await self._internal(call.scope, call.receive, call.responder, _join(target.path_prefix, rest), [])
             return
@@ -186,13 +204,23 @@ class Forwarder:
 
     def _backend_exchange(self, call: Call, target: Any, body: RequestBody, rest: bytes) -> Exchange:
         upstream = BackendUpstream(self.pool, self.metrics, target)
-        return Exchange(upstream, call.scope["method"].encode(), b"/" + rest + call.query(), backend_headers(call.scope, target), body)
+        return Exchange(
+            upstream,
+            call.scope["method"].encode(),
+            b"/" + rest + call.query(),
+            backend_headers(call.scope, target),
+            body,
+        )
 
-    async def _internal(self, scope: dict, receive: Receive, send: Send, path: bytes, extra: list[tuple[bytes, bytes]]) -> None:
+    async def _internal(
+        self, scope: dict, receive: Receive, send: Send, path: bytes, extra: list[tuple[bytes, bytes]]
+    ) -> None:
         """Serve ``path`` of this node in-process (no HTTP hop), routed and checked like any request."""
         assert self.dispatch_internal is not None
         inner = dict(scope)
-        inner["headers"] = [(k, v) for k, v in scope["headers"] if k != HOPS_HEADER] + [(HOPS_HEADER, str(_hops(scope) + 1).encode())]
+        inner["headers"] = [(k, v) for k, v in scope["headers"] if k != HOPS_HEADER] + [
+            (HOPS_HEADER, str(_hops(scope) + 1).encode())
+        ]
 
         async def add_headers(message: dict) -> None:
             if message["type"] == "http.response.start" and extra:
@@ -216,13 +244,19 @@ class Forwarder:
         async def work(body: RequestBody) -> None:
             limit = self.config.max_forwards_per_peer
             if self.in_flight.get(peer_text, 0) >= limit:
-                raise NoProviderAvailable(f"peer {peer_text} already has {limit} requests in flight from this node", retry_after=1, code="peer_busy")
+                raise NoProviderAvailable(
+                    f"peer {peer_text} already has {limit} requests in flight from this node",
+                    retry_after=1,
+                    code="peer_busy",
+                )
             self.metrics.enter(peer_text)
             try:
                 async with self._peer_exchange(call, peer_text, body, target, kind="p2p") as response:
                     await call.responder.relay(response)
             except UnknownPeer:
-                raise NotFound(f"peer {peer_text} is not connected and not in the node table", code="peer_not_found") from None
+                raise NotFound(
+                    f"peer {peer_text} is not connected and not in the node table", code="peer_not_found"
+                ) from None
             except ConnectFailed:
                 # Never what its addresses answered: they are the peer's choice, and the
                 # answer would make this node a port scanner for whoever asks.
@@ -250,20 +284,40 @@ class Forwarder:
         scope = call.scope
         entries = self.providers.entries()
         providers, keys = self.providers.route(entries, name)
-        if scope["method"] == "GET" and name == LLM_SERVICE and (rest in (b"v1/models", b"v1/models/") or rest.startswith(b"v1/models/")):
-            await serve_models(call.responder, providers, rest[len(b"v1/models") :].strip(b"/").decode("latin-1"), self.providers.is_down)
+        if (
+            scope["method"] == "GET"
+            and name == LLM_SERVICE
+            and (rest in (b"v1/models", b"v1/models/") or rest.startswith(b"v1/models/"))
+        ):
+            await serve_models(
+                call.responder,
+                providers,
+                rest[len(b"v1/models") :].strip(b"/").decode("latin-1"),
+                self.providers.is_down,
+            )
             return
 
         async def work(body: RequestBody) -> None:
-            identity = routing.identity_from_headers(v.decode("latin-1") for k, v in scope["headers"] if k == IDENTITY_HEADER)
+            identity = routing.identity_from_headers(
+                v.decode("latin-1") for k, v in scope["headers"] if k == IDENTITY_HEADER
+            )
             if not identity and keys and body.has_body:
                 identity = routing.identity_from_json(_parse_json(await body.read_all()), keys)
-            candidates = routing.select(providers, identity, service=name, known=lambda: routing.known_services(entries), has_body=body.has_body, keys=keys)
+            candidates = routing.select(
+                providers,
+                identity,
+                service=name,
+                known=lambda: routing.known_services(entries),
+                has_body=body.has_body,
+                keys=keys,
+            )
             await self._forward_any(call, body, name, rest, candidates)
 
         await self._guarded(call, work)
 
-    async def _forward_any(self, call: Call, body: RequestBody, name: str, rest: bytes, candidates: list[routing.Provider]) -> None:
+    async def _forward_any(
+        self, call: Call, body: RequestBody, name: str, rest: bytes, candidates: list[routing.Provider]
+    ) -> None:
         """Forward to the best provider; once more to another if nothing reached the first.
 
         Providers we have a live connection to (or this node) come first;
@@ -285,7 +339,11 @@ class Forwarder:
             connected = [p for p in usable if p.local or providers.connected(p.peer)]
             pool = [p for p in (connected or usable) if self.in_flight.get(p.peer, 0) < limit]
             if not pool:
-                raise NoProviderAvailable(f"all {len(usable)} provider(s) of '{name}' are at their limit of {limit} concurrent requests", retry_after=1, code="providers_busy")
+                raise NoProviderAvailable(
+                    f"all {len(usable)} provider(s) of '{name}' are at their limit of {limit} concurrent requests",
+                    retry_after=1,
+                    code="providers_busy",
+                )
             provider = routing.choose(pool, self.in_flight, self.rng)
             tried.add(provider.peer)
             try:
@@ -303,7 +361,12 @@ class Forwarder:
                 reasons.append(f"{short(provider.peer)}: {exc}")
             providers.mark_down(provider.peer)
             self.metrics.count_forward("service", "retry" if attempt == 0 else "failed")
-            log.info("provider failed before answering %s", logfmt.kv(service=name, peer=short(provider.peer), reason=reasons[-1], retry=attempt == 0 and body.replayable))
+            log.info(
+                "provider failed before answering %s",
+                logfmt.kv(
+                    service=name, peer=short(provider.peer), reason=reasons[-1], retry=attempt == 0 and body.replayable
+                ),
+            )
             if not body.replayable:
                 break
         # The reasons are in the log above; the client learns which providers were tried, not what
@@ -311,9 +374,14 @@ class Forwarder:
         which = f" (tried {', '.join(short(p) for p in sorted(tried))})" if tried else ""
         if reached:
             raise ProviderFailed(f"provider(s) of '{name}' failed before answering{which}", code="provider_failed")
-        raise NoProviderAvailable(f"{len(candidates)} provider(s) of '{name}' match this request but none is reachable and healthy right now{which}", retry_after=5)
+        raise NoProviderAvailable(
+            f"{len(candidates)} provider(s) of '{name}' match this request but none is reachable and healthy right now{which}",
+            retry_after=5,
+        )
 
-    async def _forward_one(self, call: Call, body: RequestBody, provider: routing.Provider, name: str, rest: bytes) -> None:
+    async def _forward_one(
+        self, call: Call, body: RequestBody, provider: routing.Provider, name: str, rest: bytes
+    ) -> None:
         node_header = [(COMPUTING_NODE_HEADER, provider.peer.encode())]
         responder = call.responder
         self.metrics.enter(provider.peer)
@@ -324,7 +392,13 @@ class Forwarder:
                     raise ConnectFailed(f"service '{name}' is no longer registered here")
                 if not hasattr(target, "port"):
                     await body.read_all()  # bounded by max_body_size; internal services get small bodies
-                    await self._internal(call.scope, body.replay_receive(call.receive), responder, _join(target.path_prefix, rest), node_header)
+                    await self._internal(
+                        call.scope,
+                        body.replay_receive(call.receive),
+                        responder,
+                        _join(target.path_prefix, rest),
+                        node_header,
+                    )
                     return
                 try:
                     cm = self._backend_exchange(call, target, body, rest)
@@ -338,7 +412,11 @@ class Forwarder:
                 return
             upstream = b"/v1/_service/" + name.encode() + b"/" + rest + call.query()
             async with self._peer_exchange(call, provider.peer, body, upstream, kind="service") as response:
-                if response.status in (502, 503) and response.header(ERROR_CODE_NAME) in RETRYABLE_CODES and body.replayable:
+                if (
+                    response.status in (502, 503)
+                    and response.header(ERROR_CODE_NAME) in RETRYABLE_CODES
+                    and body.replayable
+                ):
                     await response.read(limit=1 << 16)
                     raise _RetryableAnswer(f"its backend is unreachable ({response.status})")
                 await responder.relay(response, node_header)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import bisect
 import collections
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
+from collections.abc import Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -31,7 +32,27 @@ if TYPE_CHECKING:
 
 blueprint = Blueprint("metrics", __name__)
 
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+)
 #: Providers remembered with an in-flight count of 0 (so the series stays at 0 rather than vanishing).
 MAX_PROVIDERS = 10_000
 
@@ -53,7 +74,7 @@ class _Histogram:
 class GatewayMetrics:
     """The gateway's metrics: plain counters here, exposed through :attr:`registry`."""
 
-    def __init__(self, node: "Node") -> None:
+    def __init__(self, node: Node) -> None:
         self.node = node
         self.registry = CollectorRegistry()
         #: (route, method, status) -> requests answered.
@@ -110,13 +131,17 @@ class _GatewayCollector(Collector):
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
         m = self.metrics
         requests = CounterMetricFamily(
-            "ocf_http_requests", "HTTP requests answered by the gateway, by route template, method and status.", labels=["route", "method", "status"]
+            "ocf_http_requests",
+            "HTTP requests answered by the gateway, by route template, method and status.",
+            labels=["route", "method", "status"],
         )
         for labels, value in list(m.requests.items()):
             requests.add_metric(list(labels), value)
         yield requests
         latency = HistogramMetricFamily(
-            "ocf_forward_latency_seconds", "Time from choosing a provider to its response head, by hop kind (service, p2p, backend).", labels=["kind"]
+            "ocf_forward_latency_seconds",
+            "Time from choosing a provider to its response head, by hop kind (service, p2p, backend).",
+            labels=["kind"],
         )
         for kind, histogram in list(m.latencies.items()):
             cumulative, buckets = 0, []
@@ -125,24 +150,44 @@ class _GatewayCollector(Collector):
                 buckets.append((floatToGoString(bound), cumulative))
             latency.add_metric([kind], buckets, histogram.total)
         yield latency
-        forwards = CounterMetricFamily("ocf_forwards", "Forwarded exchanges by hop kind and outcome (ok, retry, failed).", labels=["kind", "outcome"])
+        forwards = CounterMetricFamily(
+            "ocf_forwards",
+            "Forwarded exchanges by hop kind and outcome (ok, retry, failed).",
+            labels=["kind", "outcome"],
+        )
         for labels, value in list(m.forwards.items()):
             forwards.add_metric(list(labels), value)
         yield forwards
         yield from nodetable_families(m.node.table)
-        in_flight = GaugeMetricFamily("ocf_forward_in_flight", "Requests this gateway currently has in flight at each provider (peer ID).", labels=["provider"])
+        in_flight = GaugeMetricFamily(
+            "ocf_forward_in_flight",
+            "Requests this gateway currently has in flight at each provider (peer ID).",
+            labels=["provider"],
+        )
         for provider, value in list(m.in_flight.items()):
             in_flight.add_metric([provider], value)
         yield in_flight
         host = m.node.host
-        yield GaugeMetricFamily("ocf_connected_peers", "Peers with an open transport connection.", value=len(host.connected_peers()) if host is not None else 0)
+        yield GaugeMetricFamily(
+            "ocf_connected_peers",
+            "Peers with an open transport connection.",
+            value=len(host.connected_peers()) if host is not None else 0,
+        )
         protector = getattr(getattr(host, "upgrader", None), "protector", None)
         if protector is not None:  # a private network (--network-key)
-            pnet = CounterMetricFamily("ocf_pnet_connections", "Connections under the private network key: protected (nonce sent), refused (peer without the key).", labels=["outcome"])
+            pnet = CounterMetricFamily(
+                "ocf_pnet_connections",
+                "Connections under the private network key: protected (nonce sent), refused (peer without the key).",
+                labels=["outcome"],
+            )
             for outcome, value in list(protector.stats.items()):
                 pnet.add_metric([outcome], value)
             yield pnet
-        refused = CounterMetricFamily("ocf_dial_refused", "Peer-published addresses the dial policy did not dial, by address category.", labels=["category"])
+        refused = CounterMetricFamily(
+            "ocf_dial_refused",
+            "Peer-published addresses the dial policy did not dial, by address category.",
+            labels=["category"],
+        )
         policy = getattr(host, "dial_policy", None)
         for category, value in sorted(policy.refused.items() if policy is not None else ()):
             refused.add_metric([category], value)

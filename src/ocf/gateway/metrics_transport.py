@@ -9,7 +9,8 @@ the per-peer (per-address) limit.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
+from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 class TransportCollector(Collector):
     """Reads the host's :class:`~ocf.transport.resources.ResourceManager` at scrape time."""
 
-    def __init__(self, node: "Node") -> None:
+    def __init__(self, node: Node) -> None:
         self.node = node
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
@@ -30,14 +31,31 @@ class TransportCollector(Collector):
             "Transport resources in use, by scope (system; peer_max and ip_max: the largest over live peers/addresses) and resource.",
             labels=["scope", "resource"],
         )
-        limits = GaugeMetricFamily("ocf_transport_resource_limit", "Configured transport budgets, by scope kind and resource.", labels=["scope", "resource"])
-        refusals = CounterMetricFamily("ocf_transport_refusals", "Reservations the transport refused, by scope kind and resource or reason.", labels=["scope", "resource"])
-        scopes = GaugeMetricFamily("ocf_transport_scopes", "Live resource-manager scopes, by kind (peer, ip).", labels=["kind"])
+        limits = GaugeMetricFamily(
+            "ocf_transport_resource_limit",
+            "Configured transport budgets, by scope kind and resource.",
+            labels=["scope", "resource"],
+        )
+        refusals = CounterMetricFamily(
+            "ocf_transport_refusals",
+            "Reservations the transport refused, by scope kind and resource or reason.",
+            labels=["scope", "resource"],
+        )
+        scopes = GaugeMetricFamily(
+            "ocf_transport_scopes", "Live resource-manager scopes, by kind (peer, ip).", labels=["kind"]
+        )
         host = self.node.host
         rm = getattr(host, "resources", None)
         if rm is not None:
             system = rm.usage()
-            for resource in ("handshakes", "conns_inbound", "conns_outbound", "streams_inbound", "streams_outbound", "memory"):
+            for resource in (
+                "handshakes",
+                "conns_inbound",
+                "conns_outbound",
+                "streams_inbound",
+                "streams_outbound",
+                "memory",
+            ):
                 usage.add_metric(["system", resource], system[resource])
             for kind in ("peer", "ip"):
                 for resource, value in rm.max_usage(kind).items():

@@ -8,7 +8,7 @@ offline, or that this gateway failed to reach lately.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 from urllib.parse import unquote
 
 from ..errors import NotFound
@@ -16,7 +16,9 @@ from . import routing
 from .asgi_io import Responder
 
 
-async def serve_models(responder: Responder, providers: list[routing.Provider], model_id: str, is_down: Callable[[str, float], bool]) -> None:
+async def serve_models(
+    responder: Responder, providers: list[routing.Provider], model_id: str, is_down: Callable[[str, float], bool]
+) -> None:
     """Answer the list, or the one model ``model_id`` (404 if no provider serves it)."""
     now = time.monotonic()
     by_model: dict[str, list[str]] = {}
@@ -37,5 +39,8 @@ async def serve_models(responder: Responder, providers: list[routing.Provider], 
             if item["id"] == model_id:
                 await responder.json(200, item)
                 return
-        raise NotFound(f"no provider serves model '{model_id}' (available: {', '.join(by_model) or 'none'})", code="model_not_found")
+        raise NotFound(
+            f"no provider serves model '{model_id}' (available: {', '.join(by_model) or 'none'})",
+            code="model_not_found",
+        )
     await responder.json(200, {"object": "list", "data": data})

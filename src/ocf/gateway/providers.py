@@ -42,7 +42,7 @@ class UnknownPeer(ConnectFailed):
 class Providers:
     """The node table's providers with this gateway's view of their liveness."""
 
-    def __init__(self, node: "Node", config: "Config") -> None:
+    def __init__(self, node: Node, config: Config) -> None:
         self.node = node
         self.config = config
         self.down: dict[str, tuple[float, float]] = {}  # peer -> (until, backoff) after connect failures
@@ -141,7 +141,7 @@ class Providers:
             self._peer_ids[text] = peer
         return peer
 
-    async def open_stream(self, peer_text: str) -> "MuxedStream":
+    async def open_stream(self, peer_text: str) -> MuxedStream:
         """A new ``/libp2p-http`` stream to ``peer_text``, dialling its table addresses if not connected."""
         host = self.node.host
         if host is None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import enum
 import re
-from typing import Iterable
+from collections.abc import Iterable
 from urllib.parse import unquote_to_bytes
 
 import attrs
@@ -34,7 +34,9 @@ class Policy(enum.Enum):
 
     PUBLIC = "public"  # anyone, remote peers included (reads)
     LOCAL_ADMIN = "local-admin"  # the admin token; never a remote peer
-    REMOTE_PEER = "remote-peer-allowed"  # other nodes (their entry gateway checked the client); local clients need an API key
+    REMOTE_PEER = (
+        "remote-peer-allowed"  # other nodes (their entry gateway checked the client); local clients need an API key
+    )
     WORKER = "worker-token"  # the tracker checks the worker's own token
     API_KEY = "api-key"  # an API key when the node has any (--api-key)
 
@@ -133,9 +135,15 @@ def _rules() -> tuple[_Rule, ...]:
 
 
 RULES = _rules()
-_BY_LENGTH: dict[int, tuple[_Rule, ...]] = {n: tuple(r for r in RULES if len(r.template) == n) for n in {len(r.template) for r in RULES}}
+_BY_LENGTH: dict[int, tuple[_Rule, ...]] = {
+    n: tuple(r for r in RULES if len(r.template) == n) for n in {len(r.template) for r in RULES}
+}
 _FORWARD_PREFIXES = {b"service": FORWARD_SERVICE, b"_service": OWN_SERVICE, b"p2p": P2P}
-_FORWARD_LABELS = {FORWARD_SERVICE: "/v1/service/<service>/<path>", OWN_SERVICE: "/v1/_service/<service>/<path>", P2P: "/v1/p2p/<peer>/<path>"}
+_FORWARD_LABELS = {
+    FORWARD_SERVICE: "/v1/service/<service>/<path>",
+    OWN_SERVICE: "/v1/_service/<service>/<path>",
+    P2P: "/v1/p2p/<peer>/<path>",
+}
 _FORWARD_POLICY = {FORWARD_SERVICE: Policy.API_KEY, OWN_SERVICE: Policy.REMOTE_PEER, P2P: Policy.API_KEY}
 _SERVICE_NAME = re.compile(rb"[A-Za-z0-9_-]{1,64}\Z")
 _PEER_ID = re.compile(rb"[A-Za-z0-9]{1,128}\Z")
@@ -215,7 +223,10 @@ def _forwarding(parts: list[bytes], raw_path: bytes) -> Route:
     _prefix_segment(name)
     if not (_PEER_ID if family == P2P else _SERVICE_NAME).match(name):
         what = "peer ID" if family == P2P else "service name"
-        raise BadRequest(f"'{name.decode('latin-1')}' is not a valid {what}", code="bad_peer_id" if family == P2P else "bad_service_name")
+        raise BadRequest(
+            f"'{name.decode('latin-1')}' is not a valid {what}",
+            code="bad_peer_id" if family == P2P else "bad_service_name",
+        )
     # The remainder keeps its raw spelling (a trailing slash included): it is the provider's target.
     head = b"/v1/" + parts[1] + b"/" + name
     rest = raw_path[len(head) + 1 :]
@@ -241,7 +252,11 @@ def _local(method: str, parts: list[bytes]) -> Route:
             raise NonCanonicalTarget("path segments may not encode '/' or control characters")
         decoded.append(text)
     raw = [part.decode("latin-1") for part in parts]
-    matches = [(rule, params) for rule in _BY_LENGTH.get(len(decoded), ()) if (params := _match(rule.template, decoded, raw)) is not None]
+    matches = [
+        (rule, params)
+        for rule in _BY_LENGTH.get(len(decoded), ())
+        if (params := _match(rule.template, decoded, raw)) is not None
+    ]
     if not matches:
         return Route(NOT_FOUND, "unmatched")
     methods = frozenset(rule.method for rule, _ in matches) | {"OPTIONS"}
@@ -250,7 +265,16 @@ def _local(method: str, parts: list[bytes]) -> Route:
     path = "/" + "/".join(decoded)
     for rule, params in matches:
         if rule.method == method or (method == "HEAD" and rule.method == "GET"):
-            return Route(rule.family, rule.label, rule.policy, methods, path=path, params=params, body=rule.body, action=rule.action)
+            return Route(
+                rule.family,
+                rule.label,
+                rule.policy,
+                methods,
+                path=path,
+                params=params,
+                body=rule.body,
+                action=rule.action,
+            )
     # OPTIONS (answered by the ASGI layer) and wrong methods (405): nothing runs, so nothing to guard.
     rule = matches[0][0]
     family = rule.family if method == "OPTIONS" else METHOD_NOT_ALLOWED

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
+from collections.abc import Callable, Iterable, Mapping
 
 import attrs
 
@@ -39,7 +40,9 @@ class Provider:
     entry: Mapping[str, Any] = attrs.field(eq=False)
     local: bool = False
     #: The service's identity groups (``{"model=m1"}``), read once: routing checks them per request.
-    groups: frozenset[str] = attrs.field(eq=False, default=attrs.Factory(lambda self: _groups_of(self.service), takes_self=True))
+    groups: frozenset[str] = attrs.field(
+        eq=False, default=attrs.Factory(lambda self: _groups_of(self.service), takes_self=True)
+    )
 
     @property
     def healthy(self) -> bool:
@@ -135,7 +138,9 @@ def identity_from_headers(values: Iterable[str]) -> dict[str, str]:
                 continue
             pair = split_group(part)
             if pair is None:
-                raise BadRequest(f"X-OCF-Identity-Group must be key=value pairs, got {part.strip()!r}", code="bad_identity_header")
+                raise BadRequest(
+                    f"X-OCF-Identity-Group must be key=value pairs, got {part.strip()!r}", code="bad_identity_header"
+                )
             out[pair[0]] = pair[1]
     return out
 
@@ -165,14 +170,16 @@ def select(
     """
     if not providers:
         listing = ", ".join(known()) or "none"
-        raise NotFound(f"no provider offers service '{service}' (services in the network: {listing})", code="service_not_found")
+        raise NotFound(
+            f"no provider offers service '{service}' (services in the network: {listing})", code="service_not_found"
+        )
     if keys is None:
         keys = identity_keys(providers)
     if not identity:
         if keys and has_body:
             raise NoRoutableIdentity(
                 f"service '{service}' routes by {' or '.join(keys)}, but the request names none "
-                f"(add a top-level JSON field such as \"{keys[0]}\" or an X-OCF-Identity-Group: {keys[0]}=<value> header)"
+                f'(add a top-level JSON field such as "{keys[0]}" or an X-OCF-Identity-Group: {keys[0]}=<value> header)'
             )
         return list(providers)
     found = [p for p in providers if matches(p, identity)]

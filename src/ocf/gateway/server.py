@@ -17,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator
 
 import attrs
 import trio
@@ -59,7 +60,7 @@ class HttpLimits:
     keep_alive_timeout: float
 
     @classmethod
-    def from_config(cls, config: Any) -> "HttpLimits":
+    def from_config(cls, config: Any) -> HttpLimits:
         return cls(
             timeouts=Timeouts(
                 head=config.http_head_timeout,
@@ -98,7 +99,7 @@ GRACEFUL_TIMEOUT = 1.0
 
 
 @contextlib.asynccontextmanager
-async def open_gateway(node: "Node") -> AsyncIterator[Gateway]:
+async def open_gateway(node: Node) -> AsyncIterator[Gateway]:
     app = create_app(node)
     host, port = node.config.host, node.config.port
     limits = HttpLimits.from_config(node.config)
@@ -135,7 +136,10 @@ async def open_gateway(node: "Node") -> AsyncIterator[Gateway]:
         # Say where it really listens (0.0.0.0 is every interface), not only the URL to use locally.
         log.info("gateway listening %s", logfmt.kv(bind=",".join(binds), url=url))
         if host in ("0.0.0.0", "::") and not (node.config.api_keys or node.config.api_key_file):
-            log.warning("gateway reachable on all interfaces without API keys %s", logfmt.kv(bind=",".join(binds), hint="--host 127.0.0.1 or --api-key"))
+            log.warning(
+                "gateway reachable on all interfaces without API keys %s",
+                logfmt.kv(bind=",".join(binds), hint="--host 127.0.0.1 or --api-key"),
+            )
         # Other peers reach this gateway over /libp2p-http streams (as OCF's P2P HTTP listener).
         if node.host is not None:
             node.host.set_stream_handler(LIBP2P_HTTP, functools.partial(serve_peer_stream, app, limits))

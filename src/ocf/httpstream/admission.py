@@ -26,7 +26,8 @@ from __future__ import annotations
 import collections
 import logging
 import resource
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import attrs
 
@@ -51,8 +52,8 @@ class ConnectionLimits:
 class ServerStats:
     """What a server's connections met, for ``/metrics``: the gate's counts and the engine's own refusals."""
 
-    gate: "ConnectionGate | None" = None
-    refusals: "collections.Counter[str]" = attrs.Factory(collections.Counter)
+    gate: ConnectionGate | None = None
+    refusals: collections.Counter[str] = attrs.Factory(collections.Counter)
 
 
 class ConnectionGate:
@@ -106,7 +107,7 @@ class Draining:
     make room for a new connection.
     """
 
-    def __init__(self, refusals: "collections.Counter[str] | None" = None) -> None:
+    def __init__(self, refusals: collections.Counter[str] | None = None) -> None:
         self.draining = False
         self._idle: dict[Any, None] = {}  # insertion order: oldest first
         #: Requests the engine answered (or connections it ended) itself, by reason ("408 head_timeout", "write_timeout"...).
@@ -149,6 +150,8 @@ def fit_descriptor_limit(cap: int, reserve: int, log: logging.Logger) -> int:
     if soft != resource.RLIM_INFINITY and soft < needed:
         fitted = max(16, soft // 2 - reserve)
         if fitted < cap:
-            log.warning("http connection cap lowered to fit the descriptor limit cap=%d was=%d nofile=%d", fitted, cap, soft)
+            log.warning(
+                "http connection cap lowered to fit the descriptor limit cap=%d was=%d nofile=%d", fitted, cap, soft
+            )
             return fitted
     return cap

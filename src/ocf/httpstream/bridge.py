@@ -23,7 +23,8 @@ from __future__ import annotations
 import email.utils
 import http
 import time
-from typing import Iterable, Sequence, Union
+from typing import Union
+from collections.abc import Iterable, Sequence
 from urllib.parse import unquote
 
 import attrs
@@ -43,6 +44,7 @@ DEFAULT_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATC
 
 #: Standard reason phrases ("200 OK"), for clients and people that read status lines.
 _REASONS = {int(status): status.phrase.encode() for status in http.HTTPStatus}
+
 
 class HttpDate:
     """The current time as an HTTP ``Date`` value, formatted at most once per second.
@@ -315,7 +317,15 @@ class ClientBridge(_Endpoint):
         rx = self._in
         return self._our == _DONE and rx.state == _DONE and self._keep_alive and not rx.buf.closed and len(rx.buf) == 0
 
-    def request(self, method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], *, content_length: int | None, host: bytes | None = None) -> bytes:
+    def request(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        *,
+        content_length: int | None,
+        host: bytes | None = None,
+    ) -> bytes:
         """Bytes of the request head. ``content_length=None`` streams the body chunked.
 
         ``headers`` are forwarded minus hop-by-hop ones; ``host`` replaces the
@@ -352,7 +362,9 @@ class ClientBridge(_Endpoint):
                 head = rx.buf.head(rx.limit, skip_blank_lines=False)
                 if head is None:
                     if rx.buf.closed:
-                        raise rx.fail("connection closed before the response " + ("completed" if self._head_seen else "started"))
+                        raise rx.fail(
+                            "connection closed before the response " + ("completed" if self._head_seen else "started")
+                        )
                     return events
                 version, status, reason = h1.parse_status_line(head[0])
                 headers = h1.parse_headers(head[1])
@@ -375,7 +387,9 @@ class ClientBridge(_Endpoint):
             if rx.state == _BODY:
                 rx.body(events)
         except h1.Truncated:
-            raise rx.fail(f"connection closed before the response {'completed' if self._head_seen else 'started'}") from None
+            raise rx.fail(
+                f"connection closed before the response {'completed' if self._head_seen else 'started'}"
+            ) from None
         except h1.ProtocolError as exc:
             raise rx.fail(f"malformed HTTP response: {exc}") from None
         return events
@@ -402,7 +416,13 @@ class ServerBridge(_Endpoint):
 
     _sends = "response"
 
-    def __init__(self, *, max_header_size: int = DEFAULT_MAX_HEADER_SIZE, date_header: bool = False, methods: frozenset[bytes] = DEFAULT_METHODS) -> None:
+    def __init__(
+        self,
+        *,
+        max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
+        date_header: bool = False,
+        methods: frozenset[bytes] = DEFAULT_METHODS,
+    ) -> None:
         super().__init__(max_header_size)
         self._methods = methods
         self._version = b""  # of the current request; b"" before one parsed
@@ -473,7 +493,10 @@ class ServerBridge(_Endpoint):
                     return events
                 method, target, version = h1.parse_request_line(head[0])
                 if method not in self._methods:
-                    raise rx.fail(f"method {method[:20].decode()!r} is not implemented here (methods are case-sensitive)", MethodNotImplemented)
+                    raise rx.fail(
+                        f"method {method[:20].decode()!r} is not implemented here (methods are case-sensitive)",
+                        MethodNotImplemented,
+                    )
                 headers = h1.parse_headers(head[1])
                 framing = h1.Framing(headers)
                 if version != b"1.0" and framing.hosts != 1:
@@ -496,7 +519,9 @@ class ServerBridge(_Endpoint):
             raise rx.fail(f"malformed HTTP request: {exc}") from None
         return events
 
-    def respond(self, status: int, headers: Sequence[tuple[bytes, bytes]], *, reason: bytes = b"", close: bool = False) -> bytes:
+    def respond(
+        self, status: int, headers: Sequence[tuple[bytes, bytes]], *, reason: bytes = b"", close: bool = False
+    ) -> bytes:
         """Bytes of the response head. Without ``Content-Length`` the body goes chunked.
 
         ``close`` ends the connection after this response (hop-by-hop
@@ -538,7 +563,9 @@ class ServerBridge(_Endpoint):
         """A complete small response, for errors detected before the app answered ("" if too late)."""
         if self.response_started:
             return b""
-        head = self.respond(status, [(b"content-type", content_type), (b"content-length", str(len(body)).encode())], close=True)
+        head = self.respond(
+            status, [(b"content-type", content_type), (b"content-length", str(len(body)).encode())], close=True
+        )
         return head + self.data(body) + self.end()
 
     def next_cycle(self) -> bool:
@@ -553,7 +580,14 @@ class ServerBridge(_Endpoint):
 # --- ASGI glue --------------------------------------------------------------------------
 
 
-def asgi_scope(head: RequestHead, *, client: tuple[str, int] | None = None, server: tuple[str, int | None] | None = None, extensions: dict | None = None, scheme: str = "http") -> dict:
+def asgi_scope(
+    head: RequestHead,
+    *,
+    client: tuple[str, int] | None = None,
+    server: tuple[str, int | None] | None = None,
+    extensions: dict | None = None,
+    scheme: str = "http",
+) -> dict:
     """The ASGI HTTP scope for a request that arrived over a stream.
 
     ``path`` is percent-decoded as ASGI requires; ``raw_path`` keeps the

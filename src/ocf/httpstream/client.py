@@ -13,7 +13,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-from typing import AsyncContextManager, AsyncIterable, AsyncIterator, Iterator, Sequence, Union
+from typing import AsyncContextManager, Union
+from collections.abc import AsyncIterable, AsyncIterator, Iterator, Sequence
 
 import trio
 
@@ -31,7 +32,7 @@ _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, TransportE
 class Response:
     """The response of an exchange: head fields plus the body as an async iterator of chunks."""
 
-    def __init__(self, head: ResponseHead, exchange: "_Exchange") -> None:
+    def __init__(self, head: ResponseHead, exchange: _Exchange) -> None:
         self.status = head.status
         self.headers: Headers = head.headers
         self.reason = head.reason
@@ -96,7 +97,9 @@ class _Exchange:
         try:
             data = await self.stream.receive_some(self.read_size)
         except _STREAM_ERRORS as exc:
-            raise UpstreamError(f"upstream failed: {exc or type(exc).__name__}", response_started=self.bridge.response_started) from None
+            raise UpstreamError(
+                f"upstream failed: {exc or type(exc).__name__}", response_started=self.bridge.response_started
+            ) from None
         try:
             self.pending.extend(self.bridge.feed(data))
         except BridgeError as exc:
@@ -170,7 +173,15 @@ def exchange(
 class _WholeBodyExchange:
     """The common case, a body already in memory: one write, no pump task, so no nursery either."""
 
-    def __init__(self, ex: _Exchange, method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], body: bytes, host: bytes | None) -> None:
+    def __init__(
+        self,
+        ex: _Exchange,
+        method: bytes,
+        target: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes,
+        host: bytes | None,
+    ) -> None:
         self.ex, self.method, self.target, self.headers, self.body, self.host = ex, method, target, headers, body, host
 
     async def __aenter__(self) -> Response:

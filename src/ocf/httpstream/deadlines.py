@@ -54,7 +54,18 @@ class Timeouts:
 class ConnectionClock:
     """The deadlines of one connection's current phase; times are Trio clock seconds."""
 
-    __slots__ = ("timeouts", "head_since", "head_bytes", "body_budget", "body_idle", "writing", "writes", "write_seen", "write_since", "paused_since")
+    __slots__ = (
+        "timeouts",
+        "head_since",
+        "head_bytes",
+        "body_budget",
+        "body_idle",
+        "writing",
+        "writes",
+        "write_seen",
+        "write_since",
+        "paused_since",
+    )
 
     def __init__(self, timeouts: Timeouts, now: float) -> None:
         self.timeouts = timeouts

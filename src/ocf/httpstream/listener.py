@@ -34,14 +34,24 @@ import contextlib
 import errno
 import json
 import logging
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import trio
 
 from .. import log as logfmt
 from ..directsocket import DirectSocketStream
 from ..errors import OcfError
-from .admission import NORMAL, REFUSE, RESERVE, ConnectionGate, ConnectionLimits, Draining, ServerStats, fit_descriptor_limit
+from .admission import (
+    NORMAL,
+    REFUSE,
+    RESERVE,
+    ConnectionGate,
+    ConnectionLimits,
+    Draining,
+    ServerStats,
+    fit_descriptor_limit,
+)
 from .bridge import DEFAULT_MAX_HEADER_SIZE
 from .deadlines import Timeouts
 from .server import ASGIApp, serve_stream
@@ -91,21 +101,28 @@ async def serve_http(
     cap = fit_descriptor_limit(limits.max_connections, limits.reserve, log)
     stats = stats if stats is not None else ServerStats()
     stats.gate = ConnectionGate(cap, limits.reserve)
-    server = _Server(app, Draining(stats.refusals), stats.gate, limits.reserved_paths, max_header_size, idle_timeout, timeouts or Timeouts())
+    server = _Server(
+        app,
+        Draining(stats.refusals),
+        stats.gate,
+        limits.reserved_paths,
+        max_header_size,
+        idle_timeout,
+        timeouts or Timeouts(),
+    )
     try:
-        async with _lifespan(app):
-            async with trio.open_nursery() as connections:
-                async with trio.open_nursery() as accepting:
-                    # Connections run in their own nursery, which outlives accepting:
-                    # at shutdown we stop accepting first, then drain them.
-                    for listener in listeners:
-                        accepting.start_soon(server.accept_loop, listener, connections)
-                    task_status.started(urls)
-                    await shutdown_trigger()
-                    accepting.cancel_scope.cancel()
-                log.debug("http server stopped accepting; draining open connections")
-                server.drain()
-                connections.cancel_scope.deadline = trio.current_time() + graceful_timeout
+        async with _lifespan(app), trio.open_nursery() as connections:
+            async with trio.open_nursery() as accepting:
+                # Connections run in their own nursery, which outlives accepting:
+                # at shutdown we stop accepting first, then drain them.
+                for listener in listeners:
+                    accepting.start_soon(server.accept_loop, listener, connections)
+                task_status.started(urls)
+                await shutdown_trigger()
+                accepting.cancel_scope.cancel()
+            log.debug("http server stopped accepting; draining open connections")
+            server.drain()
+            connections.cancel_scope.deadline = trio.current_time() + graceful_timeout
     finally:
         for listener in listeners:
             await trio.aclose_forcefully(listener)
@@ -114,7 +131,16 @@ async def serve_http(
 class _Server:
     """One server's accept loops and connections: the cap, the reserve, the refusal logs."""
 
-    def __init__(self, app: ASGIApp, draining: Draining, gate: ConnectionGate, reserved_paths: frozenset[str], max_header_size: int, idle_timeout: float, timeouts: Timeouts) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        draining: Draining,
+        gate: ConnectionGate,
+        reserved_paths: frozenset[str],
+        max_header_size: int,
+        idle_timeout: float,
+        timeouts: Timeouts,
+    ) -> None:
         self.app = app
         self.reserve_app = _reserve_only(app, reserved_paths)
         self.draining = draining
@@ -139,7 +165,12 @@ class _Server:
                         raise
                     gate.accept_errors += 1
                     self.refusal_log.log(
-                        logging.ERROR, "accept", "http accept failing, backing off", error=errno.errorcode.get(exc.errno or 0, exc.errno), failures=gate.accept_errors, open=gate.open + gate.reserve_open
+                        logging.ERROR,
+                        "accept",
+                        "http accept failing, backing off",
+                        error=errno.errorcode.get(exc.errno or 0, exc.errno),
+                        failures=gate.accept_errors,
+                        open=gate.open + gate.reserve_open,
                     )
                     draining.evict_oldest()  # frees a descriptor as soon as that connection's task runs
                     await trio.sleep(backoff)
@@ -148,7 +179,11 @@ class _Server:
                 backoff = ACCEPT_BACKOFF_MIN
                 kind = gate.admit(draining.evict_oldest)
                 if kind == REFUSE:
-                    self.refusal_log.warning("refused", "http connections refused: every connection is busy and the reserve is full", cap=gate.cap)
+                    self.refusal_log.warning(
+                        "refused",
+                        "http connections refused: every connection is busy and the reserve is full",
+                        cap=gate.cap,
+                    )
                     stream.socket.close()  # at once: costs nothing, and a refused client cannot hold it
                     continue
                 nursery.start_soon(self.serve_connection, stream, kind)
@@ -182,10 +217,25 @@ class _Server:
 
 def _reserve_only(app: ASGIApp, paths: frozenset[str]) -> ASGIApp:
     """``app`` for the reserved paths only; 503 for the rest (a connection over the cap)."""
-    body = json.dumps({"error": {"message": "the server is at its connection limit; retry shortly", "type": "server_error", "param": None, "code": "too_many_connections"}}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"retry-after", b"1")]
+    body = json.dumps(
+        {
+            "error": {
+                "message": "the server is at its connection limit; retry shortly",
+                "type": "server_error",
+                "param": None,
+                "code": "too_many_connections",
+            }
+        }
+    ).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", b"1"),
+    ]
 
-    async def reserved(scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable[[dict], Awaitable[None]]) -> None:
+    async def reserved(
+        scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable[[dict], Awaitable[None]]
+    ) -> None:
         if scope.get("path") in paths:
             await app(scope, receive, send)
             return

@@ -16,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import AsyncIterator, Callable, Generic, Hashable, TypeVar
+from typing import Generic, TypeVar
+from collections.abc import AsyncIterator, Callable, Hashable
 
 import attrs
 import trio
@@ -39,7 +40,9 @@ class IdlePool(Generic[K, C]):
     At most ``max_idle_per_key`` wait per key: the oldest goes first.
     """
 
-    def __init__(self, *, idle_timeout: float, max_idle_per_key: int, fits: Callable[[C], bool], drop: Callable[[C], None]) -> None:
+    def __init__(
+        self, *, idle_timeout: float, max_idle_per_key: int, fits: Callable[[C], bool], drop: Callable[[C], None]
+    ) -> None:
         self.idle_timeout = idle_timeout
         self.max_idle_per_key = max_idle_per_key
         self._fits = fits
@@ -99,7 +102,9 @@ class ConnectionPool:
     idle socket = EOF or junk) and dropped.
     """
 
-    def __init__(self, *, idle_timeout: float = 4.0, max_idle_per_backend: int = 256, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self, *, idle_timeout: float = 4.0, max_idle_per_backend: int = 256, connect_timeout: float = 10.0
+    ) -> None:
         self.connect_timeout = connect_timeout
         self.idle: IdlePool[tuple[str, int], PooledConnection] = IdlePool(
             idle_timeout=idle_timeout, max_idle_per_key=max_idle_per_backend, fits=_socket_quiet, drop=_close_now

@@ -32,14 +32,25 @@ from __future__ import annotations
 import collections
 import json
 import logging
-from typing import Any, Awaitable, Callable
+from typing import Any
+from collections.abc import Awaitable, Callable
 
 import trio
 
 from ..errors import BridgeError, TransportError
 from . import watchdog
 from .admission import Draining
-from .bridge import CLOSED, DEFAULT_MAX_HEADER_SIZE, END, PHASE_BODY, PHASE_HEAD, Data, RequestHead, ServerBridge, asgi_scope
+from .bridge import (
+    CLOSED,
+    DEFAULT_MAX_HEADER_SIZE,
+    END,
+    PHASE_BODY,
+    PHASE_HEAD,
+    Data,
+    RequestHead,
+    ServerBridge,
+    asgi_scope,
+)
 from .deadlines import ConnectionClock, Timeouts
 
 log = logging.getLogger("ocf.httpstream")
@@ -130,7 +141,9 @@ class _Connection:
                     return
                 phase = bridge.receive_phase
                 if phase == PHASE_HEAD or phase == PHASE_BODY:  # a request whole in one read needs no clock
-                    clock.received(trio.current_time(), len(data), phase, phase == PHASE_BODY and bridge.expects_continue)
+                    clock.received(
+                        trio.current_time(), len(data), phase, phase == PHASE_BODY and bridge.expects_continue
+                    )
                 self._arrived.set()
         except _STREAM_ERRORS:
             self._client_gone()
@@ -332,12 +345,16 @@ class _Connection:
             kind = message["type"]
             try:
                 if kind == "http.response.start":
-                    headers = [(bytes(k), bytes(v)) for k, v in message.get("headers", [])]  # respond() lower-cases the names
+                    headers = [
+                        (bytes(k), bytes(v)) for k, v in message.get("headers", [])
+                    ]  # respond() lower-cases the names
                     # Answering before the whole request arrived (e.g. 413 for a body
                     # too large): the rest cannot be skipped reliably, so this is the
                     # connection's last response, and the client must hear it.
                     unfinished = not self.bridge.request_complete
-                    last = unfinished or self.single_request or (self.draining is not None and self.draining.draining)  # shutting down
+                    last = (
+                        unfinished or self.single_request or (self.draining is not None and self.draining.draining)
+                    )  # shutting down
                     head = self.bridge.respond(int(message["status"]), headers, close=last)
                     if self.bridge.response_length is not None:
                         held = head  # the body follows at once: one write, one wake-up of the client

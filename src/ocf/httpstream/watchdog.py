@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ocf.httpstream")
 
 
-async def watch(conn: "_Connection") -> None:
+async def watch(conn: _Connection) -> None:
     """End ``conn`` when it idles too long between requests or one of its deadlines passes."""
     timeout, clock, bridge = conn.idle_timeout, conn.clock, conn.bridge
     step = min(timeout, clock.timeouts.shortest)
@@ -45,7 +45,7 @@ async def watch(conn: "_Connection") -> None:
         await trio.sleep_until(wake)
 
 
-def expire(conn: "_Connection", what: str) -> None:
+def expire(conn: _Connection, what: str) -> None:
     t = conn.clock.timeouts
     if what == deadlines.WRITE:
         log.debug("http client did not read its response within %gs: closing", t.write)
@@ -60,4 +60,8 @@ def expire(conn: "_Connection", what: str) -> None:
     elif what == deadlines.HEAD:
         conn._refuse(HeadTimeout(f"the request head did not arrive within {t.head:g} seconds"))
     else:
-        conn._refuse(BodyTimeout(f"the request body stalled for {t.body:g} seconds or came slower than {t.min_body_rate:g} bytes/s"))
+        conn._refuse(
+            BodyTimeout(
+                f"the request body stalled for {t.body:g} seconds or came slower than {t.min_body_rate:g} bytes/s"
+            )
+        )

@@ -93,11 +93,11 @@ class Identity:
     private_key: Ed25519PrivateKey
 
     @classmethod
-    def generate(cls) -> "Identity":
+    def generate(cls) -> Identity:
         return cls(Ed25519PrivateKey.generate())
 
     @classmethod
-    def from_seed(cls, seed: str | bytes) -> "Identity":
+    def from_seed(cls, seed: str | bytes) -> Identity:
         """Deterministic identity for tests and reproducible setups (``--seed``).
 
         The seed is hashed, so any string gives a valid key; the same seed
@@ -108,7 +108,7 @@ class Identity:
         return cls(Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"ocf-seed:" + seed).digest()))
 
     @classmethod
-    def from_private_bytes(cls, raw: bytes) -> "Identity":
+    def from_private_bytes(cls, raw: bytes) -> Identity:
         if len(raw) not in (32, 64):
             raise IdentityError(f"Ed25519 private key must be 32 or 64 bytes, got {len(raw)}")
         key = Ed25519PrivateKey.from_private_bytes(raw[:32])
@@ -130,7 +130,7 @@ class Identity:
         return encode_public_key(self.public_raw)
 
     @property
-    def peer_id(self) -> "PeerId":
+    def peer_id(self) -> PeerId:
         from .peerid import PeerId
 
         return PeerId.from_public_key(self.public_raw)
@@ -143,7 +143,7 @@ class Identity:
         return _pb_key(KEY_TYPE_ED25519, self.private_raw + self.public_raw)
 
     @classmethod
-    def from_file_bytes(cls, data: bytes) -> "Identity":
+    def from_file_bytes(cls, data: bytes) -> Identity:
         key_type, raw = _parse_pb_key(data)
         if key_type != KEY_TYPE_ED25519:
             raise IdentityError(f"unsupported identity key type {key_type} (only Ed25519)")

@@ -8,7 +8,7 @@ and the binary form (used by identify) round-trip.
 from __future__ import annotations
 
 import ipaddress
-from typing import Iterator
+from collections.abc import Iterator
 
 import attrs
 
@@ -56,7 +56,7 @@ class Multiaddr:
     parts: tuple[tuple[str, str | None], ...]
 
     @classmethod
-    def parse(cls, text: str) -> "Multiaddr":
+    def parse(cls, text: str) -> Multiaddr:
         if not isinstance(text, str) or not text.startswith("/"):
             raise MultiaddrError(f"multiaddr must start with '/': {text!r}")
         tokens = text.rstrip("/").split("/")[1:]
@@ -81,7 +81,7 @@ class Multiaddr:
         return cls(tuple(parts))
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Multiaddr":
+    def from_bytes(cls, data: bytes) -> Multiaddr:
         parts: list[tuple[str, str | None]] = []
         pos = 0
         try:
@@ -142,10 +142,10 @@ class Multiaddr:
         value = self.value_for("p2p")
         return PeerId.from_string(value) if value else None
 
-    def without_p2p(self) -> "Multiaddr":
+    def without_p2p(self) -> Multiaddr:
         return Multiaddr(tuple(p for p in self.parts if p[0] != "p2p"))
 
-    def with_p2p(self, peer: PeerId) -> "Multiaddr":
+    def with_p2p(self, peer: PeerId) -> Multiaddr:
         return Multiaddr(self.without_p2p().parts + (("p2p", peer.to_string()),))
 
     def host_port(self) -> tuple[str, int]:

@@ -34,19 +34,19 @@ class PeerId:
         _check_multihash(self.raw)
 
     @classmethod
-    def from_public_key(cls, public_raw: bytes, key_type: int = KEY_TYPE_ED25519) -> "PeerId":
+    def from_public_key(cls, public_raw: bytes, key_type: int = KEY_TYPE_ED25519) -> PeerId:
         proto = encode_public_key(public_raw, key_type)
         if len(proto) <= MAX_INLINE_KEY:
             return cls(bytes([MH_IDENTITY, len(proto)]) + proto)
         return cls(bytes([MH_SHA256, 32]) + hashlib.sha256(proto).digest())
 
     @classmethod
-    def from_key_proto(cls, proto: bytes) -> "PeerId":
+    def from_key_proto(cls, proto: bytes) -> PeerId:
         key_type, raw = decode_public_key(proto)
         return cls.from_public_key(raw, key_type)
 
     @classmethod
-    def from_string(cls, text: str) -> "PeerId":
+    def from_string(cls, text: str) -> PeerId:
         """Parse the base58btc form (``12D3KooW…`` or ``Qm…``)."""
         if not isinstance(text, str) or not text:
             raise IdentityError("empty peer ID")

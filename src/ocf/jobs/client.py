@@ -32,7 +32,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import anyio
 import attrs
@@ -69,7 +70,7 @@ def _base(url: str, project: str, via_network: bool) -> str:
     return f"{url.rstrip('/')}/v1/{'service/jobs' if via_network else 'jobs'}/{project}"
 
 
-def _mark_output(job: "Job", attribute: Any, value: Any) -> Any:
+def _mark_output(job: Job, attribute: Any, value: Any) -> Any:
     job.has_output = True
     return value
 
@@ -121,7 +122,10 @@ class StageWorker:
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         response = await self.http.request(
-            method, self.base + path, json=body or {}, headers={"Authorization": f"Bearer {self.token}", "X-OCF-Worker-Token": self.token}
+            method,
+            self.base + path,
+            json=body or {},
+            headers={"Authorization": f"Bearer {self.token}", "X-OCF-Worker-Token": self.token},
         )
         return _raise_for(response)
 
@@ -145,7 +149,9 @@ class StageWorker:
         batch = list(self._done)
         # Dropped from the queue only once the tracker answered: a tracker that is down or
         # restarting gets them again on the next flush (a repeat is answered already_done).
-        answer = await self._call("POST", "/complete", {"results": [{"id": j.id, "output": j.output} for j in batch], "claim": claim})
+        answer = await self._call(
+            "POST", "/complete", {"results": [{"id": j.id, "output": j.output} for j in batch], "claim": claim}
+        )
         del self._done[: len(batch)]
         for job, outcome in zip(batch, answer["results"]):
             self.held.pop(job.id, None)
@@ -195,7 +201,9 @@ class StageWorker:
 class TrackerClient:
     """A connection to one project of a tracker; registers one worker per stage on first use."""
 
-    def __init__(self, http: httpx.AsyncClient, base: str, nickname: str, user: str | None, nursery: anyio.abc.TaskGroup) -> None:
+    def __init__(
+        self, http: httpx.AsyncClient, base: str, nickname: str, user: str | None, nursery: anyio.abc.TaskGroup
+    ) -> None:
         self.http = http
         self.base = base
         self.nickname = nickname
@@ -218,7 +226,9 @@ class TrackerClient:
         """Drop this stage's registration (the tracker forgot it); the next call registers again."""
         self._workers.pop(stage, None)
 
-    async def jobs(self, stage: str, *, batch: int = 1, wait: float = 20.0, until_empty: bool = False) -> AsyncIterator[Job]:
+    async def jobs(
+        self, stage: str, *, batch: int = 1, wait: float = 20.0, until_empty: bool = False
+    ) -> AsyncIterator[Job]:
         """Lease and yield jobs of ``stage`` forever (or until none are left, with ``until_empty``)."""
         worker = await self.worker(stage)
         try:
@@ -252,7 +262,9 @@ class TrackerClient:
                     with contextlib.suppress(httpx.HTTPError, TrackerError):
                         await worker.flush()
 
-    async def run(self, stage: str, handle: Callable[[Any], Awaitable[Any]], *, batch: int = 1, until_empty: bool = False) -> int:
+    async def run(
+        self, stage: str, handle: Callable[[Any], Awaitable[Any]], *, batch: int = 1, until_empty: bool = False
+    ) -> int:
         """Complete each job with ``await handle(job.input)``; an exception fails the job with its text."""
         done = 0
         async for job in self.jobs(stage, batch=batch, until_empty=until_empty):
@@ -324,7 +336,14 @@ class SyncTracker:
 
     def _call(self, stage: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         token = self.register(stage)["token"]
-        return _raise_for(self.http.request(method, self.base + path, json=body or {}, headers={"Authorization": f"Bearer {token}", "X-OCF-Worker-Token": token}))
+        return _raise_for(
+            self.http.request(
+                method,
+                self.base + path,
+                json=body or {},
+                headers={"Authorization": f"Bearer {token}", "X-OCF-Worker-Token": token},
+            )
+        )
 
     def register(self, stage: str) -> dict[str, Any]:
         if stage not in self._tokens:
@@ -370,7 +389,9 @@ class SyncTracker:
                         results.append({"id": job.id, "output": job.output})
             except GeneratorExit:
                 # The caller broke out: send what is done, including the job it stopped at if its output was set.
-                stopped = [j for j in held if j.state == "held" and j.has_output and all(r["id"] != j.id for r in results)]
+                stopped = [
+                    j for j in held if j.state == "held" and j.has_output and all(r["id"] != j.id for r in results)
+                ]
                 results.extend({"id": j.id, "output": j.output} for j in stopped)
                 if results:
                     with contextlib.suppress(httpx.HTTPError, TrackerError):
@@ -387,7 +408,15 @@ class SyncTracker:
 
 
 @contextlib.contextmanager
-def connect_sync(url: str, project: str, *, nickname: str = "anonymous", user: str | None = None, via_network: bool = False, timeout: float = DEFAULT_TIMEOUT) -> Iterator[SyncTracker]:
+def connect_sync(
+    url: str,
+    project: str,
+    *,
+    nickname: str = "anonymous",
+    user: str | None = None,
+    via_network: bool = False,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Iterator[SyncTracker]:
     tracker = SyncTracker(httpx.Client(timeout=timeout), _base(url, project, via_network), nickname, user)
     try:
         yield tracker

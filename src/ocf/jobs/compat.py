@@ -90,7 +90,9 @@ async def new(project: str) -> Any:
     nickname = request.args.get("nickname", "anonymous")
     worker = await tracker().register_worker(project, nickname=nickname, stage=index + 1)
     stage_name = tracker().store.project(project).stages[index].name
-    return _json({"token": worker["token"], "display_name": worker["name"], "project": project, "stage_name": stage_name})
+    return _json(
+        {"token": worker["token"], "display_name": worker["name"], "project": project, "stage_name": stage_name}
+    )
 
 
 @blueprint.post(BASE + "/api/validateWorker")
@@ -192,7 +194,9 @@ async def worker_page(project: str, stage: str, name: str) -> Response:
     if stage.lower() not in (info["stage_letter"], info["stage"].lower()):
         return _text(f"Worker {name} works on stage {info['stage_letter']}, not {stage}.", 404)
     e = html.escape
-    rows = "".join(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in info.items() if k != "completed_by_stage")
+    rows = "".join(
+        f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in info.items() if k != "completed_by_stage"
+    )
     per_stage = "".join(f"<li>{e(s)}: {n}</li>" for s, n in info["completed_by_stage"].items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{e(name)} · {e(definition.name)}</title>
 <style>body{{font:15px system-ui,sans-serif;margin:2em;max-width:50em}}th{{text-align:left;padding-right:1em}}</style></head>

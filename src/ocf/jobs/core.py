@@ -11,7 +11,8 @@ and the read-only reports (:mod:`ocf.jobs.reports`) build on it;
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 from ..errors import Conflict, NotFound, PayloadTooLarge
 from ..store import Store
@@ -78,7 +79,9 @@ class StoreCore:
                 self._parent = None
 
     def _write(self, project: Project | None = None) -> WriteScope:
-        return WriteScope(self.store, self.dbs, project.name if project is not None else None, self._parent, self._enqueued)
+        return WriteScope(
+            self.store, self.dbs, project.name if project is not None else None, self._parent, self._enqueued
+        )
 
     def _read(self, project: Project | None = None) -> ReadScope:
         return ReadScope(self.store, self.dbs, project.name if project is not None else None)
@@ -122,11 +125,17 @@ class StoreCore:
         return [self._projects[name] for name in sorted(self._projects)]
 
     def check_payload(self, value: Any, what: str) -> None:
-        if value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and 6 * len(value) + 2 <= self.max_payload):
+        if (
+            value is None
+            or isinstance(value, (bool, int, float))
+            or (isinstance(value, str) and 6 * len(value) + 2 <= self.max_payload)
+        ):
             return  # cannot exceed the limit as JSON; skip encoding it an extra time
         size = payload_size(value)
         if size > self.max_payload:
-            raise PayloadTooLarge(f"{what} is {size} bytes of JSON; the limit is {self.max_payload}", code="payload_too_large")
+            raise PayloadTooLarge(
+                f"{what} is {size} bytes of JSON; the limit is {self.max_payload}", code="payload_too_large"
+            )
 
 
 def public_job(project: Project, job: Record) -> Record:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import IO, Any, Iterator
+from typing import IO, Any
+from collections.abc import Iterator
 
 from ..errors import ValidationError
 
@@ -67,7 +68,9 @@ def check_pattern(pattern: str) -> None:
     for match in _GROUP.finditer(pattern):
         body = match.group(1)
         if ".." in body and not _RANGE.match(body) and not _ALPHA_RANGE.match(body) and "," not in body:
-            raise ValidationError(f"pattern {pattern!r}: {{{body}}} is not a range; write {{1..3}}, {{01..10}}, {{0..100..10}} or {{a..z}}")
+            raise ValidationError(
+                f"pattern {pattern!r}: {{{body}}} is not a range; write {{1..3}}, {{01..10}}, {{0..100..10}} or {{a..z}}"
+            )
 
 
 def brace_expand(pattern: str) -> Iterator[str]:
@@ -158,7 +161,9 @@ def json_list(stream: IO[str], *, chunk_size: int = 1 << 16) -> Iterator[Any]:
             position += 1
         if position >= len(buffer):
             if eof or not more():
-                raise ValidationError("JSON list ends early (missing ']')" if started else "input is empty, expected a JSON list")
+                raise ValidationError(
+                    "JSON list ends early (missing ']')" if started else "input is empty, expected a JSON list"
+                )
             continue
         char = buffer[position]
         if not started:

@@ -55,7 +55,10 @@ def _stage_rows(stats: dict[str, Any]) -> str:
             for name in ("done", "failed", "leased", "pending", "total", "expected")
         )
         # Segment widths are set by the script (CSSOM): the CSP forbids inline style attributes.
-        bar = "".join(f'<span class="seg {name}" data-segment="{name}"></span>' for name in ("done", "failed", "leased", "pending"))
+        bar = "".join(
+            f'<span class="seg {name}" data-segment="{name}"></span>'
+            for name in ("done", "failed", "leased", "pending")
+        )
         rows.append(
             f'<div class="stage" data-stage="{escape(stage["name"])}"><div class="stage-head">'
             f'<span class="stage-letter">{stage["letter"]}</span><span class="stage-name">{escape(stage["name"])}</span>'
@@ -97,7 +100,18 @@ def render(template: str, tracker: Tracker | None, wanted: str | None) -> str:
             project = names[0]
         elif wanted in names:
             project = wanted
-    slots = {"MAIN_HIDDEN": " hidden", "PROJECT": "", "COMPLETION": "–", "ETA": "–", "ACTIVE": "–", "TOTAL": "–", "RESULTS": "–", "STAGES": "", "WORKERS": "", "INITIAL": ""}
+    slots = {
+        "MAIN_HIDDEN": " hidden",
+        "PROJECT": "",
+        "COMPLETION": "–",
+        "ETA": "–",
+        "ACTIVE": "–",
+        "TOTAL": "–",
+        "RESULTS": "–",
+        "STAGES": "",
+        "WORKERS": "",
+        "INITIAL": "",
+    }
     if tracker is not None and project is not None:
         now = tracker.clock()
         stats = tracker.store.stats(project, now)

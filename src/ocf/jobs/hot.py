@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -45,10 +46,10 @@ ALLOW = b"POST, OPTIONS"
 class HotRoutes:
     """``POST /v1/jobs/<project>/{claim,complete,heartbeat}`` for one node's gateway."""
 
-    def __init__(self, node: "Node") -> None:
+    def __init__(self, node: Node) -> None:
         self.node = node
 
-    async def serve(self, route: "Route", scope: dict, receive: Receive, send: Send) -> None:
+    async def serve(self, route: Route, scope: dict, receive: Receive, send: Send) -> None:
         """Serve a request the gateway's router classified as a hot route (it parsed the path)."""
         responder = Responder(send)
         project, action = route.param("project"), route.action
@@ -77,15 +78,21 @@ class HotRoutes:
                 items = request.get("results")
                 if items is None and "id" in request:
                     items = [{"id": request["id"], "output": request.get("output")}]
-                results, jobs = await tracker.complete_many(project, token, items if items is not None else [], claim=request.get("claim", 0))
+                results, jobs = await tracker.complete_many(
+                    project, token, items if items is not None else [], claim=request.get("claim", 0)
+                )
                 answer = {"results": results, "jobs": jobs}
             else:
-                answer = await tracker.heartbeat(project, token, progress=request.get("progress"), jobs=request.get("jobs"))
+                answer = await tracker.heartbeat(
+                    project, token, progress=request.get("progress"), jobs=request.get("jobs")
+                )
         except GatewayRequestError as exc:
             await _send_error(responder, exc)
             return
         except trio.TooSlowError:
-            await _send_error(responder, RequestTimeout(f"request body not received within {self.node.config.request_timeout:g} s"))
+            await _send_error(
+                responder, RequestTimeout(f"request body not received within {self.node.config.request_timeout:g} s")
+            )
             return
         except ClientGone:
             return
@@ -105,7 +112,13 @@ class HotRoutes:
 
 async def _send_json(responder: Responder, payload: dict[str, Any]) -> None:
     body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
-    await responder({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await responder(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await responder({"type": "http.response.body", "body": body, "more_body": False})
 
 
@@ -121,4 +134,6 @@ async def _not_post(responder: Responder, method: str, path: str) -> None:
         await responder({"type": "http.response.start", "status": 204, "headers": [(b"allow", ALLOW)]})
         await responder({"type": "http.response.body", "body": b"", "more_body": False})
         return
-    await _send_error(responder, MethodNotAllowed(f"method {method} is not allowed on {path}", headers={"Allow": ALLOW.decode()}))
+    await _send_error(
+        responder, MethodNotAllowed(f"method {method} is not allowed on {path}", headers={"Allow": ALLOW.decode()})
+    )

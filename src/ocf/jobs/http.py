@@ -37,7 +37,8 @@ holds the parsing both share.
 from __future__ import annotations
 
 import json
-from typing import Any, AsyncIterator
+from typing import Any
+from collections.abc import AsyncIterator
 
 import trio
 from quart import Blueprint, Response, current_app, jsonify, request
@@ -46,6 +47,7 @@ from ..errors import BadRequest, NotFound
 from . import views
 from .intake import decode_inputs
 from .tracker import Tracker
+import trio.lowlevel
 
 blueprint = Blueprint("jobs", __name__)
 
@@ -130,7 +132,14 @@ async def list_projects():  # type: ignore[no-untyped-def]
     out = []
     for project in t.store.projects():
         stats = t.store.stats(project.name, now)
-        out.append({**project.to_json(), "completion": stats["completion"], "eta_seconds": stats["eta_seconds"], "results": stats["results"]})
+        out.append(
+            {
+                **project.to_json(),
+                "completion": stats["completion"],
+                "eta_seconds": stats["eta_seconds"],
+                "results": stats["results"],
+            }
+        )
     return jsonify(projects=out)
 
 
@@ -179,9 +188,18 @@ async def get_job(project: str, job_id: int):  # type: ignore[no-untyped-def]
 async def register(project: str):  # type: ignore[no-untyped-def]
     body = await json_object()
     nickname = body.get("nickname", body.get("user"))
-    worker = await tracker().register_worker(project, nickname=nickname, user=body.get("user"), stage=body.get("stage", 1))
+    worker = await tracker().register_worker(
+        project, nickname=nickname, user=body.get("user"), stage=body.get("stage", 1)
+    )
     stage = tracker().store.project(project).stages[worker["stage"]]
-    return jsonify(token=worker["token"], name=worker["name"], user=worker["user"], project=project, stage=stage.name, lease_timeout=stage.lease_timeout), 201
+    return jsonify(
+        token=worker["token"],
+        name=worker["name"],
+        user=worker["user"],
+        project=project,
+        stage=stage.name,
+        lease_timeout=stage.lease_timeout,
+    ), 201
 
 
 def flag_arg(name: str) -> bool:
@@ -195,7 +213,17 @@ async def list_workers(project: str):  # type: ignore[no-untyped-def]
     t = tracker()
     offset = int(parse_number(request.args.get("offset"), "offset", 0, 10**9, 0))
     limit = int(parse_number(request.args.get("limit"), "limit", 1, views.MAX_PAGE, 100))
-    return jsonify(views.list_workers(t.store, project, t.clock(), stage=request.args.get("stage") or None, include_idle=flag_arg("all"), offset=offset, limit=limit))
+    return jsonify(
+        views.list_workers(
+            t.store,
+            project,
+            t.clock(),
+            stage=request.args.get("stage") or None,
+            include_idle=flag_arg("all"),
+            offset=offset,
+            limit=limit,
+        )
+    )
 
 
 @blueprint.get("/v1/jobs/<project>/workers/<name>")
@@ -272,7 +300,7 @@ async def results(project: str):  # type: ignore[no-untyped-def]
             yield b"".join(json.dumps(r, separators=(",", ":"), ensure_ascii=False).encode() + b"\n" for r in page)
             after = page[-1]["seq"]
             sent += len(page)
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
 
     response = Response(lines(), mimetype="application/x-ndjson")
     response.headers["Content-Disposition"] = f'attachment; filename="{project}-results.jsonl"'

@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from ..errors import BadRequest
+import trio.lowlevel
 
 SLICE = 500
 _WS = " \t\r\n"
@@ -51,7 +52,7 @@ async def _lines(text: str, slice_size: int) -> list[Any]:
             except ValueError as exc:
                 raise BadRequest(f"line {number} is not JSON: {exc}", code="bad_json") from None
         if number % slice_size == 0:
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
     return out
 
 
@@ -101,11 +102,13 @@ async def _list_at(decoder: json.JSONDecoder, text: str, position: int, slice_si
             raise BadRequest(f"request body is not valid JSON: {exc}", code="bad_json") from None
         out.append(value)
         if len(out) % slice_size == 0:
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
         position = _skip(text, position)
         if text.startswith(",", position):
             position = _skip(text, position + 1)
         elif text.startswith("]", position):
             return out, position + 1
         else:
-            raise BadRequest(f"request body is not valid JSON: expected ',' or ']' at character {position}", code="bad_json")
+            raise BadRequest(
+                f"request body is not valid JSON: expected ',' or ']' at character {position}", code="bad_json"
+            )

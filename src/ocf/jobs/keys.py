@@ -30,7 +30,20 @@ from ..errors import BadRequest, StoreCorrupt
 
 U64 = struct.Struct(">Q")
 U32 = struct.Struct(">I")
-DBS = ("projects", "jobs", "queue", "leases", "workers", "names", "counters", "board", "series", "results", "failures", "idem")
+DBS = (
+    "projects",
+    "jobs",
+    "queue",
+    "leases",
+    "workers",
+    "names",
+    "counters",
+    "board",
+    "series",
+    "results",
+    "failures",
+    "idem",
+)
 
 #: A job or worker record as stored: the JSON object, decoded.
 Record = dict[str, Any]

@@ -25,7 +25,9 @@ MAX_ERRORS_PER_JOB = 20
 class LeaseMachine(StoreCore):
     """Job state transitions inside an open transaction (the ``_`` methods the operations share)."""
 
-    def _new_job(self, tx: Tx, project: Project, stage: int, value: Any, now: float, *, parent: int | None, root: int | None) -> int:
+    def _new_job(
+        self, tx: Tx, project: Project, stage: int, value: Any, now: float, *, parent: int | None, root: int | None
+    ) -> int:
         job_id = tx.bump("next_id")
         job = {
             "id": job_id,
@@ -66,13 +68,19 @@ class LeaseMachine(StoreCore):
 
     def _worker(self, tx: Tx, token: Any, now: float) -> dict[str, Any]:
         if not isinstance(token, str) or not token:
-            raise NotFound("a worker token is required (register with /workers or /api/new first)", code="unknown_worker")
+            raise NotFound(
+                "a worker token is required (register with /workers or /api/new first)", code="unknown_worker"
+            )
         worker = tx.worker(token)
         if worker is None or worker["last_seen"] + self.worker_timeout < now:
-            raise NotFound("the tracker does not know this worker; did it time out? Register again.", code="unknown_worker")
+            raise NotFound(
+                "the tracker does not know this worker; did it time out? Register again.", code="unknown_worker"
+            )
         return worker
 
-    def _held_job(self, tx: Tx, project: Project, token: Any, job_id: int, now: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _held_job(
+        self, tx: Tx, project: Project, token: Any, job_id: int, now: float
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """The worker and the job it is giving back (fail, flag); 404/409 unless it holds the lease."""
         worker = self._worker(tx, token, now)
         job = tx.job(job_id)
@@ -98,7 +106,9 @@ class LeaseMachine(StoreCore):
         worker["leases"] = []
         return released
 
-    def _claim_in(self, tx: Tx, project: Project, worker: dict[str, Any], limit: int, now: float) -> list[dict[str, Any]]:
+    def _claim_in(
+        self, tx: Tx, project: Project, worker: dict[str, Any], limit: int, now: float
+    ) -> list[dict[str, Any]]:
         stage_index = worker["stage"]
         timeout = project.stages[stage_index].lease_timeout
         picked = []
@@ -133,7 +143,9 @@ class LeaseMachine(StoreCore):
         worker["last_seen"] = now
         return out
 
-    def _complete_one(self, tx: Tx, project: Project, worker: dict[str, Any], job_id: int, output: Any, now: float) -> dict[str, Any]:
+    def _complete_one(
+        self, tx: Tx, project: Project, worker: dict[str, Any], job_id: int, output: Any, now: float
+    ) -> dict[str, Any]:
         # Every check comes before the first write, so a refused item changes nothing.
         self.check_payload(output, "job output")
         job = tx.job(job_id)
@@ -157,7 +169,16 @@ class LeaseMachine(StoreCore):
             tx.put(
                 "results",
                 tx.p + U64.pack(seq),
-                dumps({"job": job_id, "root": job["root"], "output": output, "worker": worker["name"], "user": worker["user"], "time": now}),
+                dumps(
+                    {
+                        "job": job_id,
+                        "root": job["root"],
+                        "output": output,
+                        "worker": worker["name"],
+                        "user": worker["user"],
+                        "time": now,
+                    }
+                ),
             )
             job["result_seq"] = seq
         self._unlease(tx, job)
@@ -207,7 +228,19 @@ class LeaseMachine(StoreCore):
         stage = job["stage"]
         tx.bump(f"s{stage}.leased", -1)
         seq = tx.bump("failure_seq")
-        tx.put("failures", tx.p + U64.pack(seq), dumps({"job": job["id"], "stage": project.stages[stage].name, "time": now, "error": error, "attempt": job["attempts"]}))
+        tx.put(
+            "failures",
+            tx.p + U64.pack(seq),
+            dumps(
+                {
+                    "job": job["id"],
+                    "stage": project.stages[stage].name,
+                    "time": now,
+                    "error": error,
+                    "attempt": job["attempts"],
+                }
+            ),
+        )
         if seq > MAX_FAILURES_KEPT:
             tx.delete("failures", tx.p + U64.pack(seq - MAX_FAILURES_KEPT))
         if job["attempts"] >= project.max_attempts:

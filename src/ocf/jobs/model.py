@@ -50,7 +50,7 @@ class Project:
             "created": self.created,
         }
 
-    def same_definition(self, other: "Project") -> bool:
+    def same_definition(self, other: Project) -> bool:
         return (self.stages, self.max_attempts, self.flag_threshold) == (
             other.stages,
             other.max_attempts,
@@ -58,10 +58,12 @@ class Project:
         )
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Project":
+    def from_json(cls, data: dict[str, Any]) -> Project:
         return cls(
             name=data["name"],
-            stages=tuple(Stage(s["name"], float(s["lease_timeout"]), bool(s.get("fanout", False))) for s in data["stages"]),
+            stages=tuple(
+                Stage(s["name"], float(s["lease_timeout"]), bool(s.get("fanout", False))) for s in data["stages"]
+            ),
             max_attempts=int(data["max_attempts"]),
             flag_threshold=int(data["flag_threshold"]),
             created=float(data.get("created", 0.0)),
@@ -84,7 +86,9 @@ class Project:
         raise BadRequest(f"project {self.name!r} has no stage {ref!r}; stages are {names}", code="unknown_stage")
 
 
-def parse_project(name: str, body: Any, *, max_stages: int, default_lease: float, max_attempts: int, flag_threshold: int, now: float) -> Project:
+def parse_project(
+    name: str, body: Any, *, max_stages: int, default_lease: float, max_attempts: int, flag_threshold: int, now: float
+) -> Project:
     """Validate a project definition from JSON; raise :class:`BadRequest` naming the bad field.
 
     ``{"stages": [{"name": "crawl", "lease_timeout": 600, "fanout": false}, ...],
@@ -104,7 +108,9 @@ def parse_project(name: str, body: Any, *, max_stages: int, default_lease: float
     if not isinstance(raw_stages, list) or not raw_stages:
         raise BadRequest("'stages' must be a non-empty list", code="bad_project")
     if len(raw_stages) > max_stages:
-        raise BadRequest(f"a project may have at most {max_stages} stages, got {len(raw_stages)}", code="too_many_stages")
+        raise BadRequest(
+            f"a project may have at most {max_stages} stages, got {len(raw_stages)}", code="too_many_stages"
+        )
     stages = []
     for i, raw in enumerate(raw_stages):
         if isinstance(raw, str):
@@ -115,14 +121,21 @@ def parse_project(name: str, body: Any, *, max_stages: int, default_lease: float
         if extra:
             raise BadRequest(f"stages[{i}]: unknown field(s) {', '.join(sorted(extra))}", code="bad_project")
         stage_name = raw.get("name")
-        if not isinstance(stage_name, str) or not STAGE_NAME.match(stage_name) or stage_name.isdigit() or len(stage_name) == 1:
+        if (
+            not isinstance(stage_name, str)
+            or not STAGE_NAME.match(stage_name)
+            or stage_name.isdigit()
+            or len(stage_name) == 1
+        ):
             raise BadRequest(
                 f"stages[{i}].name {stage_name!r} must be 2-32 letters, digits, spaces, '_', '.' or '-' and not a number",
                 code="bad_project",
             )
         lease = raw.get("lease_timeout", default_lease)
         if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not 0 < lease <= 7 * 86400:
-            raise BadRequest(f"stages[{i}].lease_timeout must be seconds in (0, 604800], got {lease!r}", code="bad_project")
+            raise BadRequest(
+                f"stages[{i}].lease_timeout must be seconds in (0, 604800], got {lease!r}", code="bad_project"
+            )
         fanout = raw.get("fanout", False)
         if not isinstance(fanout, bool):
             raise BadRequest(f"stages[{i}].fanout must be true or false", code="bad_project")

@@ -102,7 +102,8 @@ class Reports(StoreCore):
             "results": results,
             "workers": {"total": workers_total, "active": sum(workers_active)},
             "throughput": [
-                {"minute": m * 60, "completed": series.get(m, [0] * len(project.stages))} for m in range(minute_now - 59, minute_now + 1)
+                {"minute": m * 60, "completed": series.get(m, [0] * len(project.stages))}
+                for m in range(minute_now - 59, minute_now + 1)
             ],
             "recent_failures": failures,
         }
@@ -133,7 +134,13 @@ class Reports(StoreCore):
                 rest = key[len(tx.p) + 5 :]
                 who, stage = rest[1:-2].decode(), rest[-1]
                 add("last_24h", rest[:1], who, stage, U64.unpack(raw)[0])
-        out: dict[str, Any] = {"project": project.name, "stages": stage_names, "offset": offset, "limit": limit, "total": {}}
+        out: dict[str, Any] = {
+            "project": project.name,
+            "stages": stage_names,
+            "offset": offset,
+            "limit": limit,
+            "total": {},
+        }
         for kind, table in tables.items():
             rows: list[dict[str, Any]] = [
                 {
@@ -150,7 +157,9 @@ class Reports(StoreCore):
             out[kind] = rows[offset : offset + limit]
         return out
 
-    def results(self, name: str, *, after: int = 0, limit: int = 1000, with_input: bool = False) -> list[dict[str, Any]]:
+    def results(
+        self, name: str, *, after: int = 0, limit: int = 1000, with_input: bool = False
+    ) -> list[dict[str, Any]]:
         """Last-stage outputs in completion order; page with ``after`` = the last ``seq`` seen.
 
         ``with_input`` adds the input of the job that produced each result and,

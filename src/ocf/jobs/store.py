@@ -25,7 +25,8 @@ operations a request or the clock performs, each one transaction.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 from ..errors import BadRequest, GatewayRequestError, NotFound, StoreCorrupt
 from .core import ACTIVE_WINDOW, public_job
@@ -108,7 +109,9 @@ class JobStore(WorkerOps, Reports):
 
     # --- the job cycle --------------------------------------------------------------------
 
-    def claim(self, name: str, token: Any, now: float, *, limit: int = 1, stage: Any = None, release_held: bool = False) -> list[dict[str, Any]]:
+    def claim(
+        self, name: str, token: Any, now: float, *, limit: int = 1, stage: Any = None, release_held: bool = False
+    ) -> list[dict[str, Any]]:
         """Lease up to ``limit`` pending jobs of the worker's stage, oldest first."""
         project = self.project(name)
         check_limit(limit)
@@ -168,7 +171,9 @@ class JobStore(WorkerOps, Reports):
             tx.put_worker(worker)
         return result
 
-    def complete_many(self, name: str, token: Any, items: Any, now: float, *, claim: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def complete_many(
+        self, name: str, token: Any, items: Any, now: float, *, claim: int = 0
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Complete a batch in one transaction; each item succeeds or fails on its own.
 
         ``items`` is ``[{"id": N, "output": ...}, ...]``; the answer has one
@@ -191,10 +196,20 @@ class JobStore(WorkerOps, Reports):
                 try:
                     if not isinstance(item, dict) or "id" not in item:
                         raise BadRequest("each result must be an object with 'id' and 'output'", code="bad_results")
-                    out.append(self._complete_one(tx, project, worker, parse_job_id(item["id"]), item.get("output"), now))
+                    out.append(
+                        self._complete_one(tx, project, worker, parse_job_id(item["id"]), item.get("output"), now)
+                    )
                 except GatewayRequestError as exc:
                     ident = item.get("id") if isinstance(item, dict) else None
-                    out.append({"id": ident, "status": "error", "http_status": exc.status, "code": exc.code, "message": exc.message})
+                    out.append(
+                        {
+                            "id": ident,
+                            "status": "error",
+                            "http_status": exc.status,
+                            "code": exc.code,
+                            "message": exc.message,
+                        }
+                    )
             claimed = self._claim_in(tx, project, worker, claim, now) if claim else []
             tx.put_worker(worker)
         return out, claimed
@@ -235,7 +250,9 @@ class JobStore(WorkerOps, Reports):
                 tx.bump(f"s{stage}.pending")
                 self._enqueue(tx, job)
                 return {"id": job_id, "status": "flagged", "flags": len(job["flags"])}
-            note = f"input flagged invalid by {len(job['flags'])} {'workers' if self.flag_per_worker else 'users'}" + (f" ({str(reason)[:200]})" if reason else "")
+            note = f"input flagged invalid by {len(job['flags'])} {'workers' if self.flag_per_worker else 'users'}" + (
+                f" ({str(reason)[:200]})" if reason else ""
+            )
             if job["parent"] is None:
                 job["state"] = "failed"
                 job["errors"].append({"time": now, "error": note})
@@ -247,7 +264,9 @@ class JobStore(WorkerOps, Reports):
             self._enqueue(tx, job)
             parent = tx.job(job["parent"])
             if parent is None:  # a job's producer is never deleted: only a damaged store lacks it
-                raise StoreCorrupt(f"job {job['parent']} (the producer of job {job_id}) is missing; start with --cleanslate")
+                raise StoreCorrupt(
+                    f"job {job['parent']} (the producer of job {job_id}) is missing; start with --cleanslate"
+                )
             self._rollback(tx, project, parent, note, now)
         return {"id": job_id, "status": "rolled_back", "flags": len(job["flags"]), "redo": parent["id"]}
 
@@ -280,7 +299,11 @@ class JobStore(WorkerOps, Reports):
                     continue
                 ptx = tx.view(project_key)
                 job = ptx.job(job_id)
-                if job is None or job["state"] != "leased" or lease_key(job["lease_expires"], project_key, job_id) != key:
+                if (
+                    job is None
+                    or job["state"] != "leased"
+                    or lease_key(job["lease_expires"], project_key, job_id) != key
+                ):
                     continue
                 holder = ptx.worker(job.get("worker", ""))
                 holder_name = holder["name"] if holder else "a forgotten worker"
@@ -297,10 +320,7 @@ class JobStore(WorkerOps, Reports):
         with self._write() as tx:
             for project in self._projects.values():
                 ptx = tx.view(pkey(project.name))
-                idle = [
-                    loads(raw, "worker")
-                    for _, raw in ptx.scan("workers", ptx.p)
-                ]
+                idle = [loads(raw, "worker") for _, raw in ptx.scan("workers", ptx.p)]
                 for worker in idle:
                     if worker["last_seen"] + self.worker_timeout >= now:
                         continue

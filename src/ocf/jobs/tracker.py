@@ -15,7 +15,8 @@ import functools
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Generic, Sequence, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import attrs
 import trio
@@ -23,6 +24,7 @@ import trio
 from .. import log as logfmt
 from .store import JobStore
 from .writer import WriterThread
+import trio.lowlevel
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -74,7 +76,9 @@ def _second(pair: tuple[Any, T]) -> T:
 class Tracker:
     """Mutations go through here so waiters learn of them; reads may use :attr:`store`."""
 
-    def __init__(self, store: JobStore, clock: Callable[[], float] = time.time, *, create_chunk: int = CREATE_CHUNK) -> None:
+    def __init__(
+        self, store: JobStore, clock: Callable[[], float] = time.time, *, create_chunk: int = CREATE_CHUNK
+    ) -> None:
         self.store = store
         self.clock = clock
         self.create_chunk = create_chunk
@@ -205,7 +209,7 @@ class Tracker:
             while True:
                 await self._work.wait()
                 self._work = trio.Event()
-                await trio.sleep(0)  # requests made runnable by the same I/O join this batch
+                await trio.lowlevel.checkpoint()  # requests made runnable by the same I/O join this batch
                 ops, self._queue = [op for op in self._queue if not op.abandoned], []
                 if not ops:
                     continue
@@ -245,7 +249,7 @@ class Tracker:
         for start in range(0, len(inputs), CHECK_SLICE):
             for value in inputs[start : start + CHECK_SLICE]:
                 self.store.check_payload(value, "job input")
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
         async with self._create_lock:
             carry: dict[str, Any] | None = None
             position = 0
@@ -261,22 +265,40 @@ class Tracker:
                 position += len(chunk)
                 final = position >= len(inputs)
                 # partial, not a lambda: it binds this iteration's chunk and carry now.
-                op = functools.partial(JobStore.add_jobs, name=name, inputs=chunk, now=self.clock(), idempotency_key=idempotency_key, carry=carry, final=final)
+                op = functools.partial(
+                    JobStore.add_jobs,
+                    name=name,
+                    inputs=chunk,
+                    now=self.clock(),
+                    idempotency_key=idempotency_key,
+                    carry=carry,
+                    final=final,
+                )
                 carry = await self._batched(op)
                 if final:
                     return carry
 
     async def register_worker(self, name: str, *, nickname: str, stage: Any, user: str | None = None) -> dict[str, Any]:
         now = self.clock()
-        worker = await self._batched(lambda store: store.register_worker(name, nickname=nickname, stage=stage, now=now, user=user))
-        log.info("worker registered %s", logfmt.kv(project=name, worker=worker["name"], user=worker["user"], stage=worker["stage"] + 1))
+        worker = await self._batched(
+            lambda store: store.register_worker(name, nickname=nickname, stage=stage, now=now, user=user)
+        )
+        log.info(
+            "worker registered %s",
+            logfmt.kv(project=name, worker=worker["name"], user=worker["user"], stage=worker["stage"] + 1),
+        )
         return worker
 
-    async def claim(self, name: str, token: Any, *, limit: int = 1, stage: Any = None, wait: float = 0.0, release_held: bool = False) -> list[dict[str, Any]]:
+    async def claim(
+        self, name: str, token: Any, *, limit: int = 1, stage: Any = None, wait: float = 0.0, release_held: bool = False
+    ) -> list[dict[str, Any]]:
         """Lease up to ``limit`` jobs; with ``wait`` > 0, wait that long for one to appear (long poll)."""
         now = self.clock()
         hand_back = self._hand_back(name, token)
-        jobs = await self._batched(lambda store: store.claim(name, token, now, limit=limit, stage=stage, release_held=release_held), undo=hand_back)
+        jobs = await self._batched(
+            lambda store: store.claim(name, token, now, limit=limit, stage=stage, release_held=release_held),
+            undo=hand_back,
+        )
         if jobs or wait <= 0:
             return jobs
         key = (name, self.store.worker_stage(name, token, self.clock()))
@@ -289,7 +311,9 @@ class Tracker:
                     if event is None:
                         event = self._stage_events[key] = trio.Event()
                     await event.wait()
-                    again = functools.partial(JobStore.claim, name=name, token=token, now=self.clock(), limit=limit, stage=stage)
+                    again = functools.partial(
+                        JobStore.claim, name=name, token=token, now=self.clock(), limit=limit, stage=stage
+                    )
                     jobs = await self._batched(again, undo=hand_back)
                     if jobs:
                         return jobs
@@ -306,22 +330,33 @@ class Tracker:
         now = self.clock()
         return await self._batched(lambda store: store.complete(name, token, job_id, output, now))
 
-    async def complete_many(self, name: str, token: Any, items: Any, *, claim: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    async def complete_many(
+        self, name: str, token: Any, items: Any, *, claim: int = 0
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         now = self.clock()
         hand_back = self._hand_back(name, token)
-        return await self._batched(lambda store: store.complete_many(name, token, items, now, claim=claim), undo=lambda done: hand_back(_second(done)))
+        return await self._batched(
+            lambda store: store.complete_many(name, token, items, now, claim=claim),
+            undo=lambda done: hand_back(_second(done)),
+        )
 
     async def fail(self, name: str, token: Any, job_id: Any, error: Any) -> dict[str, Any]:
         now = self.clock()
         result = await self._batched(lambda store: store.fail(name, token, job_id, error, now))
-        log.info("job failed by worker %s", logfmt.kv(project=name, job=result["id"], now=result["status"], attempts=result["attempts"]))
+        log.info(
+            "job failed by worker %s",
+            logfmt.kv(project=name, job=result["id"], now=result["status"], attempts=result["attempts"]),
+        )
         return result
 
     async def flag(self, name: str, token: Any, job_id: Any, reason: Any = None) -> dict[str, Any]:
         now = self.clock()
         result = await self._batched(lambda store: store.flag(name, token, job_id, now, reason))
         if result["status"] != "flagged":
-            log.warning("job input flagged invalid %s", logfmt.kv(project=name, job=result["id"], outcome=result["status"], redo=result.get("redo", "-")))
+            log.warning(
+                "job input flagged invalid %s",
+                logfmt.kv(project=name, job=result["id"], outcome=result["status"], redo=result.get("redo", "-")),
+            )
         return result
 
     async def bye(self, name: str, token: Any) -> int:
@@ -361,7 +396,7 @@ class Tracker:
             due = self.store.next_expiry()
             if due is not None and due <= now:
                 await self.expire_now()
-                await trio.sleep(0)  # let requests run between large batches
+                await trio.lowlevel.checkpoint()  # let requests run between large batches
                 continue
             delay = min(MAX_REAPER_SLEEP, next_sweep - now, (due - now) if due is not None else MAX_REAPER_SLEEP)
             # A claim may create a lease due sooner than what we sleep for: wake on changes too.
@@ -370,7 +405,7 @@ class Tracker:
 
 
 @contextlib.asynccontextmanager
-async def open_tracker(node: "Node") -> AsyncIterator[Tracker]:
+async def open_tracker(node: Node) -> AsyncIterator[Tracker]:
     """Host the tracker on ``node``: open its store, run its reaper, register the ``jobs`` service."""
     config = node.config
     store = JobStore(

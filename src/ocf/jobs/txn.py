@@ -11,7 +11,8 @@ transaction, so an operation that fails rolls back alone while one commit
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
+from collections.abc import Iterator
 
 from ..store import Store
 from .keys import U64, Record, dumps, loads, pkey
@@ -49,7 +50,15 @@ class Tx:
 
     __slots__ = ("txn", "dbs", "p", "enqueued", "_cache")
 
-    def __init__(self, txn: Txn, dbs: dict[str, Any], project_key: bytes = b"", *, enqueued: Enqueued | None = None, cache: dict[tuple[str, bytes], int] | None = None) -> None:
+    def __init__(
+        self,
+        txn: Txn,
+        dbs: dict[str, Any],
+        project_key: bytes = b"",
+        *,
+        enqueued: Enqueued | None = None,
+        cache: dict[tuple[str, bytes], int] | None = None,
+    ) -> None:
         self.txn = txn
         self.dbs = dbs
         self.p = project_key
@@ -159,7 +168,9 @@ class WriteScope:
 
     __slots__ = ("_store", "_dbs", "_pkey", "_parent", "_enqueued", "_own", "_txn", "_tx")
 
-    def __init__(self, store: Store, dbs: dict[str, Any], project_name: str | None, parent: Txn | None, enqueued: Enqueued) -> None:
+    def __init__(
+        self, store: Store, dbs: dict[str, Any], project_name: str | None, parent: Txn | None, enqueued: Enqueued
+    ) -> None:
         self._store = store
         self._dbs = dbs
         self._pkey = pkey(project_name) if project_name is not None else b""
@@ -176,7 +187,9 @@ class WriteScope:
         self._tx = Tx(self._txn, self._dbs, self._pkey, enqueued=self._enqueued)
         return self._tx
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool | None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
         if exc_type is None:
             try:
                 self._tx.flush()
@@ -185,7 +198,9 @@ class WriteScope:
                 raise
         return self._end(exc_type, exc, tb)
 
-    def _end(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool | None:
+    def _end(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
         if self._own is not None:
             result: bool | None = self._own.__exit__(exc_type, exc, tb)
             return result
@@ -210,5 +225,7 @@ class ReadScope:
         self._txn: Txn = self._store.env.begin(write=False)
         return Tx(self._txn, self._dbs, self._pkey)
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self._txn.abort()

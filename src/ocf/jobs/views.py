@@ -17,7 +17,16 @@ from .store import JobStore
 MAX_PAGE = 1000
 
 
-def list_workers(store: JobStore, name: str, now: float, *, stage: Any = None, include_idle: bool = False, offset: int = 0, limit: int = 100) -> dict[str, Any]:
+def list_workers(
+    store: JobStore,
+    name: str,
+    now: float,
+    *,
+    stage: Any = None,
+    include_idle: bool = False,
+    offset: int = 0,
+    limit: int = 100,
+) -> dict[str, Any]:
     """Workers of a project (one stage, or all), most productive first, paged.
 
     Without ``include_idle`` only workers heard from in the last
@@ -49,4 +58,10 @@ def list_workers(store: JobStore, name: str, now: float, *, stage: Any = None, i
                 }
             )
     rows.sort(key=lambda r: (-r["jobs_completed"], -r["last_seen"], r["name"]))
-    return {"project": project.name, "total": len(rows), "offset": offset, "limit": limit, "workers": rows[offset : offset + limit]}
+    return {
+        "project": project.name,
+        "total": len(rows),
+        "offset": offset,
+        "limit": limit,
+        "workers": rows[offset : offset + limit],
+    }

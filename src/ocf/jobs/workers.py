@@ -20,7 +20,9 @@ MAX_NICKNAME = 64
 class WorkerOps(LeaseMachine):
     """Registering, checking and releasing workers."""
 
-    def register_worker(self, name: str, *, nickname: str, stage: Any, now: float, user: str | None = None) -> dict[str, Any]:
+    def register_worker(
+        self, name: str, *, nickname: str, stage: Any, now: float, user: str | None = None
+    ) -> dict[str, Any]:
         project = self.project(name)
         stage_index = project.stage_index(stage)
         user = nickname if user is None else user

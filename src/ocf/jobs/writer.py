@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import outcome
 import trio
@@ -26,7 +27,9 @@ class WriterThread:
     """Run callables one at a time on a dedicated daemon thread; ``await run(fn)`` for the result."""
 
     def __init__(self, name: str = "ocf-jobs-writer") -> None:
-        self._queue: queue.SimpleQueue[tuple[Callable[[], Any], Callable[[outcome.Outcome], None]] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Callable[[], Any], Callable[[outcome.Outcome], None]] | None] = (
+            queue.SimpleQueue()
+        )
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 

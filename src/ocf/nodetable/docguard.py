@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from typing import Callable
+from collections.abc import Callable
 
 import attrs
 import automerge.core as am
@@ -66,7 +66,7 @@ class DocLimits:
     max_entry_bytes: int
 
     @classmethod
-    def from_config(cls, config: Config) -> "DocLimits":
+    def from_config(cls, config: Config) -> DocLimits:
         return cls(
             max_doc_bytes=config.nodetable_max_doc_bytes,
             max_decoded_bytes=config.nodetable_max_decoded_bytes,
@@ -165,7 +165,9 @@ def _inflate(raw: bytes, budget: int) -> bytes:
     return out
 
 
-def _rle_rows(data: bytes, col_type: int, max_rows: int, check: Callable[[int], None] | None = None) -> tuple[int, int, int]:
+def _rle_rows(
+    data: bytes, col_type: int, max_rows: int, check: Callable[[int], None] | None = None
+) -> tuple[int, int, int]:
     """Rows in a run-length column, the bytes its repeated values expand to, and its total.
 
     Runs: a positive count repeats the next value, zero starts a run of nulls
@@ -302,14 +304,25 @@ def inspect(data: bytes, limits: DocLimits = DEFAULT_LIMITS, actor: bytes | None
     shape = _Tally(decoded=reader.pos)
     # Changes cost the loader most (it rebuilds and hashes each one), so they have their own cap.
     shape.add(reader, change_cols, limits, len(actors), {}, min(limits.max_changes, limits.max_ops))
-    shape.add(reader, op_cols, limits, len(actors), {OP_ACTION: _check_action, OP_VALUE_META: _check_value_meta}, limits.max_ops)
+    shape.add(
+        reader,
+        op_cols,
+        limits,
+        len(actors),
+        {OP_ACTION: _check_action, OP_VALUE_META: _check_value_meta},
+        limits.max_ops,
+    )
     for _ in range(head_count if reader.left() else 0):  # head indices; absent in old saves
         reader.uleb()
     if reader.left():
         raise ValidationError("document: trailing bytes after the head indices")
     return DocShape(
-        actors=actors, heads=head_count, decoded_bytes=shape.decoded, max_rows=shape.max_rows,
-        total_rows=shape.total_rows, deflated_columns=shape.deflated,
+        actors=actors,
+        heads=head_count,
+        decoded_bytes=shape.decoded,
+        max_rows=shape.max_rows,
+        total_rows=shape.total_rows,
+        deflated_columns=shape.deflated,
     )
 
 
@@ -349,8 +362,13 @@ class _Tally:
     deflated: int = 0
 
     def add(
-        self, reader: _Reader, columns: list[tuple[int, int]], limits: DocLimits, actor_count: int,
-        checks: dict[int, Callable[[int], None]], max_rows: int,
+        self,
+        reader: _Reader,
+        columns: list[tuple[int, int]],
+        limits: DocLimits,
+        actor_count: int,
+        checks: dict[int, Callable[[int], None]],
+        max_rows: int,
     ) -> None:
         """Decode one set of columns (changes or ops) within the budgets."""
 

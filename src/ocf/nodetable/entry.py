@@ -30,7 +30,10 @@ def detect_hardware() -> dict[str, Any]:
         try:
             out = subprocess.run(
                 ["nvidia-smi", "--query-gpu=name,memory.total,memory.used", "--format=csv,noheader,nounits"],
-                capture_output=True, text=True, timeout=5, check=True,
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=True,
             ).stdout
             for line in out.strip().splitlines():
                 name, total, used = (part.strip() for part in line.split(","))
@@ -89,7 +92,9 @@ def validate_update(fields: Any) -> dict[str, Any]:
         raise ValidationError("body must be a JSON object")
     unknown = set(fields) - UPDATABLE
     if unknown:
-        raise ValidationError(f"unknown or read-only field(s): {', '.join(sorted(unknown))}; updatable: {', '.join(sorted(UPDATABLE))}")
+        raise ValidationError(
+            f"unknown or read-only field(s): {', '.join(sorted(unknown))}; updatable: {', '.join(sorted(UPDATABLE))}"
+        )
     out: dict[str, Any] = {}
     if "owner" in fields:
         out["owner"] = _text(fields["owner"], "owner")

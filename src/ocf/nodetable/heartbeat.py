@@ -38,7 +38,7 @@ class Heartbeat:
     signature: bytes
 
     @classmethod
-    def create(cls, identity: Identity, ms: int) -> "Heartbeat":
+    def create(cls, identity: Identity, ms: int) -> Heartbeat:
         owner = identity.peer_id  # derived from the key on each access
         return cls(owner, ms, identity.sign(signing_bytes(owner, ms)))
 
@@ -56,10 +56,16 @@ class Heartbeat:
         return [self.ms, self.signature.hex()]
 
     @classmethod
-    def from_wire(cls, owner: PeerId, obj: Any) -> "Heartbeat":
+    def from_wire(cls, owner: PeerId, obj: Any) -> Heartbeat:
         try:
             ms, sig = obj
-            if not isinstance(ms, int) or isinstance(ms, bool) or not 0 <= ms < 1 << 63 or not isinstance(sig, str) or len(sig) != 128:
+            if (
+                not isinstance(ms, int)
+                or isinstance(ms, bool)
+                or not 0 <= ms < 1 << 63
+                or not isinstance(sig, str)
+                or len(sig) != 128
+            ):
                 raise ValueError("bad heartbeat")
             return cls(owner, ms, bytes.fromhex(sig))
         except (TypeError, ValueError):
@@ -76,7 +82,7 @@ class TokenBucket:
     stamp: float
 
     @classmethod
-    def full(cls, rate: float, burst: float, now: float) -> "TokenBucket":
+    def full(cls, rate: float, burst: float, now: float) -> TokenBucket:
         return cls(rate, burst, burst, now)
 
     def take(self, now: float, n: float = 1.0) -> bool:

@@ -21,6 +21,7 @@ from ..errors import ProtocolError, ValidationError
 from ..identity import PeerId
 from .heartbeat import FUTURE_SKEW_MS, Heartbeat, TokenBucket
 from .record import Record
+import trio.lowlevel
 
 if TYPE_CHECKING:
     from .table import NodeTable
@@ -33,7 +34,7 @@ VERIFY_SLICE = 32
 
 
 class Intake:
-    def __init__(self, table: "NodeTable") -> None:
+    def __init__(self, table: NodeTable) -> None:
         self.t = table
         self._owner_buckets: dict[PeerId, TokenBucket] = {}
         self._verify_buckets: dict[PeerId, TokenBucket] = {}
@@ -62,7 +63,7 @@ class Intake:
     async def _yield_if_busy(self) -> None:
         if self._work >= VERIFY_SLICE:
             self._work = 0
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
 
     def _may_add_owner(self, peer: PeerId) -> bool:
         cfg = self.t.config
@@ -129,7 +130,9 @@ class Intake:
             now = t.clock()
             try:
                 record = Record.from_wire(item)
-                beat = Heartbeat.from_wire(record.owner, item["hb"]) if isinstance(item, dict) and "hb" in item else None
+                beat = (
+                    Heartbeat.from_wire(record.owner, item["hb"]) if isinstance(item, dict) and "hb" in item else None
+                )
             except ValidationError as exc:
                 self._reject(peer, None, exc)
                 continue

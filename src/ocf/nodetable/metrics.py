@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
+from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -12,25 +13,45 @@ if TYPE_CHECKING:
 REFUSALS = ("rate", "full", "stale")
 
 
-def families(table: "NodeTable | None") -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+def families(table: NodeTable | None) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
     if table is None:
         return
     stats = table.stats
     yield GaugeMetricFamily("ocf_nodetable_entries", "Owners in the node table.", value=len(table.records))
-    yield GaugeMetricFamily("ocf_nodetable_max_entries", "Configured maximum of node table entries.", value=table.config.nodetable_max_entries)
-    refused = CounterMetricFamily("ocf_nodetable_refused", "Records of new owners refused, by reason (rate, full, stale).", labels=["reason"])
+    yield GaugeMetricFamily(
+        "ocf_nodetable_max_entries",
+        "Configured maximum of node table entries.",
+        value=table.config.nodetable_max_entries,
+    )
+    refused = CounterMetricFamily(
+        "ocf_nodetable_refused", "Records of new owners refused, by reason (rate, full, stale).", labels=["reason"]
+    )
     for reason in REFUSALS:
         refused.add_metric([reason], stats["refused_" + reason])
     yield refused
-    yield CounterMetricFamily("ocf_nodetable_records_rejected", "Records that failed verification.", value=stats["records_rejected"])
-    yield CounterMetricFamily("ocf_nodetable_pruned", "Owners forgotten after --stale-after without a sighting.", value=stats["pruned"])
-    yield CounterMetricFamily("ocf_nodetable_evicted", "Stale owners evicted to make room for a new one.", value=stats["evicted"])
-    beats = CounterMetricFamily("ocf_nodetable_heartbeats", "Owner-signed heartbeats, by outcome (accepted, rejected).", labels=["outcome"])
+    yield CounterMetricFamily(
+        "ocf_nodetable_records_rejected", "Records that failed verification.", value=stats["records_rejected"]
+    )
+    yield CounterMetricFamily(
+        "ocf_nodetable_pruned", "Owners forgotten after --stale-after without a sighting.", value=stats["pruned"]
+    )
+    yield CounterMetricFamily(
+        "ocf_nodetable_evicted", "Stale owners evicted to make room for a new one.", value=stats["evicted"]
+    )
+    beats = CounterMetricFamily(
+        "ocf_nodetable_heartbeats", "Owner-signed heartbeats, by outcome (accepted, rejected).", labels=["outcome"]
+    )
     beats.add_metric(["accepted"], stats["heartbeats_accepted"])
     beats.add_metric(["rejected"], stats["heartbeats_rejected"])
     yield beats
-    yield CounterMetricFamily("ocf_nodetable_verify_deferred", "Signature checks put off because the sending peer's verify budget was spent.", value=stats["deferred_verify"])
-    streams = CounterMetricFamily("ocf_nodetable_streams_reset", "Inbound sync streams reset, by reason (limit, timeout).", labels=["reason"])
+    yield CounterMetricFamily(
+        "ocf_nodetable_verify_deferred",
+        "Signature checks put off because the sending peer's verify budget was spent.",
+        value=stats["deferred_verify"],
+    )
+    streams = CounterMetricFamily(
+        "ocf_nodetable_streams_reset", "Inbound sync streams reset, by reason (limit, timeout).", labels=["reason"]
+    )
     streams.add_metric(["limit"], stats["streams_refused"])
     streams.add_metric(["timeout"], stats["streams_timed_out"])
     yield streams

@@ -112,7 +112,7 @@ class OwnerDoc:
     def change_count(self) -> int:
         return len(self.doc.get_changes([]))
 
-    def compacted(self) -> "OwnerDoc":
+    def compacted(self) -> OwnerDoc:
         """A fresh document with the same content and a one-change history.
 
         Safe because records replace each other by ``seq``, never by merging:
@@ -133,7 +133,7 @@ class Record:
     signature: bytes
 
     @classmethod
-    def create(cls, identity: Identity, seq: int, owner_doc: OwnerDoc) -> "Record":
+    def create(cls, identity: Identity, seq: int, owner_doc: OwnerDoc) -> Record:
         doc = owner_doc.doc.save()
         return cls(identity.peer_id, seq, doc, identity.sign(signing_bytes(identity.peer_id, seq, doc)))
 
@@ -148,7 +148,9 @@ class Record:
         the owner signed cannot smuggle in someone else's history either.
         """
         if len(self.doc) > limits.max_doc_bytes:
-            raise ValidationError(f"record of {self.owner.short()} is {len(self.doc)} bytes (max {limits.max_doc_bytes})")
+            raise ValidationError(
+                f"record of {self.owner.short()} is {len(self.doc)} bytes (max {limits.max_doc_bytes})"
+            )
         if not 0 <= self.seq <= MAX_SEQ:
             raise ValidationError(f"record of {self.owner.short()} has seq {self.seq} outside 0..2^64-1")
         try:
@@ -167,7 +169,9 @@ class Record:
         except (TypeError, ValueError, RecursionError) as exc:
             raise ValidationError(f"entry of {self.owner.short()} is not JSON: {exc}") from None
         if size > limits.max_entry_bytes:
-            raise ValidationError(f"entry of {self.owner.short()} is {size} bytes as JSON (max {limits.max_entry_bytes})")
+            raise ValidationError(
+                f"entry of {self.owner.short()} is {size} bytes as JSON (max {limits.max_entry_bytes})"
+            )
         return owner_doc
 
     # --- binary form (LMDB value and wire) -------------------------------------------
@@ -176,7 +180,7 @@ class Record:
         return struct.pack(">QH", self.seq, len(self.signature)) + self.signature + self.doc
 
     @classmethod
-    def from_bytes(cls, owner: PeerId, data: bytes) -> "Record":
+    def from_bytes(cls, owner: PeerId, data: bytes) -> Record:
         if len(data) < 10:
             raise ValidationError("truncated record")
         seq, sig_len = struct.unpack_from(">QH", data)
@@ -188,9 +192,11 @@ class Record:
         return {"owner": str(self.owner), "seq": self.seq, "doc": self.doc.hex(), "sig": self.signature.hex()}
 
     @classmethod
-    def from_wire(cls, obj: Any) -> "Record":
+    def from_wire(cls, obj: Any) -> Record:
         try:
-            record = cls(PeerId.from_string(obj["owner"]), int(obj["seq"]), bytes.fromhex(obj["doc"]), bytes.fromhex(obj["sig"]))
+            record = cls(
+                PeerId.from_string(obj["owner"]), int(obj["seq"]), bytes.fromhex(obj["doc"]), bytes.fromhex(obj["sig"])
+            )
         except (KeyError, TypeError, ValueError, IdentityError) as exc:
             raise ValidationError(f"malformed record: {exc}") from None
         if not 0 <= record.seq <= MAX_SEQ:

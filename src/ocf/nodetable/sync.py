@@ -35,7 +35,7 @@ BEAT_SIZE = 220
 
 
 class Sync(Intake):
-    def __init__(self, table: "NodeTable") -> None:
+    def __init__(self, table: NodeTable) -> None:
         super().__init__(table)
         self._inbound: dict[PeerId, int] = {}
 
@@ -80,7 +80,9 @@ class Sync(Intake):
         for page in wire.summary_pages(items, t.config.max_message_size // 2):
             await stream.send_all(wire.encode(page))
 
-    async def _send_missing(self, stream: Any, peer: PeerId, known: dict[PeerId, tuple[int, int]], pending: dict[PeerId, None]) -> None:
+    async def _send_missing(
+        self, stream: Any, peer: PeerId, known: dict[PeerId, tuple[int, int]], pending: dict[PeerId, None]
+    ) -> None:
         t = self.t
         budget = t.config.max_message_size // 2
         horizon = t.clock() - t.config.stale_after

@@ -19,7 +19,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator
 
 import trio
 
@@ -32,6 +33,7 @@ from .heartbeat import Heartbeat
 from .record import OwnerDoc, Record
 from .sync import Sync
 from .wire import PROTOCOL
+import trio.lowlevel
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -49,15 +51,25 @@ SWEEP_EVERY = 10.0  # seconds between prune sweeps at most
 __all__ = ["PROTOCOL", "NodeTable", "open_nodetable"]
 
 COUNTERS = (
-    "sync_rounds", "records_received", "records_rejected", "records_sent",
-    "refused_rate", "refused_full", "refused_stale", "deferred_verify",
-    "evicted", "pruned", "heartbeats_accepted", "heartbeats_rejected",
-    "streams_refused", "streams_timed_out",
+    "sync_rounds",
+    "records_received",
+    "records_rejected",
+    "records_sent",
+    "refused_rate",
+    "refused_full",
+    "refused_stale",
+    "deferred_verify",
+    "evicted",
+    "pruned",
+    "heartbeats_accepted",
+    "heartbeats_rejected",
+    "streams_refused",
+    "streams_timed_out",
 )
 
 
 class NodeTable:
-    def __init__(self, node: "Node") -> None:
+    def __init__(self, node: Node) -> None:
         self.node = node
         self.host = node.host
         self.config = node.config
@@ -147,7 +159,9 @@ class NodeTable:
         doomed = [
             owner
             for owner in self.records
-            if owner != self.me and max(self.last_seen.get(owner, 0.0), self._loaded_at) < horizon and not self.host.is_connected(owner)
+            if owner != self.me
+            and max(self.last_seen.get(owner, 0.0), self._loaded_at) < horizon
+            and not self.host.is_connected(owner)
         ]
         for owner in [o for o, at in self.lost_at.items() if at < horizon]:
             del self.lost_at[owner]
@@ -155,7 +169,7 @@ class NodeTable:
             batch = [owner for owner in doomed[start : start + PRUNE_BATCH] if owner in self.records]
             self._forget(batch)
             self.stats["pruned"] += len(batch)
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
         if doomed:
             log.info("pruned stale node table entries %s", logfmt.kv(pruned=len(doomed), entries=len(self.records)))
             self._bump()
@@ -212,7 +226,9 @@ class NodeTable:
         out = [
             (self.last_seen.get(owner, 0.0), owner)
             for owner in self.records
-            if owner != self.me and (direct or self.last_seen.get(owner, 0.0) < fresh_since) and not self.host.is_connected(owner)
+            if owner != self.me
+            and (direct or self.last_seen.get(owner, 0.0) < fresh_since)
+            and not self.host.is_connected(owner)
         ]
         out.sort(key=lambda pair: pair[0], reverse=True)
         return [owner for _, owner in out]
@@ -448,7 +464,7 @@ class NodeTable:
 
 
 @contextlib.asynccontextmanager
-async def open_nodetable(node: "Node") -> AsyncIterator[NodeTable]:
+async def open_nodetable(node: Node) -> AsyncIterator[NodeTable]:
     table = NodeTable(node)
     table._load()
     table._initial_own()

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import bisect
 import json
-from typing import Any, Iterable, Iterator
+from typing import Any
+from collections.abc import Iterable, Iterator
 
 from ..errors import ProtocolError
 from ..identity import varint

@@ -23,7 +23,8 @@ import contextlib
 import logging
 import math
 import re
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator
 
 import attrs
 import httpx
@@ -87,7 +88,9 @@ class Registrar:
     embedders) can tune them; :meth:`refresh` checks immediately.
     """
 
-    def __init__(self, node: "Node", client: httpx.AsyncClient, *, poll_interval: float = 10.0, max_health_tries: int = 6000) -> None:
+    def __init__(
+        self, node: Node, client: httpx.AsyncClient, *, poll_interval: float = 10.0, max_health_tries: int = 6000
+    ) -> None:
         self.node = node
         self.client = client
         self.poll_interval = min(poll_interval, MAX_POLL_INTERVAL)
@@ -223,7 +226,10 @@ class Registrar:
         while True:
             await table.wait_changed()
             if self._published and self._withdrawn(self._published):
-                log.info("services missing from our entry; republishing %s", logfmt.kv(services=",".join(r["name"] for r in self._published)))
+                log.info(
+                    "services missing from our entry; republishing %s",
+                    logfmt.kv(services=",".join(r["name"] for r in self._published)),
+                )
                 self._mark_dirty()
 
     async def _write(self, records: list[dict]) -> None:
@@ -231,7 +237,9 @@ class Registrar:
         if table is None:
             return  # no node table on this node: the gateway still serves /v1/_service locally
         await table.set_services(records)
-        log.info("services published %s", logfmt.kv(services=",".join(f"{r['name']}:{r['status']}" for r in records) or "-"))
+        log.info(
+            "services published %s", logfmt.kv(services=",".join(f"{r['name']}:{r['status']}" for r in records) or "-")
+        )
 
     async def _watch(self, watched: _Watched) -> None:
         backoff = self.initial_backoff
@@ -250,7 +258,12 @@ class Registrar:
                 watched.status = "failed"
                 log.error(
                     "service never became healthy; giving up %s",
-                    logfmt.kv(name=watched.spec.name, url=self._url(watched, "/health"), tries=watched.tries, reason=watched.last_error),
+                    logfmt.kv(
+                        name=watched.spec.name,
+                        url=self._url(watched, "/health"),
+                        tries=watched.tries,
+                        reason=watched.last_error,
+                    ),
                 )
             else:
                 delay = backoff
@@ -285,11 +298,19 @@ class Registrar:
             if watched.status == "healthy":
                 log.warning("service unhealthy %s", logfmt.kv(name=watched.spec.name, reason=exc))
             elif watched.tries == 1 or math.log2(watched.tries).is_integer():
-                log.info("waiting for service %s", logfmt.kv(name=watched.spec.name, url=self._url(watched, "/health"), tries=watched.tries, reason=exc))
+                log.info(
+                    "waiting for service %s",
+                    logfmt.kv(
+                        name=watched.spec.name, url=self._url(watched, "/health"), tries=watched.tries, reason=exc
+                    ),
+                )
             watched.status = "unhealthy" if watched.ever_healthy else "starting"
         else:
             if watched.status != "healthy":
-                log.info("service healthy %s", logfmt.kv(name=watched.spec.name, url=self._url(watched, ""), models=",".join(models) or "-"))
+                log.info(
+                    "service healthy %s",
+                    logfmt.kv(name=watched.spec.name, url=self._url(watched, ""), models=",".join(models) or "-"),
+                )
             elif models != watched.models:
                 log.info("service models changed %s", logfmt.kv(name=watched.spec.name, models=",".join(models) or "-"))
             watched.status = "healthy"
@@ -344,7 +365,7 @@ def parse_models(data: Any) -> tuple[str, ...]:
 
 
 @contextlib.asynccontextmanager
-async def open_registrar(node: "Node", *, poll_interval: float = 10.0) -> AsyncIterator[Registrar]:
+async def open_registrar(node: Node, *, poll_interval: float = 10.0) -> AsyncIterator[Registrar]:
     """Start watching ``node.config.services``; leaving the block stops the watchers."""
     timeout = httpx.Timeout(5.0, connect=2.0)
     async with httpx.AsyncClient(timeout=timeout, trust_env=False, follow_redirects=False) as client:

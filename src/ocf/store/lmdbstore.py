@@ -23,7 +23,8 @@ import os
 import shutil
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import lmdb
 
@@ -77,7 +78,7 @@ class Store:
         cleanslate: bool = False,
         map_size: int = DEFAULT_MAP_SIZE,
         sync: bool = True,
-    ) -> "Store":
+    ) -> Store:
         """Lock ``data_dir`` and open (creating if needed) its LMDB store.
 
         ``cleanslate`` wipes the store (not the identity key) after the lock
@@ -227,7 +228,7 @@ class Store:
     def closed(self) -> bool:
         return self._lock_fd is None
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -249,8 +250,7 @@ def _acquire_lock(data_dir: Path) -> int:
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             who = f" (pid {holder})" if holder else ""
             raise DataDirLocked(
-                f"data dir {data_dir} is in use by another ocf node{who}; "
-                "stop it or choose another --data-dir"
+                f"data dir {data_dir} is in use by another ocf node{who}; stop it or choose another --data-dir"
             ) from None
         raise StoreError(f"cannot lock {path}: {exc.strerror}") from None
     os.ftruncate(fd, 0)

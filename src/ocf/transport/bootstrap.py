@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator
 from urllib.parse import urlparse
 
 import httpx
@@ -76,7 +77,9 @@ async def fetch_bootstraps(url: str, client: httpx.AsyncClient | None = None) ->
 class Bootstrapper:
     """Keeps the configured bootstrap peers connected. Run with :func:`open_bootstrap`."""
 
-    def __init__(self, host: "Host", config: Config, *, local_url: str = LOCAL_GATEWAY_URL, local_addr: str = LOCAL_TCP_ADDR) -> None:
+    def __init__(
+        self, host: Host, config: Config, *, local_url: str = LOCAL_GATEWAY_URL, local_addr: str = LOCAL_TCP_ADDR
+    ) -> None:
         self.host = host
         self.config = config
         self.local_url = local_url
@@ -146,7 +149,10 @@ class Bootstrapper:
             try:
                 addrs = await fetch_bootstraps(url)
             except (OSError, httpx.HTTPError, ValueError) as exc:
-                log.warning("cannot fetch bootstrap list %s", logfmt.kv(url=url, reason=exc or type(exc).__name__, retry_in=delay))
+                log.warning(
+                    "cannot fetch bootstrap list %s",
+                    logfmt.kv(url=url, reason=exc or type(exc).__name__, retry_in=delay),
+                )
                 await trio.sleep(delay)
                 delay = next_backoff(delay)
                 continue
@@ -162,7 +168,10 @@ class Bootstrapper:
         try:
             addrs = await fetch_bootstraps(self.local_url)
         except (OSError, httpx.HTTPError, ValueError) as exc:
-            log.info("local gateway has no bootstrap list; dialing local port %s", logfmt.kv(url=self.local_url, reason=exc or type(exc).__name__, addr=self.local_addr))
+            log.info(
+                "local gateway has no bootstrap list; dialing local port %s",
+                logfmt.kv(url=self.local_url, reason=exc or type(exc).__name__, addr=self.local_addr),
+            )
             addrs = []
         addrs = [a for a in addrs if a.peer_id is not None and a.peer_id != self.host.peer_id]
         if not addrs:
@@ -199,7 +208,7 @@ class Bootstrapper:
 
 
 @contextlib.asynccontextmanager
-async def open_bootstrap(host: "Host", config: Config, **kw: Any) -> AsyncIterator[Bootstrapper]:
+async def open_bootstrap(host: Host, config: Config, **kw: Any) -> AsyncIterator[Bootstrapper]:
     """Keep bootstrap peers connected while the block runs."""
     boot = Bootstrapper(host, config, **kw)
     async with trio.open_nursery() as nursery:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import Iterable
+from collections.abc import Iterable
 
 import attrs
 import trio
@@ -92,7 +92,11 @@ def classify(ip: IPAddress) -> tuple[str, IPNetwork | None]:
         return "unspecified", None
     if ip.is_multicast:
         return "multicast", None
-    for category, blocks in (("loopback", LOOPBACK_BLOCKS), ("link-local", LINK_LOCAL_BLOCKS), ("private", PRIVATE_BLOCKS)):
+    for category, blocks in (
+        ("loopback", LOOPBACK_BLOCKS),
+        ("link-local", LINK_LOCAL_BLOCKS),
+        ("private", PRIVATE_BLOCKS),
+    ):
         for block in blocks:
             if ip.version == block.version and ip in block:
                 return category, block

@@ -47,7 +47,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence
+from typing import Any, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import attrs
 import trio
@@ -124,7 +125,9 @@ class PeerInfo:
 class Upgrader(Protocol):
     """Security and protocol negotiation; the default is libp2p's (see :class:`Libp2pUpgrader`)."""
 
-    async def secure(self, stream: trio.abc.Stream, *, initiator: bool, expected: PeerId | None) -> tuple[trio.abc.Stream, PeerId]: ...
+    async def secure(
+        self, stream: trio.abc.Stream, *, initiator: bool, expected: PeerId | None
+    ) -> tuple[trio.abc.Stream, PeerId]: ...
 
     async def select(self, stream: trio.abc.Stream, protocols: Sequence[str]) -> str: ...
 
@@ -379,7 +382,9 @@ class Host:
             log.error("dial crashed %s", logfmt.kv(addr=addr, exc=repr(exc)), exc_info=True)
             raise PeerUnreachable(f"dial {addr} failed ({type(exc).__name__})") from exc
 
-    async def _run_outbound(self, addr: Multiaddr, operator: bool, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def _run_outbound(
+        self, addr: Multiaddr, operator: bool, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
         status = _StartedOnce(task_status)
         try:
             await self._outbound(addr, operator, status)
@@ -389,9 +394,13 @@ class Host:
             # Once up, the connection lives in the host's nursery: whatever ends it
             # (its transport's teardown included) must end that connection only.
             failure = transport_failure(exc)
-            log.debug("outbound connection ended %s", logfmt.kv(addr=addr, reason=repr(failure or exc)), exc_info=failure is None)
+            log.debug(
+                "outbound connection ended %s",
+                logfmt.kv(addr=addr, reason=repr(failure or exc)),
+                exc_info=failure is None,
+            )
 
-    async def _outbound(self, addr: Multiaddr, operator: bool, task_status: "_StartedOnce") -> None:
+    async def _outbound(self, addr: Multiaddr, operator: bool, task_status: _StartedOnce) -> None:
         usage = self.resources.system.usage
         if usage["conns_inbound"] + usage["conns_outbound"] + usage["handshakes"] >= self.config.max_connections:
             raise TransportError(f"connection limit reached ({self.config.max_connections})")
@@ -402,7 +411,9 @@ class Host:
                 with trio.fail_after(self.config.handshake_timeout):
                     secure, remote = await self.upgrader.secure(raw.stream, initiator=True, expected=addr.peer_id)
             except trio.TooSlowError:
-                raise HandshakeError(f"handshake with {addr} timed out after {self.config.handshake_timeout:g}s") from None
+                raise HandshakeError(
+                    f"handshake with {addr} timed out after {self.config.handshake_timeout:g}s"
+                ) from None
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise PeerUnreachable(f"{addr} closed the connection during the handshake ({exc or 'EOF'})") from None
             if remote == self.peer_id:
@@ -412,7 +423,9 @@ class Host:
             if not self.resources.try_reserve("conns_outbound", peer=remote):
                 raise TransportError(f"connection limit reached for {remote.short()}")
             conn = self._new_connection(secure, remote, raw, outbound=True)
-            log.debug("dialed %s", logfmt.kv(peer=remote.short(), addr=addr, ms=round((trio.current_time() - t0) * 1000, 1)))
+            log.debug(
+                "dialed %s", logfmt.kv(peer=remote.short(), addr=addr, ms=round((trio.current_time() - t0) * 1000, 1))
+            )
             await self._serve_connection(conn, task_status=task_status)
 
     # --- inbound -------------------------------------------------------------------------------
@@ -424,7 +437,9 @@ class Host:
         # count too); other transports hand over the connection without one.
         if self._closing:
             return
-        slot: HandshakeSlot | None = raw.slot if raw.slot is not None else self.resources.handshake(ip, cfg.handshake_timeout)
+        slot: HandshakeSlot | None = (
+            raw.slot if raw.slot is not None else self.resources.handshake(ip, cfg.handshake_timeout)
+        )
         if slot is None:
             self.stats["inbound_refused"] += 1
             return
@@ -433,13 +448,17 @@ class Host:
                 secure, remote = await self.upgrader.secure(raw.stream, initiator=False, expected=None)
             if scope.cancelled_caught:
                 self.stats["handshake_failures"] += 1
-                self.resources.note_refusal("transient", "handshake_timeout", "inbound handshake timed out", timeout=cfg.handshake_timeout)
+                self.resources.note_refusal(
+                    "transient", "handshake_timeout", "inbound handshake timed out", timeout=cfg.handshake_timeout
+                )
                 return
         except (TransportError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.stats["handshake_failures"] += 1
             if isinstance(exc, PrivateNetworkRefused):
                 return  # counted and logged (rate-limited) by the private network's protector
-            self.resources.note_refusal("transient", "handshake_failed", "inbound handshake failed", error=exc or type(exc).__name__)
+            self.resources.note_refusal(
+                "transient", "handshake_failed", "inbound handshake failed", error=exc or type(exc).__name__
+            )
             return
         except Exception as exc:  # noqa: BLE001 - a bug on one connection must not stop the host
             self.stats["handshake_failures"] += 1
@@ -506,7 +525,12 @@ class Host:
         self._notify_changed()
         if first:
             self._peer_log.info(
-                "connected", "peer connected", peer=peer.short(), dir="out" if conn.outbound else "in", via=conn.transport, addr=conn.remote_addr or "-"
+                "connected",
+                "peer connected",
+                peer=peer.short(),
+                dir="out" if conn.outbound else "in",
+                via=conn.transport,
+                addr=conn.remote_addr or "-",
             )
             self._emit("connected", peer)
         else:
@@ -529,7 +553,10 @@ class Host:
         winner = candidates[-1]
         for conn in usable:
             if conn is not winner:
-                log.debug("closing duplicate connection %s", logfmt.kv(peer=peer.short(), dir="out" if conn.outbound else "in"))
+                log.debug(
+                    "closing duplicate connection %s",
+                    logfmt.kv(peer=peer.short(), dir="out" if conn.outbound else "in"),
+                )
                 conn.muxed.go_away()
                 if self._nursery is not None:
                     self._nursery.start_soon(self._retire, conn)
@@ -549,7 +576,11 @@ class Host:
             del self._conns[conn.peer]
         if not any(c.muxed.is_open for c in conns):
             self._peer_log.info(
-                "disconnected", "peer disconnected", peer=conn.peer.short(), reason=conn.muxed.close_reason or "-", seconds=round(time.time() - conn.opened_at, 1)
+                "disconnected",
+                "peer disconnected",
+                peer=conn.peer.short(),
+                reason=conn.muxed.close_reason or "-",
+                seconds=round(time.time() - conn.opened_at, 1),
             )
             self._emit("disconnected", conn.peer)
 
@@ -622,11 +653,18 @@ class Host:
             with trio.fail_after(self.config.handshake_timeout):
                 protocol = await self.upgrader.handle(stream, list(self._handlers))
         except (TransportError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.debug("inbound stream negotiation failed %s", logfmt.kv(peer=stream.remote_peer.short(), reason=exc or type(exc).__name__))
+            log.debug(
+                "inbound stream negotiation failed %s",
+                logfmt.kv(peer=stream.remote_peer.short(), reason=exc or type(exc).__name__),
+            )
             stream.reset()
             return
         except Exception as exc:  # noqa: BLE001 - stays on this stream (the muxer logs handler crashes too)
-            log.error("inbound stream negotiation crashed %s", logfmt.kv(peer=stream.remote_peer.short(), exc=repr(exc)), exc_info=True)
+            log.error(
+                "inbound stream negotiation crashed %s",
+                logfmt.kv(peer=stream.remote_peer.short(), exc=repr(exc)),
+                exc_info=True,
+            )
             stream.reset()
             return
         handler = self._handlers.get(protocol)
@@ -672,12 +710,17 @@ class Host:
                     self.dial_policy.note_home_addr(bound)
             addrs += _public_addrs(self.config.public_addr, addrs)
         self.listen_addrs = [a.with_p2p(self.peer_id) for a in addrs]
-        log.info("listening %s", logfmt.kv(peer=self.peer_id.short(), addrs=",".join(str(a.without_p2p()) for a in self.listen_addrs)))
+        log.info(
+            "listening %s",
+            logfmt.kv(peer=self.peer_id.short(), addrs=",".join(str(a.without_p2p()) for a in self.listen_addrs)),
+        )
 
     async def _listen_tcp(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         assert self._nursery is not None and self._listen_scope is not None
         with self._listen_scope:
-            await self._tcp.serve(self.config.host, self.config.tcpport, self._on_raw_inbound, self._nursery, task_status=task_status)
+            await self._tcp.serve(
+                self.config.host, self.config.tcpport, self._on_raw_inbound, self._nursery, task_status=task_status
+            )
 
     async def aclose(self) -> None:
         """Stop listening, say goodbye on every connection, close them."""
@@ -724,17 +767,23 @@ class Libp2pUpgrader:
         self.identity = identity
         self.protector = protector
 
-    async def secure(self, stream: trio.abc.Stream, *, initiator: bool, expected: PeerId | None) -> tuple[trio.abc.Stream, PeerId]:
+    async def secure(
+        self, stream: trio.abc.Stream, *, initiator: bool, expected: PeerId | None
+    ) -> tuple[trio.abc.Stream, PeerId]:
         if self.protector is not None:
             # The private network's cipher goes under everything, multistream included.
             try:
-                return await self._secure(await self.protector.protect(stream, initiator=initiator), initiator=initiator, expected=expected)
+                return await self._secure(
+                    await self.protector.protect(stream, initiator=initiator), initiator=initiator, expected=expected
+                )
             except PrivateNetworkRefused as exc:
                 self.protector.refused(exc, inbound=not initiator)
                 raise
         return await self._secure(stream, initiator=initiator, expected=expected)
 
-    async def _secure(self, stream: trio.abc.Stream, *, initiator: bool, expected: PeerId | None) -> tuple[trio.abc.Stream, PeerId]:
+    async def _secure(
+        self, stream: trio.abc.Stream, *, initiator: bool, expected: PeerId | None
+    ) -> tuple[trio.abc.Stream, PeerId]:
         if initiator:
             await secure.negotiate(stream, [NOISE], initiator=True)
             conn = await secure.secure_outbound(stream, self.identity, expected)

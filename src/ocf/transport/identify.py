@@ -72,7 +72,7 @@ class IdentifyMessage:
         return bytes(out)
 
     @classmethod
-    def decode(cls, data: bytes) -> "IdentifyMessage":
+    def decode(cls, data: bytes) -> IdentifyMessage:
         """Parse; unknown fields are skipped, malformed input raises :class:`ProtocolError`."""
         fields: dict[int, list[bytes]] = {}
         for number, value in _iter_fields(data):
@@ -125,14 +125,14 @@ async def read_message(stream: trio.abc.ReceiveStream, limit: int) -> bytes:
     return bytes(body)
 
 
-def _connection_of(host: "Host", stream: "MuxedStream") -> "Connection | None":
+def _connection_of(host: Host, stream: MuxedStream) -> Connection | None:
     for conn in host.connections(stream.remote_peer):
         if conn.muxed is stream.connection:
             return conn
     return None
 
 
-def build_message(host: "Host", conn: "Connection | None") -> IdentifyMessage:
+def build_message(host: Host, conn: Connection | None) -> IdentifyMessage:
     observed = conn.remote_addr.to_bytes() if conn is not None and conn.remote_addr is not None else b""
     return IdentifyMessage(
         protocol_version=PROTOCOL_VERSION,
@@ -144,19 +144,19 @@ def build_message(host: "Host", conn: "Connection | None") -> IdentifyMessage:
     )
 
 
-async def handle_identify(host: "Host", stream: "MuxedStream") -> None:
+async def handle_identify(host: Host, stream: MuxedStream) -> None:
     message = build_message(host, _connection_of(host, stream))
     await write_message(stream, message.encode())
 
 
-def register(host: "Host") -> None:
-    async def handler(stream: "MuxedStream") -> None:
+def register(host: Host) -> None:
+    async def handler(stream: MuxedStream) -> None:
         await handle_identify(host, stream)
 
     host.set_stream_handler(PROTOCOL, handler)
 
 
-async def identify_peer(host: "Host", conn: "Connection") -> IdentifyMessage | None:
+async def identify_peer(host: Host, conn: Connection) -> IdentifyMessage | None:
     """Ask the peer of ``conn`` to identify itself and record the answer on the host.
 
     Runs in the background after every new connection; failures are logged,
@@ -175,13 +175,15 @@ async def identify_peer(host: "Host", conn: "Connection") -> IdentifyMessage | N
         log.debug("identify failed %s", logfmt.kv(peer=peer.short(), reason=exc or type(exc).__name__))
         return None
     if message.public_key and not peer.matches_key_proto(message.public_key):
-        host.resources.note_refusal("peer", "identify_bad_key", "identify: public key does not match the peer ID; ignored", peer=peer.short())
+        host.resources.note_refusal(
+            "peer", "identify_bad_key", "identify: public key does not match the peer ID; ignored", peer=peer.short()
+        )
         return None
     record(host, peer, message)
     return message
 
 
-def record(host: "Host", peer, message: IdentifyMessage) -> None:  # type: ignore[no-untyped-def]
+def record(host: Host, peer, message: IdentifyMessage) -> None:  # type: ignore[no-untyped-def]
     from .host import PeerInfo
 
     addrs = []
@@ -205,5 +207,7 @@ def record(host: "Host", peer, message: IdentifyMessage) -> None:  # type: ignor
     )
     log.debug(
         "identified %s",
-        logfmt.kv(peer=peer.short(), agent=message.agent_version or "-", addrs=len(addrs), protocols=len(message.protocols)),
+        logfmt.kv(
+            peer=peer.short(), agent=message.agent_version or "-", addrs=len(addrs), protocols=len(message.protocols)
+        ),
     )

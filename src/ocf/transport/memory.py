@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import attrs
 import trio
@@ -56,9 +56,7 @@ class MemoryNetwork:
             self._listeners.pop(name, None)
 
     @contextlib.asynccontextmanager
-    async def connect(
-        self, addr: Multiaddr, local_addr: Multiaddr | None = None
-    ) -> AsyncIterator[RawConn]:
+    async def connect(self, addr: Multiaddr, local_addr: Multiaddr | None = None) -> AsyncIterator[RawConn]:
         """Open a connection to the listener at ``addr`` (its handler runs in the listener's nursery)."""
         await trio.lowlevel.checkpoint()
         name = addr.value_for("memory")

@@ -12,7 +12,7 @@ after it belong to the next protocol (Noise, yamux or the application).
 
 from __future__ import annotations
 
-from typing import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import attrs
 

@@ -40,7 +40,8 @@ import collections
 import itertools
 import logging
 import math
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
 
 import trio
 from trio.lowlevel import ParkingLot, checkpoint, checkpoint_if_cancelled
@@ -89,7 +90,7 @@ InboundHandler = Callable[["MuxedStream"], Awaitable[None]]
 class MuxedStream(trio.abc.HalfCloseableStream):
     """One yamux stream. Create via :meth:`MuxedConnection.open_stream` or get one in an inbound handler."""
 
-    def __init__(self, conn: "MuxedConnection", stream_id: int, *, inbound: bool = False) -> None:
+    def __init__(self, conn: MuxedConnection, stream_id: int, *, inbound: bool = False) -> None:
         self._conn = conn
         self.stream_id = stream_id
         self.inbound = inbound
@@ -112,11 +113,11 @@ class MuxedStream(trio.abc.HalfCloseableStream):
     # --- identity --------------------------------------------------------------------
 
     @property
-    def remote_peer(self) -> "PeerId":
+    def remote_peer(self) -> PeerId:
         return self._conn.remote_peer
 
     @property
-    def connection(self) -> "MuxedConnection":
+    def connection(self) -> MuxedConnection:
         return self._conn
 
     @property
@@ -403,14 +404,14 @@ class MuxedConnection:
         secure: trio.abc.Stream,
         *,
         is_client: bool,
-        remote_peer: "PeerId",
+        remote_peer: PeerId,
         handler: InboundHandler | None = None,
         max_streams: int = 1024,
         keepalive_interval: float = KEEPALIVE_INTERVAL,
         keepalive_timeout: float = KEEPALIVE_TIMEOUT,
         max_window: int = yamux.MAX_WINDOW,
         label: str = "",
-        resources: "PeerResources | None" = None,
+        resources: PeerResources | None = None,
     ) -> None:
         self._secure = secure
         # SecureStream's encrypt-and-write-without-waiting, when the stream is one.
@@ -474,7 +475,9 @@ class MuxedConnection:
             raise TransportError(f"connection to {self.label} is closed ({self.close_reason})")
         res = self._resources
         if res is not None and not res.open_stream(inbound=False):
-            raise ResourceLimitExceeded(f"cannot open a stream to {self.label}: stream limit reached", resource="streams")
+            raise ResourceLimitExceeded(
+                f"cannot open a stream to {self.label}: stream limit reached", resource="streams"
+            )
         try:
             sid = self._session.open_stream()
         except ProtocolError as exc:
@@ -773,7 +776,9 @@ class MuxedConnection:
         try:
             await self._handler(stream)
         except Exception as exc:  # noqa: BLE001 - a handler failing must not take the connection down
-            self._note("handler_failed", "stream handler failed", peer=self.label, stream=stream.stream_id, exc=repr(exc))
+            self._note(
+                "handler_failed", "stream handler failed", peer=self.label, stream=stream.stream_id, exc=repr(exc)
+            )
             stream.reset()
 
     async def _keepalive(self) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
-from typing import Sequence
+from collections.abc import Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -318,7 +318,7 @@ class NoiseHandshake:
         self._send_cs, self._recv_cs = (c1, c2) if self.initiator else (c2, c1)
         self.complete = True
 
-    def session(self) -> "NoiseSession":
+    def session(self) -> NoiseSession:
         if not self.complete:
             raise RuntimeError("handshake not complete")
         return NoiseSession(self._send_cs, self._recv_cs, self._leftover)

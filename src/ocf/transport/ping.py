@@ -40,7 +40,7 @@ async def receive_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes:
     return bytes(buf)
 
 
-async def handle_ping(stream: "MuxedStream") -> None:
+async def handle_ping(stream: MuxedStream) -> None:
     """Echo 32-byte pings until the dialer closes the stream."""
     while True:
         try:
@@ -65,17 +65,17 @@ async def ping_once(stream: trio.abc.Stream) -> float:
     return rtt
 
 
-async def ping_peer(host: "Host", peer: PeerId) -> float:
+async def ping_peer(host: Host, peer: PeerId) -> float:
     """RTT of one ping to ``peer`` (dialing it if needed)."""
     stream = await host.new_stream(peer, PROTOCOL)
     async with stream:
         return await ping_once(stream)
 
 
-async def open_ping_stream(host: "Host", peer: PeerId) -> "MuxedStream":
+async def open_ping_stream(host: Host, peer: PeerId) -> MuxedStream:
     """A ping stream for repeated :func:`ping_once` calls (close it when done)."""
     return await host.new_stream(peer, PROTOCOL)
 
 
-def register(host: "Host") -> None:
+def register(host: Host) -> None:
     host.set_stream_handler(PROTOCOL, handle_ping)

@@ -35,7 +35,7 @@ import os
 import secrets
 import stat
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import attrs
 import trio
@@ -98,7 +98,9 @@ def parse_swarm_key(data: bytes) -> bytes:
     encoding = encoding.rstrip(b"\r")
     if not sep or encoding not in ENCODINGS:
         shown = encoding[:40].decode("utf-8", "replace")
-        raise ValueError(f"unknown key encoding {shown!r} on the second line (expected one of /base16/, /base64/, /bin/)")
+        raise ValueError(
+            f"unknown key encoding {shown!r} on the second line (expected one of /base16/, /base64/, /bin/)"
+        )
     if encoding == b"/bin/":
         key = body[:-1] if len(body) == KEY_SIZE + 1 and body.endswith(b"\n") else body
     else:
@@ -106,7 +108,11 @@ def parse_swarm_key(data: bytes) -> bytes:
         if any(ch in text for ch in b" \t\r\n"):
             raise ValueError("the key must be on one line after the encoding line")
         try:
-            key = bytes.fromhex(text.decode("ascii")) if encoding == b"/base16/" else base64.b64decode(text, validate=True)
+            key = (
+                bytes.fromhex(text.decode("ascii"))
+                if encoding == b"/base16/"
+                else base64.b64decode(text, validate=True)
+            )
         except (ValueError, UnicodeDecodeError, binascii.Error):
             raise ValueError(f"the key is not valid {encoding.decode().strip('/')}") from None
     if len(key) != KEY_SIZE:
@@ -169,7 +175,14 @@ def _load_xor_ic() -> Callable[..., int]:
             fn = ctypes.CDLL(candidate).crypto_stream_xsalsa20_xor_ic
         except (OSError, AttributeError):
             continue
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_ulonglong, ctypes.c_char_p, ctypes.c_uint64, ctypes.c_char_p]
+        fn.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_char_p,
+            ctypes.c_ulonglong,
+            ctypes.c_char_p,
+            ctypes.c_uint64,
+            ctypes.c_char_p,
+        ]
         fn.restype = ctypes.c_int
         return fn  # type: ignore[no-any-return]
     raise RuntimeError("libsodium's crypto_stream_xsalsa20_xor_ic is not available (is PyNaCl installed?)")
@@ -368,14 +381,19 @@ class Protector:
         self.stats["refused"] += 1
         if not inbound:
             return
-        self._log.warning("refused", "refused connections without this network's key", total=self.stats["refused"], reason=exc)
+        self._log.warning(
+            "refused", "refused connections without this network's key", total=self.stats["refused"], reason=exc
+        )
 
 
 def protector_for(key: NetworkKey) -> Protector:
     """The protector a host uses: it expects the multistream header first, as every libp2p connection starts."""
     from .multistream import HEADER, encode
 
-    log.info("private network: only peers with this network key can connect %s", logfmt.kv(fingerprint=key.fingerprint, file=key.source or "-"))
+    log.info(
+        "private network: only peers with this network key can connect %s",
+        logfmt.kv(fingerprint=key.fingerprint, file=key.source or "-"),
+    )
     if key.world_readable:
         log.warning("the network key file is readable by other users; chmod 600 it %s", logfmt.kv(file=key.source))
     return Protector(key, expect=encode(HEADER))

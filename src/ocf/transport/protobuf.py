@@ -16,7 +16,7 @@ encodings, which both rules accept.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from ..errors import ProtocolError
 from ..identity import varint

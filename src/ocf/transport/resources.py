@@ -31,7 +31,7 @@ import collections
 import contextlib
 import ipaddress
 import logging
-from typing import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 
 import attrs
 import trio
@@ -64,7 +64,7 @@ class Limits:
     memory_per_ip: int = 64 << 20  # unread bytes from one address, all its peers and WebSocket messages
 
     @classmethod
-    def from_config(cls, config: object) -> "Limits":
+    def from_config(cls, config: object) -> Limits:
         """Limits from a :class:`~ocf.config.Config` (missing attributes keep the defaults)."""
         values = {}
         for name, attr in _CONFIG_NAMES.items():
@@ -148,7 +148,11 @@ class ResourceManager:
         lim = self.limits
         self._single: dict[str, dict[str, int]] = {
             "system": {"handshakes": lim.handshakes, "conns_inbound": lim.inbound_connections, "memory": lim.memory},
-            "ip": {"handshakes": lim.handshakes_per_ip, "conns_inbound": lim.connections_per_ip, "memory": lim.memory_per_ip},
+            "ip": {
+                "handshakes": lim.handshakes_per_ip,
+                "conns_inbound": lim.connections_per_ip,
+                "memory": lim.memory_per_ip,
+            },
             "peer": {"memory": lim.memory_per_peer},
         }
         # (limit, resources summed): connections both ways, streams both ways.
@@ -220,7 +224,10 @@ class ResourceManager:
         for scope in scopes:
             left = scope.usage[resource] - n
             if left < 0:
-                log.error("resource released twice %s", logfmt.kv(scope=scope.kind, resource=resource, n=n, held=scope.usage[resource]))
+                log.error(
+                    "resource released twice %s",
+                    logfmt.kv(scope=scope.kind, resource=resource, n=n, held=scope.usage[resource]),
+                )
                 left = 0
             scope.usage[resource] = left
         self._prune(scopes)
@@ -235,7 +242,9 @@ class ResourceManager:
 
     def _refuse(self, scope: Scope, resource: str, limit: int) -> None:
         self.refusals[scope.kind, resource] += 1
-        self._log.info(f"{scope.kind}:{resource}", "refused: resource limit", scope=scope.kind, resource=resource, limit=limit)
+        self._log.info(
+            f"{scope.kind}:{resource}", "refused: resource limit", scope=scope.kind, resource=resource, limit=limit
+        )
 
     def note_refusal(self, scope: str, resource: str, message: str, **fields: object) -> None:
         """Count and log (rate-limited) a refusal decided elsewhere (e.g. accept failing, a deadline)."""
@@ -244,7 +253,7 @@ class ResourceManager:
 
     # --- handles the transport code holds --------------------------------------------------------
 
-    def handshake(self, ip: str | None, timeout: float) -> "HandshakeSlot | None":
+    def handshake(self, ip: str | None, timeout: float) -> HandshakeSlot | None:
         """A pending-handshake slot for an inbound connection from ``ip``, or ``None`` if refused.
 
         The slot carries one deadline for the whole upgrade (sniffing, the
@@ -291,7 +300,7 @@ class ResourceManager:
                 slot.evict()
                 return
 
-    def _forget_slot(self, slot: "HandshakeSlot") -> None:
+    def _forget_slot(self, slot: HandshakeSlot) -> None:
         slots = self._pending.get(slot.ip)
         if slots is not None:
             with contextlib.suppress(ValueError):
@@ -299,7 +308,7 @@ class ResourceManager:
             if not slots:
                 del self._pending[slot.ip]
 
-    def peer_scope(self, peer: Hashable, ip: str | None = None) -> "PeerResources":
+    def peer_scope(self, peer: Hashable, ip: str | None = None) -> PeerResources:
         """What one connection to ``peer`` (from or to address ``ip``) charges."""
         return PeerResources(self, peer, ip)
 

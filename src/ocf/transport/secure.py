@@ -8,7 +8,7 @@ run the Noise handshake and return a :class:`SecureStream`.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import trio
 
@@ -65,7 +65,9 @@ class SecureStream(trio.abc.HalfCloseableStream):
     (``benchmarks/transport.py`` measures by how much).
     """
 
-    def __init__(self, transport: trio.abc.Stream, session: NoiseSession, local_peer: PeerId, remote_peer: PeerId) -> None:
+    def __init__(
+        self, transport: trio.abc.Stream, session: NoiseSession, local_peer: PeerId, remote_peer: PeerId
+    ) -> None:
         self.transport = transport
         self.local_peer = local_peer
         self.remote_peer = remote_peer

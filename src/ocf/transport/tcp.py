@@ -26,7 +26,8 @@ import errno
 import ipaddress
 import logging
 import socket
-from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import attrs
 import trio
@@ -227,7 +228,9 @@ class TcpTransport:
             for listener in listeners:
                 accept_nursery.start_soon(self._accept_loop, listener, handler, handler_nursery)
 
-    async def _accept_loop(self, listener: trio.SocketListener, handler: RawHandler, handler_nursery: trio.Nursery) -> None:
+    async def _accept_loop(
+        self, listener: trio.SocketListener, handler: RawHandler, handler_nursery: trio.Nursery
+    ) -> None:
         async with listener:
             while True:
                 try:
@@ -235,7 +238,12 @@ class TcpTransport:
                 except OSError as exc:
                     if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                         raise
-                    self.resources.note_refusal("system", "accept_error", "accept failed; retrying", error=errno.errorcode.get(exc.errno or 0, exc.errno))
+                    self.resources.note_refusal(
+                        "system",
+                        "accept_error",
+                        "accept failed; retrying",
+                        error=errno.errorcode.get(exc.errno or 0, exc.errno),
+                    )
                     await trio.sleep(ACCEPT_RETRY_SLEEP)
                     continue
                 handler_nursery.start_soon(self._on_accept_guarded, stream, handler)
@@ -272,7 +280,9 @@ class TcpTransport:
                         return
                 if len(prefix) < SNIFF_BYTES:
                     if prefix:
-                        self.resources.note_refusal("transient", "handshake_timeout", "inbound connection sent too little", remote=remote)
+                        self.resources.note_refusal(
+                            "transient", "handshake_timeout", "inbound connection sent too little", remote=remote
+                        )
                     return
                 if prefix[: len(HTTP_PREFIX)] == HTTP_PREFIX:
                     if not self.ws:
@@ -319,10 +329,9 @@ def local_ips(ipv6: bool = False) -> list[str]:
     """
     ips: list[str] = []
     family, probe = (socket.AF_INET6, "2001:db8::1") if ipv6 else (socket.AF_INET, "192.0.2.1")
-    with contextlib.suppress(OSError):
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            s.connect((probe, 9))
-            ip = s.getsockname()[0]
-            if not ipaddress.ip_address(ip).is_loopback:
-                ips.append(ip)
+    with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect((probe, 9))
+        ip = s.getsockname()[0]
+        if not ipaddress.ip_address(ip).is_loopback:
+            ips.append(ip)
     return ips

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, AsyncIterator
+from typing import Any
+from collections.abc import AsyncIterator
 
 import trio
 import trio_websocket
@@ -66,7 +67,15 @@ class _BudgetedWebSocket(trio_websocket.WebSocketConnection):
     reserved as ``memory`` in the source address's scope and the system's.
     """
 
-    def __init__(self, stream: trio.abc.Stream, ws_connection: WSConnection, *, resources: ResourceManager, ip: str | None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        ws_connection: WSConnection,
+        *,
+        resources: ResourceManager,
+        ip: str | None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(stream, ws_connection, **kwargs)
         self._rm = resources
         self._ip = ip
@@ -116,7 +125,9 @@ async def _watch_partial(ws: _BudgetedWebSocket, timeout: float, cancel: trio.Ca
         await trio.sleep(period)
         since = ws.partial_since
         if since is not None and trio.current_time() - since > timeout:
-            ws._rm.note_refusal("ip", "message_timeout", "websocket message not finished in time; closing", timeout=timeout)
+            ws._rm.note_refusal(
+                "ip", "message_timeout", "websocket message not finished in time; closing", timeout=timeout
+            )
             cancel.cancel()
             return
 
@@ -240,7 +251,9 @@ async def connect_websocket(
                         nursery.start_soon(read, ws)
                         await ws._open_handshake.wait()
                         if rejected or ws.closed is not None:
-                            raise trio_websocket.HandshakeError(f"upgrade refused ({rejected[0] if rejected else ws.closed})")
+                            raise trio_websocket.HandshakeError(
+                                f"upgrade refused ({rejected[0] if rejected else ws.closed})"
+                            )
                 except trio.TooSlowError:
                     nursery.cancel_scope.cancel()
                     if tcp is not None:

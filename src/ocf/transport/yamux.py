@@ -134,7 +134,14 @@ class GoAwayReceived:
 
 
 Event = Union[
-    StreamOpened, StreamAccepted, DataReceived, StreamEnded, StreamResetByPeer, WindowUpdated, PongReceived, GoAwayReceived
+    StreamOpened,
+    StreamAccepted,
+    DataReceived,
+    StreamEnded,
+    StreamResetByPeer,
+    WindowUpdated,
+    PongReceived,
+    GoAwayReceived,
 ]
 
 
