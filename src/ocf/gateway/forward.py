@@ -16,7 +16,7 @@ what Quart's request/response wrappers take away:
   network crosses two gateways.
 
 This module is the orchestration: which family, limits, timeouts, retry.
-The pieces are elsewhere: the client's side in :mod:`ocf.gateway.asgi_io`,
+The pieces are elsewhere: the client's side in :mod:`ocf.web.asgi`,
 provider choice in :mod:`ocf.gateway.routing` (pure functions) fed by
 :mod:`ocf.gateway.providers` (table snapshot, liveness, peer streams), the
 exchange with the next hop in :mod:`ocf.gateway.exchange`, and the models
@@ -50,8 +50,8 @@ from ..httpstream.bridge import get_header
 from ..httpstream.pool import ConnectionPool
 from ..services.registrar import LLM_SERVICE
 from . import routing
-from .asgi_io import ClientGone, Receive, RequestBody, Responder, Send
-from .errors import ERROR_CODE_NAME, send_asgi_error
+from ..web.asgi import ClientGone, Receive, RequestBody, Responder, Send
+from ..web.errors import ERROR_CODE_NAME, send_asgi_error
 from .exchange import (
     HOPS_HEADER,
     IDENTITY_HEADER,
@@ -72,11 +72,10 @@ if TYPE_CHECKING:
     from .metrics import GatewayMetrics
     from .router import Route
 
-__all__ = ["LIBP2P_HTTP", "Forwarder", "RequestBody", "Responder", "_ClientGone"]
+__all__ = ["LIBP2P_HTTP", "Forwarder"]
 
 log = logging.getLogger("ocf.gateway")
 
-_ClientGone = ClientGone  # the name the tracker's hot routes import
 COMPUTING_NODE_HEADER = b"x-computing-node"
 MAX_HOPS = 8
 #: Error codes of ours that mean "the provider did nothing with the request": safe to try another.

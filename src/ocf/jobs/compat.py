@@ -22,7 +22,8 @@ from typing import Any
 from quart import Blueprint, Response, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from ..errors import BadRequest, Conflict, GatewayRequestError
+from ..errors import BadRequest, GatewayRequestError, JobsError, LeaseNotHeld
+from .edge import http_status
 from .http import json_object, tracker
 from .model import STAGE_LETTERS
 
@@ -39,6 +40,11 @@ def _text(body: str, status: int = 200) -> Response:
 async def plain_error(exc: GatewayRequestError) -> Response:
     # The original answered errors as plain text; the client shows it in its exceptions.
     return _text(exc.message, exc.status)
+
+
+@blueprint.errorhandler(JobsError)
+async def plain_jobs_error(exc: JobsError) -> Response:
+    return _text(exc.message, http_status(exc))
 
 
 @blueprint.errorhandler(RequestEntityTooLarge)
@@ -159,7 +165,7 @@ async def complete_job(project: str) -> Response:
     try:
         # A retry of a completion that already landed answers 200 and counts nothing twice.
         await tracker().complete(project, token, job_id, decode_data(data))
-    except Conflict as exc:
+    except LeaseNotHeld as exc:
         return _text(exc.message, 403)
     return _text("200 OK")
 
@@ -173,7 +179,7 @@ async def flag_invalid_data(project: str) -> Response:
         return _text("This worker is not currently working on a job.", 403)
     try:
         await tracker().flag(project, token, job_id)
-    except Conflict as exc:
+    except LeaseNotHeld as exc:
         return _text(exc.message, 403)
     return _text("200 OK")
 

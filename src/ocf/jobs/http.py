@@ -43,13 +43,21 @@ from collections.abc import AsyncIterator
 import trio
 from quart import Blueprint, Response, current_app, jsonify, request
 
-from ..errors import BadRequest, NotFound
+from ..errors import BadRequest, JobsError, NotFound
+from ..web.errors import exception_response
 from . import views
+from .edge import http_error
 from .intake import decode_inputs
 from .tracker import Tracker
-import trio.lowlevel
 
 blueprint = Blueprint("jobs", __name__)
+
+
+@blueprint.app_errorhandler(JobsError)
+async def jobs_error(exc: JobsError) -> Response:
+    """The tracker's domain errors, in the gateway's JSON shape with the status :mod:`ocf.jobs.edge` gives."""
+    return exception_response(http_error(exc))
+
 
 #: Where a worker's token travels when the request crosses the network (see :func:`token_from`).
 WORKER_TOKEN_HEADER = "X-OCF-Worker-Token"

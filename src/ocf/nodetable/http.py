@@ -12,7 +12,7 @@ import json
 from quart import Blueprint, current_app, jsonify, request
 
 from ..errors import ValidationError
-from ..gateway.errors import error_response
+from ..web.errors import error_response
 
 blueprint = Blueprint("nodetable", __name__)
 
