@@ -25,6 +25,7 @@ list in :mod:`ocf.gateway.models`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -143,10 +144,8 @@ class Forwarder:
             log.warning(
                 "forward failed %s", logfmt.kv(path=scope["path"], status=exc.status, code=exc.code, reason=exc.message)
             )
-        try:
+        with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):  # the client is gone
             await send_asgi_error(responder, exc)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):  # pragma: no cover - client gone
-            pass
 
     async def _dispatch(self, route: Route, scope: dict, receive: Receive, responder: Responder) -> None:
         hops = _hops(scope)
@@ -374,7 +373,8 @@ class Forwarder:
         if reached:
             raise ProviderFailed(f"provider(s) of '{name}' failed before answering{which}", code="provider_failed")
         raise NoProviderAvailable(
-            f"{len(candidates)} provider(s) of '{name}' match this request but none is reachable and healthy right now{which}",
+            f"{len(candidates)} provider(s) of '{name}' match this request but none is reachable and healthy right "
+            f"now{which}",
             retry_after=5,
         )
 
@@ -450,6 +450,7 @@ def _parse_json(data: bytes) -> Any:
         return json.loads(data)
     except (ValueError, UnicodeDecodeError):
         raise BadRequest(
-            "the request body is not JSON, so it names no model; send JSON or an X-OCF-Identity-Group: key=value header",
+            "the request body is not JSON, so it names no model;"
+            " send JSON or an X-OCF-Identity-Group: key=value header",
             code="no_routable_identity",
         ) from None

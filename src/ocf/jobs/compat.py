@@ -205,7 +205,8 @@ async def worker_page(project: str, stage: str, name: str) -> Response:
     )
     per_stage = "".join(f"<li>{e(s)}: {n}</li>" for s, n in info["completed_by_stage"].items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{e(name)} · {e(definition.name)}</title>
-<style>body{{font:15px system-ui,sans-serif;margin:2em;max-width:50em}}th{{text-align:left;padding-right:1em}}</style></head>
+<style>body{{font:15px system-ui,sans-serif;margin:2em;max-width:50em}}
+th{{text-align:left;padding-right:1em}}</style></head>
 <body><h1>{e(name)}</h1><p>Worker of <a href="/dashboard?project={e(project)}">{e(project)}</a>.</p>
 <table>{rows}</table><h2>Completed by stage</h2><ul>{per_stage}</ul></body></html>"""
     return Response(page, content_type="text/html; charset=utf-8")

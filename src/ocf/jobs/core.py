@@ -94,7 +94,8 @@ class StoreCore:
     # --- projects -------------------------------------------------------------------------
 
     def create_project(self, name: str, body: Any, now: float) -> tuple[Project, bool]:
-        """Create a project; the same definition again is a no-op, a different one :class:`~ocf.errors.ProjectExists`."""
+        """Create a project; the same definition again is a no-op, a different one raises
+        :class:`~ocf.errors.ProjectExists`."""
         project = parse_project(
             name,
             body,

@@ -17,6 +17,7 @@ claim whose client hangs up is cancelled before it leases anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from typing import TYPE_CHECKING, Any
@@ -127,10 +128,8 @@ async def _send_json(responder: Responder, payload: dict[str, Any]) -> None:
 
 
 async def _send_error(responder: Responder, exc: GatewayRequestError) -> None:
-    try:
+    with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):  # the client is gone
         await send_asgi_error(responder, exc)
-    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):  # pragma: no cover - client gone
-        pass
 
 
 async def _not_post(responder: Responder, method: str, path: str) -> None:

@@ -17,7 +17,8 @@ holds the parsing both share.
 ``POST   /v1/jobs/<p>/jobs``                add stage-1 jobs: JSON list, ``{"inputs": [...]}`` or NDJSON
 ``GET    /v1/jobs/<p>/jobs/<id>``           one job
 ``POST   /v1/jobs/<p>/workers``             register ``{nickname, user?, stage}`` -> token and name
-``GET    /v1/jobs/<p>/workers``             live workers: job, progress, done, user, last seen (``?stage=&all=&offset=&limit=``)
+``GET    /v1/jobs/<p>/workers``             live workers: job, progress, done, user, last seen
+                                          (``?stage=&all=&offset=&limit=``)
 ``GET    /v1/jobs/<p>/workers/<name>``      a worker's page: completions, jobs per hour
 ``POST   /v1/jobs/<p>/claim``               lease up to ``max`` jobs, waiting up to ``wait`` s for one
 ``POST   /v1/jobs/<p>/heartbeat``           extend leases, report ``progress``; lists leases lost
@@ -163,7 +164,7 @@ async def get_project(project: str):  # type: ignore[no-untyped-def]
     definition = t.store.project(project)
     counts = t.store.counts(project)
     out = definition.to_json()
-    for stage, c in zip(out["stages"], counts):
+    for stage, c in zip(out["stages"], counts, strict=True):
         stage.update(c)
     return jsonify(out)
 

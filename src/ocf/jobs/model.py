@@ -128,7 +128,8 @@ def parse_project(
             or len(stage_name) == 1
         ):
             raise InvalidJobRequest(
-                f"stages[{i}].name {stage_name!r} must be 2-32 letters, digits, spaces, '_', '.' or '-' and not a number",
+                f"stages[{i}].name {stage_name!r} must be 2-32 letters, digits, spaces, '_', '.' or '-' and not a "
+                "number",
                 code="bad_project",
             )
         lease = raw.get("lease_timeout", default_lease)

@@ -61,7 +61,7 @@ class Reports(StoreCore):
         stages: list[dict[str, Any]] = []
         expected_prev = None
         eta: float | None = 0.0
-        for i, (stage, c) in enumerate(zip(project.stages, counts)):
+        for i, (stage, c) in enumerate(zip(project.stages, counts, strict=True)):
             total = c["pending"] + c["leased"] + c["done"] + c["failed"]
             # Jobs reach stage i+1 only as stage i finishes; without fan-out we
             # know how many will come, so progress is against that.

@@ -120,7 +120,8 @@ class JobStore(WorkerOps, Reports):
             stage_index = worker["stage"] if stage is None else project.stage_index(stage)
             if stage_index != worker["stage"]:
                 raise InvalidJobRequest(
-                    f"worker {worker['name']} registered for stage {project.stages[worker['stage']].name!r}, not {project.stages[stage_index].name!r}",
+                    f"worker {worker['name']} registered for stage {project.stages[worker['stage']].name!r}, not "
+                    f"{project.stages[stage_index].name!r}",
                     code="wrong_stage",
                 )
             if release_held:

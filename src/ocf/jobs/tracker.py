@@ -389,7 +389,7 @@ class Tracker:
         while True:
             now = self.clock()
             if now >= next_sweep:
-                forgotten = await self._batched(lambda store: store.forget_idle_workers(now))
+                forgotten = await self._batched(lambda store, now=now: store.forget_idle_workers(now))
                 if forgotten:  # the committer notified waiters after that batch
                     log.info("idle workers forgotten %s", logfmt.kv(workers=forgotten))
                 next_sweep = now + IDLE_SWEEP_INTERVAL

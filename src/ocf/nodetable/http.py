@@ -48,7 +48,7 @@ async def peers_status():  # type: ignore[no-untyped-def]
 @blueprint.get("/v1/dnt/bootstraps")
 async def bootstraps():  # type: ignore[no-untyped-def]
     out = []
-    for peer, entry in _table().entries(include_all=False).items():
+    for entry in _table().entries(include_all=False).values():
         if not entry.get("public_address"):
             continue
         for addr in entry.get("addrs") or []:
