@@ -109,7 +109,7 @@ class BackendUpstream:
         try:
             return await self.pool.connect(target.host, target.port)
         except (OSError, trio.TooSlowError) as exc:
-            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc) or type(exc).__name__
             raise ProviderFailed(
                 f"service '{target.name}' at {target.host}:{target.port} is unreachable: {reason}",
                 code="backend_unreachable",

@@ -133,7 +133,7 @@ async def open_gateway(parts: GatewayParts) -> AsyncIterator[Gateway]:
             os_error = find_in_group(exc, OSError)
             if os_error is None:
                 raise
-            reason = getattr(os_error, "strerror", None) or os_error
+            reason = (os_error.strerror if isinstance(os_error, OSError) else None) or os_error
             where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             raise GatewayError(f"cannot listen on {where} for the HTTP gateway: {reason}") from None
         url = _public_url(binds[0], config.host)
