@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from collections.abc import AsyncIterator
 
 import attrs
@@ -29,7 +29,7 @@ from ..httpstream.admission import ConnectionLimits, ServerStats
 from ..httpstream.deadlines import Timeouts
 from ..httpstream.listener import serve_http
 from ..httpstream.metrics import HttpServerCollector
-from ..httpstream.server import serve_stream
+from ..httpstream.server import ASGIApp, serve_stream
 from .app import create_app
 from .forward import LIBP2P_HTTP
 
@@ -110,7 +110,7 @@ async def open_gateway(node: Node) -> AsyncIterator[Gateway]:
     stop = trio.Event()
     serve = functools.partial(
         serve_http,
-        app,
+        cast(ASGIApp, app),  # Quart types scopes as hypercorn's TypedDicts; the engine passes plain dicts
         host,
         port,
         shutdown_trigger=stop.wait,
