@@ -115,7 +115,7 @@ async def open_gateway(parts: GatewayParts) -> AsyncIterator[Gateway]:
     stop = trio.Event()
     serve = functools.partial(
         serve_http,
-        cast("ASGIApp", app),
+        cast("ASGIApp", app),  # Quart types scopes as hypercorn's TypedDicts; the engine passes plain dicts
         host,
         port,
         shutdown_trigger=stop.wait,

@@ -385,13 +385,16 @@ class Tracker:
         self._log_expired(expired)
         return expired
 
+    async def _forget_idle_workers(self, now: float) -> int:
+        return await self._batched(lambda store: store.forget_idle_workers(now))
+
     async def run_reaper(self) -> None:
         """Return expired leases to pending at their deadline, for as long as the node runs."""
         next_sweep = self.clock() + IDLE_SWEEP_INTERVAL
         while True:
             now = self.clock()
             if now >= next_sweep:
-                forgotten = await self._batched(lambda store, now=now: store.forget_idle_workers(now))
+                forgotten = await self._forget_idle_workers(now)
                 if forgotten:  # the committer notified waiters after that batch
                     log.info("idle workers forgotten %s", logfmt.kv(workers=forgotten))
                 next_sweep = now + IDLE_SWEEP_INTERVAL
