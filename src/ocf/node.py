@@ -48,6 +48,7 @@ class Node:
         # Subsystems attach themselves here (transport host, node table, services, jobs).
         self.host: Any = None
         self.bootstrap: Any = None  # ocf.transport.bootstrap.Bootstrapper
+        self.dht: Any = None  # ocf.dht.Dht: finds peers' addresses for the host's dials
         self.table: Any = None
         self.services: Any = None
         self.jobs: Any = None
@@ -106,6 +107,10 @@ async def open_node(config: Config, memory_network: Any = None) -> AsyncIterator
                 node.host = await stack.enter_async_context(open_host(identity, config, memory_network))
                 node.listen_addrs = list(node.host.listen_addrs)
                 node.bootstrap = await stack.enter_async_context(open_bootstrap(node.host, config))
+                # dht: node.dht (peer routing; the host asks it for peers without an address) --
+                from .dht import open_dht
+
+                node.dht = await stack.enter_async_context(open_dht(node.host, config))
                 # ------------------------------------------------------------------
                 # node table: node.table -----------------------------------------------
                 from .nodetable import open_nodetable

@@ -67,8 +67,9 @@ class Lookup:
             self._dist[peer] = self._distance(peer)
         if len(self._state) > self.max_candidates:
             # Forget the farthest peers nobody is talking to; their answers could not matter.
-            order = sorted(self._state, key=self._dist.__getitem__)
-            for peer in order[self.max_candidates :]:
+            for peer in sorted(self._state, key=self._dist.__getitem__, reverse=True):
+                if len(self._state) <= self.max_candidates:
+                    break
                 if self._state[peer] is State.WAITING:
                     del self._state[peer]
                     del self._dist[peer]

@@ -34,7 +34,7 @@ from ..errors import ProtocolError, TransportError
 from ..identity import Multiaddr, PeerId
 from ..transport.host import Host, PeerInfo
 from ..transport.muxer import MuxedStream
-from . import wire
+from . import server, wire
 from .limits import AddrBook, DhtLimits, PeerRateLimiter, checked_peer_id, parse_addrs
 from .lookup import Lookup
 from .table import RoutingTable, key_of
@@ -74,7 +74,7 @@ class Dht:
         self._lookups = trio.Semaphore(self.limits.max_lookups)
         self._finding: dict[PeerId, trio.Event] = {}
         self._not_found: OrderedDict[PeerId, float] = OrderedDict()
-        self._inbound: dict[PeerId, int] = {}
+        self.inbound_streams: dict[PeerId, int] = {}
         self._nonempty = trio.Event()
         self._refusals = logfmt.RateLimitedLog(log, host.config.refusal_log_interval)
         self.stats: dict[str, int] = {
@@ -97,7 +97,7 @@ class Dht:
     def serving(self) -> bool:
         return self.mode == "server"
 
-    def _refuse(self, key: str, message: str, **fields: Any) -> None:
+    def refuse(self, key: str, message: str, **fields: Any) -> None:
         self.stats[key] += 1
         self._refusals.info(key, message, **fields)
 
@@ -139,116 +139,14 @@ class Dht:
             if self.serving:
                 self.host.remove_stream_handler(self.protocol)
 
-    # --- serving ---------------------------------------------------------------------------------
+    # --- serving (ocf.dht.server) -----------------------------------------------------------------
 
     async def _serve(self, stream: MuxedStream) -> None:
-        peer = stream.remote_peer
-        lim = self.limits
-        if (
-            self._inbound.get(peer, 0) >= lim.max_streams_per_peer
-            or sum(self._inbound.values()) >= lim.max_inbound_streams
-        ):
-            self._refuse("inbound_refused_streams", "dht: too many inbound streams; reset", peer=peer.short())
-            stream.reset()
-            return
-        self._inbound[peer] = self._inbound.get(peer, 0) + 1
-        try:
-            await self._serve_requests(peer, stream)
-        finally:
-            left = self._inbound[peer] - 1
-            if left:
-                self._inbound[peer] = left
-            else:
-                del self._inbound[peer]
-
-    async def _serve_requests(self, peer: PeerId, stream: MuxedStream) -> None:
-        lim = self.limits
-        reader = wire.FrameReader(lim.max_request)
-        # One deadline per request, from the wait for its first byte to its last: trickling
-        # bytes does not extend it.
-        deadline = trio.current_time() + lim.inbound_timeout
-        while True:
-            with trio.move_on_at(deadline):
-                try:
-                    chunk = await stream.receive_some(READ_CHUNK)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, TransportError):
-                    return
-                try:
-                    frames = reader.feed(chunk)
-                except ProtocolError as exc:
-                    self._refuse("inbound_malformed", "dht: bad request framing; reset", peer=peer.short(), reason=exc)
-                    stream.reset()
-                    return
-                for body in frames:
-                    if not self.rate.allow(peer, trio.current_time()):
-                        self._refuse("inbound_refused_rate", "dht: peer over its query rate; reset", peer=peer.short())
-                        stream.reset()
-                        return
-                    self.stats["inbound_requests"] += 1
-                    try:
-                        request = wire.decode(body, max_peers=lim.max_closer, max_addrs=lim.max_addrs)
-                    except ProtocolError as exc:
-                        self._refuse(
-                            "inbound_malformed", "dht: malformed request; reset", peer=peer.short(), reason=exc
-                        )
-                        stream.reset()
-                        return
-                    reply = self.answer(peer, request)
-                    if reply is wire.REFUSED:
-                        stream.reset()
-                        return
-                    if reply is not None:
-                        try:
-                            await stream.send_all(wire.frame(reply))
-                        except (trio.BrokenResourceError, trio.ClosedResourceError, TransportError):
-                            return
-                    deadline = trio.current_time() + lim.inbound_timeout
-                if not chunk:
-                    return  # the asker is done
-                continue
-            self._refuse("inbound_timeouts", "dht: request not received in time; reset", peer=peer.short())
-            stream.reset()
-            return
+        await server.serve(self, stream)
 
     def answer(self, asker: PeerId, request: wire.Message) -> wire.Message | wire.Refused | None:
         """The reply to one request (None: no reply expected; :data:`wire.REFUSED`: reset the stream)."""
-        mtype = request.type
-        if mtype == wire.MessageType.PING:
-            return wire.Message(wire.MessageType.PING, cluster_level=request.cluster_level)
-        if mtype == wire.MessageType.ADD_PROVIDER:
-            return None
-        if mtype not in (wire.MessageType.FIND_NODE, wire.MessageType.GET_VALUE, wire.MessageType.GET_PROVIDERS):
-            return wire.REFUSED  # PUT_VALUE (we store nothing) or a type we do not know
-        if not request.key or len(request.key) > wire.MAX_KEY:
-            return wire.REFUSED
-        return wire.Message(
-            mtype,
-            key=request.key if mtype != wire.MessageType.FIND_NODE else b"",
-            closer=tuple(self._closer_entries(asker, request.key, find_node=mtype == wire.MessageType.FIND_NODE)),
-            cluster_level=request.cluster_level,
-        )
-
-    def _closer_entries(self, asker: PeerId, key: bytes, *, find_node: bool) -> list[wire.PeerEntry]:
-        target = checked_peer_id(key) if find_node else None
-        peers = self.table.closest(key_of(key), self.limits.k, exclude=(asker,))
-        # Like go-libp2p: a peer we know how to reach is listed when it is the one asked
-        # for, even when it is a client and so not in the table (this is how NATed nodes
-        # that keep a connection to a server are found).
-        if target is not None and target != asker and target not in peers:
-            peers.append(target)
-        entries = []
-        for peer in peers:
-            if peer == self.host.peer_id:
-                addrs = [a.without_p2p() for a in self.host.listen_addrs]
-            else:
-                addrs = self.host.peer_addrs(peer) or list(self.addr_book.get(peer))
-            if not addrs:
-                continue
-            connected = wire.Connectedness.CONNECTED if self.host.is_connected(peer) else 0
-            entries.append(
-                wire.PeerEntry(peer.raw, tuple(a.to_bytes() for a in addrs[: self.limits.max_addrs]), connected)
-            )
-        return entries
+        return server.answer(self, asker, request)
 
     # --- asking ----------------------------------------------------------------------------------
 
@@ -269,10 +167,10 @@ class Dht:
     async def request(self, peer: PeerId, message: wire.Message) -> wire.Message:
         """One RPC: open a stream, send ``message``, read one reply under the size and time limits."""
         lim = self.limits
-        self.stats["rpcs"] += 1
         with trio.fail_after(lim.rpc_timeout):
             stream = await self._open(peer)
             async with stream:
+                self.stats["rpcs"] += 1  # requests actually sent
                 await stream.send_all(wire.frame(message))
                 reader = wire.FrameReader(lim.max_response)
                 while True:
@@ -289,7 +187,7 @@ class Dht:
         try:
             reply: wire.Message | None = await self.request(peer, wire.Message(wire.MessageType.FIND_NODE, key=key))
         except ProtocolError as exc:
-            self._refuse("replies_refused", "dht: bad reply; peer dropped", peer=peer.short(), reason=exc)
+            self.refuse("replies_refused", "dht: bad reply; peer dropped", peer=peer.short(), reason=exc)
             reply = None
         except (TransportError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug("dht query failed %s", logfmt.kv(peer=peer.short(), reason=exc or type(exc).__name__))
@@ -307,7 +205,7 @@ class Dht:
         for entry in reply.closer:
             peer = checked_peer_id(entry.id)
             if peer is None:
-                self._refuse("bad_peer_ids", "dht: reply lists an invalid peer ID; entry ignored")
+                self.refuse("bad_peer_ids", "dht: reply lists an invalid peer ID; entry ignored")
                 continue
             if peer == self.host.peer_id:
                 continue
@@ -376,7 +274,8 @@ class Dht:
                     try:
                         await self.host.connect(addr.with_p2p(peer), learned=True)
                     except TransportError as exc:
-                        self._refuse(
+                        self.addr_book.drop(peer)
+                        self.refuse(
                             "target_addr_mismatch",
                             "dht: a listed address of the target did not answer as it",
                             peer=peer.short(),
@@ -410,7 +309,7 @@ class Dht:
             await pending.wait()
             return self.host.peer_addrs(peer)
         if len(self._finding) >= self.limits.max_lookups:
-            self._refuse("lookups_refused", "dht: too many lookups in progress; not looking up", peer=peer.short())
+            self.refuse("lookups_refused", "dht: too many lookups in progress; not looking up", peer=peer.short())
             return []
         done = self._finding[peer] = trio.Event()
         try:

@@ -199,6 +199,7 @@ class FrameReader:
                     return frames
                 length, pos = parsed
                 if length > self.limit:
+                    self._buf.clear()
                     raise ProtocolError(f"kad message of {length} bytes exceeds the {self.limit}-byte limit")
                 del self._buf[:pos]
                 self._need = length
