@@ -109,6 +109,10 @@ class Dht:
         else:
             self.table.remove(peer)  # it stopped serving (or never did): clients stay out of tables
 
+    async def wait_ready(self) -> None:
+        """Return once the routing table holds a server (lookups can start)."""
+        await self._nonempty.wait()
+
     def _note_server(self, peer: PeerId) -> None:
         if self.table.add(peer):
             self._nonempty.set()

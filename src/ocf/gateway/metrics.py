@@ -89,6 +89,10 @@ class GatewayMetrics:
         from .metrics_transport import TransportCollector
 
         self.registry.register(TransportCollector(node))
+        if getattr(node, "dht", None) is not None:
+            from ..dht.metrics import DhtCollector
+
+            self.registry.register(DhtCollector(node.dht))
         if node.jobs is not None:
             from ..jobs.metrics import TrackerCollector
 
