@@ -68,3 +68,32 @@ async def test_networks_with_different_protocol_ids_do_not_mix():
         assert await a.find_closest(a.table.local_key) == []
         assert a.stats["rpc_failures"] == 1
         assert b.host.peer_id not in a.table
+
+
+async def test_mode_switch_registers_and_withdraws_the_protocol():
+    async with dht_nodes(["client", "server"]) as (a, b):
+        assert a.protocol not in a.host.protocols
+        a.set_mode("server")
+        assert a.protocol in a.host.protocols
+        link(b, a)
+        assert await b.find_closest(b.table.local_key) == [a.host.peer_id]
+        a.set_mode("client")
+        assert a.protocol not in a.host.protocols
+        assert await b.find_closest(b.table.local_key) == []
+        assert a.host.peer_id not in b.table
+        with pytest.raises(ValueError):
+            a.set_mode("auto")
+
+
+def test_auto_mode_serves_when_reachable():
+    from ocf.config import Config
+    from ocf.dht import choose_mode
+
+    assert choose_mode(Config(mode="standalone")) == "server"
+    assert choose_mode(Config(mode="node")) == "client"
+    assert choose_mode(Config(mode="node", public_addr="203.0.113.7")) == "server"
+    assert choose_mode(Config(mode="standalone", dht="client")) == "client"
+    assert choose_mode(Config(mode="node", dht="server")) == "server"
+    # Once reachability is measured, it decides.
+    assert choose_mode(Config(mode="standalone"), reachable=False) == "client"
+    assert choose_mode(Config(mode="node"), reachable=True) == "server"

@@ -109,6 +109,24 @@ class Dht:
         else:
             self.table.remove(peer)  # it stopped serving (or never did): clients stay out of tables
 
+    def set_mode(self, mode: str) -> None:
+        """Switch role at run time (e.g. when AutoNAT learns whether we are reachable).
+
+        Peers see the change on their next identify of us; until then a
+        former server's streams are refused and it drops out of their tables
+        at its first failed query.
+        """
+        if mode not in ("server", "client"):
+            raise ValueError(f"DHT mode must be 'server' or 'client', not {mode!r}")
+        if mode == self.mode:
+            return
+        self.mode = mode
+        if mode == "server":
+            self.host.set_stream_handler(self.protocol, self._serve)
+        else:
+            self.host.remove_stream_handler(self.protocol)
+        log.info("dht mode changed %s", logfmt.kv(mode=mode))
+
     async def wait_ready(self) -> None:
         """Return once the routing table holds a server (lookups can start)."""
         await self._nonempty.wait()
