@@ -146,13 +146,13 @@ async def test_overfull_and_oversized_replies_are_refused_and_their_sender_dropp
         await hostile_server(evil, lambda m: wire.frame(wire.Message(4, closer=(filler,) * 33)))
         victim.host.add_addrs(evil.peer_id, evil.listen_addrs)
         victim.table.add(evil.peer_id)
-        assert await victim.find_closest(victim.table.local_key) == []
+        assert await victim.find_closest(victim.host.peer_id.raw) == []
         assert victim.stats["replies_refused"] == 1
         assert evil.peer_id not in victim.table
 
         await hostile_server(evil, lambda m: varint.encode(wire.MAX_RESPONSE + 1) + b"\x08\x04")
         victim.table.add(evil.peer_id)
-        assert await victim.find_closest(victim.table.local_key) == []
+        assert await victim.find_closest(victim.host.peer_id.raw) == []
         assert victim.stats["replies_refused"] == 2
         assert evil.peer_id not in victim.table
 
@@ -164,7 +164,7 @@ async def test_entries_with_keyless_peer_ids_are_ignored():
     async with dht_nodes(["client"], net=net) as (victim,), await attacker(net) as evil:
         await hostile_server(evil, lambda m: wire.frame(wire.Message(4, closer=(bogus,) * 10)))
         link(victim, type("H", (), {"host": evil})())  # type: ignore[arg-type]
-        await victim.find_closest(victim.table.local_key)
+        await victim.find_closest(victim.host.peer_id.raw)
         assert victim.stats["bad_peer_ids"] == 10
         assert victim.stats["rpcs"] == 1  # none of them was asked
         assert len(victim.addr_book) == 0

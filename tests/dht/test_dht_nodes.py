@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import random
+
+import attrs
+
 import pytest
 
 from ocf.errors import PeerUnreachable
 from ocf.transport.ping import PROTOCOL as PING
 
-from .dhtutil import Identified, dht_nodes, link
+from ocf.transport import MemoryNetwork
+
+from .dhtutil import QUIET, Identified, dht_nodes, link
 
 
 async def test_peer_found_along_a_chain_of_servers():
@@ -65,7 +71,7 @@ async def test_unknown_peer_is_unreachable_and_not_looked_up_again_at_once():
 async def test_networks_with_different_protocol_ids_do_not_mix():
     async with dht_nodes(["server", "server"], protocols=["/ocf/kad/1.0.0", "/ipfs/kad/1.0.0"]) as (a, b):
         link(a, b)
-        assert await a.find_closest(a.table.local_key) == []
+        assert await a.find_closest(a.host.peer_id.raw) == []
         assert a.stats["rpc_failures"] == 1
         assert b.host.peer_id not in a.table
 
@@ -76,10 +82,10 @@ async def test_mode_switch_registers_and_withdraws_the_protocol():
         a.set_mode("server")
         assert a.protocol in a.host.protocols
         link(b, a)
-        assert await b.find_closest(b.table.local_key) == [a.host.peer_id]
+        assert await b.find_closest(b.host.peer_id.raw) == [a.host.peer_id]
         a.set_mode("client")
         assert a.protocol not in a.host.protocols
-        assert await b.find_closest(b.table.local_key) == []
+        assert await b.find_closest(b.host.peer_id.raw) == []
         assert a.host.peer_id not in b.table
         with pytest.raises(ValueError):
             a.set_mode("auto")
@@ -97,3 +103,32 @@ def test_auto_mode_serves_when_reachable():
     # Once reachability is measured, it decides.
     assert choose_mode(Config(mode="standalone"), reachable=False) == "client"
     assert choose_mode(Config(mode="node"), reachable=True) == "server"
+
+
+async def test_network_joined_through_a_bootstrap_keeps_routing_after_it_leaves():
+    """20 servers with k = 3 join through one bootstrap node (self-lookup, bucket refresh); then it leaves.
+
+    A small k keeps tables partial (3 peers per bucket), so lookups take hops
+    through peers met while joining, not the bootstrap's list of everyone.
+    """
+    limits = attrs.evolve(QUIET, k=3, alpha=2)
+    net = MemoryNetwork()
+    async with dht_nodes(["server"] * 20, net=net, limits=limits, prefix="joiner") as nodes:
+        async with dht_nodes(["server"], net=net, limits=limits, prefix="boot") as (boot,):
+            for node in nodes:
+                link(node, boot)
+                await node.refresh()
+        for node in nodes:
+            node.table.remove(boot.host.peer_id)
+        assert all(len(node.table) >= limits.k for node in nodes)
+        rng = random.Random(1)
+        rpcs = []
+        for _ in range(8):
+            a, b = rng.sample(nodes, 2)
+            await a.host.disconnect(b.host.peer_id)
+            a.host.forget_addrs(b.host.peer_id)
+            a.addr_book.drop(b.host.peer_id)
+            before = a.stats["rpcs"]
+            assert await a.find_peer(b.host.peer_id) == [b.host.listen_addrs[0].without_p2p()]
+            rpcs.append(a.stats["rpcs"] - before)
+        assert max(rpcs) <= limits.max_queries

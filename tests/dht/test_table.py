@@ -7,7 +7,7 @@ import os
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ocf.dht.table import KEY_BITS, RoutingTable, common_prefix_len, distance, key_of, peer_key
+from ocf.dht.table import KEY_BITS, RoutingTable, common_prefix_len, distance, key_in_bucket, key_of, peer_key
 from ocf.identity import Identity, PeerId
 
 LOCAL = Identity.from_seed("table-local").peer_id
@@ -75,3 +75,10 @@ def test_closest_matches_brute_force(raws, target):
         table.closest(target, 10, exclude=expect[:1])
         == sorted(peers, key=lambda p: distance(peer_key(p), target))[1:11]
     )
+
+
+def test_key_in_bucket_lands_in_that_bucket():
+    table = RoutingTable(LOCAL)
+    for cpl in (0, 1, 5, 9):
+        key = key_in_bucket(table.local_key, cpl)
+        assert common_prefix_len(table.local_key, key_of(key)) == cpl

@@ -37,11 +37,13 @@ from ..transport.muxer import MuxedStream
 from . import server, wire
 from .limits import AddrBook, DhtLimits, PeerRateLimiter, checked_peer_id, parse_addrs
 from .lookup import Lookup
-from .table import RoutingTable, key_of
+from .table import RoutingTable, key_in_bucket, key_of
 
 log = logging.getLogger("ocf.dht")
 
 READ_CHUNK = 16 * 1024
+#: Buckets a refresh looks into (go-libp2p refreshes up to 15; deeper ones hold almost no peers below millions of nodes).
+REFRESH_BUCKETS = 12
 #: Found-by-lookup answers: a reply's entry for the target stops the lookup once one of its addresses dials.
 StopCheck = Callable[[PeerId, wire.Message], Awaitable[bool]]
 
@@ -152,7 +154,7 @@ class Dht:
             while self.limits.refresh_interval > 0:
                 # A self-lookup fills the buckets near us and makes servers we reach learn of us.
                 await self._nonempty.wait()
-                await self.find_closest(self.table.local_key)
+                await self.refresh()
                 await trio.sleep(self.limits.refresh_interval)
         finally:
             self.host.set_peer_resolver(None)
@@ -275,6 +277,20 @@ class Dht:
         """The (up to k) DHT servers closest to ``key`` that answered us."""
         async with self._lookups:
             return (await self.lookup(key)).closest()
+
+    async def refresh(self) -> None:
+        """Look ourselves up, then into each shallow bucket that is not full (as go-libp2p refreshes).
+
+        The self-lookup fills the buckets near us and lets the servers we
+        reach learn of us; the bucket lookups find peers for the far
+        buckets, which a self-lookup never visits.
+        """
+        await self.find_closest(self.host.peer_id.raw)
+        sizes = self.table.bucket_sizes()
+        depth = min(max(sizes, default=-1) + 1, REFRESH_BUCKETS)
+        for cpl in range(depth):
+            if sizes.get(cpl, 0) < self.limits.k:
+                await self.find_closest(key_in_bucket(self.table.local_key, cpl))
 
     async def find_peer(self, peer: PeerId) -> list[Multiaddr]:
         """Addresses of ``peer`` proved by connecting to it with its ID expected; [] if not found."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import os
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 
@@ -49,6 +50,19 @@ def common_prefix_len(a: bytes, b: bytes) -> int:
     return KEY_BITS - distance(a, b).bit_length()
 
 
+def key_in_bucket(local_key: bytes, cpl: int) -> bytes:
+    """A random lookup key (a sha256-style peer ID) whose position shares exactly ``cpl`` bits with ``local_key``.
+
+    Lookups send keys, which servers hash, so a key for a given bucket is
+    found by trying random ones: 2**(cpl+1) hashes on average, cheap for the
+    shallow buckets a refresh visits.
+    """
+    while True:
+        raw = b"\x12\x20" + os.urandom(32)
+        if common_prefix_len(local_key, key_of(raw)) == cpl:
+            return raw
+
+
 class RoutingTable:
     """Peers by bucket, least recently seen first; see the module docstring for the bounds."""
 
@@ -75,6 +89,9 @@ class RoutingTable:
 
     def _index(self, key: bytes) -> int:
         return min(common_prefix_len(self.local_key, key), KEY_BITS - 1)
+
+    def bucket_size(self, index: int) -> int:
+        return len(self._buckets[index])
 
     def bucket_sizes(self) -> dict[int, int]:
         """Non-empty buckets and their sizes (for /metrics and tests)."""
