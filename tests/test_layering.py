@@ -30,6 +30,8 @@ ALLOWED: dict[str, set[str]] = {
     "transport": FOUNDATION | {"identity", "config", "directsocket"},
     "httpstream": FOUNDATION | {"directsocket"},
     "web": FOUNDATION | {"httpstream"},
+    # Peer routing: serves and asks the DHT over the host's streams; knows no subsystem above it.
+    "dht": FOUNDATION | {"identity", "config", "transport"},
     # The subsystems: none imports another; each gets what it needs from the node, typed by ocf.ports.
     "nodetable": FOUNDATION | {"identity", "config", "store", "transport", "web"},
     "services": FOUNDATION | {"identity", "config", "httpstream"},

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .transport.pnet import NetworkKey
 
 MODES = ("standalone", "local", "node")
+DHT_MODES = ("client", "server", "auto")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -87,6 +88,10 @@ class Config:
     ws_max_message: int = 1 << 20
     message_timeout: float = 30.0
     refusal_log_interval: float = 10.0
+    # --- dht (Kademlia peer routing, ocf.dht) ---------------------------------------
+    dht: str = "auto"
+    dht_protocol: str = "/ocf/kad/1.0.0"
+    dht_query_rate: float = 10.0
     # --- node table ---------------------------------------------------------------
     verify_interval: float = 30.0
     stale_after: float = 600.0
@@ -207,6 +212,13 @@ def _split(value: Any) -> list[str]:
             items.extend(_split(v))
         return items
     return [part.strip() for part in str(value).split(",") if part.strip()]
+
+
+def _protocol_id(value: Any) -> str:
+    text = _str(value)
+    if not text.startswith("/") or len(text) > 128 or not text.isprintable() or " " in text:
+        raise ValueError(f"{text!r} is not a protocol ID like /ocf/kad/1.0.0")
+    return text
 
 
 def _bootstrap(value: Any) -> tuple[str, ...]:
@@ -572,6 +584,33 @@ SETTINGS: tuple[Setting, ...] = (
         "others (default: 10).",
         group="transport",
         metavar="SECONDS",
+    ),
+    Setting(
+        "dht",
+        "dht",
+        _choice(DHT_MODES),
+        "Kademlia DHT role: 'server' answers peer lookups for others, 'client' only asks; 'auto' serves when this "
+        "node is reachable (standalone nodes and nodes with --public-addr) (default: auto).",
+        group="dht",
+        metavar="{client,server,auto}",
+    ),
+    Setting(
+        "dht.protocol",
+        "dht_protocol",
+        _protocol_id,
+        "Kademlia protocol ID; the default keeps OCF networks apart from the public IPFS DHT, /ipfs/kad/1.0.0 joins "
+        "libp2p's standard one (default: /ocf/kad/1.0.0).",
+        group="dht",
+        metavar="ID",
+    ),
+    Setting(
+        "dht.query-rate",
+        "dht_query_rate",
+        _positive_float,
+        "Kademlia requests per second one peer may make of this node, with a burst of five times that; the rest are "
+        "refused (default: 10).",
+        group="dht",
+        metavar="PER_SECOND",
     ),
     Setting(
         "verify-interval",

@@ -35,6 +35,7 @@ from .store import Store
 from .version import __version__
 
 if TYPE_CHECKING:
+    from .dht import Dht
     from .gateway.server import Gateway
     from .jobs import Tracker
     from .nodetable import NodeTable
@@ -55,6 +56,7 @@ class Node:
     store: Store
     host: Host
     bootstrap: Bootstrapper
+    dht: Dht  # peer routing: the host asks it for the addresses of peers it has none for
     table: NodeTable
     services: Registrar
     jobs: Tracker | None
@@ -109,6 +111,8 @@ async def open_node(config: Config, memory_network: MemoryNetwork | None = None)
     """
     # Imported here, not at the top: ``import ocf`` (the CLI's worker and ping commands, embedders)
     # should not pay for the gateway's web stack and the tracker unless a node starts.
+    from .dht import open_dht
+    from .dht.metrics import DhtCollector
     from .gateway.app import GatewayParts
     from .gateway.server import open_gateway
     from .jobs import open_tracker
@@ -132,6 +136,7 @@ async def open_node(config: Config, memory_network: MemoryNetwork | None = None)
             # --- subsystems, in start order (each stops in reverse) -------------------------
             host = await stack.enter_async_context(open_host(identity, config, memory_network))
             bootstrap = await stack.enter_async_context(open_bootstrap(host, config))
+            dht = await stack.enter_async_context(open_dht(host, config))
             table = await stack.enter_async_context(open_nodetable(host, config, identity, store, __version__))
             services = await stack.enter_async_context(open_registrar(config.services, table))
             jobs = await stack.enter_async_context(open_tracker(config, store, services)) if config.jobs else None
@@ -145,7 +150,7 @@ async def open_node(config: Config, memory_network: MemoryNetwork | None = None)
                 }
 
             mounts = (
-                HttpMount(collectors=(TransportCollector(host),)),
+                HttpMount(collectors=(TransportCollector(host), DhtCollector(dht))),
                 nodetable_mount(table, host),
                 jobs_mount(jobs, max_body_size=config.max_body_size, request_timeout=config.request_timeout),
             )
@@ -158,6 +163,7 @@ async def open_node(config: Config, memory_network: MemoryNetwork | None = None)
                 store,
                 host,
                 bootstrap,
+                dht,
                 table,
                 services,
                 jobs,

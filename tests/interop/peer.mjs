@@ -37,13 +37,29 @@ if (swarmKeyFile) {
   privateNetwork.connectionProtector = preSharedKey({ psk: new Uint8Array(readFileSync(swarmKeyFile)) })
 }
 
+// OCF_JS_DHT=server|client: run @libp2p/kad-dht on OCF_JS_DHT_PROTOCOL (default /ipfs/kad/1.0.0).
+// Loopback addresses are kept (passthroughMapper): the interop tests run on 127.0.0.1.
+const dhtMode = process.env.OCF_JS_DHT
+const dhtServices = {}
+let peerIdFromString
+if (dhtMode) {
+  const { kadDHT, passthroughMapper } = await import('@libp2p/kad-dht')
+  ;({ peerIdFromString } = await import('@libp2p/peer-id'))
+  dhtServices.dht = kadDHT({
+    protocol: process.env.OCF_JS_DHT_PROTOCOL || '/ipfs/kad/1.0.0',
+    clientMode: dhtMode === 'client',
+    peerInfoMapper: passthroughMapper,
+    allowQueryWithZeroPeers: false
+  })
+}
+
 const node = await createLibp2p({
   ...privateNetwork,
   addresses: { listen: ['/ip4/127.0.0.1/tcp/0', '/ip4/127.0.0.1/tcp/0/ws'] },
   transports: [tcp(), webSockets()],
   connectionEncrypters: [noise()],
   streamMuxers: [yamux()],
-  services: { ping: ping(), identify: identify() },
+  services: { ping: ping(), identify: identify(), ...dhtServices },
   connectionGater: { denyDialMultiaddr: async () => false }
 })
 
@@ -112,6 +128,27 @@ const commands = {
       throw new Error(`echo mismatch: sent ${bytes} bytes, got ${total}`)
     }
     return { bytes: total, seconds, sha256: createHash('sha256').update(back).digest('hex') }
+  },
+  async dial ({ addr }) {
+    const conn = await node.dial(multiaddr(addr))
+    return { peerId: conn.remotePeer.toString() }
+  },
+  async dhtFindPeer ({ peerId }) {
+    const info = await node.peerRouting.findPeer(peerIdFromString(peerId), { signal: AbortSignal.timeout(20000) })
+    return { peerId: info.id.toString(), addrs: info.multiaddrs.map(String) }
+  },
+  async peerStoreAddrs ({ peerId }) {
+    try {
+      const peer = await node.peerStore.get(peerIdFromString(peerId))
+      return { addrs: peer.addresses.map(({ multiaddr }) => String(multiaddr)) }
+    } catch (err) {
+      if (err.name === 'NotFoundError') return { addrs: [] }
+      throw err
+    }
+  },
+  async dhtTable () {
+    const table = node.services.dht.routingTable
+    return { size: table.size }
   },
   async peers () {
     return { peers: node.getPeers().map(String) }

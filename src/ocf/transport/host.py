@@ -76,6 +76,10 @@ from .tcp import RawConn, TcpTransport, is_tcp_addr
 log = logging.getLogger("ocf.transport")
 
 StreamHandler = Callable[[MuxedStream], Awaitable[None]]
+#: Asked for a peer's addresses when a stream is wanted and none is known (the DHT answers).
+PeerResolver = Callable[[PeerId], Awaitable[Sequence[Multiaddr]]]
+#: Told what identify learned about a peer (the DHT learns which peers serve it).
+IdentifyListener = Callable[[PeerId, "PeerInfo"], None]
 
 SUBSCRIBER_QUEUE = 1024
 MAX_OPERATOR_ADDRS = 1024  # addresses the operator gave us, remembered as trusted for redials
@@ -178,6 +182,8 @@ class Host:
         if config.public_addr:
             self.dial_policy.note_home(config.public_addr)
         self._info: dict[PeerId, PeerInfo] = {}
+        self._resolver: PeerResolver | None = None
+        self.identify_listeners: list[IdentifyListener] = []
         self._subscribers: set[trio.MemorySendChannel[PeerEvent]] = set()
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -207,6 +213,10 @@ class Host:
     @property
     def protocols(self) -> list[str]:
         return list(self._handlers)
+
+    def set_peer_resolver(self, resolver: PeerResolver | None) -> None:
+        """Where to look up a peer with no known address before giving up on it (e.g. the DHT)."""
+        self._resolver = resolver
 
     # --- peers -------------------------------------------------------------------------------
 
@@ -612,6 +622,14 @@ class Host:
             if conn is not None:
                 return conn
         addrs = self.peer_addrs(peer)
+        if not addrs and self._resolver is not None:
+            # The resolver may connect while it looks (that proves the addresses); what
+            # it returns are learned addresses, judged by the dial policy like any other.
+            self.add_addrs(peer, await self._resolver(peer))
+            conn = self._usable(peer)
+            if conn is not None:
+                return conn
+            addrs = self.peer_addrs(peer)
         if not addrs:
             raise PeerUnreachable(f"peer {peer.short()} is not connected and no address is known")
         reasons = []
