@@ -288,6 +288,20 @@ class NoProviderAvailable(GatewayRequestError):
         super().__init__(message, code=code, headers={"Retry-After": str(retry_after)})
 
 
+class StoreUnavailable(GatewayRequestError):
+    """The job tracker's database cannot be reached (down, restarting); ``Retry-After`` says when to retry.
+
+    Never a 404 or a 500: the worker's token and jobs are still valid, and
+    the same request succeeds once the database is back.
+    """
+
+    status = 503
+    code = "store_unavailable"
+
+    def __init__(self, message: str, *, retry_after: int = 2, code: str | None = None) -> None:
+        super().__init__(message, code=code, headers={"Retry-After": str(retry_after)})
+
+
 class ForwardTimeout(GatewayRequestError):
     """The provider did not answer within ``request_timeout``."""
 

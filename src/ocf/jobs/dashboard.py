@@ -52,7 +52,7 @@ def read_asset(name: str) -> bytes:
     return resources.files("ocf.jobs").joinpath("static", name).read_bytes()
 
 
-def page_status() -> int:
+async def page_status() -> int:
     """200 if the page has something to show, 404 if it can only explain why not."""
     node = current_app.extensions["ocf.node"]
     if node.jobs is None:
@@ -60,7 +60,7 @@ def page_status() -> int:
     name = request.args.get("project")
     if name:
         try:
-            node.jobs.store.project(name)
+            await node.jobs.project(name)
         except NotFound:
             return 404
     return 200
@@ -76,9 +76,13 @@ def asset_response(name: str, content_type: str, status: int = 200) -> Response:
 
 @blueprint.get("/dashboard")
 async def dashboard() -> Response:
-    status = page_status()
+    status = await page_status()
     node = current_app.extensions["ocf.node"]
-    page = firstview.render(read_asset(PAGE).decode(), node.jobs, request.args.get("project") or None)
+    template, wanted = read_asset(PAGE).decode(), request.args.get("project") or None
+    if node.jobs is None:
+        page = firstview.render(template, None, wanted)
+    else:
+        page = await node.jobs.read(lambda store: firstview.render(template, node.jobs, wanted))
     response = Response(page, status=status, content_type="text/html; charset=utf-8")
     response.headers.update(SECURITY_HEADERS)
     response.headers["Cache-Control"] = "no-cache"
