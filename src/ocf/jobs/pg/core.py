@@ -38,7 +38,7 @@ T = TypeVar("T")
 RETRIES = 5
 RETRY_AFTER = 2
 CONNECT_TIMEOUT = 5
-POOL_TIMEOUT = 5.0
+POOL_TIMEOUT = 2.0  # a request waits this long for a connection before its 503
 RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
 
 
