@@ -132,7 +132,9 @@ class PgCore:
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
         """Run many operations in one transaction and one commit (group commit), each in a savepoint."""
-        with self._errors(), self.pool.connection() as conn:
+        # Pipeline mode: a statement whose result nobody reads (an UPDATE, a SAVEPOINT) travels
+        # with the next one that is read, so a batch costs few round trips to the server.
+        with self._errors(), self.pool.connection() as conn, conn.pipeline():
             with conn.transaction():
                 state = BatchState()
                 self._batch = (None, conn, state)
@@ -281,10 +283,18 @@ class PgCore:
                 f"{what} is {size} bytes of JSON; the limit is {self.max_payload}", code="payload_too_large"
             )
 
-    def _ids(self, tx: PgTx, name: str, count: int) -> list[int]:
-        pid = self._project_entry(name)[1]
-        rows = tx.execute(f"SELECT nextval('{id_sequence(pid)}') FROM generate_series(1, %s)", (count,)).fetchall()
-        return sorted(r[0] for r in rows)
+    def _ids(self, tx: PgTx, name: str, count: int, *, reserve: int = 0) -> list[int]:
+        """``count`` new job ids; ``reserve`` more are kept for this operation's next calls (one round trip)."""
+        spare = tx.spare_ids.setdefault(name, [])
+        if len(spare) < count:
+            pid = self._project_entry(name)[1]
+            wanted = count - len(spare) + reserve
+            rows = tx.execute(
+                f"SELECT nextval('{id_sequence(pid)}') FROM generate_series(1, %s)", (wanted,)
+            ).fetchall()
+            spare.extend(sorted(r[0] for r in rows))
+        ids, tx.spare_ids[name] = spare[:count], spare[count:]
+        return ids
 
 
 def describe(exc: BaseException) -> str:

@@ -170,6 +170,10 @@ class PgOps(PgMachine):
                     except BadRequest:
                         pass
             tx.prefetch(name, ids)  # one statement, rows locked in id order
+            stages = {job["stage"] for job in (tx.job(name, i) for i in ids) if job is not None}
+            if len(stages) == 1 and stages.pop() < len(project.stages) - 1:
+                # Each completion makes (at least) one next-stage job: take their ids in one round trip.
+                self._ids(tx, name, 0, reserve=len(ids))
             for item in items:
                 try:
                     if not isinstance(item, dict) or "id" not in item:

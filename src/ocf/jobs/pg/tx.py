@@ -51,10 +51,6 @@ def row_to_job(row: tuple[Any, ...]) -> Record:
     return job
 
 
-def _extra(job: Record) -> Json:
-    return jsonb({k: v for k, v in job.items() if k not in COLUMN_KEYS})
-
-
 class BatchState:
     """What a group commit accumulates from its operations, applied once before the commit."""
 
@@ -132,8 +128,12 @@ class BatchState:
         for project, results in per_project.items():
             last = totals[(project, "results")]
             for offset, result in enumerate(results):
-                rows.append((project, last - len(results) + 1 + offset, jsonb(result)))
-        cur.executemany(f"INSERT INTO {PREFIX}results (project, seq, rec) VALUES (%s, %s, %s)", rows)
+                rows.append((project, last - len(results) + 1 + offset, dumps(result)))
+        cur.execute(
+            f"""INSERT INTO {PREFIX}results (project, seq, rec)
+                SELECT p, s, r::json FROM unnest(%s::text[], %s::bigint[], %s::text[]) AS t(p, s, r)""",
+            ([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]),
+        )
 
 
 class PgTx:
@@ -144,6 +144,8 @@ class PgTx:
         self.write = write
         self.lock = " FOR UPDATE" if write else ""
         self.deltas = BatchState()
+        #: Job ids taken from a project's sequence in advance, for the children a batch of completions makes.
+        self.spare_ids: dict[str, list[int]] = {}
         self._jobs: dict[tuple[str, int], Record | None] = {}
         self._dirty_jobs: dict[tuple[str, int], Record] = {}
         self._new_jobs: list[tuple[str, Record]] = []
@@ -231,85 +233,80 @@ class PgTx:
     # --- writing back ----------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Write new and changed rows; a pending job without ``qseq`` is (re)queued at the tail."""
+        """Write new and changed rows, one statement each kind; a pending job without ``qseq`` joins its queue's tail.
+
+        Statements whose results nobody reads: in the batch's pipeline they travel
+        with the next statement that is read, not in round trips of their own.
+        """
         new_keys = {(p, job["id"]) for p, job in self._new_jobs}
         if self._new_jobs:
             self.deltas.wrote = True
-            count = len(self._new_jobs)
-            qseqs = [
-                r[0]
-                for r in self.execute(
-                    f"SELECT nextval('{PREFIX}qseq') FROM generate_series(1, %s)", (count,)
-                ).fetchall()
-            ]
-            with self.conn.cursor().copy(
-                f"COPY {PREFIX}jobs (project, id, stage, state, qseq, attempts, parent, root, input, extra) FROM STDIN"
-            ) as copy:
-                for (project, job), qseq in zip(self._new_jobs, qseqs):
-                    if job["state"] == "pending":
-                        job["qseq"] = qseq
-                    copy.write_row(
-                        (
-                            project,
-                            job["id"],
-                            job["stage"],
-                            job["state"],
-                            job.get("qseq"),
-                            job["attempts"],
-                            job["parent"],
-                            job["root"],
-                            dumps(job["input"]),
-                            dumps({k: v for k, v in job.items() if k not in COLUMN_KEYS}),
-                        )
-                    )
+            rows = self._new_jobs
+            self.execute(
+                f"""INSERT INTO {PREFIX}jobs (project, id, stage, state, qseq, attempts, parent, root, input, extra)
+                    SELECT p, i, s, st, CASE WHEN st = 'pending' THEN nextval('{PREFIX}qseq') END, 0, par, r,
+                        inp::json, ex::json
+                    FROM unnest(%s::text[], %s::bigint[], %s::smallint[], %s::text[], %s::bigint[], %s::bigint[],
+                        %s::text[], %s::text[]) WITH ORDINALITY AS t(p, i, s, st, par, r, inp, ex, n)
+                    ORDER BY n""",
+                (
+                    [p for p, _ in rows],
+                    [j["id"] for _, j in rows],
+                    [j["stage"] for _, j in rows],
+                    [j["state"] for _, j in rows],
+                    [j["parent"] for _, j in rows],
+                    [j["root"] for _, j in rows],
+                    [dumps(j["input"]) for _, j in rows],
+                    [dumps({k: v for k, v in j.items() if k not in COLUMN_KEYS}) for _, j in rows],
+                ),
+            )
             self._new_jobs = []
         dirty = [(p, j) for (p, jid), j in self._dirty_jobs.items() if (p, jid) not in new_keys]
         if dirty:
             self.deltas.wrote = True
-            with self.conn.cursor() as cur:
-                cur.executemany(
-                    f"""UPDATE {PREFIX}jobs SET state = %s,
-                        qseq = CASE WHEN %s = 'pending' THEN COALESCE(%s::bigint, nextval('{PREFIX}qseq')) END,
-                        worker = %s, lease_expires = %s, attempts = %s, input = %s, extra = %s
-                        WHERE project = %s AND id = %s""",
-                    [
-                        (
-                            job["state"],
-                            job["state"],
-                            job.get("qseq"),
-                            job.get("worker"),
-                            job.get("lease_expires"),
-                            job["attempts"],
-                            jsonb(job["input"]),
-                            _extra(job),
-                            project,
-                            job["id"],
-                        )
-                        for project, job in dirty
-                    ],
-                )
+            self.execute(
+                f"""UPDATE {PREFIX}jobs j SET state = u.st,
+                        qseq = CASE WHEN u.st = 'pending' THEN COALESCE(u.q, nextval('{PREFIX}qseq')) END,
+                        worker = u.w, lease_expires = u.e, attempts = u.a, input = u.inp::json, extra = u.ex::json
+                    FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::bigint[], %s::text[], %s::float8[],
+                        %s::int[], %s::text[], %s::text[]) AS u(p, i, st, q, w, e, a, inp, ex)
+                    WHERE j.project = u.p AND j.id = u.i""",
+                (
+                    [p for p, _ in dirty],
+                    [j["id"] for _, j in dirty],
+                    [j["state"] for _, j in dirty],
+                    [j.get("qseq") for _, j in dirty],
+                    [j.get("worker") for _, j in dirty],
+                    [j.get("lease_expires") for _, j in dirty],
+                    [j["attempts"] for _, j in dirty],
+                    [dumps(j["input"]) for _, j in dirty],
+                    [dumps({k: v for k, v in j.items() if k not in COLUMN_KEYS}) for _, j in dirty],
+                ),
+            )
             # A requeued job's new qseq is the database's; forget our copy rather than guess it.
             for project, job in dirty:
                 if job["state"] == "pending" and job.get("qseq") is None:
                     self._jobs.pop((project, job["id"]), None)
         self._dirty_jobs = {}
-        if self._new_workers:
+        new_workers = {(p, w["token"]) for p, w in self._new_workers}
+        for project, worker in self._new_workers:
             self.deltas.wrote = True
-            with self.conn.cursor() as cur:
-                cur.executemany(
-                    f"INSERT INTO {PREFIX}workers (project, token, name, rec) VALUES (%s, %s, %s, %s)",
-                    [(p, w["token"], w["name"], jsonb(w)) for p, w in self._new_workers],
-                )
-            new_workers = {(p, w["token"]) for p, w in self._new_workers}
-            self._new_workers = []
-        else:
-            new_workers = set()
+            self.execute(
+                f"INSERT INTO {PREFIX}workers (project, token, name, rec) VALUES (%s, %s, %s, %s)",
+                (project, worker["token"], worker["name"], jsonb(worker)),
+            )
+        self._new_workers = []
         dirty_workers = [(key[0], w) for key, w in self._dirty_workers.items() if key not in new_workers]
         if dirty_workers:
             self.deltas.wrote = True
-            with self.conn.cursor() as cur:
-                cur.executemany(
-                    f"UPDATE {PREFIX}workers SET rec = %s WHERE project = %s AND token = %s",
-                    [(jsonb(w), p, w["token"]) for p, w in dirty_workers],
-                )
+            self.execute(
+                f"""UPDATE {PREFIX}workers w SET rec = u.rec::json
+                    FROM unnest(%s::text[], %s::text[], %s::text[]) AS u(p, t, rec)
+                    WHERE w.project = u.p AND w.token = u.t""",
+                (
+                    [p for p, _ in dirty_workers],
+                    [w["token"] for _, w in dirty_workers],
+                    [dumps(w) for _, w in dirty_workers],
+                ),
+            )
         self._dirty_workers = {}
