@@ -41,6 +41,7 @@ MAX_REAPER_SLEEP = 5.0
 MAX_CLAIM_WAIT = 60.0
 CREATE_CHUNK = 2000
 CHECK_SLICE = 1000
+PARALLEL_BATCHES = 4  # PostgreSQL batches in flight at once per node
 READ_THREADS = 4  # concurrent PostgreSQL reads (dashboard, reports) per node
 STORE_RETRY = 2.0  # seconds the reaper waits before trying an unreachable database again
 SNAPSHOT_INTERVAL = 5.0  # seconds between refreshes of the /metrics counts of a blocking store
@@ -144,8 +145,8 @@ class Tracker:
         self._wake()
 
     def notify(self) -> None:
-        # Called between batches only (the writer thread is idle then): it swaps the store's
-        # set of enqueued stages, which the writer fills while a batch runs.
+        # Swaps the store's set of enqueued stages, which a batch fills as it runs: between batches
+        # for LMDB (its writer thread is idle then); the PostgreSQL store guards the swap with a lock.
         for key in self.store.take_enqueued():
             event = self._stage_events.pop(key, None)
             if event is not None:
@@ -243,6 +244,9 @@ class Tracker:
                 op.error = exc
 
     async def run_committer(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        if self.blocking:
+            await self._run_parallel_committer(task_status)
+            return
         self._committer = trio.lowlevel.current_task()
         writer = self._writer = WriterThread()
         self.store.yield_gil = _release_gil
@@ -269,6 +273,47 @@ class Tracker:
                 op.error = RuntimeError("job tracker stopped")
                 op.done.set()
             writer.close()
+
+    async def _run_parallel_committer(self, task_status: Any) -> None:
+        """Group commit for a networked store: up to ``PARALLEL_BATCHES`` batches in flight at once.
+
+        A PostgreSQL batch spends most of its time waiting for round trips, not
+        for a disk or a lock, so while one waits another can run on its own
+        connection (the database orders them with row locks, as it does the
+        batches of other nodes). A batch starts when a writer is free and takes
+        every operation queued by then, so under load batches grow instead of queueing.
+        """
+        self._committer = trio.lowlevel.current_task()
+        writers = trio.CapacityLimiter(PARALLEL_BATCHES)
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    await self._work.wait()
+                    self._work = trio.Event()
+                    borrower = object()
+                    await writers.acquire_on_behalf_of(borrower)
+                    await trio.lowlevel.checkpoint()  # requests made runnable by the same I/O join this batch
+                    ops, self._queue = [op for op in self._queue if not op.abandoned], []
+                    if not ops:
+                        writers.release_on_behalf_of(borrower)
+                        continue
+                    nursery.start_soon(self._commit_in_thread, ops, writers, borrower)
+        finally:
+            self._committer = None
+            for op in self._queue:
+                op.error = RuntimeError("job tracker stopped")
+                op.done.set()
+
+    async def _commit_in_thread(self, ops: list[_Op[Any]], writers: trio.CapacityLimiter, borrower: object) -> None:
+        try:
+            # Not cancellable once handed over: the thread finishes (commits or rolls back) first.
+            await trio.to_thread.run_sync(self._run_batch, ops)
+        finally:
+            writers.release_on_behalf_of(borrower)
+        self.notify()
+        for op in ops:
+            op.done.set()
 
     async def create_project(self, name: str, body: Any) -> Any:
         now = self.clock()

@@ -80,7 +80,7 @@ class PgCore:
         default_lease: float = 600.0,
         worker_timeout: float = 3600.0,
         flag_per_worker: bool = False,
-        pool_size: int = 8,
+        pool_size: int = 12,
         node: str = "",
     ) -> None:
         check_connection(url)
@@ -104,8 +104,9 @@ class PgCore:
             name="ocf-jobs",
         )
         self._projects: dict[str, tuple[Project, int]] = {}
-        self._batch: tuple[PgTx | None, psycopg.Connection[Any], BatchState] | None = None
-        self._batch_thread: int | None = None
+        # Several batches may run at once (one per writer thread, each its own connection and transaction).
+        self._local = threading.local()
+        self._enqueued_lock = threading.Lock()
         self._enqueued: Enqueued = set()
         self._firsts: set[tuple[str, int]] = set()
         self.retries = 0  # operations retried after a deadlock or serialization failure
@@ -137,13 +138,11 @@ class PgCore:
         with self._errors(), self.pool.connection() as conn, conn.pipeline():
             with conn.transaction():
                 state = BatchState()
-                self._batch = (None, conn, state)
-                self._batch_thread = threading.get_ident()
+                self._local.batch = (conn, state)
                 try:
                     yield
                 finally:
-                    self._batch = None
-                    self._batch_thread = None
+                    self._local.batch = None
                 self._finish(conn, state)
             self._committed(state)
 
@@ -156,13 +155,14 @@ class PgCore:
             conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
 
     def _committed(self, state: BatchState) -> None:
-        self._enqueued |= state.enqueued
+        with self._enqueued_lock:
+            self._enqueued |= state.enqueued
         self._firsts.update(state.firsts)
 
     def _write(self, op: Callable[[PgTx], T]) -> T:
-        batch = self._batch if self._batch_thread == threading.get_ident() else None
+        batch: tuple[psycopg.Connection[Any], BatchState] | None = getattr(self._local, "batch", None)
         if batch is not None:
-            _, conn, state = batch
+            conn, state = batch
             with self._errors():
                 for attempt in range(RETRIES + 1):
                     tx = PgTx(conn, write=True)
@@ -204,7 +204,8 @@ class PgCore:
                 return op(PgTx(conn, write=False))
 
     def take_enqueued(self) -> Enqueued:
-        enqueued, self._enqueued = self._enqueued, set()
+        with self._enqueued_lock:
+            enqueued, self._enqueued = self._enqueued, set()
         return enqueued
 
     def first_known(self, project: str, stage: int) -> bool:
@@ -289,9 +290,7 @@ class PgCore:
         if len(spare) < count:
             pid = self._project_entry(name)[1]
             wanted = count - len(spare) + reserve
-            rows = tx.execute(
-                f"SELECT nextval('{id_sequence(pid)}') FROM generate_series(1, %s)", (wanted,)
-            ).fetchall()
+            rows = tx.execute(f"SELECT nextval('{id_sequence(pid)}') FROM generate_series(1, %s)", (wanted,)).fetchall()
             spare.extend(sorted(r[0] for r in rows))
         ids, tx.spare_ids[name] = spare[:count], spare[count:]
         return ids
