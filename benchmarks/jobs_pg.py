@@ -108,19 +108,19 @@ def compare_stores(args: Any) -> None:
                 for node in nodes:
                     node.stop()
             base = results["LMDB, one node"]["e2e"]
-            per_job = r["e2e"] * 3  # each end-to-end job is 3 job-stages
+            stages_done = max(r["cycles"], 1.0)  # job-stage completions per second
+            note = f"ocf {r['server_cpu'] / stages_done * 1e6:.0f} us CPU/job-stage ({r['server_cpu'] * 100:.0f}% core)"
+            if store:
+                pg_cpu = r["extra_cpu"]
+                note += f", postgres {pg_cpu / stages_done * 1e6:.0f} us CPU/job-stage ({pg_cpu * 100:.0f}% core)"
+            if r["errors"]:
+                note += f"; {r['errors']} errors"
             rows.append(
                 (
                     f"{label}: {args.workers} workers, batch {batch}, complete+claim",
                     f"{r['e2e']:8.0f} jobs/s",
-                    f"{r['e2e'] / base:.2f}",
-                    f"ocf {r['server_cpu'] / max(per_job, 1) * 1e6:.0f} us CPU/job-stage ({r['server_cpu'] * 100:.0f}% core)"
-                    + (
-                        f", postgres {r['extra_cpu'] / max(per_job, 1) * 1e6:.0f} us CPU/job-stage ({r['extra_cpu'] * 100:.0f}% core)"
-                        if store
-                        else ""
-                    )
-                    + (f"; {r['errors']} errors" if r["errors"] else ""),
+                    f"{r['e2e'] / base:.2f}" if base else "-",
+                    f"{r['cycles']:.0f} job-stages/s; {note}",
                 )
             )
         two = results["PostgreSQL, two nodes"]["e2e"]

@@ -10,6 +10,7 @@ is an error naming ``tests/setup-external.sh``, never a skip.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -131,10 +132,8 @@ class Cluster:
         os.kill(pid, signal.SIGKILL)
         # Backends of a killed postmaster hold its shared memory until they exit: a restart waits for them.
         for child in children:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()
-            except psutil.NoSuchProcess:
-                pass
         psutil.wait_procs(children, timeout=10)
 
     def stop(self) -> None:

@@ -288,15 +288,11 @@ class NoProviderAvailable(GatewayRequestError):
         super().__init__(message, code=code, headers={"Retry-After": str(retry_after)})
 
 
-class StoreUnavailable(GatewayRequestError):
-    """The job tracker's database cannot be reached (down, restarting); ``Retry-After`` says when to retry.
-
-    Never a 404 or a 500: the worker's token and jobs are still valid, and
-    the same request succeeds once the database is back.
-    """
+class ServiceUnavailable(GatewayRequestError):
+    """This node cannot serve the request now (its tracker's database is down); ``Retry-After`` says when to retry."""
 
     status = 503
-    code = "store_unavailable"
+    code = "unavailable"
 
     def __init__(self, message: str, *, retry_after: int = 2, code: str | None = None) -> None:
         super().__init__(message, code=code, headers={"Retry-After": str(retry_after)})
@@ -314,6 +310,95 @@ class LoopDetected(GatewayRequestError):
 
     status = 508
     code = "loop_detected"
+
+
+# --- job tracker (domain errors: the HTTP edge maps them to a status, see ocf.jobs.edge) -------
+
+
+class JobsError(OcfError):
+    """The job tracker refuses an operation.
+
+    Domain code raises these, never an HTTP status: the tracker is driven by
+    HTTP routes, by PostgreSQL or LMDB stores and by tests alike, and only the
+    edge (:mod:`ocf.jobs.edge`) decides what a client is told. ``kind`` is the
+    category the edge maps (one table); ``code`` is the stable machine-readable
+    reason clients see (``unknown_job``, ``lease_lost``...).
+    """
+
+    kind = "invalid"
+    code = "invalid_request"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class InvalidJobRequest(JobsError):
+    """An argument is malformed or out of range (a bad job id, limit, stage or project definition)."""
+
+
+class ProjectNotFound(JobsError):
+    """No project of that name (the message does not list the others)."""
+
+    kind = "not_found"
+    code = "unknown_project"
+
+
+class JobNotFound(JobsError):
+    """The project has no job with that id."""
+
+    kind = "not_found"
+    code = "unknown_job"
+
+
+class WorkerNotFound(JobsError):
+    """The worker token (or name) is unknown, or the worker timed out and must register again."""
+
+    kind = "not_found"
+    code = "unknown_worker"
+
+
+class JobsConflict(JobsError):
+    """The operation contradicts the tracker's current state."""
+
+    kind = "conflict"
+    code = "conflict"
+
+
+class ProjectExists(JobsConflict):
+    """A project of that name exists with a different definition."""
+
+    code = "project_exists"
+
+
+class LeaseNotHeld(JobsConflict):
+    """The worker no longer holds the job's lease (expired, completed by another, rolled back)."""
+
+    code = "lease_lost"
+
+
+class JobsPayloadTooLarge(JobsError):
+    """An input or output exceeds the tracker's payload limit (or a fan-out has too many elements)."""
+
+    kind = "too_large"
+    code = "payload_too_large"
+
+
+class StoreUnavailable(JobsError):
+    """The tracker's database cannot be reached (down, restarting): the edge answers 503 with ``Retry-After``.
+
+    Never a 404 or a 500: the worker's token and jobs are still valid, and the
+    same request succeeds once the database is back.
+    """
+
+    kind = "unavailable"
+    code = "store_unavailable"
+
+    def __init__(self, message: str, *, retry_after: int = 2, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
 
 
 class BridgeError(OcfError):

@@ -68,7 +68,8 @@ def test_client_parses_chunked_response_and_skips_100_continue():
     c.request(b"GET", b"/", [], content_length=0)
     c.end()
     events = c.feed(
-        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: "
+        b"chunked\r\n\r\n"
     )
     assert events == [
         ResponseHead(200, [(b"content-type", b"text/event-stream"), (b"transfer-encoding", b"chunked")], b"OK")

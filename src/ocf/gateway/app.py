@@ -13,7 +13,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from ..errors import GatewayRequestError
-from .errors import error_response, exception_response
+from ..web.errors import error_response, exception_response
 from .health import blueprint as health_blueprint
 
 if TYPE_CHECKING:

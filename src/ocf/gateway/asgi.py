@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from ..errors import GatewayRequestError, MethodNotAllowed, NotFound, UnsupportedMediaType
 from ..httpstream.bridge import get_header
 from . import router
-from .errors import send_asgi_error
+from ..web.errors import send_asgi_error
 from .router import Route
 
 if TYPE_CHECKING:

@@ -23,7 +23,7 @@ from ..httpstream.bridge import ClientBridge
 from ..httpstream.client import Response, exchange
 from ..httpstream.pool import ConnectionPool, IdlePool
 from .access import strip_credentials
-from .asgi_io import RequestBody
+from ..web.asgi import RequestBody
 
 if TYPE_CHECKING:
     from ..transport.muxer import MuxedStream

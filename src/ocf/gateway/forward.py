@@ -16,7 +16,7 @@ what Quart's request/response wrappers take away:
   network crosses two gateways.
 
 This module is the orchestration: which family, limits, timeouts, retry.
-The pieces are elsewhere: the client's side in :mod:`ocf.gateway.asgi_io`,
+The pieces are elsewhere: the client's side in :mod:`ocf.web.asgi`,
 provider choice in :mod:`ocf.gateway.routing` (pure functions) fed by
 :mod:`ocf.gateway.providers` (table snapshot, liveness, peer streams), the
 exchange with the next hop in :mod:`ocf.gateway.exchange`, and the models
@@ -25,6 +25,7 @@ list in :mod:`ocf.gateway.models`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -50,8 +51,8 @@ from ..httpstream.bridge import get_header
 from ..httpstream.pool import ConnectionPool
 from ..services.registrar import LLM_SERVICE
 from . import routing
-from .asgi_io import ClientGone, Receive, RequestBody, Responder, Send
-from .errors import ERROR_CODE_NAME, send_asgi_error
+from ..web.asgi import ClientGone, Receive, RequestBody, Responder, Send
+from ..web.errors import ERROR_CODE_NAME, send_asgi_error
 from .exchange import (
     HOPS_HEADER,
     IDENTITY_HEADER,
@@ -72,11 +73,10 @@ if TYPE_CHECKING:
     from .metrics import GatewayMetrics
     from .router import Route
 
-__all__ = ["LIBP2P_HTTP", "Forwarder", "RequestBody", "Responder", "_ClientGone"]
+__all__ = ["LIBP2P_HTTP", "Forwarder"]
 
 log = logging.getLogger("ocf.gateway")
 
-_ClientGone = ClientGone  # the name the tracker's hot routes import
 COMPUTING_NODE_HEADER = b"x-computing-node"
 MAX_HOPS = 8
 #: Error codes of ours that mean "the provider did nothing with the request": safe to try another.
@@ -144,10 +144,8 @@ class Forwarder:
             log.warning(
                 "forward failed %s", logfmt.kv(path=scope["path"], status=exc.status, code=exc.code, reason=exc.message)
             )
-        try:
+        with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):  # the client is gone
             await send_asgi_error(responder, exc)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):  # pragma: no cover - client gone
-            pass
 
     async def _dispatch(self, route: Route, scope: dict, receive: Receive, responder: Responder) -> None:
         hops = _hops(scope)
@@ -375,7 +373,8 @@ class Forwarder:
         if reached:
             raise ProviderFailed(f"provider(s) of '{name}' failed before answering{which}", code="provider_failed")
         raise NoProviderAvailable(
-            f"{len(candidates)} provider(s) of '{name}' match this request but none is reachable and healthy right now{which}",
+            f"{len(candidates)} provider(s) of '{name}' match this request but none is reachable and healthy right "
+            f"now{which}",
             retry_after=5,
         )
 
@@ -451,6 +450,7 @@ def _parse_json(data: bytes) -> Any:
         return json.loads(data)
     except (ValueError, UnicodeDecodeError):
         raise BadRequest(
-            "the request body is not JSON, so it names no model; send JSON or an X-OCF-Identity-Group: key=value header",
+            "the request body is not JSON, so it names no model;"
+            " send JSON or an X-OCF-Identity-Group: key=value header",
             code="no_routable_identity",
         ) from None

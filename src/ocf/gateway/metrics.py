@@ -145,7 +145,7 @@ class _GatewayCollector(Collector):
         )
         for kind, histogram in list(m.latencies.items()):
             cumulative, buckets = 0, []
-            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), histogram.counts):
+            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), histogram.counts, strict=True):
                 cumulative += count
                 buckets.append((floatToGoString(bound), cumulative))
             latency.add_metric([kind], buckets, histogram.total)

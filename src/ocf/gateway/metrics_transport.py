@@ -28,7 +28,8 @@ class TransportCollector(Collector):
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         usage = GaugeMetricFamily(
             "ocf_transport_resource_usage",
-            "Transport resources in use, by scope (system; peer_max and ip_max: the largest over live peers/addresses) and resource.",
+            "Transport resources in use, by scope (system; peer_max and ip_max: the largest over live peers/addresses) "
+            "and resource.",
             labels=["scope", "resource"],
         )
         limits = GaugeMetricFamily(

@@ -23,7 +23,6 @@ from __future__ import annotations
 import email.utils
 import http
 import time
-from typing import Union
 from collections.abc import Iterable, Sequence
 from urllib.parse import unquote
 
@@ -128,8 +127,8 @@ class Closed:
 END = EndOfMessage()
 CLOSED = Closed()
 
-ClientEvent = Union[ResponseHead, Data, EndOfMessage]
-ServerEvent = Union[RequestHead, Data, EndOfMessage, Closed]
+ClientEvent = ResponseHead | Data | EndOfMessage
+ServerEvent = RequestHead | Data | EndOfMessage | Closed
 
 
 # --- header helpers -------------------------------------------------------------------

@@ -126,7 +126,7 @@ class Buffer:
         return data[pos : end - 1]
 
     def head(self, limit: int, *, skip_blank_lines: bool) -> tuple[bytes, bytes] | None:
-        """(start line, header lines each ending in a line break) of a complete head, or None if its end has not arrived."""
+        """(start line, header lines each ending in a line break) of a complete head, or None before its end."""
         data, pos = self.data, self.pos
         if skip_blank_lines:
             while data.startswith(b"\r\n", pos) or data.startswith(b"\n", pos):

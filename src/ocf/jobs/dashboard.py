@@ -25,7 +25,7 @@ from importlib import resources
 
 from quart import Blueprint, Response, current_app, request
 
-from ..errors import NotFound
+from ..errors import NotFound, ProjectNotFound
 from . import firstview
 
 blueprint = Blueprint("jobs_dashboard", __name__)
@@ -61,7 +61,7 @@ async def page_status() -> int:
     if name:
         try:
             await node.jobs.project(name)
-        except NotFound:
+        except ProjectNotFound:
             return 404
     return 200
 

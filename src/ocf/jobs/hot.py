@@ -17,6 +17,7 @@ claim whose client hangs up is cancelled before it leases anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from typing import TYPE_CHECKING, Any
@@ -25,15 +26,16 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from .. import log as logfmt
-from ..errors import GatewayRequestError, MethodNotAllowed, NotFound, RequestTimeout
-from ..gateway.asgi_io import ClientGone, RequestBody, Responder
-from ..gateway.errors import send_asgi_error
+from ..errors import GatewayRequestError, JobsError, MethodNotAllowed, NotFound, RequestTimeout
+from ..web.asgi import ClientGone, RequestBody, Responder
+from ..web.errors import send_asgi_error
 from ..httpstream.bridge import get_header
+from .edge import http_error, item_answers
 from .http import parse_json_object, parse_number, token_from
 
 if TYPE_CHECKING:
-    from ..gateway.router import Route
     from ..node import Node
+    from ..ports import RoutedRequest
 
 log = logging.getLogger("ocf.jobs")
 
@@ -49,7 +51,7 @@ class HotRoutes:
     def __init__(self, node: Node) -> None:
         self.node = node
 
-    async def serve(self, route: Route, scope: dict, receive: Receive, send: Send) -> None:
+    async def serve(self, route: RoutedRequest, scope: dict, receive: Receive, send: Send) -> None:
         """Serve a request the gateway's router classified as a hot route (it parsed the path)."""
         responder = Responder(send)
         project, action = route.param("project"), route.action
@@ -81,11 +83,14 @@ class HotRoutes:
                 results, jobs = await tracker.complete_many(
                     project, token, items if items is not None else [], claim=request.get("claim", 0)
                 )
-                answer = {"results": results, "jobs": jobs}
+                answer = {"results": item_answers(results), "jobs": jobs}
             else:
                 answer = await tracker.heartbeat(
                     project, token, progress=request.get("progress"), jobs=request.get("jobs")
                 )
+        except JobsError as exc:
+            await _send_error(responder, http_error(exc))
+            return
         except GatewayRequestError as exc:
             await _send_error(responder, exc)
             return
@@ -123,10 +128,8 @@ async def _send_json(responder: Responder, payload: dict[str, Any]) -> None:
 
 
 async def _send_error(responder: Responder, exc: GatewayRequestError) -> None:
-    try:
+    with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):  # the client is gone
         await send_asgi_error(responder, exc)
-    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):  # pragma: no cover - client gone
-        pass
 
 
 async def _not_post(responder: Responder, method: str, path: str) -> None:

@@ -17,7 +17,8 @@ holds the parsing both share.
 ``POST   /v1/jobs/<p>/jobs``                add stage-1 jobs: JSON list, ``{"inputs": [...]}`` or NDJSON
 ``GET    /v1/jobs/<p>/jobs/<id>``           one job
 ``POST   /v1/jobs/<p>/workers``             register ``{nickname, user?, stage}`` -> token and name
-``GET    /v1/jobs/<p>/workers``             live workers: job, progress, done, user, last seen (``?stage=&all=&offset=&limit=``)
+``GET    /v1/jobs/<p>/workers``             live workers: job, progress, done, user, last seen
+                                          (``?stage=&all=&offset=&limit=``)
 ``GET    /v1/jobs/<p>/workers/<name>``      a worker's page: completions, jobs per hour
 ``POST   /v1/jobs/<p>/claim``               lease up to ``max`` jobs, waiting up to ``wait`` s for one
 ``POST   /v1/jobs/<p>/heartbeat``           extend leases, report ``progress``; lists leases lost
@@ -43,13 +44,21 @@ from collections.abc import AsyncIterator
 import trio
 from quart import Blueprint, Response, current_app, jsonify, request
 
-from ..errors import BadRequest, NotFound
+from ..errors import BadRequest, JobsError, NotFound
+from ..web.errors import exception_response
 from . import views
+from .edge import http_error
 from .intake import decode_inputs
 from .tracker import Tracker
-import trio.lowlevel
 
 blueprint = Blueprint("jobs", __name__)
+
+
+@blueprint.app_errorhandler(JobsError)
+async def jobs_error(exc: JobsError) -> Response:
+    """The tracker's domain errors, in the gateway's JSON shape with the status :mod:`ocf.jobs.edge` gives."""
+    return exception_response(http_error(exc))
+
 
 #: Where a worker's token travels when the request crosses the network (see :func:`token_from`).
 WORKER_TOKEN_HEADER = "X-OCF-Worker-Token"
@@ -154,7 +163,7 @@ async def get_project(project: str):  # type: ignore[no-untyped-def]
     t = tracker()
     definition, counts = await t.read(lambda store: (store.project(project), store.counts(project)))
     out = definition.to_json()
-    for stage, c in zip(out["stages"], counts):
+    for stage, c in zip(out["stages"], counts, strict=True):
         stage.update(c)
     return jsonify(out)
 
@@ -294,7 +303,11 @@ async def results(project: str):  # type: ignore[no-untyped-def]
         sent = 0
         while sent < limit:
             size = min(RESULTS_PAGE, limit - sent)
-            page = await t.read(lambda store: store.results(project, after=after, limit=size, with_input=with_input))
+            page = await t.read(
+                lambda store, after=after, size=size: store.results(
+                    project, after=after, limit=size, with_input=with_input
+                )
+            )
             if not page:
                 return
             yield b"".join(json.dumps(r, separators=(",", ":"), ensure_ascii=False).encode() + b"\n" for r in page)
@@ -317,7 +330,8 @@ async def events(project: str):  # type: ignore[no-untyped-def]
         while True:
             version = t.version
             now = t.clock()
-            payload = json.dumps(await t.read(lambda store: store.stats(project, now)), separators=(",", ":"))
+            stats = await t.read(lambda store, now=now: store.stats(project, now))
+            payload = json.dumps(stats, separators=(",", ":"))
             yield f"event: stats\ndata: {payload}\n\n".encode()
             with trio.move_on_after(EVENTS_KEEPALIVE) as scope:
                 await t.wait_changed(version)

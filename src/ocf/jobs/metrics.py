@@ -34,7 +34,7 @@ class TrackerCollector(Collector):
             store = tracker.store
             snapshot = [(p, store.counts(p.name), store.result_count(p.name)) for p in store.projects()]
         for project, per_stage, result_count in snapshot:
-            for stage, counts in zip(project.stages, per_stage):
+            for stage, counts in zip(project.stages, per_stage, strict=True):
                 for state, value in counts.items():
                     jobs.add_metric([project.name, stage.name, state], value)
             results.add_metric([project.name], result_count)

@@ -10,6 +10,7 @@ of the ``jobs`` service so workers reach the tracker through any node.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import operator
@@ -510,10 +511,8 @@ class Tracker:
     async def run_snapshots(self) -> None:
         """Keep :attr:`counts_snapshot` fresh for /metrics (a scrape must not wait for the database)."""
         while True:
-            try:
+            with contextlib.suppress(StoreUnavailable):  # keep the last copy while the database is down
                 self.counts_snapshot = await self.read(
                     lambda store: [(p, store.counts(p.name), store.result_count(p.name)) for p in store.projects()]
                 )
-            except StoreUnavailable:
-                pass
             await trio.sleep(SNAPSHOT_INTERVAL)

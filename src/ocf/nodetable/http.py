@@ -12,7 +12,7 @@ import json
 from quart import Blueprint, current_app, jsonify, request
 
 from ..errors import ValidationError
-from ..gateway.errors import error_response
+from ..web.errors import error_response
 
 blueprint = Blueprint("nodetable", __name__)
 
@@ -48,7 +48,7 @@ async def peers_status():  # type: ignore[no-untyped-def]
 @blueprint.get("/v1/dnt/bootstraps")
 async def bootstraps():  # type: ignore[no-untyped-def]
     out = []
-    for peer, entry in _table().entries(include_all=False).items():
+    for entry in _table().entries(include_all=False).values():
         if not entry.get("public_address"):
             continue
         for addr in entry.get("addrs") or []:

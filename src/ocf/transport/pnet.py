@@ -217,10 +217,7 @@ class XSalsa20Stream:
             return b""
         block, skip = divmod(self.position, BLOCK)
         # libsodium starts at a block boundary: pad the front of a partial block and drop it after.
-        if skip:
-            message = bytes(skip) + bytes(data)
-        else:
-            message = data if isinstance(data, bytes) else bytes(data)
+        message = bytes(skip) + bytes(data) if skip else bytes(data)  # bytes(b) is b: no copy
         out = ctypes.create_string_buffer(len(message))
         if self._fn(out, message, len(message), self._nonce, block, self._key) != 0:
             raise RuntimeError("crypto_stream_xsalsa20_xor_ic failed")

@@ -169,7 +169,7 @@ class TcpTransport:
         return is_tcp_addr(addr)
 
     @contextlib.asynccontextmanager
-    async def connect(self, addr: Multiaddr, timeout: float) -> AsyncIterator[RawConn]:
+    async def connect(self, addr: Multiaddr, timeout: float) -> AsyncIterator[RawConn]:  # noqa: ASYNC109 - dial only
         """Open a raw connection; :class:`PeerUnreachable` if it cannot be made within ``timeout``."""
         try:
             host, port = addr.host_port()

@@ -32,7 +32,6 @@ Why the pieces look the way they do:
 from __future__ import annotations
 
 import struct
-from typing import Union
 
 import attrs
 
@@ -133,16 +132,16 @@ class GoAwayReceived:
     code: int
 
 
-Event = Union[
-    StreamOpened,
-    StreamAccepted,
-    DataReceived,
-    StreamEnded,
-    StreamResetByPeer,
-    WindowUpdated,
-    PongReceived,
-    GoAwayReceived,
-]
+Event = (
+    StreamOpened
+    | StreamAccepted
+    | DataReceived
+    | StreamEnded
+    | StreamResetByPeer
+    | WindowUpdated
+    | PongReceived
+    | GoAwayReceived
+)
 
 
 class StreamLimitReached(ProtocolError):

@@ -26,7 +26,7 @@ import psycopg.errors
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ... import log as logfmt
-from ...errors import ConfigError, Conflict, NotFound, PayloadTooLarge, StoreUnavailable
+from ...errors import ConfigError, JobsPayloadTooLarge, ProjectExists, ProjectNotFound, StoreUnavailable
 from ..keys import payload_size
 from ..model import Project, parse_project
 from ..txn import Enqueued
@@ -45,15 +45,17 @@ RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailur
 def check_connection(url: str) -> None:
     """Connect once and create the schema; a bad URL or credentials become one :class:`ConfigError` line."""
     try:
-        with psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT, autocommit=True) as conn:
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-                conn.execute(DDL)
-                conn.execute(
-                    f"INSERT INTO {PREFIX}meta (key, value) VALUES ('schema', %s) ON CONFLICT (key) DO NOTHING",
-                    (str(SCHEMA_VERSION),),
-                )
-                row = conn.execute(f"SELECT value FROM {PREFIX}meta WHERE key = 'schema'").fetchone()
+        with (
+            psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT, autocommit=True) as conn,
+            conn.transaction(),
+        ):
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+            conn.execute(DDL)
+            conn.execute(
+                f"INSERT INTO {PREFIX}meta (key, value) VALUES ('schema', %s) ON CONFLICT (key) DO NOTHING",
+                (str(SCHEMA_VERSION),),
+            )
+            row = conn.execute(f"SELECT value FROM {PREFIX}meta WHERE key = 'schema'").fetchone()
     except (psycopg.Error, ValueError) as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise ConfigError("--jobs.store", f"cannot use PostgreSQL at {redact(url)}: {reason}") from None
@@ -226,7 +228,8 @@ class PgCore:
 
         def op(tx: PgTx) -> tuple[Project, bool, int]:
             row = tx.execute(
-                f"INSERT INTO {PREFIX}projects (name, definition) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING RETURNING pid",
+                f"""INSERT INTO {PREFIX}projects (name, definition) VALUES (%s, %s)
+                    ON CONFLICT (name) DO NOTHING RETURNING pid""",
                 (name, jsonb(project.to_json())),
             ).fetchone()
             if row is not None:
@@ -235,7 +238,7 @@ class PgCore:
                 return project, True, row[0]
             existing, pid = self._load_project(tx, name)
             if not existing.same_definition(project):
-                raise Conflict(f"project {name!r} already exists with a different definition", code="project_exists")
+                raise ProjectExists(f"project {name!r} already exists with a different definition")
             return existing, False, pid
 
         result, created, pid = self._write(op)
@@ -245,7 +248,7 @@ class PgCore:
     def _load_project(self, tx: PgTx, name: str) -> tuple[Project, int]:
         row = tx.execute(f"SELECT definition, pid FROM {PREFIX}projects WHERE name = %s", (name,)).fetchone()
         if row is None:
-            raise NotFound(f"project {name!r} not found", code="unknown_project")
+            raise ProjectNotFound(f"project {name!r} not found")
         return Project.from_json(row[0]), row[1]
 
     def project(self, name: str) -> Project:
@@ -280,7 +283,7 @@ class PgCore:
             return
         size = payload_size(value)
         if size > self.max_payload:
-            raise PayloadTooLarge(
+            raise JobsPayloadTooLarge(
                 f"{what} is {size} bytes of JSON; the limit is {self.max_payload}", code="payload_too_large"
             )
 

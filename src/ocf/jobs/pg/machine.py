@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...errors import Conflict, NotFound, PayloadTooLarge
+from ...errors import JobNotFound, JobsPayloadTooLarge, LeaseNotHeld, WorkerNotFound
 from ..core import public_job
 from ..lifecycle import MAX_ERRORS_PER_JOB, MAX_FAILURES_KEPT
 from ..model import MAX_FANOUT, Project
@@ -39,7 +39,7 @@ class PgMachine(PgCore):
         root: int | None,
     ) -> list[int]:
         ids = self._ids(tx, project.name, len(values)) if values else []
-        for job_id, value in zip(ids, values):
+        for job_id, value in zip(ids, values, strict=True):
             tx.new_job(
                 project.name,
                 {
@@ -69,14 +69,10 @@ class PgMachine(PgCore):
 
     def _worker(self, tx: PgTx, project: str, token: Any, now: float) -> Record:
         if not isinstance(token, str) or not token:
-            raise NotFound(
-                "a worker token is required (register with /workers or /api/new first)", code="unknown_worker"
-            )
+            raise WorkerNotFound("a worker token is required (register with /workers or /api/new first)")
         worker = tx.worker(project, token)
         if worker is None or worker["last_seen"] + self.worker_timeout < now:
-            raise NotFound(
-                "the tracker does not know this worker; did it time out? Register again.", code="unknown_worker"
-            )
+            raise WorkerNotFound("the tracker does not know this worker; did it time out? Register again.")
         return worker
 
     def _leased_to(self, tx: PgTx, project: str, token: str) -> list[Record]:
@@ -95,7 +91,7 @@ class PgMachine(PgCore):
         worker = self._worker(tx, project.name, token, now)
         job = tx.job(project.name, job_id)
         if job is None:
-            raise NotFound(f"project {project.name!r} has no job {job_id}", code="unknown_job")
+            raise JobNotFound(f"project {project.name!r} has no job {job_id}")
         self._check_lease(job, worker)
         worker["last_seen"] = now
         tx.put_worker(project.name, worker)
@@ -145,7 +141,7 @@ class PgMachine(PgCore):
         self.check_payload(output, "job output")
         job = tx.job(project.name, job_id)
         if job is None:
-            raise NotFound(f"project {project.name!r} has no job {job_id}", code="unknown_job")
+            raise JobNotFound(f"project {project.name!r} has no job {job_id}")
         worker["last_seen"] = now
         if job["state"] == "done" and job.get("done_token") == worker["token"]:
             return {"id": job_id, "status": "already_done", "children": job.get("children", [])}
@@ -154,7 +150,9 @@ class PgMachine(PgCore):
         last = stage == len(project.stages) - 1
         inputs = output if project.stages[stage].fanout and isinstance(output, list) else [output]
         if not last and len(inputs) > MAX_FANOUT:
-            raise PayloadTooLarge(f"a fan-out output may have at most {MAX_FANOUT} elements", code="fanout_too_large")
+            raise JobsPayloadTooLarge(
+                f"a fan-out output may have at most {MAX_FANOUT} elements", code="fanout_too_large"
+            )
         children: list[int] = []
         if not last:
             children = self._new_jobs(tx, project, stage + 1, inputs, now, parent=job_id, root=job["root"])
@@ -202,7 +200,7 @@ class PgMachine(PgCore):
             "pending": "is pending again after your lease expired",
             "leased": "is leased to another worker after your lease expired",
         }.get(job["state"], f"is {job['state']}")
-        raise Conflict(f"job {job['id']} {what}; your result was not recorded", code="lease_lost")
+        raise LeaseNotHeld(f"job {job['id']} {what}; your result was not recorded")
 
     def _retry_or_fail(self, tx: PgTx, project: Project, job: Record, error: str, now: float) -> str:
         job.pop("worker", None)

@@ -11,12 +11,13 @@ copy.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 from typing import Any
 from collections.abc import Iterable
 
-from ...errors import BadRequest, GatewayRequestError, NotFound, StoreCorrupt
+from ...errors import InvalidJobRequest, JobNotFound, JobsError, ProjectNotFound, StoreCorrupt, WorkerNotFound
 from ..core import public_job
 from ..keys import check_limit, parse_job_id
 from ..names import worker_name
@@ -85,7 +86,7 @@ class PgOps(PgMachine):
         project = self.project(name)
         job = self._read(lambda tx: tx.job(name, job_id))
         if job is None:
-            raise NotFound(f"project {name!r} has no job {job_id}", code="unknown_job")
+            raise JobNotFound(f"project {name!r} has no job {job_id}")
         return public_job(project, job)
 
     # --- the job cycle --------------------------------------------------------------------
@@ -100,9 +101,9 @@ class PgOps(PgMachine):
             worker = self._worker(tx, name, token, now)
             stage_index = worker["stage"] if stage is None else project.stage_index(stage)
             if stage_index != worker["stage"]:
-                raise BadRequest(
-                    f"worker {worker['name']} registered for stage {project.stages[worker['stage']].name!r}, not {project.stages[stage_index].name!r}",
-                    code="wrong_stage",
+                registered, asked = project.stages[worker["stage"]].name, project.stages[stage_index].name
+                raise InvalidJobRequest(
+                    f"worker {worker['name']} registered for stage {registered!r}, not {asked!r}", code="wrong_stage"
                 )
             if release_held:
                 self._release(tx, name, self._leased_to(tx, name, worker["token"]))
@@ -115,10 +116,12 @@ class PgOps(PgMachine):
     def heartbeat(self, name: str, token: Any, now: float, *, progress: Any = None, jobs: Any = None) -> dict[str, Any]:
         project = self.project(name)
         if jobs is not None and (not isinstance(jobs, list) or len(jobs) > 10_000):
-            raise BadRequest("'jobs' must be a list of job ids", code="bad_jobs")
+            raise InvalidJobRequest("'jobs' must be a list of job ids", code="bad_jobs")
         believed = [parse_job_id(j) for j in jobs] if jobs is not None else []
         if progress is not None and (not isinstance(progress, str) or len(progress) > MAX_PROGRESS):
-            raise BadRequest(f"progress must be a string of at most {MAX_PROGRESS} characters", code="bad_progress")
+            raise InvalidJobRequest(
+                f"progress must be a string of at most {MAX_PROGRESS} characters", code="bad_progress"
+            )
 
         def op(tx: PgTx) -> dict[str, Any]:
             worker = self._worker(tx, name, token, now)
@@ -155,7 +158,7 @@ class PgOps(PgMachine):
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         project = self.project(name)
         if not isinstance(items, list) or len(items) > 1000 or (not items and not claim):
-            raise BadRequest("'results' must be a list of 1..1000 {id, output} objects", code="bad_results")
+            raise InvalidJobRequest("'results' must be a list of 1..1000 {id, output} objects", code="bad_results")
         if claim:
             check_limit(claim)
 
@@ -165,10 +168,8 @@ class PgOps(PgMachine):
             ids = []
             for item in items:
                 if isinstance(item, dict):
-                    try:
+                    with contextlib.suppress(InvalidJobRequest):  # the loop below answers it as this item's error
                         ids.append(parse_job_id(item.get("id")))
-                    except BadRequest:
-                        pass
             tx.prefetch(name, ids)  # one statement, rows locked in id order
             stages = {job["stage"] for job in (tx.job(name, i) for i in ids) if job is not None}
             if len(stages) == 1 and stages.pop() < len(project.stages) - 1:
@@ -177,20 +178,16 @@ class PgOps(PgMachine):
             for item in items:
                 try:
                     if not isinstance(item, dict) or "id" not in item:
-                        raise BadRequest("each result must be an object with 'id' and 'output'", code="bad_results")
+                        raise InvalidJobRequest(
+                            "each result must be an object with 'id' and 'output'", code="bad_results"
+                        )
                     out.append(
                         self._complete_one(tx, project, worker, parse_job_id(item["id"]), item.get("output"), now)
                     )
-                except GatewayRequestError as exc:
+                except JobsError as exc:
                     ident = item.get("id") if isinstance(item, dict) else None
                     out.append(
-                        {
-                            "id": ident,
-                            "status": "error",
-                            "http_status": exc.status,
-                            "code": exc.code,
-                            "message": exc.message,
-                        }
+                        {"id": ident, "status": "error", "kind": exc.kind, "code": exc.code, "message": exc.message}
                     )
             claimed = self._claim_in(tx, project, worker, claim, now) if claim else []
             tx.put_worker(name, worker)
@@ -274,7 +271,7 @@ class PgOps(PgMachine):
                 name, holder = row[0], row[-1]
                 try:
                     project = self.project(name)
-                except NotFound:
+                except (ProjectNotFound, WorkerNotFound):
                     continue
                 job = row_to_job(row[1:-1])
                 tx.cache_job(name, job)
@@ -297,7 +294,7 @@ class PgOps(PgMachine):
             for name, token, worker in rows:
                 try:
                     project = self.project(name)
-                except NotFound:
+                except (ProjectNotFound, WorkerNotFound):
                     continue
                 for job in self._leased_to(tx, name, token):
                     self._retry_or_fail(tx, project, job, f"{worker['name']}: worker timed out", now)
@@ -329,7 +326,7 @@ class PgOps(PgMachine):
         user = nickname if user is None else user
         for field, value in (("nickname", nickname), ("user", user)):
             if not isinstance(value, str) or not value.strip() or len(value) > MAX_NICKNAME or not value.isprintable():
-                raise BadRequest(f"{field} must be 1-{MAX_NICKNAME} printable characters", code="bad_worker")
+                raise InvalidJobRequest(f"{field} must be 1-{MAX_NICKNAME} printable characters", code="bad_worker")
         token = secrets.token_urlsafe(18)
 
         def op(tx: PgTx) -> dict[str, Any]:
@@ -376,7 +373,7 @@ class PgOps(PgMachine):
         self.project(name)
         try:
             self._read(lambda tx: self._worker(tx, name, token, now))
-        except NotFound:
+        except (ProjectNotFound, WorkerNotFound):
             return False
         return True
 

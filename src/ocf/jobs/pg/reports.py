@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...errors import NotFound
+from ...errors import WorkerNotFound
 from ..core import ACTIVE_WINDOW
 from ..model import STAGE_LETTERS
 from ..reports import BoardTables, board_page, build_stats
@@ -158,7 +158,7 @@ class PgReports(PgOps):
                 f"SELECT token, rec FROM {PREFIX}workers WHERE project = %s AND name = %s", (name, display)
             ).fetchone()
             if row is None:
-                raise NotFound(f"no worker named {display!r} in project {name!r}", code="unknown_worker")
+                raise WorkerNotFound(f"no worker named {display!r} in project {name!r}")
             token, worker = row
             leases = [
                 r[0]

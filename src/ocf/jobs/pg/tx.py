@@ -106,7 +106,8 @@ class BatchState:
                 bkeys = sorted(self.board)
                 cur.execute(
                     f"""INSERT INTO {PREFIX}board AS b (project, hour, kind, who, stage, n)
-                        SELECT * FROM unnest(%s::text[], %s::int[], %s::text[], %s::text[], %s::smallint[], %s::bigint[])
+                        SELECT * FROM unnest(
+                            %s::text[], %s::int[], %s::text[], %s::text[], %s::smallint[], %s::bigint[])
                         ORDER BY 1, 2, 3, 4, 5
                         ON CONFLICT (project, hour, kind, who, stage) DO UPDATE SET n = b.n + excluded.n""",
                     tuple([k[i] for k in bkeys] for i in range(5)) + ([self.board[k] for k in bkeys],),
