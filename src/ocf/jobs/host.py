@@ -51,10 +51,11 @@ async def open_tracker(node: Node) -> AsyncIterator[Tracker]:
             from .pg import PgJobStore, redact
             from .pg.notify import Listener
 
-            store = await trio.to_thread.run_sync(
+            pg = await trio.to_thread.run_sync(
                 lambda: PgJobStore(url, node=str(node.peer_id), **_settings(node))  # type: ignore[arg-type]
             )
-            closing.callback(store.close)
+            closing.callback(pg.close)
+            store = pg
             where = redact(url)
         else:
             store = JobStore(node.store, **_settings(node))  # type: ignore[arg-type]

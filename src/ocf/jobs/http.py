@@ -38,6 +38,7 @@ holds the parsing both share.
 from __future__ import annotations
 
 import json
+import operator
 from typing import Any
 from collections.abc import AsyncIterator
 
@@ -304,9 +305,7 @@ async def results(project: str):  # type: ignore[no-untyped-def]
         while sent < limit:
             size = min(RESULTS_PAGE, limit - sent)
             page = await t.read(
-                lambda store, after=after, size=size: store.results(
-                    project, after=after, limit=size, with_input=with_input
-                )
+                operator.methodcaller("results", project, after=after, limit=size, with_input=with_input)
             )
             if not page:
                 return
@@ -330,7 +329,7 @@ async def events(project: str):  # type: ignore[no-untyped-def]
         while True:
             version = t.version
             now = t.clock()
-            stats = await t.read(lambda store, now=now: store.stats(project, now))
+            stats = await t.read(operator.methodcaller("stats", project, now))
             payload = json.dumps(stats, separators=(",", ":"))
             yield f"event: stats\ndata: {payload}\n\n".encode()
             with trio.move_on_after(EVENTS_KEEPALIVE) as scope:

@@ -95,6 +95,7 @@ class Tracker:
         self._read_limiter = trio.CapacityLimiter(READ_THREADS)
         #: Per-project job counts for /metrics when reading them would block (refreshed by a task).
         self.counts_snapshot: list[tuple[Any, list[dict[str, int]], int]] = []
+        self._store_log = logfmt.RateLimitedLog(log, 30.0)
         self.clock = clock
         self.create_chunk = create_chunk
         # Job creation is chunked across transactions; one creation at a time keeps each
@@ -340,6 +341,7 @@ class Tracker:
             await trio.lowlevel.checkpoint()
         async with self._create_lock:
             carry: dict[str, Any] | None = None
+            answer: dict[str, Any]
             position = 0
             if idempotency_key:
                 previous = await self.read(lambda store: store.creation_record(name, idempotency_key))
@@ -362,9 +364,9 @@ class Tracker:
                     carry=carry,
                     final=final,
                 )
-                carry = await self._batched(op)
+                carry = answer = await self._batched(op)
                 if final:
-                    return carry
+                    return answer
 
     async def register_worker(self, name: str, *, nickname: str, stage: Any, user: str | None = None) -> dict[str, Any]:
         now = self.clock()
@@ -486,7 +488,9 @@ class Tracker:
             try:
                 next_sweep = await self._reap_once(next_sweep)
             except StoreUnavailable as exc:
-                log.warning("job tracker reaper waits for its database %s", logfmt.kv(error=exc.message[:200]))
+                self._store_log.log(
+                    logging.WARNING, "reaper", "job tracker reaper waits for its database", error=exc.message[:200]
+                )
                 with trio.move_on_after(STORE_RETRY):
                     await self._changed.wait()
 

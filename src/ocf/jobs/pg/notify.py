@@ -21,6 +21,7 @@ import psycopg
 import trio
 
 from ... import log as logfmt
+from ...log import RateLimitedLog
 from .schema import CHANNEL
 
 log = logging.getLogger("ocf.jobs")
@@ -58,6 +59,7 @@ class Listener:
         self.deliver = deliver
         self.token = token
         self.received = 0
+        self.refusals = RateLimitedLog(log, 30.0)  # a database down for an hour logs a line per 30 s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="ocf-jobs-listen", daemon=True)
 
@@ -91,5 +93,7 @@ class Listener:
                                 self.received += 1
                                 self._send(stages)
             except psycopg.Error as exc:
-                log.warning("job tracker notifications lost %s", logfmt.kv(error=" ".join(str(exc).split())[:200]))
+                self.refusals.log(
+                    logging.WARNING, "lost", "job tracker notifications lost", error=" ".join(str(exc).split())[:200]
+                )
                 self._stop.wait(RECONNECT_DELAY)

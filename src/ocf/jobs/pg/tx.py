@@ -16,7 +16,7 @@ committed late.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.types.json import Json
@@ -51,6 +51,14 @@ def row_to_job(row: tuple[Any, ...]) -> Record:
     return job
 
 
+K = TypeVar("K")
+
+
+def _add(into: dict[K, int], deltas: dict[K, int]) -> None:
+    for key, delta in deltas.items():
+        into[key] = into.get(key, 0) + delta
+
+
 class BatchState:
     """What a group commit accumulates from its operations, applied once before the commit."""
 
@@ -64,13 +72,9 @@ class BatchState:
         self.wrote = False
 
     def merge(self, other: BatchState) -> None:
-        for src, dst in (
-            (other.counters, self.counters),
-            (other.board, self.board),
-            (other.series, self.series),
-        ):
-            for key, delta in src.items():  # type: ignore[attr-defined]
-                dst[key] = dst.get(key, 0) + delta  # type: ignore[index]
+        _add(self.counters, other.counters)
+        _add(self.board, other.board)
+        _add(self.series, other.series)
         for key, ms in other.firsts.items():
             self.firsts.setdefault(key, ms)
         self.results.extend(other.results)
