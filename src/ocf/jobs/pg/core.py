@@ -134,27 +134,37 @@ class PgCore:
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
-        """Run many operations in one transaction and one commit (group commit), each in a savepoint."""
-        # Pipeline mode: a statement whose result nobody reads (an UPDATE, a SAVEPOINT) travels
-        # with the next one that is read, so a batch costs few round trips to the server.
-        with self._errors(), self.pool.connection() as conn, conn.pipeline():
-            with conn.transaction():
+        """Run many operations in one transaction and one commit (group commit), each in a savepoint.
+
+        Transactions and savepoints are plain statements queued with the
+        operations' own (:meth:`PgTx.execute`), so they cost no round trips of
+        their own: an operation is about one round trip per read it makes.
+        """
+        with self._errors(), self.pool.connection() as conn:
+            conn.execute("BEGIN")
+            try:
                 state = BatchState()
                 self._local.batch = (conn, state)
                 try:
                     yield
                 finally:
                     self._local.batch = None
-                self._finish(conn, state)
+                end = PgTx(conn, write=True)
+                self._finish(end, state)
+                end.execute("COMMIT")
+                end.sync()
+            except BaseException:
+                _rollback(conn, "ROLLBACK")
+                raise
             self._committed(state)
 
-    def _finish(self, conn: psycopg.Connection[Any], state: BatchState) -> None:
-        state.apply(conn)
+    def _finish(self, tx: PgTx, state: BatchState) -> None:
+        state.apply(tx)
         if state.wrote:
             payload = dumps({"node": self.node, "stages": sorted(state.enqueued)})
             if len(payload) > 7000:  # NOTIFY payloads stop at 8000 bytes: say "something changed"
                 payload = dumps({"node": self.node, "stages": None})
-            conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+            tx.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
 
     def _committed(self, state: BatchState) -> None:
         with self._enqueued_lock:
@@ -163,47 +173,63 @@ class PgCore:
 
     def _write(self, op: Callable[[PgTx], T]) -> T:
         batch: tuple[psycopg.Connection[Any], BatchState] | None = getattr(self._local, "batch", None)
-        if batch is not None:
-            conn, state = batch
-            with self._errors():
-                for attempt in range(RETRIES + 1):
-                    tx = PgTx(conn, write=True)
-                    try:
-                        with conn.transaction():
-                            result = op(tx)
-                            tx.flush()
-                    except RETRYABLE:
-                        if attempt == RETRIES:
-                            raise
-                        self.retries += 1
-                        continue
-                    state.merge(tx.deltas)
-                    return result
-        with self._errors(), self.pool.connection() as conn:
-            for attempt in range(RETRIES + 1):
-                tx = PgTx(conn, write=True)
-                try:
-                    with conn.transaction():
-                        result = op(tx)
-                        tx.flush()
-                        self._finish(conn, tx.deltas)
-                except RETRYABLE:
-                    if attempt == RETRIES:
-                        raise
-                    self.retries += 1
-                    continue
+        with self._errors():
+            if batch is not None:
+                conn, state = batch
+                return self._attempts(conn, op, state)
+            with self.pool.connection() as conn:
+                return self._attempts(conn, op, None)
+
+    def _attempts(self, conn: psycopg.Connection[Any], op: Callable[[PgTx], T], batch: BatchState | None) -> T:
+        """Run ``op`` in a savepoint of ``batch`` (or in a transaction of its own), retrying a deadlock victim."""
+        begin, commit, undo = ("SAVEPOINT ocf_op", "RELEASE SAVEPOINT ocf_op", "ROLLBACK TO SAVEPOINT ocf_op")
+        if batch is None:
+            begin, commit, undo = ("BEGIN", "COMMIT", "ROLLBACK")
+        for attempt in range(RETRIES + 1):
+            tx = PgTx(conn, write=True)
+            tx.execute(begin)
+            try:
+                result = op(tx)
+                tx.flush()
+                if batch is None:
+                    self._finish(tx, tx.deltas)
+                tx.execute(commit)
+                tx.sync()
+            except RETRYABLE:
+                _rollback(conn, undo, release=batch is not None)
+                if attempt == RETRIES:
+                    raise
+                self.retries += 1
+                continue
+            except BaseException:
+                tx.discard()
+                if tx.sent:
+                    _rollback(conn, undo, release=batch is not None)
+                raise
+            if batch is None:
                 self._committed(tx.deltas)
-                return result
+            else:
+                batch.merge(tx.deltas)
+            return result
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _read(self, op: Callable[[PgTx], T], *, snapshot: bool = False) -> T:
         """A read; ``snapshot`` reads everything from one moment (reports that must add up)."""
         with self._errors(), self.pool.connection() as conn:
+            tx = PgTx(conn, write=False)
             if not snapshot:
-                return op(PgTx(conn, write=False))
-            with conn.transaction():
-                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                return op(PgTx(conn, write=False))
+                return op(tx)
+            tx.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            try:
+                result = op(tx)
+                tx.execute("COMMIT")
+                tx.sync()
+            except BaseException:
+                tx.discard()
+                if tx.sent:
+                    _rollback(conn, "ROLLBACK")
+                raise
+            return result
 
     def take_enqueued(self) -> Enqueued:
         with self._enqueued_lock:
@@ -290,13 +316,22 @@ class PgCore:
     def _ids(self, tx: PgTx, name: str, count: int, *, reserve: int = 0) -> list[int]:
         """``count`` new job ids; ``reserve`` more are kept for this operation's next calls (one round trip)."""
         spare = tx.spare_ids.setdefault(name, [])
-        if len(spare) < count:
+        if len(spare) < count or len(spare) < reserve:
             pid = self._project_entry(name)[1]
-            wanted = count - len(spare) + reserve
+            wanted = max(count - len(spare), 0) + reserve
             rows = tx.execute(f"SELECT nextval('{id_sequence(pid)}') FROM generate_series(1, %s)", (wanted,)).fetchall()
             spare.extend(sorted(r[0] for r in rows))
         ids, tx.spare_ids[name] = spare[:count], spare[count:]
         return ids
+
+
+def _rollback(conn: psycopg.Connection[Any], undo: str, *, release: bool = False) -> None:
+    """Undo an operation's writes; a connection that broke meanwhile is the pool's to discard."""
+    if conn.closed or conn.broken:
+        return
+    with contextlib.suppress(psycopg.OperationalError):
+        # Two statements in one message: the client-side cursor sends them with the simple protocol.
+        psycopg.ClientCursor(conn).execute(undo + ("; RELEASE SAVEPOINT ocf_op" if release else ""))
 
 
 def describe(exc: BaseException) -> str:

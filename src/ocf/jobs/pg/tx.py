@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from typing import Any, TypeVar
+from collections.abc import Iterator
 
 import psycopg
 from psycopg.types.json import Json
@@ -81,51 +82,50 @@ class BatchState:
         self.enqueued |= other.enqueued
         self.wrote = self.wrote or other.wrote
 
-    def apply(self, conn: psycopg.Connection[Any]) -> None:
+    def apply(self, tx: PgTx) -> None:
         """Write the deltas in key order (no two batches deadlock on them) and number the results."""
-        with conn.cursor() as cur:
-            if self.counters:
-                keys = sorted(self.counters)
-                cur.execute(
-                    f"""INSERT INTO {PREFIX}counters AS c (project, name, value)
-                        SELECT p, n, v FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS t(p, n, v)
-                        ORDER BY p, n
-                        ON CONFLICT (project, name) DO UPDATE SET value = GREATEST(0, c.value + excluded.value)
-                        RETURNING project, name, value""",
-                    ([k[0] for k in keys], [k[1] for k in keys], [self.counters[k] for k in keys]),
-                )
-                totals = {(p, n): v for p, n, v in cur.fetchall()}
-                if self.results:
-                    self._insert_results(cur, totals)
-            if self.firsts:
-                keys2 = sorted(self.firsts)
-                cur.execute(
-                    f"""INSERT INTO {PREFIX}counters (project, name, value)
-                        SELECT p, 's' || s || '.first_ms', v
-                        FROM unnest(%s::text[], %s::int[], %s::bigint[]) AS t(p, s, v) ORDER BY 1, 2
-                        ON CONFLICT (project, name) DO NOTHING""",
-                    ([k[0] for k in keys2], [k[1] for k in keys2], [self.firsts[k] for k in keys2]),
-                )
-            if self.board:
-                bkeys = sorted(self.board)
-                cur.execute(
-                    f"""INSERT INTO {PREFIX}board AS b (project, hour, kind, who, stage, n)
-                        SELECT * FROM unnest(
-                            %s::text[], %s::int[], %s::text[], %s::text[], %s::smallint[], %s::bigint[])
-                        ORDER BY 1, 2, 3, 4, 5
-                        ON CONFLICT (project, hour, kind, who, stage) DO UPDATE SET n = b.n + excluded.n""",
-                    tuple([k[i] for k in bkeys] for i in range(5)) + ([self.board[k] for k in bkeys],),
-                )
-            if self.series:
-                skeys = sorted(self.series)
-                cur.execute(
-                    f"""INSERT INTO {PREFIX}series AS s (project, minute, stage, n)
-                        SELECT * FROM unnest(%s::text[], %s::int[], %s::smallint[], %s::bigint[]) ORDER BY 1, 2, 3
-                        ON CONFLICT (project, minute, stage) DO UPDATE SET n = s.n + excluded.n""",
-                    tuple([k[i] for k in skeys] for i in range(3)) + ([self.series[k] for k in skeys],),
-                )
+        if self.counters:
+            keys = sorted(self.counters)
+            counted = tx.execute(
+                f"""INSERT INTO {PREFIX}counters AS c (project, name, value)
+                    SELECT p, n, v FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS t(p, n, v)
+                    ORDER BY p, n
+                    ON CONFLICT (project, name) DO UPDATE SET value = GREATEST(0, c.value + excluded.value)
+                    RETURNING project, name, value""",
+                ([k[0] for k in keys], [k[1] for k in keys], [self.counters[k] for k in keys]),
+            )
+            totals = {(p, n): v for p, n, v in counted.fetchall()}
+            if self.results:
+                self._insert_results(tx, totals)
+        if self.firsts:
+            keys2 = sorted(self.firsts)
+            tx.execute(
+                f"""INSERT INTO {PREFIX}counters (project, name, value)
+                    SELECT p, 's' || s || '.first_ms', v
+                    FROM unnest(%s::text[], %s::int[], %s::bigint[]) AS t(p, s, v) ORDER BY 1, 2
+                    ON CONFLICT (project, name) DO NOTHING""",
+                ([k[0] for k in keys2], [k[1] for k in keys2], [self.firsts[k] for k in keys2]),
+            )
+        if self.board:
+            bkeys = sorted(self.board)
+            tx.execute(
+                f"""INSERT INTO {PREFIX}board AS b (project, hour, kind, who, stage, n)
+                    SELECT * FROM unnest(
+                        %s::text[], %s::int[], %s::text[], %s::text[], %s::smallint[], %s::bigint[])
+                    ORDER BY 1, 2, 3, 4, 5
+                    ON CONFLICT (project, hour, kind, who, stage) DO UPDATE SET n = b.n + excluded.n""",
+                tuple([k[i] for k in bkeys] for i in range(5)) + ([self.board[k] for k in bkeys],),
+            )
+        if self.series:
+            skeys = sorted(self.series)
+            tx.execute(
+                f"""INSERT INTO {PREFIX}series AS s (project, minute, stage, n)
+                    SELECT * FROM unnest(%s::text[], %s::int[], %s::smallint[], %s::bigint[]) ORDER BY 1, 2, 3
+                    ON CONFLICT (project, minute, stage) DO UPDATE SET n = s.n + excluded.n""",
+                tuple([k[i] for k in skeys] for i in range(3)) + ([self.series[k] for k in skeys],),
+            )
 
-    def _insert_results(self, cur: psycopg.Cursor[Any], totals: dict[tuple[str, str], int]) -> None:
+    def _insert_results(self, tx: PgTx, totals: dict[tuple[str, str], int]) -> None:
         per_project: dict[str, list[Record]] = {}
         for project, result in self.results:
             per_project.setdefault(project, []).append(result)
@@ -134,11 +134,34 @@ class BatchState:
             last = totals[(project, "results")]
             for offset, result in enumerate(results):
                 rows.append((project, last - len(results) + 1 + offset, dumps(result)))
-        cur.execute(
+        tx.execute(
             f"""INSERT INTO {PREFIX}results (project, seq, rec)
                 SELECT p, s, r::json FROM unnest(%s::text[], %s::bigint[], %s::text[]) AS t(p, s, r)""",
             ([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]),
         )
+
+
+class Result:
+    """The rows of a queued statement, fetched (with everything queued before it) when first read."""
+
+    __slots__ = ("tx", "rows")
+
+    def __init__(self, tx: PgTx) -> None:
+        self.tx = tx
+        self.rows: list[tuple[Any, ...]] | None = None
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        if self.rows is None:
+            self.tx.sync()
+        assert self.rows is not None
+        return self.rows
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        rows = self.fetchall()
+        return rows[0] if rows else None
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        return iter(self.fetchall())
 
 
 class PgTx:
@@ -157,9 +180,37 @@ class PgTx:
         self._workers: dict[tuple[str, str], Record | None] = {}
         self._dirty_workers: dict[tuple[str, str], Record] = {}
         self._new_workers: list[tuple[str, Record]] = []
+        self._cursor = psycopg.ClientCursor(conn)
+        self._queue: list[tuple[str, Result]] = []
+        self.sent = False  # whether any statement of this operation reached the server
 
-    def execute(self, sql: str, params: Any = None) -> psycopg.Cursor[Any]:
-        return self.conn.execute(sql, params)
+    def execute(self, sql: str, params: Any = None) -> Result:
+        """Queue a statement; it is sent with the next one whose rows are read (or at :meth:`sync`).
+
+        A write nobody reads the answer of (an UPDATE, a SAVEPOINT) so costs no
+        round trip of its own: a completion's writes travel with its claim.
+        Statements go as one simple-protocol message, interpolated by
+        psycopg's client-side cursor (its quoting, not ours).
+        """
+        result = Result(self)
+        self._queue.append((self._cursor.mogrify(sql, params) if params is not None else sql, result))
+        return result
+
+    def sync(self) -> None:
+        """Send every queued statement now (one round trip), raising the first one's error."""
+        if not self._queue:
+            return
+        queue, self._queue = self._queue, []
+        self.sent = True
+        cur = self._cursor
+        cur.execute(";\n".join(sql for sql, _ in queue))
+        for i, (_, result) in enumerate(queue):
+            result.rows = cur.fetchall() if cur.description is not None else []
+            if i + 1 < len(queue):
+                cur.nextset()
+
+    def discard(self) -> None:
+        self._queue = []
 
     # --- jobs ------------------------------------------------------------------------------
 
