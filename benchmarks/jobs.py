@@ -186,7 +186,7 @@ class HttpxConn:
 class Server:
     """``python -m ocf start --jobs`` in its own process, on a temp data dir and a free port."""
 
-    def __init__(self, profile: Path | None = None) -> None:
+    def __init__(self, profile: Path | None = None, extra: tuple[str, ...] = ()) -> None:
         self.data_dir = Path(tempfile.mkdtemp(prefix="ocf-jobs-bench-"))
         self.port = free_port()
         self.log = self.data_dir / "node.log"
@@ -215,6 +215,7 @@ class Server:
             "1000000",
             "--admin-burst",
             "1000000",
+            *extra,
         ]
         env = dict(
             os.environ,
@@ -413,12 +414,20 @@ def run_load(
     clients: int,
     warmup: float,
     seconds: float,
+    others: tuple[Server, ...] = (),
+    cpu_extra: Any = None,
 ) -> dict[str, float]:
-    """Run the load in ``clients`` processes; rates over [warmup, warmup + seconds]."""
+    """Run the load in ``clients`` processes; rates over [warmup, warmup + seconds].
+
+    With ``others`` (more tracker nodes on one shared store), load process k
+    talks to node k mod n, and "server" CPU is all nodes'; ``cpu_extra()``
+    adds another process group's CPU seconds (PostgreSQL's) as ``extra_cpu``.
+    """
+    nodes = (server, *others)
     spec = {"port": server.port, "mode": mode, "impl": impl, "project": project, "batch": batch}
     procs = []
     for k in range(clients):
-        part = dict(spec, workers=workers[k::clients])
+        part = dict(spec, workers=workers[k::clients], port=nodes[k % len(nodes)].port)
         procs.append(
             subprocess.Popen(
                 [sys.executable, __file__, "--client-spec", json.dumps(part)],
@@ -439,9 +448,16 @@ def run_load(
     time.sleep(max(0.0, spec["measure_from"] - time.time()))
     if server.profile:
         server.proc.send_signal(signal.SIGUSR1)
-    cpu0, t0 = server.cpu(), time.time()
+
+    def all_cpu() -> tuple[float, float]:
+        pairs = [n.cpu() for n in nodes]
+        return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+
+    extra0 = cpu_extra() if cpu_extra else 0.0
+    cpu0, t0 = all_cpu(), time.time()
     time.sleep(max(0.0, spec["measure_to"] - time.time()))
-    cpu1, t1 = server.cpu(), time.time()
+    cpu1, t1 = all_cpu(), time.time()
+    extra1 = cpu_extra() if cpu_extra else 0.0
     if server.profile:
         server.proc.send_signal(signal.SIGUSR2)
     outs = []
@@ -468,6 +484,7 @@ def run_load(
         "server_sys": (cpu1[1] - cpu0[1]) / (t1 - t0),
         "client_cpu": client_cpu / elapsed,
         "client_us_per_req": client_cpu / max(requests, 1) * 1e6,
+        "extra_cpu": (extra1 - extra0) / (t1 - t0),
     }
 
 
@@ -650,6 +667,12 @@ def main() -> None:
     )
     parser.add_argument("--batches", default="1,10", help="claim/complete batch sizes to measure (default 1,10)")
     parser.add_argument("--profile", action="store_true", help="also profile the server under the batch-10 load")
+    parser.add_argument(
+        "--store",
+        choices=("lmdb", "postgresql"),
+        default="lmdb",
+        help="postgresql: compare LMDB on one node, PostgreSQL on one node and on two nodes (benchmarks/jobs_pg.py)",
+    )
     parser.add_argument("--client-spec", help=argparse.SUPPRESS)
     parser.add_argument("--serve-profiled", help=argparse.SUPPRESS)
     if sys.argv[1:2] == ["--serve-profiled"]:
@@ -659,6 +682,11 @@ def main() -> None:
         print(json.dumps(trio.run(client_process, json.loads(args.client_spec))))
         return
 
+    if args.store == "postgresql":
+        from jobs_pg import compare_stores
+
+        compare_stores(args)
+        return
     quick = args.quick
     batches = [int(b) for b in args.batches.split(",")]
     seconds = args.seconds or (2.0 if quick else 15.0)

@@ -2,6 +2,7 @@
 # Installs what the test suite needs from outside PyPI, idempotently:
 # - the js-libp2p interop peer (npm, pinned in tests/interop/package-lock.json)
 # - Debian's chromium for the dashboard browser test
+# - Debian's postgresql for the tracker's shared store
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 
@@ -19,5 +20,17 @@ if ! command -v chromium >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
   else
     echo "setup-external: chromium not found and cannot apt-get install it; browser tests will fail" >&2
+  fi
+fi
+
+# PostgreSQL for the tracker's shared store: the tests start a throwaway cluster from its binaries
+# (/usr/lib/postgresql/<major>/bin); without them those tests fail and say so.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup-external: installing postgresql (apt-get)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  else
+    echo "setup-external: PostgreSQL (initdb) not found and cannot apt-get install it; the tracker's PostgreSQL tests will fail" >&2
   fi
 fi

@@ -139,6 +139,7 @@ class Config:
     jobs_worker_timeout: float = 3600.0
     jobs_create_chunk: int = 2000
     jobs_flag_per_worker: bool = False
+    jobs_store: str = ""
 
     def replace(self, **changes: Any) -> Config:
         return attrs.evolve(self, **changes)
@@ -180,6 +181,16 @@ def _choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
         return text
 
     return parse
+
+
+def _jobs_store(value: Any) -> str:
+    """``lmdb`` (or empty): the embedded store; a ``postgresql://`` URL: the shared one."""
+    text = str(value).strip()
+    if text in ("", "lmdb"):
+        return ""
+    if not text.startswith(("postgresql://", "postgres://")):
+        raise ValueError("must be 'lmdb' or a postgresql://user:password@host:port/database URL")
+    return text
 
 
 def _bool(value: Any) -> bool:
@@ -953,6 +964,16 @@ SETTINGS: tuple[Setting, ...] = (
         "run in between (default: 2000).",
         group="jobs",
         metavar="N",
+    ),
+    Setting(
+        "jobs.store",
+        "jobs_store",
+        _jobs_store,
+        "Where the tracker keeps its state: 'lmdb' (default: embedded in the data dir, one node) or a "
+        "postgresql://user:password@host:port/database URL that several nodes started with --jobs share; "
+        "prefer OCF_JOBS_STORE over the flag so a password stays out of ps.",
+        group="jobs",
+        metavar="URL",
     ),
     Setting(
         "jobs.flag-per-worker",

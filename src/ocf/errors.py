@@ -288,6 +288,16 @@ class NoProviderAvailable(GatewayRequestError):
         super().__init__(message, code=code, headers={"Retry-After": str(retry_after)})
 
 
+class ServiceUnavailable(GatewayRequestError):
+    """This node cannot serve the request now (its tracker's database is down); ``Retry-After`` says when to retry."""
+
+    status = 503
+    code = "unavailable"
+
+    def __init__(self, message: str, *, retry_after: int = 2, code: str | None = None) -> None:
+        super().__init__(message, code=code, headers={"Retry-After": str(retry_after)})
+
+
 class ForwardTimeout(GatewayRequestError):
     """The provider did not answer within ``request_timeout``."""
 
@@ -374,6 +384,21 @@ class JobsPayloadTooLarge(JobsError):
 
     kind = "too_large"
     code = "payload_too_large"
+
+
+class StoreUnavailable(JobsError):
+    """The tracker's database cannot be reached (down, restarting): the edge answers 503 with ``Retry-After``.
+
+    Never a 404 or a 500: the worker's token and jobs are still valid, and the
+    same request succeeds once the database is back.
+    """
+
+    kind = "unavailable"
+    code = "store_unavailable"
+
+    def __init__(self, message: str, *, retry_after: int = 2, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
 
 
 class BridgeError(OcfError):

@@ -14,15 +14,13 @@ from ocf.errors import (
     WorkerNotFound,
 )
 from ocf.jobs.store import JobStore
-from ocf.store import Store
 
 T0 = 1_800_000_000.0
 
 
 @pytest.fixture
-def store(tmp_path):
-    with Store.open(tmp_path / "data") as raw:
-        yield JobStore(raw, max_payload=4096, worker_timeout=3600)
+def store(jobs_store):
+    return jobs_store(max_payload=4096, worker_timeout=3600)
 
 
 def three_stage(store: JobStore, **extra) -> None:
@@ -275,20 +273,19 @@ def test_project_definition_is_validated_and_idempotent(store):
         store.create_project("bad name!", {"stages": ["ok"]}, T0)
 
 
-def test_state_survives_reopening(tmp_path):
-    with Store.open(tmp_path / "d") as raw:
-        js = JobStore(raw)
-        three_stage(js)
-        js.add_jobs("crawl", ["x", "y"], T0, idempotency_key="batch-1")
-        token = js.register_worker("crawl", nickname="n", stage="a", now=T0)["token"]
-        js.claim("crawl", token, T0)
-    with Store.open(tmp_path / "d") as raw:
-        js = JobStore(raw)
-        assert js.counts("crawl")[0]["leased"] == 1
-        assert js.add_jobs("crawl", ["x", "y"], T0, idempotency_key="batch-1")["repeated"]
-        assert js.counts("crawl")[0]["pending"] == 1
-        assert js.next_expiry() == pytest.approx(T0 + 60)
-        assert js.stats("crawl", T0)["stages"][0]["total"] == 2
+def test_state_survives_reopening(jobs_store):
+    js = jobs_store()
+    three_stage(js)
+    js.add_jobs("crawl", ["x", "y"], T0, idempotency_key="batch-1")
+    token = js.register_worker("crawl", nickname="n", stage="a", now=T0)["token"]
+    js.claim("crawl", token, T0)
+    jobs_store.close()
+    js = jobs_store()
+    assert js.counts("crawl")[0]["leased"] == 1
+    assert js.add_jobs("crawl", ["x", "y"], T0, idempotency_key="batch-1")["repeated"]
+    assert js.counts("crawl")[0]["pending"] == 1
+    assert js.next_expiry() == pytest.approx(T0 + 60)
+    assert js.stats("crawl", T0)["stages"][0]["total"] == 2
 
 
 def test_group_commit_rolls_back_only_the_failing_operation(store):

@@ -6,11 +6,16 @@ the store's lock. ``create`` streams its source in batches, so a billion-line
 brace pattern costs no more memory than ten lines; each batch carries an
 idempotency key, so a batch retried after a dropped connection is not
 created twice.
+
+``export`` and ``import`` are the exception: they move a project between
+stores (LMDB and PostgreSQL) and so open the store itself, which for LMDB
+means the node is stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -150,6 +155,29 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="Add each result's input (and, for later stages, the stage-1 input it descends from).",
     )
     q.set_defaults(func=cmd_results)
+
+    store_help = (
+        "The store: a stopped node's data directory (its LMDB store) or a postgresql://user:password@host/db URL "
+        "(default: $OCF_JOBS_STORE)."
+    )
+    q = jobs_sub.add_parser(
+        "export",
+        help="Write a project, streamed, as JSON lines, straight from a store (to move it to another store).",
+        epilog="example: ocf jobs export --store ~/.ocf crawl -o crawl.jsonl   (the node must be stopped for LMDB)",
+    )
+    q.add_argument("project")
+    q.add_argument("--store", default=os.environ.get("OCF_JOBS_STORE"), required=False, help=store_help)
+    q.add_argument("-o", "--output", metavar="FILE", help="Write to FILE instead of stdout.")
+    q.set_defaults(func=cmd_export)
+
+    q = jobs_sub.add_parser(
+        "import",
+        help="Read a project written by 'ocf jobs export' into a store, streamed.",
+        epilog="example: OCF_JOBS_STORE=postgresql://ocf:pw@db/ocf ocf jobs import crawl.jsonl",
+    )
+    q.add_argument("file", nargs="?", help="The export (default: stdin).")
+    q.add_argument("--store", default=os.environ.get("OCF_JOBS_STORE"), required=False, help=store_help)
+    q.set_defaults(func=cmd_import)
 
     q = jobs_sub.add_parser("leaderboard", help="Jobs completed per user and per worker (the whole board, paged).")
     q.add_argument("project")
@@ -349,4 +377,72 @@ def cmd_leaderboard(args: argparse.Namespace, http: httpx.Client) -> int:
         print(f"  {'name':<28}{'all time':>10}{'24 h':>10}")
         for row in board[kind]:
             print(f"  {row['name']:<28}{row['total']:>10}{row['total_24h']:>10}")
+    return 0
+
+
+@contextlib.contextmanager
+def _open_store(where: str | None) -> Iterator[Any]:
+    """The tracker's store at ``where``: a postgresql:// URL or an (unlocked) node data directory."""
+    if not where:
+        raise ValidationError("--store is required (a data directory or a postgresql:// URL), or set OCF_JOBS_STORE")
+    if where.startswith(("postgresql://", "postgres://")):
+        from ..jobs.pg import PgJobStore
+
+        store = PgJobStore(where)
+        try:
+            yield store
+        finally:
+            store.close()
+        return
+    from ..jobs.store import JobStore
+    from ..store import Store
+
+    with Store.open(Path(where).expanduser()) as raw:
+        yield JobStore(raw)
+
+
+def _offline(func: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return int(func(args))
+        except ValidationError as exc:
+            return _fail(str(exc), 2)
+        except (OcfError, OSError) as exc:
+            return _fail(str(exc))
+
+    return run
+
+
+@_offline
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..jobs.transfer import export_lmdb, write_lines
+
+    with _open_store(args.store) as store, ExitStack() as stack:
+        out = stack.enter_context(open(args.output, "wb")) if args.output else sys.stdout.buffer
+        if getattr(store, "blocking", False):
+            from ..jobs.pg.transfer import export_pg
+
+            n = write_lines(export_pg(store, args.project), out)
+        else:
+            n = write_lines(export_lmdb(store, args.project), out)
+        out.flush()
+    print(f"exported {n} records of project {args.project!r}", file=sys.stderr)
+    return 0
+
+
+@_offline
+def cmd_import(args: argparse.Namespace) -> int:
+    from ..jobs.transfer import import_lmdb, read_lines
+
+    with _open_store(args.store) as store, ExitStack() as stack:
+        source = stack.enter_context(open(args.file, "rb")) if args.file else sys.stdin.buffer
+        records = read_lines(source)
+        if getattr(store, "blocking", False):
+            from ..jobs.pg.transfer import import_pg
+
+            counts = import_pg(store, records, time.time())
+        else:
+            counts = import_lmdb(store, records, time.time())
+    summary = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
+    print(f"imported {summary or 'an empty project'}", file=sys.stderr)
     return 0

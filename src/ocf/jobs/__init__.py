@@ -5,6 +5,7 @@
 it through any node as ``/v1/service/jobs/...``.
 """
 
-from .tracker import Tracker, open_tracker
+from .host import open_tracker
+from .tracker import Tracker
 
 __all__ = ["Tracker", "open_tracker"]

@@ -79,11 +79,11 @@ def decode_data(value: Any) -> Any:
     return value
 
 
-def _letter(project: str, stage: Any) -> int:
+async def _letter(project: str, stage: Any) -> int:
     """The original only knew letters; anything else is its 400 'Invalid worker stage'."""
     if not isinstance(stage, str) or len(stage) != 1 or stage not in STAGE_LETTERS[:5]:
         raise BadRequest(f"Invalid worker stage: '{stage}'. Choose from 'a'/'b'/'c'/'d'/'e'.", code="unknown_stage")
-    definition = tracker().store.project(project)
+    definition = await tracker().project(project)
     index = STAGE_LETTERS.index(stage)
     if index >= len(definition.stages):
         raise BadRequest(f"The worker stage '{stage}' is disabled.", code="unknown_stage")
@@ -92,10 +92,10 @@ def _letter(project: str, stage: Any) -> int:
 
 @blueprint.get(BASE + "/api/new")
 async def new(project: str) -> Any:
-    index = _letter(project, request.args.get("stage"))
+    index = await _letter(project, request.args.get("stage"))
     nickname = request.args.get("nickname", "anonymous")
     worker = await tracker().register_worker(project, nickname=nickname, stage=index + 1)
-    stage_name = tracker().store.project(project).stages[index].name
+    stage_name = (await tracker().project(project)).stages[index].name
     return _json(
         {"token": worker["token"], "display_name": worker["name"], "project": project, "stage_name": stage_name}
     )
@@ -105,7 +105,8 @@ async def new(project: str) -> Any:
 async def validate_worker(project: str) -> Response:
     body = await json_object()
     t = tracker()
-    return _text(str(t.store.validate_worker(project, _token(body), t.clock())))
+    token, now = _token(body), t.clock()
+    return _text(str(await t.read(lambda store: store.validate_worker(project, token, now))))
 
 
 @blueprint.post(BASE + "/api/newJob")
@@ -124,8 +125,8 @@ async def new_job(project: str) -> Any:
 
 @blueprint.get(BASE + "/api/jobCount")
 async def job_count(project: str) -> Response:
-    index = _letter(project, request.args.get("stage"))
-    return _text(str(tracker().store.pending_count(project, index + 1)))
+    index = await _letter(project, request.args.get("stage"))
+    return _text(str(await tracker().read(lambda store: store.pending_count(project, index + 1))))
 
 
 @blueprint.post(BASE + "/api/updateProgress")
@@ -136,7 +137,7 @@ async def update_progress(project: str) -> Response:
     return _text("200 OK")
 
 
-def _current_job(project: str, token: str, *, for_completion: bool = False) -> int | None:
+async def _current_job(project: str, token: str, *, for_completion: bool = False) -> int | None:
     """The job a compat call refers to: the original's API never names it.
 
     For a completion that is the job the worker was last given, even when
@@ -145,7 +146,8 @@ def _current_job(project: str, token: str, *, for_completion: bool = False) -> i
     for a result it throws away.
     """
     t = tracker()
-    held, last_claimed = t.store.held_jobs(project, token, t.clock())
+    now = t.clock()
+    held, last_claimed = await t.read(lambda store: store.held_jobs(project, token, now))
     if held:
         return held[0]
     return last_claimed if for_completion else None
@@ -159,7 +161,7 @@ async def complete_job(project: str) -> Response:
     if not isinstance(data, str):
         # The client always sends a string (JSON travels "<!json!>"-prefixed); a bare number is a bug.
         return _text("The worker did not submit valid data.", 400)
-    job_id = _current_job(project, token, for_completion=True)
+    job_id = await _current_job(project, token, for_completion=True)
     if job_id is None:
         return _text("You do not have an open job.", 403)
     try:
@@ -174,7 +176,7 @@ async def complete_job(project: str) -> Response:
 async def flag_invalid_data(project: str) -> Response:
     body = await json_object()
     token = _token(body)
-    job_id = _current_job(project, token)
+    job_id = await _current_job(project, token)
     if job_id is None:
         return _text("This worker is not currently working on a job.", 403)
     try:
@@ -195,8 +197,8 @@ async def bye(project: str) -> Response:
 async def worker_page(project: str, stage: str, name: str) -> Response:
     """A worker's page, as the URL the client logs at start-up promises."""
     t = tracker()
-    definition = t.store.project(project)
-    info = t.store.worker_by_name(project, name, t.clock())
+    now = t.clock()
+    definition, info = await t.read(lambda store: (store.project(project), store.worker_by_name(project, name, now)))
     if stage.lower() not in (info["stage_letter"], info["stage"].lower()):
         return _text(f"Worker {name} works on stage {info['stage_letter']}, not {stage}.", 404)
     e = html.escape

@@ -53,7 +53,7 @@ def read_asset(name: str) -> bytes:
     return resources.files("ocf.jobs").joinpath("static", name).read_bytes()
 
 
-def page_status() -> int:
+async def page_status() -> int:
     """200 if the page has something to show, 404 if it can only explain why not."""
     tracker = hosted_tracker()
     if tracker is None:
@@ -61,7 +61,7 @@ def page_status() -> int:
     name = request.args.get("project")
     if name:
         try:
-            tracker.store.project(name)
+            await tracker.project(name)
         except ProjectNotFound:
             return 404
     return 200
@@ -77,8 +77,13 @@ def asset_response(name: str, content_type: str, status: int = 200) -> Response:
 
 @blueprint.get("/dashboard")
 async def dashboard() -> Response:
-    status = page_status()
-    page = firstview.render(read_asset(PAGE).decode(), hosted_tracker(), request.args.get("project") or None)
+    status = await page_status()
+    tracker = hosted_tracker()
+    template, wanted = read_asset(PAGE).decode(), request.args.get("project") or None
+    if tracker is None:
+        page = firstview.render(template, None, wanted)
+    else:
+        page = await tracker.read(lambda store: firstview.render(template, tracker, wanted))
     response = Response(page, status=status, content_type="text/html; charset=utf-8")
     response.headers.update(SECURITY_HEADERS)
     response.headers["Cache-Control"] = "no-cache"

@@ -13,7 +13,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import BadRequest, Conflict, GatewayRequestError, JobsError, NotFound, PayloadTooLarge
+from ..errors import (
+    BadRequest,
+    Conflict,
+    GatewayRequestError,
+    JobsError,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    StoreUnavailable,
+)
 
 #: A domain error's ``kind`` -> the gateway error (status, OpenAI error type) a client is told.
 HTTP_ERRORS: dict[str, type[GatewayRequestError]] = {
@@ -21,11 +30,14 @@ HTTP_ERRORS: dict[str, type[GatewayRequestError]] = {
     "not_found": NotFound,
     "conflict": Conflict,
     "too_large": PayloadTooLarge,
+    "unavailable": ServiceUnavailable,
 }
 
 
 def http_error(exc: JobsError) -> GatewayRequestError:
     """The HTTP answer for ``exc``: same message and code, the status of its kind."""
+    if isinstance(exc, StoreUnavailable):
+        return ServiceUnavailable(exc.message, retry_after=exc.retry_after, code=exc.code)
     return HTTP_ERRORS[exc.kind](exc.message, code=exc.code)
 
 

@@ -38,6 +38,7 @@ holds the parsing both share.
 from __future__ import annotations
 
 import json
+import operator
 from typing import Any
 from collections.abc import AsyncIterator
 
@@ -153,8 +154,8 @@ async def list_projects():  # type: ignore[no-untyped-def]
     t = tracker()
     now = t.clock()
     out = []
-    for project in t.store.projects():
-        stats = t.store.stats(project.name, now)
+    listing = await t.read(lambda store: [(p, store.stats(p.name, now)) for p in store.projects()])
+    for project, stats in listing:
         out.append(
             {
                 **project.to_json(),
@@ -175,8 +176,7 @@ async def create_project(project: str):  # type: ignore[no-untyped-def]
 @blueprint.get("/v1/jobs/<project>")
 async def get_project(project: str):  # type: ignore[no-untyped-def]
     t = tracker()
-    definition = t.store.project(project)
-    counts = t.store.counts(project)
+    definition, counts = await t.read(lambda store: (store.project(project), store.counts(project)))
     out = definition.to_json()
     for stage, c in zip(out["stages"], counts, strict=True):
         stage.update(c)
@@ -189,7 +189,7 @@ async def get_project(project: str):  # type: ignore[no-untyped-def]
 @blueprint.post("/v1/jobs/<project>/jobs")
 async def add_jobs(project: str):  # type: ignore[no-untyped-def]
     t = tracker()
-    t.store.project(project)  # 404 before reading a large body
+    await t.project(project)  # 404 before reading a large body
     key = request.headers.get("Idempotency-Key") or None
     if key is not None and len(key) > 200:
         raise BadRequest("Idempotency-Key must be at most 200 characters", code="bad_idempotency_key")
@@ -201,7 +201,7 @@ async def add_jobs(project: str):  # type: ignore[no-untyped-def]
 
 @blueprint.get("/v1/jobs/<project>/jobs/<int:job_id>")
 async def get_job(project: str, job_id: int):  # type: ignore[no-untyped-def]
-    return jsonify(tracker().store.job(project, job_id))
+    return jsonify(await tracker().read(lambda store: store.job(project, job_id)))
 
 
 # --- workers ----------------------------------------------------------------------------
@@ -214,7 +214,7 @@ async def register(project: str):  # type: ignore[no-untyped-def]
     worker = await tracker().register_worker(
         project, nickname=nickname, user=body.get("user"), stage=body.get("stage", 1)
     )
-    stage = tracker().store.project(project).stages[worker["stage"]]
+    stage = (await tracker().project(project)).stages[worker["stage"]]
     return jsonify(
         token=worker["token"],
         name=worker["name"],
@@ -236,15 +236,12 @@ async def list_workers(project: str):  # type: ignore[no-untyped-def]
     t = tracker()
     offset = int(parse_number(request.args.get("offset"), "offset", 0, 10**9, 0))
     limit = int(parse_number(request.args.get("limit"), "limit", 1, views.MAX_PAGE, 100))
+    stage, include_idle, now = request.args.get("stage") or None, flag_arg("all"), t.clock()
     return jsonify(
-        views.list_workers(
-            t.store,
-            project,
-            t.clock(),
-            stage=request.args.get("stage") or None,
-            include_idle=flag_arg("all"),
-            offset=offset,
-            limit=limit,
+        await t.read(
+            lambda store: views.list_workers(
+                store, project, now, stage=stage, include_idle=include_idle, offset=offset, limit=limit
+            )
         )
     )
 
@@ -252,7 +249,8 @@ async def list_workers(project: str):  # type: ignore[no-untyped-def]
 @blueprint.get("/v1/jobs/<project>/workers/<name>")
 async def worker_page(project: str, name: str):  # type: ignore[no-untyped-def]
     t = tracker()
-    return jsonify(t.store.worker_by_name(project, name, t.clock()))
+    now = t.clock()
+    return jsonify(await t.read(lambda store: store.worker_by_name(project, name, now)))
 
 
 @blueprint.post("/v1/jobs/<project>/jobs/<int:job_id>/complete")
@@ -287,7 +285,8 @@ async def bye(project: str):  # type: ignore[no-untyped-def]
 @blueprint.get("/v1/jobs/<project>/stats")
 async def stats(project: str):  # type: ignore[no-untyped-def]
     t = tracker()
-    return jsonify(t.store.stats(project, t.clock()))
+    now = t.clock()
+    return jsonify(await t.read(lambda store: store.stats(project, now)))
 
 
 @blueprint.get("/v1/jobs/<project>/leaderboard")
@@ -295,20 +294,21 @@ async def leaderboard(project: str):  # type: ignore[no-untyped-def]
     t = tracker()
     limit = int(parse_number(request.args.get("limit"), "limit", 1, 10_000, 50))
     offset = int(parse_number(request.args.get("offset"), "offset", 0, 10**9, 0))
-    return jsonify(t.store.leaderboard(project, t.clock(), limit=limit, offset=offset))
+    now = t.clock()
+    return jsonify(await t.read(lambda store: store.leaderboard(project, now, limit=limit, offset=offset)))
 
 
 @blueprint.get("/v1/jobs/<project>/failures")
 async def failures(project: str):  # type: ignore[no-untyped-def]
     limit = int(parse_number(request.args.get("limit"), "limit", 1, 1000, 100))
-    return jsonify(failures=tracker().store.failures(project, limit=limit))
+    return jsonify(failures=await tracker().read(lambda store: store.failures(project, limit=limit)))
 
 
 @blueprint.get("/v1/jobs/<project>/results")
 async def results(project: str):  # type: ignore[no-untyped-def]
     """JSON lines, streamed page by page so a million results never sit in memory."""
-    store = tracker().store
-    store.project(project)
+    t = tracker()
+    await t.project(project)
     after = int(parse_number(request.args.get("after"), "after", 0, 2**63, 0))
     limit = int(parse_number(request.args.get("limit"), "limit", 1, 2**63, 2**63))
     with_input = flag_arg("input")
@@ -317,7 +317,10 @@ async def results(project: str):  # type: ignore[no-untyped-def]
         nonlocal after
         sent = 0
         while sent < limit:
-            page = store.results(project, after=after, limit=min(RESULTS_PAGE, limit - sent), with_input=with_input)
+            size = min(RESULTS_PAGE, limit - sent)
+            page = await t.read(
+                operator.methodcaller("results", project, after=after, limit=size, with_input=with_input)
+            )
             if not page:
                 return
             yield b"".join(json.dumps(r, separators=(",", ":"), ensure_ascii=False).encode() + b"\n" for r in page)
@@ -334,12 +337,14 @@ async def results(project: str):  # type: ignore[no-untyped-def]
 async def events(project: str):  # type: ignore[no-untyped-def]
     """Server-sent events: a ``stats`` event now and after changes (at most two a second)."""
     t = tracker()
-    t.store.project(project)
+    await t.project(project)
 
     async def stream() -> AsyncIterator[bytes]:
         while True:
             version = t.version
-            payload = json.dumps(t.store.stats(project, t.clock()), separators=(",", ":"))
+            now = t.clock()
+            stats = await t.read(operator.methodcaller("stats", project, now))
+            payload = json.dumps(stats, separators=(",", ":"))
             yield f"event: stats\ndata: {payload}\n\n".encode()
             with trio.move_on_after(EVENTS_KEEPALIVE) as scope:
                 await t.wait_changed(version)

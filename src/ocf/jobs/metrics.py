@@ -27,12 +27,17 @@ class TrackerCollector(Collector):
         results = GaugeMetricFamily(
             "ocf_jobs_results", "Results (last-stage outputs) of each project.", labels=["project"]
         )
-        store = self.tracker.store
-        for project in store.projects():
-            for stage, counts in zip(project.stages, store.counts(project.name), strict=True):
+        tracker = self.tracker
+        if tracker.blocking:  # a scrape runs on the event loop: use the tracker's recent copy
+            snapshot = tracker.counts_snapshot
+        else:
+            store = tracker.store
+            snapshot = [(p, store.counts(p.name), store.result_count(p.name)) for p in store.projects()]
+        for project, per_stage, result_count in snapshot:
+            for stage, counts in zip(project.stages, per_stage, strict=True):
                 for state, value in counts.items():
                     jobs.add_metric([project.name, stage.name, state], value)
-            results.add_metric([project.name], store.result_count(project.name))
+            results.add_metric([project.name], result_count)
         yield jobs
         yield results
         yield GaugeMetricFamily(

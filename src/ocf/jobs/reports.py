@@ -11,7 +11,7 @@ from typing import Any
 from ..errors import WorkerNotFound
 from .core import ACTIVE_WINDOW, StoreCore
 from .keys import U32, U64, loads
-from .model import STAGE_LETTERS
+from .model import STAGE_LETTERS, Project
 from .txn import Tx
 
 
@@ -58,55 +58,7 @@ class Reports(StoreCore):
             failures = [loads(raw, "failure") for _, raw in tx.scan_reverse("failures", tx.p, 10)]
             results = tx.count("results")
             first_done = [tx.count(f"s{i}.first_ms") / 1000.0 for i in range(len(project.stages))]
-        stages: list[dict[str, Any]] = []
-        expected_prev = None
-        eta: float | None = 0.0
-        for i, (stage, c) in enumerate(zip(project.stages, counts, strict=True)):
-            total = c["pending"] + c["leased"] + c["done"] + c["failed"]
-            # Jobs reach stage i+1 only as stage i finishes; without fan-out we
-            # know how many will come, so progress is against that.
-            expected = total
-            if expected_prev is not None and not project.stages[i - 1].fanout:
-                expected = max(total, expected_prev)
-            # Completions of the last 15 minutes over the time they really span: a stage that
-            # started a minute ago is measured over that minute, not over 900 s.
-            window_start = max((minute_now - 14) * 60, first_done[i] or now)
-            window = max(now - window_start, 1.0)
-            rate = sum(v[i] for m, v in series.items() if m >= minute_now - 14) / window
-            remaining = max(expected - c["done"] - c["failed"], 0)
-            stage_eta = remaining / rate if rate > 0 else (None if remaining else 0.0)
-            if eta is not None:
-                eta = None if stage_eta is None else max(eta, stage_eta)
-            stages.append(
-                dict(
-                    name=stage.name,
-                    letter=STAGE_LETTERS[i],
-                    lease_timeout=stage.lease_timeout,
-                    fanout=stage.fanout,
-                    **c,
-                    total=total,
-                    expected=expected,
-                    progress=round((c["done"] + c["failed"]) / expected, 4) if expected else 0.0,
-                    rate_per_s=round(rate, 3),
-                    workers_active=workers_active[i],
-                )
-            )
-            expected_prev = expected - c["failed"]
-        overall = sum(s["progress"] for s in stages) / len(stages) if stages else 0.0
-        return {
-            "project": project.name,
-            "time": now,
-            "stages": stages,
-            "completion": round(overall, 4),
-            "eta_seconds": None if eta is None else round(eta, 1),
-            "results": results,
-            "workers": {"total": workers_total, "active": sum(workers_active)},
-            "throughput": [
-                {"minute": m * 60, "completed": series.get(m, [0] * len(project.stages))}
-                for m in range(minute_now - 59, minute_now + 1)
-            ],
-            "recent_failures": failures,
-        }
+        return build_stats(project, counts, series, workers_active, workers_total, failures, results, first_done, now)
 
     def _board_count(self, tx: Tx, kind: bytes, who: str, stage: int) -> int:
         raw = tx.get("board", tx.p + b"A" + kind + who.encode() + b"\x00" + bytes([stage]))
@@ -134,28 +86,7 @@ class Reports(StoreCore):
                 rest = key[len(tx.p) + 5 :]
                 who, stage = rest[1:-2].decode(), rest[-1]
                 add("last_24h", rest[:1], who, stage, U64.unpack(raw)[0])
-        out: dict[str, Any] = {
-            "project": project.name,
-            "stages": stage_names,
-            "offset": offset,
-            "limit": limit,
-            "total": {},
-        }
-        for kind, table in tables.items():
-            rows: list[dict[str, Any]] = [
-                {
-                    "name": who,
-                    "all_time": row["all_time"],
-                    "last_24h": row["last_24h"],
-                    "total": sum(row["all_time"].values()),
-                    "total_24h": sum(row["last_24h"].values()),
-                }
-                for who, row in table.items()
-            ]
-            rows.sort(key=lambda r: (-r["total"], r["name"]))
-            out["total"][kind] = len(rows)
-            out[kind] = rows[offset : offset + limit]
-        return out
+        return board_page(project, tables, offset=offset, limit=limit)
 
     def results(
         self, name: str, *, after: int = 0, limit: int = 1000, with_input: bool = False
@@ -180,6 +111,12 @@ class Reports(StoreCore):
                 if len(out) >= limit:
                     break
         return out
+
+    def worker_records(self, name: str) -> list[dict[str, Any]]:
+        """Every registered worker of a project (its record, with ``leases``), for the operator's list."""
+        project = self.project(name)
+        with self._read(project) as tx:
+            return [loads(raw, "worker") for _, raw in tx.scan("workers", tx.p)]
 
     def failures(self, name: str, *, limit: int = 100) -> list[dict[str, Any]]:
         project = self.project(name)
@@ -211,3 +148,98 @@ class Reports(StoreCore):
                 "current_jobs": list(worker["leases"]),
                 "completed_by_stage": stages,
             }
+
+
+def build_stats(
+    project: Project,
+    counts: list[dict[str, int]],
+    series: dict[int, list[int]],
+    workers_active: list[int],
+    workers_total: int,
+    failures: list[Any],
+    results: int,
+    first_done: list[float],
+    now: float,
+) -> dict[str, Any]:
+    """The dashboard's numbers from what a store read in one snapshot (shared by the LMDB and PostgreSQL stores)."""
+    minute_now = int(now // 60)
+    stages: list[dict[str, Any]] = []
+    expected_prev = None
+    eta: float | None = 0.0
+    for i, (stage, c) in enumerate(zip(project.stages, counts, strict=True)):
+        total = c["pending"] + c["leased"] + c["done"] + c["failed"]
+        # Jobs reach stage i+1 only as stage i finishes; without fan-out we
+        # know how many will come, so progress is against that.
+        expected = total
+        if expected_prev is not None and not project.stages[i - 1].fanout:
+            expected = max(total, expected_prev)
+        # Completions of the last 15 minutes over the time they really span: a stage that
+        # started a minute ago is measured over that minute, not over 900 s.
+        window_start = max((minute_now - 14) * 60, first_done[i] or now)
+        window = max(now - window_start, 1.0)
+        rate = sum(v[i] for m, v in series.items() if m >= minute_now - 14) / window
+        remaining = max(expected - c["done"] - c["failed"], 0)
+        stage_eta = remaining / rate if rate > 0 else (None if remaining else 0.0)
+        if eta is not None:
+            eta = None if stage_eta is None else max(eta, stage_eta)
+        stages.append(
+            dict(
+                name=stage.name,
+                letter=STAGE_LETTERS[i],
+                lease_timeout=stage.lease_timeout,
+                fanout=stage.fanout,
+                **c,
+                total=total,
+                expected=expected,
+                progress=round((c["done"] + c["failed"]) / expected, 4) if expected else 0.0,
+                rate_per_s=round(rate, 3),
+                workers_active=workers_active[i],
+            )
+        )
+        expected_prev = expected - c["failed"]
+    overall = sum(s["progress"] for s in stages) / len(stages) if stages else 0.0
+    return {
+        "project": project.name,
+        "time": now,
+        "stages": stages,
+        "completion": round(overall, 4),
+        "eta_seconds": None if eta is None else round(eta, 1),
+        "results": results,
+        "workers": {"total": workers_total, "active": sum(workers_active)},
+        "throughput": [
+            {"minute": m * 60, "completed": series.get(m, [0] * len(project.stages))}
+            for m in range(minute_now - 59, minute_now + 1)
+        ],
+        "recent_failures": failures,
+    }
+
+
+#: users|workers -> name -> all_time|last_24h -> stage name -> completions
+BoardTables = dict[str, dict[str, dict[str, dict[str, int]]]]
+
+
+def board_page(project: Project, tables: BoardTables, *, offset: int, limit: int) -> dict[str, Any]:
+    """The leaderboard answer from per-user and per-worker tallies, most productive first."""
+    stage_names = [s.name for s in project.stages]
+    out: dict[str, Any] = {
+        "project": project.name,
+        "stages": stage_names,
+        "offset": offset,
+        "limit": limit,
+        "total": {},
+    }
+    for kind, table in tables.items():
+        rows: list[dict[str, Any]] = [
+            {
+                "name": who,
+                "all_time": row["all_time"],
+                "last_24h": row["last_24h"],
+                "total": sum(row["all_time"].values()),
+                "total_24h": sum(row["last_24h"].values()),
+            }
+            for who, row in table.items()
+        ]
+        rows.sort(key=lambda r: (-r["total"], r["name"]))
+        out["total"][kind] = len(rows)
+        out[kind] = rows[offset : offset + limit]
+    return out

@@ -13,23 +13,27 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import operator
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
-from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, Union, cast
+from collections.abc import Callable, Sequence
 
 import attrs
 import trio
 
 from .. import log as logfmt
+from ..errors import StoreUnavailable
+from .model import Project
 from .store import JobStore
 from .writer import WriterThread
 import trio.lowlevel
 
 if TYPE_CHECKING:
-    from ..config import Config
-    from ..ports import InternalServices
-    from ..store import Store
+    from .pg import PgJobStore
+
+#: Either store: the embedded LMDB one (the default) or PostgreSQL, shared by several nodes.
+TrackerStore = Union["JobStore", "PgJobStore"]
 
 log = logging.getLogger("ocf.jobs")
 
@@ -38,13 +42,17 @@ MAX_REAPER_SLEEP = 5.0
 MAX_CLAIM_WAIT = 60.0
 CREATE_CHUNK = 2000
 CHECK_SLICE = 1000
+PARALLEL_BATCHES = 4  # PostgreSQL batches in flight at once per node
+READ_THREADS = 4  # concurrent PostgreSQL reads (dashboard, reports) per node
+STORE_RETRY = 2.0  # seconds the reaper waits before trying an unreachable database again
+SNAPSHOT_INTERVAL = 5.0  # seconds between refreshes of the /metrics counts of a blocking store
 
 
 T = TypeVar("T")
 
 #: One store operation for the group commit: it runs on the writer thread, in its own child
 #: transaction, so it must not read the clock or anything else the Trio thread changes.
-StoreOp = Callable[[JobStore], T]
+StoreOp = Callable[["TrackerStore"], T]
 #: What to do if the caller leaves after the operation began: given its result, the operation
 #: that hands back what it leased (or None when it leased nothing).
 Undo = Callable[[T], "StoreOp[int] | None"]
@@ -79,9 +87,15 @@ class Tracker:
     """Mutations go through here so waiters learn of them; reads may use :attr:`store`."""
 
     def __init__(
-        self, store: JobStore, clock: Callable[[], float] = time.time, *, create_chunk: int = CREATE_CHUNK
+        self, store: TrackerStore, clock: Callable[[], float] = time.time, *, create_chunk: int = CREATE_CHUNK
     ) -> None:
         self.store = store
+        #: PostgreSQL's store blocks on the network: its reads go to worker threads, never this one.
+        self.blocking: bool = getattr(store, "blocking", False)
+        self._read_limiter = trio.CapacityLimiter(READ_THREADS)
+        #: Per-project job counts for /metrics when reading them would block (refreshed by a task).
+        self.counts_snapshot: list[tuple[Any, list[dict[str, int]], int]] = []
+        self._store_log = logfmt.RateLimitedLog(log, 30.0)
         self.clock = clock
         self.create_chunk = create_chunk
         # Job creation is chunked across transactions; one creation at a time keeps each
@@ -101,11 +115,40 @@ class Tracker:
         self._work = trio.Event()
         self._committer: trio.lowlevel.Task | None = None
 
+    # --- reads ---------------------------------------------------------------------------------
+
+    async def read(self, fn: Callable[[TrackerStore], T]) -> T:
+        """``fn(store)``: inline for LMDB (a read never waits), on a worker thread for PostgreSQL."""
+        if not self.blocking:
+            return fn(self.store)
+        return await trio.to_thread.run_sync(fn, self.store, limiter=self._read_limiter)
+
+    async def project(self, name: str) -> Project:
+        """A project's definition (404 if unknown); cached by either store once seen."""
+        cached = getattr(self.store, "cached_project", None)
+        if cached is not None:
+            project: Project | None = cached(name)
+            if project is not None:
+                return project
+        return await self.read(lambda store: store.project(name))
+
     # --- change notification ----------------------------------------------------------------
 
+    def remote_changed(self, stages: list[tuple[str, int]] | None) -> None:
+        """Another node committed a change (its NOTIFY): wake who waits here, as a local commit would."""
+        if stages is None:
+            events = list(self._stage_events.values())
+            self._stage_events.clear()
+        else:
+            events = [e for e in (self._stage_events.pop(key, None) for key in stages) if e is not None]
+        for event in events:
+            event.set()
+        self.version += 1
+        self._wake()
+
     def notify(self) -> None:
-        # Called between batches only (the writer thread is idle then): it swaps the store's
-        # set of enqueued stages, which the writer fills while a batch runs.
+        # Swaps the store's set of enqueued stages, which a batch fills as it runs: between batches
+        # for LMDB (its writer thread is idle then); the PostgreSQL store guards the swap with a lock.
         for key in self.store.take_enqueued():
             event = self._stage_events.pop(key, None)
             if event is not None:
@@ -203,6 +246,9 @@ class Tracker:
                 op.error = exc
 
     async def run_committer(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        if self.blocking:
+            await self._run_parallel_committer(task_status)
+            return
         self._committer = trio.lowlevel.current_task()
         writer = self._writer = WriterThread()
         self.store.yield_gil = _release_gil
@@ -230,6 +276,47 @@ class Tracker:
                 op.done.set()
             writer.close()
 
+    async def _run_parallel_committer(self, task_status: Any) -> None:
+        """Group commit for a networked store: up to ``PARALLEL_BATCHES`` batches in flight at once.
+
+        A PostgreSQL batch spends most of its time waiting for round trips, not
+        for a disk or a lock, so while one waits another can run on its own
+        connection (the database orders them with row locks, as it does the
+        batches of other nodes). A batch starts when a writer is free and takes
+        every operation queued by then, so under load batches grow instead of queueing.
+        """
+        self._committer = trio.lowlevel.current_task()
+        writers = trio.CapacityLimiter(PARALLEL_BATCHES)
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    await self._work.wait()
+                    self._work = trio.Event()
+                    borrower = object()
+                    await writers.acquire_on_behalf_of(borrower)
+                    await trio.lowlevel.checkpoint()  # requests made runnable by the same I/O join this batch
+                    ops, self._queue = [op for op in self._queue if not op.abandoned], []
+                    if not ops:
+                        writers.release_on_behalf_of(borrower)
+                        continue
+                    nursery.start_soon(self._commit_in_thread, ops, writers, borrower)
+        finally:
+            self._committer = None
+            for op in self._queue:
+                op.error = RuntimeError("job tracker stopped")
+                op.done.set()
+
+    async def _commit_in_thread(self, ops: list[_Op[Any]], writers: trio.CapacityLimiter, borrower: object) -> None:
+        try:
+            # Not cancellable once handed over: the thread finishes (commits or rolls back) first.
+            await trio.to_thread.run_sync(self._run_batch, ops)
+        finally:
+            writers.release_on_behalf_of(borrower)
+        self.notify()
+        for op in ops:
+            op.done.set()
+
     async def create_project(self, name: str, body: Any) -> Any:
         now = self.clock()
         project, created = await self._batched(lambda store: store.create_project(name, body, now))
@@ -247,16 +334,17 @@ class Tracker:
         idempotency key, a request cut short (a crash mid-way) resumes where
         its last durable chunk ended when retried, instead of duplicating it.
         """
-        self.store.project(name)
+        await self.project(name)
         for start in range(0, len(inputs), CHECK_SLICE):
             for value in inputs[start : start + CHECK_SLICE]:
                 self.store.check_payload(value, "job input")
             await trio.lowlevel.checkpoint()
         async with self._create_lock:
             carry: dict[str, Any] | None = None
+            answer: dict[str, Any]
             position = 0
             if idempotency_key:
-                previous = self.store.creation_record(name, idempotency_key)
+                previous = await self.read(lambda store: store.creation_record(name, idempotency_key))
                 if previous is not None and previous.get("done", True):
                     previous.pop("done", None)
                     return dict(previous, repeated=True)
@@ -266,19 +354,19 @@ class Tracker:
                 chunk = inputs[position : position + self.create_chunk]
                 position += len(chunk)
                 final = position >= len(inputs)
-                # partial, not a lambda: it binds this iteration's chunk and carry now.
-                op = functools.partial(
-                    JobStore.add_jobs,
-                    name=name,
+                # methodcaller, not a lambda: it binds this iteration's chunk and carry now.
+                op = operator.methodcaller(
+                    "add_jobs",
+                    name,
                     inputs=chunk,
                     now=self.clock(),
                     idempotency_key=idempotency_key,
                     carry=carry,
                     final=final,
                 )
-                carry = await self._batched(op)
+                carry = answer = await self._batched(op)
                 if final:
-                    return carry
+                    return answer
 
     async def register_worker(self, name: str, *, nickname: str, stage: Any, user: str | None = None) -> dict[str, Any]:
         now = self.clock()
@@ -303,7 +391,8 @@ class Tracker:
         )
         if jobs or wait <= 0:
             return jobs
-        key = (name, self.store.worker_stage(name, token, self.clock()))
+        now = self.clock()
+        key = (name, await self.read(lambda store: store.worker_stage(name, token, now)))
         self.waiting_claims += 1
         self._wake()
         try:
@@ -313,9 +402,7 @@ class Tracker:
                     if event is None:
                         event = self._stage_events[key] = trio.Event()
                     await event.wait()
-                    again = functools.partial(
-                        JobStore.claim, name=name, token=token, now=self.clock(), limit=limit, stage=stage
-                    )
+                    again = operator.methodcaller("claim", name, token, self.clock(), limit=limit, stage=stage)
                     jobs = await self._batched(again, undo=hand_back)
                     if jobs:
                         return jobs
@@ -372,10 +459,14 @@ class Tracker:
             failed = sum(1 for *_, state in expired if state == "failed")
             log.info("leases expired %s", logfmt.kv(jobs=len(expired), requeued=len(expired) - failed, failed=failed))
 
-    def expire_at_start(self) -> list[tuple[str, int, str]]:
+    async def expire_at_start(self) -> list[tuple[str, int, str]]:
         """Expire leases that ran out while the node was down (before the writer thread runs)."""
         now = self.clock()
-        expired = self._mutate(lambda store: store.expire(now))
+        if self.blocking:
+            expired = await self.read(lambda store: store.expire(now))
+            self.notify()
+        else:
+            expired = self._mutate(lambda store: store.expire(now))
         self._log_expired(expired)
         return expired
 
@@ -389,55 +480,46 @@ class Tracker:
         return await self._batched(lambda store: store.forget_idle_workers(now))
 
     async def run_reaper(self) -> None:
-        """Return expired leases to pending at their deadline, for as long as the node runs."""
+        """Return expired leases to pending at their deadline, for as long as the node runs.
+
+        With PostgreSQL every node runs one; they share the work safely (a lease
+        locked by one reaper is skipped by the others). A database that is down
+        pauses the reaper, it does not stop it.
+        """
         next_sweep = self.clock() + IDLE_SWEEP_INTERVAL
         while True:
-            now = self.clock()
-            if now >= next_sweep:
-                forgotten = await self._forget_idle_workers(now)
-                if forgotten:  # the committer notified waiters after that batch
-                    log.info("idle workers forgotten %s", logfmt.kv(workers=forgotten))
-                next_sweep = now + IDLE_SWEEP_INTERVAL
-            due = self.store.next_expiry()
-            if due is not None and due <= now:
-                await self.expire_now()
-                await trio.lowlevel.checkpoint()  # let requests run between large batches
-                continue
-            delay = min(MAX_REAPER_SLEEP, next_sweep - now, (due - now) if due is not None else MAX_REAPER_SLEEP)
-            # A claim may create a lease due sooner than what we sleep for: wake on changes too.
-            with trio.move_on_after(max(delay, 0.001)):
-                await self._changed.wait()
+            try:
+                next_sweep = await self._reap_once(next_sweep)
+            except StoreUnavailable as exc:
+                self._store_log.log(
+                    logging.WARNING, "reaper", "job tracker reaper waits for its database", error=exc.message[:200]
+                )
+                with trio.move_on_after(STORE_RETRY):
+                    await self._changed.wait()
 
+    async def _reap_once(self, next_sweep: float) -> float:
+        now = self.clock()
+        if now >= next_sweep:
+            forgotten = await self._batched(lambda store: store.forget_idle_workers(now))
+            if forgotten:  # the committer notified waiters after that batch
+                log.info("idle workers forgotten %s", logfmt.kv(workers=forgotten))
+            next_sweep = now + IDLE_SWEEP_INTERVAL
+        due = await self.read(lambda store: store.next_expiry())
+        if due is not None and due <= now:
+            await self.expire_now()
+            await trio.lowlevel.checkpoint()  # let requests run between large batches
+            return next_sweep
+        delay = min(MAX_REAPER_SLEEP, next_sweep - now, (due - now) if due is not None else MAX_REAPER_SLEEP)
+        # A claim may create a lease due sooner than what we sleep for: wake on changes too.
+        with trio.move_on_after(max(delay, 0.001)):
+            await self._changed.wait()
+        return next_sweep
 
-@contextlib.asynccontextmanager
-async def open_tracker(
-    config: Config, store: Store, services: InternalServices | None = None
-) -> AsyncIterator[Tracker]:
-    """Host the tracker in ``store``: run its reaper and writer, register the ``jobs`` service with ``services``."""
-    jobs = JobStore(
-        store,
-        max_stages=config.jobs_max_stages,
-        max_attempts=config.jobs_max_attempts,
-        flag_threshold=config.jobs_flag_threshold,
-        flag_per_worker=config.jobs_flag_per_worker,
-        max_payload=config.jobs_max_payload,
-        default_lease=config.jobs_lease_timeout,
-        worker_timeout=config.jobs_worker_timeout,
-    )
-    tracker = Tracker(jobs, create_chunk=config.jobs_create_chunk)
-    expired = tracker.expire_at_start()  # leases that ran out while the node was down
-    log.info(
-        "job tracker started %s",
-        logfmt.kv(projects=len(jobs.projects()), expired_while_down=len(expired)),
-    )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(tracker.run_committer)
-        nursery.start_soon(tracker.run_reaper)
-        if services is not None:
-            services.register_internal("jobs", "/v1/jobs")
-        try:
-            yield tracker
-        finally:
-            if services is not None:
-                services.unregister_internal("jobs")
-            nursery.cancel_scope.cancel()
+    async def run_snapshots(self) -> None:
+        """Keep :attr:`counts_snapshot` fresh for /metrics (a scrape must not wait for the database)."""
+        while True:
+            with contextlib.suppress(StoreUnavailable):  # keep the last copy while the database is down
+                self.counts_snapshot = await self.read(
+                    lambda store: [(p, store.counts(p.name), store.result_count(p.name)) for p in store.projects()]
+                )
+            await trio.sleep(SNAPSHOT_INTERVAL)

@@ -11,14 +11,13 @@ from typing import Any
 
 from .model import STAGE_LETTERS
 from .core import ACTIVE_WINDOW
-from .keys import loads
-from .store import JobStore
+from .tracker import TrackerStore
 
 MAX_PAGE = 1000
 
 
 def list_workers(
-    store: JobStore,
+    store: TrackerStore,
     name: str,
     now: float,
     *,
@@ -36,27 +35,25 @@ def list_workers(
     project = store.project(name)
     stage_index = project.stage_index(stage) if stage is not None else None
     rows = []
-    with store._read(project) as tx:
-        for _, raw in tx.scan("workers", tx.p):
-            worker = loads(raw, "worker")
-            if stage_index is not None and worker["stage"] != stage_index:
-                continue
-            active = worker["last_seen"] + ACTIVE_WINDOW >= now
-            if not active and not include_idle:
-                continue
-            rows.append(
-                {
-                    "name": worker["name"],
-                    "user": worker["user"],
-                    "stage": project.stages[worker["stage"]].name,
-                    "stage_letter": STAGE_LETTERS[worker["stage"]],
-                    "current_jobs": list(worker["leases"]),
-                    "progress": worker["progress"],
-                    "jobs_completed": worker["completed"],
-                    "last_seen": worker["last_seen"],
-                    "active": active,
-                }
-            )
+    for worker in store.worker_records(name):
+        if stage_index is not None and worker["stage"] != stage_index:
+            continue
+        active = worker["last_seen"] + ACTIVE_WINDOW >= now
+        if not active and not include_idle:
+            continue
+        rows.append(
+            {
+                "name": worker["name"],
+                "user": worker["user"],
+                "stage": project.stages[worker["stage"]].name,
+                "stage_letter": STAGE_LETTERS[worker["stage"]],
+                "current_jobs": list(worker["leases"]),
+                "progress": worker["progress"],
+                "jobs_completed": worker["completed"],
+                "last_seen": worker["last_seen"],
+                "active": active,
+            }
+        )
     rows.sort(key=lambda r: (-r["jobs_completed"], -r["last_seen"], r["name"]))
     return {
         "project": project.name,
