@@ -1,0 +1,65 @@
+"""aioquic's sans-IO ``QuicConnection`` with the two things libp2p needs changed.
+
+- **Mutual authentication.** libp2p's TLS has the server ask for the client's
+  certificate; aioquic keeps that switch on its TLS context (off by default),
+  which exists only once the first Initial arrives, so we turn it on there.
+  With ``verify_mode=CERT_NONE`` aioquic checks only that each side holds its
+  certificate's key; :mod:`.tls` then checks the libp2p extension.
+- **Receive credit follows the application.** aioquic raises a stream's
+  flow-control limit as data *arrives*, so a peer could make us buffer
+  without bound while nobody reads. Here a stream's limit is what the
+  application has consumed plus one window, as yamux's is, so an unread
+  stream stops its sender after one window.
+"""
+
+from __future__ import annotations
+
+from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection
+from aioquic.quic.packet import QuicFrameType
+from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.recovery import QuicPacketSpace
+from aioquic.quic.stream import QuicStream
+
+
+class Libp2pQuicConnection(QuicConnection):
+    """A QUIC connection with libp2p's mutual TLS and consumption-based stream credit."""
+
+    def __init__(self, *, stream_window: int, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.stream_window = stream_window
+        #: bytes of each stream the application has read (the driver adds to it)
+        self.consumed: dict[int, int] = {}
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        if not self._is_client:
+            self.tls._request_client_certificate = True
+
+    def credit_due(self, stream_id: int) -> bool:
+        """True when enough was read on ``stream_id`` that a MAX_STREAM_DATA should go out now."""
+        stream = self._streams.get(stream_id)
+        if stream is None or not stream.max_stream_data_local:
+            return False
+        target = self.consumed.get(stream_id, 0) + self.stream_window
+        return target - stream.max_stream_data_local_sent >= self.stream_window // 2
+
+    def forget_stream(self, stream_id: int) -> None:
+        self.consumed.pop(stream_id, None)
+
+    def _write_stream_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: QuicStream) -> None:
+        sid = stream.stream_id
+        if sid is None or not stream.max_stream_data_local or stream.receiver.is_finished:
+            return  # our own unidirectional streams, or nothing more will arrive
+        target = self.consumed.get(sid, 0) + self.stream_window
+        if target - stream.max_stream_data_local >= self.stream_window // 2:
+            stream.max_stream_data_local = target
+        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
+            buf = builder.start_frame(
+                QuicFrameType.MAX_STREAM_DATA,
+                capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
+                handler=self._on_max_stream_data_delivery,
+                handler_args=(stream,),
+            )
+            buf.push_uint_var(sid)
+            buf.push_uint_var(stream.max_stream_data_local)
+            stream.max_stream_data_local_sent = stream.max_stream_data_local
