@@ -109,3 +109,13 @@ async def test_quic_disabled_and_bad_address() -> None:
             await b.connect("/ip4/127.0.0.1/udp/1/quic-v1")
         with pytest.raises(PeerUnreachable):
             await b.connect("/ip4/127.0.0.1/udp/quic-v1")
+
+
+@pytest.mark.trio
+async def test_ocf_ping_command_takes_quic_addrs(capsys: pytest.CaptureFixture[str]) -> None:
+    from ocf.cli.ping import _ping
+
+    async with two_hosts() as (a, _b):
+        assert await _ping(quic_addr(a), 2, 0.01, 5.0) == 0
+    out = capsys.readouterr().out
+    assert "2 pings transmitted, 2 received" in out and "/quic-v1" in out
