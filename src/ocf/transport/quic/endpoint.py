@@ -28,6 +28,7 @@ a dropped datagram, so nothing here awaits to send.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -64,6 +65,7 @@ MAX_DATAGRAM = 65535
 #: Datagrams read per wakeup before other tasks get a turn.
 RECEIVE_BATCH = 64
 RETRY_MODES = ("auto", "always", "never")
+SOCKET_BUFFER = 4 << 20
 
 InboundCallback = Callable[[QuicMuxedConnection, HandshakeSlot], Awaitable[None]]
 ConfigFactory = Callable[[bool], "QuicConfiguration"]
@@ -114,6 +116,11 @@ class QuicEndpoint:
         if retry not in RETRY_MODES:
             raise ValueError(f"retry must be one of {RETRY_MODES}")
         sock.setblocking(False)
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            # A burst of a congestion window's worth of datagrams must fit while the
+            # receiving task waits for its turn; the kernel caps this at its maximum.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
         self.sock = sock
         self._raw = sock
         self._make_config = make_config
