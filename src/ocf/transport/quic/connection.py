@@ -198,9 +198,16 @@ class QuicMuxedConnection:
         if self.close_reason is None:
             self.close_reason = reason
         self.going_away = True
-        if not self.terminated.is_set():
-            self.quic.close(error_code=QuicErrorCode.NO_ERROR, reason_phrase=reason[:64])
-            self.flush()
+        if self.terminated.is_set():
+            return
+        paths = self.quic._network_paths
+        if not self.is_client and (not paths or not paths[0].is_validated):
+            # A source that never proved its address may be spoofed: a CONNECTION_CLOSE
+            # would be one more datagram at a victim, past the 3x amplification budget.
+            self._terminate(reason)
+            return
+        self.quic.close(error_code=QuicErrorCode.NO_ERROR, reason_phrase=reason[:64])
+        self.flush()
 
     # --- the machine ----------------------------------------------------------------------------
 

@@ -79,6 +79,7 @@ class EndpointStats:
     datagrams_out: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    routed: int = 0  # to a known connection
     dropped_malformed: int = 0
     dropped_unknown: int = 0
     dropped_short_initial: int = 0
@@ -213,6 +214,7 @@ class QuicEndpoint:
             return
         conn = self._conns.get(header.destination_cid)
         if conn is not None:
+            stats.routed += 1
             try:
                 conn.feed(data, addr, trio.current_time())
             except Exception as exc:  # noqa: BLE001 - see flush_dirty
