@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("ocf.transport.quic")
 
 KEEPALIVE_INTERVAL = 15.0
-CLOSE_GRACE = 1.0
 #: TLS alert bad_certificate, as QUIC carries TLS alerts (CRYPTO_ERROR + alert).
 BAD_CERTIFICATE = QuicErrorCode.CRYPTO_ERROR + 42
 
@@ -98,6 +97,7 @@ class QuicMuxedConnection:
         self._early: list[QuicStream] = []  # inbound streams that arrived before run()
         self._nursery: trio.Nursery | None = None
         self._timer_scope: trio.CancelScope | None = None
+        self._keepalive_at = math.inf
         self._idle_lot = trio.lowlevel.ParkingLot()
         self._pings: dict[int, trio.Event] = {}
         self._ping_ids = itertools.count(1)
@@ -125,7 +125,6 @@ class QuicMuxedConnection:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._keepalive)
                 early, self._early = self._early, []
                 for stream in early:
                     nursery.start_soon(self._run_handler, stream)
@@ -184,10 +183,12 @@ class QuicMuxedConnection:
         await trio.lowlevel.checkpoint()
 
     async def aclose(self, reason: str = "closed locally") -> None:
-        """CONNECTION_CLOSE to the peer, then end."""
+        """CONNECTION_CLOSE to the peer, then end.
+
+        No waiting out QUIC's draining period (three PTOs): the close frame is
+        on its way, and a peer that misses it times out, as after a TCP reset.
+        """
         self.close_soon(reason)
-        with trio.move_on_after(CLOSE_GRACE):
-            await self.terminated.wait()
         self._terminate(reason)
         if self._nursery is not None:
             await self.closed.wait()
@@ -215,16 +216,27 @@ class QuicMuxedConnection:
         """One datagram for this connection (the endpoint flushes after the batch)."""
         self.quic.receive_datagram(data, addr, now)
 
-    def flush(self) -> None:
-        """Handle the machine's events, send what it has to send, re-arm its timer."""
+    def flush(self, *, piggyback: bool = False) -> None:
+        """Handle the machine's events, send what it has to send, re-arm its timer.
+
+        ``piggyback`` (we are sending data anyway): acknowledgements aioquic
+        holds back for up to its ACK delay go out in the same packet, so a
+        request/response exchange costs two packets, not four, and no timer
+        wakeup.
+        """
         quic = self.quic
         self._process_events()
-        for data, addr in quic.datagrams_to_send(trio.current_time()):
+        now = trio.current_time()
+        if piggyback:
+            for space in quic._loss.spaces:
+                if space.ack_at is not None and space.ack_at > now:
+                    space.ack_at = now
+        for data, addr in quic.datagrams_to_send(now):
             self._sink.send_datagram(data, addr)
         self._process_events()
         if self._timer_scope is not None:
             timer = quic.get_timer()
-            self._timer_scope.deadline = timer if timer is not None else math.inf
+            self._timer_scope.deadline = min(timer if timer is not None else math.inf, self._keepalive_at)
         for stream in self._streams.values():
             if stream._send_lot and self._unacked(stream.stream_id) < SEND_HIGH_WATER:
                 stream._send_lot.unpark_all()
@@ -234,15 +246,23 @@ class QuicMuxedConnection:
         try:
             task_status.started()
             self.flush()
+            keepalive_at = trio.current_time() + KEEPALIVE_INTERVAL
             while not self.terminated.is_set():
                 timer = self.quic.get_timer()
-                with trio.CancelScope(deadline=timer if timer is not None else math.inf) as scope:
+                with trio.CancelScope(deadline=min(timer if timer is not None else math.inf, keepalive_at)) as scope:
                     self._timer_scope = scope
+                    self._keepalive_at = keepalive_at
                     await self.terminated.wait()
                 self._timer_scope = None
                 if self.terminated.is_set():
                     break
                 now = trio.current_time()
+                if now >= keepalive_at:
+                    # A PING keeps NAT bindings and the peer's idle timer alive (the keepalive
+                    # is part of this loop rather than a task: idle connections are many).
+                    keepalive_at = now + KEEPALIVE_INTERVAL
+                    if self.remote_peer is not None:
+                        self.quic.send_ping(next(self._ping_ids))
                 timer = self.quic.get_timer()
                 if timer is not None and timer <= now:
                     self.quic.handle_timer(now)
@@ -312,6 +332,7 @@ class QuicMuxedConnection:
             return
         self.remote_peer = peer
         self.label = peer.short()
+        self.quic.shrink_after_handshake()
         self.handshake_done.set()
 
     def _on_stream_data(self, event: events.StreamDataReceived) -> None:
@@ -364,12 +385,6 @@ class QuicMuxedConnection:
             self._note("handler_failed", "stream handler failed", stream=stream.stream_id, exc=repr(exc))
             stream.reset()
 
-    async def _keepalive(self) -> None:
-        while True:
-            await trio.sleep(KEEPALIVE_INTERVAL)
-            self.quic.send_ping(next(self._ping_ids))
-            self.flush()
-
     # --- called by streams ------------------------------------------------------------------
 
     def _send(self, sid: int, data: bytes, *, end: bool) -> None:
@@ -379,7 +394,7 @@ class QuicMuxedConnection:
             self.quic.send_stream_data(sid, data, end_stream=end)
         except ValueError as exc:  # the stream is finished on the machine's side
             raise trio.ClosedResourceError(f"stream {sid}: {exc}") from None
-        self.flush()
+        self.flush(piggyback=True)
 
     def _unacked(self, sid: int) -> int:
         stream = self.quic._streams.get(sid)

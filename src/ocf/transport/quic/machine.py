@@ -5,6 +5,8 @@
   which exists only once the first Initial arrives, so we turn it on there.
   With ``verify_mode=CERT_NONE`` aioquic checks only that each side holds its
   certificate's key; :mod:`.tls` then checks the libp2p extension.
+- **Small TLS buffers.** See ``CRYPTO_OUT``: idle connections are the
+  budget that matters for a node with hundreds of peers.
 - **Receive credit follows the application.** aioquic raises a stream's
   flow-control limit as data *arrives*, so a peer could make us buffer
   without bound while nobody reads. Here a stream's limit is what the
@@ -14,11 +16,17 @@
 
 from __future__ import annotations
 
+from aioquic.buffer import Buffer
 from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection
 from aioquic.quic.packet import QuicFrameType
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.stream import QuicStream
+
+
+#: TLS output per epoch: our whole server flight with the certificate is about 1.5 KiB.
+CRYPTO_OUT = 4096
+CRYPTO_AFTER = 256
 
 
 class Libp2pQuicConnection(QuicConnection):
@@ -34,6 +42,14 @@ class Libp2pQuicConnection(QuicConnection):
         super()._initialize(peer_cid)
         if not self._is_client:
             self.tls._request_client_certificate = True
+        # aioquic sizes each epoch's TLS output buffer for certificate chains of a
+        # web server (16 KiB x 3, kept for the connection's life); a libp2p flight
+        # (one small self-signed certificate) takes about 1.5 KiB.
+        self._crypto_buffers = {epoch: Buffer(capacity=CRYPTO_OUT) for epoch in self._crypto_buffers}
+
+    def shrink_after_handshake(self) -> None:
+        """The handshake is done: TLS writes nothing more that needs room (no session tickets here)."""
+        self._crypto_buffers = {epoch: Buffer(capacity=CRYPTO_AFTER) for epoch in self._crypto_buffers}
 
     def credit_due(self, stream_id: int) -> bool:
         """True when enough was read on ``stream_id`` that a MAX_STREAM_DATA should go out now."""
