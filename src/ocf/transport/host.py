@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 import typing
 from typing import Any, Protocol
@@ -84,6 +85,8 @@ MAX_OPERATOR_ADDRS = 1024  # addresses the operator gave us, remembered as trust
 RETIRE_GRACE = 30.0  # seconds a tie-break loser may keep serving its open streams
 SHUTDOWN_GRACE = 2.0
 PEER_LOG_BURST = 20  # connect/disconnect lines per refusal-log interval
+QUIC_FAILURE_MEMORY = 600.0  # seconds a failed QUIC dial puts TCP first for that peer
+MAX_QUIC_FAILURES = 4096  # peers remembered that way (oldest forgotten first)
 
 
 @attrs.frozen
@@ -179,6 +182,7 @@ class Host:
         self._dials: dict[PeerId, trio.Event] = {}
         self._addrs: dict[PeerId, list[Multiaddr]] = {}
         self._operator_addrs: set[Multiaddr] = set()
+        self._quic_failed: dict[PeerId, float] = {}
         self.dial_policy = DialPolicy(allow=parse_cidrs(config.dial_allow))
         for text in config.bootstrap_addrs:  # the operator's peers are in this node's networks
             with contextlib.suppress(MultiaddrError):
@@ -679,11 +683,20 @@ class Host:
         if not addrs:
             raise PeerUnreachable(f"peer {peer.short()} is not connected and no address is known")
         reasons = []
-        for addr in sorted(addrs, key=_dial_preference)[: self.config.max_addrs_per_peer]:
+        # QUIC first, unless it failed to this peer lately (UDP blocked on the way):
+        # then TCP first, so one blocked path does not cost every dial a timeout.
+        quic_failed = self._quic_failed.get(peer, -math.inf) > time.monotonic() - QUIC_FAILURE_MEMORY
+        for addr in sorted(addrs, key=lambda a: _dial_preference(a, demote_quic=quic_failed))[
+            : self.config.max_addrs_per_peer
+        ]:
             try:
                 await self.connect(addr.with_p2p(peer), learned=addr not in self._operator_addrs)
             except TransportError as exc:
                 reasons.append(f"{addr}: {exc}")
+                if addr.has("quic-v1"):
+                    self._quic_failed[peer] = time.monotonic()
+                    while len(self._quic_failed) > MAX_QUIC_FAILURES:
+                        del self._quic_failed[next(iter(self._quic_failed))]
                 continue
             conn = self._usable(peer)
             if conn is not None:
@@ -908,11 +921,11 @@ def _public_addrs(public: str | None, bound: list[Multiaddr]) -> list[Multiaddr]
     return out
 
 
-def _dial_preference(addr: Multiaddr) -> tuple[int, int]:
+def _dial_preference(addr: Multiaddr, *, demote_quic: bool = False) -> tuple[int, int]:
     """Sort key: in-memory, then loopback, then others; within each, QUIC before TCP before WebSocket."""
     if addr.has("memory"):
         return (0, 0)
-    kind = 0 if addr.has("quic-v1") else 2 if addr.has("ws") else 1
+    kind = (3 if demote_quic else 0) if addr.has("quic-v1") else 2 if addr.has("ws") else 1
     if addr.has("ws"):
         return (3, kind)
     host = addr.parts[0][1] or ""

@@ -82,6 +82,14 @@ async def test_quic_preferred_over_tcp_and_fallback() -> None:
                 stream = await b.new_stream(a.peer_id, ECHO)
             assert b.connections(a.peer_id)[0].transport == "tcp"
             await stream.aclose()
+            # The failure is remembered: the next dial to that peer tries TCP first (no second timeout).
+            await b.disconnect(a.peer_id)
+            assert b._quic is not None
+            before = b._quic.stats()["datagrams_out"]
+            stream = await b.new_stream(a.peer_id, ECHO)
+            assert b.connections(a.peer_id)[0].transport == "tcp"
+            assert b._quic.stats()["datagrams_out"] == before  # not one QUIC Initial sent
+            await stream.aclose()
 
 
 @pytest.mark.trio
