@@ -191,3 +191,29 @@ async def test_stream_cap_and_unread_bytes_are_bounded() -> None:
             assert sent <= 256 * 1024 + (1 << 20) + 64 * 1024  # one window at the peer + our send buffer
             release.set()
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_metrics_count_dropped_datagrams(node_config) -> None:
+    import httpx
+
+    from ocf import open_node
+
+    async with open_node(node_config()) as node:
+        addr = next(a for a in node.host.listen_addrs if a.has("quic-v1"))
+        port = int(addr.value_for("udp") or 0)
+        with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as sock:
+            for _ in range(5):
+                await sock.sendto(b"\x00garbage", ("127.0.0.1", port))  # a short header for no connection
+            await sock.sendto(b"\xc0" + os.urandom(20), ("127.0.0.1", port))  # a long header cut short
+        quic = node.host._quic
+        assert quic is not None
+        with trio.fail_after(10):
+            while quic.stats()["datagrams_in"] < 6:
+                await trio.sleep(0.01)  # the endpoint reads in its own task: nothing to wait on
+        async with httpx.AsyncClient() as client:
+            text = (await client.get(node.gateway_url + "/metrics")).text
+    lines = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("ocf_quic_")}
+    assert lines['ocf_quic_datagrams_total{outcome="in"}'] == 6
+    dropped = sum(v for k, v in lines.items() if "dropped_" in k)
+    assert dropped == 6

@@ -70,3 +70,15 @@ class TransportCollector(Collector):
         yield limits
         yield refusals
         yield scopes
+        quic = getattr(host, "_quic", None)
+        if quic is not None:
+            datagrams = CounterMetricFamily(
+                "ocf_quic_datagrams",
+                "UDP datagrams of the QUIC endpoints, by what became of them (in, out, routed to a connection, "
+                "dropped_* and refused_* for hostile or stray input, retries_sent, accepted connections...).",
+                labels=["outcome"],
+            )
+            for name, value in sorted(quic.stats().items()):
+                if not name.startswith("bytes_"):
+                    datagrams.add_metric([name.removeprefix("datagrams_")], value)
+            yield datagrams
