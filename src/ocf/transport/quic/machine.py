@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from aioquic.buffer import Buffer
 from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection
 from aioquic.quic.packet import QuicFrameType
@@ -32,8 +34,16 @@ CRYPTO_AFTER = 256
 class Libp2pQuicConnection(QuicConnection):
     """A QUIC connection with libp2p's mutual TLS and consumption-based stream credit."""
 
+    #: Interning table for aioquic's per-handler epoch sets: a handful of distinct values, ever.
+    _shared_epochs: ClassVar[dict[frozenset[object], frozenset[object]]] = {}
+
     def __init__(self, *, stream_window: int, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
+        # aioquic builds a fresh frozenset of allowed epochs for each of its ~30 frame
+        # handlers in every connection; equal sets are shared instead (idle memory).
+        handlers = self._QuicConnection__frame_handlers  # type: ignore[attr-defined]
+        for frame_type, (handler, epochs) in handlers.items():
+            handlers[frame_type] = (handler, self._shared_epochs.setdefault(epochs, epochs))
         self.stream_window = stream_window
         #: bytes of each stream the application has read (the driver adds to it)
         self.consumed: dict[int, int] = {}
