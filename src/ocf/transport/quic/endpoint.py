@@ -165,9 +165,7 @@ class QuicEndpoint:
         self._conns.pop(cid, None)
 
     def connection_done(self, conn: QuicMuxedConnection) -> None:
-        self._live.discard(conn)
-        for cid in [c for c, v in self._conns.items() if v is conn] if len(self._conns) < 4096 else ():
-            del self._conns[cid]
+        self._live.discard(conn)  # its connection IDs were unregistered by the connection itself
 
     def _sockaddr(self, addr: NetworkAddress) -> tuple[str, int]:
         if self.sock.family == socket.AF_INET6 and ":" not in addr[0]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import socket
 import ssl
 from typing import Any
@@ -62,7 +63,9 @@ class QuicTransport:
         self.idle_timeout = idle_timeout
         self._cert = make_certificate(identity)
         self.endpoints: list[QuicEndpoint] = []
+        # by address family; negative keys: ephemeral sockets for what a bound listener cannot reach
         self._dialers: dict[int, QuicEndpoint] = {}
+        self._listen_ips: dict[QuicEndpoint, ipaddress.IPv4Address | ipaddress.IPv6Address | None] = {}
         self._nursery: trio.Nursery | None = None
         self._on_inbound: OnInbound | None = None
 
@@ -124,6 +127,7 @@ class QuicTransport:
             raise TransportError(f"cannot listen on {host}:{port}/udp (--udpport): {exc.strerror or exc}") from None
         endpoint = self._endpoint(sock, on_inbound=True)
         self.endpoints.append(endpoint)
+        self._listen_ips[endpoint] = None if wildcard else ipaddress.ip_address(host)
         self._dialers.setdefault(family, endpoint)
         addrs = [a for a in (quic_multiaddr(s) for s in _expand_wildcard(sock.getsockname()[:2])) if a is not None]
         try:
@@ -131,6 +135,7 @@ class QuicTransport:
                 await endpoint.run(nursery, task_status=_Reporting(task_status, addrs))
         finally:
             endpoint.close_all()
+            self._listen_ips.pop(endpoint, None)
             if self._dialers.get(family) is endpoint:
                 del self._dialers[family]
 
@@ -139,8 +144,12 @@ class QuicTransport:
         if self._nursery is None:
             self._nursery = nursery
 
-    async def _dialer(self, family: int) -> QuicEndpoint:
+    async def _dialer(self, family: int, target: str) -> QuicEndpoint:
+        """The socket to dial ``target`` from: the listener's when it can reach it, else an ephemeral one."""
         endpoint = self._dialers.get(family)
+        if endpoint is not None and self._reaches(endpoint, target):
+            return endpoint
+        endpoint = self._dialers.get(-family)  # the ephemeral one, for targets a bound listener cannot reach
         if endpoint is not None:
             return endpoint
         if self._nursery is None:
@@ -148,9 +157,19 @@ class QuicTransport:
         sock = socket.socket(family, socket.SOCK_DGRAM)
         sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
         endpoint = self._endpoint(sock, on_inbound=False)
-        self._dialers[family] = endpoint
+        self._dialers[family if family not in self._dialers else -family] = endpoint
         await self._nursery.start(self._run_dialer, endpoint, sock)
         return endpoint
+
+    def _reaches(self, endpoint: QuicEndpoint, target: str) -> bool:
+        """A listener bound to one address sends from it: fine for a wildcard or a loopback pair only."""
+        bound = self._listen_ips.get(endpoint)
+        if bound is None:
+            return True
+        try:
+            return ipaddress.ip_address(target.split("%", 1)[0]).is_loopback == bound.is_loopback
+        except ValueError:
+            return False
 
     async def _run_dialer(self, endpoint: QuicEndpoint, sock: socket.socket, *, task_status: Any) -> None:
         try:
@@ -186,7 +205,7 @@ class QuicTransport:
         if not infos:
             raise PeerUnreachable(f"{addr}: resolves to nothing")
         fam, _, _, _, sockaddr = infos[0]
-        endpoint = await self._dialer(int(fam))
+        endpoint = await self._dialer(int(fam), str(sockaddr[0]))
         conn = endpoint.dial((str(sockaddr[0]), int(sockaddr[1])), expected)
         failure: TransportError | None = None
         async with trio.open_nursery() as nursery:
