@@ -216,6 +216,10 @@ class QuicMuxedConnection:
         """One datagram for this connection (the endpoint flushes after the batch)."""
         self.quic.receive_datagram(data, addr, now)
 
+    def deliver(self) -> None:
+        """Hand what the machine received to streams and waiters, without sending anything yet."""
+        self._process_events()
+
     def flush(self, *, piggyback: bool = False) -> None:
         """Handle the machine's events, send what it has to send, re-arm its timer.
 

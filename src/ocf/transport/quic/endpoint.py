@@ -189,8 +189,18 @@ class QuicEndpoint:
                 except OSError:
                     continue  # ICMP errors surface here on some systems; the socket is fine
                 self.datagram_received(data, client_address(addr))
-            self.flush_dirty()
+            # Hand received stream data to the tasks waiting for it, let them run,
+            # then send: a reply written meanwhile carries this batch's ACK in its
+            # own packet (see QuicMuxedConnection.flush), and the reply does not
+            # wait behind building an ACK-only packet.
+            for conn in list(self._dirty):
+                try:
+                    conn.deliver()
+                except Exception as exc:  # noqa: BLE001 - see flush_dirty
+                    self._dirty.pop(conn, None)
+                    self._machine_failed(conn, exc)
             await trio.lowlevel.cancel_shielded_checkpoint()
+            self.flush_dirty()
 
     def flush_dirty(self) -> None:
         dirty, self._dirty = self._dirty, {}
