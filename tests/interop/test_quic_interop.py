@@ -14,6 +14,7 @@ import trio
 from ocf import open_node
 from ocf.identity import Multiaddr, PeerId
 from tests.interop.jspeer import open_js_peer
+from tests.waiting import wait_until
 from tests.interop.test_libp2p_interop import ECHO, TEN_MIB, echo_handler, pattern
 
 pytestmark = pytest.mark.interop
@@ -58,9 +59,8 @@ async def test_we_dial_js_over_quic(pair):
     assert node.host.connections(peer)[0].transport == "quic"
     rtt = await node.host.ping(peer)
     assert 0 < rtt < 5
-    with trio.fail_after(10):
-        while node.host.peer_info(peer) is None:
-            await trio.sleep(0.01)  # identify runs on its own stream after connect
+    with trio.fail_after(10):  # identify runs on its own stream after connect
+        await wait_until(lambda: node.host.peer_info(peer) is not None)
     info = node.host.peer_info(peer)
     assert "js-libp2p" in info.agent_version and ECHO in info.protocols
 

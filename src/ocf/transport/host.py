@@ -209,6 +209,17 @@ class Host:
         """Serve ``protocol`` on inbound streams; the stream is closed when ``handler`` returns."""
         self._handlers[protocol] = handler
 
+    def pnet_stats(self) -> dict[str, int] | None:
+        """The private network's connection counters (``--network-key``), or None outside one."""
+        upgrader = self.upgrader
+        if isinstance(upgrader, Libp2pUpgrader) and upgrader.protector is not None:
+            return dict(upgrader.protector.stats)
+        return None
+
+    def quic_stats(self) -> dict[str, int] | None:
+        """The QUIC endpoints' datagram counters, or None when QUIC is off."""
+        return self._quic.stats() if self._quic is not None else None
+
     def remove_stream_handler(self, protocol: str) -> None:
         self._handlers.pop(protocol, None)
 

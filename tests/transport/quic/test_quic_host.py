@@ -13,6 +13,7 @@ from ocf.errors import PeerUnreachable
 from ocf.identity import Identity, Multiaddr
 from ocf.transport import open_host
 from ocf.transport.host import Host
+from tests.waiting import wait_until
 
 ECHO = "/test/echo/1.0.0"
 
@@ -54,10 +55,9 @@ async def test_listen_dial_ping_identify_over_quic() -> None:
         assert await stream.receive_some() == b"hello"
         await stream.aclose()
         with trio.fail_after(5):
-            while (info := b.peer_info(a.peer_id)) is None or not info.protocols:
-                await a.wait_connected(b.peer_id)
-                await trio.sleep(0.01)
-        assert ECHO in info.protocols
+            await wait_until(lambda: (i := b.peer_info(a.peer_id)) is not None and bool(i.protocols))
+        info = b.peer_info(a.peer_id)
+        assert info is not None and ECHO in info.protocols
         # identify tells a our QUIC address as seen from its side
         assert any(x.has("quic-v1") for x in b.peer_addrs(a.peer_id))
 
@@ -101,8 +101,7 @@ async def test_simultaneous_quic_dials_keep_one_connection() -> None:
         # Each side may briefly hold one connection before it sees the other; wait until the
         # duplicate is retired on both sides.
         with trio.fail_after(20):
-            while len(a.connections(b.peer_id)) != 1 or len(b.connections(a.peer_id)) != 1:
-                await trio.sleep(0.01)
+            await wait_until(lambda: len(a.connections(b.peer_id)) == 1 == len(b.connections(a.peer_id)))
         (ca,) = a.connections(b.peer_id)
         (cb,) = b.connections(a.peer_id)
         assert ca.usable and cb.usable

@@ -31,7 +31,7 @@ def test_certificate_checks() -> None:
     with pytest.raises(HandshakeError, match="no certificate"):
         peer_id_from_certificate(None)
     cert = make_certificate(ident).certificate
-    later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=365 * 20)
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=365 * 20)
     with pytest.raises(HandshakeError, match="not valid now"):
         peer_id_from_certificate(cert, now=later)
     # A certificate whose extension was made for another key: the signature must not verify.

@@ -23,6 +23,7 @@ callers at once.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -452,10 +453,8 @@ class QuicMuxedConnection:
 
     @staticmethod
     def _quietly(fn: Callable[[int, int], None], sid: int, code: int) -> None:
-        try:
+        with contextlib.suppress(ValueError, AssertionError):  # the stream is already finished on that side
             fn(sid, code)
-        except (ValueError, AssertionError):
-            pass  # the stream is already finished on that side
 
     def _note(self, kind: str, message: str, **fields: Any) -> None:
         if self._resources is not None:

@@ -69,7 +69,7 @@ def make_certificate(identity: Identity, *, now: datetime.datetime | None = None
     spki = key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     signed = SignedKey(public_key=identity.public_key_proto, signature=identity.sign(SIGNATURE_PREFIX + spki))
     extension = x509.UnrecognizedExtension(LIBP2P_EXTENSION_OID, asn1.encode_der(signed))
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.UTC)
     # The subject is free-form in libp2p; a random serial keeps certificates distinct.
     name = x509.Name([x509.NameAttribute(x509.oid.NameOID.SERIAL_NUMBER, format(x509.random_serial_number(), "x"))])
     cert = (
@@ -99,7 +99,7 @@ def peer_id_from_certificate(
         raise HandshakeError("tls: the peer presented no certificate")
     if len(cert.tbs_certificate_bytes) > MAX_CERT_BYTES:
         raise HandshakeError("tls: peer certificate too large")
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.UTC)
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise HandshakeError("tls: peer certificate is not valid now")
     try:

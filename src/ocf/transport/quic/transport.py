@@ -183,7 +183,10 @@ class QuicTransport:
 
     @contextlib.asynccontextmanager
     async def connect(
-        self, addr: Multiaddr, expected: PeerId | None, timeout: float
+        self,
+        addr: Multiaddr,
+        expected: PeerId | None,
+        timeout: float,  # noqa: ASYNC109 - bounds the dial and handshake only, not the connection's life
     ) -> AsyncIterator[QuicMuxedConnection]:
         """A handshaken connection to ``addr`` for the duration of the block (its driver runs meanwhile)."""
         if not is_quic_addr(addr):
