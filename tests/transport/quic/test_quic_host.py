@@ -98,10 +98,15 @@ async def test_simultaneous_quic_dials_keep_one_connection() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(a.connect, quic_addr(b))
             nursery.start_soon(b.connect, quic_addr(a))
+
         # Each side may briefly hold one connection before it sees the other; wait until the
         # duplicate is retired on both sides.
+        def settled() -> bool:
+            ours, theirs = a.connections(b.peer_id), b.connections(a.peer_id)
+            return len(ours) == 1 == len(theirs) and ours[0].initiator == theirs[0].initiator
+
         with trio.fail_after(20):
-            await wait_until(lambda: len(a.connections(b.peer_id)) == 1 == len(b.connections(a.peer_id)))
+            await wait_until(settled)
         (ca,) = a.connections(b.peer_id)
         (cb,) = b.connections(a.peer_id)
         assert ca.usable and cb.usable
