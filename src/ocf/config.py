@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 MODES = ("standalone", "local", "node")
 DHT_MODES = ("client", "server", "auto")
+DEFAULT_UDP_PORT = 59820
+QUIC_RETRY_MODES = ("auto", "always", "never")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -54,7 +56,7 @@ class Config:
     public_addr: str | None = None
     host: str = "0.0.0.0"
     tcpport: int = 43905
-    udpport: int = 59820
+    udpport: int = 59820  # DEFAULT_UDP_PORT
     port: int = 8092
     services: tuple[ServiceSpec, ...] = ()
     seed: str | None = None
@@ -63,6 +65,8 @@ class Config:
     log_level: str = "info"
     # --- transport ----------------------------------------------------------------
     ws: bool = True
+    quic: bool = True
+    quic_retry: str = "auto"
     max_connections: int = 512
     max_streams_per_connection: int = 1024
     max_pending_handshakes: int = 64
@@ -357,8 +361,8 @@ SETTINGS: tuple[Setting, ...] = (
         "udpport",
         "udpport",
         _int_range(0, 65535),
-        "UDP port reserved for QUIC (default: 59820). Accepted for OCF compatibility; QUIC is not implemented yet, so "
-        "nothing listens on it.",
+        "UDP port for QUIC peer connections (/udp/PORT/quic-v1; default: 59820; 0 picks a free port, and so does the "
+        "default when --tcpport is 0).",
         metavar="PORT",
     ),
     Setting(
@@ -421,6 +425,24 @@ SETTINGS: tuple[Setting, ...] = (
         _bool,
         "Also accept libp2p over WebSocket on the TCP port (default: true; --no-ws to disable).",
         is_switch=True,
+        group="transport",
+    ),
+    Setting(
+        "quic",
+        "quic",
+        _bool,
+        "Listen on and dial QUIC (/udp/PORT/quic-v1), preferred over TCP when a peer has both (default: true; "
+        "--no-quic to disable; off in a private network, which QUIC cannot carry).",
+        is_switch=True,
+        group="transport",
+    ),
+    Setting(
+        "quic-retry",
+        "quic_retry",
+        _choice(QUIC_RETRY_MODES),
+        "QUIC address validation: 'always' makes every new client prove its address with a Retry round trip, "
+        "'auto' (default) only while half the handshake slots are taken, 'never' never.",
+        metavar="MODE",
         group="transport",
     ),
     Setting(

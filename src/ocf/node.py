@@ -139,7 +139,9 @@ async def open_node(config: Config, memory_network: MemoryNetwork | None = None)
             dht = await stack.enter_async_context(open_dht(host, config))
             table = await stack.enter_async_context(open_nodetable(host, config, identity, store, __version__))
             services = await stack.enter_async_context(open_registrar(config.services, table))
-            jobs = await stack.enter_async_context(open_tracker(config, store, services, node_id=str(peer_id))) if config.jobs else None
+            jobs = None
+            if config.jobs:
+                jobs = await stack.enter_async_context(open_tracker(config, store, services, node_id=str(peer_id)))
 
             def health() -> dict[str, object]:
                 return {

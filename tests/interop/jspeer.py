@@ -4,7 +4,9 @@ The peer speaks newline-delimited JSON on stdin/stdout: it prints one
 ``{"event": "ready", "peerId", "addrs"}`` line, then answers each
 ``{"id", "cmd", ...}`` request with ``{"id", "ok", ...}``. Commands: ping,
 identify, echo (streams N bytes over ``/ocf/echo/1.0.0`` and checks them),
-dial, dhtFindPeer, dhtTable, peerStoreAddrs (with a DHT), peers, stop. It also serves ``/ocf/echo/1.0.0`` itself.
+dial, dhtFindPeer, dhtTable, peerStoreAddrs (with a DHT), streams (M concurrent echo streams on one
+connection), peers, stop. It listens on TCP, WebSocket and (outside a private network) QUIC. It also serves
+``/ocf/echo/1.0.0`` itself.
 
 ``npm ci`` installs the pinned packages (package-lock.json) on first use, or
 ``tests/setup-external.sh`` does it before the suite.
@@ -62,8 +64,10 @@ class JsPeer:
         return json.loads(line)
 
     def addr(self, transport: str = "tcp") -> str:
+        """The peer's address for ``transport``: ``tcp``, ``ws`` or ``quic``."""
         for a in self.addrs:
-            if ("/ws/" in a) == (transport == "ws"):
+            kind = "quic" if "/quic-v1" in a else "ws" if "/ws/" in a else "tcp"
+            if kind == transport:
                 return a
         raise LookupError(transport)
 

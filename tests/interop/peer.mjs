@@ -52,11 +52,20 @@ if (dhtMode) {
     allowQueryWithZeroPeers: false
   })
 }
+// QUIC (@chainsafe/libp2p-quic, a native binary in the npm package), except in a
+// private network: pnet protects byte streams and QUIC has none.
+const listen = ['/ip4/127.0.0.1/tcp/0', '/ip4/127.0.0.1/tcp/0/ws']
+const transports = [tcp(), webSockets()]
+if (!swarmKeyFile) {
+  const { quic } = await import('@chainsafe/libp2p-quic')
+  listen.push('/ip4/127.0.0.1/udp/0/quic-v1')
+  transports.push(quic())
+}
 
 const node = await createLibp2p({
   ...privateNetwork,
-  addresses: { listen: ['/ip4/127.0.0.1/tcp/0', '/ip4/127.0.0.1/tcp/0/ws'] },
-  transports: [tcp(), webSockets()],
+  addresses: { listen },
+  transports,
   connectionEncrypters: [noise()],
   streamMuxers: [yamux()],
   services: { ping: ping(), identify: identify(), ...dhtServices },
@@ -74,7 +83,7 @@ await node.handle(ECHO, async (stream) => {
   } catch (err) {
     process.stderr.write(`echo handler: ${err}\n`)
   }
-}, { maxInboundStreams: 64 })
+}, { maxInboundStreams: 256 })
 
 const out = (obj) => process.stdout.write(JSON.stringify(obj) + '\n')
 
@@ -149,6 +158,35 @@ const commands = {
   async dhtTable () {
     const table = node.services.dht.routingTable
     return { size: table.size }
+  },
+  // `streams` concurrent echo streams of `bytes` each on one connection.
+  async streams ({ addr, streams, bytes }) {
+    const conn = await node.dial(multiaddr(addr))
+    const started = performance.now()
+    const one = async (i) => {
+      const data = pattern(bytes).map((b) => (b + i) % 256)
+      const stream = await conn.newStream(ECHO, { maxOutboundStreams: 256 })
+      const received = []
+      let total = 0
+      const reading = (async () => {
+        for await (const chunk of stream) {
+          const buf = chunk.subarray ? chunk.subarray() : chunk
+          received.push(Buffer.from(buf))
+          total += buf.byteLength
+        }
+      })()
+      const CHUNK = 16 * 1024
+      for (let j = 0; j < data.length; j += CHUNK) {
+        if (!stream.send(data.subarray(j, j + CHUNK))) await stream.onDrain()
+      }
+      await stream.close()
+      await reading
+      if (total !== bytes || !Buffer.concat(received).equals(Buffer.from(data))) {
+        throw new Error(`stream ${i}: echo mismatch, got ${total} bytes`)
+      }
+    }
+    await Promise.all(Array.from({ length: streams }, (_, i) => one(i)))
+    return { streams, bytes, seconds: (performance.now() - started) / 1000, transport: conn.remoteAddr.toString() }
   },
   async peers () {
     return { peers: node.getPeers().map(String) }

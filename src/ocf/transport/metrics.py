@@ -95,3 +95,15 @@ class TransportCollector(Collector):
         yield limits
         yield refusals
         yield scopes
+        quic = host.quic_stats()
+        if quic is not None:
+            datagrams = CounterMetricFamily(
+                "ocf_quic_datagrams",
+                "UDP datagrams of the QUIC endpoints, by what became of them (in, out, routed to a connection, "
+                "dropped_* and refused_* for hostile or stray input, retries_sent, accepted connections...).",
+                labels=["outcome"],
+            )
+            for name, value in sorted(quic.items()):
+                if not name.startswith("bytes_"):
+                    datagrams.add_metric([name.removeprefix("datagrams_")], value)
+            yield datagrams
