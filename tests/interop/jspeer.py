@@ -9,7 +9,11 @@ connection), peers, stop. It listens on TCP, WebSocket and (outside a private ne
 ``/ocf/echo/1.0.0`` itself.
 
 ``npm ci`` installs the pinned packages (package-lock.json) on first use, or
-``tests/setup-external.sh`` does it before the suite.
+``tests/setup-external.sh`` does it before the suite. ``@chainsafe/libp2p-quic``
+ships its native code as one optional package per platform; the registry this
+project installs from carries only the linux-x64-gnu one, so package.json maps
+the others to ``native-stub/`` (an empty package) to keep the lock complete
+for ``npm ci``.
 """
 
 from __future__ import annotations
