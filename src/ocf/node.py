@@ -49,6 +49,7 @@ class Node:
         self.host: Any = None
         self.bootstrap: Any = None  # ocf.transport.bootstrap.Bootstrapper
         self.table: Any = None
+        self.nat: Any = None  # ocf.transport.relay.nat.Nat
         self.services: Any = None
         self.jobs: Any = None
         self.nursery: trio.Nursery | None = None
@@ -111,6 +112,12 @@ async def open_node(config: Config, memory_network: Any = None) -> AsyncIterator
                 from .nodetable import open_nodetable
 
                 node.table = await stack.enter_async_context(open_nodetable(node))
+                # NAT traversal: node.nat (relay client, --relay, AutoNAT, hole punching)
+                from .transport.relay.nat import open_nat
+
+                node.nat = await stack.enter_async_context(
+                    open_nat(node.host, config, on_addrs=lambda: node.table.set_addrs(node.host.listen_addrs))
+                )
                 # services registrar: node.services ------------------------------
                 from .services import open_registrar
 

@@ -64,7 +64,7 @@ from .exchange import (
     peer_stream_pool,
 )
 from .models import serve_models
-from .providers import LIBP2P_HTTP, ConnectFailed, Providers, UnknownPeer, short
+from .providers import LIBP2P_HTTP, ConnectFailed, Providers, RelayLimited, UnknownPeer, short
 from .router import OWN_SERVICE, P2P
 
 if TYPE_CHECKING:
@@ -257,6 +257,13 @@ class Forwarder:
                 raise NotFound(
                     f"peer {peer_text} is not connected and not in the node table", code="peer_not_found"
                 ) from None
+            except RelayLimited as exc:
+                # The peer is there; the relay in the way said no (its limits, or no reservation).
+                raise NoProviderAvailable(
+                    f"peer {peer_text} is reachable only through a relay, which refused: {exc.status}",
+                    retry_after=5,
+                    code="relay_refused",
+                ) from None
             except ConnectFailed:
                 # Never what its addresses answered: they are the peer's choice, and the
                 # answer would make this node a port scanner for whoever asks.
@@ -328,6 +335,7 @@ class Forwarder:
         """
         tried: set[str] = set()
         reasons: list[str] = []
+        relay_refusals: list[str] = []  # a relay's status: one of a fixed set, fit to show
         reached = False
         limit = self.config.max_forwards_per_peer
         providers = self.providers
@@ -350,6 +358,9 @@ class Forwarder:
                 await self._forward_one(call, body, provider, name, rest)
                 providers.mark_up(provider.peer)
                 return
+            except RelayLimited as exc:
+                relay_refusals.append(exc.status)
+                reasons.append(f"{short(provider.peer)}: {exc}")
             except ConnectFailed as exc:
                 reasons.append(f"{short(provider.peer)}: {exc}")
             except _RetryableAnswer as exc:  # the provider's backend is down: it did nothing with the request
@@ -374,6 +385,13 @@ class Forwarder:
         which = f" (tried {', '.join(short(p) for p in sorted(tried))})" if tried else ""
         if reached:
             raise ProviderFailed(f"provider(s) of '{name}' failed before answering{which}", code="provider_failed")
+        if relay_refusals:
+            raise NoProviderAvailable(
+                f"provider(s) of '{name}' are reachable only through a relay, which refused: "
+                f"{', '.join(sorted(set(relay_refusals)))}{which}",
+                retry_after=5,
+                code="relay_refused",
+            )
         raise NoProviderAvailable(
             f"{len(candidates)} provider(s) of '{name}' match this request but none is reachable and healthy right now{which}",
             retry_after=5,

@@ -16,4 +16,5 @@ async def health():  # type: ignore[no-untyped-def]
         version=node.version,
         mode=node.config.mode,
         uptime=round(node.uptime, 3),
+        reachability=node.nat.reachability if node.nat is not None else "unknown",
     )

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .. import log as logfmt
-from ..errors import BadRequest, IdentityError, TransportError, transport_errors_unwrapped
+from ..errors import BadRequest, IdentityError, RelayRefused, TransportError, transport_errors_unwrapped
 from . import routing
 
 if TYPE_CHECKING:
@@ -33,6 +33,14 @@ ENTRIES_TTL = 0.5  # seconds a node table snapshot is reused while the table's v
 
 class ConnectFailed(Exception):
     """No exchange could be started with a provider (nothing reached it)."""
+
+
+class RelayLimited(ConnectFailed):
+    """The peer is reachable only through a relay, and the relay refused (its limits, or no reservation)."""
+
+    def __init__(self, message: str, status: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class UnknownPeer(ConnectFailed):
@@ -164,6 +172,8 @@ class Providers:
                 return await host.new_stream(peer, LIBP2P_HTTP)
         except trio.TooSlowError:
             raise ConnectFailed(f"opening a stream timed out after {self.config.dial_timeout:g} s") from None
+        except RelayRefused as exc:
+            raise RelayLimited(str(exc), exc.status) from None
         except TransportError as exc:
             log.debug("cannot open a stream %s", logfmt.kv(peer=peer.short(), reason=exc))
             raise ConnectFailed(str(exc) or type(exc).__name__) from None

@@ -37,11 +37,13 @@ async def peers():  # type: ignore[no-untyped-def]
 @blueprint.get("/v1/dnt/peers_status")
 async def peers_status():  # type: ignore[no-untyped-def]
     entries = _table().entries(include_all=True)
+    nat = current_app.extensions["ocf.node"].nat
     return jsonify(
+        nat=nat.status() if nat is not None else {"reachability": "unknown"},
         peers=[
             {"id": peer, "status": e.get("status"), "connected": e["connected"], "last_seen": e["last_seen"]}
             for peer, e in entries.items()
-        ]
+        ],
     )
 
 

@@ -61,6 +61,7 @@ from ..errors import (
     PeerUnreachable,
     PrivateNetworkRefused,
     ProtocolNotSupported,
+    RelayRefused,
     TransportError,
     transport_failure,
     transport_errors_unwrapped,
@@ -111,6 +112,11 @@ class Connection:
         """Open and accepting new streams."""
         return self.muxed.is_open and not self.muxed.going_away
 
+    @property
+    def relayed(self) -> bool:
+        """Carried by a circuit relay: limited in time and bytes, so a direct connection is preferred."""
+        return self.transport == "relay"
+
 
 @attrs.define
 class PeerInfo:
@@ -120,6 +126,12 @@ class PeerInfo:
     agent_version: str = ""
     protocol_version: str = ""
     observed_addr: Multiaddr | None = None
+
+
+class DialTransport(Protocol):
+    """A transport that only dials (the circuit relay client): ``connect`` yields a :class:`RawConn`."""
+
+    def connect(self, addr: Multiaddr, timeout: float) -> contextlib.AbstractAsyncContextManager[RawConn]: ...
 
 
 class Upgrader(Protocol):
@@ -164,6 +176,7 @@ class Host:
             message_timeout=config.message_timeout,
         )
         self._memory = MemoryTransport(memory_network) if memory_network is not None else None
+        self._circuit: DialTransport | None = None  # circuit relay client (ocf.transport.relay), once attached
         self._handlers: dict[str, StreamHandler] = {}
         self._conns: dict[PeerId, list[Connection]] = {}
         self._dials: dict[PeerId, trio.Event] = {}
@@ -294,7 +307,20 @@ class Host:
 
     # --- dialing -------------------------------------------------------------------------------
 
+    def set_circuit_transport(self, transport: DialTransport | None) -> None:
+        """Dial ``/p2p-circuit`` addresses through ``transport`` (None: not at all)."""
+        self._circuit = transport
+
+    def transport_for(self, addr: Multiaddr) -> DialTransport:
+        """The transport that dials ``addr``; :class:`PeerUnreachable` if none does."""
+        transport: DialTransport = self._transport_for(addr)
+        return transport
+
     def _transport_for(self, addr: Multiaddr) -> Any:
+        if addr.has("p2p-circuit"):
+            if self._circuit is None:
+                raise PeerUnreachable(f"{addr}: this host has no circuit relay client")
+            return self._circuit
         if addr.has("memory"):
             if self._memory is None:
                 raise PeerUnreachable(f"{addr}: this host has no in-memory network")
@@ -311,10 +337,13 @@ class Host:
         return True
 
     def _usable(self, peer: PeerId) -> Connection | None:
+        relayed = None
         for conn in self._conns.get(peer, ()):
             if conn.usable:
-                return conn
-        return None
+                if not conn.relayed:
+                    return conn
+                relayed = relayed or conn
+        return relayed
 
     async def connect(self, addr: Multiaddr | str, *, learned: bool = False) -> PeerId:
         """Connect to the peer at ``addr`` (reusing an existing connection); returns its peer ID.
@@ -382,12 +411,34 @@ class Host:
             log.error("dial crashed %s", logfmt.kv(addr=addr, exc=repr(exc)), exc_info=True)
             raise PeerUnreachable(f"dial {addr} failed ({type(exc).__name__})") from exc
 
+    async def connect_via(self, transport: DialTransport, addr: Multiaddr) -> PeerId:
+        """Dial ``addr`` (with ``/p2p``) through ``transport`` as an outbound connection of this host.
+
+        For a hole punch, whose socket is bound to the port the peer expects;
+        the connection then lives like any other (tie-break, limits, identify).
+        """
+        if self._nursery is None or self._closing:
+            raise TransportError("host is not running")
+        try:
+            with transport_errors_unwrapped():
+                conn: Connection = await self._nursery.start(self._run_outbound, addr, False, transport)
+        except TransportError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - as in _dial: never untyped
+            raise PeerUnreachable(f"dial {addr} failed ({type(exc).__name__})") from exc
+        return conn.peer
+
     async def _run_outbound(
-        self, addr: Multiaddr, operator: bool, *, task_status: Any = trio.TASK_STATUS_IGNORED
+        self,
+        addr: Multiaddr,
+        operator: bool,
+        transport: DialTransport | None = None,
+        *,
+        task_status: Any = trio.TASK_STATUS_IGNORED,
     ) -> None:
         status = _StartedOnce(task_status)
         try:
-            await self._outbound(addr, operator, status)
+            await self._outbound(addr, operator, status, transport)
         except Exception as exc:
             if not status.done:
                 raise  # the dialer gets it (see _dial)
@@ -400,11 +451,13 @@ class Host:
                 exc_info=failure is None,
             )
 
-    async def _outbound(self, addr: Multiaddr, operator: bool, task_status: _StartedOnce) -> None:
+    async def _outbound(
+        self, addr: Multiaddr, operator: bool, task_status: _StartedOnce, via: DialTransport | None = None
+    ) -> None:
         usage = self.resources.system.usage
         if usage["conns_inbound"] + usage["conns_outbound"] + usage["handshakes"] >= self.config.max_connections:
             raise TransportError(f"connection limit reached ({self.config.max_connections})")
-        transport = self._transport_for(addr)
+        transport = via if via is not None else self._transport_for(addr)
         t0 = trio.current_time()
         async with transport.connect(addr, self.config.dial_timeout) as raw:
             try:
@@ -548,11 +601,18 @@ class Host:
         # (both sides compute the same). Between connections of the same
         # initiator: the newest, because a peer only redials when it no longer
         # trusts the old one (e.g. it restarted).
+        # A direct connection beats a relayed one whoever dialed it (hole punching's point).
+        usable = [c for c in usable if not c.relayed] or usable
+        if len(usable) < 2:
+            self._retire_others(peer, usable[0])
+            return
         preferred = min(self.peer_id, peer)
         candidates = [c for c in usable if c.initiator == preferred] or usable
-        winner = candidates[-1]
-        for conn in usable:
-            if conn is not winner:
+        self._retire_others(peer, candidates[-1])
+
+    def _retire_others(self, peer: PeerId, winner: Connection) -> None:
+        for conn in self._conns.get(peer, ()):
+            if conn is not winner and conn.usable:
                 log.debug(
                     "closing duplicate connection %s",
                     logfmt.kv(peer=peer.short(), dir="out" if conn.outbound else "in"),
@@ -560,6 +620,43 @@ class Host:
                 conn.muxed.go_away()
                 if self._nursery is not None:
                     self._nursery.start_soon(self._retire, conn)
+
+    def notify_changed(self) -> None:
+        """Wake :meth:`wait_changed` waiters (our own addresses changed, say)."""
+        self._notify_changed()
+
+    async def wait_changed(self) -> None:
+        """Return at the next change of connections or of what identify told us."""
+        await self._changed.wait()
+
+    def connection_of(self, stream: MuxedStream) -> Connection | None:
+        """The connection ``stream`` runs on (None once it is gone)."""
+        for conn in self._conns.get(stream.remote_peer, ()):
+            if conn.muxed is stream.connection:
+                return conn
+        return None
+
+    async def serve_inbound(self, raw: RawConn) -> None:
+        """Upgrade and serve an inbound connection another layer accepted (a relayed one); returns when it ends."""
+        await self._on_raw_inbound(raw)
+
+    async def probe(self, addr: Multiaddr, expected: PeerId, timeout: float) -> None:
+        """Does ``expected`` answer at ``addr``? Raises :class:`TransportError` if not (AutoNAT's dial-back).
+
+        A fresh connection under a throwaway identity, closed at once: from
+        our own identity it would be a second connection to a peer we are
+        connected to, and the tie-break could close the one it already uses.
+        """
+        upgrader = default_upgrader(Identity.generate(), self.config)
+        transport = self._transport_for(addr)
+        try:
+            with transport_errors_unwrapped(), trio.fail_after(timeout):
+                async with transport.connect(addr, timeout) as raw:
+                    await upgrader.secure(raw.stream, initiator=True, expected=expected)
+        except trio.TooSlowError:
+            raise PeerUnreachable(f"{addr} did not answer within {timeout:g}s") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise PeerUnreachable(f"{addr} closed the connection ({exc or 'EOF'})") from None
 
     async def _retire(self, conn: Connection) -> None:
         with trio.move_on_after(RETIRE_GRACE):
@@ -608,11 +705,14 @@ class Host:
         if not addrs:
             raise PeerUnreachable(f"peer {peer.short()} is not connected and no address is known")
         reasons = []
+        relay_refusal: RelayRefused | None = None
         for addr in sorted(addrs, key=_dial_preference)[: self.config.max_addrs_per_peer]:
             try:
                 await self.connect(addr.with_p2p(peer), learned=addr not in self._operator_addrs)
             except TransportError as exc:
                 reasons.append(f"{addr}: {exc}")
+                if isinstance(exc, RelayRefused):
+                    relay_refusal = exc
                 continue
             conn = self._usable(peer)
             if conn is not None:
@@ -620,6 +720,11 @@ class Host:
         # What each address answered is for our log, not for whoever asked: callers
         # may show this message to clients, and the addresses are the peer's choice.
         log.debug("peer unreachable %s", logfmt.kv(peer=peer.short(), tried="; ".join(reasons)))
+        if relay_refusal is not None:  # the relay's status is one of a fixed set: fit to show
+            raise RelayRefused(
+                f"peer {peer.short()} is reachable only through a relay, which refused: {relay_refusal.status}",
+                status=relay_refusal.status,
+            )
         raise PeerUnreachable(f"peer {peer.short()} is unreachable ({len(reasons)} address(es) tried)")
 
     async def new_stream(self, peer: PeerId, protocols: str | Sequence[str]) -> MuxedStream:
@@ -825,6 +930,8 @@ def _public_addrs(public: str | None, bound: list[Multiaddr]) -> list[Multiaddr]
 
 
 def _dial_preference(addr: Multiaddr) -> int:
+    if addr.has("p2p-circuit"):
+        return 4  # limited in time and bytes: only when nothing direct answers
     if addr.has("memory"):
         return 0
     if addr.has("ws"):
