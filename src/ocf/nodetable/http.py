@@ -30,7 +30,15 @@ async def table():  # type: ignore[no-untyped-def]
 @blueprint.get("/v1/dnt/peers")
 async def peers():  # type: ignore[no-untyped-def]
     host = current_app.extensions["ocf.node"].host
-    out = [{"ID": str(p), "Addrs": [str(a) for a in host.peer_addrs(p)]} for p in host.connected_peers()]
+    out = [
+        {
+            "ID": str(p),
+            "Addrs": [str(a) for a in host.peer_addrs(p)],
+            # only through a circuit relay (limited in time and bytes) until hole punching upgrades it
+            "Relayed": all(c.relayed for c in host.connections(p) if c.usable),
+        }
+        for p in host.connected_peers()
+    ]
     return jsonify(peers=out)
 
 

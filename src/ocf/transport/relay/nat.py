@@ -69,6 +69,15 @@ class Nat:
         }
         if self.autonat is not None:
             out["autonat"] = self.autonat.summary()
+        if self.holepunch is not None:
+            out["holepunch"] = dict(self.holepunch.stats)
+        if self.service is not None:
+            out["relay"] = dict(
+                self.service.stats,
+                reservations=len(self.service.reservations),
+                circuits=self.service.circuits_total,
+                refused=sum(self.service.refused.values()),
+            )
         return out
 
     def _candidates(self) -> list[PeerId]:
