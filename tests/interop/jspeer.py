@@ -4,7 +4,7 @@ The peer speaks newline-delimited JSON on stdin/stdout: it prints one
 ``{"event": "ready", "peerId", "addrs"}`` line, then answers each
 ``{"id", "cmd", ...}`` request with ``{"id", "ok", ...}``. Commands: ping,
 identify, echo (streams N bytes over ``/ocf/echo/1.0.0`` and checks them),
-peers, stop. It also serves ``/ocf/echo/1.0.0`` itself.
+peers, addrs, connections, stop. It also serves ``/ocf/echo/1.0.0`` itself.
 
 ``npm ci`` installs the pinned packages (package-lock.json) on first use, or
 ``tests/setup-external.sh`` does it before the suite.
@@ -79,13 +79,24 @@ class JsPeer:
 
 
 @contextlib.asynccontextmanager
-async def open_js_peer(swarm_key_file: Path | None = None) -> AsyncIterator[JsPeer]:
-    """A running js peer; with ``swarm_key_file`` it runs in that private network (@libp2p/pnet)."""
+async def open_js_peer(
+    swarm_key_file: Path | None = None, *, relay: bool = False, relay_listen: str | None = None
+) -> AsyncIterator[JsPeer]:
+    """A running js peer; with ``swarm_key_file`` it runs in that private network (@libp2p/pnet).
+
+    ``relay=True`` makes it a circuit relay v2 server; ``relay_listen`` (a
+    ``…/p2p-circuit`` address) makes it reserve on that relay and listen there.
+    """
     ensure_installed()
     env = dict(os.environ)
-    env.pop("OCF_JS_SWARM_KEY_FILE", None)
+    for name in ("OCF_JS_SWARM_KEY_FILE", "OCF_JS_RELAY", "OCF_JS_RELAY_LISTEN"):
+        env.pop(name, None)
     if swarm_key_file is not None:
         env["OCF_JS_SWARM_KEY_FILE"] = str(swarm_key_file)
+    if relay:
+        env["OCF_JS_RELAY"] = "1"
+    if relay_listen is not None:
+        env["OCF_JS_RELAY_LISTEN"] = relay_listen
     process = await trio.lowlevel.open_process(
         ["node", str(HERE / "peer.mjs")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=HERE, env=env
     )

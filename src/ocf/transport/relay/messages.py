@@ -34,7 +34,7 @@ STOP = "/libp2p/circuit/relay/0.2.0/stop"
 MAX_MESSAGE = 4096
 MAX_ADDRS = 32  # addresses kept from one Peer or Reservation
 VOUCHER_DOMAIN = b"libp2p-relay-rsvp"
-VOUCHER_PAYLOAD_TYPE = varint.encode(0x0302)
+VOUCHER_PAYLOAD_TYPE = b"\x03\x02"  # the multicodec 0x0302 as two raw bytes, as go-libp2p and js-libp2p write it
 
 
 class Status(enum.IntEnum):
