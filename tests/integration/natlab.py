@@ -113,18 +113,33 @@ class Lab:
             return status, text
 
     def stop(self) -> None:
+        """Stop every process started in the lab (SIGINT, then SIGKILL), and whatever still runs in its namespaces."""
         for proc in self.procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGINT)
+            _signal(proc, signal.SIGINT)
         for proc in self.procs:
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+                _signal(proc, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=10)
         self.procs.clear()
+        for name in self.names.values():  # children they started, which we do not hold handles to
+            pids = _run("ip", "netns", "pids", name, check=False).stdout.split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+
+
+def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """The process's group when it leads one (spawn makes it so), else the process itself."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
 
 
 def check_prerequisites() -> None:
@@ -177,7 +192,13 @@ def _build(lab: Lab) -> None:
 
 
 def _teardown(lab: Lab) -> None:
-    lab.stop()
+    try:
+        lab.stop()
+    finally:
+        _delete(lab)
+
+
+def _delete(lab: Lab) -> None:
     for name in lab.names.values():
         _run("ip", "netns", "del", name, check=False)  # deleting a namespace deletes its veths
 

@@ -43,6 +43,7 @@ import trio
 from ... import log as logfmt
 from ...errors import MultiaddrError, PeerUnreachable, ProtocolError, TransportError
 from ...identity import Multiaddr, PeerId
+from ..dialpolicy import classify
 from ..identify import read_message, write_message
 from ..protobuf import field, int_field, iter_fields, varint_field
 from ..tcp import RawConn, is_tcp_addr
@@ -147,6 +148,16 @@ async def _reuse_socket(family: socket.AddressFamily, port: int) -> trio.socket.
         sock.close()
         raise
     return sock
+
+
+def _public(addr: Multiaddr) -> bool:
+    """A public IP address, or an address that is not an IP one at all (the in-memory transport)."""
+    if not addr.parts or addr.parts[0][0] not in ("ip4", "ip6"):
+        return addr.has("memory")
+    try:
+        return classify(ipaddress.ip_address(addr.parts[0][1] or ""))[0] == "public"
+    except ValueError:
+        return False
 
 
 def _relay_of(conn: Connection) -> PeerId | None:
@@ -292,9 +303,14 @@ class HolePuncher:
             self._active.discard(peer)
 
     async def _unilateral(self, peer: PeerId) -> bool:
-        """The spec's first step: if the dialer published direct addresses, just dial one."""
-        for addr in self.host.peer_addrs(peer):
-            if addr.has("p2p-circuit") or self.host.dial_policy.refusal(addr) is not None:
+        """The spec's first step: if the dialer published public addresses, just dial one.
+
+        Public only (as go-libp2p): a private address of a peer that needed a
+        relay to reach us is most likely behind its NAT, and a dial there
+        would only spend :data:`DIAL_TIMEOUT` before the punch.
+        """
+        for addr in self.host.peer_addrs(peer)[:MAX_ADDRS]:
+            if addr.has("p2p-circuit") or self.host.dial_policy.refusal(addr) is not None or not _public(addr):
                 continue
             try:
                 with trio.fail_after(DIAL_TIMEOUT):

@@ -59,7 +59,7 @@ log = logging.getLogger("ocf.transport.relay")
 
 MAX_CIRCUITS_TOTAL = 256
 REQUEST_TIMEOUT = 10.0  # for the hop request message, and for the target's answer to STOP CONNECT
-COPY_CHUNK = 16 << 10
+COPY_CHUNK = 64 << 10
 RATE_KEYS = 4096  # per-peer buckets kept; past it the fullest (idle) are dropped
 
 
