@@ -40,6 +40,14 @@ async def test_private_node_reserves_and_is_reached_through_the_relay(node_confi
                 nat = r.json()["nat"]
                 assert nat["reachability"] == "private" and nat["relays"] == [str(relay.peer_id)]
                 assert relay.nat.service.stats["circuits_opened"] >= 1
+                async with httpx.AsyncClient() as client:
+                    text = (await client.get(f"{relay.gateway_url}/metrics", timeout=10)).text
+                assert 'ocf_relay_service_usage{resource="reservations"} 1.0' in text
+                assert 'ocf_nat_events_total{event="circuits_opened",subsystem="relay"}' in text
+                async with httpx.AsyncClient() as client:
+                    text = (await client.get(f"{priv.gateway_url}/metrics", timeout=10)).text
+                assert 'ocf_nat_reachability{value="private"} 1.0' in text
+                assert "ocf_relay_reservations_held 1.0" in text
 
 
 async def test_relay_refusal_is_a_503_with_the_reason(node_config):

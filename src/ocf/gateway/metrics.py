@@ -86,9 +86,10 @@ class GatewayMetrics:
         #: provider peer ID -> requests this gateway has in flight there (the forwarder counts here).
         self.in_flight: dict[str, int] = {}
         self.registry.register(_GatewayCollector(self))
-        from .metrics_transport import TransportCollector
+        from .metrics_transport import NatCollector, TransportCollector
 
         self.registry.register(TransportCollector(node))
+        self.registry.register(NatCollector(node))
         if node.jobs is not None:
             from ..jobs.metrics import TrackerCollector
 

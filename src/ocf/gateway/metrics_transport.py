@@ -70,3 +70,53 @@ class TransportCollector(Collector):
         yield limits
         yield refusals
         yield scopes
+
+
+class NatCollector(Collector):
+    """Relay service, relay client, AutoNAT and hole punching counters (labels: fixed reasons only)."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        nat = getattr(self.node, "nat", None)
+        if nat is None:
+            return
+        reach = GaugeMetricFamily(
+            "ocf_nat_reachability", "1 for this node's reachability as AutoNAT or --reachability says.", labels=["value"]
+        )
+        for value in ("public", "private", "unknown"):
+            reach.add_metric([value], 1 if nat.reachability == value else 0)
+        yield reach
+        events = CounterMetricFamily(
+            "ocf_nat_events",
+            "Relay, AutoNAT and hole-punching events by subsystem and outcome.",
+            labels=["subsystem", "event"],
+        )
+        refused = CounterMetricFamily(
+            "ocf_nat_refusals",
+            "Requests the relay, the relay client, AutoNAT or DCUtR refused, by subsystem and reason.",
+            labels=["subsystem", "reason"],
+        )
+        parts = [("relay_client", nat.client), ("autonat", nat.autonat), ("dcutr", nat.holepunch)]
+        if nat.service is not None:
+            parts.append(("relay", nat.service))
+        for name, part in parts:
+            if part is None:
+                continue
+            for event, value in list(part.stats.items()):
+                events.add_metric([name, event], value)
+            for reason, value in list(part.refused.items()):
+                refused.add_metric([name, reason], value)
+        yield events
+        yield refused
+        held = GaugeMetricFamily("ocf_relay_reservations_held", "Relays this node holds a reservation on.")
+        held.add_metric([], len(nat.client.reservations))
+        yield held
+        if nat.service is not None:
+            served = GaugeMetricFamily(
+                "ocf_relay_service_usage", "With --relay: reservations and circuits in use.", labels=["resource"]
+            )
+            served.add_metric(["reservations"], len(nat.service.reservations))
+            served.add_metric(["circuits"], nat.service.circuits_total)
+            yield served
