@@ -64,3 +64,22 @@ async def test_relay_refusal_is_a_503_with_the_reason(node_config):
                 assert r.status_code == 503, r.text
                 assert r.json()["error"]["code"] == "relay_refused"
                 assert "NO_RESERVATION" in r.json()["error"]["message"]
+
+
+async def test_a_circuit_cut_at_the_relay_limit_is_a_503_with_the_reason(node_config):
+    net = MemoryNetwork()
+    async with open_node(node_config(relay=True, relay_circuit_data=64 << 10), memory_network=net) as relay:
+        boot = (str(relay.listen_addrs[0]),)
+        priv_cfg = node_config(mode="node", bootstrap_addrs=boot, reachability="private")
+        async with open_node(priv_cfg, memory_network=net) as priv:
+            await wait_for(priv.host, lambda: priv.nat.client.reservations)
+            [circuit] = priv.nat.client.circuit_addrs()
+            async with open_node(node_config(mode="node", bootstrap_addrs=boot), memory_network=net) as other:
+                other.host.add_addrs(priv.peer_id, [circuit])
+                async with httpx.AsyncClient() as client:
+                    r = await client.post(
+                        f"{other.gateway_url}/v1/p2p/{priv.peer_id}/v1/health", content=b"x" * (300 << 10), timeout=10
+                    )
+                assert r.status_code == 503, r.text
+                assert r.json()["error"]["code"] == "relay_limit"
+                assert "65536 bytes each way" in r.json()["error"]["message"]

@@ -269,6 +269,13 @@ class Forwarder:
                 # answer would make this node a port scanner for whoever asks.
                 raise ProviderFailed(f"peer {peer_text} is unreachable", code="peer_unreachable") from None
             except UpstreamError as exc:
+                limit = None if exc.response_started else self.providers.relay_limit(peer_text)
+                if limit is not None:
+                    raise NoProviderAvailable(
+                        f"peer {peer_text} is reachable only through a relay, which ended the connection at {limit}",
+                        retry_after=5,
+                        code="relay_limit",
+                    ) from None
                 raise ProviderFailed(f"peer {peer_text} failed: {exc}", code="peer_failed") from None
             finally:
                 self.metrics.leave(peer_text)
@@ -368,7 +375,11 @@ class Forwarder:
             except UpstreamError as exc:
                 if exc.response_started:
                     raise ProviderFailed(f"provider {provider.peer} failed mid-response: {exc}") from None
-                reached = True
+                limit = providers.relay_limit(provider.peer)
+                if limit is not None:  # the relay cut it: the provider did not fail, the path did
+                    relay_refusals.append(f"ended the connection at {limit}")
+                else:
+                    reached = True
                 reasons.append(f"{short(provider.peer)}: {exc}")
             providers.mark_down(provider.peer)
             self.metrics.count_forward("service", "retry" if attempt == 0 else "failed")
@@ -387,7 +398,7 @@ class Forwarder:
             raise ProviderFailed(f"provider(s) of '{name}' failed before answering{which}", code="provider_failed")
         if relay_refusals:
             raise NoProviderAvailable(
-                f"provider(s) of '{name}' are reachable only through a relay, which refused: "
+                f"provider(s) of '{name}' are reachable only through a relay, which said: "
                 f"{', '.join(sorted(set(relay_refusals)))}{which}",
                 retry_after=5,
                 code="relay_refused",

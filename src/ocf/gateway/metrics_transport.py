@@ -83,7 +83,9 @@ class NatCollector(Collector):
         if nat is None:
             return
         reach = GaugeMetricFamily(
-            "ocf_nat_reachability", "1 for this node's reachability as AutoNAT or --reachability says.", labels=["value"]
+            "ocf_nat_reachability",
+            "1 for this node's reachability as AutoNAT or --reachability says.",
+            labels=["value"],
         )
         for value in ("public", "private", "unknown"):
             reach.add_metric([value], 1 if nat.reachability == value else 0)

@@ -149,6 +149,16 @@ class Providers:
             self._peer_ids[text] = peer
         return peer
 
+    def relay_limit(self, peer_text: str) -> str | None:
+        """Why our relayed connection to the peer just ended, if its relay cut it at its limit."""
+        nat = getattr(self.node, "nat", None)
+        if nat is None:
+            return None
+        try:
+            return nat.client.limit_reason(self.peer_id(peer_text))  # type: ignore[no-any-return]
+        except BadRequest:
+            return None
+
     async def open_stream(self, peer_text: str) -> MuxedStream:
         """A new ``/libp2p-http`` stream to ``peer_text``, dialling its table addresses if not connected."""
         host = self.node.host

@@ -106,6 +106,11 @@ async def test_data_limit_resets_the_circuit():
                 await b.wait_changed()
         assert service.stats["circuits_limit_reached"] == 1
         assert service.circuits_total == 0
+        # both ends know why: the gateway answers 503 relay_limit with this
+        assert cb.limit_reason(a.peer_id) == "its limit of 65536 bytes each way per relayed connection"
+        with trio.fail_after(5):
+            while ca.limit_reason(b.peer_id) is None:
+                await a.wait_changed()
 
 
 async def test_duration_limit_resets_the_circuit(autojump_clock):
@@ -118,6 +123,7 @@ async def test_duration_limit_resets_the_circuit(autojump_clock):
         await trio.sleep(2)
         assert not b.is_connected(a.peer_id)
         assert service.stats["circuits_limit_reached"] == 1
+        assert cb.limit_reason(a.peer_id) == "its limit of 3 s per relayed connection"
 
 
 async def test_reservation_caps_total_and_circuits_per_peer():

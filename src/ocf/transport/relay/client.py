@@ -59,6 +59,8 @@ log = logging.getLogger("ocf.transport.relay")
 REQUEST_TIMEOUT = 10.0
 MAX_INBOUND_RELAYED = 64
 MIN_REFRESH = 1.0  # seconds between two reservations on one relay, whatever its TTL says
+LIMIT_MEMORY = 30.0  # seconds a circuit cut at its limit is remembered, for the gateway's answer
+MAX_LIMIT_HITS = 1024
 
 
 @attrs.define
@@ -69,6 +71,68 @@ class Held:
     expire: float  # UNIX seconds
     addrs: list[Multiaddr]  # our circuit addresses through this relay, with /p2p/<us>
     limit: Limit | None
+
+
+class CircuitStream(trio.abc.HalfCloseableStream):
+    """A relayed connection's byte stream, watching for the relay cutting it at its limit.
+
+    The relay resets a circuit that reached its time or data limit; the
+    connection over it then just fails. So that callers can say why (the
+    gateway's 503 ``relay_limit``), a failure after ``limit.duration``
+    seconds, or after ``limit.data`` bytes one way, is reported to
+    ``on_limit`` at once, before the connection's streams learn of it.
+    """
+
+    def __init__(self, stream: MuxedStream, limit: Limit | None, on_limit: Callable[[str], None]) -> None:
+        self.stream = stream
+        self.limit = limit
+        self.sent = 0
+        self.received = 0
+        self._opened = trio.current_time()
+        self._on_limit = on_limit
+        self._reported = False
+
+    def _ended(self) -> None:
+        lim = self.limit
+        if lim is None or self._reported:
+            return
+        if lim.duration and trio.current_time() - self._opened >= lim.duration - 1:
+            reason = f"its limit of {lim.duration} s per relayed connection"
+        elif lim.data and max(self.sent, self.received) >= lim.data:
+            reason = f"its limit of {lim.data} bytes each way per relayed connection"
+        else:
+            return
+        self._reported = True
+        self._on_limit(reason)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            await self.stream.send_all(data)
+        except (TransportError, trio.BrokenResourceError, trio.ClosedResourceError):
+            self.sent += len(data)
+            self._ended()
+            raise
+        self.sent += len(data)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        try:
+            data = await self.stream.receive_some(max_bytes)
+        except (TransportError, trio.BrokenResourceError, trio.ClosedResourceError):
+            self._ended()
+            raise
+        if not data:
+            self._ended()
+        self.received += len(data)
+        return data
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
 
 
 def split_circuit(addr: Multiaddr) -> tuple[Multiaddr, PeerId, PeerId | None]:
@@ -98,11 +162,29 @@ class RelayClient:
         self.on_addrs: list[Callable[[], None]] = []
         self._log = logfmt.RateLimitedLog(log, host.config.refusal_log_interval)
         self.refused: dict[str, int] = {}
-        self.stats = {"relayed_dials": 0, "relayed_inbound": 0}
+        self.stats = {"relayed_dials": 0, "relayed_inbound": 0, "limits_reached": 0}
+        self._limit_hits: dict[PeerId, tuple[float, str]] = {}
 
     def _refuse(self, reason: str, peer: PeerId, **fields: object) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
         self._log.info(reason, "relayed connection refused", reason=reason, peer=peer.short(), **fields)
+
+    def _limit_hit(self, peer: PeerId, reason: str) -> None:
+        self.stats["limits_reached"] += 1
+        now = trio.current_time()
+        if len(self._limit_hits) >= MAX_LIMIT_HITS:
+            self._limit_hits = {p: v for p, v in self._limit_hits.items() if v[0] > now - LIMIT_MEMORY}
+            if len(self._limit_hits) >= MAX_LIMIT_HITS:
+                self._limit_hits.clear()
+        self._limit_hits[peer] = (now, reason)
+        log.info("relayed connection cut at the relay's limit %s", logfmt.kv(peer=peer.short(), limit=reason))
+
+    def limit_reason(self, peer: PeerId) -> str | None:
+        """Why our relayed connection to ``peer`` ended just now, if the relay cut it at its limit."""
+        hit = self._limit_hits.get(peer)
+        if hit is None or hit[0] < trio.current_time() - LIMIT_MEMORY:
+            return None
+        return hit[1]
 
     # --- dialing through a relay (the host's transport for /p2p-circuit) ---------------------
 
@@ -134,8 +216,10 @@ class RelayClient:
             name = status_name(answer.status)
             raise RelayRefused(f"relay {relay.short()} refused to connect us: {name}", status=name)
         self.stats["relayed_dials"] += 1
+        self._limit_hits.pop(target, None)
+        circuit = CircuitStream(stream, answer.limit, lambda reason: self._limit_hit(target, reason))
         try:
-            yield RawConn(stream, remote_addr=addr.without_p2p(), local_addr=None, transport="relay")
+            yield RawConn(circuit, remote_addr=addr.without_p2p(), local_addr=None, transport="relay")
         finally:
             with contextlib.suppress(TransportError, trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.aclose()
@@ -174,7 +258,9 @@ class RelayClient:
         self.stats["relayed_inbound"] += 1
         log.debug("relayed connection %s", logfmt.kv(relay=relay.short(), src=src.short()))
         try:
-            await self.host.serve_inbound(RawConn(stream, remote_addr=remote, local_addr=None, transport="relay"))
+            self._limit_hits.pop(src, None)
+            circuit = CircuitStream(stream, message.limit, lambda reason: self._limit_hit(src, reason))
+            await self.host.serve_inbound(RawConn(circuit, remote_addr=remote, local_addr=None, transport="relay"))
         finally:
             self.inbound -= 1
 

@@ -303,6 +303,10 @@ async def splice(a: MuxedStream, b: MuxedStream, limit: Limit, stats: dict[str, 
                     await dst.send_eof()
                     return
                 if limit.data and sent + len(chunk) > limit.data:
+                    # Up to the limit exactly (as go-libp2p's limited copy), so both ends can tell
+                    # a circuit cut at its limit from one that failed.
+                    await dst.send_all(chunk[: limit.data - sent])
+                    stats["bytes_relayed"] += limit.data - sent
                     hit = True
                     cancel.cancel()
                     return
