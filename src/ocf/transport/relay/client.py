@@ -195,6 +195,7 @@ class RelayClient:
             raise PeerUnreachable(f"{addr}: which peer? a relay address to dial ends in /p2p-circuit/p2p/<id>")
         if relay == self.host.peer_id or target == relay:
             raise PeerUnreachable(f"{addr}: a circuit through ourselves or to the relay itself")
+        stream: MuxedStream | None = None
         try:
             with trio.fail_after(timeout):
                 if len(relay_part.parts) > 1 and not self.host.is_connected(relay):
@@ -207,10 +208,14 @@ class RelayClient:
                 request = HopMessage(HopType.CONNECT, peer=Peer(target.raw))
                 await write_message(stream, request.encode())
                 answer = HopMessage.decode(await read_message(stream, MAX_MESSAGE))
-        except trio.TooSlowError:
-            raise PeerUnreachable(f"relay {relay.short()} did not connect us within {timeout:g}s") from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise PeerUnreachable(f"relay {relay.short()} closed the stream ({exc or 'EOF'})") from None
+        except BaseException as exc:
+            if stream is not None:
+                stream.reset()
+            if isinstance(exc, trio.TooSlowError):
+                raise PeerUnreachable(f"relay {relay.short()} did not connect us within {timeout:g}s") from None
+            if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError)):
+                raise PeerUnreachable(f"relay {relay.short()} closed the stream ({exc or 'EOF'})") from None
+            raise
         if answer.type != HopType.STATUS or answer.status != Status.OK:
             stream.reset()
             name = status_name(answer.status)

@@ -238,6 +238,10 @@ class RelayService:
             self._refuse("hop_malformed", src, error=exc)
             await self._reply(stream, Status.MALFORMED_MESSAGE)
             return
+        if dst in (src, self.host.peer_id):
+            self._refuse("hop_loop", src)
+            await self._reply(stream, Status.PERMISSION_DENIED)
+            return
         if not self.has_reservation(dst):
             self._refuse("no_reservation", src, target=dst.short())
             await self._reply(stream, Status.NO_RESERVATION)
