@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from typing import Any, Protocol
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -83,6 +84,7 @@ MAX_OPERATOR_ADDRS = 1024  # addresses the operator gave us, remembered as trust
 RETIRE_GRACE = 30.0  # seconds a tie-break loser may keep serving its open streams
 SHUTDOWN_GRACE = 2.0
 PEER_LOG_BURST = 20  # connect/disconnect lines per refusal-log interval
+DIRECT_BUDGET_WITH_RELAY = 2.0  # seconds for each direct address of a peer that also has relay addresses
 
 
 @attrs.frozen
@@ -706,9 +708,17 @@ class Host:
             raise PeerUnreachable(f"peer {peer.short()} is not connected and no address is known")
         reasons = []
         relay_refusal: RelayRefused | None = None
+        # A peer that publishes relay addresses is likely behind NAT: its direct addresses get a
+        # short try each (a private one elsewhere may never answer), then the relay is dialed.
+        relayed_peer = any(a.has("p2p-circuit") for a in addrs)
         for addr in sorted(addrs, key=_dial_preference)[: self.config.max_addrs_per_peer]:
+            budget = DIRECT_BUDGET_WITH_RELAY if relayed_peer and not addr.has("p2p-circuit") else math.inf
             try:
-                await self.connect(addr.with_p2p(peer), learned=addr not in self._operator_addrs)
+                with trio.move_on_after(budget) as scope:
+                    await self.connect(addr.with_p2p(peer), learned=addr not in self._operator_addrs)
+                if scope.cancelled_caught:
+                    reasons.append(f"{addr}: no answer within {budget:g}s")
+                    continue
             except TransportError as exc:
                 reasons.append(f"{addr}: {exc}")
                 if isinstance(exc, RelayRefused):

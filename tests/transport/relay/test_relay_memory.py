@@ -189,3 +189,18 @@ async def test_relayed_connection_is_upgraded_to_direct_and_the_relayed_one_reti
             assert puncher.stats["unilateral"] == 1
             assert await roundtrip(a, b.peer_id, b"direct") == b"direct"
             assert [c.relayed for c in a.connections(b.peer_id)] == [False]
+
+
+async def test_a_silent_direct_address_does_not_keep_a_relayed_peer_away(autojump_clock):
+    """A peer with relay addresses: each direct address gets a short try, then the relay is dialed."""
+    async with trio_hosts() as (relay, service, [(a, ca), (b, cb)]):
+        held = await ca.reserve(relay.peer_id)
+        async with trio.open_nursery() as nursery:
+            # a listener that accepts and never answers (a private address behind someone's NAT)
+            blackhole = relay._memory.network.listen("blackhole", lambda raw: trio.sleep_forever(), nursery)
+            b.add_addrs(a.peer_id, [blackhole, held.addrs[0]])
+            t0 = trio.current_time()
+            assert await roundtrip(b, a.peer_id, b"hi") == b"hi"
+            assert trio.current_time() - t0 < b.config.handshake_timeout  # virtual time: the budget, not the timeout
+            assert [c.relayed for c in b.connections(a.peer_id)] == [True]
+            nursery.cancel_scope.cancel()
