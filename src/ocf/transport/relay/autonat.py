@@ -273,6 +273,16 @@ class AutoNat:
     def own_addrs(self) -> list[Multiaddr]:
         return [a.without_p2p() for a in self.host.listen_addrs if not a.has("p2p-circuit")]
 
+    def worth_asking(self) -> bool:
+        """Any address a dial-back would tell something about: not loopback, not in-process."""
+        for a in self.own_addrs():
+            if a.has("memory"):
+                continue
+            if a.parts and a.parts[0][0] in ("ip4", "ip6") and (a.parts[0][1] or "") in ("127.0.0.1", "::1"):
+                continue
+            return True
+        return False
+
     async def ask(self, server: PeerId) -> str | None:
         """Ask ``server`` to dial us back: ``"public"``, ``"private"``, or None if it would not say."""
         request = DialRequest(self.host.peer_id.raw, tuple(a.to_bytes() for a in self.own_addrs()))
@@ -322,9 +332,11 @@ class AutoNat:
         task_status.started()
         asked: set[PeerId] = set()
         while True:
-            pending = [p for p in self._servers() if p not in asked]
-            if not self.own_addrs():
+            # Nothing to ask about: no address at all is private; loopback or in-process addresses
+            # only (one machine, tests) leave it unknown rather than have peers dial back for nothing.
+            if not self.host.listen_addrs:
                 self._set("private")
+            pending = [p for p in self._servers() if p not in asked] if self.worth_asking() else []
             for server in pending[:CONFIDENCE]:
                 asked.add(server)
                 await self.ask(server)
