@@ -26,6 +26,7 @@ Not a product: a measuring stick.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import selectors
 import socket
@@ -141,10 +142,8 @@ def main() -> int:
         help="os: bytes as they come, blocking I/O; trio: parse and re-frame HTTP/1.1 with ocf's codec (default)",
     )
     args = parser.parse_args()
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         (relay_os if args.engine == "os" else relay_trio)(args.port, args.upstream)
-    except KeyboardInterrupt:
-        pass
     return 0
 
 

@@ -356,7 +356,8 @@ def main() -> int:
             ("(t) 2 Trio HTTP relays", floor_ports["trio"][0], "/v1/chat/completions"),
         ]
         print(
-            f"gateway benchmark: {os.cpu_count()} cores, {args.concurrency} concurrent clients, {args.seconds:g} s per run; (c) via {c_note}"
+            f"gateway benchmark: {os.cpu_count()} cores, {args.concurrency} concurrent clients, {args.seconds:g} s per "
+            f"run; (c) via {c_note}"
         )
         print(f"python speed reference: {python_speed():.0f} ms of CPU for 1M loop iterations (lower is faster)")
         # Interleaved rounds: other work on the machine hits every scenario alike; per scenario the
@@ -417,7 +418,8 @@ def main() -> int:
     print()
     print(f"{'':<26} {'one client at a time':^26} | {str(args.concurrency) + ' concurrent clients':^44}")
     print(
-        f"{'scenario':<26} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} | {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6} {'cpu busy':>9}"
+        f"{'scenario':<26} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} | {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'ratio':>6} {'cpu busy':>9}"
     )
     print("-" * 100)
     for name, _, _ in scenarios + floor_scenarios:
@@ -443,7 +445,8 @@ def main() -> int:
     a_ttft, b_ttft, c_ttft = (first[name] for name, _, _ in scenarios)
     print()
     print(
-        f"time to first token (streamed, one client): (a) p50 {pct(a_ttft, 0.5):.2f} ms, (b) {pct(b_ttft, 0.5):.2f} ms, "
+        f"time to first token (streamed, one client): (a) p50 {pct(a_ttft, 0.5):.2f} ms,"
+        f" (b) {pct(b_ttft, 0.5):.2f} ms, "
         f"(c) {pct(c_ttft, 0.5):.2f} ms; added by the two hops {pct(c_ttft, 0.5) - pct(a_ttft, 0.5):+.2f} ms"
     )
     print("CPU per streamed completion (from /proc; warm-up requests included):")
@@ -456,10 +459,12 @@ def main() -> int:
     print()
     print(f"target: (c) adds < 2 ms at p50 over (a): {added:+.2f} ms -> {'met' if added < 2 else 'NOT met'}")
     print(
-        f"        (floors in the same run: two bare relays add {floor_os:+.2f} ms, two minimal Trio HTTP relays {floor_trio:+.2f} ms)"
+        f"        (floors in the same run: two bare relays add {floor_os:+.2f} ms, two minimal Trio HTTP relays "
+        f"{floor_trio:+.2f} ms)"
     )
     print(
-        f"target: (c) >= 40% of (a)'s req/s at {args.concurrency} clients: {c_rps / base_rps:.0%} -> {'met' if c_rps >= 0.4 * base_rps else 'NOT met'}"
+        f"target: (c) >= 40% of (a)'s req/s at {args.concurrency} clients: {c_rps / base_rps:.0%}"
+        f" -> {'met' if c_rps >= 0.4 * base_rps else 'NOT met'}"
     )
     return 0
 

@@ -258,7 +258,9 @@ def report(title: str, unit: str, values: dict[str, float], fmt: str) -> None:
         added = value - base
         per_hop = added / hops[scenario] if hops[scenario] else 0.0
         print(
-            f"{label:44s} {format(value, fmt):>16s} {value / base:7.2f} {format(added, fmt) if hops[scenario] else '':>14s} {format(per_hop, fmt) if hops[scenario] else '':>14s}"
+            f"{label:44s} {format(value, fmt):>16s} {value / base:7.2f}"
+            f" {format(added, fmt) if hops[scenario] else '':>14s}"
+            f" {format(per_hop, fmt) if hops[scenario] else '':>14s}"
         )
     print(f"({title}; 'hops' is the scenario minus the baseline: the gateways' own cost)")
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Job tracker benchmark: claim/complete cycles, job creation, memory and LMDB size.
 
-    python benchmarks/jobs.py [--quick] [--seconds 15] [--workers 100] [--clients 1] [--batches 1,10] [--jobs 1000000] [--profile]
+    python benchmarks/jobs.py [--quick] [--seconds 15] [--workers 100] [--clients 1] [--batches 1,10]
+                              [--jobs 1000000] [--profile]
 
 The tracker runs as its own process (``python -m ocf start --mode standalone
 --jobs``, temp data dir, free port; SIGTERM at the end) so the load generator
@@ -387,7 +388,7 @@ async def client_process(spec: dict[str, Any]) -> dict[str, Any]:
     await trio.sleep(max(0.0, spec["start"] - time.time()))
     async with trio.open_nursery() as nursery:
         worker = tracker_worker if spec["mode"] in ("tracker", "combined") else bare_worker
-        for conn, (token, stage) in zip(conns, spec["workers"]):
+        for conn, (token, stage) in zip(conns, spec["workers"], strict=True):
             nursery.start_soon(worker, conn, token, stage)
         await trio.sleep(max(0.0, spec["measure_from"] - time.time()))
         snapshot()
@@ -611,7 +612,8 @@ def profile_summary(path: Path, seconds: float, top: int = 25) -> str:
     out = io.StringIO()
     gc_time = json.loads(Path(str(path) + ".gc").read_text())
     out.write(
-        f"garbage collector: {gc_time['seconds']:.3f} s of the {seconds:.0f} s window, collections per generation {gc_time['collections']}\n"
+        f"garbage collector: {gc_time['seconds']:.3f} s of the {seconds:.0f} s window, collections per generation "
+        f"{gc_time['collections']}\n"
     )
     stats = pstats.Stats(str(path), stream=out)
     stats.sort_stats("tottime").print_stats(top)
@@ -625,7 +627,10 @@ def profile_summary(path: Path, seconds: float, top: int = 25) -> str:
 def server_note(r: dict[str, float]) -> str:
     """Server CPU use; a single-threaded server below 100% while clients wait is blocked (fsync), not idle."""
     per_req = 1e6 / r["requests"]
-    return f"{r['server_cpu'] * 100:.0f}% core, {r['server_cpu'] * per_req:.0f} us CPU/req ({r['server_sys'] * per_req:.0f} of it system)"
+    return (
+        f"{r['server_cpu'] * 100:.0f}% core, {r['server_cpu'] * per_req:.0f} us CPU/req"
+        f" ({r['server_sys'] * per_req:.0f} of it system)"
+    )
 
 
 def mib(n: float) -> str:
@@ -694,7 +699,8 @@ def main() -> None:
                     f"load client cost: {what}, {args.workers} conns",
                     f"{r['requests']:8.0f} req/s",
                     "",
-                    f"client {r['client_us_per_req']:.0f} us CPU/req ({r['client_cpu'] * 100:.0f}% of a core), server {r['server_cpu'] * 100:.0f}% core",
+                    f"client {r['client_us_per_req']:.0f} us CPU/req ({r['client_cpu'] * 100:.0f}% of a core), server "
+                    f"{r['server_cpu'] * 100:.0f}% core",
                 )
             )
         impl = min(cost, key=lambda k: cost[k]["client_us_per_req"])
@@ -716,7 +722,8 @@ def main() -> None:
                 f"bare gateway: 2x GET /v1/health per cycle, {args.workers} workers (baseline)",
                 f"{bare_pairs:8.0f} cycles/s",
                 "1.00",
-                f"{bare['requests']:.0f} req/s, server {server_note(bare)}; clients {bare['client_cpu'] * 100:.0f}% ({clients})",
+                f"{bare['requests']:.0f} req/s, server {server_note(bare)}; clients {bare['client_cpu'] * 100:.0f}% "
+                f"({clients})",
             )
         )
         loads = {}
@@ -801,7 +808,8 @@ def main() -> None:
             rate = in_process_rate(batch, 1.0 if quick else 3.0, sync=sync, jobs=20_000 if quick else 50_000)
             rows.append(
                 (
-                    f"in process (no HTTP), batch {batch}: JobStore claim+complete_many{'' if sync else ', commits not synced'}",
+                    f"in process (no HTTP), batch {batch}: JobStore claim+complete_many"
+                    f"{'' if sync else ', commits not synced'}",
                     f"{rate:8.0f} job-stage/s",
                     "",
                     f"{1e6 / rate * batch:.0f} us per claim+complete pair"
@@ -839,7 +847,8 @@ def main() -> None:
             "  server VmRSS: before / after 1st batch / after last (peak)",
             f"{c['rss'][0] / m:.0f} MiB",
             "",
-            f"{c['rss'][1] / m:.0f} / {c['rss'][-1] / m:.0f} MiB (peak VmHWM {c['hwm'] / m:.0f} MiB); includes mapped data.mdb pages",
+            f"{c['rss'][1] / m:.0f} / {c['rss'][-1] / m:.0f} MiB (peak VmHWM {c['hwm'] / m:.0f} MiB); includes mapped "
+            "data.mdb pages",
         )
     )
     rows.append(
@@ -847,7 +856,8 @@ def main() -> None:
             "  server RssAnon (heap): before / after 1st batch / after last",
             f"{c['anon'][0] / m:.0f} MiB",
             "",
-            f"{c['anon'][1] / m:.0f} / {c['anon'][-1] / m:.0f} MiB: {flat / m:+.1f} MiB from 1st to last batch ({'flat' if abs(flat) < 32 * m else 'GROWS'})",
+            f"{c['anon'][1] / m:.0f} / {c['anon'][-1] / m:.0f} MiB: {flat / m:+.1f} MiB from 1st to last batch "
+            f"({'flat' if abs(flat) < 32 * m else 'GROWS'})",
         )
     )
 
@@ -898,7 +908,8 @@ def main() -> None:
         finally:
             server.stop()
         print(
-            f"\nserver profile, batch 10 under cProfile ({r['cycles']:.0f} job-stage/s, {r['e2e']:.0f} jobs/s while profiled):\n"
+            f"\nserver profile, batch 10 under cProfile ({r['cycles']:.0f} job-stage/s, {r['e2e']:.0f} jobs/s while "
+            "profiled):\n"
         )
         print(profile_summary(prof, seconds))
         shutil.rmtree(prof.parent, ignore_errors=True)

@@ -280,21 +280,26 @@ def main() -> None:
                 except subprocess.TimeoutExpired:
                     proc.kill()
 
-    header = f"{'measurement (ms)':<26}{'idle p50':>10}{'idle p99':>10}{'load p50':>10}{'load p99':>10}{'load max':>10}{'added p99':>11}  {'target':>10}"
+    columns = ("idle p50", "idle p99", "load p50", "load p99", "load max")
+    header = f"{'measurement (ms)':<26}{''.join(f'{c:>10}' for c in columns)}{'added p99':>11}  {'target':>10}"
     print(header)
     print("-" * len(header))
     for key, label in (("health", "/v1/health latency"), ("token_gap", "token gap (less delay)")):
-        b, l = baseline[key], loaded[key]
-        added = percentile(l, 0.99) - percentile(b, 0.99)
+        base, load = baseline[key], loaded[key]
+        added = percentile(load, 0.99) - percentile(base, 0.99)
         verdict = "ok" if added < 5 else "OVER"
+        figures = (percentile(base, 0.5), percentile(base, 0.99), percentile(load, 0.5), percentile(load, 0.99))
         print(
-            f"{label:<26}{percentile(b, 0.5):>10.2f}{percentile(b, 0.99):>10.2f}{percentile(l, 0.5):>10.2f}{percentile(l, 0.99):>10.2f}{max(l or [0]):>10.2f}{added:>11.2f}  {'< 5 ' + verdict:>10}"
+            f"{label:<26}{''.join(f'{v:>10.2f}' for v in figures)}{max(load or [0]):>10.2f}{added:>11.2f}"
+            f"  {'< 5 ' + verdict:>10}"
         )
     print(
-        f"co-located tracker + LLM relay, {args.seconds:g} s per phase; tracker load achieved {achieved['rate']:,.0f} jobs/s (target {args.rate:,.0f})"
+        f"co-located tracker + LLM relay, {args.seconds:g} s per phase;"
+        f" tracker load achieved {achieved['rate']:,.0f} jobs/s (target {args.rate:,.0f})"
     )
     print(
-        f"samples (idle/load): health {len(baseline['health'])}/{len(loaded['health'])}, token gaps {len(baseline['token_gap'])}/{len(loaded['token_gap'])}"
+        f"samples (idle/load): health {len(baseline['health'])}/{len(loaded['health'])},"
+        f" token gaps {len(baseline['token_gap'])}/{len(loaded['token_gap'])}"
     )
 
 

@@ -6,8 +6,14 @@ import socket
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from ocf.config import Config
+
+# Hypothesis checks properties, not speed: on a loaded two-core machine its per-example deadline
+# and "too slow" health check measure the scheduler, so neither applies here.
+settings.register_profile("ocf", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ocf")
 
 
 def free_port() -> int:

@@ -305,21 +305,24 @@ SETTINGS: tuple[Setting, ...] = (
         "mode",
         "mode",
         _choice(MODES),
-        "Bootstrap mode: 'standalone' waits for others to connect (a dispatcher), 'local' bootstraps to 127.0.0.1, 'node' bootstraps from --bootstrap.addr (default: node).",
+        "Bootstrap mode: 'standalone' waits for others to connect (a dispatcher), 'local' bootstraps to 127.0.0.1, "
+        "'node' bootstraps from --bootstrap.addr (default: node).",
         metavar="{standalone,local,node}",
     ),
     Setting(
         "bootstrap.addr",
         "bootstrap_addrs",
         _bootstrap,
-        "Peers to join in 'node' mode: multiaddrs ending in /p2p/<peer id> (comma-separated or repeated), or an http(s) URL answering {\"bootstraps\": [...]}.",
+        "Peers to join in 'node' mode: multiaddrs ending in /p2p/<peer id> (comma-separated or repeated), or an "
+        'http(s) URL answering {"bootstraps": [...]}.',
         metavar="ADDR",
     ),
     Setting(
         "public-addr",
         "public_addr",
         _opt_str,
-        "This node's publicly reachable IP or hostname; recorded in the node table so others can use this node as a bootstrap.",
+        "This node's publicly reachable IP or hostname; recorded in the node table so others can use this node as a "
+        "bootstrap.",
         metavar="HOST",
     ),
     Setting(
@@ -333,14 +336,16 @@ SETTINGS: tuple[Setting, ...] = (
         "tcpport",
         "tcpport",
         _int_range(0, 65535),
-        "TCP port for peer connections; WebSocket (/tcp/PORT/ws) is served on the same port (default: 43905; 0 picks a free port).",
+        "TCP port for peer connections; WebSocket (/tcp/PORT/ws) is served on the same port (default: 43905; 0 picks a "
+        "free port).",
         metavar="PORT",
     ),
     Setting(
         "udpport",
         "udpport",
         _int_range(0, 65535),
-        "UDP port reserved for QUIC (default: 59820). Accepted for OCF compatibility; QUIC is not implemented yet, so nothing listens on it.",
+        "UDP port reserved for QUIC (default: 59820). Accepted for OCF compatibility; QUIC is not implemented yet, so "
+        "nothing listens on it.",
         metavar="PORT",
     ),
     Setting(
@@ -364,14 +369,16 @@ SETTINGS: tuple[Setting, ...] = (
         "service.api-key",
         "service_api_keys",
         lambda v: _split(v),
-        "API key of the local backend (sent to it as Authorization: Bearer, never to anyone else): one per --service.name, in order, or one for all.",
+        "API key of the local backend (sent to it as Authorization: Bearer, never to anyone else): one per "
+        "--service.name, in order, or one for all.",
         metavar="KEY",
     ),
     Setting(
         "seed",
         "seed",
         _opt_str,
-        "Derive the node identity deterministically from this string instead of the stored key (for tests and reproducible setups; never in production).",
+        "Derive the node identity deterministically from this string instead of the stored key (for tests and "
+        "reproducible setups; never in production).",
         metavar="TEXT",
     ),
     Setting(
@@ -447,7 +454,8 @@ SETTINGS: tuple[Setting, ...] = (
         "relay",
         "relay",
         _bool,
-        "Serve circuit relay v2 (/libp2p/circuit/relay/0.2.0/hop) so that peers behind NAT can be reached through this node; use on publicly reachable nodes (default: false).",
+        "Serve circuit relay v2 (/libp2p/circuit/relay/0.2.0/hop) so that peers behind NAT can be reached through "
+        "this node; use on publicly reachable nodes (default: false).",
         is_switch=True,
         group="transport",
     ),
@@ -455,7 +463,8 @@ SETTINGS: tuple[Setting, ...] = (
         "reachability",
         "reachability",
         _choice(REACHABILITY),
-        "Whether peers can dial this node: 'auto' asks peers to dial back (AutoNAT), 'public' or 'private' skip asking; a private node reserves slots on relays and publishes /p2p-circuit addresses (default: auto).",
+        "Whether peers can dial this node: 'auto' asks peers to dial back (AutoNAT), 'public' or 'private' skip "
+        "asking; a private node reserves slots on relays and publishes /p2p-circuit addresses (default: auto).",
         group="transport",
         metavar="{auto,public,private}",
     ),
@@ -471,7 +480,8 @@ SETTINGS: tuple[Setting, ...] = (
         "relay-max-reservations",
         "relay_max_reservations",
         _int_range(1, 1_000_000),
-        "With --relay: peers that may hold a reservation at once, 8 per IP address at most (default: 128, as go-libp2p).",
+        "With --relay: peers that may hold a reservation at once, 8 per IP address at most "
+        "(default: 128, as go-libp2p).",
         group="transport",
         metavar="N",
     ),
@@ -487,7 +497,8 @@ SETTINGS: tuple[Setting, ...] = (
         "relay-circuit-duration",
         "relay_circuit_duration",
         _int_range(0, 86_400),
-        "With --relay: seconds a relayed connection may stay open, then both ends are reset; 0 is no limit (default: 120, as go-libp2p).",
+        "With --relay: seconds a relayed connection may stay open, then both ends are reset; 0 is no limit "
+        "(default: 120, as go-libp2p).",
         group="transport",
         metavar="SECONDS",
     ),
@@ -495,7 +506,8 @@ SETTINGS: tuple[Setting, ...] = (
         "relay-circuit-data",
         "relay_circuit_data",
         _size,
-        "With --relay: bytes a relayed connection may carry in each direction, then both ends are reset (default: 128K, as go-libp2p).",
+        "With --relay: bytes a relayed connection may carry in each direction, then both ends are reset "
+        "(default: 128K, as go-libp2p).",
         group="transport",
         metavar="BYTES",
     ),
@@ -503,7 +515,8 @@ SETTINGS: tuple[Setting, ...] = (
         "dial-allow",
         "dial_allow",
         _cidrs,
-        "Networks (CIDR, comma-separated) a learned peer address may be in, beyond public addresses and the private or loopback networks this node itself runs in (default: none).",
+        "Networks (CIDR, comma-separated) a learned peer address may be in, beyond public addresses and the private or "
+        "loopback networks this node itself runs in (default: none).",
         group="transport",
         metavar="CIDRS",
     ),
@@ -527,7 +540,8 @@ SETTINGS: tuple[Setting, ...] = (
         "network-key",
         "network_key",
         _network_key,
-        "Run in a private network: a go-libp2p swarm.key file (/key/swarm/psk/1.0.0/, /base16/, 64 hex digits); peers without the same key are refused before any handshake (default: none, an open network).",
+        "Run in a private network: a go-libp2p swarm.key file (/key/swarm/psk/1.0.0/, /base16/, 64 hex digits); peers "
+        "without the same key are refused before any handshake (default: none, an open network).",
         group="transport",
         metavar="FILE",
     ),
@@ -591,7 +605,8 @@ SETTINGS: tuple[Setting, ...] = (
         "max-buffered-per-peer",
         "max_buffered_per_peer",
         _size,
-        "Most received-but-unread bytes one peer may make the node hold; a stream going past it is reset (default: 32M).",
+        "Most received-but-unread bytes one peer may make the node hold; a stream going past it is reset (default: "
+        "32M).",
         group="transport",
         metavar="BYTES",
     ),
@@ -599,7 +614,8 @@ SETTINGS: tuple[Setting, ...] = (
         "max-buffered-per-ip",
         "max_buffered_per_ip",
         _size,
-        "Most received-but-unread bytes from one IP address (IPv6: one /64), all its peers and unfinished WebSocket messages together (default: 64M).",
+        "Most received-but-unread bytes from one IP address (IPv6: one /64), all its peers and unfinished WebSocket "
+        "messages together (default: 64M).",
         group="transport",
         metavar="BYTES",
     ),
@@ -623,7 +639,8 @@ SETTINGS: tuple[Setting, ...] = (
         "refusal-log-interval",
         "refusal_log_interval",
         _positive_float,
-        "Seconds between log lines about the same kind of refused connection, stream or message; the line counts the others (default: 10).",
+        "Seconds between log lines about the same kind of refused connection, stream or message; the line counts the "
+        "others (default: 10).",
         group="transport",
         metavar="SECONDS",
     ),
@@ -647,7 +664,8 @@ SETTINGS: tuple[Setting, ...] = (
         "max-record-decoded-size",
         "nodetable_max_decoded_bytes",
         _size,
-        "Most bytes a record's document may decode to (inflated columns, repeated values), checked before Automerge parses it (default: 1M).",
+        "Most bytes a record's document may decode to (inflated columns, repeated values), checked before Automerge "
+        "parses it (default: 1M).",
         group="node table",
         metavar="BYTES",
     ),
@@ -655,7 +673,8 @@ SETTINGS: tuple[Setting, ...] = (
         "max-record-ops",
         "nodetable_max_ops",
         _int_range(16, 10_000_000),
-        "Most rows (operations, changes) in any column of a record's document, counted before Automerge parses it (default: 1024).",
+        "Most rows (operations, changes) in any column of a record's document, counted before Automerge parses it "
+        "(default: 1024).",
         group="node table",
         metavar="N",
     ),
@@ -663,7 +682,8 @@ SETTINGS: tuple[Setting, ...] = (
         "max-record-changes",
         "nodetable_max_changes",
         _int_range(2, 10_000_000),
-        "Most changes (history) in a record's document, counted before Automerge parses it; owners compact after 64 (default: 256).",
+        "Most changes (history) in a record's document, counted before Automerge parses it; owners compact after 64 "
+        "(default: 256).",
         group="node table",
         metavar="N",
     ),
@@ -679,7 +699,8 @@ SETTINGS: tuple[Setting, ...] = (
         "stale-after",
         "stale_after",
         _positive_float,
-        "Seconds after which a peer not seen (no owner-signed heartbeat, no direct contact) leaves the served node table and is then pruned from memory and disk (default: 600).",
+        "Seconds after which a peer not seen (no owner-signed heartbeat, no direct contact) leaves the served node "
+        "table and is then pruned from memory and disk (default: 600).",
         group="node table",
         metavar="SECONDS",
     ),
@@ -687,7 +708,8 @@ SETTINGS: tuple[Setting, ...] = (
         "nodetable.max-entries",
         "nodetable_max_entries",
         _int_range(16, 10_000_000),
-        "Maximum node table entries; past it new owners are refused unless a stale entry can be evicted (our own and directly connected peers always have room) (default: 4096).",
+        "Maximum node table entries; past it new owners are refused unless a stale entry can be evicted (our own and "
+        "directly connected peers always have room) (default: 4096).",
         group="node table",
         metavar="N",
     ),
@@ -695,7 +717,8 @@ SETTINGS: tuple[Setting, ...] = (
         "nodetable.new-owner-burst",
         "nodetable_new_owner_burst",
         _int_range(1, 10_000_000),
-        "New owners a peer may introduce at once before --nodetable.new-owner-rate applies; more are refused and asked again later (default: 1024).",
+        "New owners a peer may introduce at once before --nodetable.new-owner-rate applies; more are refused and asked "
+        "again later (default: 1024).",
         group="node table",
         metavar="N",
     ),
@@ -711,7 +734,8 @@ SETTINGS: tuple[Setting, ...] = (
         "nodetable.verify-rate",
         "nodetable_verify_rate",
         _positive_float,
-        "Signature checks per second (records and heartbeats) a peer may cost us, with a burst of twice that; the rest wait for the next summary (default: 1000).",
+        "Signature checks per second (records and heartbeats) a peer may cost us, with a burst of twice that; the rest "
+        "wait for the next summary (default: 1000).",
         group="node table",
         metavar="PER_SECOND",
     ),
@@ -727,7 +751,8 @@ SETTINGS: tuple[Setting, ...] = (
         "nodetable.message-timeout",
         "nodetable_message_timeout",
         _positive_float,
-        "Seconds a node table message may take to arrive once its first byte has, else the stream is reset (default: 10).",
+        "Seconds a node table message may take to arrive once its first byte has, else the stream is reset (default: "
+        "10).",
         group="node table",
         metavar="SECONDS",
     ),
@@ -759,7 +784,8 @@ SETTINGS: tuple[Setting, ...] = (
         "cors-origins",
         "cors_origins",
         _opt_str,
-        "Web origins (e.g. https://app.example) whose pages may call state-changing routes, comma-separated; '*' for any (default: none; reads stay open to any origin).",
+        "Web origins (e.g. https://app.example) whose pages may call state-changing routes, comma-separated; '*' for "
+        "any (default: none; reads stay open to any origin).",
         group="gateway",
         metavar="ORIGINS",
     ),
@@ -768,7 +794,8 @@ SETTINGS: tuple[Setting, ...] = (
         "admin-token",
         "admin_token",
         _opt_str,
-        "Admin token for state-changing routes (default: generated into <data-dir>/admin.token on first start); prefer OCF_ADMIN_TOKEN over the flag so it stays out of ps.",
+        "Admin token for state-changing routes (default: generated into <data-dir>/admin.token on first start); prefer "
+        "OCF_ADMIN_TOKEN over the flag so it stays out of ps.",
         group="access",
         metavar="TOKEN",
     ),
@@ -776,7 +803,8 @@ SETTINGS: tuple[Setting, ...] = (
         "api-key",
         "api_keys",
         lambda v: tuple(_split(v)),
-        "API key clients must send (Authorization: Bearer) on /v1/service and /v1/p2p; repeat or comma-separate for several (default: none, open).",
+        "API key clients must send (Authorization: Bearer) on /v1/service and /v1/p2p; repeat or comma-separate for "
+        "several (default: none, open).",
         group="access",
         metavar="KEY",
     ),
@@ -824,7 +852,8 @@ SETTINGS: tuple[Setting, ...] = (
         "http.max-connections",
         "http_max_connections",
         _int_range(1, 1_000_000),
-        "Maximum open HTTP connections on the gateway port; at the cap the longest-idle one is closed for a new one (default: 1024; lowered to fit the descriptor limit).",
+        "Maximum open HTTP connections on the gateway port; at the cap the longest-idle one is closed for a new one "
+        "(default: 1024; lowered to fit the descriptor limit).",
         group="http",
         metavar="N",
     ),
@@ -832,7 +861,8 @@ SETTINGS: tuple[Setting, ...] = (
         "http.reserve-connections",
         "http_reserve_connections",
         _int_range(0, 100_000),
-        "Extra connections taken when every connection is busy; each may make one /v1/health request, others get 503 (default: 16).",
+        "Extra connections taken when every connection is busy; each may make one /v1/health request, others get 503 "
+        "(default: 16).",
         group="http",
         metavar="N",
     ),
@@ -840,7 +870,8 @@ SETTINGS: tuple[Setting, ...] = (
         "http.max-header-size",
         "http_max_header_size",
         _size,
-        "Largest request head (request line and headers; also the bound on chunk-size and trailer lines) before 400 (default: 64K).",
+        "Largest request head (request line and headers; also the bound on chunk-size and trailer lines) before 400 "
+        "(default: 64K).",
         group="http",
         metavar="BYTES",
     ),
@@ -848,7 +879,8 @@ SETTINGS: tuple[Setting, ...] = (
         "http.head-timeout",
         "http_head_timeout",
         _positive_float,
-        "Seconds a client has to send a whole request head, from its first byte (from the connection's start for the first request) before 408 (default: 10).",
+        "Seconds a client has to send a whole request head, from its first byte (from the connection's start for the "
+        "first request) before 408 (default: 10).",
         group="http",
         metavar="SECONDS",
     ),
@@ -856,7 +888,8 @@ SETTINGS: tuple[Setting, ...] = (
         "http.body-timeout",
         "http_body_timeout",
         _positive_float,
-        "Seconds a request body may stall before 408; it must also keep up --http.min-body-rate after this long (default: 30).",
+        "Seconds a request body may stall before 408; it must also keep up --http.min-body-rate after this long "
+        "(default: 30).",
         group="http",
         metavar="SECONDS",
     ),
@@ -864,7 +897,8 @@ SETTINGS: tuple[Setting, ...] = (
         "http.min-body-rate",
         "http_min_body_rate",
         _size,
-        "Minimum average upload rate of a request body, bytes per second: each byte received extends the body deadline by 1/rate seconds (default: 1K).",
+        "Minimum average upload rate of a request body, bytes per second: each byte received extends the body deadline "
+        "by 1/rate seconds (default: 1K).",
         group="http",
         metavar="BYTES",
     ),
@@ -912,7 +946,8 @@ SETTINGS: tuple[Setting, ...] = (
         "jobs.flag-threshold",
         "jobs_flag_threshold",
         _int_range(1, 1000),
-        "Distinct workers flagging a job's input as invalid before it is rolled back to the previous stage (default: 5).",
+        "Distinct workers flagging a job's input as invalid before it is rolled back to the previous stage (default: "
+        "5).",
         group="jobs",
         metavar="N",
     ),
@@ -928,7 +963,8 @@ SETTINGS: tuple[Setting, ...] = (
         "jobs.lease-timeout",
         "jobs_lease_timeout",
         _positive_float,
-        "Default seconds a claimed job stays leased without a heartbeat before it returns to pending (default: 600; projects may set it per stage).",
+        "Default seconds a claimed job stays leased without a heartbeat before it returns to pending (default: 600; "
+        "projects may set it per stage).",
         group="jobs",
         metavar="SECONDS",
     ),
@@ -945,7 +981,8 @@ SETTINGS: tuple[Setting, ...] = (
         "jobs.create-chunk",
         "jobs_create_chunk",
         _int_range(1, 1_000_000),
-        "Jobs written per transaction when creating jobs; a large request commits in chunks, letting workers' requests run in between (default: 2000).",
+        "Jobs written per transaction when creating jobs; a large request commits in chunks, letting workers' requests "
+        "run in between (default: 2000).",
         group="jobs",
         metavar="N",
     ),
@@ -953,7 +990,8 @@ SETTINGS: tuple[Setting, ...] = (
         "jobs.flag-per-worker",
         "jobs_flag_per_worker",
         _bool,
-        "Count each flagging worker toward --jobs.flag-threshold, instead of each distinct user (default: distinct users, so one person's many workers count once).",
+        "Count each flagging worker toward --jobs.flag-threshold, instead of each distinct user (default: distinct "
+        "users, so one person's many workers count once).",
         is_switch=True,
         group="jobs",
     ),
@@ -1025,7 +1063,8 @@ def _services(
     if keys and len(keys) != len(names):
         raise ConfigError(
             "--service.api-key",
-            f"{len(names)} service name(s) but {len(keys)} --service.api-key value(s); give one per name or one for all",
+            f"{len(names)} service name(s) but {len(keys)} --service.api-key value(s);"
+            " give one per name or one for all",
         )
     if len(names) != len(ports):
         raise ConfigError(
@@ -1037,7 +1076,9 @@ def _services(
         if name in seen:
             raise ConfigError("--service.name", f"service {name!r} given twice")
         seen.add(name)
-    return tuple(ServiceSpec(n, p, api_key=keys[i] if keys else None) for i, (n, p) in enumerate(zip(names, ports)))
+    return tuple(
+        ServiceSpec(n, p, api_key=keys[i] if keys else None) for i, (n, p) in enumerate(zip(names, ports, strict=True))
+    )
 
 
 def _read_file(path: Path) -> tuple[dict[str, Any], tuple[ServiceSpec, ...] | None]:

@@ -302,6 +302,80 @@ class LoopDetected(GatewayRequestError):
     code = "loop_detected"
 
 
+# --- job tracker (domain errors: the HTTP edge maps them to a status, see ocf.jobs.edge) -------
+
+
+class JobsError(OcfError):
+    """The job tracker refuses an operation.
+
+    Domain code raises these, never an HTTP status: the tracker is driven by
+    HTTP routes, by PostgreSQL or LMDB stores and by tests alike, and only the
+    edge (:mod:`ocf.jobs.edge`) decides what a client is told. ``kind`` is the
+    category the edge maps (one table); ``code`` is the stable machine-readable
+    reason clients see (``unknown_job``, ``lease_lost``...).
+    """
+
+    kind = "invalid"
+    code = "invalid_request"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class InvalidJobRequest(JobsError):
+    """An argument is malformed or out of range (a bad job id, limit, stage or project definition)."""
+
+
+class ProjectNotFound(JobsError):
+    """No project of that name (the message does not list the others)."""
+
+    kind = "not_found"
+    code = "unknown_project"
+
+
+class JobNotFound(JobsError):
+    """The project has no job with that id."""
+
+    kind = "not_found"
+    code = "unknown_job"
+
+
+class WorkerNotFound(JobsError):
+    """The worker token (or name) is unknown, or the worker timed out and must register again."""
+
+    kind = "not_found"
+    code = "unknown_worker"
+
+
+class JobsConflict(JobsError):
+    """The operation contradicts the tracker's current state."""
+
+    kind = "conflict"
+    code = "conflict"
+
+
+class ProjectExists(JobsConflict):
+    """A project of that name exists with a different definition."""
+
+    code = "project_exists"
+
+
+class LeaseNotHeld(JobsConflict):
+    """The worker no longer holds the job's lease (expired, completed by another, rolled back)."""
+
+    code = "lease_lost"
+
+
+class JobsPayloadTooLarge(JobsError):
+    """An input or output exceeds the tracker's payload limit (or a fan-out has too many elements)."""
+
+    kind = "too_large"
+    code = "payload_too_large"
+
+
 class BridgeError(OcfError):
     """Malformed or unexpected HTTP/1.1 on a forwarded stream or backend connection."""
 

@@ -15,7 +15,10 @@ from ocf.identity import Identity, Multiaddr
 ANSWERS: dict[str, bytes | str] = {
     "ws-404": b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\n\r\nnot found",
     "garbage": b"\x00\x01garbage\r\n\r\n",
-    "bad-upgrade": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: nope\r\n\r\n",
+    "bad-upgrade": (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: nope\r\n\r\n"
+    ),
     "huge-header": b"HTTP/1.1 200 OK\r\nX: " + b"a" * 200_000 + b"\r\n\r\n",
     "multistream-only": b"\x13/multistream/1.0.0\n",
     "close": "close",

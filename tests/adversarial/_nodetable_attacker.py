@@ -9,6 +9,7 @@ import time
 import trio
 
 from ocf.identity import Identity
+from tests.waiting import wait_until
 from ocf.nodetable import PROTOCOL, wire
 from ocf.nodetable.heartbeat import Heartbeat
 from ocf.nodetable.record import OwnerDoc, Record
@@ -65,11 +66,10 @@ async def open_raw_stream(attacker, target):
     return await attacker.host.new_stream(target.peer_id, PROTOCOL)
 
 
-async def poll(predicate, timeout: float = 30.0) -> None:
+async def poll(predicate) -> None:
     """Wait (bounded) for a condition that has no event of its own, e.g. another node's counters."""
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.01)
+    with trio.fail_after(30):
+        await wait_until(predicate)
 
 
 def random_ids(n: int) -> list[str]:

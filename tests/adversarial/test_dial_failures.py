@@ -136,24 +136,26 @@ async def test_grouped_dial_failure_is_503_for_routed_and_502_for_p2p(node_confi
 async def test_p2p_error_bodies_say_nothing_about_what_an_address_answered(node_config):
     """Whatever a peer's published address is (closed, an HTTP server, garbage, silence), the body is the same."""
     bodies: dict[str, str] = {}
-    async with open_node(node_config(dial_timeout=1.5, handshake_timeout=1.5)) as node:
-        async with httpx.AsyncClient(base_url=node.gateway_url, timeout=30) as http:
+    async with (
+        open_node(node_config(dial_timeout=1.5, handshake_timeout=1.5)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, timeout=30) as http,
+    ):
 
-            async def probe(name: str, addr: Multiaddr) -> None:
-                peer = ident(f"probe-{name}").peer_id
-                node.host.add_addrs(peer, [addr])
-                r = await http.get(f"/v1/p2p/{peer}/v1/health")
-                assert r.status_code == 502, (name, r.text)
-                assert r.json()["error"]["code"] == "peer_unreachable"
-                bodies[name] = r.text.replace(str(peer), "<peer>")
+        async def probe(name: str, addr: Multiaddr) -> None:
+            peer = ident(f"probe-{name}").peer_id
+            node.host.add_addrs(peer, [addr])
+            r = await http.get(f"/v1/p2p/{peer}/v1/health")
+            assert r.status_code == 502, (name, r.text)
+            assert r.json()["error"]["code"] == "peer_unreachable"
+            bodies[name] = r.text.replace(str(peer), "<peer>")
 
-            async with closed_port() as port:
-                await probe("closed-tcp", Multiaddr.parse(f"/ip4/127.0.0.1/tcp/{port}"))
-                await probe("closed-ws", Multiaddr.parse(f"/ip4/127.0.0.1/tcp/{port}/ws"))
-            for answer in sorted(ANSWERS) + ["silent"]:
-                for ws in (False, True):
-                    async with hostile_target(ANSWERS.get(answer, answer)) as target:
-                        await probe(f"{answer}-{'ws' if ws else 'tcp'}", target.addr(ws=ws))
-                        assert target.connections == 1  # it was dialed (this node runs on loopback)...
+        async with closed_port() as port:
+            await probe("closed-tcp", Multiaddr.parse(f"/ip4/127.0.0.1/tcp/{port}"))
+            await probe("closed-ws", Multiaddr.parse(f"/ip4/127.0.0.1/tcp/{port}/ws"))
+        for answer in sorted(ANSWERS) + ["silent"]:
+            for ws in (False, True):
+                async with hostile_target(ANSWERS.get(answer, answer)) as target:
+                    await probe(f"{answer}-{'ws' if ws else 'tcp'}", target.addr(ws=ws))
+                    assert target.connections == 1  # it was dialed (this node runs on loopback)...
     assert len(set(bodies.values())) == 1, bodies  # ...and the client cannot tell any of them apart
     assert len(bodies) == 2 + 2 * (len(ANSWERS) + 1)

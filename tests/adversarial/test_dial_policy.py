@@ -111,7 +111,7 @@ def test_dial_allow_setting():
 
 
 async def test_learned_addresses_outside_the_nodes_networks_are_never_dialed():
-    """A host on an in-memory network only: peers' loopback, private, metadata, multicast addresses cost 0 connections."""
+    """A host on an in-memory network only: loopback, private, metadata, multicast peer addresses cost 0 connections."""
     async with (
         hostile_target(b"\x13/multistream/1.0.0\n") as target,
         open_host(ident("a"), cfg(), MemoryNetwork()) as host,
@@ -139,7 +139,7 @@ async def test_learned_addresses_outside_the_nodes_networks_are_never_dialed():
 
 
 async def test_operator_addresses_are_always_dialed():
-    """``connect`` is the operator's (bootstrap, ``ocf ping``): loopback is dialed even by a host with no loopback network."""
+    """``connect`` is the operator's (bootstrap, ``ocf ping``): loopback is dialed even by a host without loopback."""
     async with hostile_target("close") as target, open_host(ident("b"), cfg(), MemoryNetwork()) as host:
         with pytest.raises(TransportError):
             await host.connect(target.addr().with_p2p(STRANGER))

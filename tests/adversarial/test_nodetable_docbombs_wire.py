@@ -14,6 +14,7 @@ from ocf.nodetable import PROTOCOL, wire
 from ocf.nodetable.heartbeat import Heartbeat
 from ocf.nodetable.record import Record, signing_bytes
 from ocf.transport import MemoryNetwork
+from tests.waiting import wait_until
 
 from .test_nodetable_docbombs import ALICE, PANIC_DOC, _status
 
@@ -72,8 +73,7 @@ async def test_bombs_over_the_wire_are_refused_and_the_node_stays_up(node_config
             items = [r.to_wire() | {"hb": Heartbeat.create(keys[r.owner], now_ms).to_wire()} for r in records]
             await stream.send_all(wire.encode({"t": "records", "records": items}))
             with trio.fail_after(10):
-                while victim.table.stats["records_rejected"] < len(records):
-                    await trio.sleep(0.01)
+                await wait_until(lambda: victim.table.stats["records_rejected"] >= len(records))
             took = trio.current_time() - start
             grew = _status()["VmRSS"] - base
             await stream.aclose()

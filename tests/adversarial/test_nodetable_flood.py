@@ -24,8 +24,8 @@ pytestmark = pytest.mark.timeout(180)
 MiB = 1 << 20
 
 
-async def until(node, predicate, timeout=30):
-    with trio.fail_after(timeout):
+async def until(node, predicate):
+    with trio.fail_after(30):
         while not predicate(node):
             await node.table.wait_changed()
 
@@ -91,7 +91,8 @@ async def test_sybil_flood_is_capped_and_a_new_node_still_gets_every_legitimate_
             await stream.aclose()
             nursery.cancel_scope.cancel()
         print(
-            f"\nsybil flood: {n} records -> entries {entries} (max {cap}), RSS +{grown / MiB:.1f} MiB, longest stall {max(pauses) * 1000:.0f} ms"
+            f"\nsybil flood: {n} records -> entries {entries} (max {cap}), RSS +{grown / MiB:.1f} MiB, longest stall "
+            f"{max(pauses) * 1000:.0f} ms"
         )
         assert max(pauses) < 0.25, f"event loop stalled {max(pauses) * 1000:.0f} ms"
         assert entries <= cap
@@ -192,17 +193,19 @@ async def test_owners_refused_for_rate_arrive_with_later_summaries(node_config):
     cfg = node_config(
         mode="standalone", verify_interval=0.5, nodetable_new_owner_burst=burst, nodetable_new_owner_rate=100.0
     )
-    async with open_node(cfg, memory_network=net) as hub:
-        async with open_node(node_config(mode="node"), memory_network=net) as relay:
-            now_ms = int(time.time() * 1000)
-            for ident, record in sybils(1_000)[500 : 500 + n]:
-                relay.table.insert(record, record.verify())
-                relay.table.set_beat(Heartbeat.create(ident, now_ms))
-                relay.table.last_seen[ident.peer_id] = now_ms / 1000
-            await relay.host.connect(hub.listen_addrs[0])
-            await until(hub, lambda nd: len(nd.table.records) >= n + 2)
-            assert hub.table.stats["refused_rate"] > 0  # it took more than one round
-            assert set(relay.table.records) <= set(hub.table.records)
+    async with (
+        open_node(cfg, memory_network=net) as hub,
+        open_node(node_config(mode="node"), memory_network=net) as relay,
+    ):
+        now_ms = int(time.time() * 1000)
+        for ident, record in sybils(1_000)[500 : 500 + n]:
+            relay.table.insert(record, record.verify())
+            relay.table.set_beat(Heartbeat.create(ident, now_ms))
+            relay.table.last_seen[ident.peer_id] = now_ms / 1000
+        await relay.host.connect(hub.listen_addrs[0])
+        await until(hub, lambda nd: len(nd.table.records) >= n + 2)
+        assert hub.table.stats["refused_rate"] > 0  # it took more than one round
+        assert set(relay.table.records) <= set(hub.table.records)
 
 
 async def test_records_without_a_fresh_owner_heartbeat_are_refused(node_config):

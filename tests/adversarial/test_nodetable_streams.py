@@ -51,7 +51,8 @@ async def test_unfinished_messages_on_many_streams_pin_nothing(node_config):
             for stream in streams:
                 stream.reset()
         print(
-            f"\n{n} unfinished streams: refused {stats['streams_refused']}, timed out {stats['streams_timed_out']}, RSS +{grown / MiB:.1f} MiB"
+            f"\n{n} unfinished streams: refused {stats['streams_refused']}, timed out {stats['streams_timed_out']}, "
+            f"RSS +{grown / MiB:.1f} MiB"
         )
         assert stats["streams_refused"] + stats["streams_timed_out"] >= n
         assert pinned <= 1  # only the attacker's own, well-behaved sync stream is still open
@@ -62,15 +63,17 @@ async def test_unfinished_messages_on_many_streams_pin_nothing(node_config):
 async def test_message_deadline_runs_from_the_first_byte(node_config):
     """A message dribbled one byte at a time is reset at the deadline, however steady the dribble."""
     net = MemoryNetwork()
-    async with open_node(node_config(mode="standalone", nodetable_message_timeout=0.5), memory_network=net) as hub:
-        async with open_node(node_config(mode="node"), memory_network=net) as attacker:
-            await attacker.host.connect(hub.listen_addrs[0])
-            stream = await open_raw_stream(attacker, hub)
-            payload = varint.encode(1000) + b"x" * 1000
-            started = trio.current_time()
-            with pytest.raises(TransportError), trio.fail_after(10):
-                for i in range(len(payload)):
-                    await stream.send_all(payload[i : i + 1])
-                    await trio.sleep(0.01)
-            assert trio.current_time() - started < 5
-            assert hub.table.stats["streams_timed_out"] == 1
+    async with (
+        open_node(node_config(mode="standalone", nodetable_message_timeout=0.5), memory_network=net) as hub,
+        open_node(node_config(mode="node"), memory_network=net) as attacker,
+    ):
+        await attacker.host.connect(hub.listen_addrs[0])
+        stream = await open_raw_stream(attacker, hub)
+        payload = varint.encode(1000) + b"x" * 1000
+        started = trio.current_time()
+        with pytest.raises(TransportError), trio.fail_after(10):
+            for i in range(len(payload)):
+                await stream.send_all(payload[i : i + 1])
+                await trio.sleep(0.01)
+        assert trio.current_time() - started < 5
+        assert hub.table.stats["streams_timed_out"] == 1

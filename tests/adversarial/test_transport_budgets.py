@@ -22,10 +22,12 @@ from ocf.errors import TransportError
 from ocf.identity import Identity
 from ocf.log import RateLimitedLog
 from ocf.transport import open_host
+from tests.waiting import wait_until
 
 from ._transport_attacker import ATTACKER_IP, rss_bytes, send_unfinished_message, squat_handshakes, upgraded_websocket
 
 MiB = 1 << 20
+EVENTUALLY = 10.0  # seconds a budget figure gets to settle
 SINK = "/test/sink/1.0.0"
 
 
@@ -39,13 +41,12 @@ def ident(name: str) -> Identity:
     return Identity.from_seed(f"rcmgr-{name}-{os.getpid()}")
 
 
-async def eventually(predicate, timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll ``predicate`` until true (no event to wait on: the state lives in another task's socket)."""
-    with trio.move_on_after(timeout):
-        while not predicate():
-            await trio.sleep(0.01)
+async def eventually(predicate, what: str = "condition") -> None:
+    """Wait until ``predicate`` holds (no event of its own: the state lives in another task's socket)."""
+    with trio.move_on_after(EVENTUALLY):
+        await wait_until(predicate)
         return
-    raise AssertionError(f"{what} not reached within {timeout}s")
+    raise AssertionError(f"{what} not reached within {EVENTUALLY}s")
 
 
 @contextlib.asynccontextmanager
@@ -171,7 +172,8 @@ async def test_many_streams_with_unread_data_stay_within_the_peer_budget():
                     await legit.connect(addr)
                     await legit.ping(host.peer_id)
             print(
-                f"streams sent={outcome['sent']} refused/reset={outcome['reset']} held={peak['memory'] / MiB:.1f} MiB rss+={growth / MiB:.1f} MiB"
+                f"streams sent={outcome['sent']} refused/reset={outcome['reset']} held={peak['memory'] / MiB:.1f} MiB "
+                f"rss+={growth / MiB:.1f} MiB"
             )
             assert peak["memory"] <= budget
             assert rm.refusals["peer", "memory"] > 0
@@ -212,20 +214,22 @@ async def test_many_identities_from_one_address_share_its_budget():
 
 
 async def test_stream_budget_refuses_streams_beyond_the_peer_limit():
-    async with victim(max_streams_per_peer=20) as (host, addr):
-        async with open_host(ident("opener"), cfg(), listen=False) as attacker:
-            await attacker.connect(addr)
-            opened, refused = 0, 0
-            for _ in range(40):
-                try:
-                    await attacker.new_stream(host.peer_id, SINK)
-                    opened += 1
-                except TransportError:
-                    refused += 1
-            assert opened <= 20
-            assert refused >= 20
-            assert host.resources.peer_usage(attacker.peer_id)["streams_inbound"] <= 20
-            assert host.resources.refusals["peer", "streams_inbound"] >= 20
+    async with (
+        victim(max_streams_per_peer=20) as (host, addr),
+        open_host(ident("opener"), cfg(), listen=False) as attacker,
+    ):
+        await attacker.connect(addr)
+        opened, refused = 0, 0
+        for _ in range(40):
+            try:
+                await attacker.new_stream(host.peer_id, SINK)
+                opened += 1
+            except TransportError:
+                refused += 1
+        assert opened <= 20
+        assert refused >= 20
+        assert host.resources.peer_usage(attacker.peer_id)["streams_inbound"] <= 20
+        assert host.resources.refusals["peer", "streams_inbound"] >= 20
 
 
 async def test_application_buffers_are_charged_to_the_peer_budget():
@@ -284,7 +288,8 @@ async def test_unfinished_websocket_messages_are_bounded_and_returned():
             peak = max(peak, rm.system.usage["memory"])
             growth = rss_bytes() - rss0
             print(
-                f"ws conns={len(conns)} bytes pushed={sum(sent) / MiB:.0f} MiB held peak={peak / MiB:.1f} MiB rss+={growth / MiB:.1f} MiB"
+                f"ws conns={len(conns)} bytes pushed={sum(sent) / MiB:.0f} MiB held peak={peak / MiB:.1f} MiB "
+                f"rss+={growth / MiB:.1f} MiB"
             )
             assert peak_conns <= rm.limits.connections_per_ip
             assert peak <= rm.limits.memory_per_ip
@@ -319,7 +324,7 @@ async def test_unfinished_websocket_message_hits_its_deadline():
             assert await send_unfinished_message(ws, 256 * 1024) == 256 * 1024
             await eventually(lambda: rm.system.usage["memory"] >= 256 * 1024, what="partial message buffered")
             t0 = trio.current_time()
-            await eventually(lambda: rm.refusals["ip", "message_timeout"] == 1, timeout=10, what="deadline")
+            await eventually(lambda: rm.refusals["ip", "message_timeout"] == 1, what="deadline")
             assert trio.current_time() - t0 < 3.0
             await eventually(lambda: rm.system.usage["memory"] == 0, what="release")
 

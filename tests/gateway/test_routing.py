@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ocf.errors import BadRequest, NoRoutableIdentity, NotFound
 from ocf.gateway import routing
@@ -101,9 +103,6 @@ def test_services_list_tolerates_junk():
     assert p.groups == frozenset({"model=a", "bad"})
     assert routing.identity_keys([p]) == ["model"]
 
-
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 _models = st.sampled_from(["a", "b", "c", "d"])
 

@@ -245,10 +245,12 @@ async def test_pool_reuses_keep_alive_connections_and_drops_closed_ones():
     async with trio.open_nursery() as nursery:
         port, connections = await _tcp_echo_server(nursery)
         pool = ConnectionPool()
-        for i in range(3):
-            async with pool.connection("127.0.0.1", port) as conn:
-                async with exchange(conn.stream, b"POST", b"/", [], b"hi", bridge=conn.bridge, host=b"x") as response:
-                    assert await response.read() == b"hi"
+        for _ in range(3):
+            async with (
+                pool.connection("127.0.0.1", port) as conn,
+                exchange(conn.stream, b"POST", b"/", [], b"hi", bridge=conn.bridge, host=b"x") as response,
+            ):
+                assert await response.read() == b"hi"
         assert len(connections) == 1  # one TCP connection carried all three
         # the server closes its side: the idle connection must not be reused
         await connections[0].aclose()

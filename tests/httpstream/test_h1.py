@@ -375,7 +375,7 @@ def _h11_refuses(wire: bytes) -> bool:
 
 
 def _we_refuse(wire: bytes) -> bool | None:
-    """True if refused, False if accepted (a whole request, or its start, parsed), None if still waiting for the head."""
+    """True if refused, False if accepted (a whole request, or its start, parsed), None while waiting for the head."""
     server = ServerBridge()
     try:
         events = server.feed(wire)

@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 from hypothesis import given, strategies as st
 
@@ -88,10 +90,8 @@ def test_varint_roundtrip(n):
 
 @given(st.binary(max_size=80))
 def test_peer_id_parser_never_crashes(data):
-    try:
+    with contextlib.suppress(IdentityError):
         PeerId(data)
-    except IdentityError:
-        pass
 
 
 def test_varint_rejects_overlong_and_nonminimal():

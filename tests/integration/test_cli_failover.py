@@ -200,7 +200,9 @@ def _check_failover(m1: Load, m2: Load, stopped_at: float, dispatcher_log: str) 
         "m1": {s: m1_after.count(s) for s in set(m1_after)},
         "m2": {s: m2_after.count(s) for s in set(m2_after)},
         "tracebacks": dispatcher_log.count("Traceback"),
-        "m1_slowest_s": round(max(d for (t, *_), d in zip(m1.answers, m1.durations) if t >= stopped_at), 3),
+        "m1_slowest_s": round(
+            max(d for (t, *_), d in zip(m1.answers, m1.durations, strict=True) if t >= stopped_at), 3
+        ),
     }
     bad = [a for a in m1.answers + m2.answers if a[1] >= 500 and a[1] != 503]
     assert not bad, f"{figures}: {bad[:5]}"

@@ -133,38 +133,40 @@ async def test_client_disconnect_cancels_the_backend_two_hops_away(node_config):
 async def test_worker_dying_mid_stream_cuts_the_response_short(node_config):
     async with running_mock_llm(["m1"], token_delay=0.02) as mock:
         net = MemoryNetwork()
-        async with open_node(node_config(mode="standalone"), memory_network=net) as dispatcher:
-            async with httpx.AsyncClient(
+        async with (
+            open_node(node_config(mode="standalone"), memory_network=net) as dispatcher,
+            httpx.AsyncClient(
                 base_url=dispatcher.gateway_url, headers={"X-OCF-Admin-Token": dispatcher.admin_token}, timeout=30
-            ) as client:
-                worker_config = node_config(
-                    mode="node",
-                    bootstrap_addrs=(str(dispatcher.listen_addrs[0]),),
-                    services=(ServiceSpec("llm", mock.port, "127.0.0.1"),),
-                )
-                outcome = []
-                async with trio.open_nursery() as nursery:
-                    stopped = trio.CancelScope()
+            ) as client,
+        ):
+            worker_config = node_config(
+                mode="node",
+                bootstrap_addrs=(str(dispatcher.listen_addrs[0]),),
+                services=(ServiceSpec("llm", mock.port, "127.0.0.1"),),
+            )
+            outcome = []
+            async with trio.open_nursery() as nursery:
+                stopped = trio.CancelScope()
 
-                    async def run_worker(task_status=trio.TASK_STATUS_IGNORED):
-                        with stopped:
-                            async with open_node(worker_config, memory_network=net) as worker:
-                                await worker.bootstrap.wait_connected()
-                                task_status.started(worker)
-                                await trio.sleep_forever()
+                async def run_worker(task_status=trio.TASK_STATUS_IGNORED):
+                    with stopped:
+                        async with open_node(worker_config, memory_network=net) as worker:
+                            await worker.bootstrap.wait_connected()
+                            task_status.started(worker)
+                            await trio.sleep_forever()
 
-                    worker = await nursery.start(run_worker)
-                    path = f"/v1/p2p/{worker.peer_id}/v1/_service/llm/v1/chat/completions"
-                    try:
-                        async with client.stream("POST", path, json=chat("m1", "word " * 200, stream=True)) as r:
-                            assert r.status_code == 200
-                            async for _ in r.aiter_bytes():
-                                stopped.cancel()  # the worker node goes away mid-answer
-                    except httpx.RemoteProtocolError as exc:
-                        outcome.append(exc)
-                assert outcome, "the client must see the answer cut short, not a clean end"
-                r = await client.get("/v1/health")  # and the dispatcher is fine afterwards
-                assert r.status_code == 200
+                worker = await nursery.start(run_worker)
+                path = f"/v1/p2p/{worker.peer_id}/v1/_service/llm/v1/chat/completions"
+                try:
+                    async with client.stream("POST", path, json=chat("m1", "word " * 200, stream=True)) as r:
+                        assert r.status_code == 200
+                        async for _ in r.aiter_bytes():
+                            stopped.cancel()  # the worker node goes away mid-answer
+                except httpx.RemoteProtocolError as exc:
+                    outcome.append(exc)
+            assert outcome, "the client must see the answer cut short, not a clean end"
+            r = await client.get("/v1/health")  # and the dispatcher is fine afterwards
+            assert r.status_code == 200
 
 
 async def test_remote_peer_may_not_edit_our_entry(node_config):

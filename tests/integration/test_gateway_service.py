@@ -55,9 +55,9 @@ def llm_models(entries: dict, peer: str) -> set[str]:
     return set()
 
 
-async def wait_table(node, predicate, timeout: float = 30) -> None:
+async def wait_table(node, predicate) -> None:
     """Wait (on table change events, no polling) until ``predicate(entries)`` holds on ``node``."""
-    with trio.fail_after(timeout):
+    with trio.fail_after(30):
         while not predicate(node.table.entries()):
             await node.table.wait_changed()
 
@@ -89,7 +89,9 @@ async def network(node_config, models_per_worker: list[list[str]]) -> AsyncItera
             workers.append(await nursery.start(run_worker, models))
         await wait_table(
             dispatcher,
-            lambda entries: all(llm_models(entries, w.peer) == set(m) for w, m in zip(workers, models_per_worker)),
+            lambda entries: all(
+                llm_models(entries, w.peer) == set(m) for w, m in zip(workers, models_per_worker, strict=True)
+            ),
         )
         try:
             yield Net(dispatcher, workers, dispatcher.gateway_url)
@@ -214,39 +216,41 @@ async def test_backend_down_on_a_live_worker_fails_over(node_config):
 
 
 async def test_concurrent_clients_and_large_bodies(node_config):
-    async with network(node_config, [["m1"], ["m2"], ["m1", "m2"]]) as net:
-        async with httpx.AsyncClient(base_url=net.url, timeout=60) as http:
-            results = {}
+    async with (
+        network(node_config, [["m1"], ["m2"], ["m1", "m2"]]) as net,
+        httpx.AsyncClient(base_url=net.url, timeout=60) as http,
+    ):
+        results = {}
 
-            async def one(i: int) -> None:
-                model = ("m1", "m2")[i % 2]
-                r = await http.post("/v1/service/llm/v1/chat/completions", json=chat(model, f"client {i} 日本"))
-                results[i] = (r.json()["choices"][0]["message"]["content"], r.headers["x-computing-node"])
+        async def one(i: int) -> None:
+            model = ("m1", "m2")[i % 2]
+            r = await http.post("/v1/service/llm/v1/chat/completions", json=chat(model, f"client {i} 日本"))
+            results[i] = (r.json()["choices"][0]["message"]["content"], r.headers["x-computing-node"])
 
-            async with trio.open_nursery() as nursery:
-                for i in range(48):
-                    nursery.start_soon(one, i)
-            for i, (content, _) in results.items():
-                assert content == f"[{('m1', 'm2')[i % 2]}] you said: client {i} 日本"
-            assert len({node for _, node in results.values()}) == 3
+        async with trio.open_nursery() as nursery:
+            for i in range(48):
+                nursery.start_soon(one, i)
+        for i, (content, _) in results.items():
+            assert content == f"[{('m1', 'm2')[i % 2]}] you said: client {i} 日本"
+        assert len({node for _, node in results.values()}) == 3
 
-            text = "ünïcödé 🚀 " * 30_000  # ≈ 0.5 MB, larger than a transport frame and window
-            r = await http.post("/v1/service/llm/v1/chat/completions", json=chat("m2", text))
-            assert r.json()["choices"][0]["message"]["content"] == "[m2] you said: " + text
+        text = "ünïcödé 🚀 " * 30_000  # ≈ 0.5 MB, larger than a transport frame and window
+        r = await http.post("/v1/service/llm/v1/chat/completions", json=chat("m2", text))
+        assert r.json()["choices"][0]["message"]["content"] == "[m2] you said: " + text
 
-            lines = []
-            async with http.stream(
-                "POST", "/v1/service/llm/v1/chat/completions", json=chat("m1", text[:3000], stream=True)
-            ) as resp:
-                async for line in resp.aiter_lines():
-                    if line.startswith("data: ") and line != "data: [DONE]":
-                        lines.append(json.loads(line[6:])["choices"][0]["delta"].get("content", ""))
-            assert "".join(lines) == "[m1] you said: " + text[:3000]
+        lines = []
+        async with http.stream(
+            "POST", "/v1/service/llm/v1/chat/completions", json=chat("m1", text[:3000], stream=True)
+        ) as resp:
+            async for line in resp.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    lines.append(json.loads(line[6:])["choices"][0]["delta"].get("content", ""))
+        assert "".join(lines) == "[m1] you said: " + text[:3000]
 
-            metrics = (await http.get("/metrics")).text
-            assert "ocf_connected_peers 3.0" in metrics
-            for w in net.workers:
-                assert f'ocf_forward_in_flight{{provider="{w.peer}"}} 0.0' in metrics
+        metrics = (await http.get("/metrics")).text
+        assert "ocf_connected_peers 3.0" in metrics
+        for w in net.workers:
+            assert f'ocf_forward_in_flight{{provider="{w.peer}"}} 0.0' in metrics
 
 
 async def test_failover_under_concurrent_load(node_config):

@@ -127,7 +127,8 @@ def test_cli_project_create_worker_results(tmp_path):
             "--",
             sys.executable,
             "-c",
-            "import sys, json, os; print(json.dumps({'n': int(sys.stdin.read()) * 2, 'job': os.environ['OCF_JOB_ID']}))",
+            "import sys, json, os; "
+            "print(json.dumps({'n': int(sys.stdin.read()) * 2, 'job': os.environ['OCF_JOB_ID']}))",
             url=url,
             data_dir=tmp_path / "d",
         )
@@ -246,8 +247,8 @@ async def test_kill_9_mid_run_loses_and_duplicates_nothing(tmp_path):
             nonlocal proc, up
             for n in range(kills):
                 target = jobs * (n + 1) // (kills + 2)
-                while (await call("GET", "/stats")).json()["results"] < target:
-                    await trio.sleep(0.05)  # the tracker is another process: poll its stats
+                while (await call("GET", "/stats")).json()["results"] < target:  # noqa: ASYNC110
+                    await trio.sleep(0.05)  # the tracker is another process: its stats are the only signal
                 up = trio.Event()
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()

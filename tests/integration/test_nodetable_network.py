@@ -15,9 +15,9 @@ from ocf.transport import MemoryNetwork
 pytestmark = pytest.mark.timeout(120)
 
 
-async def until(node, predicate, timeout=30):
+async def until(node, predicate):
     """Wait on the node's table-change events until predicate(node) holds."""
-    with trio.fail_after(timeout):
+    with trio.fail_after(30):
         while not predicate(node):
             await node.table.wait_changed()
 
@@ -260,7 +260,7 @@ async def test_crashed_peer_leaves_the_served_view(node_config, tmp_path):
 
     async with open_node(node_config(mode="standalone")) as hub:
         port = free_port()
-        proc = subprocess.Popen(
+        proc = await trio.lowlevel.open_process(
             [
                 sys.executable,
                 "-m",
@@ -290,4 +290,4 @@ async def test_crashed_peer_leaves_the_served_view(node_config, tmp_path):
             assert hub.table.entries(include_all=True)[worker]["connected"] is False
         finally:
             proc.kill()
-            proc.wait()
+            await proc.wait()

@@ -11,6 +11,7 @@ import trio
 from ocf.errors import PrivateNetworkRefused, TransportError
 from ocf.node import open_node
 from ocf.transport import pnet
+from tests.waiting import wait_until
 
 
 @pytest.fixture
@@ -35,8 +36,7 @@ async def test_private_cluster_bootstrap_and_outsider_refused(node_config, key, 
             assert not seed.host.is_connected(outsider.peer_id)
         protector = seed.host.upgrader.protector
         with trio.fail_after(10):
-            while protector.stats["refused"] < 1:
-                await trio.sleep(0.01)  # the refusal lands in the seed's connection task; no event for it
+            await wait_until(lambda: protector.stats["refused"] >= 1)  # it lands in the seed's connection task
         async with httpx.AsyncClient(base_url=seed.gateway_url) as client:
             text = (await client.get("/metrics")).text
         assert 'ocf_pnet_connections_total{outcome="refused"} 1.0' in text

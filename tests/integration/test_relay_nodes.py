@@ -9,7 +9,7 @@ from ocf.node import open_node
 from ocf.transport import MemoryNetwork
 
 
-async def wait_for(host, predicate, timeout: float = 10.0) -> None:
+async def wait_for(host, predicate, timeout: float = 10.0) -> None:  # noqa: ASYNC109
     with trio.fail_after(timeout):
         while not predicate():
             await host.wait_changed()
@@ -54,16 +54,19 @@ async def test_relay_refusal_is_a_503_with_the_reason(node_config):
     net = MemoryNetwork()
     async with open_node(node_config(relay=True), memory_network=net) as relay:
         boot = (str(relay.listen_addrs[0]),)
-        async with open_node(node_config(mode="node", bootstrap_addrs=boot), memory_network=net) as priv:
-            async with open_node(node_config(mode="node", bootstrap_addrs=boot), memory_network=net) as other:
-                # a circuit address, but priv holds no reservation on the relay
-                circuit = f"{relay.listen_addrs[0]}/p2p-circuit/p2p/{priv.peer_id}"
-                other.host.add_addrs(priv.peer_id, [circuit])
-                async with httpx.AsyncClient() as client:
-                    r = await client.get(f"{other.gateway_url}/v1/p2p/{priv.peer_id}/v1/health", timeout=10)
-                assert r.status_code == 503, r.text
-                assert r.json()["error"]["code"] == "relay_refused"
-                assert "NO_RESERVATION" in r.json()["error"]["message"]
+        node_cfg = node_config(mode="node", bootstrap_addrs=boot)
+        async with (
+            open_node(node_cfg, memory_network=net) as priv,
+            open_node(node_config(mode="node", bootstrap_addrs=boot), memory_network=net) as other,
+        ):
+            # a circuit address, but priv holds no reservation on the relay
+            circuit = f"{relay.listen_addrs[0]}/p2p-circuit/p2p/{priv.peer_id}"
+            other.host.add_addrs(priv.peer_id, [circuit])
+            async with httpx.AsyncClient() as client:
+                r = await client.get(f"{other.gateway_url}/v1/p2p/{priv.peer_id}/v1/health", timeout=10)
+            assert r.status_code == 503, r.text
+            assert r.json()["error"]["code"] == "relay_refused"
+            assert "NO_RESERVATION" in r.json()["error"]["message"]
 
 
 async def test_a_circuit_cut_at_the_relay_limit_is_a_503_with_the_reason(node_config):

@@ -109,10 +109,8 @@ async def open_js_peer(
     finally:
         with trio.move_on_after(5) as scope:
             scope.shield = True
-            try:
+            with contextlib.suppress(Exception):  # it may be gone already
                 await peer.request("stop")
-            except Exception:  # noqa: BLE001 - it may be gone already
-                pass
             await process.wait()
         if process.returncode is None:
             process.kill()

@@ -13,6 +13,7 @@ import trio
 from ocf import open_node
 from ocf.identity import Multiaddr, PeerId
 from tests.interop.jspeer import open_js_peer
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.interop
 
@@ -67,8 +68,7 @@ async def test_we_dial_js_ping_identify_echo(pair, transport):
     rtt = await node.host.ping(peer)
     assert 0 < rtt < 5
     with trio.fail_after(10):
-        while node.host.peer_info(peer) is None:
-            await trio.sleep(0.01)  # identify runs on its own stream after connect; no event exposed for it
+        await wait_until(lambda: node.host.peer_info(peer) is not None)  # identify runs on its own stream
     info = node.host.peer_info(peer)
     assert "js-libp2p" in info.agent_version
     assert ECHO in info.protocols

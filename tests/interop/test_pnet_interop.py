@@ -14,6 +14,7 @@ from ocf.errors import PrivateNetworkRefused
 from ocf.identity import Multiaddr, PeerId
 from ocf.transport import noise, pnet
 from tests.interop.jspeer import open_js_peer
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.interop
 
@@ -75,8 +76,7 @@ async def test_js_with_wrong_key_is_refused_before_noise(node_config, keys, nois
         with pytest.raises(RuntimeError):
             await js.request("ping", addr=our_addr(node, "tcp"), count=1)
         with trio.fail_after(10):
-            while protector.stats["refused"] < 1:
-                await trio.sleep(0.01)  # the refusal lands in our task after js gave up; no event to wait on
+            await wait_until(lambda: protector.stats["refused"] >= 1)  # it lands in our task after js gave up
         assert False not in noise_states  # no responder handshake started on our side
         # Dialing it: js answers nothing readable and hangs up at its own upgrade
         # deadline; we report that as the key mismatch it is, not as a timeout

@@ -31,16 +31,15 @@ async def echo_handler(stream) -> None:
 async def roundtrip(host, peer, payload: bytes) -> bytes:
     stream = await host.new_stream(peer, ECHO)
     got = bytearray()
-    async with stream:
-        async with trio.open_nursery() as nursery:
+    async with stream, trio.open_nursery() as nursery:
 
-            async def send() -> None:
-                await stream.send_all(payload)
-                await stream.send_eof()
+        async def send() -> None:
+            await stream.send_all(payload)
+            await stream.send_eof()
 
-            nursery.start_soon(send)
-            while chunk := await stream.receive_some():
-                got += chunk
+        nursery.start_soon(send)
+        while chunk := await stream.receive_some():
+            got += chunk
     return bytes(got)
 
 

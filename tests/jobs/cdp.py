@@ -21,7 +21,7 @@ import re
 import shutil
 import signal
 import subprocess
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 from collections.abc import AsyncIterator, Callable
@@ -130,9 +130,9 @@ class Page:
             )
         return result["result"].get("value")
 
-    async def wait_for(self, expression: str, timeout: float = 10.0, interval: float = 0.05) -> Any:
-        """Poll a JS condition until truthy: the browser is another process, nothing to wait on in Trio."""
-        with trio.fail_after(timeout):
+    async def wait_for(self, expression: str, interval: float = 0.05) -> Any:
+        """Poll a JS condition until truthy (for 10 s): the browser is another process, nothing to wait on in Trio."""
+        with trio.fail_after(10):
             while True:
                 value = await self.evaluate(expression)
                 if value:
@@ -185,10 +185,8 @@ async def _drain(stream: trio.abc.ReceiveStream, tail: list[bytes]) -> None:
 
 
 def _kill_group(process: trio.Process) -> None:
-    try:
+    with suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 @asynccontextmanager

@@ -62,7 +62,7 @@ async def test_leaving_the_loop_hands_jobs_back_at_once(node_config):
         await make_project(http, 10)
         with pytest.raises(RuntimeError):
             async with connect(node.gateway_url, "p", nickname="crashy") as tracker:
-                async for job in tracker.jobs("crawl", batch=5):
+                async for _job in tracker.jobs("crawl", batch=5):
                     raise RuntimeError("worker code crashed")
         counts = node.jobs.store.counts("p")[0]
         assert counts == {"pending": 10, "leased": 0, "done": 0, "failed": 0, "superseded": 0}

@@ -222,13 +222,11 @@ def shown_part(page: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def settled_view(
-    page: Page, client: httpx.AsyncClient, project: str, timeout: float = 10.0
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Poll until the page shows what the API says (the browser is external: nothing to await on)."""
+async def settled_view(page: Page, client: httpx.AsyncClient, project: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Poll (for 10 s) until the page shows what the API says (the browser is external: nothing to await on)."""
     last: dict[str, Any] = {}
     try:
-        with trio.fail_after(timeout):
+        with trio.fail_after(10):
             while True:
                 stats = (await client.get(f"/v1/jobs/{project}/stats")).json()
                 board = (await client.get(f"/v1/jobs/{project}/leaderboard")).json()
@@ -279,7 +277,8 @@ async def test_dashboard_renders_and_updates_live_in_chromium(node_config, tmp_p
         async with open_browser(profile) as page:
             await page.navigate(f"{node.gateway_url}/dashboard?project={project}")
             await page.wait_for(
-                "document.getElementById('main') && !document.getElementById('main').hidden && document.querySelectorAll('#stages [data-stage]').length === 3"
+                "document.getElementById('main') && !document.getElementById('main').hidden && "
+                "document.querySelectorAll('#stages [data-stage]').length === 3"
             )
             shown, stats = await settled_view(page, client, project)
             assert [s["done"] for s in stats["stages"]] == [5, 2, 0] and stats["stages"][0]["failed"] == 1

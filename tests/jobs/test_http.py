@@ -224,37 +224,39 @@ async def test_tracker_is_reachable_through_another_node_as_the_jobs_service(nod
     network = MemoryNetwork()
     async with open_node(node_config(jobs=True), memory_network=network) as tracker_node:
         addr = str(tracker_node.listen_addrs[0])
-        async with open_node(node_config(mode="node", bootstrap_addrs=(addr,)), memory_network=network) as edge:
-            async with httpx.AsyncClient(
+        async with (
+            open_node(node_config(mode="node", bootstrap_addrs=(addr,)), memory_network=network) as edge,
+            httpx.AsyncClient(
                 base_url=edge.gateway_url, headers={"X-OCF-Admin-Token": edge.admin_token}, timeout=30
-            ) as client:
-                with trio.fail_after(30):  # wait (on table changes) until the edge knows who offers "jobs"
-                    while not any(
-                        s.get("name") == "jobs" for e in edge.table.entries().values() for s in (e.get("service") or [])
-                    ):
-                        await edge.table.wait_changed()
-                # Admin routes are never reachable from another node, whatever token the client holds.
-                r = await client.put("/v1/service/jobs/crawl", json=PROJECT)
-                assert r.status_code == 403 and r.json()["error"]["code"] == "remote_forbidden", r.text
-                async with httpx.AsyncClient(
-                    base_url=tracker_node.gateway_url, headers={"X-OCF-Admin-Token": tracker_node.admin_token}
-                ) as admin:
-                    await setup_project(admin, inputs=["via-network"])
-                stats = (await client.get("/v1/service/jobs/crawl/stats")).json()
-                assert stats["stages"][0]["pending"] == 1
-                r = await client.post("/v1/service/jobs/crawl/workers", json={"nickname": "far", "stage": "crawl"})
-                assert r.headers["X-Computing-Node"] == str(tracker_node.peer_id)
-                token = r.json()["token"]
-                # The gateway drops the client's Authorization on the way: the token travels in its own header.
-                worker = {"X-OCF-Worker-Token": token}
-                r = await client.post("/v1/service/jobs/crawl/claim", json={"wait": 5}, headers=worker)
-                assert [j["input"] for j in r.json()["jobs"]] == ["via-network"]
-                r = await client.post(
-                    "/v1/service/jobs/crawl/complete",
-                    json={"results": [{"id": r.json()["jobs"][0]["id"], "output": 1}]},
-                    headers=worker,
-                )
-                assert r.json()["results"][0]["status"] == "done"
+            ) as client,
+        ):
+            with trio.fail_after(30):  # wait (on table changes) until the edge knows who offers "jobs"
+                while not any(
+                    s.get("name") == "jobs" for e in edge.table.entries().values() for s in (e.get("service") or [])
+                ):
+                    await edge.table.wait_changed()
+            # Admin routes are never reachable from another node, whatever token the client holds.
+            r = await client.put("/v1/service/jobs/crawl", json=PROJECT)
+            assert r.status_code == 403 and r.json()["error"]["code"] == "remote_forbidden", r.text
+            async with httpx.AsyncClient(
+                base_url=tracker_node.gateway_url, headers={"X-OCF-Admin-Token": tracker_node.admin_token}
+            ) as admin:
+                await setup_project(admin, inputs=["via-network"])
+            stats = (await client.get("/v1/service/jobs/crawl/stats")).json()
+            assert stats["stages"][0]["pending"] == 1
+            r = await client.post("/v1/service/jobs/crawl/workers", json={"nickname": "far", "stage": "crawl"})
+            assert r.headers["X-Computing-Node"] == str(tracker_node.peer_id)
+            token = r.json()["token"]
+            # The gateway drops the client's Authorization on the way: the token travels in its own header.
+            worker = {"X-OCF-Worker-Token": token}
+            r = await client.post("/v1/service/jobs/crawl/claim", json={"wait": 5}, headers=worker)
+            assert [j["input"] for j in r.json()["jobs"]] == ["via-network"]
+            r = await client.post(
+                "/v1/service/jobs/crawl/complete",
+                json={"results": [{"id": r.json()["jobs"][0]["id"], "output": 1}]},
+                headers=worker,
+            )
+            assert r.json()["results"][0]["status"] == "done"
 
 
 async def test_admin_token_guards_project_and_job_creation_only(node_config):

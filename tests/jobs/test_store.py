@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from ocf.errors import BadRequest, Conflict, NotFound, PayloadTooLarge
+from ocf.jobs.edge import item_answers
+from ocf.errors import (
+    InvalidJobRequest,
+    JobsPayloadTooLarge,
+    LeaseNotHeld,
+    ProjectExists,
+    ProjectNotFound,
+    WorkerNotFound,
+)
 from ocf.jobs.store import JobStore
 from ocf.store import Store
 
@@ -88,7 +96,7 @@ def test_expired_lease_returns_to_pending_then_fails_after_max_attempts(store):
     assert store.expire(T0 + 9) == []
     assert store.expire(T0 + 10.5) == [("crawl", job["id"], "pending")]
     # the late worker's result is refused and not counted
-    with pytest.raises(Conflict):
+    with pytest.raises(LeaseNotHeld):
         store.complete("crawl", token, job["id"], "late", T0 + 11)
     again = store.claim("crawl", token, T0 + 12)[0]
     assert again["attempts"] == 2
@@ -116,7 +124,7 @@ def test_completion_is_idempotent_for_the_holder_and_refused_for_others(store):
     store.add_jobs("crawl", ["x"], T0)
     alice, bob = worker(store), worker(store, nickname="bob")
     job = store.claim("crawl", alice, T0)[0]
-    with pytest.raises(Conflict):
+    with pytest.raises(LeaseNotHeld):
         store.complete("crawl", bob, job["id"], "stolen", T0)
     first = store.complete("crawl", alice, job["id"], "out", T0)
     second = store.complete("crawl", alice, job["id"], "out", T0)
@@ -141,7 +149,10 @@ def test_batch_completion_reports_each_item(store):
     )
     assert claimed == []
     assert [o["status"] for o in out] == ["done", "error", "error"]
-    assert out[1]["http_status"] == 404 and out[2]["http_status"] == 413
+    # The store answers in domain terms; the HTTP edge (ocf.jobs.edge) turns each kind into a status.
+    assert (out[1]["kind"], out[1]["code"]) == ("not_found", "unknown_job")
+    assert (out[2]["kind"], out[2]["code"]) == ("too_large", "payload_too_large")
+    assert [o.get("http_status") for o in item_answers(out)] == [None, 404, 413]
     assert store.job("crawl", b["id"])["state"] == "leased"
 
 
@@ -154,7 +165,7 @@ def test_complete_and_claim_in_one_call(store):
     assert [o["status"] for o in out] == ["done", "done"] and [j["input"] for j in more] == [2, 3]
     _, last = store.complete_many("crawl", token, [], T0, claim=10)
     assert [j["input"] for j in last] == [4]
-    with pytest.raises(BadRequest):
+    with pytest.raises(InvalidJobRequest):
         store.complete_many("crawl", token, [], T0)
 
 
@@ -197,7 +208,7 @@ def test_bye_releases_without_using_an_attempt_and_forgets_the_worker(store):
     store.claim("crawl", token, T0)
     assert store.bye("crawl", token, T0) == 1
     assert store.job("crawl", 1)["attempts"] == 0 and store.job("crawl", 1)["state"] == "pending"
-    with pytest.raises(NotFound):
+    with pytest.raises(WorkerNotFound):
         store.heartbeat("crawl", token, T0)
 
 
@@ -207,7 +218,7 @@ def test_silent_workers_time_out(store):
     token = worker(store)
     store.claim("crawl", token, T0)
     assert store.forget_idle_workers(T0 + 3601) == 1
-    with pytest.raises(NotFound):
+    with pytest.raises(WorkerNotFound):
         store.heartbeat("crawl", token, T0 + 3601)
     assert store.job("crawl", 1)["state"] == "pending"
 
@@ -216,19 +227,19 @@ def test_bad_input_is_refused_with_state_intact(store):
     three_stage(store)
     store.add_jobs("crawl", ["x"], T0)
     token = worker(store)
-    with pytest.raises(NotFound):
+    with pytest.raises(WorkerNotFound):
         store.claim("crawl", "nope", T0)
-    with pytest.raises(BadRequest):
+    with pytest.raises(InvalidJobRequest):
         store.claim("crawl", token, T0, limit=0)
-    with pytest.raises(BadRequest):
+    with pytest.raises(InvalidJobRequest):
         store.claim("crawl", token, T0, stage="embed")
-    with pytest.raises(PayloadTooLarge):
+    with pytest.raises(JobsPayloadTooLarge):
         store.add_jobs("crawl", ["y" * 5000], T0)
-    with pytest.raises(BadRequest):
+    with pytest.raises(InvalidJobRequest):
         store.complete("crawl", token, "abc", 1, T0)
-    with pytest.raises(NotFound):
+    with pytest.raises(ProjectNotFound):
         store.project("nope")
-    with pytest.raises(BadRequest):
+    with pytest.raises(InvalidJobRequest):
         store.register_worker("crawl", nickname="", stage="crawl", now=T0)
     assert store.counts("crawl")[0]["pending"] == 1
 
@@ -247,7 +258,7 @@ def test_project_definition_is_validated_and_idempotent(store):
         T0,
     )
     assert not created
-    with pytest.raises(Conflict):
+    with pytest.raises(ProjectExists):
         store.create_project("crawl", {"stages": ["other"]}, T0)
     for bad in (
         {"stages": []},
@@ -258,9 +269,9 @@ def test_project_definition_is_validated_and_idempotent(store):
         [],
         {"stages": ["b"]},
     ):
-        with pytest.raises(BadRequest):
+        with pytest.raises(InvalidJobRequest):
             store.create_project("other", bad, T0)
-    with pytest.raises(BadRequest):
+    with pytest.raises(InvalidJobRequest):
         store.create_project("bad name!", {"stages": ["ok"]}, T0)
 
 
@@ -285,7 +296,7 @@ def test_group_commit_rolls_back_only_the_failing_operation(store):
     token = worker(store)
     with store.batch():
         store.add_jobs("crawl", ["a", "b"], T0)
-        with pytest.raises(PayloadTooLarge):  # fails after inserting "c": its child transaction is undone
+        with pytest.raises(JobsPayloadTooLarge):  # fails after inserting "c": its child transaction is undone
             store.add_jobs("crawl", ["c", "x" * 5000], T0)
         claimed = store.claim("crawl", token, T0, limit=5)
     assert [j["input"] for j in claimed] == ["a", "b"]

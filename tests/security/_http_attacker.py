@@ -107,10 +107,10 @@ async def connect(addr: tuple[str, int], data: bytes = b"") -> trio.SocketStream
     return stream
 
 
-async def read_until_close(stream: trio.abc.Stream, timeout: float = 10.0) -> bytes:
-    """Everything the server sends until it closes (a reset counts as a close); fails after ``timeout``."""
+async def read_until_close(stream: trio.abc.Stream) -> bytes:
+    """Everything the server sends until it closes (a reset counts as a close); fails after 10 s."""
     out = b""
-    with trio.fail_after(timeout):
+    with trio.fail_after(10):
         while True:
             try:
                 chunk = await stream.receive_some(65536)

@@ -73,22 +73,22 @@ async def test_api_keys_guard_service_routes_with_openai_shaped_401(node_config,
     async with (
         echo_backend() as (port, seen),
         two_nodes(node_config, port, api_keys=("sk-flag",), api_key_file=keys) as (entry, provider),
+        httpx.AsyncClient(base_url=entry.gateway_url, timeout=30) as client,
     ):
-        async with httpx.AsyncClient(base_url=entry.gateway_url, timeout=30) as client:
-            for path in ("/v1/service/echo/v1/x", f"/v1/p2p/{provider.peer_id}/v1/health", "/v1/_service/echo/v1/x"):
-                for headers in ({}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": "sk-flag"}):
-                    r = await client.post(path, json={}, headers=headers)
-                    assert r.status_code == 401, (path, headers)
-                    assert r.headers["www-authenticate"].startswith("Bearer")
-                    error = r.json()["error"]
-                    assert error["type"] == "invalid_request_error" and error["code"] in (
-                        "missing_api_key",
-                        "invalid_api_key",
-                    )
-            before = len(seen)
-            for key in ("sk-flag", "sk-from-file"):
-                r = await client.post("/v1/service/echo/v1/x", json={}, headers={"Authorization": f"Bearer {key}"})
-                assert r.status_code == 200
-                assert r.json()["headers"]["authorization"] == "Bearer provider-backend-key"
-            assert len(seen) == before + 2  # refused requests reached no backend
-            assert (await client.get("/v1/health")).status_code == 200  # the node's own reads need no key
+        for path in ("/v1/service/echo/v1/x", f"/v1/p2p/{provider.peer_id}/v1/health", "/v1/_service/echo/v1/x"):
+            for headers in ({}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": "sk-flag"}):
+                r = await client.post(path, json={}, headers=headers)
+                assert r.status_code == 401, (path, headers)
+                assert r.headers["www-authenticate"].startswith("Bearer")
+                error = r.json()["error"]
+                assert error["type"] == "invalid_request_error" and error["code"] in (
+                    "missing_api_key",
+                    "invalid_api_key",
+                )
+        before = len(seen)
+        for key in ("sk-flag", "sk-from-file"):
+            r = await client.post("/v1/service/echo/v1/x", json={}, headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 200
+            assert r.json()["headers"]["authorization"] == "Bearer provider-backend-key"
+        assert len(seen) == before + 2  # refused requests reached no backend
+        assert (await client.get("/v1/health")).status_code == 200  # the node's own reads need no key

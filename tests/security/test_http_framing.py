@@ -68,8 +68,8 @@ async def test_gateway_health_answers_while_streams_fill_the_cap(node_config):
             addr = _addr(node)
             body = json.dumps(chat("m1", "one two three four five six seven eight", stream=True)).encode()
             request = (
-                b"POST /v1/_service/llm/v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
-                % (len(body), body)
+                b"POST /v1/_service/llm/v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: "
+                b"application/json\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
             )
             streams = [await connect(addr, request) for _ in range(2)]
             for stream in streams:  # both responses have started: the cap is full of busy connections

@@ -15,6 +15,7 @@ import trio
 from ocf.httpstream.admission import EVICTION_SLACK, ConnectionGate, ConnectionLimits, Draining
 from ocf.httpstream.deadlines import Timeouts
 from ocf.httpstream.listener import REFUSAL_LOG_INTERVAL, _Server
+from tests.waiting import wait_until
 
 from ._http_attacker import EdgeApp, connect, edge_server, get, read_until_close, status_of
 
@@ -32,8 +33,7 @@ async def test_health_answers_while_the_cap_is_full_and_a_connection_past_the_re
             await connect(addr, get("/hold", close=True)) for _ in range(4)
         ]  # the cap, all in the middle of a request
         with trio.fail_after(10):
-            while app.holding < 4:
-                await trio.sleep(0.01)
+            await wait_until(lambda: app.holding >= 4)
         # Over the cap: the reserve answers the health check, and that connection closes after it.
         reply = await read_until_close(await connect(addr, get("/health")))
         assert status_of(reply) == 200 and b"connection: close" in reply
@@ -115,8 +115,7 @@ async def test_refusals_are_counted_in_one_line_per_interval(caplog):
     async with edge_server(app, limits=limits) as addr:
         busy = await connect(addr, get("/hold", close=True))
         with trio.fail_after(10):
-            while app.holding < 1:
-                await trio.sleep(0.01)
+            await wait_until(lambda: app.holding >= 1)
         for _ in range(200):
             assert await read_until_close(await connect(addr)) == b""
         app.release.set()
@@ -192,8 +191,7 @@ async def test_a_client_that_never_reads_is_cut_off_after_the_write_timeout():
         stream = await connect(addr, get("/flood"))
         start = trio.current_time()
         with trio.fail_after(10):
-            while app.cancelled < 1:  # the app producing the response is cancelled with the connection
-                await trio.sleep(0.05)
+            await wait_until(lambda: app.cancelled >= 1)  # the app making the response is cancelled with it
         assert trio.current_time() - start < 8
         await stream.aclose()
 

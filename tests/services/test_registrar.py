@@ -47,41 +47,45 @@ async def test_backend_started_after_the_node_is_picked_up(node_config):
 async def test_models_added_removed_and_backend_down_update_the_record(node_config, caplog):
     caplog.set_level(logging.INFO, logger="ocf.services")
     port = free_port()
-    async with running_mock_llm(["m1"], port=port) as mock:
-        async with open_node(node_config(services=(ServiceSpec("llm", port, "127.0.0.1"),))) as node:
+    async with (
+        running_mock_llm(["m1"], port=port) as mock,
+        open_node(node_config(services=(ServiceSpec("llm", port, "127.0.0.1"),))) as node,
+    ):
+        await node.services.refresh()
+        assert llm_record(node)["identity_group"] == ["model=m1"]
+        mock.models.append("m3")
+        await node.services.refresh()
+        assert llm_record(node)["identity_group"] == ["model=m1", "model=m3"]
+        mock.models.remove("m1")
+        await node.services.refresh()
+        assert llm_record(node)["identity_group"] == ["model=m3"]
+        mock.stop()
+        await node.services.refresh()
+        assert llm_record(node)["status"] == "unhealthy"
+        assert llm_record(node)["identity_group"] == ["model=m3"]  # last known, so routing can say 503 not 404
+        async with running_mock_llm(["m4"], port=port):
             await node.services.refresh()
-            assert llm_record(node)["identity_group"] == ["model=m1"]
-            mock.models.append("m3")
-            await node.services.refresh()
-            assert llm_record(node)["identity_group"] == ["model=m1", "model=m3"]
-            mock.models.remove("m1")
-            await node.services.refresh()
-            assert llm_record(node)["identity_group"] == ["model=m3"]
-            mock.stop()
-            await node.services.refresh()
-            assert llm_record(node)["status"] == "unhealthy"
-            assert llm_record(node)["identity_group"] == ["model=m3"]  # last known, so routing can say 503 not 404
-            async with running_mock_llm(["m4"], port=port):
-                await node.services.refresh()
-                assert llm_record(node) == {
-                    "name": "llm",
-                    "host": "127.0.0.1",
-                    "port": port,
-                    "status": "healthy",
-                    "identity_group": ["model=m4"],
-                }
+            assert llm_record(node) == {
+                "name": "llm",
+                "host": "127.0.0.1",
+                "port": port,
+                "status": "healthy",
+                "identity_group": ["model=m4"],
+            }
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("service models changed name=llm models=m1,m3") for m in messages)
     assert any(m.startswith("service unhealthy name=llm") for m in messages)
 
 
 async def test_non_llm_service_has_no_identity_groups(node_config):
-    async with running_mock_llm(["ignored"]) as mock:
-        async with open_node(node_config(services=(ServiceSpec("foo", mock.port, "127.0.0.1"),))) as node:
-            await node.services.refresh()
-            assert node.services.records() == [
-                {"name": "foo", "host": "127.0.0.1", "port": mock.port, "status": "healthy", "identity_group": []}
-            ]
+    async with (
+        running_mock_llm(["ignored"]) as mock,
+        open_node(node_config(services=(ServiceSpec("foo", mock.port, "127.0.0.1"),))) as node,
+    ):
+        await node.services.refresh()
+        assert node.services.records() == [
+            {"name": "foo", "host": "127.0.0.1", "port": mock.port, "status": "healthy", "identity_group": []}
+        ]
 
 
 async def test_llm_without_health_route_counts_as_up_if_it_lists_models(node_config):
@@ -140,18 +144,20 @@ def test_parse_models():
         {"data": [{"id": "b"}, {"id": "a"}, {"id": "a"}, {"id": 3}, "c", {"x": 1}, {"id": "bad,comma"}]}
     ) == ("a", "b", "c")
     assert parse_models([{"id": "x"}]) == ("x",)
-    with pytest.raises(Exception):
+    with pytest.raises(Exception, match="no 'data' list"):
         parse_models({"models": []})
 
 
 async def test_table_is_written_only_when_the_list_changes(node_config, caplog):
     caplog.set_level(logging.INFO, logger="ocf.services")
-    async with running_mock_llm(["m1"]) as mock:
-        async with open_node(node_config(services=(ServiceSpec("llm", mock.port, "127.0.0.1"),))) as node:
-            for _ in range(4):
-                await node.services.refresh()  # polling an unchanged backend
-            mock.models.append("m2")
-            await node.services.refresh()
-            await node.services.refresh()
+    async with (
+        running_mock_llm(["m1"]) as mock,
+        open_node(node_config(services=(ServiceSpec("llm", mock.port, "127.0.0.1"),))) as node,
+    ):
+        for _ in range(4):
+            await node.services.refresh()  # polling an unchanged backend
+        mock.models.append("m2")
+        await node.services.refresh()
+        await node.services.refresh()
     published = [r.getMessage() for r in caplog.records if r.getMessage().startswith("services published")]
     assert published == ["services published services=llm:healthy"] * 2

@@ -80,10 +80,12 @@ async def test_keeper_connects_and_reconnects_with_backoff(autojump_clock):
 
 async def test_standalone_never_dials(autojump_clock):
     net = MemoryNetwork()
-    async with open_host(WORKER, Config(mode="standalone"), net) as host:
-        async with open_bootstrap(host, Config(mode="standalone")) as boot:
-            await trio.sleep(600)
-            assert boot.attempts == 0 and net.dials == 0
+    async with (
+        open_host(WORKER, Config(mode="standalone"), net) as host,
+        open_bootstrap(host, Config(mode="standalone")) as boot,
+    ):
+        await trio.sleep(600)
+        assert boot.attempts == 0 and net.dials == 0
 
 
 async def test_url_source_fetches_bootstrap_list():
@@ -111,10 +113,13 @@ async def test_url_source_fetches_bootstrap_list():
             port = listeners[0].socket.getsockname()[1]
             url = f"http://127.0.0.1:{port}/v1/dnt/bootstraps"
             config = Config(mode="node", bootstrap_addrs=(url,))
-            async with open_host(WORKER, config, net) as worker, worker.subscribe() as events:
-                async with open_bootstrap(worker, config):
-                    ev = await events.receive()
-                    assert (ev.kind, ev.peer) == ("connected", SEED.peer_id)
+            async with (
+                open_host(WORKER, config, net) as worker,
+                worker.subscribe() as events,
+                open_bootstrap(worker, config),
+            ):
+                ev = await events.receive()
+                assert (ev.kind, ev.peer) == ("connected", SEED.peer_id)
             nursery.cancel_scope.cancel()
 
 
@@ -123,10 +128,13 @@ async def test_local_mode_falls_back_to_dialing_without_peer_id():
     async with open_host(SEED, Config(host="127.0.0.1", tcpport=0)) as seed:
         tcp = next(a for a in seed.listen_addrs if not a.has("ws"))
         config = Config(mode="local")
-        async with open_host(WORKER, Config(host="127.0.0.1", tcpport=0)) as worker, worker.subscribe() as events:
-            async with open_bootstrap(
+        async with (
+            open_host(WORKER, Config(host="127.0.0.1", tcpport=0)) as worker,
+            worker.subscribe() as events,
+            open_bootstrap(
                 worker, config, local_url="http://127.0.0.1:1/v1/dnt/bootstraps", local_addr=str(tcp.without_p2p())
-            ) as boot:
-                ev = await events.receive()
-                assert (ev.kind, ev.peer) == ("connected", SEED.peer_id)
-                assert await boot.wait_connected(SEED.peer_id) == SEED.peer_id
+            ) as boot,
+        ):
+            ev = await events.receive()
+            assert (ev.kind, ev.peer) == ("connected", SEED.peer_id)
+            assert await boot.wait_connected(SEED.peer_id) == SEED.peer_id

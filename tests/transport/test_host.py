@@ -301,12 +301,14 @@ async def test_half_open_handshake_times_out(autojump_clock):
 
 async def test_pending_handshake_limit(autojump_clock):
     net = MemoryNetwork()
-    async with hosts(1, net, max_pending_handshakes=2, handshake_timeout=10.0) as (a,):
-        async with contextlib.AsyncExitStack() as stack:
-            raws = [await stack.enter_async_context(net.connect(a.listen_addrs[0])) for _ in range(3)]
-            # the third is refused at once, the first two wait for the timeout
-            assert await raws[2].stream.receive_some() == b""
-            assert a.stats["inbound_refused"] == 1
+    async with (
+        hosts(1, net, max_pending_handshakes=2, handshake_timeout=10.0) as (a,),
+        contextlib.AsyncExitStack() as stack,
+    ):
+        raws = [await stack.enter_async_context(net.connect(a.listen_addrs[0])) for _ in range(3)]
+        # the third is refused at once, the first two wait for the timeout
+        assert await raws[2].stream.receive_some() == b""
+        assert a.stats["inbound_refused"] == 1
 
 
 # --- real sockets ----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import itertools
 import logging
 import os
 
@@ -18,12 +19,14 @@ from ocf.errors import ConfigError, PrivateNetworkRefused, TransportError
 from ocf.identity import Identity
 from ocf.transport import MemoryNetwork, noise, open_host, pnet
 from ocf.transport.multistream import HEADER, encode
+from tests.waiting import wait_until
 
 ECHO = "/test/echo/1.0.0"
 GO_KEY = b"this is 32-byte key for xsalsa20"
 GO_NONCE = b"24-byte nonce for xsalsa"
 KEY_A = bytes(range(32))
 KEY_B = bytes(range(1, 33))
+HEADER_MESSAGE = encode(HEADER)  # the multistream header, as the first framed message
 
 
 # --- keystream: vectors from golang.org/x/crypto/salsa20 and NaCl's stream3 test -------------------
@@ -52,7 +55,7 @@ def test_keystream_is_independent_of_chunking(data, cuts):
     whole = pnet.XSalsa20Stream(KEY_A, GO_NONCE).process(data)
     stream = pnet.XSalsa20Stream(KEY_A, GO_NONCE)
     bounds = sorted({0, len(data), *(c for c in cuts if c <= len(data))})
-    pieces = b"".join(stream.process(data[a:b]) for a, b in zip(bounds, bounds[1:]))
+    pieces = b"".join(stream.process(data[a:b]) for a, b in itertools.pairwise(bounds))
     assert pieces == whole
     assert stream.position == len(data)
     assert pnet.XSalsa20Stream(KEY_A, GO_NONCE).process(whole) == data  # XOR twice is the identity
@@ -68,7 +71,7 @@ def test_keystream_rejects_bad_sizes():
 # --- session (sans-IO) --------------------------------------------------------------------------
 
 
-def pair(key_a=KEY_A, key_b=KEY_A, expect=encode(HEADER)):
+def pair(key_a=KEY_A, key_b=KEY_A, expect=HEADER_MESSAGE):
     a = pnet.PnetSession(key_a, expect=expect)
     b = pnet.PnetSession(key_b, expect=expect)
     return a, b
@@ -80,7 +83,7 @@ def test_session_roundtrip_any_chunking(payload, cuts):
     a, b = pair()
     wire = a.local_nonce + a.encrypt(encode(HEADER) + payload)
     bounds = sorted({0, len(wire), *(c for c in cuts if c <= len(wire))})
-    got = b"".join(b.decrypt(wire[x:y]) for x, y in zip(bounds, bounds[1:]))
+    got = b"".join(b.decrypt(wire[x:y]) for x, y in itertools.pairwise(bounds))
     assert got == encode(HEADER) + payload
     assert b.verified
 
@@ -344,8 +347,7 @@ async def test_outsider_is_refused_before_noise(key_a, key_b, noise_states):
             # the private listener never started a Noise responder
             assert False not in noise_states
             with trio.fail_after(5):
-                while b.upgrader.protector.stats["refused"] < 1:
-                    await trio.sleep(0.001)  # the refusal lands in the listener's task; there's no event for it
+                await wait_until(lambda: b.upgrader.protector.stats["refused"] >= 1)  # in the listener's task
         if key_a is not None and key_b is not None:
             assert noise_states == []
 
@@ -358,8 +360,7 @@ async def test_refusals_do_not_storm_the_log(caplog, noise_states):
             with pytest.raises(PrivateNetworkRefused):
                 await a.connect(b.listen_addrs[0])
         with trio.fail_after(5):
-            while b.upgrader.protector.stats["refused"] < attempts:
-                await trio.sleep(0.001)
+            await wait_until(lambda: b.upgrader.protector.stats["refused"] >= attempts)
         assert b.resources.system.usage["handshakes"] == 0 and b.connections() == []  # nothing held after the refusals
     assert b.upgrader.protector.stats["refused"] == attempts
     assert a.upgrader.protector.stats["refused"] == attempts

@@ -29,7 +29,9 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> Parser:
     parser = Parser(
         prog="ocf",
-        description="ocf: a node of a decentralized compute fabric (peer-to-peer network, service routing, job tracker).",
+        description=(
+            "ocf: a node of a decentralized compute fabric (peer-to-peer network, service routing, job tracker)."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"ocf {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)

@@ -40,7 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--url",
         default=os.environ.get("OCF_TRACKER_URL", DEFAULT_URL),
-        help=f"Gateway URL of the tracker node, or of any node with --via-network (default: $OCF_TRACKER_URL or {DEFAULT_URL}).",
+        help=(
+            "Gateway URL of the tracker node, or of any node with --via-network (default: $OCF_TRACKER_URL or "
+            f"{DEFAULT_URL})."
+        ),
     )
     p.add_argument(
         "--via-network",
@@ -51,13 +54,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--admin-token",
         default=os.environ.get("OCF_ADMIN_TOKEN") or os.environ.get("OCF_JOBS_ADMIN_TOKEN"),
         metavar="TOKEN",
-        help="The tracker node's admin token, for 'project' and 'create' (default: $OCF_ADMIN_TOKEN, else read from --data-dir).",
+        help=(
+            "The tracker node's admin token, for 'project' and 'create' (default: $OCF_ADMIN_TOKEN, else read from "
+            "--data-dir)."
+        ),
     )
     p.add_argument(
         "--data-dir",
         default=os.environ.get("OCF_DATA_DIR", "~/.ocf"),
         metavar="DIR",
-        help="Data directory of the tracker node, whose admin.token is used when --admin-token is not given (default: $OCF_DATA_DIR or ~/.ocf).",
+        help=(
+            "Data directory of the tracker node, whose admin.token is used when --admin-token is not given (default: "
+            "$OCF_DATA_DIR or ~/.ocf)."
+        ),
     )
     p.add_argument(
         "--timeout", type=float, default=60.0, metavar="SECONDS", help="HTTP timeout per request (default: 60)."
@@ -79,7 +88,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         required=True,
         metavar="NAME[:LEASE][:fanout]",
-        help="A stage, in order (repeat, 1-5 times): its name, lease timeout in seconds (default: the node's --jobs.lease-timeout) and 'fanout' if a list output becomes one next-stage job per element.",
+        help=(
+            "A stage, in order (repeat, 1-5 times): its name, lease timeout in seconds (default: the node's "
+            "--jobs.lease-timeout) and 'fanout' if a list output becomes one next-stage job per element."
+        ),
     )
     q.add_argument(
         "--max-attempts",
@@ -91,14 +103,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--flag-threshold",
         type=int,
         metavar="N",
-        help="Distinct workers flagging an input before it is redone at the previous stage (default: the node's --jobs.flag-threshold).",
+        help=(
+            "Distinct workers flagging an input before it is redone at the previous stage (default: the node's "
+            "--jobs.flag-threshold)."
+        ),
     )
     q.set_defaults(func=cmd_project)
 
     q = jobs_sub.add_parser(
         "create",
         help="Create stage-1 jobs from a range, a brace pattern, lines or a JSON list.",
-        epilog="examples: ocf jobs create laion-crawl --pattern 'shard-{00000..99999}.tar'   |   ocf jobs create p --range 0:1000000   |   ocf jobs create p --lines urls.txt",
+        epilog=(
+            "examples: ocf jobs create laion-crawl --pattern 'shard-{00000..99999}.tar'   |   ocf jobs create p "
+            "--range 0:1000000   |   ocf jobs create p --lines urls.txt"
+        ),
     )
     q.add_argument("project", help="Project to add jobs to.")
     source = q.add_mutually_exclusive_group(required=True)
@@ -186,7 +204,8 @@ def cmd_list(args: argparse.Namespace, http: httpx.Client) -> int:
     for p in projects:
         stages = " -> ".join(s["name"] for s in p["stages"])
         print(
-            f"{p['name']:<24} {p['completion'] * 100:6.2f}%  eta {format_eta(p['eta_seconds']):<12} results {p['results']:<10} {stages}"
+            f"{p['name']:<24} {p['completion'] * 100:6.2f}%  eta {format_eta(p['eta_seconds']):<12} results "
+            f"{p['results']:<10} {stages}"
         )
     return 0
 
@@ -251,10 +270,7 @@ def cmd_create(args: argparse.Namespace, http: httpx.Client) -> int:
         else:
             path = args.lines or args.jsonl or args.json
             stream = sys.stdin if path == "-" else stack.enter_context(open(path, encoding="utf-8"))
-            if args.json:
-                values = json_list(stream)
-            else:
-                values = file_lines(stream, as_json=args.jsonl is not None)
+            values = json_list(stream) if args.json else file_lines(stream, as_json=args.jsonl is not None)
         run_id = uuid.uuid4().hex
         created = 0
         started = time.monotonic()
@@ -291,12 +307,14 @@ def cmd_status(args: argparse.Namespace, http: httpx.Client) -> int:
         print(json.dumps(stats, indent=2))
         return 0
     print(
-        f"project {stats['project']}: {stats['completion'] * 100:.2f}% complete, ETA {format_eta(stats['eta_seconds'])}, {stats['results']} results, {stats['workers']['active']} active workers"
+        f"project {stats['project']}: {stats['completion'] * 100:.2f}% complete, ETA "
+        f"{format_eta(stats['eta_seconds'])}, {stats['results']} results, {stats['workers']['active']} active workers"
     )
     print(f"{'stage':<16}{'pending':>10}{'leased':>10}{'done':>10}{'failed':>10}{'progress':>10}{'jobs/s':>10}")
     for s in stats["stages"]:
         print(
-            f"{s['name']:<16}{s['pending']:>10}{s['leased']:>10}{s['done']:>10}{s['failed']:>10}{s['progress'] * 100:>9.1f}%{s['rate_per_s']:>10.2f}"
+            f"{s['name']:<16}{s['pending']:>10}{s['leased']:>10}{s['done']:>10}{s['failed']:>10}"
+            f"{s['progress'] * 100:>9.1f}%{s['rate_per_s']:>10.2f}"
         )
     return 0
 

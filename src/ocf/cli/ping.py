@@ -30,7 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "ping",
         help="Ping a libp2p peer by multiaddr and print round-trip times.",
-        description="Connect to a libp2p peer (ours or any other implementation) and measure round-trip times with /ipfs/ping/1.0.0.",
+        description=(
+            "Connect to a libp2p peer (ours or any other implementation) and measure round-trip times with "
+            "/ipfs/ping/1.0.0."
+        ),
         epilog="example: ocf ping /ip4/127.0.0.1/tcp/43905/p2p/12D3KooW... --count 3",
     )
     p.add_argument(
@@ -56,7 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--network-key",
         metavar="FILE",
         default=None,
-        help="Ping a node of a private network: its swarm.key file (as the node's --network-key; also OCF_NETWORK_KEY).",
+        help="Ping a node of a private network: its swarm.key file (as the node's --network-key; also "
+        "OCF_NETWORK_KEY).",
     )
     p.set_defaults(func=run)
 
@@ -112,29 +116,30 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _ping(
-    addr: Multiaddr, count: int, interval: float, timeout: float, network_key: NetworkKey | None = None
+    addr: Multiaddr, count: int, interval: float, step_timeout: float, network_key: NetworkKey | None = None
 ) -> int:
+    """Dial, open a ping stream, ping ``count`` times: each step, not the whole run, has ``step_timeout``."""
     from ..transport import open_host
     from ..transport.ping import PING_SIZE, open_ping_stream, ping_once
 
-    config = Config(dial_timeout=timeout, handshake_timeout=timeout, ws=False, network_key=network_key)
+    config = Config(dial_timeout=step_timeout, handshake_timeout=step_timeout, ws=False, network_key=network_key)
     async with open_host(Identity.generate(), config, listen=False) as host:
         t0 = trio.current_time()
-        with trio.fail_after(timeout * 2):
+        with trio.fail_after(step_timeout * 2):
             peer = await host.connect(addr)
         print(f"PING {addr}: connected to {peer} in {(trio.current_time() - t0) * 1000:.2f} ms", flush=True)
         rtts: list[float] = []
-        with trio.fail_after(timeout):
+        with trio.fail_after(step_timeout):
             stream = await open_ping_stream(host, peer)
         async with stream:
             for seq in range(1, count + 1):
                 if seq > 1:
                     await trio.sleep(interval)
                 try:
-                    with trio.fail_after(timeout):
+                    with trio.fail_after(step_timeout):
                         rtt = await ping_once(stream)
                 except trio.TooSlowError:
-                    print(f"no reply: seq={seq} (timeout {timeout:g}s)", flush=True)
+                    print(f"no reply: seq={seq} (timeout {step_timeout:g}s)", flush=True)
                     break  # the stream is out of step now; stop like a lost connection
                 except OcfError as exc:
                     print(f"error: seq={seq} {exc}", flush=True)
@@ -146,6 +151,7 @@ async def _ping(
         summary = f"{count} pings transmitted, {len(rtts)} received, {lost * 100 // count}% loss"
         if rtts:
             ms = [r * 1000 for r in rtts]
-            summary += f", rtt min/avg/max/median = {min(ms):.3f}/{statistics.fmean(ms):.3f}/{max(ms):.3f}/{statistics.median(ms):.3f} ms"
+            figures = (min(ms), statistics.fmean(ms), max(ms), statistics.median(ms))
+            summary += f", rtt min/avg/max/median = {'/'.join(f'{v:.3f}' for v in figures)} ms"
         print(summary, flush=True)
         return 0 if rtts else 1

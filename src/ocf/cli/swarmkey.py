@@ -16,7 +16,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "keygen-swarm",
         help="Create a private network key file for --network-key.",
-        description="Write a new random pre-shared key in the swarm.key format that go-libp2p, js-libp2p and IPFS read. Nodes started with --network-key FILE talk only to nodes with the same key.",
+        description=(
+            "Write a new random pre-shared key in the swarm.key format that go-libp2p, js-libp2p and IPFS "
+            "read. Nodes started with --network-key FILE talk only to nodes with the same key."
+        ),
         epilog="example: ocf keygen-swarm ~/.ocf/swarm.key && ocf start --network-key ~/.ocf/swarm.key",
     )
     p.add_argument(
@@ -50,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     print(
-        f"wrote a new network key to {path}; copy it to every node of the network and start them with --network-key {path}",
+        f"wrote a new network key to {path}; copy it to every node of the network and start them with --network-key "
+        f"{path}",
         file=sys.stderr,
     )
     return 0

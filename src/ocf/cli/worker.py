@@ -46,13 +46,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "worker",
         help="Work on a tracker's jobs, running a command per job.",
-        description="Register as a worker of one stage and run COMMAND for each job (input on stdin, output from stdout).",
-        epilog="example: ocf worker --url http://tracker:8092 --project laion-crawl --stage crawl --nickname alice -- python crawl.py",
+        description=(
+            "Register as a worker of one stage and run COMMAND for each job (input on stdin, output from stdout)."
+        ),
+        epilog=(
+            "example: ocf worker --url http://tracker:8092 --project laion-crawl --stage crawl --nickname alice -- "
+            "python crawl.py"
+        ),
     )
     p.add_argument(
         "--url",
         default=os.environ.get("OCF_TRACKER_URL", DEFAULT_URL),
-        help=f"Gateway URL of the tracker node, or of any node with --via-network (default: $OCF_TRACKER_URL or {DEFAULT_URL}).",
+        help=(
+            "Gateway URL of the tracker node, or of any node with --via-network (default: $OCF_TRACKER_URL or "
+            f"{DEFAULT_URL})."
+        ),
     )
     p.add_argument(
         "--via-network", action="store_true", help="Reach the tracker through this node's /v1/service/jobs route."

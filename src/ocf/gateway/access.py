@@ -108,9 +108,8 @@ class Access:
                 raise Forbidden("another node may not use this node's admin routes", code="remote_forbidden")
             self._limit(self.admin_limit, scope, "admin calls")
             self._check_admin(scope["headers"])
-        elif policy is Policy.API_KEY or (policy is Policy.REMOTE_PEER and remote is None):
-            if self.api_keys:
-                self._check_api_key(scope["headers"])
+        elif (policy is Policy.API_KEY or (policy is Policy.REMOTE_PEER and remote is None)) and self.api_keys:
+            self._check_api_key(scope["headers"])
         if route.action == "register":
             self._limit(self.register_limit, scope, "worker registrations")
 
@@ -126,7 +125,8 @@ class Access:
         given = get_header(headers, ADMIN_TOKEN_HEADER) or bearer(headers)
         if given is None:
             raise Unauthorized(
-                "this route needs the node's admin token (X-OCF-Admin-Token or Authorization: Bearer; it is in <data-dir>/admin.token)",
+                "this route needs the node's admin token (X-OCF-Admin-Token or Authorization: Bearer; it is in "
+                "<data-dir>/admin.token)",
                 code="admin_token_required",
                 realm="ocf-admin",
             )

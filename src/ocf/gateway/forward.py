@@ -16,7 +16,7 @@ what Quart's request/response wrappers take away:
   network crosses two gateways.
 
 This module is the orchestration: which family, limits, timeouts, retry.
-The pieces are elsewhere: the client's side in :mod:`ocf.gateway.asgi_io`,
+The pieces are elsewhere: the client's side in :mod:`ocf.web.asgi`,
 provider choice in :mod:`ocf.gateway.routing` (pure functions) fed by
 :mod:`ocf.gateway.providers` (table snapshot, liveness, peer streams), the
 exchange with the next hop in :mod:`ocf.gateway.exchange`, and the models
@@ -25,6 +25,7 @@ list in :mod:`ocf.gateway.models`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -48,10 +49,10 @@ from ..errors import (
 )
 from ..httpstream.bridge import get_header
 from ..httpstream.pool import ConnectionPool
-from ..services.registrar import LLM_SERVICE
+from ..ports import LLM_SERVICE, InternalService, LocalService
 from . import routing
-from .asgi_io import ClientGone, Receive, RequestBody, Responder, Send
-from .errors import ERROR_CODE_NAME, send_asgi_error
+from ..web.asgi import ClientGone, Receive, RequestBody, Responder, Send
+from ..web.errors import ERROR_CODE_NAME, send_asgi_error
 from .exchange import (
     HOPS_HEADER,
     IDENTITY_HEADER,
@@ -68,15 +69,16 @@ from .providers import LIBP2P_HTTP, ConnectFailed, Providers, RelayLimited, Unkn
 from .router import OWN_SERVICE, P2P
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from ..config import Config
+    from ..identity import PeerId
+    from ..ports import LocalServices
     from .metrics import GatewayMetrics
     from .router import Route
 
-__all__ = ["LIBP2P_HTTP", "Forwarder", "RequestBody", "Responder", "_ClientGone"]
+__all__ = ["LIBP2P_HTTP", "Forwarder"]
 
 log = logging.getLogger("ocf.gateway")
 
-_ClientGone = ClientGone  # the name the tracker's hot routes import
 COMPUTING_NODE_HEADER = b"x-computing-node"
 MAX_HOPS = 8
 #: Error codes of ours that mean "the provider did nothing with the request": safe to try another.
@@ -108,13 +110,23 @@ class _RetryableAnswer(Exception):
 class Forwarder:
     """Serves the three forwarding route families for one node's gateway."""
 
-    def __init__(self, node: Node, metrics: GatewayMetrics, *, rng: random.Random | None = None) -> None:
-        self.node = node
-        self.config = node.config
+    def __init__(
+        self,
+        config: Config,
+        peer_id: PeerId,
+        providers: Providers,
+        services: LocalServices | None,
+        metrics: GatewayMetrics,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.peer_id = peer_id
+        self.services = services
         self.metrics = metrics
         self.pool = ConnectionPool()
         self.peer_streams = peer_stream_pool()
-        self.providers = Providers(node, node.config)
+        self.providers = providers
         self.rng = rng or random.Random()
         #: Serves a target of this node in-process (set by :class:`ocf.gateway.asgi.GatewayASGI`).
         self.dispatch_internal: Callable[[dict, Receive, Send, bytes], Awaitable[None]] | None = None
@@ -144,10 +156,8 @@ class Forwarder:
             log.warning(
                 "forward failed %s", logfmt.kv(path=scope["path"], status=exc.status, code=exc.code, reason=exc.message)
             )
-        try:
+        with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):  # the client is gone
             await send_asgi_error(responder, exc)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):  # pragma: no cover - client gone
-            pass
 
     async def _dispatch(self, route: Route, scope: dict, receive: Receive, responder: Responder) -> None:
         hops = _hops(scope)
@@ -184,7 +194,7 @@ class Forwarder:
     # --- /v1/_service/<name>/<path>: this node's own service ---------------------------
 
     async def _local(self, call: Call, name: str, rest: bytes) -> None:
-        services = self.node.services
+        services = self.services
         target = services.lookup(name) if services is not None else None
         if target is None:
             names = services.names() if services is not None else []
@@ -192,7 +202,7 @@ class Forwarder:
                 f"this node offers no service '{name}' (it offers: {', '.join(names) or 'none'})",
                 code="service_not_found",
             )
-        if not hasattr(target, "port"):  # internal service: served by our own app under its prefix
+        if isinstance(target, InternalService):  # served by our own app under its prefix
             await self._internal(call.scope, call.receive, call.responder, _join(target.path_prefix, rest), [])
             return
 
@@ -202,7 +212,7 @@ class Forwarder:
 
         await self._guarded(call, work)
 
-    def _backend_exchange(self, call: Call, target: Any, body: RequestBody, rest: bytes) -> Exchange:
+    def _backend_exchange(self, call: Call, target: LocalService, body: RequestBody, rest: bytes) -> Exchange:
         upstream = BackendUpstream(self.pool, self.metrics, target)
         return Exchange(
             upstream,
@@ -233,7 +243,7 @@ class Forwarder:
 
     async def _p2p(self, call: Call, peer_text: str, rest: bytes) -> None:
         peer = self.providers.peer_id(peer_text)
-        if peer == self.node.peer_id:
+        if peer == self.peer_id:
             await self._internal(call.scope, call.receive, call.responder, b"/" + rest, [])
             return
         if not self.providers.known(peer, peer_text):
@@ -269,10 +279,10 @@ class Forwarder:
                 # answer would make this node a port scanner for whoever asks.
                 raise ProviderFailed(f"peer {peer_text} is unreachable", code="peer_unreachable") from None
             except UpstreamError as exc:
-                limit = None if exc.response_started else self.providers.relay_limit(peer_text)
-                if limit is not None:
+                cut = None if exc.response_started else self.providers.relay_limit(peer_text)
+                if cut is not None:
                     raise NoProviderAvailable(
-                        f"peer {peer_text} is reachable only through a relay, which ended the connection at {limit}",
+                        f"peer {peer_text} is reachable only through a relay, which ended the connection at {cut}",
                         retry_after=5,
                         code="relay_limit",
                     ) from None
@@ -375,9 +385,9 @@ class Forwarder:
             except UpstreamError as exc:
                 if exc.response_started:
                     raise ProviderFailed(f"provider {provider.peer} failed mid-response: {exc}") from None
-                limit = providers.relay_limit(provider.peer)
-                if limit is not None:  # the relay cut it: the provider did not fail, the path did
-                    relay_refusals.append(f"ended the connection at {limit}")
+                cut = providers.relay_limit(provider.peer)
+                if cut is not None:  # the relay cut it: the provider did not fail, the path did
+                    relay_refusals.append(f"ended the connection at {cut}")
                 else:
                     reached = True
                 reasons.append(f"{short(provider.peer)}: {exc}")
@@ -404,7 +414,8 @@ class Forwarder:
                 code="relay_refused",
             )
         raise NoProviderAvailable(
-            f"{len(candidates)} provider(s) of '{name}' match this request but none is reachable and healthy right now{which}",
+            f"{len(candidates)} provider(s) of '{name}' match this request but none is reachable and healthy right "
+            f"now{which}",
             retry_after=5,
         )
 
@@ -416,10 +427,10 @@ class Forwarder:
         self.metrics.enter(provider.peer)
         try:
             if provider.local:
-                target = self.node.services.lookup(name)
+                target = self.services.lookup(name) if self.services is not None else None
                 if target is None:
                     raise ConnectFailed(f"service '{name}' is no longer registered here")
-                if not hasattr(target, "port"):
+                if isinstance(target, InternalService):
                     await body.read_all()  # bounded by max_body_size; internal services get small bodies
                     await self._internal(
                         call.scope,
@@ -480,6 +491,7 @@ def _parse_json(data: bytes) -> Any:
         return json.loads(data)
     except (ValueError, UnicodeDecodeError):
         raise BadRequest(
-            "the request body is not JSON, so it names no model; send JSON or an X-OCF-Identity-Group: key=value header",
+            "the request body is not JSON, so it names no model;"
+            " send JSON or an X-OCF-Identity-Group: key=value header",
             code="no_routable_identity",
         ) from None

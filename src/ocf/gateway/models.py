@@ -13,7 +13,7 @@ from urllib.parse import unquote
 
 from ..errors import NotFound
 from . import routing
-from .asgi_io import Responder
+from ..web.asgi import Responder
 
 
 async def serve_models(

@@ -286,7 +286,7 @@ def _match(template: tuple[str, ...], decoded: list[str], raw: list[str]) -> tup
     if len(template) != len(decoded):
         return None
     params = []
-    for want, got, spelled in zip(template, decoded, raw):
+    for want, got, spelled in zip(template, decoded, raw, strict=True):
         if want.startswith("<"):
             name = want[1:-1]
             if name.startswith("int:"):

@@ -110,7 +110,8 @@ class Draining:
     def __init__(self, refusals: collections.Counter[str] | None = None) -> None:
         self.draining = False
         self._idle: dict[Any, None] = {}  # insertion order: oldest first
-        #: Requests the engine answered (or connections it ended) itself, by reason ("408 head_timeout", "write_timeout"...).
+        #: Requests the engine answered (or connections it ended) itself, by reason
+        #: ("408 head_timeout", "write_timeout"...).
         self.refusals: collections.Counter[str] = refusals if refusals is not None else collections.Counter()
 
     def drain(self) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-from typing import AsyncContextManager, Union
 from collections.abc import AsyncIterable, AsyncIterator, Iterator, Sequence
 
 import trio
@@ -23,7 +22,7 @@ from .bridge import END, ClientBridge, Data, Headers, ResponseHead, get_header
 
 log = logging.getLogger("ocf.httpstream")
 
-BodySource = Union[bytes, AsyncIterable[bytes]]
+BodySource = bytes | AsyncIterable[bytes]
 
 READ_SIZE = 64 * 1024
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, TransportError, OSError)
@@ -155,8 +154,9 @@ def exchange(
     content_length: int | None = None,
     host: bytes | None = None,
     read_size: int = READ_SIZE,
-) -> AsyncContextManager[Response]:
-    """``async with exchange(...) as response``: send a request on ``stream``, get its :class:`Response` once the head arrived.
+) -> contextlib.AbstractAsyncContextManager[Response]:
+    """``async with exchange(...) as response``: send a request on ``stream``, get its :class:`Response`
+    once the head arrived.
 
     ``body`` is bytes (sent with the head in one write) or an async iterable
     of chunks (streamed; give ``content_length`` if known, else chunked).

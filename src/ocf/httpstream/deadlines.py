@@ -15,8 +15,9 @@ as the server waits for it, so every wait has a deadline of its own:
   reading (the application has not taken what was read yet) is not
   counted against the client;
 * a **write**: one write may not wait longer than ``write`` seconds (plus at
-  most one watchdog period, the shortest timeout) for the client to read (a client that never reads its response fills the
-  socket's buffers and then parks the response forever).
+  most one watchdog period, the shortest timeout) for the client to read (a
+  client that never reads its response fills the socket's buffers and then
+  parks the response forever).
 
 :class:`ConnectionClock` holds the current deadlines; the Trio driver in
 :mod:`ocf.httpstream.server` tells it what happened and one watchdog task

@@ -279,30 +279,30 @@ async def _lifespan(app: ASGIApp) -> AsyncIterator[None]:
         finally:
             outbox.close()
 
-    async def ask(event: str, timeout: float) -> dict | None:
+    async def ask(event: str) -> dict | None:
         """Send a lifespan event; the app's answer, or None if it does not speak lifespan."""
-        with trio.move_on_after(timeout):
-            try:
-                await to_app.send({"type": event})
-                return await from_app.receive()
-            except (trio.EndOfChannel, trio.BrokenResourceError):
-                return None  # the app returned: no lifespan support
-        raise LifespanError(f"the application did not answer {event} within {timeout:g}s")
+        try:
+            await to_app.send({"type": event})
+            return await from_app.receive()
+        except (trio.EndOfChannel, trio.BrokenResourceError):
+            return None  # the app returned: no lifespan support
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run)
-        reply = await ask("lifespan.startup", LIFESPAN_STARTUP_TIMEOUT)
+        with trio.move_on_after(LIFESPAN_STARTUP_TIMEOUT) as waited:
+            reply = await ask("lifespan.startup")
+        if waited.cancelled_caught:
+            raise LifespanError(f"the application did not answer lifespan.startup within {LIFESPAN_STARTUP_TIMEOUT:g}s")
         if reply is not None and reply["type"] == "lifespan.startup.failed":
             raise LifespanError(f"the application failed to start: {reply.get('message', '')}")
         try:
             yield
         finally:
-            with trio.CancelScope(shield=True):
-                try:
-                    reply = await ask("lifespan.shutdown", LIFESPAN_SHUTDOWN_TIMEOUT)
-                except LifespanError as exc:
-                    log.warning("%s", exc)
-                    reply = None
+            reply = None
+            with trio.CancelScope(shield=True), trio.move_on_after(LIFESPAN_SHUTDOWN_TIMEOUT) as waited:
+                reply = await ask("lifespan.shutdown")
+            if waited.cancelled_caught:
+                log.warning("the application did not answer lifespan.shutdown within %gs", LIFESPAN_SHUTDOWN_TIMEOUT)
             if reply is not None and reply["type"] == "lifespan.shutdown.failed":
                 log.warning("the application failed to shut down cleanly: %s", reply.get("message", ""))
             nursery.cancel_scope.cancel()

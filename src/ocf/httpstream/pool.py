@@ -155,7 +155,5 @@ def _socket_quiet(conn: PooledConnection) -> bool:
 
 def _close_now(conn: PooledConnection) -> None:
     """Close without awaiting: a plain TCP socket needs no goodbye, and this runs in cleanup paths."""
-    try:
+    with contextlib.suppress(OSError):  # already gone
         conn.stream.socket.close()
-    except OSError:  # pragma: no cover - already gone
-        pass

@@ -30,6 +30,7 @@ The gateway's TCP port is served the same way, by
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 from typing import Any
@@ -140,7 +141,7 @@ class _Connection:
                     self._client_gone()
                     return
                 phase = bridge.receive_phase
-                if phase == PHASE_HEAD or phase == PHASE_BODY:  # a request whole in one read needs no clock
+                if phase in (PHASE_HEAD, PHASE_BODY):  # a request whole in one read needs no clock
                     clock.received(
                         trio.current_time(), len(data), phase, phase == PHASE_BODY and bridge.expects_continue
                     )
@@ -298,10 +299,8 @@ class _Connection:
         log.debug("rejecting stream request status=%d reason=%s", status, message)
         if self.draining is not None:
             self.draining.refusals[f"{status} {code}"] += 1
-        try:
+        with contextlib.suppress(_Gone, BridgeError):
             await self._write(self.bridge.error_response(status, _error_body(status, message, code)))
-        except (_Gone, BridgeError):
-            pass
 
     async def run_app(self, scope: dict) -> bool:
         """Run the app for one request; True if the connection can serve another."""

@@ -153,7 +153,7 @@ class StageWorker:
             "POST", "/complete", {"results": [{"id": j.id, "output": j.output} for j in batch], "claim": claim}
         )
         del self._done[: len(batch)]
-        for job, outcome in zip(batch, answer["results"]):
+        for job, outcome in zip(batch, answer["results"], strict=True):
             self.held.pop(job.id, None)
             job.state = "done" if outcome["status"] in ("done", "already_done") else "lost"
         return self._adopt(answer["jobs"])
@@ -288,7 +288,7 @@ async def connect(
     nickname: str = "anonymous",
     user: str | None = None,
     via_network: bool = False,
-    timeout: float = DEFAULT_TIMEOUT,
+    timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109 - per HTTP call (httpx's), not for the client's whole life
     http: httpx.AsyncClient | None = None,
 ) -> AsyncIterator[TrackerClient]:
     """Open a client for ``project`` at ``url``; leaving the block says bye for every stage worker."""

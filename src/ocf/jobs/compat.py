@@ -22,7 +22,8 @@ from typing import Any
 from quart import Blueprint, Response, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from ..errors import BadRequest, Conflict, GatewayRequestError
+from ..errors import BadRequest, GatewayRequestError, JobsError, LeaseNotHeld
+from .edge import http_status
 from .http import json_object, tracker
 from .model import STAGE_LETTERS
 
@@ -39,6 +40,11 @@ def _text(body: str, status: int = 200) -> Response:
 async def plain_error(exc: GatewayRequestError) -> Response:
     # The original answered errors as plain text; the client shows it in its exceptions.
     return _text(exc.message, exc.status)
+
+
+@blueprint.errorhandler(JobsError)
+async def plain_jobs_error(exc: JobsError) -> Response:
+    return _text(exc.message, http_status(exc))
 
 
 @blueprint.errorhandler(RequestEntityTooLarge)
@@ -159,7 +165,7 @@ async def complete_job(project: str) -> Response:
     try:
         # A retry of a completion that already landed answers 200 and counts nothing twice.
         await tracker().complete(project, token, job_id, decode_data(data))
-    except Conflict as exc:
+    except LeaseNotHeld as exc:
         return _text(exc.message, 403)
     return _text("200 OK")
 
@@ -173,7 +179,7 @@ async def flag_invalid_data(project: str) -> Response:
         return _text("This worker is not currently working on a job.", 403)
     try:
         await tracker().flag(project, token, job_id)
-    except Conflict as exc:
+    except LeaseNotHeld as exc:
         return _text(exc.message, 403)
     return _text("200 OK")
 
@@ -199,7 +205,8 @@ async def worker_page(project: str, stage: str, name: str) -> Response:
     )
     per_stage = "".join(f"<li>{e(s)}: {n}</li>" for s, n in info["completed_by_stage"].items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{e(name)} · {e(definition.name)}</title>
-<style>body{{font:15px system-ui,sans-serif;margin:2em;max-width:50em}}th{{text-align:left;padding-right:1em}}</style></head>
+<style>body{{font:15px system-ui,sans-serif;margin:2em;max-width:50em}}
+th{{text-align:left;padding-right:1em}}</style></head>
 <body><h1>{e(name)}</h1><p>Worker of <a href="/dashboard?project={e(project)}">{e(project)}</a>.</p>
 <table>{rows}</table><h2>Completed by stage</h2><ul>{per_stage}</ul></body></html>"""
     return Response(page, content_type="text/html; charset=utf-8")

@@ -14,7 +14,7 @@ import contextlib
 from typing import Any
 from collections.abc import Callable, Iterator
 
-from ..errors import Conflict, NotFound, PayloadTooLarge
+from ..errors import JobsPayloadTooLarge, ProjectExists, ProjectNotFound
 from ..store import Store
 from .keys import DBS, Record, dumps, loads, payload_size
 from .model import Project, parse_project
@@ -94,7 +94,8 @@ class StoreCore:
     # --- projects -------------------------------------------------------------------------
 
     def create_project(self, name: str, body: Any, now: float) -> tuple[Project, bool]:
-        """Create a project; the same definition again is a no-op, a different one a 409."""
+        """Create a project; the same definition again is a no-op, a different one raises
+        :class:`~ocf.errors.ProjectExists`."""
         project = parse_project(
             name,
             body,
@@ -108,7 +109,7 @@ class StoreCore:
         if existing is not None:
             if existing.same_definition(project):
                 return existing, False
-            raise Conflict(f"project {name!r} already exists with a different definition", code="project_exists")
+            raise ProjectExists(f"project {name!r} already exists with a different definition")
         with self._write() as tx:
             tx.put("projects", name.encode(), dumps(project.to_json()))
         self._projects[name] = project
@@ -118,7 +119,7 @@ class StoreCore:
         project = self._projects.get(name)
         if project is None:
             # Not the list of projects: that would tell any caller what else this tracker runs.
-            raise NotFound(f"project {name!r} not found", code="unknown_project")
+            raise ProjectNotFound(f"project {name!r} not found")
         return project
 
     def projects(self) -> list[Project]:
@@ -133,7 +134,7 @@ class StoreCore:
             return  # cannot exceed the limit as JSON; skip encoding it an extra time
         size = payload_size(value)
         if size > self.max_payload:
-            raise PayloadTooLarge(
+            raise JobsPayloadTooLarge(
                 f"{what} is {size} bytes of JSON; the limit is {self.max_payload}", code="payload_too_large"
             )
 

@@ -69,7 +69,8 @@ def check_pattern(pattern: str) -> None:
         body = match.group(1)
         if ".." in body and not _RANGE.match(body) and not _ALPHA_RANGE.match(body) and "," not in body:
             raise ValidationError(
-                f"pattern {pattern!r}: {{{body}}} is not a range; write {{1..3}}, {{01..10}}, {{0..100..10}} or {{a..z}}"
+                f"pattern {pattern!r}: {{{body}}} is not a range; write {{1..3}}, {{01..10}}, {{0..100..10}} or "
+                f"{{a..z}}"
             )
 
 
@@ -186,10 +187,15 @@ def json_list(stream: IO[str], *, chunk_size: int = 1 << 16) -> Iterator[Any]:
             if not eof and more():
                 continue  # the element is cut by the chunk boundary
             raise ValidationError(f"bad JSON list element: {exc}") from None
-        if not eof and isinstance(value, (int, float)) and not isinstance(value, bool):
-            # A number cut by the chunk boundary ("1" of "12", "0" of "0.5") decodes early: read on.
-            if (end == len(buffer) or buffer[end] in _NUMBER_CHARS) and more():
-                continue
+        # A number cut by the chunk boundary ("1" of "12", "0" of "0.5") decodes early: read on.
+        if (
+            not eof
+            and isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and (end == len(buffer) or buffer[end] in _NUMBER_CHARS)
+            and more()
+        ):
+            continue
         yield value
         position = end
         expect_value = False

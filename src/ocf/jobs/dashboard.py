@@ -23,10 +23,11 @@ from __future__ import annotations
 
 from importlib import resources
 
-from quart import Blueprint, Response, current_app, request
+from quart import Blueprint, Response, request
 
-from ..errors import NotFound
+from ..errors import NotFound, ProjectNotFound
 from . import firstview
+from .http import hosted_tracker
 
 blueprint = Blueprint("jobs_dashboard", __name__)
 
@@ -54,14 +55,14 @@ def read_asset(name: str) -> bytes:
 
 def page_status() -> int:
     """200 if the page has something to show, 404 if it can only explain why not."""
-    node = current_app.extensions["ocf.node"]
-    if node.jobs is None:
+    tracker = hosted_tracker()
+    if tracker is None:
         return 404
     name = request.args.get("project")
     if name:
         try:
-            node.jobs.store.project(name)
-        except NotFound:
+            tracker.store.project(name)
+        except ProjectNotFound:
             return 404
     return 200
 
@@ -77,8 +78,7 @@ def asset_response(name: str, content_type: str, status: int = 200) -> Response:
 @blueprint.get("/dashboard")
 async def dashboard() -> Response:
     status = page_status()
-    node = current_app.extensions["ocf.node"]
-    page = firstview.render(read_asset(PAGE).decode(), node.jobs, request.args.get("project") or None)
+    page = firstview.render(read_asset(PAGE).decode(), hosted_tracker(), request.args.get("project") or None)
     response = Response(page, status=status, content_type="text/html; charset=utf-8")
     response.headers.update(SECURITY_HEADERS)
     response.headers["Cache-Control"] = "no-cache"

@@ -51,7 +51,8 @@ def _stage_rows(stats: dict[str, Any]) -> str:
     rows = []
     for stage in stats["stages"]:
         counts = "".join(
-            f'<span class="count {name}"><span class="count-label">{name}</span> <b data-field="{name}">{_number(stage[name])}</b></span>'
+            f'<span class="count {name}"><span class="count-label">{name}</span> <b '
+            f'data-field="{name}">{_number(stage[name])}</b></span>'
             for name in ("done", "failed", "leased", "pending", "total", "expected")
         )
         # Segment widths are set by the script (CSSOM): the CSP forbids inline style attributes.
@@ -61,9 +62,11 @@ def _stage_rows(stats: dict[str, Any]) -> str:
         )
         rows.append(
             f'<div class="stage" data-stage="{escape(stage["name"])}"><div class="stage-head">'
-            f'<span class="stage-letter">{stage["letter"]}</span><span class="stage-name">{escape(stage["name"])}</span>'
+            f'<span class="stage-letter">{stage["letter"]}</span><span '
+            f'class="stage-name">{escape(stage["name"])}</span>'
             f'<span class="pct" data-field="progress">{stage["progress"] * 100:.1f}%</span>'
-            f'<span class="stage-workers"><span data-field="workers_active">{_number(stage["workers_active"])}</span> active workers</span></div>'
+            f'<span class="stage-workers"><span data-field="workers_active">{_number(stage["workers_active"])}</span> '
+            "active workers</span></div>"
             f'<div class="bar">{bar}</div><div class="counts">{counts}</div></div>'
         )
     return "".join(rows)
@@ -79,7 +82,8 @@ def worker_rows(project: str, workers: list[dict[str, Any]]) -> str:
         out.append(
             f'<tr data-name="{escape(w["name"])}"><td class="name"><a href="{link}">{escape(w["name"])}</a></td>'
             f'<td>{escape(w["user"])}</td><td>{escape(w["stage"])}</td><td data-field="current">{jobs}</td>'
-            f'<td class="progress">{escape(w["progress"])}</td><td class="n" data-field="done">{_number(w["jobs_completed"])}</td>'
+            f'<td class="progress">{escape(w["progress"])}</td><td class="n" '
+            f'data-field="done">{_number(w["jobs_completed"])}</td>'
             f'<td data-field="seen" data-time="{w["last_seen"]}"></td></tr>'
         )
     return "".join(out)

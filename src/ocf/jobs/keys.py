@@ -26,7 +26,7 @@ import json
 import struct
 from typing import Any
 
-from ..errors import BadRequest, StoreCorrupt
+from ..errors import InvalidJobRequest, StoreCorrupt
 
 U64 = struct.Struct(">Q")
 U32 = struct.Struct(">I")
@@ -74,12 +74,12 @@ def lease_key(expires: float, project_key: bytes, job_id: int) -> bytes:
 
 def check_limit(limit: Any) -> None:
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
-        raise BadRequest(f"max must be an integer in 1..1000, got {limit!r}", code="bad_limit")
+        raise InvalidJobRequest(f"max must be an integer in 1..1000, got {limit!r}", code="bad_limit")
 
 
 def parse_job_id(value: Any) -> int:
     if isinstance(value, str) and value.isdigit():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise BadRequest(f"job id must be a positive integer, got {value!r}", code="bad_job_id")
+        raise InvalidJobRequest(f"job id must be a positive integer, got {value!r}", code="bad_job_id")
     return value

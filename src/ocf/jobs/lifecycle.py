@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import Conflict, NotFound, PayloadTooLarge
+from ..errors import JobNotFound, JobsPayloadTooLarge, LeaseNotHeld, WorkerNotFound
 from .core import StoreCore, public_job
 from .keys import U32, U64, dumps, lease_key
 from .model import MAX_FANOUT, Project
@@ -68,24 +68,20 @@ class LeaseMachine(StoreCore):
 
     def _worker(self, tx: Tx, token: Any, now: float) -> dict[str, Any]:
         if not isinstance(token, str) or not token:
-            raise NotFound(
-                "a worker token is required (register with /workers or /api/new first)", code="unknown_worker"
-            )
+            raise WorkerNotFound("a worker token is required (register with /workers or /api/new first)")
         worker = tx.worker(token)
         if worker is None or worker["last_seen"] + self.worker_timeout < now:
-            raise NotFound(
-                "the tracker does not know this worker; did it time out? Register again.", code="unknown_worker"
-            )
+            raise WorkerNotFound("the tracker does not know this worker; did it time out? Register again.")
         return worker
 
     def _held_job(
         self, tx: Tx, project: Project, token: Any, job_id: int, now: float
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The worker and the job it is giving back (fail, flag); 404/409 unless it holds the lease."""
+        """The worker and the job it is giving back (fail, flag); refused unless it holds the lease."""
         worker = self._worker(tx, token, now)
         job = tx.job(job_id)
         if job is None:
-            raise NotFound(f"project {project.name!r} has no job {job_id}", code="unknown_job")
+            raise JobNotFound(f"project {project.name!r} has no job {job_id}")
         self._check_lease(job, worker)
         worker["leases"] = [j for j in worker["leases"] if j != job_id]
         worker["last_seen"] = now
@@ -150,7 +146,7 @@ class LeaseMachine(StoreCore):
         self.check_payload(output, "job output")
         job = tx.job(job_id)
         if job is None:
-            raise NotFound(f"project {project.name!r} has no job {job_id}", code="unknown_job")
+            raise JobNotFound(f"project {project.name!r} has no job {job_id}")
         worker["last_seen"] = now
         if job["state"] == "done" and job.get("done_token") == worker["token"]:
             return {"id": job_id, "status": "already_done", "children": job.get("children", [])}
@@ -159,7 +155,9 @@ class LeaseMachine(StoreCore):
         last = stage == len(project.stages) - 1
         inputs = output if project.stages[stage].fanout and isinstance(output, list) else [output]
         if not last and len(inputs) > MAX_FANOUT:
-            raise PayloadTooLarge(f"a fan-out output may have at most {MAX_FANOUT} elements", code="fanout_too_large")
+            raise JobsPayloadTooLarge(
+                f"a fan-out output may have at most {MAX_FANOUT} elements", code="fanout_too_large"
+            )
         children: list[int] = []
         if not last:
             for value in inputs:
@@ -210,7 +208,7 @@ class LeaseMachine(StoreCore):
             "pending": "is pending again after your lease expired",
             "leased": "is leased to another worker after your lease expired",
         }.get(job["state"], f"is {job['state']}")
-        raise Conflict(f"job {job['id']} {what}; your result was not recorded", code="lease_lost")
+        raise LeaseNotHeld(f"job {job['id']} {what}; your result was not recorded")
 
     def _credit(self, tx: Tx, worker: dict[str, Any], stage: int, now: float) -> None:
         hour = U32.pack(int(now // 3600))

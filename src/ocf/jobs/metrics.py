@@ -29,7 +29,7 @@ class TrackerCollector(Collector):
         )
         store = self.tracker.store
         for project in store.projects():
-            for stage, counts in zip(project.stages, store.counts(project.name)):
+            for stage, counts in zip(project.stages, store.counts(project.name), strict=True):
                 for state, value in counts.items():
                     jobs.add_metric([project.name, stage.name, state], value)
             results.add_metric([project.name], store.result_count(project.name))

@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from ..errors import BadRequest
+from ..errors import InvalidJobRequest
 
 PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,31}$")
@@ -83,32 +83,32 @@ class Project:
             if len(ref) == 1 and ref.lower() in STAGE_LETTERS[: len(self.stages)]:
                 return STAGE_LETTERS.index(ref.lower())
         names = ", ".join(f"{STAGE_LETTERS[i]}/{i + 1}/{s.name!r}" for i, s in enumerate(self.stages))
-        raise BadRequest(f"project {self.name!r} has no stage {ref!r}; stages are {names}", code="unknown_stage")
+        raise InvalidJobRequest(f"project {self.name!r} has no stage {ref!r}; stages are {names}", code="unknown_stage")
 
 
 def parse_project(
     name: str, body: Any, *, max_stages: int, default_lease: float, max_attempts: int, flag_threshold: int, now: float
 ) -> Project:
-    """Validate a project definition from JSON; raise :class:`BadRequest` naming the bad field.
+    """Validate a project definition from JSON; raise :class:`~ocf.errors.InvalidJobRequest` naming the bad field.
 
     ``{"stages": [{"name": "crawl", "lease_timeout": 600, "fanout": false}, ...],
     "max_attempts": 3, "flag_threshold": 5}``; a stage may also be just its name.
     """
     if not isinstance(name, str) or not PROJECT_NAME.match(name):
-        raise BadRequest(
+        raise InvalidJobRequest(
             f"project name {name!r} must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit",
             code="bad_project_name",
         )
     if not isinstance(body, dict):
-        raise BadRequest("project definition must be a JSON object with a 'stages' list", code="bad_project")
+        raise InvalidJobRequest("project definition must be a JSON object with a 'stages' list", code="bad_project")
     unknown = set(body) - {"name", "stages", "max_attempts", "flag_threshold"}
     if unknown:
-        raise BadRequest(f"unknown project field(s): {', '.join(sorted(unknown))}", code="bad_project")
+        raise InvalidJobRequest(f"unknown project field(s): {', '.join(sorted(unknown))}", code="bad_project")
     raw_stages = body.get("stages")
     if not isinstance(raw_stages, list) or not raw_stages:
-        raise BadRequest("'stages' must be a non-empty list", code="bad_project")
+        raise InvalidJobRequest("'stages' must be a non-empty list", code="bad_project")
     if len(raw_stages) > max_stages:
-        raise BadRequest(
+        raise InvalidJobRequest(
             f"a project may have at most {max_stages} stages, got {len(raw_stages)}", code="too_many_stages"
         )
     stages = []
@@ -116,10 +116,10 @@ def parse_project(
         if isinstance(raw, str):
             raw = {"name": raw}
         if not isinstance(raw, dict):
-            raise BadRequest(f"stages[{i}] must be a name or an object", code="bad_project")
+            raise InvalidJobRequest(f"stages[{i}] must be a name or an object", code="bad_project")
         extra = set(raw) - {"name", "lease_timeout", "fanout"}
         if extra:
-            raise BadRequest(f"stages[{i}]: unknown field(s) {', '.join(sorted(extra))}", code="bad_project")
+            raise InvalidJobRequest(f"stages[{i}]: unknown field(s) {', '.join(sorted(extra))}", code="bad_project")
         stage_name = raw.get("name")
         if (
             not isinstance(stage_name, str)
@@ -127,24 +127,25 @@ def parse_project(
             or stage_name.isdigit()
             or len(stage_name) == 1
         ):
-            raise BadRequest(
-                f"stages[{i}].name {stage_name!r} must be 2-32 letters, digits, spaces, '_', '.' or '-' and not a number",
+            raise InvalidJobRequest(
+                f"stages[{i}].name {stage_name!r} must be 2-32 letters, digits, spaces, '_', '.' or '-' and not a "
+                "number",
                 code="bad_project",
             )
         lease = raw.get("lease_timeout", default_lease)
         if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not 0 < lease <= 7 * 86400:
-            raise BadRequest(
+            raise InvalidJobRequest(
                 f"stages[{i}].lease_timeout must be seconds in (0, 604800], got {lease!r}", code="bad_project"
             )
         fanout = raw.get("fanout", False)
         if not isinstance(fanout, bool):
-            raise BadRequest(f"stages[{i}].fanout must be true or false", code="bad_project")
+            raise InvalidJobRequest(f"stages[{i}].fanout must be true or false", code="bad_project")
         stages.append(Stage(stage_name, float(lease), fanout))
     if len({s.name for s in stages}) != len(stages):
-        raise BadRequest("stage names must be distinct", code="bad_project")
+        raise InvalidJobRequest("stage names must be distinct", code="bad_project")
     attempts = body.get("max_attempts", max_attempts)
     threshold = body.get("flag_threshold", flag_threshold)
     for field, value in (("max_attempts", attempts), ("flag_threshold", threshold)):
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
-            raise BadRequest(f"{field} must be an integer in 1..1000, got {value!r}", code="bad_project")
+            raise InvalidJobRequest(f"{field} must be an integer in 1..1000, got {value!r}", code="bad_project")
     return Project(name, tuple(stages), attempts, threshold, now)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import NotFound
+from ..errors import WorkerNotFound
 from .core import ACTIVE_WINDOW, StoreCore
 from .keys import U32, U64, loads
 from .model import STAGE_LETTERS
@@ -61,7 +61,7 @@ class Reports(StoreCore):
         stages: list[dict[str, Any]] = []
         expected_prev = None
         eta: float | None = 0.0
-        for i, (stage, c) in enumerate(zip(project.stages, counts)):
+        for i, (stage, c) in enumerate(zip(project.stages, counts, strict=True)):
             total = c["pending"] + c["leased"] + c["done"] + c["failed"]
             # Jobs reach stage i+1 only as stage i finishes; without fan-out we
             # know how many will come, so progress is against that.
@@ -192,7 +192,7 @@ class Reports(StoreCore):
             token = tx.get("names", tx.p + display.encode())
             worker = tx.worker(bytes(token).decode()) if token is not None else None
             if worker is None:
-                raise NotFound(f"no worker named {display!r} in project {name!r}", code="unknown_worker")
+                raise WorkerNotFound(f"no worker named {display!r} in project {name!r}")
             hours = max((worker["last_seen"] - worker["created"]) / 3600.0, 1 / 60)
             stages = {}
             for i, stage in enumerate(project.stages):

@@ -28,7 +28,7 @@ import json
 from typing import Any
 from collections.abc import Iterable
 
-from ..errors import BadRequest, GatewayRequestError, NotFound, StoreCorrupt
+from ..errors import InvalidJobRequest, JobNotFound, JobsError, StoreCorrupt
 from .core import ACTIVE_WINDOW, public_job
 from .keys import U32, U64, check_limit, dumps, lease_key, loads, parse_job_id, pkey
 from .reports import Reports
@@ -104,7 +104,7 @@ class JobStore(WorkerOps, Reports):
         with self._read(project) as tx:
             job = tx.job(job_id)
         if job is None:
-            raise NotFound(f"project {name!r} has no job {job_id}", code="unknown_job")
+            raise JobNotFound(f"project {name!r} has no job {job_id}")
         return public_job(project, job)
 
     # --- the job cycle --------------------------------------------------------------------
@@ -119,8 +119,9 @@ class JobStore(WorkerOps, Reports):
             worker = self._worker(tx, token, now)
             stage_index = worker["stage"] if stage is None else project.stage_index(stage)
             if stage_index != worker["stage"]:
-                raise BadRequest(
-                    f"worker {worker['name']} registered for stage {project.stages[worker['stage']].name!r}, not {project.stages[stage_index].name!r}",
+                raise InvalidJobRequest(
+                    f"worker {worker['name']} registered for stage {project.stages[worker['stage']].name!r}, not "
+                    f"{project.stages[stage_index].name!r}",
                     code="wrong_stage",
                 )
             if release_held:
@@ -137,10 +138,12 @@ class JobStore(WorkerOps, Reports):
         """
         project = self.project(name)
         if jobs is not None and (not isinstance(jobs, list) or len(jobs) > 10_000):
-            raise BadRequest("'jobs' must be a list of job ids", code="bad_jobs")
+            raise InvalidJobRequest("'jobs' must be a list of job ids", code="bad_jobs")
         believed = [parse_job_id(j) for j in jobs] if jobs is not None else []
         if progress is not None and (not isinstance(progress, str) or len(progress) > MAX_PROGRESS):
-            raise BadRequest(f"progress must be a string of at most {MAX_PROGRESS} characters", code="bad_progress")
+            raise InvalidJobRequest(
+                f"progress must be a string of at most {MAX_PROGRESS} characters", code="bad_progress"
+            )
         with self._write(project) as tx:
             worker = self._worker(tx, token, now)
             held, lost = {}, []
@@ -178,7 +181,9 @@ class JobStore(WorkerOps, Reports):
 
         ``items`` is ``[{"id": N, "output": ...}, ...]``; the answer has one
         entry per item, ``{"id", "status": "done" | "already_done"}`` or
-        ``{"id", "status": "error", "http_status", "code", "message"}``.
+        ``{"id", "status": "error", "kind", "code", "message"}`` where ``kind``
+        is the :class:`~ocf.errors.JobsError` category (the HTTP edge,
+        :mod:`ocf.jobs.edge`, turns it into ``http_status``).
         With ``claim`` > 0 the same transaction also leases that many new
         jobs (returned second): a worker's whole cycle in one request and one
         commit, which is what lets a tracker keep up with thousands of jobs a
@@ -186,7 +191,7 @@ class JobStore(WorkerOps, Reports):
         """
         project = self.project(name)
         if not isinstance(items, list) or len(items) > 1000 or (not items and not claim):
-            raise BadRequest("'results' must be a list of 1..1000 {id, output} objects", code="bad_results")
+            raise InvalidJobRequest("'results' must be a list of 1..1000 {id, output} objects", code="bad_results")
         if claim:
             check_limit(claim)
         out = []
@@ -195,17 +200,19 @@ class JobStore(WorkerOps, Reports):
             for item in items:
                 try:
                     if not isinstance(item, dict) or "id" not in item:
-                        raise BadRequest("each result must be an object with 'id' and 'output'", code="bad_results")
+                        raise InvalidJobRequest(
+                            "each result must be an object with 'id' and 'output'", code="bad_results"
+                        )
                     out.append(
                         self._complete_one(tx, project, worker, parse_job_id(item["id"]), item.get("output"), now)
                     )
-                except GatewayRequestError as exc:
+                except JobsError as exc:
                     ident = item.get("id") if isinstance(item, dict) else None
                     out.append(
                         {
                             "id": ident,
                             "status": "error",
-                            "http_status": exc.status,
+                            "kind": exc.kind,
                             "code": exc.code,
                             "message": exc.message,
                         }

@@ -27,7 +27,9 @@ from .writer import WriterThread
 import trio.lowlevel
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from ..config import Config
+    from ..ports import InternalServices
+    from ..store import Store
 
 log = logging.getLogger("ocf.jobs")
 
@@ -383,13 +385,16 @@ class Tracker:
         self._log_expired(expired)
         return expired
 
+    async def _forget_idle_workers(self, now: float) -> int:
+        return await self._batched(lambda store: store.forget_idle_workers(now))
+
     async def run_reaper(self) -> None:
         """Return expired leases to pending at their deadline, for as long as the node runs."""
         next_sweep = self.clock() + IDLE_SWEEP_INTERVAL
         while True:
             now = self.clock()
             if now >= next_sweep:
-                forgotten = await self._batched(lambda store: store.forget_idle_workers(now))
+                forgotten = await self._forget_idle_workers(now)
                 if forgotten:  # the committer notified waiters after that batch
                     log.info("idle workers forgotten %s", logfmt.kv(workers=forgotten))
                 next_sweep = now + IDLE_SWEEP_INTERVAL
@@ -405,11 +410,12 @@ class Tracker:
 
 
 @contextlib.asynccontextmanager
-async def open_tracker(node: Node) -> AsyncIterator[Tracker]:
-    """Host the tracker on ``node``: open its store, run its reaper, register the ``jobs`` service."""
-    config = node.config
-    store = JobStore(
-        node.store,
+async def open_tracker(
+    config: Config, store: Store, services: InternalServices | None = None
+) -> AsyncIterator[Tracker]:
+    """Host the tracker in ``store``: run its reaper and writer, register the ``jobs`` service with ``services``."""
+    jobs = JobStore(
+        store,
         max_stages=config.jobs_max_stages,
         max_attempts=config.jobs_max_attempts,
         flag_threshold=config.jobs_flag_threshold,
@@ -418,20 +424,20 @@ async def open_tracker(node: Node) -> AsyncIterator[Tracker]:
         default_lease=config.jobs_lease_timeout,
         worker_timeout=config.jobs_worker_timeout,
     )
-    tracker = Tracker(store, create_chunk=config.jobs_create_chunk)
+    tracker = Tracker(jobs, create_chunk=config.jobs_create_chunk)
     expired = tracker.expire_at_start()  # leases that ran out while the node was down
     log.info(
         "job tracker started %s",
-        logfmt.kv(projects=len(store.projects()), expired_while_down=len(expired)),
+        logfmt.kv(projects=len(jobs.projects()), expired_while_down=len(expired)),
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(tracker.run_committer)
         nursery.start_soon(tracker.run_reaper)
-        if node.services is not None:
-            node.services.register_internal("jobs", "/v1/jobs")
+        if services is not None:
+            services.register_internal("jobs", "/v1/jobs")
         try:
             yield tracker
         finally:
-            if node.services is not None:
-                node.services.unregister_internal("jobs")
+            if services is not None:
+                services.unregister_internal("jobs")
             nursery.cancel_scope.cancel()

@@ -99,10 +99,7 @@ class Tx:
         cursor = self.cursor(db)
         # Position after the last key with this prefix, then walk back.
         upper = prefix[:-1] + bytes([prefix[-1] + 1]) if prefix else None
-        if upper is not None and cursor.set_range(upper):
-            ok = cursor.prev()
-        else:
-            ok = cursor.last()
+        ok = cursor.prev() if upper is not None and cursor.set_range(upper) else cursor.last()
         n = 0
         while ok and n < limit:
             key = cursor.key()

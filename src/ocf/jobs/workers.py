@@ -10,7 +10,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from ..errors import BadRequest, NotFound
+from ..errors import InvalidJobRequest, WorkerNotFound
 from .lifecycle import LeaseMachine
 from .names import worker_name
 
@@ -28,7 +28,7 @@ class WorkerOps(LeaseMachine):
         user = nickname if user is None else user
         for field, value in (("nickname", nickname), ("user", user)):
             if not isinstance(value, str) or not value.strip() or len(value) > MAX_NICKNAME or not value.isprintable():
-                raise BadRequest(f"{field} must be 1-{MAX_NICKNAME} printable characters", code="bad_worker")
+                raise InvalidJobRequest(f"{field} must be 1-{MAX_NICKNAME} printable characters", code="bad_worker")
         token = secrets.token_urlsafe(18)
         with self._write(project) as tx:
             display = worker_name(secrets.randbits(32))
@@ -67,7 +67,7 @@ class WorkerOps(LeaseMachine):
         with self._read(project) as tx:
             try:
                 self._worker(tx, token, now)
-            except NotFound:
+            except WorkerNotFound:
                 return False
         return True
 

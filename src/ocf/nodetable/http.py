@@ -8,17 +8,34 @@ so no check is repeated here.
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 from quart import Blueprint, current_app, jsonify, request
 
 from ..errors import ValidationError
-from ..gateway.errors import error_response
+from ..ports import HttpMount, NatView, PeerDialer
+from ..web.errors import error_response
+from .metrics import NodeTableCollector
+
+if TYPE_CHECKING:
+    from .table import NodeTable
 
 blueprint = Blueprint("nodetable", __name__)
+TABLE_EXTENSION, PEERS_EXTENSION, NAT_EXTENSION = "ocf.nodetable", "ocf.peers", "ocf.nat"
 
 
-def _table():  # type: ignore[no-untyped-def]
-    return current_app.extensions["ocf.node"].table
+def nodetable_mount(table: NodeTable, peers: PeerDialer, nat: NatView | None = None) -> HttpMount:
+    """``/v1/dnt/*`` and the table's ``/metrics`` families, for the node to mount on its gateway."""
+    return HttpMount(
+        blueprints=(blueprint,),
+        extensions={TABLE_EXTENSION: table, PEERS_EXTENSION: peers, NAT_EXTENSION: nat},
+        collectors=(NodeTableCollector(table),),
+    )
+
+
+def _table() -> NodeTable:
+    table: NodeTable = current_app.extensions[TABLE_EXTENSION]
+    return table
 
 
 @blueprint.get("/v1/dnt/table")
@@ -29,13 +46,14 @@ async def table():  # type: ignore[no-untyped-def]
 
 @blueprint.get("/v1/dnt/peers")
 async def peers():  # type: ignore[no-untyped-def]
-    host = current_app.extensions["ocf.node"].host
+    host: PeerDialer = current_app.extensions[PEERS_EXTENSION]
+    nat: NatView | None = current_app.extensions[NAT_EXTENSION]
     out = [
         {
             "ID": str(p),
             "Addrs": [str(a) for a in host.peer_addrs(p)],
             # only through a circuit relay (limited in time and bytes) until hole punching upgrades it
-            "Relayed": all(c.relayed for c in host.connections(p) if c.usable),
+            "Relayed": nat.relayed(p) if nat is not None else False,
         }
         for p in host.connected_peers()
     ]
@@ -45,7 +63,7 @@ async def peers():  # type: ignore[no-untyped-def]
 @blueprint.get("/v1/dnt/peers_status")
 async def peers_status():  # type: ignore[no-untyped-def]
     entries = _table().entries(include_all=True)
-    nat = current_app.extensions["ocf.node"].nat
+    nat: NatView | None = current_app.extensions[NAT_EXTENSION]
     return jsonify(
         nat=nat.status() if nat is not None else {"reachability": "unknown"},
         peers=[
@@ -58,7 +76,7 @@ async def peers_status():  # type: ignore[no-untyped-def]
 @blueprint.get("/v1/dnt/bootstraps")
 async def bootstraps():  # type: ignore[no-untyped-def]
     out = []
-    for peer, entry in _table().entries(include_all=False).items():
+    for entry in _table().entries(include_all=False).values():
         if not entry.get("public_address"):
             continue
         for addr in entry.get("addrs") or []:

@@ -83,7 +83,7 @@ class OwnerDoc:
         return True
 
     def to_dict(self) -> dict[str, Any]:
-        """The entry's fields: a new dict on each call, whose nested values (lists, objects) are shared: read them only."""
+        """The entry's fields: a new dict on each call, but its nested values (lists, objects) are shared: read only."""
         if self._fields is None:
             self._fields = self._read()
         return dict(self._fields)

@@ -242,10 +242,8 @@ def _acquire_lock(data_dir: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         holder = ""
-        try:
+        with contextlib.suppress(OSError):
             holder = os.pread(fd, 32, 0).decode().strip()
-        except OSError:
-            pass
         os.close(fd)
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             who = f" (pid {holder})" if holder else ""

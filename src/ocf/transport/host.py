@@ -136,6 +136,12 @@ class DialTransport(Protocol):
     def connect(self, addr: Multiaddr, timeout: float) -> contextlib.AbstractAsyncContextManager[RawConn]: ...
 
 
+class CircuitTransport(DialTransport, Protocol):
+    """The circuit relay client, as the host uses it."""
+
+    def limit_reason(self, peer: PeerId) -> str | None: ...
+
+
 class Upgrader(Protocol):
     """Security and protocol negotiation; the default is libp2p's (see :class:`Libp2pUpgrader`)."""
 
@@ -178,7 +184,7 @@ class Host:
             message_timeout=config.message_timeout,
         )
         self._memory = MemoryTransport(memory_network) if memory_network is not None else None
-        self._circuit: DialTransport | None = None  # circuit relay client (ocf.transport.relay), once attached
+        self._circuit: CircuitTransport | None = None  # circuit relay client (ocf.transport.relay), once attached
         self._handlers: dict[str, StreamHandler] = {}
         self._conns: dict[PeerId, list[Connection]] = {}
         self._dials: dict[PeerId, trio.Event] = {}
@@ -208,6 +214,13 @@ class Host:
     def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
         """Serve ``protocol`` on inbound streams; the stream is closed when ``handler`` returns."""
         self._handlers[protocol] = handler
+
+    def pnet_stats(self) -> dict[str, int] | None:
+        """The private network's connection counters (``--network-key``), or None outside one."""
+        upgrader = self.upgrader
+        if isinstance(upgrader, Libp2pUpgrader) and upgrader.protector is not None:
+            return dict(upgrader.protector.stats)
+        return None
 
     def remove_stream_handler(self, protocol: str) -> None:
         self._handlers.pop(protocol, None)
@@ -309,7 +322,7 @@ class Host:
 
     # --- dialing -------------------------------------------------------------------------------
 
-    def set_circuit_transport(self, transport: DialTransport | None) -> None:
+    def set_circuit_transport(self, transport: CircuitTransport | None) -> None:
         """Dial ``/p2p-circuit`` addresses through ``transport`` (None: not at all)."""
         self._circuit = transport
 
@@ -627,6 +640,15 @@ class Host:
         """Wake :meth:`wait_changed` waiters (our own addresses changed, say)."""
         self._notify_changed()
 
+    def relay_limit(self, peer: PeerId) -> str | None:
+        """Why our relayed connection to ``peer`` just ended, if its relay cut it at its limit (else None)."""
+        return self._circuit.limit_reason(peer) if self._circuit is not None else None
+
+    def is_relayed(self, peer: PeerId) -> bool:
+        """Connected to ``peer`` only through relays (limited in time and bytes)."""
+        usable = [c for c in self._conns.get(peer, ()) if c.usable]
+        return bool(usable) and all(c.relayed for c in usable)
+
     async def wait_changed(self) -> None:
         """Return at the next change of connections or of what identify told us."""
         await self._changed.wait()
@@ -642,7 +664,7 @@ class Host:
         """Upgrade and serve an inbound connection another layer accepted (a relayed one); returns when it ends."""
         await self._on_raw_inbound(raw)
 
-    async def probe(self, addr: Multiaddr, expected: PeerId, timeout: float) -> None:
+    async def probe(self, addr: Multiaddr, expected: PeerId, timeout: float) -> None:  # noqa: ASYNC109 - one dial-back
         """Does ``expected`` answer at ``addr``? Raises :class:`TransportError` if not (AutoNAT's dial-back).
 
         A fresh connection under a throwaway identity, closed at once: from

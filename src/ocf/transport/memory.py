@@ -90,7 +90,7 @@ class MemoryTransport:
         return addr.has("memory")
 
     @contextlib.asynccontextmanager
-    async def connect(self, addr: Multiaddr, timeout: float) -> AsyncIterator[RawConn]:
+    async def connect(self, addr: Multiaddr, timeout: float) -> AsyncIterator[RawConn]:  # noqa: ASYNC109 - dial only
         async with self.network.connect(addr, self.listen_addr) as raw:
             yield raw
 

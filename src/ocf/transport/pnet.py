@@ -184,7 +184,7 @@ def _load_xor_ic() -> Callable[..., int]:
             ctypes.c_char_p,
         ]
         fn.restype = ctypes.c_int
-        return fn  # type: ignore[no-any-return]
+        return fn
     raise RuntimeError("libsodium's crypto_stream_xsalsa20_xor_ic is not available (is PyNaCl installed?)")
 
 
@@ -217,10 +217,7 @@ class XSalsa20Stream:
             return b""
         block, skip = divmod(self.position, BLOCK)
         # libsodium starts at a block boundary: pad the front of a partial block and drop it after.
-        if skip:
-            message = bytes(skip) + bytes(data)
-        else:
-            message = data if isinstance(data, bytes) else bytes(data)
+        message = bytes(skip) + bytes(data) if skip else bytes(data)  # bytes(b) is b: no copy
         out = ctypes.create_string_buffer(len(message))
         if self._fn(out, message, len(message), self._nonce, block, self._key) != 0:
             raise RuntimeError("crypto_stream_xsalsa20_xor_ic failed")
@@ -304,7 +301,7 @@ class PnetStream(trio.abc.HalfCloseableStream):
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport.wait_send_all_might_not_block()
 
-    async def _receive_raw(self, want: int) -> bytes:
+    async def _receive_raw(self, want: int) -> bytes | bytearray:
         """Next ciphertext; until the peer proved the key, its EOF or reset is a refusal."""
         try:
             data = await self.transport.receive_some(want)
@@ -323,10 +320,10 @@ class PnetStream(trio.abc.HalfCloseableStream):
             data, self._pending = self._pending[:limit], self._pending[limit:]
             return data
         while True:
-            data = await self._receive_raw(self.session.receive_wanted(limit))
-            if not data:
+            raw = await self._receive_raw(self.session.receive_wanted(limit))
+            if not raw:
                 return b""
-            plain = self.session.decrypt(data)
+            plain = self.session.decrypt(raw)
             if plain:
                 return plain
 

@@ -69,7 +69,7 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
         self._stream = stream
         self._prefix = prefix
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._prefix:
             await trio.lowlevel.checkpoint()
             if max_bytes is None or max_bytes >= len(self._prefix):
@@ -169,7 +169,7 @@ class TcpTransport:
         return is_tcp_addr(addr)
 
     @contextlib.asynccontextmanager
-    async def connect(self, addr: Multiaddr, timeout: float) -> AsyncIterator[RawConn]:
+    async def connect(self, addr: Multiaddr, timeout: float) -> AsyncIterator[RawConn]:  # noqa: ASYNC109 - dial only
         """Open a raw connection; :class:`PeerUnreachable` if it cannot be made within ``timeout``."""
         try:
             host, port = addr.host_port()

@@ -118,15 +118,15 @@ class _BudgetedWebSocket(trio_websocket.WebSocketConnection):
         self._release(self.held)
 
 
-async def _watch_partial(ws: _BudgetedWebSocket, timeout: float, cancel: trio.CancelScope) -> None:
-    """Close the connection when a message stays unfinished longer than ``timeout``."""
-    period = min(timeout / WATCH_FRACTION, WATCH_MAX_PERIOD)
+async def _watch_partial(ws: _BudgetedWebSocket, message_timeout: float, cancel: trio.CancelScope) -> None:
+    """Close the connection when a message stays unfinished longer than ``message_timeout``."""
+    period = min(message_timeout / WATCH_FRACTION, WATCH_MAX_PERIOD)
     while True:
         await trio.sleep(period)
         since = ws.partial_since
-        if since is not None and trio.current_time() - since > timeout:
+        if since is not None and trio.current_time() - since > message_timeout:
             ws._rm.note_refusal(
-                "ip", "message_timeout", "websocket message not finished in time; closing", timeout=timeout
+                "ip", "message_timeout", "websocket message not finished in time; closing", timeout=message_timeout
             )
             cancel.cancel()
             return
@@ -206,7 +206,7 @@ def _endpoint_addr(endpoint: object) -> Multiaddr | None:
 async def connect_websocket(
     host: str,
     port: int,
-    timeout: float,
+    timeout: float,  # noqa: ASYNC109 - bounds the dial only; a caller's scope would bound the connection's life
     max_message: int,
     *,
     resources: ResourceManager | None = None,

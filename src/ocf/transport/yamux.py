@@ -32,7 +32,6 @@ Why the pieces look the way they do:
 from __future__ import annotations
 
 import struct
-from typing import Union
 
 import attrs
 
@@ -133,16 +132,16 @@ class GoAwayReceived:
     code: int
 
 
-Event = Union[
-    StreamOpened,
-    StreamAccepted,
-    DataReceived,
-    StreamEnded,
-    StreamResetByPeer,
-    WindowUpdated,
-    PongReceived,
-    GoAwayReceived,
-]
+Event = (
+    StreamOpened
+    | StreamAccepted
+    | DataReceived
+    | StreamEnded
+    | StreamResetByPeer
+    | WindowUpdated
+    | PongReceived
+    | GoAwayReceived
+)
 
 
 class StreamLimitReached(ProtocolError):
@@ -395,7 +394,7 @@ class YamuxSession:
 
     # --- input ---------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> list[Event]:
+    def receive_data(self, data: bytes | bytearray) -> list[Event]:
         """Parse received bytes; returns the events they caused.
 
         Raises :class:`ProtocolError` when the peer breaks the protocol; a

@@ -61,7 +61,7 @@ async def test_an_oversized_hop_message_is_refused_before_it_is_read():
 async def test_reservations_per_ip_are_capped():
     """Over TCP every client comes from 127.0.0.1: with a cap of 2 per IP, the third is refused."""
     async with relay_and(3, RelayLimits(max_reservations_per_ip=2)) as (relay, service, clients):
-        for host, client in clients[:2]:
+        for _, client in clients[:2]:
             await client.reserve(relay.peer_id)
         with pytest.raises(RelayRefused, match="RESERVATION_REFUSED"):
             await clients[2][1].reserve(relay.peer_id)

@@ -51,16 +51,15 @@ async def trio_hosts(limits: RelayLimits | None = None, n_clients: int = 2):
 async def roundtrip(host, peer, payload: bytes) -> bytes:
     stream = await host.new_stream(peer, ECHO)
     got = bytearray()
-    async with stream:
-        async with trio.open_nursery() as nursery:
+    async with stream, trio.open_nursery() as nursery:
 
-            async def send() -> None:
-                await stream.send_all(payload)
-                await stream.send_eof()
+        async def send() -> None:
+            await stream.send_all(payload)
+            await stream.send_eof()
 
-            nursery.start_soon(send)
-            while chunk := await stream.receive_some():
-                got += chunk
+        nursery.start_soon(send)
+        while chunk := await stream.receive_some():
+            got += chunk
     return bytes(got)
 
 
@@ -175,20 +174,19 @@ async def test_a_circuit_address_without_a_relay_client_is_unreachable():
 
 async def test_relayed_connection_is_upgraded_to_direct_and_the_relayed_one_retired():
     """DCUtR's first step: the inbound side dials the dialer's direct address; the circuit is let go."""
-    async with trio_hosts() as (relay, service, [(a, ca), (b, cb)]):
-        async with open_holepunch(b) as puncher:
-            held = await cb.reserve(relay.peer_id)
-            await a.connect(held.addrs[0])
-            with trio.fail_after(10):
-                while not any(not c.relayed and c.usable for c in a.connections(b.peer_id)):
-                    await a.wait_changed()
-            # the relayed connection is told to go away and closes once idle
-            with trio.fail_after(10):
-                while any(c.relayed for c in a.connections(b.peer_id)):
-                    await a.wait_changed()
-            assert puncher.stats["unilateral"] == 1
-            assert await roundtrip(a, b.peer_id, b"direct") == b"direct"
-            assert [c.relayed for c in a.connections(b.peer_id)] == [False]
+    async with trio_hosts() as (relay, service, [(a, ca), (b, cb)]), open_holepunch(b) as puncher:
+        held = await cb.reserve(relay.peer_id)
+        await a.connect(held.addrs[0])
+        with trio.fail_after(10):
+            while not any(not c.relayed and c.usable for c in a.connections(b.peer_id)):
+                await a.wait_changed()
+        # the relayed connection is told to go away and closes once idle
+        with trio.fail_after(10):
+            while any(c.relayed for c in a.connections(b.peer_id)):
+                await a.wait_changed()
+        assert puncher.stats["unilateral"] == 1
+        assert await roundtrip(a, b.peer_id, b"direct") == b"direct"
+        assert [c.relayed for c in a.connections(b.peer_id)] == [False]
 
 
 async def test_a_silent_direct_address_does_not_keep_a_relayed_peer_away(autojump_clock):
@@ -197,7 +195,10 @@ async def test_a_silent_direct_address_does_not_keep_a_relayed_peer_away(autojum
         held = await ca.reserve(relay.peer_id)
         async with trio.open_nursery() as nursery:
             # a listener that accepts and never answers (a private address behind someone's NAT)
-            blackhole = relay._memory.network.listen("blackhole", lambda raw: trio.sleep_forever(), nursery)
+            async def silent(raw) -> None:
+                await trio.sleep_forever()
+
+            blackhole = relay._memory.network.listen("blackhole", silent, nursery)
             b.add_addrs(a.peer_id, [blackhole, held.addrs[0]])
             t0 = trio.current_time()
             assert await roundtrip(b, a.peer_id, b"hi") == b"hi"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -101,10 +103,8 @@ def test_hop_round_trip(kind, ident, addrs, expire, duration, data, status):
 @given(st.binary(max_size=200))
 def test_garbage_raises_only_protocol_error(data):
     for cls in (HopMessage, StopMessage):
-        try:
+        with contextlib.suppress(ProtocolError):
             cls.decode(data)
-        except ProtocolError:
-            pass
 
 
 def test_voucher_signed_by_the_relay():

@@ -3,9 +3,12 @@
 v1, because that is what js-libp2p's ``@libp2p/autonat`` and go-libp2p's
 default speak. The wire format is one varint-prefixed protobuf each way::
 
-    message Message { optional MessageType type = 1; optional Dial dial = 2; optional DialResponse dialResponse = 3; }
-    message Dial { optional PeerInfo peer = 1; }            message PeerInfo { optional bytes id = 1; repeated bytes addrs = 2; }
-    message DialResponse { optional ResponseStatus status = 1; optional string statusText = 2; optional bytes addr = 3; }
+    message Message { optional MessageType type = 1; optional Dial dial = 2;
+                      optional DialResponse dialResponse = 3; }
+    message Dial { optional PeerInfo peer = 1; }
+    message PeerInfo { optional bytes id = 1; repeated bytes addrs = 2; }
+    message DialResponse { optional ResponseStatus status = 1; optional string statusText = 2;
+                           optional bytes addr = 3; }
 
 As a server we are a tool for whoever asks, so (the spec's rules and go-libp2p's limits):
 

@@ -189,7 +189,7 @@ class RelayClient:
     # --- dialing through a relay (the host's transport for /p2p-circuit) ---------------------
 
     @contextlib.asynccontextmanager
-    async def connect(self, addr: Multiaddr, timeout: float) -> AsyncIterator[RawConn]:
+    async def connect(self, addr: Multiaddr, timeout: float) -> AsyncIterator[RawConn]:  # noqa: ASYNC109 - dial only
         relay_part, relay, target = split_circuit(addr)
         if target is None:
             raise PeerUnreachable(f"{addr}: which peer? a relay address to dial ends in /p2p-circuit/p2p/<id>")

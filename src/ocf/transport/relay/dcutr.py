@@ -116,7 +116,7 @@ class PunchTransport:
             self._first = None
 
     @contextlib.asynccontextmanager
-    async def connect(self, addr: Multiaddr, timeout: float) -> AsyncIterator[RawConn]:
+    async def connect(self, addr: Multiaddr, timeout: float) -> AsyncIterator[RawConn]:  # noqa: ASYNC109 - dial only
         host, port = addr.host_port()
         sock = self._first if self._first is not None else await _reuse_socket(self.family, self.port)
         self._first = None

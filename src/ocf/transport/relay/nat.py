@@ -59,6 +59,9 @@ class Nat:
             self.reachability = value
             self._wake.set()
 
+    def relayed(self, peer: PeerId) -> bool:
+        return self.host.is_relayed(peer)
+
     def status(self) -> dict[str, object]:
         """For ``/v1/health`` and ``/v1/dnt/peers_status``."""
         out: dict[str, object] = {
@@ -118,7 +121,7 @@ class Nat:
                         await self.host.wait_changed()
                         cancel.cancel()
 
-                    async def woken(cancel: trio.CancelScope = waiter.cancel_scope) -> None:
+                    async def woken(cancel: trio.CancelScope = waiter.cancel_scope, wake: trio.Event = wake) -> None:
                         await wake.wait()
                         cancel.cancel()
 

@@ -1,10 +1,11 @@
-"""The client's side of one forwarded request, over raw ASGI.
+"""The client's side of a raw ASGI request: its body in, the response out.
 
 :class:`RequestBody` reads the body from ASGI ``receive`` only as fast as
 the upstream takes it (or buffers a small one so it can be replayed to a
 second provider); :class:`Responder` wraps ASGI ``send`` and relays an
-upstream response chunk by chunk. The forwarder and the tracker's hot routes
-share them, which is why they live apart from either.
+upstream response chunk by chunk. The gateway's forwarder and the tracker's
+hot routes share them, which is why they live below both: the tracker must
+not import the gateway to answer a request.
 """
 
 from __future__ import annotations
@@ -19,10 +20,15 @@ from ..httpstream.client import Response
 
 Send = Callable[[dict], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict]]
+ASGIApp = Callable[[dict, Receive, Send], Awaitable[None]]
 
 
 class ClientGone(Exception):
-    """The HTTP client disconnected; nothing more to send anyone."""
+    """The HTTP client disconnected; nothing more to send anyone.
+
+    Raised by :class:`RequestBody` when ``receive`` says ``http.disconnect``;
+    a route catches it to stop quietly (there is nobody to answer).
+    """
 
 
 class RequestBody:
@@ -104,8 +110,8 @@ class RequestBody:
 class Responder:
     """Wraps ASGI ``send``: remembers the status and whether the head went out, adds ``extra`` headers.
 
-    ``extra`` (CORS) comes from :class:`ocf.gateway.asgi.GatewayASGI`,
-    which leaves adding it to us rather than wrapping ``send`` once more.
+    ``extra`` (CORS) comes from the gateway's ASGI layer, which leaves
+    adding it to us rather than wrapping ``send`` once more.
     """
 
     def __init__(self, send: Send, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
