@@ -34,3 +34,16 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     echo "setup-external: PostgreSQL (initdb) not found and cannot apt-get install it; the tracker's PostgreSQL tests will fail" >&2
   fi
 fi
+
+# iproute2 and nftables: the NAT lab (tests/integration/natlab.py) builds network namespaces,
+# veth pairs and masquerading NATs with them. Without them (or without root) that test fails
+# and says why; it is never skipped.
+if ! command -v ip >/dev/null 2>&1 || ! command -v nft >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup-external: installing iproute2 and nftables (apt-get)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 nftables >/dev/null
+  else
+    echo "setup-external: ip/nft not found and cannot apt-get install them; the NAT lab test will fail" >&2
+  fi
+fi

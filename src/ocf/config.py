@@ -33,6 +33,7 @@ MODES = ("standalone", "local", "node")
 DHT_MODES = ("client", "server", "auto")
 DEFAULT_UDP_PORT = 59820
 QUIC_RETRY_MODES = ("auto", "always", "never")
+REACHABILITY = ("auto", "public", "private")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -74,6 +75,15 @@ class Config:
     dial_timeout: float = 10.0
     max_message_size: int = 1 << 20
     network_key: NetworkKey | None = None
+
+    # --- transport: NAT traversal (circuit relay v2, AutoNAT, DCUtR) -------------------
+    relay: bool = False
+    reachability: str = "auto"
+    max_relays: int = 2
+    relay_max_reservations: int = 128
+    relay_max_circuits: int = 16
+    relay_circuit_duration: int = 120
+    relay_circuit_data: int = 1 << 17
 
     # --- transport: dial policy -----------------------------------------------------
     dial_allow: tuple[str, ...] = ()
@@ -484,6 +494,67 @@ SETTINGS: tuple[Setting, ...] = (
         "Seconds to wait when dialing a peer (default: 10).",
         group="transport",
         metavar="SECONDS",
+    ),
+    Setting(
+        "relay",
+        "relay",
+        _bool,
+        "Serve circuit relay v2 (/libp2p/circuit/relay/0.2.0/hop) so that peers behind NAT can be reached through "
+        "this node; use on publicly reachable nodes (default: false).",
+        is_switch=True,
+        group="transport",
+    ),
+    Setting(
+        "reachability",
+        "reachability",
+        _choice(REACHABILITY),
+        "Whether peers can dial this node: 'auto' asks peers to dial back (AutoNAT), 'public' or 'private' skip "
+        "asking; a private node reserves slots on relays and publishes /p2p-circuit addresses (default: auto).",
+        group="transport",
+        metavar="{auto,public,private}",
+    ),
+    Setting(
+        "max-relays",
+        "max_relays",
+        _int_range(0, 16),
+        "Relays a private node keeps a reservation on (default: 2; 0 reserves on none).",
+        group="transport",
+        metavar="N",
+    ),
+    Setting(
+        "relay-max-reservations",
+        "relay_max_reservations",
+        _int_range(1, 1_000_000),
+        "With --relay: peers that may hold a reservation at once, 8 per IP address at most "
+        "(default: 128, as go-libp2p).",
+        group="transport",
+        metavar="N",
+    ),
+    Setting(
+        "relay-max-circuits",
+        "relay_max_circuits",
+        _int_range(1, 100_000),
+        "With --relay: relayed connections per peer at once, as source or target (default: 16, as go-libp2p).",
+        group="transport",
+        metavar="N",
+    ),
+    Setting(
+        "relay-circuit-duration",
+        "relay_circuit_duration",
+        _int_range(0, 86_400),
+        "With --relay: seconds a relayed connection may stay open, then both ends are reset; 0 is no limit "
+        "(default: 120, as go-libp2p).",
+        group="transport",
+        metavar="SECONDS",
+    ),
+    Setting(
+        "relay-circuit-data",
+        "relay_circuit_data",
+        _size,
+        "With --relay: bytes a relayed connection may carry in each direction, then both ends are reset "
+        "(default: 128K, as go-libp2p).",
+        group="transport",
+        metavar="BYTES",
     ),
     Setting(
         "dial-allow",

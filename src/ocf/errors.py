@@ -463,3 +463,20 @@ class ServiceRegistrationError(OcfError):
 
 class ValidationError(OcfError):
     """Input (an HTTP body, a node table record from a peer) is malformed or not allowed."""
+
+
+class RelayRefused(PeerUnreachable):
+    """A circuit relay refused a reservation or a relayed connection, with the relay's status as the reason.
+
+    A subclass of :class:`PeerUnreachable` so that dialing code treats it as
+    one more unreachable address; the gateway tells it apart to answer 503
+    with the relay's reason (the peer is there, the relay's limits are not).
+    """
+
+    def __init__(self, message: str, *, status: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class RelayLimitReached(StreamReset):
+    """A relayed connection ended because the relay's time or data limit for it ran out."""

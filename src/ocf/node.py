@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from .transport import MemoryNetwork
     from .transport.bootstrap import Bootstrapper
     from .transport.host import Host
+    from .transport.relay.nat import Nat
 
 log = logging.getLogger("ocf.node")
 
@@ -64,6 +65,7 @@ class Node:
     started_at: float  # wall clock
     _started_monotonic: float = attrs.field(alias="started_monotonic")
     version: str = __version__
+    nat: Nat | None = None
 
     @property
     def peer_id(self) -> PeerId:
@@ -124,6 +126,8 @@ async def open_node(config: Config, memory_network: MemoryNetwork | None = None)
     from .transport import open_host
     from .transport.bootstrap import open_bootstrap
     from .transport.metrics import TransportCollector
+    from .transport.relay.metrics import NatCollector
+    from .transport.relay.nat import open_nat
 
     t0 = time.monotonic()
     started_at = time.time()
@@ -138,6 +142,10 @@ async def open_node(config: Config, memory_network: MemoryNetwork | None = None)
             bootstrap = await stack.enter_async_context(open_bootstrap(host, config))
             dht = await stack.enter_async_context(open_dht(host, config))
             table = await stack.enter_async_context(open_nodetable(host, config, identity, store, __version__))
+            # NAT traversal: relay client, --relay, AutoNAT, hole punching; circuit addresses go in the table
+            nat = await stack.enter_async_context(
+                open_nat(host, config, on_addrs=lambda: table.set_addrs(host.listen_addrs))
+            )
             services = await stack.enter_async_context(open_registrar(config.services, table))
             jobs = None
             if config.jobs:
@@ -149,11 +157,12 @@ async def open_node(config: Config, memory_network: MemoryNetwork | None = None)
                     "version": __version__,
                     "mode": config.mode,
                     "uptime": round(time.monotonic() - t0, 3),
+                    "reachability": nat.reachability,
                 }
 
             mounts = (
-                HttpMount(collectors=(TransportCollector(host), DhtCollector(dht))),
-                nodetable_mount(table, host),
+                HttpMount(collectors=(TransportCollector(host), DhtCollector(dht), NatCollector(nat))),
+                nodetable_mount(table, host, nat),
                 jobs_mount(jobs, max_body_size=config.max_body_size, request_timeout=config.request_timeout),
             )
             parts = GatewayParts(config, peer_id, health, host, table, services, mounts)
@@ -172,6 +181,7 @@ async def open_node(config: Config, memory_network: MemoryNetwork | None = None)
                 gateway,
                 started_at,
                 started_monotonic=t0,
+                nat=nat,
             )
             log.info(
                 "node started %s",

@@ -117,6 +117,16 @@ class PeerDialer(Protocol):
 
     def remove_stream_handler(self, protocol: str) -> None: ...
 
+    def relay_limit(self, peer: PeerId) -> str | None: ...
+
+
+class NatView(Protocol):
+    """What ``/v1/dnt/*`` shows of NAT traversal (``ocf.transport.relay.nat.Nat``)."""
+
+    def status(self) -> dict[str, object]: ...
+
+    def relayed(self, peer: PeerId) -> bool: ...
+
 
 # --- what a subsystem mounts on the gateway --------------------------------------------------------
 

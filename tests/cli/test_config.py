@@ -101,3 +101,12 @@ def test_every_setting_has_help_and_env_name():
     for s in SETTINGS:
         assert s.help.endswith(".") or s.help.endswith(")"), s.flag
         assert s.env.startswith("OCF_") and s.env.isupper()
+
+
+def test_nat_traversal_settings():
+    cfg = load({"relay": True, "reachability": "Private", "relay-circuit-data": "64K"}, env={"OCF_MAX_RELAYS": "3"})
+    assert (cfg.relay, cfg.reachability, cfg.relay_circuit_data, cfg.max_relays) == (True, "private", 64 << 10, 3)
+    defaults = load({}, env={})
+    assert (defaults.relay, defaults.reachability, defaults.relay_circuit_duration) == (False, "auto", 120)
+    with pytest.raises(ConfigError, match="reachability"):
+        load({"reachability": "maybe"}, env={})

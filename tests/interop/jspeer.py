@@ -5,8 +5,8 @@ The peer speaks newline-delimited JSON on stdin/stdout: it prints one
 ``{"id", "cmd", ...}`` request with ``{"id", "ok", ...}``. Commands: ping,
 identify, echo (streams N bytes over ``/ocf/echo/1.0.0`` and checks them),
 dial, dhtFindPeer, dhtTable, peerStoreAddrs (with a DHT), streams (M concurrent echo streams on one
-connection), peers, stop. It listens on TCP, WebSocket and (outside a private network) QUIC. It also serves
-``/ocf/echo/1.0.0`` itself.
+connection), peers, addrs, connections, stop. It listens on TCP, WebSocket and (outside a private network)
+QUIC. It also serves ``/ocf/echo/1.0.0`` itself.
 
 ``npm ci`` installs the pinned packages (package-lock.json) on first use, or
 ``tests/setup-external.sh`` does it before the suite. ``@chainsafe/libp2p-quic``
@@ -88,15 +88,22 @@ class JsPeer:
 
 @contextlib.asynccontextmanager
 async def open_js_peer(
-    swarm_key_file: Path | None = None, *, dht: str | None = None, dht_protocol: str | None = None
+    swarm_key_file: Path | None = None,
+    *,
+    dht: str | None = None,
+    dht_protocol: str | None = None,
+    relay: bool = False,
+    relay_listen: str | None = None,
 ) -> AsyncIterator[JsPeer]:
     """A running js peer; with ``swarm_key_file`` it runs in that private network (@libp2p/pnet).
 
     ``dht`` ("server" or "client") runs @libp2p/kad-dht on ``dht_protocol`` (default /ipfs/kad/1.0.0).
+    ``relay=True`` makes it a circuit relay v2 server; ``relay_listen`` (a
+    ``…/p2p-circuit`` address) makes it reserve on that relay and listen there.
     """
     ensure_installed()
     env = dict(os.environ)
-    for name in ("OCF_JS_SWARM_KEY_FILE", "OCF_JS_DHT", "OCF_JS_DHT_PROTOCOL"):
+    for name in ("OCF_JS_SWARM_KEY_FILE", "OCF_JS_DHT", "OCF_JS_DHT_PROTOCOL", "OCF_JS_RELAY", "OCF_JS_RELAY_LISTEN"):
         env.pop(name, None)
     if swarm_key_file is not None:
         env["OCF_JS_SWARM_KEY_FILE"] = str(swarm_key_file)
@@ -104,6 +111,10 @@ async def open_js_peer(
         env["OCF_JS_DHT"] = dht
         if dht_protocol is not None:
             env["OCF_JS_DHT_PROTOCOL"] = dht_protocol
+    if relay:
+        env["OCF_JS_RELAY"] = "1"
+    if relay_listen is not None:
+        env["OCF_JS_RELAY_LISTEN"] = relay_listen
     process = await trio.lowlevel.open_process(
         ["node", str(HERE / "peer.mjs")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=HERE, env=env
     )

@@ -22,6 +22,9 @@ const { tcp } = await import('@libp2p/tcp')
 const { webSockets } = await import('@libp2p/websockets')
 const { ping } = await import('@libp2p/ping')
 const { identify } = await import('@libp2p/identify')
+const { circuitRelayServer, circuitRelayTransport } = await import('@libp2p/circuit-relay-v2')
+const { dcutr } = await import('@libp2p/dcutr')
+const { autoNAT } = await import('@libp2p/autonat')
 const { multiaddr } = await import('@multiformats/multiaddr')
 const { createHash } = await import('node:crypto')
 const readline = await import('node:readline')
@@ -62,13 +65,27 @@ if (!swarmKeyFile) {
   transports.push(quic())
 }
 
+// OCF_JS_RELAY=1: also serve circuit relay v2 (hop), with js-libp2p's default limits.
+// OCF_JS_RELAY_LISTEN=<relay addr>/p2p-circuit: reserve on that relay and listen through it.
+// Every peer can dial /p2p-circuit addresses and runs DCUtR and AutoNAT (v1).
+const relayServer = process.env.OCF_JS_RELAY === '1' ? { relay: circuitRelayServer() } : {}
+if (process.env.OCF_JS_RELAY_LISTEN) listen.push(process.env.OCF_JS_RELAY_LISTEN)
+transports.push(circuitRelayTransport())
+
 const node = await createLibp2p({
   ...privateNetwork,
   addresses: { listen },
   transports,
   connectionEncrypters: [noise()],
   streamMuxers: [yamux()],
-  services: { ping: ping(), identify: identify(), ...dhtServices },
+  services: {
+    ping: ping(),
+    identify: identify(),
+    dcutr: dcutr(),
+    autonat: autoNAT(),
+    ...relayServer,
+    ...dhtServices
+  },
   connectionGater: { denyDialMultiaddr: async () => false }
 })
 
@@ -83,7 +100,7 @@ await node.handle(ECHO, async (stream) => {
   } catch (err) {
     process.stderr.write(`echo handler: ${err}\n`)
   }
-}, { maxInboundStreams: 256 })
+}, { maxInboundStreams: 256, runOnLimitedConnection: true })
 
 const out = (obj) => process.stdout.write(JSON.stringify(obj) + '\n')
 
@@ -115,7 +132,7 @@ const commands = {
   async echo ({ addr, bytes }) {
     const data = pattern(bytes)
     const started = performance.now()
-    const stream = await node.dialProtocol(multiaddr(addr), ECHO)
+    const stream = await node.dialProtocol(multiaddr(addr), ECHO, { runOnLimitedConnection: true })
     const received = []
     let total = 0
     const reading = (async () => {
@@ -190,6 +207,16 @@ const commands = {
   },
   async peers () {
     return { peers: node.getPeers().map(String) }
+  },
+  async addrs () {
+    return { addrs: node.getMultiaddrs().map(String) }
+  },
+  async connections ({ peer }) {
+    return {
+      connections: node.getConnections().filter(c => !peer || c.remotePeer.toString() === peer).map(c => ({
+        peer: c.remotePeer.toString(), addr: String(c.remoteAddr), limited: c.limits != null, direction: c.direction
+      }))
+    }
   },
   async stop () {
     await node.stop()

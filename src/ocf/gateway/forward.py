@@ -65,7 +65,7 @@ from .exchange import (
     peer_stream_pool,
 )
 from .models import serve_models
-from .providers import LIBP2P_HTTP, ConnectFailed, Providers, UnknownPeer, short
+from .providers import LIBP2P_HTTP, ConnectFailed, Providers, RelayLimited, UnknownPeer, short
 from .router import OWN_SERVICE, P2P
 
 if TYPE_CHECKING:
@@ -267,11 +267,25 @@ class Forwarder:
                 raise NotFound(
                     f"peer {peer_text} is not connected and not in the node table", code="peer_not_found"
                 ) from None
+            except RelayLimited as exc:
+                # The peer is there; the relay in the way said no (its limits, or no reservation).
+                raise NoProviderAvailable(
+                    f"peer {peer_text} is reachable only through a relay, which refused: {exc.status}",
+                    retry_after=5,
+                    code="relay_refused",
+                ) from None
             except ConnectFailed:
                 # Never what its addresses answered: they are the peer's choice, and the
                 # answer would make this node a port scanner for whoever asks.
                 raise ProviderFailed(f"peer {peer_text} is unreachable", code="peer_unreachable") from None
             except UpstreamError as exc:
+                cut = None if exc.response_started else self.providers.relay_limit(peer_text)
+                if cut is not None:
+                    raise NoProviderAvailable(
+                        f"peer {peer_text} is reachable only through a relay, which ended the connection at {cut}",
+                        retry_after=5,
+                        code="relay_limit",
+                    ) from None
                 raise ProviderFailed(f"peer {peer_text} failed: {exc}", code="peer_failed") from None
             finally:
                 self.metrics.leave(peer_text)
@@ -338,6 +352,7 @@ class Forwarder:
         """
         tried: set[str] = set()
         reasons: list[str] = []
+        relay_refusals: list[str] = []  # a relay's status: one of a fixed set, fit to show
         reached = False
         limit = self.config.max_forwards_per_peer
         providers = self.providers
@@ -360,6 +375,9 @@ class Forwarder:
                 await self._forward_one(call, body, provider, name, rest)
                 providers.mark_up(provider.peer)
                 return
+            except RelayLimited as exc:
+                relay_refusals.append(exc.status)
+                reasons.append(f"{short(provider.peer)}: {exc}")
             except ConnectFailed as exc:
                 reasons.append(f"{short(provider.peer)}: {exc}")
             except _RetryableAnswer as exc:  # the provider's backend is down: it did nothing with the request
@@ -367,7 +385,11 @@ class Forwarder:
             except UpstreamError as exc:
                 if exc.response_started:
                     raise ProviderFailed(f"provider {provider.peer} failed mid-response: {exc}") from None
-                reached = True
+                cut = providers.relay_limit(provider.peer)
+                if cut is not None:  # the relay cut it: the provider did not fail, the path did
+                    relay_refusals.append(f"ended the connection at {cut}")
+                else:
+                    reached = True
                 reasons.append(f"{short(provider.peer)}: {exc}")
             providers.mark_down(provider.peer)
             self.metrics.count_forward("service", "retry" if attempt == 0 else "failed")
@@ -384,6 +406,13 @@ class Forwarder:
         which = f" (tried {', '.join(short(p) for p in sorted(tried))})" if tried else ""
         if reached:
             raise ProviderFailed(f"provider(s) of '{name}' failed before answering{which}", code="provider_failed")
+        if relay_refusals:
+            raise NoProviderAvailable(
+                f"provider(s) of '{name}' are reachable only through a relay, which said: "
+                f"{', '.join(sorted(set(relay_refusals)))}{which}",
+                retry_after=5,
+                code="relay_refused",
+            )
         raise NoProviderAvailable(
             f"{len(candidates)} provider(s) of '{name}' match this request but none is reachable and healthy right "
             f"now{which}",

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from .. import log as logfmt
-from ..errors import BadRequest, IdentityError, TransportError, transport_errors_unwrapped
+from ..errors import BadRequest, IdentityError, RelayRefused, TransportError, transport_errors_unwrapped
 from . import routing
 
 if TYPE_CHECKING:
@@ -34,6 +34,14 @@ ENTRIES_TTL = 0.5  # seconds a node table snapshot is reused while the table's v
 
 class ConnectFailed(Exception):
     """No exchange could be started with a provider (nothing reached it)."""
+
+
+class RelayLimited(ConnectFailed):
+    """The peer is reachable only through a relay, and the relay refused (its limits, or no reservation)."""
+
+    def __init__(self, message: str, status: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class UnknownPeer(ConnectFailed):
@@ -152,6 +160,15 @@ class Providers:
             self._peer_ids[text] = peer
         return peer
 
+    def relay_limit(self, peer_text: str) -> str | None:
+        """Why our relayed connection to the peer just ended, if its relay cut it at its limit."""
+        if self.host is None:
+            return None
+        try:
+            return self.host.relay_limit(self.peer_id(peer_text))
+        except BadRequest:
+            return None
+
     async def open_stream(self, peer_text: str) -> MuxedStream:
         """A new ``/libp2p-http`` stream to ``peer_text``, dialling its table addresses if not connected."""
         host = self.host
@@ -175,6 +192,8 @@ class Providers:
                 return await host.new_stream(peer, LIBP2P_HTTP)
         except trio.TooSlowError:
             raise ConnectFailed(f"opening a stream timed out after {self.config.dial_timeout:g} s") from None
+        except RelayRefused as exc:
+            raise RelayLimited(str(exc), exc.status) from None
         except TransportError as exc:
             log.debug("cannot open a stream %s", logfmt.kv(peer=peer.short(), reason=exc))
             raise ConnectFailed(str(exc) or type(exc).__name__) from None

@@ -138,12 +138,24 @@ class Multiaddr:
 
     @property
     def peer_id(self) -> PeerId | None:
-        """The ``/p2p/<id>`` component, if any."""
-        value = self.value_for("p2p")
+        """The ``/p2p/<id>`` of the peer this address reaches, if any.
+
+        In a relay address (``…/p2p/<relay>/p2p-circuit/p2p/<peer>``) that is
+        the one after ``/p2p-circuit``, not the relay's.
+        """
+        value = None
+        for name, v in self.parts:
+            if name == "p2p":
+                value = v
+            elif name == "p2p-circuit":
+                value = None
         return PeerId.from_string(value) if value else None
 
     def without_p2p(self) -> Multiaddr:
-        return Multiaddr(tuple(p for p in self.parts if p[0] != "p2p"))
+        """Without the trailing ``/p2p/<id>`` (a relay address keeps its relay's)."""
+        if self.parts and self.parts[-1][0] == "p2p":
+            return Multiaddr(self.parts[:-1])
+        return self
 
     def with_p2p(self, peer: PeerId) -> Multiaddr:
         return Multiaddr(self.without_p2p().parts + (("p2p", peer.to_string()),))

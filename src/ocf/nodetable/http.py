@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from quart import Blueprint, current_app, jsonify, request
 
 from ..errors import ValidationError
-from ..ports import HttpMount, PeerDialer
+from ..ports import HttpMount, NatView, PeerDialer
 from ..web.errors import error_response
 from .metrics import NodeTableCollector
 
@@ -21,14 +21,14 @@ if TYPE_CHECKING:
     from .table import NodeTable
 
 blueprint = Blueprint("nodetable", __name__)
-TABLE_EXTENSION, PEERS_EXTENSION = "ocf.nodetable", "ocf.peers"
+TABLE_EXTENSION, PEERS_EXTENSION, NAT_EXTENSION = "ocf.nodetable", "ocf.peers", "ocf.nat"
 
 
-def nodetable_mount(table: NodeTable, peers: PeerDialer) -> HttpMount:
+def nodetable_mount(table: NodeTable, peers: PeerDialer, nat: NatView | None = None) -> HttpMount:
     """``/v1/dnt/*`` and the table's ``/metrics`` families, for the node to mount on its gateway."""
     return HttpMount(
         blueprints=(blueprint,),
-        extensions={TABLE_EXTENSION: table, PEERS_EXTENSION: peers},
+        extensions={TABLE_EXTENSION: table, PEERS_EXTENSION: peers, NAT_EXTENSION: nat},
         collectors=(NodeTableCollector(table),),
     )
 
@@ -47,18 +47,29 @@ async def table():  # type: ignore[no-untyped-def]
 @blueprint.get("/v1/dnt/peers")
 async def peers():  # type: ignore[no-untyped-def]
     host: PeerDialer = current_app.extensions[PEERS_EXTENSION]
-    out = [{"ID": str(p), "Addrs": [str(a) for a in host.peer_addrs(p)]} for p in host.connected_peers()]
+    nat: NatView | None = current_app.extensions[NAT_EXTENSION]
+    out = [
+        {
+            "ID": str(p),
+            "Addrs": [str(a) for a in host.peer_addrs(p)],
+            # only through a circuit relay (limited in time and bytes) until hole punching upgrades it
+            "Relayed": nat.relayed(p) if nat is not None else False,
+        }
+        for p in host.connected_peers()
+    ]
     return jsonify(peers=out)
 
 
 @blueprint.get("/v1/dnt/peers_status")
 async def peers_status():  # type: ignore[no-untyped-def]
     entries = _table().entries(include_all=True)
+    nat: NatView | None = current_app.extensions[NAT_EXTENSION]
     return jsonify(
+        nat=nat.status() if nat is not None else {"reachability": "unknown"},
         peers=[
             {"id": peer, "status": e.get("status"), "connected": e["connected"], "last_seen": e["last_seen"]}
             for peer, e in entries.items()
-        ]
+        ],
     )
 
 

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING, Any
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import trio
 
@@ -134,6 +134,10 @@ class NodeTable:
     async def update_own(self, fields: dict[str, Any]) -> dict[str, Any]:
         self._write_own(validate_update(fields))
         return self.own_entry()
+
+    def set_addrs(self, addrs: Sequence[object]) -> None:
+        """Publish where we can be reached now (e.g. a relay reservation added ``/p2p-circuit`` ones)."""
+        self._write_own({"addrs": [str(a) for a in addrs]})
 
     async def set_services(self, services: list[dict[str, Any]]) -> None:
         self._write_own({"service": list(services)})

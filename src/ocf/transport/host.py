@@ -63,6 +63,7 @@ from ..errors import (
     PeerUnreachable,
     PrivateNetworkRefused,
     ProtocolNotSupported,
+    RelayRefused,
     TransportError,
     transport_failure,
     transport_errors_unwrapped,
@@ -91,6 +92,7 @@ SHUTDOWN_GRACE = 2.0
 PEER_LOG_BURST = 20  # connect/disconnect lines per refusal-log interval
 QUIC_FAILURE_MEMORY = 600.0  # seconds a failed QUIC dial puts TCP first for that peer
 MAX_QUIC_FAILURES = 4096  # peers remembered that way (oldest forgotten first)
+DIRECT_BUDGET_WITH_RELAY = 2.0  # seconds for each direct address of a peer that also has relay addresses
 
 
 @attrs.frozen
@@ -120,6 +122,11 @@ class Connection:
         """Open and accepting new streams."""
         return self.muxed.is_open and not self.muxed.going_away
 
+    @property
+    def relayed(self) -> bool:
+        """Carried by a circuit relay: limited in time and bytes, so a direct connection is preferred."""
+        return self.transport == "relay"
+
 
 @attrs.define
 class PeerInfo:
@@ -129,6 +136,18 @@ class PeerInfo:
     agent_version: str = ""
     protocol_version: str = ""
     observed_addr: Multiaddr | None = None
+
+
+class DialTransport(Protocol):
+    """A transport that only dials (the circuit relay client): ``connect`` yields a :class:`RawConn`."""
+
+    def connect(self, addr: Multiaddr, timeout: float) -> contextlib.AbstractAsyncContextManager[RawConn]: ...
+
+
+class CircuitTransport(DialTransport, Protocol):
+    """The circuit relay client, as the host uses it."""
+
+    def limit_reason(self, peer: PeerId) -> str | None: ...
 
 
 class Upgrader(Protocol):
@@ -181,6 +200,7 @@ class Host:
             if config.quic and config.network_key is None
             else None
         )
+        self._circuit: CircuitTransport | None = None  # circuit relay client (ocf.transport.relay), once attached
         self._handlers: dict[str, StreamHandler] = {}
         self._conns: dict[PeerId, list[Connection]] = {}
         self._dials: dict[PeerId, trio.Event] = {}
@@ -330,7 +350,20 @@ class Host:
 
     # --- dialing -------------------------------------------------------------------------------
 
+    def set_circuit_transport(self, transport: CircuitTransport | None) -> None:
+        """Dial ``/p2p-circuit`` addresses through ``transport`` (None: not at all)."""
+        self._circuit = transport
+
+    def transport_for(self, addr: Multiaddr) -> DialTransport:
+        """The transport that dials ``addr``; :class:`PeerUnreachable` if none does."""
+        transport: DialTransport = self._transport_for(addr)
+        return transport
+
     def _transport_for(self, addr: Multiaddr) -> Any:
+        if addr.has("p2p-circuit"):
+            if self._circuit is None:
+                raise PeerUnreachable(f"{addr}: this host has no circuit relay client")
+            return self._circuit
         if addr.has("memory"):
             if self._memory is None:
                 raise PeerUnreachable(f"{addr}: this host has no in-memory network")
@@ -353,10 +386,13 @@ class Host:
         return True
 
     def _usable(self, peer: PeerId) -> Connection | None:
+        relayed = None
         for conn in self._conns.get(peer, ()):
             if conn.usable:
-                return conn
-        return None
+                if not conn.relayed:
+                    return conn
+                relayed = relayed or conn
+        return relayed
 
     async def connect(self, addr: Multiaddr | str, *, learned: bool = False) -> PeerId:
         """Connect to the peer at ``addr`` (reusing an existing connection); returns its peer ID.
@@ -424,12 +460,34 @@ class Host:
             log.error("dial crashed %s", logfmt.kv(addr=addr, exc=repr(exc)), exc_info=True)
             raise PeerUnreachable(f"dial {addr} failed ({type(exc).__name__})") from exc
 
+    async def connect_via(self, transport: DialTransport, addr: Multiaddr) -> PeerId:
+        """Dial ``addr`` (with ``/p2p``) through ``transport`` as an outbound connection of this host.
+
+        For a hole punch, whose socket is bound to the port the peer expects;
+        the connection then lives like any other (tie-break, limits, identify).
+        """
+        if self._nursery is None or self._closing:
+            raise TransportError("host is not running")
+        try:
+            with transport_errors_unwrapped():
+                conn: Connection = await self._nursery.start(self._run_outbound, addr, False, transport)
+        except TransportError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - as in _dial: never untyped
+            raise PeerUnreachable(f"dial {addr} failed ({type(exc).__name__})") from exc
+        return conn.peer
+
     async def _run_outbound(
-        self, addr: Multiaddr, operator: bool, *, task_status: Any = trio.TASK_STATUS_IGNORED
+        self,
+        addr: Multiaddr,
+        operator: bool,
+        transport: DialTransport | None = None,
+        *,
+        task_status: Any = trio.TASK_STATUS_IGNORED,
     ) -> None:
         status = _StartedOnce(task_status)
         try:
-            await self._outbound(addr, operator, status)
+            await self._outbound(addr, operator, status, transport)
         except Exception as exc:
             if not status.done:
                 raise  # the dialer gets it (see _dial)
@@ -442,11 +500,13 @@ class Host:
                 exc_info=failure is None,
             )
 
-    async def _outbound(self, addr: Multiaddr, operator: bool, task_status: _StartedOnce) -> None:
+    async def _outbound(
+        self, addr: Multiaddr, operator: bool, task_status: _StartedOnce, via: DialTransport | None = None
+    ) -> None:
         usage = self.resources.system.usage
         if usage["conns_inbound"] + usage["conns_outbound"] + usage["handshakes"] >= self.config.max_connections:
             raise TransportError(f"connection limit reached ({self.config.max_connections})")
-        transport = self._transport_for(addr)
+        transport = via if via is not None else self._transport_for(addr)
         if transport is self._quic:
             await self._outbound_quic(addr, operator, task_status)
             return
@@ -644,11 +704,18 @@ class Host:
         # (both sides compute the same). Between connections of the same
         # initiator: the newest, because a peer only redials when it no longer
         # trusts the old one (e.g. it restarted).
+        # A direct connection beats a relayed one whoever dialed it (hole punching's point).
+        usable = [c for c in usable if not c.relayed] or usable
+        if len(usable) < 2:
+            self._retire_others(peer, usable[0])
+            return
         preferred = min(self.peer_id, peer)
         candidates = [c for c in usable if c.initiator == preferred] or usable
-        winner = candidates[-1]
-        for conn in usable:
-            if conn is not winner:
+        self._retire_others(peer, candidates[-1])
+
+    def _retire_others(self, peer: PeerId, winner: Connection) -> None:
+        for conn in self._conns.get(peer, ()):
+            if conn is not winner and conn.usable:
                 log.debug(
                     "closing duplicate connection %s",
                     logfmt.kv(peer=peer.short(), dir="out" if conn.outbound else "in"),
@@ -656,6 +723,52 @@ class Host:
                 conn.muxed.go_away()
                 if self._nursery is not None:
                     self._nursery.start_soon(self._retire, conn)
+
+    def notify_changed(self) -> None:
+        """Wake :meth:`wait_changed` waiters (our own addresses changed, say)."""
+        self._notify_changed()
+
+    def relay_limit(self, peer: PeerId) -> str | None:
+        """Why our relayed connection to ``peer`` just ended, if its relay cut it at its limit (else None)."""
+        return self._circuit.limit_reason(peer) if self._circuit is not None else None
+
+    def is_relayed(self, peer: PeerId) -> bool:
+        """Connected to ``peer`` only through relays (limited in time and bytes)."""
+        usable = [c for c in self._conns.get(peer, ()) if c.usable]
+        return bool(usable) and all(c.relayed for c in usable)
+
+    async def wait_changed(self) -> None:
+        """Return at the next change of connections or of what identify told us."""
+        await self._changed.wait()
+
+    def connection_of(self, stream: MuxedStream) -> Connection | None:
+        """The connection ``stream`` runs on (None once it is gone)."""
+        for conn in self._conns.get(stream.remote_peer, ()):
+            if conn.muxed is stream.connection:
+                return conn
+        return None
+
+    async def serve_inbound(self, raw: RawConn) -> None:
+        """Upgrade and serve an inbound connection another layer accepted (a relayed one); returns when it ends."""
+        await self._on_raw_inbound(raw)
+
+    async def probe(self, addr: Multiaddr, expected: PeerId, timeout: float) -> None:  # noqa: ASYNC109 - one dial-back
+        """Does ``expected`` answer at ``addr``? Raises :class:`TransportError` if not (AutoNAT's dial-back).
+
+        A fresh connection under a throwaway identity, closed at once: from
+        our own identity it would be a second connection to a peer we are
+        connected to, and the tie-break could close the one it already uses.
+        """
+        upgrader = default_upgrader(Identity.generate(), self.config)
+        transport = self._transport_for(addr)
+        try:
+            with transport_errors_unwrapped(), trio.fail_after(timeout):
+                async with transport.connect(addr, timeout) as raw:
+                    await upgrader.secure(raw.stream, initiator=True, expected=expected)
+        except trio.TooSlowError:
+            raise PeerUnreachable(f"{addr} did not answer within {timeout:g}s") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise PeerUnreachable(f"{addr} closed the connection ({exc or 'EOF'})") from None
 
     async def _retire(self, conn: Connection) -> None:
         with trio.move_on_after(RETIRE_GRACE):
@@ -712,20 +825,31 @@ class Host:
         if not addrs:
             raise PeerUnreachable(f"peer {peer.short()} is not connected and no address is known")
         reasons = []
+        relay_refusal: RelayRefused | None = None
+        # A peer that publishes relay addresses is likely behind NAT: its direct addresses get a
+        # short try each (a private one elsewhere may never answer), then the relay is dialed.
+        relayed_peer = any(a.has("p2p-circuit") for a in addrs)
         # QUIC first, unless it failed to this peer lately (UDP blocked on the way):
         # then TCP first, so one blocked path does not cost every dial a timeout.
         quic_failed = self._quic_failed.get(peer, -math.inf) > time.monotonic() - QUIC_FAILURE_MEMORY
         for addr in sorted(addrs, key=lambda a: _dial_preference(a, demote_quic=quic_failed))[
             : self.config.max_addrs_per_peer
         ]:
+            budget = DIRECT_BUDGET_WITH_RELAY if relayed_peer and not addr.has("p2p-circuit") else math.inf
             try:
-                await self.connect(addr.with_p2p(peer), learned=addr not in self._operator_addrs)
+                with trio.move_on_after(budget) as scope:
+                    await self.connect(addr.with_p2p(peer), learned=addr not in self._operator_addrs)
+                if scope.cancelled_caught:
+                    reasons.append(f"{addr}: no answer within {budget:g}s")
+                    continue
             except TransportError as exc:
                 reasons.append(f"{addr}: {exc}")
                 if addr.has("quic-v1"):
                     self._quic_failed[peer] = time.monotonic()
                     while len(self._quic_failed) > MAX_QUIC_FAILURES:
                         del self._quic_failed[next(iter(self._quic_failed))]
+                if isinstance(exc, RelayRefused):
+                    relay_refusal = exc
                 continue
             conn = self._usable(peer)
             if conn is not None:
@@ -733,6 +857,11 @@ class Host:
         # What each address answered is for our log, not for whoever asked: callers
         # may show this message to clients, and the addresses are the peer's choice.
         log.debug("peer unreachable %s", logfmt.kv(peer=peer.short(), tried="; ".join(reasons)))
+        if relay_refusal is not None:  # the relay's status is one of a fixed set: fit to show
+            raise RelayRefused(
+                f"peer {peer.short()} is reachable only through a relay, which refused: {relay_refusal.status}",
+                status=relay_refusal.status,
+            )
         raise PeerUnreachable(f"peer {peer.short()} is unreachable ({len(reasons)} address(es) tried)")
 
     async def new_stream(self, peer: PeerId, protocols: str | Sequence[str]) -> MuxedStream:
@@ -951,7 +1080,10 @@ def _public_addrs(public: str | None, bound: list[Multiaddr]) -> list[Multiaddr]
 
 
 def _dial_preference(addr: Multiaddr, *, demote_quic: bool = False) -> tuple[int, int]:
-    """Sort key: in-memory, then loopback, then others; within each, QUIC before TCP before WebSocket."""
+    """Sort key: in-memory, then loopback, then others, relays last; within each, QUIC before TCP before
+    WebSocket."""
+    if addr.has("p2p-circuit"):
+        return (4, 0)  # limited in time and bytes: only when nothing direct answers
     if addr.has("memory"):
         return (0, 0)
     kind = (3 if demote_quic else 0) if addr.has("quic-v1") else 2 if addr.has("ws") else 1

@@ -205,6 +205,7 @@ def record(host: Host, peer, message: IdentifyMessage) -> None:  # type: ignore[
         protocol_version=message.protocol_version,
         observed_addr=observed,
     )
+    host._notify_changed()  # e.g. the circuit relay client waits to learn which peers are relays
     for listener in list(host.identify_listeners):
         listener(peer, host._info[peer])
     log.debug(

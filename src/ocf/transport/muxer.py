@@ -122,12 +122,14 @@ class MuxedStream(trio.abc.HalfCloseableStream):
 
     @property
     def reusable(self) -> bool:
-        """Neither reset nor half-closed by the peer, and nothing unread: fit for another request.
+        """Neither reset nor half-closed by the peer, nothing unread, on a connection not going away.
 
         A pool of idle streams asks before handing one out again; anything
-        unread on an idle stream would be taken for the next answer.
+        unread on an idle stream would be taken for the next answer, and a
+        connection told to go away (a duplicate, or a relayed one replaced by
+        a direct one) should take no new requests.
         """
-        return self._reset is None and not self._eof and not self._chunks
+        return self._reset is None and not self._eof and not self._chunks and not self._conn.going_away
 
     def __repr__(self) -> str:
         peer = self._conn.remote_peer

@@ -88,3 +88,16 @@ def bytes_fields(data: bytes) -> dict[int, list[bytes]]:
         if isinstance(value, bytes):
             out.setdefault(number, []).append(value)
     return out
+
+
+def varint_field(out: bytearray, number: int, value: int) -> None:
+    """Append a varint field (enums, uint32, uint64)."""
+    out += varint.encode(number << 3)
+    out += varint.encode(value)
+
+
+def int_field(value: bytes | int, what: str) -> int:
+    """A field's value that must be a varint; :class:`ProtocolError` if it came length-delimited."""
+    if not isinstance(value, int):
+        raise ProtocolError(f"{what} must be a varint field")
+    return value

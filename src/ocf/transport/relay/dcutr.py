@@ -1,0 +1,436 @@
+"""DCUtR (``/libp2p/dcutr``): upgrade a relayed connection to a direct one by a TCP simultaneous open.
+
+Relays lend little (2 minutes, 128 KiB by default); two peers that met
+through one should talk directly. When a relayed connection comes in, its
+inbound side B coordinates over it with the dialer A (the spec's roles)::
+
+    B -> A  CONNECT  B's addresses            (B starts timing)
+    A -> B  CONNECT  A's addresses            (B: rtt = elapsed)
+    B -> A  SYNC                              (A dials at once; B after rtt/2)
+
+Both then dial each other at once, so that each NAT has seen an outbound
+packet for the pair of addresses when the other side's arrives: a TCP
+simultaneous open. For the purpose of everything above TCP, A is the
+client (Noise initiator) and B the server.
+
+Which addresses: each side binds a fresh TCP socket first and sends the IP
+the relay observed for it (identify's ``observedAddr``) with that socket's
+port, plus its own non-loopback listen IPs with that port: a NAT that keeps
+the source port (Linux masquerade does when it can) maps the punch socket
+to exactly that address. The dials then go out from that port
+(``SO_REUSEPORT``, so one socket per candidate address).
+
+Limits: the stream is accepted only on a relayed connection; messages are
+at most 4 KiB and at most :data:`MAX_ADDRS` addresses are used, TCP only,
+and only those the dial policy allows (a peer cannot make us dial
+anywhere); each step has a deadline; one punch per peer and
+:data:`MAX_CONCURRENT` in all at a time; B tries :data:`ATTEMPTS` times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import ipaddress
+import logging
+import socket
+from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator
+
+import attrs
+import trio
+
+from ... import log as logfmt
+from ...errors import MultiaddrError, PeerUnreachable, ProtocolError, TransportError
+from ...identity import Multiaddr, PeerId
+from ..dialpolicy import classify
+from ..identify import read_message, write_message
+from ..protobuf import field, int_field, iter_fields, varint_field
+from ..tcp import RawConn, is_tcp_addr
+
+if TYPE_CHECKING:
+    from ..host import Connection, Host
+    from ..muxer import MuxedStream
+    from .nat import Nat
+
+log = logging.getLogger("ocf.transport.dcutr")
+
+PROTOCOL = "/libp2p/dcutr"
+MAX_MESSAGE = 4096
+MAX_ADDRS = 4
+STEP_TIMEOUT = 10.0
+DIAL_TIMEOUT = 5.0
+ATTEMPTS = 3
+MAX_CONCURRENT = 8
+
+
+class MsgType(enum.IntEnum):
+    CONNECT = 100
+    SYNC = 300
+
+
+@attrs.frozen
+class HolePunch:
+    type: MsgType
+    addrs: tuple[bytes, ...] = ()
+
+    def encode(self) -> bytes:
+        out = bytearray()
+        varint_field(out, 1, int(self.type))
+        for a in self.addrs:
+            field(out, 2, a)
+        return bytes(out)
+
+    @classmethod
+    def decode(cls, data: bytes) -> HolePunch:
+        if len(data) > MAX_MESSAGE:
+            raise ProtocolError(f"dcutr message of {len(data)} bytes exceeds {MAX_MESSAGE}")
+        kind: int | None = None
+        addrs: list[bytes] = []
+        for number, value in iter_fields(data):
+            if number == 1:
+                kind = int_field(value, "dcutr.type")
+            elif number == 2 and isinstance(value, bytes) and len(addrs) < 32:
+                addrs.append(value)
+        try:
+            return cls(MsgType(kind if kind is not None else -1), tuple(addrs))
+        except ValueError:
+            raise ProtocolError(f"dcutr message of unknown type {kind}") from None
+
+
+class PunchTransport:
+    """Dials from one local port, so the NAT maps it where the peer was told to dial."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.port: int = sock.getsockname()[1]
+        self.family = sock.family
+        self._first: trio.socket.SocketType | None = sock
+
+    @classmethod
+    async def bind(cls, family: socket.AddressFamily = socket.AF_INET) -> PunchTransport:
+        return cls(await _reuse_socket(family, 0))
+
+    def close(self) -> None:
+        if self._first is not None:
+            self._first.close()
+            self._first = None
+
+    @contextlib.asynccontextmanager
+    async def connect(self, addr: Multiaddr, timeout: float) -> AsyncIterator[RawConn]:  # noqa: ASYNC109 - dial only
+        host, port = addr.host_port()
+        sock = self._first if self._first is not None else await _reuse_socket(self.family, self.port)
+        self._first = None
+        try:
+            with trio.fail_after(timeout):
+                await sock.connect((host, port))
+        except trio.TooSlowError:
+            sock.close()
+            raise PeerUnreachable(f"hole punch to {addr} timed out") from None
+        except OSError as exc:
+            sock.close()
+            raise PeerUnreachable(f"hole punch to {addr} failed: {exc.strerror or exc}") from None
+        stream = trio.SocketStream(sock)
+        local = Multiaddr(
+            (("ip4" if self.family == socket.AF_INET else "ip6", sock.getsockname()[0]), ("tcp", str(self.port)))
+        )
+        async with stream:
+            yield RawConn(stream, addr.without_p2p(), local, "tcp")
+
+
+async def _reuse_socket(family: socket.AddressFamily, port: int) -> trio.socket.SocketType:
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        await sock.bind(("0.0.0.0" if family == socket.AF_INET else "::", port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _public(addr: Multiaddr) -> bool:
+    """A public IP address, or an address that is not an IP one at all (the in-memory transport)."""
+    if not addr.parts or addr.parts[0][0] not in ("ip4", "ip6"):
+        return addr.has("memory")
+    try:
+        return classify(ipaddress.ip_address(addr.parts[0][1] or ""))[0] == "public"
+    except ValueError:
+        return False
+
+
+def _relay_of(conn: Connection) -> PeerId | None:
+    """The relay a relayed connection runs through (from its ``…/p2p/<relay>/p2p-circuit`` address)."""
+    if conn.remote_addr is None:
+        return None
+    relay = None
+    for name, value in conn.remote_addr.parts:
+        if name == "p2p-circuit":
+            break
+        if name == "p2p" and value:
+            relay = value
+    try:
+        return PeerId.from_string(relay) if relay else None
+    except Exception:  # noqa: BLE001 - our own address record; nothing to do if odd
+        return None
+
+
+class HolePuncher:
+    """Runs DCUtR for one host (see the module doc)."""
+
+    def __init__(self, host: Host, nat: Nat | None = None) -> None:
+        self.host = host
+        self.nat = nat
+        self._active: set[PeerId] = set()
+        self._nursery: trio.Nursery | None = None
+        self.stats = {"attempts": 0, "succeeded": 0, "failed": 0, "unilateral": 0}
+        self.refused: dict[str, int] = {}
+        self.last_ms: float | None = None  # duration of the last successful punch, for benchmarks
+        self._log = logfmt.RateLimitedLog(log, host.config.refusal_log_interval)
+
+    def _refuse(self, reason: str, peer: PeerId) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        self._log.info(reason, "hole punch refused", reason=reason, peer=peer.short())
+
+    def _our_addrs(self, conn: Connection, port: int) -> list[Multiaddr]:
+        ips: list[str] = []
+        relay = _relay_of(conn)
+        info = self.host.peer_info(relay) if relay is not None else None
+        observed = info.observed_addr if info is not None else None
+        if observed is not None and observed.parts and observed.parts[0][0] == "ip4":
+            ips.append(observed.parts[0][1] or "")
+        for a in self.host.listen_addrs:
+            if a.parts and a.parts[0][0] == "ip4" and not a.has("p2p-circuit"):
+                ip = a.parts[0][1] or ""
+                if ip not in ips and not ipaddress.ip_address(ip).is_loopback:
+                    ips.append(ip)
+        return [Multiaddr((("ip4", ip), ("tcp", str(port)))) for ip in ips if ip][:MAX_ADDRS]
+
+    def _their_addrs(self, raw: tuple[bytes, ...]) -> list[Multiaddr]:
+        out: list[Multiaddr] = []
+        for item in raw:
+            try:
+                ma = Multiaddr.from_bytes(item).without_p2p()
+            except MultiaddrError:
+                continue
+            if not is_tcp_addr(ma) or ma.has("ws") or ma.parts[0][0] != "ip4":
+                continue
+            if self.host.dial_policy.refusal(ma) is not None or ma in out:
+                continue
+            out.append(ma)
+            if len(out) >= MAX_ADDRS:
+                break
+        return out
+
+    def _admit(self, peer: PeerId) -> bool:
+        if peer in self._active or len(self._active) >= MAX_CONCURRENT:
+            return False
+        self._active.add(peer)
+        return True
+
+    # --- A: the dialer of the relayed connection answers ---------------------------------------
+
+    async def handle(self, stream: MuxedStream) -> None:
+        peer = stream.remote_peer
+        conn = self.host.connection_of(stream)
+        if conn is None or not conn.relayed:
+            self._refuse("not_relayed", peer)
+            return
+        if not self._admit(peer):
+            self._refuse("busy", peer)
+            return
+        try:
+            await self._answer(stream, conn, peer)
+        finally:
+            self._active.discard(peer)
+
+    async def _answer(self, stream: MuxedStream, conn: Connection, peer: PeerId) -> None:
+        while True:  # B may retry on the same stream
+            punch = await PunchTransport.bind()
+            try:
+                try:
+                    with trio.fail_after(STEP_TIMEOUT):
+                        message = HolePunch.decode(await read_message(stream, MAX_MESSAGE))
+                        if message.type != MsgType.CONNECT:
+                            raise ProtocolError("expected CONNECT")
+                        theirs = self._their_addrs(message.addrs)
+                        ours = self._our_addrs(conn, punch.port)
+                        await write_message(
+                            stream, HolePunch(MsgType.CONNECT, tuple(a.to_bytes() for a in ours)).encode()
+                        )
+                        sync = HolePunch.decode(await read_message(stream, MAX_MESSAGE))
+                        if sync.type != MsgType.SYNC:
+                            raise ProtocolError("expected SYNC")
+                except (
+                    trio.TooSlowError,
+                    ProtocolError,
+                    TransportError,
+                    trio.BrokenResourceError,
+                    trio.ClosedResourceError,
+                ):
+                    return  # B gave up, or the stream ended: nothing more to do here
+                self.stats["attempts"] += 1
+                t0 = trio.current_time()
+                if await self._dial(punch, theirs, peer, client=True):
+                    self._done(peer, t0)
+                    return
+                self.stats["failed"] += 1
+            finally:
+                punch.close()
+
+    # --- B: the inbound side of the relayed connection starts ---------------------------------
+
+    async def initiate(self, peer: PeerId) -> bool:
+        """Try to replace our relayed connection to ``peer`` by a direct one; True if it worked."""
+        if not self._admit(peer):
+            return False
+        try:
+            with trio.move_on_after(STEP_TIMEOUT):  # identify tells us its addresses and protocols
+                while self.host.peer_info(peer) is None and self.host.is_connected(peer):
+                    await self.host.wait_changed()
+            if await self._unilateral(peer):
+                return True
+            for attempt in range(ATTEMPTS):
+                conn = next((c for c in self.host.connections(peer) if c.usable and c.relayed), None)
+                if conn is None or self._direct(peer):
+                    return self._direct(peer)
+                if await self._attempt(conn, peer):
+                    return True
+                log.debug("hole punch attempt failed %s", logfmt.kv(peer=peer.short(), attempt=attempt + 1))
+            return False
+        finally:
+            self._active.discard(peer)
+
+    async def _unilateral(self, peer: PeerId) -> bool:
+        """The spec's first step: if the dialer published public addresses, just dial one.
+
+        Public only (as go-libp2p): a private address of a peer that needed a
+        relay to reach us is most likely behind its NAT, and a dial there
+        would only spend :data:`DIAL_TIMEOUT` before the punch.
+        """
+        for addr in self.host.peer_addrs(peer)[:MAX_ADDRS]:
+            if addr.has("p2p-circuit") or self.host.dial_policy.refusal(addr) is not None or not _public(addr):
+                continue
+            try:
+                with trio.fail_after(DIAL_TIMEOUT):
+                    await self.host.connect_via(self.host.transport_for(addr), addr.with_p2p(peer))
+            except (TransportError, trio.TooSlowError) as exc:
+                log.debug("direct dial failed %s", logfmt.kv(peer=peer.short(), addr=addr, reason=exc or "timeout"))
+                continue
+            if self._direct(peer):
+                self.stats["unilateral"] += 1
+                log.info("relayed connection upgraded by a direct dial %s", logfmt.kv(peer=peer.short(), addr=addr))
+                return True
+        return False
+
+    async def _attempt(self, conn: Connection, peer: PeerId) -> bool:
+        punch = await PunchTransport.bind()
+        try:
+            ours = self._our_addrs(conn, punch.port)
+            try:
+                with trio.fail_after(STEP_TIMEOUT):
+                    stream = await conn.muxed.open_stream()
+                    stream.protocol = await self.host.upgrader.select(stream, [PROTOCOL])
+                    async with stream:
+                        await write_message(
+                            stream, HolePunch(MsgType.CONNECT, tuple(a.to_bytes() for a in ours)).encode()
+                        )
+                        t0 = trio.current_time()
+                        answer = HolePunch.decode(await read_message(stream, MAX_MESSAGE))
+                        rtt = trio.current_time() - t0
+                        if answer.type != MsgType.CONNECT:
+                            raise ProtocolError("expected CONNECT")
+                        await write_message(stream, HolePunch(MsgType.SYNC).encode())
+            except (
+                trio.TooSlowError,
+                ProtocolError,
+                TransportError,
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+            ) as exc:
+                log.debug(
+                    "hole punch exchange failed %s", logfmt.kv(peer=peer.short(), reason=exc or type(exc).__name__)
+                )
+                return False
+            theirs = self._their_addrs(answer.addrs)
+            self.stats["attempts"] += 1
+            t0 = trio.current_time()
+            await trio.sleep(rtt / 2)
+            if await self._dial(punch, theirs, peer, client=False):
+                self._done(peer, t0)
+                return True
+            self.stats["failed"] += 1
+            return False
+        finally:
+            punch.close()
+
+    def _direct(self, peer: PeerId) -> bool:
+        return any(c.usable and not c.relayed for c in self.host.connections(peer))
+
+    def _done(self, peer: PeerId, t0: float) -> None:
+        self.stats["succeeded"] += 1
+        self.last_ms = (trio.current_time() - t0) * 1000
+        log.info("hole punch succeeded %s", logfmt.kv(peer=peer.short(), ms=round(self.last_ms, 1)))
+
+    async def _dial(self, punch: PunchTransport, addrs: list[Multiaddr], peer: PeerId, *, client: bool) -> bool:
+        """Dial every candidate from the punch port at once; True once a direct connection to ``peer`` is up."""
+        if not addrs:
+            return False
+        assert self._nursery is not None
+
+        async def one(addr: Multiaddr) -> None:
+            try:
+                await self.host.connect_via(punch, addr.with_p2p(peer))
+            except TransportError as exc:
+                log.debug("hole punch dial failed %s", logfmt.kv(peer=peer.short(), addr=addr, reason=exc))
+
+        if not client:
+            # B is the server: it serves the socket as an inbound connection, which
+            # must outlive this call, so the dials run in the puncher's nursery.
+            for addr in addrs:
+                self._nursery.start_soon(self._serve_punched, punch, addr, peer)
+        with trio.move_on_after(DIAL_TIMEOUT + STEP_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                if client:
+                    for addr in addrs:
+                        nursery.start_soon(one, addr)
+                while not self._direct(peer):
+                    await self.host.wait_changed()
+                nursery.cancel_scope.cancel()
+        return self._direct(peer)
+
+    async def _serve_punched(self, punch: PunchTransport, addr: Multiaddr, peer: PeerId) -> None:
+        try:
+            async with punch.connect(addr, DIAL_TIMEOUT) as raw:
+                await self.host.serve_inbound(raw)
+        except (TransportError, OSError) as exc:
+            log.debug("hole punch dial failed %s", logfmt.kv(peer=peer.short(), addr=addr, reason=exc))
+
+    async def watch(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """B's side: a new relayed inbound connection starts a hole punch."""
+        async with self.host.subscribe() as events:
+            task_status.started()
+            async for event in events:
+                if event.kind != "connected":
+                    continue
+                conns = self.host.connections(event.peer)
+                if conns and all(c.relayed and not c.outbound for c in conns) and self._nursery is not None:
+                    self._nursery.start_soon(self.initiate, event.peer)
+
+
+@contextlib.asynccontextmanager
+async def open_holepunch(host: Host, nat: Nat | None = None) -> AsyncIterator[HolePuncher]:
+    """Serve ``/libp2p/dcutr`` and punch holes for relayed inbound connections, for the block."""
+    puncher = HolePuncher(host, nat)
+    host.set_stream_handler(PROTOCOL, puncher.handle)
+    try:
+        async with trio.open_nursery() as nursery:
+            puncher._nursery = nursery
+            await nursery.start(puncher.watch)
+            try:
+                yield puncher
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        host.remove_stream_handler(PROTOCOL)
