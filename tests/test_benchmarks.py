@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("name", ["transport", "nodetable", "jobs", "hops"])
+@pytest.mark.parametrize("name", ["transport", "nodetable", "jobs", "hops", "dht"])
 def test_benchmark_runs_and_prints_a_table(name):
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--quick"],

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from .transport.pnet import NetworkKey
 
 MODES = ("standalone", "local", "node")
+DHT_MODES = ("client", "server", "auto")
+DEFAULT_UDP_PORT = 59820
+QUIC_RETRY_MODES = ("auto", "always", "never")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -53,7 +56,7 @@ class Config:
     public_addr: str | None = None
     host: str = "0.0.0.0"
     tcpport: int = 43905
-    udpport: int = 59820
+    udpport: int = 59820  # DEFAULT_UDP_PORT
     port: int = 8092
     services: tuple[ServiceSpec, ...] = ()
     seed: str | None = None
@@ -62,6 +65,8 @@ class Config:
     log_level: str = "info"
     # --- transport ----------------------------------------------------------------
     ws: bool = True
+    quic: bool = True
+    quic_retry: str = "auto"
     max_connections: int = 512
     max_streams_per_connection: int = 1024
     max_pending_handshakes: int = 64
@@ -87,6 +92,10 @@ class Config:
     ws_max_message: int = 1 << 20
     message_timeout: float = 30.0
     refusal_log_interval: float = 10.0
+    # --- dht (Kademlia peer routing, ocf.dht) ---------------------------------------
+    dht: str = "auto"
+    dht_protocol: str = "/ocf/kad/1.0.0"
+    dht_query_rate: float = 10.0
     # --- node table ---------------------------------------------------------------
     verify_interval: float = 30.0
     stale_after: float = 600.0
@@ -220,6 +229,13 @@ def _split(value: Any) -> list[str]:
     return [part.strip() for part in str(value).split(",") if part.strip()]
 
 
+def _protocol_id(value: Any) -> str:
+    text = _str(value)
+    if not text.startswith("/") or len(text) > 128 or not text.isprintable() or " " in text:
+        raise ValueError(f"{text!r} is not a protocol ID like /ocf/kad/1.0.0")
+    return text
+
+
 def _bootstrap(value: Any) -> tuple[str, ...]:
     out = []
     for item in _split(value):
@@ -345,8 +361,8 @@ SETTINGS: tuple[Setting, ...] = (
         "udpport",
         "udpport",
         _int_range(0, 65535),
-        "UDP port reserved for QUIC (default: 59820). Accepted for OCF compatibility; QUIC is not implemented yet, so "
-        "nothing listens on it.",
+        "UDP port for QUIC peer connections (/udp/PORT/quic-v1; default: 59820; 0 picks a free port, and so does the "
+        "default when --tcpport is 0).",
         metavar="PORT",
     ),
     Setting(
@@ -409,6 +425,24 @@ SETTINGS: tuple[Setting, ...] = (
         _bool,
         "Also accept libp2p over WebSocket on the TCP port (default: true; --no-ws to disable).",
         is_switch=True,
+        group="transport",
+    ),
+    Setting(
+        "quic",
+        "quic",
+        _bool,
+        "Listen on and dial QUIC (/udp/PORT/quic-v1), preferred over TCP when a peer has both (default: true; "
+        "--no-quic to disable; off in a private network, which QUIC cannot carry).",
+        is_switch=True,
+        group="transport",
+    ),
+    Setting(
+        "quic-retry",
+        "quic_retry",
+        _choice(QUIC_RETRY_MODES),
+        "QUIC address validation: 'always' makes every new client prove its address with a Retry round trip, "
+        "'auto' (default) only while half the handshake slots are taken, 'never' never.",
+        metavar="MODE",
         group="transport",
     ),
     Setting(
@@ -583,6 +617,33 @@ SETTINGS: tuple[Setting, ...] = (
         "others (default: 10).",
         group="transport",
         metavar="SECONDS",
+    ),
+    Setting(
+        "dht",
+        "dht",
+        _choice(DHT_MODES),
+        "Kademlia DHT role: 'server' answers peer lookups for others, 'client' only asks; 'auto' serves when this "
+        "node is reachable (standalone nodes and nodes with --public-addr) (default: auto).",
+        group="dht",
+        metavar="{client,server,auto}",
+    ),
+    Setting(
+        "dht.protocol",
+        "dht_protocol",
+        _protocol_id,
+        "Kademlia protocol ID; the default keeps OCF networks apart from the public IPFS DHT, /ipfs/kad/1.0.0 joins "
+        "libp2p's standard one (default: /ocf/kad/1.0.0).",
+        group="dht",
+        metavar="ID",
+    ),
+    Setting(
+        "dht.query-rate",
+        "dht_query_rate",
+        _positive_float,
+        "Kademlia requests per second one peer may make of this node, with a burst of five times that; the rest are "
+        "refused (default: 10).",
+        group="dht",
+        metavar="PER_SECOND",
     ),
     Setting(
         "verify-interval",

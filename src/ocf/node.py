@@ -1,4 +1,4 @@
-"""The node supervisor: one object, one nursery, every subsystem inside it.
+"""The composition root: the one place that builds every subsystem and wires them together.
 
 ``async with open_node(config) as node:`` is the library entry point. It
 opens the store, resolves the identity, then enters each subsystem's own
@@ -6,6 +6,15 @@ async context manager on one :class:`contextlib.AsyncExitStack`, so they stop
 in reverse order of starting: the gateway stops taking requests first, the
 node table announces our departure while the transport is still up, and the
 store is closed last, after every task that could write to it is gone.
+
+Each subsystem is built with the few things it uses, not with the node: the
+node table gets the transport host, the registrar gets the table (as a
+:class:`~ocf.ports.ServiceBoard`), the tracker gets the store and the
+registrar, and the gateway gets a :class:`~ocf.gateway.app.GatewayParts`
+naming its peer dialer, provider directory, local services and the routes
+other subsystems mount on it (:class:`~ocf.ports.HttpMount`). So no
+subsystem imports another, nor this module; ``tests/test_layering.py``
+checks it. :class:`Node` is what the caller gets once all of it runs.
 """
 
 from __future__ import annotations
@@ -13,10 +22,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from collections.abc import AsyncIterator
 
-import trio
+import attrs
 
 from . import log as logfmt
 from .config import Config
@@ -26,32 +35,47 @@ from .store import Store
 from .version import __version__
 
 if TYPE_CHECKING:
+    from .dht import Dht
     from .gateway.server import Gateway
+    from .jobs import Tracker
+    from .nodetable import NodeTable
+    from .services import Registrar
+    from .transport import MemoryNetwork
+    from .transport.bootstrap import Bootstrapper
+    from .transport.host import Host
 
 log = logging.getLogger("ocf.node")
 
 
+@attrs.define(eq=False)
 class Node:
-    """A running node. Attributes are filled in as subsystems start."""
+    """A running node: every subsystem, started (``jobs`` is None without ``--jobs``)."""
 
-    def __init__(self, config: Config, identity: Identity, store: Store) -> None:
-        self.config = config
-        self.identity = identity
-        self.store = store
-        self.peer_id: PeerId = identity.peer_id
-        self.version = __version__
-        self.started_at = time.time()
-        self._started_monotonic = time.monotonic()
-        self.listen_addrs: list[Multiaddr] = []
-        self.gateway: Gateway | None = None
-        self.admin_token: str | None = None  # set by the gateway (read from or created in data_dir)
-        # Subsystems attach themselves here (transport host, node table, services, jobs).
-        self.host: Any = None
-        self.bootstrap: Any = None  # ocf.transport.bootstrap.Bootstrapper
-        self.table: Any = None
-        self.services: Any = None
-        self.jobs: Any = None
-        self.nursery: trio.Nursery | None = None
+    config: Config
+    identity: Identity
+    store: Store
+    host: Host
+    bootstrap: Bootstrapper
+    dht: Dht  # peer routing: the host asks it for the addresses of peers it has none for
+    table: NodeTable
+    services: Registrar
+    jobs: Tracker | None
+    gateway: Gateway
+    started_at: float  # wall clock
+    _started_monotonic: float = attrs.field(alias="started_monotonic")
+    version: str = __version__
+
+    @property
+    def peer_id(self) -> PeerId:
+        return self.identity.peer_id
+
+    @property
+    def listen_addrs(self) -> list[Multiaddr]:
+        return list(self.host.listen_addrs)
+
+    @property
+    def admin_token(self) -> str:
+        return self.gateway.admin_token
 
     @property
     def uptime(self) -> float:
@@ -59,8 +83,6 @@ class Node:
 
     @property
     def gateway_url(self) -> str:
-        if self.gateway is None:
-            raise RuntimeError("gateway not started")
         return self.gateway.url
 
     def __repr__(self) -> str:
@@ -80,66 +102,92 @@ def resolve_identity(config: Config) -> Identity:
 
 
 @contextlib.asynccontextmanager
-async def open_node(config: Config, memory_network: Any = None) -> AsyncIterator[Node]:
+async def open_node(config: Config, memory_network: MemoryNetwork | None = None) -> AsyncIterator[Node]:
     """Start a node inside the caller's Trio run; leaving the block stops it.
 
-    ``memory_network`` (an :class:`ocf.transport.MemoryNetwork`) makes the
-    node listen on that in-process network instead of TCP, for tests that run
-    many nodes in one process.
+    ``memory_network`` makes the node listen on that in-process network
+    instead of TCP, for tests that run many nodes in one process. A caller
+    that runs tasks beside the node opens its own nursery next to this block.
     """
+    # Imported here, not at the top: ``import ocf`` (the CLI's worker and ping commands, embedders)
+    # should not pay for the gateway's web stack and the tracker unless a node starts.
+    from .dht import open_dht
+    from .dht.metrics import DhtCollector
+    from .gateway.app import GatewayParts
     from .gateway.server import open_gateway
+    from .jobs import open_tracker
+    from .jobs.mount import jobs_mount
+    from .nodetable import open_nodetable
+    from .nodetable.http import nodetable_mount
+    from .ports import HttpMount
+    from .services import open_registrar
+    from .transport import open_host
+    from .transport.bootstrap import open_bootstrap
+    from .transport.metrics import TransportCollector
 
     t0 = time.monotonic()
+    started_at = time.time()
     store = Store.open(config.data_dir, cleanslate=config.cleanslate)
     started = False
     try:
         identity = resolve_identity(config)
-        node = Node(config, identity, store)
-        async with trio.open_nursery() as nursery:
-            node.nursery = nursery
-            async with contextlib.AsyncExitStack() as stack:
-                # --- subsystems, in start order (each stops in reverse) -------------
-                # transport: node.host (+ bootstrap peers kept connected) ---------
-                from .transport import open_host
-                from .transport.bootstrap import open_bootstrap
+        peer_id = identity.peer_id
+        async with contextlib.AsyncExitStack() as stack:
+            # --- subsystems, in start order (each stops in reverse) -------------------------
+            host = await stack.enter_async_context(open_host(identity, config, memory_network))
+            bootstrap = await stack.enter_async_context(open_bootstrap(host, config))
+            dht = await stack.enter_async_context(open_dht(host, config))
+            table = await stack.enter_async_context(open_nodetable(host, config, identity, store, __version__))
+            services = await stack.enter_async_context(open_registrar(config.services, table))
+            jobs = None
+            if config.jobs:
+                jobs = await stack.enter_async_context(open_tracker(config, store, services, node_id=str(peer_id)))
 
-                node.host = await stack.enter_async_context(open_host(identity, config, memory_network))
-                node.listen_addrs = list(node.host.listen_addrs)
-                node.bootstrap = await stack.enter_async_context(open_bootstrap(node.host, config))
-                # ------------------------------------------------------------------
-                # node table: node.table -----------------------------------------------
-                from .nodetable import open_nodetable
+            def health() -> dict[str, object]:
+                return {
+                    "peer_id": str(peer_id),
+                    "version": __version__,
+                    "mode": config.mode,
+                    "uptime": round(time.monotonic() - t0, 3),
+                }
 
-                node.table = await stack.enter_async_context(open_nodetable(node))
-                # services registrar: node.services ------------------------------
-                from .services import open_registrar
-
-                node.services = await stack.enter_async_context(open_registrar(node))
-                # ------------------------------------------------------------------
-                # jobs tracker: node.jobs (only with --jobs) ---------------------
-                if config.jobs:
-                    from .jobs import open_tracker
-
-                    node.jobs = await stack.enter_async_context(open_tracker(node))
-                # gateway --------------------------------------------------------------
-                node.gateway = await stack.enter_async_context(open_gateway(node))
-                # ----------------------------------------------------------------------
-                log.info(
-                    "node started %s",
-                    logfmt.kv(
-                        peer=node.peer_id,
-                        mode=config.mode,
-                        listen=",".join(str(a) for a in node.listen_addrs) or "-",
-                        gateway=node.gateway_url,
-                        startup_ms=round((time.monotonic() - t0) * 1000),
-                    ),
-                )
-                started = True
-                try:
-                    yield node
-                finally:
-                    log.info("node stopping %s", logfmt.kv(peer=node.peer_id.short()))
-            nursery.cancel_scope.cancel()
+            mounts = (
+                HttpMount(collectors=(TransportCollector(host), DhtCollector(dht))),
+                nodetable_mount(table, host),
+                jobs_mount(jobs, max_body_size=config.max_body_size, request_timeout=config.request_timeout),
+            )
+            parts = GatewayParts(config, peer_id, health, host, table, services, mounts)
+            gateway = await stack.enter_async_context(open_gateway(parts))
+            # ----------------------------------------------------------------------------------
+            node = Node(
+                config,
+                identity,
+                store,
+                host,
+                bootstrap,
+                dht,
+                table,
+                services,
+                jobs,
+                gateway,
+                started_at,
+                started_monotonic=t0,
+            )
+            log.info(
+                "node started %s",
+                logfmt.kv(
+                    peer=node.peer_id,
+                    mode=config.mode,
+                    listen=",".join(str(a) for a in node.listen_addrs) or "-",
+                    gateway=node.gateway_url,
+                    startup_ms=round((time.monotonic() - t0) * 1000),
+                ),
+            )
+            started = True
+            try:
+                yield node
+            finally:
+                log.info("node stopping %s", logfmt.kv(peer=peer_id.short()))
     except BaseExceptionGroup as group:
         # A subsystem that fails to start raises inside nurseries, which wrap
         # it; callers of open_node deserve the plain error (e.g. port in use).

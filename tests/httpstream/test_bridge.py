@@ -82,6 +82,29 @@ def test_client_parses_chunked_response_and_skips_100_continue():
     assert not c.response_started
 
 
+def test_a_bytearray_read_parses_to_bytes_that_outlive_the_buffer():
+    """Trio streams may return a bytearray (memory streams do): what the bridge parsed must not alias it.
+
+    Header names and values must be hashable bytes (ASGI apps put them in dicts and sets), and a
+    reader that refills the same buffer must not rewrite the request or response already parsed.
+    """
+    wire = bytearray(b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi")
+    head, data, _ = ServerBridge().feed(wire)
+    wire[:] = b"X" * len(wire)
+    assert isinstance(head, RequestHead) and head.headers == [(b"host", b"t"), (b"content-length", b"2")]
+    assert all(type(part) is bytes for pair in head.headers for part in pair) and {head.headers[0][0]} == {b"host"}
+    assert isinstance(data, Data) and type(data.data) is bytes and data.data == b"hi"
+
+    c = ClientBridge()
+    c.request(b"GET", b"/", [(b"Host", b"t")], content_length=0)
+    wire = bytearray(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    head, data, _ = c.feed(wire)
+    wire[:] = b"X" * len(wire)
+    assert isinstance(head, ResponseHead) and head.headers == [(b"content-length", b"2")]
+    assert type(head.headers[0][0]) is bytes
+    assert isinstance(data, Data) and type(data.data) is bytes and data.data == b"ok"
+
+
 def test_client_truncated_response_is_an_error():
     c = ClientBridge()
     c.request(b"GET", b"/", [], content_length=0)

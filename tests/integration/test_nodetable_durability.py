@@ -22,11 +22,14 @@ async def test_liveness_does_not_grow_documents(node_config, autojump_clock):
     """A simulated day (a week with OCF_TEST_FULL=1) of verification rounds leaves the saved table unchanged in size."""
     days = 7 if FULL else 1
     net = MemoryNetwork()
-    async with open_node(node_config(mode="standalone", verify_interval=300.0), memory_network=net) as hub:
+    async with (
+        open_node(node_config(mode="standalone", verify_interval=300.0), memory_network=net) as hub,
+        trio.open_nursery() as nursery,  # the workers run beside the hub, stopped before it
+    ):
         workers = []
         for _ in range(4):
             cfg = node_config(mode="node", bootstrap_addrs=(str(hub.listen_addrs[0]),), verify_interval=300.0)
-            workers.append(await hub.nursery.start(_run_worker, cfg, net))
+            workers.append(await nursery.start(_run_worker, cfg, net))
         while len(hub.table.records) < 5:
             await hub.table.wait_changed()
         before = hub.table.summary_stats()["doc_bytes"]
@@ -35,6 +38,7 @@ async def test_liveness_does_not_grow_documents(node_config, autojump_clock):
         assert stats["doc_bytes"] == before  # liveness never touched a document
         assert all(hub.table.entry(w)["connected"] for w in workers)
         assert hub.table.entry(workers[0])["last_seen"] >= days * 24 * 3600 - 600
+        nursery.cancel_scope.cancel()
 
 
 async def _run_worker(cfg, net, task_status=trio.TASK_STATUS_IGNORED):

@@ -4,10 +4,16 @@ The peer speaks newline-delimited JSON on stdin/stdout: it prints one
 ``{"event": "ready", "peerId", "addrs"}`` line, then answers each
 ``{"id", "cmd", ...}`` request with ``{"id", "ok", ...}``. Commands: ping,
 identify, echo (streams N bytes over ``/ocf/echo/1.0.0`` and checks them),
-peers, stop. It also serves ``/ocf/echo/1.0.0`` itself.
+dial, dhtFindPeer, dhtTable, peerStoreAddrs (with a DHT), streams (M concurrent echo streams on one
+connection), peers, stop. It listens on TCP, WebSocket and (outside a private network) QUIC. It also serves
+``/ocf/echo/1.0.0`` itself.
 
 ``npm ci`` installs the pinned packages (package-lock.json) on first use, or
-``tests/setup-external.sh`` does it before the suite.
+``tests/setup-external.sh`` does it before the suite. ``@chainsafe/libp2p-quic``
+ships its native code as one optional package per platform; the registry this
+project installs from carries only the linux-x64-gnu one, so package.json maps
+the others to ``native-stub/`` (an empty package) to keep the lock complete
+for ``npm ci``.
 """
 
 from __future__ import annotations
@@ -62,8 +68,10 @@ class JsPeer:
         return json.loads(line)
 
     def addr(self, transport: str = "tcp") -> str:
+        """The peer's address for ``transport``: ``tcp``, ``ws`` or ``quic``."""
         for a in self.addrs:
-            if ("/ws/" in a) == (transport == "ws"):
+            kind = "quic" if "/quic-v1" in a else "ws" if "/ws/" in a else "tcp"
+            if kind == transport:
                 return a
         raise LookupError(transport)
 
@@ -79,13 +87,23 @@ class JsPeer:
 
 
 @contextlib.asynccontextmanager
-async def open_js_peer(swarm_key_file: Path | None = None) -> AsyncIterator[JsPeer]:
-    """A running js peer; with ``swarm_key_file`` it runs in that private network (@libp2p/pnet)."""
+async def open_js_peer(
+    swarm_key_file: Path | None = None, *, dht: str | None = None, dht_protocol: str | None = None
+) -> AsyncIterator[JsPeer]:
+    """A running js peer; with ``swarm_key_file`` it runs in that private network (@libp2p/pnet).
+
+    ``dht`` ("server" or "client") runs @libp2p/kad-dht on ``dht_protocol`` (default /ipfs/kad/1.0.0).
+    """
     ensure_installed()
     env = dict(os.environ)
-    env.pop("OCF_JS_SWARM_KEY_FILE", None)
+    for name in ("OCF_JS_SWARM_KEY_FILE", "OCF_JS_DHT", "OCF_JS_DHT_PROTOCOL"):
+        env.pop(name, None)
     if swarm_key_file is not None:
         env["OCF_JS_SWARM_KEY_FILE"] = str(swarm_key_file)
+    if dht is not None:
+        env["OCF_JS_DHT"] = dht
+        if dht_protocol is not None:
+            env["OCF_JS_DHT_PROTOCOL"] = dht_protocol
     process = await trio.lowlevel.open_process(
         ["node", str(HERE / "peer.mjs")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=HERE, env=env
     )

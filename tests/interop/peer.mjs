@@ -37,13 +37,38 @@ if (swarmKeyFile) {
   privateNetwork.connectionProtector = preSharedKey({ psk: new Uint8Array(readFileSync(swarmKeyFile)) })
 }
 
+// OCF_JS_DHT=server|client: run @libp2p/kad-dht on OCF_JS_DHT_PROTOCOL (default /ipfs/kad/1.0.0).
+// Loopback addresses are kept (passthroughMapper): the interop tests run on 127.0.0.1.
+const dhtMode = process.env.OCF_JS_DHT
+const dhtServices = {}
+let peerIdFromString
+if (dhtMode) {
+  const { kadDHT, passthroughMapper } = await import('@libp2p/kad-dht')
+  ;({ peerIdFromString } = await import('@libp2p/peer-id'))
+  dhtServices.dht = kadDHT({
+    protocol: process.env.OCF_JS_DHT_PROTOCOL || '/ipfs/kad/1.0.0',
+    clientMode: dhtMode === 'client',
+    peerInfoMapper: passthroughMapper,
+    allowQueryWithZeroPeers: false
+  })
+}
+// QUIC (@chainsafe/libp2p-quic, a native binary in the npm package), except in a
+// private network: pnet protects byte streams and QUIC has none.
+const listen = ['/ip4/127.0.0.1/tcp/0', '/ip4/127.0.0.1/tcp/0/ws']
+const transports = [tcp(), webSockets()]
+if (!swarmKeyFile) {
+  const { quic } = await import('@chainsafe/libp2p-quic')
+  listen.push('/ip4/127.0.0.1/udp/0/quic-v1')
+  transports.push(quic())
+}
+
 const node = await createLibp2p({
   ...privateNetwork,
-  addresses: { listen: ['/ip4/127.0.0.1/tcp/0', '/ip4/127.0.0.1/tcp/0/ws'] },
-  transports: [tcp(), webSockets()],
+  addresses: { listen },
+  transports,
   connectionEncrypters: [noise()],
   streamMuxers: [yamux()],
-  services: { ping: ping(), identify: identify() },
+  services: { ping: ping(), identify: identify(), ...dhtServices },
   connectionGater: { denyDialMultiaddr: async () => false }
 })
 
@@ -58,7 +83,7 @@ await node.handle(ECHO, async (stream) => {
   } catch (err) {
     process.stderr.write(`echo handler: ${err}\n`)
   }
-}, { maxInboundStreams: 64 })
+}, { maxInboundStreams: 256 })
 
 const out = (obj) => process.stdout.write(JSON.stringify(obj) + '\n')
 
@@ -112,6 +137,56 @@ const commands = {
       throw new Error(`echo mismatch: sent ${bytes} bytes, got ${total}`)
     }
     return { bytes: total, seconds, sha256: createHash('sha256').update(back).digest('hex') }
+  },
+  async dial ({ addr }) {
+    const conn = await node.dial(multiaddr(addr))
+    return { peerId: conn.remotePeer.toString() }
+  },
+  async dhtFindPeer ({ peerId }) {
+    const info = await node.peerRouting.findPeer(peerIdFromString(peerId), { signal: AbortSignal.timeout(20000) })
+    return { peerId: info.id.toString(), addrs: info.multiaddrs.map(String) }
+  },
+  async peerStoreAddrs ({ peerId }) {
+    try {
+      const peer = await node.peerStore.get(peerIdFromString(peerId))
+      return { addrs: peer.addresses.map(({ multiaddr }) => String(multiaddr)) }
+    } catch (err) {
+      if (err.name === 'NotFoundError') return { addrs: [] }
+      throw err
+    }
+  },
+  async dhtTable () {
+    const table = node.services.dht.routingTable
+    return { size: table.size }
+  },
+  // `streams` concurrent echo streams of `bytes` each on one connection.
+  async streams ({ addr, streams, bytes }) {
+    const conn = await node.dial(multiaddr(addr))
+    const started = performance.now()
+    const one = async (i) => {
+      const data = pattern(bytes).map((b) => (b + i) % 256)
+      const stream = await conn.newStream(ECHO, { maxOutboundStreams: 256 })
+      const received = []
+      let total = 0
+      const reading = (async () => {
+        for await (const chunk of stream) {
+          const buf = chunk.subarray ? chunk.subarray() : chunk
+          received.push(Buffer.from(buf))
+          total += buf.byteLength
+        }
+      })()
+      const CHUNK = 16 * 1024
+      for (let j = 0; j < data.length; j += CHUNK) {
+        if (!stream.send(data.subarray(j, j + CHUNK))) await stream.onDrain()
+      }
+      await stream.close()
+      await reading
+      if (total !== bytes || !Buffer.concat(received).equals(Buffer.from(data))) {
+        throw new Error(`stream ${i}: echo mismatch, got ${total} bytes`)
+      }
+    }
+    await Promise.all(Array.from({ length: streams }, (_, i) => one(i)))
+    return { streams, bytes, seconds: (performance.now() - started) / 1000, transport: conn.remoteAddr.toString() }
   },
   async peers () {
     return { peers: node.getPeers().map(String) }

@@ -34,10 +34,15 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Connect to a libp2p peer (ours or any other implementation) and measure round-trip times with "
             "/ipfs/ping/1.0.0."
         ),
-        epilog="example: ocf ping /ip4/127.0.0.1/tcp/43905/p2p/12D3KooW... --count 3",
+        epilog=(
+            "examples: ocf ping /ip4/127.0.0.1/tcp/43905/p2p/12D3KooW... --count 3; "
+            "ocf ping /ip4/127.0.0.1/udp/59820/quic-v1/p2p/12D3KooW..."
+        ),
     )
     p.add_argument(
-        "addr", metavar="MULTIADDR", help="Peer address, e.g. /ip4/1.2.3.4/tcp/43905/p2p/<peer id> (also /ws)."
+        "addr",
+        metavar="MULTIADDR",
+        help="Peer address, e.g. /ip4/1.2.3.4/tcp/43905/p2p/<peer id> (also /ws, and /udp/PORT/quic-v1).",
     )
     p.add_argument("-c", "--count", type=_positive_int, default=4, metavar="N", help="Number of pings (default: 4).")
     p.add_argument(

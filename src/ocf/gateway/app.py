@@ -1,12 +1,18 @@
 """The gateway's Quart-Trio application: routes from every subsystem.
 
-Each subsystem contributes a blueprint; this module only assembles them and
-installs what all routes share (JSON errors, CORS, body limits).
+Each subsystem contributes its routes as an :class:`~ocf.ports.HttpMount`
+(blueprints, raw-ASGI routes, metrics collectors) that the node hands over;
+this module only assembles them and installs what all routes share (JSON
+errors, CORS, body limits, the router and the access policy). It imports no
+subsystem: what it serves is decided by the composition root (:mod:`ocf.node`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Callable, Mapping, Sequence
+
+import attrs
 
 from quart import request
 from quart_trio import QuartTrio
@@ -14,10 +20,14 @@ from werkzeug.exceptions import HTTPException
 
 from ..errors import GatewayRequestError
 from ..web.errors import error_response, exception_response
+from .health import HEALTH_EXTENSION
 from .health import blueprint as health_blueprint
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from ..config import Config
+    from ..identity import PeerId
+    from ..ports import HttpMount, LocalServices, PeerDialer, ProviderDirectory, RawRoute
+    from ..web.asgi import ASGIApp
 
 
 class _RoutedAdapter:
@@ -60,64 +70,86 @@ class GatewayApp(QuartTrio):
         return _RoutedAdapter(adapter, rule, args)
 
 
-def create_app(node: Node) -> QuartTrio:
+@attrs.frozen
+class GatewayParts:
+    """What the gateway uses from the rest of the node; the node builds it.
+
+    ``host`` None means no transport (no ``/v1/p2p``, nothing served to
+    peers); ``table`` None, no node table (only this node's own services are
+    routed); ``health`` gives ``/v1/health`` its fields.
+    """
+
+    config: Config
+    peer_id: PeerId
+    health: Callable[[], Mapping[str, object]]
+    host: PeerDialer | None = None
+    table: ProviderDirectory | None = None
+    services: LocalServices | None = None
+    mounts: Sequence[HttpMount] = ()
+
+
+def create_app(parts: GatewayParts) -> QuartTrio:
+    config = parts.config
     app = GatewayApp("ocf.gateway")
     # Werkzeug would answer "//" in a path with a 308 whose absolute Location names the
     # client's Host header (an open redirect to wherever Host points); no redirects at all.
     # Set before any rule is added: each rule takes the map's value when it is bound.
     app.url_map.merge_slashes = False
-    app.config["MAX_CONTENT_LENGTH"] = node.config.max_body_size
-    app.config["BODY_TIMEOUT"] = node.config.request_timeout
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_size
+    app.config["BODY_TIMEOUT"] = config.request_timeout
     app.config["RESPONSE_TIMEOUT"] = None  # streamed responses may run long; forwards enforce their own timeout
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
-    app.extensions["ocf.node"] = node
+    app.extensions[HEALTH_EXTENSION] = parts.health
     app.register_blueprint(health_blueprint)
-    from ..nodetable.http import blueprint as nodetable_blueprint
-
-    app.register_blueprint(nodetable_blueprint)
-    from ..jobs.compat import blueprint as jobs_compat_blueprint
-    from ..jobs.dashboard import blueprint as dashboard_blueprint
-    from ..jobs.http import blueprint as jobs_blueprint
-
-    app.register_blueprint(jobs_blueprint)
-    app.register_blueprint(jobs_compat_blueprint)
-    app.register_blueprint(dashboard_blueprint)
+    raw: dict[str, RawRoute] = {}
+    for mount in parts.mounts:
+        app.extensions.update(mount.extensions)
+        for blueprint in mount.blueprints:
+            app.register_blueprint(blueprint)
+        raw.update(mount.raw)
 
     # --- gateway: JSON errors, metrics, forwarding routes ---------------------------------
-    install_gateway_layer(app, node)
+    install_gateway_layer(app, parts, raw)
     # ---------------------------------------------------------------------------------------
 
     return app
 
 
-def install_gateway_layer(app: QuartTrio, node: Node) -> None:
+def install_gateway_layer(app: QuartTrio, parts: GatewayParts, raw: Mapping[str, RawRoute]) -> None:
     """JSON errors in OpenAI's shape, ``/metrics``, and the ASGI layer serving the forwarding routes.
 
     The forwarding routes (``/v1/_service``, ``/v1/service``, ``/v1/p2p``) are
     raw ASGI in front of Quart (see :mod:`ocf.gateway.forward` for why), as
-    are the job tracker's three hot routes (:mod:`ocf.jobs.hot`); the router,
+    are the mounts' ``raw`` routes (the tracker's hot routes); the router,
     the access policy, CORS and request metrics wrap every route
     (:mod:`ocf.gateway.asgi`). The admin token is created here on first start.
     """
-    from ..jobs.hot import HotRoutes
     from .access import Access, load_or_create_admin_token
     from .asgi import GatewayASGI
     from .cors import Cors
     from .forward import Forwarder
     from .metrics import GatewayMetrics
     from .metrics import blueprint as metrics_blueprint
+    from .providers import Providers
 
-    metrics = GatewayMetrics(node)
-    forwarder = Forwarder(node, metrics)
+    config = parts.config
+    metrics = GatewayMetrics()
+    for mount in parts.mounts:
+        metrics.add_collectors(mount.collectors)
+    providers = Providers(config, parts.peer_id, parts.host, parts.table, parts.services)
+    forwarder = Forwarder(config, parts.peer_id, providers, parts.services, metrics)
     app.extensions["ocf.metrics"] = metrics
     app.extensions["ocf.forwarder"] = forwarder
     app.register_blueprint(metrics_blueprint)
-    node.admin_token = load_or_create_admin_token(node.config.data_dir, node.config.admin_token)
-    access = Access(node.config, node.admin_token)
+    admin_token = load_or_create_admin_token(config.data_dir, config.admin_token)
+    app.extensions["ocf.admin_token"] = admin_token
+    access = Access(config, admin_token)
     app.extensions["ocf.access"] = access
-    app.asgi_app = GatewayASGI(
-        app.asgi_app, forwarder, metrics, Cors(node.config.cors_origins), HotRoutes(node), access
-    )  # type: ignore[method-assign]
+    # Quart types ASGI messages as TypedDicts, our layer as plain dicts: the same objects at run time.
+    inner = cast("ASGIApp", app.asgi_app)
+    app.asgi_app = GatewayASGI(  # type: ignore[method-assign,assignment]
+        inner, forwarder, metrics, Cors(config.cors_origins), raw, access
+    )
 
     @app.errorhandler(GatewayRequestError)
     async def gateway_error(exc: GatewayRequestError):  # type: ignore[no-untyped-def]
@@ -133,7 +165,7 @@ def install_gateway_layer(app: QuartTrio, node: Node) -> None:
 
     @app.errorhandler(413)
     async def too_large(_exc: Exception):  # type: ignore[no-untyped-def]
-        return error_response(413, f"request body exceeds {node.config.max_body_size} bytes", "body_too_large")
+        return error_response(413, f"request body exceeds {config.max_body_size} bytes", "body_too_large")
 
     @app.errorhandler(HTTPException)
     async def other_http_error(exc: HTTPException):  # type: ignore[no-untyped-def]

@@ -6,7 +6,7 @@ once (:func:`ocf.gateway.router.classify`), and everything else follows from
 that :class:`~ocf.gateway.router.Route`: the metrics label, CORS and the
 browser write guard (:mod:`ocf.gateway.cors`), the access policy
 (:mod:`ocf.gateway.access`), the 415 check of JSON routes, and the dispatch
-to the forwarder, the tracker's hot routes or Quart. The forwarder calls
+to the forwarder, a mounted raw-ASGI route (the tracker's hot routes) or Quart. The forwarder calls
 :meth:`GatewayASGI.dispatch_internal` for this node's internal services and
 for ``/v1/p2p/<self>``: a new target, routed and checked like any other, but
 without re-entering the whole app.
@@ -16,26 +16,23 @@ from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Mapping, Sequence
 
 from ..errors import GatewayRequestError, MethodNotAllowed, NotFound, UnsupportedMediaType
 from ..httpstream.bridge import get_header
+from ..web.asgi import ASGIApp, Receive, Send
 from . import router
 from ..web.errors import send_asgi_error
 from .router import Route
 
 if TYPE_CHECKING:
-    from ..jobs.hot import HotRoutes
+    from ..ports import RawRoute
     from .access import Access
     from .cors import Cors
     from .forward import Forwarder
     from .metrics import GatewayMetrics
 
 log = logging.getLogger("ocf.gateway")
-
-Receive = Callable[[], Awaitable[dict]]
-Send = Callable[[dict], Awaitable[None]]
-ASGIApp = Callable[[dict, Receive, Send], Awaitable[None]]
 
 _JSON_LINES = (b"application/x-ndjson", b"application/jsonl", b"application/jsonlines")
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -50,12 +47,12 @@ class GatewayASGI:
         forwarder: Forwarder,
         metrics: GatewayMetrics,
         cors: Cors,
-        hot: HotRoutes,
+        raw: Mapping[str, RawRoute],
         access: Access,
     ) -> None:
         self.inner = inner
         self.forwarder = forwarder
-        self.hot = hot
+        self.raw = dict(raw)  # router family -> raw-ASGI route, from the node's mounts
         self.metrics = metrics
         self.cors = cors
         self.access = access
@@ -136,8 +133,8 @@ class GatewayASGI:
         self._admit(route, scope)
         if route.family in router.FORWARDING:
             await self.forwarder(route, scope, receive, send, extra)
-        elif route.family == router.JOBS_HOT:
-            await self.hot.serve(route, scope, receive, send)
+        elif route.family in self.raw:
+            await self.raw[route.family](route, scope, receive, send)
         else:
             # Quart matches the canonical path the router matched, so it cannot route differently.
             inner = dict(scope, path=route.path, raw_path=route.path.encode("utf-8"))

@@ -27,6 +27,7 @@ from ..web.asgi import RequestBody
 
 if TYPE_CHECKING:
     from ..transport.muxer import MuxedStream
+    from ..ports import LocalService
     from .metrics import GatewayMetrics
 
 HOPS_HEADER = b"x-ocf-hops"
@@ -97,7 +98,7 @@ class BackendUpstream:
 
     kind = "backend"
 
-    def __init__(self, pool: ConnectionPool, metrics: GatewayMetrics, target: Any) -> None:
+    def __init__(self, pool: ConnectionPool, metrics: GatewayMetrics, target: LocalService) -> None:
         self.pool, self.metrics, self.target = pool, metrics, target
         self.host: bytes | None = f"{target.host}:{target.port}".encode()
 
@@ -108,7 +109,7 @@ class BackendUpstream:
         try:
             return await self.pool.connect(target.host, target.port)
         except (OSError, trio.TooSlowError) as exc:
-            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc) or type(exc).__name__
             raise ProviderFailed(
                 f"service '{target.name}' at {target.host}:{target.port} is unreachable: {reason}",
                 code="backend_unreachable",
@@ -217,14 +218,14 @@ class Exchange:
         return bool(suppress)
 
 
-def backend_headers(scope: dict, target: Any) -> list[tuple[bytes, bytes]]:
+def backend_headers(scope: dict, target: LocalService) -> list[tuple[bytes, bytes]]:
     """The client's headers for a local backend: its credentials swapped for the backend's own key, if any.
 
     The client's credentials were for the entry gateway, and the hop count
     and identity are ours.
     """
     headers = [(k, v) for k, v in strip_credentials(scope["headers"]) if k not in (HOPS_HEADER, IDENTITY_HEADER)]
-    api_key = getattr(target, "api_key", None)
+    api_key = target.api_key
     if api_key:
         headers.append((b"authorization", b"Bearer " + api_key.encode("latin-1")))
     return headers

@@ -49,7 +49,7 @@ from ..errors import (
 )
 from ..httpstream.bridge import get_header
 from ..httpstream.pool import ConnectionPool
-from ..services.registrar import LLM_SERVICE
+from ..ports import LLM_SERVICE, InternalService, LocalService
 from . import routing
 from ..web.asgi import ClientGone, Receive, RequestBody, Responder, Send
 from ..web.errors import ERROR_CODE_NAME, send_asgi_error
@@ -69,7 +69,9 @@ from .providers import LIBP2P_HTTP, ConnectFailed, Providers, UnknownPeer, short
 from .router import OWN_SERVICE, P2P
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from ..config import Config
+    from ..identity import PeerId
+    from ..ports import LocalServices
     from .metrics import GatewayMetrics
     from .router import Route
 
@@ -108,13 +110,23 @@ class _RetryableAnswer(Exception):
 class Forwarder:
     """Serves the three forwarding route families for one node's gateway."""
 
-    def __init__(self, node: Node, metrics: GatewayMetrics, *, rng: random.Random | None = None) -> None:
-        self.node = node
-        self.config = node.config
+    def __init__(
+        self,
+        config: Config,
+        peer_id: PeerId,
+        providers: Providers,
+        services: LocalServices | None,
+        metrics: GatewayMetrics,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.peer_id = peer_id
+        self.services = services
         self.metrics = metrics
         self.pool = ConnectionPool()
         self.peer_streams = peer_stream_pool()
-        self.providers = Providers(node, node.config)
+        self.providers = providers
         self.rng = rng or random.Random()
         #: Serves a target of this node in-process (set by :class:`ocf.gateway.asgi.GatewayASGI`).
         self.dispatch_internal: Callable[[dict, Receive, Send, bytes], Awaitable[None]] | None = None
@@ -182,7 +194,7 @@ class Forwarder:
     # --- /v1/_service/<name>/<path>: this node's own service ---------------------------
 
     async def _local(self, call: Call, name: str, rest: bytes) -> None:
-        services = self.node.services
+        services = self.services
         target = services.lookup(name) if services is not None else None
         if target is None:
             names = services.names() if services is not None else []
@@ -190,7 +202,7 @@ class Forwarder:
                 f"this node offers no service '{name}' (it offers: {', '.join(names) or 'none'})",
                 code="service_not_found",
             )
-        if not hasattr(target, "port"):  # internal service: served by our own app under its prefix
+        if isinstance(target, InternalService):  # served by our own app under its prefix
             await self._internal(call.scope, call.receive, call.responder, _join(target.path_prefix, rest), [])
             return
 
@@ -200,7 +212,7 @@ class Forwarder:
 
         await self._guarded(call, work)
 
-    def _backend_exchange(self, call: Call, target: Any, body: RequestBody, rest: bytes) -> Exchange:
+    def _backend_exchange(self, call: Call, target: LocalService, body: RequestBody, rest: bytes) -> Exchange:
         upstream = BackendUpstream(self.pool, self.metrics, target)
         return Exchange(
             upstream,
@@ -231,7 +243,7 @@ class Forwarder:
 
     async def _p2p(self, call: Call, peer_text: str, rest: bytes) -> None:
         peer = self.providers.peer_id(peer_text)
-        if peer == self.node.peer_id:
+        if peer == self.peer_id:
             await self._internal(call.scope, call.receive, call.responder, b"/" + rest, [])
             return
         if not self.providers.known(peer, peer_text):
@@ -386,10 +398,10 @@ class Forwarder:
         self.metrics.enter(provider.peer)
         try:
             if provider.local:
-                target = self.node.services.lookup(name)
+                target = self.services.lookup(name) if self.services is not None else None
                 if target is None:
                     raise ConnectFailed(f"service '{name}' is no longer registered here")
-                if not hasattr(target, "port"):
+                if isinstance(target, InternalService):
                     await body.read_all()  # bounded by max_body_size; internal services get small bodies
                     await self._internal(
                         call.scope,

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import bisect
 import collections
-from typing import TYPE_CHECKING
-from collections.abc import Iterator
+
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -25,10 +25,6 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 from quart import Blueprint, Response, current_app
 
-from ..nodetable.metrics import families as nodetable_families
-
-if TYPE_CHECKING:
-    from ..node import Node
 
 blueprint = Blueprint("metrics", __name__)
 
@@ -72,10 +68,13 @@ class _Histogram:
 
 
 class GatewayMetrics:
-    """The gateway's metrics: plain counters here, exposed through :attr:`registry`."""
+    """The gateway's metrics: plain counters here, exposed through :attr:`registry`.
 
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    Other subsystems' collectors (the transport, the node table, the tracker)
+    join :attr:`registry` when the node mounts them (:meth:`add_collectors`).
+    """
+
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         #: (route, method, status) -> requests answered.
         self.requests: collections.Counter[tuple[str, str, str]] = collections.Counter()
@@ -86,13 +85,10 @@ class GatewayMetrics:
         #: provider peer ID -> requests this gateway has in flight there (the forwarder counts here).
         self.in_flight: dict[str, int] = {}
         self.registry.register(_GatewayCollector(self))
-        from .metrics_transport import TransportCollector
 
-        self.registry.register(TransportCollector(node))
-        if node.jobs is not None:
-            from ..jobs.metrics import TrackerCollector
-
-            self.registry.register(TrackerCollector(node.jobs))
+    def add_collectors(self, collectors: Iterable[Collector]) -> None:
+        for collector in collectors:
+            self.registry.register(collector)
 
     def count_request(self, route: str, method: str, status: str) -> None:
         self.requests[route, method, status] += 1
@@ -155,10 +151,9 @@ class _GatewayCollector(Collector):
             "Forwarded exchanges by hop kind and outcome (ok, retry, failed).",
             labels=["kind", "outcome"],
         )
-        for labels, value in list(m.forwards.items()):
-            forwards.add_metric(list(labels), value)
+        for (kind, outcome), value in list(m.forwards.items()):
+            forwards.add_metric([kind, outcome], value)
         yield forwards
-        yield from nodetable_families(m.node.table)
         in_flight = GaugeMetricFamily(
             "ocf_forward_in_flight",
             "Requests this gateway currently has in flight at each provider (peer ID).",
@@ -167,34 +162,9 @@ class _GatewayCollector(Collector):
         for provider, value in list(m.in_flight.items()):
             in_flight.add_metric([provider], value)
         yield in_flight
-        host = m.node.host
-        yield GaugeMetricFamily(
-            "ocf_connected_peers",
-            "Peers with an open transport connection.",
-            value=len(host.connected_peers()) if host is not None else 0,
-        )
-        protector = getattr(getattr(host, "upgrader", None), "protector", None)
-        if protector is not None:  # a private network (--network-key)
-            pnet = CounterMetricFamily(
-                "ocf_pnet_connections",
-                "Connections under the private network key: protected (nonce sent), refused (peer without the key).",
-                labels=["outcome"],
-            )
-            for outcome, value in list(protector.stats.items()):
-                pnet.add_metric([outcome], value)
-            yield pnet
-        refused = CounterMetricFamily(
-            "ocf_dial_refused",
-            "Peer-published addresses the dial policy did not dial, by address category.",
-            labels=["category"],
-        )
-        policy = getattr(host, "dial_policy", None)
-        for category, value in sorted(policy.refused.items() if policy is not None else ()):
-            refused.add_metric([category], value)
-        yield refused
 
 
 @blueprint.get("/metrics")
-async def metrics():  # type: ignore[no-untyped-def]
+async def metrics() -> Response:
     gateway_metrics: GatewayMetrics = current_app.extensions["ocf.metrics"]
     return Response(gateway_metrics.render(), content_type=CONTENT_TYPE_LATEST)

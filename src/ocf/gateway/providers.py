@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -22,7 +22,8 @@ from . import routing
 
 if TYPE_CHECKING:
     from ..config import Config
-    from ..node import Node
+    from ..identity import PeerId
+    from ..ports import LocalServices, PeerDialer, ProviderDirectory
     from ..transport.muxer import MuxedStream
 
 log = logging.getLogger("ocf.gateway")
@@ -42,13 +43,23 @@ class UnknownPeer(ConnectFailed):
 class Providers:
     """The node table's providers with this gateway's view of their liveness."""
 
-    def __init__(self, node: Node, config: Config) -> None:
-        self.node = node
+    def __init__(
+        self,
+        config: Config,
+        peer_id: PeerId,
+        host: PeerDialer | None,
+        table: ProviderDirectory | None,
+        services: LocalServices | None,
+    ) -> None:
         self.config = config
+        self.me = str(peer_id)
+        self.host = host
+        self.table = table
+        self.services = services
         self.down: dict[str, tuple[float, float]] = {}  # peer -> (until, backoff) after connect failures
-        self._peer_ids: dict[str, Any] = {}
+        self._peer_ids: dict[str, PeerId] = {}
         self._entries_cache: dict[str, dict] = {}
-        self._entries_version: Any = None
+        self._entries_version: int | None = None
         self._entries_at = 0.0
         self._routes: dict[str, tuple[list[routing.Provider], list[str]]] = {}
         self._routes_of: dict | None = None  # the entries snapshot _routes was worked out from
@@ -66,18 +77,18 @@ class Providers:
         ``Retry-After`` (it may be back), and 404 only once the table has
         given up on it or it said it left.
         """
-        table = self.node.table
+        table = self.table
         if table is not None:
-            version = getattr(table, "version", None)
+            version = table.version
             now = time.monotonic()
-            if version is not None and version == self._entries_version and now - self._entries_at < ENTRIES_TTL:
+            if version == self._entries_version and now - self._entries_at < ENTRIES_TTL:
                 return self._entries_cache
             entries = {peer: e for peer, e in table.entries(include_all=True).items() if _still_listed(e)}
             self._entries_cache, self._entries_version, self._entries_at = entries, version, now
             return entries
-        services = self.node.services
+        services = self.services
         records = services.records() if services is not None else []
-        return {str(self.node.peer_id): {"id": str(self.node.peer_id), "service": records}}
+        return {self.me: {"id": self.me, "service": records}}
 
     def route(self, entries: dict[str, dict], name: str) -> tuple[list[routing.Provider], list[str]]:
         """The providers of ``name`` and the identity keys they route on, worked out once per table snapshot."""
@@ -85,7 +96,7 @@ class Providers:
             self._routes, self._routes_of = {}, entries
         route = self._routes.get(name)
         if route is None:
-            providers = routing.providers_of(entries, name, str(self.node.peer_id))
+            providers = routing.providers_of(entries, name, self.me)
             route = (providers, routing.identity_keys(providers))
             if len(self._routes) < 256:  # names come from request paths: bounded
                 self._routes[name] = route
@@ -93,13 +104,13 @@ class Providers:
 
     def usable(self, provider: routing.Provider, now: float) -> bool:
         if provider.local:
-            services = self.node.services
+            services = self.services
             return services is not None and services.status(provider.service["name"]) == "healthy"
         if not (provider.healthy and provider.online):
             return False
         if self.is_down(provider.peer, now):
             return False
-        host = self.node.host
+        host = self.host
         if host is None:
             return False
         return host.is_connected(self.peer_id(provider.peer)) or bool(provider.entry.get("addrs"))
@@ -117,17 +128,17 @@ class Providers:
         self.down.pop(peer, None)
 
     def connected(self, peer: str) -> bool:
-        host = self.node.host
+        host = self.host
         return host is not None and host.is_connected(self.peer_id(peer))
 
-    def known(self, peer: Any, peer_text: str) -> bool:
+    def known(self, peer: PeerId, peer_text: str) -> bool:
         """Connected, listed in the node table, or with an address the transport knows."""
-        host = self.node.host
+        host = self.host
         if host is None:
             return False
         return host.is_connected(peer) or peer_text in self.entries() or bool(host.peer_addrs(peer))
 
-    def peer_id(self, text: str) -> Any:
+    def peer_id(self, text: str) -> PeerId:
         cached = self._peer_ids.get(text)
         if cached is not None:
             return cached
@@ -143,7 +154,7 @@ class Providers:
 
     async def open_stream(self, peer_text: str) -> MuxedStream:
         """A new ``/libp2p-http`` stream to ``peer_text``, dialling its table addresses if not connected."""
-        host = self.node.host
+        host = self.host
         if host is None:
             raise ConnectFailed("this node has no transport")
         peer = self.peer_id(peer_text)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, cast
 from collections.abc import AsyncIterator
 
 import attrs
@@ -30,11 +30,15 @@ from ..httpstream.deadlines import Timeouts
 from ..httpstream.listener import serve_http
 from ..httpstream.metrics import HttpServerCollector
 from ..httpstream.server import serve_stream
-from .app import create_app
+from .app import GatewayParts, create_app
 from .forward import LIBP2P_HTTP
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from quart_trio import QuartTrio
+
+    from ..config import Config
+    from ..transport.muxer import MuxedStream
+    from ..web.asgi import ASGIApp
 
 log = logging.getLogger("ocf.gateway")
 
@@ -47,7 +51,8 @@ class GatewayError(OcfError):
 class Gateway:
     url: str
     binds: list[str]
-    app: Any = None  # the QuartTrio app (an ASGI callable), e.g. for in-process requests in tests
+    app: QuartTrio  # an ASGI callable, e.g. for in-process requests in tests
+    admin_token: str  # read from, or created in, the data directory (or --admin-token)
 
 
 @attrs.frozen
@@ -60,7 +65,7 @@ class HttpLimits:
     keep_alive_timeout: float
 
     @classmethod
-    def from_config(cls, config: Any) -> HttpLimits:
+    def from_config(cls, config: Config) -> HttpLimits:
         return cls(
             timeouts=Timeouts(
                 head=config.http_head_timeout,
@@ -74,7 +79,7 @@ class HttpLimits:
         )
 
 
-async def serve_peer_stream(app: Any, limits: HttpLimits, stream: Any) -> None:
+async def serve_peer_stream(app: QuartTrio, limits: HttpLimits, stream: MuxedStream) -> None:
     """A ``/libp2p-http`` stream from another peer: HTTP/1.1 requests into our own app.
 
     The app is called in-process (no loopback socket, see
@@ -83,7 +88,7 @@ async def serve_peer_stream(app: Any, limits: HttpLimits, stream: Any) -> None:
     peer = str(stream.remote_peer)
     await serve_stream(
         stream,
-        app,
+        cast("ASGIApp", app),  # Quart's TypedDict-typed messages are our plain dicts at run time
         client=(peer, 0),
         extensions={"ocf.remote_peer": peer},
         max_header_size=limits.max_header_size,
@@ -99,18 +104,18 @@ GRACEFUL_TIMEOUT = 1.0
 
 
 @contextlib.asynccontextmanager
-async def open_gateway(node: Node) -> AsyncIterator[Gateway]:
-    app = create_app(node)
-    host, port = node.config.host, node.config.port
-    limits = HttpLimits.from_config(node.config)
+async def open_gateway(parts: GatewayParts) -> AsyncIterator[Gateway]:
+    """Serve the gateway on ``--host``/``--port`` and to peers' ``/libp2p-http`` streams until the block ends."""
+    app = create_app(parts)
+    config = parts.config
+    host, port = config.host, config.port
+    limits = HttpLimits.from_config(config)
     stats = ServerStats()
-    metrics = app.extensions.get("ocf.metrics")
-    if metrics is not None:
-        metrics.registry.register(HttpServerCollector(stats))
+    app.extensions["ocf.metrics"].registry.register(HttpServerCollector(stats))
     stop = trio.Event()
     serve = functools.partial(
         serve_http,
-        app,
+        cast("ASGIApp", app),  # Quart types scopes as hypercorn's TypedDicts; the engine passes plain dicts
         host,
         port,
         shutdown_trigger=stop.wait,
@@ -128,30 +133,29 @@ async def open_gateway(node: Node) -> AsyncIterator[Gateway]:
             os_error = find_in_group(exc, OSError)
             if os_error is None:
                 raise
-            reason = getattr(os_error, "strerror", None) or os_error
+            reason = (os_error.strerror if isinstance(os_error, OSError) else None) or os_error
             where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             raise GatewayError(f"cannot listen on {where} for the HTTP gateway: {reason}") from None
-        url = _public_url(binds[0], node.config.host)
-        gateway = Gateway(url=url, binds=binds, app=app)
+        url = _public_url(binds[0], config.host)
+        gateway = Gateway(url=url, binds=binds, app=app, admin_token=app.extensions["ocf.admin_token"])
         # Say where it really listens (0.0.0.0 is every interface), not only the URL to use locally.
         log.info("gateway listening %s", logfmt.kv(bind=",".join(binds), url=url))
-        if host in ("0.0.0.0", "::") and not (node.config.api_keys or node.config.api_key_file):
+        if host in ("0.0.0.0", "::") and not (config.api_keys or config.api_key_file):
             log.warning(
                 "gateway reachable on all interfaces without API keys %s",
                 logfmt.kv(bind=",".join(binds), hint="--host 127.0.0.1 or --api-key"),
             )
         # Other peers reach this gateway over /libp2p-http streams (as OCF's P2P HTTP listener).
-        if node.host is not None:
-            node.host.set_stream_handler(LIBP2P_HTTP, functools.partial(serve_peer_stream, app, limits))
+        peers = parts.host
+        if peers is not None:
+            peers.set_stream_handler(LIBP2P_HTTP, functools.partial(serve_peer_stream, app, limits))
         try:
             yield gateway
         finally:
-            if node.host is not None:
-                node.host.remove_stream_handler(LIBP2P_HTTP)
+            if peers is not None:
+                peers.remove_stream_handler(LIBP2P_HTTP)
             stop.set()
-            forwarder = app.extensions.get("ocf.forwarder")
-            if forwarder is not None:
-                forwarder.close()
+            app.extensions["ocf.forwarder"].close()
 
 
 def _public_url(bind: str, host: str) -> str:

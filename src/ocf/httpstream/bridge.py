@@ -210,7 +210,7 @@ class _Receiver:
         self.reader: h1.BodyReader | None = None
         self.error: BridgeError | None = None
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         if self.buf.closed:
             if data:
                 raise BridgeError("data after close: the peer had already closed the connection")
@@ -349,7 +349,7 @@ class ClientBridge(_Endpoint):
         self._our = _BODY
         return head
 
-    def feed(self, data: bytes) -> list[ClientEvent]:
+    def feed(self, data: bytes | bytearray) -> list[ClientEvent]:
         """Parse received bytes (``b""`` means the server closed). Raises BridgeError on bad input."""
         rx = self._in
         if rx.error is not None:
@@ -460,7 +460,7 @@ class ServerBridge(_Endpoint):
         self._waiting_100 = False
         return b"HTTP/1.1 100 Continue\r\n\r\n"
 
-    def feed(self, data: bytes) -> list[ServerEvent]:
+    def feed(self, data: bytes | bytearray) -> list[ServerEvent]:
         """Parse received bytes (``b""`` means the client closed). Raises BridgeError on bad input.
 
         Bytes after the end of a request (pipelining) stay buffered until

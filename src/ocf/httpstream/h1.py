@@ -85,11 +85,12 @@ class Buffer:
         self.closed = False
         self._scanned = 0  # bytes after pos already known to hold no end of head
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         if not data:
             self.closed = True
         elif self.pos >= len(self.data):
-            self.data, self.pos = data, 0
+            # Kept, not copied: a bytearray the caller may reuse becomes bytes (bytes stay as they are).
+            self.data, self.pos = bytes(data), 0
         else:
             self.data = self.data[self.pos :] + data
             self.pos = 0
@@ -180,7 +181,7 @@ def parse_headers(fields: bytes) -> Headers:
     return headers
 
 
-def _start_line(pattern: re.Pattern, line: bytes, what: str) -> tuple:
+def _start_line(pattern: re.Pattern[bytes], line: bytes, what: str) -> tuple[bytes | None, ...]:
     m = pattern.fullmatch(line)
     if m is None:
         raise ProtocolError(f"malformed {what} line {line[:100]!r}")
@@ -191,12 +192,15 @@ def _start_line(pattern: re.Pattern, line: bytes, what: str) -> tuple:
 
 def parse_request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
     """(method, target, version) of a request line."""
-    return _start_line(_REQUEST_LINE, line, "request")
+    method, target, version = _start_line(_REQUEST_LINE, line, "request")
+    assert method is not None and target is not None and version is not None  # not optional in the pattern
+    return method, target, version
 
 
 def parse_status_line(line: bytes) -> tuple[bytes, int, bytes]:
     """(version, status, reason) of a status line."""
     version, status, reason = _start_line(_STATUS_LINE, line, "status")
+    assert version is not None and status is not None  # not optional in the pattern
     return version, int(status), reason or b""
 
 

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 from importlib import resources
 
-from quart import Blueprint, Response, current_app, request
+from quart import Blueprint, Response, request
 
 from ..errors import NotFound, ProjectNotFound
 from . import firstview
+from .http import hosted_tracker
 
 blueprint = Blueprint("jobs_dashboard", __name__)
 
@@ -54,13 +55,13 @@ def read_asset(name: str) -> bytes:
 
 async def page_status() -> int:
     """200 if the page has something to show, 404 if it can only explain why not."""
-    node = current_app.extensions["ocf.node"]
-    if node.jobs is None:
+    tracker = hosted_tracker()
+    if tracker is None:
         return 404
     name = request.args.get("project")
     if name:
         try:
-            await node.jobs.project(name)
+            await tracker.project(name)
         except ProjectNotFound:
             return 404
     return 200
@@ -77,12 +78,12 @@ def asset_response(name: str, content_type: str, status: int = 200) -> Response:
 @blueprint.get("/dashboard")
 async def dashboard() -> Response:
     status = await page_status()
-    node = current_app.extensions["ocf.node"]
+    tracker = hosted_tracker()
     template, wanted = read_asset(PAGE).decode(), request.args.get("project") or None
-    if node.jobs is None:
+    if tracker is None:
         page = firstview.render(template, None, wanted)
     else:
-        page = await node.jobs.read(lambda store: firstview.render(template, node.jobs, wanted))
+        page = await tracker.read(lambda store: firstview.render(template, tracker, wanted))
     response = Response(page, status=status, content_type="text/html; charset=utf-8")
     response.headers.update(SECURITY_HEADERS)
     response.headers["Cache-Control"] = "no-cache"

@@ -22,13 +22,14 @@ from .store import JobStore
 from .tracker import Tracker, TrackerStore
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from ..config import Config
+    from ..ports import InternalServices
+    from ..store import Store
 
 log = logging.getLogger("ocf.jobs")
 
 
-def _settings(node: Node) -> dict[str, object]:
-    config = node.config
+def _settings(config: Config) -> dict[str, object]:
     return dict(
         max_stages=config.jobs_max_stages,
         max_attempts=config.jobs_max_attempts,
@@ -41,26 +42,29 @@ def _settings(node: Node) -> dict[str, object]:
 
 
 @contextlib.asynccontextmanager
-async def open_tracker(node: Node) -> AsyncIterator[Tracker]:
-    """Host the tracker on ``node``: open its store, run its reaper, register the ``jobs`` service."""
-    config = node.config
+async def open_tracker(
+    config: Config, store: Store, services: InternalServices | None = None, *, node_id: str = "local"
+) -> AsyncIterator[Tracker]:
+    """Host the tracker: open the store ``--jobs.store`` names (else in ``store``), run its reaper and
+    writer, register the ``jobs`` service with ``services``. ``node_id`` names this node to the others
+    that share a PostgreSQL store."""
     url = config.jobs_store
     with contextlib.ExitStack() as closing:
-        store: TrackerStore
+        jobs_store: TrackerStore
         if url:
             from .pg import PgJobStore, redact
             from .pg.notify import Listener
 
             pg = await trio.to_thread.run_sync(
-                lambda: PgJobStore(url, node=str(node.peer_id), **_settings(node))  # type: ignore[arg-type]
+                lambda: PgJobStore(url, node=node_id, **_settings(config))  # type: ignore[arg-type]
             )
             closing.callback(pg.close)
-            store = pg
+            jobs_store = pg
             where = redact(url)
         else:
-            store = JobStore(node.store, **_settings(node))  # type: ignore[arg-type]
+            jobs_store = JobStore(store, **_settings(config))  # type: ignore[arg-type]
             where = "lmdb"
-        tracker = Tracker(store, create_chunk=config.jobs_create_chunk)
+        tracker = Tracker(jobs_store, create_chunk=config.jobs_create_chunk)
         # Leases that ran out while the node (or, with PostgreSQL, every node) was down.
         expired = await tracker.expire_at_start()
         projects = await tracker.read(lambda s: len(s.projects()))
@@ -69,15 +73,15 @@ async def open_tracker(node: Node) -> AsyncIterator[Tracker]:
             await nursery.start(tracker.run_committer)
             nursery.start_soon(tracker.run_reaper)
             if url:
-                listener = Listener(url, str(node.peer_id), tracker.remote_changed, trio.lowlevel.current_trio_token())
+                listener = Listener(url, node_id, tracker.remote_changed, trio.lowlevel.current_trio_token())
                 listener.start()
                 closing.callback(listener.close)
                 nursery.start_soon(tracker.run_snapshots)
-            if node.services is not None:
-                node.services.register_internal("jobs", "/v1/jobs")
+            if services is not None:
+                services.register_internal("jobs", "/v1/jobs")
             try:
                 yield tracker
             finally:
-                if node.services is not None:
-                    node.services.unregister_internal("jobs")
+                if services is not None:
+                    services.unregister_internal("jobs")
                 nursery.cancel_scope.cancel()

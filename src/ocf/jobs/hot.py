@@ -1,11 +1,11 @@
 """The tracker's three hot routes as raw ASGI: claim, complete and heartbeat.
 
 A worker fleet spends nearly all of its requests on these three, and they
-are small JSON in, small JSON out. Through Quart each one paid about half a
-millisecond of framework work (request and app contexts, URL matching,
-two tasks per request, response objects), as much as the LMDB commit
-behind it; served here, in front of Quart, by the gateway's ASGI layer
-(:class:`ocf.gateway.asgi.GatewayASGI`), they cost only what they do.
+are small JSON in, small JSON out. Through Quart each one paid for framework
+work (request and app contexts, URL matching, two tasks per request,
+response objects) of the same order as the LMDB commit behind it; mounted
+as raw ASGI (:class:`~ocf.ports.HttpMount`), served in front of Quart by
+the gateway's ASGI layer after its router, they cost only what they do.
 CORS, metrics and the remote-peer policy still apply: that layer wraps
 these routes as it wraps every other. Everything else under ``/v1/jobs``
 stays in :mod:`ocf.jobs.http`, whose docstring lists the whole API.
@@ -34,8 +34,8 @@ from .edge import http_error, item_answers
 from .http import parse_json_object, parse_number, token_from
 
 if TYPE_CHECKING:
-    from ..node import Node
     from ..ports import RoutedRequest
+    from .tracker import Tracker
 
 log = logging.getLogger("ocf.jobs")
 
@@ -46,10 +46,18 @@ ALLOW = b"POST, OPTIONS"
 
 
 class HotRoutes:
-    """``POST /v1/jobs/<project>/{claim,complete,heartbeat}`` for one node's gateway."""
+    """``POST /v1/jobs/<project>/{claim,complete,heartbeat}`` for one node's gateway.
 
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    ``tracker`` is None on a node without ``--jobs``: the routes then say so (404).
+    """
+
+    def __init__(self, tracker: Tracker | None, *, max_body_size: int, request_timeout: float) -> None:
+        self.tracker = tracker
+        self.max_body_size = max_body_size
+        self.request_timeout = request_timeout
+
+    async def __call__(self, route: RoutedRequest, scope: dict, receive: Receive, send: Send) -> None:
+        await self.serve(route, scope, receive, send)
 
     async def serve(self, route: RoutedRequest, scope: dict, receive: Receive, send: Send) -> None:
         """Serve a request the gateway's router classified as a hot route (it parsed the path)."""
@@ -60,11 +68,11 @@ class HotRoutes:
             if method != "POST":
                 await _not_post(responder, method, scope["path"])
                 return
-            tracker = self.node.jobs
+            tracker = self.tracker
             if tracker is None:
                 raise NotFound("this node does not host a job tracker (start it with --jobs)", code="no_tracker")
-            body = RequestBody(receive, scope, self.node.config.max_body_size)
-            with trio.fail_after(self.node.config.request_timeout):
+            body = RequestBody(receive, scope, self.max_body_size)
+            with trio.fail_after(self.request_timeout):
                 raw = await body.read_all()
             request = parse_json_object(raw)
             authorization = get_header(scope["headers"], b"authorization")
@@ -95,9 +103,7 @@ class HotRoutes:
             await _send_error(responder, exc)
             return
         except trio.TooSlowError:
-            await _send_error(
-                responder, RequestTimeout(f"request body not received within {self.node.config.request_timeout:g} s")
-            )
+            await _send_error(responder, RequestTimeout(f"request body not received within {self.request_timeout:g} s"))
             return
         except ClientGone:
             return
@@ -107,7 +113,7 @@ class HotRoutes:
             return
         await _send_json(responder, answer)
 
-    async def _claim(self, tracker: Any, project: str, token: Any, request: dict[str, Any]) -> dict[str, Any]:
+    async def _claim(self, tracker: Tracker, project: str, token: Any, request: dict[str, Any]) -> dict[str, Any]:
         wait = parse_number(request.get("wait"), "wait", 0, 60, 0.0)
         limit, stage = request.get("max", 1), request.get("stage")
         # A long poll whose client leaves is cancelled by the server (the

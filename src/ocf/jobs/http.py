@@ -68,11 +68,21 @@ EVENTS_KEEPALIVE = 15.0
 RESULTS_PAGE = 1000
 
 
+#: Where the node puts this node's :class:`Tracker` (or None without ``--jobs``) in the app's extensions.
+TRACKER_EXTENSION = "ocf.jobs"
+
+
+def hosted_tracker() -> Tracker | None:
+    """This node's tracker, or None if it hosts none."""
+    found: Tracker | None = current_app.extensions.get(TRACKER_EXTENSION)
+    return found
+
+
 def tracker() -> Tracker:
-    node = current_app.extensions["ocf.node"]
-    if node.jobs is None:
+    found = hosted_tracker()
+    if found is None:
         raise NotFound("this node does not host a job tracker (start it with --jobs)", code="no_tracker")
-    return node.jobs
+    return found
 
 
 def parse_json(raw: bytes) -> Any:
@@ -120,12 +130,16 @@ def parse_number(value: Any, field: str, lo: float, hi: float, default: float) -
     return value
 
 
+async def _body() -> bytes:
+    return await request.get_data(cache=True, as_text=False, parse_form_data=False)
+
+
 async def json_body() -> Any:
-    return parse_json(await request.get_data())
+    return parse_json(await _body())
 
 
 async def json_object() -> dict[str, Any]:
-    return parse_json_object(await request.get_data())
+    return parse_json_object(await _body())
 
 
 def token_of(body: dict[str, Any]) -> Any:
@@ -180,7 +194,7 @@ async def add_jobs(project: str):  # type: ignore[no-untyped-def]
     if key is not None and len(key) > 200:
         raise BadRequest("Idempotency-Key must be at most 200 characters", code="bad_idempotency_key")
     ndjson = request.mimetype in ("application/x-ndjson", "application/jsonl", "application/jsonlines")
-    inputs = await decode_inputs(await request.get_data(), ndjson=ndjson)
+    inputs = await decode_inputs(await _body(), ndjson=ndjson)
     answer = await t.add_jobs(project, inputs, idempotency_key=key)
     return jsonify(answer), 200 if answer.get("repeated") else 201
 
@@ -196,7 +210,7 @@ async def get_job(project: str, job_id: int):  # type: ignore[no-untyped-def]
 @blueprint.post("/v1/jobs/<project>/workers")
 async def register(project: str):  # type: ignore[no-untyped-def]
     body = await json_object()
-    nickname = body.get("nickname", body.get("user"))
+    nickname: Any = body.get("nickname", body.get("user"))  # JSON: the tracker checks it is a name
     worker = await tracker().register_worker(
         project, nickname=nickname, user=body.get("user"), stage=body.get("stage", 1)
     )

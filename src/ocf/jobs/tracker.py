@@ -476,6 +476,9 @@ class Tracker:
         self._log_expired(expired)
         return expired
 
+    async def _forget_idle_workers(self, now: float) -> int:
+        return await self._batched(lambda store: store.forget_idle_workers(now))
+
     async def run_reaper(self) -> None:
         """Return expired leases to pending at their deadline, for as long as the node runs.
 

@@ -8,17 +8,34 @@ so no check is repeated here.
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 from quart import Blueprint, current_app, jsonify, request
 
 from ..errors import ValidationError
+from ..ports import HttpMount, PeerDialer
 from ..web.errors import error_response
+from .metrics import NodeTableCollector
+
+if TYPE_CHECKING:
+    from .table import NodeTable
 
 blueprint = Blueprint("nodetable", __name__)
+TABLE_EXTENSION, PEERS_EXTENSION = "ocf.nodetable", "ocf.peers"
 
 
-def _table():  # type: ignore[no-untyped-def]
-    return current_app.extensions["ocf.node"].table
+def nodetable_mount(table: NodeTable, peers: PeerDialer) -> HttpMount:
+    """``/v1/dnt/*`` and the table's ``/metrics`` families, for the node to mount on its gateway."""
+    return HttpMount(
+        blueprints=(blueprint,),
+        extensions={TABLE_EXTENSION: table, PEERS_EXTENSION: peers},
+        collectors=(NodeTableCollector(table),),
+    )
+
+
+def _table() -> NodeTable:
+    table: NodeTable = current_app.extensions[TABLE_EXTENSION]
+    return table
 
 
 @blueprint.get("/v1/dnt/table")
@@ -29,7 +46,7 @@ async def table():  # type: ignore[no-untyped-def]
 
 @blueprint.get("/v1/dnt/peers")
 async def peers():  # type: ignore[no-untyped-def]
-    host = current_app.extensions["ocf.node"].host
+    host: PeerDialer = current_app.extensions[PEERS_EXTENSION]
     out = [{"ID": str(p), "Addrs": [str(a) for a in host.peer_addrs(p)]} for p in host.connected_peers()]
     return jsonify(peers=out)
 

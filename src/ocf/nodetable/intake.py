@@ -232,9 +232,6 @@ class Intake:
             return None
 
     def _learn_addrs(self, owner: PeerId, doc: Any) -> None:
-        add_addrs = getattr(self.t.host, "add_addrs", None)
-        if add_addrs is None:
-            return
         from ..identity import Multiaddr
 
         texts = doc.to_dict().get("addrs")
@@ -246,7 +243,7 @@ class Intake:
                 addrs.append(Multiaddr.parse(text).without_p2p())
             except Exception:  # noqa: BLE001 - a peer's bad address is its problem
                 continue
-        add_addrs(owner, addrs)
+        self.t.host.add_addrs(owner, addrs)
 
     def _refuse(self, peer: PeerId, reason: str) -> None:
         self.t.stats["refused_" + reason] += 1

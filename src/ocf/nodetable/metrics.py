@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from .table import NodeTable
@@ -55,3 +56,13 @@ def families(table: NodeTable | None) -> Iterator[CounterMetricFamily | GaugeMet
     streams.add_metric(["limit"], stats["streams_refused"])
     streams.add_metric(["timeout"], stats["streams_timed_out"])
     yield streams
+
+
+class NodeTableCollector(Collector):
+    """The node table's families on ``/metrics`` (mounted on the gateway by the node)."""
+
+    def __init__(self, table: NodeTable) -> None:
+        self.table = table
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        return families(self.table)

@@ -36,7 +36,10 @@ from .wire import PROTOCOL
 import trio.lowlevel
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from ..config import Config
+    from ..identity import Identity
+    from ..store import Store
+    from ..transport.host import Host
 
 log = logging.getLogger("ocf.nodetable")
 
@@ -69,13 +72,14 @@ COUNTERS = (
 
 
 class NodeTable:
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self.host = node.host
-        self.config = node.config
-        self._limits = DocLimits.from_config(node.config)
-        self.identity = node.identity
-        self.me = node.peer_id
+    def __init__(self, host: Host, config: Config, identity: Identity, store: Store, version: str) -> None:
+        self.host = host
+        self.config = config
+        self._limits = DocLimits.from_config(config)
+        self.identity = identity
+        self.me = identity.peer_id
+        self.store = store
+        self.software_version = version  # published in our own entry
         self.records: dict[PeerId, Record] = {}
         self.docs: dict[PeerId, OwnerDoc] = {}
         # Only ever keyed by owners in ``records`` (see _forget): unknown IDs cost nothing.
@@ -103,7 +107,6 @@ class NodeTable:
         self._flush_event = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.clock = time.time
-        store = node.store
         self._db = store.db(DB)
 
     # --- public API (docs/internals.md) ------------------------------------------------
@@ -277,11 +280,9 @@ class NodeTable:
             for pending in self.pending.values():
                 pending.pop(owner, None)
         self._sorted = None
-        forget_addrs = getattr(self.host, "forget_addrs", None)
-        if forget_addrs is not None:
-            for owner in owners:
-                forget_addrs(owner)
-        with self.node.store.write() as txn:
+        for owner in owners:
+            self.host.forget_addrs(owner)
+        with self.store.write() as txn:
             for owner in owners:
                 txn.delete(owner.raw, db=self._db)
 
@@ -306,7 +307,7 @@ class NodeTable:
         self._publish_own(Record.create(self.identity, seq, self.docs[self.me]))
 
     def _publish_own(self, record: Record) -> None:
-        with self.node.store.write() as txn:
+        with self.store.write() as txn:
             txn.put(self.me.raw, record.to_bytes(), db=self._db)
         self.insert(record, self.docs[self.me])
         self._bump()
@@ -327,7 +328,7 @@ class NodeTable:
         self._changed = trio.Event()
 
     def store_records(self, records: list[Record]) -> None:
-        with self.node.store.write() as txn:
+        with self.store.write() as txn:
             for record in records:
                 txn.put(record.owner.raw, record.to_bytes(), db=self._db)
 
@@ -337,7 +338,7 @@ class NodeTable:
         Records written by older builds carry a signature this build cannot check
         before loading; they are dropped with a log line and come back from peers.
         """
-        with self.node.store.read() as txn:
+        with self.store.read() as txn:
             items = list(txn.cursor(db=self._db))
         dropped: list[bytes] = []
         reason: Exception | None = None
@@ -358,7 +359,7 @@ class NodeTable:
                 "dropped stored node table records (from an older build or damaged; peers will resend them) %s",
                 logfmt.kv(count=len(dropped), last_reason=reason),
             )
-            with self.node.store.write() as txn:
+            with self.store.write() as txn:
                 for key in dropped:
                     txn.delete(key, db=self._db)
         # Liveness is not stored: give what we loaded one --stale-after to be heard of again.
@@ -373,7 +374,7 @@ class NodeTable:
             "owner": self.docs[self.me].to_dict().get("owner", ""),
             "role": ["dispatcher"] if self.config.mode == "standalone" else ["worker"],
             "status": "online",
-            "version": self.node.version,
+            "version": self.software_version,
             "public_address": self.config.public_addr or "",
             "addrs": [str(a) for a in self.host.listen_addrs],
             "hardware": detect_hardware(),
@@ -464,11 +465,14 @@ class NodeTable:
 
 
 @contextlib.asynccontextmanager
-async def open_nodetable(node: Node) -> AsyncIterator[NodeTable]:
-    table = NodeTable(node)
+async def open_nodetable(
+    host: Host, config: Config, identity: Identity, store: Store, version: str
+) -> AsyncIterator[NodeTable]:
+    """Load the table from ``store``, serve the sync protocol on ``host``; leaving announces our departure."""
+    table = NodeTable(host, config, identity, store, version)
     table._load()
     table._initial_own()
-    node.host.set_stream_handler(PROTOCOL, table.sync.handle)
+    host.set_stream_handler(PROTOCOL, table.sync.handle)
     async with trio.open_nursery() as nursery:
         table._nursery = nursery
         await nursery.start(table._watch_peers)

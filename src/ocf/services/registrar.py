@@ -24,7 +24,7 @@ import logging
 import math
 import re
 from typing import TYPE_CHECKING, Any
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import attrs
 import httpx
@@ -33,34 +33,18 @@ import trio
 from .. import log as logfmt
 from ..config import ServiceSpec
 from ..errors import OcfError, ServiceRegistrationError
+from ..ports import LLM_SERVICE, InternalService, LocalService
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from ..ports import ServiceBoard
+
+__all__ = ["LLM_SERVICE", "InternalService", "LocalService", "Registrar", "open_registrar"]
 
 log = logging.getLogger("ocf.services")
 
-LLM_SERVICE = "llm"
 MAX_POLL_INTERVAL = 30.0
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _RESERVED_PREFIXES = ("/v1/service/", "/v1/_service/", "/v1/p2p/")
-
-
-@attrs.frozen
-class LocalService:
-    """A service reached over HTTP at ``host:port`` (e.g. an LLM server)."""
-
-    name: str
-    host: str
-    port: int
-    api_key: str | None = attrs.field(default=None, repr=False)  # the backend's own key (--service.api-key)
-
-
-@attrs.frozen
-class InternalService:
-    """A service served by this node's own gateway under ``path_prefix``."""
-
-    name: str
-    path_prefix: str
 
 
 @attrs.define(eq=False)
@@ -89,14 +73,20 @@ class Registrar:
     """
 
     def __init__(
-        self, node: Node, client: httpx.AsyncClient, *, poll_interval: float = 10.0, max_health_tries: int = 6000
+        self,
+        specs: Sequence[ServiceSpec],
+        table: ServiceBoard | None,
+        client: httpx.AsyncClient,
+        *,
+        poll_interval: float = 10.0,
+        max_health_tries: int = 6000,
     ) -> None:
-        self.node = node
+        self.table = table  # None: no node table here, the gateway still serves /v1/_service locally
         self.client = client
         self.poll_interval = min(poll_interval, MAX_POLL_INTERVAL)
         self.max_health_tries = max_health_tries
         self.initial_backoff = 0.25
-        self._watched: dict[str, _Watched] = {s.name: _Watched(s) for s in node.config.services}
+        self._watched: dict[str, _Watched] = {s.name: _Watched(s) for s in specs}
         self._internal: dict[str, InternalService] = {}
         self._published: list[dict] | None = None
         self._dirty = trio.Event()
@@ -207,7 +197,7 @@ class Registrar:
 
     def _withdrawn(self, records: list[dict]) -> bool:
         """Whether the table's copy of our entry lost a service we publish (an operator's DELETE, a bad write)."""
-        table = self.node.table
+        table = self.table
         if table is None:
             return False
         listed = table.own_entry().get("service") or []
@@ -220,8 +210,8 @@ class Registrar:
         Polling the backends only notices changes on *their* side; without
         this, a service withdrawn from the table stayed withdrawn for good.
         """
-        table = self.node.table
-        if table is None or not hasattr(table, "wait_changed"):
+        table = self.table
+        if table is None:
             return
         while True:
             await table.wait_changed()
@@ -233,7 +223,7 @@ class Registrar:
                 self._mark_dirty()
 
     async def _write(self, records: list[dict]) -> None:
-        table = self.node.table
+        table = self.table
         if table is None:
             return  # no node table on this node: the gateway still serves /v1/_service locally
         await table.set_services(records)
@@ -365,11 +355,13 @@ def parse_models(data: Any) -> tuple[str, ...]:
 
 
 @contextlib.asynccontextmanager
-async def open_registrar(node: Node, *, poll_interval: float = 10.0) -> AsyncIterator[Registrar]:
-    """Start watching ``node.config.services``; leaving the block stops the watchers."""
+async def open_registrar(
+    specs: Sequence[ServiceSpec], table: ServiceBoard | None, *, poll_interval: float = 10.0
+) -> AsyncIterator[Registrar]:
+    """Start watching ``specs`` (``--service.*``), publishing to ``table``; leaving the block stops the watchers."""
     timeout = httpx.Timeout(5.0, connect=2.0)
     async with httpx.AsyncClient(timeout=timeout, trust_env=False, follow_redirects=False) as client:
-        registrar = Registrar(node, client, poll_interval=poll_interval)
+        registrar = Registrar(specs, table, client, poll_interval=poll_interval)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(registrar._publisher)
             nursery.start_soon(registrar._watch_table)

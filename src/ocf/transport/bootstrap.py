@@ -141,9 +141,7 @@ class Bootstrapper:
         self._nursery.start_soon(self._keeper, addr, learned)
 
     async def _resolve_url(self, url: str) -> None:
-        policy = getattr(self.host, "dial_policy", None)
-        if policy is not None:
-            policy.note_home(urlparse(url).hostname)  # the operator's list server is in our networks
+        self.host.dial_policy.note_home(urlparse(url).hostname)  # the operator's list server is in our networks
         delay = BACKOFF_INITIAL
         while True:
             try:

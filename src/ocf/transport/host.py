@@ -46,7 +46,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
+import typing
 from typing import Any, Protocol
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
@@ -54,7 +56,7 @@ import attrs
 import trio
 
 from .. import log as logfmt
-from ..config import Config
+from ..config import DEFAULT_UDP_PORT, Config
 from ..errors import (
     HandshakeError,
     MultiaddrError,
@@ -70,18 +72,25 @@ from .dialpolicy import DialPolicy, is_wildcard, parse_cidrs, resolve_learned
 from .memory import MemoryNetwork, MemoryTransport
 from . import pnet, secure
 from .muxer import MuxedConnection, MuxedStream
+from .quic import QuicMuxedConnection, QuicTransport, is_quic_addr
 from .resources import HandshakeSlot, Limits, ResourceManager, ip_key
 from .tcp import RawConn, TcpTransport, is_tcp_addr
 
 log = logging.getLogger("ocf.transport")
 
 StreamHandler = Callable[[MuxedStream], Awaitable[None]]
+#: Asked for a peer's addresses when a stream is wanted and none is known (the DHT answers).
+PeerResolver = Callable[[PeerId], Awaitable[Sequence[Multiaddr]]]
+#: Told what identify learned about a peer (the DHT learns which peers serve it).
+IdentifyListener = Callable[[PeerId, "PeerInfo"], None]
 
 SUBSCRIBER_QUEUE = 1024
 MAX_OPERATOR_ADDRS = 1024  # addresses the operator gave us, remembered as trusted for redials
 RETIRE_GRACE = 30.0  # seconds a tie-break loser may keep serving its open streams
 SHUTDOWN_GRACE = 2.0
 PEER_LOG_BURST = 20  # connect/disconnect lines per refusal-log interval
+QUIC_FAILURE_MEMORY = 600.0  # seconds a failed QUIC dial puts TCP first for that peer
+MAX_QUIC_FAILURES = 4096  # peers remembered that way (oldest forgotten first)
 
 
 @attrs.frozen
@@ -96,7 +105,7 @@ class PeerEvent:
 class Connection:
     """One upgraded connection to a peer."""
 
-    muxed: MuxedConnection
+    muxed: MuxedConnection | QuicMuxedConnection
     peer: PeerId
     outbound: bool
     initiator: PeerId
@@ -164,11 +173,20 @@ class Host:
             message_timeout=config.message_timeout,
         )
         self._memory = MemoryTransport(memory_network) if memory_network is not None else None
+        # QUIC is secure and multiplexed by itself: its connections skip the upgrader (see _outbound_quic).
+        self._quic = (
+            QuicTransport(
+                identity, resources=self.resources, handshake_timeout=config.handshake_timeout, retry=config.quic_retry
+            )
+            if config.quic and config.network_key is None
+            else None
+        )
         self._handlers: dict[str, StreamHandler] = {}
         self._conns: dict[PeerId, list[Connection]] = {}
         self._dials: dict[PeerId, trio.Event] = {}
         self._addrs: dict[PeerId, list[Multiaddr]] = {}
         self._operator_addrs: set[Multiaddr] = set()
+        self._quic_failed: dict[PeerId, float] = {}
         self.dial_policy = DialPolicy(allow=parse_cidrs(config.dial_allow))
         for text in config.bootstrap_addrs:  # the operator's peers are in this node's networks
             with contextlib.suppress(MultiaddrError):
@@ -178,10 +196,13 @@ class Host:
         if config.public_addr:
             self.dial_policy.note_home(config.public_addr)
         self._info: dict[PeerId, PeerInfo] = {}
+        self._resolver: PeerResolver | None = None
+        self.identify_listeners: list[IdentifyListener] = []
         self._subscribers: set[trio.MemorySendChannel[PeerEvent]] = set()
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._listen_scope: trio.CancelScope | None = None
+        self._quic_listen_scope = trio.CancelScope()
         self._closing = False
         self.stats = {"inbound_refused": 0, "handshake_failures": 0}
 
@@ -194,12 +215,27 @@ class Host:
         """Serve ``protocol`` on inbound streams; the stream is closed when ``handler`` returns."""
         self._handlers[protocol] = handler
 
+    def pnet_stats(self) -> dict[str, int] | None:
+        """The private network's connection counters (``--network-key``), or None outside one."""
+        upgrader = self.upgrader
+        if isinstance(upgrader, Libp2pUpgrader) and upgrader.protector is not None:
+            return dict(upgrader.protector.stats)
+        return None
+
+    def quic_stats(self) -> dict[str, int] | None:
+        """The QUIC endpoints' datagram counters, or None when QUIC is off."""
+        return self._quic.stats() if self._quic is not None else None
+
     def remove_stream_handler(self, protocol: str) -> None:
         self._handlers.pop(protocol, None)
 
     @property
     def protocols(self) -> list[str]:
         return list(self._handlers)
+
+    def set_peer_resolver(self, resolver: PeerResolver | None) -> None:
+        """Where to look up a peer with no known address before giving up on it (e.g. the DHT)."""
+        self._resolver = resolver
 
     # --- peers -------------------------------------------------------------------------------
 
@@ -301,7 +337,13 @@ class Host:
             return self._memory
         if is_tcp_addr(addr):
             return self._tcp
-        raise PeerUnreachable(f"{addr}: no transport for this address (supported: /tcp, /tcp/…/ws, /memory)")
+        if is_quic_addr(addr):
+            if self._quic is None:
+                raise PeerUnreachable(f"{addr}: QUIC is disabled on this node (--no-quic or a private network)")
+            return self._quic
+        raise PeerUnreachable(
+            f"{addr}: no transport for this address (supported: /tcp, /tcp/…/ws, /udp/…/quic-v1, /memory)"
+        )
 
     def _can_dial(self, addr: Multiaddr) -> bool:
         try:
@@ -405,6 +447,9 @@ class Host:
         if usage["conns_inbound"] + usage["conns_outbound"] + usage["handshakes"] >= self.config.max_connections:
             raise TransportError(f"connection limit reached ({self.config.max_connections})")
         transport = self._transport_for(addr)
+        if transport is self._quic:
+            await self._outbound_quic(addr, operator, task_status)
+            return
         t0 = trio.current_time()
         async with transport.connect(addr, self.config.dial_timeout) as raw:
             try:
@@ -427,6 +472,57 @@ class Host:
                 "dialed %s", logfmt.kv(peer=remote.short(), addr=addr, ms=round((trio.current_time() - t0) * 1000, 1))
             )
             await self._serve_connection(conn, task_status=task_status)
+
+    async def _outbound_quic(self, addr: Multiaddr, operator: bool, task_status: _StartedOnce) -> None:
+        assert self._quic is not None
+        timeout = min(self.config.dial_timeout, self.config.handshake_timeout)
+        async with self._quic.connect(addr, addr.peer_id, timeout) as muxed:
+            remote = muxed.remote_peer
+            assert remote is not None
+            if remote == self.peer_id:
+                raise PeerUnreachable(f"{addr} is ourselves")
+            if addr.peer_id is None:
+                self._remember_addr(remote, addr, operator=operator)
+            if not self.resources.try_reserve("conns_outbound", peer=remote):
+                raise TransportError(f"connection limit reached for {remote.short()}")
+            conn = self._quic_connection(muxed, outbound=True)
+            await self._serve_connection(conn, task_status=task_status)
+
+    async def _on_quic_inbound(self, muxed: QuicMuxedConnection) -> None:
+        """A QUIC connection whose handshake (and peer ID check) is done; same budgets as TCP from here."""
+        remote = muxed.remote_peer
+        if self._closing or remote is None:
+            return
+        if remote == self.peer_id:
+            log.info("refusing connection from ourselves %s", logfmt.kv(remote=muxed.label))
+            return
+        conn = self._quic_connection(muxed, outbound=False)
+        conn.ip = ip_key(conn.remote_addr)
+        if not self.resources.try_reserve("conns_inbound", peer=remote, ip=conn.ip):
+            self.stats["inbound_refused"] += 1
+            return
+        await self._serve_connection(conn)
+
+    def _quic_connection(self, muxed: QuicMuxedConnection, *, outbound: bool) -> Connection:
+        from .quic import quic_multiaddr
+
+        remote = muxed.remote_peer
+        assert remote is not None
+        remote_addr = quic_multiaddr(muxed.addr)
+        muxed.attach(
+            handler=self._on_stream,  # type: ignore[arg-type]
+            resources=self.resources.peer_scope(remote, ip_key(remote_addr)),
+            max_streams=self.config.max_streams_per_connection,
+        )
+        return Connection(
+            muxed=muxed,
+            peer=remote,
+            outbound=outbound,
+            initiator=self.peer_id if outbound else remote,
+            remote_addr=remote_addr,
+            local_addr=None,
+            transport="quic",
+        )
 
     # --- inbound -------------------------------------------------------------------------------
 
@@ -605,14 +701,31 @@ class Host:
             if conn is not None:
                 return conn
         addrs = self.peer_addrs(peer)
+        if not addrs and self._resolver is not None:
+            # The resolver may connect while it looks (that proves the addresses); what
+            # it returns are learned addresses, judged by the dial policy like any other.
+            self.add_addrs(peer, await self._resolver(peer))
+            conn = self._usable(peer)
+            if conn is not None:
+                return conn
+            addrs = self.peer_addrs(peer)
         if not addrs:
             raise PeerUnreachable(f"peer {peer.short()} is not connected and no address is known")
         reasons = []
-        for addr in sorted(addrs, key=_dial_preference)[: self.config.max_addrs_per_peer]:
+        # QUIC first, unless it failed to this peer lately (UDP blocked on the way):
+        # then TCP first, so one blocked path does not cost every dial a timeout.
+        quic_failed = self._quic_failed.get(peer, -math.inf) > time.monotonic() - QUIC_FAILURE_MEMORY
+        for addr in sorted(addrs, key=lambda a: _dial_preference(a, demote_quic=quic_failed))[
+            : self.config.max_addrs_per_peer
+        ]:
             try:
                 await self.connect(addr.with_p2p(peer), learned=addr not in self._operator_addrs)
             except TransportError as exc:
                 reasons.append(f"{addr}: {exc}")
+                if addr.has("quic-v1"):
+                    self._quic_failed[peer] = time.monotonic()
+                    while len(self._quic_failed) > MAX_QUIC_FAILURES:
+                        del self._quic_failed[next(iter(self._quic_failed))]
                 continue
             conn = self._usable(peer)
             if conn is not None:
@@ -645,7 +758,8 @@ class Host:
         except BaseException:
             stream.reset()
             raise
-        return stream
+        # A QuicStream keeps MuxedStream's whole contract (see ocf.transport.quic.stream); callers see one type.
+        return typing.cast(MuxedStream, stream)
 
     async def _on_stream(self, stream: MuxedStream) -> None:
         """Inbound stream: negotiate its protocol, then run the registered handler."""
@@ -694,6 +808,8 @@ class Host:
 
         register_ping(self)
         register_identify(self)
+        if self._quic is not None:
+            self._quic.start_dialing(nursery)
         self._listen_scope = trio.CancelScope()
         if not listen:
             return
@@ -702,6 +818,8 @@ class Host:
             addrs.append(self._memory.listen(self._on_raw_inbound, nursery, memory_name))
         else:
             addrs += await nursery.start(self._listen_tcp)
+            if self._quic is not None:
+                addrs += await nursery.start(self._listen_quic)
             # A wildcard listener also answers on loopback; that alone does not put
             # this node in a loopback network (see ocf.transport.dialpolicy).
             wildcard = is_wildcard(self.config.host)
@@ -722,6 +840,13 @@ class Host:
                 self.config.host, self.config.tcpport, self._on_raw_inbound, self._nursery, task_status=task_status
             )
 
+    async def _listen_quic(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        assert self._nursery is not None and self._quic is not None
+        with self._quic_listen_scope:
+            await self._quic.serve(
+                self.config.host, _udp_port(self.config), self._on_quic_inbound, self._nursery, task_status=task_status
+            )
+
     async def aclose(self) -> None:
         """Stop listening, say goodbye on every connection, close them."""
         if self._closing:
@@ -729,6 +854,7 @@ class Host:
         self._closing = True
         if self._listen_scope is not None:
             self._listen_scope.cancel()
+        self._quic_listen_scope.cancel()
         if self._memory is not None:
             self._memory.close()
         with trio.move_on_after(SHUTDOWN_GRACE):
@@ -824,13 +950,27 @@ def _public_addrs(public: str | None, bound: list[Multiaddr]) -> list[Multiaddr]
     return out
 
 
-def _dial_preference(addr: Multiaddr) -> int:
+def _dial_preference(addr: Multiaddr, *, demote_quic: bool = False) -> tuple[int, int]:
+    """Sort key: in-memory, then loopback, then others; within each, QUIC before TCP before WebSocket."""
     if addr.has("memory"):
-        return 0
+        return (0, 0)
+    kind = (3 if demote_quic else 0) if addr.has("quic-v1") else 2 if addr.has("ws") else 1
     if addr.has("ws"):
-        return 3
+        return (3, kind)
     host = addr.parts[0][1] or ""
-    return 1 if host.startswith("127.") or host == "::1" else 2
+    return (1 if host.startswith("127.") or host == "::1" else 2, kind)
+
+
+def _udp_port(config: Config) -> int:
+    """``--udpport``; an ephemeral TCP port (0) makes the default UDP port ephemeral too.
+
+    Several nodes on one machine (tests, local clusters) pick free TCP ports
+    with ``--tcpport 0``; a fixed default UDP port would make all but the
+    first of them fail to start.
+    """
+    if config.tcpport == 0 and config.udpport == DEFAULT_UDP_PORT:
+        return 0
+    return config.udpport
 
 
 @contextlib.asynccontextmanager

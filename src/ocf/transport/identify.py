@@ -205,6 +205,8 @@ def record(host: Host, peer, message: IdentifyMessage) -> None:  # type: ignore[
         protocol_version=message.protocol_version,
         observed_addr=observed,
     )
+    for listener in list(host.identify_listeners):
+        listener(peer, host._info[peer])
     log.debug(
         "identified %s",
         logfmt.kv(

@@ -726,34 +726,33 @@ class MuxedConnection:
                     self._end(self.close_reason)
                     return
                 for ev in events:
-                    cls = type(ev)
-                    if cls is DataReceived:
+                    if isinstance(ev, DataReceived):
                         stream = streams.get(ev.stream_id)
                         if stream is not None:
                             stream._on_data(ev.data)
-                    elif cls is WindowUpdated:
+                    elif isinstance(ev, WindowUpdated):
                         stream = streams.get(ev.stream_id)
                         if stream is not None and stream._send_lot:
                             stream._send_lot.unpark_all()
-                    elif cls is StreamOpened:
+                    elif isinstance(ev, StreamOpened):
                         self._on_inbound(ev.stream_id)
-                    elif cls is StreamEnded:
+                    elif isinstance(ev, StreamEnded):
                         stream = streams.get(ev.stream_id)
                         if stream is not None:
                             stream._on_eof()
                             self._prune(ev.stream_id)
-                    elif cls is StreamResetByPeer:
+                    elif isinstance(ev, StreamResetByPeer):
                         stream = self._forget(ev.stream_id)
                         if stream is not None:
                             stream._on_reset("reset by peer")
-                    elif cls is PongReceived:
+                    elif isinstance(ev, PongReceived):
                         waiter = self._pings.get(ev.opaque)
                         if waiter is not None:
                             waiter.set()
-                    elif cls is GoAwayReceived:
+                    elif isinstance(ev, GoAwayReceived):
                         self.going_away = True
                         log.debug("peer sent go-away peer=%s code=%d", self.label, ev.code)
-                    elif cls is StreamAccepted:
+                    elif isinstance(ev, StreamAccepted):
                         pass
                 if session.pending_output:
                     self._kick()

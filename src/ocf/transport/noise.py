@@ -77,9 +77,9 @@ class CipherState:
         self._aead.encrypt_into(_nonce(self.n), buf[:n], ad, buf[: n + TAG])
         self.n += 1
 
-    def decrypt(self, ad: bytes, ciphertext: bytes) -> bytes:
+    def decrypt(self, ad: bytes, ciphertext: bytes | memoryview) -> bytes:
         if self._aead is None:
-            return ciphertext
+            return bytes(ciphertext)
         if self.n >= MAX_NONCE:
             raise ProtocolError("noise: nonce exhausted; reconnect")
         try:
@@ -210,12 +210,12 @@ class NoiseHandshake:
 
     def bytes_wanted(self) -> int:
         """How many more bytes complete the next handshake message (so a driver never over-reads)."""
-        if len(self._inbuf) < 2:
-            return 2 - len(self._inbuf)
-        (length,) = struct.unpack_from(">H", self._inbuf)
-        return max(1, 2 + length - len(self._inbuf))
+        buf = self._inbuf
+        if len(buf) < 2:
+            return 2 - len(buf)
+        return max(1, 2 + ((buf[0] << 8) | buf[1]) - len(buf))
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         if self.complete:
             self._leftover += data
             return
@@ -260,11 +260,11 @@ class NoiseHandshake:
         self._sym.decrypt_and_hash(msg[DHLEN:])  # payload (empty in libp2p; ignored)
 
     def _write_message_2(self) -> None:  # -> e, ee, s, es + payload
-        sym = self._sym
+        sym, re = self._sym, self._remote_ephemeral()
         sym.mix_hash(self._e_pub)
-        sym.mix_key(_dh(self._e, self._re))  # ee
+        sym.mix_key(_dh(self._e, re))  # ee
         enc_s = sym.encrypt_and_hash(self._s_pub)
-        sym.mix_key(_dh(self._s, self._re))  # es (responder: s with re)
+        sym.mix_key(_dh(self._s, re))  # es (responder: s with re)
         payload = sym.encrypt_and_hash(encode_payload(self.identity, self._s_pub))
         self._send(self._e_pub + enc_s + payload)
         self._step = 2
@@ -283,7 +283,7 @@ class NoiseHandshake:
     def _write_message_3(self) -> None:  # -> s, se + payload
         sym = self._sym
         enc_s = sym.encrypt_and_hash(self._s_pub)
-        sym.mix_key(_dh(self._s, self._re))  # se (initiator: s with re)
+        sym.mix_key(_dh(self._s, self._remote_ephemeral()))  # se (initiator: s with re)
         payload = sym.encrypt_and_hash(encode_payload(self.identity, self._s_pub))
         self._send(enc_s + payload)
         self._step = 3
@@ -296,6 +296,11 @@ class NoiseHandshake:
         sym.mix_key(_dh(self._e, self._rs))  # se (responder: e with rs)
         self._authenticate(self._decrypt(msg[DHLEN + TAG :]))
         self._step = 3
+
+    def _remote_ephemeral(self) -> bytes:
+        if self._re is None:  # pragma: no cover - the message order reads it before any write uses it
+            raise ProtocolError("noise: no remote ephemeral key yet")
+        return self._re
 
     def _decrypt(self, ct: bytes) -> bytes:
         try:
@@ -384,7 +389,7 @@ class NoiseSession:
             pos += 2 + size + TAG
         return out
 
-    def decrypt_stream(self, data: bytes) -> bytes:
+    def decrypt_stream(self, data: bytes | bytearray | memoryview) -> bytes:
         """Feed ciphertext; return all plaintext of the frames now complete (``b""`` if none).
 
         Frames are decrypted straight out of ``data``; only a frame split
@@ -421,7 +426,7 @@ class NoiseSession:
             return b""
         return out[0] if len(out) == 1 else b"".join(out)
 
-    def _finish_frame(self, data: bytes) -> tuple[memoryview, bytes] | None:
+    def _finish_frame(self, data: bytes | bytearray | memoryview) -> tuple[memoryview, bytes] | None:
         """Complete the frame begun in ``_buf`` from ``data``: (rest of data, its plaintext), or None if still short."""
         buf = self._buf
         view = memoryview(data)

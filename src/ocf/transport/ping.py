@@ -28,7 +28,7 @@ async def receive_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes:
     """Read exactly ``n`` bytes; ``EOFError`` if the stream ends first."""
     first = await stream.receive_some(n)
     if len(first) == n:
-        return first  # the usual case: all of it in one piece
+        return bytes(first)  # the usual case: all of it in one piece (bytes(b) is b, no copy)
     buf = bytearray(first)
     if not first:
         raise EOFError(f"stream ended after 0 of {n} bytes")

@@ -184,7 +184,7 @@ def _load_xor_ic() -> Callable[..., int]:
             ctypes.c_char_p,
         ]
         fn.restype = ctypes.c_int
-        return fn  # type: ignore[no-any-return]
+        return fn
     raise RuntimeError("libsodium's crypto_stream_xsalsa20_xor_ic is not available (is PyNaCl installed?)")
 
 
@@ -301,7 +301,7 @@ class PnetStream(trio.abc.HalfCloseableStream):
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport.wait_send_all_might_not_block()
 
-    async def _receive_raw(self, want: int) -> bytes:
+    async def _receive_raw(self, want: int) -> bytes | bytearray:
         """Next ciphertext; until the peer proved the key, its EOF or reset is a refusal."""
         try:
             data = await self.transport.receive_some(want)
@@ -320,10 +320,10 @@ class PnetStream(trio.abc.HalfCloseableStream):
             data, self._pending = self._pending[:limit], self._pending[limit:]
             return data
         while True:
-            data = await self._receive_raw(self.session.receive_wanted(limit))
-            if not data:
+            raw = await self._receive_raw(self.session.receive_wanted(limit))
+            if not raw:
                 return b""
-            plain = self.session.decrypt(data)
+            plain = self.session.decrypt(raw)
             if plain:
                 return plain
 

@@ -26,7 +26,7 @@ async def _receive_exactly_up_to(stream: trio.abc.ReceiveStream, n: int, what: s
     data = await stream.receive_some(n)
     if not data:
         raise ProtocolError(f"{what}: connection closed during negotiation")
-    return data
+    return bytes(data)
 
 
 async def negotiate(stream: trio.abc.Stream, protocols: Sequence[str], *, initiator: bool) -> str:
@@ -129,7 +129,7 @@ class SecureStream(trio.abc.HalfCloseableStream):
             data, self._plain = self._plain[:max_bytes], self._plain[max_bytes:]
         return data
 
-    async def _receive_ciphertext(self) -> bytes:
+    async def _receive_ciphertext(self) -> bytes | bytearray:
         """Next bytes from the carrier; over TCP straight from the socket (see :mod:`ocf.directsocket`)."""
         if self._direct is None:
             return await self.transport.receive_some(RECEIVE_SIZE)

@@ -69,7 +69,7 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
         self._stream = stream
         self._prefix = prefix
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._prefix:
             await trio.lowlevel.checkpoint()
             if max_bytes is None or max_bytes >= len(self._prefix):

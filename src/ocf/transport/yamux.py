@@ -394,7 +394,7 @@ class YamuxSession:
 
     # --- input ---------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> list[Event]:
+    def receive_data(self, data: bytes | bytearray) -> list[Event]:
         """Parse received bytes; returns the events they caused.
 
         Raises :class:`ProtocolError` when the peer breaks the protocol; a

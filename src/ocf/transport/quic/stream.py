@@ -1,0 +1,277 @@
+"""A native QUIC stream behind the interface yamux streams have (:class:`~ocf.transport.muxer.MuxedStream`).
+
+Everything above the transport (multistream-select, ping, identify, the node
+table, ``/libp2p-http``) takes a stream, reads, writes, half-closes and
+resets; which transport carries it must not show. So this class keeps
+MuxedStream's contract: ``receive_some`` returns ``b""`` at the peer's FIN
+and raises :class:`~ocf.errors.StreamReset` after a reset; ``aclose`` with
+unread data resets; received-but-unread bytes are charged to the peer's
+buffered-bytes budget and a chunk the budget refuses resets the stream.
+
+The bytes themselves live in the connection's sans-IO machine; the stream
+is bookkeeping plus a place for one reader and one writer to wait.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import TYPE_CHECKING, Any
+
+import trio
+from trio.lowlevel import ParkingLot, checkpoint, checkpoint_if_cancelled
+
+from ...errors import StreamReset
+
+if TYPE_CHECKING:
+    from ...identity import PeerId
+    from .connection import QuicMuxedConnection
+
+#: Sent-but-unacknowledged bytes above which a writer waits (aioquic buffers without limit).
+SEND_HIGH_WATER = 1 << 20
+#: Largest piece of one send_all handed to the machine at once.
+SEND_CHUNK = 256 * 1024
+RECEIVE_JOIN = 256 * 1024
+#: Application error codes on the wire (libp2p leaves them to the application).
+RESET_CODE = 0
+
+
+class QuicStream(trio.abc.HalfCloseableStream):
+    """One bidirectional QUIC stream (create via :meth:`QuicMuxedConnection.open_stream`)."""
+
+    def __init__(self, conn: QuicMuxedConnection, stream_id: int, *, inbound: bool = False) -> None:
+        self._conn = conn
+        self.stream_id = stream_id
+        self.inbound = inbound
+        self.protocol: str = ""
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._held = 0
+        self._app_held = 0
+        self._unread = 0
+        self._eof = False
+        self._reset: str | None = None
+        self._closed = False
+        self._send_closed = False
+        self._recv_lot = ParkingLot()
+        self._send_lot = ParkingLot()
+        self._receiving = False
+        self._sending = False
+
+    @property
+    def remote_peer(self) -> PeerId:
+        assert self._conn.remote_peer is not None
+        return self._conn.remote_peer
+
+    @property
+    def connection(self) -> QuicMuxedConnection:
+        return self._conn
+
+    @property
+    def reusable(self) -> bool:
+        return self._reset is None and not self._eof and not self._chunks
+
+    def __repr__(self) -> str:
+        return f"<QuicStream {self.stream_id} {self.protocol or '-'}>"
+
+    # --- receiving ---------------------------------------------------------------------------
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        self._receiving = True
+        try:
+            await checkpoint_if_cancelled()
+            while True:
+                if self._closed:
+                    raise trio.ClosedResourceError("stream was closed")
+                if self._reset is not None:
+                    raise StreamReset(f"stream reset ({self._reset})")
+                if self._chunks:
+                    data = self._take(max_bytes)
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    return data
+                if self._eof:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    return b""
+                await self._recv_lot.park()
+        finally:
+            self._receiving = False
+
+    def unread(self, data: bytes) -> None:
+        """Put bytes back in front of the receive buffer (already credited once)."""
+        if data:
+            self._chunks.appendleft(bytes(data))
+            self._unread += len(data)
+            self._recv_lot.unpark_all()
+
+    def _take(self, max_bytes: int | None) -> bytes:
+        chunks = self._chunks
+        data = chunks.popleft()
+        if max_bytes is None:
+            if chunks and len(data) < RECEIVE_JOIN:
+                parts = [data]
+                total = len(data)
+                while chunks and total + len(chunks[0]) <= RECEIVE_JOIN:
+                    nxt = chunks.popleft()
+                    parts.append(nxt)
+                    total += len(nxt)
+                data = b"".join(parts)
+        elif len(data) > max_bytes:
+            chunks.appendleft(data[max_bytes:])
+            data = data[:max_bytes]
+        n = len(data)
+        if self._unread:
+            again = min(n, self._unread)
+            self._unread -= again
+            n -= again
+        if n:
+            self._release_held(n)
+            self._conn._consumed(self.stream_id, n)
+        return data
+
+    # --- buffered-bytes accounting (the same contract as MuxedStream) -------------------------
+
+    def reserve_memory(self, n: int) -> bool:
+        res = self._conn._resources
+        if res is None or n <= 0:
+            return True
+        if not res.reserve_memory(n):
+            return False
+        self._app_held += n
+        return True
+
+    def release_memory(self, n: int) -> None:
+        n = min(n, self._app_held)
+        res = self._conn._resources
+        if n > 0 and res is not None:
+            self._app_held -= n
+            res.release_memory(n)
+
+    def _release_held(self, n: int) -> None:
+        n = min(n, self._held)
+        res = self._conn._resources
+        if n > 0 and res is not None:
+            self._held -= n
+            res.release_memory(n)
+
+    def _release_all(self) -> None:
+        self._release_held(self._held)
+        self.release_memory(self._app_held)
+
+    # --- sending -----------------------------------------------------------------------------
+
+    def _check_send(self) -> None:
+        if self._reset is not None:
+            raise StreamReset(f"stream reset ({self._reset})")
+        if self._send_closed:
+            raise trio.ClosedResourceError("stream is closed for sending")
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            await checkpoint_if_cancelled()
+            view = memoryview(bytes(data) if not isinstance(data, bytes) else data)
+            pos = 0
+            parked = False
+            while True:
+                self._check_send()
+                if pos >= len(view):
+                    break
+                if self._conn._unacked(self.stream_id) >= SEND_HIGH_WATER:
+                    parked = True
+                    await self._send_lot.park()
+                    continue
+                piece = view[pos : pos + SEND_CHUNK]
+                self._conn._send(self.stream_id, bytes(piece), end=False)
+                pos += len(piece)
+            if not parked:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await checkpoint()
+        while True:
+            self._check_send()
+            if self._conn._unacked(self.stream_id) < SEND_HIGH_WATER:
+                return
+            await self._send_lot.park()
+
+    async def send_eof(self) -> None:
+        await checkpoint()
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        if self._reset is not None:
+            raise StreamReset(f"stream reset ({self._reset})")
+        if self._send_closed:
+            return
+        self._send_closed = True
+        self._conn._send(self.stream_id, b"", end=True)
+
+    async def aclose(self) -> None:
+        """FIN our side; unread or later-arriving data stops the peer's side (as TCP would reset)."""
+        if not self._closed:
+            self._closed = True
+            if self._reset is None:
+                unread = bool(self._chunks) or not self._eof
+                self._chunks.clear()
+                self._release_held(self._held)
+                if not self._send_closed:
+                    self._send_closed = True
+                    self._conn._send(self.stream_id, b"", end=True)
+                if unread:
+                    self._conn._stop_receiving(self.stream_id)
+            self._conn._maybe_forget(self)
+            self._wake()
+        await checkpoint()
+
+    def reset(self) -> None:
+        """Abort both directions now; pending and later calls raise :class:`StreamReset`."""
+        if self._reset is None:
+            self._chunks.clear()
+            self._release_held(self._held)
+            self._conn._reset_stream(self)
+            self._on_reset("reset locally")
+
+    # --- called by the connection ----------------------------------------------------------
+
+    def _wake(self) -> None:
+        self._recv_lot.unpark_all()
+        self._send_lot.unpark_all()
+
+    def _on_data(self, data: bytes) -> None:
+        if self._closed or self._reset is not None:
+            return  # the peer was told to stop; what is still in flight is dropped
+        res = self._conn._resources
+        if res is not None:
+            if not res.reserve_memory(len(data)):
+                self._conn._note("memory", "stream reset: buffered-bytes budget exceeded")
+                self.reset()
+                return
+            self._held += len(data)
+        self._chunks.append(data)
+        self._recv_lot.unpark_all()
+
+    def _on_eof(self) -> None:
+        self._eof = True
+        self._recv_lot.unpark_all()
+        self._conn._maybe_forget(self)
+
+    def _on_reset(self, reason: str) -> None:
+        if self._reset is None:
+            self._reset = reason
+            self._chunks.clear()
+            self._unread = 0
+            self._release_all()
+            self._wake()
+            self._conn._maybe_forget(self)
+
+    def _done(self) -> bool:
+        """Nothing more will happen on this stream in either direction, as far as we care."""
+        return self._reset is not None or self._closed
+
+    def _status(self) -> dict[str, Any]:
+        return {"id": self.stream_id, "eof": self._eof, "closed": self._closed, "reset": self._reset}
