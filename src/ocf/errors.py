@@ -476,7 +476,3 @@ class RelayRefused(PeerUnreachable):
     def __init__(self, message: str, *, status: str = "") -> None:
         super().__init__(message)
         self.status = status
-
-
-class RelayLimitReached(StreamReset):
-    """A relayed connection ended because the relay's time or data limit for it ran out."""
