@@ -86,8 +86,6 @@ RETRYABLE_CODES = frozenset({b"backend_unreachable"})
 #: Bodies up to this size (with a declared length) are read before forwarding: cheaper and replayable.
 SMALL_BODY = 64 * 1024
 
-ASGIApp = Callable[[dict, Receive, Send], Awaitable[None]]
-
 
 @attrs.define(slots=True, eq=False)
 class Call:
@@ -295,9 +293,6 @@ class Forwarder:
     def _peer_exchange(self, call: Call, peer_text: str, body: RequestBody, target: bytes, *, kind: str) -> Exchange:
         upstream = PeerUpstream(self.peer_streams, self.metrics, self.providers.open_stream, peer_text, kind)
         return Exchange(upstream, call.scope["method"].encode(), target, peer_headers(call.scope, call.hops), body)
-
-    async def open_peer_stream(self, peer_text: str) -> Any:
-        return await self.providers.open_stream(peer_text)
 
     def usable(self, provider: routing.Provider, now: float) -> bool:
         return self.providers.usable(provider, now)
