@@ -37,6 +37,17 @@ def cfg(**kw) -> Config:
     return Config(**base)
 
 
+def unbounded_cfg() -> Config:
+    """An attacker's host: its own limits never stop it from opening streams or buffering."""
+    return cfg(
+        max_streams_per_connection=4096,
+        max_streams_per_peer=100_000,
+        max_system_streams=100_000,
+        max_buffered_per_peer=1 << 30,
+        max_buffered=1 << 30,
+    )
+
+
 def ident(name: str) -> Identity:
     return Identity.from_seed(f"rcmgr-{name}-{os.getpid()}")
 
@@ -129,13 +140,7 @@ async def test_many_streams_with_unread_data_stay_within_the_peer_budget():
     async with victim() as (host, addr):
         rm = host.resources
         budget = rm.limits.memory_per_peer
-        attacker_cfg = cfg(
-            max_streams_per_connection=4096,
-            max_streams_per_peer=100_000,
-            max_system_streams=100_000,
-            max_buffered_per_peer=1 << 30,
-            max_buffered=1 << 30,
-        )
+        attacker_cfg = unbounded_cfg()
         # (nearly) a whole initial yamux window per stream: negotiation used a few bytes of it
         payload = os.urandom(255 * 1024)
         gc.collect()
@@ -438,13 +443,7 @@ async def test_node_health_answers_during_a_stream_flood(node_config):
 
         node.host.set_stream_handler(SINK, sink)
         rm = node.host.resources
-        attacker_cfg = cfg(
-            max_streams_per_connection=4096,
-            max_streams_per_peer=100_000,
-            max_system_streams=100_000,
-            max_buffered_per_peer=1 << 30,
-            max_buffered=1 << 30,
-        )
+        attacker_cfg = unbounded_cfg()
         payload = os.urandom(255 * 1024)
         latencies: list[float] = []
         statuses: list[int] = []
