@@ -60,6 +60,18 @@ async def eventually(predicate, what: str = "condition") -> None:
     raise AssertionError(f"{what} not reached within {EVENTUALLY}s")
 
 
+async def connect_and_ping(host, addr, n: int, name: str) -> int:
+    """``n`` well-behaved peers, one after another, each connecting and pinging within 5 s; how many did."""
+    ok = 0
+    for i in range(n):
+        async with open_host(ident(f"{name}{i}"), cfg(), listen=False) as legit:
+            with trio.fail_after(5):
+                await legit.connect(addr)
+                await legit.ping(host.peer_id)
+            ok += 1
+    return ok
+
+
 @contextlib.asynccontextmanager
 async def victim(**kw):
     async with open_host(ident("victim"), cfg(**kw)) as host:
@@ -92,13 +104,7 @@ async def test_handshake_squatting_from_one_address_does_not_lock_out_others(cap
             )
             await eventually(lambda: rm.refusals["ip", "handshakes"] >= 200, what="a refusal storm")
             # a legitimate peer from another address connects and pings, every time
-            ok = 0
-            for i in range(8):
-                async with open_host(ident(f"legit{i}"), cfg(), listen=False) as legit:
-                    with trio.fail_after(5):
-                        await legit.connect(addr)
-                        await legit.ping(host.peer_id)
-                    ok += 1
+            ok = await connect_and_ping(host, addr, 8, "legit")
             assert rm.system.usage["handshakes"] <= rm.limits.handshakes_per_ip + 1
             stop.set()
         assert ok == 8
@@ -121,13 +127,7 @@ async def test_squatters_on_several_addresses_are_evicted_for_a_newcomer():
                     lambda ip=ip: squat_handshakes(tcp_port(addr), 8, source_ip=ip, stop=stop, counts=counts)
                 )
             await eventually(lambda: rm.system.usage["handshakes"] == 16, what="all slots squatted")
-            ok = 0
-            for i in range(4):
-                async with open_host(ident(f"newcomer{i}"), cfg(), listen=False) as legit:
-                    with trio.fail_after(5):
-                        await legit.connect(addr)
-                        await legit.ping(host.peer_id)
-                    ok += 1
+            ok = await connect_and_ping(host, addr, 4, "newcomer")
             stop.set()
         assert ok == 4
         assert rm.refusals["ip", "handshake_evicted"] >= 4
