@@ -19,7 +19,7 @@ import uuid
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import httpx
 
@@ -180,7 +180,7 @@ def _read_admin_token(data_dir: str) -> str | None:
         return None
 
 
-def _guard(func: Any) -> Any:
+def _guard(func: Callable[[argparse.Namespace, httpx.Client], int]) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         try:
             token = args.admin_token or _read_admin_token(args.data_dir)

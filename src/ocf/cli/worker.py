@@ -34,7 +34,7 @@ import trio
 
 from .. import log as logfmt
 from ..errors import collapse_groups
-from ..jobs.client import TrackerError, connect
+from ..jobs.client import Job, TrackerClient, TrackerError, connect
 from .jobs import add_tracker_args
 
 MAX_ENV_INPUT = 64 * 1024
@@ -223,7 +223,7 @@ async def _work(args: argparse.Namespace, command: list[str], tally: Tally) -> N
                     raise
 
 
-async def _loop(tracker: Any, args: argparse.Namespace, command: list[str], tally: Tally) -> None:
+async def _loop(tracker: TrackerClient, args: argparse.Namespace, command: list[str], tally: Tally) -> None:
     failures_in_a_row = 0
     async for job in tracker.jobs(args.stage, batch=args.batch, until_empty=args.until_empty):
         if failures_in_a_row:
@@ -243,7 +243,7 @@ async def _loop(tracker: Any, args: argparse.Namespace, command: list[str], tall
             tally.done += 1
 
 
-async def _run_one(command: list[str], job: Any, output_mode: str) -> Any:
+async def _run_one(command: list[str], job: Job, output_mode: str) -> Any:
     text = job.input if isinstance(job.input, str) else json.dumps(job.input)
     env = dict(os.environ, OCF_JOB_ID=str(job.id), OCF_JOB_STAGE=job.stage, OCF_JOB_ATTEMPT=str(job.attempts))
     if len(text) <= MAX_ENV_INPUT:

@@ -173,7 +173,7 @@ class MuxedStream(trio.abc.HalfCloseableStream):
             self._unread += len(data)
             self._wake_receiver()
 
-    def _abort_receive(self, _raise_cancel: Any) -> trio.lowlevel.Abort:
+    def _abort_receive(self, _raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         self._recv_waiter = None
         return trio.lowlevel.Abort.SUCCEEDED
 
@@ -449,7 +449,7 @@ class MuxedConnection:
     def is_open(self) -> bool:
         return not self.closed.is_set() and self.close_reason is None
 
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the connection's tasks until it ends."""
         try:
             async with trio.open_nursery() as nursery:

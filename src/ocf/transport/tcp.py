@@ -189,7 +189,7 @@ class TcpTransport:
         handler: RawHandler,
         handler_nursery: trio.Nursery,
         *,
-        task_status: Any = trio.TASK_STATUS_IGNORED,
+        task_status: trio.TaskStatus[list[Multiaddr]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen on ``host:port`` and run ``handler(raw)`` for each connection in ``handler_nursery``.
 
