@@ -112,6 +112,22 @@ def single_leaf(exc: BaseException) -> BaseException:
     return exc
 
 
+@contextlib.contextmanager
+def collapse_groups() -> Iterator[None]:
+    """Re-raise a lone exception out of the exception group a Trio nursery wraps it in.
+
+    Callers of our context managers want ``except UpstreamError``, not
+    ``except*``; groups with several real errors pass through unchanged.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaf = single_leaf(group)
+        if leaf is group:
+            raise
+        raise leaf from leaf.__cause__
+
+
 def leaves(exc: BaseException) -> list[BaseException]:
     """The exceptions in ``exc`` with every (nested) exception group flattened away."""
     if isinstance(exc, BaseExceptionGroup):

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TextIO
 
 
 class _Formatter(logging.Formatter):
@@ -38,7 +39,7 @@ def kv(**fields: Any) -> str:
     return " ".join(out)
 
 
-def setup(level: str = "info", stream: Any = None) -> None:
+def setup(level: str = "info", stream: TextIO | None = None) -> None:
     """Configure the ``ocf`` logger tree for a process (CLI only; libraries never call this)."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(_Formatter())
@@ -68,7 +69,7 @@ class RateLimitedLog:
         interval: float = 10.0,
         *,
         burst: int = 1,
-        clock: Any = time.monotonic,
+        clock: Callable[[], float] = time.monotonic,
         max_keys: int = 256,
     ) -> None:
         self.logger = logger

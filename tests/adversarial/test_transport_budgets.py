@@ -37,6 +37,17 @@ def cfg(**kw) -> Config:
     return Config(**base)
 
 
+def unbounded_cfg() -> Config:
+    """An attacker's host: its own limits never stop it from opening streams or buffering."""
+    return cfg(
+        max_streams_per_connection=4096,
+        max_streams_per_peer=100_000,
+        max_system_streams=100_000,
+        max_buffered_per_peer=1 << 30,
+        max_buffered=1 << 30,
+    )
+
+
 def ident(name: str) -> Identity:
     return Identity.from_seed(f"rcmgr-{name}-{os.getpid()}")
 
@@ -47,6 +58,18 @@ async def eventually(predicate, what: str = "condition") -> None:
         await wait_until(predicate)
         return
     raise AssertionError(f"{what} not reached within {EVENTUALLY}s")
+
+
+async def connect_and_ping(host, addr, n: int, name: str) -> int:
+    """``n`` well-behaved peers, one after another, each connecting and pinging within 5 s; how many did."""
+    ok = 0
+    for i in range(n):
+        async with open_host(ident(f"{name}{i}"), cfg(), listen=False) as legit:
+            with trio.fail_after(5):
+                await legit.connect(addr)
+                await legit.ping(host.peer_id)
+            ok += 1
+    return ok
 
 
 @contextlib.asynccontextmanager
@@ -81,13 +104,7 @@ async def test_handshake_squatting_from_one_address_does_not_lock_out_others(cap
             )
             await eventually(lambda: rm.refusals["ip", "handshakes"] >= 200, what="a refusal storm")
             # a legitimate peer from another address connects and pings, every time
-            ok = 0
-            for i in range(8):
-                async with open_host(ident(f"legit{i}"), cfg(), listen=False) as legit:
-                    with trio.fail_after(5):
-                        await legit.connect(addr)
-                        await legit.ping(host.peer_id)
-                    ok += 1
+            ok = await connect_and_ping(host, addr, 8, "legit")
             assert rm.system.usage["handshakes"] <= rm.limits.handshakes_per_ip + 1
             stop.set()
         assert ok == 8
@@ -110,13 +127,7 @@ async def test_squatters_on_several_addresses_are_evicted_for_a_newcomer():
                     lambda ip=ip: squat_handshakes(tcp_port(addr), 8, source_ip=ip, stop=stop, counts=counts)
                 )
             await eventually(lambda: rm.system.usage["handshakes"] == 16, what="all slots squatted")
-            ok = 0
-            for i in range(4):
-                async with open_host(ident(f"newcomer{i}"), cfg(), listen=False) as legit:
-                    with trio.fail_after(5):
-                        await legit.connect(addr)
-                        await legit.ping(host.peer_id)
-                    ok += 1
+            ok = await connect_and_ping(host, addr, 4, "newcomer")
             stop.set()
         assert ok == 4
         assert rm.refusals["ip", "handshake_evicted"] >= 4
@@ -129,13 +140,7 @@ async def test_many_streams_with_unread_data_stay_within_the_peer_budget():
     async with victim() as (host, addr):
         rm = host.resources
         budget = rm.limits.memory_per_peer
-        attacker_cfg = cfg(
-            max_streams_per_connection=4096,
-            max_streams_per_peer=100_000,
-            max_system_streams=100_000,
-            max_buffered_per_peer=1 << 30,
-            max_buffered=1 << 30,
-        )
+        attacker_cfg = unbounded_cfg()
         # (nearly) a whole initial yamux window per stream: negotiation used a few bytes of it
         payload = os.urandom(255 * 1024)
         gc.collect()
@@ -438,13 +443,7 @@ async def test_node_health_answers_during_a_stream_flood(node_config):
 
         node.host.set_stream_handler(SINK, sink)
         rm = node.host.resources
-        attacker_cfg = cfg(
-            max_streams_per_connection=4096,
-            max_streams_per_peer=100_000,
-            max_system_streams=100_000,
-            max_buffered_per_peer=1 << 30,
-            max_buffered=1 << 30,
-        )
+        attacker_cfg = unbounded_cfg()
         payload = os.urandom(255 * 1024)
         latencies: list[float] = []
         statuses: list[int] = []

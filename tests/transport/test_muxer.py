@@ -24,6 +24,21 @@ async def echo(stream: MuxedStream) -> None:
     await stream.send_eof()
 
 
+async def echoed(stream, payload: bytes) -> bytes:
+    """Send ``payload`` and end the stream while reading everything the echo sends back."""
+
+    async def sender() -> None:
+        await stream.send_all(payload)
+        await stream.send_eof()
+
+    got = bytearray()
+    async with trio.open_nursery() as n:
+        n.start_soon(sender)
+        while chunk := await stream.receive_some():
+            got += chunk
+    return bytes(got)
+
+
 @contextlib.asynccontextmanager
 async def pair(server_handler=echo, client_handler=None, **kw):
     """A connected (client, server) pair of MuxedConnections over a memory stream pair."""
@@ -64,17 +79,7 @@ async def test_many_concurrent_streams_carry_their_own_data():
         async def one(i: int) -> None:
             s = await client.open_stream()
             payload = os.urandom(1000 + i * 37)
-            async with trio.open_nursery() as n:
-
-                async def sender():
-                    await s.send_all(payload)
-                    await s.send_eof()
-
-                n.start_soon(sender)
-                got = bytearray()
-                while chunk := await s.receive_some():
-                    got += chunk
-            results[i] = bytes(got) == payload
+            results[i] = await echoed(s, payload) == payload
             await s.aclose()
 
         async with trio.open_nursery() as n:
@@ -89,17 +94,7 @@ async def test_large_transfer_beyond_window():
     payload = os.urandom(size)
     async with pair() as (client, _):
         s = await client.open_stream()
-        async with trio.open_nursery() as n:
-
-            async def sender():
-                await s.send_all(payload)
-                await s.send_eof()
-
-            n.start_soon(sender)
-            got = bytearray()
-            while chunk := await s.receive_some():
-                got += chunk
-        assert bytes(got) == payload
+        assert await echoed(s, payload) == payload
 
 
 async def test_slow_reader_blocks_sender_and_bounds_memory():

@@ -43,6 +43,15 @@ def pump(a: YamuxSession, b: YamuxSession) -> list:
     return b.receive_data(a.data_to_send())
 
 
+def send_window_read_at(a: YamuxSession, b: YamuxSession, sid: int, now: float) -> None:
+    """``a`` fills its whole send window on ``sid``; ``b`` reads it all at ``now`` (what its window tuning sees)."""
+    window = a.send_window(sid)
+    a.send_data(sid, b"x" * window)
+    pump(a, b)
+    b.consume(sid, window, now)
+    pump(b, a)
+
+
 # --- byte vectors ----------------------------------------------------------------------
 
 
@@ -264,12 +273,8 @@ def test_window_autotuning_grows_for_fast_reader_only():
     pump(c2, s2)
     now = 0.0
     for _ in range(12):
-        window = c2.send_window(sid)
-        c2.send_data(sid, b"x" * window)
-        pump(c2, s2)
         now += 1.0
-        s2.consume(sid, window, now)
-        pump(s2, c2)
+        send_window_read_at(c2, s2, sid, now)
     assert s2.recv_window(sid) == INITIAL_WINDOW
 
 
@@ -338,12 +343,8 @@ def test_window_growth_is_capped_per_session():
     now = 0.0
     for _ in range(8):
         for sid in sids:
-            window = c.send_window(sid)
-            c.send_data(sid, b"x" * window)
-            pump(c, s)
             now += 0.0001
-            s.consume(sid, window, now)
-            pump(s, c)
+            send_window_read_at(c, s, sid, now)
     grown = sum(s.recv_window(sid) - INITIAL_WINDOW for sid in sids)
     assert 0 < grown <= 3 * INITIAL_WINDOW
     # closing streams returns their growth to the budget

@@ -24,7 +24,7 @@ import uuid
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import httpx
 
@@ -36,12 +36,8 @@ DEFAULT_URL = "http://127.0.0.1:8092"
 RETRIES = 5
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "jobs",
-        help="Manage a job tracker: projects, job creation, status, results.",
-        description="Manage the job tracker hosted by a node started with --jobs (over its HTTP API).",
-    )
+def add_tracker_args(p: argparse.ArgumentParser) -> None:
+    """``--url`` and ``--via-network``: how ``ocf jobs`` and ``ocf worker`` reach a tracker."""
     p.add_argument(
         "--url",
         default=os.environ.get("OCF_TRACKER_URL", DEFAULT_URL),
@@ -55,6 +51,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="Reach the tracker through this node's /v1/service/jobs route (the tracker may be any peer).",
     )
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "jobs",
+        help="Manage a job tracker: projects, job creation, status, results.",
+        description="Manage the job tracker hosted by a node started with --jobs (over its HTTP API).",
+    )
+    add_tracker_args(p)
     p.add_argument(
         "--admin-token",
         default=os.environ.get("OCF_ADMIN_TOKEN") or os.environ.get("OCF_JOBS_ADMIN_TOKEN"),
@@ -203,7 +208,7 @@ def _read_admin_token(data_dir: str) -> str | None:
         return None
 
 
-def _guard(func: Any) -> Any:
+def _guard(func: Callable[[argparse.Namespace, httpx.Client], int]) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         try:
             token = args.admin_token or _read_admin_token(args.data_dir)

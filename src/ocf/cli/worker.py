@@ -33,9 +33,9 @@ import httpx
 import trio
 
 from .. import log as logfmt
-from ..errors import single_leaf
-from ..jobs.client import TrackerError, connect
-from .jobs import DEFAULT_URL
+from ..errors import collapse_groups
+from ..jobs.client import Job, TrackerClient, TrackerError, connect
+from .jobs import add_tracker_args
 
 MAX_ENV_INPUT = 64 * 1024
 #: Statuses that mean "the tracker is not there right now" (a gateway in front of a restarting one).
@@ -54,17 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "python crawl.py"
         ),
     )
-    p.add_argument(
-        "--url",
-        default=os.environ.get("OCF_TRACKER_URL", DEFAULT_URL),
-        help=(
-            "Gateway URL of the tracker node, or of any node with --via-network (default: $OCF_TRACKER_URL or "
-            f"{DEFAULT_URL})."
-        ),
-    )
-    p.add_argument(
-        "--via-network", action="store_true", help="Reach the tracker through this node's /v1/service/jobs route."
-    )
+    add_tracker_args(p)
     p.add_argument("--project", required=True, help="Project to work on.")
     p.add_argument("--stage", required=True, help="Stage name (or number, or letter a-e).")
     p.add_argument(
@@ -170,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
 async def _main(args: argparse.Namespace, command: list[str], tally: Tally) -> int:
     """Work until done; SIGTERM (like Ctrl-C) stops it after handing held jobs back."""
     stopped_by: list[int] = []
-    try:
+    with collapse_groups():
         async with trio.open_nursery() as nursery:
 
             async def on_signal() -> None:
@@ -183,11 +173,6 @@ async def _main(args: argparse.Namespace, command: list[str], tally: Tally) -> i
             nursery.start_soon(on_signal)
             await _work(args, command, tally)
             nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        leaf = single_leaf(group)
-        if leaf is group:
-            raise
-        raise leaf from None
     if stopped_by:
         print(f"ocf worker: stopped by signal {stopped_by[0]}; held jobs handed back", file=sys.stderr)
         return 128 + stopped_by[0]
@@ -238,7 +223,7 @@ async def _work(args: argparse.Namespace, command: list[str], tally: Tally) -> N
                     raise
 
 
-async def _loop(tracker: Any, args: argparse.Namespace, command: list[str], tally: Tally) -> None:
+async def _loop(tracker: TrackerClient, args: argparse.Namespace, command: list[str], tally: Tally) -> None:
     failures_in_a_row = 0
     async for job in tracker.jobs(args.stage, batch=args.batch, until_empty=args.until_empty):
         if failures_in_a_row:
@@ -258,7 +243,7 @@ async def _loop(tracker: Any, args: argparse.Namespace, command: list[str], tall
             tally.done += 1
 
 
-async def _run_one(command: list[str], job: Any, output_mode: str) -> Any:
+async def _run_one(command: list[str], job: Job, output_mode: str) -> Any:
     text = job.input if isinstance(job.input, str) else json.dumps(job.input)
     env = dict(os.environ, OCF_JOB_ID=str(job.id), OCF_JOB_STAGE=job.stage, OCF_JOB_ATTEMPT=str(job.attempts))
     if len(text) <= MAX_ENV_INPUT:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import collections
 import logging
 import resource
-from typing import Any
+from typing import Protocol
 from collections.abc import Callable
 
 import attrs
@@ -97,6 +97,12 @@ class ConnectionGate:
             self.reserve_open -= 1
 
 
+class IdleConnection(Protocol):
+    """A connection waiting for a request, which shutdown or the cap may end."""
+
+    def end_idle(self) -> None: ...
+
+
 class Draining:
     """Shared by one server's connections: what shutdown and the connection cap act on.
 
@@ -109,7 +115,7 @@ class Draining:
 
     def __init__(self, refusals: collections.Counter[str] | None = None) -> None:
         self.draining = False
-        self._idle: dict[Any, None] = {}  # insertion order: oldest first
+        self._idle: dict[IdleConnection, None] = {}  # insertion order: oldest first
         #: Requests the engine answered (or connections it ended) itself, by reason
         #: ("408 head_timeout", "write_timeout"...).
         self.refusals: collections.Counter[str] = refusals if refusals is not None else collections.Counter()

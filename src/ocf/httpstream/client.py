@@ -13,11 +13,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 
 import trio
 
-from ..errors import BridgeError, TransportError, UpstreamError, single_leaf
+from ..errors import BridgeError, TransportError, UpstreamError, collapse_groups
 from .bridge import END, ClientBridge, Data, Headers, ResponseHead, get_header
 
 log = logging.getLogger("ocf.httpstream")
@@ -227,19 +227,3 @@ async def _streamed_exchange(
             nursery.cancel_scope.cancel()  # the server answered without reading all of the body
     if source_error:
         raise source_error[0]
-
-
-@contextlib.contextmanager
-def collapse_groups() -> Iterator[None]:
-    """Re-raise a lone exception out of the exception group a Trio nursery wraps it in.
-
-    Callers of our context managers want ``except UpstreamError``, not
-    ``except*``; groups with several real errors pass through unchanged.
-    """
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        leaf = single_leaf(group)
-        if leaf is group:
-            raise
-        raise leaf from leaf.__cause__

@@ -89,8 +89,8 @@ class Buffer:
         if not data:
             self.closed = True
         elif self.pos >= len(self.data):
-            # Kept, not copied: a bytearray the caller may reuse becomes bytes (bytes stay as they are).
-            self.data, self.pos = bytes(data), 0
+            # Kept, not copied: a bytearray the caller may reuse becomes bytes first.
+            self.data, self.pos = (data if type(data) is bytes else bytes(data)), 0
         else:
             self.data = self.data[self.pos :] + data
             self.pos = 0

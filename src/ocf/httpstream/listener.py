@@ -85,7 +85,7 @@ async def serve_http(
     timeouts: Timeouts | None = None,
     limits: ConnectionLimits | None = None,
     stats: ServerStats | None = None,
-    task_status: Any = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``host:port`` until ``shutdown_trigger()`` returns.
 

@@ -50,6 +50,7 @@ from .bridge import (
     Data,
     RequestHead,
     ServerBridge,
+    ServerEvent,
     asgi_scope,
 )
 from .deadlines import ConnectionClock, Timeouts
@@ -93,7 +94,7 @@ class _Connection:
         self.max_header_size = max_header_size
         self.idle_timeout = idle_timeout
         self.clock = ConnectionClock(timeouts or Timeouts(), trio.current_time())
-        self.events: collections.deque = collections.deque()
+        self.events: collections.deque[ServerEvent] = collections.deque()
         self.gone = False
         self.error: BridgeError | None = None
         self._arrived = trio.Event()  # the reader parsed something (or the client went away)
@@ -180,8 +181,9 @@ class _Connection:
     def _skip_parsed_body(self) -> bool:
         """Drop a request body the app did not read, if all of it is already here (a GET's empty one always is)."""
         events = self.events
-        while events and isinstance(events[0], Data):
-            self._queued -= len(events.popleft().data)
+        while events and isinstance(first := events[0], Data):
+            events.popleft()
+            self._queued -= len(first.data)
         if events and events[0] is END:
             events.popleft()
             if not events:
@@ -189,7 +191,7 @@ class _Connection:
             return True
         return False
 
-    async def _next_event(self, *, idle: bool = False) -> Any:
+    async def _next_event(self, *, idle: bool = False) -> ServerEvent | None:
         """The next parsed event, waiting for the reader; None if ``idle`` and the connection idled out.
 
         An error (malformed bytes, a deadline passed) wins over events

@@ -39,7 +39,7 @@ import anyio
 import attrs
 import httpx
 
-from ..errors import OcfError, single_leaf
+from ..errors import OcfError, collapse_groups
 
 DEFAULT_TIMEOUT = 60.0
 MAX_HEARTBEAT_INTERVAL = 30.0
@@ -295,27 +295,23 @@ async def connect(
     owns = http is None
     client = http or httpx.AsyncClient(timeout=timeout)
     try:
-        async with anyio.create_task_group() as nursery:
-            tracker = TrackerClient(client, _base(url, project, via_network), nickname, user, nursery)
-            try:
-                yield tracker
-            finally:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                    for worker in tracker._workers.values():
-                        # Outputs set before the caller broke out of a jobs() loop are results, not losses.
-                        worker.settle()
-                        if worker._done:
-                            with contextlib.suppress(httpx.HTTPError, TrackerError):
-                                await worker.flush()
-                        await worker.bye()
-                nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
         # The heartbeat task group wraps the caller's own exception in a group;
         # a library context manager should hand it back as it was raised.
-        leaf = single_leaf(group)
-        if leaf is group:
-            raise
-        raise leaf from None
+        with collapse_groups():
+            async with anyio.create_task_group() as nursery:
+                tracker = TrackerClient(client, _base(url, project, via_network), nickname, user, nursery)
+                try:
+                    yield tracker
+                finally:
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                        for worker in tracker._workers.values():
+                            # Outputs set before the caller broke out of a jobs() loop are results, not losses.
+                            worker.settle()
+                            if worker._done:
+                                with contextlib.suppress(httpx.HTTPError, TrackerError):
+                                    await worker.flush()
+                            await worker.bye()
+                    nursery.cancel_scope.cancel()
     finally:
         if owns:
             await client.aclose()

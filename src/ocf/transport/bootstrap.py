@@ -114,7 +114,7 @@ class Bootstrapper:
             return ["local"]
         return list(self.config.bootstrap_addrs)
 
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             sources = self.sources()

@@ -175,7 +175,7 @@ class MuxedStream(trio.abc.HalfCloseableStream):
             self._unread += len(data)
             self._wake_receiver()
 
-    def _abort_receive(self, _raise_cancel: Any) -> trio.lowlevel.Abort:
+    def _abort_receive(self, _raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         self._recv_waiter = None
         return trio.lowlevel.Abort.SUCCEEDED
 
@@ -451,7 +451,7 @@ class MuxedConnection:
     def is_open(self) -> bool:
         return not self.closed.is_set() and self.close_reason is None
 
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the connection's tasks until it ends."""
         try:
             async with trio.open_nursery() as nursery:
@@ -728,33 +728,33 @@ class MuxedConnection:
                     self._end(self.close_reason)
                     return
                 for ev in events:
-                    if isinstance(ev, DataReceived):
+                    if type(ev) is DataReceived:
                         stream = streams.get(ev.stream_id)
                         if stream is not None:
                             stream._on_data(ev.data)
-                    elif isinstance(ev, WindowUpdated):
+                    elif type(ev) is WindowUpdated:
                         stream = streams.get(ev.stream_id)
                         if stream is not None and stream._send_lot:
                             stream._send_lot.unpark_all()
-                    elif isinstance(ev, StreamOpened):
+                    elif type(ev) is StreamOpened:
                         self._on_inbound(ev.stream_id)
-                    elif isinstance(ev, StreamEnded):
+                    elif type(ev) is StreamEnded:
                         stream = streams.get(ev.stream_id)
                         if stream is not None:
                             stream._on_eof()
                             self._prune(ev.stream_id)
-                    elif isinstance(ev, StreamResetByPeer):
+                    elif type(ev) is StreamResetByPeer:
                         stream = self._forget(ev.stream_id)
                         if stream is not None:
                             stream._on_reset("reset by peer")
-                    elif isinstance(ev, PongReceived):
+                    elif type(ev) is PongReceived:
                         waiter = self._pings.get(ev.opaque)
                         if waiter is not None:
                             waiter.set()
-                    elif isinstance(ev, GoAwayReceived):
+                    elif type(ev) is GoAwayReceived:
                         self.going_away = True
                         log.debug("peer sent go-away peer=%s code=%d", self.label, ev.code)
-                    elif isinstance(ev, StreamAccepted):
+                    elif type(ev) is StreamAccepted:
                         pass
                 if session.pending_output:
                     self._kick()

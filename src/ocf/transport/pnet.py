@@ -42,6 +42,7 @@ import trio
 
 from .. import log as logfmt
 from ..errors import PrivateNetworkRefused
+from .layered import LayeredStream
 
 log = logging.getLogger("ocf.transport.pnet")
 
@@ -278,12 +279,12 @@ class PnetSession:
 # --- the Trio wrapper ---------------------------------------------------------------------------
 
 
-class PnetStream(trio.abc.HalfCloseableStream):
+class PnetStream(LayeredStream):
     """A raw connection seen through the pnet cipher. Until the peer proved the key,
     its closing or breaking the connection counts as a refusal too (it could not read us)."""
 
     def __init__(self, transport: trio.abc.Stream, session: PnetSession) -> None:
-        self.transport = transport
+        super().__init__(transport)
         self.session = session
         self._pending = b""  # plaintext a carrier handed over with the nonce, despite being asked for less
 
@@ -297,9 +298,6 @@ class PnetStream(trio.abc.HalfCloseableStream):
             if self.session.verified:
                 raise
             raise self._refused("the peer closed the connection") from None
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.transport.wait_send_all_might_not_block()
 
     async def _receive_raw(self, want: int) -> bytes | bytearray:
         """Next ciphertext; until the peer proved the key, its EOF or reset is a refusal."""
@@ -331,16 +329,6 @@ class PnetStream(trio.abc.HalfCloseableStream):
         """Read exactly the peer's nonce: what follows stays in the carrier for :meth:`receive_some`."""
         while not self.session.nonce_received:
             self._pending += self.session.decrypt(await self._receive_raw(self.session.receive_wanted(0)))
-
-    async def send_eof(self) -> None:
-        send_eof = getattr(self.transport, "send_eof", None)
-        if send_eof is None:
-            await self.aclose()
-        else:
-            await send_eof()
-
-    async def aclose(self) -> None:
-        await self.transport.aclose()
 
 
 class Protector:

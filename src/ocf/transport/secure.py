@@ -15,6 +15,7 @@ import trio
 from ..directsocket import DirectSocketStream
 from ..errors import HandshakeError, ProtocolError
 from ..identity import Identity, PeerId
+from .layered import LayeredStream
 from .multistream import Agreed, Dialer, Listener
 from .noise import NoiseHandshake, NoiseSession
 from .tcp import tcp_stream_of
@@ -55,7 +56,7 @@ async def negotiate(stream: trio.abc.Stream, protocols: Sequence[str], *, initia
     return agreed.protocol
 
 
-class SecureStream(trio.abc.HalfCloseableStream):
+class SecureStream(LayeredStream):
     """A Noise-encrypted byte stream over another stream (TCP, WebSocket or memory).
 
     Over TCP, :meth:`write_nowait` hands ciphertext to the kernel itself
@@ -68,7 +69,7 @@ class SecureStream(trio.abc.HalfCloseableStream):
     def __init__(
         self, transport: trio.abc.Stream, session: NoiseSession, local_peer: PeerId, remote_peer: PeerId
     ) -> None:
-        self.transport = transport
+        super().__init__(transport)
         self.local_peer = local_peer
         self.remote_peer = remote_peer
         self._session = session
@@ -107,9 +108,6 @@ class SecureStream(trio.abc.HalfCloseableStream):
         else:
             await trio.lowlevel.cancel_shielded_checkpoint()
 
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.transport.wait_send_all_might_not_block()
-
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         while not self._plain:
             if self._session.has_buffered():
@@ -134,17 +132,6 @@ class SecureStream(trio.abc.HalfCloseableStream):
         if self._direct is None:
             return await self.transport.receive_some(RECEIVE_SIZE)
         return await self._direct.receive_some(RECEIVE_SIZE)
-
-    async def send_eof(self) -> None:
-        """Noise has no half-close of its own; close the carrier's write side if it has one."""
-        send_eof = getattr(self.transport, "send_eof", None)
-        if send_eof is None:
-            await self.aclose()
-        else:
-            await send_eof()
-
-    async def aclose(self) -> None:
-        await self.transport.aclose()
 
 
 async def _handshake(stream: trio.abc.Stream, hs: NoiseHandshake) -> SecureStream:

@@ -34,6 +34,7 @@ import trio
 
 from ..errors import MultiaddrError, PeerUnreachable, TransportError
 from ..identity import Multiaddr
+from .layered import LayeredStream
 from .resources import HandshakeSlot, ResourceManager, ip_key
 
 log = logging.getLogger("ocf.transport.tcp")
@@ -62,11 +63,11 @@ class RawConn:
 RawHandler = Callable[[RawConn], Awaitable[None]]
 
 
-class PrefixedStream(trio.abc.HalfCloseableStream):
+class PrefixedStream(LayeredStream):
     """A stream that first replays bytes already read from it (after sniffing)."""
 
     def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
-        self._stream = stream
+        super().__init__(stream)
         self._prefix = prefix
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
@@ -77,23 +78,10 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
             else:
                 data, self._prefix = self._prefix[:max_bytes], self._prefix[max_bytes:]
             return data
-        return await self._stream.receive_some(max_bytes)
+        return await self.transport.receive_some(max_bytes)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        send_eof = getattr(self._stream, "send_eof", None)
-        if send_eof is None:
-            await trio.lowlevel.checkpoint()
-            return
-        await send_eof()
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
+        await self.transport.send_all(data)
 
 
 def tcp_stream_of(stream: trio.abc.Stream) -> trio.SocketStream | None:
@@ -104,7 +92,7 @@ def tcp_stream_of(stream: trio.abc.Stream) -> trio.SocketStream | None:
     if isinstance(stream, PrefixedStream):
         if stream._prefix:
             return None  # sniffed bytes still to replay: reads must go through it
-        stream = stream._stream
+        stream = stream.transport
     if isinstance(stream, trio.SocketStream):
         return stream
     return None
@@ -201,7 +189,7 @@ class TcpTransport:
         handler: RawHandler,
         handler_nursery: trio.Nursery,
         *,
-        task_status: Any = trio.TASK_STATUS_IGNORED,
+        task_status: trio.TaskStatus[list[Multiaddr]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen on ``host:port`` and run ``handler(raw)`` for each connection in ``handler_nursery``.
 
