@@ -57,7 +57,8 @@ async def test_query_flood_is_cut_at_the_burst():
         await evil.connect(server.host.listen_addrs[0])
         stream = await evil.new_stream(server.host.peer_id, PROTOCOL)
         await stream.send_all(find_node(evil.peer_id.raw) * 50)
-        assert await replies_until_reset(stream) == 5
+        # The reset may overtake replies still unread here, so the figure is the server's.
+        assert await replies_until_reset(stream) <= 5
         assert server.stats["inbound_requests"] == 5
         assert server.stats["inbound_refused_rate"] == 1
 
