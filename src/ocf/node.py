@@ -48,6 +48,7 @@ class Node:
         # Subsystems attach themselves here (transport host, node table, services, jobs).
         self.host: Any = None
         self.bootstrap: Any = None  # ocf.transport.bootstrap.Bootstrapper
+        self.membership: Any = None  # ocf.membership.driver.Membership
         self.table: Any = None
         self.services: Any = None
         self.jobs: Any = None
@@ -107,6 +108,10 @@ async def open_node(config: Config, memory_network: Any = None) -> AsyncIterator
                 node.listen_addrs = list(node.host.listen_addrs)
                 node.bootstrap = await stack.enter_async_context(open_bootstrap(node.host, config))
                 # ------------------------------------------------------------------
+                # membership (SWIM liveness, bounded degree): node.membership ----
+                from .membership.driver import open_membership
+
+                node.membership = await stack.enter_async_context(open_membership(node.host, identity, config))
                 # node table: node.table -----------------------------------------------
                 from .nodetable import open_nodetable
 

@@ -140,12 +140,23 @@ async def open_gateway(node: Node) -> AsyncIterator[Gateway]:
                 "gateway reachable on all interfaces without API keys %s",
                 logfmt.kv(bind=",".join(binds), hint="--host 127.0.0.1 or --api-key"),
             )
+        # The routing index is rebuilt on table changes by this task, never by a request.
+        index_scope = trio.CancelScope()
+        forwarder = app.extensions.get("ocf.forwarder")
+
+        async def keep_index() -> None:
+            with index_scope:
+                await forwarder.providers.keep_index()
+
+        if forwarder is not None:
+            nursery.start_soon(keep_index)
         # Other peers reach this gateway over /libp2p-http streams (as OCF's P2P HTTP listener).
         if node.host is not None:
             node.host.set_stream_handler(LIBP2P_HTTP, functools.partial(serve_peer_stream, app, limits))
         try:
             yield gateway
         finally:
+            index_scope.cancel()
             if node.host is not None:
                 node.host.remove_stream_handler(LIBP2P_HTTP)
             stop.set()

@@ -73,6 +73,9 @@ class SwimConfig:
     verify_rate: float = 1000.0
     load_interval: float = 2.0
     max_relays: int = 256
+    #: Lifeguard's local health: each probe we could not complete raises a score (to this cap) that
+    #: stretches our timeouts, each success lowers it. A starved node blames itself, not its peers.
+    max_health: int = 8
 
 
 @attrs.define
@@ -142,6 +145,8 @@ class Swim:
         self._tombs: collections.deque[tuple[float, str, int]] = collections.deque()  # forget gone members
         self._relays: dict[int, tuple[str, int, float]] = {}  # our seq -> (asker, its seq, expiry)
         self._buckets: dict[str, TokenBucket] = {}
+        self.health = 0
+        self._urgent: list[str] = []  # members to probe next, out of turn (we lost our connection to them)
         self.own: Update = self._sign_own(Status.ALIVE)
         self._enqueue(self.own)
 
@@ -158,6 +163,13 @@ class Swim:
         """A new neighbour: introduce ourselves and compare digests."""
         self._send(peer, Ping(self._next_seq(), (self.own,) + self._piggyback(self.config.max_piggyback - 1)))
         self._send(peer, Digest(tuple(self.digest), reply=True))
+
+    def disconnected(self, peer: str) -> None:
+        """Our connection to ``peer`` dropped: probe it next (a crash or a cut, or just a closed link)."""
+        if self._usable(peer) and peer not in self._urgent:
+            self._urgent.append(peer)
+            if self._probe is None:
+                self._next_probe = 0.0  # nothing in flight: probe it at the next tick
 
     def alive_members(self) -> list[str]:
         return [p for p, m in self.members.items() if not m.status.gone]
@@ -181,7 +193,7 @@ class Swim:
         cfg = self.config
         if self._probe is not None and not self._probe.acked:
             probe = self._probe
-            if not probe.indirect and now >= probe.sent + cfg.ack_timeout:
+            if not probe.indirect and now >= probe.sent + self._scaled(cfg.ack_timeout):
                 probe.indirect = True
                 helpers = [p for p in self.neighbors if p != probe.target and self._usable(p)]
                 for helper in self.rng.sample(helpers, min(cfg.indirect, len(helpers))):
@@ -190,14 +202,16 @@ class Swim:
         if now >= self._next_probe:
             self._finish_probe(now)
             self._start_probe(now)
-            self._next_probe = now + cfg.probe_interval
+            self._next_probe = now + self._scaled(cfg.probe_interval)
         while self._timers and self._timers[0][0] <= now:
             _, peer, inc = self._timers.popleft()
             member = self.members.get(peer)
             if member is not None and member.status == Status.SUSPECT and member.incarnation == inc:
                 self.stats["declared_dead"] += 1
                 self._apply_state(peer, member, inc, Status.DEAD, now)
-                self._enqueue(Update(peer, inc, Status.DEAD))
+                dead = Update(peer, inc, Status.DEAD)
+                self._enqueue(dead)
+                self._send(peer, Gossip((dead,)))
         while self._tombs and self._tombs[0][0] <= now:
             _, peer, inc = self._tombs.popleft()
             member = self.members.get(peer)
@@ -226,8 +240,8 @@ class Swim:
         """When :meth:`tick` next has work (the driver sleeps until then or a message)."""
         t = min(self._next_probe, self._next_ae)
         if self._probe is not None and not self._probe.indirect and not self._probe.acked:
-            t = min(t, self._probe.sent + self.config.ack_timeout)
-        if self._queue:
+            t = min(t, self._probe.sent + self._scaled(self.config.ack_timeout))
+        if self._queue and self.neighbors:
             t = min(t, self._next_gossip)
         if self._timers:
             t = min(t, self._timers[0][0])
@@ -377,6 +391,13 @@ class Swim:
         return member is not None and not member.status.gone
 
     def _start_probe(self, now: float) -> None:
+        while self._urgent:
+            target = self._urgent.pop(0)
+            if self._usable(target):
+                self.stats["probes"] += 1
+                self._probe = _Probe(target, self._next_seq(), now)
+                self._send(target, Ping(self._probe.seq, self._piggyback()))
+                return
         for _ in range(2):
             while self._order:
                 target = self._order.pop()
@@ -389,16 +410,25 @@ class Swim:
             self.rng.shuffle(self._order)
         self._probe = None
 
+    def _scaled(self, seconds: float) -> float:
+        return seconds * (1 + self.health)
+
     def _finish_probe(self, now: float) -> None:
         probe, self._probe = self._probe, None
-        if probe is None or probe.acked:
+        if probe is None:
             return
+        if probe.acked:
+            self.health = max(0, self.health - 1)
+            return
+        self.health = min(self.config.max_health, self.health + 1)
         self.stats["probes_failed"] += 1
         member = self.members.get(probe.target)
         if member is None or member.status != Status.ALIVE:
             return
         self._apply_state(probe.target, member, member.incarnation, Status.SUSPECT, now)
-        self._enqueue(Update(probe.target, member.incarnation, Status.SUSPECT))
+        suspect = Update(probe.target, member.incarnation, Status.SUSPECT)
+        self._enqueue(suspect)
+        self._send(probe.target, Gossip((suspect,)))  # tell it at once: it refutes if it can hear us
 
     # --- dissemination ------------------------------------------------------------------------
 

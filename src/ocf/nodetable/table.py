@@ -32,7 +32,8 @@ from .entry import detect_hardware, validate_update
 from .heartbeat import Heartbeat
 from .record import OwnerDoc, Record
 from .sync import Sync
-from .wire import PROTOCOL
+from .wire import BUCKETS, PROTOCOL
+from ..membership.update import Status, bucket_of, state_hash
 import trio.lowlevel
 
 if TYPE_CHECKING:
@@ -92,6 +93,13 @@ class NodeTable:
         # a pusher looks only at what changed, not at the whole table, on every change.
         self.pending: dict[PeerId, dict[PeerId, None]] = {}
         self.stats = dict.fromkeys(COUNTERS, 0)
+        # Liveness by SWIM membership when the node runs it (heartbeats and summaries of the whole
+        # table then stay home: digests per bucket, see wire.py).
+        self.membership: Any = getattr(node, "membership", None)
+        self.digest = [0] * BUCKETS
+        self.buckets: list[set[str]] = [set() for _ in range(BUCKETS)]
+        # Buckets each peer's digest disagreed on: its pusher answers with those pages only.
+        self.page_requests: dict[PeerId, dict[int, bool]] = {}  # bucket -> ask for their page back
         self._refusal_log = logfmt.RateLimitedLog(log, self.config.refusal_log_interval)
         self.sync = Sync(self)
         self._sorted: list[str] | None = None
@@ -101,6 +109,7 @@ class NodeTable:
         self._pushers: dict[PeerId, trio.CancelScope] = {}
         self._flushed: dict[PeerId, int] = {}  # table version each pusher has fully sent
         self._flush_event = trio.Event()
+        self._digest_due = False
         self._nursery: trio.Nursery | None = None
         self.clock = time.time
         store = node.store
@@ -160,6 +169,7 @@ class NodeTable:
             owner
             for owner in self.records
             if owner != self.me
+            and not self._member_alive(owner)
             and max(self.last_seen.get(owner, 0.0), self._loaded_at) < horizon
             and not self.host.is_connected(owner)
         ]
@@ -179,6 +189,17 @@ class NodeTable:
 
     def _view(self, owner: PeerId, now: float) -> dict[str, Any]:
         entry = dict(self.docs[owner].to_dict())
+        if self.membership is not None and owner != self.me:
+            member = self.membership.status(owner)
+            if member is not None:
+                alive = not member.gone
+                last = now if alive else self.last_seen.get(owner, 0.0)
+                entry["last_seen"] = int(last)
+                entry["connected"] = alive and str(entry.get("status", "")) not in GONE
+                if not alive and now - last > self.config.stale_after:
+                    entry["stale"] = True
+                entry["load"] = self.membership.load(owner)
+                return entry
         last = now if owner == self.me else self.last_seen.get(owner, 0.0)
         direct = owner != self.me and self.host.is_connected(owner)
         fresh = now - last <= self._fresh_for()
@@ -194,6 +215,24 @@ class NodeTable:
     def _fresh_for(self) -> float:
         """How long a sighting keeps a peer "connected": a little over two verification rounds."""
         return max(2.5 * self.config.verify_interval, 5.0)
+
+    def _member_alive(self, owner: PeerId) -> bool:
+        return self.membership is not None and bool(self.membership.alive(owner))
+
+    def _on_member(self, peer: PeerId, status: Status) -> None:
+        """Membership changed its view of ``peer``: the served view changes with it."""
+        now = self.clock()
+        if peer not in self.records:
+            if not status.gone:
+                self._ask_digests()  # a member we hold no record of: compare digests soon
+            return
+        self.last_seen[peer] = max(self.last_seen.get(peer, 0.0), now)
+        self.lost_at.pop(peer, None)
+        self._bump()
+
+    def _ask_digests(self) -> None:
+        self._digest_due = True
+        self.wake()
 
     def seen_at(self, owner: PeerId) -> float:
         return self.clock() if owner == self.me else self.last_seen.get(owner, 0.0)
@@ -228,6 +267,7 @@ class NodeTable:
             for owner in self.records
             if owner != self.me
             and (direct or self.last_seen.get(owner, 0.0) < fresh_since)
+            and not self._member_alive(owner)
             and not self.host.is_connected(owner)
         ]
         out.sort(key=lambda pair: pair[0], reverse=True)
@@ -243,9 +283,12 @@ class NodeTable:
 
     def insert(self, record: Record, doc: OwnerDoc) -> None:
         owner = record.owner
-        if owner not in self.records:
-            self.by_text[str(owner)] = owner
+        text = str(owner)
+        old = self.records.get(owner)
+        if old is None:
+            self.by_text[text] = owner
             self._sorted = None
+        self._digest_swap(text, old.seq if old is not None else None, record.seq)
         self.records[owner] = record
         self.docs[owner] = doc
         self.touch(owner)
@@ -267,7 +310,9 @@ class NodeTable:
         if not owners:
             return
         for owner in owners:
-            self.records.pop(owner, None)
+            old = self.records.pop(owner, None)
+            if old is not None:
+                self._digest_swap(str(owner), old.seq, None)
             self.docs.pop(owner, None)
             self.last_seen.pop(owner, None)
             self.beats.pop(owner, None)
@@ -285,9 +330,19 @@ class NodeTable:
             for owner in owners:
                 txn.delete(owner.raw, db=self._db)
 
+    def _digest_swap(self, text: str, old: int | None, new: int | None) -> None:
+        b = bucket_of(text, BUCKETS)
+        if old is not None:
+            self.digest[b] ^= state_hash(text, old, Status.ALIVE)
+            self.buckets[b].discard(text)
+        if new is not None:
+            self.digest[b] ^= state_hash(text, new, Status.ALIVE)
+            self.buckets[b].add(text)
+
     def drop_peer(self, peer: PeerId) -> None:
         """A peer left: what we kept about its connection goes with it."""
         self.peer_known.pop(peer, None)
+        self.page_requests.pop(peer, None)
         self.sync.drop_peer(peer)
 
     # --- own entry -----------------------------------------------------------------------
@@ -386,6 +441,8 @@ class NodeTable:
     # --- liveness ------------------------------------------------------------------------
 
     async def _verify_loop(self) -> None:
+        if self.membership is not None:
+            return  # liveness is membership's: no heartbeats to sign, no pings to send
         while True:
             await trio.sleep(self.config.verify_interval)
             log.info("Starting verification %s", logfmt.kv(peers=len(self.host.connected_peers())))
@@ -469,6 +526,8 @@ async def open_nodetable(node: Node) -> AsyncIterator[NodeTable]:
     table._load()
     table._initial_own()
     node.host.set_stream_handler(PROTOCOL, table.sync.handle)
+    if table.membership is not None:
+        table.membership.on_change(table._on_member)
     async with trio.open_nursery() as nursery:
         table._nursery = nursery
         await nursery.start(table._watch_peers)
