@@ -27,6 +27,7 @@ opinion = st.builds(
 )
 updates = st.lists(st.one_of(signed, opinion), max_size=8).map(tuple)
 seqs = st.integers(0, 2**63 - 1)
+KIND_NAMES = list(messages.KINDS)
 any_message = st.one_of(
     st.builds(Ping, seqs, updates),
     st.builds(Ack, seqs, updates),
@@ -50,7 +51,14 @@ def test_byte_vector() -> None:
     assert json.dumps(messages.to_wire(ping), separators=(",", ":")) == '{"t":"ping","s":7,"u":[["QmPeer",3,1]]}'
 
 
-@given(st.dictionaries(st.sampled_from(["t", "s", "u", "p", "d", "r", "b", "m"]), st.from_type(object), max_size=6))
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8) | st.sampled_from(KIND_NAMES),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=12,
+)
+
+
+@given(st.dictionaries(st.sampled_from(["t", "s", "u", "p", "d", "r", "b", "m"]), json_values, max_size=6))
 def test_arbitrary_objects_are_refused_or_parsed(obj: dict) -> None:
     try:
         messages.from_wire(obj)

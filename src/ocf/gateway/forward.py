@@ -49,7 +49,7 @@ from ..errors import (
 from ..httpstream.bridge import get_header
 from ..httpstream.pool import ConnectionPool
 from ..services.registrar import LLM_SERVICE
-from . import routing
+from . import routeindex, routing
 from .asgi_io import ClientGone, Receive, RequestBody, Responder, Send
 from .errors import ERROR_CODE_NAME, send_asgi_error
 from .exchange import (
@@ -119,6 +119,12 @@ class Forwarder:
         #: Serves a target of this node in-process (set by :class:`ocf.gateway.asgi.GatewayASGI`).
         self.dispatch_internal: Callable[[dict, Receive, Send, bytes], Awaitable[None]] | None = None
         self.in_flight = metrics.in_flight  # provider -> requests in flight from here (counted by metrics.enter/leave)
+        self._serving = 0  # requests our own backends are serving: published as our load through membership
+
+    def _publish_load(self) -> None:
+        membership = getattr(self.node, "membership", None)
+        if membership is not None:
+            membership.set_load(self._serving)
 
     # --- entry point ------------------------------------------------------------------
 
@@ -197,8 +203,14 @@ class Forwarder:
             return
 
         async def work(body: RequestBody) -> None:
-            async with self._backend_exchange(call, target, body, rest) as response:
-                await call.responder.relay(response)
+            self._serving += 1
+            self._publish_load()
+            try:
+                async with self._backend_exchange(call, target, body, rest) as response:
+                    await call.responder.relay(response)
+            finally:
+                self._serving -= 1
+                self._publish_load()
 
         await self._guarded(call, work)
 
@@ -278,6 +290,14 @@ class Forwarder:
     def usable(self, provider: routing.Provider, now: float) -> bool:
         return self.providers.usable(provider, now)
 
+    def _weigh(self, provider: routing.Provider) -> float:
+        """Requests we have in flight to it, plus what it publishes it is serving (membership load)."""
+        load = self.in_flight.get(provider.peer, 0)
+        membership = getattr(self.node, "membership", None)
+        if membership is not None and not provider.local:
+            load += membership.load(self.providers.peer_id(provider.peer))
+        return routeindex.weight(True, None, load)
+
     # --- /v1/service/<name>/<path>: any provider in the network --------------------------
 
     async def _service(self, call: Call, name: str, rest: bytes) -> None:
@@ -344,7 +364,7 @@ class Forwarder:
                     retry_after=1,
                     code="providers_busy",
                 )
-            provider = routing.choose(pool, self.in_flight, self.rng)
+            provider = routeindex.pick(pool, self._weigh, self.rng) or pool[0]
             tried.add(provider.peer)
             try:
                 await self._forward_one(call, body, provider, name, rest)

@@ -44,9 +44,10 @@ class RouteIndex:
         """Providers of ``service`` in every identity group ``identity`` names (all of them if none)."""
         if not identity:
             return self.by_service.get(service, ())
+        if len(identity) == 1:
+            for k, v in identity.items():
+                return self.by_group.get((service, f"{k}={v}"), ())
         groups = [f"{k}={v}" for k, v in identity.items()]
-        if len(groups) == 1:
-            return self.by_group.get((service, groups[0]), ())
         lists = [self.by_group.get((service, g), ()) for g in groups]
         smallest = min(lists, key=len)
         wanted = frozenset(groups)
@@ -99,13 +100,18 @@ def pick(
     if n == 1:
         return candidates[0] if weigh(candidates[0]) > 0 else None
     chosen: list[tuple[Provider, float]] = []
+    draw = rng.random
+    first: Provider | None = None
     for _ in range(tries):
-        candidate = candidates[rng.randrange(n)]
+        candidate = candidates[int(draw() * n)]
+        if candidate is first:
+            continue
         w = weigh(candidate)
-        if w > 0 and all(c is not candidate for c, _ in chosen):
+        if w > 0:
             chosen.append((candidate, w))
-            if len(chosen) == 2:
+            if first is not None:
                 break
+            first = candidate
     if not chosen:
         usable = [(c, w) for c in candidates if (w := weigh(c)) > 0]
         if not usable:
@@ -114,4 +120,4 @@ def pick(
     if len(chosen) == 1:
         return chosen[0][0]
     (a, wa), (b, wb) = chosen
-    return a if rng.random() * (wa + wb) < wa else b
+    return a if draw() * (wa + wb) < wa else b

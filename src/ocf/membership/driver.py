@@ -96,6 +96,8 @@ class Membership:
         self._inbound: dict[PeerId, int] = {}
         self._listeners: list[Callable[[PeerId, Status], None]] = []
         self._wake = trio.Event()
+        self._unsent = 0  # messages handed to senders and not yet written (leave() waits for them)
+        self._progress = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._refusals = logfmt.RateLimitedLog(log, config.refusal_log_interval)
 
@@ -166,6 +168,7 @@ class Membership:
                 self._nursery.start_soon(self._sender, peer, pid, send, recv)
             try:
                 send.send_nowait(data)
+                self._unsent += 1
             except trio.WouldBlock:
                 self.stats["dropped_queue_full"] += 1
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -203,7 +206,10 @@ class Membership:
             if stream is not None:
                 async with stream:
                     async for data in recv:
-                        await stream.send_all(data)
+                        try:
+                            await stream.send_all(data)
+                        finally:
+                            self._sent_one()
                         self.stats["messages_sent"] += 1
                         self.stats["bytes_sent"] += len(data)
         except (TransportError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -211,7 +217,18 @@ class Membership:
         finally:
             if self._senders.get(peer) is send:
                 del self._senders[peer]
+            while True:  # what was queued for this peer will never be written
+                try:
+                    recv.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+                self._sent_one()
             recv.close()
+
+    def _sent_one(self) -> None:
+        self._unsent = max(0, self._unsent - 1)
+        self._progress.set()
+        self._progress = trio.Event()
 
     async def handle(self, stream: Any) -> None:
         peer: PeerId = stream.remote_peer
@@ -333,8 +350,8 @@ class Membership:
             self.swim.outbox.append((peer, messages.Gossip((own,))))
         self._flush()
         with trio.move_on_after(1.0):
-            while any(s.statistics().current_buffer_used for s in list(self._senders.values())):
-                await trio.sleep(0.01)
+            while self._unsent:
+                await self._progress.wait()
 
 
 def _parses(text: str) -> bool:
