@@ -103,6 +103,7 @@ class Config:
     nodetable_max_streams: int = 2
     nodetable_message_timeout: float = 10.0
     # --- membership ---------------------------------------------------------------
+    membership: bool = True
     membership_degree: int = 8
     membership_probe_interval: float = 0.5
     membership_suspicion: float = 5.0
@@ -669,6 +670,14 @@ SETTINGS: tuple[Setting, ...] = (
         "Seconds a node table message may take to arrive once its first byte has, else the stream is reset (default: 10).",
         group="node table",
         metavar="SECONDS",
+    ),
+    Setting(
+        "membership",
+        "membership",
+        _bool,
+        "Run SWIM membership for liveness (default: true; --no-membership falls back to owner-signed heartbeats relayed in whole-table summaries, which does not scale past a few hundred nodes).",
+        is_switch=True,
+        group="membership",
     ),
     Setting(
         "membership.degree",

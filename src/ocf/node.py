@@ -111,7 +111,8 @@ async def open_node(config: Config, memory_network: Any = None) -> AsyncIterator
                 # membership (SWIM liveness, bounded degree): node.membership ----
                 from .membership.driver import open_membership
 
-                node.membership = await stack.enter_async_context(open_membership(node.host, identity, config))
+                if config.membership:
+                    node.membership = await stack.enter_async_context(open_membership(node.host, identity, config))
                 # node table: node.table -----------------------------------------------
                 from .nodetable import open_nodetable
 

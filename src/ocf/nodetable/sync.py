@@ -66,9 +66,10 @@ class Sync(Intake):
                     due = last_summary + t.config.verify_interval
                     if t._digest_due and t.membership is not None:
                         due = min(due, last_summary + DIGEST_MIN_INTERVAL)
-                    with trio.move_on_at(due):
-                        await t.wait_changed()
-                        continue
+                    if trio.current_time() < due:  # a busy table must not starve the periodic round
+                        with trio.move_on_at(due):
+                            await t.wait_changed()
+                            continue
                     await self._send_summary(stream)  # liveness and repair, once per interval
                     last_summary = trio.current_time()
         except (TransportError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
