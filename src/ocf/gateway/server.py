@@ -145,6 +145,7 @@ async def open_gateway(node: Node) -> AsyncIterator[Gateway]:
         forwarder = app.extensions.get("ocf.forwarder")
 
         async def keep_index() -> None:
+            assert forwarder is not None
             with index_scope:
                 await forwarder.providers.keep_index()
 

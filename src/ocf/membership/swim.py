@@ -27,7 +27,6 @@ from __future__ import annotations
 import collections
 import math
 import random
-from collections.abc import Callable
 
 import attrs
 
@@ -485,7 +484,3 @@ class Swim:
 
     def _send(self, peer: str, message: Message) -> None:
         self.outbox.append((peer, message))
-
-
-def verifier_from(check: Callable[[str, bytes, bytes], bool]) -> Verifier:
-    return check
