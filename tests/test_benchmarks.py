@@ -39,3 +39,20 @@ def test_gateway_benchmark_runs_with_its_floors():
     for row in ("(a) mock LLM directly", "(c) dispatcher -> worker", "(f) 2 bare relays", "(t) 2 Trio HTTP relays"):
         assert row in text
     assert "target: (c) adds < 2 ms" in text and "floors in the same run" in text and "target: (c) >= 40%" in text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("mode", [[], ["--protocol"]], ids=["full-stack", "protocol"])
+def test_scale_benchmark_runs_bounded(mode):
+    """benchmarks/scale.py at CI size (24 nodes; the full sizes are run by hand, see docs/membership.md)."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--quick", *mode],
+        capture_output=True,
+        text=True,
+        timeout=380,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("measurement") and set(lines[1]) == {"-"}
+    assert any("false positives" in line for line in lines)

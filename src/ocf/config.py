@@ -121,6 +121,12 @@ class Config:
     nodetable_verify_rate: float = 1000.0
     nodetable_max_streams: int = 2
     nodetable_message_timeout: float = 10.0
+    # --- membership ---------------------------------------------------------------
+    membership: bool = True
+    membership_degree: int = 8
+    membership_probe_interval: float = 0.5
+    membership_suspicion: float = 5.0
+    membership_anti_entropy: float = 30.0
     # --- gateway ------------------------------------------------------------------
     max_body_size: int = 32 << 20
     request_timeout: float = 600.0
@@ -826,6 +832,51 @@ SETTINGS: tuple[Setting, ...] = (
         "Seconds a node table message may take to arrive once its first byte has, else the stream is reset (default: "
         "10).",
         group="node table",
+        metavar="SECONDS",
+    ),
+    Setting(
+        "membership",
+        "membership",
+        _bool,
+        "Run SWIM membership for liveness (default: true; --no-membership falls back to owner-signed heartbeats "
+        "relayed in whole-table summaries, which does not scale past a few hundred nodes).",
+        is_switch=True,
+        group="membership",
+    ),
+    Setting(
+        "membership.degree",
+        "membership_degree",
+        _int_range(2, 1024),
+        "Neighbours each node keeps connected and probes; it dials random living members while it has fewer (others "
+        "may connect to it beyond this) (default: 8).",
+        group="membership",
+        metavar="N",
+    ),
+    Setting(
+        "membership.probe-interval",
+        "membership_probe_interval",
+        _positive_float,
+        "Seconds between SWIM probes of one neighbour; a probe unanswered after half of it goes to 3 other neighbours "
+        "to try (default: 0.5).",
+        group="membership",
+        metavar="SECONDS",
+    ),
+    Setting(
+        "membership.suspicion",
+        "membership_suspicion",
+        _positive_float,
+        "Seconds a suspected member has to refute (it signs a higher incarnation) before it is declared dead "
+        "everywhere (default: 5).",
+        group="membership",
+        metavar="SECONDS",
+    ),
+    Setting(
+        "membership.anti-entropy",
+        "membership_anti_entropy",
+        _positive_float,
+        "Seconds between digest comparisons with one random neighbour, which repair what gossip missed (and, for the "
+        "node table, every --verify-interval) (default: 30).",
+        group="membership",
         metavar="SECONDS",
     ),
     Setting(

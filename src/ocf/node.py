@@ -36,6 +36,7 @@ from .version import __version__
 
 if TYPE_CHECKING:
     from .dht import Dht
+    from .membership.driver import Membership
     from .gateway.server import Gateway
     from .jobs import Tracker
     from .nodetable import NodeTable
@@ -66,6 +67,7 @@ class Node:
     _started_monotonic: float = attrs.field(alias="started_monotonic")
     version: str = __version__
     nat: Nat | None = None
+    membership: Membership | None = None  # SWIM liveness (None with --no-membership)
 
     @property
     def peer_id(self) -> PeerId:
@@ -114,6 +116,7 @@ async def open_node(config: Config, memory_network: MemoryNetwork | None = None)
     # Imported here, not at the top: ``import ocf`` (the CLI's worker and ping commands, embedders)
     # should not pay for the gateway's web stack and the tracker unless a node starts.
     from .dht import open_dht
+    from .membership.driver import open_membership
     from .dht.metrics import DhtCollector
     from .gateway.app import GatewayParts
     from .gateway.server import open_gateway
@@ -141,7 +144,13 @@ async def open_node(config: Config, memory_network: MemoryNetwork | None = None)
             host = await stack.enter_async_context(open_host(identity, config, memory_network))
             bootstrap = await stack.enter_async_context(open_bootstrap(host, config))
             dht = await stack.enter_async_context(open_dht(host, config))
-            table = await stack.enter_async_context(open_nodetable(host, config, identity, store, __version__))
+            # membership (SWIM liveness, bounded degree) before the table, which takes liveness from it
+            membership = None
+            if config.membership:
+                membership = await stack.enter_async_context(open_membership(host, identity, config))
+            table = await stack.enter_async_context(
+                open_nodetable(host, config, identity, store, __version__, membership)
+            )
             # NAT traversal: relay client, --relay, AutoNAT, hole punching; circuit addresses go in the table
             nat = await stack.enter_async_context(
                 open_nat(host, config, on_addrs=lambda: table.set_addrs(host.listen_addrs))
@@ -165,7 +174,7 @@ async def open_node(config: Config, memory_network: MemoryNetwork | None = None)
                 nodetable_mount(table, host, nat),
                 jobs_mount(jobs, max_body_size=config.max_body_size, request_timeout=config.request_timeout),
             )
-            parts = GatewayParts(config, peer_id, health, host, table, services, mounts)
+            parts = GatewayParts(config, peer_id, health, host, table, services, mounts, load=membership)
             gateway = await stack.enter_async_context(open_gateway(parts))
             # ----------------------------------------------------------------------------------
             node = Node(
@@ -182,6 +191,7 @@ async def open_node(config: Config, memory_network: MemoryNetwork | None = None)
                 started_at,
                 started_monotonic=t0,
                 nat=nat,
+                membership=membership,
             )
             log.info(
                 "node started %s",

@@ -86,6 +86,16 @@ class ProviderDirectory(Protocol):
 
     def entries(self, include_all: bool = False) -> dict[str, dict[str, Any]]: ...
 
+    async def wait_changed(self) -> None: ...
+
+
+class LoadBoard(Protocol):
+    """Load published through membership: ours (requests our backends serve) and each peer's."""
+
+    def set_load(self, load: int) -> None: ...
+
+    def load(self, peer: PeerId) -> int: ...
+
 
 class ServiceBoard(Protocol):
     """Where the registrar publishes this node's services (its own node table entry)."""

@@ -21,8 +21,19 @@ from ._nodetable_attacker import items, open_raw_stream, poll, push_records, syb
 pytestmark = pytest.mark.timeout(180)
 
 
-async def until(node, predicate):
-    with trio.fail_after(30):
+@pytest.fixture
+def node_config(node_config):
+    """These tests are about the heartbeat scheme, which a table without membership still runs."""
+
+    def make(**overrides):
+        overrides.setdefault("membership", False)
+        return node_config(**overrides)
+
+    return make
+
+
+async def until(node, predicate, limit=30):
+    with trio.fail_after(limit):
         while not predicate(node):
             await node.table.wait_changed()
 

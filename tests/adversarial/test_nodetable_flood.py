@@ -21,6 +21,18 @@ from ._nodetable_attacker import items, open_raw_stream, poll, push_records, ran
 
 pytestmark = pytest.mark.timeout(180)
 
+
+@pytest.fixture
+def node_config(node_config):
+    """These tests are about the heartbeat scheme, which a table without membership still runs."""
+
+    def make(**overrides):
+        overrides.setdefault("membership", False)
+        return node_config(**overrides)
+
+    return make
+
+
 MiB = 1 << 20
 
 

@@ -26,7 +26,7 @@ from .health import blueprint as health_blueprint
 if TYPE_CHECKING:
     from ..config import Config
     from ..identity import PeerId
-    from ..ports import HttpMount, LocalServices, PeerDialer, ProviderDirectory, RawRoute
+    from ..ports import HttpMount, LoadBoard, LocalServices, PeerDialer, ProviderDirectory, RawRoute
     from ..web.asgi import ASGIApp
 
 
@@ -86,6 +86,7 @@ class GatewayParts:
     table: ProviderDirectory | None = None
     services: LocalServices | None = None
     mounts: Sequence[HttpMount] = ()
+    load: LoadBoard | None = None  # membership: our load published, peers' load read for routing
 
 
 def create_app(parts: GatewayParts) -> QuartTrio:
@@ -138,6 +139,7 @@ def install_gateway_layer(app: QuartTrio, parts: GatewayParts, raw: Mapping[str,
         metrics.add_collectors(mount.collectors)
     providers = Providers(config, parts.peer_id, parts.host, parts.table, parts.services)
     forwarder = Forwarder(config, parts.peer_id, providers, parts.services, metrics)
+    forwarder.load_board = parts.load
     app.extensions["ocf.metrics"] = metrics
     app.extensions["ocf.forwarder"] = forwarder
     app.register_blueprint(metrics_blueprint)

@@ -49,8 +49,8 @@ from ..errors import (
 )
 from ..httpstream.bridge import get_header
 from ..httpstream.pool import ConnectionPool
-from ..ports import LLM_SERVICE, InternalService, LocalService
-from . import routing
+from ..ports import LLM_SERVICE, InternalService, LoadBoard, LocalService
+from . import routeindex, routing
 from ..web.asgi import ClientGone, Receive, RequestBody, Responder, Send
 from ..web.errors import ERROR_CODE_NAME, send_asgi_error
 from .exchange import (
@@ -129,6 +129,12 @@ class Forwarder:
         #: Serves a target of this node in-process (set by :class:`ocf.gateway.asgi.GatewayASGI`).
         self.dispatch_internal: Callable[[dict, Receive, Send, bytes], Awaitable[None]] | None = None
         self.in_flight = metrics.in_flight  # provider -> requests in flight from here (counted by metrics.enter/leave)
+        self._serving = 0  # requests our own backends are serving: published as our load through membership
+        self.load_board: LoadBoard | None = None  # membership, when the node runs it (set by create_app)
+
+    def _publish_load(self) -> None:
+        if self.load_board is not None:
+            self.load_board.set_load(self._serving)
 
     # --- entry point ------------------------------------------------------------------
 
@@ -205,8 +211,14 @@ class Forwarder:
             return
 
         async def work(body: RequestBody) -> None:
-            async with self._backend_exchange(call, target, body, rest) as response:
-                await call.responder.relay(response)
+            self._serving += 1
+            self._publish_load()
+            try:
+                async with self._backend_exchange(call, target, body, rest) as response:
+                    await call.responder.relay(response)
+            finally:
+                self._serving -= 1
+                self._publish_load()
 
         await self._guarded(call, work)
 
@@ -297,6 +309,13 @@ class Forwarder:
     def usable(self, provider: routing.Provider, now: float) -> bool:
         return self.providers.usable(provider, now)
 
+    def _weigh(self, provider: routing.Provider) -> float:
+        """Requests we have in flight to it, plus what it publishes it is serving (membership load)."""
+        load = self.in_flight.get(provider.peer, 0)
+        if self.load_board is not None and not provider.local:
+            load += self.load_board.load(self.providers.peer_id(provider.peer))
+        return routeindex.weight(True, None, load)
+
     # --- /v1/service/<name>/<path>: any provider in the network --------------------------
 
     async def _service(self, call: Call, name: str, rest: bytes) -> None:
@@ -364,7 +383,7 @@ class Forwarder:
                     retry_after=1,
                     code="providers_busy",
                 )
-            provider = routing.choose(pool, self.in_flight, self.rng)
+            provider = routeindex.pick(pool, self._weigh, self.rng) or pool[0]
             tried.add(provider.peer)
             try:
                 await self._forward_one(call, body, provider, name, rest)

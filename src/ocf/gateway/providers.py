@@ -18,7 +18,7 @@ import trio
 
 from .. import log as logfmt
 from ..errors import BadRequest, IdentityError, RelayRefused, TransportError, transport_errors_unwrapped
-from . import routing
+from . import routeindex, routing
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -30,6 +30,10 @@ log = logging.getLogger("ocf.gateway")
 
 LIBP2P_HTTP = "/libp2p-http"  # protocol id of HTTP over transport streams, as OCF
 ENTRIES_TTL = 0.5  # seconds a node table snapshot is reused while the table's version is unchanged
+#: The routing index is rebuilt when the table changes, at most this often, and at least every
+#: INDEX_REFRESH seconds (liveness fields age with time even when nothing changes).
+INDEX_MIN_GAP = 0.05
+INDEX_REFRESH = 5.0
 
 
 class ConnectFailed(Exception):
@@ -71,6 +75,8 @@ class Providers:
         self._entries_at = 0.0
         self._routes: dict[str, tuple[list[routing.Provider], list[str]]] = {}
         self._routes_of: dict | None = None  # the entries snapshot _routes was worked out from
+        self.index: routeindex.RouteIndex = routeindex.EMPTY
+        self._index_of: dict | None = None  # the entries snapshot the index was built from
 
     def entries(self) -> dict[str, dict]:
         """The node table's live entries, reused while the table is unchanged (for at most 0.5 s).
@@ -98,8 +104,25 @@ class Providers:
         records = services.records() if services is not None else []
         return {self.me: {"id": self.me, "service": records}}
 
+    async def keep_index(self) -> None:
+        """Rebuild the routing index whenever the table changes, so requests only read it."""
+        table = self.table
+        if table is None:
+            return
+        while True:
+            entries = self.entries()
+            if entries is not self._index_of:
+                self.index = routeindex.build(entries, self.me, table.version)
+                self._index_of = entries
+            with trio.move_on_after(INDEX_REFRESH):
+                await table.wait_changed()
+            await trio.sleep(INDEX_MIN_GAP)  # coalesce a burst of changes into one rebuild
+
     def route(self, entries: dict[str, dict], name: str) -> tuple[list[routing.Provider], list[str]]:
         """The providers of ``name`` and the identity keys they route on, worked out once per table snapshot."""
+        if entries is self._index_of:
+            index = self.index
+            return list(index.providers(name)), index.keys.get(name, [])
         if self._routes_of is not entries:
             self._routes, self._routes_of = {}, entries
         route = self._routes.get(name)

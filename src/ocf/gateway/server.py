@@ -145,6 +145,17 @@ async def open_gateway(parts: GatewayParts) -> AsyncIterator[Gateway]:
                 "gateway reachable on all interfaces without API keys %s",
                 logfmt.kv(bind=",".join(binds), hint="--host 127.0.0.1 or --api-key"),
             )
+        # The routing index is rebuilt on table changes by this task, never by a request.
+        index_scope = trio.CancelScope()
+        forwarder = app.extensions.get("ocf.forwarder")
+
+        async def keep_index() -> None:
+            assert forwarder is not None
+            with index_scope:
+                await forwarder.providers.keep_index()
+
+        if forwarder is not None:
+            nursery.start_soon(keep_index)
         # Other peers reach this gateway over /libp2p-http streams (as OCF's P2P HTTP listener).
         peers = parts.host
         if peers is not None:
@@ -152,6 +163,7 @@ async def open_gateway(parts: GatewayParts) -> AsyncIterator[Gateway]:
         try:
             yield gateway
         finally:
+            index_scope.cancel()
             if peers is not None:
                 peers.remove_stream_handler(LIBP2P_HTTP)
             stop.set()

@@ -173,8 +173,10 @@ class Intake:
                             continue
                     else:
                         victim = candidates[-1]
+                # Membership vouches for a living owner by its signed alive; else its heartbeat must.
+                vouched = not direct and t._member_alive(owner)
                 if not direct:
-                    if (
+                    if not vouched and (
                         beat is None
                         or beat.seconds < now - t.config.stale_after
                         or beat.seconds <= t.lost_at.get(owner, 0.0)  # signed before we lost it: no news of it since
@@ -187,7 +189,7 @@ class Intake:
                         continue
                     if not self._may_verify(peer):
                         continue
-                    if not beat.verify():
+                    if not vouched and beat is not None and not beat.verify():
                         t.stats["heartbeats_rejected"] += 1
                         forged = ProtocolError(f"nodetable: heartbeat of {owner.short()} is not signed by it")
                         break
@@ -203,11 +205,11 @@ class Intake:
                 t.insert(record, doc)
                 accepted.append(record)
                 known[owner] = (record.seq, -1)
-                t.saw(owner, now if direct else min(beat.seconds, now) if beat is not None else 0.0)
-                if beat is not None and not direct:
+                t.saw(owner, now if direct or vouched else min(beat.seconds, now) if beat is not None else 0.0)
+                if beat is not None and not direct and not vouched:
                     t.set_beat(beat)
                 self._learn_addrs(owner, doc)
-            if beat is not None and owner in t.records and owner != t.me:
+            if beat is not None and owner in t.records and owner != t.me and (t.membership is None or owner == peer):
                 try:
                     beats_changed |= self._take_beat(peer, beat, known)
                 except ProtocolError as exc:

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("ocf.nodetable")
 
 RECEIVE = 65536
+#: Soonest a pusher sends an early digest after membership named someone we hold no record of.
+DIGEST_MIN_INTERVAL = 1.0
 #: Bytes a heartbeat costs in a beats message (owner text, time, signature hex, separators).
 BEAT_SIZE = 220
 
@@ -48,20 +50,26 @@ class Sync(Intake):
             log.debug("no sync stream %s", logfmt.kv(peer=peer.short(), reason=exc))
             return
         known = t.peer_known.setdefault(peer, {})
-        pending = t.pending[peer] = dict.fromkeys(t.records)
+        # With membership the peer's digest says what it lacks; without, everything may be news.
+        pending = t.pending[peer] = dict.fromkeys(t.records) if t.membership is None else {}
         try:
             async with stream:
                 await self._send_summary(stream)
                 last_summary = trio.current_time()
                 while True:
                     version = t.version
+                    await self._send_pages(stream, peer)
                     await self._send_missing(stream, peer, known, pending)
-                    if pending:
+                    if pending or t.page_requests.get(peer):
                         continue  # more changed while we were sending (its wake-up is already spent)
                     t.flushed(peer, version)
-                    with trio.move_on_at(last_summary + t.config.verify_interval):
-                        await t.wait_changed()
-                        continue
+                    due = last_summary + t.config.verify_interval
+                    if t._digest_due and t.membership is not None:
+                        due = min(due, last_summary + DIGEST_MIN_INTERVAL)
+                    if trio.current_time() < due:  # a busy table must not starve the periodic round
+                        with trio.move_on_at(due):
+                            await t.wait_changed()
+                            continue
                     await self._send_summary(stream)  # liveness and repair, once per interval
                     last_summary = trio.current_time()
         except (TransportError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -72,6 +80,10 @@ class Sync(Intake):
 
     async def _send_summary(self, stream: Any) -> None:
         t = self.t
+        if t.membership is not None:
+            t._digest_due = False
+            await stream.send_all(wire.encode(wire.digest_message(t.digest)))
+            return
         items = []
         for text in t.sorted_texts():
             owner = t.by_text[text]
@@ -79,6 +91,18 @@ class Sync(Intake):
             items.append((text, t.records[owner].seq, beat.ms if beat is not None else -1))
         for page in wire.summary_pages(items, t.config.max_message_size // 2):
             await stream.send_all(wire.encode(page))
+
+    async def _send_pages(self, stream: Any, peer: PeerId) -> None:
+        """Answer a peer's digest: one summary page per bucket it disagreed on."""
+        t = self.t
+        requested = t.page_requests.pop(peer, None)
+        for bucket, reply in sorted((requested or {}).items()):
+            have = {}
+            for text in t.buckets[bucket]:
+                owner = t.by_text[text]
+                have[text] = [t.records[owner].seq, -1]
+            # "r": the receiver answers with its own page, so each side learns what the other lacks.
+            await stream.send_all(wire.encode({"t": "summary", "b": bucket, "r": reply, "have": have}))
 
     async def _send_missing(
         self, stream: Any, peer: PeerId, known: dict[PeerId, tuple[int, int]], pending: dict[PeerId, None]
@@ -99,7 +123,12 @@ class Sync(Intake):
             beat = t.beats.get(owner)
             ms = beat.ms if beat is not None else -1
             if record.seq > k_seq:
-                if owner != t.me and t.seen_at(owner) < horizon and not t.host.is_connected(owner):
+                if (
+                    owner != t.me
+                    and t.seen_at(owner) < horizon
+                    and not t.host.is_connected(owner)
+                    and not t._member_alive(owner)
+                ):
                     continue  # stale: the peer would refuse it, and it will be pruned here too
                 item = record.to_wire()
                 if beat is not None:
@@ -115,7 +144,7 @@ class Sync(Intake):
                 batch.append(item)
                 size += item_size
                 known[owner] = (record.seq, ms)
-            elif ms > k_ms:
+            elif ms > k_ms and t.membership is None:
                 assert beat is not None
                 if len(beats) * BEAT_SIZE > budget:
                     await stream.send_all(wire.encode({"t": "beats", "beats": beats}))
@@ -166,6 +195,8 @@ class Sync(Intake):
                     kind = message["t"]
                     if kind == "summary":
                         self._on_summary(peer, message, known)
+                    elif kind == "digest":
+                        self._on_digest(peer, message)
                     elif kind == "records":
                         await self._on_records(peer, message, known)
                     else:
@@ -189,10 +220,23 @@ class Sync(Intake):
                 if not t.host.is_connected(peer):
                     t.drop_peer(peer)
 
+    def _on_digest(self, peer: PeerId, message: dict[str, Any]) -> None:
+        t = self.t
+        theirs = wire.parse_digest(message)
+        t.saw(peer, t.clock())
+        differ = [b for b in range(wire.BUCKETS) if theirs[b] != t.digest[b]]
+        if differ and peer in t.pending:  # only a connected peer's pusher can answer
+            requests = t.page_requests.setdefault(peer, {})
+            for b in differ:
+                requests[b] = True
+            t.wake()
+
     def _on_summary(self, peer: PeerId, message: dict[str, Any], known: dict[PeerId, tuple[int, int]]) -> None:
         t = self.t
-        lo, hi = wire.page_range(message)
+        bucket = wire.page_bucket(message)
+        lo, hi = ("", None) if bucket is not None else wire.page_range(message)
         have = message["have"]
+        by_liveness = t.membership is None
         t.saw(peer, t.clock())
         lacking: list[PeerId] = []
         for text, pair in have.items():
@@ -205,15 +249,19 @@ class Sync(Intake):
                 raise ProtocolError("nodetable: malformed summary") from None
             known[owner] = (seq, ms)
             beat = t.beats.get(owner)
-            if t.records[owner].seq > seq or (beat is not None and beat.ms > ms):
+            if t.records[owner].seq > seq or (by_liveness and beat is not None and beat.ms > ms):
                 lacking.append(owner)
-        for text in wire.in_range(t.sorted_texts(), lo, hi):
+        texts = sorted(t.buckets[bucket]) if bucket is not None else wire.in_range(t.sorted_texts(), lo, hi)
+        for text in texts:
             if text not in have:
                 owner = t.by_text[text]
                 if owner != peer:
                     known.pop(owner, None)
                     lacking.append(owner)
         pending = t.pending.get(peer)
+        if bucket is not None and message.get("r") is True and pending is not None:
+            t.page_requests.setdefault(peer, {}).setdefault(bucket, False)
+            t.wake()
         if lacking and pending is not None:
             for owner in lacking:
                 pending[owner] = None

@@ -32,11 +32,13 @@ from .entry import detect_hardware, validate_update
 from .heartbeat import Heartbeat
 from .record import OwnerDoc, Record
 from .sync import Sync
-from .wire import PROTOCOL
+from .wire import BUCKETS, PROTOCOL
+from ..membership.update import Status, bucket_of, state_hash
 import trio.lowlevel
 
 if TYPE_CHECKING:
     from ..config import Config
+    from ..membership.driver import Membership
     from ..identity import Identity
     from ..store import Store
     from ..transport.host import Host
@@ -72,7 +74,15 @@ COUNTERS = (
 
 
 class NodeTable:
-    def __init__(self, host: Host, config: Config, identity: Identity, store: Store, version: str) -> None:
+    def __init__(
+        self,
+        host: Host,
+        config: Config,
+        identity: Identity,
+        store: Store,
+        version: str,
+        membership: Membership | None = None,
+    ) -> None:
         self.host = host
         self.config = config
         self._limits = DocLimits.from_config(config)
@@ -96,6 +106,13 @@ class NodeTable:
         # a pusher looks only at what changed, not at the whole table, on every change.
         self.pending: dict[PeerId, dict[PeerId, None]] = {}
         self.stats = dict.fromkeys(COUNTERS, 0)
+        # Liveness by SWIM membership when the node runs it (heartbeats and summaries of the whole
+        # table then stay home: digests per bucket, see wire.py).
+        self.membership = membership
+        self.digest = [0] * BUCKETS
+        self.buckets: list[set[str]] = [set() for _ in range(BUCKETS)]
+        # Buckets each peer's digest disagreed on: its pusher answers with those pages only.
+        self.page_requests: dict[PeerId, dict[int, bool]] = {}  # bucket -> ask for their page back
         self._refusal_log = logfmt.RateLimitedLog(log, self.config.refusal_log_interval)
         self.sync = Sync(self)
         self._sorted: list[str] | None = None
@@ -105,6 +122,7 @@ class NodeTable:
         self._pushers: dict[PeerId, trio.CancelScope] = {}
         self._flushed: dict[PeerId, int] = {}  # table version each pusher has fully sent
         self._flush_event = trio.Event()
+        self._digest_due = False
         self._nursery: trio.Nursery | None = None
         self.clock = time.time
         self._db = store.db(DB)
@@ -167,6 +185,7 @@ class NodeTable:
             owner
             for owner in self.records
             if owner != self.me
+            and not self._member_alive(owner)
             and max(self.last_seen.get(owner, 0.0), self._loaded_at) < horizon
             and not self.host.is_connected(owner)
         ]
@@ -186,6 +205,17 @@ class NodeTable:
 
     def _view(self, owner: PeerId, now: float) -> dict[str, Any]:
         entry = dict(self.docs[owner].to_dict())
+        if self.membership is not None and owner != self.me:
+            member = self.membership.status(owner)
+            if member is not None:
+                alive = not member.gone
+                last = now if alive else self.last_seen.get(owner, 0.0)
+                entry["last_seen"] = int(last)
+                entry["connected"] = alive and str(entry.get("status", "")) not in GONE
+                if not alive and now - last > self.config.stale_after:
+                    entry["stale"] = True
+                entry["load"] = self.membership.load(owner)
+                return entry
         last = now if owner == self.me else self.last_seen.get(owner, 0.0)
         direct = owner != self.me and self.host.is_connected(owner)
         fresh = now - last <= self._fresh_for()
@@ -201,6 +231,24 @@ class NodeTable:
     def _fresh_for(self) -> float:
         """How long a sighting keeps a peer "connected": a little over two verification rounds."""
         return max(2.5 * self.config.verify_interval, 5.0)
+
+    def _member_alive(self, owner: PeerId) -> bool:
+        return self.membership is not None and bool(self.membership.alive(owner))
+
+    def _on_member(self, peer: PeerId, status: Status) -> None:
+        """Membership changed its view of ``peer``: the served view changes with it."""
+        now = self.clock()
+        if peer not in self.records:
+            if not status.gone:
+                self._ask_digests()  # a member we hold no record of: compare digests soon
+            return
+        self.last_seen[peer] = max(self.last_seen.get(peer, 0.0), now)
+        self.lost_at.pop(peer, None)
+        self._bump()
+
+    def _ask_digests(self) -> None:
+        self._digest_due = True
+        self.wake()
 
     def seen_at(self, owner: PeerId) -> float:
         return self.clock() if owner == self.me else self.last_seen.get(owner, 0.0)
@@ -235,6 +283,7 @@ class NodeTable:
             for owner in self.records
             if owner != self.me
             and (direct or self.last_seen.get(owner, 0.0) < fresh_since)
+            and not self._member_alive(owner)
             and not self.host.is_connected(owner)
         ]
         out.sort(key=lambda pair: pair[0], reverse=True)
@@ -250,9 +299,12 @@ class NodeTable:
 
     def insert(self, record: Record, doc: OwnerDoc) -> None:
         owner = record.owner
-        if owner not in self.records:
-            self.by_text[str(owner)] = owner
+        text = str(owner)
+        old = self.records.get(owner)
+        if old is None:
+            self.by_text[text] = owner
             self._sorted = None
+        self._digest_swap(text, old.seq if old is not None else None, record.seq)
         self.records[owner] = record
         self.docs[owner] = doc
         self.touch(owner)
@@ -274,7 +326,9 @@ class NodeTable:
         if not owners:
             return
         for owner in owners:
-            self.records.pop(owner, None)
+            old = self.records.pop(owner, None)
+            if old is not None:
+                self._digest_swap(str(owner), old.seq, None)
             self.docs.pop(owner, None)
             self.last_seen.pop(owner, None)
             self.beats.pop(owner, None)
@@ -290,9 +344,19 @@ class NodeTable:
             for owner in owners:
                 txn.delete(owner.raw, db=self._db)
 
+    def _digest_swap(self, text: str, old: int | None, new: int | None) -> None:
+        b = bucket_of(text, BUCKETS)
+        if old is not None:
+            self.digest[b] ^= state_hash(text, old, Status.ALIVE)
+            self.buckets[b].discard(text)
+        if new is not None:
+            self.digest[b] ^= state_hash(text, new, Status.ALIVE)
+            self.buckets[b].add(text)
+
     def drop_peer(self, peer: PeerId) -> None:
         """A peer left: what we kept about its connection goes with it."""
         self.peer_known.pop(peer, None)
+        self.page_requests.pop(peer, None)
         self.sync.drop_peer(peer)
 
     # --- own entry -----------------------------------------------------------------------
@@ -391,6 +455,8 @@ class NodeTable:
     # --- liveness ------------------------------------------------------------------------
 
     async def _verify_loop(self) -> None:
+        if self.membership is not None:
+            return  # liveness is membership's: no heartbeats to sign, no pings to send
         while True:
             await trio.sleep(self.config.verify_interval)
             log.info("Starting verification %s", logfmt.kv(peers=len(self.host.connected_peers())))
@@ -470,13 +536,15 @@ class NodeTable:
 
 @contextlib.asynccontextmanager
 async def open_nodetable(
-    host: Host, config: Config, identity: Identity, store: Store, version: str
+    host: Host, config: Config, identity: Identity, store: Store, version: str, membership: Membership | None = None
 ) -> AsyncIterator[NodeTable]:
     """Load the table from ``store``, serve the sync protocol on ``host``; leaving announces our departure."""
-    table = NodeTable(host, config, identity, store, version)
+    table = NodeTable(host, config, identity, store, version, membership)
     table._load()
     table._initial_own()
     host.set_stream_handler(PROTOCOL, table.sync.handle)
+    if table.membership is not None:
+        table.membership.on_change(table._on_member)
     async with trio.open_nursery() as nursery:
         table._nursery = nursery
         await nursery.start(table._watch_peers)

@@ -12,6 +12,11 @@ Three kinds travel on a ``/ocf/nodetable/2.0.0`` stream, each way independently:
   lacks, each with the owner's latest signed heartbeat (``"hb"``).
 - ``{"t": "beats", "beats": {owner: [ms, sig]}}`` carries newer owner-signed
   heartbeats for records the receiver already holds.
+- ``{"t": "digest", "d": [64 hex]}`` (when liveness is membership's): per
+  bucket of owners, the XOR of a hash of each held ``(owner, seq)``. The
+  receiver answers each bucket that differs with a page of that bucket only
+  (``{"t": "summary", "b": bucket, "have": ...}``), so in a quiet network a
+  round costs one fixed-size message per neighbour, whatever N.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from ..identity import varint
 #: 2.0.0: records signed over their document bytes, paged summaries, owner-signed heartbeats.
 #: A 1.x node does not negotiate it, so the two never exchange records each would refuse.
 PROTOCOL = "/ocf/nodetable/2.0.0"
-KINDS = ("summary", "records", "beats")
+KINDS = ("summary", "records", "beats", "digest")
+#: Buckets of the digest: owners are spread by a hash of their text, a page covers one bucket.
+BUCKETS = 64
 #: Bytes a summary entry costs beyond its owner text (quotes, seq, heartbeat time, separators).
 ENTRY_OVERHEAD = 40
 
@@ -49,6 +56,35 @@ def summary_pages(items: Iterable[tuple[str, int, int]], budget: int) -> Iterato
         have[text] = [seq, ms]
         size += cost
     yield {"t": "summary", "lo": lo, "hi": None, "have": have}
+
+
+def digest_message(digest: list[int]) -> dict[str, Any]:
+    return {"t": "digest", "d": [format(h, "x") for h in digest]}
+
+
+def parse_digest(message: dict[str, Any]) -> list[int]:
+    hashes = message.get("d")
+    if not isinstance(hashes, list) or len(hashes) != BUCKETS:
+        raise ProtocolError("nodetable: digest must have one hash per bucket")
+    try:
+        out = [int(h, 16) for h in hashes if isinstance(h, str) and len(h) <= 16]
+    except ValueError:
+        raise ProtocolError("nodetable: digest hash is not hex") from None
+    if len(out) != BUCKETS:
+        raise ProtocolError("nodetable: digest hash malformed")
+    return out
+
+
+def page_bucket(message: dict[str, Any]) -> int | None:
+    """The bucket a summary page covers (None: a ``[lo, hi)`` page)."""
+    if "b" not in message:
+        return None
+    bucket = message["b"]
+    if not isinstance(bucket, int) or isinstance(bucket, bool) or not 0 <= bucket < BUCKETS:
+        raise ProtocolError("nodetable: malformed summary page")
+    if not isinstance(message.get("have"), dict):
+        raise ProtocolError("nodetable: malformed summary page")
+    return bucket
 
 
 def page_range(message: dict[str, Any]) -> tuple[str, str | None]:
@@ -74,8 +110,10 @@ class Reader:
     which is what its per-message deadline watches.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, kinds: tuple[str, ...] = KINDS, name: str = "nodetable") -> None:
         self.limit = limit
+        self.kinds = kinds
+        self.name = name
         self._buf = bytearray()
 
     @property
@@ -89,12 +127,12 @@ class Reader:
             try:
                 parsed = varint.decode(self._buf)
             except varint.VarintError as exc:
-                raise ProtocolError(f"nodetable: bad length prefix: {exc}") from None
+                raise ProtocolError(f"{self.name}: bad length prefix: {exc}") from None
             if parsed is None:
                 break
             length, offset = parsed
             if length > self.limit:
-                raise ProtocolError(f"nodetable: message of {length} bytes exceeds {self.limit}")
+                raise ProtocolError(f"{self.name}: message of {length} bytes exceeds {self.limit}")
             if len(self._buf) < offset + length:
                 break
             body = bytes(self._buf[offset : offset + length])
@@ -102,9 +140,9 @@ class Reader:
             try:
                 message = json.loads(body)
             except ValueError:
-                raise ProtocolError("nodetable: message is not JSON") from None
-            if not isinstance(message, dict) or message.get("t") not in KINDS:
-                raise ProtocolError("nodetable: unknown message")
+                raise ProtocolError(f"{self.name}: message is not JSON") from None
+            if not isinstance(message, dict) or message.get("t") not in self.kinds:
+                raise ProtocolError(f"{self.name}: unknown message")
             out.append(message)
         if not self._buf:
             self._buf = bytearray()  # give back the capacity a large message grew

@@ -10,6 +10,7 @@ runs over TCP, only faster and deterministically (``MockClock`` works).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import itertools
 from collections.abc import AsyncIterator
 
@@ -19,6 +20,7 @@ import trio.testing
 
 from ..errors import PeerUnreachable, TransportError
 from ..identity import Multiaddr
+from .memlink import Links
 from .tcp import RawConn, RawHandler
 
 
@@ -26,15 +28,20 @@ from .tcp import RawConn, RawHandler
 class _Listener:
     handler: RawHandler
     nursery: trio.Nursery
+    #: The listener's context variables: its connections' tasks run under them (a simulation
+    #: tells its nodes apart by one), not under the dialer's.
+    context: contextvars.Context = attrs.field(factory=contextvars.copy_context)
 
 
 class MemoryNetwork:
     """A namespace of in-memory listeners; share one instance between the nodes of a test."""
 
-    def __init__(self) -> None:
+    def __init__(self, links: Links | None = None) -> None:
+        """``links`` simulates latency, loss and crashes (:mod:`.memlink`); without it, plain memory streams."""
         self._listeners: dict[str, _Listener] = {}
         self._names = itertools.count(1)
         self.dials = 0  # for tests: how many connections were opened
+        self.links = links
 
     def new_name(self) -> str:
         while True:
@@ -63,11 +70,21 @@ class MemoryNetwork:
         listener = self._listeners.get(name or "")
         if listener is None:
             raise PeerUnreachable(f"nothing listens at /memory/{name}")
-        ours, theirs = trio.testing.memory_stream_pair()
+        me = local_addr.value_for("memory") if local_addr is not None else None
+        if self.links is not None and (name in self.links.crashed or me in self.links.crashed):
+            raise PeerUnreachable(f"/memory/{name} does not answer")
+        ours: trio.abc.Stream
+        theirs: trio.abc.Stream
+        if self.links is not None:
+            ours, theirs = self.links.pair(me or "?", name or "?")
+        else:
+            ours, theirs = trio.testing.memory_stream_pair()
         self.dials += 1
         target = Multiaddr((("memory", name or ""),))
 
         async def serve() -> None:
+            for var, value in listener.context.items():
+                var.set(value)
             async with theirs:
                 await listener.handler(RawConn(theirs, local_addr, target, "memory"))
 

@@ -1,0 +1,503 @@
+"""Scale benchmark: N full nodes (transport, membership, node table) in one process, with churn.
+
+    python benchmarks/scale.py --nodes N [--churn R] [--latency MS] [--loss P] [--minutes M] [--quick]
+
+Every node runs the real stack on the in-memory network (multistream, Noise,
+yamux, SWIM over /ocf/swim/1.0.0, node table sync), its links simulated by
+:mod:`ocf.transport.memlink` (one-way latency, loss as TCP retransmission
+delay, crashes that tell no one). Each node joins through one random member
+and keeps ``--degree`` neighbours. Time is Trio's MockClock (virtual): it
+advances only when every task waits, so protocol timings are those of N
+machines with a core each, not of N nodes sharing this machine's CPU; the
+CPU each node spent (its tasks' steps, attributed by a context variable) is
+reported per simulated second.
+
+Shortcuts, said here and in the table: all nodes share one signature cache
+and one record-verification cache (each record is checked once per process
+instead of once per node, or N^2 Ed25519 checks would take the run's hour);
+the per-node cost a real node pays is printed separately.
+
+Reported: time to build and converge; a service change reaching 50/99% of
+nodes; a crash seen as dead by 99%; false positives (a live node declared
+dead anywhere) through churn (``--churn`` of the nodes leave and as many
+join per minute, half crashing, half leaving gracefully); idle bytes and
+messages per node per second, against a same-run N=100 baseline; memory
+per node; the busiest node's CPU; routing lookup time with 1,000 providers
+against the old per-request scan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import contextvars
+import gc
+import logging
+import random
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+import trio.testing
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ocf.config import Config  # noqa: E402
+from ocf.gateway import routeindex, routing  # noqa: E402
+from ocf.identity import Identity  # noqa: E402
+from ocf.membership.driver import open_membership  # noqa: E402
+from ocf.membership.update import Status  # noqa: E402
+from ocf.membership.verify import SignatureCache  # noqa: E402
+from ocf.node import Node  # noqa: E402
+from ocf.nodetable import open_nodetable  # noqa: E402
+from ocf.nodetable.record import OwnerDoc, Record  # noqa: E402
+from ocf.nodetable.table import NodeTable  # noqa: E402
+from ocf.store import Store  # noqa: E402
+from ocf.transport import MemoryNetwork, open_host  # noqa: E402
+from ocf.transport.memlink import Links  # noqa: E402
+
+SIM_NODE: contextvars.ContextVar[int] = contextvars.ContextVar("sim_node", default=-1)
+
+
+class CpuByNode(trio.abc.Instrument):
+    """CPU of each task step, summed by the simulated node whose context the task runs in."""
+
+    def __init__(self) -> None:
+        self.cpu: collections.Counter[int] = collections.Counter()
+        self._t0 = 0.0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self._t0 = time.thread_time()
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.cpu[task.context.get(SIM_NODE, -1)] += time.thread_time() - self._t0
+
+
+def share_record_checks() -> tuple[dict, list[float]]:
+    """Verify each distinct record once per process (see the module docstring); returns the cost log."""
+    cache: dict = {}
+    costs: list[float] = []
+    original = NodeTable.verify_record
+
+    def verify_record(self: NodeTable, record: Record) -> OwnerDoc:
+        key = (record.owner.raw, record.seq, record.signature)
+        doc = cache.get(key)
+        if doc is None:
+            t0 = time.perf_counter()
+            doc = original(self, record)
+            costs.append(time.perf_counter() - t0)
+            cache[key] = doc
+        return doc
+
+    NodeTable.verify_record = verify_record  # type: ignore[method-assign]
+    return cache, costs
+
+
+class Sim:
+    def __init__(self, args: argparse.Namespace, n: int, root: Path, tag: str) -> None:
+        self.args = args
+        self.n = n
+        self.root = root / tag
+        self.links = Links(latency=args.latency / 1000.0, loss=args.loss, seed=args.seed)
+        self.net = MemoryNetwork(self.links)
+        self.verifier = SignatureCache(size=1 << 20)
+        self.rng = random.Random(args.seed)
+        self.nodes: dict[int, Node] = {}
+        self.scopes: dict[int, trio.CancelScope] = {}
+        self.names: dict[int, str] = {}  # node -> /memory name
+        self.by_peer: dict[str, int] = {}
+        self.gone: set[str] = set()  # peers crashed or departed
+        self.counter = 0
+        # membership observations
+        self.alive_seen: collections.Counter[str] = collections.Counter()  # peer -> observers seeing it alive
+        self.dead_at: dict[str, list[float]] = collections.defaultdict(list)  # peer -> times observers saw it gone
+        self.false_dead: list[tuple[str, str, float]] = []
+        self.record_at: dict[tuple[str, int], list[float]] = collections.defaultdict(list)
+
+    def config(self, i: int) -> Config:
+        a = self.args
+        return Config(
+            mode="node",
+            host="127.0.0.1",
+            tcpport=0,
+            port=0,
+            data_dir=self.root / str(i),
+            log_level="error",
+            membership_degree=a.degree,
+            membership_probe_interval=a.probe,
+            membership_anti_entropy=a.anti_entropy,
+            verify_interval=a.anti_entropy,
+        )
+
+    async def start_node(self, nursery: trio.Nursery, join: bool = True) -> int:
+        i = self.counter
+        self.counter += 1
+        live = [j for j in self.nodes if self.names[j] not in self.links.crashed]
+        target = self.nodes[self.rng.choice(live)].listen_addrs[0] if (join and live) else None
+        await nursery.start(self._run_node, i, target)
+        return i
+
+    async def _run_node(self, i: int, target: object, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        SIM_NODE.set(i)
+        config = self.config(i)
+        identity = Identity.from_seed(f"scale-{self.root.name}-{i}")
+        store = Store.open(config.data_dir, map_size=8 << 20, sync=False)
+        node = Node(config, identity, store)
+        peer = str(node.peer_id)
+        try:
+            with trio.CancelScope() as scope:
+                async with contextlib.AsyncExitStack() as stack:
+                    node.host = await stack.enter_async_context(open_host(identity, config, self.net))
+                    node.listen_addrs = list(node.host.listen_addrs)
+                    self.names[i] = node.listen_addrs[0].value_for("memory") or ""
+                    node.membership = await stack.enter_async_context(
+                        open_membership(node.host, identity, config, verifier=self.verifier)
+                    )
+                    node.membership.on_change(self._observer(peer))
+                    node.table = await stack.enter_async_context(open_nodetable(node))
+                    self._watch_records(peer, node.table)
+                    self.nodes[i] = node
+                    self.scopes[i] = scope
+                    self.by_peer[peer] = i
+                    task_status.started()
+                    if target is not None:
+                        with contextlib.suppress(Exception):
+                            await node.host.connect(target)
+                    await trio.sleep_forever()
+        finally:
+            self.nodes.pop(i, None)
+            store.close()
+
+    def _observer(self, observer: str):
+        def changed(pid: object, status: Status) -> None:
+            peer = str(pid)
+            now = trio.current_time()
+            if status.gone:
+                self.dead_at[peer].append(now)
+                if status == Status.DEAD and peer not in self.gone and peer in self.by_peer:
+                    self.false_dead.append((observer, peer, now))
+
+        return changed
+
+    def _watch_records(self, observer: str, table: NodeTable) -> None:
+        original = table.insert
+
+        def insert(record: Record, doc: OwnerDoc) -> None:
+            original(record, doc)
+            self.record_at[(str(record.owner), record.seq)].append(trio.current_time())
+
+        table.insert = insert  # type: ignore[method-assign]
+
+    def live(self) -> list[int]:
+        return [i for i in self.nodes if str(self.nodes[i].peer_id) not in self.gone]
+
+    def converged(self) -> float:
+        """Fraction of (observer, live peer) pairs where the observer sees the peer alive."""
+        live = self.live()
+        if len(live) < 2:
+            return 1.0
+        peers = [str(self.nodes[i].peer_id) for i in live]
+        ok = 0
+        for i in live:
+            members = self.nodes[i].membership.swim.members
+            me = str(self.nodes[i].peer_id)
+            for p in peers:
+                if p != me:
+                    m = members.get(p)
+                    ok += m is not None and not m.status.gone
+        return ok / (len(live) * (len(live) - 1))
+
+    def table_full(self) -> float:
+        live = self.live()
+        return sum(min(len(self.nodes[i].table.records), len(live)) for i in live) / (len(live) * len(live))
+
+    async def crash(self, i: int, graceful: bool = False) -> str:
+        node = self.nodes[i]
+        peer = str(node.peer_id)
+        self.gone.add(peer)
+        if not graceful:
+            self.links.crash(self.names[i])
+        self.scopes[i].cancel()
+        return peer
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def wait_until(pred, step: float = 0.25, limit: float = 600.0) -> float:
+    t0 = trio.current_time()
+    while not pred():
+        if trio.current_time() - t0 > limit:
+            raise TimeoutError("condition not reached")
+        await trio.sleep(step)
+    return trio.current_time() - t0
+
+
+async def build(sim: Sim, nursery: trio.Nursery, rows: list, cpu: CpuByNode) -> None:
+    t0 = trio.current_time()
+    w0 = time.perf_counter()
+    rss0 = rss_bytes()
+    await sim.start_node(nursery, join=False)
+    for _ in range(sim.n - 1):
+        await sim.start_node(nursery)
+        await trio.sleep(sim.args.join_gap)
+    started = trio.current_time() - t0
+    await wait_until(lambda: sim.converged() >= 1.0)
+    members_t = trio.current_time() - t0
+    await wait_until(lambda: sim.table_full() >= 1.0)
+    table_t = trio.current_time() - t0
+    gc.collect()
+    per_node = (rss_bytes() - rss0) / sim.n
+    rows.append((f"N={sim.n}: nodes started (one joins every {sim.args.join_gap * 1000:g} ms)", f"{started:.1f} s sim"))
+    rows.append((f"N={sim.n}: every node sees every node alive", f"{members_t:.1f} s sim"))
+    rows.append(
+        (f"N={sim.n}: every table holds every record", f"{table_t:.1f} s sim ({time.perf_counter() - w0:.0f} s wall)")
+    )
+    rows.append((f"N={sim.n}: memory per node (RSS growth / N)", f"{per_node / (1 << 20):.2f} MiB"))
+
+
+async def idle_traffic(sim: Sim, seconds: float, cpu: CpuByNode) -> tuple[float, float, float]:
+    stats = sim.links.stats
+    b0, w0 = sum(stats.bytes.values()), sum(stats.writes.values())
+    cpu0 = dict(cpu.cpu)
+    t0 = trio.current_time()
+    await trio.sleep(seconds)
+    dt = trio.current_time() - t0
+    n = len(sim.live())
+    bps = (sum(stats.bytes.values()) - b0) / n / dt
+    wps = (sum(stats.writes.values()) - w0) / n / dt
+    busiest = max((c - cpu0.get(k, 0.0)) for k, c in cpu.cpu.items() if k >= 0) / dt
+    return bps, wps, busiest
+
+
+async def change_propagation(sim: Sim, rounds: int) -> tuple[list[float], list[float]]:
+    p50s, p99s = [], []
+    for r in range(rounds):
+        i = sim.rng.choice(sim.live())
+        node = sim.nodes[i]
+        t0 = trio.current_time()
+        await node.table.set_services([{"name": "llm", "status": "healthy", "identity_group": [f"model=m{r}"]}])
+        key = (str(node.peer_id), node.table.records[node.peer_id].seq)
+        n = len(sim.live()) - 1
+        await wait_until(lambda key=key, n=n: len(sim.record_at[key]) >= n, step=0.05)
+        times = sorted(t - t0 for t in sim.record_at[key][1:])
+        p50s.append(percentile(times, 0.5))
+        p99s.append(percentile(times, 0.99))
+    return p50s, p99s
+
+
+async def kill_detection(sim: Sim, kills: int) -> list[float]:
+    out = []
+    for _ in range(kills):
+        i = sim.rng.choice(sim.live())
+        t0 = trio.current_time()
+        peer = await sim.crash(i)
+        observers = len(sim.live())
+        await wait_until(
+            lambda peer=peer, observers=observers: len(sim.dead_at[peer]) >= int(0.99 * observers), step=0.1, limit=120
+        )
+        out.append(sorted(sim.dead_at[peer])[int(0.99 * observers) - 1] - t0)
+    return out
+
+
+async def churn(sim: Sim, nursery: trio.Nursery, minutes: float, rate: float) -> tuple[int, int]:
+    """``rate`` of the nodes leave and as many join per minute, at random moments; half crash."""
+    events = int(sim.n * rate * minutes)
+    if events == 0:
+        await trio.sleep(minutes * 60)
+        return 0, 0
+    gap = minutes * 60 / events
+    left = joined = 0
+    for _ in range(events):
+        await trio.sleep(gap * (0.5 + sim.rng.random()))
+        live = sim.live()
+        await sim.crash(sim.rng.choice(live), graceful=sim.rng.random() < 0.5)
+        left += 1
+        await sim.start_node(nursery)
+        joined += 1
+    await trio.sleep(sim.args.probe * 20)
+    return left, joined
+
+
+def routing_lookup(providers: int) -> tuple[float, float]:
+    entries = {}
+    for i in range(providers):
+        peer = f"12D3KooWpeer{i:06d}"
+        entries[peer] = {
+            "id": peer,
+            "connected": True,
+            "service": [{"name": "llm", "status": "healthy", "identity_group": [f"model=m{i % 10}"]}],
+        }
+    index = routeindex.build(entries, "me")
+    rng = random.Random(1)
+    loads = {peer: rng.randrange(4) for peer in entries}
+
+    def weigh(p: routing.Provider) -> float:
+        return routeindex.weight(True, None, loads[p.peer])
+
+    reps = 20000
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        routeindex.pick(index.lookup("llm", {"model": "m3"}), weigh, rng)
+    new = (time.perf_counter() - t0) / reps
+    reps_old = 200
+    t0 = time.perf_counter()
+    for _ in range(reps_old):
+        found = routing.providers_of(entries, "llm", "me")
+        keys = routing.identity_keys(found)
+        cands = routing.select(found, {"model": "m3"}, service="llm", known=list, has_body=True, keys=keys)
+        routing.choose(cands, loads, rng)
+    old = (time.perf_counter() - t0) / reps_old
+    return new, old
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+class Rows(list):
+    """The table's rows, each also printed to stderr as it is measured (a long run shows progress)."""
+
+    def append(self, row: tuple[str, str]) -> None:
+        print(f"  {row[0]}: {row[1]}", file=sys.stderr, flush=True)
+        super().append(row)
+
+
+async def main(args: argparse.Namespace) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = Rows()
+    root = Path(tempfile.mkdtemp(prefix="ocf-scale-"))
+    cpu = CpuByNode()
+    trio.lowlevel.add_instrument(cpu)
+    _, record_costs = share_record_checks()
+    baseline_bps = baseline_wps = None
+    sizes = [args.baseline, args.nodes] if args.baseline and args.baseline < args.nodes else [args.nodes]
+    for n in sizes:
+        sim = Sim(args, n, root, f"n{n}")
+        async with trio.open_nursery() as nursery:
+            await build(sim, nursery, rows, cpu)
+            bps, wps, busiest = await idle_traffic(sim, args.idle, cpu)
+            rows.append((f"N={n}: idle traffic per node", f"{bps / 1024:.2f} KiB/s, {wps:.1f} writes/s"))
+            rows.append((f"N={n}: busiest node's CPU (idle)", f"{busiest * 100:.1f}% of a core"))
+            if n == args.nodes:
+                if baseline_bps and baseline_wps:
+                    rows.append(
+                        (
+                            f"idle traffic ratio N={n} / N={args.baseline} (target <= 1.5)",
+                            f"bytes {bps / baseline_bps:.2f}, writes {wps / baseline_wps:.2f}",
+                        )
+                    )
+                p50s, p99s = await change_propagation(sim, args.rounds)
+                rows.append(("service change reaches 50% of nodes", f"{statistics_fmt(p50s)}"))
+                rows.append(("service change reaches 99% of nodes (target < 5 s)", f"{statistics_fmt(p99s)}"))
+                kills = await kill_detection(sim, args.kills)
+                rows.append(("crash seen dead by 99% of nodes (target < 10 s)", statistics_fmt(kills)))
+                fp0 = len(sim.false_dead)
+                left, joined = await churn(sim, nursery, args.minutes, args.churn)
+                rows.append(
+                    (
+                        f"churn: {args.minutes:g} sim min at {args.churn * 100:g}%/min ({left} left, {joined} joined)",
+                        f"{len(sim.false_dead) - fp0} false positives (target 0)",
+                    )
+                )
+                conv = sim.converged()
+                rows.append(("after churn: (observer, live peer) pairs seeing alive", f"{conv * 100:.2f}%"))
+                rows.append(("false positives over the whole run", str(len(sim.false_dead))))
+                m = [sim.nodes[i].membership.summary_stats() for i in sim.live()]
+                rows.append(
+                    (
+                        "membership: probes / failed / suspicions / refutations (all nodes)",
+                        f"{sum(x['probes'] for x in m)} / {sum(x['probes_failed'] for x in m)} / "
+                        f"{sum(x['suspected'] for x in m)} / {sum(x['refuted'] for x in m)}",
+                    )
+                )
+            else:
+                baseline_bps, baseline_wps = bps, wps
+            nursery.cancel_scope.cancel()
+    new, old = routing_lookup(1000)
+    rows.append(("routing lookup + pick, 1,000 providers (target < 20 us)", f"{new * 1e6:.1f} us"))
+    rows.append(
+        ("  baseline: per-request scan (providers_of + select + choose)", f"{old * 1e6:.0f} us ({old / new:.0f}x)")
+    )
+    check = statistics_mean(record_costs)
+    rows.append(
+        (
+            "shared caches: record verifications done once per process",
+            f"{len(record_costs)} x {check * 1000:.2f} ms; a real node pays N x that at join",
+        )
+    )
+    rows.append(("  membership signature checks / cache hits (shared)", f"{sim.verifier.checks} / {sim.verifier.hits}"))
+    return rows
+
+
+def statistics_mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def statistics_fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return f"median {percentile(values, 0.5):.2f} s, max {max(values):.2f} s ({len(values)} runs)"
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nodes", type=int, default=1000)
+    p.add_argument("--baseline", type=int, default=100, help="same-run baseline size for the idle-traffic ratio")
+    p.add_argument("--churn", type=float, default=0.10, help="fraction of nodes leaving (and joining) per minute")
+    p.add_argument("--minutes", type=float, default=10.0, help="simulated minutes of churn")
+    p.add_argument("--latency", type=float, default=5.0, help="one-way link latency, ms")
+    p.add_argument("--loss", type=float, default=0.0, help="probability a write is lost (costs a retransmission)")
+    p.add_argument("--degree", type=int, default=8)
+    p.add_argument("--probe", type=float, default=0.5)
+    p.add_argument("--anti-entropy", type=float, default=30.0)
+    p.add_argument("--join-gap", type=float, default=0.02, help="simulated seconds between two joins")
+    p.add_argument("--idle", type=float, default=20.0, help="simulated seconds of idle measurement")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--kills", type=int, default=3)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--protocol",
+        action="store_true",
+        help="membership protocol only: sans-IO machines on a simulated datagram network (see scale_sim.py)",
+    )
+    p.add_argument("--quick", action="store_true", help="CI size: 24 nodes, baseline 8, 1 simulated minute")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.nodes, args.baseline, args.minutes, args.idle, args.rounds, args.kills = 24, 8, 1.0, 5.0, 1, 1
+    return args
+
+
+def run(args: argparse.Namespace) -> None:
+    logging.getLogger("ocf").setLevel(logging.CRITICAL)  # refusals while tables fill are expected, and counted
+    w0 = time.perf_counter()
+    if args.protocol:
+        from scale_sim import run_protocol
+
+        rows: list[tuple[str, str]] = Rows()
+        run_protocol(args, rows)
+    else:
+        clock = trio.testing.MockClock(autojump_threshold=0)
+        rows = trio.run(main, args, clock=clock)
+    width = max(len(r[0]) for r in rows) + 2
+    print(f"{'measurement':<{width}}value")
+    print("-" * (width + 40))
+    for name, value in rows:
+        print(f"{name:<{width}}{value}")
+    print(
+        f"(latency {args.latency:g} ms one way, loss {args.loss:g}, degree {args.degree}, probe {args.probe:g} s; "
+        f"virtual time; wall {time.perf_counter() - w0:.0f} s)"
+    )
+
+
+if __name__ == "__main__":
+    run(parse())

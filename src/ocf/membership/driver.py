@@ -1,0 +1,382 @@
+"""The Trio driver of :class:`~ocf.membership.swim.Swim` over ``/ocf/swim/1.0.0`` streams.
+
+It owns the lifetimes and nothing else: one long-lived outbound stream per
+peer we talk to (a bounded queue in front of it; when the queue is full the
+message is dropped and counted, as a datagram would be: SWIM is built for
+loss), an inbound reader per peer stream (at most two per peer, every
+message bounded in size and, once started, in time), a clock loop that
+ticks the machine, and a keeper of the bounded degree: it dials random
+living members while we have fewer than ``--membership.degree`` neighbours,
+and now and then one recently dead member, so that two sides of a healed
+partition find each other again. A member declared dead is disconnected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .. import log as logfmt
+from ..errors import ProtocolError, TransportError
+from ..identity import Multiaddr, PeerId, varint
+from ..nodetable.wire import Reader
+from . import messages
+from .messages import KINDS, PROTOCOL
+from .swim import Swim, SwimConfig
+from .update import Status, Verifier
+from .verify import SignatureCache
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..identity import Identity
+    from ..transport.host import Host
+
+log = logging.getLogger("ocf.membership")
+
+#: Largest SWIM message (a full page of 256 members is about 80 KB; gossip is far smaller).
+MAX_MESSAGE = 128 << 10
+QUEUE = 64
+RECEIVE = 65536
+KEEPER_INTERVAL = 1.0
+
+COUNTERS = (
+    "messages_sent",
+    "bytes_sent",
+    "messages_received",
+    "bytes_received",
+    "dropped_queue_full",
+    "dropped_unreachable",
+    "dropped_items",
+    "streams_refused",
+    "streams_timed_out",
+    "bad_messages",
+    "dials",
+)
+
+
+def swim_config(config: Config) -> SwimConfig:
+    probe = config.membership_probe_interval
+    return SwimConfig(
+        probe_interval=probe,
+        ack_timeout=probe / 2,
+        suspicion=config.membership_suspicion,
+        anti_entropy=config.membership_anti_entropy,
+        max_members=config.nodetable_max_entries,
+        verify_rate=config.nodetable_verify_rate,
+    )
+
+
+class Membership:
+    """Who is alive. ``status(peer)`` for queries, ``on_change`` for listeners (the node table)."""
+
+    def __init__(self, host: Host, identity: Identity, config: Config, verifier: Verifier | None = None) -> None:
+        self.host = host
+        self.config = config
+        self.me = identity.peer_id
+        addrs = tuple(str(a) for a in host.listen_addrs)
+        self.swim = Swim(
+            str(self.me),
+            identity.sign,
+            verifier or SignatureCache(),
+            trio.current_time(),
+            incarnation=int(time.time() * 1000),  # a restart always outbids what the last run signed
+            addrs=addrs,
+            config=swim_config(config),
+        )
+        self.stats = dict.fromkeys(COUNTERS, 0)
+        self._ids: dict[str, PeerId] = {str(self.me): self.me}
+        self._senders: dict[str, trio.MemorySendChannel[bytes]] = {}
+        self._inbound: dict[PeerId, int] = {}
+        self._listeners: list[Callable[[PeerId, Status], None]] = []
+        self._wake = trio.Event()
+        self._unsent = 0  # messages handed to senders and not yet written (leave() waits for them)
+        self._progress = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._refusals = logfmt.RateLimitedLog(log, config.refusal_log_interval)
+
+    # --- queries ----------------------------------------------------------------------------
+
+    def status(self, peer: PeerId) -> Status | None:
+        return self.swim.status(str(peer))
+
+    def alive(self, peer: PeerId) -> bool:
+        status = self.swim.status(str(peer))
+        return status is not None and not status.gone
+
+    def load(self, peer: PeerId) -> int:
+        member = self.swim.members.get(str(peer))
+        return member.load if member is not None else (self.swim.load if peer == self.me else 0)
+
+    def on_change(self, listener: Callable[[PeerId, Status], None]) -> None:
+        self._listeners.append(listener)
+
+    def set_load(self, in_flight: int) -> None:
+        """Publish our requests in flight (re-signed at most every couple of seconds)."""
+        self.swim.set_load(in_flight)
+        self._kick()
+
+    def summary_stats(self) -> dict[str, Any]:
+        alive = sum(1 for m in self.swim.members.values() if not m.status.gone)
+        return {
+            "members": len(self.swim.members),
+            "alive": alive,
+            "neighbors": len(self.swim.neighbors),
+            "incarnation": self.swim.incarnation,
+            **self.swim.stats,
+            **self.stats,
+        }
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def _pid(self, text: str) -> PeerId | None:
+        pid = self._ids.get(text)
+        if pid is None:
+            try:
+                pid = PeerId.from_string(text)
+            except Exception:  # noqa: BLE001 - a member name that is no peer ID is nobody we can reach
+                return None
+            if len(self._ids) > 4 * self.swim.config.max_members:
+                self._ids = {str(self.me): self.me}
+            self._ids[text] = pid
+        return pid
+
+    def _kick(self) -> None:
+        self._wake.set()
+
+    def _flush(self) -> None:
+        """Hand what the machine wants sent to per-peer senders, and tell listeners what changed."""
+        swim = self.swim
+        out, swim.outbox = swim.outbox, []
+        for peer, message in out:
+            body = json.dumps(messages.to_wire(message), separators=(",", ":")).encode()
+            data = varint.encode(len(body)) + body
+            send = self._senders.get(peer)
+            if send is None:
+                pid = self._pid(peer)
+                if pid is None or self._nursery is None:
+                    self.stats["dropped_unreachable"] += 1
+                    continue
+                send, recv = trio.open_memory_channel[bytes](QUEUE)
+                self._senders[peer] = send
+                self._nursery.start_soon(self._sender, peer, pid, send, recv)
+            try:
+                send.send_nowait(data)
+                self._unsent += 1
+            except trio.WouldBlock:
+                self.stats["dropped_queue_full"] += 1
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.stats["dropped_unreachable"] += 1
+        changes, swim.changes = swim.changes, []
+        for peer, status in changes:
+            pid = self._pid(peer)
+            if pid is None:
+                continue
+            if status.gone and self.host.is_connected(pid) and self._nursery is not None:
+                self._nursery.start_soon(self.host.disconnect, pid)
+            for listener in self._listeners:
+                listener(pid, status)
+
+    async def _clock(self) -> None:
+        while True:
+            self.swim.tick(trio.current_time())
+            self._flush()
+            with trio.move_on_at(self.swim.next_deadline()):
+                await self._wake.wait()
+                self._wake = trio.Event()
+
+    async def _sender(
+        self, peer: str, pid: PeerId, send: trio.MemorySendChannel[bytes], recv: trio.MemoryReceiveChannel[bytes]
+    ) -> None:
+        try:
+            with trio.fail_after(max(1.0, 4 * self.swim.config.probe_interval)):
+                self.stats["dials"] += not self.host.is_connected(pid)
+                stream = await self.host.new_stream(pid, PROTOCOL)
+        except (TransportError, trio.TooSlowError) as exc:
+            log.debug("no swim stream %s", logfmt.kv(peer=pid.short(), reason=exc or type(exc).__name__))
+            self.stats["dropped_unreachable"] += 1
+            stream = None
+        try:
+            if stream is not None:
+                async with stream:
+                    async for data in recv:
+                        try:
+                            await stream.send_all(data)
+                        finally:
+                            self._sent_one()
+                        self.stats["messages_sent"] += 1
+                        self.stats["bytes_sent"] += len(data)
+        except (TransportError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.debug("swim stream ended %s", logfmt.kv(peer=pid.short(), reason=exc or type(exc).__name__))
+        finally:
+            if self._senders.get(peer) is send:
+                del self._senders[peer]
+            while True:  # what was queued for this peer will never be written
+                try:
+                    recv.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+                self._sent_one()
+            recv.close()
+
+    def _sent_one(self) -> None:
+        self._unsent = max(0, self._unsent - 1)
+        self._progress.set()
+        self._progress = trio.Event()
+
+    async def handle(self, stream: Any) -> None:
+        peer: PeerId = stream.remote_peer
+        if self._inbound.get(peer, 0) >= self.config.nodetable_max_streams:
+            self.stats["streams_refused"] += 1
+            self._refusals.warning("extra_stream", "refused swim stream", reason="extra_stream")
+            stream.reset()
+            return
+        self._inbound[peer] = self._inbound.get(peer, 0) + 1
+        sender = str(peer)
+        reader = Reader(MAX_MESSAGE, KINDS, "swim")
+        deadline = math.inf
+        try:
+            while True:
+                data = None
+                with trio.move_on_at(deadline):
+                    data = await stream.receive_some(RECEIVE)
+                if data is None:
+                    self.stats["streams_timed_out"] += 1
+                    self._refusals.warning("message_timeout", "refused swim stream", reason="message_timeout")
+                    stream.reset()
+                    return
+                if not data:
+                    return
+                self.stats["bytes_received"] += len(data)
+                now = trio.current_time()
+                for obj in reader.feed(data):
+                    message, bad = messages.from_wire(obj)
+                    self.stats["messages_received"] += 1
+                    self.stats["dropped_items"] += bad
+                    self.swim.receive(sender, message, now)
+                self._flush()
+                self._kick()
+                if not reader.partial:
+                    deadline = math.inf
+                elif deadline == math.inf:
+                    deadline = now + self.config.nodetable_message_timeout
+        except ProtocolError as exc:
+            self.stats["bad_messages"] += 1
+            self._refusals.warning("bad_message", "refused swim message", reason="bad_message")
+            log.debug("bad swim message %s", logfmt.kv(peer=peer.short(), reason=exc))
+            stream.reset()
+        except (TransportError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            left = self._inbound.get(peer, 1) - 1
+            if left:
+                self._inbound[peer] = left
+            else:
+                self._inbound.pop(peer, None)
+
+    async def _watch_peers(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with self.host.subscribe() as events:
+            self._set_neighbors()
+            for peer in self.host.connected_peers():
+                self.swim.connected(str(peer))
+            self._flush()
+            task_status.started()
+            async for event in events:
+                self._set_neighbors()
+                text = str(event.peer)
+                if event.kind == "connected":
+                    self.swim.connected(text)
+                else:
+                    send = self._senders.pop(text, None)
+                    if send is not None:
+                        send.close()
+                    self.swim.disconnected(text)
+                self._flush()
+                self._kick()
+
+    def _set_neighbors(self) -> None:
+        self.swim.set_neighbors([str(p) for p in self.host.connected_peers()])
+
+    async def _keep_degree(self) -> None:
+        """Dial random living members while below the degree; now and then a recently dead one."""
+        degree = self.config.membership_degree
+        rng = self.swim.rng
+        last_revive = trio.current_time()
+        while True:
+            await trio.sleep(KEEPER_INTERVAL * (0.5 + rng.random()))
+            connected = {str(p) for p in self.host.connected_peers()}
+            missing = degree - len(connected)
+            members = self.swim.members
+            if missing > 0:
+                candidates = [p for p, m in members.items() if not m.status.gone and p not in connected and m.addrs]
+                for peer in rng.sample(candidates, min(missing, 2, len(candidates))):
+                    self._dial(peer, members[peer].addrs)
+            now = trio.current_time()
+            if now - last_revive >= self.swim.config.anti_entropy:
+                last_revive = now
+                gone = [p for p, m in members.items() if m.status == Status.DEAD and p not in connected and m.addrs]
+                if gone:
+                    peer = rng.choice(gone)
+                    self._dial(peer, members[peer].addrs)
+
+    def _dial(self, peer: str, addrs: tuple[str, ...]) -> None:
+        pid = self._pid(peer)
+        if pid is None or self._nursery is None:
+            return
+        self.host.add_addrs(pid, [a for a in addrs if _parses(a)])
+        self.stats["dials"] += 1
+        self._nursery.start_soon(self._connect, pid)
+
+    async def _connect(self, pid: PeerId) -> None:
+        """Connect only; the "connected" event then introduces us and opens the probe stream."""
+        with trio.move_on_after(max(2.0, 4 * self.swim.config.probe_interval)):
+            for addr in self.host.peer_addrs(pid)[:4]:
+                try:
+                    await self.host.connect(addr.with_p2p(pid), learned=True)
+                    return
+                except TransportError as exc:
+                    log.debug("degree dial failed %s", logfmt.kv(peer=pid.short(), reason=exc))
+
+    async def leave(self) -> None:
+        """Sign our departure and push it to every neighbour (at most a second)."""
+        own = self.swim.leave()
+        for peer in self.swim.neighbors:
+            self.swim.outbox.append((peer, messages.Gossip((own,))))
+        self._flush()
+        with trio.move_on_after(1.0):
+            while self._unsent:
+                await self._progress.wait()
+
+
+def _parses(text: str) -> bool:
+    try:
+        Multiaddr.parse(text)
+    except Exception:  # noqa: BLE001 - a member's bad address is its problem
+        return False
+    return True
+
+
+@contextlib.asynccontextmanager
+async def open_membership(
+    host: Host, identity: Identity, config: Config, verifier: Verifier | None = None
+) -> AsyncIterator[Membership]:
+    membership = Membership(host, identity, config, verifier)
+    host.set_stream_handler(PROTOCOL, membership.handle)
+    async with trio.open_nursery() as nursery:
+        membership._nursery = nursery
+        await nursery.start(membership._watch_peers)
+        nursery.start_soon(membership._clock)
+        nursery.start_soon(membership._keep_degree)
+        try:
+            yield membership
+        finally:
+            with trio.CancelScope(shield=True):
+                await membership.leave()
+            nursery.cancel_scope.cancel()
+            host.remove_stream_handler(PROTOCOL)

@@ -1,0 +1,150 @@
+"""Membership updates: what one node claims about another, and what only the owner may claim.
+
+A member's state is ``(incarnation, status)``. ``alive`` and ``left`` come
+only from the owner: they carry its Ed25519 signature over the peer ID, the
+incarnation, the status, its published load and its addresses, so a relay
+can neither resurrect a dead node nor raise an incarnation to silence its
+refutations. ``suspect`` and ``dead`` are anyone's opinion and carry no
+signature; a receiver believes them only for an incarnation the owner has
+signed (see :mod:`swim`), so a hostile peer cannot declare a node dead at an
+incarnation the owner could never refute.
+
+Order between two claims about one member: higher incarnation wins; at equal
+incarnation ``left`` > ``dead`` > ``suspect`` > ``alive`` (the SWIM rules).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import struct
+from typing import Any, Protocol
+
+import attrs
+
+from ..errors import ValidationError
+
+DOMAIN = b"ocf-membership-alive-v1\0"
+MAX_ADDRS = 4
+MAX_ADDR_LEN = 128
+MAX_PEER_TEXT = 64
+MAX_INCARNATION = (1 << 63) - 1
+MAX_LOAD = (1 << 31) - 1
+
+
+class Status(enum.IntEnum):
+    ALIVE = 0
+    SUSPECT = 1
+    DEAD = 2
+    LEFT = 3
+
+    @property
+    def gone(self) -> bool:
+        return self >= Status.DEAD
+
+    @property
+    def signed(self) -> bool:
+        """Only the owner may say it is alive or has left."""
+        return self in (Status.ALIVE, Status.LEFT)
+
+
+class Verifier(Protocol):
+    """Checks an owner's signature (``peer`` is the base58 peer ID text)."""
+
+    def __call__(self, peer: str, data: bytes, signature: bytes) -> bool: ...
+
+
+class Signer(Protocol):
+    def __call__(self, data: bytes) -> bytes: ...
+
+
+def signing_bytes(peer: str, incarnation: int, status: Status, load: int, addrs: tuple[str, ...]) -> bytes:
+    return (
+        DOMAIN + peer.encode() + b"\0" + struct.pack(">QBI", incarnation, int(status), load) + "\n".join(addrs).encode()
+    )
+
+
+@attrs.frozen
+class Update:
+    """One claim about one member; ``signature`` is empty for suspect and dead."""
+
+    peer: str
+    incarnation: int
+    status: Status
+    load: int = 0
+    addrs: tuple[str, ...] = ()
+    signature: bytes = b""
+
+    @classmethod
+    def signed(
+        cls, sign: Signer, peer: str, incarnation: int, status: Status, load: int, addrs: tuple[str, ...]
+    ) -> Update:
+        addrs = tuple(addrs[:MAX_ADDRS])
+        return cls(peer, incarnation, status, load, addrs, sign(signing_bytes(peer, incarnation, status, load, addrs)))
+
+    def verify(self, verify: Verifier) -> bool:
+        if not self.status.signed:
+            return True
+        data = signing_bytes(self.peer, self.incarnation, self.status, self.load, self.addrs)
+        return verify(self.peer, data, self.signature)
+
+    def beats(self, inc: int, status: Status) -> bool:
+        """Does this claim override a member held at ``(inc, status)``?"""
+        return self.incarnation > inc or (self.incarnation == inc and self.status > status)
+
+    # --- JSON form: [peer, incarnation, status, load, addrs, signature hex] -------------
+
+    def to_wire(self) -> list[Any]:
+        if self.status.signed:
+            return [self.peer, self.incarnation, int(self.status), self.load, list(self.addrs), self.signature.hex()]
+        return [self.peer, self.incarnation, int(self.status)]
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> Update:
+        """Parse and bound one update; raises ValidationError (signatures are checked by the caller)."""
+        if not isinstance(obj, list) or len(obj) not in (3, 6):
+            raise ValidationError("membership update is not a 3- or 6-item list")
+        peer, inc, status = obj[0], obj[1], obj[2]
+        if not isinstance(peer, str) or not 0 < len(peer) <= MAX_PEER_TEXT:
+            raise ValidationError("membership update names no peer")
+        if not _is_int(inc) or not 0 <= inc <= MAX_INCARNATION:
+            raise ValidationError("membership incarnation out of range")
+        if not _is_int(status) or status not in (0, 1, 2, 3):
+            raise ValidationError("membership status out of range")
+        st = Status(status)
+        if not st.signed:
+            if len(obj) != 3:
+                raise ValidationError("suspect/dead updates carry no signature")
+            return cls(peer, inc, st)
+        if len(obj) != 6:
+            raise ValidationError("alive/left updates must be signed")
+        load, addrs, sig = obj[3], obj[4], obj[5]
+        if not _is_int(load) or not 0 <= load <= MAX_LOAD:
+            raise ValidationError("membership load out of range")
+        if (
+            not isinstance(addrs, list)
+            or len(addrs) > MAX_ADDRS
+            or not all(isinstance(a, str) and len(a) <= MAX_ADDR_LEN for a in addrs)
+        ):
+            raise ValidationError("membership addresses malformed")
+        if not isinstance(sig, str) or len(sig) != 128:
+            raise ValidationError("membership signature malformed")
+        try:
+            signature = bytes.fromhex(sig)
+        except ValueError:
+            raise ValidationError("membership signature is not hex") from None
+        return cls(peer, inc, st, load, tuple(addrs), signature)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def state_hash(peer: str, incarnation: int, status: Status) -> int:
+    """64-bit hash of one member's state; a bucket's digest is the XOR of its members' (updated in O(1))."""
+    h = hashlib.blake2b(f"{peer}\0{incarnation}\0{int(status)}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big")
+
+
+def bucket_of(peer: str, buckets: int) -> int:
+    return hashlib.blake2b(peer.encode(), digest_size=2).digest()[0] % buckets

@@ -1,0 +1,112 @@
+"""Membership across whole nodes in one process: bounded degree, a silent crash detected, a graceful leave."""
+
+from __future__ import annotations
+
+
+import pytest
+import trio
+
+from ocf import open_node
+from ocf.membership.update import Status
+from ocf.transport import MemoryNetwork
+from ocf.transport.memlink import Links
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Cluster:
+    def __init__(self, node_config, n: int, **overrides) -> None:
+        self.node_config = node_config
+        self.n = n
+        self.overrides = overrides
+        self.links = Links(latency=0.002)
+        self.net = MemoryNetwork(self.links)
+        self.nodes: list = []
+        self.scopes: list[trio.CancelScope] = []
+        self.stops: list[trio.Event] = []
+        self.changed = trio.Event()
+
+    def _notify(self, peer, status) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def _run(self, cfg, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        stop = trio.Event()  # set: leave the block as a user's Ctrl-C does (a graceful stop)
+        with trio.CancelScope() as scope:  # cancelled: every task dies at once (with a crash, silently)
+            async with open_node(cfg, memory_network=self.net) as node:
+                node.membership.on_change(self._notify)
+                task_status.started((node, scope, stop))
+                await stop.wait()
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        for i in range(self.n):
+            boot = () if i == 0 else (str(self.nodes[0].listen_addrs[0]),)
+            cfg = self.node_config(
+                mode="standalone" if i == 0 else "node", bootstrap_addrs=boot, log_level="warning", **self.overrides
+            )
+            node, scope, stop = await nursery.start(self._run, cfg)
+            self.nodes.append(node)
+            self.scopes.append(scope)
+            self.stops.append(stop)
+
+    async def until(self, predicate, limit: float = 60) -> None:
+        with trio.fail_after(limit):
+            while not predicate():
+                await self.changed.wait()
+
+
+def sees(observer, peer, status) -> bool:
+    return observer.membership.status(peer.peer_id) == status
+
+
+async def test_crash_is_detected_and_leaves_the_table_view(node_config):
+    cluster = Cluster(node_config, 6, membership_degree=3, membership_suspicion=1.0, membership_probe_interval=0.2)
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery)
+        nodes = cluster.nodes
+        await cluster.until(lambda: all(sees(a, b, Status.ALIVE) for a in nodes for b in nodes if a is not b))
+        victim = nodes[3]
+        cluster.links.crash(victim.listen_addrs[0].value_for("memory"))
+        cluster.scopes[3].cancel()
+        rest = [n for n in nodes if n is not victim]
+        await cluster.until(lambda: all(sees(n, victim, Status.DEAD) for n in rest))
+        assert all(str(victim.peer_id) not in n.table.entries() for n in rest)
+        assert sum(n.membership.swim.stats["declared_dead"] for n in rest) >= 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_graceful_leave_is_seen_as_left(node_config):
+    cluster = Cluster(node_config, 4, membership_degree=3)
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery)
+        nodes = cluster.nodes
+        await cluster.until(lambda: all(sees(a, b, Status.ALIVE) for a in nodes for b in nodes if a is not b))
+        leaver = nodes[2]
+        cluster.stops[2].set()
+        rest = [n for n in nodes if n is not leaver]
+        try:
+            await cluster.until(lambda: all(sees(n, leaver, Status.LEFT) for n in rest), limit=20)
+        except trio.TooSlowError:
+            raise AssertionError([n.membership.status(leaver.peer_id) for n in rest]) from None
+        assert all(n.membership.swim.stats["declared_dead"] == 0 for n in rest)  # no one had to suspect it
+        nursery.cancel_scope.cancel()
+
+
+async def test_node_table_digests_do_not_grow_with_the_table(node_config):
+    """Once converged, a node table round is one fixed-size digest per neighbour, whatever N."""
+    from ocf.nodetable import wire
+
+    cluster = Cluster(node_config, 5, membership_degree=4)
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery)
+        nodes = cluster.nodes
+        await cluster.until(
+            lambda: (
+                all(len(n.table.records) == 5 for n in nodes)
+                and all(sees(a, b, Status.ALIVE) for a in nodes for b in nodes if a is not b)
+            )
+        )
+        digest = wire.encode(wire.digest_message(nodes[0].table.digest))
+        assert len(digest) < 64 * 17 + 32
+        assert len({tuple(n.table.digest) for n in nodes}) == 1  # equal tables, equal digests
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,147 @@
+"""The sans-IO SWIM machine: convergence, detection, refutation, no false positives, hostile claims."""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from ocf.membership.messages import Digest, Gossip, Ping
+from ocf.membership.swim import Swim, SwimConfig
+from ocf.membership.update import Status, Update
+
+from .simnet import SimNet, fake_sign, fake_verify
+
+SLOW = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def everyone_knows(net: SimNet) -> bool:
+    return all(net.view(a, b) == Status.ALIVE for a in net.live() for b in net.live() if a != b)
+
+
+def test_converges_from_neighbours_only() -> None:
+    net = SimNet(30, seed=1)
+    net.run(5.0)
+    assert everyone_knows(net)
+    assert not net.false_dead
+
+
+@SLOW
+@given(seed=st.integers(0, 10_000), loss=st.floats(0.0, 0.05))
+def test_no_false_positive_under_bounded_loss(seed: int, loss: float) -> None:
+    net = SimNet(16, seed=seed, loss=loss)
+    net.run(60.0)
+    assert net.false_dead == set()
+    assert everyone_knows(net)
+
+
+@SLOW
+@given(seed=st.integers(0, 10_000))
+def test_killed_node_is_dead_everywhere_within_ten_seconds(seed: int) -> None:
+    net = SimNet(20, seed=seed)
+    net.run(5.0)
+    victim = net.names[seed % 20]
+    net.kill(victim)
+    net.run(10.0)
+    assert all(net.view(obs, victim) == Status.DEAD for obs in net.live())
+    assert not net.false_dead
+
+
+@SLOW
+@given(seed=st.integers(0, 10_000), bump=st.integers(0, 3))
+def test_refutation_wins_over_a_false_suspicion(seed: int, bump: int) -> None:
+    net = SimNet(12, seed=seed)
+    net.run(3.0)
+    target, liar = net.names[0], net.names[1]
+    inc = net.nodes[target].incarnation
+    # A liar tells its neighbours the target is dead (at the incarnation it holds, and beyond).
+    for peer in net.graph[liar]:
+        if peer != target:
+            claim = Update(target, inc + bump, Status.DEAD)
+            net.nodes[peer].receive(liar, Gossip((claim,)), net.now)
+            net._flush(peer)
+    net.run(10.0)
+    for obs in net.live():
+        if obs != target:
+            assert net.view(obs, target) == Status.ALIVE
+    assert net.nodes[target].incarnation > inc or bump > 0
+
+
+def test_unproven_incarnation_is_refused() -> None:
+    node = Swim("a", fake_sign("a"), fake_verify, 0.0, incarnation=1)
+    alive = Update.signed(fake_sign("b"), "b", 5, Status.ALIVE, 0, ())
+    assert node.apply("b", alive, 0.0) is True
+    assert node.apply("x", Update("b", 2**62, Status.DEAD), 0.0) is None
+    assert node.status("b") == Status.ALIVE
+    assert node.stats["refused_unproven"] == 1
+    # Nor can a claim about us at an incarnation we never signed push ours to the ceiling.
+    assert node.apply("x", Update("a", 2**62, Status.DEAD), 0.0) is False
+    assert node.incarnation == 1
+
+
+def test_forged_alive_is_refused_and_counted() -> None:
+    node = Swim("a", fake_sign("a"), fake_verify, 0.0, incarnation=1)
+    forged = Update("b", 3, Status.ALIVE, 0, (), b"\0" * 64)
+    assert node.apply("x", forged, 0.0) is None
+    assert node.status("b") is None
+    assert node.stats["signatures_bad"] == 1
+
+
+def test_verify_budget_per_sender() -> None:
+    config = SwimConfig(verify_rate=10.0)
+    node = Swim("a", fake_sign("a"), fake_verify, 0.0, incarnation=1, config=config)
+    updates = [Update.signed(fake_sign(f"p{i}"), f"p{i}", 1, Status.ALIVE, 0, ()) for i in range(50)]
+    for u in updates:
+        node.apply("flooder", u, 0.0)
+    assert node.stats["signatures_checked"] == 20  # burst of twice the rate, the rest deferred
+    assert node.stats["verify_deferred"] == 30
+
+
+def test_member_cap_never_evicts_the_living() -> None:
+    config = SwimConfig(max_members=16)
+    node = Swim("a", fake_sign("a"), fake_verify, 0.0, incarnation=1, config=config)
+    for i in range(20):
+        node.apply(f"p{i}", Update.signed(fake_sign(f"p{i}"), f"p{i}", 1, Status.ALIVE, 0, ()), 0.0)
+    assert len(node.members) == 16
+    assert node.stats["refused_full"] == 4
+
+
+def test_messages_stay_bounded() -> None:
+    config = SwimConfig(max_piggyback=8)
+    node = Swim("a", fake_sign("a"), fake_verify, 0.0, incarnation=1, config=config)
+    for i in range(500):
+        node.apply(f"p{i}", Update.signed(fake_sign(f"p{i}"), f"p{i}", 1, Status.ALIVE, 0, ()), 0.0)
+    node.set_neighbors(["p1", "p2", "p3", "p4"])
+    node.outbox.clear()
+    node.tick(1.0)
+    node.receive("p1", Ping(7), 1.0)
+    node.receive("p1", Digest((0,) * 64, reply=True), 1.0)
+    for _, message in node.outbox:
+        updates = getattr(message, "updates", ())
+        assert len(updates) <= 8
+        assert len(getattr(message, "members", ())) <= 40  # one bucket of 500 members, not the table
+
+
+def test_partition_heals_by_anti_entropy() -> None:
+    config = SwimConfig(anti_entropy=2.0)
+    net = SimNet(16, seed=3, config=config)
+    net.run(3.0)
+    left, right = set(net.names[:8]), set(net.names[8:])
+    net.cut = {frozenset((a, b)) for a in left for b in right}
+    net.run(15.0)
+    assert all(net.view(a, b) == Status.DEAD for a in left for b in right if b in net.graph[a])
+    net.cut = set()
+    net.run(30.0)
+    assert everyone_knows(net)
+
+
+def test_graceful_leave_is_signed_and_final() -> None:
+    net = SimNet(10, seed=5)
+    net.run(3.0)
+    leaver = net.names[4]
+    net.nodes[leaver].leave()
+    for peer in net.graph[leaver]:
+        net.nodes[leaver].outbox.append((peer, Gossip((net.nodes[leaver].own,))))
+    net._flush(leaver)
+    net.run(2.0)
+    net.kill(leaver)
+    net.run(3.0)
+    assert all(net.view(obs, leaver) == Status.LEFT for obs in net.live())
