@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .. import log as logfmt
-from ..errors import ProtocolError, TransportError
+from ..errors import ProtocolError, TransportError, transport_errors_unwrapped
 from ..identity import Multiaddr, PeerId, varint
 from ..nodetable.wire import Reader
 from . import messages
@@ -195,7 +195,8 @@ class Membership:
         self, peer: str, pid: PeerId, send: trio.MemorySendChannel[bytes], recv: trio.MemoryReceiveChannel[bytes]
     ) -> None:
         try:
-            with trio.fail_after(max(1.0, 4 * self.swim.config.probe_interval)):
+            # A dial's nursery may group its failures: unwrapped, they are the TransportError caught here.
+            with transport_errors_unwrapped(), trio.fail_after(max(1.0, 4 * self.swim.config.probe_interval)):
                 self.stats["dials"] += not self.host.is_connected(pid)
                 stream = await self.host.new_stream(pid, PROTOCOL)
         except (TransportError, trio.TooSlowError) as exc:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .. import log as logfmt
-from ..errors import ProtocolError, TransportError
+from ..errors import ProtocolError, TransportError, transport_errors_unwrapped
 from ..identity import PeerId
 from . import wire
 from .intake import Intake
@@ -45,7 +45,8 @@ class Sync(Intake):
         """Keep ``peer`` up to date over one outbound stream until it or we go away."""
         t = self.t
         try:
-            stream = await t.host.new_stream(peer, wire.PROTOCOL)
+            with transport_errors_unwrapped():  # a dial's nursery may group its failures
+                stream = await t.host.new_stream(peer, wire.PROTOCOL)
         except TransportError as exc:
             log.debug("no sync stream %s", logfmt.kv(peer=peer.short(), reason=exc))
             return
