@@ -22,13 +22,18 @@ async def test_liveness_does_not_grow_documents(node_config, autojump_clock):
     """A simulated day (a week with OCF_TEST_FULL=1) of verification rounds leaves the saved table unchanged in size."""
     days = 7 if FULL else 1
     net = MemoryNetwork()
+    # The heartbeat scheme (--no-membership) is the one that could write liveness into documents;
+    # with membership, liveness never reaches the table's documents at all (tests/integration/
+    # test_membership_nodes.py), and a simulated day of 0.5 s probes would only measure the simulator.
     async with (
-        open_node(node_config(mode="standalone", verify_interval=300.0), memory_network=net) as hub,
+        open_node(node_config(mode="standalone", verify_interval=300.0, membership=False), memory_network=net) as hub,
         trio.open_nursery() as nursery,  # the workers run beside the hub, stopped before it
     ):
         workers = []
         for _ in range(4):
-            cfg = node_config(mode="node", bootstrap_addrs=(str(hub.listen_addrs[0]),), verify_interval=300.0)
+            cfg = node_config(
+                mode="node", bootstrap_addrs=(str(hub.listen_addrs[0]),), verify_interval=300.0, membership=False
+            )
             workers.append(await nursery.start(_run_worker, cfg, net))
         while len(hub.table.records) < 5:
             await hub.table.wait_changed()

@@ -870,7 +870,9 @@ class Host:
             protocols = [protocols]
         if not protocols:
             raise ValueError("new_stream needs at least one protocol")
-        conn = await self._connection_for(peer)
+        # Dials run nurseries: their failures leave as the plain TransportError every caller catches.
+        with transport_errors_unwrapped():
+            conn = await self._connection_for(peer)
         stream = await conn.muxed.open_stream()
         try:
             with trio.fail_after(self.config.handshake_timeout):
