@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import trio
 import trio.testing
@@ -53,13 +54,13 @@ from ocf.identity import Identity  # noqa: E402
 from ocf.membership.driver import open_membership  # noqa: E402
 from ocf.membership.update import Status  # noqa: E402
 from ocf.membership.verify import SignatureCache  # noqa: E402
-from ocf.node import Node  # noqa: E402
 from ocf.nodetable import open_nodetable  # noqa: E402
 from ocf.nodetable.record import OwnerDoc, Record  # noqa: E402
 from ocf.nodetable.table import NodeTable  # noqa: E402
 from ocf.store import Store  # noqa: E402
 from ocf.transport import MemoryNetwork, open_host  # noqa: E402
 from ocf.transport.memlink import Links  # noqa: E402
+from ocf.version import __version__  # noqa: E402
 
 SIM_NODE: contextvars.ContextVar[int] = contextvars.ContextVar("sim_node", default=-1)
 
@@ -107,7 +108,7 @@ class Sim:
         self.net = MemoryNetwork(self.links)
         self.verifier = SignatureCache(size=1 << 20)
         self.rng = random.Random(args.seed)
-        self.nodes: dict[int, Node] = {}
+        self.nodes: dict[int, SimpleNamespace] = {}
         self.scopes: dict[int, trio.CancelScope] = {}
         self.names: dict[int, str] = {}  # node -> /memory name
         self.by_peer: dict[str, int] = {}
@@ -147,7 +148,8 @@ class Sim:
         config = self.config(i)
         identity = Identity.from_seed(f"scale-{self.root.name}-{i}")
         store = Store.open(config.data_dir, map_size=8 << 20, sync=False)
-        node = Node(config, identity, store)
+        # The parts of a node this simulation runs (no gateway, services or tracker).
+        node = SimpleNamespace(peer_id=identity.peer_id, host=None, membership=None, table=None, listen_addrs=[])
         peer = str(node.peer_id)
         try:
             with trio.CancelScope() as scope:
@@ -159,7 +161,9 @@ class Sim:
                         open_membership(node.host, identity, config, verifier=self.verifier)
                     )
                     node.membership.on_change(self._observer(peer))
-                    node.table = await stack.enter_async_context(open_nodetable(node))
+                    node.table = await stack.enter_async_context(
+                        open_nodetable(node.host, config, identity, store, __version__, node.membership)
+                    )
                     self._watch_records(peer, node.table)
                     self.nodes[i] = node
                     self.scopes[i] = scope
