@@ -27,7 +27,7 @@ def start(i: int, tmp_path, tcp: int, http: int, bootstrap: str | None) -> subpr
         sys.executable, "-m", "ocf", "start",
         "--seed", f"scale-proc-{i}",
         "--data-dir", str(tmp_path / f"n{i}"),
-        "--host", "127.0.0.1", "--port", str(http), "--tcpport", str(tcp),
+        "--host", "127.0.0.1", "--port", str(http), "--tcpport", str(tcp), "--udpport", "0",
         "--membership.degree", "4", "--membership.suspicion", "3",
         "--log-level", "warning",
     ]  # fmt: skip
