@@ -17,9 +17,15 @@ compared at any hour:
 * the floor is one hop through a minimal Trio HTTP relay with none of the
   gateway's features (``benchmarks/floor_relay.py``), in the same run;
 * ``--instructions`` counts instructions per request instead, under
-  valgrind's callgrind (each scenario run twice, with and without its
-  requests, and the difference divided): repeatable to about 1%, where CPU
-  time is not.
+  valgrind's callgrind: each scenario runs twice, once sending its requests
+  and once sitting idle for as long as those requests took, and the
+  difference is divided by the number of requests. The idle run cancels the
+  start-up and, as importantly, the nodes' timed background work (membership
+  probes, DHT refresh, QUIC timers), which grows with wall time, and wall
+  time under valgrind grows with the machine's load. Repeatable to about 1%,
+  where CPU time is not;
+* the two nodes talk TCP + Noise + yamux unless ``--transport quic``, so that
+  a hop's cost compares across builds whatever transport a peer prefers.
 
 Run: ``python benchmarks/hops.py`` (``--quick`` for a smoke run).
 """
@@ -154,7 +160,7 @@ def _port(url: str) -> int:
     return int(url.rstrip("/").rsplit(":", 1)[1])
 
 
-async def with_bench(work) -> None:  # type: ignore[no-untyped-def]
+async def with_bench(work, transport: str = "tcp") -> None:  # type: ignore[no-untyped-def]
     logging.disable(logging.WARNING)
     tmp = Path(tempfile.mkdtemp(prefix="ocf-hops-"))
     try:
@@ -164,7 +170,9 @@ async def with_bench(work) -> None:  # type: ignore[no-untyped-def]
             # The floor: what a hop costs with none of the gateway's features (see floor_relay.py).
             listeners = await nursery.start(trio.serve_tcp, functools.partial(floor_relay.serve_trio, backend_port), 0)
             floor_port = listeners[0].socket.getsockname()[1]
-            common = dict(host="127.0.0.1", tcpport=0, port=0, log_level="warning", ws=False)
+            common = dict(
+                host="127.0.0.1", tcpport=0, udpport=0, port=0, log_level="warning", ws=False, quic=transport == "quic"
+            )
             async with open_node(Config(mode="standalone", data_dir=tmp / "dispatcher", **common)) as dispatcher:
                 bootstrap = (str(dispatcher.listen_addrs[0]),)
                 services = (ServiceSpec("llm", backend_port, "127.0.0.1"),)
@@ -184,7 +192,7 @@ async def with_bench(work) -> None:  # type: ignore[no-untyped-def]
 # --- CPU time -------------------------------------------------------------------------------
 
 
-def cpu_table(n: int, rounds: int) -> dict[str, float]:
+def cpu_table(n: int, rounds: int, transport: str) -> dict[str, float]:
     """Best CPU µs per request of each scenario, rounds interleaved so drifts hit all alike."""
     best = {s: float("inf") for s in SCENARIOS}
 
@@ -196,15 +204,18 @@ def cpu_table(n: int, rounds: int) -> dict[str, float]:
                 await requests(port, path, n)
                 best[scenario] = min(best[scenario], (time.process_time() - t0) / n * 1e6)
 
-    trio.run(with_bench, work)
+    trio.run(with_bench, work, transport)
     return best
 
 
 # --- instructions (callgrind) ---------------------------------------------------------------
 
 
-def child(scenario: str, n: int) -> None:
-    """Run under valgrind: set everything up, send ``n`` requests of ``scenario``, exit."""
+def child(scenario: str, n: int, idle: float, transport: str) -> None:
+    """Run under valgrind: set everything up, send ``n`` requests of ``scenario`` (or sit ``idle`` seconds), exit.
+
+    Prints how long the requests took, for the idle run that is subtracted.
+    """
     import lmdb
 
     # Valgrind cannot reserve LMDB's default 64 GiB of address space; 64 MiB is plenty here.
@@ -213,14 +224,18 @@ def child(scenario: str, n: int) -> None:
 
     async def work(bench: Bench) -> None:
         port, path = bench.target(scenario)
+        t0 = trio.current_time()
         await requests(port, path, n)
+        await trio.sleep(idle)
+        print(f"elapsed {trio.current_time() - t0:.3f}")
 
-    trio.run(with_bench, work)
+    trio.run(with_bench, work, transport)
 
 
-def instructions(scenario: str, n: int) -> float:
-    """Instructions per request: (run with n requests - run with none) / n."""
+def instructions(scenario: str, n: int, transport: str) -> float:
+    """Instructions per request: (run with n requests - run idle as long) / n."""
     counts = []
+    elapsed = 0.0
     for requests_ in (n, 0):
         out = subprocess.run(
             [
@@ -233,6 +248,10 @@ def instructions(scenario: str, n: int) -> float:
                 scenario,
                 "--requests",
                 str(requests_),
+                "--idle",
+                str(0.0 if requests_ else elapsed),
+                "--transport",
+                transport,
             ],
             capture_output=True,
             text=True,
@@ -242,6 +261,8 @@ def instructions(scenario: str, n: int) -> float:
         if out.returncode != 0 or match is None:
             raise SystemExit(f"callgrind run failed:\n{out.stderr[-2000:]}")
         counts.append(int(match.group(1)))
+        if requests_:
+            elapsed = float(re.search(r"elapsed ([0-9.]+)", out.stdout).group(1))  # type: ignore[union-attr]
     return (counts[0] - counts[1]) / n
 
 
@@ -284,25 +305,36 @@ def main() -> None:
         help="count instructions per request under valgrind's callgrind (repeatable; slow: minutes)",
     )
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    parser.add_argument(
+        "--transport",
+        choices=("tcp", "quic"),
+        default="tcp",
+        help="how the two nodes talk: TCP + Noise + yamux or QUIC (default tcp, comparable across builds)",
+    )
     parser.add_argument("--child", choices=list(SCENARIOS), help=argparse.SUPPRESS)
+    parser.add_argument("--idle", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.requests or 0)
+        child(args.child, args.requests or 0, args.idle, args.transport)
         return
     if args.instructions:
         if shutil.which("valgrind") is None:
             raise SystemExit("--instructions needs valgrind (apt-get install valgrind)")
         n = args.requests or (100 if args.quick else 600)
-        values = {scenario: instructions(scenario, n) for scenario in SCENARIOS}
+        values = {scenario: instructions(scenario, n, args.transport) for scenario in SCENARIOS}
         report(
-            f"instructions per request under callgrind, {n} requests per scenario", "instructions/req", values, ",.0f"
+            f"instructions per request under callgrind, {n} requests per scenario, nodes over {args.transport}",
+            "instructions/req",
+            values,
+            ",.0f",
         )
         return
     n = args.requests or (100 if args.quick else 500)
     rounds = 2 if args.quick else args.rounds
-    values = cpu_table(n, rounds)
+    values = cpu_table(n, rounds, args.transport)
     report(
-        f"CPU time per request, best of {rounds} interleaved rounds of {n} requests, all in one process",
+        f"CPU time per request, best of {rounds} interleaved rounds of {n} requests, all in one process,"
+        f" nodes over {args.transport}",
         "CPU µs/req",
         values,
         ".0f",

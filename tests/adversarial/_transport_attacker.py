@@ -20,7 +20,7 @@ from wsproto.utilities import LocalProtocolError
 
 from ocf.identity import Identity, PeerId
 from ocf.transport import multistream
-from ocf.transport.host import Libp2pUpgrader, NOISE
+from ocf.transport.upgrade import NOISE, Libp2pUpgrader
 from ocf.transport.websocket import WebSocketStream
 
 ATTACKER_IP = "127.0.0.2"

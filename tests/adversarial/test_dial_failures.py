@@ -121,7 +121,7 @@ def _raise_grouped(*args, **kwargs):
 async def test_grouped_dial_failure_is_503_for_routed_and_502_for_p2p(node_config, monkeypatch):
     async with network(node_config, [["m1"]]) as net:
         worker = net.workers[0]
-        monkeypatch.setattr(net.dispatcher.host, "new_stream", _raise_grouped)
+        monkeypatch.setattr(net.dispatcher.host, "_connection_for", _raise_grouped)
         async with httpx.AsyncClient(base_url=net.url, timeout=30) as http:
             r = await http.post("/v1/service/llm/v1/chat/completions", json=chat("m1", "x"))
             assert r.status_code == 503, r.text

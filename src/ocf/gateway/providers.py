@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from .. import log as logfmt
-from ..errors import BadRequest, IdentityError, RelayRefused, TransportError, transport_errors_unwrapped
+from ..errors import BadRequest, IdentityError, RelayRefused, TransportError
 from . import routeindex, routing
 
 if TYPE_CHECKING:
@@ -211,7 +211,7 @@ class Providers:
                     raise ConnectFailed(f"peer {peer_text} publishes no address this node dials")
                 raise UnknownPeer(f"peer {peer_text} is not connected and no address of it is known")
         try:
-            with transport_errors_unwrapped(), trio.fail_after(self.config.dial_timeout):
+            with trio.fail_after(self.config.dial_timeout):
                 return await host.new_stream(peer, LIBP2P_HTTP)
         except trio.TooSlowError:
             raise ConnectFailed(f"opening a stream timed out after {self.config.dial_timeout:g} s") from None

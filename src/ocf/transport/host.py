@@ -7,12 +7,11 @@ first; everything else talks to peers through it (see docs/internals.md)::
     stream = await host.new_stream(peer, "/ocf/dnt/sync/1.0.0")  # dials if needed
     await host.connect(Multiaddr.parse("/ip4/1.2.3.4/tcp/43905/p2p/12D3KooW…"))
 
-A raw connection becomes a peer connection in three steps (the libp2p
-"upgrade"): multistream-select ``/noise``, the Noise XX handshake (which
-authenticates the peer ID), multistream-select ``/yamux/1.0.0``. Then every
-stream negotiates its own protocol with multistream-select again. In a
-private network (``--network-key``) the pnet cipher (:mod:`ocf.transport.pnet`)
-goes under all three, and a peer without the key is refused on its first bytes.
+A raw connection becomes a peer connection through libp2p's "upgrade"
+(:mod:`ocf.transport.upgrade`: Noise, then yamux, under the private
+network's cipher if there is one); QUIC connections come secured and
+multiplexed (:mod:`ocf.transport.quic`). Then every stream negotiates its own
+protocol with multistream-select.
 
 Connection manager rules, and why:
 
@@ -71,11 +70,11 @@ from ..errors import (
 from ..identity import Identity, Multiaddr, PeerId
 from .dialpolicy import DialPolicy, is_wildcard, parse_cidrs, resolve_learned
 from .memory import MemoryNetwork, MemoryTransport
-from . import pnet, secure
 from .muxer import MuxedConnection, MuxedStream
 from .quic import QuicMuxedConnection, QuicTransport, is_quic_addr
 from .resources import HandshakeSlot, Limits, ResourceManager, ip_key
 from .tcp import RawConn, TcpTransport, is_tcp_addr
+from .upgrade import Libp2pUpgrader, Upgrader, default_upgrader
 
 log = logging.getLogger("ocf.transport")
 
@@ -148,18 +147,6 @@ class CircuitTransport(DialTransport, Protocol):
     """The circuit relay client, as the host uses it."""
 
     def limit_reason(self, peer: PeerId) -> str | None: ...
-
-
-class Upgrader(Protocol):
-    """Security and protocol negotiation; the default is libp2p's (see :class:`Libp2pUpgrader`)."""
-
-    async def secure(
-        self, stream: trio.abc.Stream, *, initiator: bool, expected: PeerId | None
-    ) -> tuple[trio.abc.Stream, PeerId]: ...
-
-    async def select(self, stream: trio.abc.Stream, protocols: Sequence[str]) -> str: ...
-
-    async def handle(self, stream: trio.abc.Stream, protocols: Sequence[str]) -> str: ...
 
 
 class Host:
@@ -1004,58 +991,6 @@ class _StartedOnce:
     def started(self, value: Any = None) -> None:
         self.done = True
         self._status.started(value)
-
-
-NOISE = "/noise"
-YAMUX = "/yamux/1.0.0"
-
-
-def default_upgrader(identity: Identity, config: Config | None = None) -> Upgrader:
-    """libp2p's upgrade: multistream ``/noise`` -> Noise XX -> multistream ``/yamux/1.0.0``,
-    behind the private network's cipher when ``config.network_key`` is set."""
-    key = config.network_key if config is not None else None
-    return Libp2pUpgrader(identity, pnet.protector_for(key) if key is not None else None)
-
-
-class Libp2pUpgrader:
-    """The security step and protocol negotiation, as one object (see :class:`Upgrader`)."""
-
-    def __init__(self, identity: Identity, protector: pnet.Protector | None = None) -> None:
-        self.identity = identity
-        self.protector = protector
-
-    async def secure(
-        self, stream: trio.abc.Stream, *, initiator: bool, expected: PeerId | None
-    ) -> tuple[trio.abc.Stream, PeerId]:
-        if self.protector is not None:
-            # The private network's cipher goes under everything, multistream included.
-            try:
-                return await self._secure(
-                    await self.protector.protect(stream, initiator=initiator), initiator=initiator, expected=expected
-                )
-            except PrivateNetworkRefused as exc:
-                self.protector.refused(exc, inbound=not initiator)
-                raise
-        return await self._secure(stream, initiator=initiator, expected=expected)
-
-    async def _secure(
-        self, stream: trio.abc.Stream, *, initiator: bool, expected: PeerId | None
-    ) -> tuple[trio.abc.Stream, PeerId]:
-        if initiator:
-            await secure.negotiate(stream, [NOISE], initiator=True)
-            conn = await secure.secure_outbound(stream, self.identity, expected)
-            await secure.negotiate(conn, [YAMUX], initiator=True)
-        else:
-            await secure.negotiate(stream, [NOISE], initiator=False)
-            conn = await secure.secure_inbound(stream, self.identity)
-            await secure.negotiate(conn, [YAMUX], initiator=False)
-        return conn, conn.remote_peer
-
-    async def select(self, stream: trio.abc.Stream, protocols: Sequence[str]) -> str:
-        return await secure.negotiate(stream, protocols, initiator=True)
-
-    async def handle(self, stream: trio.abc.Stream, protocols: Sequence[str]) -> str:
-        return await secure.negotiate(stream, protocols, initiator=False)
 
 
 def _public_addrs(public: str | None, bound: list[Multiaddr]) -> list[Multiaddr]:
