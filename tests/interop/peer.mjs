@@ -79,7 +79,10 @@ const node = await createLibp2p({
   connectionEncrypters: [noise()],
   streamMuxers: [yamux()],
   services: {
-    ping: ping(),
+    // libp2p's connection monitor pings every connection every 10 s on this same
+    // protocol; ping's default of one outbound stream per connection makes a
+    // test's ping fail whenever the two meet ("Too many outbound protocol streams").
+    ping: ping({ maxOutboundStreams: 4, maxInboundStreams: 4 }),
     identify: identify(),
     dcutr: dcutr(),
     autonat: autoNAT(),
