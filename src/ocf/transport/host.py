@@ -47,7 +47,6 @@ import contextlib
 import logging
 import math
 import time
-import typing
 from typing import Any, Protocol
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
@@ -876,8 +875,7 @@ class Host:
         except BaseException:
             stream.reset()
             raise
-        # A QuicStream keeps MuxedStream's whole contract (see ocf.transport.quic.stream); callers see one type.
-        return typing.cast(MuxedStream, stream)
+        return stream
 
     async def _on_stream(self, stream: MuxedStream) -> None:
         """Inbound stream: negotiate its protocol, then run the registered handler."""

@@ -20,9 +20,10 @@ queues its bytes into the session and wakes the writer task, which then
 coalesces what many streams queued into one write; the writer task is
 cancelled only when the whole connection ends.
 
-:class:`MuxedStream` is a Trio ``HalfCloseableStream``: ``receive_some``
-returns ``b""`` at the peer's EOF and raises :class:`~ocf.errors.StreamReset`
-when the stream (or the whole connection) is reset.
+:class:`YamuxStream` is a :class:`~ocf.transport.streams.MuxedStream` (the
+stream type every transport hands out): ``receive_some`` returns ``b""`` at
+the peer's EOF and raises :class:`~ocf.errors.StreamReset` when the stream
+(or the whole connection) is reset.
 
 With a :class:`~ocf.transport.resources.PeerResources` (the host always
 passes one), every stream takes a slot of its peer's and the node's stream
@@ -36,7 +37,6 @@ charge their own buffers to the same budget (:meth:`MuxedStream.reserve_memory`)
 
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
 import math
@@ -49,6 +49,7 @@ from trio.lowlevel import ParkingLot, checkpoint, checkpoint_if_cancelled
 from ..directsocket import YIELD_AFTER
 from ..errors import ProtocolError, ResourceLimitExceeded, StreamReset, TransportError
 from . import yamux
+from .streams import MuxedStream
 from .yamux import (
     DataReceived,
     GoAwayReceived,
@@ -75,8 +76,6 @@ WRITE_HIGH_WATER = 1 << 20
 MIN_CHARGE = YIELD_AFTER // 64
 # Largest piece of one send_all handed to the session at once.
 SEND_CHUNK = 256 * 1024
-# receive_some(None) joins small buffered chunks up to this size.
-RECEIVE_JOIN = 256 * 1024
 # Most bytes the writer hands the secure stream at once: bigger writes save
 # little per-call overhead but copy through memory instead of cache.
 WRITE_BATCH = 256 * 1024
@@ -87,17 +86,13 @@ CLOSE_FLUSH_TIMEOUT = 1.0
 InboundHandler = Callable[["MuxedStream"], Awaitable[None]]
 
 
-class MuxedStream(trio.abc.HalfCloseableStream):
+class YamuxStream(MuxedStream):
     """One yamux stream. Create via :meth:`MuxedConnection.open_stream` or get one in an inbound handler."""
 
+    _conn: MuxedConnection
+
     def __init__(self, conn: MuxedConnection, stream_id: int, *, inbound: bool = False) -> None:
-        self._conn = conn
-        self.stream_id = stream_id
-        self.inbound = inbound
-        self._held = 0  # bytes in _chunks charged to the buffered-bytes budget
-        self._app_held = 0  # bytes the application reserved (reserve_memory)
-        self.protocol: str = ""
-        self._chunks: collections.deque[bytes] = collections.deque()
+        super().__init__(conn, stream_id, inbound=inbound)
         self._eof = False  # peer sent FIN
         self._reset: str | None = None  # reason once reset (by us, the peer, or the connection)
         self._closed = False  # aclose() called
@@ -108,7 +103,6 @@ class MuxedStream(trio.abc.HalfCloseableStream):
         self._send_lot = ParkingLot()
         self._receiving = False
         self._sending = False
-        self._unread = 0  # bytes at the front of _chunks that were already consumed once
 
     # --- identity --------------------------------------------------------------------
 
@@ -133,7 +127,7 @@ class MuxedStream(trio.abc.HalfCloseableStream):
 
     def __repr__(self) -> str:
         peer = self._conn.remote_peer
-        return f"<MuxedStream {self.stream_id} {self.protocol or '-'} peer={peer.short() if peer else '?'}>"
+        return f"<YamuxStream {self.stream_id} {self.protocol or '-'} peer={peer.short() if peer else '?'}>"
 
     # --- receiving -------------------------------------------------------------------
 
@@ -164,17 +158,6 @@ class MuxedStream(trio.abc.HalfCloseableStream):
         finally:
             self._receiving = False
 
-    def unread(self, data: bytes) -> None:
-        """Put bytes back in front of the receive buffer (e.g. read past the end of a negotiation).
-
-        They were already credited to the peer's window when first read, so
-        reading them again does not credit them twice.
-        """
-        if data:
-            self._chunks.appendleft(bytes(data))
-            self._unread += len(data)
-            self._wake_receiver()
-
     def _abort_receive(self, _raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         self._recv_waiter = None
         return trio.lowlevel.Abort.SUCCEEDED
@@ -184,70 +167,6 @@ class MuxedStream(trio.abc.HalfCloseableStream):
         if task is not None:
             self._recv_waiter = None
             trio.lowlevel.reschedule(task)
-
-    def _take(self, max_bytes: int | None) -> bytes:
-        chunks = self._chunks
-        data = chunks.popleft()
-        if max_bytes is None:
-            # Join only small pieces (a copy is cheap there and saves calls);
-            # big ones go out as they are.
-            if chunks and len(data) < RECEIVE_JOIN:
-                parts = [data]
-                total = len(data)
-                while chunks and total + len(chunks[0]) <= RECEIVE_JOIN:
-                    nxt = chunks.popleft()
-                    parts.append(nxt)
-                    total += len(nxt)
-                data = b"".join(parts)
-        elif len(data) > max_bytes:
-            chunks.appendleft(data[max_bytes:])
-            data = data[:max_bytes]
-        n = len(data)
-        if self._unread:
-            again = min(n, self._unread)
-            self._unread -= again
-            n -= again
-        if n:
-            self._release_held(n)
-            self._conn._consumed(self.stream_id, n)
-        return data
-
-    # --- buffered-bytes accounting ---------------------------------------------------
-
-    def reserve_memory(self, n: int) -> bool:
-        """Charge ``n`` bytes the application buffers for this stream (e.g. a partial message) to its peer's budget.
-
-        False when the peer or the node is over budget: the caller should
-        give up on the message (and reset the stream). Whatever is still
-        reserved is released when the stream ends.
-        """
-        res = self._conn._resources
-        if res is None or n <= 0:
-            return True
-        if not res.reserve_memory(n):
-            return False
-        self._app_held += n
-        return True
-
-    def release_memory(self, n: int) -> None:
-        """Give back bytes reserved with :meth:`reserve_memory` (no more than were reserved)."""
-        n = min(n, self._app_held)
-        res = self._conn._resources
-        if n > 0 and res is not None:
-            self._app_held -= n
-            res.release_memory(n)
-
-    def _release_held(self, n: int) -> None:
-        n = min(n, self._held)
-        res = self._conn._resources
-        if n > 0 and res is not None:
-            self._held -= n
-            res.release_memory(n)
-
-    def _release_all(self) -> None:
-        """The stream is over (for the muxer): its buffered bytes and the application's no longer count."""
-        self._release_held(self._held)
-        self.release_memory(self._app_held)
 
     # --- sending ---------------------------------------------------------------------
 
@@ -332,13 +251,11 @@ class MuxedStream(trio.abc.HalfCloseableStream):
             self._closed = True
             self._send_closed = True
             if self._reset is None:
-                if self._chunks and not self._eof:
-                    self._chunks.clear()
-                    self._release_held(self._held)
+                unread = bool(self._chunks) and not self._eof
+                self._discard()
+                if unread:
                     self._conn._reset_stream(self, "closed with unread data")
                 else:
-                    self._chunks.clear()
-                    self._release_held(self._held)
                     self._conn._close_stream(self)
             self._wake()
         await checkpoint()
@@ -346,8 +263,7 @@ class MuxedStream(trio.abc.HalfCloseableStream):
     def reset(self) -> None:
         """Abort the stream both ways now (RST); pending and later calls raise :class:`StreamReset`."""
         if self._reset is None:
-            self._chunks.clear()
-            self._release_held(self._held)
+            self._discard()
             self._conn._reset_stream(self, "reset locally")
             self._wake()
 
@@ -363,16 +279,10 @@ class MuxedStream(trio.abc.HalfCloseableStream):
             # Data for a stream the application closed: tell the peer to stop.
             self._conn._reset_stream(self, "data after close")
             return
-        res = self._conn._resources
-        if res is not None:
-            if not res.reserve_memory(len(data)):
-                # Over the peer's or the node's budget of unread bytes: this
-                # stream gives its share back rather than the node growing.
-                self._conn._reset_stream(self, "buffered-bytes budget exceeded")
-                return
-            self._held += len(data)
-        self._chunks.append(data)
-        self._wake_receiver()
+        if not self._buffer(data):
+            # Over the peer's or the node's budget of unread bytes: this
+            # stream gives its share back rather than the node growing.
+            self._conn._reset_stream(self, "buffered-bytes budget exceeded")
 
     def _on_eof(self) -> None:
         self._eof = True
@@ -423,7 +333,7 @@ class MuxedConnection:
         self._handler = handler
         self._resources = resources
         self._session = YamuxSession(is_client, max_streams=max_streams, max_window=max_window)
-        self._streams: dict[int, MuxedStream] = {}
+        self._streams: dict[int, YamuxStream] = {}
         self._write_lot = ParkingLot()
         self._drain_lot = ParkingLot()
         self._idle_lot = ParkingLot()
@@ -470,7 +380,7 @@ class MuxedConnection:
             await trio.aclose_forcefully(self._secure)
             self.closed.set()
 
-    async def open_stream(self) -> MuxedStream:
+    async def open_stream(self) -> YamuxStream:
         """Open a new outbound stream (no protocol negotiated yet)."""
         await checkpoint()
         if not self.is_open:
@@ -486,7 +396,7 @@ class MuxedConnection:
             if res is not None:
                 res.close_stream(inbound=False)
             raise TransportError(f"cannot open a stream to {self.label}: {exc}") from None
-        stream = self._streams[sid] = MuxedStream(self, sid)
+        stream = self._streams[sid] = YamuxStream(self, sid)
         self._kick()
         return stream
 
@@ -625,7 +535,7 @@ class MuxedConnection:
         if not self._session.has_stream(sid):
             self._forget(sid)
 
-    def _forget(self, sid: int) -> MuxedStream | None:
+    def _forget(self, sid: int) -> YamuxStream | None:
         stream = self._streams.pop(sid, None)
         if stream is not None:
             self._release_stream(stream)
@@ -646,20 +556,20 @@ class MuxedConnection:
         if session.pending_output != before:
             self._kick()
 
-    def _close_stream(self, stream: MuxedStream) -> None:
+    def _close_stream(self, stream: YamuxStream) -> None:
         if self.is_open:
             self._session.close_stream(stream.stream_id)
             self._prune(stream.stream_id)
             self._kick()
 
-    def _reset_stream(self, stream: MuxedStream, reason: str) -> None:
+    def _reset_stream(self, stream: YamuxStream, reason: str) -> None:
         stream._on_reset(reason)
         if self.is_open:
             self._session.reset_stream(stream.stream_id)
             self._kick()
         self._forget(stream.stream_id)
 
-    def _release_stream(self, stream: MuxedStream) -> None:
+    def _release_stream(self, stream: YamuxStream) -> None:
         stream._release_all()
         if self._resources is not None:
             self._resources.close_stream(stream.inbound)
@@ -766,13 +676,13 @@ class MuxedConnection:
         if res is not None and not res.open_stream(inbound=True):
             self._session.reset_stream(sid)  # refused: RST, its frames are skipped from now on
             return
-        stream = self._streams[sid] = MuxedStream(self, sid, inbound=True)
+        stream = self._streams[sid] = YamuxStream(self, sid, inbound=True)
         if self._handler is None or self._nursery is None:
             self._reset_stream(stream, "no handler")
             return
         self._nursery.start_soon(self._run_handler, stream)
 
-    async def _run_handler(self, stream: MuxedStream) -> None:
+    async def _run_handler(self, stream: YamuxStream) -> None:
         assert self._handler is not None
         try:
             await self._handler(stream)

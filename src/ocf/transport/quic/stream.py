@@ -1,4 +1,4 @@
-"""A native QUIC stream behind the interface yamux streams have (:class:`~ocf.transport.muxer.MuxedStream`).
+"""A native QUIC stream: a :class:`~ocf.transport.streams.MuxedStream`, as yamux streams are.
 
 Everything above the transport (multistream-select, ping, identify, the node
 table, ``/libp2p-http``) takes a stream, reads, writes, half-closes and
@@ -14,13 +14,13 @@ is bookkeeping plus a place for one reader and one writer to wait.
 
 from __future__ import annotations
 
-import collections
 from typing import TYPE_CHECKING, Any
 
 import trio
 from trio.lowlevel import ParkingLot, checkpoint, checkpoint_if_cancelled
 
 from ...errors import StreamReset
+from ..streams import MuxedStream
 
 if TYPE_CHECKING:
     from ...identity import PeerId
@@ -30,23 +30,17 @@ if TYPE_CHECKING:
 SEND_HIGH_WATER = 1 << 20
 #: Largest piece of one send_all handed to the machine at once.
 SEND_CHUNK = 256 * 1024
-RECEIVE_JOIN = 256 * 1024
 #: Application error codes on the wire (libp2p leaves them to the application).
 RESET_CODE = 0
 
 
-class QuicStream(trio.abc.HalfCloseableStream):
+class QuicStream(MuxedStream):
     """One bidirectional QUIC stream (create via :meth:`QuicMuxedConnection.open_stream`)."""
 
+    _conn: QuicMuxedConnection
+
     def __init__(self, conn: QuicMuxedConnection, stream_id: int, *, inbound: bool = False) -> None:
-        self._conn = conn
-        self.stream_id = stream_id
-        self.inbound = inbound
-        self.protocol: str = ""
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._held = 0
-        self._app_held = 0
-        self._unread = 0
+        super().__init__(conn, stream_id, inbound=inbound)
         self._eof = False
         self._reset: str | None = None
         self._closed = False
@@ -97,67 +91,6 @@ class QuicStream(trio.abc.HalfCloseableStream):
                 await self._recv_lot.park()
         finally:
             self._receiving = False
-
-    def unread(self, data: bytes) -> None:
-        """Put bytes back in front of the receive buffer (already credited once)."""
-        if data:
-            self._chunks.appendleft(bytes(data))
-            self._unread += len(data)
-            self._recv_lot.unpark_all()
-
-    def _take(self, max_bytes: int | None) -> bytes:
-        chunks = self._chunks
-        data = chunks.popleft()
-        if max_bytes is None:
-            if chunks and len(data) < RECEIVE_JOIN:
-                parts = [data]
-                total = len(data)
-                while chunks and total + len(chunks[0]) <= RECEIVE_JOIN:
-                    nxt = chunks.popleft()
-                    parts.append(nxt)
-                    total += len(nxt)
-                data = b"".join(parts)
-        elif len(data) > max_bytes:
-            chunks.appendleft(data[max_bytes:])
-            data = data[:max_bytes]
-        n = len(data)
-        if self._unread:
-            again = min(n, self._unread)
-            self._unread -= again
-            n -= again
-        if n:
-            self._release_held(n)
-            self._conn._consumed(self.stream_id, n)
-        return data
-
-    # --- buffered-bytes accounting (the same contract as MuxedStream) -------------------------
-
-    def reserve_memory(self, n: int) -> bool:
-        res = self._conn._resources
-        if res is None or n <= 0:
-            return True
-        if not res.reserve_memory(n):
-            return False
-        self._app_held += n
-        return True
-
-    def release_memory(self, n: int) -> None:
-        n = min(n, self._app_held)
-        res = self._conn._resources
-        if n > 0 and res is not None:
-            self._app_held -= n
-            res.release_memory(n)
-
-    def _release_held(self, n: int) -> None:
-        n = min(n, self._held)
-        res = self._conn._resources
-        if n > 0 and res is not None:
-            self._held -= n
-            res.release_memory(n)
-
-    def _release_all(self) -> None:
-        self._release_held(self._held)
-        self.release_memory(self._app_held)
 
     # --- sending -----------------------------------------------------------------------------
 
@@ -217,8 +150,7 @@ class QuicStream(trio.abc.HalfCloseableStream):
             self._closed = True
             if self._reset is None:
                 unread = bool(self._chunks) or not self._eof
-                self._chunks.clear()
-                self._release_held(self._held)
+                self._discard()
                 if not self._send_closed:
                     self._send_closed = True
                     self._conn._send(self.stream_id, b"", end=True)
@@ -231,12 +163,14 @@ class QuicStream(trio.abc.HalfCloseableStream):
     def reset(self) -> None:
         """Abort both directions now; pending and later calls raise :class:`StreamReset`."""
         if self._reset is None:
-            self._chunks.clear()
-            self._release_held(self._held)
+            self._discard()
             self._conn._reset_stream(self)
             self._on_reset("reset locally")
 
     # --- called by the connection ----------------------------------------------------------
+
+    def _wake_receiver(self) -> None:
+        self._recv_lot.unpark_all()
 
     def _wake(self) -> None:
         self._recv_lot.unpark_all()
@@ -245,15 +179,9 @@ class QuicStream(trio.abc.HalfCloseableStream):
     def _on_data(self, data: bytes) -> None:
         if self._closed or self._reset is not None:
             return  # the peer was told to stop; what is still in flight is dropped
-        res = self._conn._resources
-        if res is not None:
-            if not res.reserve_memory(len(data)):
-                self._conn._note("memory", "stream reset: buffered-bytes budget exceeded")
-                self.reset()
-                return
-            self._held += len(data)
-        self._chunks.append(data)
-        self._recv_lot.unpark_all()
+        if not self._buffer(data):
+            self._conn._note("memory", "stream reset: buffered-bytes budget exceeded")
+            self.reset()
 
     def _on_eof(self) -> None:
         self._eof = True
