@@ -65,7 +65,8 @@ from .exchange import (
     peer_stream_pool,
 )
 from .models import serve_models
-from .providers import LIBP2P_HTTP, ConnectFailed, Providers, RelayLimited, UnknownPeer, short
+from .failures import Attempts, p2p_error
+from .providers import LIBP2P_HTTP, ConnectFailed, Providers, short
 from .router import OWN_SERVICE, P2P
 
 if TYPE_CHECKING:
@@ -273,30 +274,8 @@ class Forwarder:
             try:
                 async with self._peer_exchange(call, peer_text, body, target, kind="p2p") as response:
                     await call.responder.relay(response)
-            except UnknownPeer:
-                raise NotFound(
-                    f"peer {peer_text} is not connected and not in the node table", code="peer_not_found"
-                ) from None
-            except RelayLimited as exc:
-                # The peer is there; the relay in the way said no (its limits, or no reservation).
-                raise NoProviderAvailable(
-                    f"peer {peer_text} is reachable only through a relay, which refused: {exc.status}",
-                    retry_after=5,
-                    code="relay_refused",
-                ) from None
-            except ConnectFailed:
-                # Never what its addresses answered: they are the peer's choice, and the
-                # answer would make this node a port scanner for whoever asks.
-                raise ProviderFailed(f"peer {peer_text} is unreachable", code="peer_unreachable") from None
-            except UpstreamError as exc:
-                cut = None if exc.response_started else self.providers.relay_limit(peer_text)
-                if cut is not None:
-                    raise NoProviderAvailable(
-                        f"peer {peer_text} is reachable only through a relay, which ended the connection at {cut}",
-                        retry_after=5,
-                        code="relay_limit",
-                    ) from None
-                raise ProviderFailed(f"peer {peer_text} failed: {exc}", code="peer_failed") from None
+            except (ConnectFailed, UpstreamError) as exc:
+                raise p2p_error(peer_text, exc, self.providers.relay_limit(peer_text)) from None
             finally:
                 self.metrics.leave(peer_text)
 
@@ -360,19 +339,15 @@ class Forwarder:
 
         Providers we have a live connection to (or this node) come first;
         ones the table lists but we would have to dial only if none is
-        connected. A provider that could not be reached at all counts as
-        unavailable (503 if that leaves none), one that took the request and
-        then failed as a failed provider (502).
+        connected. What the failures mean for the client's status is
+        :mod:`ocf.gateway.failures`.
         """
-        tried: set[str] = set()
-        reasons: list[str] = []
-        relay_refusals: list[str] = []  # a relay's status: one of a fixed set, fit to show
-        reached = False
+        attempts = Attempts(name)
         limit = self.config.max_forwards_per_peer
         providers = self.providers
         for attempt in range(2):
             now = time.monotonic()
-            usable = [p for p in candidates if p.peer not in tried and providers.usable(p, now)]
+            usable = [p for p in candidates if p.peer not in attempts.tried and providers.usable(p, now)]
             if not usable:
                 break
             connected = [p for p in usable if p.local or providers.connected(p.peer)]
@@ -384,54 +359,28 @@ class Forwarder:
                     code="providers_busy",
                 )
             provider = routeindex.pick(pool, self._weigh, self.rng) or pool[0]
-            tried.add(provider.peer)
+            attempts.tried.add(provider.peer)
             try:
                 await self._forward_one(call, body, provider, name, rest)
                 providers.mark_up(provider.peer)
                 return
-            except RelayLimited as exc:
-                relay_refusals.append(exc.status)
-                reasons.append(f"{short(provider.peer)}: {exc}")
-            except ConnectFailed as exc:
-                reasons.append(f"{short(provider.peer)}: {exc}")
-            except _RetryableAnswer as exc:  # the provider's backend is down: it did nothing with the request
-                reasons.append(f"{short(provider.peer)}: {exc}")
+            except (ConnectFailed, _RetryableAnswer) as exc:  # nothing reached it, or its backend is down
+                reason = attempts.failed(provider.peer, exc)
             except UpstreamError as exc:
                 if exc.response_started:
                     raise ProviderFailed(f"provider {provider.peer} failed mid-response: {exc}") from None
-                cut = providers.relay_limit(provider.peer)
-                if cut is not None:  # the relay cut it: the provider did not fail, the path did
-                    relay_refusals.append(f"ended the connection at {cut}")
-                else:
-                    reached = True
-                reasons.append(f"{short(provider.peer)}: {exc}")
+                reason = attempts.failed(provider.peer, exc, providers.relay_limit(provider.peer))
             providers.mark_down(provider.peer)
             self.metrics.count_forward("service", "retry" if attempt == 0 else "failed")
             log.info(
                 "provider failed before answering %s",
                 logfmt.kv(
-                    service=name, peer=short(provider.peer), reason=reasons[-1], retry=attempt == 0 and body.replayable
+                    service=name, peer=short(provider.peer), reason=reason, retry=attempt == 0 and body.replayable
                 ),
             )
             if not body.replayable:
                 break
-        # The reasons are in the log above; the client learns which providers were tried, not what
-        # their addresses answered.
-        which = f" (tried {', '.join(short(p) for p in sorted(tried))})" if tried else ""
-        if reached:
-            raise ProviderFailed(f"provider(s) of '{name}' failed before answering{which}", code="provider_failed")
-        if relay_refusals:
-            raise NoProviderAvailable(
-                f"provider(s) of '{name}' are reachable only through a relay, which said: "
-                f"{', '.join(sorted(set(relay_refusals)))}{which}",
-                retry_after=5,
-                code="relay_refused",
-            )
-        raise NoProviderAvailable(
-            f"{len(candidates)} provider(s) of '{name}' match this request but none is reachable and healthy right "
-            f"now{which}",
-            retry_after=5,
-        )
+        raise attempts.error(len(candidates))
 
     async def _forward_one(
         self, call: Call, body: RequestBody, provider: routing.Provider, name: str, rest: bytes
