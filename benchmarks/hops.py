@@ -17,13 +17,14 @@ compared at any hour:
 * the floor is one hop through a minimal Trio HTTP relay with none of the
   gateway's features (``benchmarks/floor_relay.py``), in the same run;
 * ``--instructions`` counts instructions per request instead, under
-  valgrind's callgrind: each scenario runs twice, once sending its requests
-  and once sitting idle for as long as those requests took, and the
-  difference is divided by the number of requests. The idle run cancels the
-  start-up and, as importantly, the nodes' timed background work (membership
-  probes, DHT refresh, QUIC timers), which grows with wall time, and wall
-  time under valgrind grows with the machine's load. Repeatable to about 1%,
-  where CPU time is not;
+  valgrind's callgrind, counting only the window of the requests (a tiny
+  C library switches counting on and off from inside the program, so the
+  start-up and warm-up, which vary from run to run, are not counted): each
+  scenario runs twice, once sending its requests and once sitting idle for
+  as long as those requests took, and the difference is divided by the
+  number of requests. The idle run cancels the nodes' timed background
+  work (membership probes, DHT refresh, QUIC timers), which grows with wall
+  time, and wall time under valgrind grows with the machine's load;
 * the two nodes talk TCP + Noise + yamux unless ``--transport quic``, so that
   a hop's cost compares across builds whatever transport a peer prefers.
 
@@ -33,9 +34,11 @@ Run: ``python benchmarks/hops.py`` (``--quick`` for a smoke run).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -44,6 +47,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import attrs
 import trio
 
 from ocf.config import Config, ServiceSpec
@@ -160,7 +164,12 @@ def _port(url: str) -> int:
     return int(url.rstrip("/").rsplit(":", 1)[1])
 
 
-async def with_bench(work, transport: str = "tcp") -> None:  # type: ignore[no-untyped-def]
+#: For counting instructions: timers far apart, so that the nodes' timed background work (membership
+#: probes, table verification), which is no request's cost, hardly falls into the counted window.
+QUIET_TIMERS = {"membership_probe_interval": 3600.0, "verify_interval": 3600.0}
+
+
+async def with_bench(work, transport: str = "tcp", quiet: bool = False) -> None:  # type: ignore[no-untyped-def]
     logging.disable(logging.WARNING)
     tmp = Path(tempfile.mkdtemp(prefix="ocf-hops-"))
     try:
@@ -173,6 +182,8 @@ async def with_bench(work, transport: str = "tcp") -> None:  # type: ignore[no-u
             common = dict(
                 host="127.0.0.1", tcpport=0, udpport=0, port=0, log_level="warning", ws=False, quic=transport == "quic"
             )
+            if quiet:  # those of the timers this build has
+                common.update({k: v for k, v in QUIET_TIMERS.items() if k in attrs.fields_dict(Config)})
             async with open_node(Config(mode="standalone", data_dir=tmp / "dispatcher", **common)) as dispatcher:
                 bootstrap = (str(dispatcher.listen_addrs[0]),)
                 services = (ServiceSpec("llm", backend_port, "127.0.0.1"),)
@@ -222,18 +233,47 @@ def child(scenario: str, n: int, idle: float, transport: str) -> None:
     open_env = lmdb.open
     lmdb.open = lambda *a, **k: open_env(*a, **dict(k, map_size=min(k.get("map_size", 1 << 26), 1 << 26)))  # type: ignore[assignment]
 
+    toggle = ctypes.CDLL(os.environ["OCF_CALLGRIND_TOGGLE"]).ocf_toggle_collect
+
     async def work(bench: Bench) -> None:
         port, path = bench.target(scenario)
+        toggle()  # count from here: start-up and warm-up are not the requests' cost
         t0 = trio.current_time()
         await requests(port, path, n)
         await trio.sleep(idle)
-        print(f"elapsed {trio.current_time() - t0:.3f}")
+        elapsed = trio.current_time() - t0
+        toggle()
+        print(f"elapsed {elapsed:.3f}")
 
-    trio.run(with_bench, work, transport)
+    trio.run(with_bench, work, transport, True)
 
 
-def instructions(scenario: str, n: int, transport: str) -> float:
-    """Instructions per request: (run with n requests - run idle as long) / n."""
+TOGGLE_C = """
+#include <valgrind/callgrind.h>
+void ocf_toggle_collect(void) { CALLGRIND_TOGGLE_COLLECT; }
+"""
+
+
+def build_toggle(directory: Path) -> Path:
+    """A one-function library that switches callgrind's counting on and off from inside the program.
+
+    Counting only the window of the requests (and of the idle run) leaves out
+    the interpreter's start, key generation, LMDB and the warm-up, which are
+    thousands of times the cost of one request and vary from run to run by
+    more than the 2% a comparison must see.
+    """
+    source, library = directory / "toggle.c", directory / "toggle.so"
+    source.write_text(TOGGLE_C)
+    built = subprocess.run(
+        ["gcc", "-O1", "-shared", "-fPIC", "-o", str(library), str(source)], capture_output=True, text=True
+    )
+    if built.returncode != 0:
+        raise SystemExit(f"--instructions needs gcc and valgrind's headers (valgrind/callgrind.h):\n{built.stderr}")
+    return library
+
+
+def instructions(scenario: str, n: int, transport: str, toggle: Path) -> float:
+    """Instructions per request: (window with n requests - window idle as long) / n."""
     counts = []
     elapsed = 0.0
     for requests_ in (n, 0):
@@ -242,6 +282,7 @@ def instructions(scenario: str, n: int, transport: str) -> float:
                 "valgrind",
                 "--tool=callgrind",
                 "--callgrind-out-file=/dev/null",
+                "--collect-atstart=no",
                 sys.executable,
                 __file__,
                 "--child",
@@ -256,6 +297,7 @@ def instructions(scenario: str, n: int, transport: str) -> float:
             capture_output=True,
             text=True,
             check=False,
+            env=dict(os.environ, OCF_CALLGRIND_TOGGLE=str(toggle)),
         )
         match = re.search(r"Collected : (\d+)", out.stderr)
         if out.returncode != 0 or match is None:
@@ -321,7 +363,9 @@ def main() -> None:
         if shutil.which("valgrind") is None:
             raise SystemExit("--instructions needs valgrind (apt-get install valgrind)")
         n = args.requests or (100 if args.quick else 600)
-        values = {scenario: instructions(scenario, n, args.transport) for scenario in SCENARIOS}
+        with tempfile.TemporaryDirectory(prefix="ocf-hops-") as directory:
+            toggle = build_toggle(Path(directory))
+            values = {scenario: instructions(scenario, n, args.transport, toggle) for scenario in SCENARIOS}
         report(
             f"instructions per request under callgrind, {n} requests per scenario, nodes over {args.transport}",
             "instructions/req",
