@@ -12,7 +12,7 @@ import trio.testing
 from ocf.errors import LeaseNotHeld
 from ocf.jobs.core import BatchRedo
 from ocf.jobs.pg import PgJobStore
-from ocf.jobs.pg.pipe import Pipe, changes_rows
+from ocf.jobs.pg.pipe import Pipe, Prepared, changes_rows
 from ocf.jobs.tracker import REAPER_POLL, Tracker, _Op
 
 T0 = 1_800_000_000.0
@@ -72,13 +72,40 @@ def test_the_pipe_sends_everything_queued_with_the_first_read(store):
     assert changes_rows("WITH picked AS (SELECT 1) UPDATE t SET x = 1") and not changes_rows(" select 1 FOR UPDATE")
 
 
+def test_a_statement_is_prepared_once_per_connection_and_again_after_a_failed_message(store):
+    prepared = Prepared()
+    add = "SELECT %s::int + %s::int"
+    with store.pool.connection() as conn:
+        pipe = Pipe(conn, prepared)
+        pipe.execute(add, (1, 2))
+        three = pipe.execute(add, (3, 4))  # prepared in the message that first uses it, once
+        assert [entry[1] for entry in pipe._queue] == [
+            "PREPARE ocf_0 AS SELECT $1::int + $2::int",
+            "EXECUTE ocf_0(1, 2)",
+            "EXECUTE ocf_0(3, 4)",
+        ]
+        assert three.fetchone() == (7,)
+        later = Pipe(conn, prepared)  # another pipe on the same connection: already prepared there
+        eleven = later.execute(add, (5, 6))
+        assert [entry[1] for entry in later._queue] == ["EXECUTE ocf_0(5, 6)"] and eleven.fetchone() == (11,)
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            later.execute("SELECT %s::int / 0", (1,)).fetchall()
+        after = Pipe(conn, prepared)  # which PREPAREs of a failed message ran is unknown: start over
+        two = after.execute(add, (1, 1))
+        assert [entry[1] for entry in after._queue][:2] == [
+            "DEALLOCATE ALL",
+            "PREPARE ocf_0 AS SELECT $1::int + $2::int",
+        ]
+        assert two.fetchone() == (2,)
+
+
 def test_a_batch_uses_no_savepoints_and_an_operation_refused_before_writing_fails_alone(store, monkeypatch):
     token, jobs = worker_with_leases(store, 2)
     sent: list[str] = []
     real_sync = Pipe.sync
 
     def spy(pipe: Pipe) -> None:
-        sent.extend(sql for _, sql, _, _ in pipe._queue)
+        sent.extend(entry[1] for entry in pipe._queue)
         real_sync(pipe)
 
     monkeypatch.setattr(Pipe, "sync", spy)

@@ -32,7 +32,7 @@ from ..core import BatchRedo
 from ..model import Project, parse_project
 from ..txn import Enqueued
 from .schema import CHANNEL, DDL, PREFIX, SCHEMA_LOCK, SCHEMA_VERSION, id_sequence, redact
-from .pipe import Pipe
+from .pipe import Pipe, Prepared
 from .tx import BatchState, PgTx, dumps, jsonb
 
 log = logging.getLogger("ocf.jobs")
@@ -108,6 +108,7 @@ class PgCore:
             name="ocf-jobs",
         )
         self._projects: dict[str, tuple[Project, int]] = {}
+        self._prepared = Prepared()  # the statements each connection of the pool has prepared
         # Several batches may run at once (one per writer thread, each its own connection and transaction).
         self._local = threading.local()
         self._enqueued_lock = threading.Lock()
@@ -155,7 +156,7 @@ class PgCore:
         of their own: an operation is about one round trip per read it makes.
         """
         with self._errors(), self.pool.connection() as conn:
-            pipe = Pipe(conn)
+            pipe = Pipe(conn, self._prepared)
             pipe.execute("BEGIN")
             batch = _Batch(pipe, BatchState(), isolated)
             try:
@@ -195,7 +196,7 @@ class PgCore:
         with self._errors():
             if batch is None:
                 with self.pool.connection() as conn:
-                    pipe = Pipe(conn)
+                    pipe = Pipe(conn, self._prepared)
                     try:
                         return self._attempts(pipe, op, None)
                     finally:
@@ -266,7 +267,7 @@ class PgCore:
     def _read(self, op: Callable[[PgTx], T], *, snapshot: bool = False) -> T:
         """A read; ``snapshot`` reads everything from one moment (reports that must add up)."""
         with self._errors(), self.pool.connection() as conn:
-            pipe = Pipe(conn)
+            pipe = Pipe(conn, self._prepared)
             tx = PgTx(pipe, write=False)
             if not snapshot:
                 return op(tx)
