@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from ocf.errors import LeaseNotHeld
+from ocf.errors import LeaseNotHeld, StoreUnavailable
 from ocf.jobs.core import BatchRedo
 from ocf.jobs.pg import PgJobStore
 from ocf.jobs.pg.pipe import Pipe, Prepared, changes_rows
@@ -151,6 +151,28 @@ def test_without_the_redo_a_late_failure_commits_nothing(store):
         with pytest.raises(BatchRedo):  # the batch is lost: later operations are not run
             store.add_jobs("p", ["late"], T0 + 1)
     assert store.counts("p")[0] == {"pending": 2, "leased": 1, "done": 0, "failed": 0, "superseded": 0}
+
+
+def test_a_statement_cancelled_mid_batch_never_commits_the_rest_as_if_nothing_happened(store):
+    token, jobs = worker_with_leases(store, 2)
+
+    def cancelled(s: PgJobStore) -> Any:
+        def op(tx: Any) -> None:
+            tx.execute("SET LOCAL statement_timeout = '20ms'")
+            tx.execute("SELECT pg_sleep(5)").fetchall()  # QueryCanceled: an OperationalError, the transaction aborted
+
+        return s._write(op)
+
+    def complete(job: dict[str, Any]) -> Any:
+        return lambda s: s.complete("p", token, job["id"], "out", T0 + 1)
+
+    ops = [_Op(complete(jobs[0])), _Op(complete(jobs[1])), _Op(cancelled)]  # the last: no statement after it
+    tracker = Tracker(store)
+    tracker._run_batch(ops)
+    assert tracker.batches_redone == 1  # not a COMMIT that the server turned into a ROLLBACK
+    assert isinstance(ops[2].error, StoreUnavailable)
+    assert [op.result["status"] for op in ops[:2]] == ["done", "done"] and ops[0].error is None
+    assert store.counts("p")[0]["done"] == 2
 
 
 class _Quiet:

@@ -171,6 +171,8 @@ class PgCore:
                 self._finish(end, batch.state)
                 pipe.execute("COMMIT")
                 pipe.sync()
+                if pipe.status != "COMMIT":  # an aborted transaction "commits" as a rollback
+                    raise BatchRedo(f"the batch's transaction ended in {pipe.status}, not COMMIT")
             except BaseException:
                 pipe.discard()
                 _rollback(conn, "ROLLBACK")
@@ -215,10 +217,10 @@ class PgCore:
         try:
             result = op(tx)
             tx.flush()
-        except psycopg.OperationalError:
-            raise
         except psycopg.Error as exc:  # the server refused a statement: the transaction is aborted
             batch.failed = exc
+            if isinstance(exc, psycopg.OperationalError):
+                raise  # the database may be down: a 503 if running the batch again cannot reach it either
             raise BatchRedo("a statement of the batch failed") from exc
         except BaseException as exc:
             if pipe.wrote_since(mark):

@@ -130,6 +130,7 @@ class Pipe:
         self._queue: list[tuple[int, str, Result, bool, str | None]] = []
         self.queued = 0  # statements queued so far: the next one's number
         self.round_trips = 0
+        self.status: str | None = None  # the command tag of the last statement sent (COMMIT, ROLLBACK...)
         self._last_write_sent = -1
         self._prepared = prepared
         self._session = prepared.session(conn) if prepared is not None else _Session()
@@ -185,6 +186,7 @@ class Pipe:
             result.rows = cur.fetchall() if cur.description is not None else []
             if i + 1 < len(queue):
                 cur.nextset()
+        self.status = cur.statusmessage
 
     def mark(self) -> int:
         """Where an operation starts (for :meth:`wrote_since` and :meth:`discard`)."""
