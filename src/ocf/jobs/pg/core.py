@@ -8,7 +8,8 @@ inside :meth:`PgCore.batch` they run plainly in the batch's one
 transaction, and one commit makes the batch durable. A refusal that cannot
 be undone alone (or a deadlock between two nodes' batches) has the batch
 run again with each operation in its own savepoint, where a refused one
-rolls back alone and a deadlock victim retries that one operation. A database that cannot be reached raises
+rolls back alone and a deadlock victim retries that one operation. A
+database that cannot be reached raises
 :class:`~ocf.errors.StoreUnavailable` (503 with ``Retry-After``).
 """
 
