@@ -23,6 +23,16 @@ from .txn import Enqueued, ReadScope, Txn, WriteScope
 ACTIVE_WINDOW = 300.0  # a worker heard from within this many seconds counts as active
 
 
+class BatchRedo(Exception):
+    """A group commit must run again with every operation isolated (``batch(isolated=True)``).
+
+    A store whose batches run their operations without a child transaction
+    each (PostgreSQL: no savepoint per operation, they cost the server) raises
+    it when one operation failed in a way that cannot be undone alone. Nothing
+    of the batch was committed; the caller runs the same operations again.
+    """
+
+
 class StoreCore:
     """Settings, transactions and project definitions shared by the store's parts."""
 
@@ -63,13 +73,15 @@ class StoreCore:
     # --- transactions ---------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def batch(self) -> Iterator[None]:
+    def batch(self, *, isolated: bool = True) -> Iterator[None]:
         """Run many operations under one durable commit (group commit).
 
         Inside the block every operation's transaction is a child of one
         parent transaction: an operation that fails rolls back alone, and the
         parent's commit (one fsync) makes all of them durable at once. The
         tracker answers the requests of a batch only after that commit.
+        LMDB's child transactions are cheap, so every batch is ``isolated``
+        and this store never raises :class:`BatchRedo`.
         """
         with self.store.write() as parent:
             self._parent = parent

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import JobNotFound, JobsPayloadTooLarge, LeaseNotHeld, WorkerNotFound
+from ..errors import JobNotFound, WorkerNotFound
 from .core import StoreCore, public_job
 from .keys import U32, U64, dumps, lease_key
-from .model import MAX_FANOUT, Project
+from . import rules
+from .model import Project
+from .rules import MAX_FAILURES_KEPT
 from .txn import Tx
 
-MAX_FAILURES_KEPT = 1000
-MAX_ERRORS_PER_JOB = 20
+__all__ = ["MAX_FAILURES_KEPT", "LeaseMachine"]
 
 
 class LeaseMachine(StoreCore):
@@ -29,18 +30,7 @@ class LeaseMachine(StoreCore):
         self, tx: Tx, project: Project, stage: int, value: Any, now: float, *, parent: int | None, root: int | None
     ) -> int:
         job_id = tx.bump("next_id")
-        job = {
-            "id": job_id,
-            "stage": stage,
-            "state": "pending",
-            "input": value,
-            "parent": parent,
-            "root": root if root is not None else job_id,
-            "attempts": 0,
-            "errors": [],
-            "flags": [],
-            "created": now,
-        }
+        job = rules.new_job(job_id, stage, value, now, parent=parent, root=root)
         self._enqueue(tx, job)
         tx.bump(f"s{stage}.pending")
         return job_id
@@ -82,7 +72,7 @@ class LeaseMachine(StoreCore):
         job = tx.job(job_id)
         if job is None:
             raise JobNotFound(f"project {project.name!r} has no job {job_id}")
-        self._check_lease(job, worker)
+        rules.check_lease(job, worker)
         worker["leases"] = [j for j in worker["leases"] if j != job_id]
         worker["last_seen"] = now
         tx.put_worker(worker)
@@ -150,65 +140,27 @@ class LeaseMachine(StoreCore):
         worker["last_seen"] = now
         if job["state"] == "done" and job.get("done_token") == worker["token"]:
             return {"id": job_id, "status": "already_done", "children": job.get("children", [])}
-        self._check_lease(job, worker)
+        rules.check_lease(job, worker)
         stage = job["stage"]
-        last = stage == len(project.stages) - 1
-        inputs = output if project.stages[stage].fanout and isinstance(output, list) else [output]
-        if not last and len(inputs) > MAX_FANOUT:
-            raise JobsPayloadTooLarge(
-                f"a fan-out output may have at most {MAX_FANOUT} elements", code="fanout_too_large"
-            )
+        last, inputs = rules.next_inputs(project, stage, output)
         children: list[int] = []
         if not last:
             for value in inputs:
                 children.append(self._new_job(tx, project, stage + 1, value, now, parent=job_id, root=job["root"]))
         else:
             seq = tx.bump("results")
-            tx.put(
-                "results",
-                tx.p + U64.pack(seq),
-                dumps(
-                    {
-                        "job": job_id,
-                        "root": job["root"],
-                        "output": output,
-                        "worker": worker["name"],
-                        "user": worker["user"],
-                        "time": now,
-                    }
-                ),
-            )
+            tx.put("results", tx.p + U64.pack(seq), dumps(rules.result(job, worker, output, now)))
             job["result_seq"] = seq
         self._unlease(tx, job)
-        job["state"] = "done"
-        job["done_token"] = worker["token"]
-        job["done_by"] = worker["name"]
-        job["user"] = worker["user"]
-        job["finished"] = now
-        job["children"] = children
+        rules.mark_done(job, worker, now, children)
         tx.put_job(job)
         tx.bump(f"s{stage}.leased", -1)
         tx.bump(f"s{stage}.done")
         worker["leases"] = [j for j in worker["leases"] if j != job_id]
         if not tx.count(f"s{stage}.first_ms"):
             tx.bump(f"s{stage}.first_ms", int(now * 1000))  # where the stage's rate window may start
-        worker["completed"] += 1
-        worker["last_done"] = job_id
-        worker["progress"] = "Completed job"
         self._credit(tx, worker, stage, now)
         return {"id": job_id, "status": "done", "children": children}
-
-    def _check_lease(self, job: dict[str, Any], worker: dict[str, Any]) -> None:
-        if job["state"] == "leased" and job.get("worker") == worker["token"]:
-            return
-        what = {
-            "done": "was already completed by another worker",
-            "failed": "has failed and is closed",
-            "superseded": "was rolled back after its input was flagged invalid",
-            "pending": "is pending again after your lease expired",
-            "leased": "is leased to another worker after your lease expired",
-        }.get(job["state"], f"is {job['state']}")
-        raise LeaseNotHeld(f"job {job['id']} {what}; your result was not recorded")
 
     def _credit(self, tx: Tx, worker: dict[str, Any], stage: int, now: float) -> None:
         hour = U32.pack(int(now // 3600))
@@ -222,23 +174,11 @@ class LeaseMachine(StoreCore):
     def _retry_or_fail(self, tx: Tx, project: Project, job: dict[str, Any], error: str, now: float) -> str:
         """A lease ended without a result: back to pending, or failed once attempts are used up."""
         self._unlease(tx, job)
-        job["errors"] = (job["errors"] + [{"time": now, "error": error}])[-MAX_ERRORS_PER_JOB:]
+        rules.add_error(job, now, error)
         stage = job["stage"]
         tx.bump(f"s{stage}.leased", -1)
         seq = tx.bump("failure_seq")
-        tx.put(
-            "failures",
-            tx.p + U64.pack(seq),
-            dumps(
-                {
-                    "job": job["id"],
-                    "stage": project.stages[stage].name,
-                    "time": now,
-                    "error": error,
-                    "attempt": job["attempts"],
-                }
-            ),
-        )
+        tx.put("failures", tx.p + U64.pack(seq), dumps(rules.failure(project, job, error, now)))
         if seq > MAX_FAILURES_KEPT:
             tx.delete("failures", tx.p + U64.pack(seq - MAX_FAILURES_KEPT))
         if job["attempts"] >= project.max_attempts:
@@ -270,11 +210,7 @@ class LeaseMachine(StoreCore):
             tx.put_job(child)
             tx.bump(f"s{stage}.superseded")
         stage = parent["stage"]
-        parent["children"] = []
-        parent["errors"] = (parent["errors"] + [{"time": now, "error": f"redone: {note}"}])[-MAX_ERRORS_PER_JOB:]
-        parent["attempts"] = 0
-        for key in ("done_token", "done_by", "user", "finished"):
-            parent.pop(key, None)
+        rules.redo(parent, note, now)
         tx.bump(f"s{stage}.done", -1)
         tx.bump(f"s{stage}.pending")
         self._enqueue(tx, parent)

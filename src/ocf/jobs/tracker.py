@@ -24,6 +24,7 @@ import trio
 
 from .. import log as logfmt
 from ..errors import StoreUnavailable
+from .core import BatchRedo
 from .model import Project
 from .store import JobStore
 from .writer import WriterThread
@@ -46,6 +47,9 @@ PARALLEL_BATCHES = 4  # PostgreSQL batches in flight at once per node
 READ_THREADS = 4  # concurrent PostgreSQL reads (dashboard, reports) per node
 STORE_RETRY = 2.0  # seconds the reaper waits before trying an unreachable database again
 SNAPSHOT_INTERVAL = 5.0  # seconds between refreshes of the /metrics counts of a blocking store
+#: A blocking store's reaper asks the database at most this often: every commit wakes it, and on a
+#: shared database each wake-up would be a query on every node.
+REAPER_POLL = 0.5
 
 
 T = TypeVar("T")
@@ -103,6 +107,8 @@ class Tracker:
         self._create_lock = trio.Lock()
         # Guards an op's abandoned/started pair, read by the writer thread and set by Trio.
         self._op_lock = threading.Lock()
+        self.batches_redone = 0  # group commits run again with every op isolated (see _run_batch)
+        self._last_poll = -REAPER_POLL  # when the reaper last asked a blocking store (Trio's clock)
         self._writer: WriterThread | None = None
         self.version = 0
         self._changed = trio.Event()
@@ -227,23 +233,37 @@ class Tracker:
         return cast(T, op.result)
 
     def _run_batch(self, ops: list[_Op[Any]]) -> None:
-        """On the writer thread: every op in its own child transaction, one durable commit for all."""
+        """On the writer thread: run the ops, one durable commit for all; a failing op fails alone.
+
+        The store may run a batch's ops without isolating each (PostgreSQL:
+        savepoints cost its server more than the ops); when one then fails in
+        a way it cannot undo alone, nothing was committed and the batch runs
+        again ``isolated``, each op in its own child transaction.
+        """
         try:
-            with self.store.batch():
-                for op in ops:
-                    with self._op_lock:
-                        if op.abandoned:
-                            continue
-                        op.started = True
-                    try:
-                        op.result = op.run(self.store)
-                    except Exception as exc:  # this request's error (404, 409...): others go on
-                        op.error = exc
-                    _release_gil()
+            try:
+                self._run_ops(ops, isolated=False)
+            except BatchRedo:
+                self.batches_redone += 1
+                self._run_ops(ops, isolated=True)
         except Exception as exc:  # the commit itself failed (disk full...): nobody's change is durable
             log.error("job tracker commit failed %s", logfmt.kv(ops=len(ops), error=exc))
             for op in ops:
                 op.error = exc
+
+    def _run_ops(self, ops: list[_Op[Any]], *, isolated: bool) -> None:
+        with self.store.batch(isolated=isolated):
+            for op in ops:
+                with self._op_lock:
+                    if op.abandoned and not op.started:
+                        continue
+                    op.started = True
+                op.result, op.error = None, None
+                try:
+                    op.result = op.run(self.store)
+                except Exception as exc:  # this request's error (404, 409...): others go on
+                    op.error = exc
+                _release_gil()
 
     async def run_committer(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         if self.blocking:
@@ -498,6 +518,9 @@ class Tracker:
                     await self._changed.wait()
 
     async def _reap_once(self, next_sweep: float) -> float:
+        if self.blocking:
+            await trio.sleep_until(self._last_poll + REAPER_POLL)
+            self._last_poll = trio.current_time()
         now = self.clock()
         if now >= next_sweep:
             forgotten = await self._batched(lambda store: store.forget_idle_workers(now))

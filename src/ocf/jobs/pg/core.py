@@ -4,11 +4,12 @@ Every method of the store is synchronous and blocking, like the LMDB
 store's, and for the same reason: the tracker runs writes on its writer
 thread (the group commit) and reads on Trio's worker threads, never on the
 event loop's. A write is a function of a :class:`~ocf.jobs.pg.tx.PgTx`;
-inside :meth:`PgCore.batch` each runs in its own savepoint of the batch's
-one transaction, so a refused operation rolls back alone and one commit
-makes the batch durable. A deadlock or serialization failure between two
-nodes' batches costs the chosen victim a retry of that one operation, not
-an error. A database that cannot be reached raises
+inside :meth:`PgCore.batch` they run plainly in the batch's one
+transaction, and one commit makes the batch durable. A refusal that cannot
+be undone alone (or a deadlock between two nodes' batches) has the batch
+run again with each operation in its own savepoint, where a refused one
+rolls back alone and a deadlock victim retries that one operation. A
+database that cannot be reached raises
 :class:`~ocf.errors.StoreUnavailable` (503 with ``Retry-After``).
 """
 
@@ -28,9 +29,11 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from ... import log as logfmt
 from ...errors import ConfigError, JobsPayloadTooLarge, ProjectExists, ProjectNotFound, StoreUnavailable
 from ..keys import payload_size
+from ..core import BatchRedo
 from ..model import Project, parse_project
 from ..txn import Enqueued
 from .schema import CHANNEL, DDL, PREFIX, SCHEMA_LOCK, SCHEMA_VERSION, id_sequence, redact
+from .pipe import Pipe, Prepared
 from .tx import BatchState, PgTx, dumps, jsonb
 
 log = logging.getLogger("ocf.jobs")
@@ -106,6 +109,7 @@ class PgCore:
             name="ocf-jobs",
         )
         self._projects: dict[str, tuple[Project, int]] = {}
+        self._prepared = Prepared()  # the statements each connection of the pool has prepared
         # Several batches may run at once (one per writer thread, each its own connection and transaction).
         self._local = threading.local()
         self._enqueued_lock = threading.Lock()
@@ -113,6 +117,7 @@ class PgCore:
         self._firsts: set[tuple[str, int]] = set()
         self.retries = 0  # operations retried after a deadlock or serialization failure
         self.unavailable = 0  # operations refused because the database could not be reached
+        self.round_trips = 0  # round trips of write transactions (batches and lone writes), for tests
         with contextlib.suppress(StoreUnavailable):
             self.projects()
 
@@ -133,30 +138,48 @@ class PgCore:
             ) from exc
 
     @contextlib.contextmanager
-    def batch(self) -> Iterator[None]:
-        """Run many operations in one transaction and one commit (group commit), each in a savepoint.
+    def batch(self, *, isolated: bool = False) -> Iterator[None]:
+        """Run many operations in one transaction and one commit (group commit).
 
-        Transactions and savepoints are plain statements queued with the
-        operations' own (:meth:`PgTx.execute`), so they cost no round trips of
-        their own: an operation is about one round trip per read it makes.
+        The operations run one after another in the batch's transaction, with
+        no savepoint each: a savepoint is a subtransaction to the server, and
+        past 64 of them in one transaction every other backend's snapshot
+        gets slower. An operation refused before any of its writes reached the
+        server (the usual refusal: it read, then raised) drops its queued
+        statements and fails alone. One that fails after, or a statement the
+        server refuses (which aborts the transaction), raises
+        :class:`~ocf.jobs.core.BatchRedo` out of this block, with nothing
+        committed: the caller runs the batch again ``isolated``, each
+        operation in its own savepoint, so the bad one fails alone there.
+
+        Statements are queued on the batch's :class:`~ocf.jobs.pg.pipe.Pipe`
+        (``BEGIN``, writes, ``COMMIT`` included), so they cost no round trips
+        of their own: an operation is about one round trip per read it makes.
         """
         with self._errors(), self.pool.connection() as conn:
-            conn.execute("BEGIN")
+            pipe = Pipe(conn, self._prepared)
+            pipe.execute("BEGIN")
+            batch = _Batch(pipe, BatchState(), isolated)
             try:
-                state = BatchState()
-                self._local.batch = (conn, state)
+                self._local.batch = batch
                 try:
                     yield
                 finally:
                     self._local.batch = None
-                end = PgTx(conn, write=True)
-                self._finish(end, state)
-                end.execute("COMMIT")
-                end.sync()
+                if batch.failed is not None:
+                    raise BatchRedo("an operation of the batch failed after writing") from batch.failed
+                end = PgTx(pipe, write=True)
+                self._finish(end, batch.state)
+                pipe.execute("COMMIT")
+                pipe.sync()
+                if pipe.status != "COMMIT":  # an aborted transaction "commits" as a rollback
+                    raise BatchRedo(f"the batch's transaction ended in {pipe.status}, not COMMIT")
             except BaseException:
+                pipe.discard()
                 _rollback(conn, "ROLLBACK")
                 raise
-            self._committed(state)
+            self._committed(batch.state)
+            self.round_trips += pipe.round_trips
 
     def _finish(self, tx: PgTx, state: BatchState) -> None:
         state.apply(tx)
@@ -172,21 +195,51 @@ class PgCore:
         self._firsts.update(state.firsts)
 
     def _write(self, op: Callable[[PgTx], T]) -> T:
-        batch: tuple[psycopg.Connection[Any], BatchState] | None = getattr(self._local, "batch", None)
+        batch: _Batch | None = getattr(self._local, "batch", None)
         with self._errors():
-            if batch is not None:
-                conn, state = batch
-                return self._attempts(conn, op, state)
-            with self.pool.connection() as conn:
-                return self._attempts(conn, op, None)
+            if batch is None:
+                with self.pool.connection() as conn:
+                    pipe = Pipe(conn, self._prepared)
+                    try:
+                        return self._attempts(pipe, op, None)
+                    finally:
+                        self.round_trips += pipe.round_trips
+            if batch.isolated:
+                return self._attempts(batch.pipe, op, batch.state)
+            return self._plain(batch, op)
 
-    def _attempts(self, conn: psycopg.Connection[Any], op: Callable[[PgTx], T], batch: BatchState | None) -> T:
+    def _plain(self, batch: _Batch, op: Callable[[PgTx], T]) -> T:
+        """Run ``op`` in the batch's transaction as it is; its trailing writes go with the next statement read."""
+        if batch.failed is not None:
+            raise BatchRedo("the batch runs again") from batch.failed
+        pipe = batch.pipe
+        mark = pipe.mark()
+        tx = PgTx(pipe, write=True)
+        try:
+            result = op(tx)
+            tx.flush()
+        except psycopg.Error as exc:  # the server refused a statement: the transaction is aborted
+            batch.failed = exc
+            if isinstance(exc, psycopg.OperationalError):
+                raise  # the database may be down: a 503 if running the batch again cannot reach it either
+            raise BatchRedo("a statement of the batch failed") from exc
+        except BaseException as exc:
+            if pipe.wrote_since(mark):
+                batch.failed = exc
+                raise BatchRedo("an operation failed after writing") from exc
+            pipe.discard(mark)
+            raise
+        batch.state.merge(tx.deltas)
+        return result
+
+    def _attempts(self, pipe: Pipe, op: Callable[[PgTx], T], batch: BatchState | None) -> T:
         """Run ``op`` in a savepoint of ``batch`` (or in a transaction of its own), retrying a deadlock victim."""
         begin, commit, undo = ("SAVEPOINT ocf_op", "RELEASE SAVEPOINT ocf_op", "ROLLBACK TO SAVEPOINT ocf_op")
         if batch is None:
             begin, commit, undo = ("BEGIN", "COMMIT", "ROLLBACK")
         for attempt in range(RETRIES + 1):
-            tx = PgTx(conn, write=True)
+            mark = pipe.mark()
+            tx = PgTx(pipe, write=True)
             tx.execute(begin)
             try:
                 result = op(tx)
@@ -196,15 +249,16 @@ class PgCore:
                 tx.execute(commit)
                 tx.sync()
             except RETRYABLE:
-                _rollback(conn, undo, release=batch is not None)
+                _rollback(pipe.conn, undo, release=batch is not None)
                 if attempt == RETRIES:
                     raise
                 self.retries += 1
                 continue
             except BaseException:
-                tx.discard()
-                if tx.sent:
-                    _rollback(conn, undo, release=batch is not None)
+                sent = pipe.sent_since(mark)
+                pipe.discard(mark)
+                if sent:
+                    _rollback(pipe.conn, undo, release=batch is not None)
                 raise
             if batch is None:
                 self._committed(tx.deltas)
@@ -216,7 +270,8 @@ class PgCore:
     def _read(self, op: Callable[[PgTx], T], *, snapshot: bool = False) -> T:
         """A read; ``snapshot`` reads everything from one moment (reports that must add up)."""
         with self._errors(), self.pool.connection() as conn:
-            tx = PgTx(conn, write=False)
+            pipe = Pipe(conn, self._prepared)
+            tx = PgTx(pipe, write=False)
             if not snapshot:
                 return op(tx)
             tx.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -225,8 +280,9 @@ class PgCore:
                 tx.execute("COMMIT")
                 tx.sync()
             except BaseException:
-                tx.discard()
-                if tx.sent:
+                sent = pipe.sent_since(0)
+                pipe.discard()
+                if sent:
                     _rollback(conn, "ROLLBACK")
                 raise
             return result
@@ -316,6 +372,9 @@ class PgCore:
     def _ids(self, tx: PgTx, name: str, count: int, *, reserve: int = 0) -> list[int]:
         """``count`` new job ids; ``reserve`` more are kept for this operation's next calls (one round trip)."""
         spare = tx.spare_ids.setdefault(name, [])
+        pending = tx.pending_ids.pop(name, None)
+        if pending is not None:
+            spare.extend(sorted(r[0] for r in pending.fetchall()))
         if len(spare) < count or len(spare) < reserve:
             pid = self._project_entry(name)[1]
             wanted = max(count - len(spare), 0) + reserve
@@ -323,6 +382,33 @@ class PgCore:
             spare.extend(sorted(r[0] for r in rows))
         ids, tx.spare_ids[name] = spare[:count], spare[count:]
         return ids
+
+    def _reserve_ids(self, tx: PgTx, name: str, token: str, count: int) -> None:
+        """Queue taking ``count`` ids for the children of a worker's completions, if its stage has a next one.
+
+        The worker's stage is read in the same statement, so the ids travel with
+        the operation's first reads instead of a round trip after them.
+        """
+        pid = self._project_entry(name)[1]
+        tx.pending_ids[name] = tx.execute(
+            f"""SELECT nextval('{id_sequence(pid)}') FROM generate_series(1, (
+                    SELECT CASE WHEN (rec->>'stage')::int < %s THEN %s ELSE 0 END
+                    FROM {PREFIX}workers WHERE project = %s AND token = %s))""",
+            (len(self.project(name).stages) - 1, count, name, token),
+        )
+
+
+class _Batch:
+    """A group commit in progress on this thread: its pipe, its deltas, and how its operations run."""
+
+    __slots__ = ("pipe", "state", "isolated", "failed")
+
+    def __init__(self, pipe: Pipe, state: BatchState, isolated: bool) -> None:
+        self.pipe = pipe
+        self.state = state
+        self.isolated = isolated
+        #: Set when an operation failed in a way only running the batch again can undo.
+        self.failed: BaseException | None = None
 
 
 def _rollback(conn: psycopg.Connection[Any], undo: str, *, release: bool = False) -> None:

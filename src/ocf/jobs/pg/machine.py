@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...errors import JobNotFound, JobsPayloadTooLarge, LeaseNotHeld, WorkerNotFound
+from ...errors import JobNotFound, WorkerNotFound
 from ..core import public_job
-from ..lifecycle import MAX_ERRORS_PER_JOB, MAX_FAILURES_KEPT
-from ..model import MAX_FANOUT, Project
+from .. import rules
+from ..rules import MAX_FAILURES_KEPT
+from ..model import Project
 from .core import PgCore
 from .schema import PREFIX
 from .tx import JOB_COLS, PgTx, Record, jsonb, row_to_job
@@ -40,21 +41,7 @@ class PgMachine(PgCore):
     ) -> list[int]:
         ids = self._ids(tx, project.name, len(values)) if values else []
         for job_id, value in zip(ids, values, strict=True):
-            tx.new_job(
-                project.name,
-                {
-                    "id": job_id,
-                    "stage": stage,
-                    "state": "pending",
-                    "input": value,
-                    "parent": parent,
-                    "root": root if root is not None else job_id,
-                    "attempts": 0,
-                    "errors": [],
-                    "flags": [],
-                    "created": now,
-                },
-            )
+            tx.new_job(project.name, rules.new_job(job_id, stage, value, now, parent=parent, root=root))
         if ids:
             tx.bump(project.name, f"s{stage}.pending", len(ids))
             tx.deltas.enqueued.add((project.name, stage))
@@ -92,7 +79,7 @@ class PgMachine(PgCore):
         job = tx.job(project.name, job_id)
         if job is None:
             raise JobNotFound(f"project {project.name!r} has no job {job_id}")
-        self._check_lease(job, worker)
+        rules.check_lease(job, worker)
         worker["last_seen"] = now
         tx.put_worker(project.name, worker)
         return worker, job
@@ -145,83 +132,35 @@ class PgMachine(PgCore):
         worker["last_seen"] = now
         if job["state"] == "done" and job.get("done_token") == worker["token"]:
             return {"id": job_id, "status": "already_done", "children": job.get("children", [])}
-        self._check_lease(job, worker)
+        rules.check_lease(job, worker)
         stage = job["stage"]
-        last = stage == len(project.stages) - 1
-        inputs = output if project.stages[stage].fanout and isinstance(output, list) else [output]
-        if not last and len(inputs) > MAX_FANOUT:
-            raise JobsPayloadTooLarge(
-                f"a fan-out output may have at most {MAX_FANOUT} elements", code="fanout_too_large"
-            )
+        last, inputs = rules.next_inputs(project, stage, output)
         children: list[int] = []
         if not last:
             children = self._new_jobs(tx, project, stage + 1, inputs, now, parent=job_id, root=job["root"])
         else:
             tx.bump(project.name, "results")
-            tx.deltas.results.append(
-                (
-                    project.name,
-                    {
-                        "job": job_id,
-                        "root": job["root"],
-                        "output": output,
-                        "worker": worker["name"],
-                        "user": worker["user"],
-                        "time": now,
-                    },
-                )
-            )
+            tx.deltas.results.append((project.name, rules.result(job, worker, output, now)))
         job.pop("worker", None)
         job.pop("lease_expires", None)
-        job["state"] = "done"
-        job["done_token"] = worker["token"]
-        job["done_by"] = worker["name"]
-        job["user"] = worker["user"]
-        job["finished"] = now
-        job["children"] = children
+        rules.mark_done(job, worker, now, children)
         tx.put_job(project.name, job)
         tx.bump(project.name, f"s{stage}.leased", -1)
         tx.bump(project.name, f"s{stage}.done")
         if not self.first_known(project.name, stage):
             tx.deltas.firsts.setdefault((project.name, stage), int(now * 1000))
-        worker["completed"] += 1
-        worker["last_done"] = job_id
-        worker["progress"] = "Completed job"
         tx.credit(project.name, worker["user"], worker["name"], stage, now)
         return {"id": job_id, "status": "done", "children": children}
-
-    def _check_lease(self, job: Record, worker: Record) -> None:
-        if job["state"] == "leased" and job.get("worker") == worker["token"]:
-            return
-        what = {
-            "done": "was already completed by another worker",
-            "failed": "has failed and is closed",
-            "superseded": "was rolled back after its input was flagged invalid",
-            "pending": "is pending again after your lease expired",
-            "leased": "is leased to another worker after your lease expired",
-        }.get(job["state"], f"is {job['state']}")
-        raise LeaseNotHeld(f"job {job['id']} {what}; your result was not recorded")
 
     def _retry_or_fail(self, tx: PgTx, project: Project, job: Record, error: str, now: float) -> str:
         job.pop("worker", None)
         job.pop("lease_expires", None)
-        job["errors"] = (job["errors"] + [{"time": now, "error": error}])[-MAX_ERRORS_PER_JOB:]
+        rules.add_error(job, now, error)
         stage = job["stage"]
         tx.bump(project.name, f"s{stage}.leased", -1)
         tx.execute(
             f"INSERT INTO {PREFIX}failures (project, seq, rec) VALUES (%s, nextval('{PREFIX}failure_seq'), %s)",
-            (
-                project.name,
-                jsonb(
-                    {
-                        "job": job["id"],
-                        "stage": project.stages[stage].name,
-                        "time": now,
-                        "error": error,
-                        "attempt": job["attempts"],
-                    }
-                ),
-            ),
+            (project.name, jsonb(rules.failure(project, job, error, now))),
         )
         if job["attempts"] >= project.max_attempts:
             job["state"] = "failed"
@@ -249,11 +188,7 @@ class PgMachine(PgCore):
             tx.put_job(project.name, child)
             tx.bump(project.name, f"s{stage}.superseded")
         stage = parent["stage"]
-        parent["children"] = []
-        parent["errors"] = (parent["errors"] + [{"time": now, "error": f"redone: {note}"}])[-MAX_ERRORS_PER_JOB:]
-        parent["attempts"] = 0
-        for key in ("done_token", "done_by", "user", "finished"):
-            parent.pop(key, None)
+        rules.redo(parent, note, now)
         tx.bump(project.name, f"s{stage}.done", -1)
         tx.bump(project.name, f"s{stage}.pending")
         self._enqueue(tx, project.name, parent)

@@ -164,17 +164,19 @@ class PgOps(PgMachine):
 
         def op(tx: PgTx) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             out = []
-            worker = self._worker(tx, name, token, now)
             ids = []
             for item in items:
                 if isinstance(item, dict):
                     with contextlib.suppress(InvalidJobRequest):  # the loop below answers it as this item's error
                         ids.append(parse_job_id(item.get("id")))
-            tx.prefetch(name, ids)  # one statement, rows locked in id order
-            stages = {job["stage"] for job in (tx.job(name, i) for i in ids) if job is not None}
-            if len(stages) == 1 and stages.pop() < len(project.stages) - 1:
-                # Each completion makes (at least) one next-stage job: take their ids in one round trip.
-                self._ids(tx, name, 0, reserve=len(ids))
+            # One round trip for what the completions read: the worker, its jobs (one statement, locked in
+            # id order) and, if its stage has a next one, the ids of the jobs they make there.
+            if isinstance(token, str) and token:
+                tx.want_worker(name, token)
+                tx.prefetch(name, ids)
+                if ids and len(project.stages) > 1:
+                    self._reserve_ids(tx, name, token, len(ids))
+            worker = self._worker(tx, name, token, now)
             for item in items:
                 try:
                     if not isinstance(item, dict) or "id" not in item:

@@ -3,8 +3,8 @@
 An operation (a claim, a completion...) reads rows it will change with
 ``FOR UPDATE`` (so another node's batch cannot change them under it), edits
 them as the same dicts the LMDB store uses, and writes them back in a few
-statements at its end (:meth:`PgTx.flush`): one ``COPY`` for new jobs, one
-pipelined ``executemany`` for changed ones. Counter, leaderboard and
+statements at its end (:meth:`PgTx.flush`): one ``INSERT`` for new jobs, one
+``UPDATE`` for changed ones, each with its rows as one JSON parameter. Counter, leaderboard and
 throughput changes are only *deltas* here; the batch applies them once, sorted,
 just before its commit (:class:`BatchState`), so hot rows are locked briefly
 and always in the same order on every node. Last-stage results are numbered
@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import json
 from typing import Any, TypeVar
-from collections.abc import Iterator
 
-import psycopg
 from psycopg.types.json import Json
 
+from .pipe import Pipe, Result
 from .schema import ALL_TIME, PREFIX
 
 Record = dict[str, Any]
@@ -83,92 +82,85 @@ class BatchState:
         self.wrote = self.wrote or other.wrote
 
     def apply(self, tx: PgTx) -> None:
-        """Write the deltas in key order (no two batches deadlock on them) and number the results."""
+        """Write the deltas in key order (no two batches deadlock on them) and number the results.
+
+        Nothing here is read back: these statements travel with the batch's
+        ``COMMIT``, in its one round trip. Each set of rows is one JSON
+        parameter (``json_to_recordset``), which costs less to send and to
+        parse than a parameter per column.
+        """
         if self.counters:
-            keys = sorted(self.counters)
-            counted = tx.execute(
-                f"""INSERT INTO {PREFIX}counters AS c (project, name, value)
-                    SELECT p, n, v FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS t(p, n, v)
-                    ORDER BY p, n
-                    ON CONFLICT (project, name) DO UPDATE SET value = GREATEST(0, c.value + excluded.value)
-                    RETURNING project, name, value""",
-                ([k[0] for k in keys], [k[1] for k in keys], [self.counters[k] for k in keys]),
-            )
-            totals = {(p, n): v for p, n, v in counted.fetchall()}
+            counters = dumps([{"p": p, "n": n, "v": self.counters[(p, n)]} for p, n in sorted(self.counters)])
+            upsert = f"""INSERT INTO {PREFIX}counters AS c (project, name, value)
+                SELECT p, n, v FROM json_to_recordset(%s::json) AS t(p text, n text, v bigint) ORDER BY p, n
+                ON CONFLICT (project, name) DO UPDATE SET value = GREATEST(0, c.value + excluded.value)"""
             if self.results:
-                self._insert_results(tx, totals)
+                # The project's results counter, raised in the same statement under its row lock, numbers
+                # them: a result's seq follows commit order, so paging by after=seq never skips a late one.
+                tx.execute(
+                    f"""WITH t AS ({upsert} RETURNING project, name, value)
+                        INSERT INTO {PREFIX}results (project, seq, rec)
+                        SELECT r.p, t.value - r.m + r.i, r.rec
+                        FROM json_to_recordset(%s::json) AS r(p text, i bigint, m bigint, rec json)
+                        JOIN t ON t.project = r.p AND t.name = 'results'""",
+                    (counters, self._numbered_results()),
+                )
+            else:
+                tx.execute(upsert, (counters,))
         if self.firsts:
-            keys2 = sorted(self.firsts)
             tx.execute(
                 f"""INSERT INTO {PREFIX}counters (project, name, value)
                     SELECT p, 's' || s || '.first_ms', v
-                    FROM unnest(%s::text[], %s::int[], %s::bigint[]) AS t(p, s, v) ORDER BY 1, 2
+                    FROM json_to_recordset(%s::json) AS t(p text, s int, v bigint) ORDER BY 1, 2
                     ON CONFLICT (project, name) DO NOTHING""",
-                ([k[0] for k in keys2], [k[1] for k in keys2], [self.firsts[k] for k in keys2]),
+                (dumps([{"p": p, "s": s, "v": self.firsts[(p, s)]} for p, s in sorted(self.firsts)]),),
             )
         if self.board:
-            bkeys = sorted(self.board)
+            board = self.board
             tx.execute(
                 f"""INSERT INTO {PREFIX}board AS b (project, hour, kind, who, stage, n)
-                    SELECT * FROM unnest(
-                        %s::text[], %s::int[], %s::text[], %s::text[], %s::smallint[], %s::bigint[])
+                    SELECT * FROM json_to_recordset(%s::json)
+                        AS t(p text, h int, k text, w text, s smallint, n bigint)
                     ORDER BY 1, 2, 3, 4, 5
                     ON CONFLICT (project, hour, kind, who, stage) DO UPDATE SET n = b.n + excluded.n""",
-                tuple([k[i] for k in bkeys] for i in range(5)) + ([self.board[k] for k in bkeys],),
+                (
+                    dumps(
+                        [
+                            {"p": p, "h": h, "k": k, "w": w, "s": s, "n": board[p, h, k, w, s]}
+                            for p, h, k, w, s in sorted(board)
+                        ]
+                    ),
+                ),
             )
         if self.series:
-            skeys = sorted(self.series)
+            series = self.series
             tx.execute(
                 f"""INSERT INTO {PREFIX}series AS s (project, minute, stage, n)
-                    SELECT * FROM unnest(%s::text[], %s::int[], %s::smallint[], %s::bigint[]) ORDER BY 1, 2, 3
+                    SELECT * FROM json_to_recordset(%s::json) AS t(p text, m int, s smallint, n bigint)
+                    ORDER BY 1, 2, 3
                     ON CONFLICT (project, minute, stage) DO UPDATE SET n = s.n + excluded.n""",
-                tuple([k[i] for k in skeys] for i in range(3)) + ([self.series[k] for k in skeys],),
+                (dumps([{"p": p, "m": m, "s": s, "n": series[p, m, s]} for p, m, s in sorted(series)]),),
             )
 
-    def _insert_results(self, tx: PgTx, totals: dict[tuple[str, str], int]) -> None:
+    def _numbered_results(self) -> str:
+        """The results as rows of (project, 1-based place among the project's, how many it has, record)."""
         per_project: dict[str, list[Record]] = {}
         for project, result in self.results:
             per_project.setdefault(project, []).append(result)
-        rows = []
-        for project, results in per_project.items():
-            last = totals[(project, "results")]
-            for offset, result in enumerate(results):
-                rows.append((project, last - len(results) + 1 + offset, dumps(result)))
-        tx.execute(
-            f"""INSERT INTO {PREFIX}results (project, seq, rec)
-                SELECT p, s, r::json FROM unnest(%s::text[], %s::bigint[], %s::text[]) AS t(p, s, r)""",
-            ([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]),
+        return dumps(
+            [
+                {"p": project, "i": i, "m": len(results), "rec": result}
+                for project, results in per_project.items()
+                for i, result in enumerate(results, 1)
+            ]
         )
-
-
-class Result:
-    """The rows of a queued statement, fetched (with everything queued before it) when first read."""
-
-    __slots__ = ("tx", "rows")
-
-    def __init__(self, tx: PgTx) -> None:
-        self.tx = tx
-        self.rows: list[tuple[Any, ...]] | None = None
-
-    def fetchall(self) -> list[tuple[Any, ...]]:
-        if self.rows is None:
-            self.tx.sync()
-        assert self.rows is not None
-        return self.rows
-
-    def fetchone(self) -> tuple[Any, ...] | None:
-        rows = self.fetchall()
-        return rows[0] if rows else None
-
-    def __iter__(self) -> Iterator[tuple[Any, ...]]:
-        return iter(self.fetchall())
 
 
 class PgTx:
     """The rows one operation read and will write back, and its deltas (merged into the batch on success)."""
 
-    def __init__(self, conn: psycopg.Connection[Any], *, write: bool) -> None:
-        self.conn = conn
+    def __init__(self, pipe: Pipe, *, write: bool) -> None:
+        self.pipe = pipe
         self.write = write
         self.lock = " FOR UPDATE" if write else ""
         self.deltas = BatchState()
@@ -177,45 +169,27 @@ class PgTx:
         self._jobs: dict[tuple[str, int], Record | None] = {}
         self._dirty_jobs: dict[tuple[str, int], Record] = {}
         self._new_jobs: list[tuple[str, Record]] = []
+        #: Ids queued for (``SELECT nextval``) but not read yet, per project.
+        self.pending_ids: dict[str, Result] = {}
+        self._prefetched: list[tuple[str, Result]] = []  # queued job reads whose rows are not read yet
+        self._pending_workers: dict[tuple[str, str], Result] = {}
         self._workers: dict[tuple[str, str], Record | None] = {}
         self._dirty_workers: dict[tuple[str, str], Record] = {}
         self._new_workers: list[tuple[str, Record]] = []
-        self._cursor = psycopg.ClientCursor(conn)
-        self._queue: list[tuple[str, Result]] = []
-        self.sent = False  # whether any statement of this operation reached the server
 
     def execute(self, sql: str, params: Any = None) -> Result:
-        """Queue a statement; it is sent with the next one whose rows are read (or at :meth:`sync`).
-
-        A write nobody reads the answer of (an UPDATE, a SAVEPOINT) so costs no
-        round trip of its own: a completion's writes travel with its claim.
-        Statements go as one simple-protocol message, interpolated by
-        psycopg's client-side cursor (its quoting, not ours).
-        """
-        result = Result(self)
-        self._queue.append((self._cursor.mogrify(sql, params) if params is not None else sql, result))
-        return result
+        """Queue a statement on the pipe (:class:`~ocf.jobs.pg.pipe.Pipe`); its rows come when first read."""
+        return self.pipe.execute(sql, params)
 
     def sync(self) -> None:
-        """Send every queued statement now (one round trip), raising the first one's error."""
-        if not self._queue:
-            return
-        queue, self._queue = self._queue, []
-        self.sent = True
-        cur = self._cursor
-        cur.execute(";\n".join(sql for sql, _ in queue))
-        for i, (_, result) in enumerate(queue):
-            result.rows = cur.fetchall() if cur.description is not None else []
-            if i + 1 < len(queue):
-                cur.nextset()
-
-    def discard(self) -> None:
-        self._queue = []
+        self.pipe.sync()
 
     # --- jobs ------------------------------------------------------------------------------
 
     def job(self, project: str, job_id: int) -> Record | None:
         key = (project, job_id)
+        if self._prefetched:
+            self._take_prefetched()
         if key not in self._jobs:
             row = self.execute(
                 f"SELECT {JOB_COLS} FROM {PREFIX}jobs WHERE project = %s AND id = %s{self.lock}", (project, job_id)
@@ -224,18 +198,24 @@ class PgTx:
         return self._jobs[key]
 
     def prefetch(self, project: str, job_ids: list[int]) -> None:
-        """Read (and lock, in id order) many jobs in one statement."""
+        """Queue the read (and lock, in id order) of many jobs in one statement; :meth:`job` then has them."""
         missing = sorted({j for j in job_ids if (project, j) not in self._jobs})
         if not missing:
             return
-        for job_id in missing:
-            self._jobs[(project, job_id)] = None
         rows = self.execute(
             f"SELECT {JOB_COLS} FROM {PREFIX}jobs WHERE project = %s AND id = ANY(%s) ORDER BY id{self.lock}",
             (project, missing),
-        ).fetchall()
-        for row in rows:
-            self._jobs[(project, row[0])] = row_to_job(row)
+        )
+        for job_id in missing:
+            self._jobs[(project, job_id)] = None
+        self._prefetched.append((project, rows))
+
+    def _take_prefetched(self) -> None:
+        prefetched, self._prefetched = self._prefetched, []
+        for project, rows in prefetched:
+            for row in rows.fetchall():
+                if self._jobs.get((project, row[0])) is None:  # not replaced by this operation's own copy
+                    self._jobs[(project, row[0])] = row_to_job(row)
 
     def cache_job(self, project: str, job: Record) -> None:
         self._jobs[(project, job["id"])] = job
@@ -251,12 +231,19 @@ class PgTx:
 
     # --- workers ---------------------------------------------------------------------------
 
+    def want_worker(self, project: str, token: str) -> None:
+        """Queue the read (and lock) of a worker's row; :meth:`worker` then reads its answer."""
+        key = (project, token)
+        if key not in self._workers and key not in self._pending_workers:
+            self._pending_workers[key] = self.execute(
+                f"SELECT rec FROM {PREFIX}workers WHERE project = %s AND token = %s{self.lock}", (project, token)
+            )
+
     def worker(self, project: str, token: str) -> Record | None:
         key = (project, token)
         if key not in self._workers:
-            row = self.execute(
-                f"SELECT rec FROM {PREFIX}workers WHERE project = %s AND token = %s{self.lock}", (project, token)
-            ).fetchone()
+            self.want_worker(project, token)
+            row = self._pending_workers.pop(key).fetchone()
             self._workers[key] = row[0] if row is not None else None
         return self._workers[key]
 
@@ -301,42 +288,57 @@ class PgTx:
             self.execute(
                 f"""INSERT INTO {PREFIX}jobs (project, id, stage, state, qseq, attempts, parent, root, input, extra)
                     SELECT p, i, s, st, CASE WHEN st = 'pending' THEN nextval('{PREFIX}qseq') END, 0, par, r,
-                        inp::json, ex::json
-                    FROM unnest(%s::text[], %s::bigint[], %s::smallint[], %s::text[], %s::bigint[], %s::bigint[],
-                        %s::text[], %s::text[]) WITH ORDINALITY AS t(p, i, s, st, par, r, inp, ex, n)
+                        COALESCE(inp, 'null'), ex
+                    FROM json_to_recordset(%s::json)
+                        AS t(n int, p text, i bigint, s smallint, st text, par bigint, r bigint, inp json, ex json)
                     ORDER BY n""",
                 (
-                    [p for p, _ in rows],
-                    [j["id"] for _, j in rows],
-                    [j["stage"] for _, j in rows],
-                    [j["state"] for _, j in rows],
-                    [j["parent"] for _, j in rows],
-                    [j["root"] for _, j in rows],
-                    [dumps(j["input"]) for _, j in rows],
-                    [dumps({k: v for k, v in j.items() if k not in COLUMN_KEYS}) for _, j in rows],
+                    dumps(
+                        [
+                            {
+                                "n": n,
+                                "p": p,
+                                "i": j["id"],
+                                "s": j["stage"],
+                                "st": j["state"],
+                                "par": j["parent"],
+                                "r": j["root"],
+                                "inp": j["input"],
+                                "ex": {k: v for k, v in j.items() if k not in COLUMN_KEYS},
+                            }
+                            for n, (p, j) in enumerate(rows)
+                        ]
+                    ),
                 ),
             )
             self._new_jobs = []
         dirty = [(p, j) for (p, jid), j in self._dirty_jobs.items() if (p, jid) not in new_keys]
         if dirty:
             self.deltas.wrote = True
+            # A job's input never changes once made: its column is not rewritten (nor sent again).
             self.execute(
                 f"""UPDATE {PREFIX}jobs j SET state = u.st,
                         qseq = CASE WHEN u.st = 'pending' THEN COALESCE(u.q, nextval('{PREFIX}qseq')) END,
-                        worker = u.w, lease_expires = u.e, attempts = u.a, input = u.inp::json, extra = u.ex::json
-                    FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::bigint[], %s::text[], %s::float8[],
-                        %s::int[], %s::text[], %s::text[]) AS u(p, i, st, q, w, e, a, inp, ex)
+                        worker = u.w, lease_expires = u.e, attempts = u.a, extra = u.ex
+                    FROM json_to_recordset(%s::json)
+                        AS u(p text, i bigint, st text, q bigint, w text, e float8, a int, ex json)
                     WHERE j.project = u.p AND j.id = u.i""",
                 (
-                    [p for p, _ in dirty],
-                    [j["id"] for _, j in dirty],
-                    [j["state"] for _, j in dirty],
-                    [j.get("qseq") for _, j in dirty],
-                    [j.get("worker") for _, j in dirty],
-                    [j.get("lease_expires") for _, j in dirty],
-                    [j["attempts"] for _, j in dirty],
-                    [dumps(j["input"]) for _, j in dirty],
-                    [dumps({k: v for k, v in j.items() if k not in COLUMN_KEYS}) for _, j in dirty],
+                    dumps(
+                        [
+                            {
+                                "p": p,
+                                "i": j["id"],
+                                "st": j["state"],
+                                "q": j.get("qseq"),
+                                "w": j.get("worker"),
+                                "e": j.get("lease_expires"),
+                                "a": j["attempts"],
+                                "ex": {k: v for k, v in j.items() if k not in COLUMN_KEYS},
+                            }
+                            for p, j in dirty
+                        ]
+                    ),
                 ),
             )
             # A requeued job's new qseq is the database's; forget our copy rather than guess it.
@@ -356,13 +358,9 @@ class PgTx:
         if dirty_workers:
             self.deltas.wrote = True
             self.execute(
-                f"""UPDATE {PREFIX}workers w SET rec = u.rec::json
-                    FROM unnest(%s::text[], %s::text[], %s::text[]) AS u(p, t, rec)
+                f"""UPDATE {PREFIX}workers w SET rec = u.rec
+                    FROM json_to_recordset(%s::json) AS u(p text, t text, rec json)
                     WHERE w.project = u.p AND w.token = u.t""",
-                (
-                    [p for p, _ in dirty_workers],
-                    [w["token"] for _, w in dirty_workers],
-                    [dumps(w) for _, w in dirty_workers],
-                ),
+                (dumps([{"p": p, "t": w["token"], "rec": w} for p, w in dirty_workers]),),
             )
         self._dirty_workers = {}
