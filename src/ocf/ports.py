@@ -129,6 +129,8 @@ class PeerDialer(Protocol):
 
     def relay_limit(self, peer: PeerId) -> str | None: ...
 
+    def rtt(self, peer: PeerId) -> float | None: ...
+
 
 class NatView(Protocol):
     """What ``/v1/dnt/*`` shows of NAT traversal (``ocf.transport.relay.nat.Nat``)."""

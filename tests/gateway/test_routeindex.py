@@ -48,3 +48,25 @@ def test_pick_skips_unusable_and_gives_none_when_nothing_is_usable() -> None:
         assert routeindex.pick(providers, lambda p: 1.0 if p is only else 0.0, rng) is only
     assert routeindex.pick(providers, lambda p: 0.0, rng) is None
     assert routeindex.pick((), lambda p: 1.0, rng) is None
+
+
+def test_pick_favours_near_providers_and_the_floor_keeps_a_lan_even() -> None:
+    index = routeindex.build(entries(2), "me")
+    rng = random.Random(3)
+
+    def shares(rtt: dict[str, float]) -> float:
+        counts = collections.Counter(
+            routeindex.pick(index.providers("llm"), lambda p: routeindex.weight(True, rtt[p.peer], 0), rng).peer
+            for _ in range(4000)
+        )
+        return counts["peer0"] / 4000
+
+    # 1 ms against 200 ms: the weights are 1/0.021 and 1/0.22, about 10:1.
+    assert 0.85 < shares({"peer0": 0.001, "peer1": 0.2}) < 0.95
+    # 0.2 ms against 2 ms on one LAN: nearly even (load decides there, not jitter).
+    assert 0.45 < shares({"peer0": 0.0002, "peer1": 0.002}) < 0.6
+
+
+def test_an_unmeasured_provider_is_neither_favoured_nor_shunned() -> None:
+    near, unmeasured, far = (routeindex.weight(True, rtt, 0) for rtt in (0.005, None, 0.3))
+    assert near > unmeasured > far

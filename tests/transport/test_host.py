@@ -207,6 +207,16 @@ async def test_ping_and_identify():
         assert b.listen_addrs[0].without_p2p() in a.peer_addrs(b.peer_id)
 
 
+async def test_rtt_of_a_connection_is_what_its_muxer_measured():
+    net = MemoryNetwork()
+    async with hosts(2, net) as (a, b):
+        assert a.rtt(b.peer_id) is None  # not connected
+        await a.connect(b.listen_addrs[0])
+        (conn,) = a.connections(b.peer_id)
+        sample = await conn.muxed.ping()
+        assert a.rtt(b.peer_id) == conn.muxed.rtt and sample >= 0 and conn.muxed.rtt is not None
+
+
 async def test_many_hosts_full_mesh_memory():
     net = MemoryNetwork()
     async with hosts(6, net) as hs:

@@ -289,11 +289,13 @@ class Forwarder:
         return self.providers.usable(provider, now)
 
     def _weigh(self, provider: routing.Provider) -> float:
-        """Requests we have in flight to it, plus what it publishes it is serving (membership load)."""
+        """Its measured RTT, and requests we have in flight to it plus what it publishes it is serving (load)."""
         load = self.in_flight.get(provider.peer, 0)
-        if self.load_board is not None and not provider.local:
+        if provider.local:
+            return routeindex.weight(True, 0.0, load)
+        if self.load_board is not None:
             load += self.load_board.load(self.providers.peer_id(provider.peer))
-        return routeindex.weight(True, None, load)
+        return routeindex.weight(True, self.providers.rtt(provider.peer), load)
 
     # --- /v1/service/<name>/<path>: any provider in the network --------------------------
 

@@ -162,6 +162,11 @@ class Providers:
         host = self.host
         return host is not None and host.is_connected(self.peer_id(peer))
 
+    def rtt(self, peer: str) -> float | None:
+        """Measured round-trip time to a provider we are connected to (None: not connected or not measured)."""
+        host = self.host
+        return host.rtt(self.peer_id(peer)) if host is not None else None
+
     def known(self, peer: PeerId, peer_text: str) -> bool:
         """Connected, listed in the node table, or with an address the transport knows."""
         host = self.host

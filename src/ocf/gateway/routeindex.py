@@ -28,6 +28,9 @@ from .routing import Provider
 
 #: Latency assumed for a provider never measured (seconds): neither favoured nor shunned.
 UNMEASURED_LATENCY = 0.05
+#: Added to every latency (seconds): below it, load decides rather than jitter. Without it a
+#: provider at 0.2 ms would draw ten times the traffic of one at 2 ms on the same LAN.
+LATENCY_FLOOR = 0.02
 
 
 @attrs.frozen
@@ -76,11 +79,16 @@ EMPTY = RouteIndex(None, {}, {}, {})
 
 
 def weight(available: bool, latency: float | None, load: int) -> float:
-    """How much a provider deserves traffic: 0 if unusable, else falling with latency and load."""
+    """How much a provider deserves traffic: 0 if unusable, else falling with latency and load.
+
+    ``1 / ((LATENCY_FLOOR + rtt) * (1 + load))``: a provider 200 ms away
+    draws about a tenth of the traffic of an idle neighbour, as does a
+    neighbour already serving nine requests.
+    """
     if not available:
         return 0.0
-    rtt = UNMEASURED_LATENCY if latency is None else max(latency, 0.001)
-    return 1.0 / (rtt * (1 + load))
+    rtt = UNMEASURED_LATENCY if latency is None else max(latency, 0.0)
+    return 1.0 / ((LATENCY_FLOOR + rtt) * (1 + load))
 
 
 def pick(

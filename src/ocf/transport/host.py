@@ -714,6 +714,16 @@ class Host:
         """Wake :meth:`wait_changed` waiters (our own addresses changed, say)."""
         self._notify_changed()
 
+    def rtt(self, peer: PeerId) -> float | None:
+        """Smoothed round-trip time (seconds) of the connection new streams to ``peer`` take; None if unmeasured.
+
+        yamux connections measure it with a ping when they open and at every
+        keepalive; QUIC with every acknowledged packet. Routing weighs
+        providers by it (``ocf.gateway.routeindex.weight``).
+        """
+        conn = self._usable(peer)
+        return conn.muxed.rtt if conn is not None else None
+
     def relay_limit(self, peer: PeerId) -> str | None:
         """Why our relayed connection to ``peer`` just ended, if its relay cut it at its limit (else None)."""
         return self._circuit.limit_reason(peer) if self._circuit is not None else None

@@ -102,7 +102,7 @@ class QuicMuxedConnection:
         self._idle_lot = trio.lowlevel.ParkingLot()
         self._pings: dict[int, trio.Event] = {}
         self._ping_ids = itertools.count(1)
-        self.rtt: float | None = None
+        self._ping_rtt: float | None = None
         self._cids: set[bytes] = set()
 
     # --- host-facing API (as MuxedConnection) ---------------------------------------------
@@ -171,8 +171,21 @@ class QuicMuxedConnection:
         if not self.is_open:
             raise TransportError(f"connection to {self.label} closed during ping")
         rtt = trio.current_time() - t0
-        self.rtt = rtt if self.rtt is None else 0.8 * self.rtt + 0.2 * rtt
+        self._ping_rtt = rtt if self._ping_rtt is None else 0.8 * self._ping_rtt + 0.2 * rtt
         return rtt
+
+    @property
+    def rtt(self) -> float | None:
+        """Smoothed round-trip time in seconds, None before any sample.
+
+        aioquic measures it from every acknowledged packet (RFC 9002), which
+        is fresher than our pings; it keeps the figure in its loss-recovery
+        state, which has no public accessor (aioquic pinned in constraints.txt).
+        """
+        recovery = getattr(self.quic, "_loss", None)
+        if recovery is not None and getattr(recovery, "_rtt_initialized", False):
+            return float(recovery._rtt_smoothed)
+        return self._ping_rtt
 
     def go_away(self) -> None:
         """No new streams from us (QUIC has no GOAWAY frame; the host closes the connection once idle)."""
