@@ -10,6 +10,7 @@ from ocf import open_node
 from ocf.membership.update import Status
 from ocf.transport import MemoryNetwork
 from ocf.transport.memlink import Links
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -109,4 +110,21 @@ async def test_node_table_digests_do_not_grow_with_the_table(node_config):
         digest = wire.encode(wire.digest_message(nodes[0].table.digest))
         assert len(digest) < 64 * 17 + 32
         assert len({tuple(n.table.digest) for n in nodes}) == 1  # equal tables, equal digests
+        nursery.cancel_scope.cancel()
+
+
+async def test_load_is_published_without_waiting_for_a_probe(node_config):
+    # Probes an hour apart: only the load's own deadline can wake the publisher.
+    cluster = Cluster(node_config, 2, membership_probe_interval=3600.0)
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery)
+        a, b = cluster.nodes
+        await cluster.until(lambda: sees(b, a, Status.ALIVE))
+        t0 = trio.current_time()
+        for n in (3, 7, 5):  # as the gateway does, once per request it starts or ends
+            a.membership.set_load(n)
+        with trio.fail_after(30):
+            await wait_until(lambda: b.membership.load(a.peer_id) == 5)
+        # Within the load interval (2 s) and a gossip round, not the hour until the next probe.
+        assert trio.current_time() - t0 < 10
         nursery.cancel_scope.cancel()

@@ -246,9 +246,16 @@ class Swim:
             t = min(t, self._timers[0][0])
         if self._tombs:
             t = min(t, self._tombs[0][0])
-        if self.load != self._published_load:
-            t = min(t, self._load_at + self.config.load_interval)
+        due = self.load_due()
+        if due is not None:
+            t = min(t, due)
         return t
+
+    def load_due(self) -> float | None:
+        """When the load set last is due to be signed and sent; None when what is published is current."""
+        if self.load == self._published_load:
+            return None
+        return self._load_at + self.config.load_interval
 
     def receive(self, sender: str, message: Message, now: float) -> None:
         if isinstance(message, Ping):
