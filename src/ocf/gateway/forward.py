@@ -360,7 +360,8 @@ class Forwarder:
                     retry_after=1,
                     code="providers_busy",
                 )
-            provider = routeindex.pick(pool, self._weigh, self.rng) or pool[0]
+            # One candidate needs no weighing (every one in the pool is usable).
+            provider = pool[0] if len(pool) == 1 else routeindex.pick(pool, self._weigh, self.rng) or pool[0]
             attempts.tried.add(provider.peer)
             try:
                 await self._forward_one(call, body, provider, name, rest)
