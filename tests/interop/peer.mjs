@@ -57,11 +57,14 @@ if (dhtMode) {
 }
 // QUIC (@chainsafe/libp2p-quic, a native binary in the npm package), except in a
 // private network: pnet protects byte streams and QUIC has none.
-const listen = ['/ip4/127.0.0.1/tcp/0', '/ip4/127.0.0.1/tcp/0/ws']
+// OCF_JS_LISTEN=<addr>,<addr>: listen on these instead (the DCUtR tests' public-looking segment).
+const listen = process.env.OCF_JS_LISTEN
+  ? process.env.OCF_JS_LISTEN.split(',')
+  : ['/ip4/127.0.0.1/tcp/0', '/ip4/127.0.0.1/tcp/0/ws']
 const transports = [tcp(), webSockets()]
 if (!swarmKeyFile) {
   const { quic } = await import('@chainsafe/libp2p-quic')
-  listen.push('/ip4/127.0.0.1/udp/0/quic-v1')
+  if (!process.env.OCF_JS_LISTEN) listen.push('/ip4/127.0.0.1/udp/0/quic-v1')
   transports.push(quic())
 }
 
@@ -72,9 +75,13 @@ const relayServer = process.env.OCF_JS_RELAY === '1' ? { relay: circuitRelayServ
 if (process.env.OCF_JS_RELAY_LISTEN) listen.push(process.env.OCF_JS_RELAY_LISTEN)
 transports.push(circuitRelayTransport())
 
+// OCF_JS_ANNOUNCE=<addr>,<addr>: announce these as verified (js announces a public listen address only
+// once AutoNAT confirmed it; the DCUtR tests' segment has no AutoNAT servers).
+const appendAnnounce = process.env.OCF_JS_ANNOUNCE ? process.env.OCF_JS_ANNOUNCE.split(',') : []
+
 const node = await createLibp2p({
   ...privateNetwork,
-  addresses: { listen },
+  addresses: { listen, appendAnnounce },
   transports,
   connectionEncrypters: [noise()],
   streamMuxers: [yamux()],

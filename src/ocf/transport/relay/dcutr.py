@@ -18,7 +18,10 @@ the relay observed for it (identify's ``observedAddr``) with that socket's
 port, plus its own non-loopback listen IPs with that port: a NAT that keeps
 the source port (Linux masquerade does when it can) maps the punch socket
 to exactly that address. The dials then go out from that port
-(``SO_REUSEPORT``, so one socket per candidate address).
+(``SO_REUSEPORT``, so one socket per candidate address). B also sends its
+direct TCP listen addresses: A dials as the client, which is what a listener
+expects, and an A that cannot dial from a chosen port (js-libp2p) gets through
+to a B whose listener is reachable.
 
 Limits: the stream is accepted only on a relayed connection; messages are
 at most 4 KiB and at most :data:`MAX_ADDRS` addresses are used, TCP only,
@@ -187,7 +190,17 @@ class HolePuncher:
         self.stats = {"attempts": 0, "succeeded": 0, "failed": 0, "unilateral": 0}
         self.refused: dict[str, int] = {}
         self.last_ms: float | None = None  # duration of the last successful punch, for benchmarks
+        self._counted = trio.Event()
         self._log = logfmt.RateLimitedLog(log, host.config.refusal_log_interval)
+
+    def _count(self, outcome: str) -> None:
+        self.stats[outcome] += 1
+        self._counted.set()
+        self._counted = trio.Event()
+
+    async def wait_counted(self) -> None:
+        """Return at the next change of :attr:`stats` (tests and benchmarks wait on outcomes)."""
+        await self._counted.wait()
 
     def _refuse(self, reason: str, peer: PeerId) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
@@ -206,6 +219,24 @@ class HolePuncher:
                 if ip not in ips and not ipaddress.ip_address(ip).is_loopback:
                     ips.append(ip)
         return [Multiaddr((("ip4", ip), ("tcp", str(port)))) for ip in ips if ip][:MAX_ADDRS]
+
+    def _listen_addrs(self) -> list[Multiaddr]:
+        """B's own direct TCP listen addresses, which A may dial as the client it is.
+
+        A implementation whose dials cannot leave from a chosen port (js-libp2p)
+        reaches B at its listener; go-libp2p's listen port is its punch port.
+        Only B sends them: B's dials run as the server, and a listener of A's
+        would be a second server on the same connection.
+        """
+        out: list[Multiaddr] = []
+        for a in self.host.listen_addrs:
+            a = a.without_p2p()
+            if not is_tcp_addr(a) or a.has("ws") or a.has("p2p-circuit") or a.parts[0][0] != "ip4":
+                continue
+            ip = ipaddress.ip_address(a.parts[0][1] or "")
+            if not (ip.is_loopback or ip.is_unspecified) and a not in out:
+                out.append(a)
+        return out[:MAX_ADDRS]
 
     def _their_addrs(self, raw: tuple[bytes, ...]) -> list[Multiaddr]:
         out: list[Multiaddr] = []
@@ -270,12 +301,12 @@ class HolePuncher:
                     trio.ClosedResourceError,
                 ):
                     return  # B gave up, or the stream ended: nothing more to do here
-                self.stats["attempts"] += 1
+                self._count("attempts")
                 t0 = trio.current_time()
                 if await self._dial(punch, theirs, peer, client=True):
                     self._done(peer, t0)
                     return
-                self.stats["failed"] += 1
+                self._count("failed")
             finally:
                 punch.close()
 
@@ -319,7 +350,7 @@ class HolePuncher:
                 log.debug("direct dial failed %s", logfmt.kv(peer=peer.short(), addr=addr, reason=exc or "timeout"))
                 continue
             if self._direct(peer):
-                self.stats["unilateral"] += 1
+                self._count("unilateral")
                 log.info("relayed connection upgraded by a direct dial %s", logfmt.kv(peer=peer.short(), addr=addr))
                 return True
         return False
@@ -327,7 +358,7 @@ class HolePuncher:
     async def _attempt(self, conn: Connection, peer: PeerId) -> bool:
         punch = await PunchTransport.bind()
         try:
-            ours = self._our_addrs(conn, punch.port)
+            ours = self._our_addrs(conn, punch.port) + self._listen_addrs()
             try:
                 with trio.fail_after(STEP_TIMEOUT):
                     stream = await conn.muxed.open_stream()
@@ -354,13 +385,13 @@ class HolePuncher:
                 )
                 return False
             theirs = self._their_addrs(answer.addrs)
-            self.stats["attempts"] += 1
+            self._count("attempts")
             t0 = trio.current_time()
             await trio.sleep(rtt / 2)
             if await self._dial(punch, theirs, peer, client=False):
                 self._done(peer, t0)
                 return True
-            self.stats["failed"] += 1
+            self._count("failed")
             return False
         finally:
             punch.close()
@@ -369,13 +400,14 @@ class HolePuncher:
         return any(c.usable and not c.relayed for c in self.host.connections(peer))
 
     def _done(self, peer: PeerId, t0: float) -> None:
-        self.stats["succeeded"] += 1
+        self._count("succeeded")
         self.last_ms = (trio.current_time() - t0) * 1000
         log.info("hole punch succeeded %s", logfmt.kv(peer=peer.short(), ms=round(self.last_ms, 1)))
 
     async def _dial(self, punch: PunchTransport, addrs: list[Multiaddr], peer: PeerId, *, client: bool) -> bool:
         """Dial every candidate from the punch port at once; True once a direct connection to ``peer`` is up."""
         if not addrs:
+            log.debug("hole punch: no address of the peer to dial %s", logfmt.kv(peer=peer.short()))
             return False
         assert self._nursery is not None
 
