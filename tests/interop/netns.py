@@ -20,10 +20,22 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
-from collections.abc import Iterator
+import sys
+import tempfile
+import traceback
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import attrs
+import pytest
+import trio
+
+from ocf.config import Config
+
+from .jspeer import ensure_installed
 
 PREFIX = "11.1.0"
 
@@ -95,3 +107,62 @@ def run_inside(segment: Segment, argv: list[str], timeout: float, env: dict[str,
     if out.returncode != 0:
         raise AssertionError(f"{' '.join(argv)} failed ({out.returncode}) in {segment.name}:\n{text[-6000:]}")
     return text
+
+
+def free_tcp_addr(ip: str) -> str:
+    """``/ip4/<ip>/tcp/<a free port>``, for a js peer whose listen address must be known in advance."""
+    with socket.socket() as probe:
+        probe.bind((ip, 0))
+        return f"/ip4/{ip}/tcp/{probe.getsockname()[1]}"
+
+
+def run_in_segment(module: str, case: str, hosts: int = 3, timeout: float = 150) -> None:
+    """Run ``module``'s async function ``case`` in a child process inside a fresh segment; fail with its output.
+
+    The child is ``python -m <module> <case> <namespace> <hosts>``, whose ``__main__`` calls :func:`case_main`.
+    """
+    ensure_installed()  # npm ci needs the registry, which the namespace cannot reach
+    try:
+        with public_segment(hosts) as segment:
+            out = run_inside(segment, [sys.executable, "-m", module, case, segment.name, str(hosts)], timeout)
+    except SegmentUnavailable as exc:
+        pytest.fail(f"the segment could not be made: {exc}")
+    assert "CASE PASSED" in out, out[-4000:]
+
+
+def config_factory(tmp: Path) -> Callable[..., Config]:
+    """As the ``node_config`` fixture: an isolated node's Config with ephemeral ports."""
+    counter = iter(range(100))
+
+    def make(**overrides: Any) -> Config:
+        base: dict[str, Any] = dict(mode="standalone", tcpport=0, port=0, log_level="debug")
+        base.update(data_dir=tmp / f"node{next(counter)}", **overrides)
+        return Config(**base)
+
+    return make
+
+
+def case_main(cases: dict[str, Any]) -> None:
+    """The child's side of :func:`run_in_segment`: run one case with a config factory and the segment."""
+    case, name, hosts = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    fn: Callable[[Callable[..., Config], Segment], Awaitable[None]] = cases[case]
+    if os.environ.get("OCF_CASE_LOG"):  # debugging a case: the nodes' logs on stderr
+        from ocf import log
+
+        log.setup(os.environ["OCF_CASE_LOG"])
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            trio.run(fn, config_factory(Path(tmp)), Segment(name, [f"{PREFIX}.{i}" for i in range(1, hosts + 1)]))
+        except BaseException as exc:  # the leaves only: nested nursery groups bury them in the parent's output
+            for leaf in _leaves(exc):
+                traceback.print_exception(type(leaf), leaf, leaf.__traceback__, limit=-12)
+            raise SystemExit(1) from None
+    print("CASE PASSED")
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            yield from _leaves(sub)
+    else:
+        yield exc

@@ -72,6 +72,12 @@ if (!swarmKeyFile) {
 // OCF_JS_RELAY_LISTEN=<relay addr>/p2p-circuit: reserve on that relay and listen through it.
 // Every peer can dial /p2p-circuit addresses and runs DCUtR and AutoNAT (v1).
 const relayServer = process.env.OCF_JS_RELAY === '1' ? { relay: circuitRelayServer() } : {}
+// OCF_JS_AUTONAT_V2=1: also run @libp2p/autonat-v2 (client and server).
+const autonatV2 = {}
+if (process.env.OCF_JS_AUTONAT_V2 === '1') {
+  const { autoNATv2 } = await import('@libp2p/autonat-v2')
+  autonatV2.autonatV2 = autoNATv2()
+}
 if (process.env.OCF_JS_RELAY_LISTEN) listen.push(process.env.OCF_JS_RELAY_LISTEN)
 transports.push(circuitRelayTransport())
 
@@ -91,6 +97,7 @@ const node = await createLibp2p({
     dcutr: dcutr(),
     autonat: autoNAT(),
     ...relayServer,
+    ...autonatV2,
     ...dhtServices
   },
   connectionGater: { denyDialMultiaddr: async () => false }
@@ -214,6 +221,9 @@ const commands = {
   },
   async peers () {
     return { peers: node.getPeers().map(String) }
+  },
+  async protocols () {
+    return { protocols: node.getProtocols() }
   },
   async addrs () {
     return { addrs: node.getMultiaddrs().map(String) }

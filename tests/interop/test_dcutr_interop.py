@@ -22,11 +22,7 @@ test process itself (Trio's worker threads) ends up in it.
 
 from __future__ import annotations
 
-import socket
-import sys
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import trio
@@ -34,25 +30,16 @@ import trio
 from ocf import open_node
 from ocf.config import Config
 from ocf.identity import Multiaddr, PeerId
-from tests.interop.jspeer import JsPeer, ensure_installed, open_js_peer
-from tests.interop.netns import PREFIX, Segment, SegmentUnavailable, public_segment, run_inside
+from tests.interop.jspeer import JsPeer, open_js_peer
+from tests.interop.netns import Segment, case_main, free_tcp_addr, run_in_segment
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(180)]
 
-ROOT = Path(__file__).resolve().parents[2]
 WAIT = 30.0
 
 
 def run_case(case: str) -> None:
-    ensure_installed()  # npm ci needs the registry, which the namespace cannot reach
-    try:
-        with public_segment(3) as segment:
-            out = run_inside(
-                segment, [sys.executable, "-m", "tests.interop.test_dcutr_interop", case, segment.name], 150
-            )
-    except SegmentUnavailable as exc:
-        pytest.fail(f"the DCUtR segment could not be made: {exc}")
-    assert "CASE PASSED" in out, out[-4000:]
+    run_in_segment(__name__, case)
 
 
 def test_js_initiates_the_hole_punch() -> None:
@@ -71,9 +58,7 @@ def ocf_config(node_config, ip: str, **kw):
 def js_listen(ip: str) -> dict[str, list[str]]:
     """A free port on ``ip`` for the js peer, listened on and announced (js announces an unverified
     public address only after AutoNAT confirmed it, and there is no AutoNAT server here)."""
-    with socket.socket() as probe:
-        probe.bind((ip, 0))
-        addr = f"/ip4/{ip}/tcp/{probe.getsockname()[1]}"
+    addr = free_tcp_addr(ip)
     return {"listen": [addr], "announce": [addr]}
 
 
@@ -137,19 +122,5 @@ async def ocf_initiates(node_config: Callable[..., Config], segment: Segment) ->
         assert await js_direct_to(js, b.peer_id)
 
 
-def _config_factory(tmp: Path) -> Callable[..., Config]:
-    counter = iter(range(100))
-
-    def make(**overrides: object) -> Config:
-        base: dict[str, object] = dict(mode="standalone", tcpport=0, port=0, log_level="debug")
-        base.update(data_dir=tmp / f"node{next(counter)}", **overrides)
-        return Config(**base)  # type: ignore[arg-type]
-
-    return make
-
-
-if __name__ == "__main__":  # one case, inside the segment (see run_case)
-    case, name = sys.argv[1], sys.argv[2]
-    with tempfile.TemporaryDirectory() as tmp:
-        trio.run(globals()[case], _config_factory(Path(tmp)), Segment(name, [f"{PREFIX}.{i}" for i in (1, 2, 3)]))
-    print("CASE PASSED")
+if __name__ == "__main__":
+    case_main(globals())

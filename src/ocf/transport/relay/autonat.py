@@ -25,6 +25,11 @@ As a server we are a tool for whoever asks, so (the spec's rules and go-libp2p's
 As a client (``--reachability auto``) we ask peers that speak the protocol;
 one that dials us back makes us public; :data:`CONFIDENCE` failures (or
 every server we could ask, if fewer) make us private.
+
+AutoNAT v2 (:mod:`.autonat2`) is served alongside, and preferred as a client:
+a server that lists ``/libp2p/autonat/2/dial-request`` in identify is asked
+about our addresses by v2 (proved by a nonce); one that does not, by v1.
+Both answers count the same way towards the verdict.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ from ...identity import Multiaddr, PeerId
 from ..identify import read_message, write_message
 from ..protobuf import field, int_field, iter_fields, varint_field
 from ..tcp import is_tcp_addr
+
+from .autonat2 import DIAL_BACK, DIAL_REQUEST, AutoNatV2
 
 if TYPE_CHECKING:
     from ..host import Host
@@ -191,11 +198,15 @@ class AutoNat:
         self.results: dict[PeerId, tuple[str, float]] = {}  # server -> ("public" | "private", when)
         self.refused: dict[str, int] = {}
         self.stats = {"dial_backs": 0, "dial_back_ok": 0}
+        self.v2: AutoNatV2 | None = None
         self._log = logfmt.RateLimitedLog(log, host.config.refusal_log_interval)
 
-    def summary(self) -> dict[str, int]:
+    def summary(self) -> dict[str, object]:
         values = [r for r, _ in self.results.values()]
-        return {"public": values.count("public"), "private": values.count("private")}
+        out: dict[str, object] = {"public": values.count("public"), "private": values.count("private")}
+        if self.v2 is not None:
+            out["v2"] = dict(self.v2.stats, addrs=dict(self.v2.addr_results))
+        return out
 
     # --- server --------------------------------------------------------------------------
 
@@ -286,8 +297,31 @@ class AutoNat:
             return True
         return False
 
+    def v2_addrs(self) -> list[Multiaddr]:
+        """Our direct TCP addresses worth testing one by one with v2 (not loopback, not in-process)."""
+        out = []
+        for a in self.own_addrs():
+            if not is_tcp_addr(a) or a.has("ws") or not a.parts or a.parts[0][0] not in ("ip4", "ip6"):
+                continue
+            if (a.parts[0][1] or "") in ("127.0.0.1", "::1", "0.0.0.0", "::"):
+                continue
+            out.append(a)
+        return out
+
     async def ask(self, server: PeerId) -> str | None:
-        """Ask ``server`` to dial us back: ``"public"``, ``"private"``, or None if it would not say."""
+        """Are we reachable, by ``server`` (v2 if it speaks it, else v1): ``"public"``, ``"private"`` or None."""
+        info = self.host.peer_info(server)
+        addrs = self.v2_addrs()
+        if self.v2 is not None and info is not None and DIAL_REQUEST in info.protocols and addrs:
+            answer = await self.v2.ask(server, addrs)
+            if answer is None:
+                return None
+            self.results[server] = (answer[1], time.monotonic())
+            return answer[1]
+        return await self.ask_v1(server)
+
+    async def ask_v1(self, server: PeerId) -> str | None:
+        """Ask ``server`` to dial us back (v1): ``"public"``, ``"private"``, or None if it would not say."""
         request = DialRequest(self.host.peer_id.raw, tuple(a.to_bytes() for a in self.own_addrs()))
         try:
             with trio.fail_after(ANSWER_TIMEOUT):
@@ -321,7 +355,7 @@ class AutoNat:
         out = []
         for peer in self.host.connected_peers():
             info = self.host.peer_info(peer)
-            if info is None or PROTOCOL not in info.protocols:
+            if info is None or not ({PROTOCOL, DIAL_REQUEST} & set(info.protocols)):
                 continue
             if not any(c.usable and not c.relayed for c in self.host.connections(peer)):
                 continue
@@ -361,7 +395,10 @@ class AutoNat:
 async def open_autonat(host: Host, nat: Nat | None = None) -> AsyncIterator[AutoNat]:
     """Serve AutoNAT on ``host``; with ``--reachability auto``, also ask peers (the answer goes to ``nat``)."""
     autonat = AutoNat(host, nat)
+    autonat.v2 = AutoNatV2(host, autonat)
     host.set_stream_handler(PROTOCOL, autonat.handle)
+    host.set_stream_handler(DIAL_REQUEST, autonat.v2.handle_request)
+    host.set_stream_handler(DIAL_BACK, autonat.v2.handle_dial_back)
     try:
         async with trio.open_nursery() as nursery:
             if nat is not None and host.config.reachability == "auto":
@@ -372,3 +409,5 @@ async def open_autonat(host: Host, nat: Nat | None = None) -> AsyncIterator[Auto
                 nursery.cancel_scope.cancel()
     finally:
         host.remove_stream_handler(PROTOCOL)
+        host.remove_stream_handler(DIAL_REQUEST)
+        host.remove_stream_handler(DIAL_BACK)
