@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import ipaddress
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -47,6 +48,7 @@ import trio
 from ... import log as logfmt
 from ...errors import MultiaddrError, ProtocolError, TransportError
 from ...identity import Multiaddr, PeerId
+from ..dialpolicy import classify
 from ..identify import read_message, write_message
 from ..protobuf import field, int_field, iter_fields, varint_field
 from ..tcp import is_tcp_addr
@@ -186,6 +188,13 @@ def dial_back_addrs(observed: Multiaddr | None, requested: list[bytes]) -> list[
     return out
 
 
+def _public_ip(text: str) -> bool:
+    try:
+        return classify(ipaddress.ip_address(text))[0] == "public"
+    except ValueError:
+        return False
+
+
 class AutoNat:
     """AutoNAT server and client for one host (see the module doc)."""
 
@@ -297,21 +306,29 @@ class AutoNat:
             return True
         return False
 
-    def v2_addrs(self) -> list[Multiaddr]:
-        """Our direct TCP addresses worth testing one by one with v2 (not loopback, not in-process)."""
-        out = []
-        for a in self.own_addrs():
-            if not is_tcp_addr(a) or a.has("ws") or not a.parts or a.parts[0][0] not in ("ip4", "ip6"):
-                continue
-            if (a.parts[0][1] or "") in ("127.0.0.1", "::1", "0.0.0.0", "::"):
-                continue
-            out.append(a)
-        return out
+    def v2_addrs(self, server: PeerId | None = None) -> list[Multiaddr]:
+        """Our addresses worth testing one by one with v2: public direct TCP listen addresses, then the IP
+        ``server`` sees us at with each TCP listen port (a NAT that keeps ports maps us there).
+
+        Not private ones (the spec's rule: a server on the internet must not dial into private networks).
+        """
+        listen = [a for a in self.own_addrs() if is_tcp_addr(a) and not a.has("ws") and a.parts[0][0] in ("ip4", "ip6")]
+        out = [a for a in listen if _public_ip(a.parts[0][1] or "")]
+        info = self.host.peer_info(server) if server is not None else None
+        observed = info.observed_addr if info is not None else None
+        if observed is not None and observed.parts and observed.parts[0][0] in ("ip4", "ip6"):
+            kind, ip = observed.parts[0]
+            if _public_ip(ip or ""):
+                for a in listen:
+                    candidate = Multiaddr(((kind, ip), ("tcp", a.value_for("tcp"))))
+                    if a.parts[0][0] == kind and candidate not in out:
+                        out.append(candidate)
+        return out[:MAX_DIAL_ADDRS]
 
     async def ask(self, server: PeerId) -> str | None:
         """Are we reachable, by ``server`` (v2 if it speaks it, else v1): ``"public"``, ``"private"`` or None."""
         info = self.host.peer_info(server)
-        addrs = self.v2_addrs()
+        addrs = self.v2_addrs(server)
         if self.v2 is not None and info is not None and DIAL_REQUEST in info.protocols and addrs:
             answer = await self.v2.ask(server, addrs)
             if answer is None:

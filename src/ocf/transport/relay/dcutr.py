@@ -13,6 +13,11 @@ packet for the pair of addresses when the other side's arrives: a TCP
 simultaneous open. For the purpose of everything above TCP, A is the
 client (Noise initiator) and B the server.
 
+Over QUIC (when both listen on it) the punch runs alongside: each side also
+sends its IPs with its QUIC listen port (QUIC dials leave from the listening
+socket); A QUIC-dials B's, and B sends random datagrams to A's so that its
+own NAT lets A's dial in (see :meth:`HolePuncher._dial`).
+
 Which addresses: each side binds a fresh TCP socket first and sends the IP
 the relay observed for it (identify's ``observedAddr``) with that socket's
 port, plus its own non-loopback listen IPs with that port: a NAT that keeps
@@ -24,7 +29,7 @@ expects, and an A that cannot dial from a chosen port (js-libp2p) gets through
 to a B whose listener is reachable.
 
 Limits: the stream is accepted only on a relayed connection; messages are
-at most 4 KiB and at most :data:`MAX_ADDRS` addresses are used, TCP only,
+at most 4 KiB and at most :data:`MAX_ADDRS` addresses of each transport are used (IPv4 TCP and QUIC),
 and only those the dial policy allows (a peer cannot make us dial
 anywhere); each step has a deadline; one punch per peer and
 :data:`MAX_CONCURRENT` in all at a time; B tries :data:`ATTEMPTS` times.
@@ -36,6 +41,7 @@ import contextlib
 import enum
 import ipaddress
 import logging
+import secrets
 import socket
 from typing import TYPE_CHECKING
 from collections.abc import AsyncIterator
@@ -49,10 +55,11 @@ from ...identity import Multiaddr, PeerId
 from ..dialpolicy import classify
 from ..identify import read_message, write_message
 from ..protobuf import field, int_field, iter_fields, varint_field
+from ..quic import QuicTransport, is_quic_addr
 from ..tcp import RawConn, is_tcp_addr
 
 if TYPE_CHECKING:
-    from ..host import Connection, Host
+    from ..host import Connection, DialTransport, Host
     from ..muxer import MuxedStream
     from .nat import Nat
 
@@ -65,6 +72,7 @@ STEP_TIMEOUT = 10.0
 DIAL_TIMEOUT = 5.0
 ATTEMPTS = 3
 MAX_CONCURRENT = 8
+PUNCH_DATAGRAM = 64
 
 
 class MsgType(enum.IntEnum):
@@ -187,7 +195,7 @@ class HolePuncher:
         self.nat = nat
         self._active: set[PeerId] = set()
         self._nursery: trio.Nursery | None = None
-        self.stats = {"attempts": 0, "succeeded": 0, "failed": 0, "unilateral": 0}
+        self.stats = {"attempts": 0, "succeeded": 0, "succeeded_quic": 0, "failed": 0, "unilateral": 0}
         self.refused: dict[str, int] = {}
         self.last_ms: float | None = None  # duration of the last successful punch, for benchmarks
         self._counted = trio.Event()
@@ -206,7 +214,8 @@ class HolePuncher:
         self.refused[reason] = self.refused.get(reason, 0) + 1
         self._log.info(reason, "hole punch refused", reason=reason, peer=peer.short())
 
-    def _our_addrs(self, conn: Connection, port: int) -> list[Multiaddr]:
+    def _our_ips(self, conn: Connection) -> list[str]:
+        """The IP the relay sees us at, then our own non-loopback listen IPs (IPv4)."""
         ips: list[str] = []
         relay = _relay_of(conn)
         info = self.host.peer_info(relay) if relay is not None else None
@@ -218,7 +227,16 @@ class HolePuncher:
                 ip = a.parts[0][1] or ""
                 if ip not in ips and not ipaddress.ip_address(ip).is_loopback:
                     ips.append(ip)
-        return [Multiaddr((("ip4", ip), ("tcp", str(port)))) for ip in ips if ip][:MAX_ADDRS]
+        return [ip for ip in ips if ip and not ipaddress.ip_address(ip).is_unspecified]
+
+    def _our_addrs(self, conn: Connection, port: int) -> list[Multiaddr]:
+        """TCP: our IPs with the punch socket's port; QUIC: our IPs with the QUIC listen port (dials leave from it)."""
+        ips = self._our_ips(conn)
+        out = [Multiaddr((("ip4", ip), ("tcp", str(port)))) for ip in ips][:MAX_ADDRS]
+        ports = {a.value_for("udp") for a in self.host.listen_addrs if is_quic_addr(a) and a.parts[0][0] == "ip4"}
+        for udp in sorted(p for p in ports if p):
+            out += [Multiaddr((("ip4", ip), ("udp", udp), ("quic-v1", None))) for ip in ips][:MAX_ADDRS]
+        return out
 
     def _listen_addrs(self) -> list[Multiaddr]:
         """B's own direct TCP listen addresses, which A may dial as the client it is.
@@ -239,19 +257,23 @@ class HolePuncher:
         return out[:MAX_ADDRS]
 
     def _their_addrs(self, raw: tuple[bytes, ...]) -> list[Multiaddr]:
+        """The peer's IPv4 TCP and QUIC addresses the dial policy allows, at most :data:`MAX_ADDRS` of each."""
         out: list[Multiaddr] = []
+        counts = {"tcp": 0, "quic": 0}
         for item in raw:
             try:
                 ma = Multiaddr.from_bytes(item).without_p2p()
             except MultiaddrError:
                 continue
-            if not is_tcp_addr(ma) or ma.has("ws") or ma.parts[0][0] != "ip4":
+            if not ma.parts or ma.parts[0][0] != "ip4" or ma.has("p2p-circuit"):
+                continue
+            kind = "quic" if is_quic_addr(ma) else "tcp" if is_tcp_addr(ma) and not ma.has("ws") else None
+            if kind is None or counts[kind] >= MAX_ADDRS:
                 continue
             if self.host.dial_policy.refusal(ma) is not None or ma in out:
                 continue
             out.append(ma)
-            if len(out) >= MAX_ADDRS:
-                break
+            counts[kind] += 1
         return out
 
     def _admit(self, peer: PeerId) -> bool:
@@ -400,37 +422,75 @@ class HolePuncher:
         return any(c.usable and not c.relayed for c in self.host.connections(peer))
 
     def _done(self, peer: PeerId, t0: float) -> None:
+        if any(
+            c.usable and not c.relayed and c.remote_addr and is_quic_addr(c.remote_addr)
+            for c in self.host.connections(peer)
+        ):
+            self.stats["succeeded_quic"] += 1
         self._count("succeeded")
         self.last_ms = (trio.current_time() - t0) * 1000
         log.info("hole punch succeeded %s", logfmt.kv(peer=peer.short(), ms=round(self.last_ms, 1)))
 
     async def _dial(self, punch: PunchTransport, addrs: list[Multiaddr], peer: PeerId, *, client: bool) -> bool:
-        """Dial every candidate from the punch port at once; True once a direct connection to ``peer`` is up."""
+        """Punch towards every candidate at once; True once a direct connection to ``peer`` is up.
+
+        TCP: A dials each address from the punch port; B connects from it too
+        and serves what connects as the server (a simultaneous open). QUIC: A
+        dials from its QUIC socket (the client); B sends random datagrams from
+        its own to A's addresses every 10-200 ms, opening its NAT to A's
+        dial, which QUIC's own retransmission brings through.
+        """
         if not addrs:
             log.debug("hole punch: no address of the peer to dial %s", logfmt.kv(peer=peer.short()))
             return False
         assert self._nursery is not None
+        tcp = [a for a in addrs if not is_quic_addr(a)]
+        quic = [a for a in addrs if is_quic_addr(a) and self._can_quic(a)]
 
-        async def one(addr: Multiaddr) -> None:
+        async def one(addr: Multiaddr, transport: DialTransport) -> None:
             try:
-                await self.host.connect_via(punch, addr.with_p2p(peer))
+                await self.host.connect_via(transport, addr.with_p2p(peer))
             except TransportError as exc:
                 log.debug("hole punch dial failed %s", logfmt.kv(peer=peer.short(), addr=addr, reason=exc))
 
         if not client:
             # B is the server: it serves the socket as an inbound connection, which
             # must outlive this call, so the dials run in the puncher's nursery.
-            for addr in addrs:
+            for addr in tcp:
                 self._nursery.start_soon(self._serve_punched, punch, addr, peer)
         with trio.move_on_after(DIAL_TIMEOUT + STEP_TIMEOUT):
             async with trio.open_nursery() as nursery:
                 if client:
-                    for addr in addrs:
-                        nursery.start_soon(one, addr)
+                    for addr in tcp:
+                        nursery.start_soon(one, addr, punch)
+                    for addr in quic:
+                        nursery.start_soon(one, addr, self.host.transport_for(addr))
+                elif quic:
+                    nursery.start_soon(self._punch_udp, quic)
                 while not self._direct(peer):
                     await self.host.wait_changed()
                 nursery.cancel_scope.cancel()
         return self._direct(peer)
+
+    def _can_quic(self, addr: Multiaddr) -> bool:
+        try:
+            return isinstance(self.host.transport_for(addr), QuicTransport)
+        except TransportError:
+            return False
+
+    async def _punch_udp(self, addrs: list[Multiaddr]) -> None:
+        """B's side over QUIC: random datagrams from our QUIC socket until cancelled (the spec's 10-200 ms)."""
+        transport = self.host.transport_for(addrs[0])
+        assert isinstance(transport, QuicTransport)
+        while True:
+            for addr in addrs:
+                # a short-header first byte: the peer's endpoint drops it as an unknown connection
+                payload = bytes([0x40 | secrets.randbelow(0x40)]) + secrets.token_bytes(PUNCH_DATAGRAM - 1)
+                try:
+                    await transport.punch(addr, payload)
+                except TransportError as exc:
+                    log.debug("udp punch failed %s", logfmt.kv(addr=addr, reason=exc))
+            await trio.sleep(0.01 + secrets.randbelow(191) / 1000)
 
     async def _serve_punched(self, punch: PunchTransport, addr: Multiaddr, peer: PeerId) -> None:
         try:
