@@ -194,6 +194,7 @@ class AutoNatV2:
         self.stats.update(answers=0)
         self.addr_results: dict[str, str] = {}  # address -> "public" | "private" (latest answer)
         self._counted = trio.Event()
+        self._busy: set[PeerId] = set()  # one v2 request at a time per peer (v1 keeps its own)
 
     def _count(self, what: str) -> None:
         self.stats[what] += 1
@@ -241,7 +242,7 @@ class AutoNatV2:
             self.v1._refuse("relayed", peer)
             await self._respond(stream, ResponseStatus.E_REQUEST_REJECTED)
             return
-        why = self.v1._admit(peer, trio.current_time())
+        why = "peer_rate" if peer in self._busy else self.v1._admit(peer, trio.current_time())
         if why is not None:
             self.v1._refuse(why, peer)
             await self._respond(stream, ResponseStatus.E_REQUEST_REJECTED)
@@ -252,14 +253,14 @@ class AutoNatV2:
             await self._respond(stream, ResponseStatus.E_DIAL_REFUSED)
             return
         idx, addr = chosen
-        self.v1._busy.add(peer)
+        self._busy.add(peer)
         try:
             if _ip(addr) != _ip(conn.remote_addr) and not await self._collect_toll(stream, idx, peer):
                 return
             status = await self._dial_back(addr, request.nonce, peer)
             await self._respond(stream, ResponseStatus.OK, idx, status)
         finally:
-            self.v1._busy.discard(peer)
+            self._busy.discard(peer)
 
     async def _collect_toll(self, stream: MuxedStream, idx: int, peer: PeerId) -> bool:
         """Ask for dial data and read it; False (stream given up) if the client would not pay in time."""
