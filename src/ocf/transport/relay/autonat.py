@@ -203,6 +203,7 @@ class AutoNat:
         self.nat = nat
         self._global: list[float] = []
         self._per_peer: dict[PeerId, list[float]] = {}
+        self._per_peer_v2: dict[PeerId, list[float]] = {}
         self._busy: set[PeerId] = set()
         self.results: dict[PeerId, tuple[str, float]] = {}  # server -> ("public" | "private", when)
         self.refused: dict[str, int] = {}
@@ -219,18 +220,21 @@ class AutoNat:
 
     # --- server --------------------------------------------------------------------------
 
-    def _admit(self, peer: PeerId, now: float) -> str | None:
+    def _admit(self, peer: PeerId, now: float, *, v2: bool = False) -> str | None:
+        """Within the global rate and the peer's (v1 and v2 each have their own per-peer budget)."""
         self._global = [t for t in self._global if t > now - 60]
         if len(self._global) >= GLOBAL_PER_MINUTE:
             return "global_rate"
-        mine = [t for t in self._per_peer.get(peer, ()) if t > now - 60]
-        if len(mine) >= PEER_PER_MINUTE or peer in self._busy:
+        per_peer = self._per_peer_v2 if v2 else self._per_peer
+        mine = [t for t in per_peer.get(peer, ()) if t > now - 60]
+        if len(mine) >= PEER_PER_MINUTE or (not v2 and peer in self._busy):
             return "peer_rate"
         self._global.append(now)
         mine.append(now)
-        self._per_peer[peer] = mine
-        if len(self._per_peer) > 4 * GLOBAL_PER_MINUTE:
-            self._per_peer = {p: ts for p, ts in self._per_peer.items() if ts[-1] > now - 60}
+        per_peer[peer] = mine
+        if len(per_peer) > 4 * GLOBAL_PER_MINUTE:
+            for stale in [p for p, ts in per_peer.items() if ts[-1] <= now - 60]:
+                del per_peer[stale]
         return None
 
     async def _respond(self, stream: MuxedStream, status: RespStatus, text: str = "", addr: bytes = b"") -> None:

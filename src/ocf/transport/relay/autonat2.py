@@ -242,7 +242,7 @@ class AutoNatV2:
             self.v1._refuse("relayed", peer)
             await self._respond(stream, ResponseStatus.E_REQUEST_REJECTED)
             return
-        why = "peer_rate" if peer in self._busy else self.v1._admit(peer, trio.current_time())
+        why = "peer_rate" if peer in self._busy else self.v1._admit(peer, trio.current_time(), v2=True)
         if why is not None:
             self.v1._refuse(why, peer)
             await self._respond(stream, ResponseStatus.E_REQUEST_REJECTED)

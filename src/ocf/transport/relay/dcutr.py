@@ -109,6 +109,19 @@ class HolePunch:
             raise ProtocolError(f"dcutr message of unknown type {kind}") from None
 
 
+class _Dials:
+    """How many of a punch's dials are still pending; ``all_failed`` once none is (never if none was counted)."""
+
+    def __init__(self, pending: int) -> None:
+        self.pending = pending
+        self.all_failed = trio.Event()
+
+    def failed(self) -> None:
+        self.pending -= 1
+        if self.pending == 0:
+            self.all_failed.set()
+
+
 class PunchTransport:
     """Dials from one local port, so the NAT maps it where the peer was told to dial."""
 
@@ -293,10 +306,23 @@ class HolePuncher:
         if not self._admit(peer):
             self._refuse("busy", peer)
             return
-        try:
-            await self._answer(stream, conn, peer)
-        finally:
-            self._active.discard(peer)
+        # The exchange runs in the puncher's nursery, not in this handler's task: a successful punch
+        # retires the relayed connection, whose handlers are cancelled when it closes, possibly before
+        # the punch has seen its own success.
+        done = trio.Event()
+
+        async def answer() -> None:
+            try:
+                await self._answer(stream, conn, peer)
+            except Exception as exc:  # noqa: BLE001 - one peer's exchange must not stop the puncher
+                log.warning("hole punch failed %s", logfmt.kv(peer=peer.short(), exc=repr(exc)), exc_info=True)
+            finally:
+                self._active.discard(peer)
+                done.set()
+
+        assert self._nursery is not None
+        self._nursery.start_soon(answer)
+        await done.wait()
 
     async def _answer(self, stream: MuxedStream, conn: Connection, peer: PeerId) -> None:
         while True:  # B may retry on the same stream
@@ -447,18 +473,24 @@ class HolePuncher:
         tcp = [a for a in addrs if not is_quic_addr(a)]
         quic = [a for a in addrs if is_quic_addr(a) and self._can_quic(a)]
 
+        # Once every dial of A's has failed, A gives up at once, so that B's next attempt finds it
+        # reading the next CONNECT. B waits DIAL_TIMEOUT more after its own failed (A may still reach
+        # B's listener), and as long as it punches over QUIC (which never "fails").
+        dials = _Dials(len(tcp) + len(quic) if client else 0 if quic else len(tcp))
+
         async def one(addr: Multiaddr, transport: DialTransport) -> None:
             try:
                 await self.host.connect_via(transport, addr.with_p2p(peer))
             except TransportError as exc:
                 log.debug("hole punch dial failed %s", logfmt.kv(peer=peer.short(), addr=addr, reason=exc))
+                dials.failed()
 
         if not client:
             # B is the server: it serves the socket as an inbound connection, which
             # must outlive this call, so the dials run in the puncher's nursery.
             for addr in tcp:
-                self._nursery.start_soon(self._serve_punched, punch, addr, peer)
-        with trio.move_on_after(DIAL_TIMEOUT + STEP_TIMEOUT):
+                self._nursery.start_soon(self._serve_punched, punch, addr, peer, dials)
+        with trio.move_on_after(DIAL_TIMEOUT + STEP_TIMEOUT) as scope:
             async with trio.open_nursery() as nursery:
                 if client:
                     for addr in tcp:
@@ -467,10 +499,36 @@ class HolePuncher:
                         nursery.start_soon(one, addr, self.host.transport_for(addr))
                 elif quic:
                     nursery.start_soon(self._punch_udp, quic)
-                while not self._direct(peer):
+                grace = False
+                # gone altogether (both connections closed): nothing left to upgrade; a new relayed
+                # connection starts its own punch, which this one must not hold up
+                while not self._direct(peer) and self.host.is_connected(peer):
+                    if not dials.all_failed.is_set():
+                        await self._changed_or(dials.all_failed)
+                        continue
+                    if client:
+                        break
+                    if not grace:
+                        scope.deadline = min(scope.deadline, trio.current_time() + DIAL_TIMEOUT)
+                        grace = True
                     await self.host.wait_changed()
                 nursery.cancel_scope.cancel()
         return self._direct(peer)
+
+    async def _changed_or(self, event: trio.Event) -> None:
+        """Return at the host's next change or when ``event`` is set."""
+        async with trio.open_nursery() as nursery:
+
+            async def changed() -> None:
+                await self.host.wait_changed()
+                nursery.cancel_scope.cancel()
+
+            async def other() -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(changed)
+            nursery.start_soon(other)
 
     def _can_quic(self, addr: Multiaddr) -> bool:
         try:
@@ -492,12 +550,13 @@ class HolePuncher:
                     log.debug("udp punch failed %s", logfmt.kv(addr=addr, reason=exc))
             await trio.sleep(0.01 + secrets.randbelow(191) / 1000)
 
-    async def _serve_punched(self, punch: PunchTransport, addr: Multiaddr, peer: PeerId) -> None:
+    async def _serve_punched(self, punch: PunchTransport, addr: Multiaddr, peer: PeerId, dials: _Dials) -> None:
         try:
             async with punch.connect(addr, DIAL_TIMEOUT) as raw:
                 await self.host.serve_inbound(raw)
         except (TransportError, OSError) as exc:
             log.debug("hole punch dial failed %s", logfmt.kv(peer=peer.short(), addr=addr, reason=exc))
+            dials.failed()
 
     async def watch(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """B's side: a new relayed inbound connection starts a hole punch."""
