@@ -10,8 +10,9 @@ relay runs without limits here; by default it would cut each circuit at 128 KiB.
 
 Part 2, in the NAT lab of tests/integration/natlab.py (network namespaces, needs root): a
 relay and two nodes behind masquerading NATs; A dials B through the relay and B's DCUtR punches
-a direct path; repeated ``--punches`` times. Reports the share that succeeded and how long the
-upgrade took (relayed connection up -> direct connection up).
+a direct path; repeated ``--punches`` times, over TCP (nodes without QUIC) and over QUIC (the
+NATs pass TCP to the relay only). Reports the share that succeeded and how long the upgrade
+took (relayed connection up -> direct connection up).
 """
 
 from __future__ import annotations
@@ -130,11 +131,11 @@ from ocf.transport import open_host
 from ocf.transport.relay import RelayLimits, open_relay_service
 from ocf.transport.relay.nat import open_nat
 
-role, relay_ip, punches = sys.argv[1], sys.argv[2], int(sys.argv[3])
+role, relay_ip, punches, punch = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 import os, ocf.log; ocf.log.setup(os.environ.get("OCF_BENCH_LOG", "warning"), sys.stderr)
 ids = {r: Identity.from_seed(f"bench-punch-{r}") for r in "RAB"}
 cfg = Config(host="0.0.0.0", tcpport=43905, ws=False, reachability="private" if role != "R" else "public",
-             data_dir=Path("/tmp"), dial_timeout=5.0)
+             data_dir=Path("/tmp"), dial_timeout=5.0, quic=punch == "quic")
 relay_addr = f"/ip4/{relay_ip}/tcp/43905/p2p/{ids['R'].peer_id}"
 
 async def main():
@@ -160,8 +161,9 @@ async def main():
                 with trio.move_on_after(15):
                     while not any(c.usable and not c.relayed for c in host.connections(b)):
                         await host.wait_changed()
-                ok = any(c.usable and not c.relayed for c in host.connections(b))
-                results.append([ok, trio.current_time() - t0])
+                direct = [c for c in host.connections(b) if c.usable and not c.relayed]
+                quic = any(c.remote_addr is not None and c.remote_addr.has("quic-v1") for c in direct)
+                results.append([bool(direct), trio.current_time() - t0, quic])
                 await host.disconnect(b)
                 while host.is_connected(b):
                     await host.wait_changed()
@@ -172,18 +174,22 @@ trio.run(main)
 """
 
 
-def punch_numbers(punches: int) -> tuple[int, int, list[float]] | str:
-    """(succeeded, attempts, seconds of the successful ones), or why the lab could not run."""
+def punch_numbers(punches: int, punch: str = "tcp") -> tuple[int, int, list[float]] | str:
+    """(succeeded, attempts, seconds of the successful ones), or why the lab could not run.
+
+    ``punch="tcp"``: the nodes run without QUIC. ``"quic"``: the NATs pass TCP to the relay only, so
+    a success is a QUIC hole punch (counted only when the direct connection is QUIC).
+    """
     from tests.integration.natlab import RELAY_IP, LabUnavailable, nat_lab
 
     try:
-        with nat_lab() as lab, tempfile.TemporaryDirectory() as tmp:
+        with nat_lab(punch) as lab, tempfile.TemporaryDirectory() as tmp:
             script = Path(tmp) / "punch_node.py"
             script.write_text(PUNCH_NODE)
             procs = {}
             for role in ("R", "B", "A"):
                 procs[role] = subprocess.Popen(
-                    lab.exec_argv(role, [sys.executable, str(script), role, RELAY_IP, str(punches)]),
+                    lab.exec_argv(role, [sys.executable, str(script), role, RELAY_IP, str(punches), punch]),
                     stdout=subprocess.PIPE,
                     stderr=(Path(tmp) / f"{role}.err").open("w"),
                     text=True,
@@ -200,7 +206,7 @@ def punch_numbers(punches: int) -> tuple[int, int, list[float]] | str:
                     print(f"--- {role}\n" + (Path(tmp) / f"{role}.err").read_text()[-20000:], file=sys.stderr)
     except LabUnavailable as exc:
         return str(exc)
-    times = [t for ok, t in results if ok]
+    times = [t for ok, t, quic in results if ok and (quic or punch == "tcp")]
     return len(times), len(results), times
 
 
@@ -225,17 +231,17 @@ def main() -> int:
         rows.append((f"{name} direct (baseline)", f"{direct * scale:.2f} {unit}", "1.00", ""))
         rows.append((f"{name} relayed", f"{relayed * scale:.2f} {unit}", f"{relayed / direct:.2f}", "relayed/direct"))
     if not args.no_netns:
-        punch = punch_numbers(args.punches)
-        if isinstance(punch, str):
-            rows.append(("hole punch (NAT lab)", "not run", "", punch[:60]))
-        else:
+        for kind in ("tcp", "quic"):
+            punch = punch_numbers(args.punches, kind)
+            if isinstance(punch, str):
+                rows.append((f"hole punch {kind} (NAT lab)", "not run", "", punch[:60]))
+                continue
             ok, total, times = punch
-            rows.append(("hole punches succeeded", f"{ok}/{total}", f"{ok / max(total, 1):.2f}", "share"))
+            rows.append((f"hole punches succeeded, {kind}", f"{ok}/{total}", f"{ok / max(total, 1):.2f}", "share"))
             if times:
-                rows.append(
-                    ("hole punch time (median)", f"{statistics.median(times) * 1000:.0f} ms", "", "relayed -> direct")
-                )
-                rows.append(("hole punch time (max)", f"{max(times) * 1000:.0f} ms", "", ""))
+                median = f"{statistics.median(times) * 1000:.0f} ms"
+                rows.append((f"hole punch time, {kind} (median)", median, "", "relayed -> direct"))
+                rows.append((f"hole punch time, {kind} (max)", f"{max(times) * 1000:.0f} ms", "", ""))
     width = max(len(r[0]) for r in rows)
     print(f"{'measurement':<{width}}  {'value':>14}  {'ratio':>6}  note")
     print("-" * (width + 40))

@@ -44,7 +44,7 @@ table ip ocfnat {{
   chain forwarding {{
     type filter hook forward priority 0; policy drop;
     ct state established,related accept
-    iifname "lan" oifname "wan" accept
+    {only_udp}iifname "lan" oifname "wan" accept
   }}
   chain incoming {{
     type filter hook input priority 0; policy accept;
@@ -69,6 +69,7 @@ def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 class Lab:
     tag: str
     names: dict[str, str]  # role (R, NA, NB, A, B) -> namespace name
+    punch: str = "tcp"  # "quic": the NATs pass TCP to the relay only, so a hole punch must be QUIC's
     procs: list[subprocess.Popen[bytes]] = attrs.field(factory=list)
 
     def ns(self, role: str) -> str:
@@ -182,13 +183,20 @@ def _build(lab: Lab) -> None:
         _run("ip", "netns", "exec", n[nat], "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward")
         rules = subprocess.run(
             ["ip", "netns", "exec", n[nat], "nft", "-f", "-"],
-            input=NAT_RULES.format(lan=lan),
+            input=NAT_RULES.format(lan=lan, only_udp=_only_udp(lab.punch)),
             capture_output=True,
             text=True,
             timeout=30,
         )
         if rules.returncode != 0:
             raise LabUnavailable(f"nft in {n[nat]} failed: {rules.stderr.strip()}")
+
+
+def _only_udp(punch: str) -> str:
+    """With ``punch="quic"``: a NAT forwards TCP to the relay only (a TCP hole punch cannot succeed)."""
+    if punch == "tcp":
+        return ""
+    return f'iifname "lan" oifname "wan" ip daddr != {RELAY_IP} meta l4proto tcp drop\n    '
 
 
 def _teardown(lab: Lab) -> None:
@@ -204,11 +212,15 @@ def _delete(lab: Lab) -> None:
 
 
 @contextlib.contextmanager
-def nat_lab() -> Iterator[Lab]:
-    """Build the lab, yield it, tear it down (processes and namespaces) even on failure."""
+def nat_lab(punch: str = "tcp") -> Iterator[Lab]:
+    """Build the lab, yield it, tear it down (processes and namespaces) even on failure.
+
+    ``punch="quic"`` makes the NATs pass TCP only to the relay, so that nodes reach each other
+    directly only by a QUIC hole punch.
+    """
     check_prerequisites()
     tag = f"{os.getpid() % 100000}"
-    lab = Lab(tag, {role: f"ocf{role}{tag}" for role in ("R", "NA", "NB", "A", "B")})
+    lab = Lab(tag, {role: f"ocf{role}{tag}" for role in ("R", "NA", "NB", "A", "B")}, punch)
     try:
         _build(lab)
         yield lab

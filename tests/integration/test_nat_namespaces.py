@@ -2,9 +2,10 @@
 
 The nodes learn by AutoNAT that they are not reachable, reserve slots on the
 relay by themselves, reach each other through it, upgrade to a direct
-connection by hole punching (DCUtR, TCP simultaneous open through both
-NATs), and an OpenAI request made on one node is answered by a model served
-behind the other NAT.
+connection by hole punching (DCUtR: a TCP simultaneous open through both
+NATs, or, in the ``quic`` run, a QUIC dial let in by UDP punch datagrams),
+and an OpenAI request made on one node is answered by a model served behind
+the other NAT.
 """
 
 from __future__ import annotations
@@ -39,13 +40,17 @@ def wait_for(what: str, probe: Callable[[], Any], timeout: float, logs: Path) ->
 
 def start_node(lab: Lab, role: str, tmp: Path, *extra: str) -> None:
     argv = [sys.executable, "-m", "ocf", "start", "--host", "0.0.0.0", "--tcpport", str(TCP), "--port", str(HTTP)]
+    if lab.punch == "tcp":
+        argv.append("--no-quic")
     argv += ["--data-dir", str(tmp / role), "--log-level", "debug", *extra]
     lab.spawn(role, argv, tmp / f"{role}.log")
 
 
-def test_two_nodes_behind_nat_reach_each_other_then_punch_through(tmp_path):
+@pytest.mark.parametrize("punch", ["tcp", "quic"])
+def test_two_nodes_behind_nat_reach_each_other_then_punch_through(tmp_path, punch):
+    """``tcp``: the nodes run without QUIC; ``quic``: the NATs pass TCP to the relay only."""
     try:
-        with nat_lab() as lab:
+        with nat_lab(punch) as lab:
             run(lab, tmp_path)
     except LabUnavailable as exc:
         pytest.fail(f"the NAT lab could not be built: {exc}")
@@ -91,6 +96,8 @@ def run(lab: Lab, tmp: Path) -> None:
     wait_for("a direct connection between A and B", direct, 60, tmp)
     punch = _json(lab, "B", f"{gw}/v1/dnt/peers_status")["nat"]["holepunch"]
     assert punch["succeeded"] >= 1, punch
+    if lab.punch == "quic":
+        assert punch["succeeded_quic"] >= 1, punch
     # An OpenAI request on A is served by the model behind B's NAT, over the direct connection: a prompt
     # of 20 KB each way would add over 40 KB to what the relay carried; node-table heartbeats on the
     # retiring relayed connection stay far below that.

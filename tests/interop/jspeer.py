@@ -94,16 +94,30 @@ async def open_js_peer(
     dht_protocol: str | None = None,
     relay: bool = False,
     relay_listen: str | None = None,
+    listen: list[str] | None = None,
+    announce: list[str] | None = None,
+    autonat_v2: bool = False,
 ) -> AsyncIterator[JsPeer]:
     """A running js peer; with ``swarm_key_file`` it runs in that private network (@libp2p/pnet).
 
     ``dht`` ("server" or "client") runs @libp2p/kad-dht on ``dht_protocol`` (default /ipfs/kad/1.0.0).
     ``relay=True`` makes it a circuit relay v2 server; ``relay_listen`` (a
     ``…/p2p-circuit`` address) makes it reserve on that relay and listen there.
+    ``listen`` replaces its listen addresses; ``announce`` are announced as verified;
+    ``autonat_v2`` runs @libp2p/autonat-v2 too.
     """
     ensure_installed()
     env = dict(os.environ)
-    for name in ("OCF_JS_SWARM_KEY_FILE", "OCF_JS_DHT", "OCF_JS_DHT_PROTOCOL", "OCF_JS_RELAY", "OCF_JS_RELAY_LISTEN"):
+    for name in (
+        "OCF_JS_SWARM_KEY_FILE",
+        "OCF_JS_DHT",
+        "OCF_JS_DHT_PROTOCOL",
+        "OCF_JS_RELAY",
+        "OCF_JS_RELAY_LISTEN",
+        "OCF_JS_LISTEN",
+        "OCF_JS_ANNOUNCE",
+        "OCF_JS_AUTONAT_V2",
+    ):
         env.pop(name, None)
     if swarm_key_file is not None:
         env["OCF_JS_SWARM_KEY_FILE"] = str(swarm_key_file)
@@ -115,6 +129,12 @@ async def open_js_peer(
         env["OCF_JS_RELAY"] = "1"
     if relay_listen is not None:
         env["OCF_JS_RELAY_LISTEN"] = relay_listen
+    if listen is not None:
+        env["OCF_JS_LISTEN"] = ",".join(listen)
+    if announce is not None:
+        env["OCF_JS_ANNOUNCE"] = ",".join(announce)
+    if autonat_v2:
+        env["OCF_JS_AUTONAT_V2"] = "1"
     process = await trio.lowlevel.open_process(
         ["node", str(HERE / "peer.mjs")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=HERE, env=env
     )

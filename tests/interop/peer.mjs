@@ -57,11 +57,14 @@ if (dhtMode) {
 }
 // QUIC (@chainsafe/libp2p-quic, a native binary in the npm package), except in a
 // private network: pnet protects byte streams and QUIC has none.
-const listen = ['/ip4/127.0.0.1/tcp/0', '/ip4/127.0.0.1/tcp/0/ws']
+// OCF_JS_LISTEN=<addr>,<addr>: listen on these instead (the DCUtR tests' public-looking segment).
+const listen = process.env.OCF_JS_LISTEN
+  ? process.env.OCF_JS_LISTEN.split(',')
+  : ['/ip4/127.0.0.1/tcp/0', '/ip4/127.0.0.1/tcp/0/ws']
 const transports = [tcp(), webSockets()]
 if (!swarmKeyFile) {
   const { quic } = await import('@chainsafe/libp2p-quic')
-  listen.push('/ip4/127.0.0.1/udp/0/quic-v1')
+  if (!process.env.OCF_JS_LISTEN) listen.push('/ip4/127.0.0.1/udp/0/quic-v1')
   transports.push(quic())
 }
 
@@ -69,12 +72,22 @@ if (!swarmKeyFile) {
 // OCF_JS_RELAY_LISTEN=<relay addr>/p2p-circuit: reserve on that relay and listen through it.
 // Every peer can dial /p2p-circuit addresses and runs DCUtR and AutoNAT (v1).
 const relayServer = process.env.OCF_JS_RELAY === '1' ? { relay: circuitRelayServer() } : {}
+// OCF_JS_AUTONAT_V2=1: also run @libp2p/autonat-v2 (client and server).
+const autonatV2 = {}
+if (process.env.OCF_JS_AUTONAT_V2 === '1') {
+  const { autoNATv2 } = await import('@libp2p/autonat-v2')
+  autonatV2.autonatV2 = autoNATv2()
+}
 if (process.env.OCF_JS_RELAY_LISTEN) listen.push(process.env.OCF_JS_RELAY_LISTEN)
 transports.push(circuitRelayTransport())
 
+// OCF_JS_ANNOUNCE=<addr>,<addr>: announce these as verified (js announces a public listen address only
+// once AutoNAT confirmed it; the DCUtR tests' segment has no AutoNAT servers).
+const appendAnnounce = process.env.OCF_JS_ANNOUNCE ? process.env.OCF_JS_ANNOUNCE.split(',') : []
+
 const node = await createLibp2p({
   ...privateNetwork,
-  addresses: { listen },
+  addresses: { listen, appendAnnounce },
   transports,
   connectionEncrypters: [noise()],
   streamMuxers: [yamux()],
@@ -87,6 +100,7 @@ const node = await createLibp2p({
     dcutr: dcutr(),
     autonat: autoNAT(),
     ...relayServer,
+    ...autonatV2,
     ...dhtServices
   },
   connectionGater: { denyDialMultiaddr: async () => false }
@@ -210,6 +224,9 @@ const commands = {
   },
   async peers () {
     return { peers: node.getPeers().map(String) }
+  },
+  async protocols () {
+    return { protocols: node.getProtocols() }
   },
   async addrs () {
     return { addrs: node.getMultiaddrs().map(String) }

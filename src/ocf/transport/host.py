@@ -48,7 +48,7 @@ import logging
 import math
 import time
 from typing import Any, Protocol
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 
 import attrs
 import trio
@@ -202,6 +202,7 @@ class Host:
         if config.public_addr:
             self.dial_policy.note_home(config.public_addr)
         self._info: dict[PeerId, PeerInfo] = {}
+        self._keep_duplicates: dict[PeerId, int] = {}
         self._resolver: PeerResolver | None = None
         self.identify_listeners: list[IdentifyListener] = []
         self._subscribers: set[trio.MemorySendChannel[PeerEvent]] = set()
@@ -682,9 +683,25 @@ class Host:
 
             self._nursery.start_soon(identify_peer, self, conn)
 
+    @contextlib.contextmanager
+    def duplicates_allowed(self, peer: PeerId) -> Iterator[None]:
+        """No tie-break between connections to ``peer`` for the block.
+
+        AutoNAT v2: a server may dial us back under the identity it is already
+        connected with; closing either connection would kill the request or
+        the dial-back. The server closes its dial-back connection afterwards.
+        """
+        self._keep_duplicates[peer] = self._keep_duplicates.get(peer, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._keep_duplicates.pop(peer) - 1
+            if left:
+                self._keep_duplicates[peer] = left
+
     def _tie_break(self, peer: PeerId) -> None:
         usable = [c for c in self._conns.get(peer, ()) if c.usable]
-        if len(usable) < 2:
+        if len(usable) < 2 or peer in self._keep_duplicates:
             return
         # Between connections of different initiators: the smaller peer ID's
         # (both sides compute the same). Between connections of the same
@@ -761,6 +778,35 @@ class Host:
             with transport_errors_unwrapped(), trio.fail_after(timeout):
                 async with transport.connect(addr, timeout) as raw:
                     await upgrader.secure(raw.stream, initiator=True, expected=expected)
+        except trio.TooSlowError:
+            raise PeerUnreachable(f"{addr} did not answer within {timeout:g}s") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise PeerUnreachable(f"{addr} closed the connection ({exc or 'EOF'})") from None
+
+    @contextlib.asynccontextmanager
+    async def probe_stream(self, addr: Multiaddr, protocol: str, timeout: float) -> AsyncIterator[MuxedStream]:  # noqa: ASYNC109
+        """A stream on ``protocol`` over a fresh connection to ``addr`` from a throwaway identity (AutoNAT v2).
+
+        As :meth:`probe`, the connection is nobody's peer connection and closes
+        with the block; any peer may answer (v2 checks a nonce, not an ID).
+        :class:`PeerUnreachable` if it cannot be dialed or negotiated in time.
+        """
+        upgrader = default_upgrader(Identity.generate(), self.config)
+        transport = self._transport_for(addr)
+        try:
+            with transport_errors_unwrapped():
+                async with transport.connect(addr, timeout) as raw, trio.open_nursery() as nursery:
+                    with trio.fail_after(timeout):
+                        secured, remote = await upgrader.secure(raw.stream, initiator=True, expected=None)
+                        muxed = MuxedConnection(secured, is_client=True, remote_peer=remote)
+                        await nursery.start(muxed.run)
+                        stream = await muxed.open_stream()
+                        stream.protocol = await upgrader.select(stream, [protocol])
+                    try:
+                        yield stream
+                    finally:
+                        await muxed.aclose("probe done")
+                        nursery.cancel_scope.cancel()
         except trio.TooSlowError:
             raise PeerUnreachable(f"{addr} did not answer within {timeout:g}s") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

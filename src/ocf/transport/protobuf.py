@@ -54,8 +54,11 @@ def field(out: bytearray, number: int, value: bytes) -> None:
     out += value
 
 
-def iter_fields(data: bytes) -> Iterator[tuple[int, bytes | int]]:
-    """Yield ``(field number, value)``; raises :class:`ProtocolError` on malformed input."""
+def iter_fields(data: bytes, *, fixed64: bool = False) -> Iterator[tuple[int, bytes | int]]:
+    """Yield ``(field number, value)``; raises :class:`ProtocolError` on malformed input.
+
+    64-bit fixed fields are skipped unless ``fixed64`` (then yielded as ints, little-endian unsigned).
+    """
     pos = 0
     while pos < len(data):
         key, pos = read_varint(data, pos)
@@ -72,6 +75,8 @@ def iter_fields(data: bytes) -> Iterator[tuple[int, bytes | int]]:
             yield number, bytes(data[pos : pos + length])
             pos += length
         elif wire == 1:
+            if fixed64 and pos + 8 <= len(data):
+                yield number, int.from_bytes(data[pos : pos + 8], "little")
             pos += 8
         elif wire == 5:
             pos += 4
@@ -88,6 +93,12 @@ def bytes_fields(data: bytes) -> dict[int, list[bytes]]:
         if isinstance(value, bytes):
             out.setdefault(number, []).append(value)
     return out
+
+
+def fixed64_field(out: bytearray, number: int, value: int) -> None:
+    """Append a 64-bit fixed field (``fixed64``: AutoNAT v2's nonce)."""
+    out += varint.encode(number << 3 | 1)
+    out += (value & (1 << 64) - 1).to_bytes(8, "little")
 
 
 def varint_field(out: bytearray, number: int, value: int) -> None:

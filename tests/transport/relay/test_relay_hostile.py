@@ -137,3 +137,20 @@ async def test_dcutr_dials_only_few_allowed_tcp_addresses():
             ]
             got = puncher._their_addrs(tuple(raw))
         assert [str(a) for a in got] == [f"/ip4/1.1.1.{i}/tcp/{1000 + i}" for i in range(MAX_ADDRS)]
+
+
+async def test_dcutr_takes_few_quic_addresses_besides_tcp_ones():
+    async with open_host(Identity.from_seed("dc-filter-quic"), cfg()) as host:
+        async with open_holepunch(host) as puncher:
+            raw = [
+                Multiaddr.parse(a).to_bytes()
+                for a in (
+                    "/ip4/10.9.9.9/udp/1/quic-v1",  # private and not ours
+                    "/ip4/8.8.4.4/udp/1",  # UDP without QUIC
+                    *(f"/ip4/2.2.2.{i}/udp/{2000 + i}/quic-v1" for i in range(10)),
+                    "/ip4/1.1.1.1/tcp/1000",
+                )
+            ]
+            got = [str(a) for a in puncher._their_addrs(tuple(raw))]
+        quic = [f"/ip4/2.2.2.{i}/udp/{2000 + i}/quic-v1" for i in range(MAX_ADDRS)]
+        assert got == [*quic, "/ip4/1.1.1.1/tcp/1000"]

@@ -233,6 +233,23 @@ class QuicTransport:
         if failure is not None:
             raise failure
 
+    async def punch(self, addr: Multiaddr, payload: bytes) -> None:
+        """Send one datagram to ``addr`` from the socket our dials leave from (DCUtR over QUIC).
+
+        It opens our NAT's mapping towards the peer, so that the peer's QUIC
+        dial to our address gets through; the peer's endpoint drops it.
+        """
+        if not is_quic_addr(addr) or addr.parts[0][0] not in ("ip4", "ip6"):
+            raise PeerUnreachable(f"{addr}: not an IP QUIC address")
+        host = addr.parts[0][1] or ""
+        try:
+            port = int(addr.value_for("udp") or "")
+        except (ValueError, MultiaddrError):
+            raise PeerUnreachable(f"{addr}: bad UDP port") from None
+        family = socket.AF_INET6 if addr.parts[0][0] == "ip6" else socket.AF_INET
+        endpoint = await self._dialer(family, host)
+        endpoint.send_datagram(payload, (host, port))
+
     # --- inbound ----------------------------------------------------------------------------
 
     async def _serve_inbound(self, conn: QuicMuxedConnection, slot: HandshakeSlot) -> None:

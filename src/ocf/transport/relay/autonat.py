@@ -25,12 +25,18 @@ As a server we are a tool for whoever asks, so (the spec's rules and go-libp2p's
 As a client (``--reachability auto``) we ask peers that speak the protocol;
 one that dials us back makes us public; :data:`CONFIDENCE` failures (or
 every server we could ask, if fewer) make us private.
+
+AutoNAT v2 (:mod:`.autonat2`) is served alongside, and preferred as a client:
+a server that lists ``/libp2p/autonat/2/dial-request`` in identify is asked
+about our addresses by v2 (proved by a nonce); one that does not, by v1.
+Both answers count the same way towards the verdict.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import ipaddress
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -42,9 +48,12 @@ import trio
 from ... import log as logfmt
 from ...errors import MultiaddrError, ProtocolError, TransportError
 from ...identity import Multiaddr, PeerId
+from ..dialpolicy import classify
 from ..identify import read_message, write_message
 from ..protobuf import field, int_field, iter_fields, varint_field
 from ..tcp import is_tcp_addr
+
+from .autonat2 import DIAL_BACK, DIAL_REQUEST, AutoNatV2
 
 if TYPE_CHECKING:
     from ..host import Host
@@ -179,6 +188,13 @@ def dial_back_addrs(observed: Multiaddr | None, requested: list[bytes]) -> list[
     return out
 
 
+def _public_ip(text: str) -> bool:
+    try:
+        return classify(ipaddress.ip_address(text))[0] == "public"
+    except ValueError:
+        return False
+
+
 class AutoNat:
     """AutoNAT server and client for one host (see the module doc)."""
 
@@ -187,30 +203,38 @@ class AutoNat:
         self.nat = nat
         self._global: list[float] = []
         self._per_peer: dict[PeerId, list[float]] = {}
+        self._per_peer_v2: dict[PeerId, list[float]] = {}
         self._busy: set[PeerId] = set()
         self.results: dict[PeerId, tuple[str, float]] = {}  # server -> ("public" | "private", when)
         self.refused: dict[str, int] = {}
         self.stats = {"dial_backs": 0, "dial_back_ok": 0}
+        self.v2: AutoNatV2 | None = None
         self._log = logfmt.RateLimitedLog(log, host.config.refusal_log_interval)
 
-    def summary(self) -> dict[str, int]:
+    def summary(self) -> dict[str, object]:
         values = [r for r, _ in self.results.values()]
-        return {"public": values.count("public"), "private": values.count("private")}
+        out: dict[str, object] = {"public": values.count("public"), "private": values.count("private")}
+        if self.v2 is not None:
+            out["v2"] = dict(self.v2.stats, addrs=dict(self.v2.addr_results))
+        return out
 
     # --- server --------------------------------------------------------------------------
 
-    def _admit(self, peer: PeerId, now: float) -> str | None:
+    def _admit(self, peer: PeerId, now: float, *, v2: bool = False) -> str | None:
+        """Within the global rate and the peer's (v1 and v2 each have their own per-peer budget)."""
         self._global = [t for t in self._global if t > now - 60]
         if len(self._global) >= GLOBAL_PER_MINUTE:
             return "global_rate"
-        mine = [t for t in self._per_peer.get(peer, ()) if t > now - 60]
-        if len(mine) >= PEER_PER_MINUTE or peer in self._busy:
+        per_peer = self._per_peer_v2 if v2 else self._per_peer
+        mine = [t for t in per_peer.get(peer, ()) if t > now - 60]
+        if len(mine) >= PEER_PER_MINUTE or (not v2 and peer in self._busy):
             return "peer_rate"
         self._global.append(now)
         mine.append(now)
-        self._per_peer[peer] = mine
-        if len(self._per_peer) > 4 * GLOBAL_PER_MINUTE:
-            self._per_peer = {p: ts for p, ts in self._per_peer.items() if ts[-1] > now - 60}
+        per_peer[peer] = mine
+        if len(per_peer) > 4 * GLOBAL_PER_MINUTE:
+            for stale in [p for p, ts in per_peer.items() if ts[-1] <= now - 60]:
+                del per_peer[stale]
         return None
 
     async def _respond(self, stream: MuxedStream, status: RespStatus, text: str = "", addr: bytes = b"") -> None:
@@ -286,8 +310,39 @@ class AutoNat:
             return True
         return False
 
+    def v2_addrs(self, server: PeerId | None = None) -> list[Multiaddr]:
+        """Our addresses worth testing one by one with v2: public direct TCP listen addresses, then the IP
+        ``server`` sees us at with each TCP listen port (a NAT that keeps ports maps us there).
+
+        Not private ones (the spec's rule: a server on the internet must not dial into private networks).
+        """
+        listen = [a for a in self.own_addrs() if is_tcp_addr(a) and not a.has("ws") and a.parts[0][0] in ("ip4", "ip6")]
+        out = [a for a in listen if _public_ip(a.parts[0][1] or "")]
+        info = self.host.peer_info(server) if server is not None else None
+        observed = info.observed_addr if info is not None else None
+        if observed is not None and observed.parts and observed.parts[0][0] in ("ip4", "ip6"):
+            kind, ip = observed.parts[0]
+            if _public_ip(ip or ""):
+                for a in listen:
+                    candidate = Multiaddr(((kind, ip), ("tcp", a.value_for("tcp"))))
+                    if a.parts[0][0] == kind and candidate not in out:
+                        out.append(candidate)
+        return out[:MAX_DIAL_ADDRS]
+
     async def ask(self, server: PeerId) -> str | None:
-        """Ask ``server`` to dial us back: ``"public"``, ``"private"``, or None if it would not say."""
+        """Are we reachable, by ``server`` (v2 if it speaks it, else v1): ``"public"``, ``"private"`` or None."""
+        info = self.host.peer_info(server)
+        addrs = self.v2_addrs(server)
+        if self.v2 is not None and info is not None and DIAL_REQUEST in info.protocols and addrs:
+            answer = await self.v2.ask(server, addrs)
+            if answer is None:
+                return None
+            self.results[server] = (answer[1], time.monotonic())
+            return answer[1]
+        return await self.ask_v1(server)
+
+    async def ask_v1(self, server: PeerId) -> str | None:
+        """Ask ``server`` to dial us back (v1): ``"public"``, ``"private"``, or None if it would not say."""
         request = DialRequest(self.host.peer_id.raw, tuple(a.to_bytes() for a in self.own_addrs()))
         try:
             with trio.fail_after(ANSWER_TIMEOUT):
@@ -321,7 +376,7 @@ class AutoNat:
         out = []
         for peer in self.host.connected_peers():
             info = self.host.peer_info(peer)
-            if info is None or PROTOCOL not in info.protocols:
+            if info is None or not ({PROTOCOL, DIAL_REQUEST} & set(info.protocols)):
                 continue
             if not any(c.usable and not c.relayed for c in self.host.connections(peer)):
                 continue
@@ -361,7 +416,10 @@ class AutoNat:
 async def open_autonat(host: Host, nat: Nat | None = None) -> AsyncIterator[AutoNat]:
     """Serve AutoNAT on ``host``; with ``--reachability auto``, also ask peers (the answer goes to ``nat``)."""
     autonat = AutoNat(host, nat)
+    autonat.v2 = AutoNatV2(host, autonat)
     host.set_stream_handler(PROTOCOL, autonat.handle)
+    host.set_stream_handler(DIAL_REQUEST, autonat.v2.handle_request)
+    host.set_stream_handler(DIAL_BACK, autonat.v2.handle_dial_back)
     try:
         async with trio.open_nursery() as nursery:
             if nat is not None and host.config.reachability == "auto":
@@ -372,3 +430,5 @@ async def open_autonat(host: Host, nat: Nat | None = None) -> AsyncIterator[Auto
                 nursery.cancel_scope.cancel()
     finally:
         host.remove_stream_handler(PROTOCOL)
+        host.remove_stream_handler(DIAL_REQUEST)
+        host.remove_stream_handler(DIAL_BACK)

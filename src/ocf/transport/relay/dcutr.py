@@ -13,15 +13,23 @@ packet for the pair of addresses when the other side's arrives: a TCP
 simultaneous open. For the purpose of everything above TCP, A is the
 client (Noise initiator) and B the server.
 
+Over QUIC (when both listen on it) the punch runs alongside: each side also
+sends its IPs with its QUIC listen port (QUIC dials leave from the listening
+socket); A QUIC-dials B's, and B sends random datagrams to A's so that its
+own NAT lets A's dial in (see :meth:`HolePuncher._dial`).
+
 Which addresses: each side binds a fresh TCP socket first and sends the IP
 the relay observed for it (identify's ``observedAddr``) with that socket's
 port, plus its own non-loopback listen IPs with that port: a NAT that keeps
 the source port (Linux masquerade does when it can) maps the punch socket
 to exactly that address. The dials then go out from that port
-(``SO_REUSEPORT``, so one socket per candidate address).
+(``SO_REUSEPORT``, so one socket per candidate address). B also sends its
+direct TCP listen addresses: A dials as the client, which is what a listener
+expects, and an A that cannot dial from a chosen port (js-libp2p) gets through
+to a B whose listener is reachable.
 
 Limits: the stream is accepted only on a relayed connection; messages are
-at most 4 KiB and at most :data:`MAX_ADDRS` addresses are used, TCP only,
+at most 4 KiB and at most :data:`MAX_ADDRS` addresses of each transport are used (IPv4 TCP and QUIC),
 and only those the dial policy allows (a peer cannot make us dial
 anywhere); each step has a deadline; one punch per peer and
 :data:`MAX_CONCURRENT` in all at a time; B tries :data:`ATTEMPTS` times.
@@ -30,124 +38,36 @@ anywhere); each step has a deadline; one punch per peer and
 from __future__ import annotations
 
 import contextlib
-import enum
 import ipaddress
 import logging
-import socket
+import random
 from typing import TYPE_CHECKING
 from collections.abc import AsyncIterator
 
-import attrs
 import trio
 
 from ... import log as logfmt
-from ...errors import MultiaddrError, PeerUnreachable, ProtocolError, TransportError
+from ...errors import MultiaddrError, ProtocolError, TransportError
 from ...identity import Multiaddr, PeerId
 from ..dialpolicy import classify
 from ..identify import read_message, write_message
-from ..protobuf import field, int_field, iter_fields, varint_field
-from ..tcp import RawConn, is_tcp_addr
+from ..quic import QuicTransport, is_quic_addr
+from ..tcp import is_tcp_addr
+from .punch import MAX_MESSAGE, HolePunch, MsgType, PunchTransport, Dials, punch_datagram
 
 if TYPE_CHECKING:
-    from ..host import Connection, Host
+    from ..host import Connection, DialTransport, Host
     from ..muxer import MuxedStream
     from .nat import Nat
 
 log = logging.getLogger("ocf.transport.dcutr")
 
 PROTOCOL = "/libp2p/dcutr"
-MAX_MESSAGE = 4096
 MAX_ADDRS = 4
 STEP_TIMEOUT = 10.0
 DIAL_TIMEOUT = 5.0
 ATTEMPTS = 3
 MAX_CONCURRENT = 8
-
-
-class MsgType(enum.IntEnum):
-    CONNECT = 100
-    SYNC = 300
-
-
-@attrs.frozen
-class HolePunch:
-    type: MsgType
-    addrs: tuple[bytes, ...] = ()
-
-    def encode(self) -> bytes:
-        out = bytearray()
-        varint_field(out, 1, int(self.type))
-        for a in self.addrs:
-            field(out, 2, a)
-        return bytes(out)
-
-    @classmethod
-    def decode(cls, data: bytes) -> HolePunch:
-        if len(data) > MAX_MESSAGE:
-            raise ProtocolError(f"dcutr message of {len(data)} bytes exceeds {MAX_MESSAGE}")
-        kind: int | None = None
-        addrs: list[bytes] = []
-        for number, value in iter_fields(data):
-            if number == 1:
-                kind = int_field(value, "dcutr.type")
-            elif number == 2 and isinstance(value, bytes) and len(addrs) < 32:
-                addrs.append(value)
-        try:
-            return cls(MsgType(kind if kind is not None else -1), tuple(addrs))
-        except ValueError:
-            raise ProtocolError(f"dcutr message of unknown type {kind}") from None
-
-
-class PunchTransport:
-    """Dials from one local port, so the NAT maps it where the peer was told to dial."""
-
-    def __init__(self, sock: trio.socket.SocketType) -> None:
-        self.port: int = sock.getsockname()[1]
-        self.family = sock.family
-        self._first: trio.socket.SocketType | None = sock
-
-    @classmethod
-    async def bind(cls, family: socket.AddressFamily = socket.AF_INET) -> PunchTransport:
-        return cls(await _reuse_socket(family, 0))
-
-    def close(self) -> None:
-        if self._first is not None:
-            self._first.close()
-            self._first = None
-
-    @contextlib.asynccontextmanager
-    async def connect(self, addr: Multiaddr, timeout: float) -> AsyncIterator[RawConn]:  # noqa: ASYNC109 - dial only
-        host, port = addr.host_port()
-        sock = self._first if self._first is not None else await _reuse_socket(self.family, self.port)
-        self._first = None
-        try:
-            with trio.fail_after(timeout):
-                await sock.connect((host, port))
-        except trio.TooSlowError:
-            sock.close()
-            raise PeerUnreachable(f"hole punch to {addr} timed out") from None
-        except OSError as exc:
-            sock.close()
-            raise PeerUnreachable(f"hole punch to {addr} failed: {exc.strerror or exc}") from None
-        stream = trio.SocketStream(sock)
-        local = Multiaddr(
-            (("ip4" if self.family == socket.AF_INET else "ip6", sock.getsockname()[0]), ("tcp", str(self.port)))
-        )
-        async with stream:
-            yield RawConn(stream, addr.without_p2p(), local, "tcp")
-
-
-async def _reuse_socket(family: socket.AddressFamily, port: int) -> trio.socket.SocketType:
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if hasattr(socket, "SO_REUSEPORT"):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        await sock.bind(("0.0.0.0" if family == socket.AF_INET else "::", port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 def _public(addr: Multiaddr) -> bool:
@@ -184,16 +104,27 @@ class HolePuncher:
         self.nat = nat
         self._active: set[PeerId] = set()
         self._nursery: trio.Nursery | None = None
-        self.stats = {"attempts": 0, "succeeded": 0, "failed": 0, "unilateral": 0}
+        self.stats = {"attempts": 0, "succeeded": 0, "succeeded_quic": 0, "failed": 0, "unilateral": 0}
         self.refused: dict[str, int] = {}
         self.last_ms: float | None = None  # duration of the last successful punch, for benchmarks
+        self._counted = trio.Event()
         self._log = logfmt.RateLimitedLog(log, host.config.refusal_log_interval)
+
+    def _count(self, outcome: str) -> None:
+        self.stats[outcome] += 1
+        self._counted.set()
+        self._counted = trio.Event()
+
+    async def wait_counted(self) -> None:
+        """Return at the next change of :attr:`stats` (tests and benchmarks wait on outcomes)."""
+        await self._counted.wait()
 
     def _refuse(self, reason: str, peer: PeerId) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
         self._log.info(reason, "hole punch refused", reason=reason, peer=peer.short())
 
-    def _our_addrs(self, conn: Connection, port: int) -> list[Multiaddr]:
+    def _our_ips(self, conn: Connection) -> list[str]:
+        """The IP the relay sees us at, then our own non-loopback listen IPs (IPv4)."""
         ips: list[str] = []
         relay = _relay_of(conn)
         info = self.host.peer_info(relay) if relay is not None else None
@@ -205,22 +136,53 @@ class HolePuncher:
                 ip = a.parts[0][1] or ""
                 if ip not in ips and not ipaddress.ip_address(ip).is_loopback:
                     ips.append(ip)
-        return [Multiaddr((("ip4", ip), ("tcp", str(port)))) for ip in ips if ip][:MAX_ADDRS]
+        return [ip for ip in ips if ip and not ipaddress.ip_address(ip).is_unspecified]
+
+    def _our_addrs(self, conn: Connection, port: int) -> list[Multiaddr]:
+        """TCP: our IPs with the punch socket's port; QUIC: our IPs with the QUIC listen port (dials leave from it)."""
+        ips = self._our_ips(conn)
+        out = [Multiaddr((("ip4", ip), ("tcp", str(port)))) for ip in ips][:MAX_ADDRS]
+        ports = {a.value_for("udp") for a in self.host.listen_addrs if is_quic_addr(a) and a.parts[0][0] == "ip4"}
+        for udp in sorted(p for p in ports if p):
+            out += [Multiaddr((("ip4", ip), ("udp", udp), ("quic-v1", None))) for ip in ips][:MAX_ADDRS]
+        return out
+
+    def _listen_addrs(self) -> list[Multiaddr]:
+        """B's own direct TCP listen addresses, which A may dial as the client it is.
+
+        A implementation whose dials cannot leave from a chosen port (js-libp2p)
+        reaches B at its listener; go-libp2p's listen port is its punch port.
+        Only B sends them: B's dials run as the server, and a listener of A's
+        would be a second server on the same connection.
+        """
+        out: list[Multiaddr] = []
+        for a in self.host.listen_addrs:
+            a = a.without_p2p()
+            if not is_tcp_addr(a) or a.has("ws") or a.has("p2p-circuit") or a.parts[0][0] != "ip4":
+                continue
+            ip = ipaddress.ip_address(a.parts[0][1] or "")
+            if not (ip.is_loopback or ip.is_unspecified) and a not in out:
+                out.append(a)
+        return out[:MAX_ADDRS]
 
     def _their_addrs(self, raw: tuple[bytes, ...]) -> list[Multiaddr]:
+        """The peer's IPv4 TCP and QUIC addresses the dial policy allows, at most :data:`MAX_ADDRS` of each."""
         out: list[Multiaddr] = []
+        counts = {"tcp": 0, "quic": 0}
         for item in raw:
             try:
                 ma = Multiaddr.from_bytes(item).without_p2p()
             except MultiaddrError:
                 continue
-            if not is_tcp_addr(ma) or ma.has("ws") or ma.parts[0][0] != "ip4":
+            if not ma.parts or ma.parts[0][0] != "ip4" or ma.has("p2p-circuit"):
+                continue
+            kind = "quic" if is_quic_addr(ma) else "tcp" if is_tcp_addr(ma) and not ma.has("ws") else None
+            if kind is None or counts[kind] >= MAX_ADDRS:
                 continue
             if self.host.dial_policy.refusal(ma) is not None or ma in out:
                 continue
             out.append(ma)
-            if len(out) >= MAX_ADDRS:
-                break
+            counts[kind] += 1
         return out
 
     def _admit(self, peer: PeerId) -> bool:
@@ -240,10 +202,23 @@ class HolePuncher:
         if not self._admit(peer):
             self._refuse("busy", peer)
             return
-        try:
-            await self._answer(stream, conn, peer)
-        finally:
-            self._active.discard(peer)
+        # The exchange runs in the puncher's nursery, not in this handler's task: a successful punch
+        # retires the relayed connection, whose handlers are cancelled when it closes, possibly before
+        # the punch has seen its own success.
+        done = trio.Event()
+
+        async def answer() -> None:
+            try:
+                await self._answer(stream, conn, peer)
+            except Exception as exc:  # noqa: BLE001 - one peer's exchange must not stop the puncher
+                log.warning("hole punch failed %s", logfmt.kv(peer=peer.short(), exc=repr(exc)), exc_info=True)
+            finally:
+                self._active.discard(peer)
+                done.set()
+
+        assert self._nursery is not None
+        self._nursery.start_soon(answer)
+        await done.wait()
 
     async def _answer(self, stream: MuxedStream, conn: Connection, peer: PeerId) -> None:
         while True:  # B may retry on the same stream
@@ -270,12 +245,12 @@ class HolePuncher:
                     trio.ClosedResourceError,
                 ):
                     return  # B gave up, or the stream ended: nothing more to do here
-                self.stats["attempts"] += 1
+                self._count("attempts")
                 t0 = trio.current_time()
                 if await self._dial(punch, theirs, peer, client=True):
                     self._done(peer, t0)
                     return
-                self.stats["failed"] += 1
+                self._count("failed")
             finally:
                 punch.close()
 
@@ -319,7 +294,7 @@ class HolePuncher:
                 log.debug("direct dial failed %s", logfmt.kv(peer=peer.short(), addr=addr, reason=exc or "timeout"))
                 continue
             if self._direct(peer):
-                self.stats["unilateral"] += 1
+                self._count("unilateral")
                 log.info("relayed connection upgraded by a direct dial %s", logfmt.kv(peer=peer.short(), addr=addr))
                 return True
         return False
@@ -327,7 +302,7 @@ class HolePuncher:
     async def _attempt(self, conn: Connection, peer: PeerId) -> bool:
         punch = await PunchTransport.bind()
         try:
-            ours = self._our_addrs(conn, punch.port)
+            ours = self._our_addrs(conn, punch.port) + self._listen_addrs()
             try:
                 with trio.fail_after(STEP_TIMEOUT):
                     stream = await conn.muxed.open_stream()
@@ -354,13 +329,13 @@ class HolePuncher:
                 )
                 return False
             theirs = self._their_addrs(answer.addrs)
-            self.stats["attempts"] += 1
+            self._count("attempts")
             t0 = trio.current_time()
             await trio.sleep(rtt / 2)
             if await self._dial(punch, theirs, peer, client=False):
                 self._done(peer, t0)
                 return True
-            self.stats["failed"] += 1
+            self._count("failed")
             return False
         finally:
             punch.close()
@@ -369,43 +344,113 @@ class HolePuncher:
         return any(c.usable and not c.relayed for c in self.host.connections(peer))
 
     def _done(self, peer: PeerId, t0: float) -> None:
-        self.stats["succeeded"] += 1
+        if any(
+            c.usable and not c.relayed and c.remote_addr and is_quic_addr(c.remote_addr)
+            for c in self.host.connections(peer)
+        ):
+            self.stats["succeeded_quic"] += 1
+        self._count("succeeded")
         self.last_ms = (trio.current_time() - t0) * 1000
         log.info("hole punch succeeded %s", logfmt.kv(peer=peer.short(), ms=round(self.last_ms, 1)))
 
     async def _dial(self, punch: PunchTransport, addrs: list[Multiaddr], peer: PeerId, *, client: bool) -> bool:
-        """Dial every candidate from the punch port at once; True once a direct connection to ``peer`` is up."""
+        """Punch towards every candidate at once; True once a direct connection to ``peer`` is up.
+
+        TCP: A dials each address from the punch port; B connects from it too
+        and serves what connects as the server (a simultaneous open). QUIC: A
+        dials from its QUIC socket (the client); B sends random datagrams from
+        its own to A's addresses every 10-200 ms, opening its NAT to A's
+        dial, which QUIC's own retransmission brings through.
+        """
         if not addrs:
+            log.debug("hole punch: no address of the peer to dial %s", logfmt.kv(peer=peer.short()))
             return False
         assert self._nursery is not None
+        tcp = [a for a in addrs if not is_quic_addr(a)]
+        quic = [a for a in addrs if is_quic_addr(a) and self._can_quic(a)]
 
-        async def one(addr: Multiaddr) -> None:
+        # Once every dial of A's has failed, A gives up at once, so that B's next attempt finds it
+        # reading the next CONNECT. B waits DIAL_TIMEOUT more after its own failed (A may still reach
+        # B's listener), and as long as it punches over QUIC (which never "fails").
+        dials = Dials(len(tcp) + len(quic) if client else 0 if quic else len(tcp))
+
+        async def one(addr: Multiaddr, transport: DialTransport) -> None:
             try:
-                await self.host.connect_via(punch, addr.with_p2p(peer))
+                await self.host.connect_via(transport, addr.with_p2p(peer))
             except TransportError as exc:
                 log.debug("hole punch dial failed %s", logfmt.kv(peer=peer.short(), addr=addr, reason=exc))
+                dials.failed()
 
         if not client:
             # B is the server: it serves the socket as an inbound connection, which
             # must outlive this call, so the dials run in the puncher's nursery.
-            for addr in addrs:
-                self._nursery.start_soon(self._serve_punched, punch, addr, peer)
-        with trio.move_on_after(DIAL_TIMEOUT + STEP_TIMEOUT):
+            for addr in tcp:
+                self._nursery.start_soon(self._serve_punched, punch, addr, peer, dials)
+        with trio.move_on_after(DIAL_TIMEOUT + STEP_TIMEOUT) as scope:
             async with trio.open_nursery() as nursery:
                 if client:
-                    for addr in addrs:
-                        nursery.start_soon(one, addr)
-                while not self._direct(peer):
+                    for addr in tcp:
+                        nursery.start_soon(one, addr, punch)
+                    for addr in quic:
+                        nursery.start_soon(one, addr, self.host.transport_for(addr))
+                elif quic:
+                    nursery.start_soon(self._punch_udp, quic)
+                grace = False
+                # gone altogether (both connections closed): nothing left to upgrade; a new relayed
+                # connection starts its own punch, which this one must not hold up
+                while not self._direct(peer) and self.host.is_connected(peer):
+                    if not dials.all_failed.is_set():
+                        await self._changed_or(dials.all_failed)
+                        continue
+                    if client:
+                        break
+                    if not grace:
+                        scope.deadline = min(scope.deadline, trio.current_time() + DIAL_TIMEOUT)
+                        grace = True
                     await self.host.wait_changed()
                 nursery.cancel_scope.cancel()
         return self._direct(peer)
 
-    async def _serve_punched(self, punch: PunchTransport, addr: Multiaddr, peer: PeerId) -> None:
+    async def _changed_or(self, event: trio.Event) -> None:
+        """Return at the host's next change or when ``event`` is set."""
+        async with trio.open_nursery() as nursery:
+
+            async def changed() -> None:
+                await self.host.wait_changed()
+                nursery.cancel_scope.cancel()
+
+            async def other() -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(changed)
+            nursery.start_soon(other)
+
+    def _can_quic(self, addr: Multiaddr) -> bool:
+        try:
+            return isinstance(self.host.transport_for(addr), QuicTransport)
+        except TransportError:
+            return False
+
+    async def _punch_udp(self, addrs: list[Multiaddr]) -> None:
+        """B's side over QUIC: random datagrams from our QUIC socket until cancelled (the spec's 10-200 ms)."""
+        transport = self.host.transport_for(addrs[0])
+        assert isinstance(transport, QuicTransport)
+        while True:
+            for addr in addrs:
+                try:
+                    await transport.punch(addr, punch_datagram())
+                except TransportError as exc:
+                    log.debug("udp punch failed %s", logfmt.kv(addr=addr, reason=exc))
+            await trio.sleep(random.uniform(0.01, 0.2))  # noqa: S311 - spacing, not a secret
+
+    async def _serve_punched(self, punch: PunchTransport, addr: Multiaddr, peer: PeerId, dials: Dials) -> None:
         try:
             async with punch.connect(addr, DIAL_TIMEOUT) as raw:
                 await self.host.serve_inbound(raw)
         except (TransportError, OSError) as exc:
             log.debug("hole punch dial failed %s", logfmt.kv(peer=peer.short(), addr=addr, reason=exc))
+            dials.failed()
 
     async def watch(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """B's side: a new relayed inbound connection starts a hole punch."""

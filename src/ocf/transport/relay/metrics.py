@@ -47,6 +47,8 @@ class NatCollector(Collector):
         ]
         if nat.autonat is not None:
             parts.append(("autonat", nat.autonat.stats, nat.autonat.refused))
+            if nat.autonat.v2 is not None:
+                parts.append(("autonat_v2", nat.autonat.v2.stats, {}))
         if nat.holepunch is not None:
             parts.append(("dcutr", nat.holepunch.stats, nat.holepunch.refused))
         if nat.service is not None:
