@@ -92,7 +92,8 @@ class ProviderDirectory(Protocol):
 class LoadBoard(Protocol):
     """Load published through membership: ours (requests our backends serve) and each peer's."""
 
-    def set_load(self, load: int) -> None: ...
+    def load_from(self, source: Callable[[], int]) -> None:
+        """Read our load from ``source`` whenever membership wakes (it publishes changes every couple of seconds)."""
 
     def load(self, peer: PeerId) -> int: ...
 

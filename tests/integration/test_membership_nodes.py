@@ -113,18 +113,15 @@ async def test_node_table_digests_do_not_grow_with_the_table(node_config):
         nursery.cancel_scope.cancel()
 
 
-async def test_load_is_published_without_waiting_for_a_probe(node_config):
-    # Probes an hour apart: only the load's own deadline can wake the publisher.
-    cluster = Cluster(node_config, 2, membership_probe_interval=3600.0)
+async def test_load_is_read_from_its_source_when_membership_wakes(node_config):
+    # How the gateway publishes: membership reads its in-flight count, nobody calls in per request.
+    cluster = Cluster(node_config, 2, membership_probe_interval=0.2)
     async with trio.open_nursery() as nursery:
         await cluster.start(nursery)
         a, b = cluster.nodes
         await cluster.until(lambda: sees(b, a, Status.ALIVE))
-        t0 = trio.current_time()
-        for n in (3, 7, 5):  # as the gateway does, once per request it starts or ends
-            a.membership.set_load(n)
+        serving = [6]
+        a.membership.load_from(lambda: serving[0])
         with trio.fail_after(30):
-            await wait_until(lambda: b.membership.load(a.peer_id) == 5)
-        # Within the load interval (2 s) and a gossip round, not the hour until the next probe.
-        assert trio.current_time() - t0 < 10
+            await wait_until(lambda: b.membership.load(a.peer_id) == 6)
         nursery.cancel_scope.cancel()

@@ -139,7 +139,7 @@ def install_gateway_layer(app: QuartTrio, parts: GatewayParts, raw: Mapping[str,
         metrics.add_collectors(mount.collectors)
     providers = Providers(config, parts.peer_id, parts.host, parts.table, parts.services)
     forwarder = Forwarder(config, parts.peer_id, providers, parts.services, metrics)
-    forwarder.load_board = parts.load
+    forwarder.use_load_board(parts.load)
     app.extensions["ocf.metrics"] = metrics
     app.extensions["ocf.forwarder"] = forwarder
     app.register_blueprint(metrics_blueprint)

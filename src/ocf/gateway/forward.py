@@ -131,11 +131,18 @@ class Forwarder:
         self.dispatch_internal: Callable[[dict, Receive, Send, bytes], Awaitable[None]] | None = None
         self.in_flight = metrics.in_flight  # provider -> requests in flight from here (counted by metrics.enter/leave)
         self._serving = 0  # requests our own backends are serving: published as our load through membership
-        self.load_board: LoadBoard | None = None  # membership, when the node runs it (set by create_app)
+        self.load_board: LoadBoard | None = None  # membership, when the node runs it (see use_load_board)
 
-    def _publish_load(self) -> None:
-        if self.load_board is not None:
-            self.load_board.set_load(self._serving)
+    def use_load_board(self, board: LoadBoard | None) -> None:
+        """Publish our load and weigh providers by theirs through ``board`` (membership).
+
+        Membership reads ``_serving`` when it wakes rather than being told on
+        every request: a request then costs one addition each way, not a call
+        into membership.
+        """
+        self.load_board = board
+        if board is not None:
+            board.load_from(lambda: self._serving)
 
     # --- entry point ------------------------------------------------------------------
 
@@ -213,13 +220,11 @@ class Forwarder:
 
         async def work(body: RequestBody) -> None:
             self._serving += 1
-            self._publish_load()
             try:
                 async with self._backend_exchange(call, target, body, rest) as response:
                     await call.responder.relay(response)
             finally:
                 self._serving -= 1
-                self._publish_load()
 
         await self._guarded(call, work)
 
