@@ -26,19 +26,16 @@ list in :mod:`ocf.gateway.models`.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import random
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from collections.abc import Awaitable, Callable, Sequence
 
-import attrs
 import trio
 
 from .. import log as logfmt
 from ..errors import (
-    BadRequest,
     ForwardTimeout,
     GatewayRequestError,
     LoopDetected,
@@ -47,7 +44,6 @@ from ..errors import (
     ProviderFailed,
     UpstreamError,
 )
-from ..httpstream.bridge import get_header
 from ..httpstream.pool import ConnectionPool
 from ..ports import LLM_SERVICE, InternalService, LoadBoard, LocalService
 from . import routeindex, routing
@@ -65,6 +61,7 @@ from .exchange import (
     peer_stream_pool,
 )
 from .models import serve_models
+from .call import Call, hops_of, join, parse_json
 from .failures import Attempts, p2p_error
 from .providers import LIBP2P_HTTP, ConnectFailed, Providers, short
 from .router import OWN_SERVICE, P2P
@@ -86,20 +83,6 @@ MAX_HOPS = 8
 RETRYABLE_CODES = frozenset({b"backend_unreachable"})
 #: Bodies up to this size (with a declared length) are read before forwarding: cheaper and replayable.
 SMALL_BODY = 64 * 1024
-
-
-@attrs.define(slots=True, eq=False)
-class Call:
-    """One forwarding request as it arrived: what every step of it needs."""
-
-    scope: dict
-    receive: Receive
-    responder: Responder
-    hops: int  # gateways it already crossed
-
-    def query(self) -> bytes:
-        query = self.scope.get("query_string")
-        return b"?" + query if query else b""
 
 
 class _RetryableAnswer(Exception):
@@ -172,7 +155,7 @@ class Forwarder:
             await send_asgi_error(responder, exc)
 
     async def _dispatch(self, route: Route, scope: dict, receive: Receive, responder: Responder) -> None:
-        hops = _hops(scope)
+        hops = hops_of(scope)
         if hops >= MAX_HOPS:
             raise LoopDetected(f"request crossed {hops} gateways; refusing to forward it again")
         call = Call(scope, receive, responder, hops)
@@ -215,7 +198,7 @@ class Forwarder:
                 code="service_not_found",
             )
         if isinstance(target, InternalService):  # served by our own app under its prefix
-            await self._internal(call.scope, call.receive, call.responder, _join(target.path_prefix, rest), [])
+            await self._internal(call.scope, call.receive, call.responder, join(target.path_prefix, rest), [])
             return
 
         async def work(body: RequestBody) -> None:
@@ -245,7 +228,7 @@ class Forwarder:
         assert self.dispatch_internal is not None
         inner = dict(scope)
         inner["headers"] = [(k, v) for k, v in scope["headers"] if k != HOPS_HEADER] + [
-            (HOPS_HEADER, str(_hops(scope) + 1).encode())
+            (HOPS_HEADER, str(hops_of(scope) + 1).encode())
         ]
 
         async def add_headers(message: dict) -> None:
@@ -326,7 +309,7 @@ class Forwarder:
                 v.decode("latin-1") for k, v in scope["headers"] if k == IDENTITY_HEADER
             )
             if not identity and keys and body.has_body:
-                identity = routing.identity_from_json(_parse_json(await body.read_all()), keys)
+                identity = routing.identity_from_json(parse_json(await body.read_all()), keys)
             candidates = routing.select(
                 providers,
                 identity,
@@ -407,7 +390,7 @@ class Forwarder:
                         call.scope,
                         body.replay_receive(call.receive),
                         responder,
-                        _join(target.path_prefix, rest),
+                        join(target.path_prefix, rest),
                         node_header,
                     )
                     return
@@ -437,32 +420,3 @@ class Forwarder:
     def close(self) -> None:
         self.pool.close()
         self.peer_streams.close()
-
-
-# --- small helpers ---------------------------------------------------------------------
-
-
-def _join(prefix: str, rest: bytes) -> bytes:
-    """``/v1/jobs`` + ``b"x/y"`` -> ``b"/v1/jobs/x/y"``; an empty rest names the prefix itself."""
-    return prefix.encode() + (b"/" + rest if rest else b"")
-
-
-def _hops(scope: dict) -> int:
-    value = get_header(scope["headers"], HOPS_HEADER)
-    try:
-        return max(0, int(value)) if value is not None else 0
-    except ValueError:
-        return 0
-
-
-def _parse_json(data: bytes) -> Any:
-    if not data:
-        return None
-    try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest(
-            "the request body is not JSON, so it names no model;"
-            " send JSON or an X-OCF-Identity-Group: key=value header",
-            code="no_routable_identity",
-        ) from None
