@@ -25,6 +25,7 @@ from ocf.config import Config
 from ocf.identity import PeerId
 from tests.interop.jspeer import open_js_peer
 from tests.interop.netns import Segment, case_main, free_tcp_addr, run_in_segment
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(180)]
 
@@ -54,8 +55,7 @@ async def ocf_asks_js(node_config: Callable[..., Config], segment: Segment) -> N
         v2 = a.nat.autonat.v2
         await a.host.connect(f"{js_addr}/p2p/{js.peer_id}")
         with trio.fail_after(WAIT):
-            while a.nat.reachability != "public":
-                await v2.wait_counted()  # the verdict is set as soon as an answer is counted
+            await wait_until(lambda: a.nat.reachability == "public")
         ours = str(next(x for x in a.nat.autonat.v2_addrs() if our_ip in str(x)))
         assert v2.addr_results == {ours: "public"}
         assert v2.stats["dial_data_paid"] >= 1
@@ -78,8 +78,7 @@ async def js_asks_ocf(node_config: Callable[..., Config], segment: Segment) -> N
         tcp = next(str(x) for x in a.host.listen_addrs if x.has("tcp"))
         await js.request("dial", addr=tcp)
         with trio.fail_after(WAIT):
-            while not v2.stats["dial_back_ok"]:
-                await v2.wait_counted()
+            await wait_until(lambda: v2.stats["dial_back_ok"])
         assert v2.stats["dial_data_asked"] >= 1
         with trio.fail_after(WAIT):  # js confirms once it read our answer (another process: poll it)
             while not [x for x in (await js.request("addrs"))["addrs"] if js_ip in x]:  # noqa: ASYNC110

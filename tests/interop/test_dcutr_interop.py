@@ -32,6 +32,7 @@ from ocf.config import Config
 from ocf.identity import Multiaddr, PeerId
 from tests.interop.jspeer import JsPeer, open_js_peer
 from tests.interop.netns import Segment, case_main, free_tcp_addr, run_in_segment
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(180)]
 
@@ -72,8 +73,7 @@ async def wait_direct(node, peer: PeerId) -> None:
     with trio.move_on_after(WAIT):
         while not any(c.usable and not c.relayed for c in node.host.connections(peer)):
             await node.host.wait_changed()
-        while not punch.stats["succeeded"] + punch.stats["unilateral"]:
-            await punch.wait_counted()
+        await wait_until(lambda: punch.stats["succeeded"] + punch.stats["unilateral"])
         return
     raise AssertionError(f"no direct connection to {peer}: dcutr {punch.stats}, refused {punch.refused}")
 

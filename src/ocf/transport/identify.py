@@ -21,6 +21,7 @@ the peer observed for us.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -98,6 +99,13 @@ def _last(fields: dict[int, list[bytes]], number: int) -> bytes:
 
 async def write_message(stream: trio.abc.SendStream, payload: bytes) -> None:
     await stream.send_all(varint.encode(len(payload)) + payload)
+
+
+async def write_answer(stream: trio.abc.SendStream, payload: bytes, timeout: float) -> None:  # noqa: ASYNC109
+    """A server's last message, written within ``timeout``: a requester that stalls or left gets nothing more."""
+    with contextlib.suppress(TransportError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
+        with trio.fail_after(timeout):
+            await write_message(stream, payload)
 
 
 async def read_message(stream: trio.abc.ReceiveStream, limit: int) -> bytes:

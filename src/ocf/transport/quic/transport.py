@@ -191,12 +191,7 @@ class QuicTransport:
         """A handshaken connection to ``addr`` for the duration of the block (its driver runs meanwhile)."""
         if not is_quic_addr(addr):
             raise PeerUnreachable(f"{addr}: not a QUIC address")
-        host = addr.parts[0][1] or ""
-        try:
-            port = int(addr.value_for("udp") or "")
-        except (ValueError, MultiaddrError):
-            raise PeerUnreachable(f"{addr}: bad UDP port") from None
-        kind = addr.parts[0][0]
+        kind, host, port = _udp_target(addr)
         family = {"ip4": socket.AF_INET, "ip6": socket.AF_INET6, "dns4": socket.AF_INET, "dns6": socket.AF_INET6}
         try:
             with trio.fail_after(timeout):
@@ -241,12 +236,8 @@ class QuicTransport:
         """
         if not is_quic_addr(addr) or addr.parts[0][0] not in ("ip4", "ip6"):
             raise PeerUnreachable(f"{addr}: not an IP QUIC address")
-        host = addr.parts[0][1] or ""
-        try:
-            port = int(addr.value_for("udp") or "")
-        except (ValueError, MultiaddrError):
-            raise PeerUnreachable(f"{addr}: bad UDP port") from None
-        family = socket.AF_INET6 if addr.parts[0][0] == "ip6" else socket.AF_INET
+        kind, host, port = _udp_target(addr)
+        family = socket.AF_INET6 if kind == "ip6" else socket.AF_INET
         endpoint = await self._dialer(family, host)
         endpoint.send_datagram(payload, (host, port))
 
@@ -294,3 +285,12 @@ class _Reporting:
 
     def started(self, value: Any = None) -> None:
         self._status.started(self._addrs)
+
+
+def _udp_target(addr: Multiaddr) -> tuple[str, str, int]:
+    """``(kind, host, port)`` of a QUIC address (kind: ip4, ip6, dns4, ...); a bad port is unreachable."""
+    try:
+        port = int(addr.value_for("udp") or "")
+    except (ValueError, MultiaddrError):
+        raise PeerUnreachable(f"{addr}: bad UDP port") from None
+    return addr.parts[0][0], addr.parts[0][1] or "", port

@@ -49,7 +49,7 @@ from ... import log as logfmt
 from ...errors import MultiaddrError, ProtocolError, TransportError
 from ...identity import Multiaddr, PeerId
 from ..dialpolicy import classify
-from ..identify import read_message, write_message
+from ..identify import read_message, write_answer, write_message
 from ..protobuf import field, int_field, iter_fields, varint_field
 from ..tcp import is_tcp_addr
 
@@ -238,9 +238,7 @@ class AutoNat:
         return None
 
     async def _respond(self, stream: MuxedStream, status: RespStatus, text: str = "", addr: bytes = b"") -> None:
-        with contextlib.suppress(TransportError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
-            with trio.fail_after(REQUEST_TIMEOUT):
-                await write_message(stream, DialResponse(status, text, addr).encode())
+        await write_answer(stream, DialResponse(status, text, addr).encode(), REQUEST_TIMEOUT)
 
     def _refuse(self, reason: str, peer: PeerId) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1

@@ -30,7 +30,6 @@ identity on a fresh connection.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import logging
 import secrets
@@ -42,7 +41,7 @@ import trio
 from ... import log as logfmt
 from ...errors import MultiaddrError, ProtocolError, TransportError
 from ...identity import Multiaddr, PeerId
-from ..identify import read_message, write_message
+from ..identify import read_message, write_answer, write_message
 from ..protobuf import field, fixed64_field, int_field, iter_fields, varint_field
 from ..tcp import is_tcp_addr
 
@@ -190,20 +189,19 @@ class AutoNatV2:
         self.host = host
         self.v1 = v1
         self._nonces: dict[int, trio.Event] = {}
-        self.stats = {"requests": 0, "dial_backs": 0, "dial_back_ok": 0, "dial_data_asked": 0, "dial_data_paid": 0}
-        self.stats.update(answers=0)
+        self.stats = {
+            "requests": 0,
+            "dial_backs": 0,
+            "dial_back_ok": 0,
+            "dial_data_asked": 0,
+            "dial_data_paid": 0,
+            "answers": 0,
+        }
         self.addr_results: dict[str, str] = {}  # address -> "public" | "private" (latest answer)
-        self._counted = trio.Event()
         self._busy: set[PeerId] = set()  # one v2 request at a time per peer (v1 keeps its own)
 
     def _count(self, what: str) -> None:
         self.stats[what] += 1
-        self._counted.set()
-        self._counted = trio.Event()
-
-    async def wait_counted(self) -> None:
-        """Return at the next change of :attr:`stats` (tests wait on a server's dial-backs)."""
-        await self._counted.wait()
 
     # --- server --------------------------------------------------------------------------
 
@@ -218,9 +216,7 @@ class AutoNatV2:
         return None
 
     async def _respond(self, stream: MuxedStream, status: ResponseStatus, idx: int = 0, dial: int = 0) -> None:
-        with contextlib.suppress(TransportError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
-            with trio.fail_after(REQUEST_TIMEOUT):
-                await write_message(stream, encode(DialResponse(status, idx, dial)))
+        await write_answer(stream, encode(DialResponse(status, idx, dial)), REQUEST_TIMEOUT)
 
     async def handle_request(self, stream: MuxedStream) -> None:
         peer = stream.remote_peer
