@@ -22,6 +22,7 @@ peer probes exactly this part, and two copies would drift apart.
 from __future__ import annotations
 
 import collections
+from abc import abstractmethod
 from typing import TYPE_CHECKING, Protocol
 
 import trio
@@ -66,33 +67,34 @@ class MuxedStream(trio.abc.HalfCloseableStream):
     # --- what each transport provides ------------------------------------------------------
 
     @property
-    def remote_peer(self) -> PeerId:
-        raise NotImplementedError
+    @abstractmethod
+    def remote_peer(self) -> PeerId: ...
 
     @property
+    @abstractmethod
     def connection(self) -> object:
         """The connection carrying this stream (compare with ``is``)."""
-        raise NotImplementedError
 
     @property
+    @abstractmethod
     def reusable(self) -> bool:
         """Neither reset nor half-closed by the peer, nothing unread, on a connection not going away.
 
         A pool of idle streams asks before handing one out again; anything
         unread on an idle stream would be taken for the next answer.
         """
-        raise NotImplementedError
 
+    @abstractmethod
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Bytes the peer sent (``b""`` at its FIN); always ``bytes``, never a buffer that changes later."""
-        raise NotImplementedError
 
+    @abstractmethod
     def reset(self) -> None:
         """Abort the stream both ways now; pending and later calls raise :class:`~ocf.errors.StreamReset`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _wake_receiver(self) -> None:
-        raise NotImplementedError
+        """Wake the task waiting in ``receive_some``, if any (each transport parks it its own way)."""
 
     # --- the receive buffer ----------------------------------------------------------------
 
