@@ -99,3 +99,13 @@ def test_varint_rejects_overlong_and_nonminimal():
         varint.decode(b"\xff" * 10)
     with pytest.raises(varint.VarintError):
         varint.decode(b"\x80\x00")
+
+
+@given(st.binary(min_size=32, max_size=32))
+def test_parsed_text_is_the_text_printed(seed):
+    """from_string keeps the text it parsed; base58btc has one spelling per byte string, so it must equal encode()."""
+    raw = PeerId.from_public_key(seed).raw
+    text = base58.encode(raw)
+    parsed = PeerId.from_string(text)
+    assert str(parsed) == text == str(PeerId(raw))
+    assert base58.encode(base58.decode("11" + text)) == "11" + text

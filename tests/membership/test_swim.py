@@ -145,3 +145,27 @@ def test_graceful_leave_is_signed_and_final() -> None:
     net.kill(leaver)
     net.run(3.0)
     assert all(net.view(obs, leaver) == Status.LEFT for obs in net.live())
+
+
+@SLOW
+@given(seed=st.integers(0, 10_000))
+def test_bucket_pages_match_the_members_after_churn(seed: int) -> None:
+    """The per-bucket index a page is read from always equals the members whose ID hashes to that bucket."""
+    from ocf.membership.swim import BUCKETS
+    from ocf.membership.update import bucket_of
+
+    config = SwimConfig(anti_entropy=2.0, dead_keep=3.0)
+    net = SimNet(16, seed=seed, config=config)
+    net.run(3.0)
+    for victim in net.names[:3]:
+        net.kill(victim)
+        net.run(4.0)
+    net.run(10.0)  # past dead_keep: tombstones dropped from the members
+    for name in net.live():
+        node = net.nodes[name]
+        for bucket in range(BUCKETS):
+            page = {proof.peer for proof, _ in node._page(bucket).members}
+            expected = {p for p in node.members if bucket_of(p, BUCKETS) == bucket}
+            if bucket_of(name, BUCKETS) == bucket:
+                expected.add(name)
+            assert page == expected

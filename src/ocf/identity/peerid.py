@@ -55,9 +55,12 @@ class PeerId:
         except ValueError as exc:
             raise IdentityError(f"invalid peer ID {text!r}: {exc}") from None
         try:
-            return cls(raw)
+            peer = cls(raw)
         except IdentityError as exc:
             raise IdentityError(f"invalid peer ID {text!r}: {exc}") from None
+        # base58btc has one spelling per byte string, so the text parsed is the text printed.
+        object.__setattr__(peer, "_text", text)
+        return peer
 
     def to_string(self) -> str:
         text = self._text

@@ -129,6 +129,8 @@ class Swim:
         self._load_at = now
         self.members: dict[str, Member] = {}
         self.digest = [0] * BUCKETS
+        #: The members of each digest bucket, so a page costs its bucket's size, not the table's.
+        self._in_bucket: list[set[str]] = [set() for _ in range(BUCKETS)]
         self.outbox: list[tuple[str, Message]] = []
         self.changes: list[tuple[str, Status]] = []
         self.stats = dict.fromkeys(COUNTERS, 0)
@@ -461,10 +463,10 @@ class Swim:
     def _page(self, bucket: int) -> Page:
         self.stats["pages_sent"] += 1
         items: list[tuple[Update, Update | None]] = []
-        for peer, m in self.members.items():
-            if bucket_of(peer, BUCKETS) == bucket:
-                opinion = None if m.status == m.proof.status else Update(peer, m.incarnation, m.status)
-                items.append((m.proof, opinion))
+        for peer in sorted(self._in_bucket[bucket]):
+            m = self.members[peer]
+            opinion = None if m.status == m.proof.status else Update(peer, m.incarnation, m.status)
+            items.append((m.proof, opinion))
         if bucket_of(self.me, BUCKETS) == bucket:
             items.append((self.own, None))
         return Page(bucket, tuple(items))
@@ -475,6 +477,9 @@ class Swim:
             self.digest[b] ^= state_hash(peer, old.incarnation, old.status)
         if new is not None:
             self.digest[b] ^= state_hash(peer, new.incarnation, new.status)
+            self._in_bucket[b].add(peer)
+        else:
+            self._in_bucket[b].discard(peer)
 
     def _sign_own(self, status: Status) -> Update:
         old: Update | None = getattr(self, "own", None)
