@@ -93,16 +93,9 @@ class YamuxStream(MuxedStream):
 
     def __init__(self, conn: MuxedConnection, stream_id: int, *, inbound: bool = False) -> None:
         super().__init__(conn, stream_id, inbound=inbound)
-        self._eof = False  # peer sent FIN
-        self._reset: str | None = None  # reason once reset (by us, the peer, or the connection)
-        self._closed = False  # aclose() called
-        self._send_closed = False  # send_eof() or aclose() called
         # The one task waiting in receive_some (only one may receive at a
         # time): woken directly, which costs less than a ParkingLot.
         self._recv_waiter: trio.lowlevel.Task | None = None
-        self._send_lot = ParkingLot()
-        self._receiving = False
-        self._sending = False
 
     # --- identity --------------------------------------------------------------------
 
@@ -220,29 +213,10 @@ class YamuxStream(MuxedStream):
                 # (cancelled, reset): pass the turn on to the next waiting sender.
                 self._conn._wake_senders()
 
-    def _check_send(self) -> None:
-        if self._reset is not None:
-            raise StreamReset(f"stream reset ({self._reset})")
-        if self._send_closed:
-            raise trio.ClosedResourceError("stream is closed for sending")
+    def _send_window_open(self) -> bool:
+        return self._conn._session.send_window(self.stream_id) > 0
 
-    async def wait_send_all_might_not_block(self) -> None:
-        await checkpoint()
-        while True:
-            self._check_send()
-            if self._conn._session.send_window(self.stream_id) > 0:
-                return
-            await self._send_lot.park()
-
-    async def send_eof(self) -> None:
-        await checkpoint()
-        if self._sending:
-            raise trio.BusyResourceError("another task is sending on this stream")
-        if self._reset is not None:
-            raise StreamReset(f"stream reset ({self._reset})")
-        if self._send_closed:
-            return
-        self._send_closed = True
+    def _send_fin(self) -> None:
         self._conn._close_stream(self)
 
     async def aclose(self) -> None:

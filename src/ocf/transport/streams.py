@@ -26,6 +26,9 @@ from abc import abstractmethod
 from typing import TYPE_CHECKING, Protocol
 
 import trio
+from trio.lowlevel import ParkingLot, checkpoint
+
+from ..errors import StreamReset
 
 if TYPE_CHECKING:
     from ..identity import PeerId
@@ -63,6 +66,13 @@ class MuxedStream(trio.abc.HalfCloseableStream):
         self._held = 0  # bytes in _chunks charged to the buffered-bytes budget
         self._app_held = 0  # bytes the application reserved (reserve_memory)
         self._unread = 0  # bytes at the front of _chunks that were already consumed once
+        self._eof = False  # peer sent FIN
+        self._reset: str | None = None  # reason once reset (by us, the peer, or the connection)
+        self._closed = False  # aclose() called
+        self._send_closed = False  # send_eof() or aclose() called
+        self._send_lot = ParkingLot()  # senders waiting for the transport's send window
+        self._receiving = False
+        self._sending = False
 
     # --- what each transport provides ------------------------------------------------------
 
@@ -93,10 +103,45 @@ class MuxedStream(trio.abc.HalfCloseableStream):
         """Abort the stream both ways now; pending and later calls raise :class:`~ocf.errors.StreamReset`."""
 
     @abstractmethod
+    def _send_window_open(self) -> bool:
+        """Whether a send now would go out without waiting for the peer (flow control, buffered bytes)."""
+
+    @abstractmethod
+    def _send_fin(self) -> None:
+        """Tell the peer we send no more (the transport's FIN)."""
+
+    @abstractmethod
     def _wake_receiver(self) -> None:
         """Wake the task waiting in ``receive_some``, if any (each transport parks it its own way)."""
 
     # --- the receive buffer ----------------------------------------------------------------
+
+    # --- sending: the checks and waits both transports share --------------------------------
+
+    def _check_send(self) -> None:
+        if self._reset is not None:
+            raise StreamReset(f"stream reset ({self._reset})")
+        if self._send_closed:
+            raise trio.ClosedResourceError("stream is closed for sending")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await checkpoint()
+        while True:
+            self._check_send()
+            if self._send_window_open():
+                return
+            await self._send_lot.park()
+
+    async def send_eof(self) -> None:
+        await checkpoint()
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        if self._reset is not None:
+            raise StreamReset(f"stream reset ({self._reset})")
+        if self._send_closed:
+            return
+        self._send_closed = True
+        self._send_fin()
 
     def unread(self, data: bytes) -> None:
         """Put bytes back in front of the receive buffer (e.g. read past the end of a negotiation).

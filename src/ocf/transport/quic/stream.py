@@ -41,14 +41,7 @@ class QuicStream(MuxedStream):
 
     def __init__(self, conn: QuicMuxedConnection, stream_id: int, *, inbound: bool = False) -> None:
         super().__init__(conn, stream_id, inbound=inbound)
-        self._eof = False
-        self._reset: str | None = None
-        self._closed = False
-        self._send_closed = False
         self._recv_lot = ParkingLot()
-        self._send_lot = ParkingLot()
-        self._receiving = False
-        self._sending = False
 
     @property
     def remote_peer(self) -> PeerId:
@@ -94,12 +87,6 @@ class QuicStream(MuxedStream):
 
     # --- sending -----------------------------------------------------------------------------
 
-    def _check_send(self) -> None:
-        if self._reset is not None:
-            raise StreamReset(f"stream reset ({self._reset})")
-        if self._send_closed:
-            raise trio.ClosedResourceError("stream is closed for sending")
-
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._sending:
             raise trio.BusyResourceError("another task is already sending on this stream")
@@ -125,23 +112,10 @@ class QuicStream(MuxedStream):
         finally:
             self._sending = False
 
-    async def wait_send_all_might_not_block(self) -> None:
-        await checkpoint()
-        while True:
-            self._check_send()
-            if self._conn._unacked(self.stream_id) < SEND_HIGH_WATER:
-                return
-            await self._send_lot.park()
+    def _send_window_open(self) -> bool:
+        return self._conn._unacked(self.stream_id) < SEND_HIGH_WATER
 
-    async def send_eof(self) -> None:
-        await checkpoint()
-        if self._sending:
-            raise trio.BusyResourceError("another task is sending on this stream")
-        if self._reset is not None:
-            raise StreamReset(f"stream reset ({self._reset})")
-        if self._send_closed:
-            return
-        self._send_closed = True
+    def _send_fin(self) -> None:
         self._conn._send(self.stream_id, b"", end=True)
 
     async def aclose(self) -> None:
@@ -153,7 +127,7 @@ class QuicStream(MuxedStream):
                 self._discard()
                 if not self._send_closed:
                     self._send_closed = True
-                    self._conn._send(self.stream_id, b"", end=True)
+                    self._send_fin()
                 if unread:
                     self._conn._stop_receiving(self.stream_id)
             self._conn._maybe_forget(self)
