@@ -27,6 +27,7 @@ from .. import log as logfmt
 from ..errors import ProtocolError, TransportError, transport_errors_unwrapped
 from ..identity import Multiaddr, PeerId, varint
 from ..nodetable.wire import Reader
+from ..transport.streams import receive_before
 from . import messages
 from .messages import KINDS, PROTOCOL
 from .swim import Swim, SwimConfig
@@ -252,9 +253,7 @@ class Membership:
         deadline = math.inf
         try:
             while True:
-                data = None
-                with trio.move_on_at(deadline):
-                    data = await stream.receive_some(RECEIVE)
+                data = await receive_before(stream, deadline, RECEIVE)
                 if data is None:
                     self.stats["streams_timed_out"] += 1
                     self._refusals.warning("message_timeout", "refused swim stream", reason="message_timeout")

@@ -21,6 +21,7 @@ import trio
 from .. import log as logfmt
 from ..errors import ProtocolError, TransportError, transport_errors_unwrapped
 from ..identity import PeerId
+from ..transport.streams import receive_before
 from . import wire
 from .intake import Intake
 
@@ -180,9 +181,7 @@ class Sync(Intake):
         deadline = math.inf
         try:
             while True:
-                data = None
-                with trio.move_on_at(deadline):
-                    data = await stream.receive_some(RECEIVE)
+                data = await receive_before(stream, deadline, RECEIVE)
                 if data is None:
                     t.stats["streams_timed_out"] += 1
                     t.refuse("message_timeout")

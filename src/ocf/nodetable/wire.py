@@ -120,7 +120,7 @@ class Reader:
     def partial(self) -> bool:
         return bool(self._buf)
 
-    def feed(self, data: bytes) -> list[dict[str, Any]]:
+    def feed(self, data: bytes | bytearray) -> list[dict[str, Any]]:
         self._buf += data
         out = []
         while True:

@@ -22,6 +22,7 @@ peer probes exactly this part, and two copies would drift apart.
 from __future__ import annotations
 
 import collections
+import math
 from abc import abstractmethod
 from typing import TYPE_CHECKING, Protocol
 
@@ -36,6 +37,20 @@ if TYPE_CHECKING:
 
 #: ``receive_some(None)`` joins small buffered chunks up to this size.
 RECEIVE_JOIN = 256 * 1024
+
+
+async def receive_before(stream: trio.abc.ReceiveStream, deadline: float, max_bytes: int) -> bytes | bytearray | None:
+    """``receive_some`` that gives up at ``deadline`` (None then); no deadline (inf) costs no cancel scope.
+
+    The message protocols read with a deadline only while a message is half
+    received; between messages a stream waits forever, and entering a cancel
+    scope per read would be most of a small message's cost.
+    """
+    if deadline == math.inf:
+        return await stream.receive_some(max_bytes)
+    with trio.move_on_at(deadline):
+        return await stream.receive_some(max_bytes)
+    return None
 
 
 class StreamCarrier(Protocol):
