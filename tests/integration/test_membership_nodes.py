@@ -125,3 +125,37 @@ async def test_load_is_read_from_its_source_when_membership_wakes(node_config):
         with trio.fail_after(30):
             await wait_until(lambda: b.membership.load(a.peer_id) == 6)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_long_absence_is_repaired(node_config, autojump_clock):
+    """Two halves apart for longer than members are remembered find each other again and repair what changed.
+
+    The partition outlasts suspicion, death and the tombstone (dead_keep), so
+    each side has forgotten the other's members; a record changed meanwhile
+    must still reach the other side once the links heal.
+    """
+    from ocf.membership.swim import SwimConfig
+
+    cluster = Cluster(node_config, 6, membership_degree=3)
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery)
+        nodes = cluster.nodes
+        await cluster.until(lambda: all(sees(a, b, Status.ALIVE) for a in nodes for b in nodes if a is not b))
+        names = [n.listen_addrs[0].value_for("memory") for n in nodes]
+        left, right = nodes[:3], nodes[3:]
+        cluster.links.partition(names[:3], names[3:])
+        await cluster.until(lambda: all(not a.membership.alive(b.peer_id) for a in left for b in right), limit=60)
+        await trio.sleep(SwimConfig().dead_keep + 30)  # past the tombstones: the other side is forgotten
+        assert all(a.membership.status(b.peer_id) is None for a in left for b in right)
+        changed = right[1]
+        await changed.table.set_services([{"name": "llm", "status": "healthy", "identity_group": ["model=absent"]}])
+        cluster.links.heal()
+        await cluster.until(lambda: all(sees(a, b, Status.ALIVE) for a in nodes for b in nodes if a is not b), 300)
+
+        def repaired() -> bool:
+            entries = [n.table.entry(changed.peer_id) or {} for n in left]
+            return all(any("model=absent" in s["identity_group"] for s in e.get("service", [])) for e in entries)
+
+        with trio.fail_after(120):
+            await wait_until(repaired)
+        nursery.cancel_scope.cancel()

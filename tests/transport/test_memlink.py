@@ -53,3 +53,20 @@ async def test_close_delivers_eof_and_breaks_writes():
         pass
     else:
         raise AssertionError("write to a closed link succeeded")
+
+
+async def test_partition_silences_only_links_across_it_until_healed(autojump_clock):
+    links = Links(latency=0.01)
+    links.partition(["a"], ["b", "c"])
+    ab, ba = links.pair("a", "b")
+    bc, cb = links.pair("b", "c")
+    await ab.send_all(b"lost")
+    await bc.send_all(b"kept")
+    assert await cb.receive_some() == b"kept"
+    with trio.move_on_after(1.0):
+        await ba.receive_some()
+        raise AssertionError("a write crossed the partition")
+    links.heal()
+    await ab.send_all(b"after")
+    assert await ba.receive_some() == b"after"
+    assert links.unreachable("c", "a") is False

@@ -9,13 +9,16 @@ arrives one retransmission timeout later, and everything behind it waits
 (head-of-line blocking), as over TCP. A crashed endpoint (:meth:`crash`)
 goes silent: what it sends and what is sent to it vanishes, and no EOF or
 reset reaches its peers, who must find out by themselves, as after a
-power cut. Bytes and writes are counted per sending endpoint.
+power cut. A partition (:meth:`Links.partition`) does the same to the links
+between two groups only, until :meth:`Links.heal`. Bytes and writes are
+counted per sending endpoint.
 """
 
 from __future__ import annotations
 
 import collections
 import random
+from collections.abc import Iterable
 
 import trio
 
@@ -37,11 +40,23 @@ class Links:
         self.loss = loss
         self.rng = random.Random(seed)
         self.crashed: set[str] = set()
+        self.cut: set[frozenset[str]] = set()  # pairs of names that cannot reach each other
         self.stats = LinkStats()
 
     def crash(self, name: str) -> None:
         """``/memory/<name>`` goes silent in both directions, telling no one."""
         self.crashed.add(name)
+
+    def partition(self, side: Iterable[str], other: Iterable[str]) -> None:
+        """Every link between the two sides goes silent and no dial crosses, telling no one; :meth:`heal` ends it."""
+        other = list(other)
+        self.cut.update(frozenset((a, b)) for a in side for b in other)
+
+    def heal(self) -> None:
+        self.cut.clear()
+
+    def unreachable(self, a: str, b: str) -> bool:
+        return a in self.crashed or b in self.crashed or (bool(self.cut) and frozenset((a, b)) in self.cut)
 
     def rto(self) -> float:
         return max(MIN_RTO, 4 * self.latency)
@@ -72,8 +87,8 @@ class LinkStream(trio.abc.Stream):
         self._closed = False
 
     def _silent(self) -> bool:
-        crashed = self.links.crashed
-        return bool(crashed) and (self.me in crashed or self.peer in crashed)
+        links = self.links
+        return bool(links.crashed or links.cut) and links.unreachable(self.me, self.peer)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await trio.lowlevel.checkpoint()

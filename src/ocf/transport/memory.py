@@ -71,7 +71,7 @@ class MemoryNetwork:
         if listener is None:
             raise PeerUnreachable(f"nothing listens at /memory/{name}")
         me = local_addr.value_for("memory") if local_addr is not None else None
-        if self.links is not None and (name in self.links.crashed or me in self.links.crashed):
+        if self.links is not None and self.links.unreachable(name or "?", me or "?"):
             raise PeerUnreachable(f"/memory/{name} does not answer")
         ours: trio.abc.Stream
         theirs: trio.abc.Stream
