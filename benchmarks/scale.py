@@ -273,9 +273,11 @@ async def build(sim: Sim, nursery: trio.Nursery, rows: list, cpu: CpuByNode) -> 
     w0 = time.perf_counter()
     rss0 = rss_bytes()
     await sim.start_node(nursery, join=False)
-    for _ in range(sim.n - 1):
+    for k in range(2, sim.n + 1):
         await sim.start_node(nursery)
         await trio.sleep(sim.args.join_gap)
+        if k % 100 == 0:  # a thousand nodes take a while: show that it moves
+            print(f"    {k} of {sim.n} started ({time.perf_counter() - w0:.0f} s wall)", file=sys.stderr, flush=True)
     started = trio.current_time() - t0
     await wait_until(lambda: sim.converged() >= 1.0)
     members_t = trio.current_time() - t0
