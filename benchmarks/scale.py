@@ -349,7 +349,14 @@ async def churn(sim: Sim, nursery: trio.Nursery, minutes: float, rate: float) ->
         return 0, 0
     gap = minutes * 60 / events
     left = joined = 0
-    for _ in range(events):
+    w0 = time.perf_counter()
+    for k in range(1, events + 1):
+        if k % max(1, events // 10) == 0:
+            print(
+                f"    churn: {k} of {events} events ({time.perf_counter() - w0:.0f} s wall)",
+                file=sys.stderr,
+                flush=True,
+            )
         await trio.sleep(gap * (0.5 + sim.rng.random()))
         live = sim.live()
         await sim.crash(sim.rng.choice(live), graceful=sim.rng.random() < 0.5)
@@ -494,7 +501,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--probe", type=float, default=0.5)
     p.add_argument("--anti-entropy", type=float, default=30.0)
     p.add_argument("--join-gap", type=float, default=0.02, help="simulated seconds between two joins")
-    p.add_argument("--settle", type=float, default=30.0, help="simulated seconds after convergence before idle")
+    p.add_argument("--settle", type=float, default=90.0, help="simulated seconds after convergence before idle")
     p.add_argument("--idle", type=float, default=20.0, help="simulated seconds of idle measurement")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--kills", type=int, default=3)
