@@ -231,18 +231,18 @@ class MuxedStream(trio.abc.HalfCloseableStream):
 
     def release_memory(self, n: int) -> None:
         """Give back bytes reserved with :meth:`reserve_memory` (no more than were reserved)."""
-        n = min(n, self._app_held)
-        res = self._conn._resources
-        if n > 0 and res is not None:
-            self._app_held -= n
-            res.release_memory(n)
+        self._app_held -= self._give_back(min(n, self._app_held))
 
     def _release_held(self, n: int) -> None:
-        n = min(n, self._held)
+        self._held -= self._give_back(min(n, self._held))
+
+    def _give_back(self, n: int) -> int:
+        """Return ``n`` bytes to the peer's budget; how many were returned (0 without a budget)."""
         res = self._conn._resources
-        if n > 0 and res is not None:
-            self._held -= n
-            res.release_memory(n)
+        if n <= 0 or res is None:
+            return 0
+        res.release_memory(n)
+        return n
 
     def _release_all(self) -> None:
         """The stream is over (for the transport): its buffered bytes and the application's no longer count."""
