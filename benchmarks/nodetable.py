@@ -67,7 +67,7 @@ async def convergence(n: int, rounds: int, memory: bool) -> tuple[list[float], f
                     await node.table.wait_changed()
             times.append(time.perf_counter() - t0)
         sent = sum(nd.table.stats["records_sent"] for nd in nodes) - sent_before
-        record_bytes = len(writer.table.records[writer.peer_id].to_bytes())
+        record_bytes = len(writer.table.record(writer.peer_id).to_bytes())
         return times, sent * record_bytes / rounds
 
 

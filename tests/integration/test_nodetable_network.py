@@ -204,7 +204,7 @@ async def test_unreadable_stored_records_are_dropped_and_own_entry_resigned(node
         store.put_bytes("nodetable", other.peer_id.raw, old.to_bytes())
     async with open_node(cfg) as node:
         assert node.table.own_entry()["status"] == "online"
-        assert node.table.records[peer].verify() is not None  # re-signed the v2 way
+        assert node.table.record(peer).verify() is not None  # re-signed the v2 way
         assert other.peer_id not in node.table.records
     dropped = [r.getMessage() for r in caplog.records if "dropped stored node table records" in r.getMessage()]
     assert len(dropped) == 1 and "count=2" in dropped[0]
@@ -291,3 +291,18 @@ async def test_crashed_peer_leaves_the_served_view(node_config, tmp_path):
         finally:
             proc.kill()
             await proc.wait()
+
+
+async def test_record_bodies_live_in_lmdb_and_are_sent_from_there(node_config):
+    """A node keeps each peer's seq and fields in memory, not the record body: that is read back to send on."""
+    net = MemoryNetwork()
+    async with line(node_config, 2, net) as (a, b):
+        await b.table.update_own({"status": "maintenance"})
+        await until(a, sees(b, status="maintenance"))
+        assert not a.table._unstored  # stored after the message that brought it: no body held in memory
+        assert a.table.record(b.peer_id) == b.table.record(b.peer_id)
+        assert a.table.records[b.peer_id].seq == b.table.records[b.peer_id].seq
+        cfg = node_config(mode="node", bootstrap_addrs=(str(a.listen_addrs[0]),))
+        async with open_node(cfg, memory_network=net) as c:
+            await until(c, sees(b, status="maintenance"))
+            assert c.table.record(b.peer_id).verify().to_dict()["status"] == "maintenance"

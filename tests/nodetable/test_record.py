@@ -1,6 +1,7 @@
 """Signed owner records: only the owner can write its entry, whoever relays it."""
 
 import contextlib
+import tracemalloc
 
 import automerge.core as am
 import pytest
@@ -148,9 +149,52 @@ def test_record_from_wire_fuzz(obj):
 
 def test_owner_edits_after_reload_stay_verifiable():
     record = alice_record()
-    doc = record.verify()  # as after a restart: loaded from bytes
+    loaded = record.verify()  # as after a restart: loaded from bytes, read only
+    doc = loaded.compacted()
     doc.update({"status": "maintenance"})
     assert Record.create(ALICE, 2, doc).verify().to_dict()["status"] == "maintenance"
+
+
+def test_a_verified_copy_is_read_only_and_keeps_no_native_document():
+    """A node holds one verified copy per peer it knows: fields and history length only (no ~11 KB native doc)."""
+    doc = OwnerDoc(ALICE.peer_id)
+    for i in range(5):
+        doc.update({"status": f"s{i}"})
+    copy = Record.create(ALICE, 1, doc).verify()
+    assert copy.frozen and copy.doc is None
+    assert copy.to_dict() == doc.to_dict() and copy.change_count() == doc.change_count() == 5
+    with pytest.raises(TypeError, match="read-only"):
+        copy.update({"status": "hijacked"})
+    with pytest.raises(TypeError, match="frozen"):
+        Record.create(ALICE, 2, copy)
+    assert copy.update({"status": "s4"}) is False  # nothing to change is still fine
+
+
+def test_a_held_entry_costs_little_more_than_its_json():
+    """A 500-byte entry costs a node under 1 KiB to hold (as a dict it was 2.5 KiB, plus 11 KB native)."""
+    doc = OwnerDoc(ALICE.peer_id)
+    me = str(ALICE.peer_id)
+    doc.update(
+        {
+            "id": me,
+            "role": ["worker"],
+            "status": "online",
+            "version": "0.2.0",
+            "addrs": [f"/ip4/10.1.2.3/tcp/43905/p2p/{me}", f"/ip4/10.1.2.3/udp/43905/quic-v1/p2p/{me}"],
+            "hardware": {"cpus": 64, "gpus": [], "host_memory": 25275990016, "host_memory_used": 679903232},
+            "service": [{"name": "llm", "identity_group": ["model=meta-llama/Llama-3-8B"]}],
+        }
+    )
+    record = Record.create(ALICE, 1, doc)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        held = [record.verify() for _ in range(200)]
+        per_entry = (tracemalloc.get_traced_memory()[0] - before) / len(held)
+    finally:
+        tracemalloc.stop()
+    assert held[0].json_size() > 450
+    assert per_entry < 1024, f"{per_entry:.0f} bytes per held entry"
 
 
 @pytest.mark.parametrize("seq", [-1, 1 << 64, 10**30])

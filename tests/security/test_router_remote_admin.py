@@ -129,7 +129,7 @@ async def test_an_update_over_the_record_cap_is_413_and_later_updates_still_spre
                     headers={"Content-Type": "application/json"},
                 )
                 assert r.status_code == 413 and r.json()["error"]["code"] == "entry_too_large"
-            assert len(victim.table.records[victim.peer_id].doc) < victim.config.nodetable_max_doc_bytes // 2
+            assert len(victim.table.record(victim.peer_id).doc) < victim.config.nodetable_max_doc_bytes // 2
             r = await operator.post("/v1/dnt/_node", json={"role": ["legit"]})
             assert r.status_code == 200
         peer = str(victim.peer_id)

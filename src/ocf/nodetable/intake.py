@@ -129,7 +129,7 @@ class Intake:
             await self._yield_if_busy()
             now = t.clock()
             try:
-                record = Record.from_wire(item)
+                record = Record.from_wire(item, t.by_text)
                 beat = (
                     Heartbeat.from_wire(record.owner, item["hb"]) if isinstance(item, dict) and "hb" in item else None
                 )
@@ -208,7 +208,6 @@ class Intake:
                 t.saw(owner, now if direct or vouched else min(beat.seconds, now) if beat is not None else 0.0)
                 if beat is not None and not direct and not vouched:
                     t.set_beat(beat)
-                self._learn_addrs(owner, doc)
             if beat is not None and owner in t.records and owner != t.me and (t.membership is None or owner == peer):
                 try:
                     beats_changed |= self._take_beat(peer, beat, known)
@@ -216,7 +215,7 @@ class Intake:
                     forged = exc
                     break
         # What was forgotten (pruned, evicted) while we yielded must not reach the disk.
-        accepted = [record for record in accepted if t.records.get(record.owner) is record]
+        accepted = [record for record in accepted if t.unstored(record)]
         if accepted:
             t.store_records(accepted)
             t.stats["records_received"] += len(accepted)
@@ -232,20 +231,6 @@ class Intake:
         except ValidationError as exc:
             self._reject(peer, record.owner, exc)
             return None
-
-    def _learn_addrs(self, owner: PeerId, doc: Any) -> None:
-        from ..identity import Multiaddr
-
-        texts = doc.to_dict().get("addrs")
-        if not isinstance(texts, list):
-            return
-        addrs = []
-        for text in texts[:16]:
-            try:
-                addrs.append(Multiaddr.parse(text).without_p2p())
-            except Exception:  # noqa: BLE001 - a peer's bad address is its problem
-                continue
-        self.t.host.add_addrs(owner, addrs)
 
     def _refuse(self, peer: PeerId, reason: str) -> None:
         self.t.stats["refused_" + reason] += 1

@@ -20,6 +20,7 @@ import hashlib
 import json
 import struct
 from typing import Any
+from collections.abc import Mapping
 
 import attrs
 import automerge.core as am
@@ -47,7 +48,18 @@ def signing_bytes(owner: PeerId, seq: int, doc: bytes) -> bytes:
 
 
 class OwnerDoc:
-    """The Automerge document of one entry, as its owner edits it."""
+    """The Automerge document of one entry, as its owner edits it, or as others read it.
+
+    Only the owner ever edits its document, so a verified copy of anyone
+    else's is *read only*: :meth:`Record.verify` reads its fields and history
+    length once, keeps the fields as compact JSON and drops the native
+    document (:meth:`freeze`). A native Automerge document costs about 11 KB
+    of native heap even for a small entry, and the fields as Python objects
+    about 1.5 KB; as JSON text they are a third of that. A node that knows
+    1,000 peers holds 1,000 of these.
+    """
+
+    __slots__ = ("owner", "doc", "_fields", "_json", "_changes")
 
     def __init__(self, owner: PeerId, doc: am.Document | None = None) -> None:
         self.owner = owner
@@ -55,11 +67,37 @@ class OwnerDoc:
             doc = am.Document()
         # A loaded document gets a random actor; the owner's edits must carry its own.
         doc.set_actor(owner.raw)
-        self.doc = doc
-        # to_dict() of the current content, read once: the routing layer asks for every entry
-        # again and again, and reading a document walks the native one every time. The content only changes
-        # through update() (a remote change arrives as a new OwnerDoc).
+        self.doc: am.Document | None = doc
+        # to_dict() of the current content, read once: reading a document walks the native one
+        # every time. The content only changes through update() (a remote change arrives as a new OwnerDoc).
         self._fields: dict[str, Any] | None = None
+        # A frozen copy: the fields as JSON and the history length.
+        self._json: bytes | None = None
+        self._changes = 0
+
+    def freeze(self) -> OwnerDoc:
+        """Keep the fields (as JSON) and the history length, drop the native document; returns self.
+
+        Raises :class:`ValidationError` when the fields cannot be read, and
+        ``TypeError``/``ValueError``/``RecursionError`` when they are not JSON.
+        """
+        if self.doc is not None:
+            fields = self._fields if self._fields is not None else self._read()
+            self._json = json.dumps(fields, separators=(",", ":")).encode()
+            self._changes = len(self.doc.get_changes([]))
+            self._fields = None
+            self.doc = None
+        return self
+
+    @property
+    def frozen(self) -> bool:
+        return self.doc is None
+
+    def json_size(self) -> int:
+        """Bytes of the entry's fields as compact JSON."""
+        if self._json is not None:
+            return len(self._json)
+        return len(json.dumps(self.to_dict(), separators=(",", ":")))
 
     def update(self, fields: dict[str, Any]) -> bool:
         """Write changed fields in one transaction; returns False when nothing changed."""
@@ -67,6 +105,8 @@ class OwnerDoc:
         changed = {k: v for k, v in fields.items() if current.get(k) != v}
         if not changed:
             return False
+        if self.doc is None:
+            raise TypeError(f"the entry of {self.owner.short()} is a read-only copy (see OwnerDoc.compacted)")
         with self.doc.transaction() as tx:
             for key, value in changed.items():
                 if key in JSON_FIELDS:
@@ -83,12 +123,16 @@ class OwnerDoc:
         return True
 
     def to_dict(self) -> dict[str, Any]:
-        """The entry's fields: a new dict on each call, but its nested values (lists, objects) are shared: read only."""
+        """The entry's fields, a new dict on each call; nested values (lists, objects) may be shared: read only."""
+        if self._json is not None:
+            fields: dict[str, Any] = json.loads(self._json)
+            return fields
         if self._fields is None:
             self._fields = self._read()
         return dict(self._fields)
 
     def _read(self) -> dict[str, Any]:
+        assert self.doc is not None, "a frozen document keeps its fields"
         out: dict[str, Any] = {}
         keys = self.doc.keys(am.ROOT)
         if len(keys) > MAX_FIELDS:
@@ -110,17 +154,32 @@ class OwnerDoc:
         return out
 
     def change_count(self) -> int:
-        return len(self.doc.get_changes([]))
+        return self._changes if self.doc is None else len(self.doc.get_changes([]))
 
     def compacted(self) -> OwnerDoc:
-        """A fresh document with the same content and a one-change history.
+        """A fresh, editable document with the same content and a one-change history.
 
         Safe because records replace each other by ``seq``, never by merging:
-        the owner may drop its history whenever it likes (bounded size).
+        the owner may drop its history whenever it likes (bounded size). This
+        is also how an owner gets its own entry back into an editable document
+        after a restart loaded it, frozen, from the store.
         """
         fresh = OwnerDoc(self.owner)
         fresh.update(self.to_dict())
         return fresh
+
+
+@attrs.frozen
+class Held:
+    """What a node keeps in memory of a record it holds; the body is in LMDB (:meth:`NodeTable.record`).
+
+    A node holds one record per peer it knows, and only ever needs a body to
+    send it to a peer; its fields are in the :class:`OwnerDoc` beside it.
+    """
+
+    owner: PeerId
+    seq: int
+    size: int  # bytes of the document
 
 
 @attrs.frozen
@@ -134,11 +193,13 @@ class Record:
 
     @classmethod
     def create(cls, identity: Identity, seq: int, owner_doc: OwnerDoc) -> Record:
+        if owner_doc.doc is None:
+            raise TypeError("a frozen entry has no document to sign: use its compacted() copy")
         doc = owner_doc.doc.save()
         return cls(identity.peer_id, seq, doc, identity.sign(signing_bytes(identity.peer_id, seq, doc)))
 
     def verify(self, limits: DocLimits = DEFAULT_LIMITS) -> OwnerDoc:
-        """Check size, signature, shape and authorship; return the loaded document.
+        """Check size, signature, shape and authorship; return the document's fields (a frozen OwnerDoc).
 
         Raises :class:`ValidationError` naming what is wrong. The order is the
         point: the cheap size check, then the signature over the exact bytes,
@@ -165,7 +226,7 @@ class Record:
             raise ValidationError(f"record of {self.owner.short()}: {exc}") from None
         owner_doc = OwnerDoc(self.owner, doc)
         try:
-            size = len(json.dumps(owner_doc.to_dict(), separators=(",", ":")))
+            size = owner_doc.freeze().json_size()
         except (TypeError, ValueError, RecursionError) as exc:
             raise ValidationError(f"entry of {self.owner.short()} is not JSON: {exc}") from None
         if size > limits.max_entry_bytes:
@@ -192,10 +253,13 @@ class Record:
         return {"owner": str(self.owner), "seq": self.seq, "doc": self.doc.hex(), "sig": self.signature.hex()}
 
     @classmethod
-    def from_wire(cls, obj: Any) -> Record:
+    def from_wire(cls, obj: Any, known: Mapping[str, PeerId] | None = None) -> Record:
+        """Parse the wire form; ``known`` maps owner texts to the PeerIds already held (one object per owner)."""
         try:
+            text = obj["owner"]
+            owner = known.get(text) if known is not None and isinstance(text, str) else None
             record = cls(
-                PeerId.from_string(obj["owner"]), int(obj["seq"]), bytes.fromhex(obj["doc"]), bytes.fromhex(obj["sig"])
+                owner or PeerId.from_string(text), int(obj["seq"]), bytes.fromhex(obj["doc"]), bytes.fromhex(obj["sig"])
             )
         except (KeyError, TypeError, ValueError, IdentityError) as exc:
             raise ValidationError(f"malformed record: {exc}") from None

@@ -118,13 +118,13 @@ class Sync(Intake):
         owners = list(pending)
         pending.clear()
         for owner in owners:
-            record = t.records.get(owner)
-            if owner == peer or record is None:
+            held = t.records.get(owner)
+            if owner == peer or held is None:
                 continue
             k_seq, k_ms = known.get(owner, (-1, -1))
             beat = t.beats.get(owner)
             ms = beat.ms if beat is not None else -1
-            if record.seq > k_seq:
+            if held.seq > k_seq:
                 if (
                     owner != t.me
                     and t.seen_at(owner) < horizon
@@ -132,6 +132,9 @@ class Sync(Intake):
                     and not t._member_alive(owner)
                 ):
                     continue  # stale: the peer would refuse it, and it will be pruned here too
+                record = t.record(owner)
+                if record is None:
+                    continue  # its body is gone from the store (damaged?): the owner will resend it
                 item = record.to_wire()
                 if beat is not None:
                     item["hb"] = beat.to_wire()

@@ -30,7 +30,7 @@ from ..identity import PeerId
 from .docguard import DocLimits
 from .entry import detect_hardware, validate_update
 from .heartbeat import Heartbeat
-from .record import OwnerDoc, Record
+from .record import Held, OwnerDoc, Record
 from .sync import Sync
 from .wire import BUCKETS, PROTOCOL
 from ..membership.update import Status, bucket_of, state_hash
@@ -90,7 +90,9 @@ class NodeTable:
         self.me = identity.peer_id
         self.store = store
         self.software_version = version  # published in our own entry
-        self.records: dict[PeerId, Record] = {}
+        # Seq and size of each record held; bodies are in LMDB, or in _unstored until stored (see record()).
+        self.records: dict[PeerId, Held] = {}
+        self._unstored: dict[PeerId, Record] = {}
         self.docs: dict[PeerId, OwnerDoc] = {}
         # Only ever keyed by owners in ``records`` (see _forget): unknown IDs cost nothing.
         self.last_seen: dict[PeerId, float] = {}
@@ -171,7 +173,7 @@ class NodeTable:
         return {
             "entries": len(self.docs),
             "max_entries": self.config.nodetable_max_entries,
-            "doc_bytes": sum(len(r.doc) for r in self.records.values()),
+            "doc_bytes": sum(r.size for r in self.records.values()),
             "change_count": sum(d.change_count() for d in self.docs.values()),
             "peers": len(self.host.connected_peers()),
             **self.stats,
@@ -297,7 +299,8 @@ class NodeTable:
         """The one place records are verified (from peers and from the store); raises ValidationError."""
         return record.verify(self._limits)
 
-    def insert(self, record: Record, doc: OwnerDoc) -> None:
+    def insert(self, record: Record, doc: OwnerDoc, *, stored: bool = False) -> None:
+        """Hold ``record`` (verified: ``doc`` is what it says); until :meth:`store_records` it stays in memory."""
         owner = record.owner
         text = str(owner)
         old = self.records.get(owner)
@@ -305,9 +308,35 @@ class NodeTable:
             self.by_text[text] = owner
             self._sorted = None
         self._digest_swap(text, old.seq if old is not None else None, record.seq)
-        self.records[owner] = record
+        self.records[owner] = Held(owner, record.seq, len(record.doc))
+        if stored:
+            self._unstored.pop(owner, None)
+        else:
+            self._unstored[owner] = record
         self.docs[owner] = doc
         self.touch(owner)
+
+    def record(self, owner: PeerId) -> Record | None:
+        """The whole record we hold for ``owner`` (to send it on), or None.
+
+        Only what arrived since the last :meth:`store_records` is in memory;
+        the rest is read back from LMDB (a few microseconds), so a node that
+        knows 1,000 peers does not also keep 1,000 record bodies in memory.
+        """
+        held = self.records.get(owner)
+        if held is None:
+            return None
+        record = self._unstored.get(owner)
+        if record is None:
+            value = self.store.get_bytes(DB, owner.raw)
+            if value is None:
+                return None
+            record = Record.from_bytes(held.owner, bytes(value))
+        return record if record.seq == held.seq else None
+
+    def unstored(self, record: Record) -> bool:
+        """Whether ``record`` is still the one held for its owner and not yet in LMDB."""
+        return self._unstored.get(record.owner) is record
 
     def set_beat(self, beat: Heartbeat) -> None:
         self.beats[beat.owner] = beat
@@ -327,6 +356,7 @@ class NodeTable:
             return
         for owner in owners:
             old = self.records.pop(owner, None)
+            self._unstored.pop(owner, None)
             if old is not None:
                 self._digest_swap(str(owner), old.seq, None)
             self.docs.pop(owner, None)
@@ -362,7 +392,7 @@ class NodeTable:
     # --- own entry -----------------------------------------------------------------------
 
     def _write_own(self, fields: dict[str, Any]) -> None:
-        doc = self.docs[self.me]
+        doc = self._own_doc()
         if not doc.update(fields):
             return
         if doc.change_count() > COMPACT_AFTER:
@@ -372,12 +402,19 @@ class NodeTable:
         self._publish_own(Record.create(self.identity, seq, doc))
 
     def republish_own(self, seq: int) -> None:
-        self._publish_own(Record.create(self.identity, seq, self.docs[self.me]))
+        self._publish_own(Record.create(self.identity, seq, self._own_doc()))
+
+    def _own_doc(self) -> OwnerDoc:
+        """Our own entry, editable: the copy loaded from the store at start is frozen like any other."""
+        doc = self.docs[self.me]
+        if doc.frozen:
+            doc = self.docs[self.me] = doc.compacted()
+        return doc
 
     def _publish_own(self, record: Record) -> None:
         with self.store.write() as txn:
             txn.put(self.me.raw, record.to_bytes(), db=self._db)
-        self.insert(record, self.docs[self.me])
+        self.insert(record, self.docs[self.me], stored=True)
         self._bump()
 
     def _beat(self) -> None:
@@ -399,6 +436,9 @@ class NodeTable:
         with self.store.write() as txn:
             for record in records:
                 txn.put(record.owner.raw, record.to_bytes(), db=self._db)
+        for record in records:
+            if self._unstored.get(record.owner) is record:
+                del self._unstored[record.owner]
 
     def _load(self) -> None:
         """Verify every stored record as if a peer had sent it; drop (never load) what fails.
@@ -420,7 +460,7 @@ class NodeTable:
                 dropped.append(bytes(key))
                 reason = exc
                 continue
-            self.insert(record, doc)
+            self.insert(record, doc, stored=True)
         if dropped:
             # One line for all of them: an upgrade may drop a whole table at once.
             log.warning(
