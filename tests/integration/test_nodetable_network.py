@@ -306,3 +306,20 @@ async def test_record_bodies_live_in_lmdb_and_are_sent_from_there(node_config):
         async with open_node(cfg, memory_network=net) as c:
             await until(c, sees(b, status="maintenance"))
             assert c.table.record(b.peer_id).verify().to_dict()["status"] == "maintenance"
+
+
+async def test_what_peers_hold_is_remembered_only_while_a_push_is_pending(node_config):
+    """With membership, a node at rest keeps no per-peer copy of who holds what (it was peers x entries)."""
+    net = MemoryNetwork()
+    async with star(node_config, 6, net) as nodes:
+        assert all(node.membership is not None for node in nodes)
+        await nodes[3].table.update_own({"status": "maintenance"})
+        for node in nodes:
+            await until(node, sees(nodes[3], status="maintenance"))
+        with trio.fail_after(30):
+            for node in nodes:
+                t = node.table
+                while not all(t._flushed.get(p, -1) >= t.version and not t.pending.get(p) for p in t._pushers):
+                    await t._flush_event.wait()
+        held = [sum(len(known) for known in node.table.peer_known.values()) for node in nodes]
+        assert held == [0] * len(nodes), held

@@ -65,6 +65,22 @@ class Intake:
             self._work = 0
             await trio.lowlevel.checkpoint()
 
+    def _knows(self, peer: PeerId, known: dict[PeerId, tuple[int, int]], owner: PeerId, seq: int, ms: int) -> None:
+        """Note that ``peer`` holds ``owner``'s record ``seq`` (and heartbeat ``ms``), so it is not sent back.
+
+        Without membership every owner's heartbeat is pushed on, and this is
+        kept for every owner. With membership only records travel, and this
+        saves a send only while that owner is pending for that peer: it is
+        kept then only, and the pusher drops it as it takes the owner
+        (:meth:`Sync._send_missing`). Kept for good, a node with D peers
+        and N entries would hold D x N of these (1.4 KB per entry at D=11).
+        """
+        if self.t.membership is not None:
+            pending = self.t.pending.get(peer)
+            if pending is None or owner not in pending:
+                return
+        known[owner] = (seq, ms)
+
     def _may_add_owner(self, peer: PeerId) -> bool:
         cfg = self.t.config
         return self._take(self._owner_buckets, peer, cfg.nodetable_new_owner_rate, cfg.nodetable_new_owner_burst)
@@ -95,7 +111,7 @@ class Intake:
         t = self.t
         owner = beat.owner
         k_seq, k_ms = known.get(owner, (-1, -1))
-        known[owner] = (k_seq, max(k_ms, beat.ms))
+        self._knows(peer, known, owner, k_seq, max(k_ms, beat.ms))
         held = t.beats.get(owner)
         if owner == t.me or (held is not None and held.ms >= beat.ms):
             return False
@@ -139,7 +155,7 @@ class Intake:
             owner = record.owner
             current = t.records.get(owner)
             if current is not None and current.seq >= record.seq:
-                known[owner] = (record.seq, known.get(owner, (-1, -1))[1])
+                self._knows(peer, known, owner, record.seq, known.get(owner, (-1, -1))[1])
             elif owner == t.me:
                 # An older incarnation of us (e.g. before --cleanslate) published newer
                 # versions: continue their numbering and republish what is true now.
@@ -154,7 +170,7 @@ class Intake:
                     continue
                 t.insert(record, doc)
                 accepted.append(record)
-                known[owner] = (record.seq, known.get(owner, (-1, -1))[1])
+                self._knows(peer, known, owner, record.seq, known.get(owner, (-1, -1))[1])
             else:
                 direct = owner == peer or t.host.is_connected(owner)
                 victim: PeerId | None = None
@@ -204,7 +220,7 @@ class Intake:
                     t.evict(victim)
                 t.insert(record, doc)
                 accepted.append(record)
-                known[owner] = (record.seq, -1)
+                self._knows(peer, known, owner, record.seq, -1)
                 t.saw(owner, now if direct or vouched else min(beat.seconds, now) if beat is not None else 0.0)
                 if beat is not None and not direct and not vouched:
                     t.set_beat(beat)

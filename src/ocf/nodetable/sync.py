@@ -117,11 +117,12 @@ class Sync(Intake):
         beats: dict[str, Any] = {}
         owners = list(pending)
         pending.clear()
+        lasting = t.membership is None  # see Intake._knows: with membership, kept only while pending
         for owner in owners:
+            k_seq, k_ms = known.get(owner, (-1, -1)) if lasting else known.pop(owner, (-1, -1))
             held = t.records.get(owner)
             if owner == peer or held is None:
                 continue
-            k_seq, k_ms = known.get(owner, (-1, -1))
             beat = t.beats.get(owner)
             ms = beat.ms if beat is not None else -1
             if held.seq > k_seq:
@@ -148,7 +149,8 @@ class Sync(Intake):
                         continue
                 batch.append(item)
                 size += item_size
-                known[owner] = (record.seq, ms)
+                if lasting:
+                    known[owner] = (record.seq, ms)
             elif ms > k_ms and t.membership is None:
                 assert beat is not None
                 if len(beats) * BEAT_SIZE > budget:
@@ -250,7 +252,7 @@ class Sync(Intake):
                 seq, ms = int(pair[0]), int(pair[1])
             except (TypeError, ValueError, IndexError, KeyError):
                 raise ProtocolError("nodetable: malformed summary") from None
-            known[owner] = (seq, ms)
+            self._knows(peer, known, owner, seq, ms)
             beat = t.beats.get(owner)
             if t.records[owner].seq > seq or (by_liveness and beat is not None and beat.ms > ms):
                 lacking.append(owner)
