@@ -101,7 +101,7 @@ def share_record_checks() -> tuple[dict, list[float]]:
             costs.append(time.perf_counter() - t0)
             cache[key] = doc
         mine = copy.copy(doc)
-        mine._json = bytes(bytearray(doc._json))  # noqa: SLF001 - the frozen fields, as a node of its own holds them
+        mine._packed = bytes(bytearray(doc._packed))  # noqa: SLF001 - the frozen fields, as a node of its own holds them
         return mine
 
     NodeTable.verify_record = verify_record  # type: ignore[method-assign]

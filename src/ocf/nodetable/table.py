@@ -320,7 +320,7 @@ class NodeTable:
         """The whole record we hold for ``owner`` (to send it on), or None.
 
         Only what arrived since the last :meth:`store_records` is in memory;
-        the rest is read back from LMDB (a few microseconds), so a node that
+        the rest is read back from LMDB (about 10 µs), so a node that
         knows 1,000 peers does not also keep 1,000 record bodies in memory.
         """
         held = self.records.get(owner)
