@@ -38,3 +38,17 @@ async def test_idle_peer_stream_is_reused_and_a_dead_one_costs_one_fresh_stream(
         assert r.status_code == 200 and r.json()["peer_id"] == key
         assert len(opened) == 2
         assert fwd.peer_streams.idle(key) == 1
+
+
+async def test_the_routing_snapshot_keeps_only_what_routing_reads(node_config):
+    """Every node's gateway keeps a table snapshot: routing fields only (a whole entry is ~2.5 KB a peer)."""
+    from ocf.gateway.providers import ROUTING_FIELDS
+
+    async with running_mock_llm(["m1"]) as mock, pair(node_config, mock) as (dispatcher, worker, client):
+        fwd = dispatcher.gateway.app.extensions["ocf.forwarder"]
+        r = await client.post("/v1/service/llm/v1/chat/completions", json={"model": "m1", "messages": []})
+        assert r.status_code == 200
+        snapshot = fwd.providers.entries()
+        assert str(worker.peer_id) in snapshot
+        assert all(set(entry) <= set(ROUTING_FIELDS) for entry in snapshot.values())
+        assert "hardware" in dispatcher.table.entry(worker.peer_id)  # the whole entry is still served

@@ -7,6 +7,7 @@ import pytest
 import trio
 
 from ocf import open_node
+from ocf.membership.messages import Ping
 from ocf.membership.update import Status
 from ocf.transport import MemoryNetwork
 from ocf.transport.memlink import Links
@@ -158,4 +159,29 @@ async def test_a_long_absence_is_repaired(node_config, autojump_clock):
 
         with trio.fail_after(120):
             await wait_until(repaired)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_member_that_is_no_neighbour_is_reached_at_its_signed_addresses(node_config):
+    """An indirect probe or a suspicion goes to members we are not connected to: dialed at their own addresses."""
+    cluster = Cluster(node_config, 6, membership_degree=2)
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery)
+        nodes = cluster.nodes
+        await cluster.until(lambda: all(sees(a, b, Status.ALIVE) for a in nodes for b in nodes if a is not b))
+        pairs = [(a, b) for a in nodes for b in nodes if a is not b and not a.host.is_connected(b.peer_id)]
+        assert pairs, "degree 2 of 6 leaves some members unconnected"
+        observer, target = pairs[0]
+        assert not observer.host.peer_addrs(target.peer_id)  # nothing learned but membership's view
+        before = observer.membership.stats["dropped_unreachable"]
+        lookups = observer.dht.stats["lookups"] + observer.dht.stats["lookups_refused"]
+        observer.membership.swim._send(str(target.peer_id), Ping(999_999, ()))
+        observer.membership._flush()
+        stats = observer.membership.stats
+        with trio.fail_after(30):  # whichever comes first: the dial, or the message given up
+            await wait_until(
+                lambda: observer.host.is_connected(target.peer_id) or stats["dropped_unreachable"] > before
+            )
+        assert observer.host.is_connected(target.peer_id) and stats["dropped_unreachable"] == before
+        assert observer.dht.stats["lookups"] + observer.dht.stats["lookups_refused"] == lookups  # no DHT detour
         nursery.cancel_scope.cancel()

@@ -79,7 +79,7 @@ class Providers:
         self._index_of: dict | None = None  # the entries snapshot the index was built from
 
     def entries(self) -> dict[str, dict]:
-        """The node table's live entries, reused while the table is unchanged (for at most 0.5 s).
+        """The node table's live entries, as routing reads them, reused while the table is unchanged (<= 0.5 s).
 
         Building the entries means materialising every peer's document, and
         a busy dispatcher asks on every request; the short expiry keeps
@@ -90,6 +90,9 @@ class Providers:
         not connected, until it is stale: its services then answer 503 with
         ``Retry-After`` (it may be back), and 404 only once the table has
         given up on it or it said it left.
+
+        Each entry keeps only :data:`ROUTING_FIELDS`: the full view is at
+        ``table.entry()`` and ``/v1/dnt/table``.
         """
         table = self.table
         if table is not None:
@@ -97,7 +100,11 @@ class Providers:
             now = time.monotonic()
             if version == self._entries_version and now - self._entries_at < ENTRIES_TTL:
                 return self._entries_cache
-            entries = {peer: e for peer, e in table.entries(include_all=True).items() if _still_listed(e)}
+            entries = {
+                peer: {k: e[k] for k in ROUTING_FIELDS if k in e}
+                for peer, e in table.entries(include_all=True).items()
+                if _still_listed(e)
+            }
             self._entries_cache, self._entries_version, self._entries_at = entries, version, now
             return entries
         services = self.services
@@ -225,6 +232,11 @@ class Providers:
         except TransportError as exc:
             log.debug("cannot open a stream %s", logfmt.kv(peer=peer.short(), reason=exc))
             raise ConnectFailed(str(exc) or type(exc).__name__) from None
+
+
+#: What routing reads of an entry. The snapshot keeps only these: it lives as long as the table
+#: is unchanged, on every node, and a whole entry (hardware and all) costs about 2.5 KB per peer.
+ROUTING_FIELDS = ("service", "services", "connected", "status", "stale", "addrs")
 
 
 def _still_listed(entry: dict) -> bool:

@@ -206,7 +206,13 @@ class Membership:
         try:
             # A dial's nursery may group its failures: unwrapped, they are the TransportError caught here.
             with transport_errors_unwrapped(), trio.fail_after(max(1.0, 4 * self.swim.config.probe_interval)):
-                self.stats["dials"] += not self.host.is_connected(pid)
+                if not self.host.is_connected(pid):
+                    # Not a neighbour (a ping for someone's indirect probe, a suspect told it is
+                    # suspected): dial the addresses the member signed in its own alive.
+                    self.stats["dials"] += 1
+                    member = self.swim.members.get(peer)
+                    if member is not None:
+                        self._learn_addrs(pid, member.addrs)
                 stream = await self.host.new_stream(pid, PROTOCOL)
         except (TransportError, trio.TooSlowError) as exc:
             log.debug("no swim stream %s", logfmt.kv(peer=pid.short(), reason=exc or type(exc).__name__))
@@ -337,9 +343,13 @@ class Membership:
         pid = self._pid(peer)
         if pid is None or self._nursery is None:
             return
-        self.host.add_addrs(pid, [a for a in addrs if _parses(a)])
+        self._learn_addrs(pid, addrs)
         self.stats["dials"] += 1
         self._nursery.start_soon(self._connect, pid)
+
+    def _learn_addrs(self, pid: PeerId, addrs: tuple[str, ...]) -> None:
+        """Give the host the addresses a member published (signed), so it can be dialed."""
+        self.host.add_addrs(pid, [a for a in addrs if _parses(a)])
 
     async def _connect(self, pid: PeerId) -> None:
         """Connect only; the "connected" event then introduces us and opens the probe stream."""
