@@ -302,6 +302,10 @@ async def test_record_bodies_live_in_lmdb_and_are_sent_from_there(node_config):
         assert not a.table._unstored  # stored after the message that brought it: no body held in memory
         assert a.table.record(b.peer_id) == b.table.record(b.peer_id)
         assert a.table.records[b.peer_id].seq == b.table.records[b.peer_id].seq
+        with a.store.write() as txn:  # damaged on disk after it was written: not sent, and the node goes on
+            txn.put(b.peer_id.raw, b"\x00\x01", db=a.store.db("nodetable"))
+        assert a.table.record(b.peer_id) is None
+        a.store.put_bytes("nodetable", b.peer_id.raw, b.table.record(b.peer_id).to_bytes())
         cfg = node_config(mode="node", bootstrap_addrs=(str(a.listen_addrs[0]),))
         async with open_node(cfg, memory_network=net) as c:
             await until(c, sees(b, status="maintenance"))

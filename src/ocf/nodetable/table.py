@@ -331,7 +331,11 @@ class NodeTable:
             value = self.store.get_bytes(DB, owner.raw)
             if value is None:
                 return None
-            record = Record.from_bytes(held.owner, bytes(value))
+            try:
+                record = Record.from_bytes(held.owner, bytes(value))
+            except ValidationError as exc:  # damaged on disk since we wrote it: the owner will resend it
+                log.warning("unreadable stored node table record %s", logfmt.kv(owner=owner.short(), reason=exc))
+                return None
         return record if record.seq == held.seq else None
 
     def unstored(self, record: Record) -> bool:
