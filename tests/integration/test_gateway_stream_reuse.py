@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import trio
 
 from ..gateway.util import running_mock_llm
 from .test_gateway_p2p import pair
@@ -44,11 +45,12 @@ async def test_the_routing_snapshot_keeps_only_what_routing_reads(node_config):
     """Every node's gateway keeps a table snapshot: routing fields only (a whole entry is ~2.5 KB a peer)."""
     from ocf.gateway.providers import ROUTING_FIELDS
 
-    async with running_mock_llm(["m1"]) as mock, pair(node_config, mock) as (dispatcher, worker, client):
+    async with running_mock_llm(["m1"]) as mock, pair(node_config, mock) as (dispatcher, worker, _):
         fwd = dispatcher.gateway.app.extensions["ocf.forwarder"]
-        r = await client.post("/v1/service/llm/v1/chat/completions", json={"model": "m1", "messages": []})
-        assert r.status_code == 200
-        snapshot = fwd.providers.entries()
-        assert str(worker.peer_id) in snapshot
+        with trio.fail_after(30):  # the worker's service reaches the dispatcher's table
+            while not (dispatcher.table.entry(worker.peer_id) or {}).get("service"):
+                await dispatcher.table.wait_changed()
+        snapshot = fwd.providers.entries()  # the table changed: a fresh snapshot
+        assert snapshot[str(worker.peer_id)]["service"][0]["name"] == "llm"
         assert all(set(entry) <= set(ROUTING_FIELDS) for entry in snapshot.values())
         assert "hardware" in dispatcher.table.entry(worker.peer_id)  # the whole entry is still served
