@@ -51,6 +51,10 @@ class Cluster:
             self.scopes.append(scope)
             self.stops.append(stop)
 
+    def all_alive(self) -> bool:
+        """Every node sees every other node alive."""
+        return all(sees(a, b, Status.ALIVE) for a in self.nodes for b in self.nodes if a is not b)
+
     async def until(self, predicate, limit: float = 60) -> None:
         with trio.fail_after(limit):
             while not predicate():
@@ -66,7 +70,7 @@ async def test_crash_is_detected_and_leaves_the_table_view(node_config):
     async with trio.open_nursery() as nursery:
         await cluster.start(nursery)
         nodes = cluster.nodes
-        await cluster.until(lambda: all(sees(a, b, Status.ALIVE) for a in nodes for b in nodes if a is not b))
+        await cluster.until(cluster.all_alive)
         victim = nodes[3]
         cluster.links.crash(victim.listen_addrs[0].value_for("memory"))
         cluster.scopes[3].cancel()
@@ -82,7 +86,7 @@ async def test_graceful_leave_is_seen_as_left(node_config):
     async with trio.open_nursery() as nursery:
         await cluster.start(nursery)
         nodes = cluster.nodes
-        await cluster.until(lambda: all(sees(a, b, Status.ALIVE) for a in nodes for b in nodes if a is not b))
+        await cluster.until(cluster.all_alive)
         leaver = nodes[2]
         cluster.stops[2].set()
         rest = [n for n in nodes if n is not leaver]
@@ -141,7 +145,7 @@ async def test_a_long_absence_is_repaired(node_config, autojump_clock):
     async with trio.open_nursery() as nursery:
         await cluster.start(nursery)
         nodes = cluster.nodes
-        await cluster.until(lambda: all(sees(a, b, Status.ALIVE) for a in nodes for b in nodes if a is not b))
+        await cluster.until(cluster.all_alive)
         names = [n.listen_addrs[0].value_for("memory") for n in nodes]
         left, right = nodes[:3], nodes[3:]
         cluster.links.partition(names[:3], names[3:])
@@ -151,7 +155,7 @@ async def test_a_long_absence_is_repaired(node_config, autojump_clock):
         changed = right[1]
         await changed.table.set_services([{"name": "llm", "status": "healthy", "identity_group": ["model=absent"]}])
         cluster.links.heal()
-        await cluster.until(lambda: all(sees(a, b, Status.ALIVE) for a in nodes for b in nodes if a is not b), 300)
+        await cluster.until(cluster.all_alive, 300)
 
         def repaired() -> bool:
             entries = [n.table.entry(changed.peer_id) or {} for n in left]
@@ -168,7 +172,7 @@ async def test_a_member_that_is_no_neighbour_is_reached_at_its_signed_addresses(
     async with trio.open_nursery() as nursery:
         await cluster.start(nursery)
         nodes = cluster.nodes
-        await cluster.until(lambda: all(sees(a, b, Status.ALIVE) for a in nodes for b in nodes if a is not b))
+        await cluster.until(cluster.all_alive)
         pairs = [(a, b) for a in nodes for b in nodes if a is not b and not a.host.is_connected(b.peer_id)]
         assert pairs, "degree 2 of 6 leaves some members unconnected"
         observer, target = pairs[0]

@@ -441,7 +441,7 @@ class NodeTable:
             for record in records:
                 txn.put(record.owner.raw, record.to_bytes(), db=self._db)
         for record in records:
-            if self._unstored.get(record.owner) is record:
+            if self.unstored(record):
                 del self._unstored[record.owner]
 
     def _load(self) -> None:
