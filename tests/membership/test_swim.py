@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from ocf.membership.messages import Digest, Gossip, Ping
+from ocf.membership.messages import Digest, Gossip, Ping, PingReq
 from ocf.membership.swim import Swim, SwimConfig
 from ocf.membership.update import Status, Update
 
@@ -93,6 +93,20 @@ def test_verify_budget_per_sender() -> None:
         node.apply("flooder", u, 0.0)
     assert node.stats["signatures_checked"] == 20  # burst of twice the rate, the rest deferred
     assert node.stats["verify_deferred"] == 30
+
+
+def test_relayed_pings_per_asker_are_bounded() -> None:
+    """One peer naming 100 members in ping-reqs gets 8 relayed (each a dial of a non-neighbour); the rest refused."""
+    node = Swim("a", fake_sign("a"), fake_verify, 0.0, incarnation=1)
+    for i in range(100):
+        node.apply("x", Update.signed(fake_sign(f"p{i}"), f"p{i}", 1, Status.ALIVE, 0, ()), 0.0)
+    node.outbox.clear()
+    for i in range(100):
+        node.receive("flooder", PingReq(i, f"p{i}", ()), 0.0)
+    assert sum(isinstance(m, Ping) for _, m in node.outbox) == SwimConfig().max_relays_per_asker == 8
+    assert node.stats["relays_refused"] == 92
+    node.receive("honest", PingReq(1, "p0", ()), 0.0)  # another asker still gets its probe relayed
+    assert isinstance(node.outbox[-1][1], Ping) and node.outbox[-1][0] == "p0"
 
 
 def test_member_cap_never_evicts_the_living() -> None:

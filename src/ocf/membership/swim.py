@@ -72,6 +72,10 @@ class SwimConfig:
     verify_rate: float = 1000.0
     load_interval: float = 2.0
     max_relays: int = 256
+    #: Relayed pings one asker may have outstanding. An honest prober asks k helpers once per probe,
+    #: and a relay lives one probe interval, so it holds one or two; a hostile one would make us
+    #: dial the addresses of every member it names (each signed by that member, but maybe a victim's).
+    max_relays_per_asker: int = 8
     #: Lifeguard's local health: each probe we could not complete raises a score (to this cap) that
     #: stretches our timeouts, each success lowers it. A starved node blames itself, not its peers.
     max_health: int = 8
@@ -273,7 +277,12 @@ class Swim:
         elif isinstance(message, PingReq):
             self._absorb(sender, message.updates, now)
             member = self.members.get(message.target)
-            if member is None or member.status.gone or len(self._relays) >= self.config.max_relays:
+            if (
+                member is None
+                or member.status.gone
+                or len(self._relays) >= self.config.max_relays
+                or sum(asker == sender for asker, _, _ in self._relays.values()) >= self.config.max_relays_per_asker
+            ):
                 self.stats["relays_refused"] += 1
                 return
             seq = self._next_seq()
