@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -92,7 +92,9 @@ class Membership:
             config=swim_config(config),
         )
         self.stats = dict.fromkeys(COUNTERS, 0)
+        # PeerIds of members, parsed once: only of those the node table holds no record of (see share_ids).
         self._ids: dict[str, PeerId] = {str(self.me): self.me}
+        self._shared_ids: Mapping[str, PeerId] = {}
         self._senders: dict[str, trio.MemorySendChannel[bytes]] = {}
         self._inbound: dict[PeerId, int] = {}
         self._listeners: list[Callable[[PeerId, Status], None]] = []
@@ -142,9 +144,41 @@ class Membership:
 
     # --- the loop -----------------------------------------------------------------------------
 
-    def _pid(self, text: str) -> PeerId | None:
+    def share_ids(self, ids: Mapping[str, PeerId]) -> None:
+        """Name members by the PeerIds (and their texts) in ``ids``, the node table's, before parsing our own.
+
+        A node that knows N peers would otherwise hold two PeerIds and two
+        texts of each, one set per layer. With this, whichever layer learns
+        a peer first parses it and the other reuses that object: the table
+        takes ours (:meth:`peer_id_of`) and tells us when it holds the peer
+        (:meth:`release_id`); we look up its own, and our member names are
+        its texts (``Swim.intern``).
+        """
+        self._shared_ids = ids
+        self.swim.intern = self._intern
+
+    def peer_id_of(self, text: str) -> PeerId | None:
+        """The PeerId we keep for the member named ``text``; None if we know no such member."""
         pid = self._ids.get(text)
+        if pid is None and text in self.swim.members:
+            pid = self._pid(text)
+        return pid
+
+    def release_id(self, text: str) -> None:
+        """The table now holds a PeerId for ``text`` (see :meth:`share_ids`): ours goes."""
+        if text != str(self.me):
+            self._ids.pop(text, None)
+
+    def _intern(self, text: str) -> str:
+        pid = self._shared_ids.get(text) or self._ids.get(text)
+        return str(pid) if pid is not None else text
+
+    def _pid(self, text: str) -> PeerId | None:
+        pid = self._ids.get(text) or self._shared_ids.get(text)
         if pid is None:
+            member = self.swim.members.get(text)
+            if member is not None:
+                text = member.proof.peer  # the member's own name (its text), not the caller's copy
             try:
                 pid = PeerId.from_string(text)
             except Exception:  # noqa: BLE001 - a member name that is no peer ID is nobody we can reach

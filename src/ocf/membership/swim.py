@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import math
 import random
+from collections.abc import Callable
 
 import attrs
 
@@ -54,6 +55,10 @@ COUNTERS = (
     "pages_sent",
     "pages_received",
 )
+
+
+def _same(text: str) -> str:
+    return text
 
 
 @attrs.frozen
@@ -132,6 +137,9 @@ class Swim:
         self._published_load = 0
         self._load_at = now
         self.members: dict[str, Member] = {}
+        #: Maps a member's name to the one string object this node keeps for it (the driver shares the
+        #: node table's); each update arrives with a fresh copy of the name, and a kept proof keeps it.
+        self.intern: Callable[[str], str] = _same
         self.digest = [0] * BUCKETS
         #: The members of each digest bucket, so a page costs its bucket's size, not the table's.
         self._in_bucket: list[set[str]] = [set() for _ in range(BUCKETS)]
@@ -328,6 +336,9 @@ class Swim:
                 return None
             if not self._check(sender, u, now):
                 return None
+            name = self.intern(u.peer) if member is None else member.proof.peer
+            if u.peer is not name:
+                u = attrs.evolve(u, peer=name)
             if member is None:
                 member = self.members[u.peer] = Member(u.incarnation, u.status, now, u)
                 self._set_digest(u.peer, None, member)

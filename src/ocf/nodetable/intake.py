@@ -145,7 +145,7 @@ class Intake:
             await self._yield_if_busy()
             now = t.clock()
             try:
-                record = Record.from_wire(item, t.by_text)
+                record = Record.from_wire(item, t.known_id)
                 beat = (
                     Heartbeat.from_wire(record.owner, item["hb"]) if isinstance(item, dict) and "hb" in item else None
                 )

@@ -20,8 +20,8 @@ import hashlib
 import json
 import marshal
 import struct
+from collections.abc import Callable
 from typing import Any
-from collections.abc import Mapping
 
 import attrs
 import automerge.core as am
@@ -248,11 +248,11 @@ class Record:
         return {"owner": str(self.owner), "seq": self.seq, "doc": self.doc.hex(), "sig": self.signature.hex()}
 
     @classmethod
-    def from_wire(cls, obj: Any, known: Mapping[str, PeerId] | None = None) -> Record:
-        """Parse the wire form; ``known`` maps owner texts to the PeerIds already held (one object per owner)."""
+    def from_wire(cls, obj: Any, known: Callable[[str], PeerId | None] | None = None) -> Record:
+        """Parse the wire form; ``known`` gives the PeerId already held for an owner text (one object per owner)."""
         try:
             text = obj["owner"]
-            owner = known.get(text) if known is not None and isinstance(text, str) else None
+            owner = known(text) if known is not None and isinstance(text, str) else None
             record = cls(
                 owner or PeerId.from_string(text), int(obj["seq"]), bytes.fromhex(obj["doc"]), bytes.fromhex(obj["sig"])
             )

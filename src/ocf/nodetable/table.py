@@ -305,6 +305,14 @@ class NodeTable:
         text = str(owner)
         old = self.records.get(owner)
         if old is None:
+            if self.membership is not None:
+                # One PeerId and one text per peer (share_ids): membership's if it knows the peer (it
+                # may have met it while this record was being verified), and ours from now on.
+                named = self.membership.peer_id_of(text)
+                if named is not None and named is not owner:
+                    owner = doc.owner = named
+                    text = str(owner)
+                self.membership.release_id(text)
             self.by_text[text] = owner
             self._sorted = None
         self._digest_swap(text, old.seq if old is not None else None, record.seq)
@@ -315,6 +323,13 @@ class NodeTable:
             self._unstored[owner] = record
         self.docs[owner] = doc
         self.touch(owner)
+
+    def known_id(self, text: str) -> PeerId | None:
+        """The PeerId this node already keeps for an owner's text: ours, or the one membership parsed."""
+        pid = self.by_text.get(text)
+        if pid is None and self.membership is not None:
+            pid = self.membership.peer_id_of(text)
+        return pid
 
     def record(self, owner: PeerId) -> Record | None:
         """The whole record we hold for ``owner`` (to send it on), or None.
@@ -589,6 +604,7 @@ async def open_nodetable(
     host.set_stream_handler(PROTOCOL, table.sync.handle)
     if table.membership is not None:
         table.membership.on_change(table._on_member)
+        table.membership.share_ids(table.by_text)
     async with trio.open_nursery() as nursery:
         table._nursery = nursery
         await nursery.start(table._watch_peers)
