@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 
 import pytest
 import trio
@@ -41,15 +42,20 @@ class Cluster:
                 await stop.wait()
 
     async def start(self, nursery: trio.Nursery) -> None:
-        for i in range(self.n):
-            boot = () if i == 0 else (str(self.nodes[0].listen_addrs[0]),)
-            cfg = self.node_config(
-                mode="standalone" if i == 0 else "node", bootstrap_addrs=boot, log_level="warning", **self.overrides
-            )
-            node, scope, stop = await nursery.start(self._run, cfg)
-            self.nodes.append(node)
-            self.scopes.append(scope)
-            self.stops.append(stop)
+        for _ in range(self.n):
+            await self.add(nursery)
+
+    async def add(self, nursery: trio.Nursery, via: int = 0):
+        """Start one more node; the first is the standalone one the others bootstrap through (or ``via``)."""
+        boot = (str(self.nodes[via].listen_addrs[0]),) if self.nodes else ()
+        cfg = self.node_config(
+            mode="node" if self.nodes else "standalone", bootstrap_addrs=boot, log_level="warning", **self.overrides
+        )
+        node, scope, stop = await nursery.start(self._run, cfg)
+        self.nodes.append(node)
+        self.scopes.append(scope)
+        self.stops.append(stop)
+        return node
 
     def all_alive(self) -> bool:
         """Every node sees every other node alive."""
@@ -155,6 +161,28 @@ async def test_a_node_keeps_one_peer_id_and_one_name_per_peer(node_config):
                 assert names[text] is str(pid)  # one text: the member's name is the table's
                 assert swim.members[text].proof.peer is str(pid)
             assert list(node.membership._ids) == [str(node.peer_id)]  # membership keeps no PeerId of its own
+        nursery.cancel_scope.cancel()
+
+
+async def test_heartbeats_are_forgotten_once_membership_vouches_and_a_joiner_still_gets_every_record(node_config):
+    """A start-up heartbeat helps a record travel while it is news; after BEAT_RELAY_FOR it costs memory for nothing."""
+    from ocf.nodetable.table import BEAT_RELAY_FOR
+
+    cluster = Cluster(node_config, 5, membership_degree=2, membership_probe_interval=0.2)
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery)
+        nodes = cluster.nodes
+        await cluster.until(lambda: cluster.all_alive() and all(len(n.table.records) == 5 for n in nodes))
+        assert sum(len(n.table.beats) for n in nodes) > 5  # each holds some peers' beats
+        for node in nodes:
+            node.table.clock = lambda: time.time() + BEAT_RELAY_FOR + 1
+            await node.table.prune()
+        assert [set(n.table.beats) - {n.peer_id} for n in nodes] == [set()] * 5
+        # A joiner gets every record, most relayed by nodes that now hold no heartbeat to send with them.
+        joiner = await cluster.add(nursery, via=4)
+        await cluster.until(lambda: cluster.all_alive(), limit=30)
+        with trio.fail_after(30):
+            await wait_until(lambda: len(joiner.table.records) == 6)
         nursery.cancel_scope.cancel()
 
 

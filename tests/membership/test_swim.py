@@ -65,6 +65,30 @@ def test_refutation_wins_over_a_false_suspicion(seed: int, bump: int) -> None:
     assert net.nodes[target].incarnation > inc or bump > 0
 
 
+@SLOW
+@given(seed=st.integers(0, 10_000), degree=st.integers(2, 16))
+def test_news_reaches_every_neighbour(seed: int, degree: int) -> None:
+    """A node hears news only from its neighbours: each update is sent to every one (it once missed 1 in 4)."""
+    import random
+
+    node = Swim("a", fake_sign("a"), fake_verify, 0.0, incarnation=1, rng=random.Random(seed))
+    neighbours = [f"n{i}" for i in range(degree)]
+    node.set_neighbors(neighbours)
+    node.outbox.clear()
+    joiner = Update.signed(fake_sign("j"), "j", 1, Status.ALIVE, 0, ())
+    assert node.apply("n0", joiner, 0.0) is True
+    told: set[str] = set()
+    now = 0.0
+    while now < 10.0:
+        node.tick(now)
+        for peer, message in node.outbox:
+            if joiner in getattr(message, "updates", ()):
+                told.add(peer)
+        node.outbox.clear()
+        now += 0.05
+    assert told == set(neighbours)
+
+
 def test_unproven_incarnation_is_refused() -> None:
     node = Swim("a", fake_sign("a"), fake_verify, 0.0, incarnation=1)
     alive = Update.signed(fake_sign("b"), "b", 5, Status.ALIVE, 0, ())

@@ -102,6 +102,15 @@ class Member:
         return self.proof.addrs
 
 
+@attrs.define(slots=True)
+class _News:
+    """An update still to spread: sends left of its λ·log N, and who has been sent it."""
+
+    update: Update
+    left: int
+    told: set[str] = attrs.Factory(set)
+
+
 @attrs.define
 class _Probe:
     target: str
@@ -148,7 +157,8 @@ class Swim:
         self.stats = dict.fromkeys(COUNTERS, 0)
         self.neighbors: list[str] = []
         self._order: list[str] = []
-        self._queue: dict[str, list[object]] = {}  # peer -> [update, transmits left], newest last
+        self._gossip_order: list[str] = []
+        self._queue: dict[str, _News] = {}  # member -> the newest claim about it still to spread, newest last
         self._seq = 0
         self._probe: _Probe | None = None
         self._next_probe = now
@@ -174,7 +184,7 @@ class Swim:
 
     def connected(self, peer: str) -> None:
         """A new neighbour: introduce ourselves and compare digests."""
-        self._send(peer, Ping(self._next_seq(), (self.own,) + self._piggyback(self.config.max_piggyback - 1)))
+        self._send(peer, Ping(self._next_seq(), (self.own,) + self._piggyback(peer, self.config.max_piggyback - 1)))
         self._send(peer, Digest(tuple(self.digest), reply=True))
 
     def disconnected(self, peer: str) -> None:
@@ -211,7 +221,7 @@ class Swim:
                 helpers = [p for p in self.neighbors if p != probe.target and self._usable(p)]
                 for helper in self.rng.sample(helpers, min(cfg.indirect, len(helpers))):
                     self.stats["indirect_probes"] += 1
-                    self._send(helper, PingReq(probe.seq, probe.target, self._piggyback()))
+                    self._send(helper, PingReq(probe.seq, probe.target, self._piggyback(helper)))
         if now >= self._next_probe:
             self._finish_probe(now)
             self._start_probe(now)
@@ -240,8 +250,8 @@ class Swim:
             self._enqueue(self.own)
         if self._queue and now >= self._next_gossip and self.neighbors:
             self._next_gossip = now + cfg.gossip_interval
-            for peer in self.rng.sample(self.neighbors, min(cfg.fanout, len(self.neighbors))):
-                updates = self._piggyback()
+            for peer in self._gossip_targets(min(cfg.fanout, len(self.neighbors))):
+                updates = self._piggyback(peer)
                 if updates:
                     self._send(peer, Gossip(updates))
         if now >= self._next_ae:
@@ -274,14 +284,14 @@ class Swim:
     def receive(self, sender: str, message: Message, now: float) -> None:
         if isinstance(message, Ping):
             self._absorb(sender, message.updates, now)
-            self._send(sender, Ack(message.seq, self._piggyback()))
+            self._send(sender, Ack(message.seq, self._piggyback(sender)))
         elif isinstance(message, Ack):
             self._absorb(sender, message.updates, now)
             if self._probe is not None and self._probe.seq == message.seq:
                 self._probe.acked = True
             relay = self._relays.pop(message.seq, None)
             if relay is not None:
-                self._send(relay[0], Ack(relay[1], self._piggyback()))
+                self._send(relay[0], Ack(relay[1], self._piggyback(relay[0])))
         elif isinstance(message, PingReq):
             self._absorb(sender, message.updates, now)
             member = self.members.get(message.target)
@@ -295,7 +305,7 @@ class Swim:
                 return
             seq = self._next_seq()
             self._relays[seq] = (sender, message.seq, now + self.config.probe_interval)
-            self._send(message.target, Ping(seq, self._piggyback()))
+            self._send(message.target, Ping(seq, self._piggyback(message.target)))
         elif isinstance(message, Gossip):
             self._absorb(sender, message.updates, now)
         elif isinstance(message, Digest):
@@ -424,7 +434,7 @@ class Swim:
             if self._usable(target):
                 self.stats["probes"] += 1
                 self._probe = _Probe(target, self._next_seq(), now)
-                self._send(target, Ping(self._probe.seq, self._piggyback()))
+                self._send(target, Ping(self._probe.seq, self._piggyback(target)))
                 return
         for _ in range(2):
             while self._order:
@@ -432,7 +442,7 @@ class Swim:
                 if target in self.neighbors and self._usable(target):
                     self.stats["probes"] += 1
                     self._probe = _Probe(target, self._next_seq(), now)
-                    self._send(target, Ping(self._probe.seq, self._piggyback()))
+                    self._send(target, Ping(self._probe.seq, self._piggyback(target)))
                     return
             self._order = list(self.neighbors)
             self.rng.shuffle(self._order)
@@ -463,20 +473,48 @@ class Swim:
     def _transmits(self) -> int:
         return self.config.retransmit_mult * max(1, math.ceil(math.log10(len(self.members) + 2)))
 
+    def _gossip_targets(self, k: int) -> list[str]:
+        """The next ``k`` neighbours in a shuffled round: gossip reaches each neighbour in turn."""
+        out: list[str] = []
+        for _ in range(2 * k):
+            if len(out) == k:
+                break
+            if not self._gossip_order:
+                self._gossip_order = list(self.neighbors)
+                self.rng.shuffle(self._gossip_order)
+            peer = self._gossip_order.pop()
+            if peer in self.neighbors and peer not in out:
+                out.append(peer)
+        return out
+
     def _enqueue(self, u: Update) -> None:
         self._queue.pop(u.peer, None)  # a newer claim about a member supersedes the older one
-        self._queue[u.peer] = [u, self._transmits()]
+        self._queue[u.peer] = _News(u, self._transmits())
 
-    def _piggyback(self, limit: int | None = None) -> tuple[Update, ...]:
+    def _piggyback(self, to: str, limit: int | None = None) -> tuple[Update, ...]:
+        """The newest news for a message to ``to``; each item is spent once sent often enough *and* to every neighbour.
+
+        SWIM sends each update λ·log N times to random members. With bounded
+        degree a node hears news only from its neighbours, and λ·log N
+        messages (3 in a small network), partly spent on pings and acks to
+        the same peer, missed one of four neighbours one time in four: that
+        node then waited for the next anti-entropy round, 30 s later. So an
+        item also stays until every current neighbour has been sent it
+        (gossip goes round them in turn), but never for more than one more
+        message per neighbour.
+        """
         limit = self.config.max_piggyback if limit is None else limit
         out: list[Update] = []
         for peer in reversed(list(self._queue)):
             if len(out) >= limit:
                 break
-            item = self._queue[peer]
-            out.append(item[0])  # type: ignore[arg-type]
-            item[1] = int(item[1]) - 1  # type: ignore[call-overload]
-            if item[1] <= 0:  # type: ignore[operator]
+            news = self._queue[peer]
+            if news.left <= 0 and to in news.told:
+                continue  # spent for this peer: it waits only for neighbours not yet told
+            out.append(news.update)
+            news.left -= 1
+            news.told.add(to)
+            if news.left <= 0 and (news.left <= -len(self.neighbors) or news.told.issuperset(self.neighbors)):
                 del self._queue[peer]
         return tuple(out)
 

@@ -52,6 +52,13 @@ GONE = ("left", "offline")
 PRUNE_BATCH = 512
 #: Refusals are summed and logged at most this often.
 SWEEP_EVERY = 10.0  # seconds between prune sweeps at most
+#: With membership, how long a peer's heartbeat (signed once, at its start) is kept to go with its
+#: record: while the record is news, to peers whose membership has not heard of the peer yet (they
+#: take a relayed record only from an owner that something it signed says is alive). By then every
+#: membership has; a joiner learns the members from its first neighbour's pages before the records,
+#: and an owner it meets later makes it compare table digests again. Kept past that, beats were
+#: 0.2 KB a peer for nothing.
+BEAT_RELAY_FOR = 60.0
 
 __all__ = ["PROTOCOL", "NodeTable", "open_nodetable"]
 
@@ -193,6 +200,7 @@ class NodeTable:
         ]
         for owner in [o for o, at in self.lost_at.items() if at < horizon]:
             del self.lost_at[owner]
+        self._drop_relayed_beats(now)
         for start in range(0, len(doomed), PRUNE_BATCH):
             batch = [owner for owner in doomed[start : start + PRUNE_BATCH] if owner in self.records]
             self._forget(batch)
@@ -202,6 +210,15 @@ class NodeTable:
             log.info("pruned stale node table entries %s", logfmt.kv(pruned=len(doomed), entries=len(self.records)))
             self._bump()
         return len(doomed)
+
+    def _drop_relayed_beats(self, now: float) -> None:
+        """With membership, forget heartbeats older than :data:`BEAT_RELAY_FOR` of owners membership vouches for."""
+        if self.membership is None:
+            return
+        horizon_ms = (now - BEAT_RELAY_FOR) * 1000
+        for owner in [o for o, b in self.beats.items() if b.ms < horizon_ms and o != self.me]:
+            if self._member_alive(owner):
+                del self.beats[owner]
 
     # --- derived view ------------------------------------------------------------------
 
