@@ -124,6 +124,32 @@ async def test_node_table_digests_do_not_grow_with_the_table(node_config):
         nursery.cancel_scope.cancel()
 
 
+async def test_node_table_digests_rest_while_both_sides_agree_and_repair_when_not(node_config):
+    """At rest no table digest is sent between agreeing peers (it was 60% of idle bytes); a difference restarts them."""
+    cluster = Cluster(node_config, 3, membership_degree=2, verify_interval=0.2)
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery)
+        nodes = cluster.nodes
+        await cluster.until(lambda: cluster.all_alive() and all(len(n.table.records) == 3 for n in nodes))
+        with trio.fail_after(30):
+            await wait_until(lambda: all(n.table.stats["digests_skipped"] >= 10 for n in nodes))
+        rounds = [n.table.stats["digests_skipped"] for n in nodes]
+        received = [n.table.stats["sync_rounds"] for n in nodes]
+        with trio.fail_after(30):
+            await wait_until(
+                lambda: all(n.table.stats["digests_skipped"] >= r + 18 for n, r in zip(nodes, rounds, strict=True))
+            )
+        # About 20 rounds per node: at most one digest in ten is sent (the forced one), per neighbour.
+        grew = [n.table.stats["sync_rounds"] - r for n, r in zip(nodes, received, strict=True)]
+        assert max(grew) <= 3 * 2, grew
+        # One node loses a record (as if it had missed it): its digest changes, it sends it, and it is repaired.
+        victim, lost = nodes[1], nodes[2].peer_id
+        victim.table._forget([lost])
+        with trio.fail_after(30):
+            await wait_until(lambda: lost in victim.table.records)
+        nursery.cancel_scope.cancel()
+
+
 async def test_load_is_read_from_its_source_when_membership_wakes(node_config):
     # How the gateway publishes: membership reads its in-flight count, nobody calls in per request.
     cluster = Cluster(node_config, 2, membership_probe_interval=0.2)

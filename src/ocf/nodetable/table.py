@@ -77,6 +77,7 @@ COUNTERS = (
     "heartbeats_rejected",
     "streams_refused",
     "streams_timed_out",
+    "digests_skipped",
 )
 
 
