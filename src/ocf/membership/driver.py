@@ -303,11 +303,7 @@ class Membership:
                     return
                 self.stats["bytes_received"] += len(data)
                 now = trio.current_time()
-                for obj in reader.feed(data):
-                    message, bad = messages.from_wire(obj)
-                    self.stats["messages_received"] += 1
-                    self.stats["dropped_items"] += bad
-                    self.swim.receive(sender, message, now)
+                self._receive(sender, reader.feed(data), now)
                 self._flush()
                 self._kick()
                 if not reader.partial:
@@ -327,6 +323,14 @@ class Membership:
                 self._inbound[peer] = left
             else:
                 self._inbound.pop(peer, None)
+
+    def _receive(self, sender: str, objs: list[Any], now: float) -> None:
+        """Hand decoded messages to the machine (in a frame of its own: none is kept while the stream waits)."""
+        for obj in objs:
+            message, bad = messages.from_wire(obj)
+            self.stats["messages_received"] += 1
+            self.stats["dropped_items"] += bad
+            self.swim.receive(sender, message, now)
 
     async def _watch_peers(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with self.host.subscribe() as events:

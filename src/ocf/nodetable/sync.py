@@ -226,21 +226,10 @@ class Sync(Intake):
                     return
                 if not data:
                     return
-                messages = reader.feed(data)
-                for message in messages:
-                    t.stats["sync_rounds"] += 1
-                    kind = message["t"]
-                    if kind == "summary":
-                        self._on_summary(peer, message, known)
-                    elif kind == "digest":
-                        self._on_digest(peer, message)
-                    elif kind == "records":
-                        await self._on_records(peer, message, known)
-                    else:
-                        await self._on_beats(peer, message, known)
+                got = await self._apply(peer, reader.feed(data), known)
                 if not reader.partial:
                     deadline = math.inf
-                elif messages or deadline == math.inf:
+                elif got or deadline == math.inf:
                     deadline = trio.current_time() + t.config.nodetable_message_timeout
         except ProtocolError as exc:
             t.refuse("bad_message")
@@ -256,6 +245,23 @@ class Sync(Intake):
                 self._inbound.pop(peer, None)
                 if not t.host.is_connected(peer):
                     t.drop_peer(peer)
+
+    async def _apply(self, peer: PeerId, messages: list[dict[str, Any]], known: dict[PeerId, tuple[int, int]]) -> int:
+        """Apply decoded messages; returns how many. In a frame of its own: none is kept while the stream waits
+        (a digest is 64 strings, 4 KB, per stream)."""
+        t = self.t
+        for message in messages:
+            t.stats["sync_rounds"] += 1
+            kind = message["t"]
+            if kind == "summary":
+                self._on_summary(peer, message, known)
+            elif kind == "digest":
+                self._on_digest(peer, message)
+            elif kind == "records":
+                await self._on_records(peer, message, known)
+            else:
+                await self._on_beats(peer, message, known)
+        return len(messages)
 
     def _on_digest(self, peer: PeerId, message: dict[str, Any]) -> None:
         t = self.t
