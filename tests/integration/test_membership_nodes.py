@@ -62,6 +62,10 @@ class Cluster:
         """Every node sees every other node alive."""
         return all(sees(a, b, Status.ALIVE) for a in self.nodes for b in self.nodes if a is not b)
 
+    def converged(self) -> bool:
+        """Every node sees every other alive and holds every node's record."""
+        return self.all_alive() and all(len(n.table.records) == len(self.nodes) for n in self.nodes)
+
     async def until(self, predicate, limit: float = 60) -> None:
         with trio.fail_after(limit):
             while not predicate():
@@ -113,12 +117,7 @@ async def test_node_table_digests_do_not_grow_with_the_table(node_config):
     async with trio.open_nursery() as nursery:
         await cluster.start(nursery)
         nodes = cluster.nodes
-        await cluster.until(
-            lambda: (
-                all(len(n.table.records) == 5 for n in nodes)
-                and all(sees(a, b, Status.ALIVE) for a in nodes for b in nodes if a is not b)
-            )
-        )
+        await cluster.until(cluster.converged)
         digest = wire.encode(wire.digest_message(nodes[0].table.digest))
         assert len(digest) < 64 * 17 + 32
         assert len({tuple(n.table.digest) for n in nodes}) == 1  # equal tables, equal digests
@@ -131,7 +130,7 @@ async def test_node_table_digests_rest_while_both_sides_agree_and_repair_when_no
     async with trio.open_nursery() as nursery:
         await cluster.start(nursery)
         nodes = cluster.nodes
-        await cluster.until(lambda: cluster.all_alive() and all(len(n.table.records) == 3 for n in nodes))
+        await cluster.until(cluster.converged)
         with trio.fail_after(30):
             await wait_until(lambda: all(n.table.stats["digests_skipped"] >= 10 for n in nodes))
         rounds = [n.table.stats["digests_skipped"] for n in nodes]
@@ -178,7 +177,7 @@ async def test_a_node_keeps_one_peer_id_and_one_name_per_peer(node_config):
     async with trio.open_nursery() as nursery:
         await cluster.start(nursery)
         nodes = cluster.nodes
-        await cluster.until(lambda: cluster.all_alive() and all(len(n.table.records) == 5 for n in nodes))
+        await cluster.until(cluster.converged)
         # A new signed alive (here: a load change) arrives with a fresh copy of the name; it must not be kept.
         nodes[1].membership.load_from(lambda: 3)
         with trio.fail_after(30):
@@ -206,7 +205,7 @@ async def test_heartbeats_are_forgotten_once_membership_vouches_and_a_joiner_sti
     async with trio.open_nursery() as nursery:
         await cluster.start(nursery)
         nodes = cluster.nodes
-        await cluster.until(lambda: cluster.all_alive() and all(len(n.table.records) == 5 for n in nodes))
+        await cluster.until(cluster.converged)
         assert sum(len(n.table.beats) for n in nodes) > 5  # each holds some peers' beats
         for node in nodes:
             node.table.clock = lambda: time.time() + BEAT_RELAY_FOR + 1
