@@ -6,8 +6,8 @@ O(N) per node per round. Here a node probes one neighbour per period
 (``ping``; if no ``ack`` by ``ack_timeout``, ``k`` neighbours ping it for us
 with ``preq``), suspects it when nothing comes back, and declares it dead
 only after ``suspicion`` seconds in which the suspect may refute. News rides
-on probes and on small gossip pushes to ``fanout`` neighbours, each update a
-bounded number of times; anti-entropy compares 64 bucket digests with one
+on probes and on small gossip pushes to ``fanout`` neighbours, each update
+once to each neighbour; anti-entropy compares 64 bucket digests with one
 neighbour and exchanges only the buckets that differ, which repairs what
 gossip missed (a partition, a long absence). No message grows with N.
 
@@ -25,7 +25,6 @@ for an incarnation the owner signed; the table holds at most
 from __future__ import annotations
 
 import collections
-import math
 import random
 from collections.abc import Callable
 
@@ -70,7 +69,6 @@ class SwimConfig:
     gossip_interval: float = 0.2
     fanout: int = 3
     max_piggyback: int = 8
-    retransmit_mult: int = 3
     anti_entropy: float = 30.0
     dead_keep: float = 120.0
     max_members: int = 4096
@@ -104,10 +102,9 @@ class Member:
 
 @attrs.define(slots=True)
 class _News:
-    """An update still to spread: sends left of its λ·log N, and who has been sent it."""
+    """An update still to spread, and who has been sent it."""
 
     update: Update
-    left: int
     told: set[str] = attrs.Factory(set)
 
 
@@ -470,9 +467,6 @@ class Swim:
 
     # --- dissemination ------------------------------------------------------------------------
 
-    def _transmits(self) -> int:
-        return self.config.retransmit_mult * max(1, math.ceil(math.log10(len(self.members) + 2)))
-
     def _gossip_targets(self, k: int) -> list[str]:
         """The next ``k`` neighbours in a shuffled round: gossip reaches each neighbour in turn."""
         out: list[str] = []
@@ -489,19 +483,18 @@ class Swim:
 
     def _enqueue(self, u: Update) -> None:
         self._queue.pop(u.peer, None)  # a newer claim about a member supersedes the older one
-        self._queue[u.peer] = _News(u, self._transmits())
+        self._queue[u.peer] = _News(u)
 
     def _piggyback(self, to: str, limit: int | None = None) -> tuple[Update, ...]:
-        """The newest news for a message to ``to``; each item is spent once sent often enough *and* to every neighbour.
+        """The newest news ``to`` has not been sent; an update is done once every neighbour has been sent it.
 
         SWIM sends each update λ·log N times to random members. With bounded
-        degree a node hears news only from its neighbours, and λ·log N
-        messages (3 in a small network), partly spent on pings and acks to
-        the same peer, missed one of four neighbours one time in four: that
-        node then waited for the next anti-entropy round, 30 s later. So an
-        item also stays until every current neighbour has been sent it
-        (gossip goes round them in turn), but never for more than one more
-        message per neighbour.
+        degree a node hears news only from its neighbours, so here each
+        update goes to each neighbour once (gossip goes round them in turn,
+        and pings and acks carry what their peer lacks). λ·log N random sends
+        (3 in a small network), partly spent on pings and acks to the same
+        peer, missed one of four neighbours one time in four, and that node
+        waited for the next anti-entropy round, 30 s later.
         """
         limit = self.config.max_piggyback if limit is None else limit
         out: list[Update] = []
@@ -509,12 +502,10 @@ class Swim:
             if len(out) >= limit:
                 break
             news = self._queue[peer]
-            if news.left <= 0 and to in news.told:
-                continue  # spent for this peer: it waits only for neighbours not yet told
-            out.append(news.update)
-            news.left -= 1
-            news.told.add(to)
-            if news.left <= 0 and (news.left <= -len(self.neighbors) or news.told.issuperset(self.neighbors)):
+            if to not in news.told:
+                out.append(news.update)
+                news.told.add(to)
+            if news.told.issuperset(self.neighbors):
                 del self._queue[peer]
         return tuple(out)
 
