@@ -42,7 +42,9 @@ class Net:
         self.queue: list = []
         self.seq = itertools.count()
         self.verify = SignatureCache(size=1 << 20)
-        self.config = SwimConfig(probe_interval=args.probe, ack_timeout=args.probe / 2, anti_entropy=args.anti_entropy)
+        self.config = SwimConfig(
+            probe_interval=args.probe, ack_timeout=args.probe / 2, anti_entropy=args.anti_entropy, spread=args.degree
+        )
         self.nodes: dict[str, Swim] = {}
         self.graph: dict[str, set[str]] = {}
         self.gone: set[str] = set()

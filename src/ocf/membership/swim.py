@@ -25,6 +25,7 @@ for an incarnation the owner signed; the table holds at most
 from __future__ import annotations
 
 import collections
+import math
 import random
 from collections.abc import Callable
 
@@ -69,6 +70,11 @@ class SwimConfig:
     gossip_interval: float = 0.2
     fanout: int = 3
     max_piggyback: int = 8
+    #: Each update goes to every neighbour when a node has at most this many (the degree it keeps),
+    #: else to this many or SWIM's 3·⌈log10 N⌉, whichever is more: a hub with hundreds of
+    #: neighbours would otherwise send every update hundreds of times (each of those neighbours
+    #: keeps neighbours of its own, who tell it).
+    spread: int = 8
     anti_entropy: float = 30.0
     dead_keep: float = 120.0
     max_members: int = 4096
@@ -486,7 +492,8 @@ class Swim:
         self._queue[u.peer] = _News(u)
 
     def _piggyback(self, to: str, limit: int | None = None) -> tuple[Update, ...]:
-        """The newest news ``to`` has not been sent; an update is done once every neighbour has been sent it.
+        """The newest news ``to`` has not been sent; an update is done once every neighbour has been sent it
+        (or :attr:`SwimConfig.spread` of them, more on a hub).
 
         SWIM sends each update λ·log N times to random members. With bounded
         degree a node hears news only from its neighbours, so here each
@@ -505,9 +512,12 @@ class Swim:
             if to not in news.told:
                 out.append(news.update)
                 news.told.add(to)
-            if news.told.issuperset(self.neighbors):
+            if len(news.told) >= self._spread() or news.told.issuperset(self.neighbors):
                 del self._queue[peer]
         return tuple(out)
+
+    def _spread(self) -> int:
+        return max(self.config.spread, 3 * math.ceil(math.log10(len(self.members) + 2)))
 
     def _page(self, bucket: int) -> Page:
         self.stats["pages_sent"] += 1
