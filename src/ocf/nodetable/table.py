@@ -388,7 +388,7 @@ class NodeTable:
         self.stats["evicted"] += 1
 
     def _forget(self, owners: list[PeerId]) -> None:
-        """Drop owners from every map and from LMDB (one transaction for the batch)."""
+        """Drop owners from every map and from LMDB."""
         if not owners:
             return
         for owner in owners:
@@ -407,9 +407,7 @@ class NodeTable:
         self._sorted = None
         for owner in owners:
             self.host.forget_addrs(owner)
-        with self.store.write() as txn:
-            for owner in owners:
-                txn.delete(owner.raw, db=self._db)
+        self.store.put_many(DB, ((owner.raw, None) for owner in owners))
 
     def _digest_swap(self, text: str, old: int | None, new: int | None) -> None:
         b = bucket_of(text, BUCKETS)
@@ -470,9 +468,7 @@ class NodeTable:
         self._changed = trio.Event()
 
     def store_records(self, records: list[Record]) -> None:
-        with self.store.write() as txn:
-            for record in records:
-                txn.put(record.owner.raw, record.to_bytes(), db=self._db)
+        self.store.put_many(DB, ((record.owner.raw, record.to_bytes()) for record in records))
         for record in records:
             if self.unstored(record):
                 del self._unstored[record.owner]
@@ -504,9 +500,7 @@ class NodeTable:
                 "dropped stored node table records (from an older build or damaged; peers will resend them) %s",
                 logfmt.kv(count=len(dropped), last_reason=reason),
             )
-            with self.store.write() as txn:
-                for key in dropped:
-                    txn.delete(key, db=self._db)
+            self.store.put_many(DB, ((key, None) for key in dropped))
         # Liveness is not stored: give what we loaded one --stale-after to be heard of again.
         self._loaded_at = self.clock()
         log.info("node table loaded %s", logfmt.kv(entries=len(self.records), dropped=len(dropped)))
