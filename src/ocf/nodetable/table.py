@@ -2,9 +2,9 @@
 
 Thin Trio code around the pure pieces in :mod:`record`, :mod:`entry`,
 :mod:`heartbeat` and :mod:`wire`; the sync protocol itself lives in
-:mod:`sync`. Every accepted record is stored in LMDB in the same transaction
-batch it arrived in, then offered to every other peer — that is how a change
-crosses any number of hops.
+:mod:`sync`. Every accepted record is stored in LMDB as its batch arrives
+(:meth:`Store.put_many`, a bounded number to a transaction), then offered to
+every other peer — that is how a change crosses any number of hops.
 
 Every peer may be hostile, so the table is bounded: at most
 ``--nodetable.max-entries`` owners (our own and directly connected peers'
@@ -48,7 +48,8 @@ log = logging.getLogger("ocf.nodetable")
 DB = "nodetable"
 COMPACT_AFTER = 64  # own document changes before it is rewritten with a one-change history
 GONE = ("left", "offline")
-#: Owners forgotten per LMDB transaction by the sweep (it yields to the event loop between batches).
+#: Owners the sweep forgets per step (it yields to the event loop between steps; LMDB writes them
+#: WRITE_CHUNK to a transaction).
 PRUNE_BATCH = 512
 #: Refusals are summed and logged at most this often.
 SWEEP_EVERY = 10.0  # seconds between prune sweeps at most
