@@ -370,6 +370,7 @@ class Swim:
             self._apply_state(u.peer, member, u.incarnation, u.status, now)
         self.stats["updates_applied"] += 1
         self._enqueue(u)
+        self._queue[u.peer].told.add(sender)  # it came from there: not sent back
         return True
 
     def _about_me(self, sender: str, u: Update) -> bool:
