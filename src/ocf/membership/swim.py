@@ -7,7 +7,7 @@ O(N) per node per round. Here a node probes one neighbour per period
 with ``preq``), suspects it when nothing comes back, and declares it dead
 only after ``suspicion`` seconds in which the suspect may refute. News rides
 on probes and on small gossip pushes to ``fanout`` neighbours, each update
-once to each neighbour; anti-entropy compares 64 bucket digests with one
+once to each neighbour but the one it came from; anti-entropy compares 64 bucket digests with one
 neighbour and exchanges only the buckets that differ, which repairs what
 gossip missed (a partition, a long absence). No message grows with N.
 
