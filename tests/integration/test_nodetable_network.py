@@ -8,8 +8,10 @@ import pytest
 import trio
 
 from ocf import open_node
+from ocf.identity import Identity
 from ocf.nodetable import PROTOCOL, wire
 from ocf.nodetable.record import OwnerDoc, Record, signing_bytes
+from ocf.store.lmdbstore import WRITE_CHUNK
 from ocf.transport import MemoryNetwork
 
 pytestmark = pytest.mark.timeout(120)
@@ -327,3 +329,37 @@ async def test_what_peers_hold_is_remembered_only_while_a_push_is_pending(node_c
                     await t._flush_event.wait()
         held = [sum(len(known) for known in node.table.peer_known.values()) for node in nodes]
         assert held == [0] * len(nodes), held
+
+
+async def test_a_big_page_is_stored_a_chunk_per_commit_with_the_node_running_between(node_config):
+    """Each LMDB commit is an fsync: 100 received records are written WRITE_CHUNK to a commit, and other
+    tasks run between commits, not once after the whole page."""
+    async with open_node(node_config(mode="standalone")) as a:
+        t = a.table
+        records = []
+        for _ in range(100):
+            owner = Identity.generate()
+            doc = OwnerDoc(owner.peer_id)
+            doc.update({"id": str(owner.peer_id), "status": "online"})
+            record = Record.create(owner, 1, doc)
+            t.insert(record, record.verify())
+            records.append(record)
+        t.evict(records[-1].owner)  # forgotten before it was stored: never reaches the disk
+        me = trio.lowlevel.current_task()
+
+        class Yields(trio.abc.Instrument):
+            count = 0
+
+            def before_task_step(self, task):
+                self.count += task is me
+
+        yields = Yields()
+        trio.lowlevel.add_instrument(yields)
+        try:
+            await t.store_records(records)
+        finally:
+            trio.lowlevel.remove_instrument(yields)
+        assert yields.count == -(-len(records) // WRITE_CHUNK) - 1  # 7 commits, the loop let go between each
+        assert not t._unstored
+        assert all(a.store.get_bytes("nodetable", r.owner.raw) == r.to_bytes() for r in records[:-1])
+        assert a.store.get_bytes("nodetable", records[-1].owner.raw) is None

@@ -233,7 +233,7 @@ class Intake:
         # What was forgotten (pruned, evicted) while we yielded must not reach the disk.
         accepted = [record for record in accepted if t.unstored(record)]
         if accepted:
-            t.store_records(accepted)
+            await t.store_records(accepted)
             t.stats["records_received"] += len(accepted)
             log.debug("node table updated %s", logfmt.kv(peer=peer.short(), records=len(accepted)))
         if accepted or beats_changed:
