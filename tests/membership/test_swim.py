@@ -30,6 +30,11 @@ def test_no_false_positive_under_bounded_loss(seed: int, loss: float) -> None:
     net = SimNet(16, seed=seed, loss=loss)
     net.run(60.0)
     assert net.false_dead == set()
+    # Under loss a suspicion may be open at any instant (seed 167 at 4.8%: one of 240 views, at
+    # 60 s); its subject refutes it within the suspicion timeout. Once the loss stops, every view is alive.
+    net.loss = 0.0
+    net.run(net.config.suspicion + 2.0)
+    assert net.false_dead == set()
     assert everyone_knows(net)
 
 
