@@ -356,10 +356,11 @@ async def test_a_big_page_is_stored_a_chunk_per_commit_with_the_node_running_bet
         yields = Yields()
         trio.lowlevel.add_instrument(yields)
         try:
-            await t.store_records(records)
+            stored = await t.store_records(records)
         finally:
             trio.lowlevel.remove_instrument(yields)
         assert yields.count == -(-len(records) // WRITE_CHUNK) - 1  # 7 commits, the loop let go between each
+        assert stored == len(records) - 1  # all but the evicted one
         assert not t._unstored
         assert all(a.store.get_bytes("nodetable", r.owner.raw) == r.to_bytes() for r in records[:-1])
         assert a.store.get_bytes("nodetable", records[-1].owner.raw) is None

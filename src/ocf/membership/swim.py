@@ -7,9 +7,10 @@ O(N) per node per round. Here a node probes one neighbour per period
 with ``preq``), suspects it when nothing comes back, and declares it dead
 only after ``suspicion`` seconds in which the suspect may refute. News rides
 on probes and on small gossip pushes to ``fanout`` neighbours, each update
-once to each neighbour but the one it came from; anti-entropy compares 64 bucket digests with one
-neighbour and exchanges only the buckets that differ, which repairs what
-gossip missed (a partition, a long absence). No message grows with N.
+once to each neighbour but the one it came from; anti-entropy compares 64
+bucket digests with one neighbour and exchanges only the buckets that
+differ, which repairs what gossip missed (a partition, a long absence). No
+message grows with N.
 
 Probes go to *neighbours* (the peers the driver keeps connected, a bounded
 degree), not to random members: over libp2p a probe to a stranger would
@@ -505,6 +506,7 @@ class Swim:
         waited for the next anti-entropy round, 30 s later.
         """
         limit = self.config.max_piggyback if limit is None else limit
+        spread = self._spread()
         out: list[Update] = []
         for peer in reversed(list(self._queue)):
             if len(out) >= limit:
@@ -513,7 +515,7 @@ class Swim:
             if to not in news.told:
                 out.append(news.update)
                 news.told.add(to)
-            if len(news.told) >= self._spread() or news.told.issuperset(self.neighbors):
+            if len(news.told) >= spread or news.told.issuperset(self.neighbors):
                 del self._queue[peer]
         return tuple(out)
 

@@ -230,13 +230,11 @@ class Intake:
                 except ProtocolError as exc:
                     forged = exc
                     break
-        # What was forgotten (pruned, evicted) while we yielded must not reach the disk.
-        accepted = [record for record in accepted if t.unstored(record)]
-        if accepted:
-            await t.store_records(accepted)
-            t.stats["records_received"] += len(accepted)
-            log.debug("node table updated %s", logfmt.kv(peer=peer.short(), records=len(accepted)))
-        if accepted or beats_changed:
+        stored = await t.store_records(accepted)  # skips what was forgotten while we yielded
+        if stored:
+            t.stats["records_received"] += stored
+            log.debug("node table updated %s", logfmt.kv(peer=peer.short(), records=stored))
+        if stored or beats_changed:
             t._bump()
         if forged is not None:
             raise forged

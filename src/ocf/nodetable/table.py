@@ -469,15 +469,17 @@ class NodeTable:
         self._changed.set()
         self._changed = trio.Event()
 
-    async def store_records(self, records: list[Record]) -> None:
+    async def store_records(self, records: list[Record]) -> int:
         """Write held records to LMDB, WRITE_CHUNK to a transaction, letting other tasks run between.
 
         Each commit is an fsync (about a millisecond on an SSD, ten on a disk):
         a peer's 400-record page in one go stalled the node for all of them, and
         in one transaction kept LMDB's memory high (see WRITE_CHUNK). Shielded:
         what we hold must reach the disk even if the stream that brought it is
-        cancelled. A record forgotten or replaced while we waited is skipped.
+        cancelled. A record forgotten (pruned, evicted) or replaced since it was
+        held is skipped: it must not reach the disk. Returns how many were written.
         """
+        stored = 0
         with trio.CancelScope(shield=True):
             for start in range(0, len(records), WRITE_CHUNK):
                 if start:
@@ -486,6 +488,8 @@ class NodeTable:
                 self.store.put_many(DB, ((record.owner.raw, record.to_bytes()) for record in chunk))
                 for record in chunk:
                     del self._unstored[record.owner]
+                stored += len(chunk)
+        return stored
 
     def _load(self) -> None:
         """Verify every stored record as if a peer had sent it; drop (never load) what fails.
