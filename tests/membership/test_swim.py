@@ -217,3 +217,33 @@ def test_bucket_pages_match_the_members_after_churn(seed: int) -> None:
             if bucket_of(name, BUCKETS) == bucket:
                 expected.add(name)
             assert page == expected
+
+
+@given(ops=st.lists(st.tuples(st.booleans(), st.sampled_from([f"p{i}" for i in range(40)])), max_size=200))
+def test_a_bucket_is_a_sorted_list_with_set_semantics(ops: list[tuple[bool, str]]) -> None:
+    """bucket_add/bucket_discard keep a bucket sorted and free of repeats, as a set would be."""
+    from ocf.membership.update import bucket_add, bucket_discard
+
+    members: list[str] = []
+    model: set[str] = set()
+    for add, peer in ops:
+        if add:
+            bucket_add(members, peer)
+            model.add(peer)
+        else:
+            bucket_discard(members, peer)
+            model.discard(peer)
+        assert members == sorted(model)
+
+
+def test_a_bucket_of_sixteen_costs_a_third_of_a_set() -> None:
+    """The reason buckets are lists: at 1,000 members a bucket holds about 16 peer IDs."""
+    import sys
+
+    from ocf.membership.update import bucket_add
+
+    peers = [f"12D3KooW{i:044d}" for i in range(16)]
+    members: list[str] = []
+    for peer in peers:
+        bucket_add(members, peer)
+    assert sys.getsizeof(members) * 3 <= sys.getsizeof(set(peers))

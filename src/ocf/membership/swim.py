@@ -34,7 +34,7 @@ import attrs
 
 from ..nodetable.heartbeat import TokenBucket
 from .messages import BUCKETS, Ack, Digest, Gossip, Message, Page, Ping, PingReq
-from .update import Signer, Status, Update, Verifier, bucket_of, state_hash
+from .update import Signer, Status, Update, Verifier, bucket_add, bucket_discard, bucket_of, state_hash
 
 COUNTERS = (
     "probes",
@@ -155,7 +155,7 @@ class Swim:
         self.intern: Callable[[str], str] = _same
         self.digest = [0] * BUCKETS
         #: The members of each digest bucket, so a page costs its bucket's size, not the table's.
-        self._in_bucket: list[set[str]] = [set() for _ in range(BUCKETS)]
+        self._in_bucket: list[list[str]] = [[] for _ in range(BUCKETS)]  # sorted (update.bucket_add)
         self.outbox: list[tuple[str, Message]] = []
         self.changes: list[tuple[str, Status]] = []
         self.stats = dict.fromkeys(COUNTERS, 0)
@@ -525,7 +525,7 @@ class Swim:
     def _page(self, bucket: int) -> Page:
         self.stats["pages_sent"] += 1
         items: list[tuple[Update, Update | None]] = []
-        for peer in sorted(self._in_bucket[bucket]):
+        for peer in self._in_bucket[bucket]:
             m = self.members[peer]
             opinion = None if m.status == m.proof.status else Update(peer, m.incarnation, m.status)
             items.append((m.proof, opinion))
@@ -539,9 +539,9 @@ class Swim:
             self.digest[b] ^= state_hash(peer, old.incarnation, old.status)
         if new is not None:
             self.digest[b] ^= state_hash(peer, new.incarnation, new.status)
-            self._in_bucket[b].add(peer)
+            bucket_add(self._in_bucket[b], peer)
         else:
-            self._in_bucket[b].discard(peer)
+            bucket_discard(self._in_bucket[b], peer)
 
     def _sign_own(self, status: Status) -> Update:
         old: Update | None = getattr(self, "own", None)

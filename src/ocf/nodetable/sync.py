@@ -298,7 +298,7 @@ class Sync(Intake):
             beat = t.beats.get(owner)
             if t.records[owner].seq > seq or (by_liveness and beat is not None and beat.ms > ms):
                 lacking.append(owner)
-        texts = sorted(t.buckets[bucket]) if bucket is not None else wire.in_range(t.sorted_texts(), lo, hi)
+        texts = t.buckets[bucket] if bucket is not None else wire.in_range(t.sorted_texts(), lo, hi)
         for text in texts:
             if text not in have:
                 owner = t.by_text[text]

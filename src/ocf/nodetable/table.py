@@ -33,7 +33,7 @@ from .heartbeat import Heartbeat
 from .record import Held, OwnerDoc, Record
 from .sync import Sync
 from .wire import BUCKETS, PROTOCOL
-from ..membership.update import Status, bucket_of, state_hash
+from ..membership.update import Status, bucket_add, bucket_discard, bucket_of, state_hash
 from ..store.lmdbstore import WRITE_CHUNK
 import trio.lowlevel
 
@@ -122,7 +122,7 @@ class NodeTable:
         # table then stay home: digests per bucket, see wire.py).
         self.membership = membership
         self.digest = [0] * BUCKETS
-        self.buckets: list[set[str]] = [set() for _ in range(BUCKETS)]
+        self.buckets: list[list[str]] = [[] for _ in range(BUCKETS)]  # sorted (update.bucket_add)
         # Buckets each peer's digest disagreed on: its pusher answers with those pages only.
         self.page_requests: dict[PeerId, dict[int, bool]] = {}  # bucket -> ask for their page back
         self._refusal_log = logfmt.RateLimitedLog(log, self.config.refusal_log_interval)
@@ -415,10 +415,10 @@ class NodeTable:
         b = bucket_of(text, BUCKETS)
         if old is not None:
             self.digest[b] ^= state_hash(text, old, Status.ALIVE)
-            self.buckets[b].discard(text)
+            bucket_discard(self.buckets[b], text)
         if new is not None:
             self.digest[b] ^= state_hash(text, new, Status.ALIVE)
-            self.buckets[b].add(text)
+            bucket_add(self.buckets[b], text)
 
     def drop_peer(self, peer: PeerId) -> None:
         """A peer left: what we kept about its connection goes with it."""
