@@ -61,9 +61,9 @@ async def convergence(n: int, rounds: int, memory: bool) -> tuple[list[float], f
             writer = nodes[1 + i % (n - 1)]
             t0 = time.perf_counter()
             await writer.table.update_own({"owner": f"round-{i}"})
-            target = writer.table.records[writer.peer_id].seq
+            target = writer.table.records[writer.peer_id]
             for node in nodes:
-                while node.table.records[writer.peer_id].seq < target:
+                while node.table.records[writer.peer_id] < target:
                     await node.table.wait_changed()
             times.append(time.perf_counter() - t0)
         sent = sum(nd.table.stats["records_sent"] for nd in nodes) - sent_before

@@ -327,7 +327,7 @@ async def change_propagation(sim: Sim, rounds: int) -> tuple[list[float], list[f
         node = sim.nodes[i]
         t0 = trio.current_time()
         await node.table.set_services([{"name": "llm", "status": "healthy", "identity_group": [f"model=m{r}"]}])
-        key = (str(node.peer_id), node.table.records[node.peer_id].seq)
+        key = (str(node.peer_id), node.table.records[node.peer_id])
         n = len(sim.live()) - 1
         await wait_until(lambda key=key, n=n: len(sim.record_at[key]) >= n, step=0.05)
         times = sorted(t - t0 for t in sim.record_at[key][1:])

@@ -154,7 +154,7 @@ class Intake:
                 continue
             owner = record.owner
             current = t.records.get(owner)
-            if current is not None and current.seq >= record.seq:
+            if current is not None and current >= record.seq:
                 self._knows(peer, known, owner, record.seq, known.get(owner, (-1, -1))[1])
             elif owner == t.me:
                 # An older incarnation of us (e.g. before --cleanslate) published newer

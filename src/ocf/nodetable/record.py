@@ -115,7 +115,7 @@ class OwnerDoc:
     bytes this process packed are ever unpacked.
     """
 
-    __slots__ = ("owner", "doc", "_fields", "_packed", "_changes")
+    __slots__ = ("owner", "doc", "_fields", "_packed", "_changes", "size")
 
     def __init__(self, owner: PeerId, doc: am.Document | None = None) -> None:
         self.owner = owner
@@ -130,6 +130,8 @@ class OwnerDoc:
         # A frozen copy: the fields packed, and the history length.
         self._packed: bytes | None = None
         self._changes = 0
+        # Bytes of the signed document the node table holds for this entry (its stats sum them).
+        self.size = 0
 
     def freeze(self) -> OwnerDoc:
         """Keep the fields (packed) and the history length, drop the native document; returns self.
@@ -246,19 +248,6 @@ class OwnerDoc:
         fresh = OwnerDoc(self.owner)
         fresh.update(self.to_dict())
         return fresh
-
-
-@attrs.frozen
-class Held:
-    """What a node keeps in memory of a record it holds; the body is in LMDB (:meth:`NodeTable.record`).
-
-    A node holds one record per peer it knows, and only ever needs a body to
-    send it to a peer; its fields are in the :class:`OwnerDoc` beside it.
-    """
-
-    owner: PeerId
-    seq: int
-    size: int  # bytes of the document
 
 
 @attrs.frozen

@@ -121,7 +121,7 @@ class Sync(Intake):
         for text in t.sorted_texts():
             owner = t.by_text[text]
             beat = t.beats.get(owner)
-            items.append((text, t.records[owner].seq, beat.ms if beat is not None else -1))
+            items.append((text, t.records[owner], beat.ms if beat is not None else -1))
         for page in wire.summary_pages(items, t.config.max_message_size // 2):
             await stream.send_all(wire.encode(page))
         return None
@@ -134,7 +134,7 @@ class Sync(Intake):
             have = {}
             for text in t.buckets[bucket]:
                 owner = t.by_text[text]
-                have[text] = [t.records[owner].seq, -1]
+                have[text] = [t.records[owner], -1]
             # "r": the receiver answers with its own page, so each side learns what the other lacks.
             await stream.send_all(wire.encode({"t": "summary", "b": bucket, "r": reply, "have": have}))
 
@@ -152,12 +152,12 @@ class Sync(Intake):
         lasting = t.membership is None  # see Intake._knows: with membership, kept only while pending
         for owner in owners:
             k_seq, k_ms = known.get(owner, (-1, -1)) if lasting else known.pop(owner, (-1, -1))
-            held = t.records.get(owner)
+            held = t.records.get(owner)  # its seq
             if owner == peer or held is None:
                 continue
             beat = t.beats.get(owner)
             ms = beat.ms if beat is not None else -1
-            if held.seq > k_seq:
+            if held > k_seq:
                 if (
                     owner != t.me
                     and t.seen_at(owner) < horizon
@@ -296,7 +296,7 @@ class Sync(Intake):
                 raise ProtocolError("nodetable: malformed summary") from None
             self._knows(peer, known, owner, seq, ms)
             beat = t.beats.get(owner)
-            if t.records[owner].seq > seq or (by_liveness and beat is not None and beat.ms > ms):
+            if t.records[owner] > seq or (by_liveness and beat is not None and beat.ms > ms):
                 lacking.append(owner)
         texts = t.buckets[bucket] if bucket is not None else wire.in_range(t.sorted_texts(), lo, hi)
         for text in texts:

@@ -30,7 +30,7 @@ from ..identity import PeerId
 from .docguard import DocLimits
 from .entry import detect_hardware, validate_update
 from .heartbeat import Heartbeat
-from .record import Held, OwnerDoc, Record
+from .record import OwnerDoc, Record
 from .sync import Sync
 from .wire import BUCKETS, PROTOCOL
 from ..membership.update import Status, bucket_add, bucket_discard, bucket_of, state_hash
@@ -100,8 +100,9 @@ class NodeTable:
         self.me = identity.peer_id
         self.store = store
         self.software_version = version  # published in our own entry
-        # Seq and size of each record held; bodies are in LMDB, or in _unstored until stored (see record()).
-        self.records: dict[PeerId, Held] = {}
+        # The seq of each record held; bodies are in LMDB, or in _unstored until stored (see record()).
+        # A bare int: an object per peer for seq and size was 0.1 KB a peer (the size is on the OwnerDoc).
+        self.records: dict[PeerId, int] = {}
         self._unstored: dict[PeerId, Record] = {}
         self.docs: dict[PeerId, OwnerDoc] = {}
         # Only ever keyed by owners in ``records`` (see _forget): unknown IDs cost nothing.
@@ -183,7 +184,7 @@ class NodeTable:
         return {
             "entries": len(self.docs),
             "max_entries": self.config.nodetable_max_entries,
-            "doc_bytes": sum(r.size for r in self.records.values()),
+            "doc_bytes": sum(d.size for d in self.docs.values()),
             "change_count": sum(d.change_count() for d in self.docs.values()),
             "peers": len(self.host.connected_peers()),
             **self.stats,
@@ -335,8 +336,9 @@ class NodeTable:
                 self.membership.release_id(text)
             self.by_text[text] = owner
             self._sorted = None
-        self._digest_swap(text, old.seq if old is not None else None, record.seq)
-        self.records[owner] = Held(owner, record.seq, len(record.doc))
+        self._digest_swap(text, old, record.seq)
+        self.records[owner] = record.seq
+        doc.size = len(record.doc)
         if stored:
             self._unstored.pop(owner, None)
         else:
@@ -358,8 +360,8 @@ class NodeTable:
         the rest is read back from LMDB (about 10 µs), so a node that
         knows 1,000 peers does not also keep 1,000 record bodies in memory.
         """
-        held = self.records.get(owner)
-        if held is None:
+        seq = self.records.get(owner)
+        if seq is None:
             return None
         record = self._unstored.get(owner)
         if record is None:
@@ -367,11 +369,11 @@ class NodeTable:
             if value is None:
                 return None
             try:
-                record = Record.from_bytes(held.owner, bytes(value))
+                record = Record.from_bytes(owner, bytes(value))
             except ValidationError as exc:  # damaged on disk since we wrote it: the owner will resend it
                 log.warning("unreadable stored node table record %s", logfmt.kv(owner=owner.short(), reason=exc))
                 return None
-        return record if record.seq == held.seq else None
+        return record if record.seq == seq else None
 
     def unstored(self, record: Record) -> bool:
         """Whether ``record`` is still the one held for its owner and not yet in LMDB."""
@@ -397,7 +399,7 @@ class NodeTable:
             old = self.records.pop(owner, None)
             self._unstored.pop(owner, None)
             if old is not None:
-                self._digest_swap(str(owner), old.seq, None)
+                self._digest_swap(str(owner), old, None)
             self.docs.pop(owner, None)
             self.last_seen.pop(owner, None)
             self.beats.pop(owner, None)
@@ -435,7 +437,7 @@ class NodeTable:
         if doc.change_count() > COMPACT_AFTER:
             doc = doc.compacted()
             self.docs[self.me] = doc
-        seq = self.records[self.me].seq + 1 if self.me in self.records else 1
+        seq = self.records[self.me] + 1 if self.me in self.records else 1
         self._publish_own(Record.create(self.identity, seq, doc))
 
     def republish_own(self, seq: int) -> None:
