@@ -2,6 +2,7 @@
 
 import contextlib
 import logging
+import threading
 
 import httpx
 import pytest
@@ -301,7 +302,8 @@ async def test_record_bodies_live_in_lmdb_and_are_sent_from_there(node_config):
     async with line(node_config, 2, net) as (a, b):
         await b.table.update_own({"status": "maintenance"})
         await until(a, sees(b, status="maintenance"))
-        assert not a.table._unstored  # stored after the message that brought it: no body held in memory
+        await a.table._drain_writes(10.0)  # committed off the Trio thread, soon after it is held
+        assert not a.table._unstored  # once stored, no body held in memory
         assert a.table.record(b.peer_id) == b.table.record(b.peer_id)
         assert a.table.records[b.peer_id] == b.table.records[b.peer_id]
         with a.store.write() as txn:  # damaged on disk after it was written: not sent, and the node goes on
@@ -331,11 +333,25 @@ async def test_what_peers_hold_is_remembered_only_while_a_push_is_pending(node_c
         assert held == [0] * len(nodes), held
 
 
-async def test_a_big_page_is_stored_a_chunk_per_commit_with_the_node_running_between(node_config):
-    """Each LMDB commit is an fsync: 100 received records are written WRITE_CHUNK to a commit, and other
-    tasks run between commits, not once after the whole page."""
+async def test_a_big_page_is_committed_off_the_trio_thread_a_chunk_at_a_time(node_config):
+    """Each LMDB commit is an fsync, and fsync never runs on the Trio thread: 100 received records are
+    written WRITE_CHUNK to a commit, each commit in a worker thread, and the event loop runs during each."""
     async with open_node(node_config(mode="standalone")) as a:
         t = a.table
+        await t._drain_writes(10.0)  # the node's own first record
+        trio_thread = threading.current_thread()
+        token = trio.lowlevel.current_trio_token()
+        commits = []  # (on the Trio thread, keys, did the event loop run during the commit)
+        real_put_many = a.store.put_many
+
+        def put_many(db, items, per_txn=WRITE_CHUNK):
+            items = list(items)
+            loop_ran = threading.Event()
+            token.run_sync_soon(loop_ran.set)  # only a running event loop sets it
+            commits.append((threading.current_thread() is trio_thread, len(items), loop_ran.wait(5)))
+            real_put_many(db, items, per_txn)
+
+        a.store.put_many = put_many
         records = []
         for _ in range(100):
             owner = Identity.generate()
@@ -345,22 +361,48 @@ async def test_a_big_page_is_stored_a_chunk_per_commit_with_the_node_running_bet
             t.insert(record, record.verify())
             records.append(record)
         t.evict(records[-1].owner)  # forgotten before it was stored: never reaches the disk
-        me = trio.lowlevel.current_task()
-
-        class Yields(trio.abc.Instrument):
-            count = 0
-
-            def before_task_step(self, task):
-                self.count += task is me
-
-        yields = Yields()
-        trio.lowlevel.add_instrument(yields)
-        try:
-            stored = await t.store_records(records)
-        finally:
-            trio.lowlevel.remove_instrument(yields)
-        assert yields.count == -(-len(records) // WRITE_CHUNK) - 1  # 7 commits, the loop let go between each
+        stored = await t.wait_stored(records)
         assert stored == len(records) - 1  # all but the evicted one
+        assert commits == [(False, WRITE_CHUNK, True)] * 6 + [(False, 100 - 6 * WRITE_CHUNK, True)]
         assert not t._unstored
         assert all(a.store.get_bytes("nodetable", r.owner.raw) == r.to_bytes() for r in records[:-1])
         assert a.store.get_bytes("nodetable", records[-1].owner.raw) is None
+
+
+async def test_a_failing_disk_leaves_the_table_serving_from_memory_until_it_recovers(node_config, caplog):
+    """A commit that fails (disk full, I/O error) stops nothing: records are served from memory,
+    nobody waits for the disk, one error line is logged, and they are written once it recovers."""
+    from ocf.errors import StoreError
+
+    async with open_node(node_config(mode="standalone")) as a:
+        t = a.table
+        await t._drain_writes(10.0)
+        real_put_many = a.store.put_many
+        failing = True
+        attempts = 0
+
+        def put_many(db, items, per_txn=WRITE_CHUNK):
+            nonlocal attempts
+            attempts += 1
+            if failing:
+                raise StoreError("cannot write to 'nodetable': MDB_MAP_FULL")
+            real_put_many(db, items, per_txn)
+
+        a.store.put_many = put_many
+        owner = Identity.generate()
+        doc = OwnerDoc(owner.peer_id)
+        doc.update({"id": str(owner.peer_id), "status": "online"})
+        record = Record.create(owner, 1, doc)
+        with caplog.at_level(logging.ERROR, logger="ocf.nodetable"):
+            t.insert(record, record.verify())
+            with trio.fail_after(5):
+                assert await t.wait_stored([record]) == 1  # does not wait for a disk that fails
+            assert t.record(owner.peer_id) == record  # served from memory
+            assert a.store.get_bytes("nodetable", owner.peer_id.raw) is None
+            failing = False
+            await t._drain_writes(10.0)  # the retry, a second later
+        assert attempts == 2
+        assert a.store.get_bytes("nodetable", owner.peer_id.raw) == record.to_bytes()
+        assert not t._unstored
+        errors = [r for r in caplog.records if "cannot write the node table" in r.getMessage()]
+        assert len(errors) == 1, errors

@@ -115,6 +115,19 @@ def test_put_many_writes_and_deletes_across_transactions(tmp_path):
         store.put_many("t", [])
 
 
+def test_a_full_map_is_a_store_error_and_earlier_chunks_stay_written(tmp_path):
+    """LMDB refusing a write (here: its map is full) is a StoreError naming the store, not an lmdb exception."""
+    from ocf.errors import StoreError
+
+    with Store.open(tmp_path, map_size=256 << 10) as store:
+        items = [(i.to_bytes(4, "big"), os.urandom(2000)) for i in range(400)]  # 800 KB into a 256 KiB map
+        with pytest.raises(StoreError, match=r"cannot write to 't' in .*MDB_MAP_FULL"):
+            store.put_many("t", items)
+        assert store.get_bytes("t", items[0][0]) == items[0][1]  # the first chunks were committed
+        store.put_many("t", [(b"small", b"ok")])  # the store is still usable
+        assert store.get_bytes("t", b"small") == b"ok"
+
+
 def _heap_growth(path, per_txn, queue):
     def anon():
         with open("/proc/self/status") as f:

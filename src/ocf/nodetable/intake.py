@@ -230,7 +230,7 @@ class Intake:
                 except ProtocolError as exc:
                     forged = exc
                     break
-        stored = await t.store_records(accepted)  # skips what was forgotten while we yielded
+        stored = await t.wait_stored(accepted)  # on disk: the peer's next message waits for that
         if stored:
             t.stats["records_received"] += stored
             log.debug("node table updated %s", logfmt.kv(peer=peer.short(), records=stored))

@@ -2,9 +2,10 @@
 
 Thin Trio code around the pure pieces in :mod:`record`, :mod:`entry`,
 :mod:`heartbeat` and :mod:`wire`; the sync protocol itself lives in
-:mod:`sync`. Every accepted record is stored in LMDB as its batch arrives
-(:meth:`Store.put_many`, a bounded number to a transaction), then offered to
-every other peer — that is how a change crosses any number of hops.
+:mod:`sync`. Every accepted record is held in memory and offered to every
+other peer at once — that is how a change crosses any number of hops — and
+written to LMDB by one task, in a worker thread, a bounded number to a
+transaction (see :meth:`NodeTable._write_loop`).
 
 Every peer may be hostile, so the table is bounded: at most
 ``--nodetable.max-entries`` owners (our own and directly connected peers'
@@ -17,6 +18,7 @@ kept about an owner we hold no record for.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -25,7 +27,7 @@ from collections.abc import AsyncIterator, Sequence
 import trio
 
 from .. import log as logfmt
-from ..errors import IdentityError, TransportError, ValidationError
+from ..errors import IdentityError, StoreError, TransportError, ValidationError
 from ..identity import PeerId
 from .docguard import DocLimits
 from .entry import detect_hardware, validate_update
@@ -135,6 +137,13 @@ class NodeTable:
         self._pushers: dict[PeerId, trio.CancelScope] = {}
         self._flushed: dict[PeerId, int] = {}  # table version each pusher has fully sent
         self._flush_event = trio.Event()
+        # LMDB writes waiting for _write_loop, by key: a record to store, or None to delete.
+        self._writes: dict[bytes, Record | None] = {}
+        self._writing = 0  # keys in the transaction being committed
+        self._write_wanted = trio.Event()
+        self._wrote = trio.Event()  # set (and replaced) after every commit
+        self._write_failures = logfmt.RateLimitedLog(log, 60.0)
+        self._store_failing = False  # the last commit failed: nobody waits for the disk meanwhile
         self._digest_due = False
         self._nursery: trio.Nursery | None = None
         self.clock = time.time
@@ -163,7 +172,10 @@ class NodeTable:
         return self._view(self.me, self.clock())
 
     async def update_own(self, fields: dict[str, Any]) -> dict[str, Any]:
-        self._write_own(validate_update(fields))
+        """Change our own entry; returns once it is on disk (a kill -9 after the answer keeps it)."""
+        record = self._write_own(validate_update(fields))
+        if record is not None:
+            await self.wait_stored([record])
         return self.own_entry()
 
     def set_addrs(self, addrs: Sequence[object]) -> None:
@@ -171,7 +183,9 @@ class NodeTable:
         self._write_own({"addrs": [str(a) for a in addrs]})
 
     async def set_services(self, services: list[dict[str, Any]]) -> None:
-        self._write_own({"service": list(services)})
+        record = self._write_own({"service": list(services)})
+        if record is not None:
+            await self.wait_stored([record])
 
     async def wait_changed(self) -> None:
         await self._changed.wait()
@@ -321,7 +335,7 @@ class NodeTable:
         return record.verify(self._limits)
 
     def insert(self, record: Record, doc: OwnerDoc, *, stored: bool = False) -> None:
-        """Hold ``record`` (verified: ``doc`` is what it says); until :meth:`store_records` it stays in memory."""
+        """Hold ``record`` (verified: ``doc`` is what it says) and queue it for LMDB, unless it came from there."""
         owner = record.owner
         text = str(owner)
         old = self.records.get(owner)
@@ -343,6 +357,7 @@ class NodeTable:
             self._unstored.pop(owner, None)
         else:
             self._unstored[owner] = record
+            self._queue_write(owner.raw, record)
         self.docs[owner] = doc
         self.touch(owner)
 
@@ -356,7 +371,7 @@ class NodeTable:
     def record(self, owner: PeerId) -> Record | None:
         """The whole record we hold for ``owner`` (to send it on), or None.
 
-        Only what arrived since the last :meth:`store_records` is in memory;
+        Only what is not yet written (:meth:`_write_loop`) is in memory;
         the rest is read back from LMDB (about 10 µs), so a node that
         knows 1,000 peers does not also keep 1,000 record bodies in memory.
         """
@@ -411,7 +426,7 @@ class NodeTable:
         self._sorted = None
         for owner in owners:
             self.host.forget_addrs(owner)
-        self.store.put_many(DB, ((owner.raw, None) for owner in owners))
+            self._queue_write(owner.raw, None)
 
     def _digest_swap(self, text: str, old: int | None, new: int | None) -> None:
         b = bucket_of(text, BUCKETS)
@@ -430,15 +445,16 @@ class NodeTable:
 
     # --- own entry -----------------------------------------------------------------------
 
-    def _write_own(self, fields: dict[str, Any]) -> None:
+    def _write_own(self, fields: dict[str, Any]) -> Record | None:
+        """Change our own entry; returns the new record (queued for LMDB), or None if nothing changed."""
         doc = self._own_doc()
         if not doc.update(fields):
-            return
+            return None
         if doc.change_count() > COMPACT_AFTER:
             doc = doc.compacted()
             self.docs[self.me] = doc
         seq = self.records[self.me] + 1 if self.me in self.records else 1
-        self._publish_own(Record.create(self.identity, seq, doc))
+        return self._publish_own(Record.create(self.identity, seq, doc))
 
     def republish_own(self, seq: int) -> None:
         self._publish_own(Record.create(self.identity, seq, self._own_doc()))
@@ -450,11 +466,10 @@ class NodeTable:
             doc = self.docs[self.me] = doc.compacted()
         return doc
 
-    def _publish_own(self, record: Record) -> None:
-        with self.store.write() as txn:
-            txn.put(self.me.raw, record.to_bytes(), db=self._db)
-        self.insert(record, self.docs[self.me], stored=True)
+    def _publish_own(self, record: Record) -> Record:
+        self.insert(record, self.docs[self.me])
         self._bump()
+        return record
 
     def _beat(self) -> None:
         """Sign a fresh heartbeat of our own; pushers carry it to every peer."""
@@ -471,27 +486,82 @@ class NodeTable:
         self._changed.set()
         self._changed = trio.Event()
 
-    async def store_records(self, records: list[Record]) -> int:
-        """Write held records to LMDB, WRITE_CHUNK to a transaction, letting other tasks run between.
+    # --- LMDB writes ---------------------------------------------------------------------
+    # Every write the table makes (records held, owners forgotten, our own entry) is queued by
+    # key and committed by one task, WRITE_CHUNK keys to a transaction. A commit is an fsync, and
+    # fsync never runs on the Trio thread (DESIGN.md): on network storage (10-100 ms an fsync) a
+    # joiner's first 1,000 records were 63 pauses of the whole node, gateway included, of one
+    # fsync each; and behind a job tracker commit, LMDB's one writer lock held the event loop too.
+    # Per key only the newest write waits, so the queue is bounded by the table, and a record
+    # replaced or forgotten before its turn never reaches the disk.
 
-        Each commit is an fsync (about a millisecond on an SSD, ten on a disk):
-        a peer's 400-record page in one go stalled the node for all of them, and
-        in one transaction kept LMDB's memory high (see WRITE_CHUNK). Shielded:
-        what we hold must reach the disk even if the stream that brought it is
-        cancelled. A record forgotten (pruned, evicted) or replaced since it was
-        held is skipped: it must not reach the disk. Returns how many were written.
-        """
-        stored = 0
-        with trio.CancelScope(shield=True):
-            for start in range(0, len(records), WRITE_CHUNK):
-                if start:
-                    await trio.lowlevel.checkpoint()
-                chunk = [record for record in records[start : start + WRITE_CHUNK] if self.unstored(record)]
-                self.store.put_many(DB, ((record.owner.raw, record.to_bytes()) for record in chunk))
-                for record in chunk:
+    def _queue_write(self, key: bytes, record: Record | None) -> None:
+        self._writes[key] = record
+        self._write_wanted.set()
+
+    async def _write_loop(self) -> None:
+        while True:
+            if not self._writes:
+                await self._write_wanted.wait()
+                self._write_wanted = trio.Event()
+                continue
+            chunk = [(key, self._writes.pop(key)) for key in list(itertools.islice(self._writes, WRITE_CHUNK))]
+            self._writing = len(chunk)
+            try:
+                # Shielded: a transaction taken from the queue is committed, even as the table closes.
+                with trio.CancelScope(shield=True):
+                    await self._commit([(key, None if r is None else r.to_bytes()) for key, r in chunk])
+            except StoreError as exc:
+                # The disk is full or failing: keep serving from memory, and try again in a while.
+                self._write_failures.log(
+                    logging.ERROR, "store", "cannot write the node table; retrying in 1 s", reason=exc
+                )
+                for key, record in chunk:
+                    self._writes.setdefault(key, record)  # unless a newer write for that key came meanwhile
+                self._writing = 0
+                self._store_failing = True
+                self._wrote.set()
+                self._wrote = trio.Event()
+                await trio.sleep(1.0)
+                continue
+            self._writing = 0
+            self._store_failing = False
+            for _, record in chunk:
+                if record is not None and self._unstored.get(record.owner) is record:
                     del self._unstored[record.owner]
-                stored += len(chunk)
-        return stored
+            self._wrote.set()
+            self._wrote = trio.Event()
+
+    async def _commit(self, items: list[tuple[bytes, bytes | None]]) -> None:
+        if self.store.syncs:
+            await trio.to_thread.run_sync(self.store.put_many, DB, items)
+        else:
+            # No fsync (a benchmark's store): a commit is a copy into the page cache, cheaper
+            # than the hop to a thread, which would also let a mock clock jump meanwhile.
+            self.store.put_many(DB, items)
+            await trio.lowlevel.checkpoint()
+
+    async def wait_stored(self, records: list[Record]) -> int:
+        """Wait until each of ``records`` is on disk, or replaced or forgotten; returns how many are still held.
+
+        The intake waits here before it reads a peer's next message: a peer
+        cannot hand us records faster than the disk takes them. While the disk
+        fails, nobody waits: the table works from memory (bounded by its size).
+        """
+        while not self._store_failing and any(self._unstored.get(record.owner) is record for record in records):
+            await self._wrote.wait()
+        return sum(1 for record in records if self.records.get(record.owner) == record.seq)
+
+    async def _drain_writes(self, limit: float) -> None:
+        """Commit what is queued, for at most ``limit`` seconds (a failing disk must not hang shutdown)."""
+        with trio.move_on_after(limit):
+            while self._writes or self._writing:
+                await self._wrote.wait()
+        if self._writes or self._writing:
+            log.warning(
+                "node table records not written at shutdown (peers will resend them) %s",
+                logfmt.kv(count=len(self._writes) + self._writing),
+            )
 
     def _load(self) -> None:
         """Verify every stored record as if a peer had sent it; drop (never load) what fails.
@@ -520,7 +590,8 @@ class NodeTable:
                 "dropped stored node table records (from an older build or damaged; peers will resend them) %s",
                 logfmt.kv(count=len(dropped), last_reason=reason),
             )
-            self.store.put_many(DB, ((key, None) for key in dropped))
+            for key in dropped:
+                self._queue_write(key, None)
         # Liveness is not stored: give what we loaded one --stale-after to be heard of again.
         self._loaded_at = self.clock()
         log.info("node table loaded %s", logfmt.kv(entries=len(self.records), dropped=len(dropped)))
@@ -639,6 +710,7 @@ async def open_nodetable(
         table.membership.share_ids(table.by_text)
     async with trio.open_nursery() as nursery:
         table._nursery = nursery
+        nursery.start_soon(table._write_loop)
         await nursery.start(table._watch_peers)
         nursery.start_soon(table._verify_loop)
         nursery.start_soon(table._sweep_loop)
@@ -647,4 +719,5 @@ async def open_nodetable(
         finally:
             with trio.CancelScope(shield=True):
                 await table._announce_departure()
+                await table._drain_writes(10.0)
             nursery.cancel_scope.cancel()

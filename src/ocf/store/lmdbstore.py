@@ -49,17 +49,20 @@ WRITE_CHUNK = 16
 class Store:
     """An open, exclusively-held LMDB environment. Create with :meth:`open`."""
 
-    def __init__(self, data_dir: Path, env: lmdb.Environment, lock_fd: int) -> None:
+    def __init__(self, data_dir: Path, env: lmdb.Environment, lock_fd: int, *, syncs: bool = True) -> None:
         self.data_dir = data_dir
         self.env = env
+        #: Whether a commit waits for the disk (fsync). Callers on the Trio thread commit in a
+        #: worker thread when it does; without it a commit is a copy into the page cache.
+        self.syncs = syncs
         self._lock_fd: int | None = lock_fd
         self._dbs: dict[str, Any] = {}
         # The write transaction in progress on each thread, if any. LMDB allows
         # one writer, so creating a sub-database while a write txn is open must
         # reuse that txn or it deadlocks; handles created inside a txn that then
         # aborts are invalid and must be forgotten. Per thread, because the job
-        # tracker commits on its own writer thread while the node table writes
-        # on the Trio thread (LMDB serialises the two; each waits for the other).
+        # tracker commits on its own writer thread while the node table commits
+        # on worker threads (LMDB serialises the two; each waits for the other).
         self._local = threading.local()
 
     @property
@@ -112,7 +115,7 @@ class Store:
                 raise StoreCorrupt(
                     f"store at {path} cannot be opened ({exc}); start with --cleanslate to discard it"
                 ) from None
-            store = cls(data_dir, env, lock_fd)
+            store = cls(data_dir, env, lock_fd, syncs=sync)
             try:
                 store._check_schema()
             except BaseException:
@@ -205,16 +208,22 @@ class Store:
         For keys that need not change together (each a whole record of its
         own): a kill -9 between two transactions leaves some written, each
         whole. Bounding the transaction bounds what LMDB keeps (see WRITE_CHUNK).
+        Safe from any one thread at a time. Raises :class:`StoreError` when
+        LMDB refuses a write (the disk or the map is full, an I/O error); what
+        earlier transactions wrote stays written.
         """
         handle = self.db(db)
         it = iter(items)
         while chunk := list(itertools.islice(it, per_txn)):
-            with self.write() as txn:
-                for key, value in chunk:
-                    if value is None:
-                        txn.delete(key, db=handle)
-                    else:
-                        txn.put(key, value, db=handle)
+            try:
+                with self.write() as txn:
+                    for key, value in chunk:
+                        if value is None:
+                            txn.delete(key, db=handle)
+                        else:
+                            txn.put(key, value, db=handle)
+            except lmdb.Error as exc:
+                raise StoreError(f"cannot write to {db!r} in {self.data_dir}: {exc}") from None
 
     def get_json(self, db: str, key: bytes, txn: lmdb.Transaction | None = None) -> Any:
         raw = self.get_bytes(db, key, txn)
