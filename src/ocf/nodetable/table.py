@@ -390,10 +390,6 @@ class NodeTable:
                 return None
         return record if record.seq == seq else None
 
-    def unstored(self, record: Record) -> bool:
-        """Whether ``record`` is still the one held for its owner and not yet in LMDB."""
-        return self._unstored.get(record.owner) is record
-
     def set_beat(self, beat: Heartbeat) -> None:
         self.beats[beat.owner] = beat
         self.touch(beat.owner)
