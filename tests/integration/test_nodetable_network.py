@@ -406,3 +406,24 @@ async def test_a_failing_disk_leaves_the_table_serving_from_memory_until_it_reco
         assert not t._unstored
         errors = [r for r in caplog.records if "cannot write the node table" in r.getMessage()]
         assert len(errors) == 1, errors
+
+
+async def test_a_batch_cut_short_by_a_cancel_is_still_offered_on_and_stored(node_config):
+    """The intake waits for the disk after it holds a batch; a cancel there (the peer's stream closing)
+    neither keeps the batch from the other peers nor from the disk."""
+    async with open_node(node_config(mode="standalone")) as a:
+        t = a.table
+        await t._drain_writes(10.0)
+        owner = Identity.generate()
+        doc = OwnerDoc(owner.peer_id)
+        doc.update({"id": str(owner.peer_id), "status": "online"})
+        record = Record.create(owner, 1, doc)
+        version = t.version
+        with trio.CancelScope() as scope:
+            scope.cancel()  # delivered at the first checkpoint: the wait for the disk
+            await t.sync._on_records(owner.peer_id, {"records": [record.to_wire()]}, {})
+        assert scope.cancelled_caught
+        assert t.records[owner.peer_id] == 1
+        assert t.version > version  # pushers were told
+        await t._drain_writes(10.0)
+        assert a.store.get_bytes("nodetable", owner.peer_id.raw) == record.to_bytes()

@@ -138,6 +138,28 @@ class Intake:
             raise ProtocolError("nodetable: records message without a list")
         t = self.t
         accepted: list[Record] = []
+        beats_changed = False
+        try:
+            forged, beats_changed = await self._admit(peer, items, known, accepted)
+        finally:
+            # What is held is offered on at once, from memory, even when a cancel cut the batch short.
+            if accepted or beats_changed:
+                t._bump()
+        stored = await t.wait_stored(accepted)  # the peer's next message waits until these are on disk
+        if stored:
+            t.stats["records_received"] += stored
+            log.debug("node table updated %s", logfmt.kv(peer=peer.short(), records=stored))
+        if forged is not None:
+            raise forged
+
+    async def _admit(
+        self, peer: PeerId, items: list[Any], known: dict[PeerId, tuple[int, int]], accepted: list[Record]
+    ) -> tuple[ProtocolError | None, bool]:
+        """Verify and hold what ``items`` brings, appending each record held to ``accepted``.
+
+        Returns the forgery that ends the batch, if any, and whether a heartbeat changed.
+        """
+        t = self.t
         pool: list[PeerId] | None = None  # eviction candidates for relayed newcomers, computed once
         forged: ProtocolError | None = None
         beats_changed = False
@@ -230,14 +252,7 @@ class Intake:
                 except ProtocolError as exc:
                     forged = exc
                     break
-        stored = await t.wait_stored(accepted)  # on disk: the peer's next message waits for that
-        if stored:
-            t.stats["records_received"] += stored
-            log.debug("node table updated %s", logfmt.kv(peer=peer.short(), records=stored))
-        if stored or beats_changed:
-            t._bump()
-        if forged is not None:
-            raise forged
+        return forged, beats_changed
 
     def _verified(self, peer: PeerId, record: Record) -> Any:
         try:
