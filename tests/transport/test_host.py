@@ -93,6 +93,26 @@ async def test_connection_reused_and_concurrent_dials_deduplicated():
         assert len(a.connections(b.peer_id)) == 1
 
 
+async def test_a_connection_does_not_keep_the_task_that_dialed_it():
+    """An outbound connection outlives its dialer (a membership dial, a gateway request): the dialer
+    and what it refers to are freed when it ends, not when the connection closes."""
+    import gc
+
+    async def dialer(host, addr) -> None:
+        await host.connect(addr)
+
+    def kept() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, trio.lowlevel.Task) and o.name == "test-dialer")
+
+    async with hosts(2, MemoryNetwork()) as (a, b), trio.open_nursery() as nursery:
+        nursery.start_soon(dialer, a, b.listen_addrs[0], name="test-dialer")
+        await a.wait_connected(b.peer_id)
+        await trio.testing.wait_all_tasks_blocked()
+        assert a.is_connected(b.peer_id)
+        assert kept() == 0
+
+
 async def test_new_stream_dials_known_address():
     net = MemoryNetwork()
     async with hosts(2, net) as (a, b):

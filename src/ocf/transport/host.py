@@ -473,6 +473,7 @@ class Host:
         task_status: Any = trio.TASK_STATUS_IGNORED,
     ) -> None:
         status = _StartedOnce(task_status)
+        del task_status  # the connection outlives its dialer: see _StartedOnce
         try:
             await self._outbound(addr, operator, status, transport)
         except Exception as exc:
@@ -1036,15 +1037,23 @@ class Host:
 
 
 class _StartedOnce:
-    """A task status that remembers whether ``started`` was called."""
+    """A task status that remembers whether ``started`` was called, and lets go of Trio's once it was.
+
+    Trio's status holds the nursery the task was started from, and that
+    nursery its task: the dialer's (a membership dial, a gateway request).
+    An outbound connection's frames hold this wrapper for as long as the
+    connection lives, which may be days; the dialer ends in milliseconds,
+    and must not be kept with all it refers to.
+    """
 
     def __init__(self, status: Any) -> None:
-        self._status = status
+        self._status: Any = status
         self.done = False
 
     def started(self, value: Any = None) -> None:
         self.done = True
-        self._status.started(value)
+        status, self._status = self._status, None
+        status.started(value)
 
 
 def _public_addrs(public: str | None, bound: list[Multiaddr]) -> list[Multiaddr]:
