@@ -67,9 +67,24 @@ class Cluster:
         return self.all_alive() and all(len(n.table.records) == len(self.nodes) for n in self.nodes)
 
     async def until(self, predicate, limit: float = 60) -> None:
+        """Wait until ``predicate()`` holds, checking again at each membership or node table change.
+
+        Both: ``converged`` also counts table records, which may arrive after
+        the last membership change (a wait on membership alone then waited
+        for a change that never came, and timed out at rest).
+        """
         with trio.fail_after(limit):
             while not predicate():
-                await self.changed.wait()
+                # Taken before any checkpoint, so no change between the check and the wait is missed.
+                events = [self.changed] + [n.table._changed for n in self.nodes]  # noqa: SLF001
+                async with trio.open_nursery() as race:
+                    for event in events:
+                        race.start_soon(_then_cancel, event, race.cancel_scope)
+
+
+async def _then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 def sees(observer, peer, status) -> bool:
