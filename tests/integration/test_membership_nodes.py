@@ -28,17 +28,11 @@ class Cluster:
         self.nodes: list = []
         self.scopes: list[trio.CancelScope] = []
         self.stops: list[trio.Event] = []
-        self.changed = trio.Event()
-
-    def _notify(self, peer, status) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
 
     async def _run(self, cfg, task_status=trio.TASK_STATUS_IGNORED) -> None:
         stop = trio.Event()  # set: leave the block as a user's Ctrl-C does (a graceful stop)
         with trio.CancelScope() as scope:  # cancelled: every task dies at once (with a crash, silently)
             async with open_node(cfg, memory_network=self.net) as node:
-                node.membership.on_change(self._notify)
                 task_status.started((node, scope, stop))
                 await stop.wait()
 
@@ -67,24 +61,14 @@ class Cluster:
         return self.all_alive() and all(len(n.table.records) == len(self.nodes) for n in self.nodes)
 
     async def until(self, predicate, limit: float = 60) -> None:
-        """Wait until ``predicate()`` holds, checking again at each membership or node table change.
+        """Wait until ``predicate()`` holds, checking again after any task's step.
 
-        Both: ``converged`` also counts table records, which may arrive after
-        the last membership change (a wait on membership alone then waited
-        for a change that never came, and timed out at rest).
+        Not on membership changes alone: ``converged`` also counts table
+        records, which may arrive after the last membership change (such a
+        wait then waited for a change that never came, and timed out at rest).
         """
         with trio.fail_after(limit):
-            while not predicate():
-                # Taken before any checkpoint, so no change between the check and the wait is missed.
-                events = [self.changed] + [n.table._changed for n in self.nodes]  # noqa: SLF001
-                async with trio.open_nursery() as race:
-                    for event in events:
-                        race.start_soon(_then_cancel, event, race.cancel_scope)
-
-
-async def _then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()
+            await wait_until(predicate)
 
 
 def sees(observer, peer, status) -> bool:
