@@ -81,8 +81,14 @@ def run(lab: Lab, tmp: Path) -> None:
         assert all(f"/p2p/{health['peer_id']}/p2p-circuit" in a for a in nat["relay_addrs"])
         ids[role] = _json(lab, role, f"{gw}/v1/health")["peer_id"]
         assert _json(lab, role, f"{gw}/v1/health")["reachability"] == "private"
-    # A reaches B through the relay (B's entry in the node table lists its circuit address)
-    wait_for("B in A's node table", lambda: ids["B"] in str(_json(lab, "A", f"{gw}/v1/dnt/table")), 30, tmp)
+
+    # A reaches B through the relay. A dials the addresses of B's entry in its node table: wait for
+    # the version that lists B's circuit address (an earlier one, from before B reserved, may come first).
+    def circuit_listed() -> bool:
+        entry = (_json(lab, "A", f"{gw}/v1/dnt/table") or {}).get(f"/{ids['B']}") or {}
+        return any("/p2p-circuit" in str(a) for a in entry.get("addrs") or [])
+
+    wait_for("B's circuit address in A's node table", circuit_listed, 30, tmp)
     status, body = lab.http("A", "GET", f"{gw}/v1/p2p/{ids['B']}/v1/health")
     assert status == 200 and body["peer_id"] == ids["B"], body
     relay = _json(lab, "R", f"{gw}/v1/dnt/peers_status")["nat"]["relay"]

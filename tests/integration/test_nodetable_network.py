@@ -436,3 +436,36 @@ async def test_a_batch_cut_short_by_a_cancel_is_still_offered_on_and_stored(node
         assert t.version > version  # pushers were told
         await t._drain_writes(10.0)
         assert a.store.get_bytes("nodetable", owner.peer_id.raw) == record.to_bytes()
+
+
+async def test_a_cancelled_node_table_writes_its_departure_and_closes_at_once(node_config, caplog):
+    """A cancel (a test's, or a supervisor's) stops the table's tasks before its shielded close runs.
+    The close then commits its departure itself, and waits for no pusher or sender that is gone. It
+    used to wait out the membership's 1 s and the departure's 1 s for them, then 10 s for a write
+    loop that had stopped, and leave the departure unwritten."""
+    from ocf.store.lmdbstore import Store
+
+    net = MemoryNetwork()
+    async with open_node(node_config(mode="standalone"), memory_network=net) as hub:
+        cfg = node_config(mode="node", bootstrap_addrs=(str(hub.listen_addrs[0]),))
+        with trio.CancelScope() as scope:
+            async with open_node(cfg, memory_network=net) as a:
+                await a.bootstrap.wait_connected()
+                await until(a, lambda nd: str(hub.peer_id) in nd.table.entries())
+                assert a.table._pushers  # a pusher to the hub: the departure would wait for it
+                await a.table._drain_writes(10.0)  # the write loop is idle when the cancel comes
+                me, data_dir = a.peer_id, a.store.data_dir
+                with caplog.at_level(logging.WARNING, logger="ocf.nodetable"):
+                    scope.cancel()
+                    cancelled_at = trio.current_time()
+                    await trio.sleep_forever()
+        closed_in = trio.current_time() - cancelled_at
+        assert scope.cancelled_caught
+        assert closed_in < 1.0, closed_in  # was 12 s
+        assert not [r for r in caplog.records if "not written at shutdown" in r.getMessage()]
+    store = Store.open(data_dir)
+    try:
+        stored = Record.from_bytes(me, store.get_bytes("nodetable", me.raw))
+    finally:
+        store.close()
+    assert stored.verify().to_dict()["status"] == "left"

@@ -238,22 +238,24 @@ class Membership:
     async def _sender(
         self, peer: str, pid: PeerId, send: trio.MemorySendChannel[bytes], recv: trio.MemoryReceiveChannel[bytes]
     ) -> None:
+        # One try for the dial and the writes: whatever ends this task, a cancel during the dial
+        # included, the finally counts what was queued for this peer as never written.
         try:
-            # A dial's nursery may group its failures: unwrapped, they are the TransportError caught here.
-            with transport_errors_unwrapped(), trio.fail_after(max(1.0, 4 * self.swim.config.probe_interval)):
-                if not self.host.is_connected(pid):
-                    # Not a neighbour (a ping for someone's indirect probe, a suspect told it is
-                    # suspected): dial the addresses the member signed in its own alive.
-                    self.stats["dials"] += 1
-                    member = self.swim.members.get(peer)
-                    if member is not None:
-                        self._learn_addrs(pid, member.addrs)
-                stream = await self.host.new_stream(pid, PROTOCOL)
-        except (TransportError, trio.TooSlowError) as exc:
-            log.debug("no swim stream %s", logfmt.kv(peer=pid.short(), reason=exc or type(exc).__name__))
-            self.stats["dropped_unreachable"] += 1
-            stream = None
-        try:
+            try:
+                # A dial's nursery may group its failures: unwrapped, they are the TransportError caught here.
+                with transport_errors_unwrapped(), trio.fail_after(max(1.0, 4 * self.swim.config.probe_interval)):
+                    if not self.host.is_connected(pid):
+                        # Not a neighbour (a ping for someone's indirect probe, a suspect told it is
+                        # suspected): dial the addresses the member signed in its own alive.
+                        self.stats["dials"] += 1
+                        member = self.swim.members.get(peer)
+                        if member is not None:
+                            self._learn_addrs(pid, member.addrs)
+                    stream = await self.host.new_stream(pid, PROTOCOL)
+            except (TransportError, trio.TooSlowError) as exc:
+                log.debug("no swim stream %s", logfmt.kv(peer=pid.short(), reason=exc or type(exc).__name__))
+                self.stats["dropped_unreachable"] += 1
+                stream = None
             if stream is not None:
                 async with stream:
                     async for data in recv:

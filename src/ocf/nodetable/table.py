@@ -142,6 +142,7 @@ class NodeTable:
         self._writing = 0  # keys in the transaction being committed
         self._write_wanted = trio.Event()
         self._wrote = trio.Event()  # set (and replaced) after every commit
+        self._write_loop_stopped = False  # _drain_writes then commits what is queued itself
         self._write_failures = logfmt.RateLimitedLog(log, 60.0)
         self._store_failing = False  # the last commit failed: nobody waits for the disk meanwhile
         self._digest_due = False
@@ -496,37 +497,46 @@ class NodeTable:
         self._write_wanted.set()
 
     async def _write_loop(self) -> None:
-        while True:
-            if not self._writes:
-                await self._write_wanted.wait()
-                self._write_wanted = trio.Event()
-                continue
-            chunk = [(key, self._writes.pop(key)) for key in list(itertools.islice(self._writes, WRITE_CHUNK))]
-            self._writing = len(chunk)
-            try:
-                # Shielded: a transaction taken from the queue is committed, even as the table closes.
-                with trio.CancelScope(shield=True):
-                    await self._commit([(key, None if r is None else r.to_bytes()) for key, r in chunk])
-            except StoreError as exc:
-                # The disk is full or failing: keep serving from memory, and try again in a while.
-                self._write_failures.log(
-                    logging.ERROR, "store", "cannot write the node table; retrying in 1 s", reason=exc
-                )
-                for key, record in chunk:
-                    self._writes.setdefault(key, record)  # unless a newer write for that key came meanwhile
-                self._writing = 0
-                self._store_failing = True
-                self._wrote.set()
-                self._wrote = trio.Event()
-                await trio.sleep(1.0)
-                continue
-            self._writing = 0
-            self._store_failing = False
-            for _, record in chunk:
-                if record is not None and self._unstored.get(record.owner) is record:
-                    del self._unstored[record.owner]
+        try:
+            while True:
+                if not self._writes:
+                    await self._write_wanted.wait()
+                    self._write_wanted = trio.Event()
+                    continue
+                await self._write_chunk()
+        finally:
+            # A cancelled loop (the table's nursery was cancelled, not closed) leaves what is
+            # still queued, and what closing queues, to _drain_writes: it commits them itself.
+            self._write_loop_stopped = True
             self._wrote.set()
             self._wrote = trio.Event()
+
+    async def _write_chunk(self) -> None:
+        """Commit the next WRITE_CHUNK queued writes; on a failing disk, requeue them and wait 1 s."""
+        chunk = [(key, self._writes.pop(key)) for key in list(itertools.islice(self._writes, WRITE_CHUNK))]
+        self._writing = len(chunk)
+        try:
+            # Shielded: a transaction taken from the queue is committed, even as the table closes.
+            with trio.CancelScope(shield=True):
+                await self._commit([(key, None if r is None else r.to_bytes()) for key, r in chunk])
+        except StoreError as exc:
+            # The disk is full or failing: keep serving from memory, and try again in a while.
+            self._write_failures.log(logging.ERROR, "store", "cannot write the node table; retrying in 1 s", reason=exc)
+            for key, record in chunk:
+                self._writes.setdefault(key, record)  # unless a newer write for that key came meanwhile
+            self._writing = 0
+            self._store_failing = True
+            self._wrote.set()
+            self._wrote = trio.Event()
+            await trio.sleep(1.0)
+            return
+        self._writing = 0
+        self._store_failing = False
+        for _, record in chunk:
+            if record is not None and self._unstored.get(record.owner) is record:
+                del self._unstored[record.owner]
+        self._wrote.set()
+        self._wrote = trio.Event()
 
     async def _commit(self, items: list[tuple[bytes, bytes | None]]) -> None:
         if self.store.syncs:
@@ -552,7 +562,10 @@ class NodeTable:
         """Commit what is queued, for at most ``limit`` seconds (a failing disk must not hang shutdown)."""
         with trio.move_on_after(limit):
             while self._writes or self._writing:
-                await self._wrote.wait()
+                if self._write_loop_stopped and not self._writing:
+                    await self._write_chunk()  # nobody else will: the loop was cancelled
+                else:
+                    await self._wrote.wait()
         if self._writes or self._writing:
             log.warning(
                 "node table records not written at shutdown (peers will resend them) %s",
@@ -669,10 +682,15 @@ class NodeTable:
         self._pushers[peer] = scope
 
         async def run() -> None:
-            with scope:
-                await self.sync.push(peer)
-            if self._pushers.get(peer) is scope:
-                del self._pushers[peer]
+            try:
+                with scope:
+                    await self.sync.push(peer)
+            finally:
+                # Also when the table's nursery is cancelled: a departure waits on live pushers only.
+                if self._pushers.get(peer) is scope:
+                    del self._pushers[peer]
+                    self._flush_event.set()
+                    self._flush_event = trio.Event()
 
         assert self._nursery is not None
         self._nursery.start_soon(run)
