@@ -72,6 +72,7 @@ from .memory import MemoryNetwork, MemoryTransport
 from .muxer import MuxedConnection, MuxedStream
 from .quic import QuicMuxedConnection, QuicTransport, is_quic_addr
 from .resources import HandshakeSlot, Limits, ResourceManager, ip_key
+from .taskstatus import StartedOnce
 from .tcp import RawConn, TcpTransport, is_tcp_addr
 from .upgrade import Libp2pUpgrader, Upgrader, default_upgrader
 
@@ -472,8 +473,8 @@ class Host:
         *,
         task_status: Any = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        status = _StartedOnce(task_status)
-        del task_status  # the connection outlives its dialer: see _StartedOnce
+        status = StartedOnce(task_status)
+        del task_status  # the connection outlives its dialer: see StartedOnce
         try:
             await self._outbound(addr, operator, status, transport)
         except Exception as exc:
@@ -489,7 +490,7 @@ class Host:
             )
 
     async def _outbound(
-        self, addr: Multiaddr, operator: bool, task_status: _StartedOnce, via: DialTransport | None = None
+        self, addr: Multiaddr, operator: bool, task_status: StartedOnce, via: DialTransport | None = None
     ) -> None:
         usage = self.resources.system.usage
         if usage["conns_inbound"] + usage["conns_outbound"] + usage["handshakes"] >= self.config.max_connections:
@@ -521,7 +522,7 @@ class Host:
             )
             await self._serve_connection(conn, task_status=task_status)
 
-    async def _outbound_quic(self, addr: Multiaddr, operator: bool, task_status: _StartedOnce) -> None:
+    async def _outbound_quic(self, addr: Multiaddr, operator: bool, task_status: StartedOnce) -> None:
         assert self._quic is not None
         timeout = min(self.config.dial_timeout, self.config.handshake_timeout)
         async with self._quic.connect(addr, addr.peer_id, timeout) as muxed:
@@ -1034,26 +1035,6 @@ class Host:
             async with trio.open_nursery() as nursery:
                 for conn in self.connections():
                     nursery.start_soon(conn.muxed.aclose, "host shutting down")
-
-
-class _StartedOnce:
-    """A task status that remembers whether ``started`` was called, and lets go of Trio's once it was.
-
-    Trio's status holds the nursery the task was started from, and that
-    nursery its task: the dialer's (a membership dial, a gateway request).
-    An outbound connection's frames hold this wrapper for as long as the
-    connection lives, which may be days; the dialer ends in milliseconds,
-    and must not be kept with all it refers to.
-    """
-
-    def __init__(self, status: Any) -> None:
-        self._status: Any = status
-        self.done = False
-
-    def started(self, value: Any = None) -> None:
-        self.done = True
-        status, self._status = self._status, None
-        status.started(value)
 
 
 def _public_addrs(public: str | None, bound: list[Multiaddr]) -> list[Multiaddr]:

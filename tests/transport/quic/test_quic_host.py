@@ -134,3 +134,24 @@ async def test_ocf_ping_command_takes_quic_addrs(capsys: pytest.CaptureFixture[s
         assert await _ping(quic_addr(a), 2, 0.01, 5.0) == 0
     out = capsys.readouterr().out
     assert "2 pings transmitted, 2 received" in out and "/quic-v1" in out
+
+
+@pytest.mark.trio
+async def test_a_quic_dialing_endpoint_does_not_keep_the_task_that_opened_it() -> None:
+    """A dial-only host opens its QUIC endpoint (a socket and its reader task) on its first QUIC dial
+    and keeps it for the host's life. The task that opened it (the first connection's) is freed when
+    that connection ends, not when the host closes (see StartedOnce)."""
+    import gc
+
+    def kept() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, trio.lowlevel.Task) and "_run_outbound" in o.name)
+
+    async with open_host(Identity.generate(), cfg()) as a, open_host(Identity.generate(), cfg(), listen=False) as b:
+        await b.connect(quic_addr(a))
+        assert b.connections(a.peer_id)[0].transport == "quic"
+        assert kept() == 1  # the connection's own task, alive
+        await b.disconnect(a.peer_id)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not b.is_connected(a.peer_id)
+        assert kept() == 0

@@ -27,6 +27,7 @@ from aioquic.quic.packet import QuicProtocolVersion
 from ...errors import MultiaddrError, PeerUnreachable, TransportError
 from ...identity import Identity, Multiaddr, PeerId
 from ..resources import HandshakeSlot, ResourceManager
+from ..taskstatus import StartedOnce
 from ..tcp import _expand_wildcard
 from .connection import QuicMuxedConnection
 from .addr import is_quic_addr, quic_multiaddr
@@ -172,10 +173,12 @@ class QuicTransport:
             return False
 
     async def _run_dialer(self, endpoint: QuicEndpoint, sock: socket.socket, *, task_status: Any) -> None:
+        status = StartedOnce(task_status)
+        del task_status  # the endpoint outlives the dial that opened it: see StartedOnce
         try:
             with sock:
                 assert self._nursery is not None
-                await endpoint.run(self._nursery, task_status=task_status)
+                await endpoint.run(self._nursery, task_status=status)
         finally:
             endpoint.close_all()
 
