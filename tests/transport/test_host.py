@@ -113,6 +113,32 @@ async def test_a_connection_does_not_keep_the_task_that_dialed_it():
         assert kept() == 0
 
 
+async def test_an_idle_connection_costs_four_tasks_a_side_and_its_idle_streams_no_buffer():
+    """What a hub pays for each of thousands of connections: the muxer runs in the connection's own
+    task (reader, writer and keepalive beside it: 4 a side, it was 5), and a stream whose bytes were
+    all read holds no receive buffer (an empty deque is 760 bytes)."""
+
+    def tasks() -> int:
+        count, todo = 0, [trio.lowlevel.current_root_task()]
+        while todo:
+            task = todo.pop()
+            count += 1
+            todo.extend(t for n in task.child_nurseries for t in n.child_tasks)
+        return count
+
+    async with hosts(2, MemoryNetwork()) as (a, b):
+        await trio.testing.wait_all_tasks_blocked()
+        before = tasks()
+        await a.connect(b.listen_addrs[0])
+        await trio.testing.wait_all_tasks_blocked()  # identify has come and gone
+        assert tasks() - before == 2 * 4
+        stream = await a.new_stream(b.peer_id, ECHO)
+        await stream.send_all(b"hello")
+        assert await receive_exactly(stream, 5) == b"hello"
+        assert stream._chunks is None
+        await stream.aclose()
+
+
 async def test_new_stream_dials_known_address():
     net = MemoryNetwork()
     async with hosts(2, net) as (a, b):

@@ -124,7 +124,7 @@ async def test_slow_reader_blocks_sender_and_bounds_memory():
             n.cancel_scope.cancel()
         await got_stream.wait()
         (remote,) = accepted
-        buffered = sum(len(c) for c in remote._chunks)
+        buffered = sum(len(c) for c in remote._chunks or ())
         assert buffered <= yamux.INITIAL_WINDOW
         assert sent <= yamux.INITIAL_WINDOW + len(chunk)
         # Reading unblocks the sender.

@@ -650,8 +650,7 @@ class Host:
         """Run a connection until it ends; registered with the host meanwhile."""
         added = False
         try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(conn.muxed.run)
+            async with conn.muxed.running():  # in this task: no task and nursery of its own
                 self._add(conn)
                 added = True
                 task_status.started(conn)

@@ -77,7 +77,9 @@ class MuxedStream(trio.abc.HalfCloseableStream):
         self.stream_id = stream_id
         self.inbound = inbound
         self.protocol: str = ""
-        self._chunks: collections.deque[bytes] = collections.deque()
+        # Created on the first bytes and dropped once read: an idle stream holds no buffer (an empty
+        # deque is 760 bytes, and a node keeps four streams a connection, a hub thousands).
+        self._chunks: collections.deque[bytes] | None = None
         self._held = 0  # bytes in _chunks charged to the buffered-bytes budget
         self._app_held = 0  # bytes the application reserved (reserve_memory)
         self._unread = 0  # bytes at the front of _chunks that were already consumed once
@@ -165,6 +167,8 @@ class MuxedStream(trio.abc.HalfCloseableStream):
         reading them again does not credit them twice.
         """
         if data:
+            if self._chunks is None:
+                self._chunks = collections.deque()
             self._chunks.appendleft(bytes(data))
             self._unread += len(data)
             self._wake_receiver()
@@ -176,12 +180,15 @@ class MuxedStream(trio.abc.HalfCloseableStream):
             if not res.reserve_memory(len(data)):
                 return False
             self._held += len(data)
+        if self._chunks is None:
+            self._chunks = collections.deque()
         self._chunks.append(data)
         self._wake_receiver()
         return True
 
     def _take(self, max_bytes: int | None) -> bytes:
         chunks = self._chunks
+        assert chunks is not None, "_take with nothing buffered"
         data = chunks.popleft()
         if max_bytes is None:
             # Join only small pieces (a copy is cheap there and saves calls);
@@ -197,6 +204,8 @@ class MuxedStream(trio.abc.HalfCloseableStream):
         elif len(data) > max_bytes:
             chunks.appendleft(data[max_bytes:])
             data = data[:max_bytes]
+        if not chunks:
+            self._chunks = None
         n = len(data)
         if self._unread:
             again = min(n, self._unread)
@@ -209,7 +218,7 @@ class MuxedStream(trio.abc.HalfCloseableStream):
 
     def _discard(self) -> None:
         """Drop what is buffered and unread (the stream is closing or reset)."""
-        self._chunks.clear()
+        self._chunks = None
         self._release_held(self._held)
 
     # --- buffered-bytes accounting ---------------------------------------------------------

@@ -28,7 +28,7 @@ import itertools
 import logging
 import math
 from typing import TYPE_CHECKING, Any, Protocol
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import trio
 from aioquic.quic import events
@@ -123,13 +123,22 @@ class QuicMuxedConnection:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve inbound streams until the connection ends (the machine itself is driven by :meth:`drive`)."""
+        async with self.running():
+            task_status.started()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Inbound streams are served from the block's start; leaving the block waits until the connection ends.
+
+        :meth:`run` in the caller's own task (see ``MuxedConnection.running``).
+        """
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 early, self._early = self._early, []
                 for stream in early:
                     nursery.start_soon(self._run_handler, stream)
-                task_status.started()
+                yield
                 await self.terminated.wait()
                 nursery.cancel_scope.cancel()
         finally:

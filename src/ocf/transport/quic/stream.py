@@ -165,7 +165,7 @@ class QuicStream(MuxedStream):
     def _on_reset(self, reason: str) -> None:
         if self._reset is None:
             self._reset = reason
-            self._chunks.clear()
+            self._chunks = None
             self._unread = 0
             self._release_all()
             self._wake()
