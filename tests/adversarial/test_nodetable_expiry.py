@@ -16,6 +16,7 @@ from ocf.nodetable.record import OwnerDoc
 from ocf.store import Store
 from ocf.transport import MemoryNetwork
 
+from ..stored import stored_records
 from ._nodetable_attacker import items, open_raw_stream, poll, push_records, sybils
 
 pytestmark = pytest.mark.timeout(180)
@@ -40,9 +41,7 @@ async def until(node, predicate, limit=30):
 
 def stored_owners(data_dir) -> int:
     with Store.open(data_dir) as store:
-        db = store.db("nodetable")
-        with store.read() as txn:
-            return sum(1 for _ in txn.cursor(db=db))
+        return len(stored_records(store))
 
 
 async def test_stale_entries_are_pruned_from_memory_and_lmdb(node_config):
@@ -72,8 +71,7 @@ async def test_stale_entries_are_pruned_from_memory_and_lmdb(node_config):
 
 
 def stored_owners_live(node) -> int:
-    with node.store.read() as txn:
-        return sum(1 for _ in txn.cursor(db=node.table._db))
+    return len(stored_records(node.store))
 
 
 async def test_a_relay_cannot_keep_a_dead_peer_alive(node_config):

@@ -10,11 +10,12 @@ import trio
 
 from ocf import open_node
 from ocf.identity import Identity
-from ocf.nodetable import PROTOCOL, wire
+from ocf.nodetable import PROTOCOL, shelf, wire
 from ocf.nodetable.record import OwnerDoc, Record, signing_bytes
-from ocf.store.lmdbstore import WRITE_CHUNK
 from ocf.transport import MemoryNetwork
 from ocf.transport.memlink import Links
+
+from ..stored import stored_record, stored_records
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -221,7 +222,9 @@ async def test_unreadable_stored_records_are_dropped_and_own_entry_resigned(node
     dropped = [r.getMessage() for r in caplog.records if "dropped stored node table records" in r.getMessage()]
     assert len(dropped) == 1 and "count=2" in dropped[0]
     with Store.open(cfg.data_dir) as store:  # dropped records are gone from the store too
-        assert store.get_bytes("nodetable", other.peer_id.raw) is None
+        assert store.get_bytes("nodetable", other.peer_id.raw) is None  # the older build's keys went
+        assert store.get_bytes("nodetable", peer.raw) is None
+        assert set(stored_records(store)) == {peer.raw}  # on a shelf now
 
 
 async def test_http_routes(node_config):
@@ -315,10 +318,14 @@ async def test_record_bodies_live_in_lmdb_and_are_sent_from_there(node_config):
         assert not a.table._unstored  # once stored, no body held in memory
         assert a.table.record(b.peer_id) == b.table.record(b.peer_id)
         assert a.table.records[b.peer_id] == b.table.records[b.peer_id]
-        with a.store.write() as txn:  # damaged on disk after it was written: not sent, and the node goes on
-            txn.put(b.peer_id.raw, b"\x00\x01", db=a.store.db("nodetable"))
+        on = shelf.key(a.table.shelf_of(b.peer_id))
+        good = a.store.get_bytes("nodetable", on)
+        a.store.put_bytes("nodetable", on, good[:-9])  # damaged on disk after it was written: not sent,
         assert a.table.record(b.peer_id) is None
-        a.store.put_bytes("nodetable", b.peer_id.raw, b.table.record(b.peer_id).to_bytes())
+        assert b.peer_id not in a.table.records  # and forgotten, so that the digests bring it back
+        await until(a, sees(b, status="maintenance"))
+        await a.table._drain_writes(10.0)
+        assert a.table.record(b.peer_id) == b.table.record(b.peer_id)  # on a shelf readable again
         cfg = node_config(mode="node", bootstrap_addrs=(str(a.listen_addrs[0]),))
         async with open_node(cfg, memory_network=net) as c:
             await until(c, sees(b, status="maintenance"))
@@ -344,23 +351,23 @@ async def test_what_peers_hold_is_remembered_only_while_a_push_is_pending(node_c
 
 async def test_a_big_page_is_committed_off_the_trio_thread_a_chunk_at_a_time(node_config):
     """Each LMDB commit is an fsync, and fsync never runs on the Trio thread: 100 received records are
-    written WRITE_CHUNK to a commit, each commit in a worker thread, and the event loop runs during each."""
+    written a few shelves to a commit, each shelf once, each commit in a worker thread, and the event
+    loop runs during each."""
     async with open_node(node_config(mode="standalone")) as a:
         t = a.table
         await t._drain_writes(10.0)  # the node's own first record
         trio_thread = threading.current_thread()
         token = trio.lowlevel.current_trio_token()
-        commits = []  # (on the Trio thread, keys, did the event loop run during the commit)
-        real_put_many = a.store.put_many
+        commits = []  # (on the Trio thread, shelves, did the event loop run during the commit)
+        real_update = a.store.update
 
-        def put_many(db, items, per_txn=WRITE_CHUNK):
-            items = list(items)
+        def update(db, updates):
             loop_ran = threading.Event()
             token.run_sync_soon(loop_ran.set)  # only a running event loop sets it
-            commits.append((threading.current_thread() is trio_thread, len(items), loop_ran.wait(5)))
-            real_put_many(db, items, per_txn)
+            commits.append((threading.current_thread() is trio_thread, [k for k, _ in updates], loop_ran.wait(5)))
+            real_update(db, updates)
 
-        a.store.put_many = put_many
+        a.store.update = update
         records = []
         for _ in range(100):
             owner = Identity.generate()
@@ -372,10 +379,14 @@ async def test_a_big_page_is_committed_off_the_trio_thread_a_chunk_at_a_time(nod
         t.evict(records[-1].owner)  # forgotten before it was stored: never reaches the disk
         stored = await t.wait_stored(records)
         assert stored == len(records) - 1  # all but the evicted one
-        assert commits == [(False, WRITE_CHUNK, True)] * 6 + [(False, 100 - 6 * WRITE_CHUNK, True)]
+        shelves = {shelf.key(t.shelf_of(r.owner)) for r in records}
+        assert all(not on_trio and 1 <= len(keys) <= shelf.SHELVES_PER_TXN and ran for on_trio, keys, ran in commits)
+        written = [key for _, keys, _ in commits for key in keys]
+        assert sorted(written) == sorted(shelves)  # each shelf rewritten once, for all its records
         assert not t._unstored
-        assert all(a.store.get_bytes("nodetable", r.owner.raw) == r.to_bytes() for r in records[:-1])
-        assert a.store.get_bytes("nodetable", records[-1].owner.raw) is None
+        stored = stored_records(a.store)
+        assert all(stored[r.owner.raw] == r.to_bytes() for r in records[:-1])
+        assert records[-1].owner.raw not in stored
 
 
 async def test_a_failing_disk_leaves_the_table_serving_from_memory_until_it_recovers(node_config, caplog):
@@ -386,18 +397,18 @@ async def test_a_failing_disk_leaves_the_table_serving_from_memory_until_it_reco
     async with open_node(node_config(mode="standalone")) as a:
         t = a.table
         await t._drain_writes(10.0)
-        real_put_many = a.store.put_many
+        real_update = a.store.update
         failing = True
         attempts = 0
 
-        def put_many(db, items, per_txn=WRITE_CHUNK):
+        def update(db, updates):
             nonlocal attempts
             attempts += 1
             if failing:
                 raise StoreError("cannot write to 'nodetable': MDB_MAP_FULL")
-            real_put_many(db, items, per_txn)
+            real_update(db, updates)
 
-        a.store.put_many = put_many
+        a.store.update = update
         owner = Identity.generate()
         doc = OwnerDoc(owner.peer_id)
         doc.update({"id": str(owner.peer_id), "status": "online"})
@@ -407,11 +418,11 @@ async def test_a_failing_disk_leaves_the_table_serving_from_memory_until_it_reco
             with trio.fail_after(5):
                 assert await t.wait_stored([record]) == 1  # does not wait for a disk that fails
             assert t.record(owner.peer_id) == record  # served from memory
-            assert a.store.get_bytes("nodetable", owner.peer_id.raw) is None
+            assert stored_record(a.store, owner.peer_id.raw) is None
             failing = False
             await t._drain_writes(10.0)  # the retry, a second later
         assert attempts == 2
-        assert a.store.get_bytes("nodetable", owner.peer_id.raw) == record.to_bytes()
+        assert stored_record(a.store, owner.peer_id.raw) == record.to_bytes()
         assert not t._unstored
         errors = [r for r in caplog.records if "cannot write the node table" in r.getMessage()]
         assert len(errors) == 1, errors
@@ -435,7 +446,7 @@ async def test_a_batch_cut_short_by_a_cancel_is_still_offered_on_and_stored(node
         assert t.records[owner.peer_id] == 1
         assert t.version > version  # pushers were told
         await t._drain_writes(10.0)
-        assert a.store.get_bytes("nodetable", owner.peer_id.raw) == record.to_bytes()
+        assert stored_record(a.store, owner.peer_id.raw) == record.to_bytes()
 
 
 async def test_a_cancelled_node_table_writes_its_departure_and_closes_at_once(node_config, caplog):
@@ -465,7 +476,7 @@ async def test_a_cancelled_node_table_writes_its_departure_and_closes_at_once(no
         assert not [r for r in caplog.records if "not written at shutdown" in r.getMessage()]
     store = Store.open(data_dir)
     try:
-        stored = Record.from_bytes(me, store.get_bytes("nodetable", me.raw))
+        stored = Record.from_bytes(me, stored_record(store, me.raw))
     finally:
         store.close()
     assert stored.verify().to_dict()["status"] == "left"

@@ -5,7 +5,6 @@ import pytest
 
 from ocf.errors import DataDirLocked, StoreCorrupt
 from ocf.store import Store
-from ocf.store.lmdbstore import WRITE_CHUNK
 
 
 def test_roundtrip_and_named_dbs(tmp_path):
@@ -105,26 +104,36 @@ def test_nested_write_is_refused(tmp_path):
         pass
 
 
-def test_put_many_writes_and_deletes_across_transactions(tmp_path):
+def test_update_rewrites_and_deletes_in_one_transaction(tmp_path):
     with Store.open(tmp_path) as store:
-        keys = [i.to_bytes(4, "big") for i in range(2 * 16 + 5)]
-        store.put_many("t", ((k, k * 2) for k in keys))
+        keys = [i.to_bytes(4, "big") for i in range(5)]
+        store.update("t", [(k, lambda old, k=k: k * 2) for k in keys])
         assert all(store.get_bytes("t", k) == k * 2 for k in keys)
-        store.put_many("t", ((k, None) for k in keys[:32]))  # an exact multiple of the chunk
-        assert [k for k in keys if store.get_bytes("t", k) is not None] == keys[32:]
-        store.put_many("t", [])
+        seen = []
+
+        def rewrite(old):
+            seen.append(old)
+            return None if old == keys[0] * 2 else old + b"!"
+
+        store.update("t", [(k, rewrite) for k in keys] + [(b"absent", lambda old: None)])
+        assert seen == [k * 2 for k in keys]  # each function got what was stored
+        assert store.get_bytes("t", keys[0]) is None
+        assert [store.get_bytes("t", k) for k in keys[1:]] == [k * 2 + b"!" for k in keys[1:]]
+        store.update("t", [])
 
 
-def test_a_full_map_is_a_store_error_and_earlier_chunks_stay_written(tmp_path):
+def test_a_full_map_is_a_store_error_and_nothing_of_the_transaction_is_written(tmp_path):
     """LMDB refusing a write (here: its map is full) is a StoreError naming the store, not an lmdb exception."""
     from ocf.errors import StoreError
 
     with Store.open(tmp_path, map_size=256 << 10) as store:
+        store.update("t", [(b"first", lambda old: b"kept")])
         items = [(i.to_bytes(4, "big"), os.urandom(2000)) for i in range(400)]  # 800 KB into a 256 KiB map
         with pytest.raises(StoreError, match=r"cannot write to 't' in .*MDB_MAP_FULL"):
-            store.put_many("t", items)
-        assert store.get_bytes("t", items[0][0]) == items[0][1]  # the first chunks were committed
-        store.put_many("t", [(b"small", b"ok")])  # the store is still usable
+            store.update("t", [(k, lambda old, v=v: v) for k, v in items])
+        assert store.get_bytes("t", items[0][0]) is None  # the transaction was aborted whole
+        assert store.get_bytes("t", b"first") == b"kept"
+        store.update("t", [(b"small", lambda old: b"ok")])  # the store is still usable
         assert store.get_bytes("t", b"small") == b"ok"
 
 
@@ -137,20 +146,21 @@ def _heap_growth(path, per_txn, queue):
         pages = [[(os.urandom(38), os.urandom(700)) for _ in range(400)] for _ in range(3)]
         before = anon()
         for page in pages:
-            store.put_many("nodetable", page, per_txn=per_txn)
+            for i in range(0, len(page), per_txn):
+                store.update("nodetable", [(k, lambda old, v=v: v) for k, v in page[i : i + per_txn]])
         queue.put(anon() - before)
 
 
-def test_put_many_bounds_the_pages_lmdb_keeps(tmp_path):
+def test_small_transactions_bound_the_pages_lmdb_keeps(tmp_path):
     """LMDB keeps the pages its largest write transaction dirtied until the store closes.
 
-    Three 400-record pages from a peer, written at random keys (as node table
-    records are), grew the heap by 1.1 MiB in one transaction per page; in
-    transactions of WRITE_CHUNK keys, by about 0.2 MiB. Measured in a child
-    process, whose heap is not the test runner's.
+    Three 400-record pages from a peer, written at random keys, grew the heap
+    by 1.1 MiB in one transaction per page; in transactions of 16 keys, by
+    about 0.2 MiB. This is why the node table commits a few shelves at a time.
+    Measured in a child process, whose heap is not the test runner's.
     """
     queue = multiprocessing.Queue()
-    child = multiprocessing.Process(target=_heap_growth, args=(tmp_path, WRITE_CHUNK, queue))
+    child = multiprocessing.Process(target=_heap_growth, args=(tmp_path, 16, queue))
     child.start()
     growth = queue.get(timeout=60)
     child.join(timeout=60)

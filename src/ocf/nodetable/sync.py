@@ -147,7 +147,7 @@ class Sync(Intake):
         batch: list[dict[str, Any]] = []
         size = 0
         beats: dict[str, Any] = {}
-        owners = list(pending)
+        owners = sorted(pending, key=t.shelf_of)  # records are read back a shelf at a time
         pending.clear()
         lasting = t.membership is None  # see Intake._knows: with membership, kept only while pending
         for owner in owners:

@@ -32,11 +32,11 @@ from ..identity import PeerId
 from .docguard import DocLimits
 from .entry import detect_hardware, validate_update
 from .heartbeat import Heartbeat
+from . import shelf
 from .record import OwnerDoc, Record
 from .sync import Sync
 from .wire import BUCKETS, PROTOCOL
 from ..membership.update import Status, bucket_add, bucket_discard, bucket_of, state_hash
-from ..store.lmdbstore import WRITE_CHUNK
 import trio.lowlevel
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ DB = "nodetable"
 COMPACT_AFTER = 64  # own document changes before it is rewritten with a one-change history
 GONE = ("left", "offline")
 #: Owners the sweep forgets per step (it yields to the event loop between steps; LMDB writes them
-#: WRITE_CHUNK to a transaction).
+#: shelf.SHELVES_PER_TXN shelves to a transaction).
 PRUNE_BATCH = 512
 #: Refusals are summed and logged at most this often.
 SWEEP_EVERY = 10.0  # seconds between prune sweeps at most
@@ -63,6 +63,8 @@ SWEEP_EVERY = 10.0  # seconds between prune sweeps at most
 #: and an owner it meets later makes it compare table digests again. Kept past that, beats were
 #: 0.2 KB a peer for nothing.
 BEAT_RELAY_FOR = 60.0
+#: Keys of an older build's layout (one per record) deleted per transaction, once moved to shelves.
+LEGACY_PER_TXN = 64
 
 __all__ = ["PROTOCOL", "NodeTable", "open_nodetable"]
 
@@ -137,8 +139,9 @@ class NodeTable:
         self._pushers: dict[PeerId, trio.CancelScope] = {}
         self._flushed: dict[PeerId, int] = {}  # table version each pusher has fully sent
         self._flush_event = trio.Event()
-        # LMDB writes waiting for _write_loop, by key: a record to store, or None to delete.
-        self._writes: dict[bytes, Record | None] = {}
+        # LMDB writes waiting for _write_loop, by shelf and key: a record to store, or None to delete.
+        self._writes: dict[int, dict[bytes, Record | None]] = {}
+        self._legacy: list[bytes] = []  # keys of an older build's layout, to delete (see _load)
         self._writing = 0  # keys in the transaction being committed
         self._write_wanted = trio.Event()
         self._wrote = trio.Event()  # set (and replaced) after every commit
@@ -149,6 +152,10 @@ class NodeTable:
         self._nursery: trio.Nursery | None = None
         self.clock = time.time
         self._db = store.db(DB)
+        self._salt = self._shelf_salt()
+        # The last shelf read back (its stored bytes and entries): sending records sorted by shelf
+        # inflates each shelf once. Compared by its bytes, so a commit since is never missed.
+        self._shelf_read: tuple[bytes, shelf.Entries] | None = None
 
     # --- public API (docs/internals.md) ------------------------------------------------
 
@@ -381,7 +388,7 @@ class NodeTable:
             return None
         record = self._unstored.get(owner)
         if record is None:
-            value = self.store.get_bytes(DB, owner.raw)
+            value = self._stored(owner.raw)
             if value is None:
                 return None
             try:
@@ -390,6 +397,48 @@ class NodeTable:
                 log.warning("unreadable stored node table record %s", logfmt.kv(owner=owner.short(), reason=exc))
                 return None
         return record if record.seq == seq else None
+
+    def shelf_of(self, owner: PeerId) -> int:
+        """The LMDB shelf of ``owner``'s record (see :mod:`.shelf`): read in this order, each is inflated once."""
+        return shelf.index(owner.raw, self._salt)
+
+    def _stored(self, raw: bytes) -> bytes | None:
+        i = shelf.index(raw, self._salt)
+        data = self.store.get_bytes(DB, shelf.key(i))
+        if data is None:
+            return None
+        cached = self._shelf_read
+        if cached is not None and cached[0] == data:
+            return cached[1].get(raw)
+        try:
+            entries = shelf.decode(data)
+        except ValidationError as exc:
+            self._lost_shelf(i, exc)
+            return None
+        self._shelf_read = (data, entries)
+        return entries.get(raw)
+
+    def _lost_shelf(self, i: int, exc: ValidationError) -> None:
+        """A shelf became unreadable on disk since we wrote it: forget the owners whose records it
+        held, so that comparing digests with peers brings them back, and write it again."""
+        lost = [o for o in self.records if o != self.me and o not in self._unstored and self.shelf_of(o) == i]
+        self._forget(lost)
+        log.warning(
+            "unreadable node table shelf; its records will come again from peers %s",
+            logfmt.kv(lost=len(lost), reason=exc),
+        )
+        if self.me in self.records and self.me not in self._unstored and self.shelf_of(self.me) == i:
+            self.republish_own(self.records[self.me] + 1)
+        self._writes.setdefault(i, {})
+        self._write_wanted.set()
+        self._ask_digests()
+
+    def _shelf_salt(self) -> bytes:
+        salt = self.store.get_bytes(DB, shelf.SALT_KEY)
+        if salt is None:
+            salt = shelf.new_salt()
+            self.store.put_bytes(DB, shelf.SALT_KEY, salt)
+        return bytes(salt)
 
     def set_beat(self, beat: Heartbeat) -> None:
         self.beats[beat.owner] = beat
@@ -485,21 +534,25 @@ class NodeTable:
 
     # --- LMDB writes ---------------------------------------------------------------------
     # Every write the table makes (records held, owners forgotten, our own entry) is queued by
-    # key and committed by one task, WRITE_CHUNK keys to a transaction. A commit is an fsync, and
-    # fsync never runs on the Trio thread (DESIGN.md): on network storage (10-100 ms an fsync) a
-    # joiner's first 1,000 records were 63 pauses of the whole node, gateway included, of one
-    # fsync each; and behind a job tracker commit, LMDB's one writer lock held the event loop too.
-    # Per key only the newest write waits, so the queue is bounded by the table, and a record
-    # replaced or forgotten before its turn never reaches the disk.
+    # shelf and key and committed by one task, SHELVES_PER_TXN shelves to a transaction (each
+    # shelf rewritten whole, see shelf.py). A commit is an fsync, and fsync never runs on the Trio
+    # thread (DESIGN.md): on network storage (10-100 ms an fsync) a joiner's first 1,000 records
+    # were 63 pauses of the whole node, gateway included, of one fsync each; and behind a job
+    # tracker commit, LMDB's one writer lock held the event loop too. Per key only the newest
+    # write waits, so the queue is bounded by the table, and a record replaced or forgotten before
+    # its turn never reaches the disk.
 
     def _queue_write(self, key: bytes, record: Record | None) -> None:
-        self._writes[key] = record
+        self._writes.setdefault(shelf.index(key, self._salt), {})[key] = record
         self._write_wanted.set()
+
+    def _queued(self) -> int:
+        return sum(len(keys) for keys in self._writes.values()) + len(self._legacy)
 
     async def _write_loop(self) -> None:
         try:
             while True:
-                if not self._writes:
+                if not self._writes and not self._legacy:
                     await self._write_wanted.wait()
                     self._write_wanted = trio.Event()
                     continue
@@ -512,18 +565,28 @@ class NodeTable:
             self._wrote = trio.Event()
 
     async def _write_chunk(self) -> None:
-        """Commit the next WRITE_CHUNK queued writes; on a failing disk, requeue them and wait 1 s."""
-        chunk = [(key, self._writes.pop(key)) for key in list(itertools.islice(self._writes, WRITE_CHUNK))]
-        self._writing = len(chunk)
+        """Commit the next SHELVES_PER_TXN queued shelves; on a failing disk, requeue them and wait 1 s."""
+        chunk = {i: self._writes.pop(i) for i in list(itertools.islice(self._writes, shelf.SHELVES_PER_TXN))}
+        legacy: list[bytes] = []
+        if not self._writes:  # an older build's keys go once their records are on shelves
+            legacy, self._legacy = self._legacy[:LEGACY_PER_TXN], self._legacy[LEGACY_PER_TXN:]
+        self._writing = sum(len(keys) for keys in chunk.values()) + len(legacy)
+        updates: list[tuple[bytes, Any]] = [(key, _delete) for key in legacy]
+        for i, keys in chunk.items():
+            changes = {key: None if r is None else r.to_bytes() for key, r in keys.items()}
+            updates.append((shelf.key(i), shelf.updater(changes, self._damaged_shelf)))
         try:
             # Shielded: a transaction taken from the queue is committed, even as the table closes.
             with trio.CancelScope(shield=True):
-                await self._commit([(key, None if r is None else r.to_bytes()) for key, r in chunk])
+                await self._commit(updates)
         except StoreError as exc:
             # The disk is full or failing: keep serving from memory, and try again in a while.
             self._write_failures.log(logging.ERROR, "store", "cannot write the node table; retrying in 1 s", reason=exc)
-            for key, record in chunk:
-                self._writes.setdefault(key, record)  # unless a newer write for that key came meanwhile
+            for i, keys in chunk.items():
+                queued = self._writes.setdefault(i, {})
+                for key, record in keys.items():
+                    queued.setdefault(key, record)  # unless a newer write for that key came meanwhile
+            self._legacy[:0] = legacy
             self._writing = 0
             self._store_failing = True
             self._wrote.set()
@@ -532,19 +595,24 @@ class NodeTable:
             return
         self._writing = 0
         self._store_failing = False
-        for _, record in chunk:
-            if record is not None and self._unstored.get(record.owner) is record:
-                del self._unstored[record.owner]
+        for keys in chunk.values():
+            for record in keys.values():
+                if record is not None and self._unstored.get(record.owner) is record:
+                    del self._unstored[record.owner]
         self._wrote.set()
         self._wrote = trio.Event()
 
-    async def _commit(self, items: list[tuple[bytes, bytes | None]]) -> None:
+    def _damaged_shelf(self, exc: ValidationError) -> None:
+        # Called on the writer's thread; logging is thread-safe.
+        log.warning("rewrote an unreadable node table shelf (its owners will resend) %s", logfmt.kv(reason=exc))
+
+    async def _commit(self, updates: list[tuple[bytes, Any]]) -> None:
         if self.store.syncs:
-            await trio.to_thread.run_sync(self.store.put_many, DB, items)
+            await trio.to_thread.run_sync(self.store.update, DB, updates)
         else:
             # No fsync (a benchmark's store): a commit is a copy into the page cache, cheaper
             # than the hop to a thread, which would also let a mock clock jump meanwhile.
-            self.store.put_many(DB, items)
+            self.store.update(DB, updates)
             await trio.lowlevel.checkpoint()
 
     async def wait_stored(self, records: list[Record]) -> int:
@@ -561,15 +629,15 @@ class NodeTable:
     async def _drain_writes(self, limit: float) -> None:
         """Commit what is queued, for at most ``limit`` seconds (a failing disk must not hang shutdown)."""
         with trio.move_on_after(limit):
-            while self._writes or self._writing:
+            while self._writes or self._legacy or self._writing:
                 if self._write_loop_stopped and not self._writing:
                     await self._write_chunk()  # nobody else will: the loop was cancelled
                 else:
                     await self._wrote.wait()
-        if self._writes or self._writing:
+        if self._writes or self._legacy or self._writing:
             log.warning(
                 "node table records not written at shutdown (peers will resend them) %s",
-                logfmt.kv(count=len(self._writes) + self._writing),
+                logfmt.kv(count=self._queued() + self._writing),
             )
 
     def _load(self) -> None:
@@ -577,33 +645,57 @@ class NodeTable:
 
         Records written by older builds carry a signature this build cannot check
         before loading; they are dropped with a log line and come back from peers.
+        Records an older build stored one to a key are moved onto their shelves.
         """
         with self.store.read() as txn:
-            items = list(txn.cursor(db=self._db))
-        dropped: list[bytes] = []
-        reason: Exception | None = None
+            items = [(bytes(key), bytes(value)) for key, value in txn.cursor(db=self._db)]
+        found: list[tuple[bytes, bytes, int | None]] = []  # key, stored record, the shelf it is on
         for key, value in items:
+            if key == shelf.SALT_KEY:
+                continue
+            if not shelf.is_shelf(key):
+                self._legacy.append(key)  # one record to a key: deleted once its shelf is written
+                found.append((key, value, None))
+                continue
+            i = key[-1] if len(key) == len(shelf.key(0)) and key[-1] < shelf.SHELVES else None
+            if i is None:  # no shelf of this build's
+                self._legacy.append(key)
+                continue
             try:
-                owner = PeerId(bytes(key))
-                record = Record.from_bytes(owner, bytes(value))
+                entries = shelf.decode(value)
+            except ValidationError:
+                self._writes.setdefault(i, {})  # rewritten (the writer logs it), its owners resend
+                continue
+            found.extend((raw, data, i) for raw, data in entries.items())
+        dropped = 0
+        reason: Exception | None = None
+        for key, value, on in found:
+            try:
+                owner = PeerId(key)
+                record = Record.from_bytes(owner, value)
                 doc = self.verify_record(record)
             except (IdentityError, ValidationError) as exc:
-                log.debug("unreadable stored node table record %s", logfmt.kv(key=bytes(key)[:40].hex(), reason=exc))
-                dropped.append(bytes(key))
+                log.debug("unreadable stored node table record %s", logfmt.kv(key=key[:40].hex(), reason=exc))
+                dropped += 1
                 reason = exc
+                if on is not None:
+                    self._writes.setdefault(on, {})[key] = None
                 continue
-            self.insert(record, doc, stored=True)
+            in_place = on is not None and on == shelf.index(key, self._salt)
+            if on is not None and not in_place:
+                self._writes.setdefault(on, {})[key] = None
+            self.insert(record, doc, stored=in_place)
         if dropped:
             # One line for all of them: an upgrade may drop a whole table at once.
             log.warning(
                 "dropped stored node table records (from an older build or damaged; peers will resend them) %s",
-                logfmt.kv(count=len(dropped), last_reason=reason),
+                logfmt.kv(count=dropped, last_reason=reason),
             )
-            for key in dropped:
-                self._queue_write(key, None)
+        if self._writes or self._legacy:
+            self._write_wanted.set()
         # Liveness is not stored: give what we loaded one --stale-after to be heard of again.
         self._loaded_at = self.clock()
-        log.info("node table loaded %s", logfmt.kv(entries=len(self.records), dropped=len(dropped)))
+        log.info("node table loaded %s", logfmt.kv(entries=len(self.records), dropped=dropped))
 
     def _initial_own(self) -> None:
         if self.me not in self.docs:
@@ -735,3 +827,8 @@ async def open_nodetable(
                 await table._announce_departure()
                 await table._drain_writes(10.0)
             nursery.cancel_scope.cancel()
+
+
+def _delete(old: bytes | None) -> None:
+    """A :meth:`Store.update` rewrite that deletes its key."""
+    return None

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import itertools
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ import shutil
 import threading
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import lmdb
 
@@ -38,12 +37,6 @@ LOCK_FILE = "LOCK"
 SCHEMA_VERSION = 1
 DEFAULT_MAP_SIZE = 64 << 30  # address space only; the file grows as needed
 MAX_DBS = 64
-#: Keys one :meth:`Store.put_many` transaction changes. LMDB keeps every page a write transaction
-#: dirtied on a list of malloc'd pages for reuse, and frees that list only when the environment
-#: closes: the largest transaction ever committed sets the process's memory for good. Three pages of
-#: 400 node table records from a peer, at random keys, one transaction each, grew the heap 1.1 MiB;
-#: 16 per transaction, 0.2 MiB, for one commit (and fsync) per 16 keys.
-WRITE_CHUNK = 16
 
 
 class Store:
@@ -202,28 +195,30 @@ class Store:
         with self.write() as t:
             t.put(key, value, db=handle)
 
-    def put_many(self, db: str, items: Iterable[tuple[bytes, bytes | None]], per_txn: int = WRITE_CHUNK) -> None:
-        """Put (or, for a ``None`` value, delete) many independent keys, ``per_txn`` to a transaction.
+    def update(self, db: str, updates: Iterable[tuple[bytes, Callable[[bytes | None], bytes | None]]]) -> None:
+        """Rewrite keys in one transaction: each function gets the key's stored bytes (or None) and
+        returns its new bytes, or None to delete it.
 
-        For keys that need not change together (each a whole record of its
-        own): a kill -9 between two transactions leaves some written, each
-        whole. Bounding the transaction bounds what LMDB keeps (see WRITE_CHUNK).
-        Safe from any one thread at a time. Raises :class:`StoreError` when
-        LMDB refuses a write (the disk or the map is full, an I/O error); what
-        earlier transactions wrote stays written.
+        Read and write in one transaction, so nothing commits between them.
+        Keep transactions small: LMDB keeps (until the store closes) every
+        page its largest write transaction dirtied. Safe from any one thread
+        at a time. Raises :class:`StoreError` when LMDB refuses a write (the
+        disk or the map is full, an I/O error); nothing of the transaction is
+        written then.
         """
         handle = self.db(db)
-        it = iter(items)
-        while chunk := list(itertools.islice(it, per_txn)):
-            try:
-                with self.write() as txn:
-                    for key, value in chunk:
-                        if value is None:
+        try:
+            with self.write() as txn:
+                for key, rewrite in updates:
+                    old = txn.get(key, db=handle)
+                    value = rewrite(None if old is None else bytes(old))
+                    if value is None:
+                        if old is not None:
                             txn.delete(key, db=handle)
-                        else:
-                            txn.put(key, value, db=handle)
-            except lmdb.Error as exc:
-                raise StoreError(f"cannot write to {db!r} in {self.data_dir}: {exc}") from None
+                    else:
+                        txn.put(key, value, db=handle)
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot write to {db!r} in {self.data_dir}: {exc}") from None
 
     def get_json(self, db: str, key: bytes, txn: lmdb.Transaction | None = None) -> Any:
         raw = self.get_bytes(db, key, txn)
