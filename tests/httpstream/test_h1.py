@@ -115,6 +115,8 @@ def test_chunked_request_with_extensions_and_trailers_streams_as_it_arrives():
     [
         (b"zz\r\n", "malformed chunk size"),
         (b"3\r\nabcd\r\n", "longer than its size"),
+        (b"1\r\n\r\x0b", "longer than its size"),  # refused at the first byte that cannot start CRLF,
+        (b"1\r\nx\x0b", "longer than its size"),  # not once a line ends (h11 refuses it there too)
         (b"0\r\nbad trailer\r\n\r\n", "malformed header line"),
     ],
 )

@@ -289,6 +289,21 @@ class ChunkedReader:
                 if self.remaining == 0:
                     self.state = self._DATA_END
                 return data, False
+            if state == self._DATA_END:
+                # Exactly CRLF follows the data: refused at its first wrong byte, not once a line
+                # ends (a byte that cannot start CRLF is as wrong now as after any wait; h11 agrees).
+                end = buf.data[buf.pos : buf.pos + 2]
+                if end != b"\r\n"[: len(end)]:
+                    raise ProtocolError(
+                        "a line in chunked framing ends in a bare LF (CRLF is required)"
+                        if end[:1] == b"\n"
+                        else "a chunk is longer than its size line said"
+                    )
+                if len(end) < 2:
+                    break
+                buf.take(2)
+                self.state = self._SIZE
+                continue
             line = buf.crlf_line(limit)
             if line is None:
                 break
@@ -298,10 +313,6 @@ class ChunkedReader:
                     raise ProtocolError(f"malformed chunk size line {line[:40]!r}")
                 self.remaining = int(m.group(1), 16)
                 self.state = self._DATA if self.remaining else self._TRAILER
-            elif state == self._DATA_END:
-                if line:
-                    raise ProtocolError("a chunk is longer than its size line said")
-                self.state = self._SIZE
             else:  # trailer fields: checked, counted against the head limit, dropped
                 if not line:
                     return None, True
