@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -10,16 +9,14 @@ from hypothesis import HealthCheck, settings
 
 from ocf.config import Config
 
+from .ports import free_port
+
+__all__ = ["free_port"]
+
 # Hypothesis checks properties, not speed: on a loaded two-core machine its per-example deadline
 # and "too slow" health check measure the scheduler, so neither applies here.
 settings.register_profile("ocf", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ocf")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

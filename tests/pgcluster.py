@@ -15,10 +15,11 @@ import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
+
+from tests.ports import free_port
 
 SETUP_HINT = "run tests/setup-external.sh (it installs Debian's postgresql)"
 
@@ -41,12 +42,6 @@ def find_bindir() -> Path:
     return found[-1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Cluster:
     """One ``postgres`` server on 127.0.0.1:``port``; ``url(db)`` for a database on it."""
 
@@ -54,7 +49,7 @@ class Cluster:
         self.bindir = find_bindir()
         self.root = Path(root or tempfile.mkdtemp(prefix="ocf-pg-"))
         self.data = self.root / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self.fsync = fsync
         self.user = "postgres" if os.geteuid() == 0 else None
         self.proc: subprocess.Popen[bytes] | None = None
