@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,11 @@ from ocf.config import Config
 from .ports import free_port
 
 __all__ = ["free_port"]
+
+# A failure inside a whole node comes out wrapped in one exception group per nursery it crosses
+# (host, bootstrap, DHT, membership, NAT, registrar, ...): more than the 10 levels tracebacks
+# print by default, so the report ended in "... (max_group_depth is 10)" without the failure.
+traceback.TracebackException.__init__.__kwdefaults__["max_group_depth"] = 40
 
 # Hypothesis checks properties, not speed: on a loaded two-core machine its per-example deadline
 # and "too slow" health check measure the scheduler, so neither applies here.
