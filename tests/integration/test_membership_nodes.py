@@ -263,6 +263,13 @@ async def test_a_member_that_is_no_neighbour_is_reached_at_its_signed_addresses(
         assert pairs, "degree 2 of 6 leaves some members unconnected"
         observer, target = pairs[0]
         assert not observer.host.peer_addrs(target.peer_id)  # nothing learned but membership's view
+        # What the target signed, as the observer holds it: its listen addresses without /p2p/<ID>
+        # (the member is named beside them), 57 bytes shorter each than the listen address.
+        signed = observer.membership.swim.members[str(target.peer_id)].addrs
+        assert signed == tuple(str(a.without_p2p()) for a in target.listen_addrs)
+        assert all("/p2p/" not in a for a in signed)
+        shorter = [len(str(full)) - len(a) for full, a in zip(target.listen_addrs, signed, strict=True)]
+        assert shorter == [len(f"/p2p/{target.peer_id}")] * len(signed) == [57] * len(signed)
         before = observer.membership.stats["dropped_unreachable"]
         lookups = observer.dht.stats["lookups"] + observer.dht.stats["lookups_refused"]
         observer.membership.swim._send(str(target.peer_id), Ping(999_999, ()))

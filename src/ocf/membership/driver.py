@@ -82,7 +82,10 @@ class Membership:
         self.host = host
         self.config = config
         self.me = identity.peer_id
-        addrs = tuple(str(a) for a in host.listen_addrs)
+        # Signed without their /p2p/<ID> suffix: the member is named beside them, every node that
+        # dials them adds it, and each of N members' copies on N nodes is 57 bytes shorter an address.
+        # A peer's addresses that do carry it (an older build's) are taken as they are.
+        addrs = tuple(str(a.without_p2p()) for a in host.listen_addrs)
         self.swim = Swim(
             str(self.me),
             identity.sign,
