@@ -87,3 +87,32 @@ def test_updates_past_the_cap_are_cut_and_counted() -> None:
 def test_malformed_updates_are_dropped(item: list) -> None:
     decoded, bad = messages.from_wire({"t": "gsp", "u": [item]})
     assert decoded.updates == () and bad == 1
+
+
+@given(
+    addrs=st.lists(st.text(max_size=128), max_size=4).map(tuple),
+    signature=st.one_of(st.just(b""), st.binary(min_size=64, max_size=64)),
+)
+def test_an_update_gives_back_exactly_the_addresses_and_signature_it_was_made_with(addrs, signature) -> None:
+    """Kept in one bytes object, read back on use: any text (newlines, NULs, any script) comes back as it went in."""
+    u = Update("QmPeer", 7, Status.ALIVE, 3, addrs, signature)
+    assert (u.addrs, u.signature) == (addrs, signature)
+    twin = Update("QmPeer", 7, Status.ALIVE, 3, addrs, signature)
+    assert u == twin and hash(u) == hash(twin)
+    assert u != Update("QmPeer", 7, Status.ALIVE, 3, (*addrs, "/x"), signature)
+    renamed = u.renamed("".join(["Qm", "Peer"]))
+    assert renamed == u and renamed.addrs == addrs and renamed.peer is not u.peer
+
+
+def test_an_update_is_immutable_and_holds_its_signature_and_addresses_in_one_object() -> None:
+    import sys
+
+    addrs = ("/ip4/203.0.113.7/tcp/43905", "/ip4/203.0.113.7/udp/43905/quic-v1", "/ip6/2001:db8::7/tcp/43905")
+    u = Update("12D3KooWLB9aJ5RMVhXoF2rmtu4pUGuwXrj5Mg5jNzeCpCerbgXz", 2**40, Status.ALIVE, 0, addrs, b"s" * 64)
+    with pytest.raises(AttributeError):
+        u.incarnation = 2**41  # type: ignore[misc]
+    held = sys.getsizeof(u) + sys.getsizeof(u._tail)
+    # The same fields as separate objects: a signature, a tuple and one string per address.
+    apart = sys.getsizeof(u) + sys.getsizeof(b"s" * 64) + sys.getsizeof(addrs) + sum(sys.getsizeof(a) for a in addrs)
+    assert apart - held >= 190, (held, apart)
+    assert Update("p", 1, Status.SUSPECT)._tail == b""  # an opinion holds no bytes of its own

@@ -352,7 +352,7 @@ class Swim:
                 return None
             name = self.intern(u.peer) if member is None else member.proof.peer
             if u.peer is not name:
-                u = attrs.evolve(u, peer=name)
+                u = u.renamed(name)
             if member is None:
                 member = self.members[u.peer] = Member(u.incarnation, u.status, now, u)
                 self._set_digest(u.peer, None, member)
