@@ -34,6 +34,7 @@ from .entry import detect_hardware, validate_update
 from .heartbeat import Heartbeat
 from . import shelf
 from .record import OwnerDoc, Record
+from .rows import LastSeen, Seqs
 from .sync import Sync
 from .wire import BUCKETS, PROTOCOL
 from ..membership.update import Status, bucket_add, bucket_discard, bucket_of, state_hash
@@ -104,13 +105,13 @@ class NodeTable:
         self.me = identity.peer_id
         self.store = store
         self.software_version = version  # published in our own entry
-        # The seq of each record held; bodies are in LMDB, or in _unstored until stored (see record()).
-        # A bare int: an object per peer for seq and size was 0.1 KB a peer (the size is on the OwnerDoc).
-        self.records: dict[PeerId, int] = {}
-        self._unstored: dict[PeerId, Record] = {}
+        # One row per owner held: its OwnerDoc, which also carries the seq of the record held and
+        # when the owner was last seen. ``records`` and ``last_seen`` read and write those as dicts
+        # (rows.py). Record bodies are in LMDB, or in _unstored until stored (see record()).
         self.docs: dict[PeerId, OwnerDoc] = {}
-        # Only ever keyed by owners in ``records`` (see _forget): unknown IDs cost nothing.
-        self.last_seen: dict[PeerId, float] = {}
+        self.records = Seqs(self.docs)
+        self.last_seen = LastSeen(self.docs)  # only owners held have one: unknown IDs cost nothing
+        self._unstored: dict[PeerId, Record] = {}
         # When we lost our own connection to a peer: a heartbeat it signed before then
         # (relayed by others) proves nothing new and must not revive it, nor bring it
         # back once pruned. Kept past pruning, for --stale-after; only direct peers get one.
@@ -346,7 +347,8 @@ class NodeTable:
         """Hold ``record`` (verified: ``doc`` is what it says) and queue it for LMDB, unless it came from there."""
         owner = record.owner
         text = str(owner)
-        old = self.records.get(owner)
+        held = self.docs.get(owner)
+        old = held.seq if held is not None and held.seq else None  # our own first is held at seq 0
         if old is None:
             if self.membership is not None:
                 # One PeerId and one text per peer (share_ids): membership's if it knows the peer (it
@@ -359,7 +361,8 @@ class NodeTable:
             self.by_text[text] = owner
             self._sorted = None
         self._digest_swap(text, old, record.seq)
-        self.records[owner] = record.seq
+        doc.seq = record.seq
+        doc.seen = held.seen if held is not None else None  # a copy may come with another table's
         doc.size = len(record.doc)
         if stored:
             self._unstored.pop(owner, None)
@@ -457,12 +460,10 @@ class NodeTable:
         if not owners:
             return
         for owner in owners:
-            old = self.records.pop(owner, None)
+            doc = self.docs.pop(owner, None)  # its row: the record's seq and when last seen go with it
             self._unstored.pop(owner, None)
-            if old is not None:
-                self._digest_swap(str(owner), old, None)
-            self.docs.pop(owner, None)
-            self.last_seen.pop(owner, None)
+            if doc is not None:
+                self._digest_swap(str(owner), doc.seq, None)
             self.beats.pop(owner, None)
             self.by_text.pop(str(owner), None)
             for known in self.peer_known.values():
