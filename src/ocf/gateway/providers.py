@@ -220,13 +220,17 @@ class Providers:
                     log.debug("ignoring bad addrs from the node table %s", logfmt.kv(peer=peer.short(), reason=exc))
             if not host.is_connected(peer) and not host.peer_addrs(peer):
                 if addrs:
+                    # The client hears only "unreachable": the log says why (the refusals are logged above it).
+                    log.debug("no dialable address %s", logfmt.kv(peer=peer.short(), published=len(addrs)))
                     raise ConnectFailed(f"peer {peer_text} publishes no address this node dials")
                 raise UnknownPeer(f"peer {peer_text} is not connected and no address of it is known")
         try:
             with trio.fail_after(self.config.dial_timeout):
                 return await host.new_stream(peer, LIBP2P_HTTP)
         except trio.TooSlowError:
-            raise ConnectFailed(f"opening a stream timed out after {self.config.dial_timeout:g} s") from None
+            reason = f"opening a stream timed out after {self.config.dial_timeout:g} s"
+            log.debug("cannot open a stream %s", logfmt.kv(peer=peer.short(), reason=reason))
+            raise ConnectFailed(reason) from None
         except RelayRefused as exc:
             raise RelayLimited(str(exc), exc.status) from None
         except TransportError as exc:

@@ -91,7 +91,7 @@ SHUTDOWN_GRACE = 2.0
 PEER_LOG_BURST = 20  # connect/disconnect lines per refusal-log interval
 QUIC_FAILURE_MEMORY = 600.0  # seconds a failed QUIC dial puts TCP first for that peer
 MAX_QUIC_FAILURES = 4096  # peers remembered that way (oldest forgotten first)
-DIRECT_BUDGET_WITH_RELAY = 2.0  # seconds for each direct address of a peer that also has relay addresses
+DIRECT_BUDGET_WITH_RELAY = 2.0  # seconds for all direct addresses, together, of a peer that also has relay addresses
 
 
 @attrs.frozen
@@ -869,34 +869,48 @@ class Host:
             raise PeerUnreachable(f"peer {peer.short()} is not connected and no address is known")
         reasons = []
         relay_refusal: RelayRefused | None = None
-        # A peer that publishes relay addresses is likely behind NAT: its direct addresses get a
-        # short try each (a private one elsewhere may never answer), then the relay is dialed.
+        # A peer that publishes relay addresses is likely behind NAT: its direct addresses share one
+        # short try (a private one elsewhere may never answer), then the relay is dialed. Shared, not
+        # one try each: a NATed peer publishes several (TCP, WebSocket and QUIC on each LAN address),
+        # and a try each put the relay past a caller's dial timeout (three cost 6 s of a gateway's 10).
         relayed_peer = any(a.has("p2p-circuit") for a in addrs)
+        direct_deadline = trio.current_time() + DIRECT_BUDGET_WITH_RELAY if relayed_peer else math.inf
         # QUIC first, unless it failed to this peer lately (UDP blocked on the way):
         # then TCP first, so one blocked path does not cost every dial a timeout.
         quic_failed = self._quic_failed.get(peer, -math.inf) > time.monotonic() - QUIC_FAILURE_MEMORY
-        for addr in sorted(addrs, key=lambda a: _dial_preference(a, demote_quic=quic_failed))[
-            : self.config.max_addrs_per_peer
-        ]:
-            budget = DIRECT_BUDGET_WITH_RELAY if relayed_peer and not addr.has("p2p-circuit") else math.inf
-            try:
-                with trio.move_on_after(budget) as scope:
-                    await self.connect(addr.with_p2p(peer), learned=addr not in self._operator_addrs)
-                if scope.cancelled_caught:
-                    reasons.append(f"{addr}: no answer within {budget:g}s")
+        try:
+            for addr in sorted(addrs, key=lambda a: _dial_preference(a, demote_quic=quic_failed))[
+                : self.config.max_addrs_per_peer
+            ]:
+                deadline = math.inf if addr.has("p2p-circuit") else direct_deadline
+                if trio.current_time() >= deadline:
+                    reasons.append(f"{addr}: not tried, direct addresses had {DIRECT_BUDGET_WITH_RELAY:g}s")
                     continue
-            except TransportError as exc:
-                reasons.append(f"{addr}: {exc}")
-                if addr.has("quic-v1"):
-                    self._quic_failed[peer] = time.monotonic()
-                    while len(self._quic_failed) > MAX_QUIC_FAILURES:
-                        del self._quic_failed[next(iter(self._quic_failed))]
-                if isinstance(exc, RelayRefused):
-                    relay_refusal = exc
-                continue
-            conn = self._usable(peer)
-            if conn is not None:
-                return conn
+                try:
+                    with trio.move_on_at(deadline) as scope:
+                        await self.connect(addr.with_p2p(peer), learned=addr not in self._operator_addrs)
+                    if scope.cancelled_caught:
+                        reasons.append(
+                            f"{addr}: no answer within the {DIRECT_BUDGET_WITH_RELAY:g}s of direct addresses"
+                        )
+                        continue
+                except TransportError as exc:
+                    reasons.append(f"{addr}: {exc}")
+                    if addr.has("quic-v1"):
+                        self._quic_failed[peer] = time.monotonic()
+                        while len(self._quic_failed) > MAX_QUIC_FAILURES:
+                            del self._quic_failed[next(iter(self._quic_failed))]
+                    if isinstance(exc, RelayRefused):
+                        relay_refusal = exc
+                    continue
+                conn = self._usable(peer)
+                if conn is not None:
+                    return conn
+        except trio.Cancelled:
+            # The caller's deadline ended the dial (a gateway request's --dial-timeout): without
+            # this line such a failure leaves no trace of which addresses it spent the time on.
+            log.debug("dial cancelled %s", logfmt.kv(peer=peer.short(), tried="; ".join(reasons) or "-"))
+            raise
         # What each address answered is for our log, not for whoever asked: callers
         # may show this message to clients, and the addresses are the peer's choice.
         log.debug("peer unreachable %s", logfmt.kv(peer=peer.short(), tried="; ".join(reasons)))

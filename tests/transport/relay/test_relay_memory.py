@@ -15,6 +15,7 @@ from ocf.identity import Identity, Multiaddr
 from ocf.transport import MemoryNetwork, open_host
 from ocf.transport.relay import RelayLimits, open_relay_client, open_relay_service
 from ocf.transport.relay.dcutr import open_holepunch
+from ocf.transport.host import DIRECT_BUDGET_WITH_RELAY
 from ocf.transport.relay.service import _Slot
 
 ECHO = "/test/echo/1.0.0"
@@ -190,7 +191,7 @@ async def test_relayed_connection_is_upgraded_to_direct_and_the_relayed_one_reti
 
 
 async def test_a_silent_direct_address_does_not_keep_a_relayed_peer_away(autojump_clock):
-    """A peer with relay addresses: each direct address gets a short try, then the relay is dialed."""
+    """A peer with relay addresses: its direct addresses get a short try, then the relay is dialed."""
     async with trio_hosts() as (relay, service, [(a, ca), (b, cb)]):
         held = await ca.reserve(relay.peer_id)
         async with trio.open_nursery() as nursery:
@@ -203,5 +204,28 @@ async def test_a_silent_direct_address_does_not_keep_a_relayed_peer_away(autojum
             t0 = trio.current_time()
             assert await roundtrip(b, a.peer_id, b"hi") == b"hi"
             assert trio.current_time() - t0 < b.config.handshake_timeout  # virtual time: the budget, not the timeout
+            assert [c.relayed for c in b.connections(a.peer_id)] == [True]
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_relayed_peers_direct_addresses_share_one_short_try(autojump_clock):
+    """Silent direct addresses cost the relay DIRECT_BUDGET_WITH_RELAY together, not each.
+
+    A NATed peer publishes several (TCP, WebSocket and QUIC on its LAN
+    address); a try each (6 s for these three) put the relayed dial past a
+    gateway's 10 s dial timeout once another dial to the peer was in the way.
+    """
+    async with trio_hosts() as (relay, service, [(a, ca), (b, cb)]):
+        held = await ca.reserve(relay.peer_id)
+        async with trio.open_nursery() as nursery:
+
+            async def silent(raw) -> None:
+                await trio.sleep_forever()
+
+            holes = [relay._memory.network.listen(f"blackhole-{i}", silent, nursery) for i in range(3)]
+            b.add_addrs(a.peer_id, [*holes, held.addrs[0]])
+            t0 = trio.current_time()
+            assert await roundtrip(b, a.peer_id, b"hi") == b"hi"
+            assert trio.current_time() - t0 == pytest.approx(DIRECT_BUDGET_WITH_RELAY, abs=0.1)  # was 3 x 2 s
             assert [c.relayed for c in b.connections(a.peer_id)] == [True]
             nursery.cancel_scope.cancel()
