@@ -844,7 +844,20 @@ class Host:
 
     # --- streams ----------------------------------------------------------------------------------
 
-    async def _connection_for(self, peer: PeerId) -> Connection:
+    async def connect_peer(self, peer: PeerId, *, resolve: bool = True) -> None:
+        """Connect to ``peer`` at the addresses known for it, as a stream to it would.
+
+        In the host's dial order (QUIC first unless it failed to this peer
+        lately; a peer with relay addresses gets one short try for all its
+        direct ones, then its relays), joining a dial already under way.
+        ``resolve=False`` never asks the resolver (the DHT) when no address
+        is known: for callers that dial often and only at addresses they hold.
+        Raises :class:`TransportError` (``PeerUnreachable``) when none answers.
+        """
+        with transport_errors_unwrapped():  # a dial's nursery may group its failures
+            await self._connection_for(peer, resolve=resolve)
+
+    async def _connection_for(self, peer: PeerId, *, resolve: bool = True) -> Connection:
         conn = self._usable(peer)
         if conn is not None:
             return conn
@@ -857,7 +870,7 @@ class Host:
             if conn is not None:
                 return conn
         addrs = self.peer_addrs(peer)
-        if not addrs and self._resolver is not None:
+        if not addrs and resolve and self._resolver is not None:
             # The resolver may connect while it looks (that proves the addresses); what
             # it returns are learned addresses, judged by the dial policy like any other.
             self.add_addrs(peer, await self._resolver(peer))

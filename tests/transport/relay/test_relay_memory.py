@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from ocf.config import Config
-from ocf.errors import PeerUnreachable, RelayRefused
+from ocf.errors import PeerUnreachable, RelayRefused, TransportError
 from ocf.identity import Identity, Multiaddr
 from ocf.transport import MemoryNetwork, open_host
 from ocf.transport.relay import RelayLimits, open_relay_client, open_relay_service
@@ -228,4 +228,39 @@ async def test_a_relayed_peers_direct_addresses_share_one_short_try(autojump_clo
             assert await roundtrip(b, a.peer_id, b"hi") == b"hi"
             assert trio.current_time() - t0 == pytest.approx(DIRECT_BUDGET_WITH_RELAY, abs=0.1)  # was 3 x 2 s
             assert [c.relayed for c in b.connections(a.peer_id)] == [True]
+            nursery.cancel_scope.cancel()
+
+
+async def test_connect_peer_dials_as_a_stream_would_and_asks_no_resolver_when_told_not_to(autojump_clock):
+    """Membership's degree dials go through ``connect_peer``: the host's order and its one short try of a
+    NATed peer's direct addresses, then its relay (they dialed the addresses in the order learned, and
+    never reached the relay while a dead LAN address came first)."""
+    async with trio_hosts() as (relay, service, [(a, ca), (b, cb)]):
+        held = await ca.reserve(relay.peer_id)
+        async with trio.open_nursery() as nursery:
+
+            async def silent(raw) -> None:
+                await trio.sleep_forever()
+
+            holes = [relay._memory.network.listen(f"lan-{i}", silent, nursery) for i in range(2)]
+            b.add_addrs(a.peer_id, [*holes, held.addrs[0]])
+            t0 = trio.current_time()
+            await b.connect_peer(a.peer_id, resolve=False)
+            assert trio.current_time() - t0 == pytest.approx(DIRECT_BUDGET_WITH_RELAY, abs=0.1)
+            assert [c.relayed for c in b.connections(a.peer_id)] == [True]
+
+            asked = []
+
+            async def resolver(peer):
+                asked.append(peer)
+                return []
+
+            b.set_peer_resolver(resolver)
+            stranger = Identity.generate().peer_id
+            with pytest.raises(TransportError):
+                await b.connect_peer(stranger, resolve=False)
+            assert asked == []
+            with pytest.raises(TransportError):
+                await b.connect_peer(stranger)
+            assert asked == [stranger]
             nursery.cancel_scope.cancel()
