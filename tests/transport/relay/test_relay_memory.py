@@ -208,12 +208,16 @@ async def test_a_silent_direct_address_does_not_keep_a_relayed_peer_away(autojum
             nursery.cancel_scope.cancel()
 
 
-async def test_a_relayed_peers_direct_addresses_share_one_short_try(autojump_clock):
+@pytest.mark.parametrize("dial", ["new_stream", "connect_peer"])
+async def test_a_relayed_peers_direct_addresses_share_one_short_try(autojump_clock, dial):
     """Silent direct addresses cost the relay DIRECT_BUDGET_WITH_RELAY together, not each.
 
     A NATed peer publishes several (TCP, WebSocket and QUIC on its LAN
     address); a try each (6 s for these three) put the relayed dial past a
     gateway's 10 s dial timeout once another dial to the peer was in the way.
+    Membership's degree dials (``connect_peer``) dial the same way: they
+    dialed the addresses in the order learned, and never reached the relay
+    while a dead LAN address came first.
     """
     async with trio_hosts() as (relay, service, [(a, ca), (b, cb)]):
         held = await ca.reserve(relay.peer_id)
@@ -225,42 +229,29 @@ async def test_a_relayed_peers_direct_addresses_share_one_short_try(autojump_clo
             holes = [relay._memory.network.listen(f"blackhole-{i}", silent, nursery) for i in range(3)]
             b.add_addrs(a.peer_id, [*holes, held.addrs[0]])
             t0 = trio.current_time()
-            assert await roundtrip(b, a.peer_id, b"hi") == b"hi"
+            if dial == "new_stream":
+                assert await roundtrip(b, a.peer_id, b"hi") == b"hi"
+            else:
+                await b.connect_peer(a.peer_id, resolve=False)
             assert trio.current_time() - t0 == pytest.approx(DIRECT_BUDGET_WITH_RELAY, abs=0.1)  # was 3 x 2 s
             assert [c.relayed for c in b.connections(a.peer_id)] == [True]
             nursery.cancel_scope.cancel()
 
 
-async def test_connect_peer_dials_as_a_stream_would_and_asks_no_resolver_when_told_not_to(autojump_clock):
-    """Membership's degree dials go through ``connect_peer``: the host's order and its one short try of a
-    NATed peer's direct addresses, then its relay (they dialed the addresses in the order learned, and
-    never reached the relay while a dead LAN address came first)."""
+async def test_connect_peer_asks_no_resolver_when_told_not_to():
+    """Degree dials run every second: a member with no address the host dials must not start a DHT lookup."""
     async with trio_hosts() as (relay, service, [(a, ca), (b, cb)]):
-        held = await ca.reserve(relay.peer_id)
-        async with trio.open_nursery() as nursery:
+        asked = []
 
-            async def silent(raw) -> None:
-                await trio.sleep_forever()
+        async def resolver(peer):
+            asked.append(peer)
+            return []
 
-            holes = [relay._memory.network.listen(f"lan-{i}", silent, nursery) for i in range(2)]
-            b.add_addrs(a.peer_id, [*holes, held.addrs[0]])
-            t0 = trio.current_time()
-            await b.connect_peer(a.peer_id, resolve=False)
-            assert trio.current_time() - t0 == pytest.approx(DIRECT_BUDGET_WITH_RELAY, abs=0.1)
-            assert [c.relayed for c in b.connections(a.peer_id)] == [True]
-
-            asked = []
-
-            async def resolver(peer):
-                asked.append(peer)
-                return []
-
-            b.set_peer_resolver(resolver)
-            stranger = Identity.generate().peer_id
-            with pytest.raises(TransportError):
-                await b.connect_peer(stranger, resolve=False)
-            assert asked == []
-            with pytest.raises(TransportError):
-                await b.connect_peer(stranger)
-            assert asked == [stranger]
-            nursery.cancel_scope.cancel()
+        b.set_peer_resolver(resolver)
+        stranger = Identity.generate().peer_id
+        with pytest.raises(TransportError):
+            await b.connect_peer(stranger, resolve=False)
+        assert asked == []
+        with pytest.raises(TransportError):
+            await b.connect_peer(stranger)
+        assert asked == [stranger]
