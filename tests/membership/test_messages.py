@@ -82,11 +82,22 @@ def test_updates_past_the_cap_are_cut_and_counted() -> None:
         ["p", True, 1],
         ["", 1, 1],
         ["p", 1, 0, 0, ["a"] * 5, "00" * 64],
+        ["\ud800", 1, 1],  # lone surrogates (JSON's "\ud800" escape) cannot be hashed or signed
+        ["p", 1, 0, 0, ["/ip4/1.2.3.4/tcp/1", "/dns4/\udfff/tcp/1"], "00" * 64],
     ],
 )
 def test_malformed_updates_are_dropped(item: list) -> None:
     decoded, bad = messages.from_wire({"t": "gsp", "u": [item]})
     assert decoded.updates == () and bad == 1
+
+
+def test_a_lone_surrogate_costs_its_update_only_never_the_message() -> None:
+    """Found in review: it raised UnicodeEncodeError out of the parser, and the whole stream was reset."""
+    good = ["QmGood", 2, 2]
+    body = json.dumps({"t": "gsp", "u": [["p", 1, 0, 0, ["\ud800"], "00" * 64], good]})
+    assert "\\ud800" in body  # as a hostile peer sends it: an escape, valid JSON
+    decoded, bad = messages.from_wire(json.loads(body))
+    assert bad == 1 and decoded.updates == (Update("QmGood", 2, Status.DEAD),)
 
 
 @given(
