@@ -360,10 +360,13 @@ async def churn(sim: Sim, nursery: trio.Nursery, minutes: float, rate: float) ->
     gap = minutes * 60 / events
     left = joined = 0
     w0 = time.perf_counter()
+    t0 = trio.current_time()
+    fp0 = len(sim.false_dead)
     for k in range(1, events + 1):
-        if k % max(1, events // 10) == 0:
+        if k % max(1, events // 10) == 0:  # a long run reports what it has found so far, not only at the end
             print(
-                f"    churn: {k} of {events} events ({time.perf_counter() - w0:.0f} s wall)",
+                f"    churn: {k} of {events} events, {(trio.current_time() - t0) / 60:.1f} sim min, "
+                f"{len(sim.false_dead) - fp0} false positives so far ({time.perf_counter() - w0:.0f} s wall)",
                 file=sys.stderr,
                 flush=True,
             )
