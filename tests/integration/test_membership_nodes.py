@@ -108,6 +108,36 @@ async def test_graceful_leave_is_seen_as_left(node_config):
         nursery.cancel_scope.cancel()
 
 
+async def test_a_left_is_read_by_neighbours_before_the_node_is_gone(node_config):
+    """A leaving node's signed "left" is delivered, not only written: it waits (within a second) until
+    each neighbour's handler has read it. Here the hub starts reading a new stream 0.3 s late; when the
+    "left" was only written, the connection's close reset the stream first and the hub never read it."""
+    from ocf.membership.driver import PROTOCOL
+
+    net = MemoryNetwork()
+    async with open_node(node_config(mode="standalone"), memory_network=net) as hub:
+        cfg = node_config(mode="node", bootstrap_addrs=(str(hub.listen_addrs[0]),))
+        async with open_node(cfg, memory_network=net) as worker:
+            await wait_until(lambda: hub.membership.alive(worker.peer_id) and worker.membership.alive(hub.peer_id))
+            leaving = worker.peer_id
+
+            async def late(stream):
+                await trio.sleep(0.3)
+                await hub.membership.handle(stream)
+
+            hub.host.set_stream_handler(PROTOCOL, late)
+            senders = worker.membership._senders
+            closed = dict(senders)
+            for send in closed.values():
+                send.close()  # the worker's next messages go over new streams, which the hub reads late
+            with trio.fail_after(10):
+                await wait_until(lambda: all(senders.get(peer) is not send for peer, send in closed.items()))
+            t0 = trio.current_time()
+        took = trio.current_time() - t0
+        assert hub.membership.status(leaving) == Status.LEFT  # already: no waiting here
+        assert took < 5.0  # within the 5 s a shutdown may take (README); the budgets are 1 s each
+
+
 async def test_node_table_digests_do_not_grow_with_the_table(node_config):
     """Once converged, a node table round is one fixed-size digest per neighbour, whatever N."""
     from ocf.nodetable import wire

@@ -27,7 +27,7 @@ from .. import log as logfmt
 from ..errors import ProtocolError, TransportError, transport_errors_unwrapped
 from ..identity import Multiaddr, PeerId, varint
 from ..nodetable.wire import Reader
-from ..transport.streams import receive_before
+from ..transport.streams import hand_over, receive_before
 from . import messages
 from .messages import KINDS, PROTOCOL
 from .swim import Swim, SwimConfig
@@ -44,6 +44,7 @@ log = logging.getLogger("ocf.membership")
 #: Largest SWIM message (a full page of 256 members is about 80 KB; gossip is far smaller).
 MAX_MESSAGE = 128 << 10
 QUEUE = 64
+LEAVE_BUDGET = 1.0  # seconds a leaving node waits for its neighbours to confirm its "left"
 RECEIVE = 65536
 KEEPER_INTERVAL = 1.0
 
@@ -104,8 +105,8 @@ class Membership:
         self._listeners: list[Callable[[PeerId, Status], None]] = []
         self._wake = trio.Event()
         self._load_source: Callable[[], int] | None = None
-        self._unsent = 0  # messages handed to senders and not yet written (leave() waits for them)
-        self._progress = trio.Event()
+        self._leaving = False  # our "left" is queued: senders end once each peer confirms it read all
+        self._progress = trio.Event()  # set when a sender ends (leave() waits for the neighbours')
         self._nursery: trio.Nursery | None = None
         self._refusals = logfmt.RateLimitedLog(log, config.refusal_log_interval)
 
@@ -213,7 +214,6 @@ class Membership:
                 self._nursery.start_soon(self._sender, peer, pid, send, recv)
             try:
                 send.send_nowait(data)
-                self._unsent += 1
             except trio.WouldBlock:
                 self.stats["dropped_queue_full"] += 1
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -262,29 +262,19 @@ class Membership:
             if stream is not None:
                 async with stream:
                     async for data in recv:
-                        try:
-                            await stream.send_all(data)
-                        finally:
-                            self._sent_one()
+                        await stream.send_all(data)
                         self.stats["messages_sent"] += 1
                         self.stats["bytes_sent"] += len(data)
+                    if self._leaving:  # leave() closed our queue after our "left": wait until it is read
+                        await hand_over(stream)
         except (TransportError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug("swim stream ended %s", logfmt.kv(peer=pid.short(), reason=exc or type(exc).__name__))
         finally:
             if self._senders.get(peer) is send:
                 del self._senders[peer]
-            while True:  # what was queued for this peer will never be written
-                try:
-                    recv.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                    break
-                self._sent_one()
-            recv.close()
-
-    def _sent_one(self) -> None:
-        self._unsent = max(0, self._unsent - 1)
-        self._progress.set()
-        self._progress = trio.Event()
+            recv.close()  # what was queued for this peer will never be written
+            self._progress.set()
+            self._progress = trio.Event()
 
     async def handle(self, stream: Any) -> None:
         peer: PeerId = stream.remote_peer
@@ -411,14 +401,29 @@ class Membership:
                 log.debug("degree dial failed %s", logfmt.kv(peer=pid.short(), reason=exc))
 
     async def leave(self) -> None:
-        """Sign our departure and push it to every neighbour (at most a second)."""
+        """Sign our departure and deliver it to every neighbour (at most a second).
+
+        Delivered, not written: after the "left", each neighbour's sender
+        half-closes its stream and ends when the neighbour closes its side,
+        which its handler does only after reading all we sent. Closing the
+        connection right after the write reset the stream, and the neighbour
+        dropped what it had not read yet: our "left" with it.
+        """
         own = self.swim.leave()
-        for peer in self.swim.neighbors:
+        neighbours = list(self.swim.neighbors)
+        for peer in neighbours:
             self.swim.outbox.append((peer, messages.Gossip((own,))))
+        self._leaving = True
         self._flush()
-        with trio.move_on_after(1.0):
-            while self._unsent:
+        for peer in neighbours:
+            send = self._senders.get(peer)
+            if send is not None:
+                send.close()  # its sender writes what is queued, then hands the stream over
+        with trio.move_on_after(LEAVE_BUDGET):
+            while any(peer in self._senders for peer in neighbours):
                 await self._progress.wait()
+        unconfirmed = sum(peer in self._senders for peer in neighbours)
+        log.info("left membership %s", logfmt.kv(neighbours=len(neighbours), unconfirmed=unconfirmed))
 
 
 def _parses(text: str) -> bool:

@@ -21,7 +21,7 @@ import trio
 from .. import log as logfmt
 from ..errors import ProtocolError, TransportError, transport_errors_unwrapped
 from ..identity import PeerId
-from ..transport.streams import receive_before
+from ..transport.streams import hand_over, receive_before
 from . import wire
 from .intake import Intake
 
@@ -71,6 +71,9 @@ class Sync(Intake):
                     await self._send_missing(stream, peer, known, pending)
                     if pending or t.page_requests.get(peer):
                         continue  # more changed while we were sending (its wake-up is already spent)
+                    if t.departing:  # our "left" is sent: wait until the peer has read it, then end
+                        await hand_over(stream)
+                        return
                     t.flushed(peer, version)
                     due = last_summary + t.config.verify_interval
                     if t._digest_due and t.membership is not None:

@@ -56,6 +56,7 @@ GONE = ("left", "offline")
 #: shelf.SHELVES_PER_TXN shelves to a transaction).
 PRUNE_BATCH = 512
 #: Refusals are summed and logged at most this often.
+DEPARTURE_BUDGET = 1.0  # seconds a leaving node waits for its peers to confirm its "left" record
 SWEEP_EVERY = 10.0  # seconds between prune sweeps at most
 #: With membership, how long a peer's heartbeat (signed once, at its start) is kept to go with its
 #: record: while the record is news, to peers whose membership has not heard of the peer yet (they
@@ -139,6 +140,7 @@ class NodeTable:
         self._changed = trio.Event()
         self._pushers: dict[PeerId, trio.CancelScope] = {}
         self._flushed: dict[PeerId, int] = {}  # table version each pusher has fully sent
+        self.departing = False  # our "left" is written: pushers end once the peer confirms it read all
         self._flush_event = trio.Event()
         # LMDB writes waiting for _write_loop, by shelf and key: a record to store, or None to delete.
         self._writes: dict[int, dict[bytes, Record | None]] = {}
@@ -794,13 +796,20 @@ class NodeTable:
         self._flush_event = trio.Event()
 
     async def _announce_departure(self) -> None:
-        """Mark ourselves left and give pushers a moment (at most 1 s) to deliver it."""
+        """Mark ourselves left and give pushers a moment (at most 1 s) to deliver it.
+
+        Delivered, not written: each pusher sends the record, half-closes its
+        stream and ends when the peer closes its side, which its handler does
+        only after applying all we sent. A record written but unread when the
+        connection closed was dropped with the stream (seen in CI under load).
+        """
+        self.departing = True
         self._write_own({"status": "left"})
-        target = self._version
-        with trio.move_on_after(1.0):
-            while any(self._flushed.get(peer, -1) < target for peer in self._pushers):
+        peers = len(self._pushers)
+        with trio.move_on_after(DEPARTURE_BUDGET):
+            while self._pushers:
                 await self._flush_event.wait()
-        log.info("announced departure %s", logfmt.kv(peers=len(self._pushers)))
+        log.info("announced departure %s", logfmt.kv(peers=peers, unconfirmed=len(self._pushers)))
 
 
 @contextlib.asynccontextmanager

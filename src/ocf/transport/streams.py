@@ -53,6 +53,21 @@ async def receive_before(stream: trio.abc.ReceiveStream, deadline: float, max_by
     return None
 
 
+async def hand_over(stream: MuxedStream) -> None:
+    """Half-close ``stream`` and wait until the peer closes its side: proof that it read all we sent.
+
+    A write only says the bytes left us. A node that then closes its
+    connection resets every stream on it, and the peer's reader drops what it
+    had received but not yet read (as a TCP RST would): a departure written
+    last was lost that way. A one-way protocol whose handler returns at our
+    FIN, then closes, confirms delivery with its own FIN. Whatever the peer
+    still sends is read and dropped; the caller bounds the wait.
+    """
+    await stream.send_eof()
+    while await stream.receive_some(RECEIVE_JOIN):
+        pass
+
+
 class StreamCarrier(Protocol):
     """What the shared receive buffer needs of the connection that carries a stream."""
 
