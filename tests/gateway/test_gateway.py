@@ -88,6 +88,12 @@ async def test_error_shapes_and_statuses(worker):
         "/v1/service/llm/v1/chat/completions", content=b"not json", headers={"content-type": "text/plain"}
     )
     assert r.status_code == 400 and _error(r)["code"] == "no_routable_identity"
+    r = await client.post(  # a model name that is no text (a lone surrogate escape): refused at the parser
+        "/v1/service/llm/v1/chat/completions",
+        content=b'{"model": "m1\\ud800"}',
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 400 and _error(r)["code"] == "no_routable_identity" and "surrogate" in _error(r)["message"]
     r = await client.post(
         "/v1/service/llm/v1/chat/completions", content=b"x", headers={"X-OCF-Identity-Group": "garbage"}
     )

@@ -127,6 +127,58 @@ async def test_bad_requests_get_clear_errors_and_change_nothing(node_config):
         assert (await client.get(f"/v1/jobs/crawl/jobs/{job['id']}")).json()["state"] == "leased"
 
 
+async def test_a_lone_surrogate_in_any_body_is_a_400_and_changes_nothing(node_config):
+    """JSON's \\ud800 escape decodes, in Python, to a string UTF-8 cannot encode. It used to get through the
+    parser and fail where the text was stored or answered: a worker's heartbeat, result, failure or flag
+    answered 500, and so did job creation and the node's own entry. Every JSON body is now refused at the
+    parser (``ocf.strictjson``): 400, and the tracker holds exactly what it held."""
+    lone = '"x\\ud800y"'  # as a client sends it: an escape, valid JSON text
+    async with (
+        open_node(node_config(jobs=True)) as node,
+        httpx.AsyncClient(base_url=node.gateway_url, headers={"X-OCF-Admin-Token": node.admin_token}) as client,
+    ):
+        await setup_project(client)
+        token = await register(client)
+        job = (await client.post("/v1/jobs/crawl/claim", json={}, headers=auth(token))).json()["jobs"][0]
+        before = (await client.get("/v1/jobs/crawl")).json()["stages"]
+        json_headers = {"Content-Type": "application/json"}
+        ndjson = {"Content-Type": "application/x-ndjson"}
+        cases = [  # LONE: the hostile string, JOB: the leased job's id
+            ("put", "/v1/jobs/other", '{"stages": [{"name": LONE}]}', {}),
+            ("post", "/v1/jobs/crawl/jobs", '["ok", LONE]', {}),
+            ("post", "/v1/jobs/crawl/jobs", '{"inputs": ["ok", {"u": LONE}]}', {}),
+            ("post", "/v1/jobs/crawl/jobs", '"ok"\n{"u": LONE}\n', ndjson),
+            ("post", "/v1/jobs/crawl/workers", '{"nickname": LONE, "stage": "crawl"}', {}),
+            ("post", "/v1/jobs/crawl/heartbeat", '{"jobs": [JOB], "progress": LONE}', auth(token)),
+            ("post", "/v1/jobs/crawl/complete", '{"results": [{"id": JOB, "output": LONE}]}', auth(token)),
+            ("post", "/v1/jobs/crawl/jobs/JOB/complete", '{"output": {LONE: 1}}', auth(token)),
+            ("post", "/v1/jobs/crawl/jobs/JOB/fail", '{"error": LONE}', auth(token)),
+            ("post", "/v1/jobs/crawl/jobs/JOB/flag", '{"reason": LONE}', auth(token)),
+            ("post", "/v1/jobs/crawl/bye", '{"reason": LONE}', auth(token)),
+            ("post", "/v1/jobs/crawl/api/updateProgress", '{"token": "t", "progress": LONE}', {}),
+            ("post", "/v1/dnt/_node", '{"owner": LONE}', {}),
+        ]
+        for method, path, body, headers in cases:
+            path, body = (x.replace("JOB", str(job["id"])) for x in (path, body))
+            body = body.replace("LONE", lone)
+            r = await getattr(client, method)(path, content=body.encode(), headers={**json_headers, **headers})
+            assert r.status_code == 400, (path, r.status_code, r.text)
+            assert "surrogate" in r.text, (path, r.text)
+        assert (await client.get("/v1/jobs/crawl")).json()["stages"] == before
+        assert (await client.get(f"/v1/jobs/crawl/jobs/{job['id']}")).json()["state"] == "leased"
+        assert (await client.get("/v1/jobs/other")).status_code == 404
+        # An escaped pair is a character, and an escaped backslash is no escape: both are taken.
+        r = await client.post(
+            "/v1/jobs/crawl/complete",
+            content=b'{"results": [{"id": %d, "output": ["\\ud83d\\ude00", "\\\\ud800"]}]}' % job["id"],
+            headers={**json_headers, **auth(token)},
+        )
+        assert r.status_code == 200 and r.json()["results"][0]["status"] == "done", r.text
+        child = (await client.get(f"/v1/jobs/crawl/jobs/{job['id']}")).json()["children"][0]
+        stored = (await client.get(f"/v1/jobs/crawl/jobs/{child}")).json()  # the next stage's input
+        assert stored["input"] == ["\U0001f600", "\\ud800"], stored
+
+
 async def test_no_tracker_without_jobs_flag(node_config):
     async with (
         open_node(node_config()) as node,

@@ -7,11 +7,11 @@ read as JSON for routing) reads in one place.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import attrs
 
+from .. import strictjson
 from ..errors import BadRequest
 from ..httpstream.bridge import get_header
 from ..web.asgi import Receive, Responder
@@ -51,10 +51,10 @@ def parse_json(data: bytes) -> Any:
     if not data:
         return None
     try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+        return strictjson.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(
-            "the request body is not JSON, so it names no model;"
+            f"the request body is not valid JSON ({exc}), so it names no model;"
             " send JSON or an X-OCF-Identity-Group: key=value header",
             code="no_routable_identity",
         ) from None

@@ -22,6 +22,7 @@ from typing import Any
 from quart import Blueprint, Response, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from .. import strictjson
 from ..errors import BadRequest, GatewayRequestError, JobsError, LeaseNotHeld
 from .edge import http_status
 from .http import json_object, tracker
@@ -73,7 +74,7 @@ def encode_data(value: Any) -> str:
 def decode_data(value: Any) -> Any:
     if isinstance(value, str) and value.startswith(JSON_PREFIX):
         try:
-            return json.loads(value[len(JSON_PREFIX) :])
+            return strictjson.loads(value[len(JSON_PREFIX) :])
         except ValueError:
             raise BadRequest("data starts with <!json!> but is not valid JSON", code="bad_data") from None
     return value

@@ -45,6 +45,7 @@ from collections.abc import AsyncIterator
 import trio
 from quart import Blueprint, Response, current_app, jsonify, request
 
+from .. import strictjson
 from ..errors import BadRequest, JobsError, NotFound
 from ..web.errors import exception_response
 from . import views
@@ -90,7 +91,7 @@ def parse_json(raw: bytes) -> Any:
     if not raw:
         raise BadRequest("request body must be JSON", code="bad_json")
     try:
-        return json.loads(raw)
+        return strictjson.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}", code="bad_json") from None
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from quart import Blueprint, current_app, jsonify, request
 
+from .. import strictjson
 from ..errors import ValidationError
 from ..ports import HttpMount, NatView, PeerDialer
 from ..web.errors import error_response
@@ -110,9 +111,9 @@ async def update_node():  # type: ignore[no-untyped-def]
     if len(body) > MAX_ENTRY_JSON:
         return too_large
     try:
-        fields = json.loads(body or b"null")
-    except ValueError:
-        return error_response(400, "body is not valid JSON", "invalid_json")
+        fields = strictjson.loads(body or b"null")
+    except ValueError as exc:
+        return error_response(400, f"body is not valid JSON: {exc}", "invalid_json")
     table = _table()
     if isinstance(fields, dict):
         # Refused before writing: an entry over the record cap would make every peer reject our later updates.
