@@ -134,13 +134,23 @@ async def test_partition_and_heal(node_config):
         await until(c, sees(a, owner="during-partition"))
 
 
-async def test_graceful_leave_is_announced(node_config):
+@contextlib.asynccontextmanager
+async def worker_left(node_config, before_leaving=lambda hub: None):
+    """A worker joins a hub and leaves it gracefully, right after ``before_leaving(hub)``.
+
+    Yields the hub, the worker's peer ID and the seconds the worker's close took."""
     net = MemoryNetwork()
     async with open_node(node_config(mode="standalone"), memory_network=net) as hub:
         cfg = node_config(mode="node", bootstrap_addrs=(str(hub.listen_addrs[0]),))
         async with open_node(cfg, memory_network=net) as worker:
             await until(hub, sees(worker, status="online"))
-            leaving = worker.peer_id
+            before_leaving(hub)
+            t0 = trio.current_time()
+        yield hub, worker.peer_id, trio.current_time() - t0
+
+
+async def test_graceful_leave_is_announced(node_config):
+    async with worker_left(node_config) as (hub, leaving, _):
         await until(hub, lambda nd: (nd.table.entry(leaving) or {}).get("status") == "left")
         assert str(leaving) not in hub.table.entries()
         assert str(leaving) in hub.table.entries(include_all=True)
@@ -150,22 +160,18 @@ async def test_a_departure_is_read_by_the_peer_before_the_node_is_gone(node_conf
     """The "left" record is delivered, not only written: the leaving node waits (within its budget) until
     the peer's handler has read it. Here the peer is busy for 0.3 s when the departure comes; when the
     record was only written, the connection's close reset the stream first and the peer never read it."""
-    net = MemoryNetwork()
-    async with open_node(node_config(mode="standalone"), memory_network=net) as hub:
-        cfg = node_config(mode="node", bootstrap_addrs=(str(hub.listen_addrs[0]),))
-        async with open_node(cfg, memory_network=net) as worker:
-            await until(hub, sees(worker, status="online"))
-            leaving = worker.peer_id
-            apply = hub.table.sync._apply
 
-            async def late(*args):
-                hub.table.sync._apply = apply  # busy once, for less than the 1 s budget
-                await trio.sleep(0.3)
-                return await apply(*args)
+    def busy_once(hub):
+        apply = hub.table.sync._apply
 
-            hub.table.sync._apply = late
-            t0 = trio.current_time()
-        took = trio.current_time() - t0
+        async def late(*args):
+            hub.table.sync._apply = apply  # busy once, for less than the 1 s budget
+            await trio.sleep(0.3)
+            return await apply(*args)
+
+        hub.table.sync._apply = late
+
+    async with worker_left(node_config, busy_once) as (hub, leaving, took):
         assert (hub.table.entry(leaving) or {}).get("status") == "left"  # already: no waiting here
         assert took < 5.0  # within the 5 s a shutdown may take (README); the budgets are 1 s each
 
@@ -173,18 +179,14 @@ async def test_a_departure_is_read_by_the_peer_before_the_node_is_gone(node_conf
 async def test_a_peer_that_never_confirms_a_departure_costs_the_budget_only(node_config):
     """A hostile (or hung) peer that never reads, so never closes its side, cannot hold a shutdown:
     the leaving node waits its 1 s departure budget and goes."""
-    net = MemoryNetwork()
-    async with open_node(node_config(mode="standalone"), memory_network=net) as hub:
-        cfg = node_config(mode="node", bootstrap_addrs=(str(hub.listen_addrs[0]),))
-        async with open_node(cfg, memory_network=net) as worker:
-            await until(hub, sees(worker, status="online"))
 
-            async def hung(*args):
-                await trio.sleep_forever()
+    async def hung(*args):
+        await trio.sleep_forever()
 
-            hub.table.sync._apply = hung
-            t0 = trio.current_time()
-        took = trio.current_time() - t0
+    def hang(hub):
+        hub.table.sync._apply = hung
+
+    async with worker_left(node_config, hang) as (_, _, took):
         assert 1.0 <= took < 5.0, took  # waited out the 1 s budget, and no longer than a shutdown may take
 
 
