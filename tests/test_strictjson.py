@@ -66,3 +66,29 @@ def test_lone_surrogates_are_refused(text):
 )
 def test_pairs_and_look_alikes_are_taken(text, value):
     assert strictjson.loads(text) == value
+
+
+@pytest.mark.parametrize("depth", [strictjson.MAX_DEPTH + 1, 990, 200_000])
+def test_nesting_deeper_than_the_limit_is_refused_as_a_value_error(depth):
+    """Deeper than Python's parser goes (a RecursionError, no ValueError: a 500 on every route), or just
+    under it (parsed, then not encodable a few frames deeper): refused either way, at the parser."""
+    text = "[" * depth + "]" * depth
+    with pytest.raises(strictjson.TooDeep):
+        strictjson.loads(text)
+    with pytest.raises(ValueError):
+        strictjson.loads('{"a": ' + text.replace("[", '{"k":[', 1).replace("]", "]}", 1) + "}")
+
+
+def test_nesting_up_to_the_limit_is_taken():
+    deepest = "[" * strictjson.MAX_DEPTH + "]" * strictjson.MAX_DEPTH
+    assert strictjson.loads(deepest) is not None
+    many = json.dumps([[1]] * 10_000)  # many brackets, shallow: walked, taken
+    assert len(strictjson.loads(many)) == 10_000
+
+
+def test_check_text_looks_only_at_its_slice():
+    lone, ok = '"\\ud800"', '"ok"'
+    text = lone + " " + ok
+    strictjson.check_text(text, "ok", len(lone) + 1, len(text))  # the escape lies outside the slice
+    with pytest.raises(strictjson.LoneSurrogate):
+        strictjson.check_text(text, json.loads(lone), 0, len(lone))

@@ -302,3 +302,23 @@ def test_deeply_nested_json_field_is_dropped_not_a_crash():
         tx.put(am.ROOT, "service", am.ScalarType.Str, "[" * 200_000 + "]" * 200_000)
     entry = signed(ALICE, doc.save()).verify().to_dict()
     assert entry == {"status": "online"}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 950 + "]" * 950,  # parses where it is verified; serving it a few frames deeper raised RecursionError
+        '["llm\\ud800"]',  # a lone surrogate escape: parses, and no response body can encode it
+    ],
+)
+def test_a_json_field_python_cannot_serve_is_dropped(text):
+    """A peer's JSON field that json.loads takes but json.dumps (the served table) cannot: every node's
+    /v1/dnt/table would answer 500 while the entry is held. Dropped at verification, like any bad field."""
+    doc = am.Document()
+    doc.set_actor(ALICE.peer_id.raw)
+    with doc.transaction() as tx:
+        tx.put(am.ROOT, "status", am.ScalarType.Str, "online")
+        tx.put(am.ROOT, "service", am.ScalarType.Str, text)
+    entry = signed(ALICE, doc.save()).verify().to_dict()
+    assert entry == {"status": "online"}
+    json.dumps(entry, ensure_ascii=False).encode()

@@ -92,3 +92,11 @@ def test_reader_reports_partial_messages_and_releases_its_buffer():
     assert reader.partial and len(reader._buf) == 1000 + len(varint.encode(1 << 20))
     with pytest.raises(ProtocolError):
         wire.Reader(100).feed(varint.encode(101))
+
+
+def test_a_message_nested_past_pythons_parser_is_a_protocol_error():
+    """[[[[...]]]] thousands deep: json raises RecursionError, no ValueError, so the stream's handler
+    crashed (counted as a handler failure, not a bad message). Now it is refused like any bad message."""
+    body = b"[" * 50_000 + b"]" * 50_000
+    with pytest.raises(ProtocolError, match="nests too deep"):
+        wire.Reader(1 << 20).feed(varint.encode(len(body)) + body)

@@ -34,18 +34,9 @@ async def decode_inputs(raw: bytes, *, ndjson: bool, slice_size: int = SLICE) ->
         text = raw.decode()
     except UnicodeDecodeError as exc:
         raise BadRequest(f"request body is not UTF-8: {exc}", code="bad_json") from None
-    # One search of the whole text (C speed); only a body that may hold a lone surrogate has its inputs checked.
-    strict = strictjson.has_surrogate_escape(text)
-    inputs = await (_lines(text, slice_size) if ndjson else _json_list(text, slice_size))
-    if strict:
-        for number, value in enumerate(inputs, 1):
-            try:
-                strictjson.check_value(value)
-            except ValueError as exc:
-                raise BadRequest(f"input {number} is not valid JSON: {exc}", code="bad_json") from None
-            if number % slice_size == 0:
-                await trio.lowlevel.checkpoint()
-    return inputs
+    if ndjson:
+        return await _lines(text, slice_size)
+    return await _json_list(text, slice_size)
 
 
 async def _lines(text: str, slice_size: int) -> list[Any]:
@@ -58,7 +49,7 @@ async def _lines(text: str, slice_size: int) -> list[Any]:
         position, number = end + 1, number + 1
         if line.strip():
             try:
-                out.append(json.loads(line))
+                out.append(strictjson.loads(line))
             except ValueError as exc:
                 raise BadRequest(f"line {number} is not JSON: {exc}", code="bad_json") from None
         if number % slice_size == 0:
@@ -80,7 +71,7 @@ async def _json_list(text: str, slice_size: int) -> list[Any]:
         position = _skip(text, position + 1)
         try:
             key, position = decoder.raw_decode(text, position)
-        except ValueError:
+        except (ValueError, RecursionError):
             key = None
         position = _skip(text, position)
         if key != "inputs" or not text.startswith(":", position):
@@ -106,10 +97,15 @@ async def _list_at(decoder: json.JSONDecoder, text: str, position: int, slice_si
     if text.startswith("]", position):
         return out, position + 1
     while True:
+        start = position
         try:
-            value, position = decoder.raw_decode(text, position)
+            try:
+                value, position = decoder.raw_decode(text, position)
+            except RecursionError:
+                raise strictjson.TooDeep() from None
+            strictjson.check_text(text, value, start, position)
         except ValueError as exc:
-            raise BadRequest(f"request body is not valid JSON: {exc}", code="bad_json") from None
+            raise BadRequest(f"request body is not valid JSON: input {len(out) + 1}: {exc}", code="bad_json") from None
         out.append(value)
         if len(out) % slice_size == 0:
             await trio.lowlevel.checkpoint()

@@ -27,6 +27,7 @@ from typing import Any
 import attrs
 import automerge.core as am
 
+from .. import strictjson
 from ..errors import IdentityError, ValidationError
 from ..identity import Identity, PeerId
 from . import docguard
@@ -233,8 +234,8 @@ class OwnerDoc:
                 continue  # an object or an exotic scalar: never written by an owner, so not a field
             if key in JSON_FIELDS and isinstance(value, str):
                 try:
-                    value = json.loads(value)
-                except (ValueError, RecursionError):
+                    value = strictjson.loads(value)  # what the served table could not encode is no field either
+                except ValueError:
                     continue
             out[key] = value
         return out

@@ -141,6 +141,8 @@ class Reader:
                 message = json.loads(body)
             except ValueError:
                 raise ProtocolError(f"{self.name}: message is not JSON") from None
+            except RecursionError:  # [[[[...]]]] thousands deep: no ValueError, and it reset the stream as a crash
+                raise ProtocolError(f"{self.name}: message nests too deep") from None
             if not isinstance(message, dict) or message.get("t") not in self.kinds:
                 raise ProtocolError(f"{self.name}: unknown message")
             out.append(message)
