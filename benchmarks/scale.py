@@ -120,6 +120,7 @@ class Sim:
         self.rng = random.Random(args.seed)
         self.nodes: dict[int, SimpleNamespace] = {}
         self.scopes: dict[int, trio.CancelScope] = {}
+        self.stops: dict[int, trio.Event] = {}  # set: the node leaves its block, as Ctrl-C does (a graceful stop)
         self.names: dict[int, str] = {}  # node -> /memory name
         self.by_peer: dict[str, int] = {}
         self.gone: set[str] = set()  # peers crashed or departed
@@ -128,6 +129,8 @@ class Sim:
         self.alive_seen: collections.Counter[str] = collections.Counter()  # peer -> observers seeing it alive
         self.dead_at: dict[str, list[float]] = collections.defaultdict(list)  # peer -> times observers saw it gone
         self.false_dead: list[tuple[str, str, float]] = []
+        self.graceful: set[str] = set()  # peers stopped gracefully
+        self.left_seen: collections.Counter[str] = collections.Counter()  # peer -> observers told it left
         self.record_at: dict[tuple[str, int], list[float]] = collections.defaultdict(list)
 
     def config(self, i: int) -> Config:
@@ -148,7 +151,7 @@ class Sim:
     async def start_node(self, nursery: trio.Nursery, join: bool = True) -> int:
         i = self.counter
         self.counter += 1
-        live = [j for j in self.nodes if self.names[j] not in self.links.crashed]
+        live = self.live()  # not a node that is leaving (gracefully, for a second or two) nor a crashed one
         target = self.nodes[self.rng.choice(live)].listen_addrs[0] if (join and live) else None
         await nursery.start(self._run_node, i, target)
         return i
@@ -161,6 +164,7 @@ class Sim:
         # The parts of a node this simulation runs (no gateway, services or tracker).
         node = SimpleNamespace(peer_id=identity.peer_id, host=None, membership=None, table=None, listen_addrs=[])
         peer = str(node.peer_id)
+        stop = trio.Event()
         try:
             with trio.CancelScope() as scope:
                 async with contextlib.AsyncExitStack() as stack:
@@ -177,14 +181,17 @@ class Sim:
                     self._watch_records(peer, node.table)
                     self.nodes[i] = node
                     self.scopes[i] = scope
+                    self.stops[i] = stop
                     self.by_peer[peer] = i
                     task_status.started()
                     if target is not None:
                         with contextlib.suppress(Exception):
                             await node.host.connect(target)
-                    await trio.sleep_forever()
+                    await stop.wait()
         finally:
             self.nodes.pop(i, None)
+            self.scopes.pop(i, None)
+            self.stops.pop(i, None)
             store.close()
 
     def _observer(self, observer: str):
@@ -193,6 +200,8 @@ class Sim:
             now = trio.current_time()
             if status.gone:
                 self.dead_at[peer].append(now)
+                if status == Status.LEFT:
+                    self.left_seen[peer] += 1
                 if status == Status.DEAD and peer not in self.gone and peer in self.by_peer:
                     self.false_dead.append((observer, peer, now))
 
@@ -231,12 +240,20 @@ class Sim:
         return sum(min(len(self.nodes[i].table.records), len(live)) for i in live) / (len(live) * len(live))
 
     async def crash(self, i: int, graceful: bool = False) -> str:
+        """Kill node ``i`` silently, or stop it as a user does (its departure sent, its connections closed).
+
+        A graceful stop leaves the node's block: a cancel would stop its pushers and senders before
+        the departure, so it would be found dead by probing, as a crash is.
+        """
         node = self.nodes[i]
         peer = str(node.peer_id)
         self.gone.add(peer)
-        if not graceful:
+        if graceful:
+            self.graceful.add(peer)
+            self.stops[i].set()
+        else:
             self.links.crash(self.names[i])
-        self.scopes[i].cancel()
+            self.scopes[i].cancel()
         return peer
 
 
@@ -520,6 +537,14 @@ async def main(
                 (
                     f"churn: {args.minutes:g} sim min at {args.churn * 100:g}%/min ({left} left, {joined} joined)",
                     f"{len(sim.false_dead) - fp0} false positives (target 0)",
+                )
+            )
+            told = sum(sim.left_seen[p] for p in sim.graceful)
+            gone = sum(len(sim.dead_at[p]) for p in sim.graceful)
+            rows.append(
+                (
+                    "graceful stops: observers told it left (not finding it dead)",
+                    f"{told / gone * 100:.1f}% ({told} of {gone})" if gone else "none",
                 )
             )
             conv = sim.converged()
