@@ -130,7 +130,7 @@ class Sim:
         self.dead_at: dict[str, list[float]] = collections.defaultdict(list)  # peer -> times observers saw it gone
         self.false_dead: list[tuple[str, str, float]] = []
         self.graceful: set[str] = set()  # peers stopped gracefully
-        self.left_seen: collections.Counter[str] = collections.Counter()  # peer -> observers told it left
+        self.left_seen: collections.Counter[str] = collections.Counter()  # peer -> gone notices saying it left
         self.record_at: dict[tuple[str, int], list[float]] = collections.defaultdict(list)
 
     def config(self, i: int) -> Config:
@@ -560,7 +560,7 @@ async def _measure(
             gone = sum(len(sim.dead_at[p]) for p in sim.graceful)
             rows.append(
                 (
-                    "graceful stops: observers told it left (not finding it dead)",
+                    "graceful stops: observers' gone notices that say left, not dead",
                     f"{told / gone * 100:.1f}% ({told} of {gone})" if gone else "none",
                 )
             )
