@@ -55,8 +55,8 @@ GONE = ("left", "offline")
 #: Owners the sweep forgets per step (it yields to the event loop between steps; LMDB writes them
 #: shelf.SHELVES_PER_TXN shelves to a transaction).
 PRUNE_BATCH = 512
-#: Refusals are summed and logged at most this often.
 DEPARTURE_BUDGET = 1.0  # seconds a leaving node waits for its peers to confirm its "left" record
+#: Refusals are summed and logged at most this often.
 SWEEP_EVERY = 10.0  # seconds between prune sweeps at most
 #: With membership, how long a peer's heartbeat (signed once, at its start) is kept to go with its
 #: record: while the record is news, to peers whose membership has not heard of the peer yet (they
