@@ -92,3 +92,10 @@ def test_check_text_looks_only_at_its_slice():
     strictjson.check_text(text, "ok", len(lone) + 1, len(text))  # the escape lies outside the slice
     with pytest.raises(strictjson.LoneSurrogate):
         strictjson.check_text(text, json.loads(lone), 0, len(lone))
+
+
+@given(st.text(max_size=6), st.integers(0xD800, 0xDFFF), st.text(max_size=6))
+def test_encodable_tells_a_lone_surrogate_from_text(before, code, after):
+    """The per-string check peers' items use (one bad item costs only itself) agrees with UTF-8."""
+    assert strictjson.encodable(before + after)
+    assert not strictjson.encodable(before + chr(code) + after)

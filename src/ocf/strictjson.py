@@ -34,7 +34,7 @@ MAX_DEPTH = 128
 _ESCAPE_TEXT = re.compile(r"\\u[dD][89a-fA-F]")
 _ESCAPE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]")
 
-__all__ = ["MAX_DEPTH", "LoneSurrogate", "TooDeep", "check_text", "loads"]
+__all__ = ["MAX_DEPTH", "LoneSurrogate", "TooDeep", "check_text", "encodable", "loads"]
 
 
 class LoneSurrogate(ValueError):
@@ -77,6 +77,16 @@ def check_text(data: bytes | str, value: Any, start: int = 0, end: int | None = 
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
             raise LoneSurrogate() from None
+
+
+def encodable(text: str) -> bool:
+    """Can UTF-8 carry ``text``? For strings checked one by one (a peer's name or address), where a
+    lone surrogate costs only the item that holds it, not the whole message."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_depth(value: Any) -> None:

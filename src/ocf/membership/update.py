@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 
 from ..errors import ValidationError
+from ..strictjson import encodable
 
 DOMAIN = b"ocf-membership-alive-v1\0"
 MAX_ADDRS = 4
@@ -178,7 +179,7 @@ class Update:
         if not isinstance(obj, list) or len(obj) not in (3, 6):
             raise ValidationError("membership update is not a 3- or 6-item list")
         peer, inc, status = obj[0], obj[1], obj[2]
-        if not isinstance(peer, str) or not 0 < len(peer) <= MAX_PEER_TEXT or not _encodable(peer):
+        if not isinstance(peer, str) or not 0 < len(peer) <= MAX_PEER_TEXT or not encodable(peer):
             raise ValidationError("membership update names no peer")
         if not _is_int(inc) or not 0 <= inc <= MAX_INCARNATION:
             raise ValidationError("membership incarnation out of range")
@@ -197,7 +198,7 @@ class Update:
         if (
             not isinstance(addrs, list)
             or len(addrs) > MAX_ADDRS
-            or not all(isinstance(a, str) and len(a) <= MAX_ADDR_LEN and _encodable(a) for a in addrs)
+            or not all(isinstance(a, str) and len(a) <= MAX_ADDR_LEN and encodable(a) for a in addrs)
         ):
             raise ValidationError("membership addresses malformed")
         if not isinstance(sig, str) or len(sig) != 128:
@@ -207,16 +208,6 @@ class Update:
         except ValueError:
             raise ValidationError("membership signature is not hex") from None
         return cls(peer, inc, st, load, tuple(addrs), signature)
-
-
-def _encodable(text: str) -> bool:
-    """Is ``text`` valid Unicode? JSON's ``\\ud800`` escapes decode to lone surrogates, which
-    UTF-8 cannot encode: the peer's name and addresses are hashed, signed and kept encoded."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _is_int(value: Any) -> bool:
