@@ -132,6 +132,7 @@ class Sim:
         self.graceful: set[str] = set()  # peers stopped gracefully
         self.left_seen: collections.Counter[str] = collections.Counter()  # peer -> gone notices saying it left
         self.record_at: dict[tuple[str, int], list[float]] = collections.defaultdict(list)
+        self.retired_stats: collections.Counter[str] = collections.Counter()  # node table counters of nodes gone
 
     def config(self, i: int) -> Config:
         a = self.args
@@ -189,6 +190,8 @@ class Sim:
                             await node.host.connect(target)
                     await stop.wait()
         finally:
+            if node.table is not None:
+                self.retired_stats.update(node.table.stats)
             self.nodes.pop(i, None)
             self.scopes.pop(i, None)
             self.stops.pop(i, None)
@@ -215,6 +218,13 @@ class Sim:
             self.record_at[(str(record.owner), record.seq)].append(trio.current_time())
 
         table.insert = insert  # type: ignore[method-assign]
+
+    def table_stats(self) -> collections.Counter[str]:
+        """The node table counters summed over every node of the run, gone or not."""
+        total = collections.Counter(self.retired_stats)
+        for node in self.nodes.values():
+            total.update(node.table.stats)
+        return total
 
     def live(self) -> list[int]:
         return [i for i in self.nodes if str(self.nodes[i].peer_id) not in self.gone]
@@ -319,6 +329,14 @@ async def build(sim: Sim, nursery: trio.Nursery, rows: list, cpu: CpuByNode) -> 
         (f"N={sim.n}: every table holds every record", f"{table_t:.1f} s sim ({time.perf_counter() - w0:.0f} s wall)")
     )
     rows.append((f"N={sim.n}: memory per node at convergence (RSS growth / N)", per_node))
+    rows.append(records_row(sim, f"N={sim.n}: node table records sent / stored, to converge"))
+
+
+def records_row(sim: Sim, label: str) -> tuple[str, str]:
+    """Record copies sent against records stored, over all nodes so far: 1.00 would be no copy wasted."""
+    st = sim.table_stats()
+    sent, stored = st["records_sent"], st["records_received"]
+    return (label, f"{sent} / {stored} ({sent / max(1, stored):.2f} sent per record stored)")
 
 
 async def idle_traffic(sim: Sim, seconds: float, cpu: CpuByNode) -> tuple[float, float, float]:
@@ -567,6 +585,7 @@ async def _measure(
             conv = sim.converged()
             rows.append(("after churn: (observer, live peer) pairs seeing alive", f"{conv * 100:.2f}%"))
             rows.append(("false positives over the whole run", str(len(sim.false_dead))))
+            rows.append(records_row(sim, "node table: records sent / stored (all nodes, whole run)"))
             m = [sim.nodes[i].membership.summary_stats() for i in sim.live()]
             rows.append(
                 (
