@@ -100,3 +100,38 @@ def test_a_message_nested_past_pythons_parser_is_a_protocol_error():
     body = b"[" * 50_000 + b"]" * 50_000
     with pytest.raises(ProtocolError, match="nests too deep"):
         wire.Reader(1 << 20).feed(varint.encode(len(body)) + body)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"t": "offer", "o": []},
+        {"t": "offer", "o": {"12D3KooWx": -1}},
+        {"t": "offer", "o": {"12D3KooWx": True}},
+        {"t": "offer", "o": {"12D3KooWx": 1 << 64}},
+        {"t": "offer", "o": {"12D3KooWx": "1"}},
+        {"t": "offer", "o": {"x" * 129: 1}},
+        {"t": "offer"},
+    ],
+)
+def test_a_malformed_offer_is_a_protocol_error(message):
+    with pytest.raises(ProtocolError):
+        wire.parse_offer(message)
+
+
+@pytest.mark.parametrize(
+    "message", [{"t": "want", "o": {}}, {"t": "want", "o": [1]}, {"t": "want", "o": ["x" * 129]}, {"t": "want"}]
+)
+def test_a_malformed_want_is_a_protocol_error(message):
+    with pytest.raises(ProtocolError):
+        wire.parse_want(message)
+
+
+def test_offers_and_wants_are_read_on_2_1_only():
+    """A 2.0.0 stream (an older node's) carries no offer: it is an unknown message there, as that node reads it."""
+    frame = wire.encode({"t": "offer", "o": {"12D3KooWx": 1}})
+    assert wire.Reader(1 << 20, wire.kinds_of(wire.PROTOCOL)).feed(frame) == [{"t": "offer", "o": {"12D3KooWx": 1}}]
+    with pytest.raises(ProtocolError):
+        wire.Reader(1 << 20, wire.kinds_of(wire.PROTOCOL_2_0)).feed(frame)
+    assert wire.parse_offer({"t": "offer", "o": {"12D3KooWx": (1 << 64) - 1}}) == {"12D3KooWx": (1 << 64) - 1}
+    assert wire.parse_want({"t": "want", "o": ["12D3KooWx"]}) == ["12D3KooWx"]

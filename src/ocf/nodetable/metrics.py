@@ -56,6 +56,21 @@ def families(table: NodeTable | None) -> Iterator[CounterMetricFamily | GaugeMet
     streams.add_metric(["limit"], stats["streams_refused"])
     streams.add_metric(["timeout"], stats["streams_timed_out"])
     yield streams
+    yield CounterMetricFamily(
+        "ocf_nodetable_offers_sent",
+        "Record versions offered to peers instead of pushed whole.",
+        value=stats["offers_sent"],
+    )
+    wants = CounterMetricFamily(
+        "ocf_nodetable_wants",
+        "Wants for offered records, by outcome (sent; retried: the next offerer was asked after a timeout;"
+        " refused: too many unanswered).",
+        labels=["outcome"],
+    )
+    wants.add_metric(["sent"], stats["wants_sent"])
+    wants.add_metric(["retried"], stats["wants_retried"])
+    wants.add_metric(["refused"], stats["wants_refused"])
+    yield wants
 
 
 class NodeTableCollector(Collector):

@@ -3,7 +3,17 @@
 Each node keeps one outbound stream per connected peer: it sends a summary
 (in pages under the message limit), then every record and heartbeat the
 peer lacks, again whenever its table changes, and a fresh summary once per
-verification round. The inbound side reads at most ``--nodetable.max-streams``
+verification round.
+
+With membership, on ``/ocf/nodetable/2.1.0``, a record another node made is
+*offered* (owner and seq), not pushed: a changed record reaches a node from
+every neighbour that got it first, and pushed whole each node received it
+about 5 times over during churn (N=300, 5.7 copies per record stored). The
+node *wants* it from one offerer at a time; if that one has not delivered
+within :data:`WANT_TIMEOUT`, it asks the next that offered it (up to
+:data:`WANT_ALTERNATES`), so a silent or lying neighbour delays a record and
+cannot withhold it. What a peer is known to lack (its digest page named it,
+or it asked) and our own record still go whole. The inbound side reads at most ``--nodetable.max-streams``
 streams per peer, and every message that has started must finish within
 ``--nodetable.message-timeout`` (else the stream is reset), so a peer cannot
 pin buffers; summary entries naming owners we hold no record for are
@@ -12,6 +22,7 @@ skipped, never kept. What the messages carry is admitted by :mod:`intake`.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 from typing import TYPE_CHECKING, Any
@@ -38,6 +49,12 @@ BEAT_SIZE = 220
 #: With membership, a round's digest is skipped while both sides already agree (see Sync.push), but
 #: one goes at least every this many rounds anyway.
 DIGEST_EVERY_ROUNDS = 10
+#: A want not answered within this many seconds goes to the next neighbour that offered the record.
+WANT_TIMEOUT = 2.0
+#: Further offerers remembered per wanted record, to ask in turn.
+WANT_ALTERNATES = 3
+#: Wants one neighbour may have unanswered: a liar offering invented owners holds this many, no more.
+WANTS_PER_PEER = 256
 
 
 class Sync(Intake):
@@ -46,17 +63,30 @@ class Sync(Intake):
         self._inbound: dict[PeerId, int] = {}
         # Per connected peer: our digest's hash when the peer's last digest equalled it.
         self._agreed: dict[PeerId, int] = {}
+        # Offers and wants (2.1.0). Per neighbour: owner texts to ask it for, and owners it asked us for.
+        self._wants: dict[PeerId, dict[str, None]] = {}
+        self._asked: dict[PeerId, set[PeerId]] = {}
+        # Records asked for and not yet held, by owner text: [ask next after, seq offered, asked, alternates],
+        # and the same in the order they time out (all wait WANT_TIMEOUT), for retry_wants.
+        self._wanted: dict[str, list[Any]] = {}
+        self._want_order: collections.deque[tuple[float, str]] = collections.deque()
+        self._unanswered: collections.Counter[PeerId] = collections.Counter()
+        self._retry = trio.Event()
+        self._lazy: set[PeerId] = set()  # peers our pusher speaks 2.1.0 to: only those can be sent a want
 
     async def push(self, peer: PeerId) -> None:
         """Keep ``peer`` up to date over one outbound stream until it or we go away."""
         t = self.t
         try:
             with transport_errors_unwrapped():  # a dial's nursery may group its failures
-                stream = await t.host.new_stream(peer, wire.PROTOCOL)
+                stream = await t.host.new_stream(peer, wire.PROTOCOLS)
         except TransportError as exc:
             log.debug("no sync stream %s", logfmt.kv(peer=peer.short(), reason=exc))
             return
         known = t.peer_known.setdefault(peer, {})
+        lazy = t.membership is not None and getattr(stream, "protocol", None) == wire.PROTOCOL
+        if lazy:
+            self._lazy.add(peer)
         # With membership the peer's digest says what it lacks; without, everything may be news.
         pending = t.pending[peer] = dict.fromkeys(t.records) if t.membership is None else {}
         sent: int | None = None  # the digest last sent to this peer (its hash), with membership
@@ -67,9 +97,10 @@ class Sync(Intake):
                 last_summary = trio.current_time()
                 while True:
                     version = t.version
+                    await self._send_wants(stream, peer)
                     await self._send_pages(stream, peer)
-                    await self._send_missing(stream, peer, known, pending)
-                    if pending or t.page_requests.get(peer):
+                    await self._send_missing(stream, peer, known, pending, lazy)
+                    if pending or t.page_requests.get(peer) or self._wants.get(peer):
                         continue  # more changed while we were sending (its wake-up is already spent)
                     if t.departing:  # our "left" is sent: wait until the peer has read it, then end
                         await hand_over(stream)
@@ -104,10 +135,14 @@ class Sync(Intake):
         finally:
             if t.pending.get(peer) is pending:
                 del t.pending[peer]
+                self._lazy.discard(peer)
 
     def drop_peer(self, peer: PeerId) -> None:
         super().drop_peer(peer)
         self._agreed.pop(peer, None)
+        self._wants.pop(peer, None)
+        self._asked.pop(peer, None)
+        self._lazy.discard(peer)
 
     def _digest_key(self) -> int:
         return hash(tuple(self.t.digest))
@@ -141,10 +176,35 @@ class Sync(Intake):
             # "r": the receiver answers with its own page, so each side learns what the other lacks.
             await stream.send_all(wire.encode({"t": "summary", "b": bucket, "r": reply, "have": have}))
 
+    async def _send_wants(self, stream: Any, peer: PeerId) -> None:
+        wants = self._wants.pop(peer, None)
+        if not wants:
+            return
+        texts = list(wants)
+        step = max(1, self.t.config.max_message_size // 2 // wire.OFFER_ENTRY_SIZE)
+        for i in range(0, len(texts), step):
+            await stream.send_all(wire.encode({"t": "want", "o": texts[i : i + step]}))
+
+    async def _send_offers(self, stream: Any, offers: dict[str, int]) -> None:
+        await stream.send_all(wire.encode({"t": "offer", "o": offers}))
+        self.t.stats["offers_sent"] += len(offers)
+
     async def _send_missing(
-        self, stream: Any, peer: PeerId, known: dict[PeerId, tuple[int, int]], pending: dict[PeerId, None]
+        self,
+        stream: Any,
+        peer: PeerId,
+        known: dict[PeerId, tuple[int, int]],
+        pending: dict[PeerId, None],
+        lazy: bool = False,
     ) -> None:
+        """Send what ``peer`` may lack among the pending owners: whole, or (``lazy``) as offers.
+
+        Whole go our own record and those the peer is known to lack (it
+        asked, or its digest page showed it); the rest are offered.
+        """
         t = self.t
+        asked = self._asked.pop(peer, None) or ()
+        offers: dict[str, int] = {}
         budget = t.config.max_message_size // 2
         horizon = t.clock() - t.config.stale_after
         batch: list[dict[str, Any]] = []
@@ -168,6 +228,12 @@ class Sync(Intake):
                     and not t._member_alive(owner)
                 ):
                     continue  # stale: the peer would refuse it, and it will be pruned here too
+                if lazy and owner != t.me and owner not in asked:
+                    offers[str(owner)] = held
+                    if len(offers) * wire.OFFER_ENTRY_SIZE > budget:
+                        await self._send_offers(stream, offers)
+                        offers = {}
+                    continue
                 record = t.record(owner)
                 if record is None:
                     continue  # its body is gone from the store (damaged?): the owner will resend it
@@ -197,6 +263,8 @@ class Sync(Intake):
                 known[owner] = (k_seq, ms)
         if batch:
             await self._send_records(stream, batch)
+        if offers:
+            await self._send_offers(stream, offers)
         if beats:
             await stream.send_all(wire.encode({"t": "beats", "beats": beats}))
 
@@ -216,7 +284,7 @@ class Sync(Intake):
             stream.reset()
             return
         self._inbound[peer] = self._inbound.get(peer, 0) + 1
-        reader = wire.Reader(t.config.max_message_size)
+        reader = wire.Reader(t.config.max_message_size, wire.kinds_of(getattr(stream, "protocol", None)))
         known = t.peer_known.setdefault(peer, {})
         deadline = math.inf
         try:
@@ -262,6 +330,11 @@ class Sync(Intake):
                 self._on_digest(peer, message)
             elif kind == "records":
                 await self._on_records(peer, message, known)
+                self._resolve_wants(message)
+            elif kind == "offer":
+                self._on_offer(peer, message, known)
+            elif kind == "want":
+                self._on_want(peer, message, known)
             else:
                 await self._on_beats(peer, message, known)
         return len(messages)
@@ -316,3 +389,113 @@ class Sync(Intake):
             for owner in lacking:
                 pending[owner] = None
             t.wake()
+
+    # --- offers and wants (2.1.0) ---------------------------------------------------------
+
+    def _on_offer(self, peer: PeerId, message: dict[str, Any], known: dict[PeerId, tuple[int, int]]) -> None:
+        """Want what ``peer`` offers and we lack, unless another offerer was asked already (then it is next)."""
+        t = self.t
+        offers = wire.parse_offer(message)
+        can_ask = peer in self._lazy  # a want travels on our own stream to the peer, which must speak 2.1.0
+        now = trio.current_time()
+        asked_any = False
+        for text, seq in offers.items():
+            owner = t.known_id(text)
+            held = t.records.get(owner) if owner is not None else None
+            if held is not None and held >= seq:
+                assert owner is not None
+                self._knows(peer, known, owner, seq, -1)  # so it is not offered back
+                continue
+            if not can_ask or owner == peer:
+                continue
+            entry = self._wanted.get(text)
+            if entry is not None and entry[0] > now:
+                alternates = entry[3]
+                if entry[2] != peer and peer not in alternates and len(alternates) < WANT_ALTERNATES:
+                    alternates.append(peer)
+                continue
+            if entry is not None:
+                self._forget_want(text)
+            if self._unanswered[peer] >= WANTS_PER_PEER or len(self._wanted) >= t.config.nodetable_max_entries:
+                t.stats["wants_refused"] += 1
+                t.refuse("wants_full")  # the digest rounds repair what is not asked for now
+                continue
+            self._ask(peer, text, seq, now, [])
+            asked_any = True
+        if asked_any:
+            t.wake()
+
+    def _ask(self, peer: PeerId, text: str, seq: int, now: float, alternates: list[PeerId]) -> None:
+        until = now + WANT_TIMEOUT
+        self._wanted[text] = [until, seq, peer, alternates]
+        self._want_order.append((until, text))
+        self._unanswered[peer] += 1
+        self.t.stats["wants_sent"] += 1
+        self._wants.setdefault(peer, {})[text] = None
+        self._retry.set()
+
+    def _forget_want(self, text: str) -> None:
+        entry = self._wanted.pop(text, None)
+        if entry is not None:
+            asked = entry[2]
+            left = self._unanswered[asked] - 1
+            if left > 0:
+                self._unanswered[asked] = left
+            else:
+                del self._unanswered[asked]
+
+    def _resolve_wants(self, message: dict[str, Any]) -> None:
+        """Records that came: a want is done once we hold the seq offered (a lower one leaves it to time out)."""
+        if not self._wanted:
+            return
+        t = self.t
+        for item in message["records"]:
+            text = item.get("owner") if isinstance(item, dict) else None
+            if not isinstance(text, str):
+                continue
+            entry = self._wanted.get(text)
+            if entry is None:
+                continue
+            owner = t.by_text.get(text)
+            if owner is not None and t.records.get(owner, -1) >= entry[1]:
+                self._forget_want(text)
+
+    def _on_want(self, peer: PeerId, message: dict[str, Any], known: dict[PeerId, tuple[int, int]]) -> None:
+        """Send whole the records ``peer`` asks for (only owners we hold: bounded by the table)."""
+        t = self.t
+        texts = wire.parse_want(message)
+        pending = t.pending.get(peer)
+        if pending is None:
+            return
+        asked = self._asked.setdefault(peer, set())
+        for text in texts:
+            owner = t.by_text.get(text)
+            if owner is not None and owner != peer:
+                asked.add(owner)
+                pending[owner] = None
+                known.pop(owner, None)
+        if texts:
+            t.wake()
+
+    async def retry_wants(self) -> None:
+        """Ask the next offerer for each record whose want timed out; drop wants no one else offered."""
+        order = self._want_order
+        while True:
+            await self._retry.wait()
+            self._retry = trio.Event()
+            while order:
+                until, text = order[0]
+                now = trio.current_time()
+                if until > now:
+                    await trio.sleep_until(until)
+                    continue
+                order.popleft()
+                entry = self._wanted.get(text)
+                if entry is None or entry[0] != until:
+                    continue  # answered, or asked again since
+                self._forget_want(text)
+                alternates = [p for p in entry[3] if p in self._lazy]
+                if alternates:
+                    self.t.stats["wants_retried"] += 1
+                    self._ask(alternates[0], text, entry[1], now, alternates[1:])
+                    self.t.wake()

@@ -36,7 +36,7 @@ from . import shelf
 from .record import OwnerDoc, Record
 from .rows import LastSeen, Seqs
 from .sync import Sync
-from .wire import BUCKETS, PROTOCOL
+from .wire import BUCKETS, PROTOCOL, PROTOCOLS
 from ..membership.update import Status, bucket_add, bucket_discard, bucket_of, state_hash
 import trio.lowlevel
 
@@ -86,6 +86,10 @@ COUNTERS = (
     "streams_refused",
     "streams_timed_out",
     "digests_skipped",
+    "offers_sent",
+    "wants_sent",
+    "wants_refused",
+    "wants_retried",
 )
 
 
@@ -820,7 +824,8 @@ async def open_nodetable(
     table = NodeTable(host, config, identity, store, version, membership)
     table._load()
     table._initial_own()
-    host.set_stream_handler(PROTOCOL, table.sync.handle)
+    for protocol in PROTOCOLS:  # older nodes push whole records on 2.0.0
+        host.set_stream_handler(protocol, table.sync.handle)
     if table.membership is not None:
         table.membership.on_change(table._on_member)
         table.membership.share_ids(table.by_text)
@@ -830,6 +835,7 @@ async def open_nodetable(
         await nursery.start(table._watch_peers)
         nursery.start_soon(table._verify_loop)
         nursery.start_soon(table._sweep_loop)
+        nursery.start_soon(table.sync.retry_wants)
         try:
             yield table
         finally:
