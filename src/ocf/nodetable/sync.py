@@ -1,4 +1,4 @@
-"""The node table sync protocol on ``/ocf/nodetable/2.0.0`` (messages in :mod:`wire`).
+"""The node table sync protocol on ``/ocf/nodetable/2.1.0`` and ``2.0.0`` (messages in :mod:`wire`).
 
 Each node keeps one outbound stream per connected peer: it sends a summary
 (in pages under the message limit), then every record and heartbeat the
@@ -13,7 +13,9 @@ node *wants* it from one offerer at a time; if that one has not delivered
 within :data:`WANT_TIMEOUT`, it asks the next that offered it (up to
 :data:`WANT_ALTERNATES`), so a silent or lying neighbour delays a record and
 cannot withhold it. What a peer is known to lack (its digest page named it,
-or it asked) and our own record still go whole. The inbound side reads at most ``--nodetable.max-streams``
+or it asked) and our own record still go whole.
+
+The inbound side reads at most ``--nodetable.max-streams``
 streams per peer, and every message that has started must finish within
 ``--nodetable.message-timeout`` (else the stream is reset), so a peer cannot
 pin buffers; summary entries naming owners we hold no record for are
