@@ -91,6 +91,15 @@ async def test_an_offerer_that_never_delivers_costs_one_want_timeout(node_config
             await node.host.connect(victim.listen_addrs[0])
         await liar.host.connect(honest.listen_addrs[0])
         await poll(lambda: liar.peer_id in victim.table.pending and honest.peer_id in victim.table.pending)
+        # Settled: the honest two hold each other, and no early digest is due (a digest exchange would
+        # hand the victim the record whole, by another way than the one this test is about).
+        await poll(
+            lambda: all(
+                nd.table.entry(o.peer_id) is not None and not nd.table._digest_due
+                for nd in (victim, honest)
+                for o in (victim, honest)
+            )
+        )
 
         offer = await open_raw_stream(liar, victim)
         await offer.send_all(wire.encode({"t": "offer", "o": {text: record1.seq}}))

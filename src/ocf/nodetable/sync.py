@@ -388,8 +388,10 @@ class Sync(Intake):
             t.page_requests.setdefault(peer, {}).setdefault(bucket, False)
             t.wake()
         if lacking and pending is not None:
+            asked = self._asked.setdefault(peer, set())  # known to be lacking: sent whole, not offered
             for owner in lacking:
                 pending[owner] = None
+                asked.add(owner)
             t.wake()
 
     # --- offers and wants (2.1.0) ---------------------------------------------------------
