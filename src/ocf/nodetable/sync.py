@@ -12,8 +12,7 @@ about 5 times over during churn (N=300, 5.7 copies per record stored). The
 node *wants* it from one offerer at a time; if that one has not delivered
 within :data:`WANT_TIMEOUT`, it asks the next that offered it (up to
 :data:`WANT_ALTERNATES`), so a silent or lying neighbour delays a record and
-cannot withhold it. What a peer is known to lack (its digest page named it,
-or it asked) and our own record still go whole.
+cannot withhold it. Our own record and what a peer asked for go whole.
 
 The inbound side reads at most ``--nodetable.max-streams``
 streams per peer, and every message that has started must finish within
@@ -201,8 +200,8 @@ class Sync(Intake):
     ) -> None:
         """Send what ``peer`` may lack among the pending owners: whole, or (``lazy``) as offers.
 
-        Whole go our own record and those the peer is known to lack (it
-        asked, or its digest page showed it); the rest are offered.
+        Whole go our own record and those the peer asked for; the rest
+        are offered.
         """
         t = self.t
         asked = self._asked.pop(peer, None) or ()
@@ -388,10 +387,10 @@ class Sync(Intake):
             t.page_requests.setdefault(peer, {}).setdefault(bucket, False)
             t.wake()
         if lacking and pending is not None:
-            asked = self._asked.setdefault(peer, set())  # known to be lacking: sent whole, not offered
+            # Offered too, not sent whole: a joiner exchanges pages with every neighbour at once, and
+            # sent whole its table came 1.25 times over (N=300), offered 1.03 (one want per offerer).
             for owner in lacking:
                 pending[owner] = None
-                asked.add(owner)
             t.wake()
 
     # --- offers and wants (2.1.0) ---------------------------------------------------------
