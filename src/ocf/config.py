@@ -796,7 +796,7 @@ SETTINGS: tuple[Setting, ...] = (
         "nodetable_new_owner_burst",
         _int_range(1, 10_000_000),
         "New owners a peer may introduce at once before --nodetable.new-owner-rate applies; more are refused and asked "
-        "again later (default: 1024).",
+        "again later. Also the records a peer may have us send at once on request (default: 1024).",
         group="node table",
         metavar="N",
     ),
@@ -804,7 +804,8 @@ SETTINGS: tuple[Setting, ...] = (
         "nodetable.new-owner-rate",
         "nodetable_new_owner_rate",
         _positive_float,
-        "New owners per second a peer may introduce after its burst (default: 64).",
+        "New owners per second a peer may introduce after its burst, and records per second it may have us send on "
+        "request (default: 64).",
         group="node table",
         metavar="PER_SECOND",
     ),

@@ -152,3 +152,30 @@ async def test_a_node_of_the_previous_protocol_gets_records_whole(node_config):
             assert node.table.stats["records_rejected"] == 0
             assert node.table.stats["sync_rounds"] > 0
         assert a.host.is_connected(old.peer_id)  # no stream reset for an unknown message kind ended the link
+
+
+async def test_asking_for_the_whole_table_over_and_over_is_paced(node_config):
+    """20 wants for all 300 records, 0.1 s apart (6,000 sends asked): the burst (1,024) and 64/s more are sent."""
+    net = MemoryNetwork()
+    crowd = sybils(300)
+    async with clique(node_config, 2, net) as (victim, attacker):
+        stream = await open_raw_stream(attacker, victim)
+        await push_records(stream, items(crowd))
+        await until(victim, lambda nd: len(nd.table.records) == 302)
+        await poll(lambda: attacker.peer_id in victim.table.pending)
+        texts = [str(ident.peer_id) for ident, _ in crowd]
+        before = victim.table.stats["records_sent"]
+        start = trio.current_time()
+        for _ in range(20):  # each after the last was served (wants that meet in one round ask once)
+            await stream.send_all(wire.encode({"t": "want", "o": texts}))
+            await trio.sleep(0.1)
+        await trio.sleep(0.5)  # the last want is served as far as the budget lets it
+        elapsed = trio.current_time() - start
+        sent = victim.table.stats["records_sent"] - before
+        cfg = victim.table.config
+        assert sent <= cfg.nodetable_new_owner_burst + cfg.nodetable_new_owner_rate * (elapsed + 0.5), (sent, elapsed)
+        assert sent >= 300  # the first whole table went at once
+        assert victim.table.stats["sends_paced"] > 0
+        # Real news still goes at once: our own record is not paced.
+        await victim.table.update_own({"owner": "unpaced"})
+        await until(attacker, lambda nd: (nd.table.entry(victim.peer_id) or {}).get("owner") == "unpaced")

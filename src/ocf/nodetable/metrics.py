@@ -61,6 +61,11 @@ def families(table: NodeTable | None) -> Iterator[CounterMetricFamily | GaugeMet
         "Record versions offered to peers instead of pushed whole.",
         value=stats["offers_sent"],
     )
+    yield CounterMetricFamily(
+        "ocf_nodetable_sends_paced",
+        "Times a peer's requests for records outran --nodetable.new-owner-burst and waited for its rate.",
+        value=stats["sends_paced"],
+    )
     wants = CounterMetricFamily(
         "ocf_nodetable_wants",
         "Wants for offered records, by outcome (sent; retried: the next offerer was asked after a timeout;"

@@ -35,6 +35,7 @@ from ..errors import ProtocolError, TransportError, transport_errors_unwrapped
 from ..identity import PeerId
 from ..transport.streams import hand_over, receive_before
 from . import wire
+from .heartbeat import TokenBucket
 from .intake import Intake
 
 if TYPE_CHECKING:
@@ -74,6 +75,8 @@ class Sync(Intake):
         self._unanswered: collections.Counter[PeerId] = collections.Counter()
         self._retry = trio.Event()
         self._lazy: set[PeerId] = set()  # peers our pusher speaks 2.1.0 to: only those can be sent a want
+        # Per neighbour: records it may have us send on request (wants), at the rate we take new owners.
+        self._send_buckets: dict[PeerId, TokenBucket] = {}
 
     async def push(self, peer: PeerId) -> None:
         """Keep ``peer`` up to date over one outbound stream until it or we go away."""
@@ -144,6 +147,7 @@ class Sync(Intake):
         self._wants.pop(peer, None)
         self._asked.pop(peer, None)
         self._lazy.discard(peer)
+        self._send_buckets.pop(peer, None)
 
     def _digest_key(self) -> int:
         return hash(tuple(self.t.digest))
@@ -185,6 +189,31 @@ class Sync(Intake):
         step = max(1, self.t.config.max_message_size // 2 // wire.OFFER_ENTRY_SIZE)
         for i in range(0, len(texts), step):
             await stream.send_all(wire.encode({"t": "want", "o": texts[i : i + step]}))
+
+    def _may_send(self, peer: PeerId) -> bool:
+        """Spend one of ``peer``'s tokens for a record it asked for.
+
+        A want costs the asker 60 bytes and us a record (about 1 KB), so a
+        peer asking for our whole table over and over would make us a
+        traffic amplifier. A joiner's whole table fits the burst
+        (``--nodetable.new-owner-burst``, what a receiver takes at once from
+        one peer); past it, records go at ``--nodetable.new-owner-rate``.
+        """
+        cfg = self.t.config
+        now = trio.current_time()
+        bucket = self._send_buckets.get(peer)
+        if bucket is None:
+            bucket = self._send_buckets[peer] = TokenBucket.full(
+                cfg.nodetable_new_owner_rate, cfg.nodetable_new_owner_burst, now
+            )
+        return bucket.take(now)
+
+    async def _pace(self, peer: PeerId) -> None:
+        """Wait until ``peer`` has a token again, and spend it."""
+        self.t.stats["sends_paced"] += 1
+        while not self._may_send(peer):
+            bucket = self._send_buckets[peer]
+            await trio.sleep(max(0.001, (1.0 - bucket.tokens) / bucket.rate))
 
     async def _send_offers(self, stream: Any, offers: dict[str, int]) -> None:
         await stream.send_all(wire.encode({"t": "offer", "o": offers}))
@@ -235,6 +264,13 @@ class Sync(Intake):
                         await self._send_offers(stream, offers)
                         offers = {}
                     continue
+                if owner in asked and not self._may_send(peer):
+                    if batch:
+                        await self._send_records(stream, batch)
+                        batch, size = [], 0
+                    await self._pace(peer)
+                    if owner not in t.records:
+                        continue
                 record = t.record(owner)
                 if record is None:
                     continue  # its body is gone from the store (damaged?): the owner will resend it

@@ -90,6 +90,7 @@ COUNTERS = (
     "wants_sent",
     "wants_refused",
     "wants_retried",
+    "sends_paced",
 )
 
 
