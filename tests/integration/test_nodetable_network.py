@@ -423,10 +423,12 @@ async def test_a_big_page_is_committed_off_the_trio_thread_a_chunk_at_a_time(nod
         t.evict(records[-1].owner)  # forgotten before it was stored: never reaches the disk
         stored = await t.wait_stored(records)
         assert stored == len(records) - 1  # all but the evicted one
-        shelves = {shelf.key(t.shelf_of(r.owner)) for r in records}
+        kept = {shelf.key(t.shelf_of(r.owner)) for r in records[:-1]}
         assert all(not on_trio and 1 <= len(keys) <= shelf.SHELVES_PER_TXN and ran for on_trio, keys, ran in commits)
         written = [key for _, keys, _ in commits for key in keys]
-        assert sorted(written) == sorted(shelves)  # each shelf rewritten once, for all its records
+        assert len(written) == len(set(written))  # each shelf rewritten once, for all its records
+        # The evicted record's shelf is written only if another record shares it (4% of runs it is alone).
+        assert kept <= set(written) <= kept | {shelf.key(t.shelf_of(records[-1].owner))}
         assert not t._unstored
         stored = stored_records(a.store)
         assert all(stored[r.owner.raw] == r.to_bytes() for r in records[:-1])
