@@ -200,13 +200,7 @@ class Sync(Intake):
         one peer); past it, records go at ``--nodetable.new-owner-rate``.
         """
         cfg = self.t.config
-        now = trio.current_time()
-        bucket = self._send_buckets.get(peer)
-        if bucket is None:
-            bucket = self._send_buckets[peer] = TokenBucket.full(
-                cfg.nodetable_new_owner_rate, cfg.nodetable_new_owner_burst, now
-            )
-        return bucket.take(now)
+        return self._take(self._send_buckets, peer, cfg.nodetable_new_owner_rate, cfg.nodetable_new_owner_burst)
 
     async def _pace(self, peer: PeerId) -> None:
         """Wait until ``peer`` has a token again, and spend it."""
