@@ -483,3 +483,74 @@ async def test_node_health_answers_during_a_stream_flood(node_config):
         # The issue's figure, with the attacker in this process too, encrypting
         # 255 MB on the same event loop (so the node alone does better).
         assert p99 < 0.25
+
+
+# --- identities made for one connection -------------------------------------------------------
+
+
+async def test_identities_that_connect_once_leave_a_bounded_trace(monkeypatch):
+    """A new key costs an attacker nothing: each identity that connects, identifies and goes leaves a bounded trace.
+
+    Each sybil says 200 protocol names of 200 characters (a 40 KB
+    identify answer) and its listen address. Before the host dropped a
+    peer's identify answer with its last connection, and kept the
+    addresses only identify gave for MAX_RECENTLY_CONNECTED peers, 40 of
+    them left 2.35 MB (traced) for good; now about 0.25 MB stays, most of
+    it Trio's deadline heap, which prunes itself.
+    """
+    import tracemalloc
+
+    from ocf.transport import host as host_module
+
+    monkeypatch.setattr(host_module, "MAX_RECENTLY_CONNECTED", 10)
+
+    names = [f"/sybil/{'x' * 180}/{i:04d}/1.0.0" for i in range(200)]
+    async with victim(dial_allow=["127.0.0.0/8"]) as (host, addr):
+        kept = ident("vouched").peer_id
+        host.add_addrs(kept, ["/ip4/127.0.0.1/tcp/4001"])  # what the node table vouches for stays
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            held_while_connected = 0
+            for i in range(40):
+                async with open_host(ident(f"oneshot{i}"), cfg()) as sybil:
+                    for name in names:
+                        sybil.set_stream_handler(name, lambda stream: None)
+                    await sybil.connect(addr)
+                    await eventually(lambda: host.peer_info(sybil.peer_id) is not None, what="identified")
+                    held_while_connected += len(host.peer_info(sybil.peer_id).protocols)
+                    assert host.peer_addrs(sybil.peer_id), "identify gave the victim the sybil's listen address"
+                    gone = sybil.peer_id
+                await eventually(lambda gone=gone: not host.connections(gone), what="sybil's connection retired")
+            gc.collect()
+            growth = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert held_while_connected >= 40 * 200  # the answers were held while each sybil was connected
+        assert len(host._info) == 0
+        recent = [p for p in host._addrs if p != kept]
+        assert len(recent) == 10 and gone in recent  # the last ten can still be redialed a while
+        assert host.peer_addrs(kept)
+        assert growth < 1 * MiB, f"{growth} bytes stayed after 40 one-shot identities"
+
+
+async def test_identify_only_addresses_go_after_the_recently_connected_time(monkeypatch):
+    import time
+    from types import SimpleNamespace
+
+    from ocf.transport import host as host_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(host_module, "time", SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
+    async with victim(dial_allow=["127.0.0.0/8"]) as (host, addr):
+        early, late = ident("early").peer_id, ident("late").peer_id
+        for peer in (early, late):
+            host.add_addrs(peer, ["/ip4/127.0.0.1/tcp/4001"], keep=False)  # as identify files them
+        host._note_recent(early)
+        clock[0] += host_module.RECENTLY_CONNECTED_FOR - 1
+        host._note_recent(late)
+        assert host.peer_addrs(early) and host.peer_addrs(late)
+        clock[0] += 2
+        host._note_recent(late)  # a later departure prunes what is out of time
+        assert host.peer_addrs(early) == [] and host.peer_addrs(late)

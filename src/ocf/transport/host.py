@@ -91,6 +91,11 @@ SHUTDOWN_GRACE = 2.0
 PEER_LOG_BURST = 20  # connect/disconnect lines per refusal-log interval
 QUIC_FAILURE_MEMORY = 600.0  # seconds a failed QUIC dial puts TCP first for that peer
 MAX_QUIC_FAILURES = 4096  # peers remembered that way (oldest forgotten first)
+# Addresses only identify gave outlive the peer's last connection this long, for this many peers
+# (oldest forgotten first), as libp2p's "recently connected" TTL: enough to redial a peer that just
+# left (the DHT answers with them), bounded against identities made for one connection each.
+RECENTLY_CONNECTED_FOR = 600.0
+MAX_RECENTLY_CONNECTED = 1024
 DIRECT_BUDGET_WITH_RELAY = 2.0  # seconds for all direct addresses, together, of a peer that also has relay addresses
 
 
@@ -202,7 +207,14 @@ class Host:
             self.dial_policy.note_home("127.0.0.1")
         if config.public_addr:
             self.dial_policy.note_home(config.public_addr)
+        # What identify told us, per connected peer: dropped with its last connection. Kept for good,
+        # every identity that ever connected left its answer here (up to 64 KiB of protocol names).
         self._info: dict[PeerId, PeerInfo] = {}
+        # Peers whose addresses a layer above keeps (node table, membership, gateway, the resolver,
+        # our own dials). Those only identify gave stay a while after the peer's last connection
+        # (_recent: when it ended), then go.
+        self._kept: set[PeerId] = set()
+        self._recent: dict[PeerId, float] = {}
         self._keep_duplicates: dict[PeerId, int] = {}
         self._resolver: PeerResolver | None = None
         self.identify_listeners: list[IdentifyListener] = []
@@ -275,26 +287,32 @@ class Host:
     def peer_info(self, peer: PeerId) -> PeerInfo | None:
         return self._info.get(peer)
 
-    def add_addrs(self, peer: PeerId, addrs: Sequence[Multiaddr | str]) -> None:
+    def add_addrs(self, peer: PeerId, addrs: Sequence[Multiaddr | str], *, keep: bool = True) -> None:
         """Remember addresses a peer published (node table, identify) so ``new_stream`` can dial it.
 
         These are learned addresses: the ones the dial policy refuses are
         dropped here (and logged at debug), the rest are judged again when
-        dialed (a name is judged by what it resolves to).
+        dialed (a name is judged by what it resolves to). With ``keep``
+        they stay until :meth:`forget_addrs`; without (identify: any peer
+        that connects says them), they stay RECENTLY_CONNECTED_FOR after
+        the peer's last connection, for at most MAX_RECENTLY_CONNECTED
+        peers: identities made for one connection each leave a bounded trace.
         """
         for addr in addrs:
             try:
                 ma = Multiaddr.parse(addr) if isinstance(addr, str) else addr
             except MultiaddrError:
                 continue
-            self._remember_addr(peer, ma)
+            self._remember_addr(peer, ma, keep=keep)
 
     def forget_addrs(self, peer: PeerId) -> None:
         """Drop what we learned about a peer we are not connected to (the node table pruned it)."""
+        self._kept.discard(peer)
+        self._recent.pop(peer, None)
         if not self.is_connected(peer):
             self._addrs.pop(peer, None)
 
-    def _remember_addr(self, peer: PeerId, addr: Multiaddr, *, operator: bool = False) -> None:
+    def _remember_addr(self, peer: PeerId, addr: Multiaddr, *, operator: bool = False, keep: bool = True) -> None:
         if peer == self.peer_id:
             return
         addr = addr.without_p2p()
@@ -309,6 +327,9 @@ class Host:
                 log.debug("not dialing learned address %s", logfmt.kv(peer=peer.short(), addr=addr, reason=refusal))
                 return
         known = self._addrs.setdefault(peer, [])
+        if keep:
+            self._kept.add(peer)
+            self._recent.pop(peer, None)
         if addr in known:
             return
         known.append(addr)
@@ -661,8 +682,23 @@ class Host:
                 self._remove(conn)
             self.resources.release("conns_outbound" if conn.outbound else "conns_inbound", peer=conn.peer, ip=conn.ip)
 
+    def _note_recent(self, peer: PeerId) -> None:
+        """Keep ``peer``'s identify-only addresses a while; forget those whose time or room is up."""
+        now = time.monotonic()
+        recent = self._recent
+        recent.pop(peer, None)
+        recent[peer] = now
+        while recent:
+            oldest, ended = next(iter(recent.items()))
+            if len(recent) <= MAX_RECENTLY_CONNECTED and now - ended < RECENTLY_CONNECTED_FOR:
+                break
+            del recent[oldest]
+            if oldest not in self._kept and oldest not in self._conns:
+                self._addrs.pop(oldest, None)
+
     def _add(self, conn: Connection) -> None:
         peer = conn.peer
+        self._recent.pop(peer, None)
         conns = self._conns.setdefault(peer, [])
         first = not any(c.muxed.is_open for c in conns)
         conns.append(conn)
@@ -826,6 +862,9 @@ class Host:
         self._notify_changed()
         if not conns:
             del self._conns[conn.peer]
+            self._info.pop(conn.peer, None)
+            if conn.peer not in self._kept and conn.peer in self._addrs:
+                self._note_recent(conn.peer)
         if not any(c.muxed.is_open for c in conns):
             self._peer_log.info(
                 "disconnected",
