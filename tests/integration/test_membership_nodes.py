@@ -211,6 +211,11 @@ async def test_a_node_keeps_one_peer_id_and_one_name_per_peer(node_config):
         nodes[1].membership.load_from(lambda: 3)
         with trio.fail_after(30):
             await wait_until(lambda: all(n.membership.load(nodes[1].peer_id) == 3 for n in nodes if n is not nodes[1]))
+        # So does a new record (here: a service change): its owner is read as the PeerId already kept.
+        await nodes[1].table.set_services([{"name": "llm", "status": "healthy", "identity_group": ["model=m"]}])
+        seq = nodes[1].table.records[nodes[1].peer_id]
+        with trio.fail_after(30):
+            await wait_until(lambda: all(n.table.records.get(nodes[1].peer_id) == seq for n in nodes))
         for node in nodes:
             swim = node.membership.swim
             names = {name: name for name in swim.members}
@@ -222,6 +227,7 @@ async def test_a_node_keeps_one_peer_id_and_one_name_per_peer(node_config):
                 assert node.membership._pid(text) is pid  # one PeerId: the table's
                 assert names[text] is str(pid)  # one text: the member's name is the table's
                 assert swim.members[text].proof.peer is str(pid)
+                assert node.table.docs[pid].owner is pid  # the record's owner too, after an update
             assert list(node.membership._ids) == [str(node.peer_id)]  # membership keeps no PeerId of its own
         nursery.cancel_scope.cancel()
 
