@@ -492,9 +492,9 @@ async def test_identities_that_connect_once_leave_a_bounded_trace(monkeypatch):
     """A new key costs an attacker nothing: each identity that connects, identifies and goes leaves a bounded trace.
 
     Each sybil says 200 protocol names of 200 characters (a 40 KB
-    identify answer) and its listen address. Before the host dropped a
-    peer's identify answer with its last connection, and kept the
-    addresses only identify gave for MAX_RECENTLY_CONNECTED peers, 40 of
+    identify answer) and its listen address. Before the host dropped the
+    identify answer of a peer no layer keeps with its last connection, and
+    kept the addresses only identify gave for MAX_RECENTLY_CONNECTED peers, 40 of
     them left 2.35 MB (traced) for good; now about 0.25 MB stays, most of
     it Trio's deadline heap, which prunes itself.
     """

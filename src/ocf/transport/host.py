@@ -207,8 +207,9 @@ class Host:
             self.dial_policy.note_home("127.0.0.1")
         if config.public_addr:
             self.dial_policy.note_home(config.public_addr)
-        # What identify told us, per connected peer: dropped with its last connection. Kept for good,
-        # every identity that ever connected left its answer here (up to 64 KiB of protocol names).
+        # What identify told us: of a peer no layer above keeps (see _kept), dropped with its last
+        # connection. Kept for good, every identity that ever connected left its answer here (up to
+        # 64 KiB of protocol names).
         self._info: dict[PeerId, PeerInfo] = {}
         # Peers whose addresses a layer above keeps (node table, membership, gateway, the resolver,
         # our own dials). Those only identify gave stay a while after the peer's last connection
@@ -311,6 +312,7 @@ class Host:
         self._recent.pop(peer, None)
         if not self.is_connected(peer):
             self._addrs.pop(peer, None)
+            self._info.pop(peer, None)
 
     def _remember_addr(self, peer: PeerId, addr: Multiaddr, *, operator: bool = False, keep: bool = True) -> None:
         if peer == self.peer_id:
@@ -862,9 +864,10 @@ class Host:
         self._notify_changed()
         if not conns:
             del self._conns[conn.peer]
-            self._info.pop(conn.peer, None)
-            if conn.peer not in self._kept and conn.peer in self._addrs:
-                self._note_recent(conn.peer)
+            if conn.peer not in self._kept:
+                self._info.pop(conn.peer, None)
+                if conn.peer in self._addrs:
+                    self._note_recent(conn.peer)
         if not any(c.muxed.is_open for c in conns):
             self._peer_log.info(
                 "disconnected",

@@ -200,8 +200,8 @@ def record(host: Host, peer, message: IdentifyMessage) -> None:  # type: ignore[
             addrs.append(Multiaddr.from_bytes(raw))
         except MultiaddrError:
             continue  # a transport we do not know (quic, webrtc…): not dialable by us anyway
-    if not host.is_connected(peer):
-        return  # the connection ended while it identified: nothing to keep (see Host._remove)
+    if not host.is_connected(peer) and peer not in host._kept:
+        return  # the connection ended while it identified, and no layer above keeps the peer (Host._remove)
     host.add_addrs(peer, addrs, keep=False)
     observed = None
     if message.observed_addr:
