@@ -194,14 +194,14 @@ async def identify_peer(host: Host, conn: Connection) -> IdentifyMessage | None:
 def record(host: Host, peer, message: IdentifyMessage) -> None:  # type: ignore[no-untyped-def]
     from .host import PeerInfo
 
+    if not host.is_connected(peer) and peer not in host._kept:
+        return  # the connection ended while it identified, and no layer above keeps the peer (Host._remove)
     addrs = []
     for raw in message.listen_addrs[:MAX_LISTEN_ADDRS]:
         try:
             addrs.append(Multiaddr.from_bytes(raw))
         except MultiaddrError:
             continue  # a transport we do not know (quic, webrtc…): not dialable by us anyway
-    if not host.is_connected(peer) and peer not in host._kept:
-        return  # the connection ended while it identified, and no layer above keeps the peer (Host._remove)
     host.add_addrs(peer, addrs, keep=False)
     observed = None
     if message.observed_addr:
