@@ -59,6 +59,10 @@ async def test_a_relayed_record_goes_whole_to_each_node_once(node_config):
         stream = await open_raw_stream(nodes[-1], source)  # the owner's record reaches one node only
         before = sent(nodes)
         offers_before = sum(n.table.stats["offers_sent"] for n in nodes)
+        # Counted from here: while the clique was built, a node could be handed a member's record by a
+        # neighbour before it met that member itself, and rightly refuse it as stale (relayed without a
+        # heartbeat, its owner not yet alive in membership); that record comes again once it is.
+        stale_before = [n.table.stats["refused_stale"] for n in nodes]
         await push_records(stream, items(((ident, record1),)))
         for node in nodes:
             await until(node, lambda nd: nd.table.entry(ident.peer_id) is not None)
@@ -68,8 +72,7 @@ async def test_a_relayed_record_goes_whole_to_each_node_once(node_config):
         # give or take a want that crossed the copy it asked for.
         assert 7 <= copies <= 9, copies
         assert offered >= 7
-        for node in nodes:
-            assert node.table.stats["refused_stale"] == 0
+        assert [n.table.stats["refused_stale"] for n in nodes] == stale_before
 
 
 async def test_an_offerer_that_never_delivers_costs_one_want_timeout(node_config):
