@@ -64,6 +64,23 @@ async def test_leaving_the_block_stops_everything(node_config):
         pass
 
 
+async def test_a_stopping_node_opens_no_connection(node_config):
+    """A node says goodbye on the connections it has and dials no one once its gateway has drained.
+
+    Before, a member's membership sender redialed the seed that had just hung up on its "left"
+    (about 1 stop in 3 here), and a private network's seed counted that connection.
+    """
+    async with open_node(node_config(mode="standalone")) as seed:
+        addr = str(next(a for a in seed.listen_addrs if not a.has("ws")))
+        for _ in range(8):
+            async with open_node(node_config(mode="node", bootstrap_addrs=(addr,))) as member:
+                assert await member.bootstrap.wait_connected() == seed.peer_id
+                assert await member.host.ping(seed.peer_id) >= 0
+                dials, sent = member.host.stats["dials"], member.table.stats["records_sent"]
+            assert member.host.stats["dials"] == dials
+            assert member.table.stats["records_sent"] > sent  # its "left" went out, on the connection it had
+
+
 async def test_cancellation_from_outside_stops_cleanly(node_config):
     cfg = node_config()
     started = trio.Event()

@@ -175,6 +175,9 @@ async def open_node(config: Config, memory_network: MemoryNetwork | None = None)
                 jobs_mount(jobs, max_body_size=config.max_body_size, request_timeout=config.request_timeout),
             )
             parts = GatewayParts(config, peer_id, health, host, table, services, mounts, load=membership)
+            # Stopping runs the stack backwards: once the gateway has drained its requests (they may
+            # still dial a provider), the node dials no one while the layers below say goodbye.
+            stack.callback(host.stop_dialing)
             gateway = await stack.enter_async_context(open_gateway(parts))
             # ----------------------------------------------------------------------------------
             node = Node(

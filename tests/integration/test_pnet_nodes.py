@@ -29,8 +29,9 @@ async def test_private_cluster_bootstrap_and_outsider_refused(node_config, key, 
         async with open_node(node_config(mode="node", bootstrap_addrs=(addr,), network_key=key)) as member:
             assert await member.bootstrap.wait_connected() == seed.peer_id
             assert await member.host.ping(seed.peer_id) >= 0
-        # Counted from here: a member that stops while a connection of its is opening (a redial as it
-        # leaves) adds a protected or a refused one of its own, so totals alone depend on timing.
+        # Counted from here, so that the outsider's figures do not depend on how the member's
+        # connections came and went (a stopping member once redialed the seed that hung up on its
+        # "left"; it dials no one now: tests/test_node.py::test_a_stopping_node_opens_no_connection).
         protector = seed.host.upgrader.protector
         before = dict(protector.stats)
         assert before["protected"] >= 1  # the member's connection

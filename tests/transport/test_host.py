@@ -156,6 +156,27 @@ async def test_unknown_peer_is_unreachable():
             await a.connect(Multiaddr.parse("/memory/nope"))
 
 
+async def test_a_stopping_host_dials_no_one_and_keeps_its_connections():
+    """After ``stop_dialing`` (a node stopping): streams on existing connections work, a dial is refused at once."""
+    net = MemoryNetwork()
+    async with hosts(3, net) as (a, b, c):
+        await a.connect(b.listen_addrs[0])
+        a.add_addrs(c.peer_id, [c.listen_addrs[0]])
+        dials = net.dials
+        a.stop_dialing()
+        assert await roundtrip(a, b.peer_id) == b"hello"  # a goodbye still goes out on what is open
+        assert await a.connect(b.listen_addrs[0]) == b.peer_id  # joining a connection is no dial
+        with pytest.raises(PeerUnreachable, match="stopping"):
+            await a.new_stream(c.peer_id, ECHO)
+        with pytest.raises(PeerUnreachable, match="stopping"):
+            await a.connect(c.listen_addrs[0])
+        assert net.dials == dials  # nothing reached the network
+        assert not c.is_connected(a.peer_id)
+        assert a.stats["dials_refused_stopping"] == 2
+        await b.connect(a.listen_addrs[0].with_p2p(a.peer_id))  # and others may still reach it
+        assert await roundtrip(b, a.peer_id) == b"hello"
+
+
 async def test_wrong_peer_id_is_rejected():
     net = MemoryNetwork()
     async with hosts(2, net) as (a, b):

@@ -225,7 +225,8 @@ class Host:
         self._listen_scope: trio.CancelScope | None = None
         self._quic_listen_scope = trio.CancelScope()
         self._closing = False
-        self.stats = {"inbound_refused": 0, "handshake_failures": 0}
+        self._dialing = True  # False once the node stops: see stop_dialing
+        self.stats = {"inbound_refused": 0, "handshake_failures": 0, "dials": 0, "dials_refused_stopping": 0}
 
     def __repr__(self) -> str:
         return f"<Host {self.peer_id.short()} conns={sum(len(v) for v in self._conns.values())}>"
@@ -453,9 +454,31 @@ class Host:
             self.dial_policy.note_home_addr(conn.remote_addr)  # where the operator's peer really is
         return conn.peer
 
+    def stop_dialing(self) -> None:
+        """Dial no one from now on: the node is stopping (inbound connections are still served).
+
+        The layers that say goodbye (the node table's and membership's
+        departures) say it on the connections they have. A dial made while
+        they do (a sender whose neighbour just hung up on our "left", a degree
+        dial, AutoNAT) opened a connection only to close it, and the peer
+        counted it as a new one (in CI, a private network's connection totals).
+        """
+        self._dialing = False
+
+    def _refuse_if_stopping(self) -> None:
+        if not self._dialing:
+            self.stats["dials_refused_stopping"] += 1
+            raise PeerUnreachable("not dialing: this node is stopping")
+
+    def _count_dial(self) -> None:
+        """Count a new outbound connection, or refuse it (:class:`PeerUnreachable`) if the node is stopping."""
+        self._refuse_if_stopping()
+        self.stats["dials"] += 1
+
     async def _dial(self, addr: Multiaddr, learned: bool) -> Connection:
         """Run one outbound connection in the host's nursery; returns it once it is up."""
         assert self._nursery is not None
+        self._count_dial()
         try:
             with transport_errors_unwrapped():
                 if learned:
@@ -479,6 +502,7 @@ class Host:
         """
         if self._nursery is None or self._closing:
             raise TransportError("host is not running")
+        self._count_dial()
         try:
             with transport_errors_unwrapped():
                 conn: Connection = await self._nursery.start(self._run_outbound, addr, False, transport)
@@ -911,6 +935,7 @@ class Host:
             conn = self._usable(peer)
             if conn is not None:
                 return conn
+        self._refuse_if_stopping()  # before the resolver, which dials too
         addrs = self.peer_addrs(peer)
         if not addrs and resolve and self._resolver is not None:
             # The resolver may connect while it looks (that proves the addresses); what
