@@ -119,6 +119,7 @@ class Config:
     nodetable_new_owner_burst: int = 1024
     nodetable_new_owner_rate: float = 64.0
     nodetable_verify_rate: float = 1000.0
+    nodetable_verify_total: float = 1000.0
     nodetable_max_streams: int = 2
     nodetable_message_timeout: float = 10.0
     # --- membership ---------------------------------------------------------------
@@ -815,6 +816,16 @@ SETTINGS: tuple[Setting, ...] = (
         _positive_float,
         "Signature checks per second (records and heartbeats) a peer may cost us, with a burst of twice that; the rest "
         "wait for the next summary (default: 1000).",
+        group="node table",
+        metavar="PER_SECOND",
+    ),
+    Setting(
+        "nodetable.verify-total",
+        "nodetable_verify_total",
+        _positive_float,
+        "Signature checks per second all peers together may cost us, in the node table and in membership each, with "
+        "a burst of four times that (a joiner's whole table); the rest wait for the next summary or gossip "
+        "(default: 1000).",
         group="node table",
         metavar="PER_SECOND",
     ),

@@ -15,7 +15,7 @@ import trio
 
 from ocf import open_node
 from ocf.nodetable import wire
-from ocf.nodetable.heartbeat import Heartbeat
+from ocf.nodetable.heartbeat import TOTAL_VERIFY_BURST, Heartbeat
 from ocf.transport import MemoryNetwork
 
 from ._nodetable_attacker import items, open_raw_stream, poll, push_records, random_ids, rss, sybils
@@ -292,3 +292,46 @@ async def test_random_ids_in_summaries_are_never_retained(node_config):
         sizes_before[2] + 1,
     )  # the attacker's own entry only
     assert grown < 64 * MiB, f"RSS grew {grown / MiB:.1f} MiB"
+
+
+async def test_signature_checks_of_many_peers_together_are_budgeted(node_config):
+    """Six peers each send 2,000 updates with bad signatures: the node checks its node-wide budget, not 6 x 2,000.
+
+    Each check is an Ed25519 verification and a parse (0.2-0.4 ms here), and each peer had a budget of
+    its own (1,000/s, burst 2,000), so a handful of identities, which cost an attacker one key each,
+    could keep a node's one thread busy checking lies. Now the checks of all peers together have a
+    budget too (here 300/s, burst 1,200); past it, records wait for the next summary. Before: all
+    12,000 checked, in 1.8 s of a fully busy thread; after: about 1,300.
+    """
+    k, m, rate = 6, 2_000, 300.0
+    net = MemoryNetwork()
+    async with contextlib.AsyncExitStack() as stack:
+        victim = await stack.enter_async_context(
+            open_node(
+                node_config(mode="standalone", nodetable_verify_total=rate, verify_interval=1.0), memory_network=net
+            )
+        )
+        attackers = []
+        for _ in range(k):
+            attacker = await stack.enter_async_context(open_node(node_config(mode="node"), memory_network=net))
+            await attacker.host.connect(victim.listen_addrs[0])
+            attackers.append(attacker)
+        for attacker in attackers:
+            await until(victim, lambda nd, a=attacker: nd.table.entry(a.peer_id) is not None)
+        stats = victim.table.stats
+        rejected, deferred = stats["records_rejected"], stats["deferred_verify"]
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for attacker in attackers:
+                own = attacker.table.record(attacker.peer_id).to_wire()
+                lies = [dict(own, seq=own["seq"] + 1 + i) for i in range(m)]  # the old signature: not theirs
+                stream = await open_raw_stream(attacker, victim)
+                nursery.start_soon(push_records, stream, lies)
+        await poll(lambda: stats["records_rejected"] - rejected + stats["deferred_verify"] - deferred >= k * m)
+        elapsed = trio.current_time() - started
+        checked = stats["records_rejected"] - rejected
+        assert checked <= TOTAL_VERIFY_BURST * rate + rate * elapsed + k, (checked, elapsed)
+        assert stats["deferred_verify"] - deferred >= k * m - checked
+        # Honest news still comes through after the flood (deferred at most a summary round, 1 s here).
+        await attackers[0].table.update_own({"owner": "after"})
+        await until(victim, lambda nd: (nd.table.entry(attackers[0].peer_id) or {}).get("owner") == "after")

@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from ocf.membership.messages import Digest, Gossip, Ping, PingReq
 from ocf.membership.swim import Swim, SwimConfig
 from ocf.membership.update import Status, Update
+from ocf.nodetable.heartbeat import TOTAL_VERIFY_BURST
 
 from .simnet import SimNet, fake_sign, fake_verify
 
@@ -127,6 +128,21 @@ def test_verify_budget_per_sender() -> None:
         node.apply("flooder", u, 0.0)
     assert node.stats["signatures_checked"] == 20  # burst of twice the rate, the rest deferred
     assert node.stats["verify_deferred"] == 30
+
+
+def test_verify_budget_of_all_senders_together() -> None:
+    """Ten senders, each within its own budget (burst 20), together get the node's: 4 x 5 = 20 checks, not 200."""
+    config = SwimConfig(verify_rate=10.0, verify_total=5.0)
+    node = Swim("a", fake_sign("a"), fake_verify, 0.0, incarnation=1, config=config)
+    for s in range(10):
+        for i in range(20):
+            u = Update.signed(fake_sign(f"p{s}-{i}"), f"p{s}-{i}", 1, Status.ALIVE, 0, ())
+            node.apply(f"sender{s}", u, 0.0)
+    assert node.stats["signatures_checked"] == TOTAL_VERIFY_BURST * 5.0 == 20
+    assert node.stats["verify_deferred"] == 180
+    node.apply("late", Update.signed(fake_sign("q"), "q", 1, Status.ALIVE, 0, ()), 1.0)  # refilled: 5 a second
+    assert node.status("q") is not None
+    assert node.stats["signatures_checked"] == 21
 
 
 def test_relayed_pings_per_asker_are_bounded() -> None:

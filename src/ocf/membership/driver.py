@@ -72,6 +72,7 @@ def swim_config(config: Config) -> SwimConfig:
         anti_entropy=config.membership_anti_entropy,
         max_members=config.nodetable_max_entries,
         verify_rate=config.nodetable_verify_rate,
+        verify_total=config.nodetable_verify_total,
         spread=config.membership_degree,
     )
 

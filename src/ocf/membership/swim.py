@@ -18,7 +18,8 @@ cost a Noise handshake. Every node keeps ``degree`` neighbours, so every
 node has several monitors.
 
 Hostile peers: ``alive`` and ``left`` are verified owner signatures, at most
-``verify_rate`` per sending peer per second; ``suspect``/``dead`` count only
+``verify_rate`` per sending peer per second and ``verify_total`` for all
+senders together; ``suspect``/``dead`` count only
 for an incarnation the owner signed; the table holds at most
 ``max_members``; relayed ping requests are capped.
 """
@@ -32,7 +33,7 @@ from collections.abc import Callable
 
 import attrs
 
-from ..nodetable.heartbeat import TokenBucket
+from ..nodetable.heartbeat import TOTAL_VERIFY_BURST, TokenBucket, take_both
 from .messages import BUCKETS, Ack, Digest, Gossip, Message, Page, Ping, PingReq
 from .update import Signer, Status, Update, Verifier, bucket_add, bucket_discard, bucket_of, state_hash
 
@@ -80,6 +81,7 @@ class SwimConfig:
     dead_keep: float = 120.0
     max_members: int = 4096
     verify_rate: float = 1000.0
+    verify_total: float = 1000.0  # all senders together, burst TOTAL_VERIFY_BURST x
     load_interval: float = 2.0
     max_relays: int = 256
     #: Relayed pings one asker may have outstanding. An honest prober asks k helpers once per probe,
@@ -172,6 +174,9 @@ class Swim:
         self._tombs: collections.deque[tuple[float, str, int]] = collections.deque()  # forget gone members
         self._relays: dict[int, tuple[str, int, float]] = {}  # our seq -> (asker, its seq, expiry)
         self._buckets: dict[str, TokenBucket] = {}
+        # All senders' checks together (identities are cheap): see the node table's Intake._may_verify.
+        total = self.config.verify_total
+        self._verify_total = TokenBucket.full(total, TOTAL_VERIFY_BURST * total, now)
         self.health = 0
         self._urgent: list[str] = []  # members to probe next, out of turn (we lost our connection to them)
         self.own: Update = self._sign_own(Status.ALIVE)
@@ -409,7 +414,7 @@ class Swim:
             if bucket is None:
                 rate = self.config.verify_rate
                 bucket = self._buckets[sender] = TokenBucket.full(rate, 2 * rate, now)
-            if not bucket.take(now):
+            if not take_both(bucket, self._verify_total, now):
                 self.stats["verify_deferred"] += 1
                 return False
         self.stats["signatures_checked"] += 1

@@ -86,9 +86,27 @@ class TokenBucket:
         return cls(rate, burst, burst, now)
 
     def take(self, now: float, n: float = 1.0) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
+        self.refill(now)
         if self.tokens < n:
             return False
         self.tokens -= n
         return True
+
+    def refill(self, now: float) -> None:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+
+#: The node-wide signature budget's burst, in seconds of its rate: a joiner checks a whole table at once.
+TOTAL_VERIFY_BURST = 4.0
+
+
+def take_both(own: TokenBucket, total: TokenBucket, now: float) -> bool:
+    """Spend a token of a peer's bucket and of the node's, or of neither (a refusal costs the peer nothing)."""
+    own.refill(now)
+    total.refill(now)
+    if own.tokens < 1.0 or total.tokens < 1.0:
+        return False
+    own.tokens -= 1.0
+    total.tokens -= 1.0
+    return True
