@@ -50,18 +50,13 @@ class Intake:
 
     def _take(self, buckets: dict[PeerId, TokenBucket], peer: PeerId, rate: float, burst: float) -> bool:
         now = trio.current_time()
-        bucket = buckets.get(peer)
-        if bucket is None:
-            bucket = buckets[peer] = TokenBucket.full(rate, burst, now)
-        return bucket.take(now)
+        return _bucket(buckets, peer, rate, burst, now).take(now)
 
     def _may_verify(self, peer: PeerId) -> bool:
         """Spend a signature check from ``peer``'s budget and from the node's (all peers together)."""
         rate = self.t.config.nodetable_verify_rate
         now = trio.current_time()
-        bucket = self._verify_buckets.get(peer)
-        if bucket is None:
-            bucket = self._verify_buckets[peer] = TokenBucket.full(rate, 2 * rate, now)
+        bucket = _bucket(self._verify_buckets, peer, rate, 2 * rate, now)
         if self._verify_total is None:
             total = self.t.config.nodetable_verify_total
             self._verify_total = TokenBucket.full(total, TOTAL_VERIFY_BURST * total, now)
@@ -284,3 +279,11 @@ class Intake:
             "rejected node table record %s",
             logfmt.kv(from_peer=peer.short(), owner=owner.short() if owner else "?", reason=exc),
         )
+
+
+def _bucket(buckets: dict[PeerId, TokenBucket], peer: PeerId, rate: float, burst: float, now: float) -> TokenBucket:
+    """``peer``'s bucket in ``buckets``, made full on first use."""
+    bucket = buckets.get(peer)
+    if bucket is None:
+        bucket = buckets[peer] = TokenBucket.full(rate, burst, now)
+    return bucket
