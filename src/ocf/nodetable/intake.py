@@ -227,6 +227,12 @@ class Intake:
                         or beat.seconds <= t.lost_at.get(owner, 0.0)  # signed before we lost it: no news of it since
                         or beat.ms > now * 1000 + FUTURE_SKEW_MS
                     ):
+                        if beat is None and t.membership is not None and t.membership.status(owner) is None:
+                            # An owner membership has not heard of yet: its record outran its "alive" (a
+                            # neighbour holds it directly, so sends no heartbeat). Early, not stale: put off,
+                            # quietly; membership's news of it makes us compare digests, and it comes again.
+                            t.stats["deferred_unknown_owner"] += 1
+                            continue
                         self._refuse(peer, "stale")
                         continue
                     if not self._may_add_owner(peer):

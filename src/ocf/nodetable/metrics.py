@@ -47,8 +47,13 @@ def families(table: NodeTable | None) -> Iterator[CounterMetricFamily | GaugeMet
     yield beats
     yield CounterMetricFamily(
         "ocf_nodetable_verify_deferred",
-        "Signature checks put off because the sending peer's verify budget was spent.",
+        "Signature checks put off because the sending peer's or the node's verify budget was spent.",
         value=stats["deferred_verify"],
+    )
+    yield CounterMetricFamily(
+        "ocf_nodetable_deferred_unknown_owner",
+        "Relayed records of owners membership has not heard of yet, put off until it has (they come again).",
+        value=stats["deferred_unknown_owner"],
     )
     streams = CounterMetricFamily(
         "ocf_nodetable_streams_reset", "Inbound sync streams reset, by reason (limit, timeout).", labels=["reason"]

@@ -79,6 +79,7 @@ COUNTERS = (
     "refused_full",
     "refused_stale",
     "deferred_verify",
+    "deferred_unknown_owner",
     "evicted",
     "pruned",
     "heartbeats_accepted",
