@@ -139,6 +139,38 @@ async def test_offers_of_invented_owners_hold_a_bounded_number_of_wants(node_con
         await until(victim, lambda nd: (nd.table.entry(attacker.peer_id) or {}).get("owner") == "still-heard")
 
 
+async def test_asking_for_the_whole_table_over_and_over_on_the_previous_protocol_is_paced(node_config):
+    """The same over 2.0.0, where asking is a summary page that holds nothing: 20 of them, 0.1 s apart.
+
+    A 2.0.0 peer cannot read offers, so what its summary says it lacks is pushed whole; each empty
+    page (50 bytes) asked for all 300 records again, unpaced. Now what a summary asks for is paced
+    like a want: the burst (1,024) and 64/s more.
+    """
+    net = MemoryNetwork()
+    crowd = sybils(300)
+    async with contextlib.AsyncExitStack() as stack:
+        victim = await stack.enter_async_context(open_node(node_config(mode="node"), memory_network=net))
+        attacker = await stack.enter_async_context(open_node(node_config(mode="node"), memory_network=net))
+        attacker.host.remove_stream_handler(wire.PROTOCOL)  # the victim's pusher speaks 2.0.0 to it
+        await attacker.host.connect(victim.listen_addrs[0])
+        stream = await attacker.host.new_stream(victim.peer_id, wire.PROTOCOL_2_0)
+        await push_records(stream, items(crowd))
+        await until(victim, lambda nd: len(nd.table.records) == 302)
+        await poll(lambda: attacker.peer_id in victim.table.pending)
+        before = victim.table.stats["records_sent"]
+        start = trio.current_time()
+        for _ in range(20):
+            await stream.send_all(wire.encode({"t": "summary", "lo": "", "hi": None, "have": {}}))
+            await trio.sleep(0.1)
+        await trio.sleep(0.5)  # a measurement window: what the last page asked for goes as far as the budget lets it
+        elapsed = trio.current_time() - start
+        sent = victim.table.stats["records_sent"] - before
+        cfg = victim.table.config
+        assert sent <= cfg.nodetable_new_owner_burst + cfg.nodetable_new_owner_rate * (elapsed + 0.5), (sent, elapsed)
+        assert sent >= 300  # the first whole table went at once
+        assert victim.table.stats["sends_paced"] > 0
+
+
 async def test_a_node_of_the_previous_protocol_gets_records_whole(node_config):
     """A 2.0.0 node cannot read offers: its neighbours push it whole records, as before, and nothing is refused."""
     net = MemoryNetwork()
