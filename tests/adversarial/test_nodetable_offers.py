@@ -139,6 +139,22 @@ async def test_offers_of_invented_owners_hold_a_bounded_number_of_wants(node_con
         await until(victim, lambda nd: (nd.table.entry(attacker.peer_id) or {}).get("owner") == "still-heard")
 
 
+async def ask_20_times_and_check_paced(victim, stream, ask: dict) -> None:
+    """Send ``ask`` (for all 300 records) 20 times, 0.1 s apart: the burst (1,024) and 64/s more are sent."""
+    before = victim.table.stats["records_sent"]
+    start = trio.current_time()
+    for _ in range(20):  # each after the last was served (asks that meet in one round ask once)
+        await stream.send_all(wire.encode(ask))
+        await trio.sleep(0.1)
+    await trio.sleep(0.5)  # a measurement window: the last ask is served as far as the budget lets it
+    elapsed = trio.current_time() - start
+    sent = victim.table.stats["records_sent"] - before
+    cfg = victim.table.config
+    assert sent <= cfg.nodetable_new_owner_burst + cfg.nodetable_new_owner_rate * (elapsed + 0.5), (sent, elapsed)
+    assert sent >= 300  # the first whole table went at once
+    assert victim.table.stats["sends_paced"] > 0
+
+
 async def test_asking_for_the_whole_table_over_and_over_on_the_previous_protocol_is_paced(node_config):
     """The same over 2.0.0, where asking is a summary page that holds nothing: 20 of them, 0.1 s apart.
 
@@ -157,18 +173,7 @@ async def test_asking_for_the_whole_table_over_and_over_on_the_previous_protocol
         await push_records(stream, items(crowd))
         await until(victim, lambda nd: len(nd.table.records) == 302)
         await poll(lambda: attacker.peer_id in victim.table.pending)
-        before = victim.table.stats["records_sent"]
-        start = trio.current_time()
-        for _ in range(20):
-            await stream.send_all(wire.encode({"t": "summary", "lo": "", "hi": None, "have": {}}))
-            await trio.sleep(0.1)
-        await trio.sleep(0.5)  # a measurement window: what the last page asked for goes as far as the budget lets it
-        elapsed = trio.current_time() - start
-        sent = victim.table.stats["records_sent"] - before
-        cfg = victim.table.config
-        assert sent <= cfg.nodetable_new_owner_burst + cfg.nodetable_new_owner_rate * (elapsed + 0.5), (sent, elapsed)
-        assert sent >= 300  # the first whole table went at once
-        assert victim.table.stats["sends_paced"] > 0
+        await ask_20_times_and_check_paced(victim, stream, {"t": "summary", "lo": "", "hi": None, "have": {}})
 
 
 async def test_a_node_of_the_previous_protocol_gets_records_whole(node_config):
@@ -199,18 +204,7 @@ async def test_asking_for_the_whole_table_over_and_over_is_paced(node_config):
         await until(victim, lambda nd: len(nd.table.records) == 302)
         await poll(lambda: attacker.peer_id in victim.table.pending)
         texts = [str(ident.peer_id) for ident, _ in crowd]
-        before = victim.table.stats["records_sent"]
-        start = trio.current_time()
-        for _ in range(20):  # each after the last was served (wants that meet in one round ask once)
-            await stream.send_all(wire.encode({"t": "want", "o": texts}))
-            await trio.sleep(0.1)
-        await trio.sleep(0.5)  # the last want is served as far as the budget lets it
-        elapsed = trio.current_time() - start
-        sent = victim.table.stats["records_sent"] - before
-        cfg = victim.table.config
-        assert sent <= cfg.nodetable_new_owner_burst + cfg.nodetable_new_owner_rate * (elapsed + 0.5), (sent, elapsed)
-        assert sent >= 300  # the first whole table went at once
-        assert victim.table.stats["sends_paced"] > 0
+        await ask_20_times_and_check_paced(victim, stream, {"t": "want", "o": texts})
         # Our own news still reaches even this peer (after what it asked for, at its rate).
         await victim.table.update_own({"owner": "unpaced"})
         await until(attacker, lambda nd: (nd.table.entry(victim.peer_id) or {}).get("owner") == "unpaced")
